@@ -1,0 +1,73 @@
+"""Assemble and run hubproxy: the proxy, its server, signals and the startup line."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from .config import Config
+from .proxy import Proxy
+from .server import Server
+
+log = logging.getLogger("hubproxy")
+
+
+async def serve(
+    config: Config,
+    *,
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run hubproxy until cancelled (or, with ``handle_signals``, until SIGINT/SIGTERM).
+
+    On a signal the listeners close, idle keep-alive connections are dropped and in-flight
+    transfers get ``timeouts.shutdown_grace`` seconds to finish.
+    """
+    proxy = Proxy(config)
+    server = Server(config, proxy.handle)
+    await server.bind()  # before any nursery, so "port in use" is a plain OSError
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            _log_startup(config, server)
+            if handle_signals:
+                nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope)
+            task_status.started(server)
+    finally:
+        with trio.CancelScope(shield=True):
+            await proxy.pool.aclose()
+
+
+async def _stop_on_signal(server: Server, scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if server.draining:
+                log.warning("%s again: stopping now", name)
+                scope.cancel()
+                return
+            log.info(
+                "%s: no longer accepting; in-flight transfers have %gs to finish",
+                name,
+                server.config.timeouts.shutdown_grace,
+            )
+            server.shutdown()
+            return
+
+
+def _log_startup(config: Config, server: Server) -> None:
+    scheme = "https" if config.tls else "http"
+    where = ", ".join(
+        f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}" for h, p in server.bound
+    )
+    upstream = str(config.upstreams[0]) if config.upstreams else "-"
+    fallbacks = ", ".join(str(u) for u in config.upstreams[1:]) or "none"
+    log.info(
+        "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s",
+        where,
+        upstream,
+        fallbacks,
+        "on" if config.library_prefix else "off",
+    )

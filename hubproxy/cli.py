@@ -1,0 +1,293 @@
+"""Command line: flags to a frozen :class:`Config`, logging, and running until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import ssl
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .app import serve
+from .config import Config, Timeouts, is_docker_hub
+from .flow import base_url
+from .urls import Url, parse_url
+
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+DEFAULT_INDEX = "https://index.docker.io"
+
+DESCRIPTION = """\
+A Docker Hub registry mirror. Point docker, containerd or podman at it and every pull goes through
+it: it forwards the registry API to the upstream, rewrites auth challenges so token requests come
+back here, follows blob redirects to the CDN itself, streams bodies, and fails over to
+--fallback upstreams when Docker Hub answers 429 or cannot be reached.
+
+Examples:
+  hubproxy                                   plain HTTP on 127.0.0.1:5000 (docker accepts an
+                                             http:// mirror on localhost)
+  hubproxy --cert server.pem --key key.pem   HTTPS on 0.0.0.0:443
+  hubproxy --fallback https://my-worker.example.workers.dev
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hubproxy",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--version", action="version", version=f"hubproxy {__version__}")
+    listen = parser.add_argument_group("listening")
+    listen.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on, e.g. 0.0.0.0:443 or [::]:443 "
+        "(default 0.0.0.0:443 with TLS, 127.0.0.1:5000 without)",
+    )
+    listen.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM); enables HTTPS")
+    listen.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for --cert")
+    listen.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the URL clients use to reach this mirror, for token realms "
+        "(default: the scheme and Host of each request)",
+    )
+    up = parser.add_argument_group("upstreams")
+    up.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=DEFAULT_UPSTREAM,
+        help=f"registry to mirror (default {DEFAULT_UPSTREAM})",
+    )
+    up.add_argument(
+        "--fallback",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="another upstream to try, in order, when the previous one answers 429 or cannot "
+        "be reached (repeatable), e.g. a Cloudflare Worker mirror",
+    )
+    up.add_argument(
+        "--index-url",
+        metavar="URL",
+        default=DEFAULT_INDEX,
+        help=f"where /v1/search goes, for 'docker search' (default {DEFAULT_INDEX})",
+    )
+    up.add_argument(
+        "--library-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="insert library/ before one-component names (default: on when the upstream is "
+        "Docker Hub)",
+    )
+    up.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        help="extra CA certificates (PEM) trusted for every upstream, besides the system store",
+    )
+    up.add_argument(
+        "--upstream-proxy",
+        metavar="URL",
+        help="reach upstreams through this HTTP proxy (CONNECT), e.g. http://192.168.1.1:3128",
+    )
+    up.add_argument(
+        "--rate-limit-cooldown",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="skip an upstream this long after a 429 without Retry-After (default 60)",
+    )
+    up.add_argument(
+        "--max-redirects",
+        metavar="N",
+        type=int,
+        default=5,
+        help="redirects followed per request (default 5)",
+    )
+    defaults = Timeouts()
+    tm = parser.add_argument_group("timeouts (seconds)")
+    tm.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=defaults.handshake,
+        help=f"client TLS handshake (default {defaults.handshake:g})",
+    )
+    tm.add_argument(
+        "--request-timeout",
+        type=float,
+        default=defaults.request_head,
+        help=f"first request head after connecting (default {defaults.request_head:g})",
+    )
+    tm.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=defaults.keepalive_idle,
+        help=f"idle client connection between requests (default {defaults.keepalive_idle:g})",
+    )
+    tm.add_argument(
+        "--client-idle-timeout",
+        type=float,
+        default=defaults.client_idle,
+        help="client that accepts or sends nothing mid-transfer "
+        f"(default {defaults.client_idle:g})",
+    )
+    tm.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=defaults.connect,
+        help=f"connecting to an upstream, TLS included (default {defaults.connect:g})",
+    )
+    tm.add_argument(
+        "--read-timeout",
+        type=float,
+        default=defaults.upstream_idle,
+        help="upstream that sends nothing; there is no total-time limit "
+        f"(default {defaults.upstream_idle:g})",
+    )
+    tm.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=defaults.shutdown_grace,
+        help="time in-flight transfers get after SIGINT/SIGTERM "
+        f"(default {defaults.shutdown_grace:g})",
+    )
+    add(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default info; info logs one access line per request)",
+    )
+    return parser
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen wants HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"write IPv6 addresses in brackets, e.g. [::1]:{port}")
+    return host or "0.0.0.0", int(port)
+
+
+def _url(flag: str, text: str) -> Url:
+    try:
+        return base_url(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _readable(flag: str, path: str) -> str:
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag}: cannot read {path!r}")
+    return path
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cert = _readable("--cert", args.cert) if args.cert else None
+    key = _readable("--key", args.key) if args.key else None
+    if key and not cert:
+        raise UsageError("--key needs --cert")
+    if cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise UsageError(f"--cert/--key: cannot load the certificate and key: {exc}") from None
+    if args.listen:
+        host, port = parse_listen(args.listen)
+    else:
+        host, port = ("0.0.0.0", 443) if cert else ("127.0.0.1", 5000)
+    upstreams = (
+        _url("--upstream", args.upstream),
+        *(_url("--fallback", f) for f in args.fallback),
+    )
+    proxy = None
+    if args.upstream_proxy:
+        try:
+            proxy = parse_url(args.upstream_proxy)
+        except ValueError as exc:
+            raise UsageError(f"--upstream-proxy: {exc}") from None
+        if proxy.origin.scheme != "http":
+            raise UsageError("--upstream-proxy must be an http:// proxy that supports CONNECT")
+    if args.upstream_ca:
+        _readable("--upstream-ca", args.upstream_ca)
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=args.upstream_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise UsageError(f"--upstream-ca: not a PEM CA file: {exc}") from None
+    if args.public_url:
+        try:
+            parse_url(args.public_url)
+        except ValueError as exc:
+            raise UsageError(f"--public-url: {exc}") from None
+    library_prefix = args.library_prefix
+    if library_prefix is None:
+        library_prefix = is_docker_hub(upstreams[0])
+    timeouts = Timeouts(
+        handshake=args.handshake_timeout,
+        request_head=args.request_timeout,
+        keepalive_idle=args.keepalive_timeout,
+        client_idle=args.client_idle_timeout,
+        connect=args.connect_timeout,
+        upstream_idle=args.read_timeout,
+        shutdown_grace=args.shutdown_grace,
+    )
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        cert=cert,
+        key=key,
+        upstreams=upstreams,
+        index_url=_url("--index-url", args.index_url),
+        library_prefix=library_prefix,
+        public_url=args.public_url,
+        upstream_ca=args.upstream_ca,
+        upstream_proxy=proxy,
+        max_redirects=args.max_redirects,
+        rate_limit_rest=args.rate_limit_cooldown,
+        timeouts=timeouts,
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"hubproxy: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level)
+    try:
+        trio.run(lambda: serve(config, handle_signals=True))
+    except OSError as exc:
+        logging.getLogger("hubproxy").error(
+            "cannot listen on %s:%s: %s (is the port in use, or does it need root?)",
+            config.listen_host,
+            config.listen_port,
+            exc.strerror or exc,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

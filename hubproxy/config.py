@@ -1,0 +1,51 @@
+"""Frozen configuration: everything the running proxy needs, parsed and checked once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .urls import Url
+
+DOCKER_HUB_HOSTS = frozenset(
+    {"registry-1.docker.io", "index.docker.io", "registry.hub.docker.com", "docker.io"}
+)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    handshake: float = 10.0  # TLS handshake of a new client connection
+    request_head: float = 30.0  # the first request head after connecting (slow-loris guard)
+    keepalive_idle: float = 60.0  # between requests on a kept-alive client connection
+    client_idle: float = 120.0  # a client that neither sends nor accepts a byte mid-transfer
+    connect: float = 10.0  # TCP connect + TLS handshake (+ CONNECT) toward an upstream
+    upstream_idle: float = 60.0  # an upstream that sends no byte (head or body) for this long
+    upstream_keepalive: float = 30.0  # idle pooled upstream connections are dropped after this
+    shutdown_grace: float = 30.0  # in-flight transfers get this long after SIGINT/SIGTERM
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 5000
+    cert: str | None = None
+    key: str | None = None
+    upstreams: tuple[Url, ...] = ()  # the primary first, then fallbacks
+    index_url: Url | None = None  # Docker Hub's index, for /v1/search
+    library_prefix: bool = True
+    public_url: str | None = None
+    upstream_ca: str | None = None
+    upstream_proxy: Url | None = None
+    max_redirects: int = 5
+    rate_limit_rest: float = 60.0
+    unreachable_rest: float = 10.0
+    pool_max_idle_per_origin: int = 8
+    pool_max_per_origin: int = 100
+    timeouts: Timeouts = Timeouts()
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+
+def is_docker_hub(url: Url) -> bool:
+    return url.origin.host in DOCKER_HUB_HOSTS

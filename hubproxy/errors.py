@@ -1,0 +1,63 @@
+"""The one error family of hubproxy.
+
+Every failure a client can be told about is a :class:`ProxyError` carrying the HTTP status and the
+registry error code to answer with (distribution's JSON error format). Foreign errors (trio, ssl,
+OS, h11) are translated into this family at the I/O edge with ``raise ... from exc``, so the
+proxy logic only ever handles these.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ProxyError(Exception):
+    """A failure that ends one request, with the status and registry code to report it with."""
+
+    status: int = 502
+    code: str = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class ClientProtocolError(ProxyError):
+    """The client broke HTTP or registry rules (malformed request, bad name): 400, then close."""
+
+    status = 400
+    code = "UNSUPPORTED"
+
+
+class RouteNotFound(ProxyError):
+    """The path is not something a registry mirror serves."""
+
+    status = 404
+    code = "UNSUPPORTED"
+
+
+class UpstreamUnavailable(ProxyError):
+    """The upstream could not be reached, refused TLS, or broke the protocol."""
+
+    status = 502
+    code = "UNAVAILABLE"
+
+
+class UpstreamTimeout(UpstreamUnavailable):
+    """The upstream did not connect or answer within the configured timeout."""
+
+    status = 504
+
+
+class TooManyRedirects(UpstreamUnavailable):
+    """The upstream's redirects did not end within the hop limit (a loop, most likely)."""
+
+
+def error_body(code: str, message: str) -> bytes:
+    """Return the registry JSON error document for one error."""
+    document = {"errors": [{"code": code, "message": message, "detail": None}]}
+    return json.dumps(document, separators=(",", ":")).encode()

@@ -1,0 +1,251 @@
+"""The per-request flow toward the upstreams, as one explicit state machine with no I/O.
+
+Theory of operation. A registry request is sent to an upstream (AWAIT_HEAD). Its response head
+decides what happens next:
+
+- a redirect for GET/HEAD is followed (another attempt on the same upstream, at most ``max_hops``);
+- a 429 rests that upstream and moves to the next one (if any remain untried);
+- anything else is the answer: the proxy streams it (RESPONDING) until DONE.
+
+A failure before a head arrived (cannot connect, TLS refused, timeout, garbage) moves to the next
+upstream when the request can still be replayed (no request body was consumed), else fails the
+request with a registry JSON error. A failure while RESPONDING can only abort the client
+connection: headers are out, and a truncated body must never end cleanly.
+
+:func:`transition` is the only place these rules live; the I/O driver in ``proxy.py`` feeds it
+events and performs the returned :class:`Action`. Time is passed in, never read.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from . import failover, redirects
+from .errors import ProxyError, TooManyRedirects, UpstreamUnavailable
+from .headers import get_header
+from .urls import Url, parse_url
+
+
+class Phase(enum.Enum):
+    AWAIT_HEAD = "await-head"  # an attempt was sent; waiting for its response head
+    RESPONDING = "responding"  # the client is being sent the final response
+    DONE = "done"  # the final response was delivered, or an error answered
+    ABORTED = "aborted"  # the client connection had to be cut mid-response
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the client asked for and the policy knobs: fixed for the whole request."""
+
+    method: str
+    target: str  # origin-form target relative to each upstream's base ("/v2/...")
+    upstreams: tuple[Url, ...]  # base URLs: the primary first, then the fallbacks
+    replayable: bool  # False once a request body is being consumed (pushes)
+    max_hops: int = 5
+    rate_limit_rest: float = 60.0  # default rest after a 429 without Retry-After
+    unreachable_rest: float = 10.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One request to send upstream."""
+
+    upstream: int  # index into Plan.upstreams
+    url: Url
+    hops: int  # redirects followed so far in this attempt chain
+    send_authorization: bool
+
+
+@dataclass(frozen=True)
+class State:
+    phase: Phase
+    attempt: Attempt
+    tried: frozenset[int] = field(default_factory=frozenset)
+
+
+# Events (inputs)
+@dataclass(frozen=True)
+class HeadReceived:
+    status: int
+    headers: Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True)
+class AttemptFailed:
+    error: ProxyError
+
+
+@dataclass(frozen=True)
+class BodyFinished:
+    pass
+
+
+@dataclass(frozen=True)
+class BodyFailed:
+    error: ProxyError
+
+
+Event = HeadReceived | AttemptFailed | BodyFinished | BodyFailed
+
+
+# Actions (outputs)
+@dataclass(frozen=True)
+class Send:
+    """Discard the current response (if any) and send ``attempt``."""
+
+    attempt: Attempt
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Stream the current response to the client."""
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Answer the client with this error (no response was started)."""
+
+    error: ProxyError
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Cut the client connection: a response was started and cannot be completed."""
+
+    error: ProxyError
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Nothing left to do."""
+
+
+Action = Send | Respond | Fail | Abort | Finish
+
+
+@dataclass(frozen=True)
+class Rest:
+    """Side effect: upstream ``upstream`` should not be used before ``until``."""
+
+    upstream: int
+    until: float
+
+
+def _first_attempt(plan: Plan, index: int) -> Attempt:
+    base = plan.upstreams[index]
+    if plan.target.startswith("/"):
+        url = Url(base.origin, base.target.rstrip("/") + plan.target)
+    else:  # a query for the base URL itself (token requests to a realm)
+        url = Url(base.origin, base.target + plan.target)
+    return Attempt(index, url, 0, send_authorization=True)
+
+
+def start(plan: Plan, resting_until: Sequence[float], now: float) -> tuple[State, Send]:
+    """The first attempt of a request."""
+    index = failover.choose_upstream(resting_until, frozenset(), now)
+    assert index is not None  # with nothing tried, choose_upstream always picks one
+    attempt = _first_attempt(plan, index)
+    return State(Phase.AWAIT_HEAD, attempt, frozenset({index})), Send(attempt)
+
+
+def transition(
+    plan: Plan,
+    state: State,
+    event: Event,
+    *,
+    resting_until: Sequence[float],
+    now: float,
+    wall_now: float,
+) -> tuple[State, Action, Rest | None]:
+    """Apply one event; return the next state, the action to perform and an optional rest."""
+    if state.phase is Phase.AWAIT_HEAD:
+        if isinstance(event, HeadReceived):
+            return _on_head(plan, state, event, resting_until, now, wall_now)
+        if isinstance(event, AttemptFailed):
+            rest = Rest(state.attempt.upstream, now + plan.unreachable_rest)
+            resting = _with_rest(resting_until, rest)
+            nxt = _next_upstream(plan, state, resting, now)
+            if nxt is not None:
+                return nxt[0], nxt[1], rest
+            return replace(state, phase=Phase.DONE), Fail(event.error), rest
+    elif state.phase is Phase.RESPONDING:
+        if isinstance(event, BodyFinished):
+            return replace(state, phase=Phase.DONE), Finish(), None
+        if isinstance(event, BodyFailed):
+            return replace(state, phase=Phase.ABORTED), Abort(event.error), None
+    raise RuntimeError(f"event {type(event).__name__} is not valid in phase {state.phase.name}")
+
+
+def _on_head(
+    plan: Plan,
+    state: State,
+    event: HeadReceived,
+    resting_until: Sequence[float],
+    now: float,
+    wall_now: float,
+) -> tuple[State, Action, Rest | None]:
+    attempt = state.attempt
+    if event.status == 429:
+        wait = failover.retry_after_seconds(
+            get_header(event.headers, b"retry-after"),
+            wall_now=wall_now,
+            default=plan.rate_limit_rest,
+        )
+        rest = Rest(attempt.upstream, now + wait)
+        nxt = _next_upstream(plan, state, _with_rest(resting_until, rest), now)
+        if nxt is not None:
+            return nxt[0], nxt[1], rest
+        return replace(state, phase=Phase.RESPONDING), Respond(), rest
+    location = get_header(event.headers, b"location")
+    try:
+        target = redirects.redirect_target(
+            plan.method,
+            event.status,
+            location.decode("latin-1") if location is not None else None,
+            attempt.url,
+        )
+    except ValueError as exc:
+        return replace(state, phase=Phase.DONE), Fail(UpstreamUnavailable(str(exc))), None
+    if target is None:
+        return replace(state, phase=Phase.RESPONDING), Respond(), None
+    if attempt.hops >= plan.max_hops:
+        error = TooManyRedirects(
+            f"upstream redirected more than {plan.max_hops} times (last to {target.origin})"
+        )
+        return replace(state, phase=Phase.DONE), Fail(error), None
+    addressed = plan.upstreams[attempt.upstream].origin
+    follow = Attempt(
+        attempt.upstream,
+        target,
+        attempt.hops + 1,
+        send_authorization=redirects.may_send_authorization(addressed, target.origin),
+    )
+    return replace(state, attempt=follow), Send(follow), None
+
+
+def _next_upstream(
+    plan: Plan, state: State, resting_until: Sequence[float], now: float
+) -> tuple[State, Send] | None:
+    if not plan.replayable:
+        return None
+    index = failover.choose_upstream(resting_until, state.tried, now)
+    if index is None:
+        return None
+    attempt = _first_attempt(plan, index)
+    return State(Phase.AWAIT_HEAD, attempt, state.tried | {index}), Send(attempt)
+
+
+def _with_rest(resting_until: Sequence[float], rest: Rest) -> list[float]:
+    out = list(resting_until)
+    out[rest.upstream] = max(out[rest.upstream], rest.until)
+    return out
+
+
+def base_url(text: str) -> Url:
+    """Parse an upstream base URL (``--upstream``/``--fallback``); raise ValueError if unusable."""
+    url = parse_url(text)
+    if "?" in url.target:
+        raise ValueError(f"an upstream URL cannot have a query: {text!r}")
+    return url

@@ -1,0 +1,114 @@
+"""Header rules, as in Go's ``httputil.ReverseProxy``: what crosses the proxy and what does not.
+
+Header lists are h11's: ``(name, value)`` byte pairs with lowercase names. Hop-by-hop headers
+(RFC 9110 section 7.6.1) and every token named in ``Connection`` describe one connection, not the
+message, so they are dropped in both directions; framing toward each side is then decided afresh
+by h11 from the ``Content-Length`` or ``Transfer-Encoding`` we set. Forwarding headers from the
+client are never trusted: they are stripped and set from what we saw ourselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Set by us toward the upstream; whatever a client sent under these names is dropped.
+FORWARDING = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+
+# Request headers that only make sense on the client's hop. ``expect`` is answered by us (h11
+# sends no ``100 Continue`` on its own, and we read the body before talking upstream).
+CLIENT_HOP_ONLY = frozenset({b"host", b"expect", b"content-length"})
+
+
+def get_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """Return the first value of ``name`` (lowercase), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def get_all(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Return every value of ``name`` (lowercase), in order."""
+    return [value for key, value in headers if key == name]
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Return the lowercase header names listed in any ``Connection`` header."""
+    tokens: set[bytes] = set()
+    for key, value in headers:
+        if key == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """Drop hop-by-hop headers and the headers named in ``Connection``."""
+    named = connection_tokens(headers)
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+def upstream_request_headers(
+    client_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    host: bytes,
+    client_ip: str,
+    client_proto: str,
+    send_authorization: bool,
+    body_length: int | None,
+    chunked_body: bool,
+) -> Headers:
+    """Build the headers of the request we send upstream from the client's request headers.
+
+    ``Authorization`` passes unchanged only when ``send_authorization`` (the target is the host the
+    client addressed through us); ``Accept`` and everything end-to-end pass verbatim.
+    """
+    out: Headers = [(b"host", host)]
+    for key, value in strip_hop_by_hop(client_headers):
+        if key in FORWARDING or key in CLIENT_HOP_ONLY:
+            continue
+        if key == b"authorization" and not send_authorization:
+            continue
+        out.append((key, value))
+    if body_length is not None:
+        out.append((b"content-length", b"%d" % body_length))
+    elif chunked_body:
+        out.append((b"transfer-encoding", b"chunked"))
+    ip = client_ip.encode("ascii", "replace")
+    out.append((b"x-forwarded-for", ip))
+    out.append((b"x-real-ip", ip))
+    out.append((b"x-forwarded-proto", client_proto.encode("ascii")))
+    return out
+
+
+def client_response_headers(upstream_headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """Build the headers we send the client from the upstream response's headers.
+
+    ``Content-Length`` stays (h11 then frames the body with it); without it h11 chooses chunked
+    framing for HTTP/1.1 clients or close-delimited for HTTP/1.0 ones.
+    """
+    return strip_hop_by_hop(upstream_headers)
+
+
+def replace_header(headers: Headers, name: bytes, value: bytes) -> Headers:
+    """Return ``headers`` with every ``name`` header replaced by one ``name: value``."""
+    out = [(k, v) for k, v in headers if k != name]
+    out.append((name, value))
+    return out

@@ -1,0 +1,318 @@
+"""The one place that ties a client's request to the upstreams, end to end.
+
+``Proxy.handle`` routes the request (``routing``), then drives the per-request state machine
+(``flow``) with real I/O: it performs each ``Send`` over a pooled upstream connection, feeds the
+response head back, and on ``Respond`` streams the body to the client one chunk at a time (receive,
+await the send, receive again: the client's pace is the upstream's pace, so a transfer holds at
+most one chunk). Challenges are rewritten on the way out (``auth``), and the upstream realm they
+named is remembered per upstream so token requests can be forwarded to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+
+import h11
+import trio
+
+from . import flow
+from .auth import public_base, rewrite_challenge
+from .config import Config
+from .errors import ProxyError, RouteNotFound, UpstreamUnavailable
+from .headers import Headers, client_response_headers, upstream_request_headers
+from .pool import Pool
+from .redirects import client_location
+from .routing import Route, RouteKind, rewrite_token_query, route_request
+from .server import ClientRequest, ClientResponse, ResponseAborted
+from .streams import ByteStream, open_upstream, upstream_ssl_context
+from .upstream import UpstreamConnection
+from .urls import Origin, Url, parse_url
+
+log = logging.getLogger("hubproxy")
+
+# Registry headers of a redirecting response that the client must still see when we follow the
+# redirect: the CDN's final response does not carry them.
+CARRIED_FROM_REDIRECT = (
+    b"docker-content-digest",
+    b"docker-distribution-api-version",
+    b"ratelimit-limit",
+    b"ratelimit-remaining",
+    b"docker-ratelimit-source",
+)
+DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so its connection is reused
+
+
+class UpstreamSet:
+    """The upstreams of one registry and what we learned about them: rests and realms."""
+
+    def __init__(self, urls: tuple[Url, ...]) -> None:
+        self.urls = urls
+        self.resting_until = [0.0] * len(urls)
+        self.realms: dict[int, Url] = {}
+
+
+class Proxy:
+    """Route, forward, rewrite and stream: the request handler the server calls."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        context = upstream_ssl_context(config.upstream_ca)
+
+        timeouts = config.timeouts
+
+        async def connector(origin: Origin) -> ByteStream:
+            return await open_upstream(
+                origin,
+                context=context,
+                proxy=config.upstream_proxy,
+                connect_timeout=timeouts.connect,
+            )
+
+        self.pool = Pool(
+            connector,
+            idle_timeout=timeouts.upstream_idle,
+            keepalive=timeouts.upstream_keepalive,
+            max_idle_per_origin=config.pool_max_idle_per_origin,
+            max_per_origin=config.pool_max_per_origin,
+        )
+        self.registry = UpstreamSet(config.upstreams)
+
+    async def handle(self, request: ClientRequest, response: ClientResponse) -> None:
+        try:
+            route = route_request(
+                request.method, request.target, library_prefix=self.config.library_prefix
+            )
+            if route.kind is RouteKind.REGISTRY:
+                plan = self._plan(request, route.target, self.registry.urls)
+                await self._run(plan, request, response, upstreams=self.registry)
+            elif route.kind is RouteKind.TOKEN:
+                await self._forward_token(request, route, response)
+            else:
+                if self.config.index_url is None:
+                    raise RouteNotFound("search is not configured on this mirror")
+                plan = self._plan(request, route.target, (self.config.index_url,))
+                await self._run(plan, request, response, upstreams=None)
+        except ProxyError as error:
+            if error.status >= 500:
+                log.warning("%s %s failed: %s", request.method, response.record.path, error)
+            await response.send_error(error, close=error.status == 400)
+
+    def _plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
+        return flow.Plan(
+            method=request.method,
+            target=target,
+            upstreams=upstreams,
+            replayable=not request.body.present,
+            max_hops=self.config.max_redirects,
+            rate_limit_rest=self.config.rate_limit_rest,
+            unreachable_rest=self.config.unreachable_rest,
+        )
+
+    async def _forward_token(
+        self, request: ClientRequest, route: Route, response: ClientResponse
+    ) -> None:
+        """Forward a token request to the realm the named upstream advertised."""
+        key = route.realm_key or ""
+        if not key.isdigit() or int(key) >= len(self.registry.urls):
+            raise RouteNotFound(f"unknown token endpoint /token/{key}")
+        index = int(key)
+        realm = self.registry.realms.get(index) or await self._learn_realm(index)
+        query = rewrite_token_query(
+            route.target.removeprefix("?"), library_prefix=self.config.library_prefix
+        )
+        base = realm
+        target = ("&" if "?" in base.target else "?") + query if query else ""
+        plan = flow.Plan(
+            method=request.method,
+            target=target,
+            upstreams=(base,),
+            replayable=not request.body.present,
+            max_hops=self.config.max_redirects,
+        )
+        await self._run(plan, request, response, upstreams=None)
+
+    async def _learn_realm(self, index: int) -> Url:
+        """Ask upstream ``index`` for its challenge (``GET /v2/``) and remember the realm."""
+        base = self.registry.urls[index]
+        async with self.pool.connection(base.origin) as conn:
+            await conn.send_request(
+                "GET", _join(base.target, "/v2/"), [(b"host", base.origin.authority.encode())]
+            )
+            head = await conn.receive_head("GET")
+            await _drain(conn)
+        for key, value in head.headers:
+            if key != b"www-authenticate":
+                continue
+            _rewritten, realm = rewrite_challenge(value.decode("latin-1"), "")
+            if realm:
+                return self._remember_realm(index, realm)
+        raise UpstreamUnavailable(f"{base.origin} did not name a token realm in its challenge")
+
+    def _remember_realm(self, index: int, realm: str) -> Url:
+        try:
+            url = parse_url(realm)
+        except ValueError as exc:
+            raise UpstreamUnavailable(f"upstream named an unusable token realm: {exc}") from exc
+        self.registry.realms[index] = url
+        return url
+
+    async def _run(
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        *,
+        upstreams: UpstreamSet | None,
+    ) -> None:
+        """Drive the flow state machine until the client has its answer."""
+        resting = upstreams.resting_until if upstreams else [0.0] * len(plan.upstreams)
+        state, action = flow.start(plan, resting, trio.current_time())
+        first_head: h11.Response | None = None
+        while True:
+            attempt = action.attempt
+            response.record.upstream = str(plan.upstreams[attempt.upstream].origin)
+            response.record.hops = attempt.hops
+            async with AsyncExitStack() as stack:
+                event: flow.Event
+                conn: UpstreamConnection | None = None
+                try:
+                    conn, head = await self._exchange(stack, plan, attempt, request)
+                except ProxyError as error:
+                    log.info("attempt on %s failed: %s", attempt.url.origin, error)
+                    event = flow.AttemptFailed(error)
+                else:
+                    event = flow.HeadReceived(head.status_code, list(head.headers))
+                state, next_action, rest = flow.transition(
+                    plan,
+                    state,
+                    event,
+                    resting_until=resting,
+                    now=trio.current_time(),
+                    wall_now=time.time(),
+                )
+                if rest is not None:
+                    resting[rest.upstream] = max(resting[rest.upstream], rest.until)
+                if isinstance(next_action, flow.Fail):
+                    raise next_action.error
+                if isinstance(next_action, flow.Respond) and conn is not None:
+                    headers = self._client_headers(
+                        request, plan, attempt, head, first_head, upstreams
+                    )
+                    await self._stream(conn, head.status_code, headers, response)
+                    return
+                if not isinstance(next_action, flow.Send):
+                    raise RuntimeError(f"flow gave {next_action} after {event}")
+                action = next_action
+                if action.attempt.hops == 0:
+                    first_head = None  # failover: a new chain on another upstream
+                elif first_head is None and isinstance(event, flow.HeadReceived):
+                    first_head = head  # the registry's redirect, whose headers we carry
+                if conn is not None:
+                    await _drain(conn)
+
+    async def _exchange(
+        self, stack: AsyncExitStack, plan: flow.Plan, attempt: flow.Attempt, request: ClientRequest
+    ) -> tuple[UpstreamConnection, h11.Response]:
+        """Send one attempt and return the connection with the response head read."""
+        origin = attempt.url.origin
+        body = request.body if request.body.present else None
+        headers = upstream_request_headers(
+            request.headers,
+            host=origin.authority.encode(),
+            client_ip=request.client_ip,
+            client_proto=request.scheme,
+            send_authorization=attempt.send_authorization,
+            body_length=request.body.length
+            if body is not None and not request.body.chunked
+            else None,
+            chunked_body=body is not None and request.body.chunked,
+        )
+        method = plan.method
+        conn = await stack.enter_async_context(self.pool.connection(origin))
+        try:
+            await conn.send_request(method, attempt.url.target, headers, body)
+            return conn, await conn.receive_head(method)
+        except UpstreamUnavailable:
+            # A pooled connection the server closed just before our request: retry once on a
+            # fresh one, if nothing came back and the request can be replayed.
+            if conn.exchanges == 0 or conn.received_any or not plan.replayable:
+                raise
+        conn = await stack.enter_async_context(self.pool.connection(origin, fresh=True))
+        await conn.send_request(method, attempt.url.target, headers, body)
+        return conn, await conn.receive_head(method)
+
+    def _client_headers(
+        self,
+        request: ClientRequest,
+        plan: flow.Plan,
+        attempt: flow.Attempt,
+        head: h11.Response,
+        first_head: h11.Response | None,
+        upstreams: UpstreamSet | None,
+    ) -> Headers:
+        headers = client_response_headers(list(head.headers))
+        if first_head is not None:  # a followed redirect: keep the registry's own headers
+            present = {k for k, _ in headers}
+            headers += [
+                (k, v)
+                for k, v in first_head.headers
+                if k in CARRIED_FROM_REDIRECT and k not in present
+            ]
+        upstream_base = plan.upstreams[attempt.upstream]
+        out: Headers = []
+        for key, value in headers:
+            if key == b"www-authenticate" and upstreams is not None:
+                value = self._rewrite_challenge(request, attempt.upstream, value)
+            elif key == b"location":
+                value = client_location(
+                    value.decode("latin-1"), upstream_base.origin, attempt.url
+                ).encode("latin-1")
+            out.append((key, value))
+        return out
+
+    def _rewrite_challenge(self, request: ClientRequest, index: int, value: bytes) -> bytes:
+        listen = f"{self.config.listen_host}:{self.config.listen_port}"
+        base = public_base(
+            configured=self.config.public_url,
+            scheme=request.scheme,
+            host_header=request.host,
+            fallback=listen,
+        )
+        rewritten, realm = rewrite_challenge(value.decode("latin-1"), f"{base}/token/{index}")
+        if realm is not None:
+            try:
+                self._remember_realm(index, realm)
+            except UpstreamUnavailable as exc:
+                log.warning("%s", exc)
+                return value
+        return rewritten.encode("latin-1")
+
+    async def _stream(
+        self, conn: UpstreamConnection, status: int, headers: Headers, response: ClientResponse
+    ) -> None:
+        """Stream the response: one chunk in flight; a failure mid-body aborts the client."""
+        await response.start(status, headers)
+        try:
+            while (chunk := await conn.receive_body()) is not None:
+                await response.send(chunk)
+        except ProxyError as error:
+            raise ResponseAborted(f"upstream failed mid-body: {error}") from error
+        await response.finish()
+
+
+async def _drain(conn: UpstreamConnection) -> None:
+    """Read a small unwanted body (a redirect's) so the connection can go back to the pool."""
+    received = 0
+    try:
+        while (chunk := await conn.receive_body()) is not None:
+            received += len(chunk)
+            if received > DRAIN_LIMIT:
+                return  # not worth it: the pool closes the unfinished connection
+    except ProxyError:
+        return
+
+
+def _join(base_target: str, target: str) -> str:
+    return base_target.rstrip("/") + target

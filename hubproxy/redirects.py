@@ -1,0 +1,48 @@
+"""Redirect policy: which upstream redirects hubproxy follows itself, and where credentials go.
+
+Docker Hub answers a blob GET with 307 to a pre-signed CDN URL. Clients must only ever talk to the
+mirror, so the mirror follows such redirects itself (GET and HEAD only: a redirected upload is the
+client's business) and hands the client the final response as if the upstream had served it.
+The upstream is trusted, so any host is followed; the client's ``Authorization`` however goes
+only to the origin the client addressed through us: S3-style storage rejects a request carrying
+one (``400 Missing x-amz-content-sha256``), and Go's client drops it on cross-host redirects too.
+"""
+
+from __future__ import annotations
+
+from .urls import Origin, Url, resolve
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+FOLLOWED_METHODS = frozenset({"GET", "HEAD"})
+
+
+def redirect_target(method: str, status: int, location: str | None, current: Url) -> Url | None:
+    """Return the URL to follow for this response, or None when the response is final.
+
+    Raises ValueError when the upstream sent a redirect with an unusable ``Location``.
+    """
+    if method not in FOLLOWED_METHODS or status not in REDIRECT_STATUSES:
+        return None
+    if not location:
+        raise ValueError(f"upstream answered {status} without a Location header")
+    return resolve(current, location)
+
+
+def may_send_authorization(addressed: Origin, target: Origin) -> bool:
+    """Whether the client's credentials may go to ``target``: only to the origin it addressed."""
+    return addressed == target
+
+
+def client_location(location: str, upstream: Origin, current: Url) -> str:
+    """Rewrite a ``Location`` we pass to the client (uploads, not followed) to stay on the mirror.
+
+    An absolute URL on the upstream's origin becomes origin-relative, so the client's next request
+    comes to us; anything else passes unchanged.
+    """
+    try:
+        target = resolve(current, location)
+    except ValueError:
+        return location
+    if target.origin == upstream:
+        return target.target
+    return location

@@ -1,0 +1,119 @@
+"""Where a client's request goes: a pure function from request line to :class:`Route`.
+
+The registry API lives under ``/v2/`` (distribution's API spec); names and references are matched
+against distribution's own grammar, so nothing we forward contains percent-escapes, ``..`` or empty
+segments. Docker Hub keeps official images under ``library/``: ``docker pull mirror/nginx`` asks
+for ``/v2/nginx/...`` and a token for ``repository:nginx:pull``, which Docker Hub refuses, so for a
+Docker Hub upstream a one-component name gets ``library/`` in the path and in token scopes.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from .errors import ClientProtocolError, RouteNotFound
+
+# distribution/reference/regexp.go
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = rf"{_COMPONENT}(?:/{_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}"
+_UPLOAD_ID = r"[A-Za-z0-9_=.-]+"
+_V2_RESOURCE = re.compile(
+    rf"/v2/(?P<name>{_NAME})/(?P<rest>"
+    rf"manifests/(?:{_TAG}|{_DIGEST})"
+    rf"|blobs/{_DIGEST}"
+    rf"|blobs/uploads/(?:{_UPLOAD_ID})?"
+    rf"|tags/list"
+    rf"|referrers/{_DIGEST})"
+)
+_TOKEN = re.compile(r"/token/(?P<key>[a-z0-9][a-z0-9.-]{0,63})")
+MAX_NAME_LENGTH = 255  # distribution's NameTotalLengthMax
+
+
+class RouteKind(enum.Enum):
+    REGISTRY = "registry"  # /v2/... to the registry upstreams (with failover)
+    TOKEN = "token"  # a token request to the realm learned from an upstream's challenge
+    SEARCH = "search"  # /v1/search to Docker Hub's index
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    target: str  # the request target to send upstream ("/v2/library/nginx/manifests/latest")
+    repository: str | None = None  # the upstream's repository name, for /v2/<name>/... routes
+    realm_key: str | None = None  # which upstream's realm, for token routes
+
+
+def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
+    """Map a request to a :class:`Route`; raise RouteNotFound or ClientProtocolError."""
+    if not target.startswith("/"):
+        # absolute-form and authority-form targets are for forward proxies; we are not one
+        raise ClientProtocolError("request target must be a path (this is not a forward proxy)")
+    path, sep, query = target.partition("?")
+    suffix = sep + query
+    if path in ("/v2", "/v2/"):
+        return Route(RouteKind.REGISTRY, "/v2/" + suffix)
+    if path == "/v2/_catalog":
+        return Route(RouteKind.REGISTRY, path + suffix)
+    if path.startswith("/v2/"):
+        match = _V2_RESOURCE.fullmatch(path)
+        if match is None or len(match["name"]) > MAX_NAME_LENGTH:
+            raise RouteNotFound(f"not a registry API path: {_printable(path)}", code="NAME_INVALID")
+        name = upstream_name(match["name"], library_prefix=library_prefix)
+        return Route(RouteKind.REGISTRY, f"/v2/{name}/{match['rest']}{suffix}", repository=name)
+    if path == "/v1/search":
+        return Route(RouteKind.SEARCH, path + suffix)
+    token = _TOKEN.fullmatch(path)
+    if token is not None:
+        return Route(RouteKind.TOKEN, suffix, realm_key=token["key"])
+    raise RouteNotFound(f"no such endpoint on this registry mirror: {_printable(path)}")
+
+
+def upstream_name(name: str, *, library_prefix: bool) -> str:
+    """Insert ``library/`` before a one-component name when the upstream is Docker Hub."""
+    if library_prefix and "/" not in name:
+        return "library/" + name
+    return name
+
+
+def rewrite_scope(scope: str, *, library_prefix: bool) -> str:
+    """Rewrite the repository names in a (space-separated) token scope value.
+
+    Scope grammar (distribution's token auth spec): ``type[(class)]:name:actions``; the name may
+    itself hold a colon (a registry host with a port), so it is everything between the first and
+    the last colon.
+    """
+    out = []
+    for item in scope.split(" "):
+        kind, sep1, rest = item.partition(":")
+        name, sep2, actions = rest.rpartition(":")
+        if sep1 and sep2 and kind.split("(")[0] == "repository" and name:
+            item = f"{kind}:{upstream_name(name, library_prefix=library_prefix)}:{actions}"
+        out.append(item)
+    return " ".join(out)
+
+
+def rewrite_token_query(query: str, *, library_prefix: bool) -> str:
+    """Rewrite the ``scope`` parameters of a token request's query, leaving the rest byte-exact."""
+    if not library_prefix or not query:
+        return query
+    pairs = query.split("&")
+    for index, pair in enumerate(pairs):
+        key, sep, raw = pair.partition("=")
+        if key != "scope" or not sep:
+            continue
+        value = unquote(raw.replace("+", " "))
+        rewritten = rewrite_scope(value, library_prefix=library_prefix)
+        if rewritten != value:
+            pairs[index] = "scope=" + quote(rewritten, safe=":/,*()")
+    return "&".join(pairs)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """Return a bounded, printable rendering of client input for error messages and logs."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")

@@ -1,0 +1,362 @@
+"""The client side: accept TCP or TLS connections and run one h11 server loop per client.
+
+Each accepted connection gets its own task. A request head is read under a timeout (the first one
+after the handshake, then the keep-alive idle one), handed to the proxy as a
+:class:`ClientRequest` with a :class:`ClientResponse` to answer through, and the connection is
+kept alive only when h11 says both sides are DONE. Failures before response headers are answered
+with a registry JSON error; after them the connection is cut (never ended cleanly), so a client
+cannot mistake a truncated body for a whole one.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from .config import Config
+from .errors import ClientProtocolError, ProxyError, error_body
+from .headers import Headers, get_header
+from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
+from .tls import TLSStream
+
+log = logging.getLogger("hubproxy")
+access_log = logging.getLogger("hubproxy.access")
+
+MAX_HEAD_SIZE = 64 * 1024  # request line + headers; h11 answers 431-worthy errors beyond it
+
+
+class ClientGone(Exception):
+    """The client went away or stopped reading; nothing more can be sent to it."""
+
+
+class ResponseAborted(Exception):
+    """The response was started and cannot be completed: the connection must be cut."""
+
+
+@dataclass
+class AccessRecord:
+    """What the access log line says about one request."""
+
+    client: str
+    method: str
+    path: str
+    status: int = 0
+    bytes_sent: int = 0
+    upstream: str = "-"
+    hops: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        ms = (time.monotonic() - self.started) * 1000
+        return (
+            f"{self.client} {self.method} {self.path} {self.status} {self.bytes_sent}B "
+            f"{ms:.0f}ms upstream={self.upstream} hops={self.hops}"
+        )
+
+
+class RequestBody:
+    """The client's request body as an async iterator of chunks (framed by h11)."""
+
+    def __init__(self, client: ClientConnection, length: int | None, chunked: bool) -> None:
+        self._client = client
+        self.length = length
+        self.chunked = chunked
+        self.started = False
+
+    @property
+    def present(self) -> bool:
+        return self.chunked or bool(self.length)
+
+    async def read(self) -> bytes | None:
+        """Return the next chunk of the body, or None at its end."""
+        self.started = True
+        return await self._client.receive_body_chunk()
+
+
+@dataclass
+class ClientRequest:
+    method: str
+    target: str
+    headers: Headers
+    scheme: str  # how the client reached us: "http" or "https"
+    client_ip: str
+    body: RequestBody
+
+    @property
+    def host(self) -> str | None:
+        value = get_header(self.headers, b"host")
+        return value.decode("latin-1") if value is not None else None
+
+
+class ClientResponse:
+    """The one way the proxy answers a client: head, body chunks, end; or an error."""
+
+    def __init__(self, client: ClientConnection, record: AccessRecord) -> None:
+        self._client = client
+        self.record = record
+        self.started = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        self.record.status = status
+        await self._client.send_event(h11.Response(status_code=status, headers=headers))
+
+    async def send(self, chunk: bytes | bytearray) -> None:
+        await self._client.send_event(h11.Data(data=chunk))  # type: ignore[arg-type]
+        self.record.bytes_sent += len(chunk)
+
+    async def finish(self) -> None:
+        await self._client.send_event(h11.EndOfMessage())
+
+    async def send_error(self, error: ProxyError, *, close: bool = False) -> None:
+        """Answer with a registry JSON error (only possible before the response started)."""
+        if self.started:
+            raise ResponseAborted(error.message) from error
+        body = error_body(error.code, error.message)
+        headers: Headers = [
+            (b"content-type", b"application/json; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+            (b"docker-distribution-api-version", b"registry/2.0"),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await self.start(error.status, headers)
+        if self._client.method != "HEAD":
+            await self.send(body)
+        await self.finish()
+
+
+Handler = Callable[[ClientRequest, ClientResponse], Awaitable[None]]
+
+
+class ClientConnection:
+    """One client connection: an h11 server loop with timeouts."""
+
+    def __init__(self, stream: ByteStream, *, config: Config, client_ip: str, scheme: str) -> None:
+        self.stream = stream
+        self.config = config
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self.method = "GET"
+        self.idle_scope: trio.CancelScope | None = None
+        self.must_close = False  # the last exchange broke: the connection cannot go on
+
+    async def serve(self, handler: Handler, server: Server) -> None:
+        first = True
+        try:
+            while not server.draining:
+                timeouts = self.config.timeouts
+                wait = timeouts.request_head if first else timeouts.keepalive_idle
+                first = False
+                request = await self._receive_request(wait)
+                if request is None:
+                    return
+                await self._handle(request, handler)
+                if self.must_close:
+                    return
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                else:
+                    return
+        finally:
+            with trio.CancelScope(shield=True):
+                await close_forcefully(self.stream)
+
+    async def _receive_request(self, wait: float) -> h11.Request | None:
+        """Wait for the next request head; None when the client left or idled out."""
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + wait
+            self.idle_scope = scope
+            try:
+                event = await self._next_event()
+            except ClientProtocolError as exc:
+                await self._reject(exc)
+                return None
+            except ClientGone:
+                return None
+            finally:
+                self.idle_scope = None
+        if scope.cancelled_caught:
+            return None  # idle or stalled client, or shutdown: just close
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed
+
+    async def _handle(self, event: h11.Request, handler: Handler) -> None:
+        method = event.method.decode("ascii", "replace")
+        target = event.target.decode("ascii", "replace")
+        self.method = method
+        headers = list(event.headers)
+        length_header = get_header(headers, b"content-length")
+        chunked = get_header(headers, b"transfer-encoding") is not None
+        body = RequestBody(self, int(length_header) if length_header else None, chunked)
+        request = ClientRequest(method, target, headers, self.scheme, self.client_ip, body)
+        path = target.partition("?")[0] if target.startswith("/token/") else target
+        record = AccessRecord(self.client_ip, method, path[:300])
+        response = ClientResponse(self, record)
+        try:
+            await handler(request, response)
+        except ClientGone:
+            record.status = record.status or 499
+            self.must_close = True
+        except ResponseAborted as exc:
+            log.warning("aborted response to %s %s: %s", method, record.path, exc)
+            self.must_close = True
+        except ClientProtocolError as exc:
+            await self._reject(exc, response)
+        finally:
+            access_log.info("%s", record.line())
+
+    async def _reject(self, error: ProxyError, response: ClientResponse | None = None) -> None:
+        """Answer 400 (or the error's status) and close, if a response can still be sent."""
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        if response is None:
+            response = ClientResponse(self, AccessRecord(self.client_ip, "-", "-"))
+        try:
+            await response.send_error(error, close=True)
+        except (ClientGone, ResponseAborted, h11.LocalProtocolError):
+            pass
+
+    async def receive_body_chunk(self) -> bytes | None:
+        """Return the next request body chunk or None at its end (client idle timeout applies)."""
+        if self.conn.they_are_waiting_for_100_continue:
+            await self.send_event(h11.InformationalResponse(status_code=100, headers=[]))
+        with trio.move_on_after(self.config.timeouts.client_idle) as scope:
+            event = await self._next_event()
+        if scope.cancelled_caught:
+            raise ClientGone("client sent no body bytes within the idle timeout")
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            return None
+        raise ClientGone("client closed the connection mid-body")
+
+    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ClientProtocolError(
+                    f"malformed request: {exc}", status=exc.error_status_hint
+                ) from exc
+            if event is h11.PAUSED:
+                return event
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive_some(HEAD_READ)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ClientGone(str(exc)) from exc
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
+
+    async def send_event(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if not data:
+            return
+        try:
+            with trio.fail_after(self.config.timeouts.client_idle):
+                await self.stream.send_all(data)
+        except (
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+        ) as exc:
+            self.conn.send_failed()
+            raise ClientGone(f"client stopped receiving: {exc!r}") from exc
+
+
+class Server:
+    """Listeners plus the set of live client connections, with a graceful drain at shutdown."""
+
+    def __init__(self, config: Config, handler: Handler) -> None:
+        self.config = config
+        self.handler = handler
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.cert is not None:
+            self.ssl_context = server_ssl_context(config.cert, config.key or config.cert)
+        self.draining = False
+        self.connections: set[ClientConnection] = set()
+        self.bound: list[tuple[str, int]] = []
+        self._listen_scope = trio.CancelScope()
+        self._listeners: list[trio.SocketListener] = []
+
+    async def bind(self) -> None:
+        """Open the listening sockets (raises OSError, e.g. port in use)."""
+        host = self.config.listen_host
+        self._listeners = await trio.open_tcp_listeners(self.config.listen_port, host=host)
+        self.bound = [listener.socket.getsockname()[:2] for listener in self._listeners]
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        if not self._listeners:
+            await self.bind()
+        listeners = self._listeners
+        async with trio.open_nursery() as connections:
+            with self._listen_scope:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_loop, listener, connections)
+                    task_status.started(self.bound)
+            # listeners closed (shutdown): in-flight transfers get the grace period
+            await self._drain(connections)
+
+    async def _drain(self, connections: trio.Nursery) -> None:
+        for client in list(self.connections):
+            if client.idle_scope is not None:
+                client.idle_scope.cancel()
+        connections.cancel_scope.deadline = (
+            trio.current_time() + self.config.timeouts.shutdown_grace
+        )
+
+    def shutdown(self) -> None:
+        """Stop accepting; idle keep-alive connections close; in-flight ones may finish."""
+        self.draining = True
+        self._listen_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: wait a little rather than spin
+                    log.error("accept failed: %s (is the file descriptor limit too low?)", exc)
+                    await trio.sleep(0.1)
+                    continue
+                connections.start_soon(self._serve_client, stream)
+
+    async def _serve_client(self, tcp: trio.SocketStream) -> None:
+        try:
+            peer = tcp.socket.getpeername()
+            client_ip = str(peer[0])
+        except OSError:
+            await close_forcefully(tcp)
+            return
+        stream: ByteStream = tcp
+        scheme = "http"
+        if self.ssl_context is not None:
+            scheme = "https"
+            try:
+                with trio.fail_after(self.config.timeouts.handshake):
+                    stream = await TLSStream.wrap_server(tcp, self.ssl_context)
+            except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %r", client_ip, exc)
+                await close_forcefully(tcp)
+                return
+        client = ClientConnection(stream, config=self.config, client_ip=client_ip, scheme=scheme)
+        self.connections.add(client)
+        try:
+            await client.serve(self.handler, self)
+        except Exception:  # a bug must cost one connection, never the process
+            log.exception("internal error while serving %s; connection closed", client_ip)
+        finally:
+            self.connections.discard(client)

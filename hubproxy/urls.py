@@ -1,0 +1,75 @@
+"""Absolute URLs as the proxy needs them: an origin to connect to and a request target to send."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Scheme, host and port: what a connection (and a keep-alive pool slot) is for."""
+
+    scheme: str
+    host: str  # lowercase; an IPv6 literal without brackets
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as written in a URL or a ``Host`` header (default port omitted)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if DEFAULT_PORTS[self.scheme] == self.port:
+            return host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+@dataclass(frozen=True)
+class Url:
+    """An absolute http(s) URL split into the origin and the origin-form request target."""
+
+    origin: Origin
+    target: str  # "/path?query", never empty
+
+    def __str__(self) -> str:
+        return f"{self.origin}{self.target}"
+
+
+def parse_url(text: str) -> Url:
+    """Parse an absolute http or https URL; raise ValueError for anything else."""
+    parts = urlsplit(text.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"not an http or https URL: {text!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"credentials in URLs are not supported: {text!r}")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError(f"URL has no host: {text!r}")
+    port = parts.port if parts.port is not None else DEFAULT_PORTS[scheme]
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return Url(Origin(scheme, host, port), target)
+
+
+def resolve(base: Url, location: str) -> Url:
+    """Resolve a ``Location`` (absolute, or relative per RFC 3986) against ``base``."""
+    return parse_url(urljoin(str(base), location.strip()))
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

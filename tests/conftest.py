@@ -1,0 +1,109 @@
+"""Shared fixtures: a trustme CA, the fake Docker Hub, and hubproxy itself, all in-process on
+127.0.0.1 with real sockets and real TLS."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from hubproxy.app import serve
+from hubproxy.config import Config, Timeouts
+from hubproxy.flow import base_url
+from hubproxy.server import Server
+from tests.fakehub import FakeHub
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca_pem: Path  # the trustme CA, trusted by clients and by hubproxy for upstreams
+    cert_pem: Path  # hubproxy's server certificate for 127.0.0.1 / localhost / ::1
+    key_pem: Path
+    cert_dir: Path  # a directory holding ca.crt, as skopeo's --src-cert-dir wants
+
+
+@dataclass
+class RunningProxy:
+    url: str  # how clients reach it, e.g. "https://127.0.0.1:41234"
+    server: Server
+    config: Config
+
+    @property
+    def port(self) -> int:
+        return self.server.bound[0][1]
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    root = tmp_path_factory.mktemp("tls")
+    ca_pem = root / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+    cert_pem = root / "server.pem"
+    key_pem = root / "server-key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    cert_dir = root / "certs.d"
+    cert_dir.mkdir()
+    ca.cert_pem.write_to_path(str(cert_dir / "ca.crt"))
+    return TLSFiles(ca_pem, cert_pem, key_pem, cert_dir)
+
+
+@pytest.fixture
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+async def hub(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
+    fake = FakeHub(ca)
+    await nursery.start(fake.serve)
+    return fake
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+def make_config(hub: FakeHub, tls_files: TLSFiles, *, tls: bool = True, **overrides: Any) -> Config:
+    fallbacks = tuple(base_url(u) for u in overrides.pop("fallbacks", ()))
+    upstream = base_url(overrides.pop("upstream", hub.registry_url))
+    timeouts = replace(Timeouts(), **overrides.pop("timeouts", {}))
+    config = Config(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        cert=str(tls_files.cert_pem) if tls else None,
+        key=str(tls_files.key_pem) if tls else None,
+        upstreams=(upstream, *fallbacks),
+        index_url=base_url(hub.registry_url),
+        library_prefix=True,
+        upstream_ca=str(tls_files.ca_pem),
+        timeouts=timeouts,
+    )
+    return replace(config, **overrides)
+
+
+@pytest.fixture
+def start_proxy(nursery: trio.Nursery, hub: FakeHub, tls_files: TLSFiles) -> StartProxy:
+    """Start hubproxy in front of ``hub``; keyword arguments override Config fields."""
+
+    async def start(*, tls: bool = True, **overrides: Any) -> RunningProxy:
+        config = make_config(hub, tls_files, tls=tls, **overrides)
+        server: Server = await nursery.start(serve, config)
+        host, port = server.bound[0]
+        scheme = "https" if tls else "http"
+        return RunningProxy(f"{scheme}://{host}:{port}", server, config)
+
+    return start
