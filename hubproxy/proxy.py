@@ -86,7 +86,9 @@ class Proxy:
             )
             if route.kind is RouteKind.REGISTRY:
                 plan = self._plan(request, route.target, self.registry.urls)
-                await self._run(plan, request, response, upstreams=self.registry)
+                await self._run(
+                    plan, request, response, upstreams=self.registry, blob_digest=route.blob_digest
+                )
             elif route.kind is RouteKind.TOKEN:
                 await self._forward_token(request, route, response)
             else:
@@ -165,6 +167,7 @@ class Proxy:
         response: ClientResponse,
         *,
         upstreams: UpstreamSet | None,
+        blob_digest: str | None = None,
     ) -> None:
         """Drive the flow state machine until the client has its answer."""
         resting = upstreams.resting_until if upstreams else [0.0] * len(plan.upstreams)
@@ -200,6 +203,10 @@ class Proxy:
                     headers = self._client_headers(
                         request, plan, attempt, head, first_head, upstreams
                     )
+                    if blob_digest and first_head is not None and 200 <= head.status_code < 300:
+                        # storage redirects carry no digest header (distribution's blobserver
+                        # sets it only when serving itself); the registry would have sent it
+                        headers = _with_default(headers, b"docker-content-digest", blob_digest)
                     await self._stream(conn, head.status_code, headers, response)
                     return
                 if not isinstance(next_action, flow.Send):
@@ -312,6 +319,12 @@ async def _drain(conn: UpstreamConnection) -> None:
                 return  # not worth it: the pool closes the unfinished connection
     except ProxyError:
         return
+
+
+def _with_default(headers: Headers, name: bytes, value: str) -> Headers:
+    if any(k == name for k, _ in headers):
+        return headers
+    return [*headers, (name, value.encode("ascii"))]
 
 
 def _join(base_target: str, target: str) -> str:

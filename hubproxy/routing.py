@@ -46,6 +46,7 @@ class Route:
     target: str  # the request target to send upstream ("/v2/library/nginx/manifests/latest")
     repository: str | None = None  # the upstream's repository name, for /v2/<name>/... routes
     realm_key: str | None = None  # which upstream's realm, for token routes
+    blob_digest: str | None = None  # the digest of a /v2/<name>/blobs/<digest> route
 
 
 def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
@@ -64,7 +65,13 @@ def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
         if match is None or len(match["name"]) > MAX_NAME_LENGTH:
             raise RouteNotFound(f"not a registry API path: {_printable(path)}", code="NAME_INVALID")
         name = upstream_name(match["name"], library_prefix=library_prefix)
-        return Route(RouteKind.REGISTRY, f"/v2/{name}/{match['rest']}{suffix}", repository=name)
+        rest = match["rest"]
+        digest = None
+        if rest.startswith("blobs/") and not rest.startswith("blobs/uploads/"):
+            digest = rest.removeprefix("blobs/")
+        return Route(
+            RouteKind.REGISTRY, f"/v2/{name}/{rest}{suffix}", repository=name, blob_digest=digest
+        )
     if path == "/v1/search":
         return Route(RouteKind.SEARCH, path + suffix)
     token = _TOKEN.fullmatch(path)
