@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import dataclass
 
 import trio
 
@@ -14,11 +15,19 @@ from .server import Server
 log = logging.getLogger("hubproxy")
 
 
+@dataclass(frozen=True)
+class App:
+    """A running hubproxy: what tests and embedders can look at."""
+
+    server: Server
+    proxy: Proxy
+
+
 async def serve(
     config: Config,
     *,
     handle_signals: bool = False,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run hubproxy until cancelled (or, with ``handle_signals``, until SIGINT/SIGTERM).
 
@@ -34,7 +43,7 @@ async def serve(
             _log_startup(config, server)
             if handle_signals:
                 nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope)
-            task_status.started(server)
+            task_status.started(App(server, proxy))
     finally:
         with trio.CancelScope(shield=True):
             await proxy.pool.aclose()

@@ -22,7 +22,7 @@ from .auth import public_base, rewrite_challenge
 from .config import Config
 from .errors import ProxyError, RouteNotFound, UpstreamUnavailable
 from .headers import Headers, client_response_headers, upstream_request_headers
-from .pool import Pool
+from .pool import Connector, Pool
 from .redirects import client_location
 from .routing import Route, RouteKind, rewrite_token_query, route_request
 from .server import ClientRequest, ClientResponse, ResponseAborted
@@ -56,13 +56,13 @@ class UpstreamSet:
 class Proxy:
     """Route, forward, rewrite and stream: the request handler the server calls."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, connector: Connector | None = None) -> None:
+        """``connector`` replaces how upstream streams are opened (tests use memory streams)."""
         self.config = config
         context = upstream_ssl_context(config.upstream_ca)
-
         timeouts = config.timeouts
 
-        async def connector(origin: Origin) -> ByteStream:
+        async def open_stream(origin: Origin) -> ByteStream:
             return await open_upstream(
                 origin,
                 context=context,
@@ -71,7 +71,7 @@ class Proxy:
             )
 
         self.pool = Pool(
-            connector,
+            connector or open_stream,
             idle_timeout=timeouts.upstream_idle,
             keepalive=timeouts.upstream_keepalive,
             max_idle_per_origin=config.pool_max_idle_per_origin,

@@ -28,7 +28,9 @@ from .tls import TLSStream
 log = logging.getLogger("hubproxy")
 access_log = logging.getLogger("hubproxy.access")
 
-MAX_HEAD_SIZE = 64 * 1024  # request line + headers; h11 answers 431-worthy errors beyond it
+MAX_HEAD_SIZE = 64 * 1024  # request line + headers; beyond it: 431
+MAX_HEADERS = 100
+MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
 
 
 class ClientGone(Exception):
@@ -159,7 +161,7 @@ class ClientConnection:
                 if request is None:
                     return
                 await self._handle(request, handler)
-                if self.must_close:
+                if self.must_close or not await self._discard_unread_body():
                     return
                 if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
                     self.conn.start_next_cycle()
@@ -189,11 +191,34 @@ class ClientConnection:
             return event
         return None  # ConnectionClosed
 
+    async def _discard_unread_body(self) -> bool:
+        """Read what the handler left of the request (at least h11's EndOfMessage, which a GET
+        also has) so the connection can serve the next request; False if it must close."""
+        discarded = 0
+        try:
+            while self.conn.their_state is h11.SEND_BODY and discarded <= MAX_DISCARD:
+                chunk = await self.receive_body_chunk()
+                if chunk is None:
+                    break
+                discarded += len(chunk)
+        except (ClientGone, ClientProtocolError):
+            return False
+        return self.conn.their_state is h11.DONE
+
     async def _handle(self, event: h11.Request, handler: Handler) -> None:
         method = event.method.decode("ascii", "replace")
         target = event.target.decode("ascii", "replace")
         self.method = method
         headers = list(event.headers)
+        # h11 bounds only an incomplete head; one that arrived whole is checked here
+        head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if head_size > MAX_HEAD_SIZE or len(headers) > MAX_HEADERS:
+            record = AccessRecord(self.client_ip, method, "-")
+            error = ClientProtocolError("request header fields too large", status=431)
+            await self._reject(error, ClientResponse(self, record))
+            access_log.info("%s", record.line())
+            self.must_close = True
+            return
         length_header = get_header(headers, b"content-length")
         chunked = get_header(headers, b"transfer-encoding") is not None
         body = RequestBody(self, int(length_header) if length_header else None, chunked)
@@ -285,6 +310,7 @@ class Server:
             self.ssl_context = server_ssl_context(config.cert, config.key or config.cert)
         self.draining = False
         self.connections: set[ClientConnection] = set()
+        self._connections_changed = trio.Event()
         self.bound: list[tuple[str, int]] = []
         self._listen_scope = trio.CancelScope()
         self._listeners: list[trio.SocketListener] = []
@@ -353,10 +379,22 @@ class Server:
                 await close_forcefully(tcp)
                 return
         client = ClientConnection(stream, config=self.config, client_ip=client_ip, scheme=scheme)
-        self.connections.add(client)
+        self._track(client, add=True)
         try:
             await client.serve(self.handler, self)
         except Exception:  # a bug must cost one connection, never the process
             log.exception("internal error while serving %s; connection closed", client_ip)
         finally:
+            self._track(client, add=False)
+
+    def _track(self, client: ClientConnection, *, add: bool) -> None:
+        if add:
+            self.connections.add(client)
+        else:
             self.connections.discard(client)
+        self._connections_changed.set()
+        self._connections_changed = trio.Event()
+
+    async def wait_connections_changed(self) -> None:
+        """Wait until a client connection opens or closes."""
+        await self._connections_changed.wait()

@@ -13,9 +13,10 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.app import serve
+from hubproxy.app import App, serve
 from hubproxy.config import Config, Timeouts
 from hubproxy.flow import base_url
+from hubproxy.proxy import Proxy
 from hubproxy.server import Server
 from tests.fakehub import FakeHub
 
@@ -31,8 +32,16 @@ class TLSFiles:
 @dataclass
 class RunningProxy:
     url: str  # how clients reach it, e.g. "https://127.0.0.1:41234"
-    server: Server
+    app: App
     config: Config
+
+    @property
+    def server(self) -> Server:
+        return self.app.server
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.app.proxy
 
     @property
     def port(self) -> int:
@@ -101,9 +110,9 @@ def start_proxy(nursery: trio.Nursery, hub: FakeHub, tls_files: TLSFiles) -> Sta
 
     async def start(*, tls: bool = True, **overrides: Any) -> RunningProxy:
         config = make_config(hub, tls_files, tls=tls, **overrides)
-        server: Server = await nursery.start(serve, config)
-        host, port = server.bound[0]
+        app: App = await nursery.start(serve, config)
+        host, port = app.server.bound[0]
         scheme = "https" if tls else "http"
-        return RunningProxy(f"{scheme}://{host}:{port}", server, config)
+        return RunningProxy(f"{scheme}://{host}:{port}", app, config)
 
     return start

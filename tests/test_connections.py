@@ -1,0 +1,323 @@
+"""Connection-level behaviour: the listener (behaviour 1), keep-alive and the upstream pool
+(7), malformed requests and faults (9), disconnects, backpressure (5) and shutdown (10)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+import warnings
+
+import h11
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from hubproxy.config import Config
+from hubproxy.proxy import Proxy
+from hubproxy.server import ClientConnection, Server
+from hubproxy.streams import CHUNK
+from hubproxy.urls import Origin, parse_url
+from tests.conftest import StartProxy
+from tests.fakehub import FakeHub, fetch, make_layer
+from tests.fakeproxy import ConnectProxy
+from tests.registry_client import RegistryClient
+from tests.wire import WireClient, open_stream, read_until_closed
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def _token(proxy_url: str, ca: trustme.CA, repo: str = "library/alpine") -> str:
+    client = RegistryClient(proxy_url, ca)
+    r = await client.request(f"/v2/{repo}/tags/list")
+    assert r.status == 200
+    return client.tokens[""]
+
+
+# -- listener -----------------------------------------------------------------------------------
+
+
+async def test_tls_listener_negotiates_http11_and_refuses_old_tls(
+    start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    proxy = await start_proxy()
+    stream = await open_stream(proxy.url, ca, alpn=["h2", "http/1.1"])
+    assert isinstance(stream, trio.SSLStream)
+    assert stream.selected_alpn_protocol() == "http/1.1"
+    await stream.aclose()
+    tls12 = ssl.create_default_context()
+    ca.configure_trust(tls12)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    ok = trio.SSLStream(tcp, tls12, server_hostname="127.0.0.1")
+    await ok.do_handshake()
+    await ok.aclose()
+    old = ssl.create_default_context()
+    ca.configure_trust(old)
+    with warnings.catch_warnings():  # TLS 1.0/1.1 are deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    legacy = trio.SSLStream(tcp, old, server_hostname="127.0.0.1")
+    with pytest.raises(trio.BrokenResourceError):
+        await legacy.do_handshake()
+    await trio.aclose_forcefully(legacy)
+
+
+async def test_ipv6_listener(hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA) -> None:
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    proxy = await start_proxy(listen_host="::1")
+    host, port = proxy.server.bound[0][:2]
+    assert host == "::1"
+    r = await fetch(f"https://[::1]:{port}/v2/", ca)
+    assert r.status == 401
+    assert f'realm="https://[::1]:{port}/token/0"' in r.headers["www-authenticate"]
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    layers = [make_layer(i, 50_000 + i) for i in range(6)]
+    hub.add_image("library/alpine", "3.20", layers)
+    proxy = await start_proxy()
+    token = await _token(proxy.url, ca)
+    client = await WireClient.connect(proxy.url, ca)
+    for layer in layers:
+        head, body = await client.request(
+            "GET",
+            f"/v2/library/alpine/blobs/{digest_of(layer)}",
+            [("authorization", f"Bearer {token}")],
+        )
+        assert head.status_code == 200
+        assert body == layer
+    await client.aclose()
+    assert len(proxy.server.connections) <= 1
+    # upstream keep-alive: the registry and the CDN were each reached over very few connections
+    assert proxy.proxy.pool.opened <= 3 + 2  # registry, auth, CDN (+ the token client's)
+
+
+async def test_concurrent_clients(hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA) -> None:
+    layers = [make_layer(i, 200_000) for i in range(8)]
+    hub.add_image("library/alpine", "3.20", layers)
+    proxy = await start_proxy()
+    token = await _token(proxy.url, ca)
+    results: dict[int, bytes] = {}
+
+    async def pull(i: int) -> None:
+        r = await fetch(
+            f"{proxy.url}/v2/library/alpine/blobs/{digest_of(layers[i])}",
+            ca,
+            headers=[("authorization", f"Bearer {token}")],
+        )
+        results[i] = r.body
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(layers)):
+                nursery.start_soon(pull, i)
+    assert all(results[i] == layers[i] for i in range(len(layers)))
+
+
+# -- malformed input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", b"400"),
+        (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n", b"400"),
+        (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+        (b"GET http://evil.example/v2/ HTTP/1.1\r\nhost: evil.example\r\n\r\n", b"400"),
+        (b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n", b"400"),
+    ],
+)
+async def test_malformed_requests_get_an_error_and_close(
+    start_proxy: StartProxy, ca: trustme.CA, raw: bytes, status: bytes
+) -> None:
+    proxy = await start_proxy(tls=False)
+    stream = await open_stream(proxy.url, ca)
+    await stream.send_all(raw)
+    with trio.fail_after(10):
+        answer = await read_until_closed(stream)  # the server closes after answering
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:100]
+    assert b'"errors"' in answer
+    await stream.aclose()
+    # the process serves on
+    assert (await fetch(proxy.url + "/v2/", ca)).status == 401
+
+
+async def test_stalled_handshake_and_idle_clients_are_dropped(
+    start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    proxy = await start_proxy(
+        timeouts={"handshake": 0.2, "request_head": 0.2, "keepalive_idle": 0.2}
+    )
+    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.port)  # never says hello
+    with trio.fail_after(10):
+        assert await read_until_closed(tcp) == b""
+    await tcp.aclose()
+    client = await WireClient.connect(proxy.url, ca)  # handshakes, never sends a request
+    with trio.fail_after(10):
+        assert await read_until_closed(client.stream) == b""
+    await client.aclose()
+    client = await WireClient.connect(proxy.url, ca)
+    head, _ = await client.request("GET", "/v2/")
+    assert head.status_code == 401
+    with trio.fail_after(10):  # then idles past the keep-alive timeout
+        assert await read_until_closed(client.stream) == b""
+    await client.aclose()
+
+
+async def test_client_disconnect_mid_blob_releases_everything(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    big = make_layer(3, 24 * 1024 * 1024)
+    hub.add_image("library/alpine", "3.20", [big])
+    proxy = await start_proxy()
+    token = await _token(proxy.url, ca)
+    client = await WireClient.connect(proxy.url, ca)
+    await client.send_request(
+        "GET", f"/v2/library/alpine/blobs/{digest_of(big)}", [("authorization", f"Bearer {token}")]
+    )
+    head = await client.receive_head()
+    assert head.status_code == 200
+    await client.receive_body(limit=1024 * 1024)
+    await client.aclose()
+    with trio.fail_after(10):
+        while proxy.server.connections:
+            await proxy.server.wait_connections_changed()
+    cdn = parse_url(hub.cdn_url).origin
+    assert proxy.proxy.pool.in_use(cdn) == 0
+    assert proxy.proxy.pool.idle_count(cdn) == 0  # a half-read connection is never reused
+    # and the mirror still serves the blob whole
+    r = await fetch(
+        f"{proxy.url}/v2/library/alpine/blobs/{digest_of(big)}",
+        ca,
+        headers=[("authorization", f"Bearer {token}")],
+    )
+    assert r.complete
+    assert digest_of(r.body) == digest_of(big)
+
+
+async def test_stalled_upstream_hits_the_read_timeout(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """An upstream that accepts the connection and then says nothing: a 504, not a hang."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, hold, listeners)
+    proxy = await start_proxy(upstream=f"http://127.0.0.1:{port}", timeouts={"upstream_idle": 0.3})
+    with trio.fail_after(10):
+        r = await fetch(proxy.url + "/v2/", ca)
+    assert r.status == 504
+    assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert "sent nothing" in r.json()["errors"][0]["message"]
+
+
+async def test_garbage_from_upstream_is_a_502(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, garbage, listeners)
+    proxy = await start_proxy(upstream=f"http://127.0.0.1:{port}")
+    r = await fetch(proxy.url + "/v2/", ca)
+    assert r.status == 502
+    assert "malformed response" in r.json()["errors"][0]["message"]
+
+
+# -- upstream proxy -----------------------------------------------------------------------------
+
+
+async def test_upstream_proxy_carries_every_upstream_connection(
+    nursery: trio.Nursery, hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    layer = make_layer(5, 100_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    tunnel = ConnectProxy()
+    await nursery.start(tunnel.serve)
+    proxy = await start_proxy(upstream_proxy=parse_url(tunnel.url))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request(f"/v2/library/alpine/blobs/{digest_of(layer)}")
+    assert r.status == 200
+    assert r.body == layer
+    wanted = {u.removeprefix("https://") for u in (hub.registry_url, hub.auth_url, hub.cdn_url)}
+    assert wanted <= set(tunnel.connects)
+
+
+# -- backpressure -------------------------------------------------------------------------------
+
+
+async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nursery) -> None:
+    """Lockstep streams buffer nothing, so whatever the origin got rid of and the client has
+    not yet read is exactly what hubproxy holds for this transfer."""
+    size = 16 * 1024 * 1024
+    body_piece = bytes(range(256)) * 256  # 64 KiB
+    origin_side, proxy_upstream = trio.testing.lockstep_stream_pair()
+    client_side, proxy_client = trio.testing.lockstep_stream_pair()
+    sent = 0
+
+    async def origin() -> None:
+        nonlocal sent
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await origin_side.receive_some(65536)
+        await origin_side.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+            b"content-length: %d\r\n\r\n" % size
+        )
+        while sent < size:
+            await origin_side.send_all(body_piece)
+            sent += len(body_piece)
+
+    async def connector(origin: Origin) -> trio.abc.Stream:
+        return proxy_upstream
+
+    config = Config(upstreams=(parse_url("http://origin.test"),), library_prefix=False)
+    proxy = Proxy(config, connector=connector)
+    server = Server(config, proxy.handle)
+    client = ClientConnection(proxy_client, config=config, client_ip="127.0.0.1", scheme="http")
+    nursery.start_soon(origin)
+    nursery.start_soon(client.serve, proxy.handle, server)
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(
+        method="GET", target="/v2/x/blobs/sha256:" + "a" * 64, headers=[("host", "m")]
+    )
+    await client_side.send_all(conn.send(request) + (conn.send(h11.EndOfMessage()) or b""))
+    received = 0
+    most_held = 0
+    with trio.fail_after(60):
+        while received < size:
+            data = await client_side.receive_some(16 * 1024)  # a slow, small reader
+            conn.receive_data(bytes(data))
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    break
+                if isinstance(event, h11.Data):
+                    received += len(event.data)
+            most_held = max(most_held, sent - received)
+    assert received == size
+    assert most_held <= 2 * CHUNK, most_held
