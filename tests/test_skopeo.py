@@ -101,7 +101,9 @@ async def test_copy_multi_layer_image(hub: FakeHub, skopeo: Skopeo, tmp_path: Pa
 async def test_copy_multi_arch_index(hub: FakeHub, skopeo: Skopeo, tmp_path: Path) -> None:
     amd = hub.add_image("library/nginx", None, [make_layer(10, 400_000)], arch="amd64")
     arm = hub.add_image("library/nginx", None, [make_layer(11, 400_000)], arch="arm64")
-    index = hub.add_index("library/nginx", "1.27", [(amd, "amd64", "linux"), (arm, "arm64", "linux")])
+    index = hub.add_index(
+        "library/nginx", "1.27", [(amd, "amd64", "linux"), (arm, "arm64", "linux")]
+    )
     target = tmp_path / "nginx"
     await skopeo.run(
         "copy",

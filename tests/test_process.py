@@ -1,0 +1,144 @@
+"""hubproxy as users run it: a process started from the command line, its startup line, its
+access log, and a graceful stop on SIGTERM; plus the in-process shutdown drain."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import subprocess
+import sys
+
+import trio
+import trustme
+
+from tests.conftest import StartProxy, TLSFiles
+from tests.fakehub import FakeHub, make_layer
+from tests.registry_client import RegistryClient
+from tests.wire import WireClient
+
+
+async def _read_until(
+    stream: trio.abc.ReceiveStream, pattern: re.Pattern[bytes], seen: bytearray
+) -> re.Match[bytes]:
+    while (match := pattern.search(seen)) is None:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise AssertionError(
+                f"process output ended without {pattern.pattern!r}:\n{seen.decode()}"
+            )
+        seen += chunk
+    return match
+
+
+async def test_command_line_process_serves_and_stops_on_sigterm(
+    hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles
+) -> None:
+    layer = make_layer(1, 100_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "hubproxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            str(tls_files.cert_pem),
+            "--key",
+            str(tls_files.key_pem),
+            "--upstream",
+            hub.registry_url,
+            "--upstream-ca",
+            str(tls_files.ca_pem),
+            "--library-prefix",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    output = bytearray()
+    try:
+        with trio.fail_after(30):
+            match = await _read_until(
+                process.stderr, re.compile(rb"listening on (https://127\.0\.0\.1:\d+)"), output
+            )
+            url = match.group(1).decode()
+            assert f"upstream {hub.registry_url}".encode() in output
+            client = RegistryClient(url, ca)
+            digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+            r = await client.request(f"/v2/alpine/blobs/{digest}")
+            assert r.status == 200 and r.body == layer
+            await _read_until(
+                process.stderr,
+                re.compile(rb"127\.0\.0\.1 GET /v2/alpine/blobs/sha256:\w+ 200 100\d{3}B \d+ms"),
+                output,
+            )
+            process.send_signal(signal.SIGTERM)
+            await _read_until(process.stderr, re.compile(rb"SIGTERM: no longer accepting"), output)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.stderr.aclose()
+
+
+async def test_bad_arguments_give_a_clear_error(tls_files: TLSFiles) -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "hubproxy", "--cert", "/nonexistent.pem"],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"hubproxy: error: --cert: cannot read '/nonexistent.pem'" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+async def test_port_in_use_is_one_clear_line(tls_files: TLSFiles) -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    try:
+        result = await trio.run_process(
+            [sys.executable, "-m", "hubproxy", "--listen", f"127.0.0.1:{port}"],
+            capture_stderr=True,
+            check=False,
+        )
+    finally:
+        await listener.aclose()
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}".encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+async def test_shutdown_lets_in_flight_transfers_finish(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    big = make_layer(4, 8 * 1024 * 1024)
+    hub.add_image("library/alpine", "3.20", [big])
+    proxy = await start_proxy()
+    reg = RegistryClient(proxy.url, ca)
+    assert (await reg.request("/v2/library/alpine/tags/list")).status == 200
+    token = reg.tokens[""]
+    idle = await WireClient.connect(proxy.url, ca)  # a kept-alive connection, between requests
+    head, _ = await idle.request("GET", "/v2/")
+    busy = await WireClient.connect(proxy.url, ca)
+    digest = "sha256:" + hashlib.sha256(big).hexdigest()
+    await busy.send_request(
+        "GET", f"/v2/library/alpine/blobs/{digest}", [("authorization", f"Bearer {token}")]
+    )
+    assert (await busy.receive_head()).status_code == 200
+    first = await busy.receive_body(limit=64 * 1024)
+    proxy.server.shutdown()
+    with trio.fail_after(20):
+        rest = await busy.receive_body()
+        assert hashlib.sha256(first + rest).hexdigest() == digest.removeprefix("sha256:")
+        while proxy.server.connections:  # the idle one is closed, the busy one finishes
+            await proxy.server.wait_connections_changed()
+    try:
+        await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the listener still accepts after shutdown")
+    await idle.aclose()
+    await busy.aclose()
