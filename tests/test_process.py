@@ -120,7 +120,7 @@ async def test_shutdown_lets_in_flight_transfers_finish(
     assert (await reg.request("/v2/library/alpine/tags/list")).status == 200
     token = reg.tokens[""]
     idle = await WireClient.connect(proxy.url, ca)  # a kept-alive connection, between requests
-    head, _ = await idle.request("GET", "/v2/")
+    _head, _ = await idle.request("GET", "/v2/")
     busy = await WireClient.connect(proxy.url, ca)
     digest = "sha256:" + hashlib.sha256(big).hexdigest()
     await busy.send_request(

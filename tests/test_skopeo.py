@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, make_layer
