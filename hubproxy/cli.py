@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import ssl
 import sys
@@ -176,6 +177,8 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise UsageError(f"--listen wants HOST:PORT, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if not host:
+            raise UsageError(f"--listen: empty IPv6 address in {text!r}")
     elif ":" in host:
         raise UsageError(f"write IPv6 addresses in brackets, e.g. [::1]:{port}")
     return host or "0.0.0.0", int(port)
@@ -234,6 +237,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     library_prefix = args.library_prefix
     if library_prefix is None:
         library_prefix = is_docker_hub(upstreams[0])
+    for flag in (
+        "handshake_timeout",
+        "request_timeout",
+        "keepalive_timeout",
+        "client_idle_timeout",
+        "connect_timeout",
+        "read_timeout",
+        "shutdown_grace",
+        "rate_limit_cooldown",
+    ):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
+    if args.max_redirects < 0:
+        raise UsageError("--max-redirects must be 0 or more")
     timeouts = Timeouts(
         handshake=args.handshake_timeout,
         request_head=args.request_timeout,

@@ -11,6 +11,7 @@ seconds for HTTP-dates.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 MAX_COOLDOWN = 3600.0
@@ -24,9 +25,12 @@ def retry_after_seconds(value: bytes | None, *, wall_now: float, default: float)
     if text.isdigit():
         return min(float(text), MAX_COOLDOWN)
     try:
-        when = parsedate_to_datetime(text).timestamp()
+        parsed = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
         return default
+    if parsed.tzinfo is None:  # asctime form: HTTP-dates are UTC (RFC 9110 section 5.6.7)
+        parsed = parsed.replace(tzinfo=UTC)
+    when = parsed.timestamp()
     return max(0.0, min(when - wall_now, MAX_COOLDOWN))
 
 

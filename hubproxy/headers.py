@@ -82,7 +82,7 @@ def upstream_request_headers(
     """
     out: Headers = [(b"host", host)]
     for key, value in strip_hop_by_hop(client_headers):
-        if key in FORWARDING or key in CLIENT_HOP_ONLY:
+        if key in FORWARDING or key.startswith(b"x-forwarded-") or key in CLIENT_HOP_ONLY:
             continue
         if key == b"authorization" and not send_authorization:
             continue
@@ -104,7 +104,12 @@ def client_response_headers(upstream_headers: Sequence[tuple[bytes, bytes]]) -> 
     ``Content-Length`` stays (h11 then frames the body with it); without it h11 chooses chunked
     framing for HTTP/1.1 clients or close-delimited for HTTP/1.0 ones.
     """
-    return strip_hop_by_hop(upstream_headers)
+    headers = strip_hop_by_hop(upstream_headers)
+    if get_header(upstream_headers, b"transfer-encoding") is not None:
+        # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length, and an
+        # intermediary must remove the latter: we re-frame the decoded body ourselves
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+    return headers
 
 
 def replace_header(headers: Headers, name: bytes, value: bytes) -> Headers:

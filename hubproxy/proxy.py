@@ -273,14 +273,19 @@ class Proxy:
             if key == b"www-authenticate" and upstreams is not None:
                 value = self._rewrite_challenge(request, attempt.upstream, value)
             elif key == b"location":
-                value = client_location(
-                    value.decode("latin-1"), upstream_base.origin, attempt.url
-                ).encode("latin-1")
+                value = client_location(value.decode("latin-1"), upstream_base, attempt.url).encode(
+                    "latin-1"
+                )
             out.append((key, value))
         return out
 
     def _rewrite_challenge(self, request: ClientRequest, index: int, value: bytes) -> bytes:
-        listen = f"{self.config.listen_host}:{self.config.listen_port}"
+        host = self.config.listen_host
+        listen = (
+            f"[{host}]:{self.config.listen_port}"
+            if ":" in host
+            else (f"{host}:{self.config.listen_port}")
+        )
         base = public_base(
             configured=self.config.public_url,
             scheme=request.scheme,

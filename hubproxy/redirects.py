@@ -33,16 +33,20 @@ def may_send_authorization(addressed: Origin, target: Origin) -> bool:
     return addressed == target
 
 
-def client_location(location: str, upstream: Origin, current: Url) -> str:
+def client_location(location: str, upstream: Url, current: Url) -> str:
     """Rewrite a ``Location`` we pass to the client (uploads, not followed) to stay on the mirror.
 
-    An absolute URL on the upstream's origin becomes origin-relative, so the client's next request
-    comes to us; anything else passes unchanged.
+    A URL on the upstream's origin (relative ones included) becomes the origin-relative path the
+    client would use through us: the upstream's base path (a Worker mounted under a prefix) is
+    removed. Anything else passes unchanged.
     """
     try:
         target = resolve(current, location)
     except ValueError:
         return location
-    if target.origin == upstream:
-        return target.target
-    return location
+    if target.origin != upstream.origin:
+        return location
+    prefix = upstream.target.rstrip("/")
+    if prefix and target.target.startswith(prefix + "/"):
+        return target.target[len(prefix) :]
+    return target.target

@@ -21,7 +21,7 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME = rf"{_COMPONENT}(?:/{_COMPONENT})*"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}"
-_UPLOAD_ID = r"[A-Za-z0-9_=.-]+"
+_UPLOAD_ID = r"[A-Za-z0-9_=-][A-Za-z0-9_=.-]*"  # never a dot segment
 _V2_RESOURCE = re.compile(
     rf"/v2/(?P<name>{_NAME})/(?P<rest>"
     rf"manifests/(?:{_TAG}|{_DIGEST})"
@@ -63,7 +63,7 @@ def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
     if path.startswith("/v2/"):
         match = _V2_RESOURCE.fullmatch(path)
         if match is None or len(match["name"]) > MAX_NAME_LENGTH:
-            raise RouteNotFound(f"not a registry API path: {_printable(path)}", code="NAME_INVALID")
+            raise RouteNotFound(f"not a registry API path: {_printable(path)}")
         name = upstream_name(match["name"], library_prefix=library_prefix)
         rest = match["rest"]
         digest = None

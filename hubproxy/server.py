@@ -362,6 +362,13 @@ class Server:
 
     async def _serve_client(self, tcp: trio.SocketStream) -> None:
         try:
+            await self._handshake_and_serve(tcp)
+        except Exception:  # a bug must cost one connection, never the process
+            log.exception("internal error on a client connection; it was closed")
+            await close_forcefully(tcp)
+
+    async def _handshake_and_serve(self, tcp: trio.SocketStream) -> None:
+        try:
             peer = tcp.socket.getpeername()
             client_ip = str(peer[0])
         except OSError:
@@ -382,8 +389,6 @@ class Server:
         self._track(client, add=True)
         try:
             await client.serve(self.handler, self)
-        except Exception:  # a bug must cost one connection, never the process
-            log.exception("internal error while serving %s; connection closed", client_ip)
         finally:
             self._track(client, add=False)
 

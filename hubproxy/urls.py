@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_TARGET_SAFE = "!$&'()*+,/:;=?@[]~%"  # RFC 3986 reserved + "%": existing escapes stay as sent
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def parse_url(text: str) -> Url:
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
+    # what browsers and Go's client do: a request target must be ASCII without spaces
+    target = quote(target, safe=_TARGET_SAFE)
     return Url(Origin(scheme, host, port), target)
 
 

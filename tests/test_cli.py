@@ -1,0 +1,382 @@
+"""Tests for the command line (hubproxy.cli): flags to a Config, and usage errors. No network.
+
+main() is only ever called here with arguments it must refuse (or --help/--version), so it never
+reaches trio.run. Valid argument sets go through build_parser() + config_from_args().
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import trustme
+
+from hubproxy.cli import (
+    DEFAULT_UPSTREAM,
+    UsageError,
+    build_parser,
+    config_from_args,
+    main,
+    parse_listen,
+)
+from hubproxy.config import Config
+from hubproxy.urls import Origin
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def pem(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
+    """A server certificate, its key, both in one file, a CA bundle and a non-PEM file."""
+    leaf = ca.issue_cert("mirror.example.com", "127.0.0.1")
+    files = {
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server-key.pem",
+        "both": tmp_path / "both.pem",
+        "ca": tmp_path / "ca.pem",
+        "junk": tmp_path / "junk.pem",
+    }
+    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(files["both"]))
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    files["junk"].write_text("not a certificate\n")
+    return files
+
+
+def config(*argv: str) -> Config:
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run main() with arguments it must refuse; return the one 'hubproxy: error:' line."""
+    assert main(list(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = [line for line in captured.err.splitlines() if line.startswith("hubproxy: error:")]
+    assert len(errors) == 1, captured.err
+    assert captured.err.endswith(errors[0] + "\n")  # the error is the last line
+    assert captured.err.startswith("usage: hubproxy")
+    return errors[0]
+
+
+# ---------------------------------------------------------------- parse_listen
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:443", ("0.0.0.0", 443)),
+        ("127.0.0.1:5000", ("127.0.0.1", 5000)),
+        ("localhost:8080", ("localhost", 8080)),
+        ("mirror.example.com:443", ("mirror.example.com", 443)),
+        ("[::1]:5000", ("::1", 5000)),
+        ("[::]:443", ("::", 443)),
+        ("[2001:db8::1]:80", ("2001:db8::1", 80)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("127.0.0.1:65535", ("127.0.0.1", 65535)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "443",
+        "localhost",
+        "localhost:",
+        ":",
+        "localhost:http",
+        "localhost:65536",
+        "localhost:-1",
+        "localhost: 80",
+        "localhost:80 ",
+        "localhost:+80",
+        "localhost:8.0",
+        "::1:5000",  # IPv6 needs brackets
+        "::",
+        "[::1]",
+        "[::1]:",
+        "[::1:5000",
+        "::1]:5000",
+        "http://0.0.0.0:443",
+    ],
+)
+def test_parse_listen_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match=r"listen|IPv6"):
+        parse_listen(text)
+
+
+def test_parse_listen_rejects_empty_brackets() -> None:
+    with pytest.raises(UsageError):
+        parse_listen("[]:80")
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_defaults_without_tls() -> None:
+    cfg = config()
+    assert (cfg.listen_host, cfg.listen_port) == ("127.0.0.1", 5000)
+    assert cfg.cert is None
+    assert cfg.key is None
+    assert cfg.tls is False
+    assert [str(u) for u in cfg.upstreams] == [DEFAULT_UPSTREAM + "/"]
+    assert cfg.library_prefix is True
+    assert cfg.index_url is not None
+    assert cfg.index_url.origin == Origin("https", "index.docker.io", 443)
+    assert cfg.upstream_proxy is None
+    assert cfg.public_url is None
+    assert cfg.max_redirects == 5
+    assert cfg.rate_limit_rest == 60.0
+
+
+def test_defaults_with_tls(pem: dict[str, Path]) -> None:
+    cfg = config("--cert", str(pem["cert"]), "--key", str(pem["key"]))
+    assert (cfg.listen_host, cfg.listen_port) == ("0.0.0.0", 443)
+    assert cfg.cert == str(pem["cert"])
+    assert cfg.key == str(pem["key"])
+    assert cfg.tls is True
+
+
+def test_cert_with_the_key_in_the_same_file(pem: dict[str, Path]) -> None:
+    cfg = config("--cert", str(pem["both"]))
+    assert cfg.tls is True
+    assert cfg.key is None
+    assert cfg.listen_port == 443
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"), [("[::]:8443", ("::", 8443)), (":5001", ("0.0.0.0", 5001))]
+)
+def test_listen_overrides_the_default(
+    pem: dict[str, Path], listen: str, expected: tuple[str, int]
+) -> None:
+    cfg = config("--cert", str(pem["cert"]), "--key", str(pem["key"]), "--listen", listen)
+    assert (cfg.listen_host, cfg.listen_port) == expected
+    assert (config("--listen", listen).listen_host, config("--listen", listen).listen_port) == (
+        expected
+    )
+
+
+def test_upstreams_in_order() -> None:
+    cfg = config(
+        "--upstream",
+        "https://registry-1.docker.io",
+        "--fallback",
+        "https://one.example.workers.dev",
+        "--fallback",
+        "http://10.0.0.5:5000/prefix",
+    )
+    assert [str(u) for u in cfg.upstreams] == [
+        "https://registry-1.docker.io/",
+        "https://one.example.workers.dev/",
+        "http://10.0.0.5:5000/prefix",
+    ]
+
+
+def test_numeric_flags() -> None:
+    cfg = config(
+        "--max-redirects",
+        "3",
+        "--rate-limit-cooldown",
+        "12.5",
+        "--connect-timeout",
+        "2",
+        "--read-timeout",
+        "300",
+        "--handshake-timeout",
+        "4",
+        "--request-timeout",
+        "6",
+        "--keepalive-timeout",
+        "7",
+        "--client-idle-timeout",
+        "8",
+        "--shutdown-grace",
+        "9",
+    )
+    assert cfg.max_redirects == 3
+    assert cfg.rate_limit_rest == 12.5
+    t = cfg.timeouts
+    assert (t.connect, t.upstream_idle, t.handshake, t.request_head) == (2, 300, 4, 6)
+    assert (t.keepalive_idle, t.client_idle, t.shutdown_grace) == (7, 8, 9)
+
+
+def test_upstream_proxy_and_ca_and_public_url(pem: dict[str, Path]) -> None:
+    cfg = config(
+        "--upstream-proxy",
+        "http://192.168.1.1:3128",
+        "--upstream-ca",
+        str(pem["ca"]),
+        "--public-url",
+        "https://mirror.example.com/",
+    )
+    assert cfg.upstream_proxy is not None
+    assert cfg.upstream_proxy.origin == Origin("http", "192.168.1.1", 3128)
+    assert cfg.upstream_ca == str(pem["ca"])
+    assert cfg.public_url == "https://mirror.example.com/"
+
+
+# ---------------------------------------------------------------- library/ prefix
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        ("https://registry-1.docker.io", True),
+        ("https://registry-1.docker.io/", True),
+        ("https://REGISTRY-1.DOCKER.IO:443", True),
+        ("https://index.docker.io", True),
+        ("https://registry.hub.docker.com", True),
+        ("https://ghcr.io", False),
+        ("https://quay.io", False),
+        ("https://hub-mirror.example.workers.dev", False),
+        ("http://127.0.0.1:5001", False),
+        ("https://registry-1.docker.io.evil.example", False),
+    ],
+)
+def test_library_prefix_follows_the_upstream(upstream: str, expected: bool) -> None:
+    assert config("--upstream", upstream).library_prefix is expected
+    assert config("--upstream", upstream, "--library-prefix").library_prefix is True
+    assert config("--upstream", upstream, "--no-library-prefix").library_prefix is False
+
+
+def test_library_prefix_depends_on_the_primary_only() -> None:
+    cfg = config("--upstream", "https://ghcr.io", "--fallback", "https://registry-1.docker.io")
+    assert cfg.library_prefix is False
+    cfg = config("--fallback", "https://hub-mirror.example.workers.dev")
+    assert cfg.library_prefix is True
+
+
+# ---------------------------------------------------------------- usage errors from main()
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--upstream", "ftp://registry.example"], "--upstream"),
+        (["--upstream", "registry-1.docker.io"], "--upstream"),
+        (["--upstream", "https://user:pw@registry.example"], "--upstream"),
+        (["--upstream", "https://registry.example/?x=1"], "--upstream"),
+        (["--upstream", "https://registry.example:99999"], "--upstream"),
+        (["--fallback", "nope"], "--fallback"),
+        (["--index-url", "gopher://index"], "--index-url"),
+        (["--cert", "/nonexistent/server.pem"], "--cert"),
+        (["--cert", "/nonexistent/server.pem", "--key", "/nonexistent/key.pem"], "--cert"),
+        (["--upstream-proxy", "https://proxy.example:3128"], "--upstream-proxy"),
+        (["--upstream-proxy", "socks5://proxy.example:1080"], "--upstream-proxy"),
+        (["--upstream-proxy", "proxy.example:3128"], "--upstream-proxy"),
+        (["--upstream-ca", "/nonexistent/ca.pem"], "--upstream-ca"),
+        (["--public-url", "mirror.example.com"], "--public-url"),
+        (["--listen", "443"], "--listen"),
+        (["--listen", "::1:443"], "IPv6"),
+    ],
+)
+def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], mentions: str) -> None:
+    line = usage_error(capsys, *argv)
+    assert mentions in line
+
+
+def test_key_without_cert(capsys: pytest.CaptureFixture[str], pem: dict[str, Path]) -> None:
+    line = usage_error(capsys, "--key", str(pem["key"]))
+    assert "--key needs --cert" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cert", "{junk}", "--key", "{key}"],
+        ["--cert", "{cert}"],  # no key anywhere
+        ["--cert", "{cert}", "--key", "{junk}"],
+        ["--cert", "{cert}", "--key", "{ca}"],
+        ["--cert", "{dir}", "--key", "{key}"],
+    ],
+)
+def test_unusable_cert_or_key(
+    capsys: pytest.CaptureFixture[str], pem: dict[str, Path], argv: list[str]
+) -> None:
+    paths = {name: str(path) for name, path in pem.items()}
+    paths["dir"] = str(pem["cert"].parent)
+    line = usage_error(capsys, *(arg.format(**paths) for arg in argv))
+    assert "--cert" in line
+
+
+def test_upstream_ca_not_pem(capsys: pytest.CaptureFixture[str], pem: dict[str, Path]) -> None:
+    line = usage_error(capsys, "--upstream-ca", str(pem["junk"]))
+    assert "--upstream-ca" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-redirects", "many"],
+        ["--connect-timeout", "soon"],
+        ["--log-level", "loud"],
+        ["--no-such-flag"],
+        ["positional"],
+    ],
+)
+def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("hubproxy: error:")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--connect-timeout", "-1"],
+        ["--read-timeout", "nan"],
+        ["--handshake-timeout", "-5"],
+        ["--client-idle-timeout", "nan"],
+    ],
+)
+def test_unusable_timeouts_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises((UsageError, SystemExit)):
+        config(*argv)
+
+
+def test_timeouts_are_finite_when_given_sane_values() -> None:
+    t = config("--connect-timeout", "0.5").timeouts
+    assert math.isfinite(t.connect)
+    assert t.connect == 0.5
+
+
+# ---------------------------------------------------------------- help and version
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hubproxy")
+    for flag in (
+        "--fallback",
+        "--upstream-proxy",
+        "--upstream",
+        "--cert",
+        "--key",
+        "--listen",
+        "--library-prefix",
+        "--public-url",
+    ):
+        assert flag in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("hubproxy ")
