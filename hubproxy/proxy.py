@@ -237,15 +237,20 @@ class Proxy:
             chunked_body=body is not None and request.body.chunked,
         )
         method = plan.method
-        conn = await stack.enter_async_context(self.pool.connection(origin))
-        try:
-            await conn.send_request(method, attempt.url.target, headers, body)
-            return conn, await conn.receive_head(method)
-        except UpstreamUnavailable:
-            # A pooled connection the server closed just before our request: retry once on a
-            # fresh one, if nothing came back and the request can be replayed.
-            if conn.exchanges == 0 or conn.received_any or not plan.replayable:
-                raise
+        async with AsyncExitStack() as first:
+            conn = await first.enter_async_context(self.pool.connection(origin))
+            try:
+                await conn.send_request(method, attempt.url.target, headers, body)
+                head = await conn.receive_head(method)
+            except UpstreamUnavailable:
+                # A pooled connection the server closed just before our request: retry once on
+                # a fresh one, if nothing came back and the request can be replayed.
+                if conn.exchanges == 0 or conn.received_any or not plan.replayable:
+                    raise
+            else:
+                stack.push_async_exit(first.pop_all())  # the caller's stack now owns it
+                return conn, head
+        # the stale connection is closed and its pool slot free again
         conn = await stack.enter_async_context(self.pool.connection(origin, fresh=True))
         await conn.send_request(method, attempt.url.target, headers, body)
         return conn, await conn.receive_head(method)

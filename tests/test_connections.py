@@ -321,3 +321,104 @@ async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nu
             most_held = max(most_held, sent - received)
     assert received == size
     assert most_held <= 2 * CHUNK, most_held
+
+
+# -- small scripted upstreams -------------------------------------------------------------------
+
+
+async def _scripted_upstream(
+    nursery: trio.Nursery,
+    answer: dict[str, tuple[int, list[tuple[str, str]], bytes]],
+    *,
+    close_after_each: bool = False,
+    drop_second_request: bool = False,
+) -> tuple[str, list[str]]:
+    """A plain-HTTP upstream answering by path; optionally closing every connection after one
+    response (without saying so: like a server whose keep-alive timeout just fired), or closing
+    it when a second request arrives on it (the same timeout firing just as we reuse it)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    seen: list[str] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        requests = 0
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(bytes(data))
+                    continue
+                if isinstance(event, h11.Request):
+                    requests += 1
+                    if drop_second_request and requests == 2:
+                        return
+                    target = event.target.decode()
+                    seen.append(target)
+                    status, headers, body = answer[target]
+                    headers = [*headers, ("content-length", str(len(body)))]
+                    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+                    out += conn.send(h11.Data(data=body)) or b""
+                    out += conn.send(h11.EndOfMessage()) or b""
+                    await stream.send_all(out)
+                elif isinstance(event, h11.EndOfMessage):
+                    if close_after_each:
+                        return
+                    conn.start_next_cycle()
+                else:
+                    return
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return f"http://127.0.0.1:{port}", seen
+
+
+async def test_basic_challenges_pass_through(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    challenge = 'Basic realm="private registry"'
+    url, _ = await _scripted_upstream(
+        nursery, {"/v2/": (401, [("www-authenticate", challenge)], b"{}")}
+    )
+    proxy = await start_proxy(upstream=url)
+    r = await fetch(proxy.url + "/v2/", ca)
+    assert r.status == 401
+    assert r.headers["www-authenticate"] == challenge
+
+
+async def test_upstream_closing_idle_connections_is_not_an_error(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    body = b'{"name":"library/x","tags":["1"]}'
+    url, seen = await _scripted_upstream(
+        nursery,
+        {"/v2/library/x/tags/list": (200, [("content-type", "application/json")], body)},
+        close_after_each=True,
+    )
+    proxy = await start_proxy(upstream=url)
+    client = await WireClient.connect(proxy.url, ca)
+    for _ in range(5):
+        head, got = await client.request("GET", "/v2/x/tags/list")
+        assert head.status_code == 200
+        assert got == body
+    await client.aclose()
+    assert len(seen) == 5
+
+
+async def test_pooled_connection_dying_on_reuse_is_retried_once(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    body = b'{"name":"library/x","tags":["1"]}'
+    url, seen = await _scripted_upstream(
+        nursery,
+        {"/v2/library/x/tags/list": (200, [("content-type", "application/json")], body)},
+        drop_second_request=True,
+    )
+    proxy = await start_proxy(upstream=url)
+    for _ in range(3):
+        r = await fetch(proxy.url + "/v2/x/tags/list", ca)
+        assert r.status == 200
+        assert r.body == body
+    assert proxy.proxy.pool.opened == 3  # each reuse failed, and each was retried on a new one
