@@ -411,7 +411,7 @@ async def test_pooled_connection_dying_on_reuse_is_retried_once(
     nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
     body = b'{"name":"library/x","tags":["1"]}'
-    url, seen = await _scripted_upstream(
+    url, _seen = await _scripted_upstream(
         nursery,
         {"/v2/library/x/tags/list": (200, [("content-type", "application/json")], body)},
         drop_second_request=True,
