@@ -1,0 +1,479 @@
+"""Bulk-friendly TLS over a trio byte stream, driven through ``ssl.MemoryBIO``.
+
+Theory of operation
+===================
+
+``trio.SSLStream.receive_some`` hands back at most one TLS record (<= 16 KiB)
+per call, so a proxy moving multi-GB blobs pays one socket syscall plus one
+scheduler round trip per 16 KiB.  :class:`TLSStream` drives an
+``ssl.SSLObject`` over a pair of memory BIOs itself and batches:
+
+* **receive**: read up to 256 KiB of ciphertext per transport read, feed it to
+  the incoming BIO, then decrypt *every* complete record available (up to
+  ``max_bytes``) and return it as one ``bytes``.  Plaintext that does not fit
+  stays where it already is -- the rest of a record inside the SSLObject, later
+  records as ciphertext in the incoming BIO -- so nothing is dropped, nothing
+  is copied twice, and the transport is only read again once the SSLObject has
+  nothing left.  Buffering is therefore bounded by one transport read plus one
+  record.
+* **send**: encrypt up to 256 KiB of plaintext at a time and hand the whole
+  ciphertext to the transport in one ``send_all``.
+
+Full duplex
+-----------
+One task may receive while another sends.  trio is cooperative, so every call
+into the SSLObject (synchronous, between awaits) is atomic; what needs care is
+the *outgoing* BIO, which both directions write to (reads can produce TLS 1.3
+KeyUpdate replies, renegotiation messages, ...):
+
+* Ciphertext leaves the outgoing BIO only while ``_send_lock`` is held, and the
+  holder drains the BIO until it is empty before releasing.  Draining is FIFO,
+  so records hit the wire in exactly the order the SSLObject produced them.
+* ``send_all`` holds the lock across encrypt + drain, so application data is
+  only ever pushed by the task that owns it.  (If the receiving task could end
+  up pushing megabytes of someone else's data it would stop reading, and two
+  full-duplex peers would deadlock.)
+* After decrypting, the receiving task flushes the protocol bytes it produced:
+  if the lock is free it drains them itself, without waiting; if the lock is
+  held, the holder is (or is about to be) draining and picks them up.  So the
+  receiver never waits for the lock -- waiting could be cancelled after data
+  had already been decrypted, which would lose it.
+
+Server-side TLS 1.3 session tickets are held back until the first real send,
+as trio does: a client that never reads must not get unread data (and thus a
+TCP RST) from us.  They are prepended to the next drain, never dropped, since
+later records' sequence numbers depend on them.
+
+EOF and errors
+--------------
+A ``close_notify`` and a TCP EOF without one ("ragged EOF", as trio's
+``https_compatible=True``) both read as ``b""``; HTTP framing catches
+truncation.  Every SSL or socket failure surfaces as
+``trio.BrokenResourceError`` (with the original exception as ``__cause__``), use
+after :meth:`TLSStream.aclose` as ``trio.ClosedResourceError``.  TLS <= 1.2
+renegotiation that stalls a *write* is not supported (it breaks the stream);
+nobody we talk to renegotiates.
+"""
+
+from __future__ import annotations
+
+import operator
+import ssl
+from types import TracebackType
+from typing import Generic, TypeVar
+
+import trio
+
+__all__ = ["CLOSE_NOTIFY_TIMEOUT", "RECEIVE_SIZE", "SEND_CHUNK", "TLSStream"]
+
+#: Ciphertext read from the transport per syscall, and default ``max_bytes``.
+RECEIVE_SIZE = 256 * 1024
+#: Plaintext encrypted per transport ``send_all``; bounds the outgoing BIO.
+SEND_CHUNK = 256 * 1024
+#: Seconds ``aclose`` may spend getting ``close_notify`` (or a handshake alert)
+#: out before it gives up and just closes the socket.
+CLOSE_NOTIFY_TIMEOUT = 1.0
+
+# Max plaintext per TLS record.  SSL_read returns at most one record per call,
+# so asking for more would only make CPython allocate and then shrink a bigger
+# bytes object each time.
+_RECORD_SIZE = 16 * 1024
+
+T_Stream = TypeVar("T_Stream", bound=trio.abc.Stream)
+
+
+def _is_eof(exc: BaseException) -> bool:
+    # Some OpenSSL/Python combinations report a ragged EOF as a plain SSLError
+    # carrying this reason instead of SSLEOFError (trio checks the same way).
+    return isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF_WHILE_READING" in str(exc)
+
+
+class _ConflictDetector:
+    """Raise BusyResourceError if two tasks use the same direction at once.
+
+    Same idea as trio's private ``trio._util.ConflictDetector``; a plain flag is
+    enough because entering and leaving happen synchronously.
+    """
+
+    def __init__(self, msg: str) -> None:
+        self._msg = msg
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._msg)
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+class TLSStream(trio.abc.Stream, Generic[T_Stream]):
+    """A TLS connection over ``transport_stream``; build it with :meth:`wrap_client` /
+    :meth:`wrap_server`, which perform the handshake.
+
+    Speaks the ``trio.abc.Stream`` interface, so code written against
+    ``trio.SocketStream``/``trio.SSLStream`` works unchanged.
+    """
+
+    transport_stream: T_Stream
+
+    def __init__(
+        self,
+        transport_stream: T_Stream,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        # Private: a TLSStream is only useful after the handshake, which the
+        # wrap_* classmethods do.
+        self.transport_stream = transport_stream
+        self._ssl = ssl_object
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._send_lock = trio.Lock()
+        self._recv_guard = _ConflictDetector("another task is already receiving on this TLSStream")
+        self._send_guard = _ConflictDetector("another task is already sending on this TLSStream")
+        self._delayed = b""  # held-back TLS 1.3 session tickets, see module doc
+        self._handshake_done = False
+        self._closed = False
+        self._broken = False
+        self._broken_cause: BaseException | None = None
+        self._eof = False  # plaintext EOF was returned; stays EOF
+        self._transport_eof = False  # transport returned b""; never read it again
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    async def wrap_client(
+        cls,
+        transport: T_Stream,
+        context: ssl.SSLContext,
+        server_hostname: str | None,
+    ) -> TLSStream[T_Stream]:
+        """Handshake as a client (certificate and hostname checks per ``context``).
+
+        Cancellable (wrap it in ``trio.fail_after``).  On any failure the
+        transport is closed before the exception propagates, so the caller has
+        nothing to clean up; handshake/verification failures raise
+        ``trio.BrokenResourceError`` with the ``ssl`` error as ``__cause__``.
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ssl_object = context.wrap_bio(
+            incoming, outgoing, server_side=False, server_hostname=server_hostname
+        )
+        return await cls._wrap(transport, ssl_object, incoming, outgoing)
+
+    @classmethod
+    async def wrap_server(cls, transport: T_Stream, context: ssl.SSLContext) -> TLSStream[T_Stream]:
+        """Handshake as a server.  Same failure/cancellation behaviour as :meth:`wrap_client`."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ssl_object = context.wrap_bio(incoming, outgoing, server_side=True)
+        return await cls._wrap(transport, ssl_object, incoming, outgoing)
+
+    @classmethod
+    async def _wrap(
+        cls,
+        transport: T_Stream,
+        ssl_object: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> TLSStream[T_Stream]:
+        stream = cls(transport, ssl_object, incoming, outgoing)
+        try:
+            await stream._handshake()
+        except BaseException:
+            # The caller never gets a stream object to close, so don't leak the
+            # socket (closing a trio stream twice is harmless if they do too).
+            stream._closed = True
+            await trio.aclose_forcefully(transport)
+            raise
+        return stream
+
+    async def _handshake(self) -> None:
+        while True:
+            try:
+                self._ssl.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:  # includes SSLCertVerificationError
+                self._broken = True
+                await self._send_alert()
+                raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+            if done and self._ssl.server_side and self._ssl.version() == "TLSv1.3":
+                # What the final server step produced is session tickets only.
+                self._delayed = self._outgoing.read()
+            if self._outgoing.pending:
+                await self._transport_send(self._outgoing.read())
+            if done:
+                self._handshake_done = True
+                return
+            await self._fill_incoming()
+
+    async def _send_alert(self) -> None:
+        # Best effort: tell the peer *why* (e.g. bad_certificate) instead of
+        # just hanging up, but never let that delay or mask the real error.
+        alert = self._outgoing.read()
+        if not alert:
+            return
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+            try:
+                await self.transport_stream.send_all(alert)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    # ----------------------------------------------------------- properties
+
+    @property
+    def selected_alpn_protocol(self) -> str | None:
+        """Protocol chosen via ALPN (e.g. ``"http/1.1"``), or None."""
+        return self._ssl.selected_alpn_protocol()
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        """The underlying SSLObject (for ``version()``, ``getpeercert()``, ...)."""
+        return self._ssl
+
+    # -------------------------------------------------------------- receive
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return 1..max_bytes decrypted bytes (default 256 KiB), ``b""`` at EOF.
+
+        Returns everything already decryptable; only if there is nothing does it
+        wait for (at least) one more transport read.
+        """
+        with self._recv_guard:
+            if max_bytes is None:
+                max_bytes = RECEIVE_SIZE
+            else:
+                max_bytes = operator.index(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+            self._check_usable()
+            # Cancellation must hit before we consume anything from the
+            # SSLObject; afterwards only an unshielded transport op may raise.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            yielded = False
+            while True:
+                data = self._decrypt(max_bytes)
+                if self._outgoing.pending and not self._send_lock.locked():
+                    # Lock free: push our protocol bytes now.  Lock held: the
+                    # holder drains before releasing (module doc).
+                    self._send_lock.acquire_nowait()
+                    try:
+                        yielded = True
+                        await self._drain_locked()
+                    finally:
+                        self._send_lock.release()
+                if data is not None:
+                    if not yielded:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+                await self._fill_incoming()
+                yielded = True
+                if self._closed:
+                    raise trio.ClosedResourceError("TLSStream was closed")
+
+    def _decrypt(self, max_bytes: int) -> bytes | None:
+        """Decrypt up to max_bytes of what is available; None = need ciphertext."""
+        if self._eof:
+            return b""
+        chunks: list[bytes] = []
+        remaining = max_bytes
+        try:
+            while remaining:
+                chunk = self._ssl.read(min(remaining, _RECORD_SIZE))
+                if not chunk:  # close_notify received
+                    self._eof = True
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+        except ssl.SSLWantReadError:
+            if self._transport_eof and not chunks:
+                # Defensive: after write_eof() OpenSSL should report EOF, never
+                # ask for more; don't spin if it does.
+                self._eof = True
+        except ssl.SSLZeroReturnError:  # close_notify after we sent ours
+            self._eof = True
+        except ssl.SSLError as exc:
+            if _is_eof(exc):  # ragged EOF: treat as EOF (https_compatible)
+                self._eof = True
+            else:
+                self._broken = True
+                self._broken_cause = exc
+                if not chunks:
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                # Hand out the good data first; the next call raises.
+        if chunks:
+            # One copy total; join() returns a lone chunk as-is.
+            return b"".join(chunks)
+        if self._eof:
+            return b""
+        return None
+
+    async def _fill_incoming(self) -> None:
+        """One transport read into the incoming BIO (receiving task/handshake only)."""
+        try:
+            data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+        except trio.ClosedResourceError as exc:
+            raise self._closed_error(exc) from exc
+        except trio.BrokenResourceError:
+            self._broken = True
+            raise
+        except OSError as exc:  # non-trio transports
+            self._broken = True
+            raise trio.BrokenResourceError(f"transport error: {exc}") from exc
+        if data:
+            self._incoming.write(data)
+        else:
+            self._transport_eof = True
+            self._incoming.write_eof()
+
+    # ----------------------------------------------------------------- send
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send all of ``data``.
+
+        Cancelling it mid-way breaks the stream (an unknown amount went out),
+        like every trio stream.
+        """
+        with self._send_guard:
+            self._check_usable()
+            view = memoryview(data).cast("B")  # byte-wise length and slicing
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            await trio.lowlevel.checkpoint_if_cancelled()
+            # Only the receiving task's (short) protocol-byte drain can hold
+            # the lock; skip trio.Lock.acquire's extra scheduler yield when free.
+            if self._send_lock.locked():
+                await self._send_lock.acquire()
+            else:
+                self._send_lock.acquire_nowait()
+            try:
+                self._check_usable()  # may have changed while we waited
+                for start in range(0, len(view), SEND_CHUNK):
+                    self._encrypt(view[start : start + SEND_CHUNK])
+                    await self._drain_locked()
+            finally:
+                self._send_lock.release()
+
+    def _encrypt(self, chunk: memoryview) -> None:
+        written = 0
+        while written < len(chunk):
+            # With a memory BIO SSL_write normally takes everything (as a
+            # series of records); loop in case partial writes are enabled.
+            try:
+                written += self._ssl.write(chunk[written:])
+            except ssl.SSLWantReadError as exc:
+                # Only a TLS <= 1.2 renegotiation makes a write wait for reads.
+                self._broken = True
+                raise trio.BrokenResourceError("TLS renegotiation is not supported") from exc
+            except ssl.SSLError as exc:
+                self._broken = True
+                raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+
+    async def _drain_locked(self) -> None:
+        """Send the outgoing BIO until empty.  Caller holds ``_send_lock``."""
+        while self._outgoing.pending:
+            data = self._outgoing.read()
+            if self._delayed:
+                data = self._delayed + data
+                self._delayed = b""
+            await self._transport_send(data)
+
+    async def _transport_send(self, data: bytes) -> None:
+        try:
+            await self.transport_stream.send_all(data)
+        except trio.ClosedResourceError as exc:
+            raise self._closed_error(exc) from exc
+        except OSError as exc:
+            self._broken = True
+            raise trio.BrokenResourceError(f"transport error: {exc}") from exc
+        except BaseException:
+            # BrokenResourceError, or Cancelled with an unknown part of a
+            # record on the wire: nothing valid can follow.
+            self._broken = True
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See ``trio.abc.SendStream.wait_send_all_might_not_block``."""
+        with self._send_guard:
+            self._check_usable()
+            await self._send_lock.acquire()
+            try:
+                await self.transport_stream.wait_send_all_might_not_block()
+                # The receiver may have skipped its flush because we held the
+                # lock; honour the "holder drains" rule.
+                await self._drain_locked()
+            finally:
+                self._send_lock.release()
+
+    # ---------------------------------------------------------------- close
+
+    async def aclose(self) -> None:
+        """Send ``close_notify`` (best effort, bounded time), close the transport.
+
+        Idempotent.  Tasks blocked in receive/send get ClosedResourceError.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            # Skip close_notify if a send is in flight: we can't interleave with
+            # its records, and waiting for it could take forever.
+            if self._handshake_done and not self._broken and not self._send_lock.locked():
+                self._send_lock.acquire_nowait()
+                try:
+                    await self._send_close_notify()
+                finally:
+                    self._send_lock.release()
+        finally:
+            await self.transport_stream.aclose()
+
+    async def _send_close_notify(self) -> None:
+        try:
+            self._ssl.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # expected: we don't wait for the peer's close_notify
+        except ssl.SSLError:
+            return
+        # Delayed tickets precede close_notify: record sequence numbers.
+        data = self._delayed + self._outgoing.read()
+        self._delayed = b""
+        if not data:
+            return
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
+            try:
+                await self.transport_stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # peer already gone; closing anyway
+
+    # -------------------------------------------------------------- helpers
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLSStream was closed")
+        if self._broken:
+            if self._broken_cause is not None:
+                raise trio.BrokenResourceError(
+                    f"TLS stream is broken: {self._broken_cause}"
+                ) from self._broken_cause
+            raise trio.BrokenResourceError("TLS stream is broken")
+
+    def _closed_error(
+        self, exc: trio.ClosedResourceError
+    ) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        # Transport closed by our own aclose() (other task): report "closed";
+        # closed underneath us by someone else: the TLS stream is broken.
+        if self._closed:
+            return trio.ClosedResourceError("TLSStream was closed")
+        self._broken = True
+        return trio.BrokenResourceError(f"transport was closed: {exc}")
