@@ -183,7 +183,6 @@ class Proxy:
                 try:
                     conn, head = await self._exchange(stack, plan, attempt, request)
                 except ProxyError as error:
-                    log.info("attempt on %s failed: %s", attempt.url.origin, error)
                     event = flow.AttemptFailed(error)
                 else:
                     event = flow.HeadReceived(head.status_code, list(head.headers))
@@ -207,11 +206,13 @@ class Proxy:
                         # storage redirects carry no digest header (distribution's blobserver
                         # sets it only when serving itself); the registry would have sent it
                         headers = _with_default(headers, b"docker-content-digest", blob_digest)
-                    await self._stream(conn, head.status_code, headers, response)
+                    await self._stream(conn, head, headers, response)
                     return
                 if not isinstance(next_action, flow.Send):
                     raise RuntimeError(f"flow gave {next_action} after {event}")
                 action = next_action
+                if action.attempt.upstream != attempt.upstream:
+                    _log_failover(plan, attempt, action.attempt, event, rest)
                 if action.attempt.hops == 0:
                     first_head = None  # failover: a new chain on another upstream
                 elif first_head is None and isinstance(event, flow.HeadReceived):
@@ -307,10 +308,14 @@ class Proxy:
         return rewritten.encode("latin-1")
 
     async def _stream(
-        self, conn: UpstreamConnection, status: int, headers: Headers, response: ClientResponse
+        self,
+        conn: UpstreamConnection,
+        head: h11.Response,
+        headers: Headers,
+        response: ClientResponse,
     ) -> None:
         """Stream the response: one chunk in flight; a failure mid-body aborts the client."""
-        await response.start(status, headers)
+        await response.start(head.status_code, headers, head.reason)
         try:
             while (chunk := await conn.receive_body()) is not None:
                 await response.send(chunk)
@@ -329,6 +334,30 @@ async def _drain(conn: UpstreamConnection) -> None:
                 return  # not worth it: the pool closes the unfinished connection
     except ProxyError:
         return
+
+
+def _log_failover(
+    plan: flow.Plan,
+    failed: flow.Attempt,
+    nxt: flow.Attempt,
+    event: flow.Event,
+    rest: flow.Rest | None,
+) -> None:
+    why = (
+        f"answered {event.status}"
+        if isinstance(event, flow.HeadReceived)
+        else str(event.error)
+        if isinstance(event, flow.AttemptFailed)
+        else "failed"
+    )
+    resting = f"; skipping it for {rest.until - trio.current_time():.0f}s" if rest else ""
+    log.warning(
+        "upstream %s %s%s; trying %s",
+        plan.upstreams[failed.upstream].origin,
+        why,
+        resting,
+        plan.upstreams[nxt.upstream].origin,
+    )
 
 
 def _with_default(headers: Headers, name: bytes, value: str) -> Headers:

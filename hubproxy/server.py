@@ -10,6 +10,7 @@ cannot mistake a truncated body for a whole one.
 
 from __future__ import annotations
 
+import http
 import logging
 import ssl
 import time
@@ -31,6 +32,9 @@ access_log = logging.getLogger("hubproxy.access")
 MAX_HEAD_SIZE = 64 * 1024  # request line + headers; beyond it: 431
 MAX_HEADERS = 100
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
+
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
 
 class ClientGone(Exception):
@@ -104,10 +108,14 @@ class ClientResponse:
         self.record = record
         self.started = False
 
-    async def start(self, status: int, headers: Headers) -> None:
+    async def start(self, status: int, headers: Headers, reason: bytes = b"") -> None:
         self.started = True
         self.record.status = status
-        await self._client.send_event(h11.Response(status_code=status, headers=headers))
+        if not reason:
+            reason = _REASONS.get(status, b"")
+        await self._client.send_event(
+            h11.Response(status_code=status, headers=headers, reason=reason)
+        )
 
     async def send(self, chunk: bytes | bytearray) -> None:
         await self._client.send_event(h11.Data(data=chunk))  # type: ignore[arg-type]

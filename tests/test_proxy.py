@@ -261,6 +261,7 @@ async def test_429_fails_over_to_the_fallback_and_rests_the_primary(
     start_proxy: StartProxy,
     ca: trustme.CA,
     layer: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     worker = FakeHub(ca)
     await nursery.start(worker.serve)
@@ -275,6 +276,8 @@ async def test_429_fails_over_to_the_fallback_and_rests_the_primary(
     r = await client.request("/v2/library/alpine/manifests/3.20")
     assert r.status == 200
     assert f'realm="{proxy.url}/token/1"' in client.challenges[-1]
+    primary = hub.registry_url.removeprefix("https://")
+    assert f"upstream https://{primary} answered 429; skipping it for 120s; trying" in caplog.text
     primary_before = len([s for s in hub.requests if s.server == "registry"])
     r = await client.request("/v2/library/alpine/manifests/3.20")
     assert r.status == 200
@@ -322,6 +325,7 @@ async def test_unreachable_upstream_is_a_502_json_error(
     with trio.fail_after(10):
         r = await fetch(proxy.url + "/v2/library/alpine/manifests/3.20", ca)
     assert r.status == 502
+    assert r.reason == "Bad Gateway"
     assert r.headers["content-type"].startswith("application/json")
     error = r.json()["errors"][0]
     assert error["code"] == "UNAVAILABLE"
