@@ -20,7 +20,7 @@ import trio
 from . import flow
 from .auth import public_base, rewrite_challenge
 from .config import Config
-from .errors import ProxyError, RouteNotFound, UpstreamUnavailable
+from .errors import ClientProtocolError, ProxyError, RouteNotFound, UpstreamUnavailable
 from .headers import Headers, client_response_headers, upstream_request_headers
 from .pool import Connector, Pool
 from .redirects import client_location
@@ -99,7 +99,7 @@ class Proxy:
         except ProxyError as error:
             if error.status >= 500:
                 log.warning("%s %s failed: %s", request.method, response.record.path, error)
-            await response.send_error(error, close=error.status == 400)
+            await response.send_error(error, close=isinstance(error, ClientProtocolError))
 
     def _plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
         return flow.Plan(
@@ -124,16 +124,8 @@ class Proxy:
         query = rewrite_token_query(
             route.target.removeprefix("?"), library_prefix=self.config.library_prefix
         )
-        base = realm
-        target = ("&" if "?" in base.target else "?") + query if query else ""
-        plan = flow.Plan(
-            method=request.method,
-            target=target,
-            upstreams=(base,),
-            replayable=not request.body.present,
-            max_hops=self.config.max_redirects,
-        )
-        await self._run(plan, request, response, upstreams=None)
+        target = ("&" if "?" in realm.target else "?") + query if query else ""
+        await self._run(self._plan(request, target, (realm,)), request, response, upstreams=None)
 
     async def _learn_realm(self, index: int) -> Url:
         """Ask upstream ``index`` for its challenge (``GET /v2/``) and remember the realm."""
