@@ -5,14 +5,20 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
+from .cache import BlobStore
 from .config import Config
 from .proxy import Proxy
 from .server import Server
 
 log = logging.getLogger("hubproxy")
+
+
+class CacheDirError(Exception):
+    """The cache directory cannot be created or read."""
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,18 @@ async def serve(
     transfers get ``timeouts.shutdown_grace`` seconds to finish.
     """
     proxy = Proxy(config)
+    if config.cache_dir is not None:
+        store = BlobStore(Path(config.cache_dir), config.cache_size)
+        try:
+            store.open()
+        except OSError as exc:
+            raise CacheDirError(config.cache_dir) from exc
+        proxy.cache = store
     server = Server(config, proxy.handle)
     await server.bind()  # before any nursery, so "port in use" is a plain OSError
     try:
         async with trio.open_nursery() as nursery:
+            proxy.background = nursery
             await nursery.start(server.serve)
             _log_startup(config, server)
             if handle_signals:
@@ -73,10 +87,16 @@ def _log_startup(config: Config, server: Server) -> None:
     )
     upstream = str(config.upstreams[0]) if config.upstreams else "-"
     fallbacks = ", ".join(str(u) for u in config.upstreams[1:]) or "none"
+    cache = (
+        f"cache {config.cache_dir} (up to {config.cache_size / (1 << 30):.1f} GiB)"
+        if config.cache_dir
+        else "no cache"
+    )
     log.info(
-        "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s",
+        "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s",
         where,
         upstream,
         fallbacks,
         "on" if config.library_prefix else "off",
+        cache,
     )

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
-from .app import serve
+from .app import CacheDirError, serve
+from .cache import parse_size
 from .config import Config, Timeouts, is_docker_hub
 from .flow import base_url
 from .urls import Url, parse_url
@@ -114,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="redirects followed per request (default 5)",
     )
+    cache = parser.add_argument_group("blob cache")
+    cache.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        default=default_cache_dir(),
+        help="where verified blobs are kept (default: %(default)s)",
+    )
+    cache.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        default="20G",
+        help="evict least recently used blobs beyond this size, e.g. 500M, 20G (default 20G)",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="do not cache blobs at all")
     defaults = Timeouts()
     tm = parser.add_argument_group("timeouts (seconds)")
     tm.add_argument(
@@ -168,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default info; info logs one access line per request)",
     )
     return parser
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/hubproxy``, else ``~/.cache/hubproxy``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hubproxy")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -261,7 +282,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         upstream_idle=args.read_timeout,
         shutdown_grace=args.shutdown_grace,
     )
+    try:
+        cache_size = parse_size(args.cache_size)
+    except ValueError:
+        raise UsageError(
+            f"--cache-size: not a size: {args.cache_size!r} (try 500M or 20G)"
+        ) from None
     return Config(
+        cache_dir=None if args.no_cache else args.cache_dir,
+        cache_size=cache_size,
         listen_host=host,
         listen_port=port,
         cert=cert,
@@ -298,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         trio.run(lambda: serve(config, handle_signals=True))
+    except CacheDirError as exc:
+        logging.getLogger("hubproxy").error(
+            "cannot use the cache directory %s: %s (pick another with --cache-dir, or --no-cache)",
+            config.cache_dir,
+            exc.__cause__,
+        )
+        return 1
     except OSError as exc:
         logging.getLogger("hubproxy").error(
             "cannot listen on %s:%s: %s (is the port in use, or does it need root?)",

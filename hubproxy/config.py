@@ -40,6 +40,8 @@ class Config:
     unreachable_rest: float = 10.0
     pool_max_idle_per_origin: int = 8
     pool_max_per_origin: int = 100
+    cache_dir: str | None = None  # None: no cache
+    cache_size: int = 20 << 30
     timeouts: Timeouts = Timeouts()
 
     @property

@@ -44,6 +44,7 @@ class Plan:
     upstreams: tuple[Url, ...]  # base URLs: the primary first, then the fallbacks
     replayable: bool  # False once a request body is being consumed (pushes)
     max_hops: int = 5
+    follow_redirects: bool = True  # False: a redirect is the answer (access checks)
     rate_limit_rest: float = 60.0  # default rest after a 429 without Retry-After
     unreachable_rest: float = 10.0
 
@@ -199,6 +200,8 @@ def _on_head(
             return nxt[0], nxt[1], rest
         return replace(state, phase=Phase.RESPONDING), Respond(), rest
     location = get_header(event.headers, b"location")
+    if not plan.follow_redirects:
+        return replace(state, phase=Phase.RESPONDING), Respond(), None
     try:
         target = redirects.redirect_target(
             plan.method,

@@ -78,10 +78,14 @@ class Pool:
         """Lend a connection to ``origin`` for one exchange; it returns to the pool if reusable.
 
         Leaving the block by an exception (or before the response was read to its end) closes
-        the connection instead: its state is unknown.
+        the connection instead: its state is unknown. The block may be left from another task
+        than the one that entered it (a cache fill takes over a client's exchange), so the slot
+        is held on behalf of the lending, not of a task.
         """
         limit = self._limits.setdefault(origin, trio.CapacityLimiter(self._max_per_origin))
-        async with limit:
+        lending = object()
+        await limit.acquire_on_behalf_of(lending)
+        try:
             conn = None if fresh else await self._take_idle(origin)
             if conn is None:
                 stream = await self._connector(origin)
@@ -92,6 +96,8 @@ class Pool:
             finally:
                 conn.exchanges += 1
                 await self._put_back(conn)
+        finally:
+            limit.release_on_behalf_of(lending)
 
     async def _take_idle(self, origin: Origin) -> UpstreamConnection | None:
         idle = self._idle.get(origin)

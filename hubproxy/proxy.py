@@ -10,8 +10,12 @@ named is remembered per upstream so token requests can be forwarded to it.
 
 from __future__ import annotations
 
+import enum
+import functools
+import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import h11
@@ -19,9 +23,16 @@ import trio
 
 from . import flow
 from .auth import public_base, rewrite_challenge
+from .cache import (
+    BlobStore,
+    CacheFillFailed,
+    RangeNotSatisfiable,
+    cached_blob_answer,
+    sha256_hex,
+)
 from .config import Config
 from .errors import ClientProtocolError, ProxyError, RouteNotFound, UpstreamUnavailable
-from .headers import Headers, client_response_headers, upstream_request_headers
+from .headers import Headers, client_response_headers, get_header, upstream_request_headers
 from .pool import Connector, Pool
 from .redirects import client_location
 from .routing import Route, RouteKind, rewrite_token_query, route_request
@@ -42,6 +53,20 @@ CARRIED_FROM_REDIRECT = (
     b"docker-ratelimit-source",
 )
 DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so its connection is reused
+
+
+CACHE_METHODS = frozenset({"GET", "HEAD"})
+ACCESS_CONFIRMATION_TTL = 60.0  # Docker Hub tokens live 300 s; a revoked grant is seen soon
+MAX_CONFIRMATIONS = 10_000
+
+
+class Access(enum.Enum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    UNAVAILABLE = "unavailable"  # the upstream could not say (down, 429, 5xx)
+
+
+Deliver = Callable[[UpstreamConnection, h11.Response, Headers, AsyncExitStack], Awaitable[None]]
 
 
 class UpstreamSet:
@@ -78,6 +103,10 @@ class Proxy:
             max_per_origin=config.pool_max_per_origin,
         )
         self.registry = UpstreamSet(config.upstreams)
+        self.cache: BlobStore | None = None  # set by the app when --cache-dir is in use
+        self.background: trio.Nursery | None = None  # where cache fills run
+        self.confirmed: dict[tuple[str, str], float] = {}  # (sha256(auth), repo) -> until
+        self.pending: dict[str, trio.Event] = {}  # blob misses whose upstream head is awaited
 
     async def handle(self, request: ClientRequest, response: ClientResponse) -> None:
         try:
@@ -86,9 +115,17 @@ class Proxy:
             )
             if route.kind is RouteKind.REGISTRY:
                 plan = self._plan(request, route.target, self.registry.urls)
-                await self._run(
-                    plan, request, response, upstreams=self.registry, blob_digest=route.blob_digest
-                )
+                key = self._cache_key(request, route)
+                if key is not None:
+                    await self._serve_blob(plan, request, response, route, key)
+                else:
+                    await self._run(
+                        plan,
+                        request,
+                        response,
+                        upstreams=self.registry,
+                        blob_digest=route.blob_digest,
+                    )
             elif route.kind is RouteKind.TOKEN:
                 await self._forward_token(request, route, response)
             else:
@@ -100,6 +137,188 @@ class Proxy:
             if error.status >= 500:
                 log.warning("%s %s failed: %s", request.method, response.record.path, error)
             await response.send_error(error, close=isinstance(error, ClientProtocolError))
+
+    # -- the blob cache -----------------------------------------------------------------------
+
+    def _cache_key(self, request: ClientRequest, route: Route) -> str | None:
+        if self.cache is None or route.blob_digest is None or request.method not in CACHE_METHODS:
+            return None
+        return sha256_hex(route.blob_digest)
+
+    async def _serve_blob(
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        key: str,
+    ) -> None:
+        """A blob GET/HEAD with the cache: a hit (after an access check), or a miss that fills."""
+        store = self.cache
+        assert store is not None
+        while (pending := self.pending.get(key)) is not None:
+            await pending.wait()  # another client's miss: let it start the one upstream fetch
+        if store.size_of(key) is not None or key in store.fills:
+            if await self._serve_hit(request, response, route, key):
+                return
+        elif request.method == "GET" and get_header(request.headers, b"range") is None:
+            store.stats.misses += 1
+            self.pending[key] = trio.Event()
+            try:
+                deliver = functools.partial(self._deliver_blob, request, response, route, key)
+                await self._run(
+                    plan,
+                    request,
+                    response,
+                    upstreams=self.registry,
+                    blob_digest=route.blob_digest,
+                    deliver=deliver,
+                )
+            finally:
+                self._release_pending(key)
+            return
+        # uncached probes and resumes, or a hit the client may not have: the upstream answers
+        await self._run(
+            plan, request, response, upstreams=self.registry, blob_digest=route.blob_digest
+        )
+
+    def _release_pending(self, key: str) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is not None:
+            pending.set()
+
+    async def _serve_hit(
+        self, request: ClientRequest, response: ClientResponse, route: Route, key: str
+    ) -> bool:
+        """Serve a cached (or filling) blob if the upstream would serve it to this client."""
+        store = self.cache
+        assert store is not None
+        access = await self._confirm_access(request, response, route)
+        if access is Access.DENIED:
+            return False
+        if access is Access.UNAVAILABLE:
+            return False  # (stale answers for anonymously readable repositories: later)
+        if store.size_of(key) is None and key not in store.fills:
+            return False  # evicted while we asked
+        store.stats.hits += 1
+        await self._send_cached(request, response, key, route.blob_digest or "")
+        return True
+
+    async def _confirm_access(
+        self, request: ClientRequest, response: ClientResponse, route: Route
+    ) -> Access:
+        """Ask the upstream (HEAD, not counted by Docker Hub) whether this client may read the
+        blob, remembering a yes for a while per credentials and repository."""
+        authorization = get_header(request.headers, b"authorization") or b""
+        remembered = (hashlib.sha256(authorization).hexdigest(), route.repository or "")
+        now = trio.current_time()
+        if self.confirmed.get(remembered, 0.0) > now:
+            return Access.ALLOWED
+        plan = flow.Plan(
+            method="HEAD",
+            target=route.target.partition("?")[0],
+            upstreams=self.registry.urls,
+            replayable=True,
+            follow_redirects=False,
+            rate_limit_rest=self.config.rate_limit_rest,
+            unreachable_rest=self.config.unreachable_rest,
+        )
+        status = 0
+
+        async def note_status(
+            conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
+        ) -> None:
+            nonlocal status
+            status = head.status_code
+            await _drain(conn)
+
+        try:
+            await self._run(plan, request, response, upstreams=self.registry, deliver=note_status)
+        except ProxyError:
+            return Access.UNAVAILABLE
+        if 200 <= status < 400:
+            self._remember_access(request, route)
+            return Access.ALLOWED
+        if status in (401, 403, 404):
+            return Access.DENIED
+        return Access.UNAVAILABLE
+
+    def _remember_access(self, request: ClientRequest, route: Route) -> None:
+        authorization = get_header(request.headers, b"authorization") or b""
+        remembered = (hashlib.sha256(authorization).hexdigest(), route.repository or "")
+        now = trio.current_time()
+        if len(self.confirmed) > MAX_CONFIRMATIONS:
+            self.confirmed = {k: v for k, v in self.confirmed.items() if v > now}
+        self.confirmed[remembered] = now + ACCESS_CONFIRMATION_TTL
+
+    async def _deliver_blob(
+        self,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        key: str,
+        conn: UpstreamConnection,
+        head: h11.Response,
+        headers: Headers,
+        stack: AsyncExitStack,
+    ) -> None:
+        """The upstream's answer to a blob miss: start a fill and serve from it, or stream."""
+        store = self.cache
+        assert store is not None
+        length = get_header(head.headers, b"content-length")
+        size = int(length) if length is not None else None
+        if (
+            head.status_code == 200
+            and size is not None
+            and self.background is not None
+            and key not in store.fills
+            and store.can_fill(size)
+        ):
+            try:
+                fill = store.start_fill(key, size)
+            except OSError as exc:
+                log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
+            else:
+                self._remember_access(request, route)
+                self.background.start_soon(store.run_fill, fill, conn, stack.pop_all())
+                self._release_pending(key)
+                await self._send_cached(request, response, key, route.blob_digest or "")
+                return
+        await self._stream(conn, head, headers, response)
+
+    async def _send_cached(
+        self, request: ClientRequest, response: ClientResponse, key: str, digest: str
+    ) -> None:
+        """Answer from the store (the growing file during a fill), with Range support."""
+        store = self.cache
+        assert store is not None
+        fill = store.fills.get(key)
+        size = fill.size if fill is not None else store.size_of(key)
+        if size is None:
+            raise UpstreamUnavailable(f"cached blob {digest} vanished")
+        range_header = get_header(request.headers, b"range")
+        try:
+            answer = cached_blob_answer(digest, size, range_header)
+        except RangeNotSatisfiable:
+            await response.start(
+                416, [(b"content-range", b"bytes */%d" % size), (b"content-length", b"0")]
+            )
+            await response.finish()
+            return
+        if request.method == "HEAD":
+            await response.start(answer.status, answer.headers)
+            await response.finish()
+            return
+        reader = store.reader(key, answer.start, answer.end)
+        try:
+            await response.start(answer.status, answer.headers)
+            while (chunk := await reader.next_chunk()) is not None:
+                await response.send(chunk)
+        except CacheFillFailed as exc:
+            raise ResponseAborted(str(exc)) from exc
+        finally:
+            reader.close()
+        await response.finish()
 
     def _plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
         return flow.Plan(
@@ -160,8 +379,14 @@ class Proxy:
         *,
         upstreams: UpstreamSet | None,
         blob_digest: str | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
-        """Drive the flow state machine until the client has its answer."""
+        """Drive the flow state machine until the client has its answer.
+
+        The final response goes to ``deliver`` (default: stream it to the client), which gets
+        the connection with its head read, the client-facing headers, and the exit stack that
+        owns the connection (a cache fill takes it over with ``pop_all``).
+        """
         resting = upstreams.resting_until if upstreams else [0.0] * len(plan.upstreams)
         state, action = flow.start(plan, resting, trio.current_time())
         first_head: h11.Response | None = None
@@ -198,7 +423,10 @@ class Proxy:
                         # storage redirects carry no digest header (distribution's blobserver
                         # sets it only when serving itself); the registry would have sent it
                         headers = _with_default(headers, b"docker-content-digest", blob_digest)
-                    await self._stream(conn, head, headers, response)
+                    if deliver is None:
+                        await self._stream(conn, head, headers, response)
+                    else:
+                        await deliver(conn, head, headers, stack)
                     return
                 if not isinstance(next_action, flow.Send):
                     raise RuntimeError(f"flow gave {next_action} after {event}")

@@ -204,6 +204,7 @@ class _Repo:
     tags: dict[str, str] = field(default_factory=dict)
     private: bool = False
     users: set[str] = field(default_factory=set)
+    blobs: set[str] = field(default_factory=set)  # blobs linked to this repository
 
 
 @dataclass
@@ -329,6 +330,7 @@ class FakeHub:
         self._pulls = 0
         self._forced_429: list[int | None] = []
         self._truncated: dict[str, int | None] = {}
+        self._corrupted: dict[str, int] = {}
         self._loops: set[str] = set()
 
     # -- serving -------------------------------------------------------------------------
@@ -477,7 +479,7 @@ class FakeHub:
                 {
                     "mediaType": MEDIA_LAYER_GZIP if gzipped else MEDIA_LAYER_TAR,
                     "size": len(layer),
-                    "digest": self.add_blob(layer),
+                    "digest": self._link(repo, self.add_blob(layer)),
                 }
             )
         config = {
@@ -494,7 +496,7 @@ class FakeHub:
             "config": {
                 "mediaType": MEDIA_CONFIG,
                 "size": len(config_bytes),
-                "digest": self.add_blob(config_bytes),
+                "digest": self._link(repo, self.add_blob(config_bytes)),
             },
             "layers": descriptors,
         }
@@ -561,11 +563,22 @@ class FakeHub:
         """
         self._truncated[digest] = times
 
+    def corrupt_blob(self, digest: str, *, times: int = 1) -> None:
+        """Make the CDN serve ``digest`` with one byte flipped (same length) ``times`` times:
+        a storage fault no status code reveals, which only a digest check catches."""
+        self._corrupted[digest] = times
+
     def redirect_loop(self, digest: str) -> None:
         """Make blob GET/HEAD of ``digest`` redirect to the registry itself, forever."""
         self._loops.add(digest)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _link(self, repo: str, digest: str) -> str:
+        # As in distribution, a blob is served only under a repository that links it (an image
+        # that uses it, a push or a mount): holding a digest is no key to other repositories.
+        self._repo(repo).blobs.add(digest)
+        return digest
 
     def _repo(self, name: str) -> _Repo:
         if "/" not in name:
@@ -770,7 +783,7 @@ class FakeHub:
             )
         if digest in self._loops:
             return self._loop_redirect(0, digest)
-        if digest not in self._blobs:
+        if digest not in self._blobs or digest not in self._repo(name).blobs:
             return _registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry", digest)
         return self._redirect(self.signed_blob_url(digest))
 
@@ -804,6 +817,7 @@ class FakeHub:
                 400, "DIGEST_INVALID", "provided digest did not match uploaded content"
             )
         self._blobs[expected] = data
+        self._link(name, expected)
         return _Response(
             201,
             [("location", f"/v2/{name}/blobs/{expected}"), ("docker-content-digest", expected)],
@@ -823,6 +837,7 @@ class FakeHub:
             return _registry_error(405, "UNSUPPORTED", "The operation is unsupported.")
         mount = request.query.get("mount", [""])[0]
         if mount in self._blobs:  # cross-repository mount: the blob store is shared
+            self._link(name, mount)
             return _Response(
                 201, [("location", f"/v2/{name}/blobs/{mount}"), ("docker-content-digest", mount)]
             )
@@ -983,6 +998,11 @@ class FakeHub:
             response.headers.append(("content-range", f"bytes */{len(data)}"))
             return response
         status, body = 200, memoryview(data)
+        if request.method == "GET" and self._corrupted.get(digest, 0) > 0:
+            self._corrupted[digest] -= 1
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0xFF
+            body = memoryview(bytes(flipped))
         if selected is not None:
             start, stop = selected
             status, body = 206, body[start:stop]

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import trio
 import trustme
@@ -32,7 +33,7 @@ async def _read_until(
 
 
 async def test_command_line_process_serves_and_stops_on_sigterm(
-    hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles
+    hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
 ) -> None:
     layer = make_layer(1, 100_000)
     hub.add_image("library/alpine", "3.20", [layer])
@@ -52,6 +53,8 @@ async def test_command_line_process_serves_and_stops_on_sigterm(
             "--upstream-ca",
             str(tls_files.ca_pem),
             "--library-prefix",
+            "--cache-dir",
+            str(tmp_path / "cache"),
         ],
         stderr=subprocess.PIPE,
     )
@@ -99,7 +102,7 @@ async def test_port_in_use_is_one_clear_line(tls_files: TLSFiles) -> None:
     port = listener.socket.getsockname()[1]
     try:
         result = await trio.run_process(
-            [sys.executable, "-m", "hubproxy", "--listen", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "hubproxy", "--listen", f"127.0.0.1:{port}", "--no-cache"],
             capture_stderr=True,
             check=False,
         )
@@ -142,3 +145,16 @@ async def test_shutdown_lets_in_flight_transfers_finish(
         raise AssertionError("the listener still accepts after shutdown")
     await idle.aclose()
     await busy.aclose()
+
+
+async def test_unusable_cache_dir_is_one_clear_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = await trio.run_process(
+        [sys.executable, "-m", "hubproxy", "--listen", "127.0.0.1:0", "--cache-dir", str(blocker)],
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"cannot use the cache directory {blocker}".encode() in result.stderr
+    assert b"Traceback" not in result.stderr

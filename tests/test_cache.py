@@ -1,0 +1,380 @@
+"""The blob cache: the store on its own (fills driven by the test, byte by byte), then hubproxy
+with a cache in front of the fake Docker Hub."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from hubproxy.cache import (
+    BlobStore,
+    CacheFillFailed,
+    FillState,
+    RangeNotSatisfiable,
+    byte_range,
+    cached_blob_answer,
+    choose_evictions,
+    parse_size,
+)
+from tests.conftest import StartProxy
+from tests.fakehub import FakeHub, fetch, make_layer
+from tests.registry_client import RegistryClient
+from tests.wire import WireClient
+
+
+def hexdigest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Feed:
+    """A body source the test feeds chunk by chunk (zero-capacity: one chunk at a time)."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[bytes | None](0)
+
+    async def receive_body(self) -> bytes | None:
+        return await self.receive.receive()
+
+
+# -- pure pieces ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("20G", 20 << 30),
+        ("512M", 512 << 20),
+        ("1.5T", int(1.5 * (1 << 40))),
+        ("100", 100),
+        ("64KiB", 64 << 10),
+        ("2gb", 2 << 30),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "lots", "nan", "1X"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("bytes=0-99", (0, 100)),
+        ("bytes=100-", (100, 1000)),
+        ("bytes=-10", (990, 1000)),
+        ("bytes=990-5000", (990, 1000)),
+        ("bytes=-5000", (0, 1000)),
+        ("bytes=0-0,5-9", None),  # several ranges: the whole blob is a valid answer
+        ("items=0-9", None),
+        ("bytes=9-1", None),
+        ("bytes=a-b", None),
+    ],
+)
+def test_byte_range(value: str, expected: tuple[int, int] | None) -> None:
+    assert byte_range(value, 1000) == expected
+
+
+@pytest.mark.parametrize("value", ["bytes=1000-", "bytes=5000-6000", "bytes=-0"])
+def test_byte_range_not_satisfiable(value: str) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        byte_range(value, 1000)
+
+
+def test_cached_blob_answer_headers() -> None:
+    digest = "sha256:" + "a" * 64
+    whole = cached_blob_answer(digest, 1000, None)
+    assert (whole.status, whole.start, whole.end) == (200, 0, 1000)
+    headers = dict(whole.headers)
+    assert headers[b"content-length"] == b"1000"
+    assert headers[b"docker-content-digest"] == digest.encode()
+    part = cached_blob_answer(digest, 1000, b"bytes=10-19")
+    assert (part.status, part.start, part.end) == (206, 10, 20)
+    assert dict(part.headers)[b"content-range"] == b"bytes 10-19/1000"
+    assert dict(part.headers)[b"content-length"] == b"10"
+
+
+def test_choose_evictions_is_lru_and_skips_protected() -> None:
+    lru = [("a", 10), ("b", 10), ("c", 10), ("d", 10)]
+    assert choose_evictions(lru, 40, 25, set()) == ["a", "b"]
+    assert choose_evictions(lru, 40, 25, {"a"}) == ["b", "c"]
+    assert choose_evictions(lru, 40, 40, set()) == []
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+async def test_readers_follow_a_fill_and_never_get_the_last_byte_early(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = os.urandom(300_000)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    await feed.send.send(data[:100_000])
+    assert await reader.next_chunk() == data[:100_000]  # as bytes arrive, not at the end
+    await feed.send.send(data[100_000:])
+    got = await reader.next_chunk()
+    assert got == data[100_000:-1]  # everything but the last byte before verification
+    await feed.send.send(None)
+    assert await reader.next_chunk() == data[-1:]
+    assert await reader.next_chunk() is None
+    reader.close()
+    assert fill.state is FillState.DONE
+    assert store.size_of(key) == len(data)
+    assert store.path(key).read_bytes() == data
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_wrong_bytes_fail_every_reader_and_cache_nothing(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = os.urandom(50_000)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    await feed.send.send(b"X" + data[1:])  # same length, wrong content
+    assert await reader.next_chunk() == b"X" + data[1:-1]
+    await feed.send.send(None)
+    with pytest.raises(CacheFillFailed):
+        await reader.next_chunk()
+    reader.close()
+    assert store.size_of(key) is None
+    assert not store.path(key).exists()
+    assert list(store.tmp_dir.iterdir()) == []
+    assert store.stats.verification_failures == 1
+
+
+async def test_short_upstream_body_is_not_cached(nursery: trio.Nursery, tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    fill = store.start_fill(hexdigest(data), len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(hexdigest(data))
+    await feed.send.send(data[:5000])
+    await feed.send.send(None)
+    assert await reader.next_chunk() == data[:5000]
+    with pytest.raises(CacheFillFailed):
+        await reader.next_chunk()
+    reader.close()
+    assert store.size_of(hexdigest(data)) is None
+
+
+def _put(store: BlobStore, data: bytes) -> str:
+    key = hexdigest(data)
+    path = store.path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    store._add(key, len(data))
+    return key
+
+
+def test_eviction_keeps_the_store_bounded_and_spares_open_blobs(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 25_000)
+    store.open()
+    first = _put(store, os.urandom(10_000))
+    reader = store.reader(first)  # someone is reading the oldest blob
+    second = _put(store, os.urandom(10_000))
+    third = _put(store, os.urandom(10_000))  # over the limit: evict, but not the open one
+    assert store.size_of(first) == 10_000
+    assert store.size_of(second) is None
+    assert not store.path(second).exists()
+    assert store.size_of(third) == 10_000
+    assert store.total <= 25_000
+    reader.close()
+    _put(store, os.urandom(10_000))
+    assert store.total <= 25_000
+    assert store.stats.evictions >= 2
+
+
+def test_restart_rebuilds_the_index_and_removes_crash_leftovers(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    kept = _put(store, os.urandom(1000))
+    fill = store.start_fill("b" * 64, 5000)  # a fill that a crash interrupted
+    os.write(fill.fd, b"partial")
+    os.close(fill.fd)
+    assert list(store.tmp_dir.iterdir())
+    restarted = BlobStore(tmp_path, 1 << 30)
+    restarted.open()
+    assert restarted.size_of(kept) == 1000
+    assert restarted.size_of("b" * 64) is None
+    assert list(restarted.tmp_dir.iterdir()) == []
+    assert restarted.total == 1000
+
+
+def test_restart_indexes_many_blobs_quickly(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    for i in range(2000):
+        _put(store, i.to_bytes(4, "big"))
+    restarted = BlobStore(tmp_path, 1 << 30)
+    restarted.open()
+    assert len(restarted.index) == 2000
+    assert restarted.total == 8000
+
+
+def test_a_blob_larger_than_the_cache_is_not_filled(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 1000)
+    store.open()
+    assert not store.can_fill(1001)
+    assert store.can_fill(1000)
+
+
+# -- hubproxy with a cache ------------------------------------------------------------------------
+
+
+def _cdn_gets(hub: FakeHub, digest: str) -> int:
+    return sum(
+        1
+        for s in hub.requests
+        if s.server == "cdn" and s.method == "GET" and digest[7:] in s.target
+    )
+
+
+async def test_second_pull_comes_from_the_cache(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(1, 1_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    for _ in range(3):
+        r = await client.request(f"/v2/library/alpine/blobs/{digest}")
+        assert r.status == 200
+        assert r.body == layer
+        assert r.headers["docker-content-digest"] == digest
+    assert _cdn_gets(hub, digest) == 1
+    registry_gets = [
+        s
+        for s in hub.requests
+        if s.server == "registry" and s.method == "GET" and digest in s.target
+    ]
+    assert len(registry_gets) <= 2  # the anonymous 401, then the one fetch
+    stats = proxy.proxy.cache.stats if proxy.proxy.cache else None
+    assert stats is not None and stats.hits == 2 and stats.fills_completed == 1
+    # a new client (other credentials) is checked with a HEAD, which Docker Hub does not count
+    other = RegistryClient(proxy.url, ca)
+    r = await other.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.body == layer
+    assert _cdn_gets(hub, digest) == 1
+    # ranges are served from the cached blob
+    r = await client.request(
+        f"/v2/library/alpine/blobs/{digest}", headers=[("range", "bytes=1000-1999")]
+    )
+    assert r.status == 206
+    assert r.body == layer[1000:2000]
+    assert r.headers["content-range"] == f"bytes 1000-1999/{len(layer)}"
+    assert _cdn_gets(hub, digest) == 1
+
+
+async def test_concurrent_pulls_of_a_missing_blob_fetch_it_once(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(2, 6_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    token_client = RegistryClient(proxy.url, ca)
+    assert (await token_client.request("/v2/library/alpine/tags/list")).status == 200
+    auth = [("authorization", f"Bearer {token_client.tokens['']}")]
+    first = await WireClient.connect(proxy.url, ca)
+    await first.send_request("GET", f"/v2/library/alpine/blobs/{digest}", auth)
+    assert (await first.receive_head()).status_code == 200
+    results: list[bytes] = []
+
+    async def pull() -> None:
+        r = await fetch(f"{proxy.url}/v2/library/alpine/blobs/{digest}", ca, headers=auth)
+        assert r.status == 200
+        assert r.complete
+        results.append(r.body)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(7):
+                nursery.start_soon(pull)
+            await first.receive_body(limit=1_000_000)
+            await first.aclose()  # the client that started the fill goes away half-way
+    assert len(results) == 7
+    assert all(body == layer for body in results)
+    assert _cdn_gets(hub, digest) == 1
+
+
+async def test_corrupted_blob_aborts_caches_nothing_and_heals(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(3, 2_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    hub.corrupt_blob(digest)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.status == 200
+    assert not r.complete  # aborted before the last byte: never wrong bytes with success
+    assert len(r.body) < len(layer)
+    store = proxy.proxy.cache
+    assert store is not None
+    assert store.size_of(hexdigest(layer)) is None
+    assert store.stats.verification_failures == 1
+    r = await client.request(f"/v2/library/alpine/blobs/{digest}")  # the next pull heals
+    assert r.complete and r.body == layer
+    assert store.size_of(hexdigest(layer)) == len(layer)
+
+
+async def test_private_blob_is_never_served_from_cache_without_access(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(4, 500_000)
+    hub.add_image("acme/secret", "v1", [layer])
+    hub.add_user("alice", "s3cret")
+    hub.make_private("acme/secret", "alice")
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
+    assert (await alice.request(f"/v2/acme/secret/blobs/{digest}")).body == layer
+    store = proxy.proxy.cache
+    assert store is not None and store.size_of(hexdigest(layer)) == len(layer)
+    stranger = RegistryClient(proxy.url, ca)
+    r = await stranger.request(f"/v2/acme/secret/blobs/{digest}")
+    assert r.status == 401
+    assert layer[:1000] not in r.body
+    # nor under another repository name the stranger can read: blobs are repository-scoped
+    hub.add_image("library/alpine", "3.20", [make_layer(5, 1000)])
+    r = await stranger.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.status == 404
+    assert r.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert store.stats.hits == 0
+
+
+async def test_blob_larger_than_the_cache_streams_uncached(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(6, 300_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), cache_size=100_000)
+    client = RegistryClient(proxy.url, ca)
+    for _ in range(2):
+        assert (await client.request(f"/v2/library/alpine/blobs/{digest}")).body == layer
+    assert _cdn_gets(hub, digest) == 2
