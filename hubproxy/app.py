@@ -11,7 +11,9 @@ import trio
 
 from .cache import BlobStore
 from .config import Config
+from .manifests import ManifestStore
 from .proxy import Proxy
+from .pullthrough import PullThrough
 from .server import Server
 
 log = logging.getLogger("hubproxy")
@@ -42,12 +44,14 @@ async def serve(
     """
     proxy = Proxy(config)
     if config.cache_dir is not None:
-        store = BlobStore(Path(config.cache_dir), config.cache_size)
+        blobs = BlobStore(Path(config.cache_dir), config.cache_size)
+        manifests = ManifestStore(Path(config.cache_dir))
         try:
-            store.open()
+            blobs.open()
+            manifests.open()
         except OSError as exc:
             raise CacheDirError(config.cache_dir) from exc
-        proxy.cache = store
+        proxy.pullthrough = PullThrough(proxy, blobs, manifests, config.manifest_ttl)
     server = Server(config, proxy.handle)
     await server.bind()  # before any nursery, so "port in use" is a plain OSError
     try:

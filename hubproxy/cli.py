@@ -128,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="20G",
         help="evict least recently used blobs beyond this size, e.g. 500M, 20G (default 20G)",
     )
-    cache.add_argument("--no-cache", action="store_true", help="do not cache blobs at all")
+    cache.add_argument(
+        "--manifest-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="serve a cached tag without asking the upstream (HEAD) for this long (default 60)",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="do not cache at all")
     defaults = Timeouts()
     tm = parser.add_argument_group("timeouts (seconds)")
     tm.add_argument(
@@ -271,6 +278,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag)
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
+    if not math.isfinite(args.manifest_ttl) or args.manifest_ttl < 0:
+        raise UsageError("--manifest-ttl must be 0 or more seconds")
     if args.max_redirects < 0:
         raise UsageError("--max-redirects must be 0 or more")
     timeouts = Timeouts(
@@ -291,6 +300,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         cache_dir=None if args.no_cache else args.cache_dir,
         cache_size=cache_size,
+        manifest_ttl=args.manifest_ttl,
         listen_host=host,
         listen_port=port,
         cert=cert,

@@ -42,6 +42,7 @@ class Config:
     pool_max_per_origin: int = 100
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
+    manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = Timeouts()
 
     @property

@@ -10,9 +10,6 @@ named is remembered per upstream so token requests can be forwarded to it.
 
 from __future__ import annotations
 
-import enum
-import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,17 +20,11 @@ import trio
 
 from . import flow
 from .auth import public_base, rewrite_challenge
-from .cache import (
-    BlobStore,
-    CacheFillFailed,
-    RangeNotSatisfiable,
-    cached_blob_answer,
-    sha256_hex,
-)
 from .config import Config
 from .errors import ClientProtocolError, ProxyError, RouteNotFound, UpstreamUnavailable
-from .headers import Headers, client_response_headers, get_header, upstream_request_headers
+from .headers import Headers, client_response_headers, upstream_request_headers
 from .pool import Connector, Pool
+from .pullthrough import PullThrough
 from .redirects import client_location
 from .routing import Route, RouteKind, rewrite_token_query, route_request
 from .server import ClientRequest, ClientResponse, ResponseAborted
@@ -53,17 +44,6 @@ CARRIED_FROM_REDIRECT = (
     b"docker-ratelimit-source",
 )
 DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so its connection is reused
-
-
-CACHE_METHODS = frozenset({"GET", "HEAD"})
-ACCESS_CONFIRMATION_TTL = 60.0  # Docker Hub tokens live 300 s; a revoked grant is seen soon
-MAX_CONFIRMATIONS = 10_000
-
-
-class Access(enum.Enum):
-    ALLOWED = "allowed"
-    DENIED = "denied"
-    UNAVAILABLE = "unavailable"  # the upstream could not say (down, 429, 5xx)
 
 
 Deliver = Callable[[UpstreamConnection, h11.Response, Headers, AsyncExitStack], Awaitable[None]]
@@ -103,10 +83,8 @@ class Proxy:
             max_per_origin=config.pool_max_per_origin,
         )
         self.registry = UpstreamSet(config.upstreams)
-        self.cache: BlobStore | None = None  # set by the app when --cache-dir is in use
-        self.background: trio.Nursery | None = None  # where cache fills run
-        self.confirmed: dict[tuple[str, str], float] = {}  # (sha256(auth), repo) -> until
-        self.pending: dict[str, trio.Event] = {}  # blob misses whose upstream head is awaited
+        self.pullthrough: PullThrough | None = None  # set by the app when caching
+        self.background: trio.Nursery | None = None  # where cache fills and probes run
 
     async def handle(self, request: ClientRequest, response: ClientResponse) -> None:
         try:
@@ -114,12 +92,11 @@ class Proxy:
                 request.method, request.target, library_prefix=self.config.library_prefix
             )
             if route.kind is RouteKind.REGISTRY:
-                plan = self._plan(request, route.target, self.registry.urls)
-                key = self._cache_key(request, route)
-                if key is not None:
-                    await self._serve_blob(plan, request, response, route, key)
+                plan = self.plan(request, route.target, self.registry.urls)
+                if self.pullthrough is not None and self.pullthrough.handles(request, route):
+                    await self.pullthrough.serve(plan, request, response, route)
                 else:
-                    await self._run(
+                    await self.run_flow(
                         plan,
                         request,
                         response,
@@ -131,196 +108,14 @@ class Proxy:
             else:
                 if self.config.index_url is None:
                     raise RouteNotFound("search is not configured on this mirror")
-                plan = self._plan(request, route.target, (self.config.index_url,))
-                await self._run(plan, request, response, upstreams=None)
+                plan = self.plan(request, route.target, (self.config.index_url,))
+                await self.run_flow(plan, request, response, upstreams=None)
         except ProxyError as error:
             if error.status >= 500:
                 log.warning("%s %s failed: %s", request.method, response.record.path, error)
             await response.send_error(error, close=isinstance(error, ClientProtocolError))
 
-    # -- the blob cache -----------------------------------------------------------------------
-
-    def _cache_key(self, request: ClientRequest, route: Route) -> str | None:
-        if self.cache is None or route.blob_digest is None or request.method not in CACHE_METHODS:
-            return None
-        return sha256_hex(route.blob_digest)
-
-    async def _serve_blob(
-        self,
-        plan: flow.Plan,
-        request: ClientRequest,
-        response: ClientResponse,
-        route: Route,
-        key: str,
-    ) -> None:
-        """A blob GET/HEAD with the cache: a hit (after an access check), or a miss that fills."""
-        store = self.cache
-        assert store is not None
-        while (pending := self.pending.get(key)) is not None:
-            await pending.wait()  # another client's miss: let it start the one upstream fetch
-        if store.size_of(key) is not None or key in store.fills:
-            if await self._serve_hit(request, response, route, key):
-                return
-        elif request.method == "GET" and get_header(request.headers, b"range") is None:
-            store.stats.misses += 1
-            self.pending[key] = trio.Event()
-            try:
-                deliver = functools.partial(self._deliver_blob, request, response, route, key)
-                await self._run(
-                    plan,
-                    request,
-                    response,
-                    upstreams=self.registry,
-                    blob_digest=route.blob_digest,
-                    deliver=deliver,
-                )
-            finally:
-                self._release_pending(key)
-            return
-        # uncached probes and resumes, or a hit the client may not have: the upstream answers
-        await self._run(
-            plan, request, response, upstreams=self.registry, blob_digest=route.blob_digest
-        )
-
-    def _release_pending(self, key: str) -> None:
-        pending = self.pending.pop(key, None)
-        if pending is not None:
-            pending.set()
-
-    async def _serve_hit(
-        self, request: ClientRequest, response: ClientResponse, route: Route, key: str
-    ) -> bool:
-        """Serve a cached (or filling) blob if the upstream would serve it to this client."""
-        store = self.cache
-        assert store is not None
-        access = await self._confirm_access(request, response, route)
-        if access is Access.DENIED:
-            return False
-        if access is Access.UNAVAILABLE:
-            return False  # (stale answers for anonymously readable repositories: later)
-        if store.size_of(key) is None and key not in store.fills:
-            return False  # evicted while we asked
-        store.stats.hits += 1
-        await self._send_cached(request, response, key, route.blob_digest or "")
-        return True
-
-    async def _confirm_access(
-        self, request: ClientRequest, response: ClientResponse, route: Route
-    ) -> Access:
-        """Ask the upstream (HEAD, not counted by Docker Hub) whether this client may read the
-        blob, remembering a yes for a while per credentials and repository."""
-        authorization = get_header(request.headers, b"authorization") or b""
-        remembered = (hashlib.sha256(authorization).hexdigest(), route.repository or "")
-        now = trio.current_time()
-        if self.confirmed.get(remembered, 0.0) > now:
-            return Access.ALLOWED
-        plan = flow.Plan(
-            method="HEAD",
-            target=route.target.partition("?")[0],
-            upstreams=self.registry.urls,
-            replayable=True,
-            follow_redirects=False,
-            rate_limit_rest=self.config.rate_limit_rest,
-            unreachable_rest=self.config.unreachable_rest,
-        )
-        status = 0
-
-        async def note_status(
-            conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
-        ) -> None:
-            nonlocal status
-            status = head.status_code
-            await _drain(conn)
-
-        try:
-            await self._run(plan, request, response, upstreams=self.registry, deliver=note_status)
-        except ProxyError:
-            return Access.UNAVAILABLE
-        if 200 <= status < 400:
-            self._remember_access(request, route)
-            return Access.ALLOWED
-        if status in (401, 403, 404):
-            return Access.DENIED
-        return Access.UNAVAILABLE
-
-    def _remember_access(self, request: ClientRequest, route: Route) -> None:
-        authorization = get_header(request.headers, b"authorization") or b""
-        remembered = (hashlib.sha256(authorization).hexdigest(), route.repository or "")
-        now = trio.current_time()
-        if len(self.confirmed) > MAX_CONFIRMATIONS:
-            self.confirmed = {k: v for k, v in self.confirmed.items() if v > now}
-        self.confirmed[remembered] = now + ACCESS_CONFIRMATION_TTL
-
-    async def _deliver_blob(
-        self,
-        request: ClientRequest,
-        response: ClientResponse,
-        route: Route,
-        key: str,
-        conn: UpstreamConnection,
-        head: h11.Response,
-        headers: Headers,
-        stack: AsyncExitStack,
-    ) -> None:
-        """The upstream's answer to a blob miss: start a fill and serve from it, or stream."""
-        store = self.cache
-        assert store is not None
-        length = get_header(head.headers, b"content-length")
-        size = int(length) if length is not None else None
-        if (
-            head.status_code == 200
-            and size is not None
-            and self.background is not None
-            and key not in store.fills
-            and store.can_fill(size)
-        ):
-            try:
-                fill = store.start_fill(key, size)
-            except OSError as exc:
-                log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
-            else:
-                self._remember_access(request, route)
-                self.background.start_soon(store.run_fill, fill, conn, stack.pop_all())
-                self._release_pending(key)
-                await self._send_cached(request, response, key, route.blob_digest or "")
-                return
-        await self._stream(conn, head, headers, response)
-
-    async def _send_cached(
-        self, request: ClientRequest, response: ClientResponse, key: str, digest: str
-    ) -> None:
-        """Answer from the store (the growing file during a fill), with Range support."""
-        store = self.cache
-        assert store is not None
-        fill = store.fills.get(key)
-        size = fill.size if fill is not None else store.size_of(key)
-        if size is None:
-            raise UpstreamUnavailable(f"cached blob {digest} vanished")
-        range_header = get_header(request.headers, b"range")
-        try:
-            answer = cached_blob_answer(digest, size, range_header)
-        except RangeNotSatisfiable:
-            await response.start(
-                416, [(b"content-range", b"bytes */%d" % size), (b"content-length", b"0")]
-            )
-            await response.finish()
-            return
-        if request.method == "HEAD":
-            await response.start(answer.status, answer.headers)
-            await response.finish()
-            return
-        reader = store.reader(key, answer.start, answer.end)
-        try:
-            await response.start(answer.status, answer.headers)
-            while (chunk := await reader.next_chunk()) is not None:
-                await response.send(chunk)
-        except CacheFillFailed as exc:
-            raise ResponseAborted(str(exc)) from exc
-        finally:
-            reader.close()
-        await response.finish()
-
-    def _plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
+    def plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
         return flow.Plan(
             method=request.method,
             target=target,
@@ -339,23 +134,33 @@ class Proxy:
         if not key.isdigit() or int(key) >= len(self.registry.urls):
             raise RouteNotFound(f"unknown token endpoint /token/{key}")
         index = int(key)
-        realm = self.registry.realms.get(index) or await self._learn_realm(index)
+        realm = self.registry.realms.get(index) or await self.learn_realm(index)
         query = rewrite_token_query(
             route.target.removeprefix("?"), library_prefix=self.config.library_prefix
         )
         target = ("&" if "?" in realm.target else "?") + query if query else ""
-        await self._run(self._plan(request, target, (realm,)), request, response, upstreams=None)
+        await self.run_flow(self.plan(request, target, (realm,)), request, response, upstreams=None)
 
-    async def _learn_realm(self, index: int) -> Url:
+    async def simple_request(
+        self, method: str, url: Url, headers: Headers
+    ) -> tuple[int, Headers, bytes]:
+        """One request of our own (no client behind it): status, headers, body up to 64 KiB."""
+        async with self.pool.connection(url.origin) as conn:
+            all_headers: Headers = [(b"host", url.origin.authority.encode()), *headers]
+            await conn.send_request(method, url.target, all_headers)
+            head = await conn.receive_head(method)
+            body = bytearray()
+            while (chunk := await conn.receive_body()) is not None and len(body) <= DRAIN_LIMIT:
+                body += chunk
+        return head.status_code, list(head.headers), bytes(body)
+
+    async def learn_realm(self, index: int) -> Url:
         """Ask upstream ``index`` for its challenge (``GET /v2/``) and remember the realm."""
         base = self.registry.urls[index]
-        async with self.pool.connection(base.origin) as conn:
-            await conn.send_request(
-                "GET", _join(base.target, "/v2/"), [(b"host", base.origin.authority.encode())]
-            )
-            head = await conn.receive_head("GET")
-            await _drain(conn)
-        for key, value in head.headers:
+        _status, headers, _body = await self.simple_request(
+            "GET", Url(base.origin, _join(base.target, "/v2/")), []
+        )
+        for key, value in headers:
             if key != b"www-authenticate":
                 continue
             _rewritten, realm = rewrite_challenge(value.decode("latin-1"), "")
@@ -371,7 +176,7 @@ class Proxy:
         self.registry.realms[index] = url
         return url
 
-    async def _run(
+    async def run_flow(
         self,
         plan: flow.Plan,
         request: ClientRequest,
@@ -424,7 +229,7 @@ class Proxy:
                         # sets it only when serving itself); the registry would have sent it
                         headers = _with_default(headers, b"docker-content-digest", blob_digest)
                     if deliver is None:
-                        await self._stream(conn, head, headers, response)
+                        await self.stream_response(conn, head, headers, response)
                     else:
                         await deliver(conn, head, headers, stack)
                     return
@@ -438,7 +243,7 @@ class Proxy:
                 elif first_head is None and isinstance(event, flow.HeadReceived):
                     first_head = head  # the registry's redirect, whose headers we carry
                 if conn is not None:
-                    await _drain(conn)
+                    await conn.discard_body(DRAIN_LIMIT)
 
     async def _exchange(
         self, stack: AsyncExitStack, plan: flow.Plan, attempt: flow.Attempt, request: ClientRequest
@@ -527,7 +332,7 @@ class Proxy:
                 return value
         return rewritten.encode("latin-1")
 
-    async def _stream(
+    async def stream_response(
         self,
         conn: UpstreamConnection,
         head: h11.Response,
@@ -542,18 +347,6 @@ class Proxy:
         except ProxyError as error:
             raise ResponseAborted(f"upstream failed mid-body: {error}") from error
         await response.finish()
-
-
-async def _drain(conn: UpstreamConnection) -> None:
-    """Read a small unwanted body (a redirect's) so the connection can go back to the pool."""
-    received = 0
-    try:
-        while (chunk := await conn.receive_body()) is not None:
-            received += len(chunk)
-            if received > DRAIN_LIMIT:
-                return  # not worth it: the pool closes the unfinished connection
-    except ProxyError:
-        return
 
 
 def _log_failover(

@@ -47,6 +47,7 @@ class Route:
     repository: str | None = None  # the upstream's repository name, for /v2/<name>/... routes
     realm_key: str | None = None  # which upstream's realm, for token routes
     blob_digest: str | None = None  # the digest of a /v2/<name>/blobs/<digest> route
+    manifest_reference: str | None = None  # the tag or digest of a /v2/<name>/manifests/ route
 
 
 def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
@@ -66,11 +67,17 @@ def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
             raise RouteNotFound(f"not a registry API path: {_printable(path)}")
         name = upstream_name(match["name"], library_prefix=library_prefix)
         rest = match["rest"]
-        digest = None
+        digest = reference = None
         if rest.startswith("blobs/") and not rest.startswith("blobs/uploads/"):
             digest = rest.removeprefix("blobs/")
+        elif rest.startswith("manifests/"):
+            reference = rest.removeprefix("manifests/")
         return Route(
-            RouteKind.REGISTRY, f"/v2/{name}/{rest}{suffix}", repository=name, blob_digest=digest
+            RouteKind.REGISTRY,
+            f"/v2/{name}/{rest}{suffix}",
+            repository=name,
+            blob_digest=digest,
+            manifest_reference=reference,
         )
     if path == "/v1/search":
         return Route(RouteKind.SEARCH, path + suffix)

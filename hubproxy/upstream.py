@@ -133,6 +133,18 @@ class UpstreamConnection:
             return None
         raise UpstreamUnavailable(f"{self.origin} closed the connection mid-body")
 
+    async def discard_body(self, limit: int) -> None:
+        """Read and drop a small unwanted body (a redirect's) so the connection can be reused;
+        past ``limit`` bytes it is not worth it, and the unfinished connection gets closed."""
+        received = 0
+        try:
+            while (chunk := await self.receive_body()) is not None:
+                received += len(chunk)
+                if received > limit:
+                    return
+        except UpstreamUnavailable:
+            return
+
     async def _receive_length_body(self) -> bytes | bytearray | None:
         if self._pending:
             chunk, self._pending = self._pending, b""

@@ -171,8 +171,8 @@ async def test_short_upstream_body_is_not_cached(nursery: trio.Nursery, tmp_path
     nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
     reader = store.reader(hexdigest(data))
     await feed.send.send(data[:5000])
-    await feed.send.send(None)
     assert await reader.next_chunk() == data[:5000]
+    await feed.send.send(None)
     with pytest.raises(CacheFillFailed):
         await reader.next_chunk()
     reader.close()
@@ -271,7 +271,7 @@ async def test_second_pull_comes_from_the_cache(
         if s.server == "registry" and s.method == "GET" and digest in s.target
     ]
     assert len(registry_gets) <= 2  # the anonymous 401, then the one fetch
-    stats = proxy.proxy.cache.stats if proxy.proxy.cache else None
+    stats = proxy.proxy.pullthrough.stats if proxy.proxy.pullthrough else None
     assert stats is not None and stats.hits == 2 and stats.fills_completed == 1
     # a new client (other credentials) is checked with a HEAD, which Docker Hub does not count
     other = RegistryClient(proxy.url, ca)
@@ -333,7 +333,8 @@ async def test_corrupted_blob_aborts_caches_nothing_and_heals(
     assert r.status == 200
     assert not r.complete  # aborted before the last byte: never wrong bytes with success
     assert len(r.body) < len(layer)
-    store = proxy.proxy.cache
+    assert proxy.proxy.pullthrough is not None
+    store = proxy.proxy.pullthrough.blobs
     assert store is not None
     assert store.size_of(hexdigest(layer)) is None
     assert store.stats.verification_failures == 1
@@ -353,7 +354,8 @@ async def test_private_blob_is_never_served_from_cache_without_access(
     proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
     alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
     assert (await alice.request(f"/v2/acme/secret/blobs/{digest}")).body == layer
-    store = proxy.proxy.cache
+    assert proxy.proxy.pullthrough is not None
+    store = proxy.proxy.pullthrough.blobs
     assert store is not None and store.size_of(hexdigest(layer)) == len(layer)
     stranger = RegistryClient(proxy.url, ca)
     r = await stranger.request(f"/v2/acme/secret/blobs/{digest}")

@@ -1,0 +1,179 @@
+"""Pull-through caching of manifests, and answers while the upstream is down."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from hubproxy.pullthrough import PullThrough
+from tests.conftest import RunningProxy, StartProxy, TLSFiles
+from tests.fakehub import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST, FakeHub, make_layer
+from tests.registry_client import RegistryClient
+from tests.test_skopeo import Skopeo, check_dir_copy
+
+
+def pullthrough(proxy: RunningProxy) -> PullThrough:
+    assert proxy.proxy.pullthrough is not None
+    return proxy.proxy.pullthrough
+
+
+def manifest_gets(hub: FakeHub, repo: str) -> int:
+    """Manifest GETs with a token (the anonymous first try of the token dance is a 401)."""
+    return sum(
+        1
+        for s in hub.requests
+        if s.server == "registry"
+        and s.method == "GET"
+        and f"/v2/{repo}/manifests/" in s.target
+        and "authorization" in s.headers
+    )
+
+
+async def stoppable_hub(nursery: trio.Nursery, ca: trustme.CA) -> tuple[FakeHub, trio.CancelScope]:
+    hub = FakeHub(ca)
+    scope = trio.CancelScope()
+
+    async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await hub.serve(task_status=task_status)
+
+    await nursery.start(run)
+    return hub, scope
+
+
+ACCEPT = [("accept", f"{MEDIA_DOCKER_MANIFEST}, {MEDIA_OCI_MANIFEST}")]
+
+
+async def test_manifests_by_tag_are_revalidated_with_head_only(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    digest = hub.add_image("library/alpine", "3.20", [make_layer(1, 1000)])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_ttl=0.0)
+    first = RegistryClient(proxy.url, ca)
+    r = await first.request("/v2/library/alpine/manifests/3.20", headers=ACCEPT)
+    assert r.status == 200
+    assert r.headers["docker-content-digest"] == digest
+    body = r.body
+    before = hub.ratelimit_remaining
+    for client in (first, RegistryClient(proxy.url, ca)):
+        r = await client.request("/v2/library/alpine/manifests/3.20", headers=ACCEPT)
+        assert r.status == 200
+        assert r.body == body  # byte-exact
+        assert r.headers["docker-content-digest"] == digest
+        assert r.headers["content-type"] == MEDIA_DOCKER_MANIFEST
+        r = await client.request(f"/v2/library/alpine/manifests/{digest}", headers=ACCEPT)
+        assert r.body == body
+    assert manifest_gets(hub, "library/alpine") == 1  # HEADs only after the first GET
+    assert hub.ratelimit_remaining == before  # so Docker Hub's pull count did not move
+    assert pullthrough(proxy).stats.hits == 4
+
+
+async def test_a_moved_tag_is_fetched_anew(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    old = hub.add_image("library/alpine", "latest", [make_layer(1, 1000)])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_ttl=0.0)
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request("/v2/library/alpine/manifests/latest", headers=ACCEPT)
+    assert r.headers["docker-content-digest"] == old
+    new = hub.add_image("library/alpine", "latest", [make_layer(2, 1000)])
+    r = await client.request("/v2/library/alpine/manifests/latest", headers=ACCEPT)
+    assert r.headers["docker-content-digest"] == new
+    assert hashlib.sha256(r.body).hexdigest() == new.removeprefix("sha256:")
+
+
+async def test_manifest_ttl_skips_revalidation_for_a_confirmed_client(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    hub.add_image("library/alpine", "latest", [make_layer(1, 1000)])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_ttl=3600.0)
+    client = RegistryClient(proxy.url, ca)
+    await client.request("/v2/library/alpine/manifests/latest", headers=ACCEPT)
+    await pullthrough(proxy).wait_probes()  # the background "is it public?" question
+    seen = len(hub.requests)
+    r = await client.request("/v2/library/alpine/manifests/latest", headers=ACCEPT)
+    assert r.status == 200
+    assert len(hub.requests) == seen  # not even a HEAD
+    stranger = RegistryClient(proxy.url, ca)  # other credentials: access is checked anyway
+    r = await stranger.request("/v2/library/alpine/manifests/latest", headers=ACCEPT)
+    assert r.status == 200
+    assert len(hub.requests) > seen
+
+
+async def test_accept_negotiation_is_respected(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    hub.add_image("library/alpine", "3.20", [make_layer(1, 1000)])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request("/v2/library/alpine/manifests/3.20", headers=ACCEPT)
+    assert r.status == 200
+    # cached as a Docker schema 2 manifest; this client only takes OCI manifests
+    r = await client.request(
+        "/v2/library/alpine/manifests/3.20", headers=[("accept", MEDIA_OCI_MANIFEST)]
+    )
+    assert r.status == 404
+    assert r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_private_manifest_needs_the_clients_own_access(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    hub.add_image("acme/secret", "v1", [make_layer(1, 1000)])
+    hub.add_user("alice", "s3cret")
+    hub.make_private("acme/secret", "alice")
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
+    assert (await alice.request("/v2/acme/secret/manifests/v1", headers=ACCEPT)).status == 200
+    stranger = RegistryClient(proxy.url, ca)
+    r = await stranger.request("/v2/acme/secret/manifests/v1", headers=ACCEPT)
+    assert r.status == 401
+    assert pullthrough(proxy).stats.hits == 0
+    await pullthrough(proxy).wait_probes()
+    assert "acme/secret" not in pullthrough(proxy).manifests.anonymous
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
+async def test_public_image_pulls_completely_while_the_upstream_is_down(
+    nursery: trio.Nursery,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+) -> None:
+    hub, hub_scope = await stoppable_hub(nursery, ca)
+    layers = [make_layer(1, 800_000), make_layer(2, 5000)]
+    hub.add_image("library/busybox", "latest", layers)
+    hub.add_image("acme/secret", "v1", [make_layer(3, 1000)])
+    hub.add_user("alice", "s3cret")
+    hub.make_private("acme/secret", "alice")
+    proxy = await start_proxy(upstream=hub.registry_url, cache_dir=str(tmp_path / "cache"))
+    skopeo = Skopeo(proxy, tls_files, tmp_path)
+    src = ["--src-cert-dir", skopeo.cert_dir]
+    await skopeo.run("copy", *src, skopeo.ref("busybox:latest"), f"dir:{tmp_path / 'one'}")
+    alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
+    assert (await alice.request("/v2/acme/secret/manifests/v1", headers=ACCEPT)).status == 200
+    with trio.fail_after(20):
+        await pullthrough(proxy).wait_probes()
+    assert "library/busybox" in pullthrough(proxy).manifests.anonymous
+
+    hub_scope.cancel()  # Docker Hub goes away
+    target = tmp_path / "two"
+    await skopeo.run("copy", *src, skopeo.ref("busybox:latest"), f"dir:{target}")
+    checked = check_dir_copy(target)
+    for layer in layers:
+        assert hashlib.sha256(layer).hexdigest() in checked
+    assert json.loads((target / "manifest.json").read_bytes())["schemaVersion"] == 2
+    assert pullthrough(proxy).stats.stale_answers > 0
+    # a private image is never answered from the cache without the upstream's word (alice's
+    # own confirmed token would still do, for ACCESS_CONFIRMATION_TTL)
+    later = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
+    r = await later.request("/v2/acme/secret/manifests/v1", headers=ACCEPT)
+    assert r.status == 502
+    assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
