@@ -56,6 +56,7 @@ class CacheStats:
     evictions: int = 0
     verification_failures: int = 0
     stale_answers: int = 0
+    sendfile_bytes: int = 0
     fills_completed: int = 0
     fills_failed: int = 0
 
@@ -368,10 +369,39 @@ class BlobReader:
                 raise
             self._fd = os.open(self.store.path(self.key), os.O_RDONLY)  # renamed meanwhile
 
+    async def next_span(self, limit: int = READ_SIZE) -> tuple[int, int, int] | None:
+        """The next ``(fd, offset, count)`` that may be sent (count <= limit), None at the end.
+
+        The position advances past the span: the caller sends all of it (with ``os.sendfile``,
+        say) or gives up on the transfer. CacheFillFailed if the fill it follows failed.
+        """
+        if self.position >= self.end:
+            return None
+        available = await self._available()
+        if self._fd < 0:
+            self._open()
+        span = (self._fd, self.position, min(limit, available - self.position))
+        self.position += span[2]
+        self.store.stats.bytes_from_cache += span[2]
+        return span
+
     async def next_chunk(self) -> bytes | None:
         """The next chunk, None at the end; CacheFillFailed if the fill it follows failed."""
         if self.position >= self.end:
             return None
+        available = await self._available()
+        if self._fd < 0:
+            self._open()
+        want = min(READ_SIZE, available - self.position)
+        chunk = os.pread(self._fd, want, self.position)
+        if not chunk:
+            raise CacheFillFailed(f"cached blob sha256:{self.key} is shorter than recorded")
+        self.position += len(chunk)
+        self.store.stats.bytes_from_cache += len(chunk)
+        return chunk
+
+    async def _available(self) -> int:
+        """How far reading may go now: the end, or the verified-so-far part of a fill."""
         available = self.end
         fill = self.fill
         if fill is not None and fill.state is not FillState.DONE:
@@ -383,15 +413,7 @@ class BlobReader:
                 raise CacheFillFailed(f"cache fill failed: {fill.error}")
             if fill.state is FillState.FILLING:
                 available = min(fill.written, limit)
-        if self._fd < 0:
-            self._open()
-        want = min(READ_SIZE, available - self.position)
-        chunk = os.pread(self._fd, want, self.position)
-        if not chunk:
-            raise CacheFillFailed(f"cached blob sha256:{self.key} is shorter than recorded")
-        self.position += len(chunk)
-        self.store.stats.bytes_from_cache += len(chunk)
-        return chunk
+        return available
 
     def close(self) -> None:
         if self._fd >= 0:

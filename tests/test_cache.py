@@ -380,3 +380,29 @@ async def test_blob_larger_than_the_cache_streams_uncached(
     for _ in range(2):
         assert (await client.request(f"/v2/library/alpine/blobs/{digest}")).body == layer
     assert _cdn_gets(hub, digest) == 2
+
+
+async def test_plain_http_hits_use_sendfile_and_keep_the_connection(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layers = [make_layer(7, 3_000_000), make_layer(8, 10_000)]
+    hub.add_image("library/alpine", "3.20", layers)
+    proxy = await start_proxy(tls=False, cache_dir=str(tmp_path / "cache"))
+    token_client = RegistryClient(proxy.url, ca)
+    assert (await token_client.request("/v2/library/alpine/tags/list")).status == 200
+    auth = [("authorization", f"Bearer {token_client.tokens['']}")]
+    client = await WireClient.connect(proxy.url, ca)
+    for _ in range(2):  # a miss (served from the growing file), then a hit
+        for layer in layers:
+            head, body = await client.request(
+                "GET", f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}", auth
+            )
+            assert head.status_code == 200
+            assert body == layer
+    head, body = await client.request(  # and the connection still serves other requests
+        "GET", "/v2/library/alpine/tags/list", auth
+    )
+    assert head.status_code == 200
+    await client.aclose()
+    assert proxy.proxy.pullthrough is not None
+    assert proxy.proxy.pullthrough.stats.sendfile_bytes >= 2 * sum(map(len, layers))
