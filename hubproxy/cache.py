@@ -244,7 +244,9 @@ class BlobStore:
             free = shutil_free_bytes(self.root)
         except OSError:
             return False
-        return free >= size + FREE_SPACE_MARGIN
+        # fills under way will take the rest of their size too
+        reserved = sum(fill.size - fill.written for fill in self.fills.values())
+        return free - reserved >= size + FREE_SPACE_MARGIN
 
     # -- filling ----------------------------------------------------------------------------
 

@@ -406,3 +406,34 @@ async def test_plain_http_hits_use_sendfile_and_keep_the_connection(
     await client.aclose()
     assert proxy.proxy.pullthrough is not None
     assert proxy.proxy.pullthrough.stats.sendfile_bytes >= 2 * sum(map(len, layers))
+
+
+async def test_a_full_disk_streams_uncached_instead_of_failing(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = make_layer(9, 400_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    monkeypatch.setattr("hubproxy.cache.shutil_free_bytes", lambda path: 1024 * 1024)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}")
+    assert r.complete and r.body == layer  # 1 MiB free: below the margin, no fill
+    assert proxy.proxy.pullthrough is not None
+    assert proxy.proxy.pullthrough.blobs.size_of(hexdigest(layer)) is None
+
+
+def test_fills_under_way_reserve_their_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("hubproxy.cache.shutil_free_bytes", lambda path: 200 * 1024 * 1024)
+    store = BlobStore(tmp_path, 1 << 40)
+    store.open()
+    size = 100 * 1024 * 1024
+    assert store.can_fill(size)
+    fill = store.start_fill("c" * 64, size)
+    assert not store.can_fill(size)  # the first fill will need its 100 MiB too
+    os.close(fill.fd)
