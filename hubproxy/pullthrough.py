@@ -301,6 +301,7 @@ class PullThrough:
         store = self.blobs
         fill = store.fills.get(key)
         size = fill.size if fill is not None else store.size_of(key)
+        response.record.upstream = "cache" if fill is None else "cache-fill"
         if size is None:
             raise UpstreamUnavailable(f"cached blob {digest} vanished")
         try:
@@ -448,6 +449,7 @@ class PullThrough:
     async def _send_manifest(
         self, request: ClientRequest, response: ClientResponse, cached: CachedManifest
     ) -> None:
+        response.record.upstream = "cache"
         headers = [
             (b"content-type", cached.media_type.encode("latin-1")),
             (b"content-length", b"%d" % len(cached.body)),
