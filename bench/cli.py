@@ -1,0 +1,295 @@
+"""``python -m bench``: the command line, and the run from setup to the summary lines.
+
+Exit status: 0 when every run was verified, 1 when some run failed verification (the report is
+still written), 2 for usage errors or missing tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+from bench.cases import FULL_CASES, QUICK_CASES, Case, parse_cases
+from bench.contestants import CONTESTANTS, DEFAULT_CONTESTANTS, Name, parse_contestants
+from bench.env import (
+    REPO_ROOT,
+    Tools,
+    describe,
+    ensure_tools,
+    loadavg,
+    missing_python_packages,
+    source_fingerprint,
+)
+
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Blob throughput, CPU and memory of hubproxy against the nginx recipe, the "
+        "tuned recipe and direct fetching, on 127.0.0.1, interleaved, every byte verified.",
+    )
+    add = parser.add_argument
+    add(
+        "--quick",
+        action="store_true",
+        help=f"smoke run, under a minute: {','.join(QUICK_CASES)}, 2 repetitions, 1 s of "
+        "small requests",
+    )
+    add("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results)")
+    add("--reps", type=int, help="measured repetitions (default 5, quick 2)")
+    add("--warmup", type=int, default=1, help="discarded warm-up repetitions (default 1)")
+    add(
+        "--cases",
+        help=f"comma-separated cases (default {','.join(FULL_CASES)}); blob cases are "
+        "[COUNTx]SIZE(MiB|GiB)-(tls|http)[-noredir][-hit], small ones small-(tls|http)",
+    )
+    add(
+        "--contestants",
+        default=",".join(DEFAULT_CONTESTANTS),
+        help=f"comma-separated, from {','.join(CONTESTANTS)} (default: all but hubproxy-nocache)",
+    )
+    add(
+        "--small-seconds",
+        type=float,
+        help="wrk duration per small-request run (default 2, quick 1)",
+    )
+    add("--wrk-threads", type=int, default=2, help="wrk threads (default 2)")
+    add("--max-time", type=float, default=120.0, help="limit per client invocation, seconds")
+    add("--tmp", type=Path, help="where blobs and instances live (default /dev/shm)")
+    add(
+        "--cache-base",
+        type=Path,
+        help="where hubproxy's cache directories go (default: inside --tmp, i.e. tmpfs; point "
+        "it at a disk to include the disk's cost)",
+    )
+    add("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    cases: list[Case]
+    contestants: list[Name]
+    reps: int
+    warmup: int
+    small_seconds: float
+    wrk_threads: int
+    max_time: float
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def method_lines(tools: Tools, plan: Plan, cache_where: str) -> list[str]:
+    """The method, as bullet points for the report."""
+    return [
+        "Origin: one nginx (`worker_processes auto`) playing Docker Hub: a TLS registry answering "
+        "blob GETs with 307 to a separate TLS CDN endpoint (signed-looking query), a no-redirect "
+        "blob path, a ~2 KiB manifest with `Docker-Content-Digest`; plain-HTTP twins of both. "
+        "Files are random bytes on /dev/shm, sha256 computed as written.",
+        "Contestants, each its own process(es) in front of the same origin; proxy→origin always "
+        "TLS, verified against the bench CA. `hubproxy` as users run it (`python -m hubproxy "
+        "--cert --key --upstream https://origin --upstream-ca --no-library-prefix --log-level "
+        f"warning --cache-dir DIR`: cache on as by default, DIR on {cache_where}). It is "
+        "restarted on an empty cache directory before every run of a miss case (untimed; each "
+        "run is a first pull and its upstream pool starts cold); a separate instance, primed "
+        "untimed and checked to hold every blob, serves the `-hit` cases; in the small-request "
+        "cases its manifest cache (by tag, `--manifest-ttl` 60 s by default) is on. "
+        "`hubproxy-nocache` (optional) is the same with `--no-cache`.",
+        "`nginx-recipe`: Debian's default nginx.conf (`worker_processes auto`) with the pasted "
+        "recipe: TLS termination, `proxy_buffering off`, `proxy_intercept_errors on`, "
+        "`recursive_error_pages on`, `error_page 301 302 307 = @handle_redirect`, `proxy_pass "
+        "$saved_redirect_location`. `nginx-tuned`: the same plus `proxy_buffering on` "
+        "(`proxy_buffers 16 64k`, no temp files), upstream `keepalive 32` with "
+        '`proxy_http_version 1.1` and `Connection ""`, `ssl_buffer_size 16k`, TLS session '
+        "cache; its CDN hop is still a variable `proxy_pass`: a new connection per blob, with "
+        "TLS session reuse. `direct`: the client at the origin itself, following the 307: the "
+        "ceiling on this machine.",
+        f"Client for blobs: {Path(tools.curl).name} (`--parallel --parallel-max N --http1.1`, "
+        "keep-alive reuse within one invocation, files written to /dev/shm; only `direct` "
+        "follows redirects), timed from spawn to exit; every file is sha256-checked after the "
+        "timed section. Client cost: its CPU from `RUSAGE_CHILDREN` deltas, per GiB (blobs) or "
+        "per request (small).",
+        f"Small requests: wrk `-t{plan.wrk_threads} -c50 -d{plan.small_seconds:g}s --latency`, "
+        "manifest GETs over keep-alive (wrk cannot do keep-alive HEAD); any non-2xx/3xx fails "
+        "the run; after every run curl checks the manifest bytes and digest header (GET) and "
+        "status and length (HEAD) through the contestant.",
+        f"Repetitions: {plan.warmup} warm-up (discarded) + {plan.reps} measured, interleaved: "
+        "every repetition runs every case, contestants in rotated order.",
+        "Figures: MB = 10^6 bytes; throughput = bytes received / client wall time. Proxy CPU = "
+        "utime+stime from /proc/PID/stat (10 ms ticks) over the contestant's processes (nginx: "
+        "master + workers) during the run. Peak RSS = sum of VmHWM over those processes, reset "
+        "before each run (clear_refs 5), max over runs. nginx workers share pages with their "
+        "master, so the sum overstates nginx a little; a long-lived process keeps memory from "
+        "earlier cases (RSS rarely shrinks), which is why each hubproxy cache-hit case has its "
+        "own instance and miss cases a fresh process per run. Ratios compare medians of this "
+        "run.",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cases = parse_cases(args.cases or ",".join(QUICK_CASES if args.quick else FULL_CASES))
+        contestants = parse_contestants(args.contestants)
+    except ValueError as exc:
+        parser.error(str(exc))
+    plan = Plan(
+        cases=cases,
+        contestants=contestants,
+        reps=args.reps if args.reps is not None else (2 if args.quick else 5),
+        warmup=args.warmup,
+        small_seconds=args.small_seconds or (1.0 if args.quick else 2.0),
+        wrk_threads=args.wrk_threads,
+        max_time=args.max_time,
+    )
+    if plan.reps < 1 or plan.warmup < 0 or plan.small_seconds <= 0 or plan.wrk_threads < 1:
+        parser.error("--reps must be >= 1, --warmup >= 0, durations and threads positive")
+    missing = missing_python_packages()
+    if missing:
+        print(
+            f"bench: missing Python packages {', '.join(missing)}: pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+    tools = ensure_tools()
+    if isinstance(tools, str):
+        print(tools, file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+    return run(args, plan, tools, command)
+
+
+def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int:
+    from bench import report
+    from bench.cases import blob_sets
+    from bench.contestants import Contestants, instance_for
+    from bench.fixtures import make_fixtures
+    from bench.origin import start_origin
+    from bench.results import RunRecord, Summary, ratios, summarize
+    from bench.runner import Runner, Settings, stderr_say
+
+    environment = describe(tools)
+    source_at_start = source_fingerprint()
+    settings = Settings(
+        reps=plan.reps,
+        warmup=plan.warmup,
+        small_seconds=plan.small_seconds,
+        wrk_threads=plan.wrk_threads,
+        max_time=plan.max_time,
+    )
+    shm = Path("/dev/shm")
+    base = args.tmp or (shm if shm.is_dir() else None)
+    tmp = Path(tempfile.mkdtemp(prefix="hubproxy-bench-", dir=base))
+    cache_where = str(args.cache_base) if args.cache_base else f"tmpfs under {base or '/tmp'}"
+    started = time.perf_counter()
+    records: list[RunRecord] = []
+    logs: list[report.LogScan] = []
+    try:
+        shapes = blob_sets(plan.cases)
+        t0 = time.perf_counter()
+        fixtures = make_fixtures(tmp, shapes)
+        total = sum(count * size for count, size in shapes)
+        stderr_say(
+            f"bench: {total / 2**20:,.0f} MiB of blobs in {time.perf_counter() - t0:.1f}s "
+            f"under {tmp}"
+        )
+        with contextlib.ExitStack() as stack:
+            cache_base = tmp
+            if args.cache_base:
+                cache_base = Path(tempfile.mkdtemp(prefix="hubproxy-bench-", dir=args.cache_base))
+                stack.callback(shutil.rmtree, cache_base, True)
+            origin = start_origin(tools.nginx, tmp, fixtures, stack)
+            pool = Contestants(tools.nginx, tmp, cache_base, fixtures, origin, stack)
+            runner = Runner(tools, fixtures, origin, pool, settings, tmp, say=stderr_say)
+            records = runner.run(plan.cases, plan.contestants)
+            log_paths = {"origin-nginx": tmp / "origin" / "error.log", **pool.logs()}
+        # every process is stopped here: the logs are complete
+        logs = [
+            report.scan_log(name, path, str(path.relative_to(tmp)))
+            for name, path in log_paths.items()
+        ]
+    finally:
+        if args.keep:
+            stderr_say(f"bench: kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    wall = time.perf_counter() - started
+    environment["load average at end"] = loadavg()
+    if source_fingerprint() != source_at_start:
+        environment["WARNING"] = (
+            f"hubproxy's source changed during the run (sha256 {source_at_start} -> "
+            f"{source_fingerprint()}): runs may mix versions; rerun on a quiet tree"
+        )
+        stderr_say("bench: " + environment["WARNING"])
+    summaries: dict[tuple[str, str], Summary] = {
+        (case.name, name): summarize(case, name, records)
+        for case in plan.cases
+        for name in plan.contestants
+        if instance_for(name, case) is not None
+    }
+    found_ratios = ratios(plan.cases, summaries)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    chart_note = report.plot(out / "throughput.png", plan.cases, plan.contestants, summaries)
+    if chart_note:
+        stderr_say("bench: " + chart_note)
+    method = method_lines(tools, plan, cache_where)
+    (out / "results.md").write_text(
+        report.render_markdown(
+            command=command,
+            wall_seconds=wall,
+            environment=environment,
+            method=method,
+            cases=plan.cases,
+            contestants=plan.contestants,
+            summaries=summaries,
+            ratios=found_ratios,
+            logs=logs,
+            chart_note=chart_note,
+        )
+    )
+    report.write_json(
+        out / "results.json",
+        command=command,
+        wall_seconds=wall,
+        environment=environment,
+        settings={**asdict(settings), "method": method},
+        cases=plan.cases,
+        contestants=plan.contestants,
+        summaries=summaries,
+        ratios=found_ratios,
+        records=records,
+        logs=logs,
+    )
+    for scan in logs:
+        if scan.lines:
+            stderr_say(f"bench: {scan.name} logged {scan.lines} warning/error line(s), e.g.:")
+            for sample in scan.samples[:3]:
+                stderr_say(f"    {sample}")
+    failed = [r for r in records if not r.verified]
+    written = [out / "results.md", out / "results.json"]
+    if not chart_note:
+        written.append(out / "throughput.png")
+    stderr_say(
+        f"bench: {len(records)} runs in {wall:.0f}s, {len(failed)} failed verification; "
+        f"wrote {', '.join(map(str, written))}"
+    )
+    for ratio in found_ratios:
+        print(ratio.line(), flush=True)
+    return 1 if failed else 0
