@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Set up what the test suite needs on a fresh machine, then run it (lint, types, pytest).
-# Installs skopeo (the real registry client of the end-to-end tests) with apt when it is missing
-# and we are root; everything Python goes into ./.venv. Extra arguments go to pytest.
+# Installs the real tools the tests drive with apt when they are missing and we are root: skopeo
+# (the registry client of the end-to-end tests), and nginx, curl and wrk (the benchmark's smoke
+# test). Everything Python goes into ./.venv. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v skopeo >/dev/null 2>&1; then
+missing=()
+for tool in skopeo:skopeo nginx:nginx-light curl:curl wrk:wrk; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq skopeo >/dev/null
+        apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "tests/run.sh: skopeo is missing; install it (e.g. 'sudo apt-get install skopeo') and rerun" >&2
+        echo "tests/run.sh: missing ${missing[*]}; install them (e.g. 'sudo apt-get install ${missing[*]}') and rerun" >&2
         exit 1
     fi
 fi
