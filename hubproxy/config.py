@@ -38,7 +38,7 @@ class Config:
     max_redirects: int = 5
     rate_limit_rest: float = 60.0
     unreachable_rest: float = 10.0
-    pool_max_idle_per_origin: int = 8
+    pool_max_idle_per_origin: int = 32
     pool_max_per_origin: int = 100
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,16 @@ from pathlib import Path
 log = logging.getLogger("hubproxy.cache")
 
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's limit on manifest size
+MEMORY_LIMIT = 8 * 1024 * 1024  # verified manifests kept in memory
 
 
 def accepts(accept_values: Sequence[bytes], media_type: str) -> bool:
-    """Whether a client sending these ``Accept`` headers takes ``media_type``."""
+    """Whether a client sending these ``Accept`` headers takes ``media_type``.
+
+    No ``Accept`` at all means any media type (RFC 9110 section 12.5.1).
+    """
+    if not accept_values:
+        return True
     wanted = media_type.lower()
     major = wanted.split("/", 1)[0]
     for value in accept_values:
@@ -68,6 +75,8 @@ class ManifestStore:
         self.tags: dict[str, str] = {}  # "repo:tag" -> hex
         self.anonymous: set[str] = set()  # repositories anyone may pull
         self.private: set[str] = set()  # asked, and anonymous pulls were refused (memory only)
+        self._verified: OrderedDict[str, bytes] = OrderedDict()  # hex -> body, checked once
+        self._verified_bytes = 0
 
     def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -87,13 +96,27 @@ class ManifestStore:
         media_type = self.types.get(hexpart)
         if media_type is None:
             return None
-        try:
-            body = (self.dir / hexpart).read_bytes()
-        except OSError:
-            return None
-        if hashlib.sha256(body).hexdigest() != hexpart:  # a damaged file is never served
-            return None
+        body = self._verified.get(hexpart)
+        if body is None:
+            try:
+                body = (self.dir / hexpart).read_bytes()
+            except OSError:
+                return None
+            if hashlib.sha256(body).hexdigest() != hexpart:  # a damaged file is never served
+                return None
+            self._remember_verified(hexpart, body)
+        else:
+            self._verified.move_to_end(hexpart)
         return CachedManifest(f"sha256:{hexpart}", media_type, body)
+
+    def _remember_verified(self, hexpart: str, body: bytes) -> None:
+        """Keep recently served manifests in memory (bounded): no disk read or hash per hit."""
+        if hexpart not in self._verified:
+            self._verified_bytes += len(body)
+        self._verified[hexpart] = body
+        while self._verified_bytes > MEMORY_LIMIT and self._verified:
+            _key, old = self._verified.popitem(last=False)
+            self._verified_bytes -= len(old)
 
     def tag(self, repository: str, tag: str) -> str | None:
         hexpart = self.tags.get(f"{repository}:{tag}")
@@ -108,6 +131,7 @@ class ManifestStore:
         if reference.startswith("sha256:") and reference != f"sha256:{hexpart}":
             return None
         path = self.dir / hexpart
+        self._remember_verified(hexpart, body)
         if not path.exists():
             temp = path.with_suffix(".partial")
             temp.write_bytes(body)
