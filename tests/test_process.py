@@ -3,6 +3,7 @@ access log, and a graceful stop on SIGTERM; plus the in-process shutdown drain."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import signal
@@ -158,3 +159,77 @@ async def test_unusable_cache_dir_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot use the cache directory {blocker}".encode() in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+async def test_a_fill_killed_half_way_leaves_no_blob_and_restart_cleans_up(
+    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A real crash: SIGKILL while a blob is being cached, then a restart on the same cache."""
+    blob = make_layer(5, 4 * 1024 * 1024)
+    digest = hashlib.sha256(blob).hexdigest()
+    half_sent = trio.Event()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def stalling_upstream(stream: trio.SocketStream) -> None:
+        # answers a request with the blob's headers and half its body, then stalls
+        with contextlib.suppress(trio.BrokenResourceError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(65536)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                b"content-length: %d\r\n\r\n" % len(blob) + blob[: len(blob) // 2]
+            )
+            half_sent.set()
+            await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, stalling_upstream, listeners)
+    cache = tmp_path / "cache"
+    argv = [
+        sys.executable,
+        "-m",
+        "hubproxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        f"http://127.0.0.1:{port}",
+        "--no-library-prefix",
+        "--cache-dir",
+        str(cache),
+    ]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    output = bytearray()
+    try:
+        with trio.fail_after(30):
+            match = await _read_until(
+                process.stderr, re.compile(rb"listening on (http://127\.0\.0\.1:\d+)"), output
+            )
+            client = await WireClient.connect(match.group(1).decode(), ca)
+            await client.send_request("GET", f"/v2/x/blobs/sha256:{digest}")
+            assert (await client.receive_head()).status_code == 200
+            await half_sent.wait()
+            partial = await client.receive_body(limit=1024 * 1024)
+            assert 0 < len(partial) < len(blob)
+            assert list((cache / "tmp").iterdir())  # the fill's temporary file
+            process.kill()
+            await process.wait()
+            await client.aclose()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.stderr.aclose()
+    assert not (cache / "blobs" / "sha256" / digest[:2] / digest).exists()
+    restarted = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
+    assert restarted.stderr is not None
+    try:
+        with trio.fail_after(30):
+            await _read_until(restarted.stderr, re.compile(rb"listening on"), bytearray())
+        assert list((cache / "tmp").iterdir()) == []  # the crash's leftovers are gone
+        assert not (cache / "blobs" / "sha256" / digest[:2] / digest).exists()
+    finally:
+        restarted.kill()
+        await restarted.wait()
+        await restarted.stderr.aclose()
