@@ -296,6 +296,11 @@ class BlobStore:
             fill.error = str(exc)
             self.stats.fills_failed += 1
             log.warning("cache fill of sha256:%s failed, nothing cached: %s", fill.key, exc)
+        except Exception as exc:  # a bug: it must cost this fill, never the process
+            fill.state = FillState.FAILED
+            fill.error = "internal error"
+            self.stats.fills_failed += 1
+            log.exception("cache fill of sha256:%s failed by an internal error: %r", fill.key, exc)
         except BaseException:
             fill.state = FillState.FAILED
             fill.error = "cancelled"

@@ -2,9 +2,9 @@
 
 The security rule: the cache only serves what the upstream would serve this client. Before a hit
 is served, the client's own credentials (or none) are shown to the upstream with a HEAD request
-(Docker Hub does not count HEADs against the rate limit); a yes is remembered per credentials and
-repository for :data:`ACCESS_CONFIRMATION_TTL`. A no, or any answer we cannot read as a yes, sends
-the client's request upstream as it is, so the client gets the registry's own answer.
+(Docker Hub does not count HEADs against the rate limit); a yes is remembered per credentials
+and blob or manifest for :data:`ACCESS_CONFIRMATION_TTL`. A no, or any answer we cannot read as a
+yes, sends the client's request upstream as it is, so the client gets the registry's own answer.
 
 When the upstream cannot answer (down, 429, 5xx) a cached manifest or blob is still served, but
 only for a repository known to be anonymously readable (asked once per repository, in the
@@ -79,7 +79,7 @@ class PullThrough:
         self.manifests = manifests
         self.manifest_ttl = manifest_ttl
         self.stats = blobs.stats
-        self.confirmed: dict[tuple[str, str], float] = {}  # (sha256(auth), repo) -> until
+        self.confirmed: dict[tuple[str, str], float] = {}  # (sha256(auth), path) -> until
         self.tag_checked: dict[tuple[str, str], float] = {}  # (repo, tag) -> when revalidated
         self.pending: dict[str, trio.Event] = {}  # blob misses whose upstream head is awaited
         self.probing: set[str] = set()
@@ -93,7 +93,10 @@ class PullThrough:
             return route.target.partition("?")[0] == "/v2/"
         if route.blob_digest is not None:
             return sha256_hex(route.blob_digest) is not None
-        return route.manifest_reference is not None
+        reference = route.manifest_reference
+        if reference is None:
+            return False
+        return ":" not in reference or sha256_hex(reference) is not None  # a tag, or sha256
 
     async def serve(
         self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
@@ -135,8 +138,11 @@ class PullThrough:
     # -- access ------------------------------------------------------------------------------
 
     def _confirmation_key(self, request: ClientRequest, route: Route) -> tuple[str, str]:
+        # Per resource, not per repository: blobs and manifests are stored by digest for every
+        # repository, and a registry answers BLOB_UNKNOWN for a digest the repository does not
+        # link, however readable the repository is.
         authorization = get_header(request.headers, b"authorization") or b""
-        return hashlib.sha256(authorization).hexdigest(), route.repository or ""
+        return hashlib.sha256(authorization).hexdigest(), route.target.partition("?")[0]
 
     def _access_confirmed(self, request: ClientRequest, route: Route) -> bool:
         until = self.confirmed.get(self._confirmation_key(request, route), 0.0)
@@ -485,7 +491,7 @@ class PullThrough:
         try:
             with trio.fail_after(self.proxy.config.timeouts.upstream_idle):
                 readable = await self._anonymous_head(url)
-        except (ProxyError, trio.TooSlowError, ValueError, KeyError) as exc:
+        except (ProxyError, trio.TooSlowError, ValueError, KeyError, AttributeError) as exc:
             log.info("could not learn whether %s is public: %s", repository, exc)
             readable = None
         finally:
@@ -519,6 +525,8 @@ class PullThrough:
         if status != 200:
             return False
         document = json.loads(body)
+        if not isinstance(document, dict):
+            return False
         token = document.get("token") or document.get("access_token")
         if not isinstance(token, str):
             return False

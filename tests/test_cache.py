@@ -437,3 +437,30 @@ def test_fills_under_way_reserve_their_space(
     fill = store.start_fill("c" * 64, size)
     assert not store.can_fill(size)  # the first fill will need its 100 MiB too
     os.close(fill.fd)
+
+
+async def test_access_to_one_repository_opens_no_other_cached_blob(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A client confirmed for a public repository asks for a private repository's cached layer
+    under the public name: the upstream would say BLOB_UNKNOWN, and so must we."""
+    secret_layer = make_layer(10, 200_000)
+    hub.add_image("acme/secret", "v1", [secret_layer])
+    hub.add_user("alice", "s3cret")
+    hub.make_private("acme/secret", "alice")
+    public_layer = make_layer(11, 1000)
+    hub.add_image("library/alpine", "3.20", [public_layer])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
+    secret = f"sha256:{hexdigest(secret_layer)}"
+    assert (await alice.request(f"/v2/acme/secret/blobs/{secret}")).body == secret_layer
+    stranger = RegistryClient(proxy.url, ca)
+    r = await stranger.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(public_layer)}")
+    assert r.body == public_layer  # access to library/alpine confirmed (and cached)
+    r = await stranger.request(f"/v2/library/alpine/blobs/{secret}")
+    assert r.status == 404
+    assert secret_layer[:1000] not in r.body
+    manifest = hub.add_image("acme/secret", "v2", [make_layer(12, 100)])
+    assert (await alice.request(f"/v2/acme/secret/manifests/{manifest}")).status == 200
+    r = await stranger.request(f"/v2/library/alpine/manifests/{manifest}")
+    assert r.status == 404
