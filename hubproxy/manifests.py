@@ -74,6 +74,7 @@ class ManifestStore:
         self.types: dict[str, str] = {}  # hex -> media type
         self.tags: dict[str, str] = {}  # "repo:tag" -> hex
         self.anonymous: set[str] = set()  # repositories anyone may pull
+        self.links: dict[str, set[str]] = {}  # repository -> digests the upstream served in it
         self.private: set[str] = set()  # asked, and anonymous pulls were refused (memory only)
         self._verified: OrderedDict[str, bytes] = OrderedDict()  # hex -> body, checked once
         self._verified_bytes = 0
@@ -90,6 +91,7 @@ class ManifestStore:
         self.types = {k: v for k, v in state.get("types", {}).items() if (self.dir / k).exists()}
         self.tags = {k: v for k, v in state.get("tags", {}).items() if v in self.types}
         self.anonymous = set(state.get("anonymous", []))
+        self.links = {repo: set(digests) for repo, digests in state.get("links", {}).items()}
 
     def get(self, digest: str) -> CachedManifest | None:
         hexpart = digest.removeprefix("sha256:")
@@ -139,8 +141,23 @@ class ManifestStore:
         self.types[hexpart] = media_type
         if not reference.startswith("sha256:"):
             self.tags[f"{repository}:{reference}"] = hexpart
+        self.links.setdefault(repository, set()).add(f"sha256:{hexpart}")
         self._save()
         return f"sha256:{hexpart}"
+
+    def link(self, repository: str, digest: str) -> None:
+        """Record that the upstream served ``digest`` under ``repository``.
+
+        Registries scope blobs and manifests to repositories; a stale answer (the upstream
+        down) may only give a digest under a repository that was seen to hold it.
+        """
+        linked = self.links.setdefault(repository, set())
+        if digest not in linked:
+            linked.add(digest)
+            self._save()
+
+    def linked(self, repository: str, digest: str) -> bool:
+        return digest in self.links.get(repository, ())
 
     def set_anonymous(self, repository: str, readable: bool) -> None:
         if readable:
@@ -152,7 +169,12 @@ class ManifestStore:
         self._save()
 
     def _save(self) -> None:
-        state = {"types": self.types, "tags": self.tags, "anonymous": sorted(self.anonymous)}
+        state = {
+            "types": self.types,
+            "tags": self.tags,
+            "anonymous": sorted(self.anonymous),
+            "links": {repo: sorted(digests) for repo, digests in self.links.items()},
+        }
         temp = self.state_path.with_suffix(".partial")
         try:
             temp.write_text(json.dumps(state))

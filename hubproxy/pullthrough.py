@@ -185,14 +185,20 @@ class PullThrough:
         assert answer is not None
         if 200 <= answer.status_code < 400:
             self._remember_access(request, route)
+            if route.blob_digest is not None:
+                self.manifests.link(route.repository or "", route.blob_digest)
             return Access.ALLOWED, answer
         if upstream_unavailable(answer.status_code):
             return Access.UNAVAILABLE, answer
         return Access.DENIED, answer
 
-    def _stale_allowed(self, route: Route, what: str) -> bool:
+    def _stale_allowed(self, route: Route, what: str, digest: str) -> bool:
+        """Whether a cached answer may go out unconfirmed: only a digest seen in a repository
+        that anyone may read."""
         repository = route.repository or ""
         if repository not in self.manifests.anonymous:
+            return False
+        if not self.manifests.linked(repository, digest):
             return False
         self.stats.stale_answers += 1
         log.warning(
@@ -252,7 +258,9 @@ class PullThrough:
             access, _head = await self._ask_upstream(request, response, route)
             if access is Access.DENIED:
                 return False
-            if access is Access.UNAVAILABLE and not self._stale_allowed(route, "a blob"):
+            if access is Access.UNAVAILABLE and not self._stale_allowed(
+                route, "a blob", route.blob_digest or ""
+            ):
                 return False
         if self.blobs.size_of(key) is None and key not in self.blobs.fills:
             return False  # evicted while we asked
@@ -289,13 +297,14 @@ class PullThrough:
                 log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
             else:
                 self._remember_access(request, route)
+                self.manifests.link(route.repository or "", route.blob_digest or "")
                 background.start_soon(store.run_fill, fill, conn, stack.pop_all())
                 self._release_pending(key)
                 self._maybe_probe(route, route.target.partition("?")[0])
                 await self._send_blob(request, response, key, route.blob_digest or "")
                 return
         if upstream_unavailable(head.status_code) and store.size_of(key) is not None:
-            if self._stale_allowed(route, "a blob"):
+            if self._stale_allowed(route, "a blob", route.blob_digest or ""):
                 await self._send_blob(request, response, key, route.blob_digest or "")
                 return
         await self.proxy.stream_response(conn, head, headers, response)
@@ -362,7 +371,11 @@ class PullThrough:
                 plan, request, response, upstreams=self.proxy.registry, deliver=deliver
             )
         except ProxyError:
-            if response.started or cached is None or not self._stale_allowed(route, "a manifest"):
+            if (
+                response.started
+                or cached is None
+                or not self._stale_allowed(route, "a manifest", cached.digest)
+            ):
                 raise
             await self._send_manifest(request, response, cached)
 
@@ -387,7 +400,7 @@ class PullThrough:
         if access is Access.DENIED:
             return False
         if access is Access.UNAVAILABLE:
-            if not self._stale_allowed(route, "a manifest"):
+            if not self._stale_allowed(route, "a manifest", cached.digest):
                 return False
         elif not by_digest:
             assert head is not None
@@ -412,7 +425,7 @@ class PullThrough:
     ) -> None:
         """The upstream's manifest answer: keep a copy of a 200 GET, serve stale on 429/5xx."""
         if upstream_unavailable(head.status_code) and cached is not None:
-            if self._stale_allowed(route, "a manifest"):
+            if self._stale_allowed(route, "a manifest", cached.digest):
                 await self._send_manifest(request, response, cached)
                 return
         length = get_header(head.headers, b"content-length")

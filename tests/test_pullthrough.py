@@ -150,7 +150,9 @@ async def test_public_image_pulls_completely_while_the_upstream_is_down(
     hub, hub_scope = await stoppable_hub(nursery, ca)
     layers = [make_layer(1, 800_000), make_layer(2, 5000)]
     hub.add_image("library/busybox", "latest", layers)
-    hub.add_image("acme/secret", "v1", [make_layer(3, 1000)])
+    secret_layer = make_layer(3, 1000)
+    secret = "sha256:" + hashlib.sha256(secret_layer).hexdigest()
+    hub.add_image("acme/secret", "v1", [secret_layer])
     hub.add_user("alice", "s3cret")
     hub.make_private("acme/secret", "alice")
     proxy = await start_proxy(upstream=hub.registry_url, cache_dir=str(tmp_path / "cache"))
@@ -159,6 +161,7 @@ async def test_public_image_pulls_completely_while_the_upstream_is_down(
     await skopeo.run("copy", *src, skopeo.ref("busybox:latest"), f"dir:{tmp_path / 'one'}")
     alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
     assert (await alice.request("/v2/acme/secret/manifests/v1", headers=ACCEPT)).status == 200
+    assert (await alice.request(f"/v2/acme/secret/blobs/{secret}")).body == secret_layer
     with trio.fail_after(20):
         await pullthrough(proxy).wait_probes()
     assert "library/busybox" in pullthrough(proxy).manifests.anonymous
@@ -177,3 +180,7 @@ async def test_public_image_pulls_completely_while_the_upstream_is_down(
     r = await later.request("/v2/acme/secret/manifests/v1", headers=ACCEPT)
     assert r.status == 502
     assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    # nor under the name of a public repository that never held it
+    r = await later.request(f"/v2/library/busybox/blobs/{secret}")
+    assert r.status == 502
+    assert secret_layer not in r.body
