@@ -172,6 +172,7 @@ class Fill:
         self.written = 0
         self.state = FillState.FILLING
         self.error = ""
+        self.disk_failed = False  # the upstream was fine; writing the file was not
         self._progress = trio.Event()
 
     def _notify(self) -> None:
@@ -185,7 +186,15 @@ class Fill:
 
 
 class CacheFillFailed(ProxyError):
-    """The fill a reader depended on failed (upstream error or digest mismatch)."""
+    """The fill a reader depended on failed (upstream error or digest mismatch).
+
+    ``resumable``: the upstream was fine and only our disk failed (full, say), so a reader may
+    finish its transfer from the upstream instead.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 class BlobStore:
@@ -292,6 +301,8 @@ class BlobStore:
             fill.state = FillState.DONE
             self.stats.fills_completed += 1
         except (ProxyError, OSError) as exc:
+            # upstream faults arrive as ProxyError; an OSError here is the file (ENOSPC, EIO)
+            fill.disk_failed = isinstance(exc, OSError)
             fill.state = FillState.FAILED
             fill.error = str(exc)
             self.stats.fills_failed += 1
@@ -417,10 +428,27 @@ class BlobReader:
             while fill.state is FillState.FILLING and min(fill.written, limit) <= self.position:
                 await fill.wait_beyond(fill.written)
             if fill.state is FillState.FAILED:
-                raise CacheFillFailed(f"cache fill failed: {fill.error}")
+                raise CacheFillFailed(
+                    f"cache fill failed: {fill.error}", resumable=fill.disk_failed
+                )
             if fill.state is FillState.FILLING:
                 available = min(fill.written, limit)
         return available
+
+    def hash_sent(self, hasher: hashlib._Hash) -> None:
+        """Feed ``hasher`` the bytes from the start of the blob up to the position (read back
+        from the file, which stays readable through our descriptor even once unlinked)."""
+        if self.position == 0:
+            return
+        if self._fd < 0:
+            self._open()
+        offset = 0
+        while offset < self.position:
+            data = os.pread(self._fd, min(READ_SIZE, self.position - offset), offset)
+            if not data:
+                raise CacheFillFailed("the partial file is shorter than what was sent")
+            hasher.update(data)
+            offset += len(data)
 
     def close(self) -> None:
         if self._fd >= 0:

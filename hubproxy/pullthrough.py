@@ -17,6 +17,7 @@ skip that for a while once this client's access to the repository is confirmed.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -32,6 +33,7 @@ import trio
 from . import flow
 from .auth import parse_challenges
 from .cache import (
+    BlobReader,
     BlobStore,
     CacheFillFailed,
     RangeNotSatisfiable,
@@ -265,7 +267,7 @@ class PullThrough:
         if self.blobs.size_of(key) is None and key not in self.blobs.fills:
             return False  # evicted while we asked
         self.stats.hits += 1
-        await self._send_blob(request, response, key, route.blob_digest or "")
+        await self._send_blob(request, response, route, key)
         return True
 
     async def _deliver_blob(
@@ -301,18 +303,19 @@ class PullThrough:
                 background.start_soon(store.run_fill, fill, conn, stack.pop_all())
                 self._release_pending(key)
                 self._maybe_probe(route, route.target.partition("?")[0])
-                await self._send_blob(request, response, key, route.blob_digest or "")
+                await self._send_blob(request, response, route, key)
                 return
         if upstream_unavailable(head.status_code) and store.size_of(key) is not None:
             if self._stale_allowed(route, "a blob", route.blob_digest or ""):
-                await self._send_blob(request, response, key, route.blob_digest or "")
+                await self._send_blob(request, response, route, key)
                 return
         await self.proxy.stream_response(conn, head, headers, response)
 
     async def _send_blob(
-        self, request: ClientRequest, response: ClientResponse, key: str, digest: str
+        self, request: ClientRequest, response: ClientResponse, route: Route, key: str
     ) -> None:
         """Answer from the store (the growing file during a fill), with Range support."""
+        digest = route.blob_digest or ""
         store = self.blobs
         fill = store.fills.get(key)
         size = fill.size if fill is not None else store.size_of(key)
@@ -342,10 +345,67 @@ class PullThrough:
                 while (chunk := await reader.next_chunk()) is not None:
                     await response.send(chunk)
         except CacheFillFailed as exc:
-            raise ResponseAborted(str(exc)) from exc
+            whole = answer.start == 0 and answer.end == size and request.method == "GET"
+            if not (exc.resumable and whole):
+                raise ResponseAborted(str(exc)) from exc
+            # only our disk failed: the client's transfer goes on from the upstream
+            await self._finish_from_upstream(request, response, route, key, reader, size)
         finally:
             reader.close()
         await response.finish()
+
+    async def _finish_from_upstream(
+        self,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        key: str,
+        reader: BlobReader,
+        size: int,
+    ) -> None:
+        """Send the rest of a blob with a Range request upstream, verifying the whole blob
+        (the part already sent is re-read from the partial file) before its last byte."""
+        position = reader.position
+        digest = route.blob_digest or ""
+        log.warning(
+            "cache write of %s failed; finishing the transfer from the upstream at byte %d",
+            digest,
+            position,
+        )
+        hasher = hashlib.sha256()
+        reader.hash_sent(hasher)
+        headers = [(k, v) for k, v in request.headers if k != b"range"]
+        ranged = dataclasses.replace(
+            request, headers=[*headers, (b"range", b"bytes=%d-" % position)]
+        )
+        plan = self.proxy.plan(ranged, route.target, self.proxy.registry.urls)
+
+        async def relay_rest(
+            conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
+        ) -> None:
+            content_range = get_header(head.headers, b"content-range") or b""
+            if head.status_code != 206 or not content_range.startswith(b"bytes %d-" % position):
+                raise ResponseAborted(f"upstream could not resume {digest} at byte {position}")
+            remaining = size - position
+            while (chunk := await conn.receive_body()) is not None:
+                hasher.update(chunk)
+                remaining -= len(chunk)
+                if remaining < 0:
+                    raise ResponseAborted(f"upstream sent more of {digest} than its size")
+                if remaining == 0:  # the last byte goes out only if the whole blob verifies
+                    await response.send(chunk[:-1])
+                    if hasher.hexdigest() != key:
+                        self.stats.verification_failures += 1
+                        raise ResponseAborted(f"{digest} from upstream does not match its digest")
+                    await response.send(chunk[-1:])
+                else:
+                    await response.send(chunk)
+            if remaining:
+                raise ResponseAborted(f"upstream ended {digest} {remaining} bytes short")
+
+        await self.proxy.run_flow(
+            plan, ranged, response, upstreams=self.proxy.registry, deliver=relay_rest
+        )
 
     # -- manifests ---------------------------------------------------------------------------
 

@@ -464,3 +464,46 @@ async def test_access_to_one_repository_opens_no_other_cached_blob(
     assert (await alice.request(f"/v2/acme/secret/manifests/{manifest}")).status == 200
     r = await stranger.request(f"/v2/library/alpine/manifests/{manifest}")
     assert r.status == 404
+
+
+@pytest.mark.parametrize("tls", [True, False])
+async def test_a_disk_failing_mid_fill_does_not_fail_the_transfer(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tls: bool,
+) -> None:
+    """ENOSPC half-way through a fill: the cache write fails, the clients' transfers do not
+    (they finish from the upstream with a Range request, still verified against the digest)."""
+    import errno
+
+    from hubproxy import cache
+
+    real_write = cache._write_all
+    written = 0
+
+    def filling_disk(fd: int, data: bytes | bytearray) -> None:
+        nonlocal written
+        if written > 1_500_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written += len(data)
+        real_write(fd, data)
+
+    monkeypatch.setattr(cache, "_write_all", filling_disk)
+    layer = make_layer(13, 4_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = f"sha256:{hexdigest(layer)}"
+    proxy = await start_proxy(tls=tls, cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.status == 200
+    assert r.complete
+    assert r.body == layer
+    assert proxy.proxy.pullthrough is not None
+    store = proxy.proxy.pullthrough.blobs
+    assert store.size_of(hexdigest(layer)) is None
+    assert store.stats.fills_failed == 1
+    ranges = [s.headers.get("range") for s in hub.requests if s.server == "cdn"]
+    assert any(value and value.startswith("bytes=") for value in ranges)
