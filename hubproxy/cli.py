@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM); enables HTTPS")
     listen.add_argument("--key", metavar="FILE", help="TLS private key (PEM) for --cert")
     listen.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=1024,
+        help="client connections served at once; more get 503 (plain HTTP) or are closed "
+        "(TLS) (default 1024)",
+    )
+    listen.add_argument(
         "--public-url",
         metavar="URL",
         help="the URL clients use to reach this mirror, for token realms "
@@ -280,6 +288,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
     if not math.isfinite(args.manifest_ttl) or args.manifest_ttl < 0:
         raise UsageError("--manifest-ttl must be 0 or more seconds")
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
     if args.max_redirects < 0:
         raise UsageError("--max-redirects must be 0 or more")
     timeouts = Timeouts(
@@ -312,6 +322,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         upstream_ca=args.upstream_ca,
         upstream_proxy=proxy,
         max_redirects=args.max_redirects,
+        max_connections=args.max_connections,
         rate_limit_rest=args.rate_limit_cooldown,
         timeouts=timeouts,
     )

@@ -40,6 +40,7 @@ class Config:
     unreachable_rest: float = 10.0
     pool_max_idle_per_origin: int = 32
     pool_max_per_origin: int = 100
+    max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long

@@ -10,6 +10,7 @@ cannot mistake a truncated body for a whole one.
 
 from __future__ import annotations
 
+import contextlib
 import http
 import logging
 import os
@@ -393,6 +394,8 @@ class Server:
         self.bound: list[tuple[str, int]] = []
         self._listen_scope = trio.CancelScope()
         self._listeners: list[trio.SocketListener] = []
+        self.open_sockets = 0  # accepted and not yet closed, handshakes included
+        self._last_refusal_warning = -1e9
 
     async def bind(self) -> None:
         """Open the listening sockets (raises OSError, e.g. port in use)."""
@@ -437,7 +440,31 @@ class Server:
                     log.error("accept failed: %s (is the file descriptor limit too low?)", exc)
                     await trio.sleep(0.1)
                     continue
+                if self.open_sockets >= self.config.max_connections:
+                    connections.start_soon(self._refuse, stream)
+                    continue
+                self.open_sockets += 1
                 connections.start_soon(self._serve_client, stream)
+
+    async def _refuse(self, tcp: trio.SocketStream) -> None:
+        """Over --max-connections: a plain client gets a 503, a TLS one a closed socket (a
+        handshake just to refuse would cost what the limit protects)."""
+        now = trio.current_time()
+        if now - self._last_refusal_warning >= 60:
+            self._last_refusal_warning = now
+            log.warning(
+                "refusing connections: %d open, the --max-connections limit",
+                self.open_sockets,
+            )
+        if self.ssl_context is None:
+            body = error_body("UNAVAILABLE", "too many connections to this mirror; retry later")
+            head = (
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+            )
+            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
+                await tcp.send_all(head + body)
+        await close_forcefully(tcp)
 
     async def _serve_client(self, tcp: trio.SocketStream) -> None:
         try:
@@ -445,6 +472,8 @@ class Server:
         except Exception:  # a bug must cost one connection, never the process
             log.exception("internal error on a client connection; it was closed")
             await close_forcefully(tcp)
+        finally:
+            self.open_sockets -= 1
 
     async def _handshake_and_serve(self, tcp: trio.SocketStream) -> None:
         try:

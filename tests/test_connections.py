@@ -422,3 +422,34 @@ async def test_pooled_connection_dying_on_reuse_is_retried_once(
         assert r.status == 200
         assert r.body == body
     assert proxy.proxy.pool.opened == 3  # each reuse failed, and each was retried on a new one
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_max_connections_refuses_the_excess_and_spares_the_rest(
+    start_proxy: StartProxy, ca: trustme.CA, tls: bool
+) -> None:
+    proxy = await start_proxy(tls=tls, max_connections=2)
+    first = await WireClient.connect(proxy.url, ca)
+    second = await WireClient.connect(proxy.url, ca)
+    head, _ = await first.request("GET", "/v2/")  # both are being served
+    assert head.status_code == 401
+    excess = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    with trio.fail_after(10):
+        answer = await read_until_closed(excess)
+    await excess.aclose()
+    if tls:
+        assert answer == b""  # closed before any handshake
+    else:
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b'"code":"UNAVAILABLE"' in answer
+    head, _ = await second.request("GET", "/v2/")  # the existing connections are unharmed
+    assert head.status_code == 401
+    await first.aclose()
+    with trio.fail_after(10):
+        while proxy.server.open_sockets >= 2:
+            await proxy.server.wait_connections_changed()
+    third = await WireClient.connect(proxy.url, ca)  # a slot is free again
+    head, _ = await third.request("GET", "/v2/")
+    assert head.status_code == 401
+    await second.aclose()
+    await third.aclose()
