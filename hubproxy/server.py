@@ -294,6 +294,15 @@ class ClientConnection:
             return
         length_header = get_header(headers, b"content-length")
         chunked = get_header(headers, b"transfer-encoding") is not None
+        if chunked and length_header is not None:
+            # RFC 9112 section 6.1: the classic smuggling shape; h11 would pick chunked and
+            # go on, we refuse it outright (and close) rather than guess what was meant
+            record = AccessRecord(self.client_ip, method, "-")
+            error = ClientProtocolError("both Content-Length and Transfer-Encoding")
+            await self._reject(error, ClientResponse(self, record))
+            access_log.info("%s", record.line())
+            self.must_close = True
+            return
         body = RequestBody(self, int(length_header) if length_header else None, chunked)
         request = ClientRequest(method, target, headers, self.scheme, self.client_ip, body)
         path = target.partition("?")[0] if target.startswith("/token/") else target

@@ -139,6 +139,21 @@ async def test_concurrent_clients(hub: FakeHub, start_proxy: StartProxy, ca: tru
         (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
         (b"GET http://evil.example/v2/ HTTP/1.1\r\nhost: evil.example\r\n\r\n", b"400"),
         (b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n", b"400"),
+        (
+            b"PATCH /v2/x/blobs/uploads/u HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
+            b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"400",
+        ),
+        (
+            b"PATCH /v2/x/blobs/uploads/u HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
+            b"content-length: 4\r\n\r\nabcd",
+            b"400",
+        ),
+        (
+            b"PATCH /v2/x/blobs/uploads/u HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked"
+            b"\r\n\r\nzz\r\n",
+            b"400",
+        ),
     ],
 )
 async def test_malformed_requests_get_an_error_and_close(
