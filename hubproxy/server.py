@@ -33,6 +33,8 @@ access_log = logging.getLogger("hubproxy.access")
 
 MAX_HEAD_SIZE = 64 * 1024  # request line + headers; beyond it: 431
 MAX_HEADERS = 100
+MAX_TARGET = 8 * 1024  # registry paths are short; a longer target is an attack or a bug
+LINGER_TIME = 1.0  # seconds an errored connection is drained before it is closed
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
 
 
@@ -209,6 +211,7 @@ class ClientConnection:
         self.idle_scope: trio.CancelScope | None = None
         self.must_close = False  # the last exchange broke: the connection cannot go on
         self.body_bypassed = False  # the last response body was sent around h11 (sendfile)
+        self.linger = False  # an error answer went out: drain the client's input before closing
 
     async def serve(self, handler: Handler, server: Server) -> None:
         first = True
@@ -230,8 +233,25 @@ class ClientConnection:
                 else:
                     return
         finally:
+            if self.linger:
+                await self._linger()
             with trio.CancelScope(shield=True):
                 await close_forcefully(self.stream)
+
+    async def _linger(self) -> None:
+        """After an error answer, stop sending and read what the client still sends for a
+        moment: closing with unread input would reset the connection, and the client could
+        lose the answer (RFC 9112 section 9.6)."""
+        if not isinstance(self.stream, trio.SocketStream):
+            return  # TLS: the close_notify in aclose says "no more" well enough
+        with trio.move_on_after(LINGER_TIME):
+            try:
+                await self.stream.send_eof()
+                drained = 0
+                while drained < MAX_DISCARD and (data := await self.stream.receive_some(HEAD_READ)):
+                    drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     async def _receive_request(self, wait: float) -> h11.Request | None:
         """Wait for the next request head; None when the client left or idled out."""
@@ -285,9 +305,14 @@ class ClientConnection:
         headers = list(event.headers)
         # h11 bounds only an incomplete head; one that arrived whole is checked here
         head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in headers)
-        if head_size > MAX_HEAD_SIZE or len(headers) > MAX_HEADERS:
+        too_long = len(event.target) > MAX_TARGET
+        if too_long or head_size > MAX_HEAD_SIZE or len(headers) > MAX_HEADERS:
             record = AccessRecord(self.client_ip, method, "-")
-            error = ClientProtocolError("request header fields too large", status=431)
+            error = (
+                ClientProtocolError("request target too long", status=414)
+                if too_long
+                else ClientProtocolError("request header fields too large", status=431)
+            )
             await self._reject(error, ClientResponse(self, record))
             access_log.info("%s", record.line())
             self.must_close = True
@@ -329,6 +354,7 @@ class ClientConnection:
             response = ClientResponse(self, AccessRecord(self.client_ip, "-", "-"))
         try:
             await response.send_error(error, close=True)
+            self.linger = True
         except (ClientGone, ResponseAborted, h11.LocalProtocolError):
             pass
 

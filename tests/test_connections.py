@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import ssl
+import struct
 import warnings
 
 import h11
@@ -138,6 +140,8 @@ async def test_concurrent_clients(hub: FakeHub, start_proxy: StartProxy, ca: tru
         (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n", b"400"),
         (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
         (b"GET http://evil.example/v2/ HTTP/1.1\r\nhost: evil.example\r\n\r\n", b"400"),
+        (b"GET /v2/" + b"a" * 9000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", b"414"),
+        (b"GET /v2/ HTTP/1.1\r\nhost: x\r\n" + b"x-h: 1\r\n" * 150 + b"\r\n", b"431"),
         (b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n", b"400"),
         (
             b"PATCH /v2/x/blobs/uploads/u HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
@@ -468,3 +472,100 @@ async def test_max_connections_refuses_the_excess_and_spares_the_rest(
     assert head.status_code == 401
     await second.aclose()
     await third.aclose()
+
+
+async def _raw_upstream(
+    nursery: trio.Nursery, answer: bytes, *, close_at: int | None = None
+) -> str:
+    """A plain-HTTP upstream that reads one request head, sends ``answer`` (cut at ``close_at``
+    bytes, then a reset) and closes."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                request += data
+            await stream.send_all(answer if close_at is None else answer[:close_at])
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()  # with SO_LINGER 0: a reset, not a clean close
+
+    nursery.start_soon(trio.serve_listeners, handle, listeners)
+    return f"http://127.0.0.1:{port}"
+
+
+async def test_upstream_reset_during_headers_is_a_502_and_leaks_nothing(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-le"
+    url = await _raw_upstream(nursery, answer)
+    proxy = await start_proxy(upstream=url)
+    r = await fetch(proxy.url + "/v2/x/tags/list", ca)
+    assert r.status == 502
+    assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    origin = parse_url(url).origin
+    assert proxy.proxy.pool.in_use(origin) == 0
+    assert proxy.proxy.pool.idle_count(origin) == 0
+
+
+async def test_upstream_body_longer_than_its_length_is_cut_to_the_length(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    body = b'{"name":"x","tags":["1"]}'
+    answer = (
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+            % len(body)
+        )
+        + body
+        + b"GARBAGE THAT IS NOT A RESPONSE"
+    )
+    url = await _raw_upstream(nursery, answer)
+    proxy = await start_proxy(upstream=url)
+    r = await fetch(proxy.url + "/v2/x/tags/list", ca)
+    assert r.status == 200
+    assert r.body == body
+    origin = parse_url(url).origin
+    assert proxy.proxy.pool.idle_count(origin) == 0  # a connection with stray bytes is not reused
+
+
+async def test_upstream_reset_mid_body_aborts_the_client(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    body = bytes(range(256)) * 400
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    ) + body
+    url = await _raw_upstream(nursery, answer, close_at=len(answer) // 2)
+    proxy = await start_proxy(upstream=url)
+    r = await fetch(proxy.url + "/v2/x/tags/list", ca)
+    assert r.status == 200
+    assert not r.complete
+    assert proxy.proxy.pool.in_use(parse_url(url).origin) == 0
+
+
+async def test_upstream_certificate_for_another_host_is_refused(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("registry.example.org").configure_cert(context)  # not 127.0.0.1
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def handshake_only(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await tls.do_handshake()
+        await trio.aclose_forcefully(tls)
+
+    nursery.start_soon(trio.serve_listeners, handshake_only, listeners)
+    proxy = await start_proxy(upstream=f"https://127.0.0.1:{port}")
+    r = await fetch(proxy.url + "/v2/", ca)
+    assert r.status == 502
+    message = r.json()["errors"][0]["message"].lower()
+    assert "certificate" in message or "hostname" in message
