@@ -15,7 +15,7 @@ import trio
 from . import __version__
 from .app import CacheDirError, serve
 from .cache import parse_size
-from .config import Config, Timeouts, is_docker_hub
+from .config import Config, Limits, Timeouts, is_docker_hub
 from .flow import base_url
 from .urls import Url, parse_url
 
@@ -144,6 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a cached tag without asking the upstream (HEAD) for this long (default 60)",
     )
     cache.add_argument("--no-cache", action="store_true", help="do not cache at all")
+    limits = Limits()
+    lim = parser.add_argument_group("request limits")
+    lim.add_argument(
+        "--max-header-size",
+        metavar="BYTES",
+        type=int,
+        default=limits.max_head_size,
+        help=f"request line and headers; larger requests get 431 (default {limits.max_head_size})",
+    )
+    lim.add_argument(
+        "--max-headers",
+        metavar="N",
+        type=int,
+        default=limits.max_headers,
+        help=f"header fields per request; more get 431 (default {limits.max_headers})",
+    )
+    lim.add_argument(
+        "--max-target",
+        metavar="BYTES",
+        type=int,
+        default=limits.max_target,
+        help=f"request target length; longer gets 414 (default {limits.max_target})",
+    )
     defaults = Timeouts()
     tm = parser.add_argument_group("timeouts (seconds)")
     tm.add_argument(
@@ -288,6 +311,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive number of seconds")
     if not math.isfinite(args.manifest_ttl) or args.manifest_ttl < 0:
         raise UsageError("--manifest-ttl must be 0 or more seconds")
+    for flag in ("max_header_size", "max_headers", "max_target"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_connections < 1:
         raise UsageError("--max-connections must be at least 1")
     if args.max_redirects < 0:
@@ -323,6 +349,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         upstream_proxy=proxy,
         max_redirects=args.max_redirects,
         max_connections=args.max_connections,
+        limits=Limits(
+            max_head_size=args.max_header_size,
+            max_headers=args.max_headers,
+            max_target=args.max_target,
+        ),
         rate_limit_rest=args.rate_limit_cooldown,
         timeouts=timeouts,
     )

@@ -24,6 +24,13 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Limits:
+    max_head_size: int = 64 * 1024  # request line + headers, bytes; beyond it: 431
+    max_headers: int = 100  # header fields per request; beyond it: 431
+    max_target: int = 8 * 1024  # request target, bytes; beyond it: 414
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 5000
@@ -45,6 +52,7 @@ class Config:
     cache_size: int = 20 << 30
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
 
     @property
     def tls(self) -> bool:

@@ -31,9 +31,6 @@ from .tls import TLSStream
 log = logging.getLogger("hubproxy")
 access_log = logging.getLogger("hubproxy.access")
 
-MAX_HEAD_SIZE = 64 * 1024  # request line + headers; beyond it: 431
-MAX_HEADERS = 100
-MAX_TARGET = 8 * 1024  # registry paths are short; a longer target is an attack or a bug
 LINGER_TIME = 1.0  # seconds an errored connection is drained before it is closed
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
 
@@ -206,7 +203,9 @@ class ClientConnection:
         self.config = config
         self.client_ip = client_ip
         self.scheme = scheme
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.limits.max_head_size
+        )
         self.method = "GET"
         self.idle_scope: trio.CancelScope | None = None
         self.must_close = False  # the last exchange broke: the connection cannot go on
@@ -277,7 +276,9 @@ class ClientConnection:
         """After a body sent around h11, continue with a new parser fed what the old one held
         (a pipelined request, say)."""
         data, closed = self.conn.trailing_data
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.limits.max_head_size
+        )
         self.body_bypassed = False
         if data:
             self.conn.receive_data(data)
@@ -305,8 +306,9 @@ class ClientConnection:
         headers = list(event.headers)
         # h11 bounds only an incomplete head; one that arrived whole is checked here
         head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in headers)
-        too_long = len(event.target) > MAX_TARGET
-        if too_long or head_size > MAX_HEAD_SIZE or len(headers) > MAX_HEADERS:
+        limits = self.config.limits
+        too_long = len(event.target) > limits.max_target
+        if too_long or head_size > limits.max_head_size or len(headers) > limits.max_headers:
             record = AccessRecord(self.client_ip, method, "-")
             error = (
                 ClientProtocolError("request target too long", status=414)

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.config import Config
+from hubproxy.config import Config, Limits
 from hubproxy.proxy import Proxy
 from hubproxy.server import ClientConnection, Server
 from hubproxy.streams import CHUNK
@@ -569,3 +569,31 @@ async def test_upstream_certificate_for_another_host_is_refused(
     assert r.status == 502
     message = r.json()["errors"][0]["message"].lower()
     assert "certificate" in message or "hostname" in message
+
+
+async def test_request_limits_are_configurable(start_proxy: StartProxy, ca: trustme.CA) -> None:
+    proxy = await start_proxy(tls=False, limits=Limits(max_headers=5, max_target=64))
+    headers = b"".join(b"x-%d: 1\r\n" % i for i in range(6))
+    answer = await _exchange_raw(
+        proxy.url, ca, b"GET /v2/ HTTP/1.1\r\nhost: x\r\n" + headers + b"\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    long_target = b"/v2/" + b"a" * 80
+    answer = await _exchange_raw(
+        proxy.url, ca, b"GET " + long_target + b" HTTP/1.1\r\nhost: x\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 414 ")
+    answer = await _exchange_raw(
+        proxy.url, ca, b"GET /v2/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 401 ")  # within the limits: served
+
+
+async def _exchange_raw(url: str, ca: trustme.CA, raw: bytes) -> bytes:
+    stream = await open_stream(url, ca)
+    try:
+        await stream.send_all(raw)
+        with trio.fail_after(10):
+            return await read_until_closed(stream)
+    finally:
+        await stream.aclose()
