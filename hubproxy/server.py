@@ -59,6 +59,11 @@ class AccessRecord:
     hops: int = 0
     started: float = field(default_factory=time.monotonic)
 
+    def log(self) -> None:
+        """Write the access log line (formatted only if someone reads it)."""
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s", self.line())
+
     def line(self) -> str:
         ms = (time.monotonic() - self.started) * 1000
         return (
@@ -316,7 +321,7 @@ class ClientConnection:
                 else ClientProtocolError("request header fields too large", status=431)
             )
             await self._reject(error, ClientResponse(self, record))
-            access_log.info("%s", record.line())
+            record.log()
             self.must_close = True
             return
         length_header = get_header(headers, b"content-length")
@@ -327,7 +332,7 @@ class ClientConnection:
             record = AccessRecord(self.client_ip, method, "-")
             error = ClientProtocolError("both Content-Length and Transfer-Encoding")
             await self._reject(error, ClientResponse(self, record))
-            access_log.info("%s", record.line())
+            record.log()
             self.must_close = True
             return
         body = RequestBody(self, int(length_header) if length_header else None, chunked)
@@ -346,7 +351,7 @@ class ClientConnection:
         except ClientProtocolError as exc:
             await self._reject(exc, response)
         finally:
-            access_log.info("%s", record.line())
+            record.log()
 
     async def _reject(self, error: ProxyError, response: ClientResponse | None = None) -> None:
         """Answer 400 (or the error's status) and close, if a response can still be sent."""
