@@ -117,3 +117,20 @@ def replace_header(headers: Headers, name: bytes, value: bytes) -> Headers:
     out = [(k, v) for k, v in headers if k != name]
     out.append((name, value))
     return out
+
+
+def lax_framing(head: bytes) -> str | None:
+    """Why a request head that h11 accepted leniently must still be refused, or None.
+
+    h11 reads a bare LF as a line end and unfolds obsolete line folding (RFC 9112 sections 2.2
+    and 5.2 allow both). A proxy in front of other parsers is safer refusing them: another hop
+    could read the same bytes differently (request smuggling).
+    """
+    if b"\n" in head.replace(b"\r\n", b""):
+        return "bare LF in the request head"
+    if b"\r" in head.replace(b"\r\n", b""):
+        return "bare CR in the request head"
+    for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            return "obsolete line folding in the request head"
+    return None

@@ -24,7 +24,7 @@ import trio
 
 from .config import Config
 from .errors import ClientProtocolError, ProxyError, error_body
-from .headers import Headers, get_header
+from .headers import Headers, get_header, lax_framing
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
 
@@ -263,7 +263,7 @@ class ClientConnection:
             scope.deadline = trio.current_time() + wait
             self.idle_scope = scope
             try:
-                event = await self._next_event()
+                event = await self._next_event(strict_head=True)
             except ClientProtocolError as exc:
                 await self._reject(exc)
                 return None
@@ -379,14 +379,24 @@ class ClientConnection:
             return None
         raise ClientGone("client closed the connection mid-body")
 
-    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+    async def _next_event(
+        self, *, strict_head: bool = False
+    ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next h11 event; with ``strict_head`` a request head h11 only accepted leniently
+        (bare LF, obsolete folding) is refused."""
         while True:
+            before = self.conn.trailing_data[0] if strict_head else b""
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
                 raise ClientProtocolError(
                     f"malformed request: {exc}", status=exc.error_status_hint
                 ) from exc
+            if strict_head and isinstance(event, h11.Request):
+                head = before[: len(before) - len(self.conn.trailing_data[0])]
+                problem = lax_framing(head)
+                if problem is not None:
+                    raise ClientProtocolError(f"malformed request: {problem}")
             if event is h11.PAUSED:
                 return event
             if event is not h11.NEED_DATA:

@@ -138,6 +138,8 @@ async def test_concurrent_clients(hub: FakeHub, start_proxy: StartProxy, ca: tru
     [
         (b"GARBAGE\r\n\r\n", b"400"),
         (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n", b"400"),
+        (b"GET /v2/ HTTP/1.1\nhost: x\n\n", b"400"),  # bare LF
+        (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nx-a: 1\r\n  folded\r\n\r\n", b"400"),  # obs-fold
         (b"GET /v2/ HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
         (b"GET http://evil.example/v2/ HTTP/1.1\r\nhost: evil.example\r\n\r\n", b"400"),
         (b"GET /v2/" + b"a" * 9000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", b"414"),

@@ -19,6 +19,7 @@ from hubproxy.headers import (
     connection_tokens,
     get_all,
     get_header,
+    lax_framing,
     replace_header,
     strip_hop_by_hop,
     upstream_request_headers,
@@ -326,3 +327,22 @@ def test_replace_header() -> None:
     assert replace_header(headers, b"a", b"9") == [(b"b", b"2"), (b"a", b"9")]
     assert replace_header(headers, b"c", b"0") == [*headers, (b"c", b"0")]
     assert headers == [(b"a", b"1"), (b"b", b"2"), (b"a", b"3")]  # not mutated
+
+
+@pytest.mark.parametrize(
+    ("head", "problem"),
+    [
+        (b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", None),
+        (b"GET / HTTP/1.1\r\nhost: a\r\nx: a b\tc\r\n\r\n", None),
+        (b"GET / HTTP/1.1\nhost: a\n\n", "bare LF in the request head"),
+        (b"GET / HTTP/1.1\r\nhost: a\n\r\n", "bare LF in the request head"),
+        (b"GET / HTTP/1.1\r\nhost: a\rb\r\n\r\n", "bare CR in the request head"),
+        (b"GET / HTTP/1.1\r\nx: 1\r\n folded\r\n\r\n", "obsolete line folding in the request head"),
+        (
+            b"GET / HTTP/1.1\r\nx: 1\r\n\tfolded\r\n\r\n",
+            "obsolete line folding in the request head",
+        ),
+    ],
+)
+def test_lax_framing(head: bytes, problem: str | None) -> None:
+    assert lax_framing(head) == problem
