@@ -1,0 +1,1393 @@
+"""Load, soak and memory budget of hubproxy, measured on 127.0.0.1.
+
+    python -m bench.load                  1,000 idle keep-alive TLS connections, then 100
+                                          concurrent 8 MiB blob transfers beside them (half
+                                          cache hits, half misses), every one sha256-verified;
+                                          idle RSS, per-idle-connection cost, peak RSS, and
+                                          open descriptors back to the baseline afterwards
+    python -m bench.load --slow-client    one 1 GiB blob (``--size``) to a client reading at
+                                          20 MB/s (``--rate``), with the cache (a miss) and with
+                                          ``--no-cache``; hubproxy's RSS sampled every 0.5 s
+    python -m bench.load --soak [MIN]     MIN minutes (default 10) of mixed pulls from 20
+                                          workers with deliberate mid-blob disconnects; RSS and
+                                          descriptors sampled every second, their slopes
+    python -m bench.load --quick          all three, small (100 idle, 10 x 1 MiB, 64 MiB fast,
+                                          a 0.1-minute soak): under a minute
+
+Every mode starts its own origin (one nginx playing Docker Hub: registry 307 -> CDN, see
+:mod:`bench.origin`) and hubproxy as users run it (``python -m hubproxy --cert --key --upstream
+--upstream-ca --no-library-prefix --log-level warning --cache-dir DIR`` on /dev/shm, plus
+``--max-connections 4096``), and records hubproxy's RSS right after start. Reports go to
+``bench/results/{load,slow-client,soak}.{md,json}`` (``--out``; ``--quick`` defaults to a
+temporary directory, so it never overwrites the figures the README quotes).
+
+RSS is ``VmRSS`` of the hubproxy process (peak: ``VmHWM``, reset before the measured phase);
+descriptors are the entries of ``/proc/PID/fd``, each classified (listener, client socket,
+upstream socket, file, ...) by matching socket inodes against ``/proc/PID/net/tcp``. Sizes are
+KiB/MiB (1024-based); throughput MB/s is 10^6 bytes per second.
+
+Exit status: 0 when every check passed (every transfer verified, descriptors back to the
+baseline, no soak errors), 1 when one failed (the reports are still written), 2 for usage
+errors or a missing nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shlex
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import trio
+
+from bench import procs
+from bench.contestants import cached_blobs, hubproxy_argv
+from bench.env import REPO_ROOT, cpu_model, find_tool, git_revision, loadavg, mem_total_gib
+from bench.fixtures import MANIFEST_TYPE, Blob, Fixtures, make_fixtures, write_blob
+from bench.loadclient import Body, Connection, RequestFailed, client_context
+from bench.nginxconf import BLOB_PATH, MANIFEST_PATH
+from bench.origin import Origin, start_origin
+from bench.report import scan_log
+from hubproxy.config import Config, Timeouts
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+MAX_CONNECTIONS = 4096
+IDLE_RSS_TARGET_KIB = 40 * 1000 * 1000 // 1024  # "under 40 MB"
+PER_CONNECTION_TARGET_KIB = 64.0
+# hubproxy keeps up to this many idle upstream connections per origin; it talks to two here
+# (the registry and the CDN it redirects to), and closes an idle one only when it next takes a
+# connection for that origin and finds it older than ``upstream_keepalive``.
+POOL_IDLE_PER_ORIGIN = Config().pool_max_idle_per_origin
+UPSTREAM_ORIGINS = 2
+UPSTREAM_KEEPALIVE = Timeouts().upstream_keepalive
+SETTLE_TIMEOUT = 30.0
+
+
+def say(text: str) -> None:
+    """A progress line, to stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def slope(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of ``y`` over ``x``; 0 with fewer than two distinct ``x``."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if sxx == 0:
+        return 0.0
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in points)
+    return sxy / sxx
+
+
+def parse_size(text: str) -> int:
+    """``64M``, ``1G``, ``512K``, ``8MiB``, ``1048576`` -> bytes (K/M/G are 1024-based)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 64M, 1G, 512K)")
+    number, unit = match.groups()
+    scale = {"": 1, "K": KiB, "M": MiB, "G": GiB}[unit.upper()]
+    return int(float(number) * scale)
+
+
+def parse_status_kb(status_text: str, field_name: str) -> int:
+    """A ``kB`` field (``VmRSS``, ``VmHWM``) of ``/proc/PID/status``; 0 when absent."""
+    prefix = field_name + ":"
+    for line in status_text.splitlines():
+        if line.startswith(prefix):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    local_port: int
+    remote_port: int
+    state: int  # 0x01 ESTABLISHED, 0x08 CLOSE_WAIT, 0x0A LISTEN, ...
+
+
+TCP_LISTEN = 0x0A
+TCP_CLOSE_WAIT = 0x08
+
+
+def parse_tcp_table(text: str) -> dict[int, TcpSocket]:
+    """``/proc/net/tcp`` (or ``tcp6``) -> ``inode -> TcpSocket``; the header line is skipped."""
+    table: dict[int, TcpSocket] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        try:
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            state = int(fields[3], 16)
+            inode = int(fields[9])
+        except (ValueError, IndexError):
+            continue
+        if inode:
+            table[inode] = TcpSocket(local_port, remote_port, state)
+    return table
+
+
+def classify_fd(
+    link: str, tcp: Mapping[int, TcpSocket], listen_port: int, upstream_ports: Collection[int]
+) -> str:
+    """What one ``/proc/PID/fd`` entry (its ``readlink``) is, from the proxy's point of view."""
+    if link.startswith("socket:["):
+        inode = int(link[len("socket:[") : -1])
+        sock = tcp.get(inode)
+        if sock is None:
+            return "socket-other"  # unix (trio's wakeup socketpair), udp
+        if sock.state == TCP_LISTEN:
+            return "listener"
+        if sock.local_port == listen_port:
+            return "client"
+        if sock.remote_port in upstream_ports:
+            return "upstream"
+        return "tcp-other"
+    if link.startswith("pipe:["):
+        return "pipe"
+    if link.startswith("anon_inode:"):
+        return "anon_inode"
+    if link.startswith("/"):
+        return "file"
+    return "other"
+
+
+def breakdown(
+    links: Mapping[int, str],
+    tcp: Mapping[int, TcpSocket],
+    listen_port: int,
+    upstream_ports: Collection[int],
+) -> dict[str, int]:
+    """Descriptor counts by :func:`classify_fd` kind, plus ``total`` and ``close_wait``
+    (sockets whose peer closed and that the proxy has not closed yet)."""
+    counts: Counter[str] = Counter()
+    for link in links.values():
+        counts[classify_fd(link, tcp, listen_port, upstream_ports)] += 1
+        if link.startswith("socket:["):
+            sock = tcp.get(int(link[len("socket:[") : -1]))
+            if sock is not None and sock.state == TCP_CLOSE_WAIT:
+                counts["close_wait"] += 1
+    counts["total"] = len(links)
+    return dict(sorted(counts.items()))
+
+
+def fds_settled(now: Mapping[str, int], baseline_total: int) -> bool:
+    """No client sockets left, and everything but idle upstream connections is as at start."""
+    return now.get("client", 0) == 0 and now["total"] - now.get("upstream", 0) <= baseline_total
+
+
+# --- /proc readers ----------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+
+
+def rss_kib(pid: int) -> int:
+    return parse_status_kb(_read(f"/proc/{pid}/status"), "VmRSS")
+
+
+def hwm_kib(pid: int) -> int:
+    return parse_status_kb(_read(f"/proc/{pid}/status"), "VmHWM")
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
+def fd_links(pid: int) -> dict[int, str]:
+    links: dict[int, str] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        return links
+    for name in names:
+        try:
+            links[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+    return links
+
+
+def tcp_table(pid: int) -> dict[int, TcpSocket]:
+    table = parse_tcp_table(_read(f"/proc/{pid}/net/tcp"))
+    table.update(parse_tcp_table(_read(f"/proc/{pid}/net/tcp6")))
+    return table
+
+
+# --- the processes ------------------------------------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (inherited by the processes we start)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+@dataclass
+class Hub:
+    """One running hubproxy."""
+
+    process: procs.Started
+    port: int
+    argv: list[str]
+    cache_dir: Path | None
+    upstream_ports: frozenset[int]
+    idle_rss_kib: int = 0
+    baseline: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.process.poll() is None
+
+    def fds(self) -> dict[str, int]:
+        return breakdown(fd_links(self.pid), tcp_table(self.pid), self.port, self.upstream_ports)
+
+
+@dataclass
+class Harness:
+    """Fixtures, the origin, the client TLS context, and the hubproxy instances started."""
+
+    root: Path
+    fixtures: Fixtures
+    origin: Origin
+    stack: contextlib.ExitStack
+    context: ssl.SSLContext
+    hubs: list[Hub] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        nginx: str,
+        root: Path,
+        shapes: list[tuple[int, int]],
+        stack: contextlib.ExitStack,
+    ) -> Harness:
+        began = time.monotonic()
+        fixtures = make_fixtures(root, shapes)
+        total = sum(count * size for count, size in shapes)
+        say(f"load: {total / MiB:,.0f} MiB of blobs in {time.monotonic() - began:.1f}s")
+        origin = start_origin(nginx, root, fixtures, stack)
+        return cls(root, fixtures, origin, stack, client_context(fixtures.tls.ca_pem))
+
+    def start_hub(self, label: str, *, cache: bool, extra: Sequence[str] = ()) -> Hub:
+        port = procs.free_port()
+        cache_dir = self.root / f"cache-{label}" if cache else None
+        argv = [
+            *hubproxy_argv(port, "tls", self.origin.registry_url("tls"), self.fixtures, cache_dir),
+            "--max-connections",
+            str(MAX_CONNECTIONS),
+            *extra,
+        ]
+        started = procs.start(label, argv, self.root / f"{label}.log", self.stack, cwd=REPO_ROOT)
+        procs.wait_listening(started, [port])
+        ports = self.origin.ports
+        hub = Hub(
+            started,
+            port,
+            argv,
+            cache_dir,
+            frozenset({ports.registry_tls, ports.registry_http, ports.cdn_tls, ports.cdn_http}),
+        )
+        self.hubs.append(hub)
+        # wait_listening's probe connection must be gone before the baseline is taken
+        deadline = time.monotonic() + 5.0
+        for _ in range(100):
+            time.sleep(0.05)
+            if hub.fds().get("client", 0) == 0 or time.monotonic() > deadline:
+                break
+        time.sleep(0.5)
+        hub.idle_rss_kib = rss_kib(hub.pid)
+        hub.baseline = hub.fds()
+        say(
+            f"load: {label} up (pid {hub.pid}), idle RSS {hub.idle_rss_kib / KiB:.1f} MiB, "
+            f"{hub.baseline['total']} fds"
+        )
+        return hub
+
+
+def log_findings(hub: Hub) -> dict[str, Any]:
+    scan = scan_log(hub.process.name, hub.process.log, hub.process.log.name)
+    return {"warning_or_error_lines": scan.lines, "samples": scan.samples}
+
+
+# --- client operations --------------------------------------------------------------------------
+
+
+async def pull_blob(
+    conn: Connection, blob: Blob, *, rate: float | None = None, stop_after: int | None = None
+) -> Body:
+    """GET one blob through the proxy; a complete body must match its length and sha256."""
+    head = await conn.start("GET", BLOB_PATH + blob.digest_hex)
+    if head.status != 200:
+        await conn.read_body()
+        raise RequestFailed(f"status {head.status}")
+    body = await conn.read_body(rate=rate, stop_after=stop_after)
+    if body.complete:
+        if body.size != blob.size:
+            raise RequestFailed("wrong length", f"{body.size} of {blob.size}")
+        if body.digest_hex != blob.digest_hex:
+            raise RequestFailed("sha256 mismatch")
+    return body
+
+
+async def pull_manifest(conn: Connection, fixtures: Fixtures) -> Body:
+    head = await conn.start("GET", MANIFEST_PATH, [("accept", MANIFEST_TYPE)])
+    body = await conn.read_body()
+    if head.status != 200:
+        raise RequestFailed(f"status {head.status}")
+    if "sha256:" + body.digest_hex != fixtures.manifest_digest:
+        raise RequestFailed("manifest sha256 mismatch")
+    return body
+
+
+async def ping(conn: Connection) -> None:
+    head, _ = await conn.get("/v2/")
+    if head.status != 200:
+        raise RequestFailed(f"status {head.status}")
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since the sampler started
+    rss_kib: int
+    fds: int
+
+
+async def sampler(
+    pid: int, interval: float, stop: trio.Event, out: list[Sample], max_samples: int
+) -> None:
+    """Append an RSS + descriptor-count sample every ``interval`` until ``stop`` (and once
+    more then), at most ``max_samples``."""
+    began = trio.current_time()
+    for _ in range(max_samples):
+        out.append(Sample(trio.current_time() - began, rss_kib(pid), fd_count(pid)))
+        if stop.is_set():
+            return
+        with trio.move_on_after(interval):
+            await stop.wait()
+
+
+async def settle(hub: Hub, limit: float = SETTLE_TIMEOUT) -> tuple[dict[str, int], float]:
+    """Poll (bounded) until :func:`fds_settled`; the last breakdown and the seconds it took."""
+    began = trio.current_time()
+    now = hub.fds()
+    for _ in range(int(limit / 0.1) + 1):
+        now = hub.fds()
+        if fds_settled(now, hub.baseline["total"]) or trio.current_time() - began > limit:
+            break
+        await trio.sleep(0.1)
+    return now, trio.current_time() - began
+
+
+def fd_verdict(hub: Hub, now: Mapping[str, int], seconds: float) -> dict[str, Any]:
+    upstream = now.get("upstream", 0)
+    unexplained = now["total"] - upstream - hub.baseline["total"]
+    tolerance = POOL_IDLE_PER_ORIGIN * UPSTREAM_ORIGINS
+    return {
+        "baseline": hub.baseline["total"],
+        "after": now["total"],
+        "idle_upstream_connections": upstream,
+        "tolerance_upstream": tolerance,
+        "unexplained": unexplained,
+        "matched": unexplained == 0 and upstream <= tolerance and now.get("client", 0) == 0,
+        "seconds_to_settle": round(seconds, 2),
+        "baseline_breakdown": hub.baseline,
+        "after_breakdown": dict(now),
+    }
+
+
+def _err(exc: BaseException) -> str:
+    if isinstance(exc, RequestFailed):
+        return exc.kind
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    return type(exc).__name__
+
+
+# --- mode 1: idle connections + concurrent transfers --------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    idle: int = 1000
+    transfers: int = 100
+    blob_size: int = 8 * MiB
+    hit_fraction: float = 0.5
+    open_parallel: int = 64
+    transfer_timeout: float = 180.0
+    pool_wait: bool = True
+
+
+async def _prime(hub: Hub, h: Harness, blobs: list[Blob]) -> int:
+    """Pull ``blobs`` once (8 at a time) so they are cache hits later; how many verified."""
+    verified = 0
+    limiter = trio.CapacityLimiter(8)
+
+    async def one(blob: Blob) -> None:
+        nonlocal verified
+        async with limiter:
+            conn = await Connection.open(hub.port, h.context)
+            try:
+                with trio.fail_after(120):
+                    await pull_blob(conn, blob)
+                verified += 1
+            finally:
+                await conn.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for blob in blobs:
+            nursery.start_soon(one, blob)
+    if hub.cache_dir is not None:  # renamed into place once verified: wait for it, bounded
+        for _ in range(100):
+            if cached_blobs(hub.cache_dir, [b.digest_hex for b in blobs]) == len(blobs):
+                break
+            await trio.sleep(0.1)
+    return verified
+
+
+async def run_load(h: Harness, hub: Hub, p: LoadParams, probe_blob: Blob) -> dict[str, Any]:
+    blobs = h.fixtures.blobs[(p.transfers, p.blob_size)]
+    hits = blobs[: round(p.transfers * p.hit_fraction)]
+    result: dict[str, Any] = {
+        "mode": "load",
+        "params": asdict(p),
+        "hubproxy_argv": hub.argv,
+        "idle_rss_kib_at_start": hub.idle_rss_kib,
+    }
+    say(f"load: priming {len(hits)} blobs into the cache")
+    primed = await _prime(hub, h, hits)
+    await trio.sleep(0.5)
+    rss_before_idle = rss_kib(hub.pid)
+    fds_before_idle = hub.fds()
+    result["primed"] = {"blobs": len(hits), "verified": primed}
+    result["rss_before_idle_kib"] = rss_before_idle
+
+    # idle connections: each does one GET /v2/, then waits; after the transfers each proves it
+    # is still alive with another GET /v2/, then closes
+    opened = 0
+    open_errors: Counter[str] = Counter()
+    probe_errors: Counter[str] = Counter()
+    survived = 0
+    all_open = trio.Event()
+    release = trio.Event()
+    done_opening = 0
+    limiter = trio.CapacityLimiter(p.open_parallel)
+
+    async def idle_one() -> None:
+        nonlocal opened, survived, done_opening
+        conn: Connection | None = None
+        try:
+            async with limiter:
+                try:
+                    with trio.fail_after(30):
+                        conn = await Connection.open(hub.port, h.context)
+                        await ping(conn)
+                    opened += 1
+                except (RequestFailed, trio.TooSlowError) as exc:
+                    open_errors[_err(exc)] += 1
+                    if conn is not None:
+                        await conn.abort(reset=False)
+                        conn = None
+            done_opening += 1
+            if done_opening == p.idle:
+                all_open.set()
+            if conn is None:
+                return
+            await release.wait()
+            try:
+                with trio.fail_after(30):
+                    await ping(conn)
+                survived += 1
+            except (RequestFailed, trio.TooSlowError) as exc:
+                probe_errors[_err(exc)] += 1
+        finally:
+            if conn is not None:
+                await conn.aclose()
+
+    transfer_errors: Counter[str] = Counter()
+    transfer_seconds: list[float] = []
+    verified = 0
+    transferred = 0
+
+    async def transfer(blob: Blob) -> None:
+        nonlocal verified, transferred
+        began = trio.current_time()
+        conn: Connection | None = None
+        try:
+            with trio.fail_after(p.transfer_timeout):
+                conn = await Connection.open(hub.port, h.context)
+                body = await pull_blob(conn, blob)
+            verified += 1
+            transferred += body.size
+            transfer_seconds.append(trio.current_time() - began)
+        except (RequestFailed, trio.TooSlowError) as exc:
+            transfer_errors[_err(exc)] += 1
+        finally:
+            if conn is not None:
+                await conn.aclose()
+
+    samples: list[Sample] = []
+    async with trio.open_nursery() as nursery:
+        began = trio.current_time()
+        say(f"load: opening {p.idle} idle keep-alive TLS connections")
+        for _ in range(p.idle):
+            nursery.start_soon(idle_one)
+        with trio.move_on_after(300):
+            await all_open.wait()
+        open_seconds = trio.current_time() - began
+        await trio.sleep(1.0)
+        rss_idle = rss_kib(hub.pid)
+        fds_idle = hub.fds()
+        per_conn = (rss_idle - rss_before_idle) / max(opened, 1)
+        say(
+            f"load: {opened} open in {open_seconds:.1f}s; RSS {rss_idle / KiB:.1f} MiB "
+            f"({per_conn:.1f} KiB per connection), {fds_idle['total']} fds"
+        )
+        result["idle_connections"] = {
+            "requested": p.idle,
+            "opened": opened,
+            "open_errors": dict(open_errors),
+            "seconds_to_open": round(open_seconds, 2),
+            "rss_kib": rss_idle,
+            "per_connection_kib": round(per_conn, 2),
+            "fds": fds_idle,
+            "fds_before": fds_before_idle,
+        }
+
+        say(f"load: {p.transfers} concurrent {p.blob_size / MiB:g} MiB transfers")
+        procs.reset_peak_rss([hub.pid])
+        stop = trio.Event()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(sampler, hub.pid, 0.2, stop, samples, 10_000)
+            t0 = trio.current_time()
+            async with trio.open_nursery() as transfers:
+                for blob in blobs:
+                    transfers.start_soon(transfer, blob)
+            wall = trio.current_time() - t0
+            stop.set()
+        peak = hwm_kib(hub.pid)
+        release.set()  # the idle connections probe and close
+    result["idle_connections"]["survived_transfers"] = survived
+    result["idle_connections"]["probe_errors"] = dict(probe_errors)
+    result["transfers"] = {
+        "count": len(blobs),
+        "hits": len(hits),
+        "misses": len(blobs) - len(hits),
+        "blob_bytes": p.blob_size,
+        "verified": verified,
+        "errors": dict(transfer_errors),
+        "bytes": transferred,
+        "seconds": round(wall, 3),
+        "mb_per_s": round(transferred / wall / 1e6, 1) if wall > 0 else 0.0,
+        "slowest_seconds": round(max(transfer_seconds, default=0.0), 3),
+        "peak_rss_kib": peak,
+        "max_sampled_rss_kib": max((s.rss_kib for s in samples), default=0),
+        "max_fds": max((s.fds for s in samples), default=0),
+    }
+    say(
+        f"load: {verified}/{len(blobs)} verified in {wall:.1f}s "
+        f"({transferred / wall / 1e6 if wall else 0:.0f} MB/s), peak RSS {peak / KiB:.1f} MiB"
+    )
+
+    now, seconds = await settle(hub)
+    result["fds_after"] = fd_verdict(hub, now, seconds)
+    say(f"load: fds after: {now} (baseline {hub.baseline['total']})")
+    result["pool_wait"] = None
+    if p.pool_wait:
+        wait = UPSTREAM_KEEPALIVE + 2
+        say(f"load: waiting {wait:g}s, then one more cache-miss pull, to see the pool shrink")
+        await trio.sleep(wait)
+        before = hub.fds()
+        conn = await Connection.open(hub.port, h.context)
+        try:
+            with trio.fail_after(60):
+                await pull_blob(conn, probe_blob)
+        finally:
+            await conn.aclose()
+        after, seconds = await settle(hub)
+        result["pool_wait"] = {
+            "waited_seconds": wait,
+            "upstream_before_pull": before.get("upstream", 0),
+            "after_pull": fd_verdict(hub, after, seconds),
+        }
+        say(f"load: after the wait and one pull: {after}")
+    result["rss_end_kib"] = rss_kib(hub.pid)
+    return result
+
+
+def load_checks(r: Mapping[str, Any]) -> list[str]:
+    """The failed checks of a load result (empty: all passed)."""
+    failed: list[str] = []
+    idle = r["idle_connections"]
+    t = r["transfers"]
+    if r["primed"]["verified"] != r["primed"]["blobs"]:
+        failed.append("priming pulls failed")
+    if idle["opened"] != idle["requested"]:
+        failed.append(f"only {idle['opened']}/{idle['requested']} idle connections opened")
+    if idle["survived_transfers"] != idle["opened"]:
+        failed.append(f"only {idle['survived_transfers']} idle connections survived")
+    if t["verified"] != t["count"]:
+        failed.append(f"only {t['verified']}/{t['count']} transfers verified: {t['errors']}")
+    if not r["fds_after"]["matched"]:
+        failed.append(f"descriptors not back to the baseline: {r['fds_after']}")
+    if r["pool_wait"] is not None and not r["pool_wait"]["after_pull"]["matched"]:
+        failed.append("descriptors not back to the baseline after the pool wait")
+    return failed
+
+
+# --- mode 2: one slow client ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlowParams:
+    size: int = 1 * GiB
+    rate: float = 20e6  # bytes per second
+    interval: float = 0.5
+    variants: tuple[str, ...] = ("cache-miss", "no-cache")
+
+
+async def run_slow(h: Harness, hub: Hub, blob: Blob, p: SlowParams) -> dict[str, Any]:
+    samples: list[Sample] = []
+    stop = trio.Event()
+    timeout = p.size / p.rate * 2 + 60
+    max_samples = int(timeout / p.interval) + 10
+    error = ""
+    body: Body | None = None
+    conn = await Connection.open(hub.port, h.context)
+    began = trio.current_time()
+    try:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sampler, hub.pid, p.interval, stop, samples, max_samples)
+                try:
+                    body = await pull_blob(conn, blob, rate=p.rate)
+                finally:
+                    stop.set()
+    except (RequestFailed, trio.TooSlowError) as exc:
+        error = str(exc) or _err(exc)
+    finally:
+        await conn.aclose()
+    seconds = trio.current_time() - began
+    now, settle_seconds = await settle(hub)
+    rss = [s.rss_kib for s in samples]
+    minutes = [(s.t / 60, float(s.rss_kib)) for s in samples]
+    return {
+        "idle_rss_kib_at_start": hub.idle_rss_kib,
+        "hubproxy_argv": hub.argv,
+        "bytes": body.size if body else 0,
+        "verified": body is not None and body.complete,
+        "error": error,
+        "seconds": round(seconds, 2),
+        "mb_per_s": round((body.size if body else 0) / seconds / 1e6, 1),
+        "samples": len(samples),
+        "rss_min_kib": min(rss, default=0),
+        "rss_max_kib": max(rss, default=0),
+        "rss_slope_kib_per_min": round(slope(minutes), 1),
+        # without the first tenth: the step from idle to one transfer's buffers is not a trend
+        "rss_slope_steady_kib_per_min": round(slope(minutes[len(minutes) // 10 + 1 :]), 1),
+        "peak_rss_kib": hwm_kib(hub.pid),
+        "fds_after": fd_verdict(hub, now, settle_seconds),
+        "rss_series_kib": rss,
+    }
+
+
+# --- mode 3: the soak ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoakParams:
+    minutes: float = 10.0
+    workers: int = 20
+    small: tuple[tuple[int, int], ...] = ((40, 16 * KiB), (40, 64 * KiB), (40, 256 * KiB))
+    medium: tuple[tuple[int, int], ...] = ((10, 2 * MiB), (10, 4 * MiB), (10, 8 * MiB))
+    cache_size: str = "96M"
+    interval: float = 1.0
+    weights: tuple[float, float, float, float] = (0.25, 0.35, 0.3, 0.1)  # manifest, small,
+    # medium, deliberate disconnect mid-blob
+    request_timeout: float = 120.0
+    churn: float = 0.02  # a worker politely closes its connection after this share of requests
+    seed: int = 1
+
+
+KINDS = ("manifest", "small", "medium", "disconnect")
+
+
+@dataclass
+class SoakStats:
+    completed: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    disconnects_rst: int = 0
+    disconnects_fin: int = 0
+    bytes: int = 0
+    connections: int = 0
+    verified_blobs: int = 0
+
+
+async def soak_worker(
+    h: Harness,
+    hub: Hub,
+    p: SoakParams,
+    small: list[Blob],
+    medium: list[Blob],
+    deadline: float,
+    stats: SoakStats,
+    rng: random.Random,
+) -> None:
+    conn: Connection | None = None
+    try:
+        for _ in range(10_000_000):
+            if trio.current_time() >= deadline:
+                return
+            if conn is None or not conn.reusable:
+                if conn is not None:
+                    await conn.aclose()
+                    conn = None
+                try:
+                    with trio.fail_after(30):
+                        conn = await Connection.open(hub.port, h.context)
+                    stats.connections += 1
+                except (RequestFailed, trio.TooSlowError) as exc:
+                    stats.errors[_err(exc)] += 1
+                    await trio.sleep(0.1)
+                    continue
+            kind = rng.choices(KINDS, weights=p.weights)[0]
+            try:
+                with trio.fail_after(p.request_timeout):
+                    if kind == "manifest":
+                        body = await pull_manifest(conn, h.fixtures)
+                    elif kind == "disconnect":
+                        blob = rng.choice(medium)
+                        stop_after = rng.randint(1, blob.size - 1)
+                        body = await pull_blob(conn, blob, stop_after=stop_after)
+                        reset = rng.random() < 0.5
+                        await conn.abort(reset=reset)
+                        conn = None
+                        if reset:
+                            stats.disconnects_rst += 1
+                        else:
+                            stats.disconnects_fin += 1
+                    else:
+                        blob = rng.choice(small if kind == "small" else medium)
+                        body = await pull_blob(conn, blob)
+                        stats.verified_blobs += 1
+                stats.completed[kind] += 1
+                stats.bytes += body.size
+            except (RequestFailed, trio.TooSlowError) as exc:
+                stats.errors[f"{kind}: {_err(exc)}"] += 1
+                if conn is not None:
+                    await conn.abort(reset=False)
+                    conn = None
+                continue
+            if conn is not None and rng.random() < p.churn:
+                await conn.aclose()
+                conn = None
+    finally:
+        if conn is not None:
+            await conn.aclose()
+
+
+async def run_soak(h: Harness, hub: Hub, p: SoakParams) -> dict[str, Any]:
+    small = [b for shape in p.small for b in h.fixtures.blobs[shape]]
+    medium = [b for shape in p.medium for b in h.fixtures.blobs[shape]]
+    stats = SoakStats()
+    samples: list[Sample] = []
+    stop = trio.Event()
+    duration = p.minutes * 60
+    say(f"load: soak for {p.minutes:g} min, {p.workers} workers")
+    began = trio.current_time()
+    deadline = began + duration
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            sampler, hub.pid, p.interval, stop, samples, int(duration / p.interval) + 600
+        )
+        # every worker stops at the deadline (its request in flight bounded by the timeout);
+        # the outer bound only guards against a wedged worker
+        with trio.move_on_after(duration + p.request_timeout + 30) as scope:
+            async with trio.open_nursery() as workers:
+                for i in range(p.workers):
+                    rng = random.Random(p.seed * 1000 + i)
+                    workers.start_soon(soak_worker, h, hub, p, small, medium, deadline, stats, rng)
+        stop.set()
+    wall = trio.current_time() - began
+    now, settle_seconds = await settle(hub)
+    half = [s for s in samples if s.t >= samples[-1].t / 2] if samples else []
+    rss = [(s.t / 60, float(s.rss_kib)) for s in samples]
+    fds = [(s.t / 60, float(s.fds)) for s in samples]
+    total_requests = sum(stats.completed.values()) + sum(stats.errors.values())
+    cache = {}
+    if hub.cache_dir is not None:
+        digests = [b.digest_hex for b in small + medium]
+        cache = {
+            "blobs_cached_at_end": cached_blobs(hub.cache_dir, digests),
+            "blobs_distinct": len(digests),
+            "bytes_distinct": sum(b.size for b in small + medium),
+            "cache_size": p.cache_size,
+        }
+    return {
+        "mode": "soak",
+        "params": {**asdict(p), "weights": dict(zip(KINDS, p.weights, strict=True))},
+        "hubproxy_argv": hub.argv,
+        "idle_rss_kib_at_start": hub.idle_rss_kib,
+        "wall_seconds": round(wall, 1),
+        "wedged_workers_cancelled": scope.cancelled_caught,
+        "requests": total_requests,
+        "completed": dict(stats.completed),
+        "verified_blobs": stats.verified_blobs,
+        "deliberate_disconnects": {"rst": stats.disconnects_rst, "fin": stats.disconnects_fin},
+        "errors": dict(stats.errors),
+        "connections_opened": stats.connections,
+        "bytes": stats.bytes,
+        "mb_per_s": round(stats.bytes / wall / 1e6, 1) if wall else 0.0,
+        "samples": len(samples),
+        "rss_first_kib": samples[0].rss_kib if samples else 0,
+        "rss_last_kib": samples[-1].rss_kib if samples else 0,
+        "rss_min_kib": min((s.rss_kib for s in samples), default=0),
+        "rss_max_kib": max((s.rss_kib for s in samples), default=0),
+        "rss_slope_kib_per_min": round(slope(rss), 1),
+        "rss_slope_second_half_kib_per_min": round(
+            slope([(s.t / 60, float(s.rss_kib)) for s in half]), 1
+        ),
+        "fds_min": min((s.fds for s in samples), default=0),
+        "fds_max": max((s.fds for s in samples), default=0),
+        "fds_slope_per_min": round(slope(fds), 2),
+        "fds_slope_second_half_per_min": round(slope([(s.t / 60, float(s.fds)) for s in half]), 2),
+        "peak_rss_kib": hwm_kib(hub.pid),
+        "fds_after": fd_verdict(hub, now, settle_seconds),
+        "cache": cache,
+        "series": {
+            "t": [round(s.t, 1) for s in samples],
+            "rss_kib": [s.rss_kib for s in samples],
+            "fds": [s.fds for s in samples],
+        },
+    }
+
+
+def soak_checks(r: Mapping[str, Any]) -> list[str]:
+    failed: list[str] = []
+    if r["errors"]:
+        failed.append(f"soak errors: {r['errors']}")
+    if r["wedged_workers_cancelled"]:
+        failed.append("a soak worker wedged past every timeout")
+    if not r["fds_after"]["matched"]:
+        failed.append(f"descriptors not back to the baseline after the soak: {r['fds_after']}")
+    return failed
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, str]:
+    nginx = find_tool("nginx")
+    nginx_version = "missing"
+    if nginx:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            proc = subprocess.run([nginx, "-v"], capture_output=True, timeout=10)
+            nginx_version = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "date (UTC)": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "CPU": f"{cpu_model()}, {os.cpu_count()} cores",
+        "memory": f"{mem_total_gib():.1f} GiB",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "Python": f"{platform.python_implementation()} {platform.python_version()}",
+        "trio / h11": f"{version('trio')} / {version('h11')}",
+        "OpenSSL": ssl.OPENSSL_VERSION,
+        "hubproxy": f"{version('hubproxy')} (git {git_revision()})",
+        "nginx (origin)": nginx_version,
+        "RLIMIT_NOFILE": "{}/{}".format(*resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "load average at start": loadavg(),
+    }
+
+
+Row = tuple[str, str, str]
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / KiB:.1f} MiB"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def load_rows(r: Mapping[str, Any]) -> list[Row]:
+    idle = r["idle_connections"]
+    t = r["transfers"]
+    f = r["fds_after"]
+    rows: list[Row] = [
+        (
+            "idle RSS right after start",
+            _mib(r["idle_rss_kib_at_start"]),
+            f"< 40 MB: {_yes(r['idle_rss_kib_at_start'] < IDLE_RSS_TARGET_KIB)}",
+        ),
+        ("RSS before the idle connections (cache primed)", _mib(r["rss_before_idle_kib"]), ""),
+        (
+            f"RSS with {idle['opened']} idle keep-alive TLS connections",
+            _mib(idle["rss_kib"]),
+            f"opened in {idle['seconds_to_open']:.1f} s",
+        ),
+        (
+            "per idle connection",
+            f"{idle['per_connection_kib']:.1f} KiB",
+            f"< 64 KiB: {_yes(idle['per_connection_kib'] < PER_CONNECTION_TARGET_KIB)}",
+        ),
+        (
+            f"{t['count']} concurrent {t['blob_bytes'] / MiB:g} MiB transfers "
+            f"({t['hits']} hits, {t['misses']} misses)",
+            f"{t['verified']}/{t['count']} sha256-verified",
+            f"{t['seconds']:.1f} s, {t['mb_per_s']:.0f} MB/s aggregate",
+        ),
+        ("peak RSS under load (VmHWM)", _mib(t["peak_rss_kib"]), f"max fds {t['max_fds']}"),
+        (
+            "idle connections alive after the transfers",
+            f"{idle['survived_transfers']}/{idle['opened']}",
+            "",
+        ),
+        (
+            "open fds: baseline / after closing everything",
+            f"{f['baseline']} / {f['after']}",
+            f"{f['idle_upstream_connections']} idle upstream keep-alive connections, "
+            f"{f['unexplained']} unexplained; matched: {_yes(f['matched'])}",
+        ),
+    ]
+    pw = r.get("pool_wait")
+    if pw:
+        a = pw["after_pull"]
+        rows.append(
+            (
+                f"open fds after {pw['waited_seconds']:g} s idle + one pull",
+                f"{a['after']}",
+                f"idle upstream connections {pw['upstream_before_pull']} before the pull, "
+                f"{a['idle_upstream_connections']} after; matched: {_yes(a['matched'])}",
+            )
+        )
+    rows.append(("hubproxy warning/error log lines", str(r["log"]["warning_or_error_lines"]), ""))
+    return rows
+
+
+def slow_rows(r: Mapping[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for name, v in r["variants"].items():
+        rows.append(
+            (
+                f"{name}: {r['params']['size'] / MiB:g} MiB at {r['params']['rate'] / 1e6:g} MB/s",
+                "verified" if v["verified"] else f"**failed** {v['error']}",
+                f"{v['seconds']:.1f} s, {v['mb_per_s']:.1f} MB/s",
+            )
+        )
+        rows.append(
+            (
+                f"{name}: RSS min / max ({v['samples']} samples)",
+                f"{_mib(v['rss_min_kib'])} / {_mib(v['rss_max_kib'])}",
+                f"slope {v['rss_slope_kib_per_min']:+.1f} KiB/min, "
+                f"{v['rss_slope_steady_kib_per_min']:+.1f} without the first tenth; idle at start "
+                f"{_mib(v['idle_rss_kib_at_start'])}; fds back: {_yes(v['fds_after']['matched'])}",
+            )
+        )
+        rows.append(
+            (
+                f"{name}: hubproxy warning/error log lines",
+                str(v["log"]["warning_or_error_lines"]),
+                "",
+            )
+        )
+    return rows
+
+
+def soak_rows(r: Mapping[str, Any]) -> list[Row]:
+    f = r["fds_after"]
+    return [
+        ("idle RSS right after start", _mib(r["idle_rss_kib_at_start"]), ""),
+        (
+            f"requests ({r['params']['workers']} workers, {r['wall_seconds']:.0f} s)",
+            f"{r['requests']:,}",
+            ", ".join(f"{k} {v:,}" for k, v in sorted(r["completed"].items()))
+            + f"; {r['connections_opened']:,} connections, {r['mb_per_s']:.0f} MB/s",
+        ),
+        (
+            "deliberate mid-blob disconnects (not errors)",
+            f"{r['deliberate_disconnects']['rst'] + r['deliberate_disconnects']['fin']:,}",
+            f"RST {r['deliberate_disconnects']['rst']:,}, "
+            f"FIN {r['deliberate_disconnects']['fin']:,}",
+        ),
+        ("completed blobs sha256-verified", f"{r['verified_blobs']:,}", ""),
+        (
+            "errors",
+            str(sum(r["errors"].values())),
+            ", ".join(f"{k}: {v}" for k, v in sorted(r["errors"].items())) or "none",
+        ),
+        (
+            "RSS first / last / min / max",
+            f"{_mib(r['rss_first_kib'])} / {_mib(r['rss_last_kib'])}",
+            f"min {_mib(r['rss_min_kib'])}, max {_mib(r['rss_max_kib'])}",
+        ),
+        (
+            "RSS slope (whole run / second half)",
+            f"{r['rss_slope_kib_per_min']:+.1f} / {r['rss_slope_second_half_kib_per_min']:+.1f} "
+            "KiB/min",
+            f"{r['samples']} samples",
+        ),
+        (
+            "open fds slope (whole run / second half)",
+            f"{r['fds_slope_per_min']:+.2f} / {r['fds_slope_second_half_per_min']:+.2f} per min",
+            f"min {r['fds_min']}, max {r['fds_max']}",
+        ),
+        (
+            "open fds: baseline / after",
+            f"{f['baseline']} / {f['after']}",
+            f"{f['idle_upstream_connections']} idle upstream, {f['unexplained']} unexplained; "
+            f"matched: {_yes(f['matched'])}",
+        ),
+        ("hubproxy warning/error log lines", str(r["log"]["warning_or_error_lines"]), ""),
+    ]
+
+
+def render_text(rows: Sequence[Row]) -> str:
+    width = max((len(a) for a, _, _ in rows), default=0)
+    return "\n".join(f"{a:<{width}}  {b}  {c}".rstrip() for a, b, c in rows)
+
+
+def render_markdown(
+    title: str,
+    command: str,
+    env: Mapping[str, str],
+    rows: Sequence[Row],
+    method: Sequence[str],
+    result: Mapping[str, Any],
+    failed: Sequence[str],
+) -> str:
+    lines = [f"# {title}", "", f"`{command}`", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", "| figure | value | note |", "|---|---:|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "## Method", ""] + [f"- {m}" for m in method]
+    lines += ["", "## Checks", ""]
+    lines += [f"- FAILED: {f}" for f in failed] or ["- all passed"]
+    logs = _log_samples(result)
+    if logs:
+        lines += ["", "## hubproxy log (warning/error samples)", "", "```", *logs, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _log_samples(result: Mapping[str, Any]) -> list[str]:
+    found: list[str] = []
+    if "log" in result:
+        found += result["log"]["samples"]
+    for v in result.get("variants", {}).values():
+        found += v["log"]["samples"]
+    return found
+
+
+LOAD_METHOD = [
+    "Origin: one nginx playing Docker Hub (TLS registry answering blob GETs with a 307 to a "
+    "TLS CDN endpoint), files on /dev/shm. hubproxy as users run it, TLS listener, cache on "
+    "(tmpfs), `--max-connections 4096`, default timeouts (keep-alive idle 60 s).",
+    "Clients: in-process trio + `trio.SSLStream` + h11 (one process, separate from hubproxy); "
+    "every body sha256-hashed as it arrives and compared with its digest and length.",
+    "Idle connections: each does a TLS handshake and one `GET /v2/` (forwarded upstream), then "
+    "stays open; after the transfers each must answer another `GET /v2/`. Per-connection "
+    "cost = (RSS with them open, 1 s after the last opened - RSS before) / count.",
+    "Transfers: each on its own new connection, all started at once; hits were pulled once "
+    "before (untimed), misses go registry -> 307 -> CDN. Peak RSS is VmHWM, reset "
+    "(clear_refs 5) just before the transfers.",
+    "Descriptors: /proc/PID/fd, sockets classified through /proc/PID/net/tcp. After everything "
+    "closed, polled (100 ms, up to 30 s) until no client socket remains; the count must equal "
+    "the baseline taken right after start, plus idle upstream keep-alive connections (at most "
+    f"{POOL_IDLE_PER_ORIGIN} per origin x {UPSTREAM_ORIGINS} origins), plus nothing else. "
+    "hubproxy closes an idle upstream connection only when it next takes one for that origin "
+    f"and finds it older than {UPSTREAM_KEEPALIVE:g} s: the pool-wait row shows that.",
+]
+SLOW_METHOD = [
+    "One blob to one client reading with a token-bucket pace (256 KiB reads, sleeping to hold "
+    "the rate), sha256-verified. `cache-miss`: hubproxy with its cache (the upstream fill runs "
+    "at its own pace into a temporary file, the client is served from it); `no-cache`: "
+    "`--no-cache`, the upstream read paced by the client (back-pressure).",
+    "RSS = VmRSS of hubproxy sampled from just before the request to the last byte; slope is the "
+    "least-squares fit in KiB per minute.",
+]
+SOAK_METHOD = [
+    "Workers, each on a keep-alive TLS connection (reopened after a disconnect, an error, or "
+    "politely closed after ~2% of requests), pick at random: the manifest by tag, a small "
+    "blob, a medium blob, or a medium blob abandoned at a random byte by a bare FIN or an RST "
+    "(deliberate: not errors). hubproxy's `--cache-size` is smaller than the distinct blobs, so "
+    "evictions and misses go on all run long. Every completed body is sha256-verified.",
+    "RSS (VmRSS) and the descriptor count sampled every second; slopes are least-squares fits "
+    "per minute over the whole run and over its second half (after the cache and the pools "
+    "warmed up). Errors: anything other than a verified complete response or a deliberate "
+    "disconnect, by kind.",
+]
+
+
+def write_report(
+    out: Path,
+    name: str,
+    title: str,
+    command: str,
+    env: Mapping[str, str],
+    rows: Sequence[Row],
+    method: Sequence[str],
+    result: dict[str, Any],
+    failed: Sequence[str],
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "environment": dict(env), "command": command, "failed_checks": failed}
+    result["ok"] = not failed
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(
+        render_markdown(title, command, env, rows, method, result, failed)
+    )
+    say(f"load: wrote {out / (name + '.md')} and {name}.json")
+
+
+# --- the modes, end to end ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="hubproxy-load-", dir=shm if shm.is_dir() else None))
+    try:
+        yield root
+    finally:
+        if keep:
+            say(f"load: kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def mode_load(nginx: str, p: LoadParams, keep: bool) -> dict[str, Any]:
+    with workspace(keep) as root, contextlib.ExitStack() as stack:
+        h = Harness.create(nginx, root, [(p.transfers, p.blob_size)], stack)
+        probe = write_blob(h.fixtures.blob_dir, p.blob_size)
+        hub = h.start_hub("hubproxy-load", cache=True)
+        result = trio.run(run_load, h, hub, p, probe)
+        result["hubproxy_alive_at_end"] = hub.alive()
+        stack.close()
+        result["log"] = log_findings(hub)
+        return result
+
+
+def mode_slow(nginx: str, p: SlowParams, keep: bool) -> dict[str, Any]:
+    with workspace(keep) as root, contextlib.ExitStack() as stack:
+        h = Harness.create(nginx, root, [(1, p.size)], stack)
+        blob = h.fixtures.blobs[(1, p.size)][0]
+        variants: dict[str, Any] = {}
+        for variant in p.variants:
+            hub = h.start_hub(f"hubproxy-slow-{variant}", cache=variant != "no-cache")
+            say(f"load: slow client, {variant}: {p.size / MiB:g} MiB at {p.rate / 1e6:g} MB/s")
+            v = trio.run(run_slow, h, hub, blob, p)
+            v["hubproxy_alive_at_end"] = hub.alive()
+            procs.stop(hub.process)
+            v["log"] = log_findings(hub)
+            if hub.cache_dir is not None:
+                shutil.rmtree(hub.cache_dir, ignore_errors=True)
+            say(
+                f"load: {variant}: verified {v['verified']}, RSS {_mib(v['rss_min_kib'])} - "
+                f"{_mib(v['rss_max_kib'])}, slope {v['rss_slope_kib_per_min']:+.1f} KiB/min "
+                f"({v['rss_slope_steady_kib_per_min']:+.1f} without the first tenth)"
+            )
+            variants[variant] = v
+        return {"mode": "slow-client", "params": asdict(p), "variants": variants}
+
+
+def slow_checks(r: Mapping[str, Any]) -> list[str]:
+    failed: list[str] = []
+    for name, v in r["variants"].items():
+        if not v["verified"]:
+            failed.append(f"slow client {name}: not verified: {v['error']}")
+        if not v["fds_after"]["matched"]:
+            failed.append(f"slow client {name}: descriptors not back: {v['fds_after']}")
+    return failed
+
+
+def mode_soak(nginx: str, p: SoakParams, keep: bool) -> dict[str, Any]:
+    with workspace(keep) as root, contextlib.ExitStack() as stack:
+        h = Harness.create(nginx, root, [*p.small, *p.medium], stack)
+        hub = h.start_hub("hubproxy-soak", cache=True, extra=["--cache-size", p.cache_size])
+        result = trio.run(run_soak, h, hub, p)
+        result["hubproxy_alive_at_end"] = hub.alive()
+        stack.close()
+        result["log"] = log_findings(hub)
+        return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load",
+        description="hubproxy under load: idle connections + concurrent transfers (default), "
+        "a slow client (--slow-client), a soak (--soak); RSS and descriptors from /proc.",
+    )
+    add = parser.add_argument
+    add("--load", action="store_true", help="the idle-connections + transfers case (default)")
+    add("--slow-client", action="store_true", help="one big blob to a slow client")
+    add("--soak", type=float, nargs="?", const=10.0, metavar="MINUTES", help="soak (default 10)")
+    add(
+        "--quick",
+        action="store_true",
+        help="all three, small: 100 idle, 10 x 1 MiB, 64 MiB at 200 MB/s, 0.1-min soak",
+    )
+    add("--idle", type=int, help="idle connections (default 1000, quick 100)")
+    add("--transfers", type=int, help="concurrent transfers (default 100, quick 10)")
+    add("--blob-size", type=parse_size, help="size per transfer (default 8M, quick 1M)")
+    add("--hit-fraction", type=float, default=0.5, help="share of cache hits (default 0.5)")
+    add("--no-pool-wait", action="store_true", help="skip the 32 s upstream-pool wait")
+    add("--size", type=parse_size, help="slow-client blob size (default 1G, quick 64M)")
+    add("--rate", type=float, help="slow-client rate in MB/s (default 20, quick 200)")
+    add("--workers", type=int, help="soak workers (default 20, quick 8)")
+    add("--out", type=Path, help="output directory (default bench/results; quick: a temp dir)")
+    add("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    return parser
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quick: bool = args.quick
+    modes = [
+        m
+        for m, on in (
+            ("load", args.load),
+            ("slow-client", args.slow_client),
+            ("soak", args.soak is not None),
+        )
+        if on
+    ]
+    if not modes:
+        modes = ["load", "slow-client", "soak"] if quick else ["load"]
+    load_p = LoadParams(
+        idle=args.idle or (100 if quick else 1000),
+        transfers=args.transfers or (10 if quick else 100),
+        blob_size=args.blob_size or (1 * MiB if quick else 8 * MiB),
+        hit_fraction=args.hit_fraction,
+        pool_wait=not (quick or args.no_pool_wait),
+    )
+    slow_p = SlowParams(
+        size=args.size or (64 * MiB if quick else 1 * GiB),
+        rate=(args.rate or (200.0 if quick else 20.0)) * 1e6,
+        interval=0.1 if quick else 0.5,
+    )
+    soak_minutes = args.soak if args.soak is not None else (0.1 if quick else 10.0)
+    soak_p = (
+        SoakParams(
+            minutes=soak_minutes,
+            workers=args.workers or 8,
+            small=((8, 16 * KiB), (8, 256 * KiB)),
+            medium=((4, 1 * MiB), (4, 2 * MiB)),
+            cache_size="8M",
+            interval=0.5,
+        )
+        if quick
+        else SoakParams(minutes=soak_minutes, workers=args.workers or 20)
+    )
+    if not 0 <= load_p.hit_fraction <= 1:
+        parser.error("--hit-fraction is between 0 and 1")
+    if load_p.idle < 1 or load_p.transfers < 1 or slow_p.rate <= 0 or soak_p.minutes <= 0:
+        parser.error("counts, the rate and the soak duration must be positive")
+    nginx = find_tool("nginx")
+    if nginx is None:
+        print("bench.load: needs nginx (apt-get install -y nginx-light)", file=sys.stderr)
+        return 2
+    out: Path = args.out or (
+        Path(tempfile.mkdtemp(prefix="hubproxy-load-quick-")) if quick else DEFAULT_OUT
+    )
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    soft, _ = raise_nofile()
+    need = load_p.idle + load_p.transfers + 200
+    if "load" in modes and soft < need:
+        print(f"bench.load: RLIMIT_NOFILE {soft} is below the {need} needed", file=sys.stderr)
+        return 2
+    command = shlex.join(["python", "-m", "bench.load", *(sys.argv[1:] if argv is None else argv)])
+    env = environment()
+    all_failed: list[str] = []
+    tables: list[str] = []
+    if "load" in modes:
+        r = mode_load(nginx, load_p, args.keep)
+        failed = load_checks(r) + ([] if r["hubproxy_alive_at_end"] else ["hubproxy died"])
+        rows = load_rows(r)
+        title = f"hubproxy: {load_p.idle:,} idle connections + {load_p.transfers} transfers"
+        write_report(out, "load", title, command, env, rows, LOAD_METHOD, r, failed)
+        tables.append(render_text(rows))
+        all_failed += failed
+    if "slow-client" in modes:
+        r = mode_slow(nginx, slow_p, args.keep)
+        failed = slow_checks(r) + [
+            f"hubproxy died ({n})"
+            for n, v in r["variants"].items()
+            if not v["hubproxy_alive_at_end"]
+        ]
+        rows = slow_rows(r)
+        title = f"hubproxy: a {slow_p.size / MiB:g} MiB blob to a slow client"
+        write_report(out, "slow-client", title, command, env, rows, SLOW_METHOD, r, failed)
+        tables.append(render_text(rows))
+        all_failed += failed
+    if "soak" in modes:
+        r = mode_soak(nginx, soak_p, args.keep)
+        failed = soak_checks(r) + ([] if r["hubproxy_alive_at_end"] else ["hubproxy died"])
+        rows = soak_rows(r)
+        title = f"hubproxy: {soak_p.minutes:g}-minute soak"
+        write_report(out, "soak", title, command, env, rows, SOAK_METHOD, r, failed)
+        tables.append(render_text(rows))
+        all_failed += failed
+    print("\n\n".join(tables), flush=True)
+    for failure in all_failed:
+        say(f"load: FAILED: {failure}")
+    say(f"load: reports in {out}")
+    return 1 if all_failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
