@@ -15,6 +15,7 @@ import trio
 from . import __version__
 from .app import CacheDirError, serve
 from .cache import parse_size
+from .clientconfig import CLIENTS, snippet
 from .config import Config, Limits, Timeouts, is_docker_hub
 from .flow import base_url
 from .urls import Url, parse_url
@@ -31,6 +32,8 @@ back here, follows blob redirects to the CDN itself, streams bodies, and fails o
 Examples:
   hubproxy                                   plain HTTP on 127.0.0.1:5000 (docker accepts an
                                              http:// mirror on localhost)
+  hubproxy print-config containerd --url https://mirror.lan
+                                             what to paste into a client's configuration
   hubproxy --cert server.pem --key key.pem   HTTPS on 0.0.0.0:443
   hubproxy --fallback https://my-worker.example.workers.dev
 """
@@ -367,9 +370,32 @@ def setup_logging(level: str) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def print_config(argv: Sequence[str]) -> int:
+    """``hubproxy print-config CLIENT --url URL [--ca FILE]``: the client's setup snippet."""
+    parser = argparse.ArgumentParser(
+        prog="hubproxy print-config",
+        description="Print what to paste into a client's configuration to use this mirror.",
+    )
+    parser.add_argument("client", choices=CLIENTS)
+    parser.add_argument("--url", required=True, help="how clients reach the mirror")
+    parser.add_argument("--ca", metavar="FILE", help="a private CA the clients must trust")
     args = parser.parse_args(argv)
+    try:
+        text, hint = snippet(args.client, args.url, args.ca)
+    except ValueError as exc:
+        print(f"hubproxy print-config: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    print(f"# {hint}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["print-config"]:
+        return print_config(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
     try:
         config = config_from_args(args)
     except UsageError as exc:
