@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +59,21 @@ async def serve(
         async with trio.open_nursery() as nursery:
             proxy.background = nursery
             await nursery.start(server.serve)
+            proxy.operations.server = server
             _log_startup(config, server)
             if handle_signals:
-                nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope)
+                reloading = trio.CancelScope()
+                nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
+                nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
             task_status.started(App(server, proxy))
     finally:
         with trio.CancelScope(shield=True):
             await proxy.pool.aclose()
 
 
-async def _stop_on_signal(server: Server, scope: trio.CancelScope) -> None:
+async def _stop_on_signal(
+    server: Server, scope: trio.CancelScope, reloading: trio.CancelScope
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
@@ -81,7 +87,33 @@ async def _stop_on_signal(server: Server, scope: trio.CancelScope) -> None:
                 server.config.timeouts.shutdown_grace,
             )
             server.shutdown()
+            reloading.cancel()  # the nursery ends when the drain does
             return
+
+
+async def _reload_on_hangup(server: Server, proxy: Proxy, scope: trio.CancelScope) -> None:
+    with scope, trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            reload(server, proxy)
+
+
+def reload(server: Server, proxy: Proxy) -> None:
+    """SIGHUP: read the certificate and key again (an ACME client renewed them). Connections
+    already open are not touched; if the new files are unusable the old ones stay in use."""
+    config = server.config
+    if config.cert is not None:
+        try:
+            server.reload_certificate()
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "SIGHUP: cannot load the certificate %s / key %s: %s; still serving the old one "
+                "(fix the files and send SIGHUP again)",
+                config.cert,
+                config.key or config.cert,
+                exc,
+            )
+        else:
+            log.info("SIGHUP: reloaded the certificate from %s", config.cert)
 
 
 def _log_startup(config: Config, server: Server) -> None:

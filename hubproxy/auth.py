@@ -175,3 +175,26 @@ def public_base(
     if host_header and _HOST.fullmatch(host_header):
         return f"{scheme}://{host_header}"
     return f"{scheme}://{fallback}"
+
+
+def bearer_service(value: str) -> str | None:
+    """The ``service`` of the first Bearer challenge in a ``WWW-Authenticate`` value, if any."""
+    try:
+        challenges = parse_challenges(value)
+    except ValueError:
+        return None
+    for challenge in challenges:
+        if challenge.scheme.lower() == "bearer":
+            return challenge.param("service")
+    return None
+
+
+def login_challenge(realm: str, service: str | None, repository: str | None) -> str:
+    """The Bearer challenge a mirror that requires its own login sends in the upstream's stead
+    (same shape as Docker Hub's: realm, service, and scope for a repository request)."""
+    params = [("realm", realm)]
+    if service:
+        params.append(("service", service))
+    if repository:
+        params.append(("scope", f"repository:{repository}:pull"))
+    return format_challenges([Challenge("Bearer", tuple(params))])

@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import ssl
 import sys
 from collections.abc import Sequence
@@ -13,12 +14,15 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
+from .access import parse_image_rules, parse_networks
 from .app import CacheDirError, serve
 from .cache import parse_size
 from .clientconfig import CLIENTS, snippet
 from .config import Config, Limits, Timeouts, is_docker_hub
+from .configfile import ConfigFileError, parse_args_with_file, value_origin
 from .flow import base_url
 from .urls import Url, parse_url
+from .users import UsersFileError, load_users, user_command
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 DEFAULT_INDEX = "https://index.docker.io"
@@ -51,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--version", action="version", version=f"hubproxy {__version__}")
+    add(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys are the long flag names, e.g. "
+        'cache-dir = "/var/cache/hubproxy"); flags given here override it',
+    )
     listen = parser.add_argument_group("listening")
     listen.add_argument(
         "--listen",
@@ -147,6 +157,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a cached tag without asking the upstream (HEAD) for this long (default 60)",
     )
     cache.add_argument("--no-cache", action="store_true", help="do not cache at all")
+    acl = parser.add_argument_group("access control (for a mirror reachable by strangers)")
+    acl.add_argument(
+        "--allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="serve only clients from these networks, e.g. 192.168.0.0/16 (repeatable; "
+        "default: everyone); others get 403",
+    )
+    acl.add_argument(
+        "--ops-allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="networks that may read /metrics, /healthz, /readyz and the status page / "
+        "(repeatable; default: every client --allow lets in)",
+    )
+    acl.add_argument(
+        "--users",
+        metavar="FILE",
+        help="require clients to log in to the mirror with a user of this file (made with "
+        "'hubproxy user add NAME --users FILE'); upstream pulls are then anonymous",
+    )
+    acl.add_argument(
+        "--images-allow",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="serve only images matching one of these, e.g. 'library/*', 'myorg/**' "
+        "(repeatable; default: all)",
+    )
+    acl.add_argument(
+        "--images-deny",
+        metavar="GLOB",
+        action="append",
+        default=[],
+        help="refuse images matching one of these (repeatable; wins over --images-allow)",
+    )
+    acl.add_argument(
+        "--client-rate-limit",
+        metavar="N",
+        type=float,
+        default=0.0,
+        help="requests per second each client address may make on average; more get 429 "
+        "(default 0: no limit)",
+    )
+    acl.add_argument(
+        "--client-burst",
+        metavar="N",
+        type=int,
+        default=200,
+        help="requests a client may make at once before --client-rate-limit applies "
+        "(default 200: a large image's pull)",
+    )
     limits = Limits()
     lim = parser.add_argument_group("request limits")
     lim.add_argument(
@@ -321,6 +385,31 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError("--max-connections must be at least 1")
     if args.max_redirects < 0:
         raise UsageError("--max-redirects must be 0 or more")
+    try:
+        parse_networks(args.allow)
+    except ValueError as exc:
+        raise UsageError(f"--allow: {exc}") from None
+    try:
+        parse_networks(args.ops_allow)
+    except ValueError as exc:
+        raise UsageError(f"--ops-allow: {exc}") from None
+    try:
+        parse_image_rules(args.images_allow, args.images_deny)
+    except ValueError as exc:
+        raise UsageError(f"--images-allow/--images-deny: {exc}") from None
+    if not math.isfinite(args.client_rate_limit) or args.client_rate_limit < 0:
+        raise UsageError("--client-rate-limit must be 0 (off) or more requests per second")
+    if args.client_burst < 1:
+        raise UsageError("--client-burst must be at least 1")
+    if args.users:
+        try:
+            if not load_users(args.users):
+                raise UsageError(
+                    f"--users: {args.users} has no users yet; add one with "
+                    f"'hubproxy user add NAME --users {args.users}'"
+                )
+        except (UsersFileError, OSError) as exc:
+            raise UsageError(f"--users: {exc}") from None
     timeouts = Timeouts(
         handshake=args.handshake_timeout,
         request_head=args.request_timeout,
@@ -359,6 +448,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ),
         rate_limit_rest=args.rate_limit_cooldown,
         timeouts=timeouts,
+        allow=tuple(args.allow),
+        ops_allow=tuple(args.ops_allow),
+        users_file=args.users,
+        images_allow=tuple(args.images_allow),
+        images_deny=tuple(args.images_deny),
+        client_rate_limit=args.client_rate_limit,
+        client_burst=args.client_burst,
     )
 
 
@@ -390,15 +486,49 @@ def print_config(argv: Sequence[str]) -> int:
     return 0
 
 
+def load_settings(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[argparse.Namespace, Config]:
+    """Flags (and the --config file below them) to a Config; raises UsageError or
+    ConfigFileError, whose message names the file line when the bad value came from the file."""
+    args, settings, given = parse_args_with_file(parser, argv)
+    try:
+        return args, config_from_args(args)
+    except UsageError as exc:
+        flag = re.match(r"--([a-z0-9-]+)", str(exc))
+        where = flag and value_origin(flag.group(1).replace("-", "_"), settings, given)
+        if where:
+            raise UsageError(f"{where}: {exc}") from None
+        raise
+
+
+def check_config(argv: Sequence[str]) -> int:
+    """``hubproxy check-config FILE [flags]``: everything a start would check, without starting."""
+    if not argv or argv[0].startswith("-"):
+        print("usage: hubproxy check-config FILE [flags]", file=sys.stderr)
+        return 2
+    path, rest = argv[0], argv[1:]
+    try:
+        load_settings(build_parser(), ["--config", path, *rest])
+    except (UsageError, ConfigFileError) as exc:
+        print(f"hubproxy check-config: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["print-config"]:
         return print_config(args_list[1:])
+    if args_list[:1] == ["check-config"]:
+        return check_config(args_list[1:])
+    if args_list[:1] == ["user"]:
+        return user_command(args_list[1:], stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     parser = build_parser()
-    args = parser.parse_args(args_list)
     try:
-        config = config_from_args(args)
-    except UsageError as exc:
+        args, config = load_settings(parser, args_list)
+    except (UsageError, ConfigFileError) as exc:
         parser.print_usage(sys.stderr)
         print(f"hubproxy: error: {exc}", file=sys.stderr)
         return 2

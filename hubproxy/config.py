@@ -53,6 +53,14 @@ class Config:
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    # access control (hubproxy.access, hubproxy.users); empty means open to everyone
+    allow: tuple[str, ...] = ()  # client networks (CIDR) served at all
+    ops_allow: tuple[str, ...] = ()  # networks that may read /metrics, /healthz, /readyz and /
+    users_file: str | None = None  # mirror users (scrypt hashes): clients must log in
+    images_allow: tuple[str, ...] = ()  # image globs served; empty: all
+    images_deny: tuple[str, ...] = ()  # image globs refused; wins over images_allow
+    client_rate_limit: float = 0.0  # requests per second per client address; 0: off
+    client_burst: int = 200  # requests a client may make at once before the rate applies
 
     @property
     def tls(self) -> bool:

@@ -17,9 +17,17 @@ class ProxyError(Exception):
     status: int = 502
     code: str = "UNAVAILABLE"
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers  # extra response headers: a challenge, a Retry-After
         if status is not None:
             self.status = status
         if code is not None:
@@ -38,6 +46,28 @@ class RouteNotFound(ProxyError):
 
     status = 404
     code = "UNSUPPORTED"
+
+
+class AccessDenied(ProxyError):
+    """This mirror's own access rules refuse the request (network, image, or user)."""
+
+    status = 403
+    code = "DENIED"
+
+
+class MirrorUnauthorized(ProxyError):
+    """The mirror requires its own login and the client sent none we accept: 401 with a
+    challenge (in ``headers``) that leads the client to log in."""
+
+    status = 401
+    code = "UNAUTHORIZED"
+
+
+class ClientRateLimited(ProxyError):
+    """The client went over its --client-rate-limit: 429 with Retry-After."""
+
+    status = 429
+    code = "TOOMANYREQUESTS"
 
 
 class UpstreamUnavailable(ProxyError):

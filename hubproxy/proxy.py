@@ -10,24 +10,52 @@ named is remembered per upstream so token requests can be forwarded to it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import h11
 import trio
 
 from . import flow
-from .auth import public_base, rewrite_challenge
+from .access import DEFAULT_REGISTRY
+from .auth import bearer_service, login_challenge, public_base, rewrite_challenge
 from .config import Config
-from .errors import ClientProtocolError, ProxyError, RouteNotFound, UpstreamUnavailable
+from .errors import (
+    AccessDenied,
+    ClientProtocolError,
+    ClientRateLimited,
+    MirrorUnauthorized,
+    ProxyError,
+    RouteNotFound,
+    UpstreamUnavailable,
+)
+from .gate import (
+    MAX_TOKEN_RESPONSE,
+    OPS_PATHS,
+    Gate,
+    seal_token_response,
+    without_authorization,
+)
 from .headers import Headers, client_response_headers, upstream_request_headers
+from .metrics import HubMetrics
+from .operations import Operations
 from .pool import Connector, Pool
 from .pullthrough import PullThrough
 from .redirects import client_location
-from .routing import Route, RouteKind, rewrite_token_query, route_request
-from .server import ClientRequest, ClientResponse, ResponseAborted
+from .routing import (
+    Route,
+    RouteKind,
+    rewrite_token_query,
+    route_label,
+    route_request,
+    without_query_param,
+)
+from .server import AccessRecord, ClientRequest, ClientResponse, ResponseAborted
 from .streams import ByteStream, open_upstream, upstream_ssl_context
 from .upstream import UpstreamConnection
 from .urls import Origin, Url, parse_url
@@ -56,6 +84,8 @@ class UpstreamSet:
         self.urls = urls
         self.resting_until = [0.0] * len(urls)
         self.realms: dict[int, Url] = {}
+        self.services: dict[int, str] = {}  # the ``service`` their challenges named
+        self.last_answer = -math.inf  # trio time of the last response head from any of them
 
 
 class Proxy:
@@ -83,15 +113,30 @@ class Proxy:
             max_per_origin=config.pool_max_per_origin,
         )
         self.registry = UpstreamSet(config.upstreams)
+        self.gate = Gate(config)
+        self.metrics = HubMetrics()
+        self.operations = Operations(self)
         self.pullthrough: PullThrough | None = None  # set by the app when caching
         self.background: trio.Nursery | None = None  # where cache fills and probes run
 
     async def handle(self, request: ClientRequest, response: ClientResponse) -> None:
+        label = "other"
         try:
+            self._admit(request, "network")
+            path = request.target.partition("?")[0]
+            if path in OPS_PATHS and request.method in ("GET", "HEAD"):
+                label = "ops"
+                self._admit(request, "ops")
+                await self.operations.serve(path, request, response)
+                return
             route = route_request(
                 request.method, request.target, library_prefix=self.config.library_prefix
             )
+            label = route_label(route)
             if route.kind is RouteKind.REGISTRY:
+                if route.repository is not None:
+                    self._admit(request, "image", route.repository)
+                request = await self._authenticate(request, route)
                 plan = self.plan(request, route.target, self.registry.urls)
                 if self.pullthrough is not None and self.pullthrough.handles(request, route):
                     await self.pullthrough.serve(plan, request, response, route)
@@ -114,6 +159,72 @@ class Proxy:
             if error.status >= 500:
                 log.warning("%s %s failed: %s", request.method, response.record.path, error)
             await response.send_error(error, close=isinstance(error, ClientProtocolError))
+        finally:
+            self._count(label, response.record)
+
+    def _admit(self, request: ClientRequest, rule: str, repository: str = "") -> None:
+        """Apply one of the gate's rules; count and log (at most once a minute per client)
+        what it refuses."""
+        gate = self.gate
+        try:
+            if rule == "network":
+                gate.admit_client(request.client_ip, trio.current_time())
+            elif rule == "ops":
+                gate.admit_ops(request.client_ip)
+            else:
+                gate.admit_image(DEFAULT_REGISTRY, repository)
+        except (AccessDenied, ClientRateLimited) as error:
+            reason = "rate" if isinstance(error, ClientRateLimited) else rule
+            self.metrics.denied.inc(reason=reason if reason != "ops" else "network")
+            if gate.should_log(request.client_ip, trio.current_time()):
+                log.warning("refused %s %s: %s", request.method, request.target[:200], error)
+            raise
+
+    async def _authenticate(self, request: ClientRequest, route: Route) -> ClientRequest:
+        """With --users: the request as it goes upstream (the client's Authorization replaced
+        by the unsealed upstream token, or dropped), or MirrorUnauthorized with a challenge."""
+        gate = self.gate
+        if not gate.requires_login:
+            return request
+        basic_user = await gate.basic_user(request.headers)
+        try:
+            identity = gate.authenticate(
+                request.headers,
+                time.time(),
+                basic_user=basic_user,
+                challenge=await self._login_challenge(request, route),
+            )
+        except MirrorUnauthorized:
+            self.metrics.denied.inc(reason="auth")
+            raise
+        assert identity is not None  # requires_login
+        return replace(
+            request,
+            headers=without_authorization(request.headers, identity.upstream_authorization),
+        )
+
+    async def _login_challenge(self, request: ClientRequest, route: Route) -> bytes:
+        """The challenge for a client without a mirror login: the primary's realm routed to us,
+        with the service the primary's own challenges name (its token service wants it)."""
+        if 0 not in self.registry.services:
+            with contextlib.suppress(ProxyError):
+                await self.learn_realm(0)
+        realm = f"{self._public_base(request)}/token/0"
+        service = self.registry.services.get(0)
+        return login_challenge(realm, service, route.repository).encode("latin-1")
+
+    def _count(self, label: str, record: AccessRecord) -> None:
+        metrics = self.metrics
+        metrics.requests.inc(route=label, status=str(record.status or 499))
+        if self.pullthrough is not None and label in ("blob", "manifest"):
+            if record.upstream == "cache":
+                metrics.cache_requests.inc(kind=label, result="hit")
+            elif 200 <= record.status < 300:
+                metrics.cache_requests.inc(kind=label, result="miss")
+        if record.upstream == "cache":
+            metrics.response_bytes.inc(record.bytes_sent, source="cache")
+        elif record.upstream != "-" and label != "ops":
+            metrics.response_bytes.inc(record.bytes_sent, source="upstream")
 
     def plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
         return flow.Plan(
@@ -129,17 +240,58 @@ class Proxy:
     async def _forward_token(
         self, request: ClientRequest, route: Route, response: ClientResponse
     ) -> None:
-        """Forward a token request to the realm the named upstream advertised."""
+        """Forward a token request to the realm the named upstream advertised.
+
+        With --users the client's Basic login is the mirror's: it is checked here, the upstream
+        is asked anonymously, and the answer's token is sealed (see ``gate``)."""
         key = route.realm_key or ""
         if not key.isdigit() or int(key) >= len(self.registry.urls):
             raise RouteNotFound(f"unknown token endpoint /token/{key}")
         index = int(key)
+        user: str | None = None
+        query = route.target.removeprefix("?")
+        if self.gate.requires_login:
+            try:
+                user = self.gate.require_login(await self.gate.basic_user(request.headers))
+            except MirrorUnauthorized:
+                self.metrics.denied.inc(reason="auth")
+                raise
+            request = replace(request, headers=without_authorization(request.headers, None))
+            query = without_query_param(query, "account")  # the mirror user, not Docker Hub's
         realm = self.registry.realms.get(index) or await self.learn_realm(index)
-        query = rewrite_token_query(
-            route.target.removeprefix("?"), library_prefix=self.config.library_prefix
-        )
+        query = rewrite_token_query(query, library_prefix=self.config.library_prefix)
         target = ("&" if "?" in realm.target else "?") + query if query else ""
-        await self.run_flow(self.plan(request, target, (realm,)), request, response, upstreams=None)
+        plan = self.plan(request, target, (realm,))
+        if user is None:
+            await self.run_flow(plan, request, response, upstreams=None)
+            return
+
+        async def deliver_sealed(
+            conn: UpstreamConnection, head: h11.Response, headers: Headers, _: AsyncExitStack
+        ) -> None:
+            body = bytearray()
+            while (chunk := await conn.receive_body()) is not None:
+                body += chunk
+                if len(body) > MAX_TOKEN_RESPONSE:
+                    raise UpstreamUnavailable("the token service sent an oversized answer")
+            if head.status_code == 200:
+                body = bytearray(
+                    seal_token_response(self.gate.sealer, user, bytes(body), time.time())
+                )
+            kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type")]
+            await response.start(
+                head.status_code,
+                [
+                    *kept,
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            )
+            if request.method != "HEAD":
+                await response.send(body)
+            await response.finish()
+
+        await self.run_flow(plan, request, response, upstreams=None, deliver=deliver_sealed)
 
     async def simple_request(
         self, method: str, url: Url, headers: Headers
@@ -163,8 +315,11 @@ class Proxy:
         for key, value in headers:
             if key != b"www-authenticate":
                 continue
-            _rewritten, realm = rewrite_challenge(value.decode("latin-1"), "")
+            text = value.decode("latin-1")
+            _rewritten, realm = rewrite_challenge(text, "")
             if realm:
+                if service := bearer_service(text):
+                    self.registry.services[index] = service
                 return self._remember_realm(index, realm)
         raise UpstreamUnavailable(f"{base.origin} did not name a token realm in its challenge")
 
@@ -202,12 +357,15 @@ class Proxy:
             async with AsyncExitStack() as stack:
                 event: flow.Event
                 conn: UpstreamConnection | None = None
+                sent_at = trio.current_time()
                 try:
                     conn, head = await self._exchange(stack, plan, attempt, request)
                 except ProxyError as error:
                     event = flow.AttemptFailed(error)
                 else:
                     event = flow.HeadReceived(head.status_code, list(head.headers))
+                    if upstreams is not None:
+                        self._note_answer(upstreams, attempt, head, sent_at)
                 state, next_action, rest = flow.transition(
                     plan,
                     state,
@@ -238,12 +396,33 @@ class Proxy:
                 action = next_action
                 if action.attempt.upstream != attempt.upstream:
                     _log_failover(plan, attempt, action.attempt, event, rest)
+                    self.metrics.failovers.inc(
+                        from_upstream=str(plan.upstreams[attempt.upstream].origin),
+                        to_upstream=str(plan.upstreams[action.attempt.upstream].origin),
+                    )
                 if action.attempt.hops == 0:
                     first_head = None  # failover: a new chain on another upstream
                 elif first_head is None and isinstance(event, flow.HeadReceived):
                     first_head = head  # the registry's redirect, whose headers we carry
                 if conn is not None:
                     await conn.discard_body(DRAIN_LIMIT)
+
+    def _note_answer(
+        self, upstreams: UpstreamSet, attempt: flow.Attempt, head: h11.Response, sent_at: float
+    ) -> None:
+        """Metrics and readiness from a registry upstream's response head (not the CDN's)."""
+        now = trio.current_time()
+        upstreams.last_answer = now
+        if attempt.hops:
+            return  # a redirect target (the CDN) is not the registry
+        name = str(attempt.url.origin)
+        metrics = self.metrics
+        metrics.upstream_latency.observe(now - sent_at, upstream=name)
+        if head.status_code == 429:
+            metrics.note_rate_limited(name, time.time())
+        for key, value in head.headers:
+            if key == b"ratelimit-remaining":
+                metrics.note_ratelimit(name, value)
 
     async def _exchange(
         self, stack: AsyncExitStack, plan: flow.Plan, attempt: flow.Attempt, request: ClientRequest
@@ -310,21 +489,27 @@ class Proxy:
             out.append((key, value))
         return out
 
-    def _rewrite_challenge(self, request: ClientRequest, index: int, value: bytes) -> bytes:
+    def _public_base(self, request: ClientRequest) -> str:
         host = self.config.listen_host
         listen = (
             f"[{host}]:{self.config.listen_port}"
             if ":" in host
             else (f"{host}:{self.config.listen_port}")
         )
-        base = public_base(
+        return public_base(
             configured=self.config.public_url,
             scheme=request.scheme,
             host_header=request.host,
             fallback=listen,
         )
-        rewritten, realm = rewrite_challenge(value.decode("latin-1"), f"{base}/token/{index}")
+
+    def _rewrite_challenge(self, request: ClientRequest, index: int, value: bytes) -> bytes:
+        base = self._public_base(request)
+        text = value.decode("latin-1")
+        rewritten, realm = rewrite_challenge(text, f"{base}/token/{index}")
         if realm is not None:
+            if service := bearer_service(text):
+                self.registry.services[index] = service
             try:
                 self._remember_realm(index, realm)
             except UpstreamUnavailable as exc:

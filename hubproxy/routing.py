@@ -127,6 +127,32 @@ def rewrite_token_query(query: str, *, library_prefix: bool) -> str:
     return "&".join(pairs)
 
 
+def without_query_param(query: str, name: str) -> str:
+    """``query`` without every ``name=...`` parameter, the rest byte-exact."""
+    return "&".join(p for p in query.split("&") if p and p.partition("=")[0] != name)
+
+
+def route_label(route: Route) -> str:
+    """What a route is, for the requests metric: ping, manifest, blob, tags, upload, token,
+    search, or other."""
+    if route.kind is RouteKind.TOKEN:
+        return "token"
+    if route.kind is RouteKind.SEARCH:
+        return "search"
+    if route.blob_digest is not None:
+        return "blob"
+    if route.manifest_reference is not None:
+        return "manifest"
+    path = route.target.partition("?")[0]
+    if route.repository is None:
+        return "ping" if path.rstrip("/") == "/v2" else "other"
+    if path.endswith("/tags/list"):
+        return "tags"
+    if "/blobs/uploads/" in path:
+        return "upload"
+    return "other"
+
+
 def _printable(text: str, limit: int = 200) -> str:
     """Return a bounded, printable rendering of client input for error messages and logs."""
     cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])

@@ -188,6 +188,7 @@ class ClientResponse:
             (b"content-type", b"application/json; charset=utf-8"),
             (b"content-length", b"%d" % len(body)),
             (b"docker-distribution-api-version", b"registry/2.0"),
+            *error.headers,
         ]
         if close:
             headers.append((b"connection", b"close"))
@@ -477,6 +478,14 @@ class Server:
         connections.cancel_scope.deadline = (
             trio.current_time() + self.config.timeouts.shutdown_grace
         )
+
+    def reload_certificate(self) -> None:
+        """Load --cert/--key again (SIGHUP): new handshakes use the new files, connections
+        already open keep the context they were made with. Raises OSError or ssl.SSLError and
+        keeps the old certificate if the files cannot be loaded."""
+        if self.config.cert is None:
+            return
+        self.ssl_context = server_ssl_context(self.config.cert, self.config.key or self.config.cert)
 
     def shutdown(self) -> None:
         """Stop accepting; idle keep-alive connections close; in-flight ones may finish."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 import trustme
 
@@ -233,3 +234,81 @@ async def test_a_fill_killed_half_way_leaves_no_blob_and_restart_cleans_up(
         restarted.kill()
         await restarted.wait()
         await restarted.stderr.aclose()
+
+
+async def test_sighup_reloads_the_certificate_without_dropping_connections(
+    hub: FakeHub, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """An ACME renewal: new files + SIGHUP. New handshakes get the new certificate, an open
+    keep-alive connection goes on serving, and unusable files keep the old certificate."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(cert))
+    first = ca.issue_cert("127.0.0.1")
+    first.cert_chain_pems[0].write_to_path(str(cert))
+    first.private_key_pem.write_to_path(str(key))
+    renewed_ca = trustme.CA()  # the renewed certificate is trusted only through this CA
+    upstream_ca = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(upstream_ca))
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "hubproxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "--upstream",
+            hub.registry_url,
+            "--upstream-ca",
+            str(upstream_ca),
+            "--no-cache",
+        ],
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    output = bytearray()
+    try:
+        with trio.fail_after(30):
+            match = await _read_until(
+                process.stderr, re.compile(rb"listening on (https://127\.0\.0\.1:\d+)"), output
+            )
+            url = match.group(1).decode()
+            kept = await WireClient.connect(url, ca)
+            head, _ = await kept.request("GET", "/v2/")
+            assert head.status_code == 401
+
+            renewed = renewed_ca.issue_cert("127.0.0.1")
+            renewed.cert_chain_pems[0].write_to_path(str(cert))
+            renewed.private_key_pem.write_to_path(str(key))
+            process.send_signal(signal.SIGHUP)
+            await _read_until(process.stderr, re.compile(rb"SIGHUP: reloaded"), output)
+
+            fresh = await WireClient.connect(url, renewed_ca)
+            head, _ = await fresh.request("GET", "/v2/")
+            assert head.status_code == 401
+            await fresh.aclose()
+            with pytest.raises(trio.BrokenResourceError):
+                await WireClient.connect(url, ca)  # the old CA no longer vouches for it
+            head, _ = await kept.request("GET", "/v2/")  # the old connection still serves
+            assert head.status_code == 401
+
+            cert.write_text("not a certificate\n")
+            process.send_signal(signal.SIGHUP)
+            line = await _read_until(
+                process.stderr, re.compile(rb"SIGHUP: cannot load the certificate[^\n]*"), output
+            )
+            assert b"still serving the old one" in line.group(0)
+            fresh = await WireClient.connect(url, renewed_ca)
+            head, _ = await fresh.request("GET", "/v2/")
+            assert head.status_code == 401
+            await fresh.aclose()
+            await kept.aclose()
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()

@@ -25,7 +25,11 @@ async def open_stream(
     if alpn:
         context.set_alpn_protocols(alpn)
     stream = trio.SSLStream(tcp, context, server_hostname=split.hostname, https_compatible=True)
-    await stream.do_handshake()
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
     return stream
 
 

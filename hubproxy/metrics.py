@@ -1,0 +1,592 @@
+"""Prometheus metrics for ``/metrics``: the text exposition format 0.0.4, with no dependency.
+
+Theory of operation: every metric keeps its series in a dict from a tuple of label values (in
+``labelnames`` order) to a number. Updating is a dict write, which is all a single-threaded trio
+program needs: no locks. Rendering is a walk over those dicts through a few pure formatting
+functions (``format_value``, ``escape_help``, ``escape_label_value``, ``format_sample``). The
+``*Function`` metrics hold a callable instead of a dict and read it at render time, for figures
+that another object already keeps (the cache's counts, ``/proc``).
+
+A metric without labels exists, at zero, from the start; a labelled series appears when first
+used, as Prometheus's own client libraries do. Using the wrong label names raises ValueError: it
+is a programming error, never something a peer can cause.
+
+``HubMetrics`` builds hubproxy's own metrics in their own ``Registry``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .cache import BlobStore
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LabelValues = tuple[str, ...]
+LabelPairs = tuple[tuple[str, str], ...]
+Sample = tuple[str, LabelPairs, float]  # full sample name, labels, value
+SeriesFunction = Callable[[], "float | Mapping[LabelValues, float]"]
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+_EXACT_INTEGERS = 2.0**53  # beyond this a float's integer digits are no longer exact
+
+# -- formatting (pure) ---------------------------------------------------------------------------
+
+
+def format_value(value: float) -> str:
+    """A sample value as Prometheus writes it: ``+Inf``, ``-Inf``, ``NaN``; integers without a
+    fraction or exponent (``76``, not ``76.0`` or ``7.6e1``); other floats by ``repr``, which is
+    the shortest text that reads back to the same float."""
+    value = float(value)  # an int (a bucket count) is a float to the type checker, not to 3.11
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < _EXACT_INTEGERS:
+        return str(int(value))
+    return repr(value)
+
+
+def escape_help(text: str) -> str:
+    """``# HELP`` text: only backslash and newline are escaped (format 0.0.4)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def escape_label_value(text: str) -> str:
+    """A label value between double quotes: backslash, double quote and newline escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_sample(name: str, labels: LabelPairs, value: float) -> str:
+    """One sample line, without its newline."""
+    if not labels:
+        return f"{name} {format_value(value)}"
+    pairs = ",".join(f'{key}="{escape_label_value(val)}"' for key, val in labels)
+    return f"{name}{{{pairs}}} {format_value(value)}"
+
+
+# -- primitives ----------------------------------------------------------------------------------
+
+
+class Metric:
+    """A metric family: a name, a help text, a type, label names, and its samples."""
+
+    kind: ClassVar[str] = "untyped"
+    suffixes: ClassVar[tuple[str, ...]] = ("",)  # sample names are ``name + suffix``
+    reserved_labels: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        if not _METRIC_NAME.match(name):
+            raise ValueError(f"not a metric name: {name!r}")
+        for label in labelnames:
+            if not _LABEL_NAME.match(label) or label.startswith("__"):
+                raise ValueError(f"not a label name: {label!r}")
+            if label in self.reserved_labels:
+                raise ValueError(f"label {label!r} is reserved for a {self.kind}")
+        if len(set(labelnames)) != len(labelnames):
+            raise ValueError(f"repeated label names: {labelnames!r}")
+        self.name = name
+        self.help = help
+        self.labelnames: tuple[str, ...] = tuple(labelnames)
+
+    @property
+    def sample_names(self) -> frozenset[str]:
+        """Every name this family's lines may carry, for the registry's clash check."""
+        return frozenset({self.name} | {self.name + suffix for suffix in self.suffixes})
+
+    def _key(self, labels: Mapping[str, str]) -> LabelValues:
+        if labels.keys() != set(self.labelnames):
+            raise ValueError(
+                f"{self.name} takes labels {sorted(self.labelnames)}, not {sorted(labels)}"
+            )
+        return tuple(str(labels[name]) for name in self.labelnames)
+
+    def _pairs(self, key: LabelValues) -> LabelPairs:
+        return tuple(zip(self.labelnames, key, strict=True))
+
+    def samples(self) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def render(self) -> str:
+        """The family's ``# HELP``, ``# TYPE`` and sample lines, each ending in a newline."""
+        # In format 0.0.4 a counter's HELP and TYPE lines name its samples, ``x_total``, as the
+        # Go and Python clients write them: a parser reads ``# TYPE x counter`` followed by
+        # ``x_total`` samples as a counter with no samples plus a stray untyped metric.
+        family = self.name + self.suffixes[0] if self.kind == "counter" else self.name
+        lines = [f"# HELP {family} {escape_help(self.help)}", f"# TYPE {family} {self.kind}"]
+        lines += [format_sample(*sample) for sample in self.samples()]
+        return "\n".join(lines) + "\n"
+
+
+class _Series(Metric):
+    """A family whose series are numbers kept here, one per tuple of label values."""
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[LabelValues, float] = {}
+        if not self.labelnames:
+            self._values[()] = 0.0
+
+    def get(self, **labels: str) -> float:
+        """The current value of one series (0 if it was never used)."""
+        return self._values.get(self._key(labels), 0.0)
+
+    def series(self) -> dict[LabelValues, float]:
+        """A copy of every series: label values (in ``labelnames`` order) to value."""
+        return dict(self._values)
+
+    def samples(self) -> Iterator[Sample]:
+        name = self.name + self.suffixes[0]
+        for key in sorted(self._values):
+            yield name, self._pairs(key), self._values[key]
+
+
+class Counter(_Series):
+    """A value that only goes up. Named without ``_total``, which its exposition adds."""
+
+    kind = "counter"
+    suffixes = ("_total",)
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        if name.endswith("_total"):
+            raise ValueError(f"name a counter without _total (it is added): {name!r}")
+        super().__init__(name, help, labelnames)
+
+    def inc(self, amount: float = 1.0, /, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError(f"a counter only goes up, not by {amount}")
+        key = self._key(labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+
+class Gauge(_Series):
+    """A value that goes up and down."""
+
+    kind = "gauge"
+
+    def set(self, value: float, /, **labels: str) -> None:
+        self._values[self._key(labels)] = float(value)
+
+    def inc(self, amount: float = 1.0, /, **labels: str) -> None:
+        key = self._key(labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, /, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+
+class _FunctionSeries(Metric):
+    """A family whose values are read from a callable at render time: a float without labels,
+    or a mapping from label-value tuples to floats with them."""
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        function: SeriesFunction,
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        self.function = function
+
+    def series(self) -> dict[LabelValues, float]:
+        """The callable's current values, checked against ``labelnames``."""
+        found = self.function()
+        if not self.labelnames:
+            if isinstance(found, Mapping):
+                raise ValueError(f"{self.name} has no labels but its function gave a mapping")
+            return {(): float(found)}
+        if not isinstance(found, Mapping):
+            raise ValueError(f"{self.name} has labels but its function gave {found!r}")
+        values: dict[LabelValues, float] = {}
+        for key, value in found.items():
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, not {key!r}")
+            values[tuple(str(part) for part in key)] = float(value)
+        return values
+
+    def samples(self) -> Iterator[Sample]:
+        name = self.name + self.suffixes[0]
+        values = self.series()
+        for key in sorted(values):
+            yield name, self._pairs(key), values[key]
+
+
+class GaugeFunction(_FunctionSeries):
+    """A gauge whose value another object keeps."""
+
+    kind = "gauge"
+
+
+class CounterFunction(_FunctionSeries):
+    """A counter whose count another object keeps. Named without ``_total``."""
+
+    kind = "counter"
+    suffixes = ("_total",)
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        function: SeriesFunction,
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        if name.endswith("_total"):
+            raise ValueError(f"name a counter without _total (it is added): {name!r}")
+        super().__init__(name, help, function, labelnames)
+
+
+@dataclass
+class _Buckets:
+    counts: list[int]  # per bucket, not cumulative; the last one is +Inf
+    total: float = 0.0
+
+
+class Histogram(Metric):
+    """Observations counted into buckets by upper bound, plus their sum and count."""
+
+    kind = "histogram"
+    suffixes = ("_bucket", "_sum", "_count")
+    reserved_labels = frozenset({"le"})
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        buckets: Sequence[float],
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        super().__init__(name, help, labelnames)
+        bounds = [float(bound) for bound in buckets]
+        if bounds and bounds[-1] == math.inf:
+            bounds.pop()
+        if not bounds or not all(math.isfinite(bound) for bound in bounds):
+            raise ValueError(f"{name} needs finite bucket bounds, not {buckets!r}")
+        if any(low >= high for low, high in pairwise(bounds)):
+            raise ValueError(f"{name}'s bucket bounds must increase: {buckets!r}")
+        self.bounds: tuple[float, ...] = (*bounds, math.inf)
+        self._series: dict[LabelValues, _Buckets] = {}
+        if not self.labelnames:
+            self._series[()] = _Buckets([0] * len(self.bounds))
+
+    def observe(self, value: float, /, **labels: str) -> None:
+        key = self._key(labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Buckets([0] * len(self.bounds))
+        # ``le`` means "less than or equal": a value on a bound counts in that bound's bucket.
+        # NaN compares false with everything; like Go's client it lands in +Inf only.
+        index = len(self.bounds) - 1 if math.isnan(value) else bisect_left(self.bounds, value)
+        series.counts[index] += 1
+        series.total += value
+
+    def count(self, **labels: str) -> int:
+        """How many observations one series has had (0 if it was never used)."""
+        series = self._series.get(self._key(labels))
+        return 0 if series is None else sum(series.counts)
+
+    def samples(self) -> Iterator[Sample]:
+        for key in sorted(self._series):
+            series = self._series[key]
+            pairs = self._pairs(key)
+            cumulative = 0
+            for bound, count in zip(self.bounds, series.counts, strict=True):
+                cumulative += count
+                le = (("le", format_value(bound)),)
+                yield f"{self.name}_bucket", pairs + le, cumulative
+            yield f"{self.name}_sum", pairs, series.total
+            yield f"{self.name}_count", pairs, cumulative
+
+
+M = TypeVar("M", bound=Metric)
+
+
+class Registry:
+    """The metrics one ``/metrics`` endpoint exposes, in registration order."""
+
+    def __init__(self) -> None:
+        self._metrics: list[Metric] = []
+        self._names: set[str] = set()
+
+    def register(self, metric: M) -> M:
+        """Add ``metric`` and return it; ValueError if any of its sample names is taken."""
+        clash = metric.sample_names & self._names
+        if clash:
+            raise ValueError(f"metric names already registered: {sorted(clash)}")
+        self._names |= metric.sample_names
+        self._metrics.append(metric)
+        return metric
+
+    def render(self) -> bytes:
+        """Every metric in the text exposition format 0.0.4 (see ``CONTENT_TYPE``)."""
+        return "".join(metric.render() for metric in self._metrics).encode("utf-8")
+
+
+# -- hubproxy's metrics --------------------------------------------------------------------------
+
+ROUTES = ("ping", "manifest", "blob", "tags", "upload", "token", "search", "ops", "other")
+RESPONSE_SOURCES = ("upstream", "cache")
+CACHE_KINDS = ("blob", "manifest")
+CACHE_RESULTS = ("hit", "miss")
+DENIAL_REASONS = ("network", "auth", "image", "rate")
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+RATE_LIMIT_WINDOW = 3600.0  # the status page's "429s in the last hour"
+
+_RATELIMIT_COUNT = re.compile(rb"[ \t]*[0-9]{1,15}(?:\.[0-9]+)?[ \t]*\Z")
+
+
+def parse_ratelimit(value: bytes) -> float | None:
+    """The count in a ``ratelimit-remaining`` (or ``-limit``) header, as Docker Hub sends it:
+    ``76;w=21600`` -> 76.0 (the ``w`` parameter is the window in seconds). None for anything
+    else: a peer's junk must not become a metric value."""
+    match = _RATELIMIT_COUNT.match(value.split(b";", 1)[0])
+    if match is None:
+        return None
+    return float(match.group(0).strip())
+
+
+def resident_bytes(statm: str, page_size: int) -> float:
+    """Resident set size from ``/proc/self/statm`` (pages: size resident shared ...)."""
+    fields = statm.split()
+    return float(int(fields[1]) * page_size)
+
+
+@dataclass(frozen=True)
+class CacheFigures:
+    """What the blob cache reports to ``/metrics``; all zero when there is no cache."""
+
+    bytes_used: int = 0
+    blobs: int = 0
+    limit_bytes: int = 0
+    evictions: int = 0
+    verification_failures: int = 0
+
+
+def cache_figures(store: BlobStore) -> CacheFigures:
+    """The figures of an open ``BlobStore``: ``HubMetrics(cache=lambda: cache_figures(s))``."""
+    return CacheFigures(
+        bytes_used=store.total,
+        blobs=len(store.index),
+        limit_bytes=store.max_bytes,
+        evictions=store.stats.evictions,
+        verification_failures=store.stats.verification_failures,
+    )
+
+
+class RecentEvents:
+    """Times of recent events in a sliding window, e.g. the 429s of the last hour.
+
+    The caller passes the times in (wall clock, as the status page shows them); this class
+    never reads a clock. At most ``limit`` times are kept, so a flood costs bounded memory and
+    ``count`` then reads "at least ``limit``"."""
+
+    def __init__(self, window: float = RATE_LIMIT_WINDOW, limit: int = 10_000) -> None:
+        self.window = window
+        self._times: deque[float] = deque(maxlen=limit)
+        self.last: float | None = None
+
+    def add(self, when: float) -> None:
+        self._times.append(when)
+        self.last = when if self.last is None else max(self.last, when)
+
+    def count(self, now: float) -> int:
+        """How many events happened in the window ending at ``now``."""
+        while self._times and self._times[0] <= now - self.window:
+            self._times.popleft()
+        return sum(1 for when in self._times if when <= now)
+
+
+CacheSource = Callable[[], CacheFigures | None]
+
+
+class HubMetrics:
+    """hubproxy's metrics, registered in their own ``Registry``.
+
+    ``cache`` is a callable returning the cache's ``CacheFigures`` (or None: no cache); it may
+    also be assigned later, once the cache is open. ``proc`` is ``/proc/self`` except in tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        version: str = __version__,
+        cache: CacheSource | None = None,
+        started_at: float | None = None,
+        proc: Path = Path("/proc/self"),
+    ) -> None:
+        self.version = version
+        self.cache = cache
+        self.started_at = time.time() if started_at is None else started_at
+        self.proc = proc
+        self.rate_limited_times = RecentEvents()
+        self.registry = registry = Registry()
+
+        self.requests = registry.register(
+            Counter(
+                "hubproxy_requests", "Requests answered, by route and status.", ("route", "status")
+            )
+        )
+        self.response_bytes = registry.register(
+            Counter(
+                "hubproxy_response_bytes",
+                "Response body bytes sent to clients, by source.",
+                ("source",),
+            )
+        )
+        self.cache_requests = registry.register(
+            Counter(
+                "hubproxy_cache_requests", "Cache lookups, by kind and result.", ("kind", "result")
+            )
+        )
+        self.cache_hit_ratio = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_hit_ratio",
+                "Cache hits / lookups over blobs and manifests since start (0 if none).",
+                self.hit_ratio,
+            )
+        )
+        self.upstream_latency = registry.register(
+            Histogram(
+                "hubproxy_upstream_response_seconds",
+                "Time from sending a request upstream to its response head.",
+                UPSTREAM_BUCKETS,
+                ("upstream",),
+            )
+        )
+        self.upstream_rate_limited = registry.register(
+            Counter(
+                "hubproxy_upstream_rate_limited",
+                "429 responses received from upstreams.",
+                ("upstream",),
+            )
+        )
+        self.failovers = registry.register(
+            Counter(
+                "hubproxy_failovers",
+                "Requests moved from one upstream to another.",
+                ("from_upstream", "to_upstream"),
+            )
+        )
+        self.ratelimit_remaining = registry.register(
+            Gauge(
+                "hubproxy_upstream_ratelimit_remaining",
+                "The latest ratelimit-remaining an upstream sent.",
+                ("upstream",),
+            )
+        )
+        self.client_connections = registry.register(
+            Gauge("hubproxy_client_connections", "Client connections open now.")
+        )
+        self.denied = registry.register(
+            Counter("hubproxy_denied_requests", "Requests refused, by reason.", ("reason",))
+        )
+        self.cache_bytes = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_bytes",
+                "Bytes of blobs in the cache.",
+                lambda: self._cache().bytes_used,
+            )
+        )
+        self.cache_blobs = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_blobs", "Blobs in the cache.", lambda: self._cache().blobs
+            )
+        )
+        self.cache_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_limit_bytes",
+                "The cache's size limit (0: no cache).",
+                lambda: self._cache().limit_bytes,
+            )
+        )
+        self.cache_evictions = registry.register(
+            CounterFunction(
+                "hubproxy_cache_evictions",
+                "Blobs evicted from the cache.",
+                lambda: self._cache().evictions,
+            )
+        )
+        self.cache_verification_failures = registry.register(
+            CounterFunction(
+                "hubproxy_cache_verification_failures",
+                "Cache fills whose digest did not match.",
+                lambda: self._cache().verification_failures,
+            )
+        )
+        self.build_info = registry.register(
+            GaugeFunction(
+                "hubproxy_build_info",
+                "Always 1; the version is in the label.",
+                lambda: {(version,): 1.0},
+                ("version",),
+            )
+        )
+        self.start_time = registry.register(
+            Gauge("hubproxy_start_time_seconds", "When hubproxy started, in Unix seconds.")
+        )
+        self.start_time.set(self.started_at)
+        self.resident_memory = registry.register(
+            GaugeFunction(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                self._resident_memory,
+            )
+        )
+        self.open_fds = registry.register(
+            GaugeFunction("process_open_fds", "Open file descriptors.", self._open_fds)
+        )
+
+    def _cache(self) -> CacheFigures:
+        figures = self.cache() if self.cache is not None else None
+        return CacheFigures() if figures is None else figures
+
+    def _resident_memory(self) -> float:
+        try:
+            statm = (self.proc / "statm").read_text()
+            return resident_bytes(statm, os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, IndexError):  # not Linux, or /proc not mounted
+            return 0.0
+
+    def _open_fds(self) -> float:
+        try:
+            return float(len(os.listdir(self.proc / "fd")))
+        except OSError:
+            return 0.0
+
+    def hit_ratio(self) -> float:
+        """Cache hits / (hits + misses) over blob and manifest lookups; 0 before any."""
+        hits = misses = 0.0
+        for (kind, result), count in self.cache_requests.series().items():
+            if kind in CACHE_KINDS and result == "hit":
+                hits += count
+            elif kind in CACHE_KINDS and result == "miss":
+                misses += count
+        return hits / (hits + misses) if hits + misses else 0.0
+
+    def note_ratelimit(self, upstream: str, value: bytes) -> None:
+        """Record an upstream's ``ratelimit-remaining`` header value, if it is a number."""
+        remaining = parse_ratelimit(value)
+        if remaining is not None:
+            self.ratelimit_remaining.set(remaining, upstream=upstream)
+
+    def note_rate_limited(self, upstream: str, when: float) -> None:
+        """Count a 429 from ``upstream`` received at wall-clock time ``when``."""
+        self.upstream_rate_limited.inc(upstream=upstream)
+        self.rate_limited_times.add(when)
+
+    def render(self) -> bytes:
+        return self.registry.render()

@@ -1,0 +1,147 @@
+"""The operator's paths: ``/healthz``, ``/readyz``, ``/metrics`` and the status page ``/``.
+
+``/healthz`` says the process answers. ``/readyz`` says whether a client pulling now would be
+served: the listener accepts (not draining), a registry upstream answered recently (or answers a
+probe now), and the cache directory can be written. ``/metrics`` is the Prometheus text format
+(``metrics``), the status page is ``statuspage``. Who may read them is the gate's ``--ops-allow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import ProxyError
+from .headers import Headers
+from .metrics import CONTENT_TYPE, cache_figures
+from .server import ClientRequest, ClientResponse
+from .statuspage import render_status_page, status_figures
+from .urls import Url
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
+    from .server import Server
+
+RECENT_ANSWER = 60.0  # an upstream that answered this recently counts as reachable
+PROBE_TIMEOUT = 5.0  # a readiness probe of an upstream gives up after this long
+PROBE_REUSE = 10.0  # a probe's result answers /readyz for this long (load balancers poll)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def readiness(checks: list[Check]) -> tuple[int, bytes]:
+    """The /readyz answer: 200 when every check passed, else 503; JSON naming each check."""
+    ready = all(check.ok for check in checks)
+    document = {
+        "status": "ready" if ready else "not ready",
+        "checks": {check.name: {"ok": check.ok, "detail": check.detail} for check in checks},
+    }
+    return (200 if ready else 503), json.dumps(document, indent=2).encode() + b"\n"
+
+
+class Operations:
+    """Answers the operator's paths for one proxy (and, once set, its server)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.server: Server | None = None  # set by the app once listening
+        self._probed_at = -1e9
+        self._probe: Check | None = None
+
+    async def serve(self, path: str, request: ClientRequest, response: ClientResponse) -> None:
+        if path == "/healthz":
+            status, body, kind = 200, b'{"status":"ok"}\n', b"application/json"
+        elif path == "/readyz":
+            status, body = readiness(await self.checks())
+            kind = b"application/json"
+        elif path == "/metrics":
+            self._refresh_gauges()
+            status, body, kind = 200, self.proxy.metrics.render(), CONTENT_TYPE.encode()
+        else:
+            self._refresh_gauges()
+            figures = status_figures(
+                self.proxy.metrics,
+                url=self._mirror_url(request),
+                upstreams=[str(url) for url in self.proxy.registry.urls],
+                now=time.time(),
+            )
+            status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
+        headers: Headers = [
+            (b"content-type", kind),
+            (b"content-length", b"%d" % len(body)),
+            (b"cache-control", b"no-store"),
+        ]
+        response.record.upstream = "-"
+        await response.start(status, headers)
+        if request.method != "HEAD":
+            await response.send(body)
+        await response.finish()
+
+    def _mirror_url(self, request: ClientRequest) -> str:
+        return self.proxy._public_base(request)
+
+    def _refresh_gauges(self) -> None:
+        metrics = self.proxy.metrics
+        if self.server is not None:
+            metrics.client_connections.set(len(self.server.connections))
+        pullthrough = self.proxy.pullthrough
+        if pullthrough is not None and metrics.cache is None:
+            blobs = pullthrough.blobs
+            metrics.cache = lambda: cache_figures(blobs)
+
+    async def checks(self) -> list[Check]:
+        server = self.server
+        listening = server is not None and not server.draining and bool(server.bound)
+        checks = [
+            Check(
+                "listener",
+                listening,
+                "accepting connections" if listening else "shutting down or not listening",
+            ),
+            await self._upstream_check(),
+        ]
+        pullthrough = self.proxy.pullthrough
+        if pullthrough is not None:
+            tmp = pullthrough.blobs.tmp_dir
+            writable = os.access(tmp, os.W_OK | os.X_OK)
+            checks.append(
+                Check("cache", writable, f"{tmp} is {'writable' if writable else 'not writable'}")
+            )
+        return checks
+
+    async def _upstream_check(self) -> Check:
+        registry = self.proxy.registry
+        now = trio.current_time()
+        if now - registry.last_answer < RECENT_ANSWER:
+            return Check("upstream", True, f"answered {now - registry.last_answer:.0f}s ago")
+        if self._probe is not None and now - self._probed_at < PROBE_REUSE:
+            return self._probe
+        failures = []
+        for base in registry.urls:
+            try:
+                with trio.fail_after(PROBE_TIMEOUT):
+                    status, _, _ = await self.proxy.simple_request(
+                        "GET", Url(base.origin, base.target.rstrip("/") + "/v2/"), []
+                    )
+            except (ProxyError, trio.TooSlowError) as exc:
+                failures.append(f"{base.origin}: {exc or 'no answer'}")
+                continue
+            if status < 500:
+                registry.last_answer = trio.current_time()
+                self._probe = Check("upstream", True, f"{base.origin} answered {status}")
+                break
+            failures.append(f"{base.origin}: answered {status}")
+        else:
+            self._probe = Check("upstream", False, "; ".join(failures) or "no upstream")
+        self._probed_at = now
+        return self._probe

@@ -1,0 +1,495 @@
+"""Tests for the TOML config file (hubproxy.configfile): values, errors with their lines, and the
+command line on top of the file. Pure apart from reading files under tmp_path.
+
+Most tests use a small parser of their own with every kind of action build_parser() uses (and a
+``--config`` option, which build_parser() may not have yet); a few run against the real one and
+the shipped example file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from hubproxy.cli import build_parser, config_from_args
+from hubproxy.configfile import (
+    ConfigFileError,
+    FileSettings,
+    find_key_lines,
+    load_config_file,
+    option_keys,
+    parse_args_with_file,
+    value_origin,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "hubproxy" / "service" / "hubproxy.toml"
+
+
+def small_parser() -> argparse.ArgumentParser:
+    """The kinds of actions build_parser() has, plus --config."""
+    parser = argparse.ArgumentParser(prog="hubproxy")
+    parser.add_argument("--version", action="version", version="hubproxy 0")
+    parser.add_argument("--config", metavar="FILE")
+    group = parser.add_argument_group("listening")
+    group.add_argument("--listen", metavar="HOST:PORT")
+    group.add_argument("--max-connections", metavar="N", type=int, default=1024)
+    group.add_argument("--read-timeout", type=float, default=60.0)
+    group.add_argument("--cache-dir", metavar="DIR", default="/tmp/cache")
+    group.add_argument("--fallback", metavar="URL", action="append", default=[])
+    group.add_argument("--library-prefix", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--no-cache", action="store_true")
+    group.add_argument("--keep-going", action="store_false", dest="stop")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser
+
+
+def write(tmp_path: Path, text: str, name: str = "hubproxy.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def load(tmp_path: Path, text: str) -> FileSettings:
+    return load_config_file(write(tmp_path, text), small_parser())
+
+
+def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """build_parser() with --config, whether or not it has one yet."""
+    if "--config" not in {o for a in parser._actions for o in a.option_strings}:
+        parser.add_argument("--config", metavar="FILE")
+    return parser
+
+
+# --- values ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "dest", "expected"),
+    [
+        ('listen = "0.0.0.0:443"', "listen", "0.0.0.0:443"),
+        ("'cache-dir' = '/var/cache/hubproxy'", "cache_dir", "/var/cache/hubproxy"),
+        ('"cache-dir" = "/srv"', "cache_dir", "/srv"),
+        ("max-connections = 10", "max_connections", 10),
+        ("read-timeout = 2.5", "read_timeout", 2.5),
+        ("read-timeout = 7", "read_timeout", 7.0),
+        ('fallback = ["https://a", "https://b"]', "fallback", ["https://a", "https://b"]),
+        ('fallback = "https://a"', "fallback", ["https://a"]),
+        ("fallback = []", "fallback", []),
+        ("library-prefix = true", "library_prefix", True),
+        ("library-prefix = false", "library_prefix", False),
+        ("no-cache = true", "no_cache", True),
+        ("no-cache = false", "no_cache", False),
+        ("keep-going = true", "stop", False),
+        ("keep-going = false", "stop", True),
+        ('log-level = "debug"', "log_level", "debug"),
+    ],
+)
+def test_value(tmp_path: Path, text: str, dest: str, expected: object) -> None:
+    settings = load(tmp_path, f"# hubproxy\n\n{text}\n")
+    assert settings.values == {dest: expected}
+    assert type(settings.values[dest]) is type(expected)
+    assert settings.lines == {dest: 3}
+    assert settings.where(dest) == f"{settings.path}:3"
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    settings = load(tmp_path, "# nothing set\n")
+    assert settings.values == {} and settings.lines == {}
+
+
+def test_lines_of_several_keys(tmp_path: Path) -> None:
+    text = """\
+# a comment with listen = "x"
+listen = "0.0.0.0:443"   # trailing comment
+
+fallback = [
+  "https://a",   # primary = no
+  "https://b",
+]
+cache-dir = '''
+read-timeout = 1
+'''
+  read-timeout = 3.0
+max-connections=5
+"""
+    settings = load(tmp_path, text)
+    assert settings.values == {
+        "listen": "0.0.0.0:443",
+        "fallback": ["https://a", "https://b"],
+        "cache_dir": "read-timeout = 1\n",
+        "read_timeout": 3.0,
+        "max_connections": 5,
+    }
+    assert settings.lines == {
+        "listen": 2,
+        "fallback": 4,
+        "cache_dir": 8,
+        "read_timeout": 11,
+        "max_connections": 12,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a = 1\n\"b\" = 2\n'c' = 3\n", {"a": 1, "b": 2, "c": 3}),
+        ('a = """\nb = 1\n"""\nc = 2\n', {"a": 1, "c": 4}),
+        ('a = """x\\"""\nb = 1"""\nc = 2\n', {"a": 1, "c": 3}),
+        ('a = """x""""\nb = 1\n', {"a": 1, "b": 2}),
+        ("a = 'x\\'\nb = 1\n", {"a": 1, "b": 2}),
+        ('a = "#"\nb = 1\n', {"a": 1, "b": 2}),
+        ('a = 1 # """\nb = 2\n', {"a": 1, "b": 2}),
+        ("a.x = 1\nb = 2\n", {"a": 1, "b": 2}),
+        ("a = 1\n[t]\nb = 2\n[[u]]\nc = 3\n", {"a": 1, "t": 2, "u": 4}),
+        ('[ "t" . x ]\n', {"t": 1}),
+        ('"a\\u0062" = 1\n', {"ab": 1}),
+        ("a = 1\r\nb = 2\r\n", {"a": 1, "b": 2}),
+    ],
+)
+def test_find_key_lines(text: str, expected: dict[str, int]) -> None:
+    assert find_key_lines(text) == expected
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "problem"),
+    [
+        ('listen = "a"\n\ncahce-dir = "/x"\n', 3, "cahce-dir", "did you mean 'cache-dir'?"),
+        ("\nfrobnicate = 1\n", 2, "frobnicate", "unknown key; see hubproxy --help"),
+        ('config = "other.toml"\n', 1, "config", "cannot name another config file"),
+        ("help = true\n", 1, "help", "unknown key"),
+        ('version = "1"\n', 1, "version", "unknown key"),
+        ("no-library-prefix = true\n", 1, "no-library-prefix", "'library-prefix = false'"),
+        ("no-library-prefix = false\n", 1, "no-library-prefix", "'library-prefix = true'"),
+        ("listen = 'x'\n[listening]\ncert = 'c'\n", 2, "listening", "there are no tables"),
+        ("[[cache-dir]]\n", 1, "cache-dir", "expected a string (DIR), got an array"),
+        ("cache.dir = '/x'\n", 1, "cache", "unknown key"),
+        ("\n\nread-timeout = 'ten'\n", 3, "read-timeout", 'expected a number, got a string "ten"'),
+        ("read-timeout = true\n", 1, "read-timeout", "expected a number, got a boolean true"),
+        ("max-connections = 1.5\n", 1, "max-connections", "expected an integer (N), got a float"),
+        ("max-connections = false\n", 1, "max-connections", "got a boolean false"),
+        ('max-connections = "10"\n', 1, "max-connections", 'got a string "10"'),
+        ("listen = 443\n", 1, "listen", "expected a string (HOST:PORT), got an integer 443"),
+        ("listen = 2024-01-01\n", 1, "listen", "got a date 2024-01-01"),
+        ("listen = {host = 'x'}\n", 1, "listen", "got a table"),
+        ("fallback = 5\n", 1, "fallback", "expected a string (URL), got an integer 5"),
+        ('fallback = [\n  "a",\n  1,\n]\n', 1, "fallback", "item 2: expected a string"),
+        ("fallback = {a = 1}\n", 1, "fallback", "expected an array, got a table"),
+        ('library-prefix = "yes"\n', 1, "library-prefix", "expected a boolean (true or false)"),
+        ("no-cache = 1\n", 1, "no-cache", "expected a boolean (true or false), got an integer 1"),
+        ('log-level = "loud"\n', 1, "log-level", "expected one of 'debug', 'info', 'warning'"),
+        ("# first\nlisten = 1\nfrob = 2\n", 2, "listen", "got an integer 1"),
+        ("frob = 2\nlisten = 1\n", 1, "frob", "unknown key"),
+    ],
+)
+def test_bad_key_or_value(tmp_path: Path, text: str, line: int, key: str, problem: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, small_parser())
+    error = info.value
+    assert (error.path, error.line, error.key) == (path, line, key)
+    assert problem in error.problem
+    assert str(error) == f"{path}:{line}: {key}: {error.problem}"
+    assert "\n" not in str(error)
+
+
+def test_unknown_key_without_close_match(tmp_path: Path) -> None:
+    with pytest.raises(ConfigFileError) as info:
+        load(tmp_path, "zzzzzz = 1\n")
+    assert info.value.problem == "unknown key; see hubproxy --help"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ("listen = 'a'\nread-timeout = \n", 2, "Invalid value (column 16)"),
+        ("a = 1\n\na = 2\n", 3, "Cannot overwrite a value"),
+        ("[t]\n[t]\n", 2, "Cannot declare"),
+        ('a = 1\nb = "open\n', 2, "Illegal character"),
+        ('a = 1\nb = """open\n', 2, "Unterminated string at the end of the file"),
+        ("a = [\n1,\n", 2, "at the end of the file"),
+    ],
+)
+def test_not_toml(tmp_path: Path, text: str, line: int, problem: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, small_parser())
+    assert info.value.line == line and info.value.key is None
+    assert str(info.value).startswith(f"{path}:{line}: not valid TOML: ")
+    assert problem in str(info.value)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "hubproxy.toml"
+    path.write_bytes(b'listen = "a"\ncache-dir = "\xff"\n')
+    with pytest.raises(ConfigFileError, match=r":2: not valid TOML: not UTF-8 text$"):
+        load_config_file(str(path), small_parser())
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, small_parser())
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+    assert info.value.line is None
+
+
+@pytest.mark.parametrize(
+    ("name", "strerror"), [(".", "Is a directory"), ("plain/hubproxy.toml", "Not a directory")]
+)
+def test_unreadable_path(tmp_path: Path, name: str, strerror: str) -> None:
+    (tmp_path / "plain").write_text("")
+    path = str(tmp_path / name)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, small_parser())
+    assert str(info.value) == f"{path}: cannot read: {strerror}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'listen = "a"\n')
+    os.chmod(path, 0)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, small_parser())
+    assert str(info.value) == f"{path}: cannot read: Permission denied"
+
+
+def test_alias_set_twice(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="hubproxy")
+    parser.add_argument("--cache-dir", "--cache-directory", dest="cache_dir")
+    path = write(tmp_path, "cache-dir = 'a'\n\ncache-directory = 'b'\n")
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, parser)
+    assert str(info.value) == f"{path}:3: cache-directory: already set as 'cache-dir' at line 1"
+
+
+def test_custom_type(tmp_path: Path) -> None:
+    def size(text: str) -> int:
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+        return int(text)
+
+    parser = argparse.ArgumentParser(prog="hubproxy")
+    parser.add_argument("--cache-size", type=size)
+    assert load_config_file(write(tmp_path, "cache-size = '20'\n"), parser).values == {
+        "cache_size": 20
+    }
+    assert load_config_file(write(tmp_path, "cache-size = 30\n"), parser).values == {
+        "cache_size": 30
+    }
+    with pytest.raises(ConfigFileError, match=r":1: cache-size: not a size: '20G'$"):
+        load_config_file(write(tmp_path, "cache-size = '20G'\n"), parser)
+
+
+def test_option_keys_skip_help_version_config_and_negations() -> None:
+    keys = option_keys(small_parser())
+    assert "cache-dir" in keys and "library-prefix" in keys and "no-cache" in keys
+    assert not {"help", "version", "config", "no-library-prefix"} & set(keys)
+
+
+# --- the command line on top of the file ----------------------------------------------------------
+
+FILE = """\
+listen = "0.0.0.0:443"
+max-connections = 10
+read-timeout = 5.0
+fallback = ["https://file-a", "https://file-b"]
+library-prefix = false
+no-cache = true
+log-level = "warning"
+"""
+
+
+def test_file_values_below_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    args, settings, given = parse_args_with_file(small_parser(), ["--config", path])
+    assert settings is not None and settings.path == path
+    assert given == {"config"}
+    assert args.listen == "0.0.0.0:443"
+    assert args.max_connections == 10
+    assert args.read_timeout == 5.0
+    assert args.fallback == ["https://file-a", "https://file-b"]
+    assert args.library_prefix is False
+    assert args.no_cache is True
+    assert args.log_level == "warning"
+    assert args.cache_dir == "/tmp/cache"  # not in the file: the parser's default
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    argv = [
+        f"--config={path}",
+        "--max-connections",
+        "20",
+        "--read-timeout=1.5",
+        "--fallback",
+        "https://cli",
+        "--library-prefix",
+        "--log-level",
+        "debug",
+    ]
+    args, settings, given = parse_args_with_file(small_parser(), argv)
+    assert given == {
+        "config",
+        "max_connections",
+        "read_timeout",
+        "fallback",
+        "library_prefix",
+        "log_level",
+    }
+    assert args.max_connections == 20
+    assert args.read_timeout == 1.5
+    assert args.fallback == ["https://cli"]  # replaces the file's list, is not appended to it
+    assert args.library_prefix is True
+    assert args.log_level == "debug"
+    assert args.listen == "0.0.0.0:443" and args.no_cache is True  # still from the file
+    assert settings is not None
+    assert value_origin("max_connections", settings, given) is None
+    assert value_origin("listen", settings, given) == f"{path}:1"
+    assert value_origin("cache_dir", settings, given) is None
+
+
+@pytest.mark.parametrize(
+    ("file_value", "argv", "expected"),
+    [
+        ("true", [], True),
+        ("false", [], False),
+        ("true", ["--no-library-prefix"], False),
+        ("false", ["--library-prefix"], True),
+    ],
+)
+def test_boolean_optional_both_ways(
+    tmp_path: Path, file_value: str, argv: list[str], expected: bool
+) -> None:
+    path = write(tmp_path, f"library-prefix = {file_value}\n")
+    args, _, _ = parse_args_with_file(small_parser(), ["--config", path, *argv])
+    assert args.library_prefix is expected
+
+
+@pytest.mark.parametrize(
+    ("file_value", "argv", "expected"),
+    [("true", [], True), ("false", [], False), ("false", ["--no-cache"], True)],
+)
+def test_store_true_both_ways(
+    tmp_path: Path, file_value: str, argv: list[str], expected: bool
+) -> None:
+    path = write(tmp_path, f"no-cache = {file_value}\n")
+    args, _, _ = parse_args_with_file(small_parser(), ["--config", path, *argv])
+    assert args.no_cache is expected
+
+
+def test_append_from_file_only_when_not_on_command_line(tmp_path: Path) -> None:
+    path = write(tmp_path, 'fallback = "https://file"\n')
+    parser = small_parser()
+    args, _, _ = parse_args_with_file(parser, ["--config", path])
+    assert args.fallback == ["https://file"]
+    args, _, _ = parse_args_with_file(parser, ["--fallback", "https://x", "--config", path])
+    assert args.fallback == ["https://x"]
+
+
+def test_without_config(tmp_path: Path) -> None:
+    parser = small_parser()
+    args, settings, given = parse_args_with_file(parser, ["--max-connections", "3"])
+    assert settings is None and given == {"max_connections"}
+    assert args.max_connections == 3 and args.fallback == [] and args.config is None
+
+
+def test_parser_without_config_option() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", default="x")
+    args, settings, given = parse_args_with_file(parser, [])
+    assert args.listen == "x" and settings is None and given == frozenset()
+
+
+def test_defaults_restored_after_parsing(tmp_path: Path) -> None:
+    parser = small_parser()
+    parser.set_defaults(extra="kept")
+    path = write(tmp_path, FILE)
+    parse_args_with_file(parser, ["--config", path, "--listen", "a:1"])
+    args = parser.parse_args([])
+    assert args.max_connections == 1024 and args.fallback == [] and args.extra == "kept"
+
+
+def test_bad_file_raises(tmp_path: Path) -> None:
+    path = write(tmp_path, "max-connections = 'many'\n")
+    with pytest.raises(ConfigFileError, match=r":1: max-connections: "):
+        parse_args_with_file(small_parser(), ["--config", path, "--max-connections", "3"])
+
+
+# --- the real parser and the shipped example --------------------------------------------------
+
+
+def test_real_parser(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+cache-dir = "/var/cache/hubproxy"
+fallback = ["https://worker.example.com"]
+read-timeout = 90
+library-prefix = false
+no-cache = true
+""",
+    )
+    settings = load_config_file(path, build_parser())
+    assert settings.values == {
+        "cache_dir": "/var/cache/hubproxy",
+        "fallback": ["https://worker.example.com"],
+        "read_timeout": 90.0,
+        "library_prefix": False,
+        "no_cache": True,
+    }
+    assert settings.lines == {
+        "cache_dir": 1,
+        "fallback": 2,
+        "read_timeout": 3,
+        "library_prefix": 4,
+        "no_cache": 5,
+    }
+    parser = with_config(build_parser())
+    args, _, given = parse_args_with_file(parser, ["--config", path, "--read-timeout", "7"])
+    assert "read_timeout" in given
+    config = config_from_args(args)
+    assert config.timeouts.upstream_idle == 7.0
+    assert config.cache_dir is None  # no-cache from the file
+    assert config.library_prefix is False
+    assert [u.origin.host for u in config.upstreams] == [
+        "registry-1.docker.io",
+        "worker.example.com",
+    ]
+
+
+def test_real_parser_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen = ':5000'\nread-timout = 5\n")
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path, build_parser())
+    assert info.value.line == 2
+    assert info.value.problem.endswith("did you mean 'read-timeout'?")
+
+
+def test_example_file_is_valid() -> None:
+    settings = load_config_file(str(EXAMPLE), build_parser())
+    assert settings.values["listen"] == "0.0.0.0:443"
+    assert settings.values["cache_dir"] == "/var/cache/hubproxy"
+    assert {"cert", "key"} <= set(settings.values)
+
+
+def test_example_file_is_valid_uncommented(tmp_path: Path) -> None:
+    """The commented-out defaults are valid values too, once uncommented."""
+    text = EXAMPLE.read_text()
+    uncommented = re.sub(r"(?m)^# ([a-z][a-z0-9-]* = )", r"\1", text)
+    keys = set(find_key_lines(uncommented))
+    settings = load_config_file(write(tmp_path, uncommented), build_parser())
+    assert len(settings.values) == len(keys)
+
+
+def test_example_file_names_every_flag() -> None:
+    text = EXAMPLE.read_text()
+    named = set(re.findall(r"(?m)^[ \t]*(?:#[ \t]*)?([a-z][a-z0-9-]*)[ \t]*=", text))
+    missing = set(option_keys(build_parser())) - named
+    assert not missing, f"add these keys to {EXAMPLE.name}: {sorted(missing)}"

@@ -1,0 +1,336 @@
+"""The status page at ``/``: read back with the stdlib HTML parser, never by string matching
+alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from html.parser import HTMLParser
+
+import pytest
+
+from hubproxy import __version__
+from hubproxy.clientconfig import CLIENTS, snippet
+from hubproxy.metrics import CacheFigures, HubMetrics
+from hubproxy.statuspage import (
+    StatusFigures,
+    client_snippets,
+    format_bytes,
+    format_count,
+    format_duration,
+    format_ratio,
+    format_time,
+    render_status_page,
+    status_figures,
+)
+
+VOID = frozenset({"meta", "br", "hr", "img", "link", "input"})
+HUB = "https://registry-1.docker.io"
+FALLBACK = "https://mirror.gcr.io"
+
+
+class Page(HTMLParser):
+    """Tags, text by enclosing elements, and any structural error, from one parse."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.doctype = ""
+        self.tags: list[str] = []
+        self.attributes: list[tuple[str, dict[str, str | None]]] = []
+        self.stack: list[tuple[str, int]] = []  # open elements: tag, serial number
+        self.errors: list[str] = []
+        self.texts: list[tuple[tuple[tuple[str, int], ...], str]] = []
+
+    def handle_decl(self, decl: str) -> None:
+        self.doctype = decl
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.attributes.append((tag, dict(attrs)))
+        if tag not in VOID:
+            self.stack.append((tag, len(self.tags)))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.errors.append(f"self-closing <{tag}/> in HTML5")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in VOID:
+            self.errors.append(f"end tag for void <{tag}>")
+        elif not self.stack or self.stack[-1][0] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.texts.append((tuple(self.stack), data))
+
+    def text(self) -> str:
+        return "".join(data for _, data in self.texts)
+
+    def inside(self, tag: str) -> list[str]:
+        """The text of each outermost ``tag`` element, in document order."""
+        found: dict[int, str] = {}
+        for stack, data in self.texts:
+            serials = [serial for name, serial in stack if name == tag]
+            if serials:
+                found[serials[0]] = found.get(serials[0], "") + data
+        return list(found.values())
+
+
+def parse(page: bytes) -> Page:
+    parser = Page()
+    parser.feed(page.decode("utf-8"))
+    parser.close()
+    assert parser.errors == []
+    assert parser.stack == []  # every element closed
+    return parser
+
+
+FIGURES = StatusFigures(
+    url="https://mirror.example.com",
+    name="office mirror",
+    version="9.8.7",
+    upstreams=(HUB, FALLBACK),
+    snippets=client_snippets("https://mirror.example.com"),
+    now=1_714_564_800.0,  # 2024-05-01 12:00:00 UTC
+    started_at=1_714_564_800.0 - (2 * 86400 + 3 * 3600 + 59),
+    cache_bytes=3 * 2**30 // 2,
+    cache_limit=20 * 2**30,
+    cache_blobs=1234,
+    cache_hit_ratio=0.875,
+    bytes_from_cache=5 * 2**40,
+    bytes_from_upstream=700 * 2**20,
+    requests=98765,
+    rate_limited_last_hour=3,
+    last_rate_limited_at=1_714_564_800.0 - 300,
+    ratelimit_remaining=((HUB, 76.0),),
+)
+
+
+def test_structure_and_title() -> None:
+    page = parse(render_status_page(FIGURES))
+    assert page.doctype.lower() == "doctype html"
+    assert page.tags[:3] == ["html", "head", "meta"]
+    assert page.inside("title") == ["office mirror: Docker Hub mirror"]
+    assert page.inside("h1") == ["office mirror"]
+    assert ("meta", {"charset": "utf-8"}) in page.attributes
+    # Self-contained: nothing loaded from elsewhere, nothing run.
+    assert not {"script", "link", "img", "iframe", "object"} & set(page.tags)
+    names = {name for _, attrs in page.attributes for name in attrs}
+    assert not {name for name in names if name.startswith("on") or name in ("src", "srcset")}
+
+
+def test_shows_what_it_serves() -> None:
+    page = parse(render_status_page(FIGURES))
+    text = page.text()
+    assert "hubproxy 9.8.7" in text
+    assert f"{HUB} (primary)" in page.inside("li")
+    assert f"{FALLBACK} (fallback)" in page.inside("li")
+    links = [attrs["href"] for tag, attrs in page.attributes if tag == "a"]
+    assert links == ["https://mirror.example.com", HUB, FALLBACK]
+
+
+def test_each_client_snippet_verbatim_in_a_pre() -> None:
+    page = parse(render_status_page(FIGURES))
+    pres = page.inside("pre")
+    assert len(pres) == len(CLIENTS)
+    for client in CLIENTS:
+        text, hint = snippet(client, "https://mirror.example.com", None)
+        assert text in pres
+        assert client in page.inside("h3")
+        assert hint[1:] in page.text()
+
+
+def test_figures_appear() -> None:
+    text = parse(render_status_page(FIGURES)).text()
+    for expected in (
+        "up 2d 3h",
+        "1.5 GiB of 20 GiB (7.5%), 1,234 blobs",
+        "87.5%",
+        "5.0 TiB",
+        "700 MiB",
+        "98,765",
+        "2024-05-01 11:55:00 UTC (5m ago)",
+    ):
+        assert expected in text
+    rows = dict(_rows(render_status_page(FIGURES)))
+    assert rows["429s in the last hour"] == "3"
+    assert rows[f"Pulls remaining at {HUB}"] == "76"
+    assert rows["Requests served"] == "98,765"
+    assert rows["Cache hit ratio"] == "87.5%"
+    assert rows["Served from cache (saved)"] == "5.0 TiB"
+    assert rows["Served from upstream"] == "700 MiB"
+
+
+def _rows(page_bytes: bytes) -> list[tuple[str, str]]:
+    page = parse(page_bytes)
+    return list(zip(page.inside("th"), page.inside("td"), strict=True))
+
+
+def test_quiet_mirror_without_cache() -> None:
+    figures = StatusFigures(url="http://127.0.0.1:5000", now=100.0, started_at=100.0)
+    rows = dict(_rows(render_status_page(figures)))
+    assert rows["Cache"].startswith("no cache configured")
+    assert rows["Last 429"] == "never"
+    assert rows["429s in the last hour"] == "0"
+    text = parse(render_status_page(figures)).text()
+    assert "No upstream registry is configured." in text
+    assert "No client configuration" in text
+    assert f"hubproxy {__version__}, up 0s" in text
+
+
+HOSTILE = 'https://evil.example/<script>alert("x")</script>&amp;'
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        replace(FIGURES, upstreams=(HOSTILE,)),
+        replace(FIGURES, url=HOSTILE),
+        replace(FIGURES, name=HOSTILE),
+        replace(FIGURES, version=HOSTILE),
+        replace(FIGURES, ratelimit_remaining=((HOSTILE, 1.0),)),
+        replace(FIGURES, snippets=((HOSTILE, HOSTILE, HOSTILE),)),
+    ],
+)
+def test_everything_interpolated_is_escaped(figures: StatusFigures) -> None:
+    raw = render_status_page(figures)
+    assert b"<script" not in raw
+    page = parse(raw)
+    assert "script" not in page.tags
+    assert HOSTILE in page.text() or HOSTILE[1:] in page.text()  # read back exactly
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,x"])
+def test_only_http_urls_become_links(url: str) -> None:
+    page = parse(render_status_page(replace(FIGURES, url=url, upstreams=(url,))))
+    hrefs = [attrs["href"] for tag, attrs in page.attributes if tag == "a"]
+    assert hrefs == []
+    assert url in page.inside("code")
+
+
+def test_client_snippets() -> None:
+    found = client_snippets("https://mirror.example.com:8443", ca="/srv/ca.pem")
+    assert [client for client, _, _ in found] == list(CLIENTS)
+    for client, where, text in found:
+        assert (text, where) == snippet(client, "https://mirror.example.com:8443", "/srv/ca.pem")
+    assert "/etc/docker/daemon.json" in found[0][1]
+
+
+@pytest.mark.parametrize(
+    "url", ["https://mirror.example.com/v2/", "ftp://mirror.example.com", "not a url", ""]
+)
+def test_client_snippets_unusable_url_omitted(url: str) -> None:
+    assert client_snippets(url) == ()
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (10 * 1024, "10 KiB"),
+        (1023 * 1024, "1023 KiB"),
+        (1024 * 1024 - 1, "1.0 MiB"),  # not "1024 KiB"
+        (512 * 2**20, "512 MiB"),
+        (3 * 2**30 // 2, "1.5 GiB"),
+        (20 * 2**30, "20 GiB"),
+        (int(9.96 * 2**30), "10 GiB"),
+        (5 * 2**40, "5.0 TiB"),
+        (2**70, "1024 EiB"),
+    ],
+)
+def test_format_bytes(size: int, text: str) -> None:
+    assert format_bytes(size) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.9, "0s"),
+        (-5, "0s"),
+        (math.nan, "0s"),
+        (1, "1s"),
+        (59.9, "59s"),
+        (60, "1m"),
+        (63, "1m 3s"),
+        (3600, "1h"),
+        (3600 + 5, "1h"),  # two units: hours and minutes
+        (2 * 3600 + 5 * 60 + 9, "2h 5m"),
+        (86400, "1d"),
+        (3 * 86400 + 4 * 3600 + 59, "3d 4h"),
+        (400 * 86400, "400d"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("ratio", "text"),
+    [(0.0, "0.0%"), (0.875, "87.5%"), (1.0, "100.0%"), (1 / 3, "33.3%"), (math.nan, "-")],
+)
+def test_format_ratio(ratio: float, text: str) -> None:
+    assert format_ratio(ratio) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0, "0"), (76.0, "76"), (1234567, "1,234,567"), (2.5, "2.50"), (math.inf, "-")],
+)
+def test_format_count(value: float, text: str) -> None:
+    assert format_count(value) == text
+
+
+def test_format_time() -> None:
+    assert format_time(0) == "1970-01-01 00:00:00 UTC"
+    assert format_time(1_714_564_800.9) == "2024-05-01 12:00:00 UTC"
+
+
+def test_status_figures_from_metrics() -> None:
+    metrics = HubMetrics(version="9.8.7", started_at=1000.0)
+    metrics.cache = lambda: CacheFigures(bytes_used=2**30, blobs=7, limit_bytes=2**34)
+    metrics.requests.inc(1, route="blob", status="200")
+    metrics.requests.inc(2, route="manifest", status="404")
+    metrics.response_bytes.inc(4096, source="cache")
+    metrics.response_bytes.inc(100, source="upstream")
+    metrics.cache_requests.inc(1, kind="blob", result="hit")
+    metrics.cache_requests.inc(1, kind="blob", result="miss")
+    metrics.note_rate_limited(HUB, when=1000.0)
+    metrics.note_rate_limited(HUB, when=9000.0)
+    metrics.note_ratelimit(FALLBACK, b"12;w=60")
+    metrics.note_ratelimit(HUB, b"76;w=21600")
+
+    figures = status_figures(
+        metrics, url="https://mirror.example.com", upstreams=[HUB, FALLBACK], now=10000.0
+    )
+    assert figures == StatusFigures(
+        url="https://mirror.example.com",
+        version="9.8.7",
+        upstreams=(HUB, FALLBACK),
+        snippets=client_snippets("https://mirror.example.com"),
+        now=10000.0,
+        started_at=1000.0,
+        cache_bytes=2**30,
+        cache_limit=2**34,
+        cache_blobs=7,
+        cache_hit_ratio=0.5,
+        bytes_from_cache=4096,
+        bytes_from_upstream=100,
+        requests=3,
+        rate_limited_last_hour=1,
+        last_rate_limited_at=9000.0,
+        ratelimit_remaining=((FALLBACK, 12.0), (HUB, 76.0)),  # sorted by upstream
+    )
+    parse(render_status_page(figures))
+
+
+def test_status_figures_without_cache() -> None:
+    metrics = HubMetrics(started_at=0.0)
+    figures = status_figures(metrics, url="http://127.0.0.1:5000", upstreams=(), now=1.0)
+    assert (figures.cache_bytes, figures.cache_limit, figures.cache_blobs) == (0, 0, 0)
+    assert figures.last_rate_limited_at is None
