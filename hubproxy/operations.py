@@ -9,9 +9,10 @@ probe now), and the cache directory can be written. ``/metrics`` is the Promethe
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -47,6 +48,17 @@ def readiness(checks: list[Check]) -> tuple[int, bytes]:
         "checks": {check.name: {"ok": check.ok, "detail": check.detail} for check in checks},
     }
     return (200 if ready else 503), json.dumps(document, indent=2).encode() + b"\n"
+
+
+def cache_check(tmp_dir: Path) -> Check:
+    """Create and delete a file where fills are written: the one test that means "writable"
+    for root too (permission bits do not stop root; a missing or read-only mount does)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=tmp_dir, prefix="readyz-"):
+            pass
+    except OSError as exc:
+        return Check("cache", False, f"cannot write in {tmp_dir}: {exc.strerror or exc}")
+    return Check("cache", True, f"{tmp_dir} is writable")
 
 
 class Operations:
@@ -112,11 +124,7 @@ class Operations:
         ]
         pullthrough = self.proxy.pullthrough
         if pullthrough is not None:
-            tmp = pullthrough.blobs.tmp_dir
-            writable = os.access(tmp, os.W_OK | os.X_OK)
-            checks.append(
-                Check("cache", writable, f"{tmp} is {'writable' if writable else 'not writable'}")
-            )
+            checks.append(cache_check(pullthrough.blobs.tmp_dir))
         return checks
 
     async def _upstream_check(self) -> Check:

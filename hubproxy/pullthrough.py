@@ -347,6 +347,8 @@ class PullThrough:
         except CacheFillFailed as exc:
             whole = answer.start == 0 and answer.end == size and request.method == "GET"
             if not (exc.resumable and whole):
+                if not response.committed:  # no byte left yet: the client gets a clear 502
+                    raise UpstreamUnavailable(str(exc)) from exc
                 raise ResponseAborted(str(exc)) from exc
             # only our disk failed: the client's transfer goes on from the upstream
             await self._finish_from_upstream(request, response, route, key, reader, size)

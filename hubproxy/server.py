@@ -114,37 +114,43 @@ class ClientResponse:
         self.record = record
         self.started = False
         # The head waits for the first body bytes (or the end), so that a small response
-        # leaves in one write: one syscall and, over TLS, one record instead of three.
-        self._pending_head = b""
+        # leaves in one write: one syscall and, over TLS, one record instead of three. Until
+        # then it is not even framed, so a failure before any byte left can still become a
+        # proper error response instead of a cut connection.
+        self._pending_head: h11.Response | None = None
+
+    @property
+    def committed(self) -> bool:
+        """Whether the response head has been framed for sending (no error answer possible)."""
+        return self.started and self._pending_head is None
 
     async def start(self, status: int, headers: Headers, reason: bytes = b"") -> None:
         self.started = True
         self.record.status = status
         if not reason:
             reason = _REASONS.get(status, b"")
-        event = h11.Response(status_code=status, headers=headers, reason=reason)
-        self._pending_head = self._client.frame(event)
+        self._pending_head = h11.Response(status_code=status, headers=headers, reason=reason)
+
+    def _take_head(self) -> bytes:
+        head, self._pending_head = self._pending_head, None
+        return self._client.frame(head) if head is not None else b""
 
     async def send(self, chunk: bytes | bytearray) -> None:
+        head = self._take_head()
         data = self._client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
-        if self._pending_head:
-            data, self._pending_head = self._pending_head + data, b""
-        await self._client.send_bytes(data)
+        await self._client.send_bytes(head + data if head else data)
         self.record.bytes_sent += len(chunk)
 
     async def flush(self) -> None:
         """Send a head still waiting for body bytes (before a body that bypasses h11)."""
-        if self._pending_head:
-            data, self._pending_head = self._pending_head, b""
-            await self._client.send_bytes(data)
+        if head := self._take_head():
+            await self._client.send_bytes(head)
 
     async def finish(self) -> None:
         if self._client.body_bypassed:
             return  # the body went around h11 (sendfile): the connection re-syncs h11 itself
-        data = self._client.frame(h11.EndOfMessage())
-        if self._pending_head:
-            data, self._pending_head = self._pending_head + data, b""
-        await self._client.send_bytes(data)
+        head = self._take_head()
+        await self._client.send_bytes(head + self._client.frame(h11.EndOfMessage()))
 
     @property
     def can_sendfile(self) -> bool:
@@ -180,9 +186,10 @@ class ClientResponse:
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
 
     async def send_error(self, error: ProxyError, *, close: bool = False) -> None:
-        """Answer with a registry JSON error (only possible before the response started)."""
-        if self.started:
+        """Answer with a registry JSON error (only possible before the head was committed)."""
+        if self.committed:
             raise ResponseAborted(error.message) from error
+        self._pending_head = None
         body = error_body(error.code, error.message)
         headers: Headers = [
             (b"content-type", b"application/json; charset=utf-8"),

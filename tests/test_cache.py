@@ -320,6 +320,26 @@ async def test_concurrent_pulls_of_a_missing_blob_fetch_it_once(
     assert _cdn_gets(hub, digest) == 1
 
 
+async def test_small_corrupted_blob_is_a_clear_502(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A blob that fails its digest check before any byte was sent is answered with a registry
+    error (it used to be a connection cut without any response). One byte makes that certain:
+    readers never get a blob's last byte before it is verified, so nothing can leave early."""
+    layer = make_layer(4, 1)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    hub.corrupt_blob(digest)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.status == 502
+    assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert "digest" in r.json()["errors"][0]["message"]
+    r = await client.request(f"/v2/library/alpine/blobs/{digest}")  # and the next pull heals
+    assert r.status == 200 and r.body == layer
+
+
 async def test_corrupted_blob_aborts_caches_nothing_and_heals(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
 ) -> None:
