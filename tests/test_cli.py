@@ -6,6 +6,7 @@ reaches trio.run. Valid argument sets go through build_parser() + config_from_ar
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from hubproxy.cli import (
     parse_listen,
 )
 from hubproxy.config import Config
+from hubproxy.configfile import parse_args_with_file
 from hubproxy.urls import Origin
+from hubproxy.users import add_user, load_users
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +282,15 @@ def test_library_prefix_depends_on_the_primary_only() -> None:
         (["--public-url", "mirror.example.com"], "--public-url"),
         (["--listen", "443"], "--listen"),
         (["--listen", "::1:443"], "IPv6"),
+        (["--allow", "10.0.0.1/8"], "--allow"),
+        (["--allow", "everyone"], "--allow"),
+        (["--ops-allow", "300.1.1.1"], "--ops-allow"),
+        (["--images-allow", "Library/*"], "--images-allow"),
+        (["--images-deny", ""], "--images-deny"),
+        (["--client-rate-limit", "-1"], "--client-rate-limit"),
+        (["--client-rate-limit", "nan"], "--client-rate-limit"),
+        (["--client-burst", "0"], "--client-burst"),
+        (["--users", "/nonexistent/users"], "--users"),
     ],
 )
 def test_usage_errors(capsys: pytest.CaptureFixture[str], argv: list[str], mentions: str) -> None:
@@ -380,3 +392,92 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("hubproxy ")
+
+
+# ---------------------------------------------------------------- access control flags
+
+
+def test_access_control_flags_reach_the_config(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    add_user(users, "alice", "pw-123")
+    cfg = config(
+        "--allow",
+        "192.168.0.0/16",
+        "--allow",
+        "fd00::/8",
+        "--ops-allow",
+        "127.0.0.1",
+        "--users",
+        str(users),
+        "--images-allow",
+        "library/*",
+        "--images-deny",
+        "library/busybox",
+        "--client-rate-limit",
+        "5",
+        "--client-burst",
+        "50",
+    )
+    assert cfg.allow == ("192.168.0.0/16", "fd00::/8")
+    assert cfg.ops_allow == ("127.0.0.1",)
+    assert cfg.users_file == str(users)
+    assert cfg.images_allow == ("library/*",) and cfg.images_deny == ("library/busybox",)
+    assert cfg.client_rate_limit == 5 and cfg.client_burst == 50
+    open_mirror = config()
+    assert open_mirror.allow == () and open_mirror.users_file is None
+    assert open_mirror.client_rate_limit == 0
+
+
+def test_empty_users_file_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("# nobody yet\n")
+    line = usage_error(capsys, "--users", str(users))
+    assert "hubproxy user add NAME" in line
+
+
+def test_user_command_adds_a_user_main_accepts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    users = tmp_path / "users"
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-pass\n"))
+    assert main(["user", "add", "carol", "--users", str(users), "--password-stdin"]) == 0
+    assert load_users(users).keys() == {"carol"}
+    assert "s3cret-pass" not in users.read_text()
+    assert config("--users", str(users)).users_file == str(users)
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------- --config and check-config
+
+
+def test_config_file_errors_name_the_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "hubproxy.toml"
+    path.write_text('listen = "127.0.0.1:0"\n\n# why\nread-timeout = -3\n')
+    line = usage_error(capsys, "--config", str(path))
+    assert line == (
+        f"hubproxy: error: {path}:4: --read-timeout must be a positive number of seconds"
+    )
+    # the same bad value typed on the command line is reported as the flag's
+    line = usage_error(capsys, "--read-timeout", "-3")
+    assert line == "hubproxy: error: --read-timeout must be a positive number of seconds"
+    # and a flag overriding the file's bad value makes it good
+    cfg = config_from_args(
+        parse_args_with_file(build_parser(), ["--config", str(path), "--read-timeout", "5"])[0]
+    )
+    assert cfg.timeouts.upstream_idle == 5
+
+
+def test_check_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('listen = "0.0.0.0:5000"\nfallback = ["https://worker.example"]\n')
+    assert main(["check-config", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: ok\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('listen = "0.0.0.0:5000"\ncache_dir = "/tmp"\n')
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hubproxy check-config: error: {bad}:2: cache_dir: unknown key")
+    assert "cache-dir" in err  # the suggestion
+    assert main(["check-config"]) == 2

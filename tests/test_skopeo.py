@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from hubproxy.users import add_user
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, make_layer
 
@@ -144,3 +145,37 @@ async def test_authenticated_and_refused_private_pulls(
     assert refused.returncode != 0
     message = refused.stderr.decode().lower()
     assert "unauthorized" in message or "authentication required" in message, message
+
+
+async def test_mirror_users_log_in_with_skopeo(
+    hub: FakeHub, start_proxy: StartProxy, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """--users: a real client logs in to the mirror (its credentials reach our token endpoint,
+    it gets a sealed token) and pulls; without or with wrong credentials it is refused."""
+    layers = [make_layer(30, 400_000), make_layer(31, 1_000)]
+    hub.add_image("library/nginx", "1.27", layers)
+    users = tmp_path / "users"
+    add_user(users, "bob", "mirror-pass-123")
+    proxy = await start_proxy(users_file=str(users), cache_dir=str(tmp_path / "cache"))
+    skopeo = Skopeo(proxy, tls_files, tmp_path)
+    target = tmp_path / "nginx"
+    await skopeo.run(
+        "copy",
+        "--src-cert-dir",
+        skopeo.cert_dir,
+        "--src-creds",
+        "bob:mirror-pass-123",
+        skopeo.ref("nginx:1.27"),
+        f"dir:{target}",
+    )
+    checked = check_dir_copy(target)
+    assert all(hashlib.sha256(layer).hexdigest() in checked for layer in layers)
+    for creds in ([], ["--creds", "bob:wrong"]):
+        refused = await skopeo.run(
+            "inspect", "--cert-dir", skopeo.cert_dir, *creds, skopeo.ref("nginx:1.27"), check=False
+        )
+        assert refused.returncode != 0, creds
+        message = refused.stderr.decode().lower()
+        assert "unauthorized" in message or "authentication required" in message, message
+    # Docker Hub saw anonymous token requests only: bob's login stayed with the mirror
+    assert all("authorization" not in s.headers for s in hub.requests if s.server == "auth")
