@@ -16,6 +16,7 @@ from .manifests import ManifestStore
 from .proxy import Proxy
 from .pullthrough import PullThrough
 from .server import Server
+from .users import UsersFileError, load_users
 
 log = logging.getLogger("hubproxy")
 
@@ -98,8 +99,8 @@ async def _reload_on_hangup(server: Server, proxy: Proxy, scope: trio.CancelScop
 
 
 def reload(server: Server, proxy: Proxy) -> None:
-    """SIGHUP: read the certificate and key again (an ACME client renewed them). Connections
-    already open are not touched; if the new files are unusable the old ones stay in use."""
+    """SIGHUP: read the certificate and key again (an ACME client renewed them), and the users
+    file. Connections already open are not touched; unusable files leave the old ones in use."""
     config = server.config
     if config.cert is not None:
         try:
@@ -114,6 +115,14 @@ def reload(server: Server, proxy: Proxy) -> None:
             )
         else:
             log.info("SIGHUP: reloaded the certificate from %s", config.cert)
+    if config.users_file is not None:
+        try:
+            users = load_users(config.users_file)
+        except UsersFileError as exc:
+            log.error("SIGHUP: cannot read the users file: %s; still using the old users", exc)
+        else:
+            proxy.gate.reload_users(users)
+            log.info("SIGHUP: reloaded %d mirror users from %s", len(users), config.users_file)
 
 
 def _log_startup(config: Config, server: Server) -> None:

@@ -20,6 +20,7 @@ import trio
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from hubproxy.app import reload
 from hubproxy.clientconfig import snippet
 from hubproxy.users import add_user
 from tests.conftest import RunningProxy, StartProxy
@@ -363,3 +364,34 @@ async def test_mirror_login_gives_sealed_tokens_and_anonymous_upstream_pulls(
     logged = "\n".join(record.getMessage() for record in caplog.records)
     for secret in (PASSWORD, basic, upstream_token, *tokens):
         assert secret not in logged
+
+
+async def test_sighup_rereads_the_users_file(
+    start_proxy: StartProxy, ca: trustme.CA, users_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = await mirror_with_users(start_proxy, users_file)
+    dave = base64.b64encode(b"dave:dave-pass-1").decode()
+    r = await fetch(
+        proxy.url + "/token/0?service=registry.docker.io&scope=repository:library/alpine:pull",
+        ca,
+        headers=[("authorization", f"Basic {dave}")],
+    )
+    assert r.status == 401
+    add_user(users_file, "dave", "dave-pass-1")
+    reload(proxy.server, proxy.proxy)  # what SIGHUP runs
+    r = await fetch(
+        proxy.url + "/token/0?service=registry.docker.io&scope=repository:library/alpine:pull",
+        ca,
+        headers=[("authorization", f"Basic {dave}")],
+    )
+    assert r.status == 200 and r.json()["token"].startswith("hp1.")
+    await trio.Path(users_file).write_text("broken line\n")
+    with caplog.at_level(logging.ERROR, logger="hubproxy"):
+        reload(proxy.server, proxy.proxy)
+    assert "still using the old users" in caplog.text
+    r = await fetch(
+        proxy.url + "/token/0?service=registry.docker.io&scope=repository:library/alpine:pull",
+        ca,
+        headers=[("authorization", f"Basic {dave}")],
+    )
+    assert r.status == 200
