@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from .clientconfig import CLIENTS, snippet
 from .config import Config, Limits, Timeouts, is_docker_hub
 from .configfile import ConfigFileError, parse_args_with_file, value_origin
 from .flow import base_url
+from .registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY, Registry, looks_like_host
 from .urls import Url, parse_url
 from .users import UsersFileError, load_users, user_command
 
@@ -135,6 +137,64 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=5,
         help="redirects followed per request (default 5)",
+    )
+    reg = parser.add_argument_group(
+        "more registries (built in: "
+        + ", ".join(name for name, _, _ in BUILTIN_REGISTRIES)
+        + "; clients pick one with ?ns=, a path prefix /v2/ghcr.io/..., or a --host-map name)"
+    )
+    reg.add_argument(
+        "--registry",
+        metavar="NAME=URL",
+        action="append",
+        default=[],
+        help="serve another registry, or point a built-in one elsewhere, e.g. "
+        "registry.example.com=https://registry.example.com (repeatable)",
+    )
+    reg.add_argument(
+        "--registry-fallback",
+        metavar="NAME=URL",
+        action="append",
+        default=[],
+        help="a fallback upstream for registry NAME, tried in order (repeatable)",
+    )
+    reg.add_argument(
+        "--registry-ca",
+        metavar="NAME=FILE",
+        action="append",
+        default=[],
+        help="extra CA certificates (PEM) for registry NAME's origins (repeatable)",
+    )
+    reg.add_argument(
+        "--registry-proxy",
+        metavar="NAME=URL",
+        action="append",
+        default=[],
+        help="reach registry NAME through this HTTP CONNECT proxy (repeatable)",
+    )
+    reg.add_argument(
+        "--registry-login",
+        metavar="NAME=FILE",
+        action="append",
+        default=[],
+        help="pull from registry NAME with the operator's login in FILE ('user:password'; a "
+        "token as password works) when the client sends none, to raise rate limits; anyone "
+        "who can reach the mirror then pulls what it can read, so it needs --allow or --users "
+        "(or --allow-shared-login)",
+    )
+    reg.add_argument(
+        "--allow-shared-login",
+        action="store_true",
+        help="use --registry-login without --allow or --users: you accept that everyone who "
+        "reaches the mirror pulls with those credentials",
+    )
+    reg.add_argument(
+        "--host-map",
+        metavar="HOST=NAME",
+        action="append",
+        default=[],
+        help="requests addressed to HOST (the Host header) go to registry NAME, e.g. "
+        "ghcr.mirror.example.com=ghcr.io (repeatable)",
     )
     cache = parser.add_argument_group("blob cache")
     cache.add_argument(
@@ -323,6 +383,98 @@ def _readable(flag: str, path: str) -> str:
     return path
 
 
+def _pairs(flag: str, values: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise UsageError(f"{flag} wants NAME=VALUE, got {value!r}")
+        pairs.append((name.strip().lower(), rest.strip()))
+    return pairs
+
+
+def read_login(flag: str, path: str) -> tuple[str, str]:
+    """The ``user:password`` on the first line of ``path`` that is not blank or a comment."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: cannot read {path!r}: {exc}") from None
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            user, sep, password = line.strip().partition(":")
+            if sep and user and password:
+                return user, password
+            break
+    raise UsageError(f"{flag}: {path!r} must hold one line 'user:password'")
+
+
+def build_registries(
+    args: argparse.Namespace, default: str
+) -> tuple[tuple[Registry, ...], tuple[str, str] | None, tuple[tuple[str, str], ...]]:
+    """The registries besides the default one (built-ins plus --registry), with their
+    fallbacks, CAs, proxies and logins; the default registry's login; the host map."""
+    entries: dict[str, Registry] = {}
+    for name, url, aliases in BUILTIN_REGISTRIES:
+        entries[name] = Registry(name, (base_url(url),), aliases=aliases)
+    for name, url in _pairs("--registry", args.registry):
+        if not looks_like_host(name):
+            raise UsageError(f"--registry: {name!r} is not a registry host name")
+        if name == default:
+            raise UsageError(f"--registry: set {default}'s upstream with --upstream")
+        entries[name] = dataclasses.replace(
+            entries.get(name, Registry(name, ())), upstreams=(_url("--registry", url),)
+        )
+
+    def entry(flag: str, name: str) -> Registry:
+        if name not in entries:
+            raise UsageError(f"{flag}: no registry {name!r} (add it with --registry NAME=URL)")
+        return entries[name]
+
+    default_login = None
+    for name, url in _pairs("--registry-fallback", args.registry_fallback):
+        if name != default:
+            found = entry("--registry-fallback", name)
+            upstreams = (*found.upstreams, _url("--registry-fallback", url))
+            entries[name] = dataclasses.replace(found, upstreams=upstreams)
+    for name, path in _pairs("--registry-ca", args.registry_ca):
+        if name == default:
+            raise UsageError(f"--registry-ca: use --upstream-ca for {default}")
+        _readable("--registry-ca", path)
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=path)
+        except (ssl.SSLError, OSError) as exc:
+            raise UsageError(f"--registry-ca: not a PEM CA file: {exc}") from None
+        entries[name] = dataclasses.replace(entry("--registry-ca", name), upstream_ca=path)
+    for name, url in _pairs("--registry-proxy", args.registry_proxy):
+        if name == default:
+            raise UsageError(f"--registry-proxy: use --upstream-proxy for {default}")
+        via = _proxy_url("--registry-proxy", url)
+        entries[name] = dataclasses.replace(entry("--registry-proxy", name), upstream_proxy=via)
+    for name, path in _pairs("--registry-login", args.registry_login):
+        login = read_login("--registry-login", path)
+        if name == default:
+            default_login = login
+        else:
+            entries[name] = dataclasses.replace(entry("--registry-login", name), login=login)
+    host_map = []
+    for host, name in _pairs("--host-map", args.host_map):
+        if name != default and name not in entries:
+            raise UsageError(f"--host-map: no registry {name!r}")
+        host_map.append((host, name))
+    others = tuple(r for r in entries.values() if r.name != default)
+    return others, default_login, tuple(host_map)
+
+
+def _proxy_url(flag: str, text: str) -> Url:
+    try:
+        proxy = parse_url(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    if proxy.origin.scheme != "http":
+        raise UsageError(f"{flag} must be an http:// proxy that supports CONNECT")
+    return proxy
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     cert = _readable("--cert", args.cert) if args.cert else None
     key = _readable("--key", args.key) if args.key else None
@@ -341,14 +493,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         _url("--upstream", args.upstream),
         *(_url("--fallback", f) for f in args.fallback),
     )
-    proxy = None
-    if args.upstream_proxy:
-        try:
-            proxy = parse_url(args.upstream_proxy)
-        except ValueError as exc:
-            raise UsageError(f"--upstream-proxy: {exc}") from None
-        if proxy.origin.scheme != "http":
-            raise UsageError("--upstream-proxy must be an http:// proxy that supports CONNECT")
+    proxy = _proxy_url("--upstream-proxy", args.upstream_proxy) if args.upstream_proxy else None
     if args.upstream_ca:
         _readable("--upstream-ca", args.upstream_ca)
         try:
@@ -410,6 +555,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 )
         except (UsersFileError, OSError) as exc:
             raise UsageError(f"--users: {exc}") from None
+    registries, default_login, host_map = build_registries(args, DEFAULT_REGISTRY)
+    has_login = default_login is not None or any(r.login for r in registries)
+    if has_login and not (args.allow or args.users or args.allow_shared_login):
+        raise UsageError(
+            "--registry-login: anyone who can reach this mirror would pull with that login; "
+            "limit who can with --allow or --users, or pass --allow-shared-login"
+        )
     timeouts = Timeouts(
         handshake=args.handshake_timeout,
         request_head=args.request_timeout,
@@ -455,6 +607,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         images_deny=tuple(args.images_deny),
         client_rate_limit=args.client_rate_limit,
         client_burst=args.client_burst,
+        registries=registries,
+        default_login=default_login,
+        host_map=host_map,
+        allow_shared_login=args.allow_shared_login,
     )
 
 

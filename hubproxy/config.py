@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .registries import DEFAULT_REGISTRY, Registry, RegistryTable
 from .urls import Url
 
 DOCKER_HUB_HOSTS = frozenset(
@@ -61,10 +62,36 @@ class Config:
     images_deny: tuple[str, ...] = ()  # image globs refused; wins over images_allow
     client_rate_limit: float = 0.0  # requests per second per client address; 0: off
     client_burst: int = 200  # requests a client may make at once before the rate applies
+    # several registries (hubproxy.registries): the default one is built from the fields above
+    # (upstreams, library_prefix, upstream_ca, upstream_proxy); these are the others
+    default_registry: str = DEFAULT_REGISTRY
+    registries: tuple[Registry, ...] = ()
+    host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name
+    default_login: tuple[str, str] | None = field(default=None, repr=False)
+    allow_shared_login: bool = False  # operator logins without --allow/--users: on purpose
 
     @property
     def tls(self) -> bool:
         return self.cert is not None
+
+    def registry_table(self) -> RegistryTable:
+        """Every registry served: the default one from the single-upstream fields, then the
+        others (a registry of the same name as the default is replaced by it)."""
+        default = Registry(
+            name=self.default_registry,
+            upstreams=self.upstreams,
+            library_prefix=self.library_prefix,
+            aliases=tuple(
+                sorted(DOCKER_HUB_HOSTS - {"docker.io"})
+                if self.default_registry == DEFAULT_REGISTRY
+                else ()
+            ),
+            upstream_ca=self.upstream_ca,
+            upstream_proxy=self.upstream_proxy,
+            login=self.default_login,
+        )
+        others = tuple(r for r in self.registries if r.name != default.name)
+        return RegistryTable((default, *others), default=default.name, host_map=self.host_map)
 
 
 def is_docker_hub(url: Url) -> bool:

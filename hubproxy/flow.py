@@ -47,6 +47,7 @@ class Plan:
     follow_redirects: bool = True  # False: a redirect is the answer (access checks)
     rate_limit_rest: float = 60.0  # default rest after a 429 without Retry-After
     unreachable_rest: float = 10.0
+    profile: str = ""  # whose connection settings (a registry's CA and proxy); "" the global ones
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,10 @@ class Operations:
             figures = status_figures(
                 self.proxy.metrics,
                 url=self._mirror_url(request),
-                upstreams=[str(url) for url in self.proxy.registry.urls],
+                upstreams=[
+                    f"{name}: " + ", ".join(str(url) for url in upstreams.urls)
+                    for name, upstreams in self.proxy.registries.items()
+                ],
                 now=time.time(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
@@ -139,7 +142,10 @@ class Operations:
             try:
                 with trio.fail_after(PROBE_TIMEOUT):
                     status, _, _ = await self.proxy.simple_request(
-                        "GET", Url(base.origin, base.target.rstrip("/") + "/v2/"), []
+                        "GET",
+                        Url(base.origin, base.target.rstrip("/") + "/v2/"),
+                        [],
+                        profile=registry.profile,
                     )
             except (ProxyError, trio.TooSlowError) as exc:
                 failures.append(f"{base.origin}: {exc or 'no answer'}")

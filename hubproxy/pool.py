@@ -20,7 +20,10 @@ from .streams import ByteStream, close_forcefully
 from .upstream import UpstreamConnection
 from .urls import Origin
 
-Connector = Callable[[Origin], Awaitable[ByteStream]]
+# (origin, profile): the profile names whose settings (CA, CONNECT proxy) a connection was made
+# with, so that two registries reaching one CDN through different proxies never share one
+Connector = Callable[[Origin, str], Awaitable[ByteStream]]
+PoolKey = tuple[Origin, str]
 
 
 def is_expired(idle_since: float, now: float, keepalive: float) -> bool:
@@ -58,22 +61,21 @@ class Pool:
         self._keepalive = keepalive
         self._max_idle = max_idle_per_origin
         self._max_per_origin = max_per_origin
-        self._idle: dict[Origin, list[UpstreamConnection]] = {}
-        self._limits: dict[Origin, trio.CapacityLimiter] = {}
+        self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._limits: dict[PoolKey, trio.CapacityLimiter] = {}
         self.opened = 0  # connections ever opened (tests and metrics read it)
 
     def idle_count(self, origin: Origin | None = None) -> int:
-        if origin is not None:
-            return len(self._idle.get(origin, ()))
-        return sum(len(v) for v in self._idle.values())
+        return sum(len(v) for k, v in self._idle.items() if origin is None or k[0] == origin)
 
     def in_use(self, origin: Origin) -> int:
-        limit = self._limits.get(origin)
-        return 0 if limit is None else limit.borrowed_tokens
+        return sum(
+            limit.borrowed_tokens for key, limit in self._limits.items() if key[0] == origin
+        )
 
     @asynccontextmanager
     async def connection(
-        self, origin: Origin, *, fresh: bool = False
+        self, origin: Origin, *, fresh: bool = False, profile: str = ""
     ) -> AsyncIterator[UpstreamConnection]:
         """Lend a connection to ``origin`` for one exchange; it returns to the pool if reusable.
 
@@ -82,25 +84,26 @@ class Pool:
         than the one that entered it (a cache fill takes over a client's exchange), so the slot
         is held on behalf of the lending, not of a task.
         """
-        limit = self._limits.setdefault(origin, trio.CapacityLimiter(self._max_per_origin))
+        key = (origin, profile)
+        limit = self._limits.setdefault(key, trio.CapacityLimiter(self._max_per_origin))
         lending = object()
         await limit.acquire_on_behalf_of(lending)
         try:
-            conn = None if fresh else await self._take_idle(origin)
+            conn = None if fresh else await self._take_idle(key)
             if conn is None:
-                stream = await self._connector(origin)
+                stream = await self._connector(origin, profile)
                 self.opened += 1
                 conn = UpstreamConnection(origin, stream, idle_timeout=self._idle_timeout)
             try:
                 yield conn
             finally:
                 conn.exchanges += 1
-                await self._put_back(conn)
+                await self._put_back(conn, key)
         finally:
             limit.release_on_behalf_of(lending)
 
-    async def _take_idle(self, origin: Origin) -> UpstreamConnection | None:
-        idle = self._idle.get(origin)
+    async def _take_idle(self, key: PoolKey) -> UpstreamConnection | None:
+        idle = self._idle.get(key)
         now = trio.current_time()
         while idle:
             conn = idle.pop()  # most recently used first: least likely to have been closed
@@ -111,8 +114,8 @@ class Pool:
             await close_forcefully(conn.stream)
         return None
 
-    async def _put_back(self, conn: UpstreamConnection) -> None:
-        idle = self._idle.setdefault(conn.origin, [])
+    async def _put_back(self, conn: UpstreamConnection, key: PoolKey) -> None:
+        idle = self._idle.setdefault(key, [])
         if conn.reusable and len(idle) < self._max_idle:
             conn.idle_since = trio.current_time()
             idle.append(conn)

@@ -10,19 +10,21 @@ named is remembered per upstream so token requests can be forwarded to it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from urllib.parse import quote
 
 import h11
 import trio
 
 from . import flow
-from .access import DEFAULT_REGISTRY
 from .auth import bearer_service, login_challenge, public_base, rewrite_challenge
 from .config import Config
 from .errors import (
@@ -41,12 +43,13 @@ from .gate import (
     seal_token_response,
     without_authorization,
 )
-from .headers import Headers, client_response_headers, upstream_request_headers
+from .headers import Headers, client_response_headers, get_header, upstream_request_headers
 from .metrics import HubMetrics
 from .operations import Operations
 from .pool import Connector, Pool
 from .pullthrough import PullThrough
 from .redirects import client_location
+from .registries import Registry, address, token_registry
 from .routing import (
     Route,
     RouteKind,
@@ -80,11 +83,16 @@ Deliver = Callable[[UpstreamConnection, h11.Response, Headers, AsyncExitStack], 
 class UpstreamSet:
     """The upstreams of one registry and what we learned about them: rests and realms."""
 
-    def __init__(self, urls: tuple[Url, ...]) -> None:
-        self.urls = urls
-        self.resting_until = [0.0] * len(urls)
+    def __init__(self, registry: Registry, *, default: bool) -> None:
+        self.registry = registry
+        self.urls = registry.upstreams
+        self.profile = registry.name  # its connections use its CA and proxy
+        # the default registry keeps the short /token/N realms; the others name themselves
+        self.token_prefix = "/token/" if default else f"/token/{registry.name}/"
+        self.resting_until = [0.0] * len(self.urls)
         self.realms: dict[int, Url] = {}
         self.services: dict[int, str] = {}  # the ``service`` their challenges named
+        self.basic_only = False  # its challenges were Basic: an operator login goes to /v2/
         self.last_answer = -math.inf  # trio time of the last response head from any of them
 
 
@@ -94,15 +102,23 @@ class Proxy:
     def __init__(self, config: Config, *, connector: Connector | None = None) -> None:
         """``connector`` replaces how upstream streams are opened (tests use memory streams)."""
         self.config = config
-        context = upstream_ssl_context(config.upstream_ca)
+        self.table = config.registry_table()
         timeouts = config.timeouts
+        # per profile (registry name; "" for the search index): its CA file and CONNECT proxy
+        settings: dict[str, tuple[ssl.SSLContext, Url | None]] = {
+            "": (upstream_ssl_context(config.upstream_ca), config.upstream_proxy)
+        }
+        for registry in self.table.registries:
+            ca = registry.upstream_ca or config.upstream_ca
+            settings[registry.name] = (
+                upstream_ssl_context(ca) if ca != config.upstream_ca else settings[""][0],
+                registry.upstream_proxy or config.upstream_proxy,
+            )
 
-        async def open_stream(origin: Origin) -> ByteStream:
+        async def open_stream(origin: Origin, profile: str) -> ByteStream:
+            context, via = settings.get(profile, settings[""])
             return await open_upstream(
-                origin,
-                context=context,
-                proxy=config.upstream_proxy,
-                connect_timeout=timeouts.connect,
+                origin, context=context, proxy=via, connect_timeout=timeouts.connect
             )
 
         self.pool = Pool(
@@ -112,7 +128,11 @@ class Proxy:
             max_idle_per_origin=config.pool_max_idle_per_origin,
             max_per_origin=config.pool_max_per_origin,
         )
-        self.registry = UpstreamSet(config.upstreams)
+        self.registries = {
+            registry.name: UpstreamSet(registry, default=registry.name == self.table.default)
+            for registry in self.table.registries
+        }
+        self.registry = self.registries[self.table.default]  # the default registry's
         self.gate = Gate(config)
         self.metrics = HubMetrics()
         self.operations = Operations(self)
@@ -129,15 +149,15 @@ class Proxy:
                 self._admit(request, "ops")
                 await self.operations.serve(path, request, response)
                 return
-            route = route_request(
-                request.method, request.target, library_prefix=self.config.library_prefix
-            )
+            route = self._route(request)
             label = route_label(route)
             if route.kind is RouteKind.REGISTRY:
+                upstreams = self.upstreams_for(route)
                 if route.repository is not None:
-                    self._admit(request, "image", route.repository)
+                    self._admit(request, "image", route.repository, upstreams.registry.name)
                 request = await self._authenticate(request, route)
-                plan = self.plan(request, route.target, self.registry.urls)
+                request = await self._with_operator_login(request, upstreams, registry=True)
+                plan = self.plan(request, route.target, upstreams)
                 if self.pullthrough is not None and self.pullthrough.handles(request, route):
                     await self.pullthrough.serve(plan, request, response, route)
                 else:
@@ -145,7 +165,7 @@ class Proxy:
                         plan,
                         request,
                         response,
-                        upstreams=self.registry,
+                        upstreams=upstreams,
                         blob_digest=route.blob_digest,
                     )
             elif route.kind is RouteKind.TOKEN:
@@ -162,7 +182,48 @@ class Proxy:
         finally:
             self._count(label, response.record)
 
-    def _admit(self, request: ClientRequest, rule: str, repository: str = "") -> None:
+    def _route(self, request: ClientRequest) -> Route:
+        """Normalise how the client named the registry (``ns=``, a path prefix, the host name;
+        see ``registries``), then route the request as that registry sees it."""
+        if not request.target.startswith("/v2"):
+            return route_request(
+                request.method, request.target, library_prefix=self.registry.registry.library_prefix
+            )
+        addressed = address(self.table, request.target, request.host)
+        registry = addressed.registry
+        route = route_request(
+            request.method, addressed.target, library_prefix=registry.library_prefix
+        )
+        if registry.name == self.table.default:
+            return route
+        return replace(route, registry=registry.name)
+
+    def upstreams_for(self, route: Route) -> UpstreamSet:
+        """The upstreams of the registry a route is for."""
+        return self.registries[route.registry or self.table.default]
+
+    async def _with_operator_login(
+        self, request: ClientRequest, upstreams: UpstreamSet, *, registry: bool
+    ) -> ClientRequest:
+        """The operator's login for this registry, only when the client sent no credentials:
+        on token requests, and on registry requests of a registry that wants Basic auth."""
+        login = upstreams.registry.login
+        if login is None or get_header(request.headers, b"authorization") is not None:
+            return request
+        if registry:
+            if not upstreams.realms and not upstreams.basic_only:
+                with contextlib.suppress(ProxyError):
+                    await self.learn_challenge(upstreams, 0)
+            if not upstreams.basic_only:
+                return request
+        basic = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode("ascii")
+        return replace(
+            request, headers=[*request.headers, (b"authorization", f"Basic {basic}".encode())]
+        )
+
+    def _admit(
+        self, request: ClientRequest, rule: str, repository: str = "", registry: str = ""
+    ) -> None:
         """Apply one of the gate's rules; count and log (at most once a minute per client)
         what it refuses."""
         gate = self.gate
@@ -172,7 +233,7 @@ class Proxy:
             elif rule == "ops":
                 gate.admit_ops(request.client_ip)
             else:
-                gate.admit_image(DEFAULT_REGISTRY, repository)
+                gate.admit_image(registry, repository)
         except (AccessDenied, ClientRateLimited) as error:
             reason = "rate" if isinstance(error, ClientRateLimited) else rule
             self.metrics.denied.inc(reason=reason if reason != "ops" else "network")
@@ -206,11 +267,12 @@ class Proxy:
     async def _login_challenge(self, request: ClientRequest, route: Route) -> bytes:
         """The challenge for a client without a mirror login: the primary's realm routed to us,
         with the service the primary's own challenges name (its token service wants it)."""
-        if 0 not in self.registry.services:
+        upstreams = self.upstreams_for(route)
+        if 0 not in upstreams.services:
             with contextlib.suppress(ProxyError):
-                await self.learn_realm(0)
-        realm = f"{self._public_base(request)}/token/0"
-        service = self.registry.services.get(0)
+                await self.learn_challenge(upstreams, 0)
+        realm = f"{self._public_base(request)}{upstreams.token_prefix}0"
+        service = upstreams.services.get(0)
         return login_challenge(realm, service, route.repository).encode("latin-1")
 
     def _count(self, label: str, record: AccessRecord) -> None:
@@ -226,11 +288,22 @@ class Proxy:
         elif record.upstream != "-" and label != "ops":
             metrics.response_bytes.inc(record.bytes_sent, source="upstream")
 
-    def plan(self, request: ClientRequest, target: str, upstreams: tuple[Url, ...]) -> flow.Plan:
+    def plan(
+        self,
+        request: ClientRequest,
+        target: str,
+        upstreams: UpstreamSet | tuple[Url, ...],
+        *,
+        profile: str = "",
+    ) -> flow.Plan:
+        urls = upstreams if isinstance(upstreams, tuple) else upstreams.urls
+        if isinstance(upstreams, UpstreamSet):
+            profile = upstreams.profile
         return flow.Plan(
             method=request.method,
             target=target,
-            upstreams=upstreams,
+            upstreams=urls,
+            profile=profile,
             replayable=not request.body.present,
             max_hops=self.config.max_redirects,
             rate_limit_rest=self.config.rate_limit_rest,
@@ -245,11 +318,23 @@ class Proxy:
         With --users the client's Basic login is the mirror's: it is checked here, the upstream
         is asked anonymously, and the answer's token is sealed (see ``gate``)."""
         key = route.realm_key or ""
-        if not key.isdigit() or int(key) >= len(self.registry.urls):
-            raise RouteNotFound(f"unknown token endpoint /token/{key}")
+        named = self.table.find(route.registry) if route.registry else self.registry.registry
+        if named is None or named.name not in self.registries:
+            raise RouteNotFound(f"unknown token endpoint for registry {route.registry!r}")
+        upstreams = self.registries[named.name]
+        if not key.isdigit() or int(key) >= len(upstreams.urls):
+            raise RouteNotFound(f"unknown token endpoint {upstreams.token_prefix}{key}")
         index = int(key)
         user: str | None = None
         query = route.target.removeprefix("?")
+        # a path-prefix pull asks the default registry's realm for another registry's scope
+        chosen, query = token_registry(self.table, named, query)
+        if chosen is not named:
+            upstreams, index = self.registries[chosen.name], 0
+            if 0 not in upstreams.services:
+                await self.learn_challenge(upstreams, 0)
+            if service := upstreams.services.get(0):
+                query = "&".join(filter(None, [query, "service=" + quote(service, safe="")]))
         if self.gate.requires_login:
             try:
                 user = self.gate.require_login(await self.gate.basic_user(request.headers))
@@ -258,10 +343,11 @@ class Proxy:
                 raise
             request = replace(request, headers=without_authorization(request.headers, None))
             query = without_query_param(query, "account")  # the mirror user, not Docker Hub's
-        realm = self.registry.realms.get(index) or await self.learn_realm(index)
-        query = rewrite_token_query(query, library_prefix=self.config.library_prefix)
+        request = await self._with_operator_login(request, upstreams, registry=False)
+        realm = upstreams.realms.get(index) or await self.learn_realm(upstreams, index)
+        query = rewrite_token_query(query, library_prefix=upstreams.registry.library_prefix)
         target = ("&" if "?" in realm.target else "?") + query if query else ""
-        plan = self.plan(request, target, (realm,))
+        plan = self.plan(request, target, (realm,), profile=upstreams.profile)
         if user is None:
             await self.run_flow(plan, request, response, upstreams=None)
             return
@@ -294,10 +380,10 @@ class Proxy:
         await self.run_flow(plan, request, response, upstreams=None, deliver=deliver_sealed)
 
     async def simple_request(
-        self, method: str, url: Url, headers: Headers
+        self, method: str, url: Url, headers: Headers, *, profile: str = ""
     ) -> tuple[int, Headers, bytes]:
         """One request of our own (no client behind it): status, headers, body up to 64 KiB."""
-        async with self.pool.connection(url.origin) as conn:
+        async with self.pool.connection(url.origin, profile=profile) as conn:
             all_headers: Headers = [(b"host", url.origin.authority.encode()), *headers]
             await conn.send_request(method, url.target, all_headers)
             head = await conn.receive_head(method)
@@ -306,30 +392,41 @@ class Proxy:
                 body += chunk
         return head.status_code, list(head.headers), bytes(body)
 
-    async def learn_realm(self, index: int) -> Url:
-        """Ask upstream ``index`` for its challenge (``GET /v2/``) and remember the realm."""
-        base = self.registry.urls[index]
+    async def learn_challenge(self, upstreams: UpstreamSet, index: int) -> None:
+        """Ask upstream ``index`` for its challenge (``GET /v2/``): remember its token realm and
+        service, or that it wants Basic credentials."""
+        base = upstreams.urls[index]
         _status, headers, _body = await self.simple_request(
-            "GET", Url(base.origin, _join(base.target, "/v2/")), []
+            "GET", Url(base.origin, _join(base.target, "/v2/")), [], profile=upstreams.profile
         )
         for key, value in headers:
-            if key != b"www-authenticate":
-                continue
-            text = value.decode("latin-1")
-            _rewritten, realm = rewrite_challenge(text, "")
-            if realm:
-                if service := bearer_service(text):
-                    self.registry.services[index] = service
-                return self._remember_realm(index, realm)
-        raise UpstreamUnavailable(f"{base.origin} did not name a token realm in its challenge")
+            if key == b"www-authenticate":
+                self._learn(upstreams, index, value.decode("latin-1"))
 
-    def _remember_realm(self, index: int, realm: str) -> Url:
+    async def learn_realm(self, upstreams: UpstreamSet, index: int) -> Url:
+        """The token realm of upstream ``index``, asked for if not known yet."""
+        if index not in upstreams.realms:
+            await self.learn_challenge(upstreams, index)
+        realm = upstreams.realms.get(index)
+        if realm is None:
+            origin = upstreams.urls[index].origin
+            raise UpstreamUnavailable(f"{origin} did not name a token realm in its challenge")
+        return realm
+
+    def _learn(self, upstreams: UpstreamSet, index: int, challenge: str) -> str | None:
+        """Remember what a challenge says; return its Bearer realm (None if it has none)."""
+        _rewritten, realm = rewrite_challenge(challenge, "")
+        if realm is None:
+            if challenge.lower().startswith("basic"):
+                upstreams.basic_only = True
+            return None
+        if service := bearer_service(challenge):
+            upstreams.services[index] = service
         try:
-            url = parse_url(realm)
+            upstreams.realms[index] = parse_url(realm)
         except ValueError as exc:
             raise UpstreamUnavailable(f"upstream named an unusable token realm: {exc}") from exc
-        self.registry.realms[index] = url
-        return url
+        return realm
 
     async def run_flow(
         self,
@@ -443,7 +540,9 @@ class Proxy:
         )
         method = plan.method
         async with AsyncExitStack() as first:
-            conn = await first.enter_async_context(self.pool.connection(origin))
+            conn = await first.enter_async_context(
+                self.pool.connection(origin, profile=plan.profile)
+            )
             try:
                 await conn.send_request(method, attempt.url.target, headers, body)
                 head = await conn.receive_head(method)
@@ -456,7 +555,9 @@ class Proxy:
                 stack.push_async_exit(first.pop_all())  # the caller's stack now owns it
                 return conn, head
         # the stale connection is closed and its pool slot free again
-        conn = await stack.enter_async_context(self.pool.connection(origin, fresh=True))
+        conn = await stack.enter_async_context(
+            self.pool.connection(origin, fresh=True, profile=plan.profile)
+        )
         await conn.send_request(method, attempt.url.target, headers, body)
         return conn, await conn.receive_head(method)
 
@@ -481,7 +582,7 @@ class Proxy:
         out: Headers = []
         for key, value in headers:
             if key == b"www-authenticate" and upstreams is not None:
-                value = self._rewrite_challenge(request, attempt.upstream, value)
+                value = self._rewrite_challenge(request, upstreams, attempt.upstream, value)
             elif key == b"location":
                 value = client_location(value.decode("latin-1"), upstream_base, attempt.url).encode(
                     "latin-1"
@@ -503,19 +604,18 @@ class Proxy:
             fallback=listen,
         )
 
-    def _rewrite_challenge(self, request: ClientRequest, index: int, value: bytes) -> bytes:
+    def _rewrite_challenge(
+        self, request: ClientRequest, upstreams: UpstreamSet, index: int, value: bytes
+    ) -> bytes:
         base = self._public_base(request)
         text = value.decode("latin-1")
-        rewritten, realm = rewrite_challenge(text, f"{base}/token/{index}")
-        if realm is not None:
-            if service := bearer_service(text):
-                self.registry.services[index] = service
-            try:
-                self._remember_realm(index, realm)
-            except UpstreamUnavailable as exc:
-                log.warning("%s", exc)
-                return value
-        return rewritten.encode("latin-1")
+        rewritten, realm = rewrite_challenge(text, f"{base}{upstreams.token_prefix}{index}")
+        try:
+            self._learn(upstreams, index, text)
+        except UpstreamUnavailable as exc:
+            log.warning("%s", exc)
+            return value
+        return rewritten.encode("latin-1") if realm is not None else value
 
     async def stream_response(
         self,

@@ -66,6 +66,13 @@ class Access(enum.Enum):
     UNAVAILABLE = "unavailable"  # the upstream could not say (down, 429, 5xx)
 
 
+def state_name(route: Route) -> str:
+    """The name cached state is kept under: the repository, qualified by its registry unless
+    it is the default one (so ``ghcr.io/owner/image`` and Docker Hub's ``owner/image`` differ)."""
+    repository = route.repository or ""
+    return f"{route.registry}/{repository}" if route.registry else repository
+
+
 def upstream_unavailable(status: int) -> bool:
     return status == 429 or status >= 500
 
@@ -110,15 +117,17 @@ class PullThrough:
         elif route.manifest_reference is not None:
             await self._serve_manifest(plan, request, response, route)
         else:
-            await self._serve_ping(plan, request, response)
+            await self._serve_ping(plan, request, response, route)
 
     async def _serve_ping(
-        self, plan: flow.Plan, request: ClientRequest, response: ClientResponse
+        self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
     ) -> None:
         """``/v2/``: the upstream's answer; while it is down, a 200 so that clients go on to
         what the cache can serve (the public repositories' manifests and blobs)."""
         try:
-            await self.proxy.run_flow(plan, request, response, upstreams=self.proxy.registry)
+            await self.proxy.run_flow(
+                plan, request, response, upstreams=self.proxy.upstreams_for(route)
+            )
         except ProxyError as error:
             if response.started or not self.manifests.anonymous:
                 raise
@@ -144,7 +153,8 @@ class PullThrough:
         # repository, and a registry answers BLOB_UNKNOWN for a digest the repository does not
         # link, however readable the repository is.
         authorization = get_header(request.headers, b"authorization") or b""
-        return hashlib.sha256(authorization).hexdigest(), route.target.partition("?")[0]
+        path = route.target.partition("?")[0]
+        return hashlib.sha256(authorization).hexdigest(), f"{route.registry or ''}{path}"
 
     def _access_confirmed(self, request: ClientRequest, route: Route) -> bool:
         until = self.confirmed.get(self._confirmation_key(request, route), 0.0)
@@ -163,7 +173,8 @@ class PullThrough:
         plan = flow.Plan(
             method="HEAD",
             target=route.target.partition("?")[0],
-            upstreams=self.proxy.registry.urls,
+            upstreams=self.proxy.upstreams_for(route).urls,
+            profile=self.proxy.upstreams_for(route).profile,
             replayable=True,
             follow_redirects=False,
             rate_limit_rest=self.proxy.config.rate_limit_rest,
@@ -180,7 +191,11 @@ class PullThrough:
 
         try:
             await self.proxy.run_flow(
-                plan, request, response, upstreams=self.proxy.registry, deliver=keep_head
+                plan,
+                request,
+                response,
+                upstreams=self.proxy.upstreams_for(route),
+                deliver=keep_head,
             )
         except ProxyError:
             return Access.UNAVAILABLE, None
@@ -188,7 +203,7 @@ class PullThrough:
         if 200 <= answer.status_code < 400:
             self._remember_access(request, route)
             if route.blob_digest is not None:
-                self.manifests.link(route.repository or "", route.blob_digest)
+                self.manifests.link(state_name(route), route.blob_digest)
             return Access.ALLOWED, answer
         if upstream_unavailable(answer.status_code):
             return Access.UNAVAILABLE, answer
@@ -197,7 +212,7 @@ class PullThrough:
     def _stale_allowed(self, route: Route, what: str, digest: str) -> bool:
         """Whether a cached answer may go out unconfirmed: only a digest seen in a repository
         that anyone may read."""
-        repository = route.repository or ""
+        repository = state_name(route)
         if repository not in self.manifests.anonymous:
             return False
         if not self.manifests.linked(repository, digest):
@@ -236,7 +251,7 @@ class PullThrough:
                     plan,
                     request,
                     response,
-                    upstreams=self.proxy.registry,
+                    upstreams=self.proxy.upstreams_for(route),
                     blob_digest=route.blob_digest,
                     deliver=deliver,
                 )
@@ -245,7 +260,11 @@ class PullThrough:
             return
         # uncached probes and resumes, or a hit this client may not have: the upstream answers
         await self.proxy.run_flow(
-            plan, request, response, upstreams=self.proxy.registry, blob_digest=route.blob_digest
+            plan,
+            request,
+            response,
+            upstreams=self.proxy.upstreams_for(route),
+            blob_digest=route.blob_digest,
         )
 
     def _release_pending(self, key: str) -> None:
@@ -299,7 +318,7 @@ class PullThrough:
                 log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
             else:
                 self._remember_access(request, route)
-                self.manifests.link(route.repository or "", route.blob_digest or "")
+                self.manifests.link(state_name(route), route.blob_digest or "")
                 background.start_soon(store.run_fill, fill, conn, stack.pop_all())
                 self._release_pending(key)
                 self._maybe_probe(route, route.target.partition("?")[0])
@@ -380,7 +399,7 @@ class PullThrough:
         ranged = dataclasses.replace(
             request, headers=[*headers, (b"range", b"bytes=%d-" % position)]
         )
-        plan = self.proxy.plan(ranged, route.target, self.proxy.registry.urls)
+        plan = self.proxy.plan(ranged, route.target, self.proxy.upstreams_for(route))
 
         async def relay_rest(
             conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
@@ -406,7 +425,7 @@ class PullThrough:
                 raise ResponseAborted(f"upstream ended {digest} {remaining} bytes short")
 
         await self.proxy.run_flow(
-            plan, ranged, response, upstreams=self.proxy.registry, deliver=relay_rest
+            plan, ranged, response, upstreams=self.proxy.upstreams_for(route), deliver=relay_rest
         )
 
     # -- manifests ---------------------------------------------------------------------------
@@ -415,7 +434,7 @@ class PullThrough:
         self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
     ) -> None:
         reference = route.manifest_reference or ""
-        repository = route.repository or ""
+        repository = state_name(route)
         by_digest = reference.startswith("sha256:")
         digest = reference if by_digest else self.manifests.tag(repository, reference)
         cached = self.manifests.get(digest) if digest else None
@@ -430,7 +449,7 @@ class PullThrough:
         deliver = functools.partial(self._deliver_manifest, request, response, route, cached)
         try:
             await self.proxy.run_flow(
-                plan, request, response, upstreams=self.proxy.registry, deliver=deliver
+                plan, request, response, upstreams=self.proxy.upstreams_for(route), deliver=deliver
             )
         except ProxyError:
             if (
@@ -450,7 +469,7 @@ class PullThrough:
         by_digest: bool,
     ) -> bool:
         """Serve a cached manifest if it is current and this client may read it."""
-        repository = route.repository or ""
+        repository = state_name(route)
         reference = route.manifest_reference or ""
         checked = self.tag_checked.get((repository, reference), -1e18)
         fresh = by_digest or trio.current_time() - checked < self.manifest_ttl
@@ -506,7 +525,7 @@ class PullThrough:
             body += chunk
         data = bytes(body)
         stored = self.manifests.put(
-            route.repository or "",
+            state_name(route),
             route.manifest_reference or "",
             media_type.decode("latin-1").split(";")[0].strip(),
             data,
@@ -519,9 +538,7 @@ class PullThrough:
             )
         self._remember_access(request, route)
         if route.manifest_reference and not route.manifest_reference.startswith("sha256:"):
-            self.tag_checked[(route.repository or "", route.manifest_reference)] = (
-                trio.current_time()
-            )
+            self.tag_checked[(state_name(route), route.manifest_reference)] = trio.current_time()
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
         await response.start(head.status_code, headers, head.reason)
         await response.send(data)
@@ -546,26 +563,28 @@ class PullThrough:
     # -- which repositories anyone may read ----------------------------------------------------
 
     def _maybe_probe(self, route: Route, path: str) -> None:
-        repository = route.repository or ""
+        repository = state_name(route)
         known = repository in self.manifests.anonymous or repository in self.manifests.private
         background = self.proxy.background
         if known or repository in self.probing or background is None:
             return
         self.probing.add(repository)
         self._probes_idle = trio.Event()
-        background.start_soon(self._probe_anonymous, repository, path)
+        upstreams = self.proxy.upstreams_for(route)
+        background.start_soon(
+            self._probe_anonymous, repository, path, upstreams.urls[0], upstreams.profile
+        )
 
     async def wait_probes(self) -> None:
         """Wait until no repository is being probed (tests, and a clean shutdown)."""
         await self._probes_idle.wait()
 
-    async def _probe_anonymous(self, repository: str, path: str) -> None:
+    async def _probe_anonymous(self, repository: str, path: str, base: Url, profile: str) -> None:
         """Ask the primary upstream, as an anonymous client would, whether ``path`` is public."""
-        base = self.proxy.registry.urls[0]
         url = Url(base.origin, base.target.rstrip("/") + path)
         try:
             with trio.fail_after(self.proxy.config.timeouts.upstream_idle):
-                readable = await self._anonymous_head(url)
+                readable = await self._anonymous_head(url, profile)
         except (ProxyError, trio.TooSlowError, ValueError, KeyError, AttributeError) as exc:
             log.info("could not learn whether %s is public: %s", repository, exc)
             readable = None
@@ -576,8 +595,8 @@ class PullThrough:
         if not self.probing:
             self._probes_idle.set()
 
-    async def _anonymous_head(self, url: Url) -> bool:
-        status, headers, _ = await self.proxy.simple_request("HEAD", url, [])
+    async def _anonymous_head(self, url: Url, profile: str) -> bool:
+        status, headers, _ = await self.proxy.simple_request("HEAD", url, [], profile=profile)
         if status != 401:
             return 200 <= status < 400
         challenge = next(
@@ -596,7 +615,7 @@ class PullThrough:
         )
         realm = parse_url(challenge.param("realm") or "")
         token_url = Url(realm.origin, realm.target + ("&" if "?" in realm.target else "?") + query)
-        status, _, body = await self.proxy.simple_request("GET", token_url, [])
+        status, _, body = await self.proxy.simple_request("GET", token_url, [], profile=profile)
         if status != 200:
             return False
         document = json.loads(body)
@@ -606,5 +625,5 @@ class PullThrough:
         if not isinstance(token, str):
             return False
         authorization = [(b"authorization", b"Bearer " + token.encode("latin-1"))]
-        status, _, _ = await self.proxy.simple_request("HEAD", url, authorization)
+        status, _, _ = await self.proxy.simple_request("HEAD", url, authorization, profile=profile)
         return 200 <= status < 400

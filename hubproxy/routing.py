@@ -30,7 +30,10 @@ _V2_RESOURCE = re.compile(
     rf"|tags/list"
     rf"|referrers/{_DIGEST})"
 )
-_TOKEN = re.compile(r"/token/(?P<key>[a-z0-9][a-z0-9.-]{0,63})")
+# /token/N for the default registry, /token/<registry>/N for the others (see registries.py)
+_TOKEN = re.compile(
+    r"/token/(?:(?P<registry>[a-z0-9][a-z0-9.:-]{0,252})/)?(?P<key>[a-z0-9][a-z0-9.-]{0,63})"
+)
 MAX_NAME_LENGTH = 255  # distribution's NameTotalLengthMax
 
 
@@ -48,6 +51,7 @@ class Route:
     realm_key: str | None = None  # which upstream's realm, for token routes
     blob_digest: str | None = None  # the digest of a /v2/<name>/blobs/<digest> route
     manifest_reference: str | None = None  # the tag or digest of a /v2/<name>/manifests/ route
+    registry: str | None = None  # which registry (None: the default); see registries.py
 
 
 def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
@@ -83,7 +87,7 @@ def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
         return Route(RouteKind.SEARCH, path + suffix)
     token = _TOKEN.fullmatch(path)
     if token is not None:
-        return Route(RouteKind.TOKEN, suffix, realm_key=token["key"])
+        return Route(RouteKind.TOKEN, suffix, realm_key=token["key"], registry=token["registry"])
     raise RouteNotFound(f"no such endpoint on this registry mirror: {_printable(path)}")
 
 

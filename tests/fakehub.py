@@ -9,6 +9,15 @@ proxy implementation, so tests of hubproxy meet the same surprises a real Docker
 * ``cdn`` serves pre-signed blob URLs, refuses any ``Authorization`` like S3 does, and answers
   ``Range`` requests.
 
+Other registries lay auth out differently, so ``auth_layout`` picks which servers exist:
+
+* ``"separate"`` (Docker Hub, the default): the three servers above;
+* ``"same-host"`` (ghcr.io, quay.io): the registry origin also serves the token service at
+  ``/token``, so the realm is ``<registry_url>/token`` and ``auth_url == registry_url``; blobs
+  still redirect to a separate ``cdn`` (ghcr.io: pkg-containers.githubusercontent.com);
+* ``"basic"`` (registry:2 with htpasswd): no token service and no CDN; the registry answers
+  ``Basic`` challenges, checks ``Authorization: Basic`` on every request, and serves blobs itself.
+
 Each request is decided by a plain method over a parsed request (``_Request`` -> ``_Response``);
 the only awaiting code is the per-connection h11 loop. Faults (429s, truncated bodies, redirect
 loops) are switched on per test. ``fetch`` is a one-shot h11 client for tests.
@@ -36,13 +45,14 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 import h11
 import trio
 import trustme
 
 __all__ = [
+    "BASIC_REALM",
     "MEDIA_CONFIG",
     "MEDIA_DOCKER_LIST",
     "MEDIA_DOCKER_MANIFEST",
@@ -50,6 +60,7 @@ __all__ = [
     "MEDIA_LAYER_TAR",
     "MEDIA_OCI_INDEX",
     "MEDIA_OCI_MANIFEST",
+    "AuthLayout",
     "ConnectFailed",
     "FakeHub",
     "FetchResult",
@@ -71,7 +82,11 @@ MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MEDIA_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
+AuthLayout = Literal["separate", "same-host", "basic"]
+BASIC_REALM = "fake-registry"  # the realm of the "basic" layout's challenges
+
 _CHUNK = 256 * 1024
+_TOKEN_PATH = "/token"
 _TOKEN_TTL = 300
 _BLOB_URL_TTL = 3600
 _WINDOW = 21600
@@ -163,7 +178,10 @@ def _number(text: str) -> int | None:
 class Seen:
     """One request as a fake server received it."""
 
-    server: str  # "registry" | "auth" | "cdn"
+    # "registry" | "auth" | "cdn". In the "same-host" layout a request for the token path of the
+    # registry origin is recorded as "auth", so tests filter token requests the same way in
+    # every layout.
+    server: str
     method: str
     target: str  # path and query, exactly as received
     headers: dict[str, str]  # lowercased names; repeated headers joined with ", "
@@ -308,18 +326,49 @@ class FakeHub:
     """Docker Hub's registry, token service and CDN as three TLS servers on 127.0.0.1.
 
     Content is added with add_blob/add_image/add_index, users with add_user, and faults with
-    force_429/truncate_blob/redirect_loop. Every request lands in ``requests``.
+    force_429/truncate_blob/corrupt_blob/redirect_loop. Every request lands in ``requests``.
+
+    ``auth_layout`` fakes other registries (see the module docstring). In ``"same-host"``
+    ``auth_url`` equals ``registry_url``; in ``"basic"`` both ``auth_url`` and ``cdn_url`` are
+    ``""`` because those servers do not exist. ``service`` is the Bearer challenge's service
+    (pass e.g. ``"ghcr.io"``); the token service refuses any other with 400.
+
+    ``basic_anonymous`` (``"basic"`` only): False, the default, is registry:2 with htpasswd, where
+    every request, ``/v2/`` included, needs valid Basic credentials. True lets anyone ping
+    ``/v2/`` (200) and pull repositories not made private; pushes and private or unknown
+    repositories still answer the Basic challenge.
+
+    Rate-limit headers are Docker Hub's: set ``ratelimit_limit = None`` to fake a registry
+    that sends none.
     """
 
     ratelimit_limit: int | None = 100  # None: send no rate-limit headers, never 429
 
-    def __init__(self, ca: trustme.CA, *, service: str = "registry.docker.io") -> None:
+    def __init__(
+        self,
+        ca: trustme.CA,
+        *,
+        service: str = "registry.docker.io",
+        auth_layout: AuthLayout = "separate",
+        basic_anonymous: bool = False,
+    ) -> None:
+        if auth_layout not in get_args(AuthLayout):
+            raise ValueError(f"unknown auth_layout {auth_layout!r}")
+        if basic_anonymous and auth_layout != "basic":
+            raise ValueError("basic_anonymous applies only to auth_layout='basic'")
         self.service = service
+        self.auth_layout: AuthLayout = auth_layout
+        self.basic_anonymous = basic_anonymous
         self.registry_url = ""
         self.auth_url = ""
         self.cdn_url = ""
         self.requests: list[Seen] = []
-        self._contexts = {name: _server_context(ca) for name in ("registry", "auth", "cdn")}
+        servers = {
+            "separate": ("registry", "auth", "cdn"),
+            "same-host": ("registry", "cdn"),
+            "basic": ("registry",),
+        }[auth_layout]
+        self._contexts = {name: _server_context(ca) for name in servers}
         self._secret = secrets.token_bytes(32)
         self._blobs: dict[str, bytes] = {}
         self._etags: dict[str, str] = {}
@@ -336,7 +385,7 @@ class FakeHub:
     # -- serving -------------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on three ephemeral ports and serve until cancelled."""
+        """Listen on one ephemeral port per server of the layout and serve until cancelled."""
         handlers: dict[str, Callable[[_Request], _Response]] = {
             "registry": self._registry,
             "auth": self._auth,
@@ -348,6 +397,8 @@ class FakeHub:
             port = tcp.socket.getsockname()[1]
             setattr(self, f"{name}_url", f"https://127.0.0.1:{port}")
             listeners[name] = trio.SSLListener(tcp, ctx, https_compatible=True)
+        if self.auth_layout == "same-host":
+            self.auth_url = self.registry_url  # the token service lives on the registry origin
         async with trio.open_nursery() as nursery:
             for name, listener in listeners.items():
                 handler = functools.partial(self._connection, name, handlers[name])
@@ -408,6 +459,10 @@ class FakeHub:
         joined: dict[str, str] = {}
         for k, v in headers:
             joined[k] = f"{joined[k]}, {v}" if k in joined else v
+        split = urllib.parse.urlsplit(target)
+        path = urllib.parse.unquote(split.path)
+        if server == "registry" and self._serves_token(path):
+            server = "auth"
         self.requests.append(Seen(server, method, target, joined))
         body = bytearray()
         while True:
@@ -418,11 +473,10 @@ class FakeHub:
                 break
             else:
                 raise h11.RemoteProtocolError("request ended early", error_status_hint=400)
-        split = urllib.parse.urlsplit(target)
         return _Request(
             method=method,
             target=target,
-            path=urllib.parse.unquote(split.path),
+            path=path,
             query=urllib.parse.parse_qs(split.query, keep_blank_values=True),
             headers=headers,
             body=bytes(body),
@@ -521,7 +575,8 @@ class FakeHub:
         return self._put_manifest(repo, tag, MEDIA_DOCKER_LIST, json.dumps(doc, indent=3))
 
     def add_user(self, username: str, password: str) -> None:
-        """Accept ``username:password`` as Basic credentials at the token service."""
+        """Accept ``username:password`` as Basic credentials at the token service (in the
+        ``"basic"`` layout: on every registry request)."""
         self._users[username] = password
 
     def make_private(self, repo: str, *users: str) -> None:
@@ -536,6 +591,8 @@ class FakeHub:
 
     def signed_blob_url(self, digest: str, *, ttl: int = _BLOB_URL_TTL) -> str:
         """Return a CDN URL for ``digest`` valid for ``ttl`` seconds (negative: already expired)."""
+        if "cdn" not in self._contexts:
+            raise ValueError("the 'basic' layout has no CDN: the registry serves blobs itself")
         hexpart = digest.removeprefix("sha256:")
         path = f"/registry-v2/docker/registry/v2/blobs/sha256/{hexpart[:2]}/{hexpart}/data"
         expiry = int(time.time()) + ttl
@@ -557,15 +614,17 @@ class FakeHub:
         self._forced_429.extend([retry_after] * count)
 
     def truncate_blob(self, digest: str, *, times: int | None = None) -> None:
-        """Make the CDN drop the connection halfway through ``digest``.
+        """Make the CDN (the registry in the ``"basic"`` layout) drop the connection halfway
+        through ``digest``.
 
         Applies to the next ``times`` GETs of it, or to all of them when ``times`` is None.
         """
         self._truncated[digest] = times
 
     def corrupt_blob(self, digest: str, *, times: int = 1) -> None:
-        """Make the CDN serve ``digest`` with one byte flipped (same length) ``times`` times:
-        a storage fault no status code reveals, which only a digest check catches."""
+        """Make the CDN (the registry in the ``"basic"`` layout) serve ``digest`` with one byte
+        flipped (same length) ``times`` times: a storage fault no status code reveals, which
+        only a digest check catches."""
         self._corrupted[digest] = times
 
     def redirect_loop(self, digest: str) -> None:
@@ -626,7 +685,15 @@ class FakeHub:
             return None, True
         return token, True
 
+    def _serves_token(self, path: str) -> bool:
+        """Whether ``path`` on the registry origin is the token service ("same-host" layout)."""
+        return self.auth_layout == "same-host" and path == _TOKEN_PATH
+
     def _challenge(self, scope: str | None, error: str | None, detail: object = None) -> _Response:
+        if self.auth_layout == "basic":
+            # distribution's htpasswd access controller: no scope, no error parameter.
+            basic = ("www-authenticate", f'Basic realm="{BASIC_REALM}"')
+            return _registry_error(401, "UNAUTHORIZED", "authentication required", detail, [basic])
         params = [f'realm="{self.auth_url}/token"', f'service="{self.service}"']
         if scope is not None:
             params.append(f'scope="{scope}"')
@@ -638,6 +705,9 @@ class FakeHub:
     def _authorize(self, request: _Request, name: str, push: bool) -> _Response | None:
         """None if the request's token grants pull (or push) on ``name``, else the 401."""
         action = "push" if push else "pull"
+        detail = [{"Type": "repository", "Class": "", "Name": name, "Action": action}]
+        if self.auth_layout == "basic":
+            return self._authorize_basic(request, name, push, detail)
         token, presented = self._bearer(request)
         if token is not None and action in token.grants.get(name, frozenset()):
             return None
@@ -645,13 +715,48 @@ class FakeHub:
         error = (
             "insufficient_scope" if token is not None else "invalid_token" if presented else None
         )
-        detail = [{"Type": "repository", "Class": "", "Name": name, "Action": action}]
         scope = f"repository:{name}:{'pull,push' if push else 'pull'}"
         return self._challenge(scope, error, detail)
+
+    def _authorize_basic(
+        self, request: _Request, name: str, push: bool, detail: object
+    ) -> _Response | None:
+        """The "basic" layout: None if the request's Basic credentials (or, with
+        ``basic_anonymous``, nobody's) may pull or push ``name``, else the 401 or 403."""
+        user, error = self._basic_user(request)
+        if error is not None:
+            return self._challenge(None, None, detail)
+        repo = self._repos.get(name)
+        if user is None:
+            public = repo is not None and not repo.private
+            if self.basic_anonymous and public and not push:
+                return None
+            return self._challenge(None, None, detail)
+        # htpasswd alone lets every user do everything; a private repository's member list is
+        # the access control of registries like Harbor or Nexus, which refuse others with 403.
+        if repo is not None and repo.private and user not in repo.users:
+            return _registry_error(
+                403, "DENIED", "requested access to the resource is denied", detail
+            )
+        return None
+
+    def _ping_allowed(self, request: _Request) -> _Response | None:
+        """None if ``GET /v2/`` may answer 200, else the 401."""
+        if self.auth_layout == "basic":
+            user, error = self._basic_user(request)
+            if error is None and (user is not None or self.basic_anonymous):
+                return None
+            return self._challenge(None, None)
+        token, presented = self._bearer(request)
+        if token is None:
+            return self._challenge(None, "invalid_token" if presented else None)
+        return None
 
     # -- registry ------------------------------------------------------------------------
 
     def _registry(self, request: _Request) -> _Response:
+        if self._serves_token(request.path):
+            return self._auth(request)
         response = self._route_registry(request)
         response.headers.append(_API_VERSION)
         return response
@@ -665,10 +770,8 @@ class FakeHub:
         if request.path in ("/v2", "/v2/"):
             if request.method not in ("GET", "HEAD"):
                 return _registry_error(405, "UNSUPPORTED", "The operation is unsupported.")
-            token, presented = self._bearer(request)
-            if token is None:
-                return self._challenge(None, "invalid_token" if presented else None)
-            return _json(200, {})
+            denied = self._ping_allowed(request)
+            return _json(200, {}) if denied is None else denied
         for kind, pattern in _ROUTES:
             match = pattern.fullmatch(request.path)
             if match is None:
@@ -785,7 +888,20 @@ class FakeHub:
             return self._loop_redirect(0, digest)
         if digest not in self._blobs or digest not in self._repo(name).blobs:
             return _registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry", digest)
-        return self._redirect(self.signed_blob_url(digest))
+        if "cdn" in self._contexts:
+            return self._redirect(self.signed_blob_url(digest))
+        # No CDN: distribution serves the blob itself (http.ServeContent, so Range works too).
+        headers = [
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+            ("etag", f'"{digest}"'),
+            ("cache-control", "max-age=31536000"),
+            ("accept-ranges", "bytes"),
+        ]
+        refused = _Response(
+            416, [("content-type", "text/plain; charset=utf-8")], b"invalid range\n"
+        )
+        return self._blob_body(request, digest, headers, refused)
 
     def _redirect(self, location: str) -> _Response:
         # Docker Hub's 307 carries a tiny HTML body, which a client must drain or discard.
@@ -991,12 +1107,24 @@ class FakeHub:
             ("etag", f'"{etag}"'),
             ("accept-ranges", "bytes"),
         ]
+        refused = _xml_error(416, "InvalidRange", "The requested range is not satisfiable")
+        return self._blob_body(request, digest, headers, refused)
+
+    def _blob_body(
+        self,
+        request: _Request,
+        digest: str,
+        headers: list[tuple[str, str]],
+        unsatisfiable: _Response,
+    ) -> _Response:
+        """Serve a stored blob with ``headers``, honouring Range and the corrupt/truncate faults;
+        ``unsatisfiable`` is this server's 416 (it gains the Content-Range)."""
+        data = self._blobs[digest]
         try:
             selected = parse_range(request.header("range"), len(data))
         except RangeNotSatisfiable:
-            response = _xml_error(416, "InvalidRange", "The requested range is not satisfiable")
-            response.headers.append(("content-range", f"bytes */{len(data)}"))
-            return response
+            unsatisfiable.headers.append(("content-range", f"bytes */{len(data)}"))
+            return unsatisfiable
         status, body = 200, memoryview(data)
         if request.method == "GET" and self._corrupted.get(digest, 0) > 0:
             self._corrupted[digest] -= 1

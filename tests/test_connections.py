@@ -313,7 +313,7 @@ async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nu
             await origin_side.send_all(body_piece)
             sent += len(body_piece)
 
-    async def connector(origin: Origin) -> trio.abc.Stream:
+    async def connector(origin: Origin, profile: str) -> trio.abc.Stream:
         return proxy_upstream
 
     config = Config(upstreams=(parse_url("http://origin.test"),), library_prefix=False)

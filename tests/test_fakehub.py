@@ -24,9 +24,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fakehub import (
+    BASIC_REALM,
     MEDIA_DOCKER_LIST,
     MEDIA_DOCKER_MANIFEST,
     MEDIA_OCI_MANIFEST,
+    AuthLayout,
     ConnectFailed,
     FakeHub,
     FetchResult,
@@ -37,6 +39,7 @@ from tests.fakehub import (
     sha256_digest,
 )
 from tests.fakeproxy import ConnectProxy
+from tests.registry_client import RegistryClient
 
 ACCEPT_ALL = ", ".join(
     [
@@ -58,6 +61,24 @@ def ca() -> trustme.CA:
 @pytest.fixture
 async def hub(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
     fake = FakeHub(ca)
+    await nursery.start(fake.serve)
+    return fake
+
+
+@pytest.fixture
+async def ghcr(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
+    """ghcr.io's layout: the token service on the registry origin, blobs on a CDN."""
+    fake = FakeHub(ca, service="ghcr.io", auth_layout="same-host")
+    fake.ratelimit_limit = None  # rate-limit headers are Docker Hub's
+    await nursery.start(fake.serve)
+    return fake
+
+
+@pytest.fixture
+async def htpasswd(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
+    """registry:2 with htpasswd: Basic auth everywhere, blobs served by the registry."""
+    fake = FakeHub(ca, auth_layout="basic")
+    fake.ratelimit_limit = None
     await nursery.start(fake.serve)
     return fake
 
@@ -86,9 +107,7 @@ async def get_token(
     *scopes: str,
     headers: Iterable[tuple[str, str]] = (),
 ) -> str:
-    query = urllib.parse.urlencode(
-        [("service", "registry.docker.io")] + [("scope", s) for s in scopes]
-    )
+    query = urllib.parse.urlencode([("service", hub.service)] + [("scope", s) for s in scopes])
     answer = await fetch(f"{hub.auth_url}/token?{query}", ca, headers=headers)
     assert answer.status == 200, answer.body
     token: str = answer.json()["token"]
@@ -861,3 +880,319 @@ async def test_connect_proxy_authentication(
     )
     assert ok.status == 401
     assert len(proxy.connects) == 3
+
+
+# -- other registries' auth layouts -------------------------------------------------------------
+
+
+def test_layout_arguments_are_checked(ca: trustme.CA) -> None:
+    default = FakeHub(ca)
+    assert (default.auth_layout, default.service, default.basic_anonymous) == (
+        "separate",
+        "registry.docker.io",
+        False,
+    )
+    with pytest.raises(ValueError, match="basic_anonymous"):
+        FakeHub(ca, auth_layout="same-host", basic_anonymous=True)
+    with pytest.raises(ValueError, match="auth_layout"):
+        FakeHub(ca, auth_layout="oauth")  # type: ignore[arg-type]
+
+
+@pytest.mark.trio
+async def test_default_layout_has_three_origins(hub: FakeHub, ca: trustme.CA) -> None:
+    assert len({hub.registry_url, hub.auth_url, hub.cdn_url}) == 3
+    # The registry origin has no token path of its own on Docker Hub.
+    stray = await fetch(f"{hub.registry_url}/token?service=registry.docker.io", ca)
+    assert stray.status == 404
+    assert [s.server for s in hub.requests] == ["registry"]
+
+
+@pytest.mark.trio
+async def test_same_host_anonymous_pull_with_the_token_flow(ghcr: FakeHub, ca: trustme.CA) -> None:
+    layers = [make_layer(20, 5000), make_layer(21, 300_000)]
+    digest = ghcr.add_image("owner/image", "v1", layers)
+    assert ghcr.auth_url == ghcr.registry_url != ghcr.cdn_url
+
+    ping = await fetch(f"{ghcr.registry_url}/v2/", ca)
+    assert ping.status == 401
+    params = challenge_params(ping.headers["www-authenticate"])
+    assert params == {"realm": f"{ghcr.registry_url}/token", "service": "ghcr.io"}
+
+    client = RegistryClient(ghcr.registry_url, ca)
+    scope = "repository:owner/image:pull"
+    got = await client.request(
+        "/v2/owner/image/manifests/v1", headers=[("accept", ACCEPT_ALL)], scope=scope
+    )
+    assert got.status == 200
+    assert got.headers["docker-content-digest"] == digest == sha256_digest(got.body)
+    assert not any(k.startswith("ratelimit-") for k in got.headers)
+    (challenge,) = client.challenges
+    assert challenge_params(challenge) == {
+        "realm": f"{ghcr.registry_url}/token",
+        "service": "ghcr.io",
+        "scope": scope,
+    }
+    (token_response,) = client.token_responses
+    assert token_response.status == 200
+    assert "docker-distribution-api-version" not in token_response.headers
+
+    manifest = got.json()
+    for descriptor in [manifest["config"], *manifest["layers"]]:
+        redirect = await client.request(
+            f"/v2/owner/image/blobs/{descriptor['digest']}", scope=scope
+        )
+        assert redirect.status == 307
+        location = redirect.headers["location"]
+        assert location.startswith(f"{ghcr.cdn_url}/")  # another origin, like ghcr's CDN
+        blob = await fetch(location, ca)
+        assert sha256_digest(blob.body) == descriptor["digest"]
+        assert len(blob.body) == descriptor["size"]
+    assert blob.body == layers[-1]
+
+    # The token request went to the registry origin but is recorded as "auth".
+    token_requests = [s for s in ghcr.requests if s.server == "auth"]
+    assert [s.target.partition("?")[0] for s in token_requests] == ["/token"]
+    assert token_requests[0].headers["host"] == urllib.parse.urlsplit(ghcr.registry_url).netloc
+    assert [s.server for s in ghcr.requests] == ["registry", "registry", "auth", "registry"] + [
+        "registry",
+        "cdn",
+    ] * 3
+
+
+@pytest.mark.trio
+async def test_same_host_private_image_and_service(ghcr: FakeHub, ca: trustme.CA) -> None:
+    ghcr.add_user("alice", "s3cret")
+    ghcr.add_user("bob", "hunter2")
+    digest = ghcr.add_image("alice/private", "v1", [make_layer(22, 100)])
+    ghcr.make_private("alice/private", "alice")
+    path = "/v2/alice/private/manifests/v1"
+    scope = "repository:alice/private:pull"
+
+    anonymous = await RegistryClient(ghcr.registry_url, ca).request(path, scope=scope)
+    assert anonymous.status == 401
+    assert challenge_params(anonymous.headers["www-authenticate"])["error"] == "insufficient_scope"
+    bob = await RegistryClient(ghcr.registry_url, ca, credentials=("bob", "hunter2")).request(
+        path, scope=scope
+    )
+    assert bob.status == 401
+    alice = RegistryClient(ghcr.registry_url, ca, credentials=("alice", "s3cret"))
+    got = await alice.request(path, scope=scope)
+    assert (got.status, got.headers["docker-content-digest"]) == (200, digest)
+
+    wrong = await RegistryClient(ghcr.registry_url, ca, credentials=("alice", "x")).request(
+        path, scope=scope
+    )
+    assert (wrong.status, wrong.json()) == (401, {"details": "incorrect username or password"})
+
+    # A token for Docker Hub's service (or none) is not this registry's to give.
+    for service in ["registry.docker.io", "evil", ""]:
+        query = urllib.parse.urlencode({"service": service, "scope": scope})
+        refused = await fetch(
+            f"{ghcr.registry_url}/token?{query}", ca, headers=[basic("alice", "s3cret")]
+        )
+        assert (refused.status, refused.json()) == (400, {"details": "invalid service"})
+    assert (await fetch(f"{ghcr.registry_url}/token", ca)).status == 400
+
+    # The token path is exact: anything else on the origin is the registry's 404.
+    other = await fetch(f"{ghcr.registry_url}/token/x?service=ghcr.io", ca)
+    assert (other.status, other.json()["errors"][0]["code"]) == (404, "NOT_FOUND")
+    assert ghcr.requests[-1].server == "registry"
+
+
+def basic_challenge(result: FetchResult) -> str:
+    assert result.status == 401
+    assert result.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    return result.headers["www-authenticate"]
+
+
+@pytest.mark.trio
+async def test_basic_layout_pull(htpasswd: FakeHub, ca: trustme.CA) -> None:
+    htpasswd.add_user("alice", "s3cret")
+    layers = [make_layer(23, 2000), make_layer(24, 700_000)]
+    digest = htpasswd.add_image("team/app", "1.0", layers)
+    registry = htpasswd.registry_url
+    assert htpasswd.auth_url == htpasswd.cdn_url == ""
+    with pytest.raises(ValueError, match="no CDN"):
+        htpasswd.signed_blob_url(digest)
+
+    challenge = f'Basic realm="{BASIC_REALM}"'
+    for method in ["GET", "HEAD"]:
+        ping = await fetch(f"{registry}/v2/", ca, method=method)
+        assert ping.headers["www-authenticate"] == challenge
+        assert ping.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert basic_challenge(await fetch(f"{registry}/v2/", ca)) == challenge
+    assert basic_challenge(await fetch(f"{registry}/v2/team/app/manifests/1.0", ca)) == challenge
+
+    # There is no token service: not on this origin, not anywhere.
+    token = await fetch(f"{registry}/token?service=registry.docker.io", ca)
+    assert token.status == 404
+
+    alice = basic("alice", "s3cret")
+    ping = await fetch(f"{registry}/v2/", ca, headers=[alice])
+    assert (ping.status, ping.json()) == (200, {})
+    got = await fetch(
+        f"{registry}/v2/team/app/manifests/1.0", ca, headers=[alice, ("accept", ACCEPT_ALL)]
+    )
+    assert got.status == 200
+    assert got.headers["docker-content-digest"] == digest == sha256_digest(got.body)
+    assert "ratelimit-limit" not in got.headers
+    manifest = got.json()
+    for descriptor, expected in zip(manifest["layers"], layers, strict=True):
+        blob = await fetch(
+            f"{registry}/v2/team/app/blobs/{descriptor['digest']}", ca, headers=[alice]
+        )
+        assert blob.status == 200  # served by the registry itself, no redirect
+        assert blob.body == expected
+        assert blob.headers["docker-content-digest"] == descriptor["digest"]
+        assert blob.headers["etag"] == f'"{descriptor["digest"]}"'
+        assert blob.headers["content-type"] == "application/octet-stream"
+    blob_url = f"{registry}/v2/team/app/blobs/{manifest['layers'][1]['digest']}"
+    part = await fetch(blob_url, ca, headers=[alice, ("range", "bytes=10-19")])
+    assert (part.status, part.body) == (206, layers[1][10:20])
+    assert part.headers["content-range"] == f"bytes 10-19/{len(layers[1])}"
+    beyond = await fetch(blob_url, ca, headers=[alice, ("range", f"bytes={len(layers[1])}-")])
+    assert (beyond.status, beyond.headers["content-range"]) == (416, f"bytes */{len(layers[1])}")
+    head = await fetch(blob_url, ca, method="HEAD", headers=[alice])
+    assert (head.status, head.body, head.headers["content-length"]) == (
+        200,
+        b"",
+        str(len(layers[1])),
+    )
+
+    # Wrong password, unknown user, garbage and Bearer credentials all get the Basic challenge.
+    for wrong in [
+        basic("alice", "wrong"),
+        basic("carol", "s3cret"),
+        ("authorization", "Basic !!"),
+        bearer("abc"),
+    ]:
+        assert basic_challenge(await fetch(f"{registry}/v2/", ca, headers=[wrong])) == challenge
+        refused = await fetch(f"{registry}/v2/team/app/manifests/1.0", ca, headers=[wrong])
+        assert basic_challenge(refused) == challenge
+    assert {s.server for s in htpasswd.requests} == {"registry"}
+
+
+@pytest.mark.trio
+async def test_basic_layout_private_repositories_and_push(
+    htpasswd: FakeHub, ca: trustme.CA
+) -> None:
+    htpasswd.add_user("alice", "a")
+    htpasswd.add_user("bob", "b")
+    htpasswd.add_image("alice/secret", "v1", [make_layer(25, 10)])
+    htpasswd.make_private("alice/secret", "alice")
+    url = f"{htpasswd.registry_url}/v2/alice/secret/manifests/v1"
+
+    assert (await fetch(url, ca, headers=[basic("alice", "a")])).status == 200
+    denied = await fetch(url, ca, headers=[basic("bob", "b")])
+    assert (denied.status, denied.json()["errors"][0]["code"]) == (403, "DENIED")
+    assert "www-authenticate" not in denied.headers
+    unknown = await fetch(
+        f"{htpasswd.registry_url}/v2/bob/nothing/manifests/v1", ca, headers=[basic("bob", "b")]
+    )
+    assert (unknown.status, unknown.json()["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
+
+    data = b"pushed with basic credentials"
+    digest = sha256_digest(data)
+    upload = f"{htpasswd.registry_url}/v2/bob/app/blobs/uploads/?digest={digest}"
+    assert basic_challenge(await fetch(upload, ca, method="POST", body=data))
+    pushed = await fetch(upload, ca, method="POST", headers=[basic("bob", "b")], body=data)
+    assert pushed.status == 201
+    back = await fetch(
+        f"{htpasswd.registry_url}/v2/bob/app/blobs/{digest}", ca, headers=[basic("alice", "a")]
+    )
+    assert back.body == data
+
+
+@pytest.mark.trio
+async def test_basic_layout_anonymous_reads(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    hub = FakeHub(ca, auth_layout="basic", basic_anonymous=True)
+    await nursery.start(hub.serve)
+    hub.add_user("alice", "a")
+    layer = make_layer(26, 1000)
+    hub.add_image("team/public", "1", [layer])
+    hub.add_image("team/private", "1", [make_layer(27, 10)])
+    hub.make_private("team/private", "alice")
+    registry = hub.registry_url
+
+    ping = await fetch(f"{registry}/v2/", ca)
+    assert (ping.status, ping.json()) == (200, {})
+    assert basic_challenge(await fetch(f"{registry}/v2/", ca, headers=[basic("alice", "x")]))
+    got = await fetch(f"{registry}/v2/team/public/manifests/1", ca)
+    assert got.status == 200
+    blob = await fetch(f"{registry}/v2/team/public/blobs/{sha256_digest(layer)}", ca)
+    assert blob.body == layer
+
+    challenge = f'Basic realm="{BASIC_REALM}"'
+    for url, method in [
+        (f"{registry}/v2/team/private/manifests/1", "GET"),
+        (f"{registry}/v2/team/nothing/manifests/1", "GET"),
+        (f"{registry}/v2/team/public/blobs/uploads/", "POST"),
+    ]:
+        assert basic_challenge(await fetch(url, ca, method=method)) == challenge
+    private = await fetch(
+        f"{registry}/v2/team/private/manifests/1", ca, headers=[basic("alice", "a")]
+    )
+    assert private.status == 200
+
+
+async def layout_hub(nursery: trio.Nursery, ca: trustme.CA, layout: AuthLayout) -> FakeHub:
+    hub = FakeHub(ca, auth_layout=layout, service="registry.example")
+    await nursery.start(hub.serve)
+    hub.add_user("alice", "a")
+    return hub
+
+
+async def credentials(hub: FakeHub, ca: trustme.CA, name: str) -> tuple[str, str]:
+    """What a pull of ``name`` sends on the registry origin, in any layout."""
+    if hub.auth_layout == "basic":
+        return basic("alice", "a")
+    return bearer(await pull_token(hub, ca, name))
+
+
+async def blob_of(hub: FakeHub, ca: trustme.CA, name: str, digest: str) -> FetchResult:
+    """GET a blob like a client: follow the registry's redirect (without Authorization)."""
+    auth = await credentials(hub, ca, name)
+    got = await fetch(f"{hub.registry_url}/v2/{name}/blobs/{digest}", ca, headers=[auth])
+    if got.status == 307:
+        assert hub.auth_layout != "basic"
+        got = await fetch(got.headers["location"], ca)
+    return got
+
+
+LAYOUTS: list[AuthLayout] = ["separate", "same-host", "basic"]
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_faults_in_every_layout(
+    nursery: trio.Nursery, ca: trustme.CA, layout: AuthLayout
+) -> None:
+    hub = await layout_hub(nursery, ca, layout)
+    data = make_layer(28, 400_000)
+    hub.add_image("team/app", "1", [data])
+    digest = sha256_digest(data)
+    auth = await credentials(hub, ca, "team/app")
+    url = f"{hub.registry_url}/v2/team/app/manifests/1"
+
+    hub.force_429(1, retry_after=3)
+    assert (await fetch(url, ca)).status == 401  # unauthorised requests do not use up the fault
+    limited = await fetch(url, ca, headers=[auth])
+    assert (limited.status, limited.headers["retry-after"]) == (429, "3")
+    first = await fetch(url, ca, headers=[auth])
+    assert (first.status, first.headers["ratelimit-remaining"]) == (200, "99;w=21600")
+    hub.force_429(1)
+    assert (await blob_of(hub, ca, "team/app", digest)).status == 429
+
+    hub.truncate_blob(digest, times=1)
+    cut = await blob_of(hub, ca, "team/app", digest)
+    assert (cut.status, cut.complete) == (200, False)
+    assert 0 < len(cut.body) < len(data) and data.startswith(cut.body)
+    hub.corrupt_blob(digest)
+    bad = await blob_of(hub, ca, "team/app", digest)
+    assert len(bad.body) == len(data) and bad.body != data
+    assert (await blob_of(hub, ca, "team/app", digest)).body == data
+
+    hub.ratelimit_limit = None
+    quiet = await fetch(url, ca, headers=[auth])
+    assert quiet.status == 200
+    assert not any(k.startswith("ratelimit-") for k in quiet.headers)
