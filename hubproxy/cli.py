@@ -11,6 +11,7 @@ import re
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -18,7 +19,7 @@ from . import __version__
 from .access import parse_image_rules, parse_networks
 from .app import CacheDirError, serve
 from .cache import parse_size
-from .clientconfig import CLIENTS, snippet
+from .clientconfig import BUILTIN_NAMES, CLIENTS, snippet
 from .config import Config, Limits, Timeouts, is_docker_hub
 from .configfile import ConfigFileError, parse_args_with_file, value_origin
 from .flow import base_url
@@ -396,7 +397,7 @@ def _pairs(flag: str, values: list[str]) -> list[tuple[str, str]]:
 def read_login(flag: str, path: str) -> tuple[str, str]:
     """The ``user:password`` on the first line of ``path`` that is not blank or a comment."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{flag}: cannot read {path!r}: {exc}") from None
     for line in lines:
@@ -631,9 +632,17 @@ def print_config(argv: Sequence[str]) -> int:
     parser.add_argument("client", choices=CLIENTS)
     parser.add_argument("--url", required=True, help="how clients reach the mirror")
     parser.add_argument("--ca", metavar="FILE", help="a private CA the clients must trust")
+    parser.add_argument(
+        "--registry",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="another registry the mirror serves (besides the built-in ones; repeatable)",
+    )
     args = parser.parse_args(argv)
+    registries = (*BUILTIN_NAMES, *(r for r in args.registry if r not in BUILTIN_NAMES))
     try:
-        text, hint = snippet(args.client, args.url, args.ca)
+        text, hint = snippet(args.client, args.url, args.ca, registries)
     except ValueError as exc:
         print(f"hubproxy print-config: error: {exc}", file=sys.stderr)
         return 2

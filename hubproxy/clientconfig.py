@@ -8,10 +8,13 @@ output is checked by a test that parses it with the client's own format (JSON, T
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
+from .registries import BUILTIN_REGISTRIES
 from .urls import Url, parse_url
 
 CLIENTS = ("docker", "containerd", "k3s", "podman")
+BUILTIN_NAMES = tuple(name for name, _, _ in BUILTIN_REGISTRIES)
 
 
 def _toml_string(value: str) -> str:
@@ -23,11 +26,15 @@ def docker(url: Url) -> str:
     return json.dumps({"registry-mirrors": [str(url.origin)]}, indent=2) + "\n"
 
 
-def containerd(url: Url, ca: str | None) -> str:
-    """``/etc/containerd/certs.d/docker.io/hosts.toml`` (containerd's ``config_path``)."""
+def containerd(url: Url, ca: str | None, registries: Sequence[str]) -> str:
+    """``/etc/containerd/certs.d/_default/hosts.toml``: one mirror for every registry.
+
+    containerd adds ``?ns=<registry>`` to each request it sends to a mirror whose host is not
+    the registry's, which is how hubproxy tells the registries apart. With no ``server`` line
+    the registry itself stays the fallback: a registry hubproxy does not serve answers 404
+    there, and containerd then pulls from the registry directly."""
     lines = [
-        'server = "https://registry-1.docker.io"',
-        "",
+        f"# hubproxy serves: {', '.join(registries)}",
         f"[host.{_toml_string(str(url.origin))}]",
         '  capabilities = ["pull", "resolve"]',
     ]
@@ -36,9 +43,15 @@ def containerd(url: Url, ca: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def k3s(url: Url, ca: str | None) -> str:
-    """``/etc/rancher/k3s/registries.yaml``."""
-    lines = ["mirrors:", "  docker.io:", "    endpoint:", f"      - {json.dumps(str(url.origin))}"]
+def k3s(url: Url, ca: str | None, registries: Sequence[str]) -> str:
+    """``/etc/rancher/k3s/registries.yaml``: the mirror as the endpoint of each registry."""
+    lines = ["mirrors:"]
+    for name in registries:
+        lines += [
+            f"  {json.dumps(name)}:",
+            "    endpoint:",
+            f"      - {json.dumps(str(url.origin))}",
+        ]
     if ca:
         lines += [
             "configs:",
@@ -49,24 +62,35 @@ def k3s(url: Url, ca: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def podman(url: Url) -> str:
-    """``/etc/containers/registries.conf`` (podman, skopeo, buildah, cri-o)."""
-    lines = [
-        "[[registry]]",
-        'prefix = "docker.io"',
-        'location = "docker.io"',
-        "",
-        "[[registry.mirror]]",
-        f"location = {_toml_string(url.origin.authority)}",
-    ]
-    if not url.origin.tls:
-        lines.append("insecure = true")
-    return "\n".join(lines) + "\n"
+def podman(url: Url, registries: Sequence[str]) -> str:
+    """``/etc/containers/registries.conf`` (podman, skopeo, buildah, cri-o): Docker Hub at the
+    mirror's root, every other registry under its name as a path prefix."""
+    lines: list[str] = []
+    for name in registries:
+        location = url.origin.authority if name == "docker.io" else f"{url.origin.authority}/{name}"
+        lines += [
+            "[[registry]]",
+            f"prefix = {_toml_string(name)}",
+            f"location = {_toml_string(name)}",
+            "",
+            "[[registry.mirror]]",
+            f"location = {_toml_string(location)}",
+        ]
+        if not url.origin.tls:
+            lines.append("insecure = true")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def snippet(client: str, mirror_url: str, ca: str | None) -> tuple[str, str]:
+def snippet(
+    client: str,
+    mirror_url: str,
+    ca: str | None,
+    registries: Sequence[str] = BUILTIN_NAMES,
+) -> tuple[str, str]:
     """The configuration text for ``client`` and a one-line hint on where it goes (and what
-    else to do); ValueError for an unknown client or an unusable URL."""
+    else to do); ValueError for an unknown client or an unusable URL. ``registries``: the
+    registries the mirror serves (docker's registry-mirrors covers Docker Hub only)."""
     url = parse_url(mirror_url)
     if url.target not in ("", "/"):
         raise ValueError(f"a mirror URL has no path: {mirror_url!r}")
@@ -77,18 +101,22 @@ def snippet(client: str, mirror_url: str, ca: str | None) -> tuple[str, str]:
             hint += f"; and copy {ca} to /etc/docker/certs.d/{host}/ca.crt"
         if not url.origin.tls and url.origin.host not in ("127.0.0.1", "localhost", "::1"):
             hint += f'; an http mirror also needs "insecure-registries": ["{host}"]'
+        hint += f"; other registries by path: docker pull {host}/ghcr.io/OWNER/IMAGE"
         return docker(url), hint
     if client == "containerd":
         return (
-            containerd(url, ca),
-            "put this in /etc/containerd/certs.d/docker.io/hosts.toml (config_path = "
+            containerd(url, ca, registries),
+            "put this in /etc/containerd/certs.d/_default/hosts.toml (config_path = "
             '"/etc/containerd/certs.d" in the CRI registry section), then restart containerd',
         )
     if client == "k3s":
-        return k3s(url, ca), "put this in /etc/rancher/k3s/registries.yaml, then restart k3s"
+        return (
+            k3s(url, ca, registries),
+            "put this in /etc/rancher/k3s/registries.yaml, then restart k3s",
+        )
     if client == "podman":
         hint = "put this in /etc/containers/registries.conf"
         if ca:
             hint += f"; and copy {ca} to /etc/containers/certs.d/{host}/ca.crt"
-        return podman(url), hint
+        return podman(url, registries), hint
     raise ValueError(f"unknown client {client!r}: one of {', '.join(CLIENTS)}")

@@ -69,9 +69,7 @@ class Pool:
         return sum(len(v) for k, v in self._idle.items() if origin is None or k[0] == origin)
 
     def in_use(self, origin: Origin) -> int:
-        return sum(
-            limit.borrowed_tokens for key, limit in self._limits.items() if key[0] == origin
-        )
+        return sum(limit.borrowed_tokens for key, limit in self._limits.items() if key[0] == origin)
 
     @asynccontextmanager
     async def connection(

@@ -116,3 +116,32 @@ def start_proxy(nursery: trio.Nursery, hub: FakeHub, tls_files: TLSFiles) -> Sta
         return RunningProxy(f"{scheme}://{host}:{port}", app, config)
 
     return start
+
+
+class Canary:
+    """A listener that only counts connections: where a request must never go."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+
+    async def serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+
+        async def record(stream: trio.SocketStream) -> None:
+            self.connections += 1
+            await stream.aclose()
+
+        await trio.serve_listeners(record, listeners, task_status=task_status)
+
+
+@pytest.fixture
+async def canary(nursery: trio.Nursery) -> Canary:
+    bird = Canary()
+    await nursery.start(bird.serve)
+    return bird

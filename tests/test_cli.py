@@ -481,3 +481,82 @@ def test_check_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert err.startswith(f"hubproxy check-config: error: {bad}:2: cache_dir: unknown key")
     assert "cache-dir" in err  # the suggestion
     assert main(["check-config"]) == 2
+
+
+# ---------------------------------------------------------------- registries
+
+
+def test_builtin_registries_and_registry_flags(tmp_path: Path, pem: dict[str, Path]) -> None:
+    login = tmp_path / "ghcr.login"
+    login.write_text("# the operator's pull token\nbot:ghp_secret\n")
+    cfg = config(
+        "--registry",
+        "registry.example.com=https://registry.example.com:5000",
+        "--registry-fallback",
+        "ghcr.io=https://ghcr-worker.example.dev",
+        "--registry-ca",
+        f"registry.example.com={pem['ca']}",
+        "--registry-proxy",
+        "quay.io=http://192.168.1.1:3128",
+        "--registry-login",
+        f"ghcr.io={login}",
+        "--host-map",
+        "ghcr.mirror.lan=ghcr.io",
+        "--allow",
+        "192.168.0.0/16",
+    )
+    table = cfg.registry_table()
+    names = [r.name for r in table.registries]
+    assert names[0] == "docker.io" and table.default == "docker.io"
+    for builtin in ("ghcr.io", "quay.io", "registry.k8s.io", "gcr.io", "nvcr.io"):
+        assert builtin in names
+    assert "mcr.microsoft.com" in names and "registry.example.com" in names
+    ghcr = table.find("ghcr.io")
+    assert ghcr is not None and ghcr.login == ("bot", "ghp_secret")
+    assert [str(u) for u in ghcr.upstreams] == [
+        "https://ghcr.io/",
+        "https://ghcr-worker.example.dev/",
+    ]
+    assert "ghp_secret" not in repr(ghcr)  # never printed with the config
+    assert table.find("k8s.gcr.io") is table.find("registry.k8s.io")
+    internal = table.find("registry.example.com")
+    assert internal is not None and internal.upstream_ca == str(pem["ca"])
+    quay = table.find("quay.io")
+    assert quay is not None and quay.upstream_proxy is not None
+    assert cfg.host_map == (("ghcr.mirror.lan", "ghcr.io"),)
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--registry", "ghcr.io"], "--registry"),
+        (["--registry", "not-a-host=https://x.example"], "--registry"),
+        (["--registry", "docker.io=https://x.example"], "--upstream"),
+        (["--registry", "r.example=ftp://x"], "--registry"),
+        (["--registry-fallback", "unknown.example=https://x.example"], "--registry-fallback"),
+        (["--registry-ca", "ghcr.io=/nonexistent.pem"], "--registry-ca"),
+        (["--registry-proxy", "ghcr.io=https://proxy:3128"], "--registry-proxy"),
+        (["--host-map", "ghcr.mirror.lan=nowhere.example"], "--host-map"),
+        (["--registry-login", "ghcr.io=/nonexistent"], "--registry-login"),
+    ],
+)
+def test_registry_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], mentions: str
+) -> None:
+    assert mentions in usage_error(capsys, *argv)
+
+
+def test_operator_login_needs_access_control(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    login = tmp_path / "hub.login"
+    login.write_text("bot:dckr_pat_secret\n")
+    line = usage_error(capsys, "--registry-login", f"docker.io={login}")
+    assert "--allow or --users" in line and "--allow-shared-login" in line
+    assert "dckr_pat_secret" not in line
+    assert config("--registry-login", f"docker.io={login}", "--allow-shared-login").default_login
+    assert config("--registry-login", f"docker.io={login}", "--allow", "10.0.0.0/8").default_login
+    login.write_text("just-a-token\n")
+    assert "user:password" in usage_error(
+        capsys, "--registry-login", f"docker.io={login}", "--allow-shared-login"
+    )

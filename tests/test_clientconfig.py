@@ -10,7 +10,7 @@ import tomllib
 import pytest
 import yaml
 
-from hubproxy.clientconfig import snippet
+from hubproxy.clientconfig import BUILTIN_NAMES, snippet
 
 
 def test_docker_daemon_json() -> None:
@@ -24,9 +24,12 @@ def test_docker_daemon_json() -> None:
 
 
 def test_containerd_hosts_toml() -> None:
-    text, _ = snippet("containerd", "https://mirror.example.com:8443", "/srv/ca.pem")
+    text, hint = snippet("containerd", "https://mirror.example.com:8443", "/srv/ca.pem")
+    assert "/etc/containerd/certs.d/_default/hosts.toml" in hint
     hosts = tomllib.loads(text)
-    assert hosts["server"] == "https://registry-1.docker.io"
+    # _default: every registry; without "server" the registry itself stays the fallback
+    assert "server" not in hosts
+    assert text.startswith("# hubproxy serves: docker.io, ghcr.io, quay.io, registry.k8s.io,")
     host = hosts["host"]["https://mirror.example.com:8443"]
     assert host["capabilities"] == ["pull", "resolve"]
     assert host["ca"] == "/srv/ca.pem"
@@ -41,17 +44,22 @@ def test_containerd_hosts_toml() -> None:
 def test_k3s_registries_yaml() -> None:
     text, _ = snippet("k3s", "https://mirror.example.com", "/srv/ca.pem")
     document = yaml.safe_load(text)
-    assert document["mirrors"]["docker.io"]["endpoint"] == ["https://mirror.example.com"]
+    assert set(document["mirrors"]) == set(BUILTIN_NAMES)
+    for name in BUILTIN_NAMES:
+        assert document["mirrors"][name]["endpoint"] == ["https://mirror.example.com"]
     assert document["configs"]["mirror.example.com"]["tls"]["ca_file"] == "/srv/ca.pem"
     assert "configs" not in yaml.safe_load(snippet("k3s", "https://m.example", None)[0])
 
 
 def test_podman_registries_conf() -> None:
     conf = tomllib.loads(snippet("podman", "https://mirror.example.com", None)[0])
-    (registry,) = conf["registry"]
-    assert registry["prefix"] == "docker.io"
-    assert registry["mirror"] == [{"location": "mirror.example.com"}]
-    plain = tomllib.loads(snippet("podman", "http://10.0.0.2:5000", None)[0])
+    by_prefix = {registry["prefix"]: registry for registry in conf["registry"]}
+    assert set(by_prefix) == set(BUILTIN_NAMES)
+    assert by_prefix["docker.io"]["mirror"] == [{"location": "mirror.example.com"}]
+    # the other registries through the mirror's path prefix
+    assert by_prefix["ghcr.io"]["location"] == "ghcr.io"
+    assert by_prefix["ghcr.io"]["mirror"] == [{"location": "mirror.example.com/ghcr.io"}]
+    plain = tomllib.loads(snippet("podman", "http://10.0.0.2:5000", None, ["docker.io"])[0])
     assert plain["registry"][0]["mirror"] == [{"location": "10.0.0.2:5000", "insecure": True}]
 
 
@@ -72,7 +80,17 @@ def test_command_line() -> None:
         timeout=30,
     )
     assert tomllib.loads(result.stdout.decode())["host"]["https://m.lan"]["capabilities"]
-    assert result.stderr.startswith(b"# put this in /etc/containerd/certs.d/docker.io/hosts.toml")
+    assert result.stderr.startswith(b"# put this in /etc/containerd/certs.d/_default/hosts.toml")
+    extra = subprocess.run(
+        [
+            *(sys.executable, "-m", "hubproxy", "print-config", "k3s", "--url", "https://m.lan"),
+            *("--registry", "registry.example.com"),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    assert "registry.example.com" in yaml.safe_load(extra.stdout)["mirrors"]
     bad = subprocess.run(
         [sys.executable, "-m", "hubproxy", "print-config", "docker", "--url", "nope"],
         capture_output=True,

@@ -6,41 +6,13 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import trio
 import trustme
 
-from tests.conftest import RunningProxy, StartProxy
+from tests.conftest import Canary, RunningProxy, StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
 from tests.wire import open_stream, read_until_closed
-
-
-class Canary:
-    def __init__(self) -> None:
-        self.connections = 0
-        self.port = 0
-
-    async def serve(
-        self,
-        *,
-        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-
-        async def record(stream: trio.SocketStream) -> None:
-            self.connections += 1
-            await stream.aclose()
-
-        await trio.serve_listeners(record, listeners, task_status=task_status)
-
-
-@pytest.fixture
-async def canary(nursery: trio.Nursery) -> Canary:
-    bird = Canary()
-    await nursery.start(bird.serve)
-    return bird
 
 
 async def raw_exchange(proxy: RunningProxy, ca: trustme.CA, raw: bytes) -> bytes:
