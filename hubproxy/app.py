@@ -137,11 +137,14 @@ def _log_startup(config: Config, server: Server) -> None:
         if config.cache_dir
         else "no cache"
     )
+    others = ", ".join(r.name for r in config.registry_table().registries[1:]) or "none"
     log.info(
-        "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s",
+        "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s; "
+        "other registries %s",
         where,
         upstream,
         fallbacks,
         "on" if config.library_prefix else "off",
         cache,
+        others,
     )
