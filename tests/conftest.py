@@ -83,6 +83,24 @@ async def hub(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
     return fake
 
 
+@pytest.fixture
+async def ghcr(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
+    """ghcr.io's layout: the token service on the registry origin, blobs on a CDN."""
+    fake = FakeHub(ca, service="ghcr.io", auth_layout="same-host")
+    fake.ratelimit_limit = None  # rate-limit headers are Docker Hub's
+    await nursery.start(fake.serve)
+    return fake
+
+
+@pytest.fixture
+async def htpasswd(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
+    """registry:2 with htpasswd: Basic auth everywhere, blobs served by the registry."""
+    fake = FakeHub(ca, auth_layout="basic")
+    fake.ratelimit_limit = None
+    await nursery.start(fake.serve)
+    return fake
+
+
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 

@@ -29,22 +29,6 @@ def hexdigest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-async def ghcr(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
-    fake = FakeHub(ca, service="ghcr.io", auth_layout="same-host")
-    fake.ratelimit_limit = None
-    await nursery.start(fake.serve)
-    return fake
-
-
-@pytest.fixture
-async def basic(nursery: trio.Nursery, ca: trustme.CA) -> FakeHub:
-    fake = FakeHub(ca, auth_layout="basic")
-    fake.ratelimit_limit = None
-    await nursery.start(fake.serve)
-    return fake
-
-
 def registry(name: str, *fakes: FakeHub, **fields: object) -> Registry:
     upstreams = tuple(base_url(fake.registry_url) for fake in fakes)
     return Registry(name, upstreams, **fields)  # type: ignore[arg-type]
@@ -245,16 +229,16 @@ async def test_a_registry_with_its_own_ca(
 
 
 async def test_basic_only_registry_with_and_without_an_operator_login(
-    basic: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+    htpasswd: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
     layer = make_layer(42, 100_000)
-    basic.add_image("team/tool", "1", [layer])
-    basic.add_user("operator", "op-secret")
-    basic.add_user("carol", "carol-secret")
+    htpasswd.add_image("team/tool", "1", [layer])
+    htpasswd.add_user("operator", "op-secret")
+    htpasswd.add_user("carol", "carol-secret")
     name = "registry.example.com"
 
     # without a login the client meets the registry's own Basic challenge, and may answer it
-    plain = await start_proxy(registries=(registry(name, basic),))
+    plain = await start_proxy(registries=(registry(name, htpasswd),))
     r = await fetch(plain.url + f"/v2/{name}/team/tool/manifests/1", ca)
     assert r.status == 401 and r.headers["www-authenticate"].startswith("Basic ")
     carol = base64.b64encode(b"carol:carol-secret").decode()
@@ -267,15 +251,15 @@ async def test_basic_only_registry_with_and_without_an_operator_login(
 
     # with the operator's login, a client without credentials pulls with it
     proxy = await start_proxy(
-        registries=(registry(name, basic, login=("operator", "op-secret")),),
+        registries=(registry(name, htpasswd, login=("operator", "op-secret")),),
         allow=("127.0.0.0/8",),
     )
-    before = len(basic.requests)
+    before = len(htpasswd.requests)
     r = await fetch(proxy.url + f"/v2/{name}/team/tool/blobs/sha256:{hexdigest(layer)}", ca)
     assert r.status == 200 and r.body == layer
     operator = "Basic " + base64.b64encode(b"operator:op-secret").decode()
     sent = [
-        s.headers.get("authorization") for s in basic.requests[before:] if "/blobs/" in s.target
+        s.headers.get("authorization") for s in htpasswd.requests[before:] if "/blobs/" in s.target
     ]
     assert sent == [operator]
     # a client's own credentials are passed on instead
@@ -285,7 +269,7 @@ async def test_basic_only_registry_with_and_without_an_operator_login(
         headers=[("authorization", f"Basic {carol}"), MANIFEST_ACCEPT],
     )
     assert r.status == 200
-    assert basic.requests[-1].headers["authorization"] == f"Basic {carol}"
+    assert htpasswd.requests[-1].headers["authorization"] == f"Basic {carol}"
 
 
 async def test_operator_login_for_docker_hub_tokens(

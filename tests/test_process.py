@@ -9,6 +9,9 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,58 +37,61 @@ async def _read_until(
     return match
 
 
-async def test_command_line_process_serves_and_stops_on_sigterm(
-    hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
-) -> None:
-    layer = make_layer(1, 100_000)
-    hub.add_image("library/alpine", "3.20", [layer])
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "hubproxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--cert",
-            str(tls_files.cert_pem),
-            "--key",
-            str(tls_files.key_pem),
-            "--upstream",
-            hub.registry_url,
-            "--upstream-ca",
-            str(tls_files.ca_pem),
-            "--library-prefix",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
-        stderr=subprocess.PIPE,
-    )
+@dataclass
+class HubproxyProcess:
+    """``python -m hubproxy`` running on 127.0.0.1, with its log read as it comes."""
+
+    process: trio.Process
+    url: str
+    output: bytearray
+
+    async def wait_for(self, pattern: bytes) -> re.Match[bytes]:
+        assert self.process.stderr is not None
+        return await _read_until(self.process.stderr, re.compile(pattern), self.output)
+
+
+@asynccontextmanager
+async def hubproxy_process(*args: str) -> AsyncIterator[HubproxyProcess]:
+    """Start hubproxy with ``args`` on an ephemeral port; kill it on the way out if needed."""
+    argv = [sys.executable, "-m", "hubproxy", "--listen", "127.0.0.1:0", *args]
+    process = await trio.lowlevel.open_process(argv, stderr=subprocess.PIPE)
     assert process.stderr is not None
     output = bytearray()
     try:
         with trio.fail_after(30):
             match = await _read_until(
-                process.stderr, re.compile(rb"listening on (https://127\.0\.0\.1:\d+)"), output
+                process.stderr, re.compile(rb"listening on (https?://127\.0\.0\.1:\d+)"), output
             )
-            url = match.group(1).decode()
-            assert f"upstream {hub.registry_url}".encode() in output
-            client = RegistryClient(url, ca)
-            digest = "sha256:" + hashlib.sha256(layer).hexdigest()
-            r = await client.request(f"/v2/alpine/blobs/{digest}")
-            assert r.status == 200 and r.body == layer
-            await _read_until(
-                process.stderr,
-                re.compile(rb"127\.0\.0\.1 GET /v2/alpine/blobs/sha256:\w+ 200 100\d{3}B \d+ms"),
-                output,
-            )
-            process.send_signal(signal.SIGTERM)
-            await _read_until(process.stderr, re.compile(rb"SIGTERM: no longer accepting"), output)
-            assert await process.wait() == 0
+        yield HubproxyProcess(process, match.group(1).decode(), output)
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
         await process.stderr.aclose()
+
+
+async def test_command_line_process_serves_and_stops_on_sigterm(
+    hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    layer = make_layer(1, 100_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    async with hubproxy_process(
+        *("--cert", str(tls_files.cert_pem), "--key", str(tls_files.key_pem)),
+        *("--upstream", hub.registry_url, "--upstream-ca", str(tls_files.ca_pem)),
+        *("--library-prefix", "--cache-dir", str(tmp_path / "cache")),
+    ) as running:
+        with trio.fail_after(30):
+            assert f"upstream {hub.registry_url}".encode() in running.output
+            client = RegistryClient(running.url, ca)
+            digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+            r = await client.request(f"/v2/alpine/blobs/{digest}")
+            assert r.status == 200 and r.body == layer
+            await running.wait_for(
+                rb"127\.0\.0\.1 GET /v2/alpine/blobs/sha256:\w+ 200 100\d{3}B \d+ms"
+            )
+            running.process.send_signal(signal.SIGTERM)
+            await running.wait_for(rb"SIGTERM: no longer accepting")
+            assert await running.process.wait() == 0
 
 
 async def test_bad_arguments_give_a_clear_error(tls_files: TLSFiles) -> None:
@@ -242,40 +248,18 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
     """An ACME renewal: new files + SIGHUP. New handshakes get the new certificate, an open
     keep-alive connection goes on serving, and unusable files keep the old certificate."""
     cert, key = tmp_path / "server.pem", tmp_path / "server-key.pem"
-    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(cert))
     first = ca.issue_cert("127.0.0.1")
     first.cert_chain_pems[0].write_to_path(str(cert))
     first.private_key_pem.write_to_path(str(key))
     renewed_ca = trustme.CA()  # the renewed certificate is trusted only through this CA
     upstream_ca = tmp_path / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(upstream_ca))
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "hubproxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--cert",
-            str(cert),
-            "--key",
-            str(key),
-            "--upstream",
-            hub.registry_url,
-            "--upstream-ca",
-            str(upstream_ca),
-            "--no-cache",
-        ],
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    output = bytearray()
-    try:
+    async with hubproxy_process(
+        *("--cert", str(cert), "--key", str(key), "--no-cache"),
+        *("--upstream", hub.registry_url, "--upstream-ca", str(upstream_ca)),
+    ) as running:
+        process, url = running.process, running.url
         with trio.fail_after(30):
-            match = await _read_until(
-                process.stderr, re.compile(rb"listening on (https://127\.0\.0\.1:\d+)"), output
-            )
-            url = match.group(1).decode()
             kept = await WireClient.connect(url, ca)
             head, _ = await kept.request("GET", "/v2/")
             assert head.status_code == 401
@@ -284,7 +268,7 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
             renewed.cert_chain_pems[0].write_to_path(str(cert))
             renewed.private_key_pem.write_to_path(str(key))
             process.send_signal(signal.SIGHUP)
-            await _read_until(process.stderr, re.compile(rb"SIGHUP: reloaded"), output)
+            await running.wait_for(rb"SIGHUP: reloaded")
 
             fresh = await WireClient.connect(url, renewed_ca)
             head, _ = await fresh.request("GET", "/v2/")
@@ -297,9 +281,7 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
 
             cert.write_text("not a certificate\n")
             process.send_signal(signal.SIGHUP)
-            line = await _read_until(
-                process.stderr, re.compile(rb"SIGHUP: cannot load the certificate[^\n]*"), output
-            )
+            line = await running.wait_for(rb"SIGHUP: cannot load the certificate[^\n]*")
             assert b"still serving the old one" in line.group(0)
             fresh = await WireClient.connect(url, renewed_ca)
             head, _ = await fresh.request("GET", "/v2/")
@@ -308,7 +290,3 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
             await kept.aclose()
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
