@@ -196,7 +196,10 @@ def seal_token_response(sealer: TokenSealer, user: str, body: bytes, now: float)
     if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or not lifetime > 0:
         lifetime = 60
     lifetime = min(float(lifetime), MAX_TOKEN_LIFETIME)
-    sealed = sealer.seal(user, token, now + lifetime)
+    try:
+        sealed = sealer.seal(user, token, now + lifetime)
+    except ValueError as exc:  # a token too large to carry
+        raise UpstreamUnavailable(f"the token service's token cannot be sealed: {exc}") from exc
     answer: dict[str, object] = {
         "token": sealed,
         "access_token": sealed,

@@ -18,6 +18,7 @@ import trustme
 
 from hubproxy.flow import base_url
 from hubproxy.registries import Registry
+from hubproxy.users import add_user
 from tests.conftest import Canary, RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
@@ -362,3 +363,32 @@ async def test_path_prefix_pulls_with_skopeo(
         f"docker://{host}/ghcr.io/owner/app",
     )
     assert json.loads(tags)["Tags"] == ["v1"]
+
+
+async def test_access_rules_and_mirror_logins_apply_per_registry(
+    hub: FakeHub, ghcr: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(60, 10_000)
+    ghcr.add_image("owner/app", "v1", [layer])
+    ghcr.add_image("other/app", "v1", [make_layer(61, 100)])
+    hub.add_image("library/alpine", "3.20", [make_layer(62, 100)])
+    users = tmp_path / "users"
+    add_user(users, "dana", "dana-pass-1")
+    proxy = await start_proxy(
+        registries=(registry("ghcr.io", ghcr),),
+        images_allow=("ghcr.io/owner/*",),
+        users_file=str(users),
+    )
+    client = RegistryClient(proxy.url, ca, credentials=("dana", "dana-pass-1"))
+    # a path-prefix pull: the default realm's token request moves to ghcr.io, sealed for dana
+    await pull(client, "ghcr.io/owner/app", "v1", [layer])
+    assert all(token.startswith("hp1.") for token in client.tokens.values())
+    assert all("authorization" not in s.headers for s in ghcr.requests if s.server == "auth")
+    for path in ("/v2/other/app/manifests/v1?ns=ghcr.io", "/v2/library/alpine/manifests/3.20"):
+        r = await client.request(path, headers=[MANIFEST_ACCEPT], scope=path)
+        assert r.status == 403 and r.json()["errors"][0]["code"] == "DENIED", path
+    assert not any("other/app" in s.target for s in ghcr.requests)
+    anonymous = RegistryClient(proxy.url, ca)
+    r = await anonymous.request("/v2/owner/app/manifests/v1?ns=ghcr.io", headers=[MANIFEST_ACCEPT])
+    assert r.status == 401
+    assert f'realm="{proxy.url}/token/ghcr.io/0",service="ghcr.io"' in anonymous.challenges[0]

@@ -1,0 +1,136 @@
+"""Tests for hubproxy.gate: the admission rules and token sealing, without sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from hubproxy.config import Config
+from hubproxy.errors import AccessDenied, ClientRateLimited, MirrorUnauthorized, UpstreamUnavailable
+from hubproxy.gate import MAX_TOKEN_LIFETIME, Gate, seal_token_response, without_authorization
+from hubproxy.users import TokenSealer, hash_password
+
+CHALLENGE = b'Bearer realm="https://mirror/token/0"'
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@pytest.fixture
+def gate() -> Gate:
+    config = Config(
+        allow=("10.0.0.0/8",),
+        ops_allow=("10.0.0.1",),
+        client_rate_limit=1.0,
+        client_burst=2,
+        images_deny=("library/busybox",),
+    )
+    return Gate(config, users={"alice": hash_password("pw", n=2**4)})
+
+
+def test_rules_in_order(gate: Gate) -> None:
+    with pytest.raises(AccessDenied):
+        gate.admit_client("192.168.1.1", 0.0)
+    gate.admit_client("10.1.1.1", 0.0)
+    gate.admit_client("10.1.1.1", 0.0)
+    with pytest.raises(ClientRateLimited) as caught:
+        gate.admit_client("10.1.1.1", 0.0)
+    assert caught.value.headers == ((b"retry-after", b"1"),)
+    gate.admit_client("10.1.1.1", 1.0)  # refilled
+    gate.admit_ops("10.0.0.1")
+    with pytest.raises(AccessDenied):
+        gate.admit_ops("10.0.0.2")
+    gate.admit_image("docker.io", "library/nginx")
+    with pytest.raises(AccessDenied):
+        gate.admit_image("docker.io", "library/busybox")
+
+
+def test_authenticate(gate: Gate) -> None:
+    sealed = gate.sealer.seal("alice", "upstream-token", 100.0)
+    identity = gate.authenticate(
+        [(b"authorization", b"Bearer " + sealed.encode())],
+        50.0,
+        basic_user=None,
+        challenge=CHALLENGE,
+    )
+    assert identity is not None and identity.user == "alice"
+    assert identity.upstream_authorization == b"Bearer upstream-token"
+    anonymous = gate.sealer.seal("alice", "", 100.0)  # a registry that gave no token
+    identity = gate.authenticate(
+        [(b"authorization", b"Bearer " + anonymous.encode())],
+        50.0,
+        basic_user=None,
+        challenge=CHALLENGE,
+    )
+    assert identity is not None and identity.upstream_authorization is None
+    identity = gate.authenticate([], 50.0, basic_user="alice", challenge=CHALLENGE)
+    assert identity is not None and identity.upstream_authorization is None
+    for headers in ([], [(b"authorization", b"Bearer " + sealed.encode())]):
+        with pytest.raises(MirrorUnauthorized) as caught:
+            gate.authenticate(headers, 200.0, basic_user=None, challenge=CHALLENGE)  # expired
+        assert caught.value.headers == ((b"www-authenticate", CHALLENGE),)
+    with pytest.raises(MirrorUnauthorized):
+        gate.authenticate(
+            [(b"authorization", b"Bearer upstream-token")],
+            50.0,
+            basic_user=None,
+            challenge=CHALLENGE,
+        )
+    assert Gate(Config()).authenticate([], 0.0, basic_user=None, challenge=CHALLENGE) is None
+
+
+async def test_basic_user_runs_scrypt_off_the_loop_and_remembers(gate: Gate) -> None:
+    assert await gate.basic_user([(b"authorization", basic("alice", "pw"))]) == "alice"
+    assert await gate.basic_user([(b"authorization", basic("alice", "nope"))]) is None
+    assert await gate.basic_user([(b"authorization", b"Bearer x")]) is None
+    assert await gate.basic_user([]) is None
+    assert gate.require_login("alice") == "alice"
+    with pytest.raises(MirrorUnauthorized) as caught:
+        gate.require_login(None)
+    assert caught.value.headers[0][1].startswith(b"Basic ")
+
+
+def test_refusals_are_logged_once_a_minute_per_client(gate: Gate) -> None:
+    assert gate.should_log("1.2.3.4", 0.0)
+    assert not gate.should_log("1.2.3.4", 59.0)
+    assert gate.should_log("5.6.7.8", 59.0)
+    assert gate.should_log("1.2.3.4", 60.0)
+
+
+@pytest.mark.parametrize(
+    ("document", "lifetime"),
+    [
+        ({"token": "t", "expires_in": 300, "issued_at": "2026-11-28T10:00:00Z"}, 300),
+        ({"access_token": "t"}, 60),  # no expires_in: the token spec's 60 s
+        ({"token": "t", "expires_in": True}, 60),
+        ({"token": "t", "expires_in": -5}, 60),
+        ({"token": "t", "expires_in": 10**9}, MAX_TOKEN_LIFETIME),
+        ({"token": ""}, 60),
+    ],
+)
+def test_seal_token_response(document: dict[str, object], lifetime: float) -> None:
+    sealer = TokenSealer()
+    answer = json.loads(seal_token_response(sealer, "bob", json.dumps(document).encode(), 1000.0))
+    assert answer["token"] == answer["access_token"] and answer["token"].startswith("hp1.")
+    assert answer["expires_in"] == int(lifetime)
+    assert answer.get("issued_at") == document.get("issued_at")
+    assert sealer.open(answer["token"], 1000.0 + lifetime - 1) is not None
+    assert sealer.open(answer["token"], 1000.0 + lifetime) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"token": 5}', b'"x"', json.dumps({"token": "x" * 20000}).encode()],
+)
+def test_unusable_token_answers_are_upstream_failures(body: bytes) -> None:
+    with pytest.raises(UpstreamUnavailable):
+        seal_token_response(TokenSealer(), "bob", body, 0.0)
+
+
+def test_without_authorization() -> None:
+    headers = [(b"host", b"m"), (b"authorization", b"Basic x"), (b"accept", b"*/*")]
+    assert without_authorization(headers, None) == [(b"host", b"m"), (b"accept", b"*/*")]
+    assert without_authorization(headers, b"Bearer y")[-1] == (b"authorization", b"Bearer y")
