@@ -69,6 +69,10 @@ class Gate:
             Authenticator(users) if users is not None else None
         )
         self.sealer = TokenSealer()
+        # what is configured at all: an open mirror skips the checks on every request
+        self.checks_clients = bool(self.networks.networks) or self.limiter.enabled
+        self.checks_ops = bool(self.ops_networks.networks)
+        self.checks_images = bool(self.images.allow or self.images.deny)
         self._scrypt_threads = trio.CapacityLimiter(2)
         self._last_logged: OrderedDict[str, float] = OrderedDict()
 
@@ -82,8 +86,10 @@ class Gate:
 
     def admit_client(self, client_ip: str, now: float) -> None:
         """Rules 1 and 2; raise AccessDenied or ClientRateLimited."""
-        if not self.networks.allows(client_ip):
+        if self.networks.networks and not self.networks.allows(client_ip):
             raise AccessDenied(f"{client_ip} may not use this mirror (not in its --allow list)")
+        if not self.limiter.enabled:
+            return
         wait = self.limiter.check(client_ip, now)
         if wait > 0:
             retry_after = max(1, math.ceil(wait))
@@ -94,7 +100,7 @@ class Gate:
 
     def admit_ops(self, client_ip: str) -> None:
         """Rule 3, for the operator paths."""
-        if not self.ops_networks.allows(client_ip):
+        if self.ops_networks.networks and not self.ops_networks.allows(client_ip):
             raise AccessDenied(f"{client_ip} may not read this mirror's status (--ops-allow)")
 
     def admit_image(self, registry: str, repository: str) -> None:

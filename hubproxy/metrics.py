@@ -109,6 +109,12 @@ class Metric:
         return frozenset({self.name} | {self.name + suffix for suffix in self.suffixes})
 
     def _key(self, labels: Mapping[str, str]) -> LabelValues:
+        # on every request: the common case (the right names) costs one tuple
+        if len(labels) == len(self.labelnames):
+            try:
+                return tuple(labels[name] for name in self.labelnames)
+            except KeyError:
+                pass
         if labels.keys() != set(self.labelnames):
             raise ValueError(
                 f"{self.name} takes labels {sorted(self.labelnames)}, not {sorted(labels)}"

@@ -142,18 +142,21 @@ class Proxy:
     async def handle(self, request: ClientRequest, response: ClientResponse) -> None:
         label = "other"
         try:
-            self._admit(request, "network")
+            gate = self.gate
+            if gate.checks_clients:
+                self._admit(request, "network")
             path = request.target.partition("?")[0]
             if path in OPS_PATHS and request.method in ("GET", "HEAD"):
                 label = "ops"
-                self._admit(request, "ops")
+                if gate.checks_ops:
+                    self._admit(request, "ops")
                 await self.operations.serve(path, request, response)
                 return
             route = self._route(request)
             label = route_label(route)
             if route.kind is RouteKind.REGISTRY:
                 upstreams = self.upstreams_for(route)
-                if route.repository is not None:
+                if gate.checks_images and route.repository is not None:
                     self._admit(request, "image", route.repository, upstreams.registry.name)
                 request = await self._authenticate(request, route)
                 request = await self._with_operator_login(request, upstreams, registry=True)

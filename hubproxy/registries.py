@@ -27,6 +27,7 @@ Pure functions over the frozen table; the proxy does the I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
@@ -79,7 +80,7 @@ class RegistryTable:
                 return registry
         return None
 
-    @property
+    @functools.cached_property
     def default_registry(self) -> Registry:
         registry = self.find(self.default)
         if registry is None:
@@ -150,7 +151,7 @@ def address(table: RegistryTable, target: str, host_header: str | None) -> Addre
             if registry is None:
                 raise _unknown(first)
             return Addressed(registry, f"/v2/{rest}" + (sep + query), "path")
-    if host_header:
+    if host_header and table.host_map:
         host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
         for mapped_host, name in table.host_map:
             if host.lower() == mapped_host:
