@@ -13,6 +13,8 @@ import re
 import h11
 import trio
 
+from tests.fakehub import _next_event, _send  # one h11 event loop for both fakes
+
 __all__ = ["ConnectProxy"]
 
 log = logging.getLogger(__name__)
@@ -29,32 +31,6 @@ class _Refused(Exception):
         self.status = status
         self.reason = reason
         self.headers = headers or []
-
-
-async def _send(stream: trio.abc.SendStream, conn: h11.Connection, event: h11.Event) -> None:
-    data = conn.send(event)
-    try:
-        if data:
-            await stream.send_all(data)
-    except BaseException:
-        conn.send_failed()
-        raise
-
-
-async def _next_event(
-    stream: trio.abc.ReceiveStream, conn: h11.Connection
-) -> h11.Event | type[h11.PAUSED]:
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Event):
-            return event
-        if event is h11.PAUSED:
-            return h11.PAUSED
-        try:
-            data = await stream.receive_some(_CHUNK)
-        except trio.BrokenResourceError:
-            data = b""
-        conn.receive_data(bytes(data))
 
 
 async def _pump(
