@@ -128,10 +128,10 @@ class Gate:
         )
 
     def authenticate(
-        self, headers: Headers, now: float, *, basic_user: str | None, challenge: bytes
+        self, headers: Headers, now: float, *, basic_user: str | None
     ) -> Identity | None:
         """Rule 5 for a registry request: None without ``--users``; else the identity, or
-        MirrorUnauthorized carrying ``challenge`` (the Bearer challenge to log in with).
+        MirrorUnauthorized (the caller adds the Bearer challenge to log in with).
         ``basic_user`` is what :meth:`basic_user` found."""
         if self.authenticator is None:
             return None
@@ -145,10 +145,7 @@ class Gate:
         if basic_user is not None:
             return Identity(basic_user, None)
         why = "expired or unknown token" if token is not None else "no mirror login"
-        raise MirrorUnauthorized(
-            f"this mirror requires a login ({why})",
-            headers=((b"www-authenticate", challenge),),
-        )
+        raise MirrorUnauthorized(f"this mirror requires a login ({why})")
 
     @staticmethod
     def require_login(basic_user: str | None) -> str:

@@ -252,15 +252,14 @@ class Proxy:
             return request
         basic_user = await gate.basic_user(request.headers)
         try:
-            identity = gate.authenticate(
-                request.headers,
-                time.time(),
-                basic_user=basic_user,
-                challenge=await self._login_challenge(request, route),
-            )
-        except MirrorUnauthorized:
+            identity = gate.authenticate(request.headers, time.time(), basic_user=basic_user)
+        except MirrorUnauthorized as refused:
             self.metrics.denied.inc(reason="auth")
-            raise
+            # the challenge (which may need the upstream's service) only for those refused
+            challenge = await self._login_challenge(request, route)
+            raise MirrorUnauthorized(
+                refused.message, headers=((b"www-authenticate", challenge),)
+            ) from None
         assert identity is not None  # requires_login
         return replace(
             request,
