@@ -6,10 +6,11 @@ Three independent checks, each a small value built once from configuration and t
   everyone, which is the right default for a mirror on localhost or a trusted LAN.
 * :class:`ImageRules`: which ``registry/repository`` names may be pulled, from allow and deny globs.
   ``*`` matches within one path component, ``**`` across components (``library/*``,
-  ``myorg/**``). A pattern whose first component looks like a registry host (has ``.`` or ``:``,
-  or is ``localhost``, as in docker's own reference grammar) is matched against that registry
-  (``ghcr.io/myorg/*``, ``*.gcr.io/**``); any other pattern covers Docker Hub only. Docker Hub
-  aliases fold into ``docker.io`` and its one-component names mean ``library/<name>`` on both
+  ``myorg/**``). A pattern whose first component names a registry host by the rule request paths
+  use (``registries.looks_like_host``: docker's reference grammar) is matched against that registry
+  (``ghcr.io/myorg/*``, ``*.gcr.io/**``); any other pattern covers Docker Hub only. A registry's
+  other names fold into its own (``index.docker.io`` into ``docker.io``, ``k8s.gcr.io`` into
+  ``registry.k8s.io``) and Docker Hub's one-component names mean ``library/<name>``, on both
   sides, so ``nginx`` and ``docker.io/library/nginx`` are the same rule.
 * :class:`RateLimiter`: a token bucket per client, answering "go" or "retry after N seconds".
 
@@ -26,11 +27,15 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .config import DOCKER_HUB_HOSTS
+from .registries import (
+    DEFAULT_REGISTRY,
+    canonical_registry,
+    looks_like_host_pattern,
+    normalize_image,
+    upstream_name,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-DEFAULT_REGISTRY = "docker.io"
 
 # The IPv4-mapped block (RFC 4291 section 2.5.5.2): a dual-stack socket reports IPv4 peers as
 # ::ffff:a.b.c.d, which must match the IPv4 networks an operator wrote.
@@ -133,22 +138,6 @@ class ImageRules:
         return any(pattern.matches(registry, repository) for pattern in self.allow)
 
 
-def normalize_image(registry: str, repository: str) -> tuple[str, str]:
-    """Canonical ``(registry, repository)``: host lowercased, Docker Hub aliases folded into
-    ``docker.io``, and Docker Hub's one-component names given their implied ``library/``."""
-    registry = registry.lower()
-    if registry in DOCKER_HUB_HOSTS:
-        registry = DEFAULT_REGISTRY
-    if registry == DEFAULT_REGISTRY and "/" not in repository:
-        repository = f"library/{repository}"
-    return registry, repository
-
-
-def _looks_like_host(component: str) -> bool:
-    # The rule docker's reference parser uses to tell "ghcr.io/x" from a Docker Hub "user/x".
-    return "." in component or ":" in component or component == "localhost"
-
-
 def _component_regex(component: str) -> str:
     # "*" stays inside one path component; "**" written inside a component ("a**") may cross.
     parts = re.split(r"(\*\*|\*)", component)
@@ -189,21 +178,26 @@ def parse_image_pattern(text: str) -> ImagePattern:
     if "" in components:
         raise ValueError(f"invalid image pattern {text!r}: empty path component")
     host: str | None = None
-    if _looks_like_host(components[0]):
+    if looks_like_host_pattern(components[0]):
         host, components = components[0], components[1:]
         if not components:
             raise ValueError(
                 f"invalid image pattern {text!r}: no repository after the registry "
                 f"(for a whole registry write {text}/**)"
             )
-        if host in DOCKER_HUB_HOSTS:
-            host = None  # "docker.io/x" and "x" mean the same images
-    if host is None and len(components) == 1 and "**" not in components[0]:
-        # Docker Hub names "nginx" as "library/nginx"; a one-component pattern means the same.
-        components = ["library", *components]
+        # Requests are checked under the registry's table name, so a rule written with another
+        # name of it must be too: "k8s.gcr.io/x" is "registry.k8s.io/x", "docker.io/x" is "x".
+        host = canonical_registry(host)
+        if host == DEFAULT_REGISTRY:
+            host = None
+    repository = "/".join(components)
+    if host is None and "**" not in repository:
+        # Docker Hub names "nginx" as "library/nginx"; a one-component pattern means the same
+        # (but "**" alone is every Docker Hub repository, not "library/**").
+        repository = upstream_name(repository, library_prefix=True)
     # A registry is one host[:port] without "/", so "*" and "**" both stay inside it.
     registry = None if host is None else re.compile(_component_regex(host))
-    return ImagePattern(text, registry, _glob_regex("/".join(components)))
+    return ImagePattern(text, registry, _glob_regex(repository))
 
 
 def parse_image_rules(allow: Iterable[str], deny: Iterable[str]) -> ImageRules:

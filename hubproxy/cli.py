@@ -20,15 +20,20 @@ from .access import parse_image_rules, parse_networks
 from .app import CacheDirError, serve
 from .cache import parse_size
 from .clientconfig import BUILTIN_NAMES, CLIENTS, snippet
-from .config import Config, Limits, Timeouts, is_docker_hub
+from .config import Config, Limits, Timeouts
 from .configfile import ConfigFileError, parse_args_with_file, value_origin
 from .flow import base_url
-from .registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY, Registry, looks_like_host
+from .registries import (
+    BUILTIN_REGISTRIES,
+    DEFAULT_REGISTRY,
+    DOCKER_HUB_INDEX,
+    DOCKER_HUB_UPSTREAM,
+    Registry,
+    is_docker_hub,
+    looks_like_host,
+)
 from .urls import Url, parse_url
 from .users import UsersFileError, load_users, user_command
-
-DEFAULT_UPSTREAM = "https://registry-1.docker.io"
-DEFAULT_INDEX = "https://index.docker.io"
 
 DESCRIPTION = """\
 A Docker Hub registry mirror. Point docker, containerd or podman at it and every pull goes through
@@ -91,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--upstream",
         metavar="URL",
-        default=DEFAULT_UPSTREAM,
-        help=f"registry to mirror (default {DEFAULT_UPSTREAM})",
+        default=DOCKER_HUB_UPSTREAM,
+        help=f"registry to mirror (default {DOCKER_HUB_UPSTREAM})",
     )
     up.add_argument(
         "--fallback",
@@ -105,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--index-url",
         metavar="URL",
-        default=DEFAULT_INDEX,
-        help=f"where /v1/search goes, for 'docker search' (default {DEFAULT_INDEX})",
+        default=DOCKER_HUB_INDEX,
+        help=f"where /v1/search goes, for 'docker search' (default {DOCKER_HUB_INDEX})",
     )
     up.add_argument(
         "--library-prefix",

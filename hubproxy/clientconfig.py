@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from .registries import BUILTIN_REGISTRIES
+from .registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY
 from .urls import Url, parse_url
 
 CLIENTS = ("docker", "containerd", "k3s", "podman")
@@ -67,7 +67,9 @@ def podman(url: Url, registries: Sequence[str]) -> str:
     mirror's root, every other registry under its name as a path prefix."""
     lines: list[str] = []
     for name in registries:
-        location = url.origin.authority if name == "docker.io" else f"{url.origin.authority}/{name}"
+        # the mirror's root serves the default registry; the others are path prefixes
+        root = name == DEFAULT_REGISTRY
+        location = url.origin.authority if root else f"{url.origin.authority}/{name}"
         lines += [
             "[[registry]]",
             f"prefix = {_toml_string(name)}",

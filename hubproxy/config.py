@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .registries import DEFAULT_REGISTRY, Registry, RegistryTable
+from .registries import DEFAULT_REGISTRY, DOCKER_HUB_HOSTS, Registry, RegistryTable, build_table
 from .urls import Url
-
-DOCKER_HUB_HOSTS = frozenset(
-    {"registry-1.docker.io", "index.docker.io", "registry.hub.docker.com", "docker.io"}
-)
 
 
 @dataclass(frozen=True)
@@ -62,9 +58,8 @@ class Config:
     images_deny: tuple[str, ...] = ()  # image globs refused; wins over images_allow
     client_rate_limit: float = 0.0  # requests per second per client address; 0: off
     client_burst: int = 200  # requests a client may make at once before the rate applies
-    # several registries (hubproxy.registries): the default one is built from the fields above
-    # (upstreams, library_prefix, upstream_ca, upstream_proxy); these are the others
-    default_registry: str = DEFAULT_REGISTRY
+    # several registries (hubproxy.registries): the default one, Docker Hub, is built from the
+    # fields above (upstreams, library_prefix, upstream_ca, upstream_proxy); these are the others
     registries: tuple[Registry, ...] = ()
     host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name
     default_login: tuple[str, str] | None = field(default=None, repr=False)
@@ -75,24 +70,15 @@ class Config:
         return self.cert is not None
 
     def registry_table(self) -> RegistryTable:
-        """Every registry served: the default one from the single-upstream fields, then the
-        others (a registry of the same name as the default is replaced by it)."""
+        """Every registry served: the default one (Docker Hub, by all its host names) from the
+        single-upstream fields, then the others (see :func:`registries.build_table`)."""
         default = Registry(
-            name=self.default_registry,
+            name=DEFAULT_REGISTRY,
             upstreams=self.upstreams,
             library_prefix=self.library_prefix,
-            aliases=tuple(
-                sorted(DOCKER_HUB_HOSTS - {"docker.io"})
-                if self.default_registry == DEFAULT_REGISTRY
-                else ()
-            ),
+            aliases=tuple(sorted(DOCKER_HUB_HOSTS - {DEFAULT_REGISTRY})),
             upstream_ca=self.upstream_ca,
             upstream_proxy=self.upstream_proxy,
             login=self.default_login,
         )
-        others = tuple(r for r in self.registries if r.name != default.name)
-        return RegistryTable((default, *others), default=default.name, host_map=self.host_map)
-
-
-def is_docker_hub(url: Url) -> bool:
-    return url.origin.host in DOCKER_HUB_HOSTS
+        return build_table(default, self.registries, self.host_map)

@@ -49,11 +49,10 @@ from .operations import Operations
 from .pool import Connector, Pool
 from .pullthrough import PullThrough
 from .redirects import client_location
-from .registries import Registry, address, token_registry
+from .registries import Registry, address, rewrite_token_query, token_registry
 from .routing import (
     Route,
     RouteKind,
-    rewrite_token_query,
     route_label,
     route_request,
     without_query_param,

@@ -4,7 +4,8 @@ The registry API lives under ``/v2/`` (distribution's API spec); names and refer
 against distribution's own grammar, so nothing we forward contains percent-escapes, ``..`` or empty
 segments. Docker Hub keeps official images under ``library/``: ``docker pull mirror/nginx`` asks
 for ``/v2/nginx/...`` and a token for ``repository:nginx:pull``, which Docker Hub refuses, so for a
-Docker Hub upstream a one-component name gets ``library/`` in the path and in token scopes.
+Docker Hub upstream a one-component name gets ``library/`` in the path (and in token scopes:
+``registries.rewrite_token_query``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from urllib.parse import quote, unquote
 
 from .errors import ClientProtocolError, RouteNotFound
+from .registries import upstream_name
 
 # distribution/reference/regexp.go
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -89,46 +90,6 @@ def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
     if token is not None:
         return Route(RouteKind.TOKEN, suffix, realm_key=token["key"], registry=token["registry"])
     raise RouteNotFound(f"no such endpoint on this registry mirror: {_printable(path)}")
-
-
-def upstream_name(name: str, *, library_prefix: bool) -> str:
-    """Insert ``library/`` before a one-component name when the upstream is Docker Hub."""
-    if library_prefix and "/" not in name:
-        return "library/" + name
-    return name
-
-
-def rewrite_scope(scope: str, *, library_prefix: bool) -> str:
-    """Rewrite the repository names in a (space-separated) token scope value.
-
-    Scope grammar (distribution's token auth spec): ``type[(class)]:name:actions``; the name may
-    itself hold a colon (a registry host with a port), so it is everything between the first and
-    the last colon.
-    """
-    out = []
-    for item in scope.split(" "):
-        kind, sep1, rest = item.partition(":")
-        name, sep2, actions = rest.rpartition(":")
-        if sep1 and sep2 and kind.split("(")[0] == "repository" and name:
-            item = f"{kind}:{upstream_name(name, library_prefix=library_prefix)}:{actions}"
-        out.append(item)
-    return " ".join(out)
-
-
-def rewrite_token_query(query: str, *, library_prefix: bool) -> str:
-    """Rewrite the ``scope`` parameters of a token request's query, leaving the rest byte-exact."""
-    if not library_prefix or not query:
-        return query
-    pairs = query.split("&")
-    for index, pair in enumerate(pairs):
-        key, sep, raw = pair.partition("=")
-        if key != "scope" or not sep:
-            continue
-        value = unquote(raw.replace("+", " "))
-        rewritten = rewrite_scope(value, library_prefix=library_prefix)
-        if rewritten != value:
-            pairs[index] = "scope=" + quote(rewritten, safe=":/,*()")
-    return "&".join(pairs)
 
 
 def without_query_param(query: str, name: str) -> str:

@@ -12,12 +12,12 @@ import pytest
 from hubproxy.access import (
     NetworkList,
     RateLimiter,
-    normalize_image,
     parse_image_pattern,
     parse_image_rules,
     parse_network,
     parse_networks,
 )
+from hubproxy.registries import normalize_image
 
 # --- networks --------------------------------------------------------------------------------
 
@@ -223,6 +223,15 @@ def test_deny_only(registry: str, repository: str, permitted: bool) -> None:
         (["**/nginx"], [], "docker.io", "library/nginx", True),
         (["x/a**"], [], "docker.io", "x/ab/c", True),  # "**" inside a component crosses too
         (["x/a*"], [], "docker.io", "x/ab/c", False),
+        # a registry's other name is the same registry, in globs as in requests
+        (["k8s.gcr.io/pause"], [], "registry.k8s.io", "pause", True),
+        ([], ["k8s.gcr.io/**"], "registry.k8s.io", "pause", False),
+        ([], ["k8s.gcr.io/**"], "k8s.gcr.io", "pause", False),
+        (["registry.k8s.io/*"], [], "k8s.gcr.io", "pause", True),
+        # a first component that is not host-shaped is a Docker Hub namespace, as in a path
+        (["../x"], [], "docker.io", "../x", True),
+        (["a..b/x"], [], "docker.io", "a..b/x", True),
+        (["a..b/x"], [], "a..b", "x", False),
     ],
 )
 def test_pattern_forms(
@@ -273,6 +282,8 @@ def test_patterns_are_compiled_once() -> None:
         ("registry-1.docker.io", "user/app", ("docker.io", "user/app")),
         ("GHCR.IO", "org/app", ("ghcr.io", "org/app")),
         ("ghcr.io", "app", ("ghcr.io", "app")),  # library/ is Docker Hub's convention only
+        ("k8s.gcr.io", "pause", ("registry.k8s.io", "pause")),  # a built-in's other name
+        ("localhost:5000", "app", ("localhost:5000", "app")),
     ],
 )
 def test_normalize_image(registry: str, repository: str, expected: tuple[str, str]) -> None:

@@ -14,7 +14,6 @@ import pytest
 import trustme
 
 from hubproxy.cli import (
-    DEFAULT_UPSTREAM,
     UsageError,
     build_parser,
     config_from_args,
@@ -23,6 +22,7 @@ from hubproxy.cli import (
 )
 from hubproxy.config import Config
 from hubproxy.configfile import parse_args_with_file
+from hubproxy.registries import DOCKER_HUB_UPSTREAM
 from hubproxy.urls import Origin
 from hubproxy.users import add_user, load_users
 
@@ -132,7 +132,7 @@ def test_defaults_without_tls() -> None:
     assert cfg.cert is None
     assert cfg.key is None
     assert cfg.tls is False
-    assert [str(u) for u in cfg.upstreams] == [DEFAULT_UPSTREAM + "/"]
+    assert [str(u) for u in cfg.upstreams] == [DOCKER_HUB_UPSTREAM + "/"]
     assert cfg.library_prefix is True
     assert cfg.index_url is not None
     assert cfg.index_url.origin == Origin("https", "index.docker.io", 443)

@@ -1,16 +1,16 @@
-"""Tests for hubproxy.routing: request target -> Route, and token scope rewriting.
+"""Tests for hubproxy.routing: request target -> Route.
 
 Everything here is pure: tables of request targets (including hostile ones) and hypothesis
 properties. What a mirror must do comes from /work/shared/PROTOCOL.md and distribution's API spec:
 ``/v2/`` and the resource endpoints reach the registry, one-component names get ``library/`` when
-mirroring Docker Hub (in the path and in token scopes), queries pass byte-exact, and nothing the
-router forwards can change meaning on the way (no percent-escapes, dot segments or empty segments).
+mirroring Docker Hub (in the path; token scopes are tested in test_registries.py), queries pass
+byte-exact, and nothing the router forwards can change meaning on the way (no percent-escapes,
+dot segments or empty segments).
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import given
@@ -21,10 +21,7 @@ from hubproxy.routing import (
     MAX_NAME_LENGTH,
     Route,
     RouteKind,
-    rewrite_scope,
-    rewrite_token_query,
     route_request,
-    upstream_name,
 )
 
 DIGEST = "sha256:" + "a" * 64
@@ -241,13 +238,6 @@ def test_query_string_is_kept_byte_exact(query: str) -> None:
     route = registry("/v2/nginx/manifests/latest" + query)
     assert route.target == "/v2/library/nginx/manifests/latest" + query
     assert registry("/v2/" + query).target == "/v2/" + query
-
-
-def test_upstream_name() -> None:
-    assert upstream_name("nginx", library_prefix=True) == "library/nginx"
-    assert upstream_name("nginx", library_prefix=False) == "nginx"
-    assert upstream_name("library/nginx", library_prefix=True) == "library/nginx"
-    assert upstream_name("samalba/app", library_prefix=True) == "samalba/app"
 
 
 def test_name_length_limit() -> None:
@@ -537,153 +527,3 @@ def test_property_valid_manifest_requests_route(
     assert route.kind is RouteKind.REGISTRY
     assert route.repository == expected
     assert route.target == f"/v2/{expected}/manifests/{ref}{query}"
-
-
-# ---------------------------------------------------------------- token scopes
-
-
-@pytest.mark.parametrize(
-    ("scope", "expected"),
-    [
-        ("repository:nginx:pull", "repository:library/nginx:pull"),
-        ("repository:nginx:pull,push", "repository:library/nginx:pull,push"),
-        ("repository:nginx:*", "repository:library/nginx:*"),
-        ("repository:library/nginx:pull", "repository:library/nginx:pull"),
-        ("repository:samalba/app:pull,push", "repository:samalba/app:pull,push"),
-        ("registry:catalog:*", "registry:catalog:*"),
-        ("repository(plugin):x:pull", "repository(plugin):library/x:pull"),
-        ("repository(plugin):vieux/sshfs:pull", "repository(plugin):vieux/sshfs:pull"),
-        # a name with a registry host and port: the colon is part of the name
-        ("repository:localhost:5000/foo:pull", "repository:localhost:5000/foo:pull"),
-        (
-            "repository:nginx:pull repository:samalba/app:push",
-            "repository:library/nginx:pull repository:samalba/app:push",
-        ),
-        (
-            "repository:nginx:pull registry:catalog:* repository:redis:pull",
-            "repository:library/nginx:pull registry:catalog:* repository:library/redis:pull",
-        ),
-        ("", ""),
-        ("repository", "repository"),
-        ("repository:nginx", "repository:nginx"),
-        ("repository::pull", "repository::pull"),
-        ("Repository:nginx:pull", "Repository:nginx:pull"),
-        ("garbage", "garbage"),
-    ],
-)
-def test_rewrite_scope(scope: str, expected: str) -> None:
-    assert rewrite_scope(scope, library_prefix=True) == expected
-    assert rewrite_scope(scope, library_prefix=False) == scope
-
-
-def scopes_of(query: str) -> list[str]:
-    return [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "scope"]
-
-
-@pytest.mark.parametrize(
-    ("query", "expected_scopes"),
-    [
-        (
-            "service=registry.docker.io&scope=repository:nginx:pull",
-            ["repository:library/nginx:pull"],
-        ),
-        (
-            # containerd sends several scope parameters in one request
-            "scope=repository:nginx:pull&scope=repository:samalba/app:pull&service=x",
-            ["repository:library/nginx:pull", "repository:samalba/app:pull"],
-        ),
-        (
-            "scope=repository:nginx:pull+repository:redis:pull",
-            ["repository:library/nginx:pull repository:library/redis:pull"],
-        ),
-        (
-            "scope=repository:nginx:pull%20repository:redis:pull",
-            ["repository:library/nginx:pull repository:library/redis:pull"],
-        ),
-        ("scope=repository%3Anginx%3Apull", ["repository:library/nginx:pull"]),
-        ("scope=repository%3anginx%3apull%2Cpush", ["repository:library/nginx:pull,push"]),
-        ("scope=registry:catalog:*", ["registry:catalog:*"]),
-        ("scope=repository(plugin):x:pull", ["repository(plugin):library/x:pull"]),
-        # a smuggled '&' or '=' stays inside the scope value
-        (
-            "scope=repository%3Anginx%3Apull%26service%3Devil",
-            ["repository:library/nginx:pull&service=evil"],
-        ),
-    ],
-)
-def test_rewrite_token_query(query: str, expected_scopes: list[str]) -> None:
-    rewritten = rewrite_token_query(query, library_prefix=True)
-    assert scopes_of(rewritten) == expected_scopes
-    # the other parameters are byte-exact and in place
-    before = query.split("&")
-    after = rewritten.split("&")
-    assert len(before) == len(after)
-    for old, new in zip(before, after, strict=True):
-        if not old.startswith("scope="):
-            assert old == new
-    assert rewrite_token_query(query, library_prefix=False) == query
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        "",
-        "service=registry.docker.io",
-        "service=registry.docker.io&scope=repository:samalba/app:pull",
-        "scope=repository%3Asamalba%2Fapp%3Apull",  # no rewrite needed: byte-exact
-        "scope=registry%3Acatalog%3A%2A",
-        "scope",
-        "scope=",
-        "&&scope=&&",
-        "Scope=repository:nginx:pull",
-        "xscope=repository:nginx:pull",
-        "service=a%20b+c&offline_token=true&client_id=docker",
-    ],
-)
-def test_rewrite_token_query_unchanged(query: str) -> None:
-    assert rewrite_token_query(query, library_prefix=True) == query
-
-
-_SCOPE_ITEMS = st.one_of(
-    st.builds(
-        lambda kind, name, actions: f"{kind}:{name}:{actions}",
-        st.sampled_from(["repository", "registry", "repository(plugin)", "Repository"]),
-        st.one_of(_NAMES, st.just("localhost:5000/x"), st.just("")),
-        st.sampled_from(["pull", "pull,push", "*", "", "delete"]),
-    ),
-    st.text(alphabet="ab:/ ,*()", max_size=12),
-)
-_SCOPES = st.lists(_SCOPE_ITEMS, min_size=1, max_size=4).map(" ".join)
-
-
-@given(_SCOPES)
-def test_property_rewrite_scope_idempotent(scope: str) -> None:
-    once = rewrite_scope(scope, library_prefix=True)
-    assert rewrite_scope(once, library_prefix=True) == once
-    assert rewrite_scope(scope, library_prefix=False) == scope
-    assert once.count(" ") == scope.count(" ")
-
-
-_QUERY_PAIRS = st.lists(
-    st.one_of(
-        _SCOPES.map(lambda s: "scope=" + s.replace(" ", "+")),
-        st.text(alphabet="abc=%+/:", max_size=10),
-        st.sampled_from(["service=registry.docker.io", "scope", "scope=", "offline_token=true"]),
-    ),
-    max_size=5,
-)
-
-
-@given(_QUERY_PAIRS)
-def test_property_rewrite_token_query(pairs: list[str]) -> None:
-    query = "&".join(pairs)
-    once = rewrite_token_query(query, library_prefix=True)
-    assert rewrite_token_query(once, library_prefix=True) == once
-    assert rewrite_token_query(query, library_prefix=False) == query
-    before, after = query.split("&"), once.split("&")
-    assert len(before) == len(after)
-    for old, new in zip(before, after, strict=True):
-        if not old.startswith("scope="):
-            assert old == new
-        else:
-            assert new.startswith("scope=")
