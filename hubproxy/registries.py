@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
@@ -219,7 +219,7 @@ def format_scope(scope: Scope) -> str:
     return f"{scope.kind}:{scope.name}:{','.join(scope.actions)}"
 
 
-def _scope_params(query: str) -> Iterable[tuple[int, str]]:
+def _scope_params(query: str) -> Iterator[tuple[int, str]]:
     """The index among ``&``-separated pairs and the decoded value of each ``scope=``."""
     for index, pair in enumerate(query.split("&") if query else ()):
         key, sep, raw = pair.partition("=")
@@ -258,7 +258,7 @@ def replace_query_scopes(query: str, fn: Callable[[Scope], Scope | None]) -> str
     that do not parse, parameters whose scopes did not change and all other parameters stay
     byte-exact and in place; a changed ``scope`` is re-encoded.
     """
-    pairs: list[str | None] = list(query.split("&")) if query else []
+    pairs: list[str | None] = [*query.split("&")] if query else []
     for index, value in _scope_params(query):
         rewritten = _replace_items(value, fn)
         if rewritten != value:
