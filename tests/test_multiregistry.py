@@ -18,7 +18,7 @@ import trustme
 
 from hubproxy.flow import base_url
 from hubproxy.registries import Registry
-from hubproxy.users import add_user
+from hubproxy.usersfile import add_user
 from tests.conftest import Canary, RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
