@@ -16,7 +16,7 @@ from .manifests import ManifestStore
 from .proxy import Proxy
 from .pullthrough import PullThrough
 from .server import Server
-from .users import UsersFileError, load_users
+from .usersfile import UsersFileError, load_users
 
 log = logging.getLogger("hubproxy")
 

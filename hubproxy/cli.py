@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import getpass
 import logging
 import math
 import os
@@ -12,6 +14,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
@@ -33,7 +36,7 @@ from .registries import (
     looks_like_host,
 )
 from .urls import Url, parse_url
-from .users import UsersFileError, load_users, user_command
+from .usersfile import UsersFileError, add_user, check_name, load_users, remove_user
 
 DESCRIPTION = """\
 A Docker Hub registry mirror. Point docker, containerd or podman at it and every pull goes through
@@ -684,6 +687,90 @@ def check_config(argv: Sequence[str]) -> int:
         print(f"hubproxy check-config: error: {exc}", file=sys.stderr)
         return 1
     print(f"{path}: ok")
+    return 0
+
+
+# ---------------------------------------------------------------- hubproxy user ...
+
+
+def _user_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hubproxy user", description="Manage the mirror's users file."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = commands.add_parser("add", help="add a user, or change the password of one")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--users", metavar="FILE", required=True, help="the users file")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    remove = commands.add_parser("remove", help="remove a user")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--users", metavar="FILE", required=True, help="the users file")
+    listing = commands.add_parser("list", help="list user names")
+    listing.add_argument("--users", metavar="FILE", required=True, help="the users file")
+    return parser
+
+
+class _UserFailure(Exception):
+    pass
+
+
+def _read_password(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> str:
+    if args.password_stdin:
+        # Like `docker login --password-stdin`: one line, its line ending is not part of it.
+        password = stdin.readline().rstrip("\r\n")
+    else:
+        try:
+            password = getpass.getpass("Password: ", stream=stderr)
+            again = getpass.getpass("Retype password: ", stream=stderr)
+        except EOFError:
+            raise _UserFailure("no password given") from None
+        if password != again:
+            raise _UserFailure("the passwords do not match")
+    if not password:
+        raise _UserFailure("empty password refused")
+    return password
+
+
+def _run_user(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> None:
+    if args.command == "list":
+        for name in load_users(args.users):
+            print(name, file=stdout)
+    elif args.command == "add":
+        try:
+            check_name(args.name)
+        except ValueError as exc:
+            raise _UserFailure(str(exc)) from None
+        # Read the file before asking for a password: a broken file fails before any typing.
+        load_users(args.users, missing_ok=True)
+        password = _read_password(args, stdin, stderr)
+        changed = add_user(args.users, args.name, password)
+        verb = "changed the password of" if changed else "added"
+        print(f"{verb} user {args.name}", file=stdout)
+    elif args.command == "remove":
+        if not remove_user(args.users, args.name):
+            raise _UserFailure(f"no user {args.name!r} in {args.users}")
+        print(f"removed user {args.name}", file=stdout)
+
+
+def user_command(argv: Sequence[str], *, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """``hubproxy user add|remove|list ...`` (argv without ``user``): 0 ok, 1 failed, 2 usage."""
+    parser = _user_parser()
+    # argparse prints to sys.stdout/sys.stderr and exits; point it at our streams instead.
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            args = parser.parse_args(list(argv))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 2
+    try:
+        _run_user(args, stdin, stdout, stderr)
+    except (_UserFailure, UsersFileError, ValueError) as exc:
+        print(f"hubproxy user: error: {exc}", file=stderr)
+        return 1
+    except OSError as exc:
+        print(f"hubproxy user: error: {args.users}: {exc.strerror or exc}", file=stderr)
+        return 1
     return 0
 
 

@@ -50,7 +50,7 @@ class Config:
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
-    # access control (hubproxy.access, hubproxy.users); empty means open to everyone
+    # access control (hubproxy.access, hubproxy.usersfile); empty means open to everyone
     allow: tuple[str, ...] = ()  # client networks (CIDR) served at all
     ops_allow: tuple[str, ...] = ()  # networks that may read /metrics, /healthz, /readyz and /
     users_file: str | None = None  # mirror users (scrypt hashes): clients must log in

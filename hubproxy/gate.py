@@ -13,7 +13,7 @@ registry credentials only to the token realm a challenge names (Basic), then pre
 they got (Bearer) to the registry. Our challenges name the mirror's ``/token/N`` as the realm, so
 the client's login for the mirror arrives there. The mirror checks it against the users file,
 fetches the upstream's token anonymously, and answers with a *sealed* token
-(:class:`~hubproxy.users.TokenSealer`): opaque to the client, it proves the mirror user and
+(:class:`~hubproxy.sealing.TokenSealer`): opaque to the client, it proves the mirror user and
 carries the upstream token, which :meth:`Gate.authenticate` unseals for the upstream request. A
 client that sends Basic credentials straight to ``/v2/`` (curl) is accepted the same way and the
 request goes upstream anonymously. So with ``--users`` the upstream sees only anonymous pulls;
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -33,9 +34,11 @@ import trio
 
 from .access import ImageRules, NetworkList, RateLimiter, parse_image_rules, parse_networks
 from .config import Config
+from .credentials import Authenticator, bearer_token
 from .errors import AccessDenied, ClientRateLimited, MirrorUnauthorized, UpstreamUnavailable
 from .headers import Headers, get_header
-from .users import Authenticator, TokenSealer, bearer_token, is_sealed, load_users
+from .sealing import Grant, TokenSealer, is_sealed
+from .usersfile import load_users
 
 OPS_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
 MIRROR_REALM = b'Basic realm="hubproxy", charset="UTF-8"'
@@ -65,8 +68,11 @@ class Gate:
         self.limiter = RateLimiter(config.client_rate_limit, config.client_burst)
         if users is None and config.users_file is not None:
             users = load_users(config.users_file)
+        # One key for the life of the process, so a token keeps its stamp across a SIGHUP
+        # that leaves its user's entry as it was.
+        self._stamp_key = secrets.token_bytes(32)
         self.authenticator: Authenticator | None = (
-            Authenticator(users) if users is not None else None
+            Authenticator(users, stamp_key=self._stamp_key) if users is not None else None
         )
         self.sealer = TokenSealer()
         # what is configured at all: an open mirror skips the checks on every request
@@ -82,7 +88,13 @@ class Gate:
 
     def reload_users(self, users: dict[str, str]) -> None:
         """New users file contents (SIGHUP). Sealed tokens stay valid until they expire."""
-        self.authenticator = Authenticator(users)
+        self.authenticator = Authenticator(users, stamp_key=self._stamp_key)
+
+    def stamp(self, user: str) -> bytes:
+        """The stamp to seal into a token for ``user`` (b"" without ``--users`` or for a user
+        not in the file)."""
+        stamp = self.authenticator.stamp(user) if self.authenticator is not None else None
+        return stamp or b""
 
     def admit_client(self, client_ip: str, now: float) -> None:
         """Rules 1 and 2; raise AccessDenied or ClientRateLimited."""
@@ -137,11 +149,9 @@ class Gate:
             return None
         token = bearer_token(get_header(headers, b"authorization") or b"")
         if token is not None and is_sealed(token):
-            opened = self.sealer.open(token, now)
-            if opened is not None:
-                user, upstream_token = opened
-                upstream = b"Bearer " + upstream_token.encode("latin-1") if upstream_token else None
-                return Identity(user, upstream)
+            grant = self.sealer.open(token, now)
+            if grant is not None:
+                return Identity(grant.user, grant.upstream)
         if basic_user is not None:
             return Identity(basic_user, None)
         why = "expired or unknown token" if token is not None else "no mirror login"
@@ -179,8 +189,17 @@ def without_authorization(headers: Headers, replacement: bytes | None) -> Header
     return out
 
 
-def seal_token_response(sealer: TokenSealer, user: str, body: bytes, now: float) -> bytes:
-    """The token service's JSON answer with its token sealed for ``user``.
+def seal_token_response(
+    sealer: TokenSealer,
+    user: str,
+    body: bytes,
+    now: float,
+    *,
+    registry: str,
+    stamp: bytes = b"",
+) -> bytes:
+    """The token service's JSON answer with its token sealed for ``user`` of ``registry``
+    (``stamp``: :meth:`Gate.stamp` of the user).
 
     Docker Hub answers ``{"token": ..., "access_token": ..., "expires_in": 300, "issued_at":
     ...}``; clients read ``token`` or ``access_token`` (the OAuth2 name). Both become the same
@@ -200,8 +219,10 @@ def seal_token_response(sealer: TokenSealer, user: str, body: bytes, now: float)
         lifetime = 60
     lifetime = min(float(lifetime), MAX_TOKEN_LIFETIME)
     try:
-        sealed = sealer.seal(user, token, now + lifetime)
-    except ValueError as exc:  # a token too large to carry
+        upstream = b"Bearer " + token.encode("latin-1") if token else None
+        grant = Grant(user, registry=registry, upstream=upstream, stamp=stamp)
+        sealed = sealer.seal(grant, now + lifetime)
+    except ValueError as exc:  # a token too large to carry, or not a header value (UnicodeError)
         raise UpstreamUnavailable(f"the token service's token cannot be sealed: {exc}") from exc
     answer: dict[str, object] = {
         "token": sealed,

@@ -363,7 +363,14 @@ class Proxy:
                     raise UpstreamUnavailable("the token service sent an oversized answer")
             if head.status_code == 200:
                 body = bytearray(
-                    seal_token_response(self.gate.sealer, user, bytes(body), time.time())
+                    seal_token_response(
+                        self.gate.sealer,
+                        user,
+                        bytes(body),
+                        time.time(),
+                        registry=upstreams.registry.name,
+                        stamp=self.gate.stamp(user),
+                    )
                 )
             kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type")]
             await response.start(

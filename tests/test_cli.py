@@ -24,7 +24,7 @@ from hubproxy.config import Config
 from hubproxy.configfile import parse_args_with_file
 from hubproxy.registries import DOCKER_HUB_UPSTREAM
 from hubproxy.urls import Origin
-from hubproxy.users import add_user, load_users
+from hubproxy.usersfile import add_user, load_users
 
 
 @pytest.fixture(scope="module")

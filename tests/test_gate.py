@@ -10,11 +10,15 @@ import pytest
 from hubproxy.config import Config
 from hubproxy.errors import AccessDenied, ClientRateLimited, MirrorUnauthorized, UpstreamUnavailable
 from hubproxy.gate import MAX_TOKEN_LIFETIME, Gate, seal_token_response, without_authorization
-from hubproxy.users import TokenSealer, hash_password
+from hubproxy.passwords import hash_password
+from hubproxy.sealing import Grant, TokenSealer
 
 
 def basic(user: str, password: str) -> bytes:
     return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+gate_hash = hash_password("pw", n=2**4)
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def gate() -> Gate:
         client_burst=2,
         images_deny=("library/busybox",),
     )
-    return Gate(config, users={"alice": hash_password("pw", n=2**4)})
+    return Gate(config, users={"alice": gate_hash})
 
 
 def test_rules_in_order(gate: Gate) -> None:
@@ -47,7 +51,7 @@ def test_rules_in_order(gate: Gate) -> None:
 
 
 def test_authenticate(gate: Gate) -> None:
-    sealed = gate.sealer.seal("alice", "upstream-token", 100.0)
+    sealed = gate.sealer.seal(Grant("alice", "docker.io", b"Bearer upstream-token"), 100.0)
     identity = gate.authenticate(
         [(b"authorization", b"Bearer " + sealed.encode())],
         50.0,
@@ -55,7 +59,7 @@ def test_authenticate(gate: Gate) -> None:
     )
     assert identity is not None and identity.user == "alice"
     assert identity.upstream_authorization == b"Bearer upstream-token"
-    anonymous = gate.sealer.seal("alice", "", 100.0)  # a registry that gave no token
+    anonymous = gate.sealer.seal(Grant("alice", "docker.io"), 100.0)  # no upstream token
     identity = gate.authenticate(
         [(b"authorization", b"Bearer " + anonymous.encode())],
         50.0,
@@ -108,24 +112,51 @@ def test_refusals_are_logged_once_a_minute_per_client(gate: Gate) -> None:
 )
 def test_seal_token_response(document: dict[str, object], lifetime: float) -> None:
     sealer = TokenSealer()
-    answer = json.loads(seal_token_response(sealer, "bob", json.dumps(document).encode(), 1000.0))
+    body = json.dumps(document).encode()
+    answer = json.loads(seal_token_response(sealer, "bob", body, 1000.0, registry="ghcr.io"))
     assert answer["token"] == answer["access_token"] and answer["token"].startswith("hp1.")
     assert answer["expires_in"] == int(lifetime)
     assert answer.get("issued_at") == document.get("issued_at")
-    assert sealer.open(answer["token"], 1000.0 + lifetime - 1) is not None
+    upstream = b"Bearer t" if document.get("token", "t") else None
+    assert sealer.open(answer["token"], 1000.0 + lifetime - 1) == Grant("bob", "ghcr.io", upstream)
     assert sealer.open(answer["token"], 1000.0 + lifetime) is None
 
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[]", b'{"token": 5}', b'"x"', json.dumps({"token": "x" * 20000}).encode()],
+    [
+        b"not json",
+        b"[]",
+        b'{"token": 5}',
+        b'"x"',
+        json.dumps({"token": "x" * 20000}).encode(),
+        json.dumps({"token": "t\u20ac"}).encode(),  # not a header value: beyond latin-1
+    ],
 )
 def test_unusable_token_answers_are_upstream_failures(body: bytes) -> None:
     with pytest.raises(UpstreamUnavailable):
-        seal_token_response(TokenSealer(), "bob", body, 0.0)
+        seal_token_response(TokenSealer(), "bob", body, 0.0, registry="docker.io")
 
 
 def test_without_authorization() -> None:
     headers = [(b"host", b"m"), (b"authorization", b"Basic x"), (b"accept", b"*/*")]
     assert without_authorization(headers, None) == [(b"host", b"m"), (b"accept", b"*/*")]
     assert without_authorization(headers, b"Bearer y")[-1] == (b"authorization", b"Bearer y")
+
+
+def test_sealed_token_carries_the_registry_and_the_users_stamp(gate: Gate) -> None:
+    stamp = gate.stamp("alice")
+    assert len(stamp) == 16 and gate.stamp("nobody") == b""
+    body = json.dumps({"token": "t"}).encode()
+    answer = json.loads(
+        seal_token_response(gate.sealer, "alice", body, 0.0, registry="ghcr.io", stamp=stamp)
+    )
+    assert gate.sealer.open(answer["token"], 1.0) == Grant(
+        "alice", "ghcr.io", b"Bearer t", stamp=stamp
+    )
+    # a SIGHUP with the same entry keeps the stamp; a new password changes it
+    gate.reload_users({"alice": gate_hash})
+    assert gate.stamp("alice") == stamp
+    gate.reload_users({"alice": hash_password("new", n=2**4)})
+    assert gate.stamp("alice") not in (b"", stamp)
+    assert Gate(Config()).stamp("alice") == b""

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import trustme
 
 from hubproxy.flow import base_url
 from hubproxy.registries import Registry
-from hubproxy.users import add_user
+from hubproxy.usersfile import add_user
 from tests.conftest import Canary, RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
@@ -383,6 +384,13 @@ async def test_access_rules_and_mirror_logins_apply_per_registry(
     # a path-prefix pull: the default realm's token request moves to ghcr.io, sealed for dana
     await pull(client, "ghcr.io/owner/app", "v1", [layer])
     assert all(token.startswith("hp1.") for token in client.tokens.values())
+    # each sealed for the registry it was fetched for, with dana's current stamp
+    gate = proxy.proxy.gate
+    grants = [gate.sealer.open(token, time.time()) for token in client.tokens.values()]
+    assert grants and all(
+        g is not None and (g.user, g.registry, g.stamp) == ("dana", "ghcr.io", gate.stamp("dana"))
+        for g in grants
+    )
     assert all("authorization" not in s.headers for s in ghcr.requests if s.server == "auth")
     for path in ("/v2/other/app/manifests/v1?ns=ghcr.io", "/v2/library/alpine/manifests/3.20"):
         r = await client.request(path, headers=[MANIFEST_ACCEPT], scope=path)

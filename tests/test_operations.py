@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hubproxy.app import reload
 from hubproxy.clientconfig import snippet
-from hubproxy.users import add_user
+from hubproxy.usersfile import add_user
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient

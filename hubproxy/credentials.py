@@ -1,0 +1,140 @@
+"""Credentials a client presents: ``Authorization`` parsing and the check of a mirror login.
+
+Registry clients (docker, containerd, podman, skopeo) log in one way only: they follow a ``401``
+challenge to the token realm and send ``Authorization: Basic`` there, then present the token
+they got as ``Authorization: Bearer`` on ``/v2/`` requests. :func:`parse_basic` and
+:func:`bearer_token` read those two headers; :class:`Authenticator` checks Basic credentials
+against the users (name -> stored scrypt hash, see :mod:`hubproxy.passwords`) and gives each
+user's current entry a :meth:`~Authenticator.stamp`, which a sealed token carries so that it
+stops being honoured once its user is removed or changes password.
+
+No I/O and no clock. The Authenticator holds a lock because its check runs in worker threads
+(scrypt costs tens of milliseconds). Nothing here keeps or logs a password or a header value.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+
+from .passwords import verify_password
+
+MAX_AUTHORIZATION = 4096  # longer Authorization values are refused before decoding anything
+STAMP_BYTES = 16  # 128 bits: a collision between two entries of one user is out of reach
+MIN_STAMP_KEY = 16
+
+
+def _credentials(authorization: bytes, scheme: bytes) -> bytes | None:
+    """The credentials after ``scheme`` (case-insensitive, RFC 9110 section 11.1), or None."""
+    if len(authorization) > MAX_AUTHORIZATION:
+        return None
+    found, space, rest = authorization.strip(b" \t").partition(b" ")
+    if not space or found.lower() != scheme:
+        return None
+    rest = rest.strip(b" \t")
+    return rest or None
+
+
+def parse_basic(authorization: bytes) -> tuple[str, str] | None:
+    """``Basic base64(user:password)`` (RFC 7617) to ``(user, password)``; None if malformed."""
+    credentials = _credentials(authorization, b"basic")
+    if credentials is None:
+        return None
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except ValueError:  # binascii.Error (bad base64) and UnicodeDecodeError are both ValueErrors
+        return None
+    user, colon, password = decoded.partition(":")
+    if not colon:
+        return None
+    return user, password
+
+
+def bearer_token(authorization: bytes) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (RFC 6750 section 2.1), or None."""
+    credentials = _credentials(authorization, b"bearer")
+    if credentials is None or not re.fullmatch(rb"[A-Za-z0-9._~+/-]+=*", credentials):
+        return None
+    return credentials.decode("ascii")
+
+
+class Authenticator:
+    """Checks ``Authorization: Basic`` values against the users, remembering recent successes.
+
+    The cache key is an HMAC of the whole header value under a random per-process key: equal
+    headers hit, the password is never kept, and a memory dump reveals nothing that could be
+    replayed elsewhere. Failures are not cached (a wrong password costs a full scrypt, which the
+    rate limiter bounds). Unknown users are refused without running scrypt: that tells a timing
+    observer which names exist, a small leak traded for not burning CPU on junk.
+
+    :meth:`check_basic` may run in a worker thread (``trio.to_thread.run_sync``) so scrypt does
+    not stall the event loop; :meth:`cached_user` is the cheap path to try first.
+
+    ``stamp_key`` keys :meth:`stamp`. It is the caller's, not the authenticator's, because a
+    SIGHUP builds a new Authenticator from the reloaded file and a token sealed before it must
+    keep its stamp when the user's entry did not change.
+    """
+
+    def __init__(
+        self, users: Mapping[str, str], *, stamp_key: bytes, cache_size: int = 1024
+    ) -> None:
+        if len(stamp_key) < MIN_STAMP_KEY:
+            raise ValueError(f"a stamp key needs at least {MIN_STAMP_KEY} bytes")
+        self._users = dict(users)
+        self._stamp_key = stamp_key
+        self._cache_size = cache_size
+        self._key = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._users)
+
+    def stamp(self, user: str) -> bytes | None:
+        """A 16-byte fingerprint of ``user``'s current entry, None for an unknown user.
+
+        HMAC-SHA256 of the stored hash under the stamp key, truncated: equal for the same entry
+        in every Authenticator built with the same key, different once the password changed (a
+        new hash has a new random salt), and useless to anyone without the key (it is no
+        shortcut for guessing the password). Compare stamps with :func:`hmac.compare_digest`.
+        """
+        stored = self._users.get(user)
+        if stored is None:
+            return None
+        return hmac.digest(self._stamp_key, stored.encode("utf-8"), "sha256")[:STAMP_BYTES]
+
+    def _cache_key(self, authorization: bytes) -> bytes:
+        return hmac.digest(self._key, authorization, "sha256")
+
+    def cached_user(self, authorization: bytes) -> str | None:
+        """The user if this exact header value was verified recently; never runs scrypt."""
+        key = self._cache_key(authorization)
+        with self._lock:
+            user = self._cache.get(key)
+            if user is not None:
+                self._cache.move_to_end(key)
+            return user
+
+    def check_basic(self, authorization: bytes) -> str | None:
+        """The user name if the Basic credentials are right, else None. Never raises."""
+        user = self.cached_user(authorization)
+        if user is not None:
+            return user
+        parsed = parse_basic(authorization)
+        if parsed is None:
+            return None
+        name, password = parsed
+        stored = self._users.get(name)
+        if stored is None or not verify_password(stored, password):
+            return None
+        with self._lock:
+            self._cache[self._cache_key(authorization)] = name
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return name
