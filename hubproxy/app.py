@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import signal
 import ssl
 from dataclasses import dataclass
@@ -10,12 +11,22 @@ from pathlib import Path
 
 import trio
 
+from .access import RateLimiter, parse_image_rules, parse_networks
+from .admission import Admission
 from .cache import BlobStore
 from .config import Config
+from .credentials import Authenticator
+from .forwarder import Forwarder, build_pool
 from .manifests import ManifestStore
+from .metrics import HubMetrics
+from .operations import Operations
+from .pool import Connector
 from .proxy import Proxy
 from .pullthrough import PullThrough
+from .registries import Registry
+from .sealing import TokenSealer
 from .server import Server
+from .tokens import TokenEndpoint
 from .usersfile import UsersFileError, load_users
 
 log = logging.getLogger("hubproxy")
@@ -44,21 +55,12 @@ async def serve(
     On a signal the listeners close, idle keep-alive connections are dropped and in-flight
     transfers get ``timeouts.shutdown_grace`` seconds to finish.
     """
-    proxy = Proxy(config)
-    if config.cache_dir is not None:
-        blobs = BlobStore(Path(config.cache_dir), config.cache_size)
-        manifests = ManifestStore(Path(config.cache_dir))
-        try:
-            blobs.open()
-            manifests.open()
-        except OSError as exc:
-            raise CacheDirError(config.cache_dir) from exc
-        proxy.pullthrough = PullThrough(proxy, blobs, manifests, config.manifest_ttl)
+    proxy = build_proxy(config)
     server = Server(config, proxy.handle)
     await server.bind()  # before any nursery, so "port in use" is a plain OSError
     try:
         async with trio.open_nursery() as nursery:
-            proxy.background = nursery
+            proxy.forwarder.background = nursery
             await nursery.start(server.serve)
             proxy.operations.server = server
             _log_startup(config, server)
@@ -70,6 +72,50 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             await proxy.pool.aclose()
+
+
+# one key per process for the stamps of mirror users (see Authenticator.stamp): a reload builds
+# a new Authenticator with the same key, so only changed or removed users lose their tokens
+_STAMP_KEY = secrets.token_bytes(32)
+
+
+def build_admission(config: Config, users: dict[str, str] | None = None) -> Admission:
+    """The admission rules from the configuration (``users`` overrides reading the file)."""
+    if users is None and config.users_file is not None:
+        users = load_users(config.users_file)
+    return Admission(
+        networks=parse_networks(config.allow),
+        ops_networks=parse_networks(config.ops_allow),
+        images=parse_image_rules(config.images_allow, config.images_deny),
+        limiter=RateLimiter(config.client_rate_limit, config.client_burst),
+        authenticator=Authenticator(users, stamp_key=_STAMP_KEY) if users is not None else None,
+    )
+
+
+def build_proxy(config: Config, *, connector: Connector | None = None) -> Proxy:
+    """Assemble the parts of a mirror; ``connector`` replaces how upstream streams are opened
+    (tests use memory streams). Raises CacheDirError if the cache cannot be opened."""
+    table = config.registry_table()
+    forwarder = Forwarder(config, table, build_pool(config, table, connector), HubMetrics())
+    pullthrough = None
+    if config.cache_dir is not None:
+        blobs = BlobStore(Path(config.cache_dir), config.cache_size)
+        manifests = ManifestStore(Path(config.cache_dir))
+        try:
+            blobs.open()
+            manifests.open()
+        except OSError as exc:
+            raise CacheDirError(config.cache_dir) from exc
+        pullthrough = PullThrough(forwarder, blobs, manifests, config.manifest_ttl)
+    admission = build_admission(config)
+    return Proxy(
+        forwarder,
+        admission,
+        TokenEndpoint(forwarder, TokenSealer(), admission.images),
+        Operations(forwarder, pullthrough),
+        index_url=config.index_url,
+        pullthrough=pullthrough,
+    )
 
 
 async def _stop_on_signal(
@@ -121,7 +167,7 @@ def reload(server: Server, proxy: Proxy) -> None:
         except UsersFileError as exc:
             log.error("SIGHUP: cannot read the users file: %s; still using the old users", exc)
         else:
-            proxy.gate.reload_users(users)
+            proxy.admission.reload_users(Authenticator(users, stamp_key=_STAMP_KEY))
             log.info("SIGHUP: reloaded %d mirror users from %s", len(users), config.users_file)
 
 
@@ -137,14 +183,31 @@ def _log_startup(config: Config, server: Server) -> None:
         if config.cache_dir
         else "no cache"
     )
-    others = ", ".join(r.name for r in config.registry_table().registries[1:]) or "none"
+    table = config.registry_table()
+    others = "; ".join(
+        _registry_line(registry, table.host_map) for registry in table.registries[1:]
+    )
     log.info(
         "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s; "
-        "other registries %s",
+        "other registries: %s",
         where,
         upstream,
         fallbacks,
         "on" if config.library_prefix else "off",
         cache,
-        others,
+        others or "none",
     )
+
+
+def _registry_line(registry: Registry, host_map: tuple[tuple[str, str], ...]) -> str:
+    """``ghcr.io at https://ghcr.io (fallbacks https://w.example; host ghcr.mirror.example)``."""
+    details = []
+    if len(registry.upstreams) > 1:
+        details.append("fallbacks " + ", ".join(str(u) for u in registry.upstreams[1:]))
+    hosts = [host for host, name in host_map if name == registry.name]
+    if hosts:
+        details.append("host " + ", ".join(hosts))
+    if registry.login is not None:
+        details.append("operator login")
+    extra = f" ({'; '.join(details)})" if details else ""
+    return f"{registry.name} at {registry.upstreams[0]}{extra}"

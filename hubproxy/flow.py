@@ -5,12 +5,18 @@ decides what happens next:
 
 - a redirect for GET/HEAD is followed (another attempt on the same upstream, at most ``max_hops``);
 - a 429 rests that upstream and moves to the next one (if any remain untried);
-- anything else is the answer: the proxy streams it (RESPONDING) until DONE.
+- anything else is the answer (RESPONDING): the driver hands it to the client. What happens to
+  its body is the driver's; a failure there can only abort the client connection, since headers
+  are out and a truncated body must never end cleanly.
 
 A failure before a head arrived (cannot connect, TLS refused, timeout, garbage) moves to the next
 upstream when the request can still be replayed (no request body was consumed), else fails the
-request with a registry JSON error. A failure while RESPONDING can only abort the client
-connection: headers are out, and a truncated body must never end cleanly.
+request with a registry JSON error.
+
+The machine also owns what each attempt carries: the ``Authorization`` it sends (the client's
+upstream credential goes only to the origin the client addressed; the operator's login only to the
+primary upstream itself, never to a fallback or a redirect target) and the registry headers of a
+followed redirect that the client must still see (the CDN's answer lacks them).
 
 :func:`transition` is the only place these rules live; the I/O driver in ``proxy.py`` feeds it
 events and performs the returned :class:`Action`. Time is passed in, never read.
@@ -27,12 +33,23 @@ from .errors import ProxyError, TooManyRedirects, UpstreamUnavailable
 from .headers import get_header
 from .urls import Url, parse_url
 
+# Registry headers of a redirecting response that the client must still see when we follow the
+# redirect: the CDN's final response does not carry them.
+CARRIED_FROM_REDIRECT = frozenset(
+    {
+        b"docker-content-digest",
+        b"docker-distribution-api-version",
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"docker-ratelimit-source",
+    }
+)
+
 
 class Phase(enum.Enum):
     AWAIT_HEAD = "await-head"  # an attempt was sent; waiting for its response head
-    RESPONDING = "responding"  # the client is being sent the final response
-    DONE = "done"  # the final response was delivered, or an error answered
-    ABORTED = "aborted"  # the client connection had to be cut mid-response
+    RESPONDING = "responding"  # the final response is the client's (the driver streams it)
+    DONE = "done"  # an error answers the client
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,12 @@ class Plan:
     rate_limit_rest: float = 60.0  # default rest after a 429 without Retry-After
     unreachable_rest: float = 10.0
     profile: str = ""  # whose connection settings (a registry's CA and proxy); "" the global ones
+    # The client's credential for the upstream (its own Authorization, or the one a sealed mirror
+    # token carries); None: none. Sent only to the origin the client addressed.
+    authorization: bytes | None = field(default=None, repr=False)
+    # The operator's login, when this request may use it (a pull with no client credential, to a
+    # registry that asked for Basic): sent only to the primary upstream's own origin.
+    operator_authorization: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -57,7 +80,7 @@ class Attempt:
     upstream: int  # index into Plan.upstreams
     url: Url
     hops: int  # redirects followed so far in this attempt chain
-    send_authorization: bool
+    authorization: bytes | None = field(default=None, repr=False)  # what it sends, if anything
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,8 @@ class State:
     phase: Phase
     attempt: Attempt
     tried: frozenset[int] = field(default_factory=frozenset)
+    # the registry's own headers from the redirect this chain followed (see CARRIED_FROM_REDIRECT)
+    carried: tuple[tuple[bytes, bytes], ...] = ()
 
 
 # Events (inputs)
@@ -79,17 +104,7 @@ class AttemptFailed:
     error: ProxyError
 
 
-@dataclass(frozen=True)
-class BodyFinished:
-    pass
-
-
-@dataclass(frozen=True)
-class BodyFailed:
-    error: ProxyError
-
-
-Event = HeadReceived | AttemptFailed | BodyFinished | BodyFailed
+Event = HeadReceived | AttemptFailed
 
 
 # Actions (outputs)
@@ -102,7 +117,7 @@ class Send:
 
 @dataclass(frozen=True)
 class Respond:
-    """Stream the current response to the client."""
+    """The current response is the client's answer: hand it over (with ``State.carried``)."""
 
 
 @dataclass(frozen=True)
@@ -112,19 +127,7 @@ class Fail:
     error: ProxyError
 
 
-@dataclass(frozen=True)
-class Abort:
-    """Cut the client connection: a response was started and cannot be completed."""
-
-    error: ProxyError
-
-
-@dataclass(frozen=True)
-class Finish:
-    """Nothing left to do."""
-
-
-Action = Send | Respond | Fail | Abort | Finish
+Action = Send | Respond | Fail
 
 
 @dataclass(frozen=True)
@@ -136,12 +139,21 @@ class Rest:
 
 
 def _first_attempt(plan: Plan, index: int) -> Attempt:
+    """A new chain on upstream ``index``: the client's credential, else (the primary only) the
+    operator's."""
     base = plan.upstreams[index]
     if plan.target.startswith("/"):
         url = Url(base.origin, base.target.rstrip("/") + plan.target)
     else:  # a query for the base URL itself (token requests to a realm)
         url = Url(base.origin, base.target + plan.target)
-    return Attempt(index, url, 0, send_authorization=True)
+    return Attempt(index, url, 0, _credential(plan, index))
+
+
+def _credential(plan: Plan, index: int) -> bytes | None:
+    """What a chain on upstream ``index`` sends to that upstream's own origin."""
+    if plan.authorization is not None:
+        return plan.authorization
+    return plan.operator_authorization if index == 0 else None
 
 
 def start(plan: Plan, resting_until: Sequence[float], now: float) -> tuple[State, Send]:
@@ -172,11 +184,6 @@ def transition(
             if nxt is not None:
                 return nxt[0], nxt[1], rest
             return replace(state, phase=Phase.DONE), Fail(event.error), rest
-    elif state.phase is Phase.RESPONDING:
-        if isinstance(event, BodyFinished):
-            return replace(state, phase=Phase.DONE), Finish(), None
-        if isinstance(event, BodyFailed):
-            return replace(state, phase=Phase.ABORTED), Abort(event.error), None
     raise RuntimeError(f"event {type(event).__name__} is not valid in phase {state.phase.name}")
 
 
@@ -224,9 +231,14 @@ def _on_head(
         attempt.upstream,
         target,
         attempt.hops + 1,
-        send_authorization=redirects.may_send_authorization(addressed, target.origin),
+        _credential(plan, attempt.upstream)
+        if redirects.may_send_authorization(addressed, target.origin)
+        else None,
     )
-    return replace(state, attempt=follow), Send(follow), None
+    carried = state.carried
+    if attempt.hops == 0:  # the registry's own redirect: the headers its client must still see
+        carried = tuple((k, v) for k, v in event.headers if k in CARRIED_FROM_REDIRECT)
+    return replace(state, attempt=follow, carried=carried), Send(follow), None
 
 
 def _next_upstream(

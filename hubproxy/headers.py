@@ -71,22 +71,25 @@ def upstream_request_headers(
     host: bytes,
     client_ip: str,
     client_proto: str,
-    send_authorization: bool,
+    authorization: bytes | None,
     body_length: int | None,
     chunked_body: bool,
 ) -> Headers:
     """Build the headers of the request we send upstream from the client's request headers.
 
-    ``Authorization`` passes unchanged only when ``send_authorization`` (the target is the host the
-    client addressed through us); ``Accept`` and everything end-to-end pass verbatim.
+    The client's own ``Authorization`` never passes as such: ``authorization`` is what this
+    attempt sends (``flow`` decides it: the client's upstream credential to the origin it
+    addressed, or nothing). ``Accept`` and everything end-to-end pass verbatim.
     """
     out: Headers = [(b"host", host)]
     for key, value in strip_hop_by_hop(client_headers):
         if key in FORWARDING or key.startswith(b"x-forwarded-") or key in CLIENT_HOP_ONLY:
             continue
-        if key == b"authorization" and not send_authorization:
+        if key == b"authorization":
             continue
         out.append((key, value))
+    if authorization is not None:
+        out.append((b"authorization", authorization))
     if body_length is not None:
         out.append((b"content-length", b"%d" % body_length))
     elif chunked_body:

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING
 import trio
 
 from .errors import ProxyError
+from .forwarder import Forwarder
 from .headers import Headers
 from .metrics import CONTENT_TYPE, cache_figures
+from .pullthrough import PullThrough
 from .server import ClientRequest, ClientResponse
 from .statuspage import render_status_page, status_figures
 from .urls import Url
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
     from .server import Server
 
 RECENT_ANSWER = 60.0  # an upstream that answered this recently counts as reachable
@@ -62,10 +63,12 @@ def cache_check(tmp_dir: Path) -> Check:
 
 
 class Operations:
-    """Answers the operator's paths for one proxy (and, once set, its server)."""
+    """Answers the operator's paths for one mirror (and, once set, its server)."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, forwarder: Forwarder, pullthrough: PullThrough | None) -> None:
+        self.forwarder = forwarder
+        self.metrics = forwarder.metrics
+        self.pullthrough = pullthrough
         self.server: Server | None = None  # set by the app once listening
         self._probed_at = -1e9
         self._probe: Check | None = None
@@ -78,15 +81,15 @@ class Operations:
             kind = b"application/json"
         elif path == "/metrics":
             self._refresh_gauges()
-            status, body, kind = 200, self.proxy.metrics.render(), CONTENT_TYPE.encode()
+            status, body, kind = 200, self.metrics.render(), CONTENT_TYPE.encode()
         else:
             self._refresh_gauges()
             figures = status_figures(
-                self.proxy.metrics,
+                self.metrics,
                 url=self._mirror_url(request),
                 upstreams=[
                     f"{name}: " + ", ".join(str(url) for url in upstreams.urls)
-                    for name, upstreams in self.proxy.registries.items()
+                    for name, upstreams in self.forwarder.registries.items()
                 ],
                 now=time.time(),
             )
@@ -103,13 +106,13 @@ class Operations:
         await response.finish()
 
     def _mirror_url(self, request: ClientRequest) -> str:
-        return self.proxy._public_base(request)
+        return self.forwarder.public_base(request)
 
     def _refresh_gauges(self) -> None:
-        metrics = self.proxy.metrics
+        metrics = self.metrics
         if self.server is not None:
             metrics.client_connections.set(len(self.server.connections))
-        pullthrough = self.proxy.pullthrough
+        pullthrough = self.pullthrough
         if pullthrough is not None and metrics.cache is None:
             blobs = pullthrough.blobs
             metrics.cache = lambda: cache_figures(blobs)
@@ -125,13 +128,13 @@ class Operations:
             ),
             await self._upstream_check(),
         ]
-        pullthrough = self.proxy.pullthrough
+        pullthrough = self.pullthrough
         if pullthrough is not None:
             checks.append(cache_check(pullthrough.blobs.tmp_dir))
         return checks
 
     async def _upstream_check(self) -> Check:
-        registry = self.proxy.registry
+        registry = self.forwarder.default
         now = trio.current_time()
         if now - registry.last_answer < RECENT_ANSWER:
             return Check("upstream", True, f"answered {now - registry.last_answer:.0f}s ago")
@@ -141,7 +144,7 @@ class Operations:
         for base in registry.urls:
             try:
                 with trio.fail_after(PROBE_TIMEOUT):
-                    status, _, _ = await self.proxy.simple_request(
+                    status, _, _ = await self.forwarder.simple_request(
                         "GET",
                         Url(base.origin, base.target.rstrip("/") + "/v2/"),
                         [],

@@ -49,7 +49,7 @@ from .upstream import UpstreamConnection
 from .urls import Url, parse_url
 
 if TYPE_CHECKING:
-    from .proxy import Proxy
+    from .forwarder import Forwarder
 
 log = logging.getLogger("hubproxy.cache")
 
@@ -81,7 +81,7 @@ class PullThrough:
     """The cache side of the proxy: blobs (``BlobStore``) and manifests (``ManifestStore``)."""
 
     def __init__(
-        self, proxy: Proxy, blobs: BlobStore, manifests: ManifestStore, manifest_ttl: float
+        self, proxy: Forwarder, blobs: BlobStore, manifests: ManifestStore, manifest_ttl: float
     ) -> None:
         self.proxy = proxy
         self.blobs = blobs
@@ -167,18 +167,11 @@ class PullThrough:
         self.confirmed[self._confirmation_key(request, route)] = now + ACCESS_CONFIRMATION_TTL
 
     async def _ask_upstream(
-        self, request: ClientRequest, response: ClientResponse, route: Route
+        self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
     ) -> tuple[Access, h11.Response | None]:
         """HEAD the client's path upstream with its credentials: may it read this?"""
-        plan = flow.Plan(
-            method="HEAD",
-            target=route.target.partition("?")[0],
-            upstreams=self.proxy.upstreams_for(route).urls,
-            profile=self.proxy.upstreams_for(route).profile,
-            replayable=True,
-            follow_redirects=False,
-            rate_limit_rest=self.proxy.config.rate_limit_rest,
-            unreachable_rest=self.proxy.config.unreachable_rest,
+        plan = dataclasses.replace(
+            plan, method="HEAD", target=route.target.partition("?")[0], follow_redirects=False
         )
         answer: h11.Response | None = None
 
@@ -240,13 +233,13 @@ class PullThrough:
         while (pending := self.pending.get(key)) is not None:
             await pending.wait()  # another client's miss: let it start the one upstream fetch
         if store.size_of(key) is not None or key in store.fills:
-            if await self._serve_blob_hit(request, response, route, key):
+            if await self._serve_blob_hit(plan, request, response, route, key):
                 return
         elif request.method == "GET" and get_header(request.headers, b"range") is None:
             store.stats.misses += 1
             self.pending[key] = trio.Event()
             try:
-                deliver = functools.partial(self._deliver_blob, request, response, route, key)
+                deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
                 await self.proxy.run_flow(
                     plan,
                     request,
@@ -273,10 +266,15 @@ class PullThrough:
             pending.set()
 
     async def _serve_blob_hit(
-        self, request: ClientRequest, response: ClientResponse, route: Route, key: str
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        key: str,
     ) -> bool:
         if not self._access_confirmed(request, route):
-            access, _head = await self._ask_upstream(request, response, route)
+            access, _head = await self._ask_upstream(plan, request, response, route)
             if access is Access.DENIED:
                 return False
             if access is Access.UNAVAILABLE and not self._stale_allowed(
@@ -286,11 +284,12 @@ class PullThrough:
         if self.blobs.size_of(key) is None and key not in self.blobs.fills:
             return False  # evicted while we asked
         self.stats.hits += 1
-        await self._send_blob(request, response, route, key)
+        await self._send_blob(plan, request, response, route, key)
         return True
 
     async def _deliver_blob(
         self,
+        plan: flow.Plan,
         request: ClientRequest,
         response: ClientResponse,
         route: Route,
@@ -322,16 +321,21 @@ class PullThrough:
                 background.start_soon(store.run_fill, fill, conn, stack.pop_all())
                 self._release_pending(key)
                 self._maybe_probe(route, route.target.partition("?")[0])
-                await self._send_blob(request, response, route, key)
+                await self._send_blob(plan, request, response, route, key)
                 return
         if upstream_unavailable(head.status_code) and store.size_of(key) is not None:
             if self._stale_allowed(route, "a blob", route.blob_digest or ""):
-                await self._send_blob(request, response, route, key)
+                await self._send_blob(plan, request, response, route, key)
                 return
         await self.proxy.stream_response(conn, head, headers, response)
 
     async def _send_blob(
-        self, request: ClientRequest, response: ClientResponse, route: Route, key: str
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        key: str,
     ) -> None:
         """Answer from the store (the growing file during a fill), with Range support."""
         digest = route.blob_digest or ""
@@ -370,13 +374,14 @@ class PullThrough:
                     raise UpstreamUnavailable(str(exc)) from exc
                 raise ResponseAborted(str(exc)) from exc
             # only our disk failed: the client's transfer goes on from the upstream
-            await self._finish_from_upstream(request, response, route, key, reader, size)
+            await self._finish_from_upstream(plan, request, response, route, key, reader, size)
         finally:
             reader.close()
         await response.finish()
 
     async def _finish_from_upstream(
         self,
+        plan: flow.Plan,
         request: ClientRequest,
         response: ClientResponse,
         route: Route,
@@ -399,7 +404,7 @@ class PullThrough:
         ranged = dataclasses.replace(
             request, headers=[*headers, (b"range", b"bytes=%d-" % position)]
         )
-        plan = self.proxy.plan(ranged, route.target, self.proxy.upstreams_for(route))
+        plan = dataclasses.replace(plan, replayable=True)
 
         async def relay_rest(
             conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
@@ -443,7 +448,9 @@ class PullThrough:
         ):
             cached = None  # cached for another media type than this client takes
         if cached is not None:
-            served = await self._serve_manifest_hit(request, response, route, cached, by_digest)
+            served = await self._serve_manifest_hit(
+                plan, request, response, route, cached, by_digest
+            )
             if served:
                 return
         deliver = functools.partial(self._deliver_manifest, request, response, route, cached)
@@ -462,6 +469,7 @@ class PullThrough:
 
     async def _serve_manifest_hit(
         self,
+        plan: flow.Plan,
         request: ClientRequest,
         response: ClientResponse,
         route: Route,
@@ -477,7 +485,7 @@ class PullThrough:
             self.stats.hits += 1
             await self._send_manifest(request, response, cached)
             return True
-        access, head = await self._ask_upstream(request, response, route)
+        access, head = await self._ask_upstream(plan, request, response, route)
         if access is Access.DENIED:
             return False
         if access is Access.UNAVAILABLE:

@@ -38,13 +38,19 @@ def client_location(location: str, upstream: Url, current: Url) -> str:
 
     A URL on the upstream's origin (relative ones included) becomes the origin-relative path the
     client would use through us: the upstream's base path (a Worker mounted under a prefix) is
-    removed. Anything else passes unchanged.
+    removed. So does one with the same authority (host and port as sent in ``Host``) but the other
+    scheme: distribution builds absolute upload URLs from ``X-Forwarded-Proto`` and ``Host``
+    (its ``urlbuilder``), so behind a plain-HTTP mirror it answers ``http://<upstream host>/...``,
+    which a client would otherwise speak plain HTTP to. Anything else passes unchanged.
     """
     try:
         target = resolve(current, location)
     except ValueError:
         return location
-    if target.origin != upstream.origin:
+    ours = upstream.origin
+    if target.origin != ours and (
+        target.origin.host != ours.host or target.origin.authority != ours.authority
+    ):
         return location
     prefix = upstream.target.rstrip("/")
     if prefix and target.target.startswith(prefix + "/"):

@@ -58,6 +58,7 @@ class AccessRecord:
     upstream: str = "-"
     hops: int = 0
     started: float = field(default_factory=time.monotonic)
+    aborted: bool = False  # the response started but was cut: the client has not all of it
 
     def log(self) -> None:
         """Write the access log line (formatted only if someone reads it)."""
@@ -66,8 +67,10 @@ class AccessRecord:
 
     def line(self) -> str:
         ms = (time.monotonic() - self.started) * 1000
+        # one token either way, so the line still splits on spaces: "200/aborted"
+        status = f"{self.status}/aborted" if self.aborted else str(self.status)
         return (
-            f"{self.client} {self.method} {self.path} {self.status} {self.bytes_sent}B "
+            f"{self.client} {self.method} {self.path} {status} {self.bytes_sent}B "
             f"{ms:.0f}ms upstream={self.upstream} hops={self.hops}"
         )
 
@@ -351,10 +354,12 @@ class ClientConnection:
         try:
             await handler(request, response)
         except ClientGone:
+            record.aborted = record.status != 0
             record.status = record.status or 499
             self.must_close = True
         except ResponseAborted as exc:
             log.warning("aborted response to %s %s: %s", method, record.path, exc)
+            record.aborted = True
             self.must_close = True
         except ClientProtocolError as exc:
             await self._reject(exc, response)

@@ -343,6 +343,9 @@ class FakeHub:
     """
 
     ratelimit_limit: int | None = 100  # None: send no rate-limit headers, never 429
+    # distribution's default (no "relativeurls"): Location headers are absolute URLs built from
+    # X-Forwarded-Proto and Host, which is what a plain-HTTP mirror in front of it runs into
+    absolute_locations: bool = False
 
     def __init__(
         self,
@@ -759,6 +762,13 @@ class FakeHub:
             return self._auth(request)
         response = self._route_registry(request)
         response.headers.append(_API_VERSION)
+        if self.absolute_locations:
+            scheme = request.header("x-forwarded-proto") or "https"
+            base = f"{scheme}://{request.header('host')}"
+            response.headers = [
+                (k, base + v if k == "location" and v.startswith("/") else v)
+                for k, v in response.headers
+            ]
         return response
 
     def _route_registry(self, request: _Request) -> _Response:

@@ -16,8 +16,8 @@ import trio
 import trio.testing
 import trustme
 
+from hubproxy.app import build_proxy
 from hubproxy.config import Config, Limits
-from hubproxy.proxy import Proxy
 from hubproxy.server import ClientConnection, Server
 from hubproxy.streams import CHUNK
 from hubproxy.urls import Origin, parse_url
@@ -317,7 +317,7 @@ async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nu
         return proxy_upstream
 
     config = Config(upstreams=(parse_url("http://origin.test"),), library_prefix=False)
-    proxy = Proxy(config, connector=connector)
+    proxy = build_proxy(config, connector=connector)
     server = Server(config, proxy.handle)
     client = ClientConnection(proxy_client, config=config, client_ip="127.0.0.1", scheme="http")
     nursery.start_soon(origin)

@@ -26,13 +26,9 @@ from hubproxy.errors import (
     UpstreamUnavailable,
 )
 from hubproxy.flow import (
-    Abort,
     AttemptFailed,
-    BodyFailed,
-    BodyFinished,
     Event,
     Fail,
-    Finish,
     HeadReceived,
     Phase,
     Plan,
@@ -59,6 +55,8 @@ CDN = (
 NOW = 1000.0  # trio's clock
 WALL = 1_700_000_000.0  # Unix seconds
 FREE = [0.0, 0.0, 0.0]
+CLIENT_AUTH = b"Bearer client-token"
+OPERATOR_AUTH = b"Basic b3BlcmF0b3I6c2VjcmV0"
 
 
 def make_plan(
@@ -68,6 +66,8 @@ def make_plan(
     *,
     replayable: bool = True,
     max_hops: int = 5,
+    authorization: bytes | None = CLIENT_AUTH,
+    operator_authorization: bytes | None = None,
 ) -> Plan:
     urls = {"hub": HUB, "worker": WORKER, "local": LOCAL}
     return Plan(
@@ -78,6 +78,8 @@ def make_plan(
         max_hops=max_hops,
         rate_limit_rest=60.0,
         unreachable_rest=10.0,
+        authorization=authorization,
+        operator_authorization=operator_authorization,
     )
 
 
@@ -121,7 +123,7 @@ def test_start_picks_the_primary() -> None:
     assert attempt.upstream == 0
     assert str(attempt.url) == "https://registry-1.docker.io" + BLOB
     assert attempt.hops == 0
-    assert attempt.send_authorization is True
+    assert attempt.authorization == CLIENT_AUTH
 
 
 @pytest.mark.parametrize(
@@ -190,27 +192,6 @@ def test_final_responses_are_streamed(status: int, method: str) -> None:
     assert rest is None
 
 
-def test_responding_then_body_finished() -> None:
-    plan = make_plan()
-    state, _, _ = step(plan, begin(plan), head(200))
-    state, action, rest = step(plan, state, BodyFinished())
-    assert action == Finish()
-    assert state.phase is Phase.DONE
-    assert rest is None
-
-
-def test_responding_then_body_failed_aborts() -> None:
-    plan = make_plan()
-    state, _, _ = step(plan, begin(plan), head(200))
-    error = UpstreamUnavailable("connection reset mid-body")
-    state, action, rest = step(plan, state, BodyFailed(error))
-    assert action == Abort(error)
-    assert isinstance(action, Abort)
-    assert action.error is error
-    assert state.phase is Phase.ABORTED
-    assert rest is None
-
-
 # ---------------------------------------------------------------- redirects
 
 
@@ -221,7 +202,7 @@ def test_redirect_to_the_cdn_is_followed_without_authorization(status: int, meth
     state, action, rest = step(plan, begin(plan), redirect(CDN, status))
     assert isinstance(action, Send)
     assert str(action.attempt.url) == CDN
-    assert action.attempt.send_authorization is False
+    assert action.attempt.authorization is None
     assert action.attempt.hops == 1
     assert action.attempt.upstream == 0
     assert state.attempt == action.attempt
@@ -258,7 +239,7 @@ def test_authorization_only_to_the_addressed_origin(
     _, action, _ = step(plan, begin(plan), redirect(location))
     assert isinstance(action, Send)
     assert str(action.attempt.url) == url
-    assert action.attempt.send_authorization is authorization
+    assert (action.attempt.authorization == CLIENT_AUTH) is authorization
 
 
 def test_relative_redirect_on_a_fallback_with_a_base_path() -> None:
@@ -268,7 +249,7 @@ def test_relative_redirect_on_a_fallback_with_a_base_path() -> None:
     assert str(action.attempt.url) == (
         "https://hub-mirror.example.workers.dev/prefix/v2/library/nginx/blobs/data?sig=1"
     )
-    assert action.attempt.send_authorization is True
+    assert action.attempt.authorization == CLIENT_AUTH
 
 
 def test_redirect_chain_back_to_the_registry_gets_authorization_again() -> None:
@@ -276,14 +257,14 @@ def test_redirect_chain_back_to_the_registry_gets_authorization_again() -> None:
     state = begin(plan)
     state, action, _ = step(plan, state, redirect(CDN))
     assert isinstance(action, Send)
-    assert action.attempt.send_authorization is False
+    assert action.attempt.authorization is None
     state, action, _ = step(plan, state, redirect("https://cdn2.example/data"))
     assert isinstance(action, Send)
-    assert action.attempt.send_authorization is False
+    assert action.attempt.authorization is None
     assert action.attempt.hops == 2
     state, action, _ = step(plan, state, redirect("https://registry-1.docker.io/v2/x"))
     assert isinstance(action, Send)
-    assert action.attempt.send_authorization is True
+    assert action.attempt.authorization == CLIENT_AUTH
     assert action.attempt.hops == 3
     state, action, _ = step(plan, state, head(200))
     assert action == Respond()
@@ -385,7 +366,7 @@ def test_429_fails_over_and_rests_the_upstream(event: HeadReceived, wait: float)
     assert isinstance(action, Send)
     assert action.attempt.upstream == 1
     assert action.attempt.hops == 0
-    assert action.attempt.send_authorization is True
+    assert action.attempt.authorization == CLIENT_AUTH
     assert str(action.attempt.url) == "https://hub-mirror.example.workers.dev/prefix" + BLOB
     assert rest == Rest(0, NOW + wait)
     assert state.tried == frozenset({0, 1})
@@ -453,7 +434,7 @@ def test_attempt_failed_moves_to_the_next_upstream(error: ProxyError) -> None:
     state, action, rest = step(plan, begin(plan), AttemptFailed(error))
     assert isinstance(action, Send)
     assert action.attempt.upstream == 1
-    assert action.attempt.send_authorization is True
+    assert action.attempt.authorization == CLIENT_AUTH
     assert rest == Rest(0, NOW + 10.0)
     state, action, rest = step(plan, state, AttemptFailed(error))
     assert isinstance(action, Fail)
@@ -469,7 +450,7 @@ def test_attempt_failed_on_the_cdn_fails_over() -> None:
     assert isinstance(action, Send)
     assert action.attempt.upstream == 1
     assert action.attempt.hops == 0
-    assert action.attempt.send_authorization is True
+    assert action.attempt.authorization == CLIENT_AUTH
     assert rest is not None
 
 
@@ -493,21 +474,74 @@ def test_attempt_failed_all_others_resting_fails() -> None:
     assert isinstance(action, Fail)
 
 
+# ---------------------------------------------------------------- what each attempt carries
+
+
+def test_operator_login_goes_to_the_primary_only() -> None:
+    # a 429 from the primary moves to the Worker: the operator's password must not follow
+    plan = make_plan(authorization=None, operator_authorization=OPERATOR_AUTH)
+    state = begin(plan)
+    assert state.attempt.upstream == 0
+    assert state.attempt.authorization == OPERATOR_AUTH
+    _, action, _ = step(plan, state, head(429))
+    assert isinstance(action, Send)
+    assert action.attempt.upstream == 1
+    assert action.attempt.authorization is None
+
+
+def test_operator_login_never_follows_a_redirect_off_the_primary_origin() -> None:
+    plan = make_plan(authorization=None, operator_authorization=OPERATOR_AUTH)
+    _, action, _ = step(plan, begin(plan), redirect(CDN))
+    assert isinstance(action, Send)
+    assert action.attempt.authorization is None
+
+
+def test_operator_login_is_not_used_when_the_primary_rests() -> None:
+    plan = make_plan(authorization=None, operator_authorization=OPERATOR_AUTH)
+    state = begin(plan, [NOW + 30, 0.0])
+    assert state.attempt.upstream == 1
+    assert state.attempt.authorization is None
+
+
+def test_the_clients_own_credential_wins_over_the_operators() -> None:
+    plan = make_plan(operator_authorization=OPERATOR_AUTH)
+    assert begin(plan).attempt.authorization == CLIENT_AUTH
+
+
+def test_registry_headers_of_a_followed_redirect_are_carried() -> None:
+    plan = make_plan()
+    digest = (b"docker-content-digest", b"sha256:" + b"a" * 64)
+    event = head(307, (b"location", CDN.encode()), digest, (b"x-other", b"1"))
+    state, _, _ = step(plan, begin(plan), event)
+    assert state.carried == (digest,)
+    # a second hop (CDN to CDN) keeps the registry's headers, not the CDN's
+    state, _, _ = step(plan, state, head(302, (b"location", b"https://cdn2.example/d"), digest))
+    assert state.carried == (digest,)
+    state, action, _ = step(plan, state, head(200))
+    assert action == Respond()
+    assert state.carried == (digest,)
+
+
+def test_failover_starts_a_chain_without_carried_headers() -> None:
+    plan = make_plan()
+    digest = (b"docker-content-digest", b"sha256:" + b"a" * 64)
+    state, _, _ = step(plan, begin(plan), head(307, (b"location", CDN.encode()), digest))
+    state, action, _ = step(plan, state, AttemptFailed(UpstreamUnavailable("cdn down")))
+    assert isinstance(action, Send)
+    assert action.attempt.upstream == 1
+    assert state.carried == ()
+
+
 # ---------------------------------------------------------------- invalid events
 
 
 @pytest.mark.parametrize(
     ("phase", "event"),
     [
-        (Phase.AWAIT_HEAD, BodyFinished()),
-        (Phase.AWAIT_HEAD, BodyFailed(UpstreamUnavailable("x"))),
         (Phase.RESPONDING, head(200)),
         (Phase.RESPONDING, AttemptFailed(UpstreamUnavailable("x"))),
         (Phase.DONE, head(200)),
-        (Phase.DONE, BodyFinished()),
         (Phase.DONE, AttemptFailed(UpstreamUnavailable("x"))),
-        (Phase.ABORTED, BodyFailed(UpstreamUnavailable("x"))),
-        (Phase.ABORTED, head(200)),
     ],
 )
 def test_invalid_event_for_the_phase(phase: Phase, event: Event) -> None:
@@ -577,7 +611,7 @@ def test_property_random_walk(
         assert attempt.hops <= plan.max_hops
         addressed = plan.upstreams[attempt.upstream].origin
         # credentials only ever go to the origin the client addressed through us
-        assert attempt.send_authorization is (attempt.url.origin == addressed)
+        assert (attempt.authorization == CLIENT_AUTH) is (attempt.url.origin == addressed)
         if attempt.hops == 0:
             assert method != "PUT"  # never replayed
             assert attempt.upstream not in seen_upstreams  # each upstream at most once
@@ -729,10 +763,14 @@ HUB_ORIGIN = Origin("https", "registry-1.docker.io", 443)
         ("//registry-1.docker.io/v2/x", "/v2/x"),
         ("/v2/library/nginx/blobs/uploads/u", "/v2/library/nginx/blobs/uploads/u"),
         ("u2?_state=y", "/v2/library/nginx/blobs/uploads/u2?_state=y"),
+        # the Host we sent with the client's scheme (X-Forwarded-Proto: http), as distribution
+        # builds upload URLs behind a plain-HTTP mirror
+        ("http://registry-1.docker.io/v2/x", "/v2/x"),
         # elsewhere: unchanged
         (CDN, CDN),
-        ("http://registry-1.docker.io/v2/x", "http://registry-1.docker.io/v2/x"),
+        ("http://registry-1.docker.io:443/v2/x", "http://registry-1.docker.io:443/v2/x"),
         ("https://registry-1.docker.io:8443/v2/x", "https://registry-1.docker.io:8443/v2/x"),
+        ("http://docker.io/v2/x", "http://docker.io/v2/x"),
         (
             "https://registry-1.docker.io.evil.example/v2/x",
             "https://registry-1.docker.io.evil.example/v2/x",
@@ -745,6 +783,17 @@ HUB_ORIGIN = Origin("https", "registry-1.docker.io", 443)
 )
 def test_client_location(location: str, expected: str) -> None:
     assert client_location(location, HUB, CURRENT) == expected
+
+
+def test_client_location_on_an_upstream_with_a_port() -> None:
+    local = base_url("https://127.0.0.1:5443")
+    current = parse_url("https://127.0.0.1:5443/v2/me/app/blobs/uploads/")
+    assert client_location("http://127.0.0.1:5443/v2/me/app/blobs/uploads/u", local, current) == (
+        "/v2/me/app/blobs/uploads/u"
+    )
+    assert client_location("http://127.0.0.1:5444/v2/x", local, current) == (
+        "http://127.0.0.1:5444/v2/x"
+    )
 
 
 def test_client_location_drops_the_upstream_base_path() -> None:

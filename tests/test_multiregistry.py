@@ -385,8 +385,9 @@ async def test_access_rules_and_mirror_logins_apply_per_registry(
     await pull(client, "ghcr.io/owner/app", "v1", [layer])
     assert all(token.startswith("hp1.") for token in client.tokens.values())
     # each sealed for the registry it was fetched for, with dana's current stamp
-    gate = proxy.proxy.gate
-    grants = [gate.sealer.open(token, time.time()) for token in client.tokens.values()]
+    gate = proxy.proxy.admission
+    sealer = proxy.proxy.tokens.sealer
+    grants = [sealer.open(token, time.time()) for token in client.tokens.values()]
     assert grants and all(
         g is not None and (g.user, g.registry, g.stamp) == ("dana", "ghcr.io", gate.stamp("dana"))
         for g in grants

@@ -241,8 +241,14 @@ async def test_redirect_loop_is_a_clear_502(
 
 
 async def test_truncated_upstream_body_aborts_the_client(
-    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, image: str, layer: bytes
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    image: str,
+    layer: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="hubproxy.access")
     hub.truncate_blob(digest_of(layer))
     proxy = await start_proxy()
     client = RegistryClient(proxy.url, ca)
@@ -250,6 +256,10 @@ async def test_truncated_upstream_body_aborts_the_client(
     assert r.status == 200  # headers were already out when the CDN died...
     assert not r.complete  # ...so the client sees an aborted transfer, never a clean end
     assert len(r.body) < len(layer)
+    # ...and the access log does not call it a 200 either
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "hubproxy.access"]
+    blob_lines = [line for line in lines if "/blobs/" in line]
+    assert blob_lines and " 200/aborted " in blob_lines[-1]
 
 
 # -- failover (behaviour 6) --------------------------------------------------------------------

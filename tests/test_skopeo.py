@@ -179,3 +179,41 @@ async def test_mirror_users_log_in_with_skopeo(
         assert "unauthorized" in message or "authentication required" in message, message
     # Docker Hub saw anonymous token requests only: bob's login stayed with the mirror
     assert all("authorization" not in s.headers for s in hub.requests if s.server == "auth")
+
+
+async def test_push_through_a_plain_http_mirror_to_a_registry_honouring_forwarded_proto(
+    hub: FakeHub, start_proxy: StartProxy, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """distribution builds absolute upload URLs from X-Forwarded-Proto and Host: behind a
+    plain-HTTP mirror they read http://<upstream host:port>/..., which the mirror must turn back
+    into its own paths (dockerd 20.10 otherwise speaks plain HTTP to the registry's TLS port)."""
+    hub.absolute_locations = True
+    hub.add_user("alice", "s3cret")
+    layers = [make_layer(i, size) for i, size in enumerate([400_000, 3_000])]
+    hub.add_image("library/busybox", "latest", layers)
+    proxy = await start_proxy(tls=False)
+    skopeo = Skopeo(proxy, tls_files, tmp_path)
+    skopeo.host = proxy.url.removeprefix("http://")
+    image = tmp_path / "busybox"
+    await skopeo.run("copy", "--src-tls-verify=false", skopeo.ref("busybox:latest"), f"dir:{image}")
+    await skopeo.run(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        "alice:s3cret",
+        f"dir:{image}",
+        skopeo.ref("alice/app:v1"),
+    )
+    pushed = tmp_path / "pushed"
+    await skopeo.run(
+        "copy",
+        "--src-tls-verify=false",
+        "--src-creds",
+        "alice:s3cret",
+        skopeo.ref("alice/app:v1"),
+        f"dir:{pushed}",
+    )
+    for layer in layers:
+        assert hashlib.sha256(layer).hexdigest() in check_dir_copy(pushed)
+    uploads = [s for s in hub.requests if s.method in ("PATCH", "PUT") and "/uploads/" in s.target]
+    assert uploads and all(s.server == "registry" for s in uploads)

@@ -1,0 +1,379 @@
+"""Where a request meets the upstreams: the driver of the per-request flow.
+
+:meth:`Forwarder.run_flow` drives ``flow``'s state machine with real I/O: it performs each
+``Send`` over a pooled upstream connection (with the ``Authorization`` the machine chose for that
+attempt), feeds the response head back, and on ``Respond`` hands the answer to a *sink*: by default
+:meth:`stream_response`, which streams the body to the client one chunk at a time (receive, await
+the send, receive again: the client's pace is the upstream's pace, so a transfer holds at most one
+chunk). The token endpoint and the cache side pass their own sinks.
+
+On the way out, every ``WWW-Authenticate`` of an upstream's own answer is rewritten to point at
+the mirror's token endpoint for that upstream, and what it says is learned for that upstream
+(``upstreams``); an answer from a redirect target (a CDN) teaches nothing and its challenge is not
+passed on (the client only ever talks to the mirror).
+
+This module decides nothing of its own: flow, headers, redirects, auth and upstreams do.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import h11
+import trio
+
+from . import flow
+from .auth import public_base, rewrite_challenge
+from .config import Config
+from .errors import ProxyError, UpstreamUnavailable
+from .headers import Headers, client_response_headers, upstream_request_headers
+from .metrics import HubMetrics
+from .pool import Connector, Pool
+from .redirects import client_location
+from .registries import RegistryTable
+from .routing import Route
+from .server import ClientRequest, ClientResponse, ResponseAborted
+from .streams import ByteStream, open_upstream, upstream_ssl_context
+from .upstream import UpstreamConnection
+from .upstreams import UpstreamSet
+from .urls import Origin, Url
+
+log = logging.getLogger("hubproxy")
+
+DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so its connection is reused
+
+# What receives the final response: the connection with its head read, the client-facing
+# headers, and the exit stack that owns the connection (a cache fill takes it over).
+Sink = Callable[[UpstreamConnection, h11.Response, Headers, AsyncExitStack], Awaitable[None]]
+
+
+def build_pool(config: Config, table: RegistryTable, connector: Connector | None) -> Pool:
+    """The upstream connection pool; each registry's connections use its CA and CONNECT proxy
+    (its "profile"; "" is the global settings, for the search index)."""
+    settings: dict[str, tuple[ssl.SSLContext, Url | None]] = {
+        "": (upstream_ssl_context(config.upstream_ca), config.upstream_proxy)
+    }
+    for registry in table.registries:
+        ca = registry.upstream_ca or config.upstream_ca
+        settings[registry.name] = (
+            upstream_ssl_context(ca) if ca != config.upstream_ca else settings[""][0],
+            registry.upstream_proxy or config.upstream_proxy,
+        )
+    connect_timeout = config.timeouts.connect
+
+    async def open_stream(origin: Origin, profile: str) -> ByteStream:
+        context, via = settings.get(profile, settings[""])
+        return await open_upstream(
+            origin, context=context, proxy=via, connect_timeout=connect_timeout
+        )
+
+    return Pool(
+        connector or open_stream,
+        idle_timeout=config.timeouts.upstream_idle,
+        keepalive=config.timeouts.upstream_keepalive,
+        max_idle_per_origin=config.pool_max_idle_per_origin,
+        max_per_origin=config.pool_max_per_origin,
+    )
+
+
+class Forwarder:
+    """The registries' upstreams, the pool, and the flow driver."""
+
+    def __init__(
+        self, config: Config, table: RegistryTable, pool: Pool, metrics: HubMetrics
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.pool = pool
+        self.metrics = metrics
+        self.registries = {
+            registry.name: UpstreamSet(registry, default=registry.name == table.default)
+            for registry in table.registries
+        }
+        self.default = self.registries[table.default]
+        self.background: trio.Nursery | None = None  # where cache fills and probes run
+
+    def upstreams_for(self, route: Route) -> UpstreamSet:
+        """The upstreams of the registry a route is for."""
+        return self.registries[route.registry or self.table.default]
+
+    def public_base(self, request: ClientRequest) -> str:
+        """The base URL this client reaches the mirror at (for realms we hand out)."""
+        config = self.config
+        host = config.listen_host
+        listen = f"[{host}]:{config.listen_port}" if ":" in host else f"{host}:{config.listen_port}"
+        return public_base(
+            configured=config.public_url,
+            scheme=request.scheme,
+            host_header=request.host,
+            fallback=listen,
+        )
+
+    def plan(
+        self,
+        request: ClientRequest,
+        target: str,
+        upstreams: UpstreamSet | tuple[Url, ...],
+        *,
+        profile: str = "",
+        authorization: bytes | None = None,
+        operator_authorization: bytes | None = None,
+    ) -> flow.Plan:
+        """The plan of one request: ``authorization`` is the client's upstream credential (not
+        its Authorization header as such), ``operator_authorization`` the operator's login when
+        this request may use it."""
+        if isinstance(upstreams, UpstreamSet):
+            urls, profile = upstreams.urls, upstreams.profile
+        else:
+            urls = upstreams
+        return flow.Plan(
+            method=request.method,
+            target=target,
+            upstreams=urls,
+            profile=profile,
+            replayable=not request.body.present,
+            max_hops=self.config.max_redirects,
+            rate_limit_rest=self.config.rate_limit_rest,
+            unreachable_rest=self.config.unreachable_rest,
+            authorization=authorization,
+            operator_authorization=operator_authorization,
+        )
+
+    async def run_flow(
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        *,
+        upstreams: UpstreamSet | None,
+        blob_digest: str | None = None,
+        deliver: Sink | None = None,
+    ) -> None:
+        """Drive the flow state machine until the client has its answer.
+
+        The final response goes to ``deliver`` (default: stream it to the client). ``upstreams``
+        (None for a token realm or the search index) is whose rests apply and whose challenges
+        are rewritten and learned; its upstreams must be the plan's.
+        """
+        resting = upstreams.resting_until if upstreams else [0.0] * len(plan.upstreams)
+        state, action = flow.start(plan, resting, trio.current_time())
+        while True:
+            attempt = action.attempt
+            response.record.upstream = str(plan.upstreams[attempt.upstream].origin)
+            response.record.hops = attempt.hops
+            async with AsyncExitStack() as stack:
+                event: flow.Event
+                conn: UpstreamConnection | None = None
+                sent_at = trio.current_time()
+                try:
+                    conn, head = await self._exchange(stack, plan, attempt, request)
+                except ProxyError as error:
+                    event = flow.AttemptFailed(error)
+                else:
+                    event = flow.HeadReceived(head.status_code, list(head.headers))
+                    if upstreams is not None:
+                        self._note_answer(upstreams, attempt, head, sent_at)
+                state, next_action, rest = flow.transition(
+                    plan,
+                    state,
+                    event,
+                    resting_until=resting,
+                    now=trio.current_time(),
+                    wall_now=time.time(),
+                )
+                if rest is not None:
+                    resting[rest.upstream] = max(resting[rest.upstream], rest.until)
+                if isinstance(next_action, flow.Fail):
+                    raise next_action.error
+                if isinstance(next_action, flow.Respond) and conn is not None:
+                    headers = self._client_headers(request, plan, state, head, upstreams)
+                    if blob_digest and state.attempt.hops and 200 <= head.status_code < 300:
+                        # storage redirects carry no digest header (distribution's blobserver
+                        # sets it only when serving itself); the registry would have sent it
+                        headers = _with_default(headers, b"docker-content-digest", blob_digest)
+                    if deliver is None:
+                        await self.stream_response(conn, head, headers, response)
+                    else:
+                        await deliver(conn, head, headers, stack)
+                    return
+                if not isinstance(next_action, flow.Send):
+                    raise RuntimeError(f"flow gave {next_action} after {event}")
+                action = next_action
+                if action.attempt.upstream != attempt.upstream:
+                    _log_failover(plan, attempt, action.attempt, event, rest)
+                    self.metrics.failovers.inc(
+                        from_upstream=str(plan.upstreams[attempt.upstream].origin),
+                        to_upstream=str(plan.upstreams[action.attempt.upstream].origin),
+                    )
+                if conn is not None:
+                    await conn.discard_body(DRAIN_LIMIT)
+
+    def _note_answer(
+        self, upstreams: UpstreamSet, attempt: flow.Attempt, head: h11.Response, sent_at: float
+    ) -> None:
+        """Metrics and readiness from a registry upstream's response head (not the CDN's)."""
+        now = trio.current_time()
+        upstreams.last_answer = now
+        if attempt.hops:
+            return  # a redirect target (the CDN) is not the registry
+        name = str(attempt.url.origin)
+        metrics = self.metrics
+        metrics.upstream_latency.observe(now - sent_at, upstream=name)
+        if head.status_code == 429:
+            metrics.note_rate_limited(name, time.time())
+        for key, value in head.headers:
+            if key == b"ratelimit-remaining":
+                metrics.note_ratelimit(name, value)
+
+    async def _exchange(
+        self, stack: AsyncExitStack, plan: flow.Plan, attempt: flow.Attempt, request: ClientRequest
+    ) -> tuple[UpstreamConnection, h11.Response]:
+        """Send one attempt and return the connection with the response head read."""
+        origin = attempt.url.origin
+        body = request.body if request.body.present else None
+        headers = upstream_request_headers(
+            request.headers,
+            host=origin.authority.encode(),
+            client_ip=request.client_ip,
+            client_proto=request.scheme,
+            authorization=attempt.authorization,
+            body_length=request.body.length
+            if body is not None and not request.body.chunked
+            else None,
+            chunked_body=body is not None and request.body.chunked,
+        )
+        method = plan.method
+        async with AsyncExitStack() as first:
+            conn = await first.enter_async_context(
+                self.pool.connection(origin, profile=plan.profile)
+            )
+            try:
+                await conn.send_request(method, attempt.url.target, headers, body)
+                head = await conn.receive_head(method)
+            except UpstreamUnavailable:
+                # A pooled connection the server closed just before our request: retry once on
+                # a fresh one, if nothing came back and the request can be replayed.
+                if conn.exchanges == 0 or conn.received_any or not plan.replayable:
+                    raise
+            else:
+                stack.push_async_exit(first.pop_all())  # the caller's stack now owns it
+                return conn, head
+        # the stale connection is closed and its pool slot free again
+        conn = await stack.enter_async_context(
+            self.pool.connection(origin, fresh=True, profile=plan.profile)
+        )
+        await conn.send_request(method, attempt.url.target, headers, body)
+        return conn, await conn.receive_head(method)
+
+    def _client_headers(
+        self,
+        request: ClientRequest,
+        plan: flow.Plan,
+        state: flow.State,
+        head: h11.Response,
+        upstreams: UpstreamSet | None,
+    ) -> Headers:
+        attempt = state.attempt
+        headers = client_response_headers(list(head.headers))
+        if state.carried:  # a followed redirect: keep the registry's own headers
+            present = {k for k, _ in headers}
+            headers += [(k, v) for k, v in state.carried if k not in present]
+        upstream_base = plan.upstreams[attempt.upstream]
+        out: Headers = []
+        for key, value in headers:
+            if key == b"www-authenticate" and upstreams is not None:
+                if attempt.hops:
+                    continue  # a redirect target's challenge: neither learned nor passed on
+                value = self._rewrite_challenge(request, upstreams, attempt.upstream, value)
+            elif key == b"location":
+                value = client_location(value.decode("latin-1"), upstream_base, attempt.url).encode(
+                    "latin-1"
+                )
+            out.append((key, value))
+        return out
+
+    def _rewrite_challenge(
+        self, request: ClientRequest, upstreams: UpstreamSet, index: int, value: bytes
+    ) -> bytes:
+        text = value.decode("latin-1")
+        upstreams.note_challenge(index, text, from_redirect=False)
+        ours = f"{self.public_base(request)}{upstreams.token_prefix}{index}"
+        rewritten, realm = rewrite_challenge(text, ours)
+        return rewritten.encode("latin-1") if realm is not None else value
+
+    async def stream_response(
+        self,
+        conn: UpstreamConnection,
+        head: h11.Response,
+        headers: Headers,
+        response: ClientResponse,
+    ) -> None:
+        """Stream the response: one chunk in flight; a failure mid-body aborts the client."""
+        await response.start(head.status_code, headers, head.reason)
+        try:
+            while (chunk := await conn.receive_body()) is not None:
+                await response.send(chunk)
+        except ProxyError as error:
+            raise ResponseAborted(f"upstream failed mid-body: {error}") from error
+        await response.finish()
+
+    async def simple_request(
+        self, method: str, url: Url, headers: Headers, *, profile: str = ""
+    ) -> tuple[int, Headers, bytes]:
+        """One request of our own (no client behind it): status, headers, body up to 64 KiB."""
+        async with self.pool.connection(url.origin, profile=profile) as conn:
+            all_headers: Headers = [(b"host", url.origin.authority.encode()), *headers]
+            await conn.send_request(method, url.target, all_headers)
+            head = await conn.receive_head(method)
+            body = bytearray()
+            while (chunk := await conn.receive_body()) is not None and len(body) <= DRAIN_LIMIT:
+                body += chunk
+        return head.status_code, list(head.headers), bytes(body)
+
+    async def learn_challenge(self, upstreams: UpstreamSet, index: int) -> None:
+        """Ask upstream ``index`` for its challenge (``GET /v2/``) and learn what it says."""
+        base = upstreams.urls[index]
+        _status, headers, _body = await self.simple_request(
+            "GET", Url(base.origin, base.target.rstrip("/") + "/v2/"), [], profile=upstreams.profile
+        )
+        for key, value in headers:
+            if key == b"www-authenticate":
+                upstreams.note_challenge(index, value.decode("latin-1"), from_redirect=False)
+
+    async def learn_realm(self, upstreams: UpstreamSet, index: int) -> Url:
+        """The token realm of upstream ``index``, asked for if not known yet."""
+        if upstreams.learned[index].realm is None:
+            await self.learn_challenge(upstreams, index)
+        realm = upstreams.learned[index].realm
+        if realm is None:
+            origin = upstreams.urls[index].origin
+            raise UpstreamUnavailable(f"{origin} did not name a token realm in its challenge")
+        return realm
+
+
+def _log_failover(
+    plan: flow.Plan,
+    failed: flow.Attempt,
+    nxt: flow.Attempt,
+    event: flow.Event,
+    rest: flow.Rest | None,
+) -> None:
+    why = f"answered {event.status}" if isinstance(event, flow.HeadReceived) else str(event.error)
+    resting = f"; skipping it for {rest.until - trio.current_time():.0f}s" if rest else ""
+    log.warning(
+        "upstream %s %s%s; trying %s",
+        plan.upstreams[failed.upstream].origin,
+        why,
+        resting,
+        plan.upstreams[nxt.upstream].origin,
+    )
+
+
+def _with_default(headers: Headers, name: bytes, value: str) -> Headers:
+    if any(k == name for k, _ in headers):
+        return headers
+    return [*headers, (name, value.encode("ascii"))]
