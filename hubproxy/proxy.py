@@ -136,14 +136,18 @@ class Proxy:
         if registry.login is not None and credential.upstream is None:
             if not upstreams.primary.known:
                 await self._learn_quietly(upstreams)
+        operator = operator_credential(
+            registry, upstreams.primary, method=request.method, credential=credential
+        )
+        authorization = credential.upstream
+        if credential.operator:  # a token of the operator's goes where the operator's login may
+            authorization, operator = None, credential.upstream
         plan = forwarder.plan(
             request,
             route.target,
             upstreams,
-            authorization=credential.upstream,
-            operator_authorization=operator_credential(
-                registry, upstreams.primary, method=request.method, credential=credential
-            ),
+            authorization=authorization,
+            operator_authorization=operator,
         )
         if self.pullthrough is not None and self.pullthrough.handles(request, route):
             await self.pullthrough.serve(plan, request, response, route)

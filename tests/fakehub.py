@@ -346,6 +346,9 @@ class FakeHub:
     # distribution's default (no "relativeurls"): Location headers are absolute URLs built from
     # X-Forwarded-Proto and Host, which is what a plain-HTTP mirror in front of it runs into
     absolute_locations: bool = False
+    # a CDN that answers every request with 401 and this challenge (a hostile or misconfigured
+    # storage host naming a realm of its own); None: the CDN serves blobs
+    cdn_challenge: str | None = None
 
     def __init__(
         self,
@@ -366,6 +369,7 @@ class FakeHub:
         self.auth_url = ""
         self.cdn_url = ""
         self.requests: list[Seen] = []
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> the user it was issued to
         servers = {
             "separate": ("registry", "auth", "cdn"),
             "same-host": ("registry", "cdn"),
@@ -1056,6 +1060,12 @@ class FakeHub:
         self._tokens[token] = _Token(user, grants, time.monotonic() + _TOKEN_TTL)
         issued = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
         doc = {"token": token, "access_token": token, "expires_in": _TOKEN_TTL, "issued_at": issued}
+        if params.get("offline_token", [""])[0] == "true" and user is not None:
+            # docker login's flow: a long-lived refresh token for the account (Docker Hub's
+            # token service issues one for offline_token=true to a logged-in user)
+            refresh = secrets.token_urlsafe(32)
+            self.refresh_tokens[refresh] = user
+            doc["refresh_token"] = refresh
         return _json(200, doc)
 
     def _check_user(self, username: str, password: str) -> tuple[str | None, _Response | None]:
@@ -1095,6 +1105,10 @@ class FakeHub:
     # -- CDN -----------------------------------------------------------------------------
 
     def _cdn(self, request: _Request) -> _Response:
+        if self.cdn_challenge is not None:
+            refused = _xml_error(401, "AccessDenied", "Access Denied")
+            refused.headers.append(("www-authenticate", self.cdn_challenge))
+            return refused
         if request.header("authorization") is not None:
             # What S3/R2 answer when a registry token leaks to them (PROTOCOL.md).
             return _xml_error(400, "InvalidArgument", "Missing x-amz-content-sha256")
