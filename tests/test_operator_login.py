@@ -181,7 +181,7 @@ async def test_a_cdn_challenge_never_moves_the_registrys_realm(
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
     r = await client.request(f"/v2/library/alpine/blobs/{digest}")
     assert r.status == 401  # the CDN's answer...
-    assert "127.0.0.1:%d" % canary.port not in r.headers.get("www-authenticate", "")
+    assert f"127.0.0.1:{canary.port}" not in r.headers.get("www-authenticate", "")
     # ...and the next token request (the client asks for a fresh one) still goes to the
     # registry's own realm, with the operator's login
     r = await client.fetch_token(

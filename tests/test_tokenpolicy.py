@@ -220,8 +220,8 @@ def test_unusable_token_answers_are_upstream_failures(body: bytes) -> None:
 
 def test_a_token_too_long_to_seal_is_an_upstream_failure() -> None:
     document = token_document(json.dumps({"token": "x" * 20000}).encode())
+    grant = Grant("", "docker.io", b"Bearer " + b"x" * 20000)
     with pytest.raises(UpstreamUnavailable):
-        grant = Grant("", "docker.io", b"Bearer " + b"x" * 20000)
         sealed_document(document, TokenSealer(), grant, 0.0)
 
 
