@@ -58,7 +58,6 @@ from .cachepolicy import (
     stale_allowed,
     tag_current,
     tag_fresh,
-    upstream_unavailable,
     verdict,
 )
 from .errors import ProxyError, UpstreamUnavailable
@@ -77,8 +76,6 @@ log = logging.getLogger("hubproxy.cache")
 CACHE_METHODS = frozenset({"GET", "HEAD"})
 PROBE_BODY_LIMIT = 64 * 1024
 SENDFILE_SIZE = 4 * 1024 * 1024  # per os.sendfile call: no copy, so larger spans cost nothing
-
-__all__ = ["PullThrough", "state_name", "upstream_unavailable"]
 
 
 def state_name(route: Route) -> str:

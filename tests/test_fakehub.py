@@ -510,6 +510,7 @@ async def test_if_none_match_with_the_digest_is_a_304(hub: FakeHub, ca: trustme.
     anonymous = await fetch(url, ca, headers=[("if-none-match", f'"{digest}"')])
     assert anonymous.status == 401  # authorisation comes first
 
+
 @pytest.mark.trio
 async def test_rate_limit_counts_only_gets(hub: FakeHub, ca: trustme.CA) -> None:
     hub.add_image("library/node", "20", [make_layer(11, 10)])
