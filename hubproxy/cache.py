@@ -8,8 +8,8 @@ file in ``tmp/``; when length and digest match, the file is fsync'd and renamed 
 otherwise discarded (counted and logged). Every client, the first one included, reads through a
 :class:`BlobReader`: from the growing temporary file while the fill runs (so the first byte goes
 out at once and concurrent pulls cost one upstream fetch), and from the final file after. A reader
-never hands out a blob's last byte before the fill verified the digest, so a client can never
-complete a transfer of wrong bytes; a failed fill aborts every reader.
+never hands out its last byte (the blob's, or a range's) before the fill verified the digest, so
+a client can never complete a transfer of wrong bytes; a failed fill aborts every reader.
 
 Eviction is least-recently-used and skips blobs that are being read (pinned) or filled. The index
 lives in memory and is rebuilt from the directory at start (leftover temporary files from a crash
@@ -209,6 +209,9 @@ class BlobStore:
         self.total = 0
         self.pins: dict[str, int] = {}
         self.fills: dict[str, Fill] = {}
+        # blob misses whose upstream answer is awaited: other clients wait for it, so that a
+        # miss costs one upstream fetch (the fill it starts), not one per client
+        self.pending: dict[str, trio.Event] = {}
         self.stats = CacheStats()
 
     # -- start-up --------------------------------------------------------------------------
@@ -258,6 +261,20 @@ class BlobStore:
         return free - reserved >= size + FREE_SPACE_MARGIN
 
     # -- filling ----------------------------------------------------------------------------
+
+    async def wait_pending(self, key: str) -> None:
+        """Wait while another client's miss of ``key`` is waiting for the upstream's answer."""
+        while (pending := self.pending.get(key)) is not None:
+            await pending.wait()
+
+    def mark_pending(self, key: str) -> None:
+        """This client's miss of ``key`` goes upstream: others wait (release_pending ends it)."""
+        self.pending[key] = trio.Event()
+
+    def release_pending(self, key: str) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is not None:
+            pending.set()
 
     def start_fill(self, key: str, size: int) -> Fill:
         """Register a fill for ``key`` (the caller checked there is none) and open its file."""
@@ -423,8 +440,9 @@ class BlobReader:
         available = self.end
         fill = self.fill
         if fill is not None and fill.state is not FillState.DONE:
-            # the last byte of the blob only goes out once the digest is verified
-            limit = min(self.end, self.size - 1)
+            # the last byte of the blob, and the last byte of a range (which completes the
+            # client's transfer as surely), only go out once the digest is verified
+            limit = self.end - 1
             while fill.state is FillState.FILLING and min(fill.written, limit) <= self.position:
                 await fill.wait_beyond(fill.written)
             if fill.state is FillState.FAILED:

@@ -1,15 +1,11 @@
-"""Pull-through caching: when a blob or manifest may come from the cache, and how.
+"""Pull-through caching: the driver of :mod:`cachepolicy` for blobs, manifests and ``/v2/``.
 
-The security rule: the cache only serves what the upstream would serve this client. Before a hit
-is served, the client's own credentials (or none) are shown to the upstream with a HEAD request
-(Docker Hub does not count HEADs against the rate limit); a yes is remembered per credentials
-and blob or manifest for :data:`ACCESS_CONFIRMATION_TTL`. A no, or any answer we cannot read as a
-yes, sends the client's request upstream as it is, so the client gets the registry's own answer.
-
-When the upstream cannot answer (down, 429, 5xx) a cached manifest or blob is still served, but
-only for a repository known to be anonymously readable (asked once per repository, in the
-background, with an anonymous token): a stale answer never leaks a private image. Each stale
-answer is logged.
+Every rule about whether the cache may answer a client lives in ``cachepolicy.py``; this module
+gathers the facts (what the stores hold, what was confirmed, what the upstream said), asks
+:func:`cachepolicy.decide`, and performs the I/O: the access check (a HEAD with the client's own
+credentials to the primary upstream; Docker Hub does not count HEADs against the rate limit),
+fills, forwarding, stale answers (each logged) and the background question "may anyone read this
+repository?" (asked anonymously of the primary upstream, again once the answer is an hour old).
 
 Tags are revalidated with HEAD (never GET, which Docker Hub counts); ``--manifest-ttl`` lets a tag
 skip that for a while once this client's access to the repository is confirmed.
@@ -18,11 +14,11 @@ skip that for a while once this client's access to the repository is confirmed.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import hashlib
 import json
 import logging
+import time
 import urllib.parse
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
@@ -40,9 +36,33 @@ from .cache import (
     cached_blob_answer,
     sha256_hex,
 )
+from .cachepolicy import (
+    AskUpstream,
+    CacheRequest,
+    Confirmations,
+    Decision,
+    Fill,
+    Kind,
+    Readability,
+    ServeCache,
+    ServeStale,
+    TagKey,
+    UpstreamVerdict,
+    access_check_headers,
+    after_upstream,
+    confirmation_key,
+    decide,
+    keep_manifest,
+    ping_stale_allowed,
+    should_probe,
+    stale_allowed,
+    tag_current,
+    tag_fresh,
+    verdict,
+)
 from .errors import ProxyError, UpstreamUnavailable
 from .headers import Headers, get_all, get_header
-from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepts
+from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .routing import Route
 from .server import ClientRequest, ClientResponse, ResponseAborted
 from .upstream import UpstreamConnection
@@ -54,16 +74,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hubproxy.cache")
 
 CACHE_METHODS = frozenset({"GET", "HEAD"})
-ACCESS_CONFIRMATION_TTL = 60.0  # Docker Hub tokens live 300 s; a revoked grant is seen soon
-MAX_CONFIRMATIONS = 10_000
 PROBE_BODY_LIMIT = 64 * 1024
 SENDFILE_SIZE = 4 * 1024 * 1024  # per os.sendfile call: no copy, so larger spans cost nothing
-
-
-class Access(enum.Enum):
-    ALLOWED = "allowed"
-    DENIED = "denied"
-    UNAVAILABLE = "unavailable"  # the upstream could not say (down, 429, 5xx)
 
 
 def state_name(route: Route) -> str:
@@ -73,8 +85,8 @@ def state_name(route: Route) -> str:
     return f"{route.registry}/{repository}" if route.registry else repository
 
 
-def upstream_unavailable(status: int) -> bool:
-    return status == 429 or status >= 500
+def _path(route: Route) -> str:
+    return route.target.partition("?")[0]
 
 
 class PullThrough:
@@ -88,9 +100,8 @@ class PullThrough:
         self.manifests = manifests
         self.manifest_ttl = manifest_ttl
         self.stats = blobs.stats
-        self.confirmed: dict[tuple[str, str], float] = {}  # (sha256(auth), path) -> until
-        self.tag_checked: dict[tuple[str, str], float] = {}  # (repo, tag) -> when revalidated
-        self.pending: dict[str, trio.Event] = {}  # blob misses whose upstream head is awaited
+        self.confirmations = Confirmations()
+        self.tag_checked: dict[TagKey, float] = {}  # when each tag answer was revalidated
         self.probing: set[str] = set()
         self._probes_idle = trio.Event()
         self._probes_idle.set()
@@ -129,7 +140,8 @@ class PullThrough:
                 plan, request, response, upstreams=self.proxy.upstreams_for(route)
             )
         except ProxyError as error:
-            if response.started or not self.manifests.anonymous:
+            readable = ping_stale_allowed(self.manifests.readability.values(), time.time())
+            if response.started or not readable:
                 raise
             self.stats.stale_answers += 1
             log.warning("upstream unavailable (%s): answering /v2/ from the cache", error)
@@ -148,31 +160,42 @@ class PullThrough:
 
     # -- access ------------------------------------------------------------------------------
 
-    def _confirmation_key(self, request: ClientRequest, route: Route) -> tuple[str, str]:
-        # Per resource, not per repository: blobs and manifests are stored by digest for every
-        # repository, and a registry answers BLOB_UNKNOWN for a digest the repository does not
-        # link, however readable the repository is.
-        authorization = get_header(request.headers, b"authorization") or b""
-        path = route.target.partition("?")[0]
-        return hashlib.sha256(authorization).hexdigest(), f"{route.registry or ''}{path}"
-
-    def _access_confirmed(self, request: ClientRequest, route: Route) -> bool:
-        until = self.confirmed.get(self._confirmation_key(request, route), 0.0)
-        return until > trio.current_time()
+    def _confirmed(self, request: ClientRequest, route: Route) -> bool:
+        key = confirmation_key(
+            get_header(request.headers, b"authorization"), route.registry or "", _path(route)
+        )
+        return self.confirmations.confirmed(key, trio.current_time())
 
     def _remember_access(self, request: ClientRequest, route: Route) -> None:
-        now = trio.current_time()
-        if len(self.confirmed) > MAX_CONFIRMATIONS:
-            self.confirmed = {k: v for k, v in self.confirmed.items() if v > now}
-        self.confirmed[self._confirmation_key(request, route)] = now + ACCESS_CONFIRMATION_TTL
+        key = confirmation_key(
+            get_header(request.headers, b"authorization"), route.registry or "", _path(route)
+        )
+        self.confirmations.remember(key, trio.current_time())
 
     async def _ask_upstream(
-        self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
-    ) -> tuple[Access, h11.Response | None]:
-        """HEAD the client's path upstream with its credentials: may it read this?"""
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        kind: Kind,
+    ) -> tuple[UpstreamVerdict, h11.Response | None]:
+        """HEAD the client's path on the primary upstream with its credentials (and without its
+        conditions): may it read this? A fallback's yes would prove nothing about this client
+        (it may hold credentials of its own), so a resting primary means no answer."""
+        upstreams = self.proxy.upstreams_for(route)
+        if upstreams.resting_until[0] > trio.current_time():
+            return UpstreamVerdict.UNAVAILABLE, None
+        # the request's own credentials (the client's, or the operator's where it may use them)
         plan = dataclasses.replace(
-            plan, method="HEAD", target=route.target.partition("?")[0], follow_redirects=False
+            plan,
+            method="HEAD",
+            target=_path(route),
+            upstreams=upstreams.urls[:1],
+            replayable=True,
+            follow_redirects=False,
         )
+        checked = dataclasses.replace(request, headers=access_check_headers(request.headers))
         answer: h11.Response | None = None
 
         async def keep_head(
@@ -183,40 +206,31 @@ class PullThrough:
             await conn.discard_body(PROBE_BODY_LIMIT)
 
         try:
-            await self.proxy.run_flow(
-                plan,
-                request,
-                response,
-                upstreams=self.proxy.upstreams_for(route),
-                deliver=keep_head,
-            )
+            # upstreams=None: the plan holds the primary only, and no failover may happen
+            await self.proxy.run_flow(plan, checked, response, upstreams=None, deliver=keep_head)
         except ProxyError:
-            return Access.UNAVAILABLE, None
+            return UpstreamVerdict.UNAVAILABLE, None
         assert answer is not None
-        if 200 <= answer.status_code < 400:
+        said = verdict(answer.status_code, list(answer.headers), kind=kind)
+        if said is UpstreamVerdict.ALLOWED:
             self._remember_access(request, route)
-            if route.blob_digest is not None:
-                self.manifests.link(state_name(route), route.blob_digest)
-            return Access.ALLOWED, answer
-        if upstream_unavailable(answer.status_code):
-            return Access.UNAVAILABLE, answer
-        return Access.DENIED, answer
+        return said, answer
 
-    def _stale_allowed(self, route: Route, what: str, digest: str) -> bool:
-        """Whether a cached answer may go out unconfirmed: only a digest seen in a repository
-        that anyone may read."""
+    def _stale_ok(self, route: Route, digest: str) -> bool:
         repository = state_name(route)
-        if repository not in self.manifests.anonymous:
-            return False
-        if not self.manifests.linked(repository, digest):
-            return False
+        return stale_allowed(
+            self.manifests.readability.get(repository),
+            self.manifests.linked(repository, digest),
+            time.time(),
+        )
+
+    def _note_stale(self, route: Route, what: str) -> None:
         self.stats.stale_answers += 1
         log.warning(
             "upstream unavailable: serving %s of %s from the cache without revalidation (stale)",
             what,
-            repository,
+            state_name(route),
         )
-        return True
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -230,62 +244,51 @@ class PullThrough:
     ) -> None:
         """A hit (after the access check), or a miss whose one upstream fetch fills the cache."""
         store = self.blobs
-        while (pending := self.pending.get(key)) is not None:
-            await pending.wait()  # another client's miss: let it start the one upstream fetch
-        if store.size_of(key) is not None or key in store.fills:
-            if await self._serve_blob_hit(plan, request, response, route, key):
-                return
-        elif request.method == "GET" and get_header(request.headers, b"range") is None:
-            store.stats.misses += 1
-            self.pending[key] = trio.Event()
-            try:
-                deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
-                await self.proxy.run_flow(
-                    plan,
-                    request,
-                    response,
-                    upstreams=self.proxy.upstreams_for(route),
-                    blob_digest=route.blob_digest,
-                    deliver=deliver,
-                )
-            finally:
-                self._release_pending(key)
-            return
-        # uncached probes and resumes, or a hit this client may not have: the upstream answers
-        await self.proxy.run_flow(
-            plan,
-            request,
-            response,
-            upstreams=self.proxy.upstreams_for(route),
-            blob_digest=route.blob_digest,
+        digest = route.blob_digest or ""
+        await store.wait_pending(key)  # another client's miss: let it start the one fetch
+        facts = CacheRequest(
+            kind=Kind.BLOB,
+            method=request.method,
+            has_range=get_header(request.headers, b"range") is not None,
+            cached=self._blob_cached(key),
+            confirmed=self._confirmed(request, route),
+            stale_ok=self._stale_ok(route, digest),
         )
+        decision: Decision = decide(facts)
+        if isinstance(decision, AskUpstream):
+            said, _head = await self._ask_upstream(plan, request, response, route, Kind.BLOB)
+            if said is UpstreamVerdict.ALLOWED:
+                self.manifests.link(state_name(route), digest)
+            # evicted while we asked: a miss after all
+            facts = dataclasses.replace(facts, cached=self._blob_cached(key))
+            decision = decide(facts, said)
+        if isinstance(decision, ServeCache | ServeStale):
+            if isinstance(decision, ServeStale):
+                self._note_stale(route, "a blob")
+            else:
+                self.stats.hits += 1
+            await self._send_blob(plan, request, response, route, key)
+            return
+        deliver = None
+        if isinstance(decision, Fill):
+            store.stats.misses += 1
+            store.mark_pending(key)
+            deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
+        try:
+            await self.proxy.run_flow(
+                plan,
+                request,
+                response,
+                upstreams=self.proxy.upstreams_for(route),
+                blob_digest=route.blob_digest,
+                deliver=deliver,
+            )
+        finally:
+            if deliver is not None:
+                store.release_pending(key)
 
-    def _release_pending(self, key: str) -> None:
-        pending = self.pending.pop(key, None)
-        if pending is not None:
-            pending.set()
-
-    async def _serve_blob_hit(
-        self,
-        plan: flow.Plan,
-        request: ClientRequest,
-        response: ClientResponse,
-        route: Route,
-        key: str,
-    ) -> bool:
-        if not self._access_confirmed(request, route):
-            access, _head = await self._ask_upstream(plan, request, response, route)
-            if access is Access.DENIED:
-                return False
-            if access is Access.UNAVAILABLE and not self._stale_allowed(
-                route, "a blob", route.blob_digest or ""
-            ):
-                return False
-        if self.blobs.size_of(key) is None and key not in self.blobs.fills:
-            return False  # evicted while we asked
-        self.stats.hits += 1
-        await self._send_blob(plan, request, response, route, key)
-        return True
+    def _blob_cached(self, key: str) -> bool:
+        return self.blobs.size_of(key) is not None or key in self.blobs.fills
 
     async def _deliver_blob(
         self,
@@ -319,14 +322,19 @@ class PullThrough:
                 self._remember_access(request, route)
                 self.manifests.link(state_name(route), route.blob_digest or "")
                 background.start_soon(store.run_fill, fill, conn, stack.pop_all())
-                self._release_pending(key)
-                self._maybe_probe(route, route.target.partition("?")[0])
+                store.release_pending(key)
+                self._maybe_probe(route, _path(route), Kind.BLOB)
                 await self._send_blob(plan, request, response, route, key)
                 return
-        if upstream_unavailable(head.status_code) and store.size_of(key) is not None:
-            if self._stale_allowed(route, "a blob", route.blob_digest or ""):
-                await self._send_blob(plan, request, response, route, key)
-                return
+        stale = after_upstream(
+            head.status_code,
+            cached=store.size_of(key) is not None,
+            stale_ok=self._stale_ok(route, route.blob_digest or ""),
+        )
+        if isinstance(stale, ServeStale):
+            self._note_stale(route, "a blob")
+            await self._send_blob(plan, request, response, route, key)
+            return
         await self.proxy.stream_response(conn, head, headers, response)
 
     async def _send_blob(
@@ -404,7 +412,7 @@ class PullThrough:
         ranged = dataclasses.replace(
             request, headers=[*headers, (b"range", b"bytes=%d-" % position)]
         )
-        plan = dataclasses.replace(plan, replayable=True)
+        plan = dataclasses.replace(plan, replayable=True)  # the same request, another range
 
         async def relay_rest(
             conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
@@ -435,96 +443,109 @@ class PullThrough:
 
     # -- manifests ---------------------------------------------------------------------------
 
+    def _cached_manifest(
+        self, request: ClientRequest, repository: str, digest: str | None
+    ) -> CachedManifest | None:
+        """The cached manifest as served in ``repository``, if this client takes its type."""
+        cached = self.manifests.get(repository, digest) if digest else None
+        if cached is not None and not accepts(
+            get_all(request.headers, b"accept"), cached.media_type
+        ):
+            return None  # cached for another media type than this client takes
+        return cached
+
     async def _serve_manifest(
         self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
     ) -> None:
         reference = route.manifest_reference or ""
         repository = state_name(route)
         by_digest = reference.startswith("sha256:")
-        digest = reference if by_digest else self.manifests.tag(repository, reference)
-        cached = self.manifests.get(digest) if digest else None
-        if cached is not None and not accepts(
-            get_all(request.headers, b"accept"), cached.media_type
-        ):
-            cached = None  # cached for another media type than this client takes
-        if cached is not None:
-            served = await self._serve_manifest_hit(
-                plan, request, response, route, cached, by_digest
-            )
-            if served:
-                return
-        deliver = functools.partial(self._deliver_manifest, request, response, route, cached)
+        accepted = accepted_types(get_all(request.headers, b"accept"))
+        tag_key = TagKey(repository, reference, accepted)
+        digest = reference if by_digest else self.manifests.tag(repository, reference, accepted)
+        cached = self._cached_manifest(request, repository, digest)
+        # the bytes are here, but the upstream never served them in this repository: the access
+        # check's answer tells which media type it serves them with here
+        learnable = cached is None and by_digest and self.manifests.has_body(reference)
+        facts = CacheRequest(
+            kind=Kind.MANIFEST,
+            method=request.method,
+            has_range=False,
+            cached=cached is not None or learnable,
+            confirmed=cached is not None and self._confirmed(request, route),
+            by_digest=by_digest,
+            tag_fresh=tag_fresh(
+                self.tag_checked.get(tag_key), trio.current_time(), self.manifest_ttl
+            ),
+            stale_ok=cached is not None and self._stale_ok(route, cached.digest),
+        )
+        decision: Decision = decide(facts)
+        if isinstance(decision, AskUpstream):
+            said, head = await self._ask_upstream(plan, request, response, route, Kind.MANIFEST)
+            current = False
+            if said is UpstreamVerdict.ALLOWED and head is not None:
+                if by_digest:
+                    media_type = get_header(head.headers, b"content-type")
+                    if media_type is not None:
+                        self.manifests.link(repository, reference, _media_type(media_type))
+                    cached = self._cached_manifest(request, repository, reference)
+                elif cached is not None:
+                    header = get_header(head.headers, b"docker-content-digest")
+                    current = tag_current(cached.digest, header)
+                    if current:
+                        self.tag_checked[tag_key] = trio.current_time()
+            facts = dataclasses.replace(facts, cached=cached is not None, tag_current=current)
+            decision = decide(facts, said)
+        if isinstance(decision, ServeCache | ServeStale) and cached is not None:
+            if isinstance(decision, ServeStale):
+                self._note_stale(route, "a manifest")
+            else:
+                self.stats.hits += 1
+                self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
+            await self._send_manifest(request, response, cached)
+            return
+        deliver = functools.partial(
+            self._deliver_manifest, request, response, route, accepted, cached
+        )
         try:
             await self.proxy.run_flow(
                 plan, request, response, upstreams=self.proxy.upstreams_for(route), deliver=deliver
             )
         except ProxyError:
-            if (
-                response.started
-                or cached is None
-                or not self._stale_allowed(route, "a manifest", cached.digest)
-            ):
+            stale = after_upstream(None, cached=cached is not None, stale_ok=facts.stale_ok)
+            if response.started or cached is None or not isinstance(stale, ServeStale):
                 raise
+            self._note_stale(route, "a manifest")
             await self._send_manifest(request, response, cached)
-
-    async def _serve_manifest_hit(
-        self,
-        plan: flow.Plan,
-        request: ClientRequest,
-        response: ClientResponse,
-        route: Route,
-        cached: CachedManifest,
-        by_digest: bool,
-    ) -> bool:
-        """Serve a cached manifest if it is current and this client may read it."""
-        repository = state_name(route)
-        reference = route.manifest_reference or ""
-        checked = self.tag_checked.get((repository, reference), -1e18)
-        fresh = by_digest or trio.current_time() - checked < self.manifest_ttl
-        if fresh and self._access_confirmed(request, route):
-            self.stats.hits += 1
-            await self._send_manifest(request, response, cached)
-            return True
-        access, head = await self._ask_upstream(plan, request, response, route)
-        if access is Access.DENIED:
-            return False
-        if access is Access.UNAVAILABLE:
-            if not self._stale_allowed(route, "a manifest", cached.digest):
-                return False
-        elif not by_digest:
-            assert head is not None
-            current = get_header(head.headers, b"docker-content-digest")
-            if current is None or current.decode("latin-1") != cached.digest:
-                return False  # the tag moved: fetch the new manifest (one GET)
-            self.tag_checked[(repository, reference)] = trio.current_time()
-        self.stats.hits += 1
-        await self._send_manifest(request, response, cached)
-        return True
 
     async def _deliver_manifest(
         self,
         request: ClientRequest,
         response: ClientResponse,
         route: Route,
+        accepted: frozenset[str],
         cached: CachedManifest | None,
         conn: UpstreamConnection,
         head: h11.Response,
         headers: Headers,
         stack: AsyncExitStack,
     ) -> None:
-        """The upstream's manifest answer: keep a copy of a 200 GET, serve stale on 429/5xx."""
-        if upstream_unavailable(head.status_code) and cached is not None:
-            if self._stale_allowed(route, "a manifest", cached.digest):
-                await self._send_manifest(request, response, cached)
-                return
+        """The upstream's manifest answer: keep a verified copy of a 200 GET, serve stale on
+        429/5xx."""
+        stale = after_upstream(
+            head.status_code,
+            cached=cached is not None,
+            stale_ok=cached is not None and self._stale_ok(route, cached.digest),
+        )
+        if isinstance(stale, ServeStale) and cached is not None:
+            self._note_stale(route, "a manifest")
+            await self._send_manifest(request, response, cached)
+            return
         length = get_header(head.headers, b"content-length")
         media_type = get_header(head.headers, b"content-type")
-        if (
-            request.method != "GET"
-            or head.status_code != 200
-            or length is None
-            or int(length) > MAX_MANIFEST
-            or media_type is None
+        size = int(length) if length is not None and length.isdigit() else None
+        if media_type is None or not keep_manifest(
+            request.method, head.status_code, size, media_type, MAX_MANIFEST
         ):
             await self.proxy.stream_response(conn, head, headers, response)
             return
@@ -532,21 +553,25 @@ class PullThrough:
         while (chunk := await conn.receive_body()) is not None:
             body += chunk
         data = bytes(body)
+        reference = route.manifest_reference or ""
+        claimed = get_header(head.headers, b"docker-content-digest")
         stored = self.manifests.put(
             state_name(route),
-            route.manifest_reference or "",
-            media_type.decode("latin-1").split(";")[0].strip(),
-            data,
+            reference,
+            accepted=accepted,
+            media_type=_media_type(media_type),
+            body=data,
+            claimed=claimed.decode("latin-1") if claimed is not None else None,
         )
-        claimed = get_header(head.headers, b"docker-content-digest")
-        if stored is None or (claimed is not None and claimed.decode("latin-1") != stored):
+        if stored is None:  # nothing was stored, and the client gets none of it
+            self.stats.verification_failures += 1
             raise UpstreamUnavailable(
-                f"upstream manifest for {route.repository}:{route.manifest_reference} does not "
-                "match its digest"
+                f"upstream manifest for {route.repository}:{reference} does not match its digest"
             )
         self._remember_access(request, route)
-        if route.manifest_reference and not route.manifest_reference.startswith("sha256:"):
-            self.tag_checked[(state_name(route), route.manifest_reference)] = trio.current_time()
+        if not reference.startswith("sha256:"):
+            key = TagKey(state_name(route), reference, accepted)
+            self.tag_checked[key] = trio.current_time()
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
         await response.start(head.status_code, headers, head.reason)
         await response.send(data)
@@ -570,43 +595,48 @@ class PullThrough:
 
     # -- which repositories anyone may read ----------------------------------------------------
 
-    def _maybe_probe(self, route: Route, path: str) -> None:
+    def _maybe_probe(self, route: Route, path: str, kind: Kind = Kind.MANIFEST) -> None:
+        """Ask in the background whether anyone may read the repository, if not known or the
+        answer is an hour old."""
         repository = state_name(route)
-        known = repository in self.manifests.anonymous or repository in self.manifests.private
+        fresh = not should_probe(self.manifests.readability.get(repository), time.time())
         background = self.proxy.background
-        if known or repository in self.probing or background is None:
+        if fresh or repository in self.probing or background is None:
             return
         self.probing.add(repository)
         self._probes_idle = trio.Event()
         upstreams = self.proxy.upstreams_for(route)
         background.start_soon(
-            self._probe_anonymous, repository, path, upstreams.urls[0], upstreams.profile
+            self._probe_anonymous, repository, path, kind, upstreams.urls[0], upstreams.profile
         )
 
     async def wait_probes(self) -> None:
         """Wait until no repository is being probed (tests, and a clean shutdown)."""
         await self._probes_idle.wait()
 
-    async def _probe_anonymous(self, repository: str, path: str, base: Url, profile: str) -> None:
+    async def _probe_anonymous(
+        self, repository: str, path: str, kind: Kind, base: Url, profile: str
+    ) -> None:
         """Ask the primary upstream, as an anonymous client would, whether ``path`` is public."""
         url = Url(base.origin, base.target.rstrip("/") + path)
         try:
             with trio.fail_after(self.proxy.config.timeouts.upstream_idle):
-                readable = await self._anonymous_head(url, profile)
+                readable = await self._anonymous_head(url, profile, kind)
         except (ProxyError, trio.TooSlowError, ValueError, KeyError, AttributeError) as exc:
             log.info("could not learn whether %s is public: %s", repository, exc)
             readable = None
         finally:
             self.probing.discard(repository)
         if readable is not None:
-            self.manifests.set_anonymous(repository, readable)
+            self.manifests.set_readability(repository, Readability(readable, time.time()))
         if not self.probing:
             self._probes_idle.set()
 
-    async def _anonymous_head(self, url: Url, profile: str) -> bool:
+    async def _anonymous_head(self, url: Url, profile: str, kind: Kind) -> bool | None:
+        """Whether an anonymous client may read ``url``; None if the upstream could not say."""
         status, headers, _ = await self.proxy.simple_request("HEAD", url, [], profile=profile)
         if status != 401:
-            return 200 <= status < 400
+            return _readable(status, headers, kind)
         challenge = next(
             (
                 c
@@ -633,5 +663,16 @@ class PullThrough:
         if not isinstance(token, str):
             return False
         authorization = [(b"authorization", b"Bearer " + token.encode("latin-1"))]
-        status, _, _ = await self.proxy.simple_request("HEAD", url, authorization, profile=profile)
-        return 200 <= status < 400
+        status, headers, _ = await self.proxy.simple_request(
+            "HEAD", url, authorization, profile=profile
+        )
+        return _readable(status, headers, kind)
+
+
+def _readable(status: int, headers: Headers, kind: Kind) -> bool | None:
+    said = verdict(status, headers, kind=kind)
+    return None if said is UpstreamVerdict.UNAVAILABLE else said is UpstreamVerdict.ALLOWED
+
+
+def _media_type(value: bytes) -> str:
+    return value.decode("latin-1").split(";")[0].strip()

@@ -18,9 +18,14 @@ Other registries lay auth out differently, so ``auth_layout`` picks which server
 * ``"basic"`` (registry:2 with htpasswd): no token service and no CDN; the registry answers
   ``Basic`` challenges, checks ``Authorization: Basic`` on every request, and serves blobs itself.
 
+Manifests are negotiated as distribution does: a client whose ``Accept`` does not take a manifest
+list, asking by tag, gets the list's linux/amd64 manifest instead; ``If-None-Match`` with the
+manifest's digest gets a 304.
+
 Each request is decided by a plain method over a parsed request (``_Request`` -> ``_Response``);
-the only awaiting code is the per-connection h11 loop. Faults (429s, truncated bodies, redirect
-loops) are switched on per test. ``fetch`` is a one-shot h11 client for tests.
+the only awaiting code is the per-connection h11 loop. Faults (429s, forced statuses, truncated or
+corrupted bodies, lying digests, swapped manifests, redirect loops) are switched on per test.
+``fetch`` is a one-shot h11 client for tests.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ MEDIA_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MEDIA_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
 AuthLayout = Literal["separate", "same-host", "basic"]
+DigestHeader = Literal["asked", "body", "none"]
 BASIC_REALM = "fake-registry"  # the realm of the "basic" layout's challenges
 
 _CHUNK = 256 * 1024
@@ -238,6 +244,15 @@ class _Upload:
     data: bytearray = field(default_factory=bytearray)
 
 
+@dataclass
+class _Forced:
+    target: str  # a route kind ("manifest", "blob", "tags", "ping", ...) or an exact path
+    status: int
+    times: int
+    method: str | None
+    headers: list[tuple[str, str]]
+
+
 class _Abort(Exception):
     """Drop the connection without finishing the response (a fault, not an error)."""
 
@@ -272,6 +287,16 @@ def _accepts(accept: str | None, media_type: str) -> bool:
         return True
     listed = {item.split(";")[0].strip().lower() for item in accept.split(",")}
     return media_type.lower() in listed or "*/*" in listed
+
+
+def _default_platform(body: bytes) -> str | None:
+    """The digest of a manifest list's linux/amd64 entry, if it has one."""
+    for entry in json.loads(body).get("manifests", []):
+        platform = entry.get("platform", {})
+        if platform.get("architecture") == "amd64" and platform.get("os") == "linux":
+            digest: str = entry["digest"]
+            return digest
+    return None
 
 
 def _references(doc: dict[str, Any]) -> tuple[list[str], list[str]] | None:
@@ -326,7 +351,8 @@ class FakeHub:
     """Docker Hub's registry, token service and CDN as three TLS servers on 127.0.0.1.
 
     Content is added with add_blob/add_image/add_index, users with add_user, and faults with
-    force_429/truncate_blob/corrupt_blob/redirect_loop. Every request lands in ``requests``.
+    force_429/force_status/truncate_blob/corrupt_blob/lie_digest/swap_manifest_body/
+    redirect_loop. Every request lands in ``requests``.
 
     ``auth_layout`` fakes other registries (see the module docstring). In ``"same-host"``
     ``auth_url`` equals ``registry_url``; in ``"basic"`` both ``auth_url`` and ``cdn_url`` are
@@ -388,6 +414,9 @@ class FakeHub:
         self._truncated: dict[str, int | None] = {}
         self._corrupted: dict[str, int] = {}
         self._loops: set[str] = set()
+        self._forced_statuses: list[_Forced] = []
+        self._lies: dict[tuple[str, str], str] = {}  # (repo, reference) -> digest header
+        self._swaps: dict[str, tuple[bytes, DigestHeader]] = {}  # digest -> body, its header
 
     # -- serving -------------------------------------------------------------------------
 
@@ -620,6 +649,40 @@ class FakeHub:
         """Answer the next ``count`` authorised manifest/blob requests with 429."""
         self._forced_429.extend([retry_after] * count)
 
+    def force_status(
+        self,
+        target: str,
+        status: int,
+        *,
+        times: int = 1,
+        method: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Answer the next ``times`` registry requests for ``target`` with ``status``.
+
+        ``target`` is a route kind (``"manifest"``, ``"blob"``, ``"tags"``, ``"upload_start"``,
+        ``"upload"``, ``"ping"`` for ``/v2/``) or an exact path (``/v2/library/alpine/manifests/
+        3.20``); ``method`` limits it to one method. The answer comes before any authorisation,
+        as from a broken front of the registry (or a fallback that answers what it likes): a
+        registry JSON error for 4xx/5xx, no body otherwise, plus ``headers``.
+        """
+        self._forced_statuses.append(_Forced(target, status, times, method, list(headers)))
+
+    def lie_digest(self, repo: str, ref: str, digest: str) -> None:
+        """Make manifest GET/HEAD of ``repo`` by ``ref`` (a tag or digest) carry this
+        ``Docker-Content-Digest``, whatever the body hashes to: a header that disagrees with it."""
+        self._lies[(repo, ref)] = digest
+
+    def swap_manifest_body(
+        self, digest: str, body: bytes, *, digest_header: DigestHeader = "asked"
+    ) -> None:
+        """Serve ``body`` for manifest ``digest`` (in every repository, by digest or by a tag
+        naming it): a storage fault only a hash check catches. ``digest_header`` says which
+        ``Docker-Content-Digest`` goes with it: ``"asked"`` (distribution takes it from the
+        descriptor), ``"body"`` (the body's own, so that only the asked digest reveals the swap)
+        or ``"none"``."""
+        self._swaps[digest] = (bytes(body), digest_header)
+
     def truncate_blob(self, digest: str, *, times: int | None = None) -> None:
         """Make the CDN (the registry in the ``"basic"`` layout) drop the connection halfway
         through ``digest``.
@@ -776,6 +839,9 @@ class FakeHub:
         return response
 
     def _route_registry(self, request: _Request) -> _Response:
+        forced = self._forced_status(request)
+        if forced is not None:
+            return forced
         if request.path == "/v1/search":
             return self._search(request)
         loop = _LOOP_PATH.fullmatch(request.path)
@@ -813,6 +879,31 @@ class FakeHub:
             return self._upload(request, name, match["upload"])
         return _registry_error(404, "NOT_FOUND", "not found")
 
+    def _route_kind(self, path: str) -> str | None:
+        if path in ("/v2", "/v2/"):
+            return "ping"
+        for kind, pattern in _ROUTES:
+            if pattern.fullmatch(path):
+                return kind
+        return None
+
+    def _forced_status(self, request: _Request) -> _Response | None:
+        kind = self._route_kind(request.path)
+        for forced in self._forced_statuses:
+            if forced.target not in (request.path, kind):
+                continue
+            if forced.method is not None and forced.method != request.method:
+                continue
+            forced.times -= 1
+            if forced.times <= 0:
+                self._forced_statuses.remove(forced)
+            if forced.status >= 400:
+                return _registry_error(
+                    forced.status, "FORCED", f"forced {forced.status}", None, forced.headers
+                )
+            return _Response(forced.status, list(forced.headers))
+        return None
+
     def _forced(self) -> _Response | None:
         if self._forced_429:
             return self._too_many(self._forced_429.pop(0))
@@ -829,7 +920,8 @@ class FakeHub:
         counted = request.method == "GET" and self.ratelimit_limit is not None
         if counted and self.ratelimit_remaining <= 0:
             return self._too_many(60)
-        digest = ref if _DIGEST.fullmatch(ref) else repo.tags.get(ref)
+        by_digest = _DIGEST.fullmatch(ref) is not None
+        digest = ref if by_digest else repo.tags.get(ref)
         manifest = repo.manifests.get(digest) if digest is not None else None
         if digest is None or manifest is None:
             return _registry_error(
@@ -838,17 +930,40 @@ class FakeHub:
                 "manifest unknown",
                 {"Tag": ref} if digest is None else None,
             )
-        if not _accepts(request.header("accept"), manifest.media_type):
+        accept = request.header("accept")
+        if (
+            not by_digest
+            and manifest.media_type == MEDIA_DOCKER_LIST
+            and not _accepts(accept, MEDIA_DOCKER_LIST)
+        ):
+            # distribution: a client that takes no manifest list, asking by tag, gets the
+            # manifest of the default platform (linux/amd64) from the list
+            digest = _default_platform(manifest.body)
+            manifest = repo.manifests.get(digest) if digest is not None else None
+            if digest is None or manifest is None:
+                return _registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown", None)
+        if not _accepts(accept, manifest.media_type):
             return _registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown", None)
+        if f'"{digest}"' in (request.header("if-none-match") or ""):
+            # distribution answers a matching ETag before anything else, without headers
+            return _Response(304, [("etag", f'"{digest}"')])
         if counted:
             self._pulls += 1  # only GETs count, and only those that deliver a manifest
+        body = manifest.body
+        header: str | None = digest
+        swapped = self._swaps.get(digest)
+        if swapped is not None:
+            body, which = swapped
+            header = {"asked": digest, "body": sha256_digest(body), "none": None}[which]
+        header = self._lies.get((name, ref), header)
         headers = [
             ("content-type", manifest.media_type),
-            ("docker-content-digest", digest),
             ("etag", f'"{digest}"'),
             *self._ratelimit_headers(),
         ]
-        return _Response(200, headers, manifest.body)
+        if header is not None:
+            headers.append(("docker-content-digest", header))
+        return _Response(200, headers, body)
 
     def _manifest_put(self, request: _Request, name: str, repo: _Repo, ref: str) -> _Response:
         try:

@@ -21,6 +21,7 @@ from hubproxy.cache import (
     cached_blob_answer,
     choose_evictions,
     parse_size,
+    sha256_hex,
 )
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
@@ -103,6 +104,29 @@ def test_cached_blob_answer_headers() -> None:
     assert dict(part.headers)[b"content-length"] == b"10"
 
 
+@pytest.mark.parametrize(
+    ("digest", "expected"),
+    [
+        ("sha256:" + "0123456789abcdef" * 4, "0123456789abcdef" * 4),
+        ("sha256:" + "a" * 63, None),  # too short
+        ("sha256:" + "a" * 65, None),  # too long
+        ("sha256:" + "A" * 64, None),  # digests are lowercase hex
+        ("sha256:" + "g" * 64, None),  # not hex
+        ("sha256:" + "a" * 63 + "/", None),
+        ("sha256:" + "a" * 63 + ".", None),
+        ("sha256:" + "a" * 62 + "..", None),  # no path tricks in the file name
+        ("sha256:" + "a" * 63 + " ", None),
+        ("sha256:" + "a" * 63 + "\u0661", None),  # a digit, but not ASCII hex
+        ("sha512:" + "a" * 64, None),
+        ("sha256" + "a" * 64, None),
+        ("a" * 64, None),
+        ("", None),
+    ],
+)
+def test_sha256_hex(digest: str, expected: str | None) -> None:
+    assert sha256_hex(digest) == expected
+
+
 def test_choose_evictions_is_lru_and_skips_protected() -> None:
     lru = [("a", 10), ("b", 10), ("c", 10), ("d", 10)]
     assert choose_evictions(lru, 40, 25, set()) == ["a", "b"]
@@ -137,6 +161,50 @@ async def test_readers_follow_a_fill_and_never_get_the_last_byte_early(
     assert store.size_of(key) == len(data)
     assert store.path(key).read_bytes() == data
     assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_a_range_of_a_filling_blob_holds_its_last_byte_until_verified(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A range that ends before the blob does completes the client's transfer just as surely
+    as the blob's own last byte: it must not complete before the fill verified the digest."""
+    data = os.urandom(300_000)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key, 1000, 2000)
+    await feed.send.send(data[:200_000])  # the whole range has arrived
+    assert await reader.next_chunk() == data[1000:1999]  # all but the range's last byte
+    await feed.send.send(data[200_000:])
+    await feed.send.send(None)
+    assert await reader.next_chunk() == data[1999:2000]
+    assert await reader.next_chunk() is None
+    reader.close()
+
+
+async def test_a_range_of_a_failing_fill_never_completes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    data = os.urandom(300_000)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key, 0, 100)
+    wrong = bytearray(data)
+    wrong[-1] ^= 0xFF  # bytes that will not verify
+    await feed.send.send(bytes(wrong))
+    assert await reader.next_chunk() == data[:99]
+    await feed.send.send(None)
+    with pytest.raises(CacheFillFailed):
+        await reader.next_chunk()
+    reader.close()
+    assert fill.state is FillState.FAILED
 
 
 async def test_wrong_bytes_fail_every_reader_and_cache_nothing(
@@ -527,3 +595,43 @@ async def test_a_disk_failing_mid_fill_does_not_fail_the_transfer(
     assert store.stats.fills_failed == 1
     ranges = [s.headers.get("range") for s in hub.requests if s.server == "cdn"]
     assert any(value and value.startswith("bytes=") for value in ranges)
+
+
+async def test_a_resumed_transfer_holds_its_last_byte_until_the_blob_verifies(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fails mid-fill and the rest comes from the upstream with a Range request, but
+    the upstream's bytes are wrong: the client must never see a complete transfer."""
+    import errno
+
+    from hubproxy import cache
+
+    real_write = cache._write_all
+    written = 0
+
+    def filling_disk(fd: int, data: bytes | bytearray) -> None:
+        nonlocal written
+        if written > 1_500_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written += len(data)
+        real_write(fd, data)
+
+    monkeypatch.setattr(cache, "_write_all", filling_disk)
+    layer = make_layer(14, 4_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = f"sha256:{hexdigest(layer)}"
+    hub.corrupt_blob(digest, times=2)  # a byte flipped at 2 MB: in the part that is resumed
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.status == 200
+    assert not r.complete
+    assert len(r.body) < len(layer)
+    ranges = [s.headers.get("range") for s in hub.requests if s.server == "cdn"]
+    assert any(value and value.startswith("bytes=") for value in ranges)  # it was resumed
+    assert proxy.proxy.pullthrough is not None
+    assert proxy.proxy.pullthrough.stats.verification_failures == 1

@@ -470,10 +470,45 @@ async def test_manifest_list(hub: FakeHub, ca: trustme.CA) -> None:
         child = await fetch(f"{base}/{entry['digest']}", ca, headers=[auth, ("accept", ACCEPT_ALL)])
         assert sha256_digest(child.body) == entry["digest"]
         assert len(child.body) == entry["size"]
-    # A client that only knows schema2 gets no list.
+    # A client that only knows schema2 gets the linux/amd64 manifest by tag (distribution's
+    # default platform), and no list by the list's digest.
     only_v2 = await fetch(f"{base}/3.11", ca, headers=[auth, ("accept", MEDIA_DOCKER_MANIFEST)])
-    assert only_v2.status == 404
+    assert only_v2.status == 200
+    assert only_v2.headers["content-type"] == MEDIA_DOCKER_MANIFEST
+    assert only_v2.headers["docker-content-digest"] == amd == sha256_digest(only_v2.body)
+    v2 = ("accept", MEDIA_DOCKER_MANIFEST)
+    by_digest = await fetch(f"{base}/{index}", ca, headers=[auth, v2])
+    assert by_digest.status == 404
+    only_oci = await fetch(f"{base}/3.11", ca, headers=[auth, ("accept", MEDIA_OCI_MANIFEST)])
+    assert only_oci.status == 404  # the amd64 manifest is schema2, which it does not take
     assert amd != arm
+
+
+@pytest.mark.trio
+async def test_manifest_list_without_amd64_is_unknown_to_a_schema2_client(
+    hub: FakeHub, ca: trustme.CA
+) -> None:
+    arm = hub.add_image("library/python", None, [make_layer(10, 10)], arch="arm64")
+    hub.add_index("library/python", "arm", [(arm, "arm64", "linux")])
+    auth = bearer(await pull_token(hub, ca, "library/python"))
+    url = f"{hub.registry_url}/v2/library/python/manifests/arm"
+    got = await fetch(url, ca, headers=[auth, ("accept", MEDIA_DOCKER_MANIFEST)])
+    assert got.status == 404
+
+
+@pytest.mark.trio
+async def test_if_none_match_with_the_digest_is_a_304(hub: FakeHub, ca: trustme.CA) -> None:
+    digest = hub.add_image("library/node", "20", [make_layer(11, 10)])
+    auth = bearer(await pull_token(hub, ca, "library/node"))
+    url = f"{hub.registry_url}/v2/library/node/manifests/20"
+    for method in ("GET", "HEAD"):
+        got = await fetch(url, ca, method=method, headers=[auth, ("if-none-match", f'"{digest}"')])
+        assert (got.status, got.body) == (304, b"")
+        assert "docker-content-digest" not in got.headers
+    other = await fetch(url, ca, headers=[auth, ("if-none-match", '"sha256:other"')])
+    assert other.status == 200
+    anonymous = await fetch(url, ca, headers=[("if-none-match", f'"{digest}"')])
+    assert anonymous.status == 401  # authorisation comes first
 
 
 @pytest.mark.trio
@@ -524,6 +559,72 @@ async def test_force_429(hub: FakeHub, ca: trustme.CA) -> None:
     assert quiet.status == 429
     assert "retry-after" not in quiet.headers
     assert (await fetch(url, ca, headers=[auth])).status == 200
+
+
+@pytest.mark.trio
+async def test_force_status_by_kind_path_and_method(hub: FakeHub, ca: trustme.CA) -> None:
+    hub.add_image("library/golang", "1", [make_layer(12, 10)])
+    auth = bearer(await pull_token(hub, ca, "library/golang"))
+    url = f"{hub.registry_url}/v2/library/golang/manifests/1"
+    hub.force_status("manifest", 503, times=2)
+    first = await fetch(url, ca)  # before authorisation: even an anonymous request gets it
+    assert (first.status, first.json()["errors"][0]["code"]) == (503, "FORCED")
+    assert (await fetch(url, ca, method="HEAD", headers=[auth])).status == 503
+    assert (await fetch(url, ca, headers=[auth])).status == 200
+
+    hub.force_status("/v2/library/golang/manifests/1", 304, method="HEAD")
+    assert (await fetch(url, ca, headers=[auth])).status == 200  # a GET: not this one
+    not_modified = await fetch(url, ca, method="HEAD", headers=[auth])
+    assert (not_modified.status, not_modified.body) == (304, b"")
+    assert (await fetch(url, ca, method="HEAD", headers=[auth])).status == 200
+
+    blob = f"{hub.registry_url}/v2/library/golang/blobs/sha256:{'0' * 64}"
+    hub.force_status("blob", 302, headers=[("x-why", "forced")])
+    moved = await fetch(blob, ca, headers=[auth])
+    assert (moved.status, moved.headers["x-why"]) == (302, "forced")
+    assert "location" not in moved.headers
+    assert (await fetch(blob, ca, headers=[auth])).status == 404
+
+    hub.force_status("ping", 500)
+    assert (await fetch(f"{hub.registry_url}/v2/", ca)).status == 500
+    assert (await fetch(f"{hub.registry_url}/v2/", ca)).status == 401
+
+
+@pytest.mark.trio
+async def test_lie_digest_sends_a_header_the_body_disagrees_with(
+    hub: FakeHub, ca: trustme.CA
+) -> None:
+    digest = hub.add_image("library/golang", "1", [make_layer(12, 10)])
+    auth = bearer(await pull_token(hub, ca, "library/golang"))
+    base = f"{hub.registry_url}/v2/library/golang/manifests"
+    liar = "sha256:" + "e" * 64
+    hub.lie_digest("library/golang", "1", liar)
+    for method in ("GET", "HEAD"):
+        got = await fetch(f"{base}/1", ca, method=method, headers=[auth])
+        assert got.headers["docker-content-digest"] == liar
+    got = await fetch(f"{base}/1", ca, headers=[auth])
+    assert sha256_digest(got.body) == digest  # the body is the real one
+    honest = await fetch(f"{base}/{digest}", ca, headers=[auth])  # only that reference lies
+    assert honest.headers["docker-content-digest"] == digest
+
+
+@pytest.mark.trio
+async def test_swap_manifest_body(hub: FakeHub, ca: trustme.CA) -> None:
+    digest = hub.add_image("library/golang", "1", [make_layer(12, 10)])
+    auth = bearer(await pull_token(hub, ca, "library/golang"))
+    base = f"{hub.registry_url}/v2/library/golang/manifests"
+    wrong = b'{"schemaVersion": 2, "swapped": true}'
+    hub.swap_manifest_body(digest, wrong)
+    for ref in (digest, "1"):
+        got = await fetch(f"{base}/{ref}", ca, headers=[auth])
+        assert (got.body, got.headers["docker-content-digest"]) == (wrong, digest)
+    hub.swap_manifest_body(digest, wrong, digest_header="body")
+    got = await fetch(f"{base}/{digest}", ca, headers=[auth])
+    assert (got.body, got.headers["docker-content-digest"]) == (wrong, sha256_digest(wrong))
+    hub.swap_manifest_body(digest, wrong, digest_header="none")
+    got = await fetch(f"{base}/{digest}", ca, headers=[auth])
+    assert got.body == wrong
+    assert "docker-content-digest" not in got.headers
 
 
 @pytest.mark.trio

@@ -1,0 +1,287 @@
+"""When the cache may answer a client: the pull-through decisions, with no I/O and no clock.
+
+Theory of operation. The cache only serves what the upstream would serve this client. For a
+blob or manifest request the driver (``pullthrough.py``) gathers plain facts into a
+:class:`CacheRequest` and calls :func:`decide`, which returns what to do:
+
+- :class:`ServeCache`: answer from the cache (this client's access is confirmed, and a tag's
+  cached answer is fresh or was just revalidated);
+- :class:`AskUpstream`: show the client's own credentials (or none) to the *primary* upstream
+  with a HEAD of the same path, conditional headers stripped; then call :func:`decide` again
+  with the :func:`verdict` on its answer;
+- :class:`Fill`: a GET of the whole thing that the cache lacks: fetch it once and keep a copy;
+- :class:`Forward`: send the client's request upstream as it is (the registry's own answer);
+- :class:`ServeStale`: the upstream could not answer (down, 429, 5xx): serve the cached copy
+  unconfirmed, which :func:`stale_allowed` permits only for a digest seen in a repository that
+  anyone could read within :data:`READABILITY_WINDOW`.
+
+A yes is remembered per (credentials, registry, path) for :data:`ACCESS_CONFIRMATION_TTL`: per
+resource, not per repository (blobs and manifests are stored by digest for every repository, and
+a registry answers BLOB_UNKNOWN for a digest the repository does not link), and per registry (the
+same path names different things on two registries). A tag's cached answer is keyed by the set of
+manifest media types the client accepts, because a registry answers a tag differently by
+``Accept`` (distribution gives a client that takes no manifest list the linux/amd64 manifest).
+
+Times are plain numbers passed in: ``now`` on the monotonic clock, ``wall_now`` in Unix seconds
+(what is kept in the state file across restarts).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .headers import Headers, get_header
+
+ACCESS_CONFIRMATION_TTL = 60.0  # Docker Hub tokens live 300 s; a revoked grant is seen soon
+MAX_CONFIRMATIONS = 10_000
+READABILITY_WINDOW = 24 * 3600.0  # "anyone may read it" is trusted this long after it was learned
+READABILITY_REFRESH = 3600.0  # and asked again (in the background) once it is this old
+
+# A registry's answers that say "you may read this" when asked with HEAD and no redirect
+# following: the thing itself, or (blobs only) the registry sending it to its storage.
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+# Conditional and partial request headers: a 304 or 206 to the access check would say nothing
+# about whether this client may read the whole thing (RFC 9110 section 13).
+ACCESS_CHECK_DROPPED = frozenset(
+    {
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    }
+)
+
+
+class Kind(enum.Enum):
+    BLOB = "blob"
+    MANIFEST = "manifest"
+
+
+class UpstreamVerdict(enum.Enum):
+    """What the primary upstream said to the access check."""
+
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    UNAVAILABLE = "unavailable"  # the upstream could not say (down, resting, 429, 5xx)
+
+
+def upstream_unavailable(status: int) -> bool:
+    """Whether an upstream status means "cannot answer now" rather than "no"."""
+    return status == 429 or status >= 500
+
+
+def verdict(status: int, headers: Headers, *, kind: Kind) -> UpstreamVerdict:
+    """Read the access check's answer: only a 200, or for a blob a redirect to its storage
+    (with a Location), is a yes; a 304 or any other 3xx is not."""
+    if status == 200:
+        return UpstreamVerdict.ALLOWED
+    if kind is Kind.BLOB and status in REDIRECTS and get_header(headers, b"location"):
+        return UpstreamVerdict.ALLOWED
+    if upstream_unavailable(status):
+        return UpstreamVerdict.UNAVAILABLE
+    return UpstreamVerdict.DENIED
+
+
+def access_check_headers(headers: Headers) -> Headers:
+    """The client's headers as the access check sends them: without conditions or ranges."""
+    return [(k, v) for k, v in headers if k not in ACCESS_CHECK_DROPPED]
+
+
+# -- confirmations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfirmationKey:
+    credentials: str  # sha256 of the client's Authorization (never kept in clear)
+    registry: str  # "" for the default registry
+    path: str  # the upstream path, e.g. /v2/library/alpine/blobs/sha256:...
+
+
+def confirmation_key(authorization: bytes | None, registry: str, path: str) -> ConfirmationKey:
+    """The key a confirmed access is remembered under."""
+    credentials = hashlib.sha256(authorization or b"").hexdigest()
+    return ConfirmationKey(credentials, registry, path)
+
+
+class Confirmations:
+    """Access confirmations and when they expire (plain state; the clock is passed in)."""
+
+    def __init__(self, ttl: float = ACCESS_CONFIRMATION_TTL) -> None:
+        self.ttl = ttl
+        self._until: dict[ConfirmationKey, float] = {}
+
+    def confirmed(self, key: ConfirmationKey, now: float) -> bool:
+        return self._until.get(key, -1.0) > now
+
+    def remember(self, key: ConfirmationKey, now: float) -> None:
+        if len(self._until) > MAX_CONFIRMATIONS:
+            self._until = {k: v for k, v in self._until.items() if v > now}
+        self._until[key] = now + self.ttl
+
+
+# -- tags ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagKey:
+    """A tag's cached answer: per repository (with its registry) and per kind of client."""
+
+    repository: str
+    tag: str
+    accepted: frozenset[str]  # the manifest media types the client accepts
+
+
+def tag_fresh(checked_at: float | None, now: float, ttl: float) -> bool:
+    """Whether a tag revalidated at ``checked_at`` may skip revalidation (``--manifest-ttl``)."""
+    return checked_at is not None and now - checked_at < ttl
+
+
+def tag_current(cached_digest: str, head_digest: bytes | None) -> bool:
+    """Whether the upstream's HEAD says the tag still names the cached manifest."""
+    return head_digest is not None and head_digest.decode("latin-1") == cached_digest
+
+
+def manifest_verified(reference: str, body_digest: str, claimed: str | None) -> bool:
+    """Whether a manifest body may be kept: it hashes to the digest it was asked by (if asked by
+    digest) and to the ``Docker-Content-Digest`` the upstream sent (if any)."""
+    if reference.startswith("sha256:") and reference != body_digest:
+        return False
+    return claimed is None or claimed == body_digest
+
+
+# -- who may read a repository anonymously ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Readability:
+    """What the upstream said when asked anonymously for a repository, and when (wall clock)."""
+
+    anonymous: bool
+    learned_at: float
+
+
+def _age(readability: Readability, wall_now: float) -> float:
+    return wall_now - readability.learned_at
+
+
+def anonymously_readable(readability: Readability | None, wall_now: float) -> bool:
+    """Whether anyone may read the repository, by an answer still within the window (a clock
+    set back by more than the window counts as expired too)."""
+    if readability is None or not readability.anonymous:
+        return False
+    return -READABILITY_WINDOW < _age(readability, wall_now) < READABILITY_WINDOW
+
+
+def should_probe(readability: Readability | None, wall_now: float) -> bool:
+    """Whether to ask (again) whether anyone may read the repository."""
+    if readability is None:
+        return True
+    age = _age(readability, wall_now)
+    return not 0 <= age < READABILITY_REFRESH
+
+
+def stale_allowed(readability: Readability | None, linked: bool, wall_now: float) -> bool:
+    """Whether a cached answer may go out unconfirmed while the upstream cannot answer: only a
+    digest the upstream served in this repository, and only while anyone may read it."""
+    return linked and anonymously_readable(readability, wall_now)
+
+
+def ping_stale_allowed(readabilities: Iterable[Readability], wall_now: float) -> bool:
+    """Whether ``/v2/`` may be answered 200 while the upstream is down: only if some repository
+    can be served stale at all."""
+    return any(anonymously_readable(r, wall_now) for r in readabilities)
+
+
+# -- the decision -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeCache:
+    """Answer from the cache; this client may read it."""
+
+
+@dataclass(frozen=True)
+class AskUpstream:
+    """Ask the primary upstream with the client's credentials, then decide again."""
+
+
+@dataclass(frozen=True)
+class Fill:
+    """Fetch it from the upstream for this client and keep a copy."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send the client's request upstream as it is; pass the answer on."""
+
+
+@dataclass(frozen=True)
+class ServeStale:
+    """Answer from the cache unconfirmed: the upstream cannot answer, and anyone may read it."""
+
+
+Decision = ServeCache | AskUpstream | Fill | Forward | ServeStale
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """The facts about one blob or manifest request, as the driver found them."""
+
+    kind: Kind
+    method: str  # GET or HEAD
+    has_range: bool
+    cached: bool  # the cache holds it (a blob: or is filling it) in a form this client takes
+    confirmed: bool  # this client's access was confirmed within the TTL
+    by_digest: bool = True  # a manifest asked by digest (blobs always are)
+    tag_fresh: bool = False  # a tag revalidated within --manifest-ttl
+    stale_ok: bool = False  # stale_allowed(...) for this repository and digest
+    tag_current: bool = False  # after ALLOWED: the upstream's digest for the tag is the cached one
+
+
+def decide(facts: CacheRequest, asked: UpstreamVerdict | None = None) -> Decision:
+    """What to do with a blob or manifest request; ``asked``: the access check's verdict."""
+    if not facts.cached:
+        return _miss(facts)
+    fresh = facts.kind is Kind.BLOB or facts.by_digest or facts.tag_fresh
+    if asked is None:
+        return ServeCache() if facts.confirmed and fresh else AskUpstream()
+    if asked is UpstreamVerdict.DENIED:
+        return Forward()
+    if asked is UpstreamVerdict.UNAVAILABLE:
+        return ServeStale() if facts.stale_ok else Forward()
+    if facts.kind is Kind.MANIFEST and not facts.by_digest and not facts.tag_current:
+        return _miss(facts)  # the tag moved: fetch the manifest it names now (one GET)
+    return ServeCache()
+
+
+def _miss(facts: CacheRequest) -> Decision:
+    # only a plain GET of the whole thing is worth keeping; probes and resumes go through
+    if facts.method == "GET" and not facts.has_range:
+        return Fill()
+    return Forward()
+
+
+def after_upstream(status: int | None, *, cached: bool, stale_ok: bool) -> ServeStale | Forward:
+    """What to do with the upstream's answer to a forwarded or filling request (``None``: no
+    answer at all): the cached copy while it cannot answer and stale is allowed, else its answer."""
+    unavailable = status is None or upstream_unavailable(status)
+    return ServeStale() if unavailable and cached and stale_ok else Forward()
+
+
+def keep_manifest(
+    method: str, status: int, length: int | None, media_type: bytes | None, limit: int
+) -> bool:
+    """Whether an upstream manifest answer is one the cache keeps a copy of."""
+    return (
+        method == "GET"
+        and status == 200
+        and length is not None
+        and length <= limit
+        and media_type is not None
+    )

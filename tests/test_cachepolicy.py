@@ -1,0 +1,294 @@
+"""The pull-through decisions (``cachepolicy.py``) as tables: no sockets, no clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from hubproxy.cachepolicy import (
+    ACCESS_CONFIRMATION_TTL,
+    READABILITY_REFRESH,
+    READABILITY_WINDOW,
+    AskUpstream,
+    CacheRequest,
+    Confirmations,
+    Decision,
+    Fill,
+    Forward,
+    Kind,
+    Readability,
+    ServeCache,
+    ServeStale,
+    UpstreamVerdict,
+    access_check_headers,
+    after_upstream,
+    anonymously_readable,
+    confirmation_key,
+    decide,
+    keep_manifest,
+    manifest_verified,
+    ping_stale_allowed,
+    should_probe,
+    stale_allowed,
+    tag_current,
+    tag_fresh,
+    upstream_unavailable,
+    verdict,
+)
+
+ALLOWED, DENIED, UNAVAILABLE = (
+    UpstreamVerdict.ALLOWED,
+    UpstreamVerdict.DENIED,
+    UpstreamVerdict.UNAVAILABLE,
+)
+LOCATION = [(b"location", b"https://cdn.example/blob")]
+
+
+@pytest.mark.parametrize(
+    ("status", "unavailable"),
+    [(200, False), (404, False), (428, False), (429, True), (499, False), (500, True),
+     (501, True), (502, True), (503, True), (599, True)],
+)  # fmt: skip
+def test_upstream_unavailable(status: int, unavailable: bool) -> None:
+    assert upstream_unavailable(status) is unavailable
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "kind", "expected"),
+    [
+        (200, [], Kind.MANIFEST, ALLOWED),
+        (200, [], Kind.BLOB, ALLOWED),
+        (307, LOCATION, Kind.BLOB, ALLOWED),  # Docker Hub sends blobs to its CDN
+        (301, LOCATION, Kind.BLOB, ALLOWED),
+        (302, LOCATION, Kind.BLOB, ALLOWED),
+        (303, LOCATION, Kind.BLOB, ALLOWED),
+        (308, LOCATION, Kind.BLOB, ALLOWED),
+        (307, [], Kind.BLOB, DENIED),  # a redirect to nowhere says nothing
+        (302, [(b"location", b"")], Kind.BLOB, DENIED),
+        (307, LOCATION, Kind.MANIFEST, DENIED),  # a registry serves manifests itself
+        (304, [], Kind.MANIFEST, DENIED),  # a condition's answer, not "you may read it"
+        (304, LOCATION, Kind.BLOB, DENIED),
+        (300, LOCATION, Kind.BLOB, DENIED),
+        (305, LOCATION, Kind.BLOB, DENIED),
+        (204, [], Kind.MANIFEST, DENIED),
+        (206, [], Kind.BLOB, DENIED),
+        (401, [], Kind.MANIFEST, DENIED),
+        (403, [], Kind.BLOB, DENIED),
+        (404, [], Kind.BLOB, DENIED),
+        (429, [], Kind.MANIFEST, UNAVAILABLE),
+        (500, [], Kind.MANIFEST, UNAVAILABLE),
+        (503, LOCATION, Kind.BLOB, UNAVAILABLE),
+    ],
+)
+def test_verdict(
+    status: int, headers: list[tuple[bytes, bytes]], kind: Kind, expected: UpstreamVerdict
+) -> None:
+    assert verdict(status, headers, kind=kind) is expected
+
+
+def test_access_check_headers_drop_conditions_and_ranges() -> None:
+    headers = [
+        (b"authorization", b"Bearer t"),
+        (b"accept", b"application/vnd.oci.image.index.v1+json"),
+        (b"if-none-match", b'"sha256:abc"'),
+        (b"if-modified-since", b"Sat, 29 Oct 1994 19:43:31 GMT"),
+        (b"if-match", b"*"),
+        (b"if-unmodified-since", b"Sat, 29 Oct 1994 19:43:31 GMT"),
+        (b"if-range", b'"x"'),
+        (b"range", b"bytes=0-9"),
+        (b"user-agent", b"docker/27"),
+    ]
+    assert access_check_headers(headers) == [
+        (b"authorization", b"Bearer t"),
+        (b"accept", b"application/vnd.oci.image.index.v1+json"),
+        (b"user-agent", b"docker/27"),
+    ]
+
+
+def test_confirmation_keys_name_credentials_registry_and_path() -> None:
+    path = "/v2/acme/app/blobs/sha256:" + "a" * 64
+    key = confirmation_key(b"Bearer t", "", path)
+    assert key == confirmation_key(b"Bearer t", "", path)
+    assert key != confirmation_key(b"Bearer t", "ghcr.io", path)
+    assert key != confirmation_key(b"Bearer u", "", path)
+    assert key != confirmation_key(None, "", path)
+    assert key != confirmation_key(b"Bearer t", "", path.replace("acme", "other"))
+    assert "Bearer" not in repr(key)  # the credentials are kept hashed
+
+
+def test_confirmations_expire() -> None:
+    confirmations = Confirmations()
+    key = confirmation_key(b"Bearer t", "", "/v2/a/b/manifests/x")
+    assert not confirmations.confirmed(key, 100.0)
+    confirmations.remember(key, 100.0)
+    assert confirmations.confirmed(key, 100.0)
+    assert confirmations.confirmed(key, 100.0 + ACCESS_CONFIRMATION_TTL - 0.01)
+    assert not confirmations.confirmed(key, 100.0 + ACCESS_CONFIRMATION_TTL)
+
+
+@pytest.mark.parametrize(
+    ("checked_at", "now", "ttl", "fresh"),
+    [(None, 5.0, 60.0, False), (0.0, 59.9, 60.0, True), (0.0, 60.0, 60.0, False),
+     (10.0, 10.0, 0.0, False)],
+)  # fmt: skip
+def test_tag_fresh(checked_at: float | None, now: float, ttl: float, fresh: bool) -> None:
+    assert tag_fresh(checked_at, now, ttl) is fresh
+
+
+def test_tag_current() -> None:
+    digest = "sha256:" + "a" * 64
+    assert tag_current(digest, digest.encode())
+    assert not tag_current(digest, None)
+    assert not tag_current(digest, b"sha256:" + b"b" * 64)
+
+
+BODY = "sha256:" + "a" * 64
+OTHER = "sha256:" + "b" * 64
+
+
+@pytest.mark.parametrize(
+    ("reference", "claimed", "ok"),
+    [
+        ("latest", None, True),
+        ("latest", BODY, True),
+        ("latest", OTHER, False),  # a Docker-Content-Digest the body disagrees with
+        (BODY, None, True),
+        (BODY, BODY, True),
+        (OTHER, None, False),  # asked by a digest the body does not hash to
+        (OTHER, BODY, False),
+        (BODY, OTHER, False),
+    ],
+)
+def test_manifest_verified(reference: str, claimed: str | None, ok: bool) -> None:
+    assert manifest_verified(reference, BODY, claimed) is ok
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("readability", "readable", "probe"),
+    [
+        (None, False, True),
+        (Readability(True, NOW), True, False),
+        (Readability(True, NOW - READABILITY_REFRESH + 1), True, False),
+        (Readability(True, NOW - READABILITY_REFRESH), True, True),  # re-asked after an hour
+        (Readability(True, NOW - READABILITY_WINDOW + 1), True, True),
+        (Readability(True, NOW - READABILITY_WINDOW), False, True),  # and forgotten after a day
+        (Readability(True, NOW - 10 * READABILITY_WINDOW), False, True),
+        (Readability(True, NOW + 60), True, True),  # the clock went back a little: ask again
+        (Readability(True, NOW + READABILITY_WINDOW), False, True),
+        (Readability(False, NOW), False, False),
+        (Readability(False, NOW - READABILITY_REFRESH), False, True),
+    ],
+)
+def test_readability_expires_and_is_asked_again(
+    readability: Readability | None, readable: bool, probe: bool
+) -> None:
+    assert anonymously_readable(readability, NOW) is readable
+    assert should_probe(readability, NOW) is probe
+
+
+def test_stale_needs_a_linked_digest_in_a_readable_repository() -> None:
+    public = Readability(True, NOW - 3600)
+    assert stale_allowed(public, True, NOW)
+    assert not stale_allowed(public, False, NOW)
+    assert not stale_allowed(Readability(False, NOW), True, NOW)
+    assert not stale_allowed(None, True, NOW)
+    assert not stale_allowed(public, True, NOW + READABILITY_WINDOW)
+    assert ping_stale_allowed([Readability(False, NOW), public], NOW)
+    assert not ping_stale_allowed([Readability(False, NOW)], NOW)
+    assert not ping_stale_allowed([public], NOW + READABILITY_WINDOW)
+    assert not ping_stale_allowed([], NOW)
+
+
+BLOB = CacheRequest(Kind.BLOB, "GET", has_range=False, cached=True, confirmed=False)
+TAG = CacheRequest(
+    Kind.MANIFEST, "GET", has_range=False, cached=True, confirmed=False, by_digest=False
+)
+
+
+def facts(base: CacheRequest, **changes: object) -> CacheRequest:
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_facts", "asked", "expected"),
+    [
+        # misses: only a plain GET fills; HEADs and ranges go through as they are
+        (facts(BLOB, cached=False), None, Fill()),
+        (facts(BLOB, cached=False, method="HEAD"), None, Forward()),
+        (facts(BLOB, cached=False, has_range=True), None, Forward()),
+        (facts(BLOB, cached=False, stale_ok=True), UNAVAILABLE, Fill()),
+        (facts(TAG, cached=False), None, Fill()),
+        (facts(TAG, cached=False, method="HEAD"), None, Forward()),
+        # hits: confirmed ones are served; others are asked about first
+        (facts(BLOB, confirmed=True), None, ServeCache()),
+        (facts(BLOB, confirmed=True, has_range=True), None, ServeCache()),
+        (BLOB, None, AskUpstream()),
+        (facts(BLOB, stale_ok=True), None, AskUpstream()),  # stale only when asked in vain
+        (BLOB, ALLOWED, ServeCache()),
+        (facts(BLOB, method="HEAD"), ALLOWED, ServeCache()),
+        (BLOB, DENIED, Forward()),
+        (facts(BLOB, stale_ok=True), DENIED, Forward()),
+        (BLOB, UNAVAILABLE, Forward()),
+        (facts(BLOB, stale_ok=True), UNAVAILABLE, ServeStale()),
+        # tags: served unasked only while fresh, and only to a confirmed client
+        (facts(TAG, confirmed=True), None, AskUpstream()),
+        (facts(TAG, confirmed=True, tag_fresh=True), None, ServeCache()),
+        (facts(TAG, tag_fresh=True), None, AskUpstream()),
+        (facts(TAG, tag_current=True), ALLOWED, ServeCache()),
+        (TAG, ALLOWED, Fill()),  # the tag moved: one GET of what it names now
+        (facts(TAG, method="HEAD"), ALLOWED, Forward()),
+        (facts(TAG, tag_current=True), DENIED, Forward()),
+        (facts(TAG, stale_ok=True), UNAVAILABLE, ServeStale()),
+        (TAG, UNAVAILABLE, Forward()),
+        # by digest: never "moved"
+        (facts(TAG, by_digest=True, confirmed=True), None, ServeCache()),
+        (facts(TAG, by_digest=True), ALLOWED, ServeCache()),
+    ],
+)
+def test_decide(
+    request_facts: CacheRequest, asked: UpstreamVerdict | None, expected: Decision
+) -> None:
+    assert decide(request_facts, asked) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "cached", "stale_ok", "expected"),
+    [
+        (None, True, True, ServeStale()),  # no answer at all
+        (500, True, True, ServeStale()),
+        (501, True, True, ServeStale()),
+        (429, True, True, ServeStale()),
+        (404, True, True, Forward()),
+        (200, True, True, Forward()),
+        (500, False, True, Forward()),
+        (500, True, False, Forward()),
+        (None, True, False, Forward()),
+    ],
+)
+def test_after_upstream(
+    status: int | None, cached: bool, stale_ok: bool, expected: Decision
+) -> None:
+    assert after_upstream(status, cached=cached, stale_ok=stale_ok) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "length", "media_type", "kept"),
+    [
+        ("GET", 200, 100, b"application/json", True),
+        ("GET", 200, 4096, b"x/y", True),
+        ("GET", 200, 4097, b"x/y", False),
+        ("GET", 200, None, b"x/y", False),
+        ("GET", 200, 100, None, False),
+        ("HEAD", 200, 100, b"x/y", False),
+        ("GET", 203, 100, b"x/y", False),
+        ("GET", 404, 100, b"x/y", False),
+    ],
+)
+def test_keep_manifest(
+    method: str, status: int, length: int | None, media_type: bytes | None, kept: bool
+) -> None:
+    assert keep_manifest(method, status, length, media_type, 4096) is kept
