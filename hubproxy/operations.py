@@ -84,10 +84,7 @@ class Operations:
             figures = status_figures(
                 self.proxy.metrics,
                 url=self._mirror_url(request),
-                upstreams=[
-                    f"{name}: " + ", ".join(str(url) for url in upstreams.urls)
-                    for name, upstreams in self.proxy.registries.items()
-                ],
+                table=self.proxy.table,
                 now=time.time(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
