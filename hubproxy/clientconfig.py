@@ -3,15 +3,23 @@
 Pure functions from the mirror's URL (and an optional private CA file) to the exact text of each
 client's configuration, printed by ``hubproxy print-config CLIENT --url URL [--ca FILE]``. Each
 output is checked by a test that parses it with the client's own format (JSON, TOML, YAML).
+
+Two kinds of text name the mirror. Endpoint URLs (daemon.json, hosts.toml, registries.yaml) take
+any host, an IPv6 literal in brackets too. Image references (``docker pull HOST/...``, podman's
+mirror ``location``, which containers/image parses as a reference prefix) do not: the reference
+grammar of docker 20.10 and podman 4.3 (distribution/reference before it took bracketed IPv6)
+allows only a domain name or an IPv4 address before the port. ``reference_host`` is the one rule for
+what an image reference may call the mirror.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Sequence
 
 from .registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY
-from .urls import Url, parse_url
+from .urls import DEFAULT_PORTS, Origin, Url, parse_url
 
 CLIENTS = ("docker", "containerd", "k3s", "podman")
 BUILTIN_NAMES = tuple(name for name, _, _ in BUILTIN_REGISTRIES)
@@ -19,6 +27,41 @@ BUILTIN_NAMES = tuple(name for name, _, _ in BUILTIN_REGISTRIES)
 
 def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def reference_name(host: str) -> str | None:
+    """What an image reference may call the host ``host`` (as ``Origin`` keeps it: lowercase,
+    an IPv6 literal without brackets), for older docker and podman; None when nothing. A domain
+    name or an IPv4 address is used as it is; ``::1`` becomes ``localhost`` (which resolves to
+    ::1 and 127.0.0.1, and the clients try each address); an IPv4-mapped address becomes its IPv4
+    form (no grammar accepts it bracketed); any other IPv6 address has no form they accept."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:  # a zone ("fe80::1%eth0"): excluded even by the newer grammar
+        return None
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.is_loopback:
+        return "localhost"
+    return None
+
+
+def reference_host(origin: Origin) -> str | None:
+    """``host[:port]`` for the mirror at ``origin`` in an image reference (``reference_name``,
+    the port left out when it is the scheme's default); None when no reference can name it."""
+    name = reference_name(origin.host)
+    if name is None or DEFAULT_PORTS[origin.scheme] == origin.port:
+        return name
+    return f"{name}:{origin.port}"
+
+
+def _no_reference(origin: Origin) -> str:
+    return (
+        f"an image reference cannot name the IPv6 address {origin.host} (docker 20.10 and "
+        "podman 4.3 accept none, newer ones no zone): give the mirror a host name"
+    )
 
 
 def docker(url: Url) -> str:
@@ -64,12 +107,17 @@ def k3s(url: Url, ca: str | None, registries: Sequence[str]) -> str:
 
 def podman(url: Url, registries: Sequence[str]) -> str:
     """``/etc/containers/registries.conf`` (podman, skopeo, buildah, cri-o): Docker Hub at the
-    mirror's root, every other registry under its name as a path prefix."""
+    mirror's root, every other registry under its name as a path prefix. ValueError when the
+    mirror's host cannot appear in an image reference (``reference_host``)."""
+    # containers/image parses location + the rest of the image name as a reference
+    host = reference_host(url.origin)
+    if host is None:
+        raise ValueError(f"podman cannot use {url.origin}: {_no_reference(url.origin)}")
     lines: list[str] = []
     for name in registries:
         # the mirror's root serves the default registry; the others are path prefixes
         root = name == DEFAULT_REGISTRY
-        location = url.origin.authority if root else f"{url.origin.authority}/{name}"
+        location = host if root else f"{host}/{name}"
         lines += [
             "[[registry]]",
             f"prefix = {_toml_string(name)}",
@@ -97,13 +145,20 @@ def snippet(
     if url.target not in ("", "/"):
         raise ValueError(f"a mirror URL has no path: {mirror_url!r}")
     host = url.origin.authority
+    reference = reference_host(url.origin)
     if client == "docker":
         hint = "put this in /etc/docker/daemon.json, then: systemctl restart docker"
+        # dockerd looks up a mirror by its URL's host, a pull by path by the reference's host
+        names = [host] if reference in (None, host) else [host, reference]
         if ca:
-            hint += f"; and copy {ca} to /etc/docker/certs.d/{host}/ca.crt"
+            places = " and ".join(f"/etc/docker/certs.d/{name}/ca.crt" for name in names)
+            hint += f"; and copy {ca} to {places}"
         if not url.origin.tls and url.origin.host not in ("127.0.0.1", "localhost", "::1"):
-            hint += f'; an http mirror also needs "insecure-registries": ["{host}"]'
-        hint += f"; other registries by path: docker pull {host}/ghcr.io/OWNER/IMAGE"
+            hint += f'; an http mirror also needs "insecure-registries": {json.dumps(names)}'
+        if reference is None:
+            hint += f"; other registries by path: {_no_reference(url.origin)}"
+        else:
+            hint += f"; other registries by path: docker pull {reference}/ghcr.io/OWNER/IMAGE"
         return docker(url), hint
     if client == "containerd":
         return (
@@ -117,8 +172,12 @@ def snippet(
             "put this in /etc/rancher/k3s/registries.yaml, then restart k3s",
         )
     if client == "podman":
+        text = podman(url, registries)  # ValueError when no reference can name the mirror
         hint = "put this in /etc/containers/registries.conf"
         if ca:
-            hint += f"; and copy {ca} to /etc/containers/certs.d/{host}/ca.crt"
-        return podman(url, registries), hint
+            hint += f"; and copy {ca} to /etc/containers/certs.d/{reference}/ca.crt"
+        name = reference_name(url.origin.host)
+        if url.origin.tls and name != url.origin.host:
+            hint += f"; podman reaches the mirror as {name}: its certificate must name {name}"
+        return text, hint
     raise ValueError(f"unknown client {client!r}: one of {', '.join(CLIENTS)}")

@@ -87,10 +87,7 @@ class Operations:
             figures = status_figures(
                 self.metrics,
                 url=self._mirror_url(request),
-                upstreams=[
-                    f"{name}: " + ", ".join(str(url) for url in upstreams.urls)
-                    for name, upstreams in self.forwarder.registries.items()
-                ],
+                table=self.forwarder.table,
                 now=time.time(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"

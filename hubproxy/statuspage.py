@@ -4,8 +4,9 @@
 self-contained HTML5 page: no script, no external stylesheet or font, so it works on an offline
 network. Every interpolated value goes through ``html.escape``: upstream URLs, the mirror's name
 and URL come from configuration, and a page that shows them must not become a way to inject
-markup. ``status_figures`` gathers the live values from ``HubMetrics``; the caller supplies the
-clock readings, so nothing here reads one.
+markup. ``status_figures`` gathers the live values from ``HubMetrics``, ``registry_figures`` the
+registries served and their upstreams from the ``RegistryTable``; the caller supplies the clock
+readings, so nothing here reads one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from html import escape
 from . import __version__
 from .clientconfig import CLIENTS, snippet
 from .metrics import HubMetrics
+from .registries import RegistryTable
+from .urls import Url
 
 Snippet = tuple[str, str, str]  # client, where it goes (and what else to do), text to paste
 
@@ -106,13 +109,40 @@ def client_snippets(mirror_url: str, ca: str | None = None) -> tuple[Snippet, ..
 
 
 @dataclass(frozen=True, kw_only=True)
+class RegistryFigures:
+    """One registry the mirror serves, as the page lists it."""
+
+    name: str  # how clients name it: "docker.io"
+    primary: str | None  # the upstream URL tried first; None: none configured
+    fallbacks: tuple[str, ...] = ()  # tried in order when the primary fails
+    default: bool = False  # an image that names no registry comes from this one
+
+
+def _shown(url: Url) -> str:
+    return str(url.origin) if url.target == "/" else str(url)  # no lone trailing slash
+
+
+def registry_figures(table: RegistryTable) -> tuple[RegistryFigures, ...]:
+    """Each registry of ``table``, in its order (the default first), with its upstreams."""
+    return tuple(
+        RegistryFigures(
+            name=registry.name,
+            primary=_shown(registry.upstreams[0]) if registry.upstreams else None,
+            fallbacks=tuple(_shown(url) for url in registry.upstreams[1:]),
+            default=registry.name == table.default,
+        )
+        for registry in table.registries
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class StatusFigures:
     """Everything the status page shows. Times are Unix seconds (wall clock)."""
 
     url: str  # the mirror's public URL
     name: str = "hubproxy"
     version: str = __version__
-    upstreams: tuple[str, ...] = ()  # the primary first, then fallbacks
+    registries: tuple[RegistryFigures, ...] = ()
     snippets: tuple[Snippet, ...] = ()
     now: float = 0.0
     started_at: float = 0.0
@@ -132,13 +162,13 @@ def status_figures(
     metrics: HubMetrics,
     *,
     url: str,
-    upstreams: Sequence[str],
+    table: RegistryTable,
     now: float,
     name: str = "hubproxy",
     snippets: tuple[Snippet, ...] | None = None,
 ) -> StatusFigures:
-    """The page's figures from the live metrics; ``now`` is the wall clock (``time.time()``).
-    ``snippets`` defaults to ``client_snippets(url)``."""
+    """The page's figures from the live metrics and the registries served (``table``); ``now``
+    is the wall clock (``time.time()``). ``snippets`` defaults to ``client_snippets(url)``."""
     cache = metrics.cache() if metrics.cache is not None else None
     sources = metrics.response_bytes.series()
     remaining = metrics.ratelimit_remaining.series()
@@ -146,7 +176,7 @@ def status_figures(
         url=url,
         name=name,
         version=metrics.version,
-        upstreams=tuple(upstreams),
+        registries=registry_figures(table),
         snippets=client_snippets(url) if snippets is None else snippets,
         now=now,
         started_at=metrics.started_at,
@@ -177,13 +207,22 @@ def _row(label: str, value: str) -> str:
     return f"<tr><th>{escape(label)}</th><td>{value}</td></tr>"
 
 
-def _upstreams(upstreams: Sequence[str]) -> list[str]:
-    if not upstreams:
+def _registries(registries: Sequence[RegistryFigures]) -> list[str]:
+    """One item per registry: its name, then its primary and its fallbacks, each labelled; the
+    labels belong to one registry's upstreams, never to the list of registries."""
+    if not registries:
         return ["<p>No upstream registry is configured.</p>"]
-    items = [
-        f"<li>{_link(url)} ({'primary' if index == 0 else 'fallback'})</li>"
-        for index, url in enumerate(upstreams)
-    ]
+    items = []
+    for registry in registries:
+        name = f"<strong>{escape(registry.name)}</strong>"
+        if registry.default:
+            name += " (default)"
+        if registry.primary is None:
+            upstreams = ["no upstream configured"]
+        else:
+            upstreams = [f"{_link(registry.primary)} (primary)"]
+        upstreams += [f"{_link(url)} (fallback)" for url in registry.fallbacks]
+        items.append(f"<li>{name}: {', '.join(upstreams)}</li>")
     return ["<ul>", *items, "</ul>"]
 
 
@@ -260,7 +299,7 @@ def render_status_page(status: StatusFigures) -> bytes:
         f'<p class="sub">A Docker Hub registry mirror at {_link(status.url)}, '
         f"hubproxy {escape(status.version)}, up {escape(uptime)}.</p>",
         "<h2>Serving</h2>",
-        *_upstreams(status.upstreams),
+        *_registries(status.registries),
         "<h2>Figures</h2>",
         *_figures(status),
         "<h2>Upstream rate limits</h2>",

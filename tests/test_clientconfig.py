@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -10,7 +11,8 @@ import tomllib
 import pytest
 import yaml
 
-from hubproxy.clientconfig import BUILTIN_NAMES, snippet
+from hubproxy.clientconfig import BUILTIN_NAMES, reference_host, snippet
+from hubproxy.urls import parse_url
 
 
 def test_docker_daemon_json() -> None:
@@ -99,3 +101,140 @@ def test_command_line() -> None:
     )
     assert bad.returncode == 2
     assert b"hubproxy print-config: error:" in bad.stderr
+    ipv6 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hubproxy",
+            "print-config",
+            "podman",
+            "--url",
+            "https://[2001:db8::1]",
+        ],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    assert (ipv6.returncode, ipv6.stdout) == (2, b"")
+    assert b"give the mirror a host name" in ipv6.stderr
+
+
+# The image reference grammar of docker 20.10 and podman 4.3 (distribution/reference before it
+# learned IPv6): domain = component ("." component)* [":" port], then "/"-separated path
+# components. Every image reference we suggest must match it.
+_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_NAME = r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*"
+OLD_REFERENCE = re.compile(rf"{_COMPONENT}(?:\.{_COMPONENT})*(?::[0-9]+)?(?:/{_NAME})+")
+
+MIRRORS = [
+    "https://mirror.example.com",
+    "https://mirror.example.com:8443",
+    "http://192.168.1.5:5000",
+    "http://localhost:5000",
+    "http://[::1]:5000",
+    "https://[::1]:5000",
+    "https://[::1]",
+    "http://[0:0:0:0:0:0:0:1]:5000",
+    "http://[::ffff:10.0.0.2]:5000",
+    "https://[2001:db8::1]:5000",
+    "http://[fe80::1%25eth0]:5000",
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://mirror.example.com", "mirror.example.com"),
+        ("https://mirror.example.com:8443", "mirror.example.com:8443"),
+        ("http://192.168.1.5:5000", "192.168.1.5:5000"),
+        ("http://localhost:5000", "localhost:5000"),
+        ("http://[::1]:5000", "localhost:5000"),  # not "[::1]:5000": docker 20.10 refuses it
+        ("https://[::1]", "localhost"),
+        ("http://[::1]:80", "localhost"),
+        ("http://[0:0:0:0:0:0:0:1]:5000", "localhost:5000"),
+        ("http://[::ffff:10.0.0.2]:5000", "10.0.0.2:5000"),  # no grammar takes it bracketed
+        ("https://[2001:db8::1]:5000", None),
+        ("http://[fe80::1%25eth0]:5000", None),
+    ],
+)
+def test_reference_host(url: str, expected: str | None) -> None:
+    assert reference_host(parse_url(url).origin) == expected
+
+
+def _suggested_references(client: str, url: str) -> list[str]:
+    """Every image reference in ``client``'s snippet and hint for ``url`` (podman: each mirror
+    location with an image name appended, as containers/image builds it)."""
+    try:
+        text, hint = snippet(client, url, "/srv/ca.pem")
+    except ValueError:
+        return []
+    found = [ref.replace("OWNER/IMAGE", "owner/image") for ref in PULL.findall(hint)]
+    if client == "podman":
+        for registry in tomllib.loads(text)["registry"]:
+            found += [f"{mirror['location']}/library/nginx" for mirror in registry["mirror"]]
+    return found
+
+
+PULL = re.compile(r"docker pull (\S+)")
+
+
+@pytest.mark.parametrize("url", MIRRORS)
+@pytest.mark.parametrize("client", ["docker", "podman"])
+def test_every_suggested_reference_parses_for_older_clients(client: str, url: str) -> None:
+    references = _suggested_references(client, url)
+    for reference in references:
+        assert OLD_REFERENCE.fullmatch(reference), reference
+    expected = reference_host(parse_url(url).origin) is not None
+    assert bool(references) == expected  # a nameable mirror gets its example, no other does
+
+
+def test_loopback_ipv6_mirror() -> None:
+    """A mirror at [::1]: endpoint URLs keep the literal, image references say localhost."""
+    text, hint = snippet("docker", "http://[::1]:5000", None)
+    assert json.loads(text) == {"registry-mirrors": ["http://[::1]:5000"]}
+    assert hint.endswith("docker pull localhost:5000/ghcr.io/OWNER/IMAGE")
+    assert "insecure-registries" not in hint  # loopback
+    _, hint = snippet("docker", "https://[::1]:5000", "/srv/ca.pem")
+    # the mirror is looked up by its URL's host, a pull by path by the reference's
+    assert "/etc/docker/certs.d/[::1]:5000/ca.crt" in hint
+    assert "/etc/docker/certs.d/localhost:5000/ca.crt" in hint
+
+    conf = tomllib.loads(snippet("podman", "http://[::1]:5000", None, ["docker.io", "ghcr.io"])[0])
+    mirrors = [registry["mirror"] for registry in conf["registry"]]
+    assert mirrors == [
+        [{"location": "localhost:5000", "insecure": True}],
+        [{"location": "localhost:5000/ghcr.io", "insecure": True}],
+    ]
+    _, hint = snippet("podman", "https://[::1]:5000", "/srv/ca.pem")
+    assert "/etc/containers/certs.d/localhost:5000/ca.crt" in hint
+    assert "its certificate must name localhost" in hint
+    _, hint = snippet("podman", "https://mirror.example.com", None)
+    assert "certificate" not in hint
+
+    hosts = tomllib.loads(snippet("containerd", "https://[::1]:5000", None)[0])
+    assert list(hosts["host"]) == ["https://[::1]:5000"]
+    document = yaml.safe_load(snippet("k3s", "https://[::1]:5000", "/srv/ca.pem")[0])
+    assert document["mirrors"]["ghcr.io"]["endpoint"] == ["https://[::1]:5000"]
+    assert list(document["configs"]) == ["[::1]:5000"]
+
+
+def test_other_ipv6_mirror() -> None:
+    """No image reference can name [2001:db8::1] for the older clients: docker gets its
+    daemon.json and a hint to use a host name, podman (whose mirror location is a reference)
+    is refused with the same advice."""
+    text, hint = snippet("docker", "https://[2001:db8::1]:5000", None)
+    assert json.loads(text) == {"registry-mirrors": ["https://[2001:db8::1]:5000"]}
+    assert "docker pull" not in hint
+    assert "give the mirror a host name" in hint
+    _, hint = snippet("docker", "http://[2001:db8::1]:5000", None)
+    assert '"insecure-registries": ["[2001:db8::1]:5000"]' in hint  # a host:port, not a reference
+    with pytest.raises(ValueError, match="give the mirror a host name"):
+        snippet("podman", "https://[2001:db8::1]:5000", None)
+    assert tomllib.loads(snippet("containerd", "https://[2001:db8::1]:5000", None)[0])["host"]
+
+
+def test_ipv4_mapped_mirror() -> None:
+    _, hint = snippet("docker", "http://[::ffff:10.0.0.2]:5000", "/srv/ca.pem")
+    assert hint.endswith("docker pull 10.0.0.2:5000/ghcr.io/OWNER/IMAGE")
+    assert '"insecure-registries": ["[::ffff:10.0.0.2]:5000", "10.0.0.2:5000"]' in hint
+    assert "/etc/docker/certs.d/10.0.0.2:5000/ca.crt" in hint

@@ -12,7 +12,9 @@ import pytest
 from hubproxy import __version__
 from hubproxy.clientconfig import CLIENTS, snippet
 from hubproxy.metrics import CacheFigures, HubMetrics
+from hubproxy.registries import Registry, RegistryTable, build_table
 from hubproxy.statuspage import (
+    RegistryFigures,
     StatusFigures,
     client_snippets,
     format_bytes,
@@ -20,13 +22,20 @@ from hubproxy.statuspage import (
     format_duration,
     format_ratio,
     format_time,
+    registry_figures,
     render_status_page,
     status_figures,
 )
+from hubproxy.urls import parse_url
 
 VOID = frozenset({"meta", "br", "hr", "img", "link", "input"})
 HUB = "https://registry-1.docker.io"
 FALLBACK = "https://mirror.gcr.io"
+GHCR = "https://ghcr.io"
+SERVED = (
+    RegistryFigures(name="docker.io", primary=HUB, fallbacks=(FALLBACK,), default=True),
+    RegistryFigures(name="ghcr.io", primary=GHCR),
+)
 
 
 class Page(HTMLParser):
@@ -90,7 +99,7 @@ FIGURES = StatusFigures(
     url="https://mirror.example.com",
     name="office mirror",
     version="9.8.7",
-    upstreams=(HUB, FALLBACK),
+    registries=SERVED,
     snippets=client_snippets("https://mirror.example.com"),
     now=1_714_564_800.0,  # 2024-05-01 12:00:00 UTC
     started_at=1_714_564_800.0 - (2 * 86400 + 3 * 3600 + 59),
@@ -124,10 +133,85 @@ def test_shows_what_it_serves() -> None:
     page = parse(render_status_page(FIGURES))
     text = page.text()
     assert "hubproxy 9.8.7" in text
-    assert f"{HUB} (primary)" in page.inside("li")
-    assert f"{FALLBACK} (fallback)" in page.inside("li")
+    assert page.inside("li") == [
+        f"docker.io (default): {HUB} (primary), {FALLBACK} (fallback)",
+        f"ghcr.io: {GHCR} (primary)",
+    ]
+    assert page.inside("strong") == ["docker.io", "ghcr.io"]
     links = [attrs["href"] for tag, attrs in page.attributes if tag == "a"]
-    assert links == ["https://mirror.example.com", HUB, FALLBACK]
+    assert links == ["https://mirror.example.com", HUB, FALLBACK, GHCR]
+
+
+def _labels(page: Page) -> dict[str, list[tuple[str, str]]]:
+    """Per registry (the item's <strong>): each upstream link and the label after it."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    registry, link = "", ""
+    for stack, data in page.texts:
+        tags = [name for name, _ in stack]
+        if "li" not in tags:
+            continue
+        if tags[-1] == "strong":
+            registry = data
+            found[registry] = []
+        elif tags[-1] == "a":
+            link = data
+        elif link and data.lstrip().startswith("("):
+            found[registry].append((link, data.strip(" ,").split(")")[0] + ")"))
+            link = ""
+    return found
+
+
+def test_other_registries_are_not_fallbacks() -> None:
+    """ghcr.io is a registry of its own, not a fallback of docker.io; docker.io's own fallback
+    is labelled as one, under docker.io."""
+    labels = _labels(parse(render_status_page(FIGURES)))
+    assert labels == {
+        "docker.io": [(HUB, "(primary)"), (FALLBACK, "(fallback)")],
+        "ghcr.io": [(GHCR, "(primary)")],
+    }
+    many = replace(
+        FIGURES,
+        registries=(
+            RegistryFigures(name="ghcr.io", primary=GHCR),
+            RegistryFigures(name="quay.io", primary="https://quay.io", fallbacks=(GHCR, HUB)),
+        ),
+    )
+    page = parse(render_status_page(many))
+    assert _labels(page) == {
+        "ghcr.io": [(GHCR, "(primary)")],
+        "quay.io": [("https://quay.io", "(primary)"), (GHCR, "(fallback)"), (HUB, "(fallback)")],
+    }
+    assert "(default)" not in page.text()  # only the registry marked default says so
+
+
+def test_registry_without_upstream() -> None:
+    figures = replace(FIGURES, registries=(RegistryFigures(name="docker.io", primary=None),))
+    page = parse(render_status_page(figures))
+    assert page.inside("li") == ["docker.io: no upstream configured"]
+    assert [attrs["href"] for tag, attrs in page.attributes if tag == "a"] == [FIGURES.url]
+
+
+def test_registry_figures_from_the_table() -> None:
+    hub = Registry("docker.io", (parse_url(HUB), parse_url(FALLBACK)), library_prefix=True)
+    ghcr = Registry("ghcr.io", (parse_url(GHCR),))
+    table = build_table(hub, [ghcr, Registry("docker.io", (parse_url(GHCR),))], [])
+    assert registry_figures(table) == (
+        RegistryFigures(name="docker.io", primary=HUB, fallbacks=(FALLBACK,), default=True),
+        RegistryFigures(name="ghcr.io", primary=GHCR),
+    )
+    # a table whose default is another registry marks that one
+    other = build_table(ghcr, [hub], [])
+    assert [(r.name, r.default) for r in registry_figures(other)] == [
+        ("ghcr.io", True),
+        ("docker.io", False),
+    ]
+    # an upstream under a path keeps it; a bare origin is shown without the lone "/"
+    prefixed = build_table(ghcr, [Registry("r.example", (parse_url("https://r.example/x/"),))], [])
+    assert registry_figures(prefixed)[1].primary == "https://r.example/x/"
+    empty = RegistryTable((Registry("docker.io", ()),))
+    assert registry_figures(empty) == (
+        RegistryFigures(name="docker.io", primary=None, default=True),
+    )
 
 
 def test_each_client_snippet_verbatim_in_a_pre() -> None:
@@ -185,7 +269,10 @@ HOSTILE = 'https://evil.example/<script>alert("x")</script>&amp;'
 @pytest.mark.parametrize(
     "figures",
     [
-        replace(FIGURES, upstreams=(HOSTILE,)),
+        replace(
+            FIGURES,
+            registries=(RegistryFigures(name=HOSTILE, primary=HOSTILE, fallbacks=(HOSTILE,)),),
+        ),
         replace(FIGURES, url=HOSTILE),
         replace(FIGURES, name=HOSTILE),
         replace(FIGURES, version=HOSTILE),
@@ -203,10 +290,11 @@ def test_everything_interpolated_is_escaped(figures: StatusFigures) -> None:
 
 @pytest.mark.parametrize("url", ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,x"])
 def test_only_http_urls_become_links(url: str) -> None:
-    page = parse(render_status_page(replace(FIGURES, url=url, upstreams=(url,))))
+    served = (RegistryFigures(name="docker.io", primary=url, fallbacks=(url,)),)
+    page = parse(render_status_page(replace(FIGURES, url=url, registries=served)))
     hrefs = [attrs["href"] for tag, attrs in page.attributes if tag == "a"]
     assert hrefs == []
-    assert url in page.inside("code")
+    assert page.inside("code") == [url, url, url]  # the mirror's URL, the primary, the fallback
 
 
 def test_client_snippets() -> None:
@@ -215,6 +303,16 @@ def test_client_snippets() -> None:
     for client, where, text in found:
         assert (text, where) == snippet(client, "https://mirror.example.com:8443", "/srv/ca.pem")
     assert "/etc/docker/daemon.json" in found[0][1]
+
+
+def test_client_snippets_for_an_ipv6_mirror() -> None:
+    """podman's mirror location is an image reference, which cannot name [2001:db8::1] for
+    podman 4.3: the page leaves podman out and shows the others."""
+    found = client_snippets("https://[2001:db8::1]:5000")
+    assert [client for client, _, _ in found] == [c for c in CLIENTS if c != "podman"]
+    loopback = client_snippets("https://[::1]:5000")
+    assert [client for client, _, _ in loopback] == list(CLIENTS)
+    assert 'location = "localhost:5000"' in dict((c, t) for c, _, t in loopback)["podman"]
 
 
 @pytest.mark.parametrize(
@@ -305,13 +403,16 @@ def test_status_figures_from_metrics() -> None:
     metrics.note_ratelimit(FALLBACK, b"12;w=60")
     metrics.note_ratelimit(HUB, b"76;w=21600")
 
-    figures = status_figures(
-        metrics, url="https://mirror.example.com", upstreams=[HUB, FALLBACK], now=10000.0
+    table = build_table(
+        Registry("docker.io", (parse_url(HUB), parse_url(FALLBACK))),
+        [Registry("ghcr.io", (parse_url(GHCR),))],
+        [],
     )
+    figures = status_figures(metrics, url="https://mirror.example.com", table=table, now=10000.0)
     assert figures == StatusFigures(
         url="https://mirror.example.com",
         version="9.8.7",
-        upstreams=(HUB, FALLBACK),
+        registries=SERVED,
         snippets=client_snippets("https://mirror.example.com"),
         now=10000.0,
         started_at=1000.0,
@@ -331,6 +432,6 @@ def test_status_figures_from_metrics() -> None:
 
 def test_status_figures_without_cache() -> None:
     metrics = HubMetrics(started_at=0.0)
-    figures = status_figures(metrics, url="http://127.0.0.1:5000", upstreams=(), now=1.0)
+    figures = status_figures(metrics, url="http://127.0.0.1:5000", table=RegistryTable(()), now=1.0)
     assert (figures.cache_bytes, figures.cache_limit, figures.cache_blobs) == (0, 0, 0)
     assert figures.last_rate_limited_at is None
