@@ -18,7 +18,6 @@ import base64
 import hmac
 import re
 import secrets
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -72,8 +71,10 @@ class Authenticator:
     rate limiter bounds). Unknown users are refused without running scrypt: that tells a timing
     observer which names exist, a small leak traded for not burning CPU on junk.
 
-    :meth:`check_basic` may run in a worker thread (``trio.to_thread.run_sync``) so scrypt does
-    not stall the event loop; :meth:`cached_user` is the cheap path to try first.
+    :meth:`verify` only reads, so it may run in a worker thread (``trio.to_thread.run_sync``)
+    and scrypt does not stall the event loop; the cache is touched only by :meth:`cached_user`
+    and :meth:`remember`, on the caller's own thread, so it needs no lock. :meth:`check_basic`
+    is all three in one, for a caller with no event loop to keep free.
 
     ``stamp_key`` keys :meth:`stamp`. It is the caller's, not the authenticator's, because a
     SIGHUP builds a new Authenticator from the reloaded file and a token sealed before it must
@@ -90,7 +91,6 @@ class Authenticator:
         self._cache_size = cache_size
         self._key = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, str] = OrderedDict()
-        self._lock = threading.Lock()
 
     @property
     def names(self) -> frozenset[str]:
@@ -115,17 +115,14 @@ class Authenticator:
     def cached_user(self, authorization: bytes) -> str | None:
         """The user if this exact header value was verified recently; never runs scrypt."""
         key = self._cache_key(authorization)
-        with self._lock:
-            user = self._cache.get(key)
-            if user is not None:
-                self._cache.move_to_end(key)
-            return user
-
-    def check_basic(self, authorization: bytes) -> str | None:
-        """The user name if the Basic credentials are right, else None. Never raises."""
-        user = self.cached_user(authorization)
+        user = self._cache.get(key)
         if user is not None:
-            return user
+            self._cache.move_to_end(key)
+        return user
+
+    def verify(self, authorization: bytes) -> str | None:
+        """The user name if the Basic credentials are right, else None (runs scrypt; reads
+        nothing mutable, so any thread may call it). Never raises."""
         parsed = parse_basic(authorization)
         if parsed is None:
             return None
@@ -133,8 +130,19 @@ class Authenticator:
         stored = self._users.get(name)
         if stored is None or not verify_password(stored, password):
             return None
-        with self._lock:
-            self._cache[self._cache_key(authorization)] = name
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
         return name
+
+    def remember(self, authorization: bytes, user: str) -> None:
+        """Cache a successful :meth:`verify` so the same header skips scrypt next time."""
+        self._cache[self._cache_key(authorization)] = user
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def check_basic(self, authorization: bytes) -> str | None:
+        """The user name if the Basic credentials are right, else None. Never raises."""
+        user = self.cached_user(authorization)
+        if user is None:
+            user = self.verify(authorization)
+            if user is not None:
+                self.remember(authorization, user)
+        return user

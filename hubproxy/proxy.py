@@ -204,9 +204,12 @@ class Proxy:
         user = authenticator.cached_user(authorization)
         if user is not None:
             return user
-        return await trio.to_thread.run_sync(
-            authenticator.check_basic, authorization, limiter=self._scrypt_threads
+        user = await trio.to_thread.run_sync(
+            authenticator.verify, authorization, limiter=self._scrypt_threads
         )
+        if user is not None and authenticator is self.admission.authenticator:
+            authenticator.remember(authorization, user)  # not if a reload replaced it meanwhile
+        return user
 
     async def _learn_quietly(self, upstreams: UpstreamSet) -> None:
         try:
