@@ -33,7 +33,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import ProxyError
+from .errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 
 log = logging.getLogger("hubproxy.cache")
 
@@ -95,10 +95,6 @@ def choose_evictions(
         victims.append(key)
         total -= size
     return victims
-
-
-class RangeNotSatisfiable(Exception):
-    """A Range wholly beyond the blob: 416."""
 
 
 def byte_range(value: str, size: int) -> tuple[int, int] | None:
@@ -183,18 +179,6 @@ class Fill:
         """Wait until more than ``written`` bytes are available, or the fill ended."""
         while self.state is FillState.FILLING and self.written <= written:
             await self._progress.wait()
-
-
-class CacheFillFailed(ProxyError):
-    """The fill a reader depended on failed (upstream error or digest mismatch).
-
-    ``resumable``: the upstream was fine and only our disk failed (full, say), so a reader may
-    finish its transfer from the upstream instead.
-    """
-
-    def __init__(self, message: str, *, resumable: bool = False) -> None:
-        super().__init__(message)
-        self.resumable = resumable
 
 
 class BlobStore:

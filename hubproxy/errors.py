@@ -87,6 +87,38 @@ class TooManyRedirects(UpstreamUnavailable):
     """The upstream's redirects did not end within the hop limit (a loop, most likely)."""
 
 
+class CacheFillFailed(UpstreamUnavailable):
+    """The fill a reader depended on failed (upstream error or digest mismatch).
+
+    ``resumable``: the upstream was fine and only our disk failed (full, say), so a reader may
+    finish its transfer from the upstream instead.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+class RangeNotSatisfiable(ProxyError):
+    """A Range wholly beyond the blob (RFC 9110 section 15.5.17)."""
+
+    status = 416
+    code = "UNSUPPORTED"
+
+
+# What happens to a client connection rather than an answer: these are not ProxyErrors, because
+# no registry error can be sent any more.
+
+
+class ClientGone(Exception):
+    """The client went away or stopped reading; nothing more can be sent to it."""
+
+
+class ResponseAborted(Exception):
+    """The response was started and cannot be completed: the connection must be cut (Go's
+    ``http.ErrAbortHandler``), so the client never takes a truncated body for a whole one."""
+
+
 def error_body(code: str, message: str) -> bytes:
     """Return the registry JSON error document for one error."""
     document = {"errors": [{"code": code, "message": message, "detail": None}]}

@@ -29,14 +29,14 @@ import trio
 from . import flow
 from .auth import public_base, rewrite_challenge
 from .config import Config
-from .errors import ProxyError, UpstreamUnavailable
+from .errors import ProxyError, ResponseAborted, UpstreamUnavailable
 from .headers import Headers, client_response_headers, upstream_request_headers
 from .metrics import HubMetrics
 from .pool import Connector, Pool
 from .redirects import client_location
 from .registries import RegistryTable
 from .routing import Route
-from .server import ClientRequest, ClientResponse, ResponseAborted
+from .server import ClientRequest, ClientResponse
 from .streams import ByteStream, open_upstream, upstream_ssl_context
 from .upstream import UpstreamConnection
 from .upstreams import UpstreamSet

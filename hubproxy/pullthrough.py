@@ -31,8 +31,6 @@ from .auth import parse_challenges
 from .cache import (
     BlobReader,
     BlobStore,
-    CacheFillFailed,
-    RangeNotSatisfiable,
     cached_blob_answer,
     sha256_hex,
 )
@@ -60,11 +58,17 @@ from .cachepolicy import (
     tag_fresh,
     verdict,
 )
-from .errors import ProxyError, UpstreamUnavailable
+from .errors import (
+    CacheFillFailed,
+    ProxyError,
+    RangeNotSatisfiable,
+    ResponseAborted,
+    UpstreamUnavailable,
+)
 from .headers import Headers, get_all, get_header
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .routing import Route
-from .server import ClientRequest, ClientResponse, ResponseAborted
+from .server import ClientRequest, ClientResponse
 from .upstream import UpstreamConnection
 from .urls import Url, parse_url
 

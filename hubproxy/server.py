@@ -23,7 +23,7 @@ import h11
 import trio
 
 from .config import Config
-from .errors import ClientProtocolError, ProxyError, error_body
+from .errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
 from .headers import Headers, get_header, lax_framing
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
@@ -36,14 +36,6 @@ MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connec
 
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
-
-
-class ClientGone(Exception):
-    """The client went away or stopped reading; nothing more can be sent to it."""
-
-
-class ResponseAborted(Exception):
-    """The response was started and cannot be completed: the connection must be cut."""
 
 
 @dataclass

@@ -14,15 +14,14 @@ import trustme
 
 from hubproxy.cache import (
     BlobStore,
-    CacheFillFailed,
     FillState,
-    RangeNotSatisfiable,
     byte_range,
     cached_blob_answer,
     choose_evictions,
     parse_size,
     sha256_hex,
 )
+from hubproxy.errors import CacheFillFailed, RangeNotSatisfiable
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
