@@ -86,8 +86,11 @@ class RequestBody:
         return await self._client.receive_body_chunk()
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClientRequest:
+    """A request as the client sent it. Never changed: what goes upstream is built beside it
+    (``flow.Plan``, ``headers.upstream_request_headers``), so every part can see the original."""
+
     method: str
     target: str
     headers: Headers
