@@ -17,8 +17,8 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.flow import base_url
 from hubproxy.registries import Registry
+from hubproxy.urls import base_url
 from hubproxy.usersfile import add_user
 from tests.conftest import Canary, RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
