@@ -257,4 +257,3 @@ def _with_rest(resting_until: Sequence[float], rest: Rest) -> list[float]:
     out = list(resting_until)
     out[rest.upstream] = max(out[rest.upstream], rest.until)
     return out
-
