@@ -54,7 +54,7 @@ import math
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from .settings import (
@@ -400,8 +400,11 @@ class _Reader:
                 problem += f"; did you mean '{close[0]}'?"
             raise self.fail(where, label, problem)
         spec = setting.table
+        # the table holds the VALUE of NAME=VALUE (the HOST of HOST=NAME): name that in messages
+        parts = (setting.metavar or "").split("=")
+        single = replace(setting, metavar=parts[0] if spec.name_last else parts[-1])
         try:
-            given = _array(setting, value) if spec.many else [_scalar(setting, value)]
+            given = _array(single, value) if spec.many else [_scalar(single, value)]
         except _BadValue as exc:
             raise self.fail(where, label, str(exc)) from None
         registry = name.strip().lower()

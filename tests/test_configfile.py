@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+import trustme
 
 from hubproxy.configfile import (
     ConfigFileError,
@@ -463,3 +464,199 @@ def test_example_file_names_every_flag() -> None:
     named = set(re.findall(r"(?m)^[ \t]*(?:#[ \t]*)?([a-z][a-z0-9-]*)[ \t]*=", text))
     missing = set(file_keys()) - named
     assert not missing, f"add these keys to {EXAMPLE.name}: {sorted(missing)}"
+
+
+# --- per-registry tables ------------------------------------------------------------------------
+
+REGISTRY_TABLES = """\
+allow = ["10.0.0.0/8"]
+registry-fallback = ["ghcr.io=https://ghcr-worker.example"]
+host-map = ["ghcr.lan=ghcr.io"]
+
+[registry."ghcr.io"]
+fallback = ["https://ghcr-worker.example"]  # the same list as the flat key: fine
+login = "{login}"
+host = ["ghcr.lan", "GHCR2.lan"]
+
+[registry."Registry.Example.com"]
+upstream = "https://registry.example.com:5000"
+upstream-ca = "{ca}"
+upstream-proxy = "http://192.168.1.1:3128"
+fallback = "https://registry-worker.example"
+"""
+
+
+@pytest.fixture
+def registry_files(tmp_path: Path) -> dict[str, str]:
+    login = tmp_path / "ghcr.login"
+    login.write_text("bot:ghp_secret\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text(trustme.CA().cert_pem.bytes().decode())
+    return {"login": str(login), "ca": str(ca)}
+
+
+def test_registry_tables_are_the_flat_keys_per_registry(
+    tmp_path: Path, registry_files: dict[str, str]
+) -> None:
+    path = write(tmp_path, REGISTRY_TABLES.format(**registry_files))
+    settings = load_config_file(path)
+    assert settings.values == {
+        "allow": ["10.0.0.0/8"],
+        "registry_fallback": [
+            "ghcr.io=https://ghcr-worker.example",
+            "registry.example.com=https://registry-worker.example",
+        ],
+        "host_map": ["ghcr.lan=ghcr.io", "ghcr2.lan=ghcr.io"],
+        "registry_login": [f"ghcr.io={registry_files['login']}"],
+        "registry": ["registry.example.com=https://registry.example.com:5000"],
+        "registry_ca": [f"registry.example.com={registry_files['ca']}"],
+        "registry_proxy": ["registry.example.com=http://192.168.1.1:3128"],
+    }
+    # every item remembers the line of the key that gave it
+    assert settings.where("registry_fallback", 0) == f"{path}:2"
+    assert settings.where("registry_fallback", 1) == f"{path}:14"
+    assert settings.where("host_map", 1) == f"{path}:8"
+    assert settings.where("registry", 0) == f"{path}:11"
+    config = build_config(read_settings(["--config", path])[0])
+    table = config.registry_table()
+    ghcr = table.find("ghcr.io")
+    assert ghcr is not None and ghcr.login == ("bot", "ghp_secret")
+    assert [str(u) for u in ghcr.upstreams] == ["https://ghcr.io/", "https://ghcr-worker.example/"]
+    internal = table.find("registry.example.com")
+    assert internal is not None
+    assert [str(u) for u in internal.upstreams] == [
+        "https://registry.example.com:5000/",
+        "https://registry-worker.example/",
+    ]
+    assert internal.upstream_ca == registry_files["ca"]
+    assert str(internal.upstream_proxy) == "http://192.168.1.1:3128/"
+    assert config.host_map == (("ghcr.lan", "ghcr.io"), ("ghcr2.lan", "ghcr.io"))
+
+
+def test_command_line_replaces_what_tables_gave(
+    tmp_path: Path, registry_files: dict[str, str]
+) -> None:
+    path = write(tmp_path, REGISTRY_TABLES.format(**registry_files))
+    argv = ["--config", path, "--registry-fallback", "ghcr.io=https://cli.example"]
+    values, _, _ = read_settings(argv)
+    assert values.raw["registry_fallback"] == ["ghcr.io=https://cli.example"]
+    assert values.where("registry_fallback", 0) is None
+    ghcr = build_config(values).registry_table().find("ghcr.io")
+    assert ghcr is not None
+    assert [u.origin.host for u in ghcr.upstreams] == ["ghcr.io", "cli.example"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "problem"),
+    [
+        (
+            'registry-fallback = ["ghcr.io=https://a"]\n[registry."ghcr.io"]\nfallback = "https://b"\n',
+            3,
+            'registry."ghcr.io".fallback',
+            "conflicts with registry-fallback at line 1 ('ghcr.io=https://a')",
+        ),
+        (
+            'registry-fallback = ["ghcr.io=https://a", "ghcr.io=https://b"]\n'
+            '[registry."ghcr.io"]\nfallback = ["https://b", "https://a"]\n',
+            3,
+            'registry."ghcr.io".fallback',
+            "conflicts with registry-fallback at line 1",
+        ),
+        (
+            'registry-proxy = ["GHCR.io=http://p:1"]\n\n[registry."ghcr.io"]\n'
+            'upstream-proxy = "http://q:1"\n',
+            4,
+            'registry."ghcr.io".upstream-proxy',
+            "conflicts with registry-proxy at line 1 ('GHCR.io=http://p:1')",
+        ),
+        (
+            'registry-login = ["ghcr.io=/a"]\n[registry."ghcr.io"]\nlogin = "/b"\n',
+            3,
+            'registry."ghcr.io".login',
+            "conflicts with registry-login at line 1",
+        ),
+        (
+            'host-map = ["x.lan=quay.io"]\n[registry."ghcr.io"]\nhost = ["y.lan", "X.lan"]\n',
+            3,
+            'registry."ghcr.io".host',
+            "conflicts with host-map at line 1 ('x.lan=quay.io')",
+        ),
+        (
+            '[registry."ghcr.io"]\nhost = "x.lan"\n[registry."quay.io"]\nhost = "x.lan"\n',
+            4,
+            'registry."quay.io".host',
+            """conflicts with registry."ghcr.io".host at line 2 ('x.lan=ghcr.io')""",
+        ),
+        (
+            '[registry."ghcr.io"]\n\nupstrem = "https://x"\n',
+            3,
+            'registry."ghcr.io".upstrem',
+            "unknown key in a registry table (known: upstream, fallback, upstream-ca, "
+            "upstream-proxy, login, host); did you mean 'upstream'?",
+        ),
+        (
+            '[registry."ghcr.io"]\nfallback = 5\n',
+            2,
+            'registry."ghcr.io".fallback',
+            "expected a string (URL), got an integer 5",
+        ),
+        (
+            '[registry."ghcr.io"]\nhost = [true]\n',
+            2,
+            'registry."ghcr.io".host',
+            "item 1: expected a string (HOST), got a boolean true",
+        ),
+        (
+            '[registry."ghcr.io"]\nupstream = ["https://a"]\n',
+            2,
+            'registry."ghcr.io".upstream',
+            "expected a string (URL), got an array",
+        ),
+        ('[registry]\n"ghcr.io" = "https://x"\n', 2, 'registry."ghcr.io"', "expected a table"),
+        (
+            "listen = 'x'\n[listening]\n",
+            2,
+            "listening",
+            'there are no tables but [registry."NAME"]',
+        ),
+    ],
+)
+def test_registry_table_errors(
+    tmp_path: Path, text: str, line: int, key: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path)
+    error = info.value
+    assert (error.line, error.key) == (line, key), str(error)
+    assert problem in error.problem
+
+
+def test_a_bad_value_in_a_registry_table_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, 'listen = ":5000"\n[registry."ghcr.io"]\n\nupstream = "ftp://x"\n')
+    values, _, _ = read_settings(["--config", path])
+    with pytest.raises(UsageError) as info:
+        build_config(values)
+    assert str(info.value) == f"{path}:4: --registry: not an http or https URL: 'ftp://x'"
+    path = write(
+        tmp_path,
+        '[registry."quay.io"]\nhost = ["q.lan"]\n[registry."nowhere.example"]\nhost = "n.lan"\n',
+    )
+    values, _, _ = read_settings(["--config", path])
+    with pytest.raises(UsageError, match=r":4: --host-map: no registry 'nowhere.example'$"):
+        build_config(values)
+
+
+def test_the_example_registry_table_is_valid(tmp_path: Path) -> None:
+    block = re.findall(r"(?m)^#   (.*)$", EXAMPLE.read_text())
+    assert block and block[0] == '[registry."ghcr.io"]'
+    settings = load_config_file(write(tmp_path, "\n".join(block) + "\n"))
+    assert settings.values["registry_fallback"] == [
+        "ghcr.io=https://ghcr-worker.example.workers.dev"
+    ]
+    assert settings.values["host_map"] == ["ghcr.mirror.example.com=ghcr.io"]
+    assert settings.values["registry"] == [
+        "ghcr.io=https://ghcr.io",
+        "registry.example.com=https://registry.example.com:5000",
+    ]
+    assert {"registry_ca", "registry_proxy", "registry_login"} <= set(settings.values)
