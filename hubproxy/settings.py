@@ -9,7 +9,7 @@ Three things are generated from it and from nothing else:
   defaults are all ``argparse.SUPPRESS``, so the namespace it returns holds exactly the settings
   the command line gave, however spelt: that is how the command line overrides the file, with no
   second parse and no private argparse API.
-* ``configfile.read_config_file``: the TOML reader. Every setting is a top-level key spelt like its
+* ``configfile.load_config_file``: the TOML reader. Every setting is a top-level key spelt like its
   flag without ``--``; a row with a :class:`TableKey` is also a key of ``[registry."NAME"]`` tables.
 * :func:`build_config`: raw values (after defaults, the file and the command line, see
   :class:`Values`) to a frozen :class:`~hubproxy.config.Config`. Each value is checked by its row
