@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from .access import RateLimiter, parse_image_rules, parse_networks
+from .access import RateLimiter
 from .admission import Admission
 from .cache import BlobStore
 from .config import Config
@@ -80,13 +80,14 @@ _STAMP_KEY = secrets.token_bytes(32)
 
 
 def build_admission(config: Config, users: dict[str, str] | None = None) -> Admission:
-    """The admission rules from the configuration (``users`` overrides reading the file)."""
+    """The admission rules from the configuration, whose networks and image rules are parsed
+    already (``users`` overrides reading the users file)."""
     if users is None and config.users_file is not None:
         users = load_users(config.users_file)
     return Admission(
-        networks=parse_networks(config.allow),
-        ops_networks=parse_networks(config.ops_allow),
-        images=parse_image_rules(config.images_allow, config.images_deny),
+        networks=config.allow,
+        ops_networks=config.ops_allow,
+        images=config.images,
         limiter=RateLimiter(config.client_rate_limit, config.client_burst),
         authenticator=Authenticator(users, stamp_key=_STAMP_KEY) if users is not None else None,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .access import ImageRules, NetworkList
 from .registries import DEFAULT_REGISTRY, DOCKER_HUB_HOSTS, Registry, RegistryTable, build_table
 from .urls import Url
 
@@ -50,12 +51,14 @@ class Config:
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
-    # access control (hubproxy.access, hubproxy.usersfile); empty means open to everyone
-    allow: tuple[str, ...] = ()  # client networks (CIDR) served at all
-    ops_allow: tuple[str, ...] = ()  # networks that may read /metrics, /healthz, /readyz and /
-    users_file: str | None = None  # mirror users (scrypt hashes): clients must log in
-    images_allow: tuple[str, ...] = ()  # image globs served; empty: all
-    images_deny: tuple[str, ...] = ()  # image globs refused; wins over images_allow
+    # access control (hubproxy.access, hubproxy.admission); empty means open to everyone
+    allow: NetworkList = field(default_factory=NetworkList)  # client networks served at all
+    # networks that may read /metrics, /healthz, /readyz and /
+    ops_allow: NetworkList = field(default_factory=NetworkList)
+    # mirror users (scrypt hashes): clients must log in. The path, not the users: the file is
+    # read when the proxy starts and again on SIGHUP.
+    users_file: str | None = None
+    images: ImageRules = field(default_factory=ImageRules)  # globs served, refused; empty: all
     client_rate_limit: float = 0.0  # requests per second per client address; 0: off
     client_burst: int = 200  # requests a client may make at once before the rate applies
     # several registries (hubproxy.registries): the default one, Docker Hub, is built from the

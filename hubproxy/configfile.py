@@ -2,50 +2,77 @@
 
 Theory of operation
 -------------------
-The argparse parser is the one description of hubproxy's settings. The file adds no settings of its
-own: every long flag is also a top-level key spelled like the flag without ``--``
-(``cache-dir = "/var/cache/hubproxy"``, ``fallback = ["https://a"]``, ``no-cache = true``), and a
-key's value is checked and converted by looking at the flag's argparse action (``store`` with its
-``type`` and ``choices``, ``append``, ``store_true``, ``BooleanOptionalAction``, ...). So a flag
-added to ``build_parser()`` later is a valid key at once, with no list to keep in step.
+The settings table (:data:`hubproxy.settings.SETTINGS`) is the one description of hubproxy's
+settings; the file adds none of its own. Every setting is a top-level key spelt like its flag
+without ``--`` (``cache-dir = "/var/cache/hubproxy"``, ``fallback = ["https://a"]``,
+``no-cache = true``), and a key's value is checked against the setting's :class:`Kind`. So a row
+added to the table later is a valid key at once, with no list to keep in step.
 
-Anything that is not a flag is refused, never ignored: a misspelt key silently doing nothing is
-the classic config-file bug, so an unknown key, a table, or a value of the wrong TOML type stops
+Per-registry settings can also be written as tables, one per registry::
+
+    [registry."ghcr.io"]
+    upstream = "https://ghcr.io"           # registry = ["ghcr.io=https://ghcr.io"]
+    fallback = ["https://w.example"]       # registry-fallback = ["ghcr.io=https://w.example"]
+    upstream-ca = "/etc/hubproxy/ca.pem"   # registry-ca = ["ghcr.io=/etc/hubproxy/ca.pem"]
+    upstream-proxy = "http://proxy:3128"   # registry-proxy = ["ghcr.io=http://proxy:3128"]
+    login = "/etc/hubproxy/ghcr.login"     # registry-login = ["ghcr.io=/etc/hubproxy/ghcr.login"]
+    host = ["ghcr.mirror.lan"]             # host-map = ["ghcr.mirror.lan=ghcr.io"]
+
+A table is another spelling of the flat keys (the rows with a ``TableKey``): its values become
+``NAME=VALUE`` items of those settings, each remembering its own line. A registry may be given
+partly by a table and partly by flat keys; the same thing said twice must agree (the same CA,
+the same list of fallbacks, a host mapped to one registry only), else the second one is an error
+naming both lines.
+
+Anything that is not a setting is refused, never ignored: a misspelt key silently doing nothing is
+the classic config-file bug, so an unknown key, table, or a value of the wrong TOML type stops
 hubproxy with one line naming the file, the line and the key (and a close match when there is one).
 
 Line numbers: ``tomllib`` gives positions only for syntax errors, not for the keys of a valid
-document. Once ``tomllib`` has accepted the text, finding where a top-level key sits is easy: it is
-a line that starts (after blanks) with the key, bare or quoted, then ``=`` (or ``.`` for a dotted
-key), outside any multi-line string; and top-level keys can only come before the first ``[table]``
-header. :func:`find_key_lines` scans for exactly that, stepping over strings and comments so that a
-``key =`` inside a ``\"\"\"`` block is not mistaken for a key. A multi-line array is reported at its
-key's line.
+document. Once ``tomllib`` has accepted the text, finding where a key sits is easy: a key is a
+line that starts (after blanks) with a key path, bare or quoted parts joined by ``.``, then ``=``,
+outside any multi-line string, and it belongs to the last ``[table]`` header above it.
+:func:`find_key_lines` scans for exactly that, stepping over strings and comments so that a
+``key =`` inside a ``\"\"\"`` block is not mistaken for a key. A multi-line array, and a key inside
+an inline table, are reported at the line of the key that holds them.
 
-Precedence: the file's values take the place of argparse's defaults and the command line wins, dest
-by dest. For ``append`` flags the command-line list *replaces* the file's list rather than
-extending it: the file is the service's baseline, and ``--fallback X`` typed by an operator means
-"these upstreams, this time"; appending would leave no way to drop a file entry from the command
-line, and it is how every other flag behaves (the whole value comes from one place). Which dests
-the command line set is found by parsing argv a second time with every default switched to
-``argparse.SUPPRESS`` (restored in a ``finally``): only the dests argparse actually stored remain,
-however the flag was spelt (``--fallback=X``, an abbreviation, ``--no-library-prefix``).
+Precedence: the file's values take the place of the table's defaults and the command line wins,
+setting by setting. For repeatable settings the command-line list *replaces* the file's list
+(tables included) rather than extending it: the file is the service's baseline, and
+``--fallback X`` typed by an operator means "these upstreams, this time"; appending would leave
+no way to drop a file entry from the command line, and it is how every other flag behaves (the
+whole value comes from one place). The parser is built with every default suppressed, so its
+namespace holds exactly the settings the command line gave, however spelt.
 
 Everything here is pure except reading the one file in :func:`load_config_file`.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import cast
 
-# Keys that are long options of the parser but never settings.
+from .settings import (
+    REGISTRY_TABLE,
+    SETTINGS,
+    Kind,
+    Setting,
+    TableKey,
+    Values,
+    build_parser,
+    defaults,
+    split_pair,
+)
+
+# Long options of the parser that are not settings.
 RESERVED_KEYS = frozenset({"config", "help", "version"})
-CONFIG_FLAG = "--config"
+
+KeyPath = tuple[str, ...]
 
 
 class ConfigFileError(Exception):
@@ -62,15 +89,19 @@ class ConfigFileError(Exception):
 
 @dataclass(frozen=True)
 class FileSettings:
-    """The settings a config file gave, keyed by argparse dest."""
+    """The settings a config file gave, keyed by dest (``cache_dir``)."""
 
     path: str
-    values: dict[str, object]  # argparse dest -> value, converted like argparse would
-    lines: dict[str, int]  # argparse dest -> 1-based line of its key in the file
+    values: dict[str, object]  # dest -> value, of the setting's kind (a list when repeatable)
+    lines: dict[str, int]  # dest -> 1-based line of its first key in the file
+    # (dest, index) -> line of the key that gave that item (a flat key or a registry table's)
+    item_lines: dict[tuple[str, int], int] = field(default_factory=dict)
 
-    def where(self, dest: str) -> str:
+    def where(self, dest: str, index: int | None = None) -> str:
         """``path:line`` of ``dest``'s key, for messages (just ``path`` if the line is unknown)."""
-        line = self.lines.get(dest)
+        line = self.item_lines.get((dest, index)) if index is not None else None
+        if line is None:
+            line = self.lines.get(dest)
         return self.path if line is None else f"{self.path}:{line}"
 
 
@@ -78,57 +109,28 @@ class _BadValue(Exception):
     """A value of the wrong kind; the caller adds the path, line and key."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Keys: the parser's long options
+def file_keys(table: Sequence[Setting] = SETTINGS) -> dict[str, Setting]:
+    """Top-level key -> its setting: every row of the table, by its name."""
+    return {setting.name: setting for setting in table if setting.name not in RESERVED_KEYS}
 
 
-def option_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Config-file key -> argparse action, for every long option that is a setting.
-
-    ``--help``, ``--version`` and ``--config`` are not settings; for a ``BooleanOptionalAction``
-    only the positive spelling is a key (``library-prefix = false``, not ``no-library-prefix``).
-    """
-    keys: dict[str, argparse.Action] = {}
-    # argparse has no public way to list its actions; ``_actions`` is stable since Python 3.2.
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
-            continue
-        if CONFIG_FLAG in action.option_strings:
-            continue
-        for option in action.option_strings:
-            if not option.startswith("--"):
-                continue
-            if isinstance(action, argparse.BooleanOptionalAction) and option.startswith("--no-"):
-                continue
-            key = option[2:]
-            if key not in RESERVED_KEYS:
-                keys[key] = action
-    return keys
-
-
-def _negated_keys(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """``no-library-prefix`` -> ``library-prefix``: the spellings a file must not use."""
-    negated: dict[str, str] = {}
-    for action in parser._actions:
-        if isinstance(action, argparse.BooleanOptionalAction):
-            positive = [o[2:] for o in action.option_strings if not o.startswith("--no-")]
-            for option in action.option_strings:
-                if option.startswith("--no-") and positive:
-                    negated[option[2:]] = positive[0]
-    return negated
+def registry_keys(table: Sequence[Setting] = SETTINGS) -> dict[str, Setting]:
+    """Key of a ``[registry."NAME"]`` table -> its setting."""
+    return {s.table.key: s for s in table if s.table is not None}
 
 
 # ---------------------------------------------------------------------------------------------
-# Line numbers of top-level keys
+# Line numbers of keys
 
 _BARE_KEY = r"[A-Za-z0-9_-]+"
 _BASIC_KEY = r'"(?:[^"\\]|\\.)*"'
 _LITERAL_KEY = r"'[^']*'"
 _KEY = rf"{_BARE_KEY}|{_BASIC_KEY}|{_LITERAL_KEY}"
+_DOTTED = rf"(?:{_KEY})(?:[ \t]*\.[ \t]*(?:{_KEY}))*"
 # ``key =`` or ``key.sub =`` at the start of a line (TOML blanks are spaces and tabs).
-_KEY_LINE = re.compile(rf"[ \t]*({_KEY})[ \t]*[=.]")
+_KEY_LINE = re.compile(rf"[ \t]*({_DOTTED})[ \t]*=")
 # ``[table]``, ``[table.sub]`` or ``[[array-of-tables]]``.
-_HEADER_LINE = re.compile(rf"[ \t]*\[\[?[ \t]*({_KEY})[ \t]*[.\]]")
+_HEADER_LINE = re.compile(rf"[ \t]*\[\[?[ \t]*({_DOTTED})[ \t]*\]")
 
 
 def _unquote(key: str) -> str:
@@ -136,6 +138,10 @@ def _unquote(key: str) -> str:
         # Let tomllib decode escapes in a quoted key rather than re-implementing them.
         return next(iter(tomllib.loads(f"{key} = 0")))
     return key
+
+
+def _key_path(dotted: str) -> KeyPath:
+    return tuple(_unquote(part) for part in re.findall(_KEY, dotted))
 
 
 def _string_state(line: str, state: str | None) -> str | None:
@@ -177,28 +183,42 @@ def _string_state(line: str, state: str | None) -> str | None:
     return state
 
 
-def find_key_lines(text: str) -> dict[str, int]:
-    """Top-level key (and table name) -> 1-based line of its first appearance in valid TOML."""
-    lines: dict[str, int] = {}
+def find_key_lines(text: str) -> dict[KeyPath, int]:
+    """Key path (``("registry", "ghcr.io", "upstream")``; a table's own path for its header)
+    -> 1-based line of its first appearance in valid TOML. Every prefix of a path is there too."""
+    lines: dict[KeyPath, int] = {}
     state: str | None = None
-    in_tables = False
+    table: KeyPath = ()
+
+    def note(path: KeyPath, number: int) -> None:
+        for end in range(1, len(path) + 1):
+            lines.setdefault(path[:end], number)
+
     # tomllib counts lines by "\n" (str.splitlines would also split on \x0c, \u2028, ...).
     for number, line in enumerate(text.split("\n"), start=1):
         if state is None:
             header = _HEADER_LINE.match(line)
             if header:
-                in_tables = True
-                lines.setdefault(_unquote(header.group(1)), number)
-            elif not in_tables:
+                table = _key_path(header.group(1))
+                note(table, number)
+            else:
                 match = _KEY_LINE.match(line)
                 if match:
-                    lines.setdefault(_unquote(match.group(1)), number)
+                    note(table + _key_path(match.group(1)), number)
         state = _string_state(line, state)
     return lines
 
 
+def _line_of(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
+    """The line of ``path``, else of its longest prefix that has one."""
+    for end in range(len(path), 0, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
-# Values: TOML value -> what argparse would have stored
+# Values: TOML value -> the setting's raw value
 
 
 def describe(value: object) -> str:
@@ -219,93 +239,57 @@ def describe(value: object) -> str:
     return f"a {type(value).__name__} {value}"  # datetime, date, time
 
 
-def _expected(action: argparse.Action, what: str) -> str:
-    hint = f" ({action.metavar})" if isinstance(action.metavar, str) else ""
+def _expected(setting: Setting, what: str) -> str:
+    hint = f" ({setting.metavar})" if setting.metavar else ""
     return f"expected {what}{hint}"
 
 
-def _scalar(action: argparse.Action, value: object) -> object:
-    """One value converted by the action's ``type``, then checked against its ``choices``."""
-    kind = action.type
+def _scalar(setting: Setting, value: object) -> object:
+    """One value of the setting's kind, checked against its ``choices``."""
     converted: object
-    if kind is int:
+    if setting.kind is Kind.INT:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _BadValue(f"{_expected(action, 'an integer')}, got {describe(value)}")
+            raise _BadValue(f"{_expected(setting, 'an integer')}, got {describe(value)}")
         converted = value
-    elif kind is float:
+    elif setting.kind is Kind.NUMBER:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _BadValue(f"{_expected(action, 'a number')}, got {describe(value)}")
+            raise _BadValue(f"{_expected(setting, 'a number')}, got {describe(value)}")
         converted = float(value)
-    elif kind is None or kind is str:
+    else:
         if not isinstance(value, str):
-            raise _BadValue(f"{_expected(action, 'a string')}, got {describe(value)}")
+            raise _BadValue(f"{_expected(setting, 'a string')}, got {describe(value)}")
         converted = value
-    elif callable(kind) and not isinstance(kind, argparse.FileType):
-        # A custom converter takes the text argparse would have passed it; a number written
-        # bare in TOML is the same text the user would have typed on the command line.
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise _BadValue(f"{_expected(action, 'a string')}, got {describe(value)}")
-        text = value if isinstance(value, str) else str(value)
-        try:
-            converted = kind(text)
-        except argparse.ArgumentTypeError as exc:
-            raise _BadValue(str(exc)) from None
-        except (TypeError, ValueError):
-            name = getattr(kind, "__name__", repr(kind))
-            raise _BadValue(f"invalid {name} value: {describe(value)}") from None
-    else:  # argparse.FileType would open the file here; a registered type name is never used
-        raise _BadValue("cannot be set in a config file")
-    if action.choices is not None and converted not in action.choices:
-        choices = ", ".join(repr(c) for c in action.choices)
+    if setting.choices and converted not in setting.choices:
+        choices = ", ".join(repr(c) for c in setting.choices)
         raise _BadValue(f"expected one of {choices}, got {describe(value)}")
     return converted
 
 
-def _array(action: argparse.Action, value: object, *, single_ok: bool) -> list[object]:
-    if single_ok and not isinstance(value, list | dict):
+def _array(setting: Setting, value: object) -> list[object]:
+    """An array of the setting's items; a single item stands for an array of one."""
+    if not isinstance(value, list | dict):
         value = [value]
     if not isinstance(value, list):
         raise _BadValue(f"expected an array, got {describe(value)}")
     items: list[object] = []
     for index, item in enumerate(value):
         try:
-            items.append(_scalar(action, item))
+            items.append(_scalar(setting, item))
         except _BadValue as exc:
             raise _BadValue(f"item {index + 1}: {exc}") from None
     return items
 
 
-def convert(action: argparse.Action, value: object) -> object:
-    """What argparse would store for ``action`` given the TOML ``value``; :class:`_BadValue` if
-    the value is of the wrong kind."""
-    if isinstance(action, argparse.BooleanOptionalAction):
+def convert(setting: Setting, value: object) -> object:
+    """The raw value ``setting`` gets from the TOML ``value``; :class:`_BadValue` if it is of the
+    wrong kind."""
+    if setting.kind in (Kind.BOOL, Kind.SWITCH):
         if not isinstance(value, bool):
             raise _BadValue(f"expected a boolean (true or false), got {describe(value)}")
         return value
-    if isinstance(action, argparse._StoreConstAction):  # store_true, store_false, store_const
-        if not isinstance(value, bool):
-            raise _BadValue(f"expected a boolean (true or false), got {describe(value)}")
-        # ``flag = false`` means "as if the flag were not given", i.e. the default.
-        return action.const if value else action.default
-    if isinstance(action, argparse._CountAction):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _BadValue(f"expected an integer of 0 or more, got {describe(value)}")
-        return value
-    if isinstance(action, argparse._AppendAction):  # append, extend
-        if action.nargs is not None:
-            raise _BadValue("cannot be set in a config file")
-        return _array(action, value, single_ok=True)
-    if isinstance(action, argparse._StoreAction):
-        nargs = action.nargs
-        if nargs is None or nargs == argparse.OPTIONAL:
-            return _scalar(action, value)
-        items = _array(action, value, single_ok=False)
-        if isinstance(nargs, int) and len(items) != nargs:
-            raise _BadValue(f"expected an array of {nargs} items, got {len(items)}")
-        if nargs == argparse.ONE_OR_MORE and not items:
-            raise _BadValue("expected a non-empty array")
-        return items
-    raise _BadValue("cannot be set in a config file")
+    if setting.repeatable:
+        return _array(setting, value)
+    return _scalar(setting, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,26 +311,170 @@ def _syntax_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigF
     return ConfigFileError(path, None, None, f"not valid TOML: {message}")
 
 
-def _unknown_key(
-    parser: argparse.ArgumentParser, keys: dict[str, argparse.Action], key: str, value: object
-) -> str:
+def _unknown_key(keys: dict[str, Setting], key: str, value: object, tables: bool) -> str:
     if key == "config":
         return "a config file cannot name another config file"
-    positive = _negated_keys(parser).get(key)
-    if positive is not None:
+    negated = key.removeprefix("no-")
+    if negated != key and negated in keys and keys[negated].kind is Kind.BOOL:
         opposite = "true" if value is False else "false"
-        return f"unknown key; write '{positive} = {opposite}' instead"
-    problem = f"unknown key; see {parser.prog} --help"
+        return f"unknown key; write '{negated} = {opposite}' instead"
+    problem = "unknown key; see hubproxy --help"
     if isinstance(value, dict):
-        problem += " (there are no tables: write every key at the top level)"
+        problem += (
+            f' (there are no tables but [{REGISTRY_TABLE}."NAME"]: write every other key at '
+            "the top level)"
+            if tables
+            else " (there are no tables: write every key at the top level)"
+        )
     close = difflib.get_close_matches(key, list(keys), n=1)
     if close:
         problem += f"; did you mean '{close[0]}'?"
     return problem
 
 
-def settings_from_toml(path: str, text: str, parser: argparse.ArgumentParser) -> FileSettings:
-    """Check and convert the TOML ``text`` (read from ``path``) against ``parser``'s options.
+def _table_key_label(name: str, key: str) -> str:
+    return f'{REGISTRY_TABLE}."{name}".{key}'
+
+
+class _Reader:
+    """One file's keys turned into FileSettings, in file order."""
+
+    def __init__(self, path: str, text: str, table: Sequence[Setting]) -> None:
+        self.path = path
+        self.lines_of = find_key_lines(text)
+        self.keys = file_keys(table)
+        self.table_keys = registry_keys(table)
+        self.values: dict[str, object] = {}
+        self.lines: dict[str, int] = {}
+        self.item_lines: dict[tuple[str, int], int] = {}
+        # (dest, index) -> the key that gave the item, for conflict messages
+        self.item_keys: dict[tuple[str, int], str] = {}
+
+    def fail(self, path: KeyPath, key: str, problem: str) -> ConfigFileError:
+        return ConfigFileError(self.path, _line_of(self.lines_of, path), key, problem)
+
+    def flat(self, key: str, value: object) -> None:
+        setting = self.keys.get(key)
+        if setting is None:
+            problem = _unknown_key(self.keys, key, value, bool(self.table_keys))
+            raise self.fail((key,), key, problem)
+        try:
+            converted = convert(setting, value)
+        except _BadValue as exc:
+            raise self.fail((key,), key, str(exc)) from None
+        line = _line_of(self.lines_of, (key,))
+        self.values[setting.dest] = converted
+        if line is not None:
+            self.lines[setting.dest] = line
+        if isinstance(converted, list):
+            for index in range(len(converted)):
+                if line is not None:
+                    self.item_lines[setting.dest, index] = line
+                self.item_keys[setting.dest, index] = key
+
+    def registries(self, tables: dict[str, object]) -> None:
+        order = sorted(
+            tables, key=lambda n: _line_of(self.lines_of, (REGISTRY_TABLE, n)) or math.inf
+        )
+        for name in order:
+            body = tables[name]
+            label = f'{REGISTRY_TABLE}."{name}"'
+            if not isinstance(body, dict):
+                problem = f"expected a table of the registry's settings, got {describe(body)}"
+                raise self.fail((REGISTRY_TABLE, name), label, problem)
+            keys = sorted(
+                body, key=lambda k: _line_of(self.lines_of, (REGISTRY_TABLE, name, k)) or math.inf
+            )
+            for key in keys:
+                self.registry_key(name, key, body[key])
+
+    def registry_key(self, name: str, key: str, value: object) -> None:
+        where = (REGISTRY_TABLE, name, key)
+        label = _table_key_label(name, key)
+        setting = self.table_keys.get(key)
+        if setting is None or setting.table is None:
+            known = ", ".join(self.table_keys)
+            problem = f"unknown key in a registry table (known: {known})"
+            close = difflib.get_close_matches(key, list(self.table_keys), n=1)
+            if close:
+                problem += f"; did you mean '{close[0]}'?"
+            raise self.fail(where, label, problem)
+        spec = setting.table
+        # the table holds the VALUE of NAME=VALUE (the HOST of HOST=NAME): name that in messages
+        parts = (setting.metavar or "").split("=")
+        single = replace(setting, metavar=parts[0] if spec.name_last else parts[-1])
+        try:
+            given = _array(single, value) if spec.many else [_scalar(single, value)]
+        except _BadValue as exc:
+            raise self.fail(where, label, str(exc)) from None
+        registry = name.strip().lower()
+        pairs = [
+            (str(item).strip().lower(), registry) if spec.name_last else (registry, str(item))
+            for item in given
+        ]
+        items = self._new_items(setting, spec, pairs, where, label)
+        line = _line_of(self.lines_of, where)
+        current = self._items(setting.dest)
+        for first, second in items:
+            index = len(current)
+            current.append(f"{first}={second}")
+            if line is not None:
+                self.item_lines[setting.dest, index] = line
+            self.item_keys[setting.dest, index] = label
+        self.values[setting.dest] = current
+        if line is not None:
+            self.lines.setdefault(setting.dest, line)
+
+    def _items(self, dest: str) -> list[str]:
+        return list(cast(list[str], self.values.get(dest, [])))
+
+    def _new_items(
+        self,
+        setting: Setting,
+        spec: TableKey,
+        pairs: list[tuple[str, str]],
+        where: KeyPath,
+        label: str,
+    ) -> list[tuple[str, str]]:
+        """The pairs a table adds to ``setting``'s items: those already said the same way are
+        dropped; one that says something else is a conflict. A pair's left side (the registry,
+        or for host names the host) is what must be said one way only."""
+        said: dict[str, list[tuple[int, str]]] = {}
+        for index, item in enumerate(self._items(setting.dest)):
+            pair = split_pair(item)
+            if pair is not None:  # a malformed item is reported when it is parsed
+                said.setdefault(pair[0], []).append((index, pair[1]))
+        if spec.many and not spec.name_last:
+            # a list per registry (fallbacks, in order): the same list again, or a conflict
+            before = said.get(pairs[0][0], []) if pairs else []
+            if not before:
+                return pairs
+            if [value for _, value in before] != [value for _, value in pairs]:
+                raise self._conflict(setting, before[0][0], where, label)
+            return []
+        new: list[tuple[str, str]] = []
+        for left, right in pairs:
+            before = said.get(left, [])
+            different = [index for index, value in before if value != right]
+            if different:
+                raise self._conflict(setting, different[0], where, label)
+            if not before:
+                new.append((left, right))
+        return new
+
+    def _conflict(
+        self, setting: Setting, index: int, where: KeyPath, label: str
+    ) -> ConfigFileError:
+        other = self.item_keys.get((setting.dest, index), setting.name)
+        line = self.item_lines.get((setting.dest, index))
+        at = f" at line {line}" if line is not None else ""
+        said = self._items(setting.dest)[index]
+        problem = f"conflicts with {other}{at} ({said!r})"
+        return self.fail(where, label, problem)
+
+
+def settings_from_toml(path: str, text: str, table: Sequence[Setting] = SETTINGS) -> FileSettings:
+    """Check and convert the TOML ``text`` (read from ``path``) against the settings ``table``.
 
     Raises :class:`ConfigFileError` for the first problem in file order.
     """
@@ -354,39 +482,23 @@ def settings_from_toml(path: str, text: str, parser: argparse.ArgumentParser) ->
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(path, text, exc) from None
-    key_lines = find_key_lines(text)
-    keys = option_keys(parser)
-    values: dict[str, object] = {}
-    lines: dict[str, int] = {}
-    first_key: dict[str, str] = {}
+    reader = _Reader(path, text, table)
     # Report in file order, so the error is the first one a reader meets.
-    order = sorted(data, key=lambda k: key_lines.get(k, math.inf))
+    order = sorted(data, key=lambda k: _line_of(reader.lines_of, (k,)) or math.inf)
     for key in order:
         value = data[key]
-        line = key_lines.get(key)
-        action = keys.get(key)
-        if action is None:
-            raise ConfigFileError(path, line, key, _unknown_key(parser, keys, key, value))
-        dest = action.dest
-        if dest in first_key:  # two aliases of one flag
-            other = first_key[dest]
-            where = f" at line {lines[dest]}" if dest in lines else ""
-            raise ConfigFileError(path, line, key, f"already set as '{other}'{where}")
-        try:
-            values[dest] = convert(action, value)
-        except _BadValue as exc:
-            raise ConfigFileError(path, line, key, str(exc)) from None
-        first_key[dest] = key
-        if line is not None:
-            lines[dest] = line
-    return FileSettings(path=path, values=values, lines=lines)
+        if key == REGISTRY_TABLE and isinstance(value, dict) and reader.table_keys:
+            reader.registries(value)
+        else:
+            reader.flat(key, value)
+    return FileSettings(path, reader.values, reader.lines, reader.item_lines)
 
 
-def load_config_file(path: str, parser: argparse.ArgumentParser) -> FileSettings:
-    """Read the TOML file at ``path`` and check it against ``parser``'s options.
+def load_config_file(path: str, table: Sequence[Setting] = SETTINGS) -> FileSettings:
+    """Read the TOML file at ``path`` and check it against the settings ``table``.
 
     Raises :class:`ConfigFileError` if it cannot be read, is not valid TOML, has a key that is not
-    a flag, or a value of the wrong kind.
+    a setting, or a value of the wrong kind.
     """
     try:
         with open(path, "rb") as file:
@@ -398,70 +510,39 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> FileSettings
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise ConfigFileError(path, line, None, "not valid TOML: not UTF-8 text") from None
-    return settings_from_toml(path, text, parser)
+    return settings_from_toml(path, text, table)
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line on top of the file
 
 
-def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
-    """The dests that ``argv`` sets, however spelt: argv parsed again with no defaults at all.
-
-    ``argv`` must already have parsed without error (this one does not report problems twice).
-    """
-    saved_actions = [(action, action.default) for action in parser._actions]
-    saved_defaults = parser._defaults
-    try:
-        for action, _ in saved_actions:
-            action.default = argparse.SUPPRESS
-        parser._defaults = {}
-        namespace = parser.parse_args(list(argv), argparse.Namespace())
-    finally:
-        for action, default in saved_actions:
-            action.default = default
-        parser._defaults = saved_defaults
-    return frozenset(vars(namespace))
-
-
-def _config_action(parser: argparse.ArgumentParser) -> argparse.Action | None:
-    for action in parser._actions:
-        if CONFIG_FLAG in action.option_strings:
-            return action
-    return None
-
-
-def parse_args_with_file(
-    parser: argparse.ArgumentParser, argv: Sequence[str]
-) -> tuple[argparse.Namespace, FileSettings | None, frozenset[str]]:
-    """Parse argv; if it has --config FILE (or --config=FILE), load the file and use its values
-    as defaults below the command line. Returns the namespace, the file settings (None without
-    --config), and the set of dests that were given on the command line.
+def read_settings(
+    argv: Sequence[str], table: tuple[Setting, ...] = SETTINGS
+) -> tuple[Values, FileSettings | None, frozenset[str]]:
+    """Parse ``argv``; with ``--config FILE`` (or ``--config=FILE``) load the file, whose values
+    take the place of the defaults below the command line. Returns every setting's raw value,
+    the file settings (None without --config), and the dests the command line gave (``config``
+    among them).
 
     Command-line errors exit like ``parser.parse_args``; file problems raise
-    :class:`ConfigFileError`. A parser without ``--config`` just parses. Options marked
-    ``required=True`` must still be on the command line.
+    :class:`ConfigFileError`.
     """
-    namespace = parser.parse_args(list(argv))
-    given = given_dests(parser, argv)
-    config = _config_action(parser)
-    path = None if config is None else getattr(namespace, config.dest, None)
-    if not path:
-        return namespace, None, given
-    settings = load_config_file(str(path), parser)
-    # Overlay rather than parser.set_defaults + a re-parse: argparse would run ``type`` again on
-    # string defaults, and the file's values are already converted.
-    for dest, value in settings.values.items():
-        if dest not in given:
-            setattr(namespace, dest, value)
-    return namespace, settings, given
-
-
-def value_origin(dest: str, settings: FileSettings | None, given: frozenset[str]) -> str | None:
-    """``path:line`` when ``dest``'s value came from the config file, else None.
-
-    For prefixing a later error about a value (``--cache-size: not a size``) with where it was set.
-    """
-    if settings is None or dest in given or dest not in settings.values:
-        return None
-    return settings.where(dest)
+    given = vars(build_parser(table).parse_args(list(argv)))
+    path = given.get("config")
+    raw = defaults(table)
+    origins: dict[str, str] = {}
+    item_origins: dict[tuple[str, int], str] = {}
+    settings = None
+    if path:
+        settings = load_config_file(str(path), table)
+        for dest, value in settings.values.items():
+            if dest in given:
+                continue
+            raw[dest] = value
+            origins[dest] = settings.where(dest)
+            if isinstance(value, list):
+                for index in range(len(value)):
+                    item_origins[dest, index] = settings.where(dest, index)
+    raw.update((dest, value) for dest, value in given.items() if dest != "config")
+    return Values(raw, origins, item_origins), settings, frozenset(given)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from . import failover, redirects
 from .errors import ProxyError, TooManyRedirects, UpstreamUnavailable
 from .headers import get_header
-from .urls import Url, parse_url
+from .urls import Url
 
 # Registry headers of a redirecting response that the client must still see when we follow the
 # redirect: the CDN's final response does not carry them.
@@ -257,11 +257,3 @@ def _with_rest(resting_until: Sequence[float], rest: Rest) -> list[float]:
     out = list(resting_until)
     out[rest.upstream] = max(out[rest.upstream], rest.until)
     return out
-
-
-def base_url(text: str) -> Url:
-    """Parse an upstream base URL (``--upstream``/``--fallback``); raise ValueError if unusable."""
-    url = parse_url(text)
-    if "?" in url.target:
-        raise ValueError(f"an upstream URL cannot have a query: {text!r}")
-    return url

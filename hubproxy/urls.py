@@ -65,6 +65,14 @@ def parse_url(text: str) -> Url:
     return Url(Origin(scheme, host, port), target)
 
 
+def base_url(text: str) -> Url:
+    """Parse an upstream base URL (``--upstream``/``--fallback``); raise ValueError if unusable."""
+    url = parse_url(text)
+    if "?" in url.target:
+        raise ValueError(f"an upstream URL cannot have a query: {text!r}")
+    return url
+
+
 def resolve(base: Url, location: str) -> Url:
     """Resolve a ``Location`` (absolute, or relative per RFC 3986) against ``base``."""
     return parse_url(urljoin(str(base), location.strip()))

@@ -1,7 +1,7 @@
 """Tests for the command line (hubproxy.cli): flags to a Config, and usage errors. No network.
 
 main() is only ever called here with arguments it must refuse (or --help/--version), so it never
-reaches trio.run. Valid argument sets go through build_parser() + config_from_args().
+reaches trio.run. Valid argument sets go through load_settings(), as main() does.
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-from hubproxy.cli import (
-    UsageError,
-    build_parser,
-    config_from_args,
-    main,
-    parse_listen,
-)
+from hubproxy.access import parse_image_rules, parse_networks
+from hubproxy.cli import UsageError, load_settings, main
 from hubproxy.config import Config
-from hubproxy.configfile import parse_args_with_file
 from hubproxy.registries import DOCKER_HUB_UPSTREAM
+from hubproxy.settings import parse_listen
 from hubproxy.urls import Origin
 from hubproxy.usersfile import add_user, load_users
 
@@ -52,7 +47,7 @@ def pem(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
 
 
 def config(*argv: str) -> Config:
-    return config_from_args(build_parser().parse_args(list(argv)))
+    return load_settings(argv)[1]
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -114,12 +109,12 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
     ],
 )
 def test_parse_listen_rejects(text: str) -> None:
-    with pytest.raises(UsageError, match=r"listen|IPv6"):
+    with pytest.raises(ValueError, match=r"HOST:PORT|IPv6"):
         parse_listen(text)
 
 
 def test_parse_listen_rejects_empty_brackets() -> None:
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError, match="empty IPv6 address"):
         parse_listen("[]:80")
 
 
@@ -418,13 +413,14 @@ def test_access_control_flags_reach_the_config(tmp_path: Path) -> None:
         "--client-burst",
         "50",
     )
-    assert cfg.allow == ("192.168.0.0/16", "fd00::/8")
-    assert cfg.ops_allow == ("127.0.0.1",)
+    assert cfg.allow == parse_networks(["192.168.0.0/16", "fd00::/8"])
+    assert cfg.ops_allow == parse_networks(["127.0.0.1"])
     assert cfg.users_file == str(users)
-    assert cfg.images_allow == ("library/*",) and cfg.images_deny == ("library/busybox",)
+    assert cfg.images == parse_image_rules(["library/*"], ["library/busybox"])
     assert cfg.client_rate_limit == 5 and cfg.client_burst == 50
     open_mirror = config()
-    assert open_mirror.allow == () and open_mirror.users_file is None
+    assert open_mirror.allow.networks == () and open_mirror.users_file is None
+    assert open_mirror.images.allow == () and open_mirror.images.deny == ()
     assert open_mirror.client_rate_limit == 0
 
 
@@ -463,9 +459,7 @@ def test_config_file_errors_name_the_line(
     line = usage_error(capsys, "--read-timeout", "-3")
     assert line == "hubproxy: error: --read-timeout must be a positive number of seconds"
     # and a flag overriding the file's bad value makes it good
-    cfg = config_from_args(
-        parse_args_with_file(build_parser(), ["--config", str(path), "--read-timeout", "5"])[0]
-    )
+    cfg = config("--config", str(path), "--read-timeout", "5")
     assert cfg.timeouts.upstream_idle == 5
 
 

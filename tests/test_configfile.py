@@ -1,9 +1,8 @@
 """Tests for the TOML config file (hubproxy.configfile): values, errors with their lines, and the
 command line on top of the file. Pure apart from reading files under tmp_path.
 
-Most tests use a small parser of their own with every kind of action build_parser() uses (and a
-``--config`` option, which build_parser() may not have yet); a few run against the real one and
-the shipped example file.
+Most tests use a small settings table of their own with every kind of setting the real table
+(hubproxy.settings.SETTINGS) has; a few run against the real one and the shipped example file.
 """
 
 from __future__ import annotations
@@ -14,37 +13,46 @@ import re
 from pathlib import Path
 
 import pytest
+import trustme
 
-from hubproxy.cli import build_parser, config_from_args
 from hubproxy.configfile import (
     ConfigFileError,
     FileSettings,
+    file_keys,
     find_key_lines,
     load_config_file,
-    option_keys,
-    parse_args_with_file,
-    value_origin,
+    read_settings,
 )
+from hubproxy.settings import Kind, Setting, UsageError, Values, build_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "hubproxy" / "service" / "hubproxy.toml"
 
 
-def small_parser() -> argparse.ArgumentParser:
-    """The kinds of actions build_parser() has, plus --config."""
-    parser = argparse.ArgumentParser(prog="hubproxy")
-    parser.add_argument("--version", action="version", version="hubproxy 0")
-    parser.add_argument("--config", metavar="FILE")
-    group = parser.add_argument_group("listening")
-    group.add_argument("--listen", metavar="HOST:PORT")
-    group.add_argument("--max-connections", metavar="N", type=int, default=1024)
-    group.add_argument("--read-timeout", type=float, default=60.0)
-    group.add_argument("--cache-dir", metavar="DIR", default="/tmp/cache")
-    group.add_argument("--fallback", metavar="URL", action="append", default=[])
-    group.add_argument("--library-prefix", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--no-cache", action="store_true")
-    group.add_argument("--keep-going", action="store_false", dest="stop")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    return parser
+def small_table() -> tuple[Setting, ...]:
+    """The kinds of settings the real table has."""
+    group = "listening"
+    return (
+        Setting("listen", "", group, metavar="HOST:PORT"),
+        Setting("max-connections", "", group, Kind.INT, 1024, metavar="N"),
+        Setting("read-timeout", "", group, Kind.NUMBER, 60.0),
+        Setting("cache-dir", "", group, default="/tmp/cache", metavar="DIR"),
+        Setting("fallback", "", group, metavar="URL", repeatable=True),
+        Setting("library-prefix", "", group, Kind.BOOL),
+        Setting("no-cache", "", group, Kind.SWITCH, False),
+        Setting("log-level", "", default="info", choices=("debug", "info", "warning")),
+    )
+
+
+def parse(
+    table: tuple[Setting, ...], argv: list[str]
+) -> tuple[argparse.Namespace, FileSettings | None, frozenset[str], Values]:
+    """read_settings, with the raw values as a namespace to read them as attributes."""
+    values, settings, given = read_settings(argv, table)
+    return argparse.Namespace(**values.raw), settings, given, values
+
+
+def top_level(lines: dict[tuple[str, ...], int]) -> dict[str, int]:
+    return {path[0]: line for path, line in lines.items() if len(path) == 1}
 
 
 def write(tmp_path: Path, text: str, name: str = "hubproxy.toml") -> str:
@@ -54,14 +62,7 @@ def write(tmp_path: Path, text: str, name: str = "hubproxy.toml") -> str:
 
 
 def load(tmp_path: Path, text: str) -> FileSettings:
-    return load_config_file(write(tmp_path, text), small_parser())
-
-
-def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """build_parser() with --config, whether or not it has one yet."""
-    if "--config" not in {o for a in parser._actions for o in a.option_strings}:
-        parser.add_argument("--config", metavar="FILE")
-    return parser
+    return load_config_file(write(tmp_path, text), small_table())
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -83,8 +84,6 @@ def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ("library-prefix = false", "library_prefix", False),
         ("no-cache = true", "no_cache", True),
         ("no-cache = false", "no_cache", False),
-        ("keep-going = true", "stop", False),
-        ("keep-going = false", "stop", True),
         ('log-level = "debug"', "log_level", "debug"),
     ],
 )
@@ -151,7 +150,7 @@ max-connections=5
     ],
 )
 def test_find_key_lines(text: str, expected: dict[str, int]) -> None:
-    assert find_key_lines(text) == expected
+    assert top_level(find_key_lines(text)) == expected
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -191,7 +190,7 @@ def test_find_key_lines(text: str, expected: dict[str, int]) -> None:
 def test_bad_key_or_value(tmp_path: Path, text: str, line: int, key: str, problem: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, small_parser())
+        load_config_file(path, small_table())
     error = info.value
     assert (error.path, error.line, error.key) == (path, line, key)
     assert problem in error.problem
@@ -219,7 +218,7 @@ def test_unknown_key_without_close_match(tmp_path: Path) -> None:
 def test_not_toml(tmp_path: Path, text: str, line: int, problem: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, small_parser())
+        load_config_file(path, small_table())
     assert info.value.line == line and info.value.key is None
     assert str(info.value).startswith(f"{path}:{line}: not valid TOML: ")
     assert problem in str(info.value)
@@ -229,13 +228,13 @@ def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "hubproxy.toml"
     path.write_bytes(b'listen = "a"\ncache-dir = "\xff"\n')
     with pytest.raises(ConfigFileError, match=r":2: not valid TOML: not UTF-8 text$"):
-        load_config_file(str(path), small_parser())
+        load_config_file(str(path), small_table())
 
 
 def test_missing_file(tmp_path: Path) -> None:
     path = str(tmp_path / "nope.toml")
     with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, small_parser())
+        load_config_file(path, small_table())
     assert str(info.value) == f"{path}: cannot read: No such file or directory"
     assert info.value.line is None
 
@@ -247,7 +246,7 @@ def test_unreadable_path(tmp_path: Path, name: str, strerror: str) -> None:
     (tmp_path / "plain").write_text("")
     path = str(tmp_path / name)
     with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, small_parser())
+        load_config_file(path, small_table())
     assert str(info.value) == f"{path}: cannot read: {strerror}"
 
 
@@ -256,39 +255,20 @@ def test_unreadable_file(tmp_path: Path) -> None:
     path = write(tmp_path, 'listen = "a"\n')
     os.chmod(path, 0)
     with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, small_parser())
+        load_config_file(path, small_table())
     assert str(info.value) == f"{path}: cannot read: Permission denied"
 
 
-def test_alias_set_twice(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser(prog="hubproxy")
-    parser.add_argument("--cache-dir", "--cache-directory", dest="cache_dir")
-    path = write(tmp_path, "cache-dir = 'a'\n\ncache-directory = 'b'\n")
-    with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, parser)
-    assert str(info.value) == f"{path}:3: cache-directory: already set as 'cache-dir' at line 1"
+def test_a_parse_error_names_the_file_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen = ':5000'\n\ncache-size = '20X'\n")
+    values, _, _ = read_settings(["--config", path])
+    with pytest.raises(UsageError) as info:
+        build_config(values)
+    assert str(info.value) == f"{path}:3: --cache-size: not a size: '20X' (try 500M or 20G)"
 
 
-def test_custom_type(tmp_path: Path) -> None:
-    def size(text: str) -> int:
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-        return int(text)
-
-    parser = argparse.ArgumentParser(prog="hubproxy")
-    parser.add_argument("--cache-size", type=size)
-    assert load_config_file(write(tmp_path, "cache-size = '20'\n"), parser).values == {
-        "cache_size": 20
-    }
-    assert load_config_file(write(tmp_path, "cache-size = 30\n"), parser).values == {
-        "cache_size": 30
-    }
-    with pytest.raises(ConfigFileError, match=r":1: cache-size: not a size: '20G'$"):
-        load_config_file(write(tmp_path, "cache-size = '20G'\n"), parser)
-
-
-def test_option_keys_skip_help_version_config_and_negations() -> None:
-    keys = option_keys(small_parser())
+def test_file_keys_skip_help_version_config_and_negations() -> None:
+    keys = file_keys(small_table())
     assert "cache-dir" in keys and "library-prefix" in keys and "no-cache" in keys
     assert not {"help", "version", "config", "no-library-prefix"} & set(keys)
 
@@ -308,7 +288,7 @@ log-level = "warning"
 
 def test_file_values_below_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, FILE)
-    args, settings, given = parse_args_with_file(small_parser(), ["--config", path])
+    args, settings, given, _ = parse(small_table(), ["--config", path])
     assert settings is not None and settings.path == path
     assert given == {"config"}
     assert args.listen == "0.0.0.0:443"
@@ -334,7 +314,7 @@ def test_flags_override_file(tmp_path: Path) -> None:
         "--log-level",
         "debug",
     ]
-    args, settings, given = parse_args_with_file(small_parser(), argv)
+    args, settings, given, values = parse(small_table(), argv)
     assert given == {
         "config",
         "max_connections",
@@ -350,9 +330,9 @@ def test_flags_override_file(tmp_path: Path) -> None:
     assert args.log_level == "debug"
     assert args.listen == "0.0.0.0:443" and args.no_cache is True  # still from the file
     assert settings is not None
-    assert value_origin("max_connections", settings, given) is None
-    assert value_origin("listen", settings, given) == f"{path}:1"
-    assert value_origin("cache_dir", settings, given) is None
+    assert values.where("max_connections") is None
+    assert values.where("listen") == f"{path}:1"
+    assert values.where("cache_dir") is None
 
 
 @pytest.mark.parametrize(
@@ -368,7 +348,7 @@ def test_boolean_optional_both_ways(
     tmp_path: Path, file_value: str, argv: list[str], expected: bool
 ) -> None:
     path = write(tmp_path, f"library-prefix = {file_value}\n")
-    args, _, _ = parse_args_with_file(small_parser(), ["--config", path, *argv])
+    args, _, _, _ = parse(small_table(), ["--config", path, *argv])
     assert args.library_prefix is expected
 
 
@@ -380,46 +360,38 @@ def test_store_true_both_ways(
     tmp_path: Path, file_value: str, argv: list[str], expected: bool
 ) -> None:
     path = write(tmp_path, f"no-cache = {file_value}\n")
-    args, _, _ = parse_args_with_file(small_parser(), ["--config", path, *argv])
+    args, _, _, _ = parse(small_table(), ["--config", path, *argv])
     assert args.no_cache is expected
 
 
 def test_append_from_file_only_when_not_on_command_line(tmp_path: Path) -> None:
     path = write(tmp_path, 'fallback = "https://file"\n')
-    parser = small_parser()
-    args, _, _ = parse_args_with_file(parser, ["--config", path])
+    table = small_table()
+    args, _, _, _ = parse(table, ["--config", path])
     assert args.fallback == ["https://file"]
-    args, _, _ = parse_args_with_file(parser, ["--fallback", "https://x", "--config", path])
+    args, _, _, _ = parse(table, ["--fallback", "https://x", "--config", path])
     assert args.fallback == ["https://x"]
 
 
-def test_without_config(tmp_path: Path) -> None:
-    parser = small_parser()
-    args, settings, given = parse_args_with_file(parser, ["--max-connections", "3"])
+def test_without_config() -> None:
+    args, settings, given, _ = parse(small_table(), ["--max-connections", "3"])
     assert settings is None and given == {"max_connections"}
-    assert args.max_connections == 3 and args.fallback == [] and args.config is None
+    assert args.max_connections == 3 and args.fallback == [] and not hasattr(args, "config")
 
 
-def test_parser_without_config_option() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--listen", default="x")
-    args, settings, given = parse_args_with_file(parser, [])
-    assert args.listen == "x" and settings is None and given == frozenset()
-
-
-def test_defaults_restored_after_parsing(tmp_path: Path) -> None:
-    parser = small_parser()
-    parser.set_defaults(extra="kept")
+def test_defaults_stay_the_tables_after_parsing(tmp_path: Path) -> None:
+    table = small_table()
     path = write(tmp_path, FILE)
-    parse_args_with_file(parser, ["--config", path, "--listen", "a:1"])
-    args = parser.parse_args([])
-    assert args.max_connections == 1024 and args.fallback == [] and args.extra == "kept"
+    parse(table, ["--config", path, "--listen", "a:1"])
+    args, _, given, _ = parse(table, [])
+    assert given == frozenset()
+    assert args.max_connections == 1024 and args.fallback == [] and args.listen is None
 
 
 def test_bad_file_raises(tmp_path: Path) -> None:
     path = write(tmp_path, "max-connections = 'many'\n")
     with pytest.raises(ConfigFileError, match=r":1: max-connections: "):
-        parse_args_with_file(small_parser(), ["--config", path, "--max-connections", "3"])
+        read_settings(["--config", path, "--max-connections", "3"], small_table())
 
 
 # --- the real parser and the shipped example --------------------------------------------------
@@ -436,7 +408,7 @@ library-prefix = false
 no-cache = true
 """,
     )
-    settings = load_config_file(path, build_parser())
+    settings = load_config_file(path)
     assert settings.values == {
         "cache_dir": "/var/cache/hubproxy",
         "fallback": ["https://worker.example.com"],
@@ -451,10 +423,9 @@ no-cache = true
         "library_prefix": 4,
         "no_cache": 5,
     }
-    parser = with_config(build_parser())
-    args, _, given = parse_args_with_file(parser, ["--config", path, "--read-timeout", "7"])
+    values, _, given = read_settings(["--config", path, "--read-timeout", "7"])
     assert "read_timeout" in given
-    config = config_from_args(args)
+    config = build_config(values)
     assert config.timeouts.upstream_idle == 7.0
     assert config.cache_dir is None  # no-cache from the file
     assert config.library_prefix is False
@@ -467,13 +438,13 @@ no-cache = true
 def test_real_parser_unknown_key(tmp_path: Path) -> None:
     path = write(tmp_path, "listen = ':5000'\nread-timout = 5\n")
     with pytest.raises(ConfigFileError) as info:
-        load_config_file(path, build_parser())
+        load_config_file(path)
     assert info.value.line == 2
     assert info.value.problem.endswith("did you mean 'read-timeout'?")
 
 
 def test_example_file_is_valid() -> None:
-    settings = load_config_file(str(EXAMPLE), build_parser())
+    settings = load_config_file(str(EXAMPLE))
     assert settings.values["listen"] == "0.0.0.0:443"
     assert settings.values["cache_dir"] == "/var/cache/hubproxy"
     assert {"cert", "key"} <= set(settings.values)
@@ -483,13 +454,209 @@ def test_example_file_is_valid_uncommented(tmp_path: Path) -> None:
     """The commented-out defaults are valid values too, once uncommented."""
     text = EXAMPLE.read_text()
     uncommented = re.sub(r"(?m)^# ([a-z][a-z0-9-]* = )", r"\1", text)
-    keys = set(find_key_lines(uncommented))
-    settings = load_config_file(write(tmp_path, uncommented), build_parser())
+    keys = set(top_level(find_key_lines(uncommented)))
+    settings = load_config_file(write(tmp_path, uncommented))
     assert len(settings.values) == len(keys)
 
 
 def test_example_file_names_every_flag() -> None:
     text = EXAMPLE.read_text()
     named = set(re.findall(r"(?m)^[ \t]*(?:#[ \t]*)?([a-z][a-z0-9-]*)[ \t]*=", text))
-    missing = set(option_keys(build_parser())) - named
+    missing = set(file_keys()) - named
     assert not missing, f"add these keys to {EXAMPLE.name}: {sorted(missing)}"
+
+
+# --- per-registry tables ------------------------------------------------------------------------
+
+REGISTRY_TABLES = """\
+allow = ["10.0.0.0/8"]
+registry-fallback = ["ghcr.io=https://ghcr-worker.example"]
+host-map = ["ghcr.lan=ghcr.io"]
+
+[registry."ghcr.io"]
+fallback = ["https://ghcr-worker.example"]  # the same list as the flat key: fine
+login = "{login}"
+host = ["ghcr.lan", "GHCR2.lan"]
+
+[registry."Registry.Example.com"]
+upstream = "https://registry.example.com:5000"
+upstream-ca = "{ca}"
+upstream-proxy = "http://192.168.1.1:3128"
+fallback = "https://registry-worker.example"
+"""
+
+
+@pytest.fixture
+def registry_files(tmp_path: Path) -> dict[str, str]:
+    login = tmp_path / "ghcr.login"
+    login.write_text("bot:ghp_secret\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text(trustme.CA().cert_pem.bytes().decode())
+    return {"login": str(login), "ca": str(ca)}
+
+
+def test_registry_tables_are_the_flat_keys_per_registry(
+    tmp_path: Path, registry_files: dict[str, str]
+) -> None:
+    path = write(tmp_path, REGISTRY_TABLES.format(**registry_files))
+    settings = load_config_file(path)
+    assert settings.values == {
+        "allow": ["10.0.0.0/8"],
+        "registry_fallback": [
+            "ghcr.io=https://ghcr-worker.example",
+            "registry.example.com=https://registry-worker.example",
+        ],
+        "host_map": ["ghcr.lan=ghcr.io", "ghcr2.lan=ghcr.io"],
+        "registry_login": [f"ghcr.io={registry_files['login']}"],
+        "registry": ["registry.example.com=https://registry.example.com:5000"],
+        "registry_ca": [f"registry.example.com={registry_files['ca']}"],
+        "registry_proxy": ["registry.example.com=http://192.168.1.1:3128"],
+    }
+    # every item remembers the line of the key that gave it
+    assert settings.where("registry_fallback", 0) == f"{path}:2"
+    assert settings.where("registry_fallback", 1) == f"{path}:14"
+    assert settings.where("host_map", 1) == f"{path}:8"
+    assert settings.where("registry", 0) == f"{path}:11"
+    config = build_config(read_settings(["--config", path])[0])
+    table = config.registry_table()
+    ghcr = table.find("ghcr.io")
+    assert ghcr is not None and ghcr.login == ("bot", "ghp_secret")
+    assert [str(u) for u in ghcr.upstreams] == ["https://ghcr.io/", "https://ghcr-worker.example/"]
+    internal = table.find("registry.example.com")
+    assert internal is not None
+    assert [str(u) for u in internal.upstreams] == [
+        "https://registry.example.com:5000/",
+        "https://registry-worker.example/",
+    ]
+    assert internal.upstream_ca == registry_files["ca"]
+    assert str(internal.upstream_proxy) == "http://192.168.1.1:3128/"
+    assert config.host_map == (("ghcr.lan", "ghcr.io"), ("ghcr2.lan", "ghcr.io"))
+
+
+def test_command_line_replaces_what_tables_gave(
+    tmp_path: Path, registry_files: dict[str, str]
+) -> None:
+    path = write(tmp_path, REGISTRY_TABLES.format(**registry_files))
+    argv = ["--config", path, "--registry-fallback", "ghcr.io=https://cli.example"]
+    values, _, _ = read_settings(argv)
+    assert values.raw["registry_fallback"] == ["ghcr.io=https://cli.example"]
+    assert values.where("registry_fallback", 0) is None
+    ghcr = build_config(values).registry_table().find("ghcr.io")
+    assert ghcr is not None
+    assert [u.origin.host for u in ghcr.upstreams] == ["ghcr.io", "cli.example"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "problem"),
+    [
+        (
+            'registry-fallback = ["ghcr.io=https://a"]\n[registry."ghcr.io"]\nfallback = "https://b"\n',
+            3,
+            'registry."ghcr.io".fallback',
+            "conflicts with registry-fallback at line 1 ('ghcr.io=https://a')",
+        ),
+        (
+            'registry-fallback = ["ghcr.io=https://a", "ghcr.io=https://b"]\n'
+            '[registry."ghcr.io"]\nfallback = ["https://b", "https://a"]\n',
+            3,
+            'registry."ghcr.io".fallback',
+            "conflicts with registry-fallback at line 1",
+        ),
+        (
+            'registry-proxy = ["GHCR.io=http://p:1"]\n\n[registry."ghcr.io"]\n'
+            'upstream-proxy = "http://q:1"\n',
+            4,
+            'registry."ghcr.io".upstream-proxy',
+            "conflicts with registry-proxy at line 1 ('GHCR.io=http://p:1')",
+        ),
+        (
+            'registry-login = ["ghcr.io=/a"]\n[registry."ghcr.io"]\nlogin = "/b"\n',
+            3,
+            'registry."ghcr.io".login',
+            "conflicts with registry-login at line 1",
+        ),
+        (
+            'host-map = ["x.lan=quay.io"]\n[registry."ghcr.io"]\nhost = ["y.lan", "X.lan"]\n',
+            3,
+            'registry."ghcr.io".host',
+            "conflicts with host-map at line 1 ('x.lan=quay.io')",
+        ),
+        (
+            '[registry."ghcr.io"]\nhost = "x.lan"\n[registry."quay.io"]\nhost = "x.lan"\n',
+            4,
+            'registry."quay.io".host',
+            """conflicts with registry."ghcr.io".host at line 2 ('x.lan=ghcr.io')""",
+        ),
+        (
+            '[registry."ghcr.io"]\n\nupstrem = "https://x"\n',
+            3,
+            'registry."ghcr.io".upstrem',
+            "unknown key in a registry table (known: upstream, fallback, upstream-ca, "
+            "upstream-proxy, login, host); did you mean 'upstream'?",
+        ),
+        (
+            '[registry."ghcr.io"]\nfallback = 5\n',
+            2,
+            'registry."ghcr.io".fallback',
+            "expected a string (URL), got an integer 5",
+        ),
+        (
+            '[registry."ghcr.io"]\nhost = [true]\n',
+            2,
+            'registry."ghcr.io".host',
+            "item 1: expected a string (HOST), got a boolean true",
+        ),
+        (
+            '[registry."ghcr.io"]\nupstream = ["https://a"]\n',
+            2,
+            'registry."ghcr.io".upstream',
+            "expected a string (URL), got an array",
+        ),
+        ('[registry]\n"ghcr.io" = "https://x"\n', 2, 'registry."ghcr.io"', "expected a table"),
+        (
+            "listen = 'x'\n[listening]\n",
+            2,
+            "listening",
+            'there are no tables but [registry."NAME"]',
+        ),
+    ],
+)
+def test_registry_table_errors(
+    tmp_path: Path, text: str, line: int, key: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path)
+    error = info.value
+    assert (error.line, error.key) == (line, key), str(error)
+    assert problem in error.problem
+
+
+def test_a_bad_value_in_a_registry_table_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, 'listen = ":5000"\n[registry."ghcr.io"]\n\nupstream = "ftp://x"\n')
+    values, _, _ = read_settings(["--config", path])
+    with pytest.raises(UsageError) as info:
+        build_config(values)
+    assert str(info.value) == f"{path}:4: --registry: not an http or https URL: 'ftp://x'"
+    path = write(
+        tmp_path,
+        '[registry."quay.io"]\nhost = ["q.lan"]\n[registry."nowhere.example"]\nhost = "n.lan"\n',
+    )
+    values, _, _ = read_settings(["--config", path])
+    with pytest.raises(UsageError, match=r":4: --host-map: no registry 'nowhere.example'$"):
+        build_config(values)
+
+
+def test_the_example_registry_table_is_valid(tmp_path: Path) -> None:
+    block = re.findall(r"(?m)^#   (.*)$", EXAMPLE.read_text())
+    assert block and block[0] == '[registry."ghcr.io"]'
+    settings = load_config_file(write(tmp_path, "\n".join(block) + "\n"))
+    assert settings.values["registry_fallback"] == [
+        "ghcr.io=https://ghcr-worker.example.workers.dev"
+    ]
+    assert settings.values["host_map"] == ["ghcr.mirror.example.com=ghcr.io"]
+    assert settings.values["registry"] == [
+        "ghcr.io=https://ghcr.io",
+        "registry.example.com=https://registry.example.com:5000",
+    ]
+    assert {"registry_ca", "registry_proxy", "registry_login"} <= set(settings.values)

@@ -36,12 +36,11 @@ from hubproxy.flow import (
     Rest,
     Send,
     State,
-    base_url,
     start,
     transition,
 )
 from hubproxy.redirects import client_location, may_send_authorization, redirect_target
-from hubproxy.urls import Origin, parse_url
+from hubproxy.urls import Origin, base_url, parse_url
 
 HUB = base_url("https://registry-1.docker.io")
 WORKER = base_url("https://hub-mirror.example.workers.dev/prefix")

@@ -17,8 +17,9 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.flow import base_url
+from hubproxy.access import parse_image_rules, parse_networks
 from hubproxy.registries import Registry
+from hubproxy.urls import base_url
 from hubproxy.usersfile import add_user
 from tests.conftest import Canary, RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
@@ -254,7 +255,7 @@ async def test_basic_only_registry_with_and_without_an_operator_login(
     # with the operator's login, a client without credentials pulls with it
     proxy = await start_proxy(
         registries=(registry(name, htpasswd, login=("operator", "op-secret")),),
-        allow=("127.0.0.0/8",),
+        allow=parse_networks(["127.0.0.0/8"]),
     )
     before = len(htpasswd.requests)
     r = await fetch(proxy.url + f"/v2/{name}/team/tool/blobs/sha256:{hexdigest(layer)}", ca)
@@ -281,7 +282,9 @@ async def test_operator_login_for_docker_hub_tokens(
     hub.add_image("acme/private", "v1", [layer])
     hub.add_user("acme-bot", "bot-token")
     hub.make_private("acme/private", "acme-bot")
-    proxy = await start_proxy(default_login=("acme-bot", "bot-token"), allow=("127.0.0.1/32",))
+    proxy = await start_proxy(
+        default_login=("acme-bot", "bot-token"), allow=parse_networks(["127.0.0.1/32"])
+    )
     client = RegistryClient(proxy.url, ca)  # sends no credentials at all
     await pull(client, "acme/private", "v1", [layer])
     token_requests = [s for s in hub.requests if s.server == "auth"]
@@ -377,7 +380,7 @@ async def test_access_rules_and_mirror_logins_apply_per_registry(
     add_user(users, "dana", "dana-pass-1")
     proxy = await start_proxy(
         registries=(registry("ghcr.io", ghcr),),
-        images_allow=("ghcr.io/owner/*",),
+        images=parse_image_rules(["ghcr.io/owner/*"], []),
         users_file=str(users),
     )
     client = RegistryClient(proxy.url, ca, credentials=("dana", "dana-pass-1"))

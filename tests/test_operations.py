@@ -20,6 +20,7 @@ import trio
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from hubproxy.access import parse_image_rules, parse_networks
 from hubproxy.app import reload
 from hubproxy.clientconfig import snippet
 from hubproxy.usersfile import add_user
@@ -218,7 +219,7 @@ async def test_status_page_shows_the_client_lines_and_figures(
 async def test_allow_lists_refuse_other_networks(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = await start_proxy(allow=("127.0.0.1/32",))
+    proxy = await start_proxy(allow=parse_networks(["127.0.0.1/32"]))
     head, _ = await get_from(proxy.url + "/v2/", ca, "127.0.0.1")
     assert head.status_code == 401  # served: the registry's own challenge
     seen = len(hub.requests)
@@ -236,7 +237,9 @@ async def test_allow_lists_refuse_other_networks(
 async def test_ops_allow_limits_who_reads_metrics_and_status(
     start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
-    proxy = await start_proxy(allow=("127.0.0.0/8",), ops_allow=(f"{OTHER_ADDRESS}/32",))
+    proxy = await start_proxy(
+        allow=parse_networks(["127.0.0.0/8"]), ops_allow=parse_networks([f"{OTHER_ADDRESS}/32"])
+    )
     for path in ("/metrics", "/healthz", "/readyz", "/"):
         head, body = await get_from(proxy.url + path, ca, "127.0.0.1")
         assert head.status_code == 403, path
@@ -252,7 +255,7 @@ async def test_image_allow_and_deny_globs(
 ) -> None:
     hub.add_image("library/busybox", "1", [make_layer(2, 100)])
     hub.add_image("someone/app", "1", [make_layer(3, 100)])
-    proxy = await start_proxy(images_allow=("library/*",), images_deny=("library/busybox",))
+    proxy = await start_proxy(images=parse_image_rules(["library/*"], ["library/busybox"]))
     client = RegistryClient(proxy.url, ca)
     r = await client.request("/v2/alpine/manifests/3.20")
     assert r.status == 200

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from hubproxy.access import parse_image_pattern, parse_image_rules
 from hubproxy.config import Config
 from hubproxy.errors import ClientProtocolError, RouteNotFound
-from hubproxy.flow import base_url
 from hubproxy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -35,6 +34,7 @@ from hubproxy.registries import (
     token_registry,
     upstream_name,
 )
+from hubproxy.urls import base_url
 
 
 def table(host_map: tuple[tuple[str, str], ...] = ()) -> RegistryTable:

@@ -1,0 +1,856 @@
+"""Every setting of hubproxy, declared once; the command line and the config file are made from it.
+
+Theory of operation
+-------------------
+:data:`SETTINGS` is a table of frozen :class:`Setting` rows, one per flag, in ``--help`` order.
+Three things are generated from it and from nothing else:
+
+* :func:`build_parser`: the argparse parser (flag, kind, metavar, help, group, choices). Its
+  defaults are all ``argparse.SUPPRESS``, so the namespace it returns holds exactly the settings
+  the command line gave, however spelt: that is how the command line overrides the file, with no
+  second parse and no private argparse API.
+* ``configfile.load_config_file``: the TOML reader. Every setting is a top-level key spelt like its
+  flag without ``--``; a row with a :class:`TableKey` is also a key of ``[registry."NAME"]`` tables.
+* :func:`build_config`: raw values (after defaults, the file and the command line, see
+  :class:`Values`) to a frozen :class:`~hubproxy.config.Config`. Each value is checked by its row
+  (``bound`` for numbers, ``parse`` for text, per item for repeatable ones) and the parsed value
+  is what the Config keeps, so nothing downstream parses it again. Checks that involve several
+  settings (``--key`` needs ``--cert``, registries, operator logins) follow.
+
+Errors are :class:`UsageError` lines naming the flag; when the bad value came from the config
+file they start with ``path:line:``, the line of that very key (or array item's key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import math
+import os
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import cast
+
+from . import __version__
+from .access import (
+    ImagePattern,
+    ImageRules,
+    Network,
+    NetworkList,
+    parse_image_pattern,
+    parse_network,
+)
+from .cache import parse_size
+from .config import Config, Limits, Timeouts
+from .registries import (
+    BUILTIN_REGISTRIES,
+    DEFAULT_REGISTRY,
+    DOCKER_HUB_INDEX,
+    DOCKER_HUB_UPSTREAM,
+    Registry,
+    is_docker_hub,
+    looks_like_host,
+)
+from .urls import Url, base_url, parse_url
+from .usersfile import UsersFileError, load_users
+
+DESCRIPTION = """\
+A Docker Hub registry mirror. Point docker, containerd or podman at it and every pull goes through
+it: it forwards the registry API to the upstream, rewrites auth challenges so token requests come
+back here, follows blob redirects to the CDN itself, streams bodies, and fails over to
+--fallback upstreams when Docker Hub answers 429 or cannot be reached.
+
+Examples:
+  hubproxy                                   plain HTTP on 127.0.0.1:5000 (docker accepts an
+                                             http:// mirror on localhost)
+  hubproxy print-config containerd --url https://mirror.lan
+                                             what to paste into a client's configuration
+  hubproxy --cert server.pem --key key.pem   HTTPS on 0.0.0.0:443
+  hubproxy --fallback https://my-worker.example.workers.dev
+"""
+
+# The name of the config file's per-registry tables: [registry."ghcr.io"].
+REGISTRY_TABLE = "registry"
+
+
+class UsageError(Exception):
+    """A setting hubproxy cannot start with: one line naming the flag (and the file line)."""
+
+
+class Kind(enum.Enum):
+    """What a setting holds, on the command line and in the file."""
+
+    TEXT = "a string"
+    INT = "an integer"
+    NUMBER = "a number"
+    SWITCH = "a switch"  # --flag (store_true); ``key = true`` in the file
+    BOOL = "a boolean"  # --flag / --no-flag, unset by default; ``key = true|false``
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The lower limit of a number, and how an error names what is wanted."""
+
+    low: float
+    inclusive: bool
+    wording: str  # "--read-timeout must be <wording>"
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value >= self.low if self.inclusive else value > self.low
+
+
+@dataclass(frozen=True)
+class TableKey:
+    """How a per-registry ``NAME=VALUE`` setting is spelt in a ``[registry."NAME"]`` table."""
+
+    key: str  # the key inside the table
+    many: bool = False  # a list per registry (fallbacks, host names), else one value
+    name_last: bool = False  # the pair is VALUE=NAME (--host-map HOST=NAME)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One flag (``--name``), which is also the config-file key ``name``."""
+
+    name: str
+    help: str  # argparse help; ``%(default)s`` is the setting's default
+    group: str | None = None  # the --help section; None: the top "options" section
+    kind: Kind = Kind.TEXT
+    default: object = None
+    default_factory: Callable[[], object] | None = None  # a default read from the environment
+    metavar: str | None = None
+    repeatable: bool = False  # may be given many times; a list in the file
+    choices: tuple[str, ...] = ()
+    bound: Bound | None = None  # numbers
+    # text (each item when repeatable; the VALUE of a NAME=VALUE pair): the parsed value, or
+    # ValueError whose message follows "--name: "
+    parse: Callable[[str], object] | None = None
+    table: TableKey | None = None  # a NAME=VALUE pair that a [registry."NAME"] table can hold
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    def initial(self) -> object:
+        """The value when neither the file nor the command line gives one."""
+        if self.repeatable:
+            return []
+        if self.default_factory is not None:
+            return self.default_factory()
+        return self.default
+
+
+# --------------------------------------------------------------------------------- parsers
+# Each takes the text of one value and returns what Config keeps; ValueError says what is wrong.
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/hubproxy``, else ``~/.cache/hubproxy``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hubproxy")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"wants HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(f"empty IPv6 address in {text!r}")
+    elif ":" in host:
+        raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:{port}")
+    return host or "0.0.0.0", int(port)
+
+
+def readable(path: str) -> str:
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read {path!r}")
+    return path
+
+
+def ca_file(path: str) -> str:
+    """A PEM file of CA certificates, checked by loading it."""
+    readable(path)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"not a PEM CA file: {exc}") from None
+    return path
+
+
+def proxy_url(text: str) -> Url:
+    proxy = parse_url(text)
+    if proxy.origin.scheme != "http":
+        raise ValueError("must be an http:// proxy that supports CONNECT")
+    return proxy
+
+
+def checked_url(text: str) -> str:
+    """A URL kept as text (``--public-url``), checked here so a bad one stops the start."""
+    parse_url(text)
+    return text
+
+
+def cache_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (try 500M or 20G)") from None
+
+
+def read_login(path: str) -> tuple[str, str]:
+    """The ``user:password`` on the first line of ``path`` that is not blank or a comment."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path!r}: {exc}") from None
+    for line in lines:
+        if line.strip() and not line.lstrip().startswith("#"):
+            user, sep, password = line.strip().partition(":")
+            if sep and user and password:
+                return user, password
+            break
+    raise ValueError(f"{path!r} must hold one line 'user:password'")
+
+
+def users_file(path: str) -> str:
+    """A users file with at least one user. Only checked: the proxy reads it when it starts and
+    again on SIGHUP, so the Config keeps the path."""
+    try:
+        users = load_users(path)
+    except (UsersFileError, OSError) as exc:
+        raise ValueError(str(exc)) from None
+    if not users:
+        raise ValueError(
+            f"{path} has no users yet; add one with 'hubproxy user add NAME --users {path}'"
+        )
+    return path
+
+
+def split_pair(text: str) -> tuple[str, str] | None:
+    """``NAME=VALUE`` -> (name lowercased, value), both stripped; None if either is missing."""
+    name, sep, rest = text.partition("=")
+    name, rest = name.strip().lower(), rest.strip()
+    if not sep or not name or not rest:
+        return None
+    return name, rest
+
+
+# --------------------------------------------------------------------------------- the table
+
+LISTEN = "listening"
+UPSTREAMS = "upstreams"
+REGISTRIES = (
+    "more registries (built in: "
+    + ", ".join(name for name, _, _ in BUILTIN_REGISTRIES)
+    + "; clients pick one with ?ns=, a path prefix /v2/ghcr.io/..., or a --host-map name)"
+)
+CACHE = "blob cache"
+ACCESS = "access control (for a mirror reachable by strangers)"
+LIMITS = "request limits"
+TIMEOUTS = "timeouts (seconds)"
+
+POSITIVE_SECONDS = Bound(0.0, inclusive=False, wording="a positive number of seconds")
+AT_LEAST_ONE = Bound(1, inclusive=True, wording="at least 1")
+_LIMITS = Limits()
+_TIMEOUTS = Timeouts()
+
+
+def _timeout(name: str, default: float, what: str) -> Setting:
+    return Setting(
+        name,
+        f"{what} (default {default:g})",
+        TIMEOUTS,
+        Kind.NUMBER,
+        default,
+        bound=POSITIVE_SECONDS,
+    )
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- listening
+    Setting(
+        "listen",
+        "address to listen on, e.g. 0.0.0.0:443 or [::]:443 "
+        "(default 0.0.0.0:443 with TLS, 127.0.0.1:5000 without)",
+        LISTEN,
+        metavar="HOST:PORT",
+        parse=parse_listen,
+    ),
+    Setting(
+        "cert",
+        "TLS certificate chain (PEM); enables HTTPS",
+        LISTEN,
+        metavar="FILE",
+        parse=readable,
+    ),
+    Setting("key", "TLS private key (PEM) for --cert", LISTEN, metavar="FILE", parse=readable),
+    Setting(
+        "max-connections",
+        "client connections served at once; more get 503 (plain HTTP) or are closed "
+        "(TLS) (default 1024)",
+        LISTEN,
+        Kind.INT,
+        1024,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "public-url",
+        "the URL clients use to reach this mirror, for token realms "
+        "(default: the scheme and Host of each request)",
+        LISTEN,
+        metavar="URL",
+        parse=checked_url,
+    ),
+    # --- upstreams
+    Setting(
+        "upstream",
+        f"registry to mirror (default {DOCKER_HUB_UPSTREAM})",
+        UPSTREAMS,
+        default=DOCKER_HUB_UPSTREAM,
+        metavar="URL",
+        parse=base_url,
+    ),
+    Setting(
+        "fallback",
+        "another upstream to try, in order, when the previous one answers 429 or cannot "
+        "be reached (repeatable), e.g. a Cloudflare Worker mirror",
+        UPSTREAMS,
+        metavar="URL",
+        repeatable=True,
+        parse=base_url,
+    ),
+    Setting(
+        "index-url",
+        f"where /v1/search goes, for 'docker search' (default {DOCKER_HUB_INDEX})",
+        UPSTREAMS,
+        default=DOCKER_HUB_INDEX,
+        metavar="URL",
+        parse=base_url,
+    ),
+    Setting(
+        "library-prefix",
+        "insert library/ before one-component names (default: on when the upstream is Docker Hub)",
+        UPSTREAMS,
+        Kind.BOOL,
+    ),
+    Setting(
+        "upstream-ca",
+        "extra CA certificates (PEM) trusted for every upstream, besides the system store",
+        UPSTREAMS,
+        metavar="FILE",
+        parse=ca_file,
+    ),
+    Setting(
+        "upstream-proxy",
+        "reach upstreams through this HTTP proxy (CONNECT), e.g. http://192.168.1.1:3128",
+        UPSTREAMS,
+        metavar="URL",
+        parse=proxy_url,
+    ),
+    Setting(
+        "rate-limit-cooldown",
+        "skip an upstream this long after a 429 without Retry-After (default 60)",
+        UPSTREAMS,
+        Kind.NUMBER,
+        60.0,
+        metavar="SECONDS",
+        bound=POSITIVE_SECONDS,
+    ),
+    Setting(
+        "max-redirects",
+        "redirects followed per request (default 5)",
+        UPSTREAMS,
+        Kind.INT,
+        5,
+        metavar="N",
+        bound=Bound(0, inclusive=True, wording="0 or more"),
+    ),
+    # --- more registries
+    Setting(
+        "registry",
+        "serve another registry, or point a built-in one elsewhere, e.g. "
+        "registry.example.com=https://registry.example.com (repeatable)",
+        REGISTRIES,
+        metavar="NAME=URL",
+        repeatable=True,
+        parse=base_url,
+        table=TableKey("upstream"),
+    ),
+    Setting(
+        "registry-fallback",
+        "a fallback upstream for registry NAME, tried in order (repeatable)",
+        REGISTRIES,
+        metavar="NAME=URL",
+        repeatable=True,
+        parse=base_url,
+        table=TableKey("fallback", many=True),
+    ),
+    Setting(
+        "registry-ca",
+        "extra CA certificates (PEM) for registry NAME's origins (repeatable)",
+        REGISTRIES,
+        metavar="NAME=FILE",
+        repeatable=True,
+        parse=ca_file,
+        table=TableKey("upstream-ca"),
+    ),
+    Setting(
+        "registry-proxy",
+        "reach registry NAME through this HTTP CONNECT proxy (repeatable)",
+        REGISTRIES,
+        metavar="NAME=URL",
+        repeatable=True,
+        parse=proxy_url,
+        table=TableKey("upstream-proxy"),
+    ),
+    Setting(
+        "registry-login",
+        "pull from registry NAME with the operator's login in FILE ('user:password'; a "
+        "token as password works) when the client sends none, to raise rate limits; anyone "
+        "who can reach the mirror then pulls what it can read, so it needs --allow or --users "
+        "(or --allow-shared-login)",
+        REGISTRIES,
+        metavar="NAME=FILE",
+        repeatable=True,
+        parse=read_login,
+        table=TableKey("login"),
+    ),
+    Setting(
+        "allow-shared-login",
+        "use --registry-login without --allow or --users: you accept that everyone who "
+        "reaches the mirror pulls with those credentials",
+        REGISTRIES,
+        Kind.SWITCH,
+        False,
+    ),
+    Setting(
+        "host-map",
+        "requests addressed to HOST (the Host header) go to registry NAME, e.g. "
+        "ghcr.mirror.example.com=ghcr.io (repeatable)",
+        REGISTRIES,
+        metavar="HOST=NAME",
+        repeatable=True,
+        table=TableKey("host", many=True, name_last=True),
+    ),
+    # --- blob cache
+    Setting(
+        "cache-dir",
+        "where verified blobs are kept (default: %(default)s)",
+        CACHE,
+        default_factory=default_cache_dir,
+        metavar="DIR",
+    ),
+    Setting(
+        "cache-size",
+        "evict least recently used blobs beyond this size, e.g. 500M, 20G (default 20G)",
+        CACHE,
+        default="20G",
+        metavar="SIZE",
+        parse=cache_size,
+    ),
+    Setting(
+        "manifest-ttl",
+        "serve a cached tag without asking the upstream (HEAD) for this long (default 60)",
+        CACHE,
+        Kind.NUMBER,
+        60.0,
+        metavar="SECONDS",
+        bound=Bound(0.0, inclusive=True, wording="0 or more seconds"),
+    ),
+    Setting("no-cache", "do not cache at all", CACHE, Kind.SWITCH, False),
+    # --- access control
+    Setting(
+        "allow",
+        "serve only clients from these networks, e.g. 192.168.0.0/16 (repeatable; "
+        "default: everyone); others get 403",
+        ACCESS,
+        metavar="CIDR",
+        repeatable=True,
+        parse=parse_network,
+    ),
+    Setting(
+        "ops-allow",
+        "networks that may read /metrics, /healthz, /readyz and the status page / "
+        "(repeatable; default: every client --allow lets in)",
+        ACCESS,
+        metavar="CIDR",
+        repeatable=True,
+        parse=parse_network,
+    ),
+    Setting(
+        "users",
+        "require clients to log in to the mirror with a user of this file (made with "
+        "'hubproxy user add NAME --users FILE'); upstream pulls are then anonymous",
+        ACCESS,
+        metavar="FILE",
+        parse=users_file,
+    ),
+    Setting(
+        "images-allow",
+        "serve only images matching one of these, e.g. 'library/*', 'myorg/**' "
+        "(repeatable; default: all)",
+        ACCESS,
+        metavar="GLOB",
+        repeatable=True,
+        parse=parse_image_pattern,
+    ),
+    Setting(
+        "images-deny",
+        "refuse images matching one of these (repeatable; wins over --images-allow)",
+        ACCESS,
+        metavar="GLOB",
+        repeatable=True,
+        parse=parse_image_pattern,
+    ),
+    Setting(
+        "client-rate-limit",
+        "requests per second each client address may make on average; more get 429 "
+        "(default 0: no limit)",
+        ACCESS,
+        Kind.NUMBER,
+        0.0,
+        metavar="N",
+        bound=Bound(0.0, inclusive=True, wording="0 (off) or more requests per second"),
+    ),
+    Setting(
+        "client-burst",
+        "requests a client may make at once before --client-rate-limit applies "
+        "(default 200: a large image's pull)",
+        ACCESS,
+        Kind.INT,
+        200,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    # --- request limits
+    Setting(
+        "max-header-size",
+        f"request line and headers; larger requests get 431 (default {_LIMITS.max_head_size})",
+        LIMITS,
+        Kind.INT,
+        _LIMITS.max_head_size,
+        metavar="BYTES",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "max-headers",
+        f"header fields per request; more get 431 (default {_LIMITS.max_headers})",
+        LIMITS,
+        Kind.INT,
+        _LIMITS.max_headers,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "max-target",
+        f"request target length; longer gets 414 (default {_LIMITS.max_target})",
+        LIMITS,
+        Kind.INT,
+        _LIMITS.max_target,
+        metavar="BYTES",
+        bound=AT_LEAST_ONE,
+    ),
+    # --- timeouts
+    _timeout("handshake-timeout", _TIMEOUTS.handshake, "client TLS handshake"),
+    _timeout("request-timeout", _TIMEOUTS.request_head, "first request head after connecting"),
+    _timeout(
+        "keepalive-timeout", _TIMEOUTS.keepalive_idle, "idle client connection between requests"
+    ),
+    _timeout(
+        "client-idle-timeout",
+        _TIMEOUTS.client_idle,
+        "client that accepts or sends nothing mid-transfer",
+    ),
+    _timeout("connect-timeout", _TIMEOUTS.connect, "connecting to an upstream, TLS included"),
+    _timeout(
+        "read-timeout",
+        _TIMEOUTS.upstream_idle,
+        "upstream that sends nothing; there is no total-time limit",
+    ),
+    _timeout(
+        "shutdown-grace",
+        _TIMEOUTS.shutdown_grace,
+        "time in-flight transfers get after SIGINT/SIGTERM",
+    ),
+    Setting(
+        "log-level",
+        "log verbosity (default info; info logs one access line per request)",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+    ),
+)
+
+
+# --------------------------------------------------------------------------------- the parser
+
+CONFIG_HELP = (
+    "read settings from this TOML file (keys are the long flag names, e.g. "
+    'cache-dir = "/var/cache/hubproxy"); flags given here override it'
+)
+
+
+def build_parser(table: tuple[Setting, ...] = SETTINGS) -> argparse.ArgumentParser:
+    """The ``hubproxy`` command line, made from ``table``. Every setting's default is
+    ``argparse.SUPPRESS``: the namespace holds only what the command line gave (``config``
+    included); :func:`~hubproxy.configfile.read_settings` adds the file and the defaults."""
+    parser = argparse.ArgumentParser(
+        prog="hubproxy",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hubproxy {__version__}")
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for setting in table:
+        target: argparse.ArgumentParser | argparse._ArgumentGroup = parser
+        if setting.group is not None:
+            if setting.group not in groups:
+                groups[setting.group] = parser.add_argument_group(setting.group)
+            target = groups[setting.group]
+        shown = str(setting.initial()).replace("%", "%%")
+        options: dict[str, object] = {
+            "default": argparse.SUPPRESS,
+            "help": setting.help.replace("%(default)s", shown),
+        }
+        if setting.kind is Kind.SWITCH:
+            options["action"] = "store_true"
+        elif setting.kind is Kind.BOOL:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["metavar"] = setting.metavar
+            if setting.repeatable:
+                options["action"] = "append"
+            if setting.kind is Kind.INT:
+                options["type"] = int
+            elif setting.kind is Kind.NUMBER:
+                options["type"] = float
+            if setting.choices:
+                options["choices"] = list(setting.choices)
+        target.add_argument(setting.flag, **options)  # type: ignore[arg-type]
+    return parser
+
+
+# --------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Values:
+    """Every setting's raw value by dest (the table's default, under the config file, under the
+    command line), and where the file's values sit, for error messages."""
+
+    raw: Mapping[str, object]
+    origins: Mapping[str, str] = field(default_factory=dict)  # dest -> "path:line"
+    item_origins: Mapping[tuple[str, int], str] = field(default_factory=dict)  # (dest, index)
+
+    def where(self, dest: str, index: int | None = None) -> str | None:
+        """``path:line`` of the value (or item) when it came from the config file."""
+        if index is not None and (dest, index) in self.item_origins:
+            return self.item_origins[dest, index]
+        return self.origins.get(dest)
+
+    def error(self, setting: str, message: str, index: int | None = None) -> UsageError:
+        """A UsageError about ``setting``'s value, prefixed with its file line if it has one."""
+        where = self.where(setting.replace("-", "_"), index)
+        return UsageError(f"{where}: {message}" if where else message)
+
+
+def defaults(table: tuple[Setting, ...] = SETTINGS) -> dict[str, object]:
+    """dest -> the value each setting has when nothing sets it."""
+    return {setting.dest: setting.initial() for setting in table}
+
+
+def _parse_value(setting: Setting, values: Values) -> object:
+    raw = values.raw[setting.dest]
+    if setting.bound is not None:
+        number = cast(float, raw)
+        if not setting.bound.admits(number):
+            raise values.error(setting.name, f"{setting.flag} must be {setting.bound.wording}")
+        return raw
+    if setting.repeatable:
+        items: list[object] = []
+        for index, item in enumerate(cast(list[str], raw)):
+            items.append(_parse_item(setting, values, item, index))
+        return items
+    if raw is None or setting.parse is None:
+        return raw
+    try:
+        return setting.parse(cast(str, raw))
+    except ValueError as exc:
+        raise values.error(setting.name, f"{setting.flag}: {exc}") from None
+
+
+def _parse_item(setting: Setting, values: Values, item: str, index: int) -> object:
+    text: str = item
+    pair = None
+    if setting.table is not None:
+        pair = split_pair(item)
+        if pair is None:
+            message = f"{setting.flag} wants {setting.metavar}, got {item!r}"
+            raise values.error(setting.name, message, index)
+        text = pair[1]
+    parsed: object = text
+    if setting.parse is not None:
+        try:
+            parsed = setting.parse(text)
+        except ValueError as exc:
+            raise values.error(setting.name, f"{setting.flag}: {exc}", index) from None
+    return parsed if pair is None else (pair[0], parsed)
+
+
+def parse_values(values: Values, table: tuple[Setting, ...] = SETTINGS) -> dict[str, object]:
+    """dest -> parsed value, each checked by its own row; the first problem, in table order, is
+    a UsageError."""
+    return {setting.dest: _parse_value(setting, values) for setting in table}
+
+
+# --------------------------------------------------------------------------------- the Config
+
+
+def build_config(values: Values) -> Config:
+    """The frozen Config from raw values; UsageError (with the file line) if one is unusable."""
+    p = parse_values(values)
+    cert = cast(str | None, p["cert"])
+    key = cast(str | None, p["key"])
+    if key and not cert:
+        raise values.error("key", "--key needs --cert")
+    if cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            message = f"--cert/--key: cannot load the certificate and key: {exc}"
+            raise values.error("cert", message) from None
+    listen = cast(tuple[str, int] | None, p["listen"])
+    if listen is None:
+        listen = ("0.0.0.0", 443) if cert else ("127.0.0.1", 5000)
+    upstreams = (cast(Url, p["upstream"]), *cast(list[Url], p["fallback"]))
+    library_prefix = cast(bool | None, p["library_prefix"])
+    if library_prefix is None:
+        library_prefix = is_docker_hub(upstreams[0])
+    allow = NetworkList(tuple(cast(list[Network], p["allow"])))
+    users = cast(str | None, p["users"])
+    registries, default_login, host_map = build_registries(values, p)
+    has_login = default_login is not None or any(r.login for r in registries)
+    if has_login and not (allow.networks or users or p["allow_shared_login"]):
+        raise values.error(
+            "registry-login",
+            "--registry-login: anyone who can reach this mirror would pull with that login; "
+            "limit who can with --allow or --users, or pass --allow-shared-login",
+        )
+    return Config(
+        cache_dir=None if p["no_cache"] else cast(str, p["cache_dir"]),
+        cache_size=cast(int, p["cache_size"]),
+        manifest_ttl=cast(float, p["manifest_ttl"]),
+        listen_host=listen[0],
+        listen_port=listen[1],
+        cert=cert,
+        key=key,
+        upstreams=upstreams,
+        index_url=cast(Url, p["index_url"]),
+        library_prefix=library_prefix,
+        public_url=cast(str | None, p["public_url"]),
+        upstream_ca=cast(str | None, p["upstream_ca"]),
+        upstream_proxy=cast(Url | None, p["upstream_proxy"]),
+        max_redirects=cast(int, p["max_redirects"]),
+        max_connections=cast(int, p["max_connections"]),
+        limits=Limits(
+            max_head_size=cast(int, p["max_header_size"]),
+            max_headers=cast(int, p["max_headers"]),
+            max_target=cast(int, p["max_target"]),
+        ),
+        rate_limit_rest=cast(float, p["rate_limit_cooldown"]),
+        timeouts=Timeouts(
+            handshake=cast(float, p["handshake_timeout"]),
+            request_head=cast(float, p["request_timeout"]),
+            keepalive_idle=cast(float, p["keepalive_timeout"]),
+            client_idle=cast(float, p["client_idle_timeout"]),
+            connect=cast(float, p["connect_timeout"]),
+            upstream_idle=cast(float, p["read_timeout"]),
+            shutdown_grace=cast(float, p["shutdown_grace"]),
+        ),
+        allow=allow,
+        ops_allow=NetworkList(tuple(cast(list[Network], p["ops_allow"]))),
+        users_file=users,
+        images=ImageRules(
+            allow=tuple(cast(list[ImagePattern], p["images_allow"])),
+            deny=tuple(cast(list[ImagePattern], p["images_deny"])),
+        ),
+        client_rate_limit=cast(float, p["client_rate_limit"]),
+        client_burst=cast(int, p["client_burst"]),
+        registries=registries,
+        default_login=default_login,
+        host_map=host_map,
+        allow_shared_login=bool(p["allow_shared_login"]),
+    )
+
+
+def _pairs(parsed: Mapping[str, object], dest: str) -> list[tuple[str, object]]:
+    return cast(list[tuple[str, object]], parsed[dest])
+
+
+def build_registries(
+    values: Values, parsed: Mapping[str, object], default: str = DEFAULT_REGISTRY
+) -> tuple[tuple[Registry, ...], tuple[str, str] | None, tuple[tuple[str, str], ...]]:
+    """The registries besides the default one (built-ins plus --registry), with their
+    fallbacks, CAs, proxies and logins; the default registry's login; the host map."""
+    entries: dict[str, Registry] = {}
+    for name, url, aliases in BUILTIN_REGISTRIES:
+        entries[name] = Registry(name, (base_url(url),), aliases=aliases)
+    for index, (name, upstream) in enumerate(_pairs(parsed, "registry")):
+        if not looks_like_host(name):
+            message = f"--registry: {name!r} is not a registry host name"
+            raise values.error("registry", message, index)
+        if name == default:
+            message = f"--registry: set {default}'s upstream with --upstream"
+            raise values.error("registry", message, index)
+        entries[name] = replace(
+            entries.get(name, Registry(name, ())), upstreams=(cast(Url, upstream),)
+        )
+
+    def entry(setting: str, name: str, index: int) -> Registry:
+        if name not in entries:
+            message = f"--{setting}: no registry {name!r} (add it with --registry NAME=URL)"
+            raise values.error(setting, message, index)
+        return entries[name]
+
+    for index, (name, fallback) in enumerate(_pairs(parsed, "registry_fallback")):
+        if name != default:
+            found = entry("registry-fallback", name, index)
+            entries[name] = replace(found, upstreams=(*found.upstreams, cast(Url, fallback)))
+    for index, (name, path) in enumerate(_pairs(parsed, "registry_ca")):
+        if name == default:
+            message = f"--registry-ca: use --upstream-ca for {default}"
+            raise values.error("registry-ca", message, index)
+        found = entry("registry-ca", name, index)
+        entries[name] = replace(found, upstream_ca=cast(str, path))
+    for index, (name, via) in enumerate(_pairs(parsed, "registry_proxy")):
+        if name == default:
+            message = f"--registry-proxy: use --upstream-proxy for {default}"
+            raise values.error("registry-proxy", message, index)
+        found = entry("registry-proxy", name, index)
+        entries[name] = replace(found, upstream_proxy=cast(Url, via))
+    default_login = None
+    for index, (name, login) in enumerate(_pairs(parsed, "registry_login")):
+        if name == default:
+            default_login = cast(tuple[str, str], login)
+        else:
+            found = entry("registry-login", name, index)
+            entries[name] = replace(found, login=cast(tuple[str, str], login))
+    host_map = []
+    for index, (host, target) in enumerate(_pairs(parsed, "host_map")):
+        if target != default and target not in entries:
+            raise values.error("host-map", f"--host-map: no registry {target!r}", index)
+        host_map.append((host, str(target)))
+    others = tuple(r for r in entries.values() if r.name != default)
+    return others, default_login, tuple(host_map)
