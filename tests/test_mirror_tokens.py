@@ -15,6 +15,7 @@ import pytest
 import trio
 import trustme
 
+from hubproxy.access import parse_image_rules
 from hubproxy.app import reload
 from hubproxy.registries import Registry
 from hubproxy.urls import parse_url
@@ -152,7 +153,7 @@ async def test_search_lists_only_the_images_the_rules_serve(
 ) -> None:
     for name in ("library/alpine", "library/alpine-extra", "evil/alpine-miner"):
         hub.add_image(name, "1", [make_layer(6, 100)])
-    proxy = await start_proxy(images_allow=("library/*",), images_deny=("alpine-extra",))
+    proxy = await start_proxy(images=parse_image_rules(["library/*"], ["alpine-extra"]))
     r = await fetch(proxy.url + "/v1/search?q=alpine", ca)
     assert r.status == 200
     document = r.json()

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trustme
 
+from hubproxy.access import parse_image_rules, parse_networks
 from hubproxy.registries import Registry
 from hubproxy.urls import parse_url
 from hubproxy.usersfile import add_user
@@ -53,7 +54,7 @@ def acme(hub: FakeHub) -> FakeHub:
 async def test_an_anonymous_client_cannot_get_a_push_token_on_the_operators_login(
     acme: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
-    proxy = await start_proxy(default_login=OPERATOR, allow=("127.0.0.1/32",))
+    proxy = await start_proxy(default_login=OPERATOR, allow=parse_networks(["127.0.0.1/32"]))
     r = await fetch(
         token_url(
             proxy.url,
@@ -71,7 +72,7 @@ async def test_an_anonymous_client_cannot_get_a_push_token_on_the_operators_logi
 async def test_an_operator_backed_token_is_sealed_and_useless_elsewhere(
     acme: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
-    proxy = await start_proxy(default_login=OPERATOR, allow=("127.0.0.1/32",))
+    proxy = await start_proxy(default_login=OPERATOR, allow=parse_networks(["127.0.0.1/32"]))
     client = RegistryClient(proxy.url, ca)
     r = await client.request("/v2/acme/app/manifests/v1", headers=[ACCEPT])
     assert r.status == 200  # the operator's account reads its private repository for anyone
@@ -120,7 +121,7 @@ async def test_a_write_to_a_basic_registry_never_carries_the_operators_login(
     htpasswd.add_image("team/app", "1", [make_layer(3, 100)])
     name = "registry.example.com"
     registry = Registry(name, (parse_url(htpasswd.registry_url),), login=OPERATOR)
-    proxy = await start_proxy(registries=(registry,), allow=("127.0.0.0/8",))
+    proxy = await start_proxy(registries=(registry,), allow=parse_networks(["127.0.0.0/8"]))
     r = await fetch(proxy.url + f"/v2/{name}/team/app/manifests/1", ca, headers=[ACCEPT])
     assert r.status == 200  # a read does
     for method, path in (
@@ -137,7 +138,7 @@ async def test_a_write_to_a_basic_registry_never_carries_the_operators_login(
 async def test_image_rules_apply_to_token_scopes(
     acme: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
-    proxy = await start_proxy(images_allow=("library/*",))
+    proxy = await start_proxy(images=parse_image_rules(["library/*"], []))
     r = await fetch(
         token_url(
             proxy.url, "/token/0", service="registry.docker.io", scope="repository:acme/app:pull"
@@ -157,7 +158,9 @@ async def test_a_fallbacks_realm_never_gets_the_operators_login(
     worker = FakeHub(ca)  # someone else's Worker, with a token service of its own
     await nursery.start(worker.serve)
     proxy = await start_proxy(
-        default_login=OPERATOR, allow=("127.0.0.1/32",), fallbacks=(worker.registry_url,)
+        default_login=OPERATOR,
+        allow=parse_networks(["127.0.0.1/32"]),
+        fallbacks=(worker.registry_url,),
     )
     r = await fetch(
         token_url(
@@ -176,7 +179,7 @@ async def test_a_cdn_challenge_never_moves_the_registrys_realm(
     layer = make_layer(9, 5000)
     acme.add_image("library/alpine", "3", [layer])
     acme.cdn_challenge = f'Bearer realm="https://127.0.0.1:{canary.port}/token",service="cdn"'
-    proxy = await start_proxy(default_login=OPERATOR, allow=("127.0.0.1/32",))
+    proxy = await start_proxy(default_login=OPERATOR, allow=parse_networks(["127.0.0.1/32"]))
     client = RegistryClient(proxy.url, ca)
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
     r = await client.request(f"/v2/library/alpine/blobs/{digest}")
@@ -195,7 +198,7 @@ async def test_a_cdn_challenge_never_moves_the_registrys_realm(
 async def test_a_refresh_token_issued_for_the_operator_never_reaches_a_client(
     acme: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:
-    proxy = await start_proxy(default_login=OPERATOR, allow=("127.0.0.1/32",))
+    proxy = await start_proxy(default_login=OPERATOR, allow=parse_networks(["127.0.0.1/32"]))
     r = await fetch(
         token_url(
             proxy.url,
@@ -241,7 +244,9 @@ async def test_a_fallbacks_basic_challenge_does_not_make_the_registry_basic(
     layer = make_layer(11, 2000)
     acme.add_image("library/alpine", "3", [layer])
     proxy = await start_proxy(
-        default_login=OPERATOR, allow=("127.0.0.1/32",), fallbacks=(worker.registry_url,)
+        default_login=OPERATOR,
+        allow=parse_networks(["127.0.0.1/32"]),
+        fallbacks=(worker.registry_url,),
     )
     client = RegistryClient(proxy.url, ca)
     await client.request("/v2/library/alpine/manifests/3", headers=[ACCEPT])  # a token first
