@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hubproxy.cache import BlobStore
+from hubproxy.cache.store import BlobStore
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Micro-benchmark: trio.SSLStream vs hubproxy.tls.TLSStream moving bulk data over loopback.
+"""Micro-benchmark: trio.SSLStream vs hubproxy.net.tls.TLSStream moving bulk data over loopback.
 
 For each implementation and direction ("download": we receive, like reading a blob from Docker
 Hub; "upload": we send, like serving it to a client) this moves ``--mib`` MiB over a TLS 1.3
@@ -24,7 +24,7 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hubproxy.tls import TLSStream
+from hubproxy.net.tls import TLSStream
 
 Impl = Literal["trio.SSLStream", "TLSStream"]
 Direction = Literal["download", "upload"]

@@ -11,23 +11,23 @@ from pathlib import Path
 
 import trio
 
-from .access import RateLimiter
-from .admission import Admission
-from .cache import BlobStore
+from .cache.manifests import ManifestStore
+from .cache.pullthrough import PullThrough
+from .cache.store import BlobStore
 from .config import Config
-from .credentials import Authenticator
 from .forwarder import Forwarder, build_pool
-from .manifests import ManifestStore
-from .metrics import HubMetrics
-from .operations import Operations
-from .pool import Connector
+from .net.pool import Connector
+from .net.server import Server
+from .ops.metrics import HubMetrics
+from .ops.operations import Operations
+from .ops.usersfile import UsersFileError, load_users
+from .policy.access import RateLimiter
+from .policy.admission import Admission
+from .policy.credentials import Authenticator
+from .policy.registries import Registry
+from .policy.sealing import TokenSealer
 from .proxy import Proxy
-from .pullthrough import PullThrough
-from .registries import Registry
-from .sealing import TokenSealer
-from .server import Server
 from .tokens import TokenEndpoint
-from .usersfile import UsersFileError, load_users
 
 log = logging.getLogger("hubproxy")
 

@@ -16,11 +16,11 @@ from typing import TextIO
 import trio
 
 from .app import CacheDirError, serve
-from .clientconfig import BUILTIN_NAMES, CLIENTS, snippet
 from .config import Config
 from .configfile import ConfigFileError, read_settings
+from .ops.clientconfig import BUILTIN_NAMES, CLIENTS, snippet
+from .ops.usersfile import UsersFileError, add_user, check_name, load_users, remove_user
 from .settings import UsageError, Values, build_config, build_parser
-from .usersfile import UsersFileError, add_user, check_name, load_users, remove_user
 
 __all__ = ["UsageError", "check_config", "load_settings", "main", "print_config", "user_command"]
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .access import ImageRules, NetworkList
-from .registries import DEFAULT_REGISTRY, DOCKER_HUB_HOSTS, Registry, RegistryTable, build_table
-from .urls import Url
+from .policy.access import ImageRules, NetworkList
+from .policy.registries import (
+    DEFAULT_REGISTRY,
+    DOCKER_HUB_HOSTS,
+    Registry,
+    RegistryTable,
+    build_table,
+)
+from .policy.urls import Url
 
 
 @dataclass(frozen=True)

@@ -26,21 +26,21 @@ from contextlib import AsyncExitStack
 import h11
 import trio
 
-from . import flow
-from .auth import public_base, rewrite_challenge
 from .config import Config
-from .errors import ProxyError, ResponseAborted, UpstreamUnavailable
-from .headers import Headers, client_response_headers, upstream_request_headers
-from .metrics import HubMetrics
-from .pool import Connector, Pool
-from .redirects import client_location
-from .registries import RegistryTable
-from .routing import Route
-from .server import ClientRequest, ClientResponse
-from .streams import ByteStream, open_upstream, upstream_ssl_context
-from .upstream import UpstreamConnection
-from .upstreams import UpstreamSet
-from .urls import Origin, Url
+from .net.pool import Connector, Pool
+from .net.server import ClientRequest, ClientResponse
+from .net.streams import ByteStream, open_upstream, upstream_ssl_context
+from .net.upstream import UpstreamConnection
+from .ops.metrics import HubMetrics
+from .policy import flow
+from .policy.auth import public_base, rewrite_challenge
+from .policy.errors import ProxyError, ResponseAborted, UpstreamUnavailable
+from .policy.headers import Headers, client_response_headers, upstream_request_headers
+from .policy.redirects import client_location
+from .policy.registries import RegistryTable
+from .policy.routing import Route
+from .policy.upstreams import UpstreamSet
+from .policy.urls import Origin, Url
 
 log = logging.getLogger("hubproxy")
 

@@ -17,24 +17,24 @@ from dataclasses import replace
 import h11
 import trio
 
-from .admission import OPS_PATHS, Admission, Reason, Refused, require_login
-from .auth import login_challenge
-from .errors import ClientProtocolError, MirrorUnauthorized, ProxyError, RouteNotFound
+from .cache.pullthrough import PullThrough
 from .forwarder import Forwarder
-from .headers import Headers, get_header
-from .metrics import HubMetrics
-from .operations import Operations
-from .pool import Pool
-from .pullthrough import PullThrough
-from .registries import address
-from .routing import Route, RouteKind, route_label, route_request
-from .search import MAX_SEARCH_ANSWER, filter_search_answer
-from .server import AccessRecord, ClientRequest, ClientResponse
-from .tokenpolicy import Credential, check_method, client_credential, operator_credential
+from .net.pool import Pool
+from .net.server import AccessRecord, ClientRequest, ClientResponse
+from .net.upstream import UpstreamConnection
+from .ops.metrics import HubMetrics
+from .ops.operations import Operations
+from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_login
+from .policy.auth import login_challenge
+from .policy.errors import ClientProtocolError, MirrorUnauthorized, ProxyError, RouteNotFound
+from .policy.headers import Headers, get_header
+from .policy.registries import address
+from .policy.routing import Route, RouteKind, route_label, route_request
+from .policy.search import MAX_SEARCH_ANSWER, filter_search_answer
+from .policy.tokenpolicy import Credential, check_method, client_credential, operator_credential
+from .policy.upstreams import UpstreamSet
+from .policy.urls import Url
 from .tokens import TokenEndpoint
-from .upstream import UpstreamConnection
-from .upstreams import UpstreamSet
-from .urls import Url
 
 log = logging.getLogger("hubproxy")
 

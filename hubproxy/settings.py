@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import cast
 
 from . import __version__
-from .access import (
+from .cache.store import parse_size
+from .config import Config, Limits, Timeouts
+from .ops.usersfile import UsersFileError, load_users
+from .policy.access import (
     ImagePattern,
     ImageRules,
     Network,
@@ -42,9 +45,7 @@ from .access import (
     parse_image_pattern,
     parse_network,
 )
-from .cache import parse_size
-from .config import Config, Limits, Timeouts
-from .registries import (
+from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
     DOCKER_HUB_INDEX,
@@ -53,8 +54,7 @@ from .registries import (
     is_docker_hub,
     looks_like_host,
 )
-from .urls import Url, base_url, parse_url
-from .usersfile import UsersFileError, load_users
+from .policy.urls import Url, base_url, parse_url
 
 DESCRIPTION = """\
 A Docker Hub registry mirror. Point docker, containerd or podman at it and every pull goes through

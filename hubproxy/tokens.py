@@ -20,15 +20,16 @@ from urllib.parse import quote
 
 import h11
 
-from .access import ImageRules
-from .errors import RouteNotFound, UpstreamUnavailable
 from .forwarder import Forwarder
-from .headers import Headers, get_header
-from .registries import rewrite_token_query, token_registry
-from .routing import Route, without_query_param
-from .sealing import Grant, TokenSealer
-from .server import ClientRequest, ClientResponse
-from .tokenpolicy import (
+from .net.server import ClientRequest, ClientResponse
+from .net.upstream import UpstreamConnection
+from .policy.access import ImageRules
+from .policy.errors import RouteNotFound, UpstreamUnavailable
+from .policy.headers import Headers, get_header
+from .policy.registries import rewrite_token_query, token_registry
+from .policy.routing import Route, without_query_param
+from .policy.sealing import Grant, TokenSealer
+from .policy.tokenpolicy import (
     MAX_TOKEN_RESPONSE,
     basic_authorization,
     encode_document,
@@ -36,7 +37,6 @@ from .tokenpolicy import (
     sealed_document,
     token_document,
 )
-from .upstream import UpstreamConnection
 
 log = logging.getLogger("hubproxy")
 

@@ -15,9 +15,9 @@ import trustme
 
 from hubproxy.app import App, serve
 from hubproxy.config import Config, Timeouts
+from hubproxy.net.server import Server
+from hubproxy.policy.urls import base_url
 from hubproxy.proxy import Proxy
-from hubproxy.server import Server
-from hubproxy.urls import base_url
 from tests.fakehub import FakeHub
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import trustme
 
-from hubproxy.auth import parse_challenges
+from hubproxy.policy.auth import parse_challenges
 from tests.fakehub import FetchResult, fetch
 
 

@@ -1,4 +1,4 @@
-"""Tests for hubproxy.access: client networks, image globs and the per-client rate limiter.
+"""Tests for hubproxy.policy.access: client networks, image globs and the per-client rate limiter.
 
 All pure: tables of addresses and names, and a rate limiter driven by explicit ``now`` values.
 """
@@ -9,7 +9,7 @@ import ipaddress
 
 import pytest
 
-from hubproxy.access import (
+from hubproxy.policy.access import (
     NetworkList,
     RateLimiter,
     parse_image_pattern,
@@ -17,7 +17,7 @@ from hubproxy.access import (
     parse_network,
     parse_networks,
 )
-from hubproxy.registries import normalize_image
+from hubproxy.policy.registries import normalize_image
 
 # --- networks --------------------------------------------------------------------------------
 

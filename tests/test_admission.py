@@ -1,14 +1,14 @@
-"""Tests for hubproxy.admission: the admission rules, without sockets."""
+"""Tests for hubproxy.policy.admission: the admission rules, without sockets."""
 
 from __future__ import annotations
 
 import pytest
 
-from hubproxy.access import RateLimiter, parse_image_rules, parse_networks
-from hubproxy.admission import Admission, Reason, require_login
-from hubproxy.credentials import Authenticator
-from hubproxy.errors import AccessDenied, ClientRateLimited, MirrorUnauthorized
-from hubproxy.passwords import hash_password
+from hubproxy.policy.access import RateLimiter, parse_image_rules, parse_networks
+from hubproxy.policy.admission import Admission, Reason, require_login
+from hubproxy.policy.credentials import Authenticator
+from hubproxy.policy.errors import AccessDenied, ClientRateLimited, MirrorUnauthorized
+from hubproxy.policy.passwords import hash_password
 
 KEY = b"k" * 32
 

@@ -1,4 +1,5 @@
-"""Tests for hubproxy.auth: WWW-Authenticate parsing, Bearer realm rewriting, the public base URL.
+"""Tests for hubproxy.policy.auth: WWW-Authenticate parsing, Bearer realm rewriting, the public
+base URL.
 
 Challenge syntax is RFC 9110 section 11.6.1; Docker Hub's exact challenges come from
 /work/shared/PROTOCOL.md. The mirror must point every Bearer realm at itself (so clients never try
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy.auth import (
+from hubproxy.policy.auth import (
     Challenge,
     format_challenges,
     parse_challenges,

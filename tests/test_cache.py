@@ -12,7 +12,7 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.cache import (
+from hubproxy.cache.store import (
     BlobStore,
     FillState,
     byte_range,
@@ -21,7 +21,7 @@ from hubproxy.cache import (
     parse_size,
     sha256_hex,
 )
-from hubproxy.errors import CacheFillFailed, RangeNotSatisfiable
+from hubproxy.policy.errors import CacheFillFailed, RangeNotSatisfiable
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
@@ -504,7 +504,7 @@ async def test_a_full_disk_streams_uncached_instead_of_failing(
 ) -> None:
     layer = make_layer(9, 400_000)
     hub.add_image("library/alpine", "3.20", [layer])
-    monkeypatch.setattr("hubproxy.cache.shutil_free_bytes", lambda path: 1024 * 1024)
+    monkeypatch.setattr("hubproxy.cache.store.shutil_free_bytes", lambda path: 1024 * 1024)
     proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
     client = RegistryClient(proxy.url, ca)
     r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}")
@@ -516,7 +516,7 @@ async def test_a_full_disk_streams_uncached_instead_of_failing(
 def test_fills_under_way_reserve_their_space(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("hubproxy.cache.shutil_free_bytes", lambda path: 200 * 1024 * 1024)
+    monkeypatch.setattr("hubproxy.cache.store.shutil_free_bytes", lambda path: 200 * 1024 * 1024)
     store = BlobStore(tmp_path, 1 << 40)
     store.open()
     size = 100 * 1024 * 1024
@@ -566,7 +566,7 @@ async def test_a_disk_failing_mid_fill_does_not_fail_the_transfer(
     (they finish from the upstream with a Range request, still verified against the digest)."""
     import errno
 
-    from hubproxy import cache
+    from hubproxy.cache import store as cache
 
     real_write = cache._write_all
     written = 0
@@ -607,7 +607,7 @@ async def test_a_resumed_transfer_holds_its_last_byte_until_the_blob_verifies(
     the upstream's bytes are wrong: the client must never see a complete transfer."""
     import errno
 
-    from hubproxy import cache
+    from hubproxy.cache import store as cache
 
     real_write = cache._write_all
     written = 0

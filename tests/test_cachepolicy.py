@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from hubproxy.cachepolicy import (
+from hubproxy.policy.cachepolicy import (
     ACCESS_CONFIRMATION_TTL,
     READABILITY_REFRESH,
     READABILITY_WINDOW,

@@ -16,8 +16,8 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.registries import Registry
-from hubproxy.urls import base_url
+from hubproxy.policy.registries import Registry
+from hubproxy.policy.urls import base_url
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import (
     MEDIA_DOCKER_LIST,

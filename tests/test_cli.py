@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import trustme
 
-from hubproxy.access import parse_image_rules, parse_networks
 from hubproxy.cli import UsageError, load_settings, main
 from hubproxy.config import Config
-from hubproxy.registries import DOCKER_HUB_UPSTREAM
+from hubproxy.ops.usersfile import add_user, load_users
+from hubproxy.policy.access import parse_image_rules, parse_networks
+from hubproxy.policy.registries import DOCKER_HUB_UPSTREAM
+from hubproxy.policy.urls import Origin
 from hubproxy.settings import parse_listen
-from hubproxy.urls import Origin
-from hubproxy.usersfile import add_user, load_users
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import tomllib
 import pytest
 import yaml
 
-from hubproxy.clientconfig import BUILTIN_NAMES, reference_host, snippet
-from hubproxy.urls import parse_url
+from hubproxy.ops.clientconfig import BUILTIN_NAMES, reference_host, snippet
+from hubproxy.policy.urls import parse_url
 
 
 def test_docker_daemon_json() -> None:

@@ -1,4 +1,4 @@
-"""Tests for hubproxy.credentials: Authorization parsing, the Basic check with its cache, and
+"""Tests for hubproxy.policy.credentials: Authorization parsing, the Basic check with its cache, and
 the stamps that let a sealed token be revoked.
 
 Hashes use N=2**4 for speed.
@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy import passwords
-from hubproxy.credentials import Authenticator, bearer_token, parse_basic
-from hubproxy.passwords import hash_password
-from hubproxy.sealing import Grant, TokenSealer
-from hubproxy.usersfile import add_user, load_users, remove_user
+from hubproxy.ops.usersfile import add_user, load_users, remove_user
+from hubproxy.policy import passwords
+from hubproxy.policy.credentials import Authenticator, bearer_token, parse_basic
+from hubproxy.policy.passwords import hash_password
+from hubproxy.policy.sealing import Grant, TokenSealer
 
 STAMP_KEY = bytes(range(32))
 

@@ -1,4 +1,5 @@
-"""Tests for the per-request state machine (hubproxy.flow) and its policies (failover, redirects).
+"""Tests for the per-request state machine (hubproxy.policy.flow) and its policies (failover,
+redirects).
 
 Read like packet traces: a plan, the events an upstream produces, and the actions hubproxy takes.
 The rules come from PROTOCOL.md: blob GETs are answered with a 307 to a CDN that must not see the
@@ -18,14 +19,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy import failover, flow
-from hubproxy.errors import (
+from hubproxy.policy import failover, flow
+from hubproxy.policy.errors import (
     ProxyError,
     TooManyRedirects,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from hubproxy.flow import (
+from hubproxy.policy.flow import (
     AttemptFailed,
     Event,
     Fail,
@@ -39,8 +40,8 @@ from hubproxy.flow import (
     start,
     transition,
 )
-from hubproxy.redirects import client_location, may_send_authorization, redirect_target
-from hubproxy.urls import Origin, base_url, parse_url
+from hubproxy.policy.redirects import client_location, may_send_authorization, redirect_target
+from hubproxy.policy.urls import Origin, base_url, parse_url
 
 HUB = base_url("https://registry-1.docker.io")
 WORKER = base_url("https://hub-mirror.example.workers.dev/prefix")

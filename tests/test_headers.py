@@ -1,4 +1,4 @@
-"""Tests for hubproxy.headers: what crosses the proxy in each direction.
+"""Tests for hubproxy.policy.headers: what crosses the proxy in each direction.
 
 Rules from RFC 9110 section 7.6.1 (hop-by-hop headers and the ``Connection`` list), RFC 9112
 section 6.3 (framing), Go's httputil.ReverseProxy (the list, and forwarding headers set by the
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy.headers import (
+from hubproxy.policy.headers import (
     HOP_BY_HOP,
     Headers,
     client_response_headers,

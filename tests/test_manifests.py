@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hubproxy.cachepolicy import Readability
-from hubproxy.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts
+from hubproxy.cache.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts
+from hubproxy.policy.cachepolicy import Readability
 
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hubproxy.cache import BlobStore
-from hubproxy.metrics import (
+from hubproxy.cache.store import BlobStore
+from hubproxy.ops.metrics import (
     CONTENT_TYPE,
     CacheFigures,
     Counter,

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.access import parse_image_rules
 from hubproxy.app import reload
-from hubproxy.registries import Registry
-from hubproxy.urls import parse_url
-from hubproxy.usersfile import add_user, remove_user
+from hubproxy.ops.usersfile import add_user, remove_user
+from hubproxy.policy.access import parse_image_rules
+from hubproxy.policy.registries import Registry
+from hubproxy.policy.urls import parse_url
 from tests.conftest import StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient

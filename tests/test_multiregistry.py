@@ -17,10 +17,10 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.access import parse_image_rules, parse_networks
-from hubproxy.registries import Registry
-from hubproxy.urls import base_url
-from hubproxy.usersfile import add_user
+from hubproxy.ops.usersfile import add_user
+from hubproxy.policy.access import parse_image_rules, parse_networks
+from hubproxy.policy.registries import Registry
+from hubproxy.policy.urls import base_url
 from tests.conftest import Canary, RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient

@@ -20,10 +20,10 @@ import trio
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from hubproxy.access import parse_image_rules, parse_networks
 from hubproxy.app import reload
-from hubproxy.clientconfig import snippet
-from hubproxy.usersfile import add_user
+from hubproxy.ops.clientconfig import snippet
+from hubproxy.ops.usersfile import add_user
+from hubproxy.policy.access import parse_image_rules, parse_networks
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient

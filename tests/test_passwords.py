@@ -1,4 +1,4 @@
-"""Tests for hubproxy.passwords: scrypt hashes, their format and their parameter limits.
+"""Tests for hubproxy.policy.passwords: scrypt hashes, their format and their parameter limits.
 
 Hashes use N=2**4 for speed except where the default cost is the point.
 """
@@ -10,7 +10,7 @@ import hashlib
 
 import pytest
 
-from hubproxy.passwords import hash_password, parse_hash, verify_password
+from hubproxy.policy.passwords import hash_password, parse_hash, verify_password
 
 
 def fast_hash(password: str, salt: bytes | None = None) -> str:

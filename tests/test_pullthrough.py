@@ -12,8 +12,8 @@ import pytest
 import trio
 import trustme
 
-from hubproxy.cachepolicy import anonymously_readable
-from hubproxy.pullthrough import PullThrough
+from hubproxy.cache.pullthrough import PullThrough
+from hubproxy.policy.cachepolicy import anonymously_readable
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST, FakeHub, make_layer
 from tests.registry_client import RegistryClient

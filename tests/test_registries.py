@@ -1,4 +1,4 @@
-"""Tests for hubproxy.registries: registry facts, which registry a request is for, and token
+"""Tests for hubproxy.policy.registries: registry facts, which registry a request is for, and token
 scopes, without sockets."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy.access import parse_image_pattern, parse_image_rules
 from hubproxy.config import Config
-from hubproxy.errors import ClientProtocolError, RouteNotFound
-from hubproxy.registries import (
+from hubproxy.policy.access import parse_image_pattern, parse_image_rules
+from hubproxy.policy.errors import ClientProtocolError, RouteNotFound
+from hubproxy.policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -34,7 +34,7 @@ from hubproxy.registries import (
     token_registry,
     upstream_name,
 )
-from hubproxy.urls import base_url
+from hubproxy.policy.urls import base_url
 
 
 def table(host_map: tuple[tuple[str, str], ...] = ()) -> RegistryTable:

@@ -1,4 +1,4 @@
-"""Tests for hubproxy.routing: request target -> Route.
+"""Tests for hubproxy.policy.routing: request target -> Route.
 
 Everything here is pure: tables of request targets (including hostile ones) and hypothesis
 properties. What a mirror must do comes from /work/shared/PROTOCOL.md and distribution's API spec:
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy.errors import ClientProtocolError, ProxyError, RouteNotFound
-from hubproxy.routing import (
+from hubproxy.policy.errors import ClientProtocolError, ProxyError, RouteNotFound
+from hubproxy.policy.routing import (
     MAX_NAME_LENGTH,
     Route,
     RouteKind,

@@ -1,5 +1,5 @@
-"""Tests for hubproxy.sealing: the sealed token format, pinned by known answers, and every way
-a token that is not ours, not intact, not canonical, not current or not well formed is refused.
+"""Tests for hubproxy.policy.sealing: the sealed token format, pinned by known answers, and every
+way a token that is not ours, not intact, not canonical, not current or not well formed is refused.
 
 ``spec_seal`` rebuilds a token from the construction the module docstring states, with nothing
 but hashlib, hmac and json: it checks the implementation against its description, and it lets
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy.credentials import MAX_AUTHORIZATION, bearer_token
-from hubproxy.sealing import MAX_SEALED, SEALED_PREFIX, Grant, TokenSealer, is_sealed
+from hubproxy.policy.credentials import MAX_AUTHORIZATION, bearer_token
+from hubproxy.policy.sealing import MAX_SEALED, SEALED_PREFIX, Grant, TokenSealer, is_sealed
 
 UPSTREAM = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImFjY2VzcyI6W119.c2lnbmF0dXJlLWJ5dGVz"
 BEARER = b"Bearer " + UPSTREAM.encode()

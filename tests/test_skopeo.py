@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hubproxy.usersfile import add_user
+from hubproxy.ops.usersfile import add_user
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import FakeHub, make_layer
 

@@ -10,10 +10,9 @@ from html.parser import HTMLParser
 import pytest
 
 from hubproxy import __version__
-from hubproxy.clientconfig import CLIENTS, snippet
-from hubproxy.metrics import CacheFigures, HubMetrics
-from hubproxy.registries import Registry, RegistryTable, build_table
-from hubproxy.statuspage import (
+from hubproxy.ops.clientconfig import CLIENTS, snippet
+from hubproxy.ops.metrics import CacheFigures, HubMetrics
+from hubproxy.ops.statuspage import (
     RegistryFigures,
     StatusFigures,
     client_snippets,
@@ -26,7 +25,8 @@ from hubproxy.statuspage import (
     render_status_page,
     status_figures,
 )
-from hubproxy.urls import parse_url
+from hubproxy.policy.registries import Registry, RegistryTable, build_table
+from hubproxy.policy.urls import parse_url
 
 VOID = frozenset({"meta", "br", "hr", "img", "link", "input"})
 HUB = "https://registry-1.docker.io"

@@ -1,4 +1,4 @@
-"""Tests for hubproxy.tls.TLSStream.
+"""Tests for hubproxy.net.tls.TLSStream.
 
 Interop is checked against trio.SSLStream over real 127.0.0.1 sockets; memory streams are used
 where a test needs exact control over buffering (how much ciphertext is waiting, a peer whose
@@ -21,7 +21,7 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.tls import CLOSE_NOTIFY_TIMEOUT, RECEIVE_SIZE, TLSStream
+from hubproxy.net.tls import CLOSE_NOTIFY_TIMEOUT, RECEIVE_SIZE, TLSStream
 
 Version = Literal["1.2", "1.3"]
 Kind = Literal["ours-client", "ours-server", "ours-both"]

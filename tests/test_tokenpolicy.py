@@ -1,4 +1,4 @@
-"""Tests for hubproxy.tokenpolicy: whose credentials go where, as tables without sockets."""
+"""Tests for hubproxy.policy.tokenpolicy: whose credentials go where, as tables without sockets."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from hubproxy.errors import AccessDenied, MirrorUnauthorized, UpstreamUnavailable
-from hubproxy.registries import Registry
-from hubproxy.sealing import Grant, TokenSealer
-from hubproxy.tokenpolicy import (
+from hubproxy.policy.errors import AccessDenied, MirrorUnauthorized, UpstreamUnavailable
+from hubproxy.policy.registries import Registry
+from hubproxy.policy.sealing import Grant, TokenSealer
+from hubproxy.policy.tokenpolicy import (
     MAX_TOKEN_LIFETIME,
     Credential,
     basic_authorization,
@@ -21,8 +21,8 @@ from hubproxy.tokenpolicy import (
     sealed_document,
     token_document,
 )
-from hubproxy.upstreams import Learned
-from hubproxy.urls import parse_url
+from hubproxy.policy.upstreams import Learned
+from hubproxy.policy.urls import parse_url
 
 HUB = Registry("docker.io", (parse_url("https://registry-1.docker.io"),), library_prefix=True)
 LOGGED_IN = Registry(

@@ -1,12 +1,12 @@
-"""Tests for hubproxy.upstreams: what is learned from challenges, per upstream."""
+"""Tests for hubproxy.policy.upstreams: what is learned from challenges, per upstream."""
 
 from __future__ import annotations
 
 import pytest
 
-from hubproxy.registries import Registry
-from hubproxy.upstreams import Learned, UpstreamSet, learn
-from hubproxy.urls import parse_url
+from hubproxy.policy.registries import Registry
+from hubproxy.policy.upstreams import Learned, UpstreamSet, learn
+from hubproxy.policy.urls import parse_url
 
 AUTH = parse_url("https://auth.docker.io/token")
 BEARER = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'

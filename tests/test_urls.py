@@ -1,4 +1,4 @@
-"""Tests for hubproxy.urls: absolute URLs split into an origin and an origin-form target.
+"""Tests for hubproxy.policy.urls: absolute URLs split into an origin and an origin-form target.
 
 These URLs come from the command line (upstreams, the proxy) and from upstream responses (a
 redirect's Location, a challenge's realm). What comes out must be something we can connect to and
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hubproxy.urls import DEFAULT_PORTS, Origin, Url, is_ip_literal, parse_url, resolve
+from hubproxy.policy.urls import DEFAULT_PORTS, Origin, Url, is_ip_literal, parse_url, resolve
 
 # RFC 9112 origin-form: absolute-path [ "?" query ], visible ASCII without spaces
 REQUEST_TARGET = re.compile(r"/[\x21-\x7e]*")

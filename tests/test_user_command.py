@@ -12,8 +12,8 @@ from typing import TextIO
 import pytest
 
 from hubproxy.cli import user_command
-from hubproxy.passwords import hash_password, verify_password
-from hubproxy.usersfile import load_users
+from hubproxy.ops.usersfile import load_users
+from hubproxy.policy.passwords import hash_password, verify_password
 
 
 def fast_hash(password: str, salt: bytes | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Tests for hubproxy.usersfile: parsing, loading and atomically rewriting the users file.
+"""Tests for hubproxy.ops.usersfile: parsing, loading and atomically rewriting the users file.
 
 Files live in ``tmp_path``; hashes use N=2**4 for speed.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hubproxy.passwords import hash_password, verify_password
-from hubproxy.usersfile import UsersFileError, add_user, load_users, parse_users, remove_user
+from hubproxy.ops.usersfile import UsersFileError, add_user, load_users, parse_users, remove_user
+from hubproxy.policy.passwords import hash_password, verify_password
 
 
 def fast_hash(password: str, salt: bytes | None = None) -> str:

@@ -15,9 +15,9 @@ from typing import Protocol
 import h11
 import trio
 
-from .errors import UpstreamTimeout, UpstreamUnavailable
+from ..policy.errors import UpstreamTimeout, UpstreamUnavailable
+from ..policy.urls import Origin, Url
 from .tls import TLSStream
-from .urls import Origin, Url
 
 CHUNK = 256 * 1024  # I/O size for bodies: measured sweet spot (64 KiB slower, 1 MiB no faster)
 HEAD_READ = 64 * 1024  # read size while waiting for a message head

@@ -16,9 +16,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from ..policy.urls import Origin
 from .streams import ByteStream, close_forcefully
 from .upstream import UpstreamConnection
-from .urls import Origin
 
 # (origin, profile): the profile names whose settings (CA, CONNECT proxy) a connection was made
 # with, so that two registries reaching one CDN through different proxies never share one

@@ -18,8 +18,8 @@ import ipaddress
 import json
 from collections.abc import Sequence
 
-from .registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY
-from .urls import DEFAULT_PORTS, Origin, Url, parse_url
+from ..policy.registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY
+from ..policy.urls import DEFAULT_PORTS, Origin, Url, parse_url
 
 CLIENTS = ("docker", "containerd", "k3s", "podman")
 BUILTIN_NAMES = tuple(name for name, _, _ in BUILTIN_REGISTRIES)

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-from . import __version__
+from .. import __version__
+from ..policy.registries import RegistryTable
+from ..policy.urls import Url
 from .clientconfig import CLIENTS, snippet
 from .metrics import HubMetrics
-from .registries import RegistryTable
-from .urls import Url
 
 Snippet = tuple[str, str, str]  # client, where it goes (and what else to do), text to paste
 

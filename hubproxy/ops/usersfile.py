@@ -18,7 +18,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .passwords import hash_password, parse_hash
+from ..policy.passwords import hash_password, parse_hash
 
 NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 

@@ -19,10 +19,10 @@ from typing import Protocol
 import h11
 import trio
 
-from .errors import UpstreamTimeout, UpstreamUnavailable
-from .headers import connection_tokens, get_header
+from ..policy.errors import UpstreamTimeout, UpstreamUnavailable
+from ..policy.headers import connection_tokens, get_header
+from ..policy.urls import Origin
 from .streams import CHUNK, HEAD_READ, ByteStream
-from .urls import Origin
 
 NO_BODY_STATUSES = frozenset({204, 304})
 

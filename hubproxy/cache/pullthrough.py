@@ -26,15 +26,11 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from . import flow
-from .auth import parse_challenges
-from .cache import (
-    BlobReader,
-    BlobStore,
-    cached_blob_answer,
-    sha256_hex,
-)
-from .cachepolicy import (
+from ..net.server import ClientRequest, ClientResponse
+from ..net.upstream import UpstreamConnection
+from ..policy import flow
+from ..policy.auth import parse_challenges
+from ..policy.cachepolicy import (
     AskUpstream,
     CacheRequest,
     Confirmations,
@@ -58,22 +54,26 @@ from .cachepolicy import (
     tag_fresh,
     verdict,
 )
-from .errors import (
+from ..policy.errors import (
     CacheFillFailed,
     ProxyError,
     RangeNotSatisfiable,
     ResponseAborted,
     UpstreamUnavailable,
 )
-from .headers import Headers, get_all, get_header
+from ..policy.headers import Headers, get_all, get_header
+from ..policy.routing import Route
+from ..policy.urls import Url, parse_url
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
-from .routing import Route
-from .server import ClientRequest, ClientResponse
-from .upstream import UpstreamConnection
-from .urls import Url, parse_url
+from .store import (
+    BlobReader,
+    BlobStore,
+    cached_blob_answer,
+    sha256_hex,
+)
 
 if TYPE_CHECKING:
-    from .forwarder import Forwarder
+    from ..forwarder import Forwarder
 
 log = logging.getLogger("hubproxy.cache")
 

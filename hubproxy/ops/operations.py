@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import ProxyError
-from .forwarder import Forwarder
-from .headers import Headers
+from ..cache.pullthrough import PullThrough
+from ..forwarder import Forwarder
+from ..net.server import ClientRequest, ClientResponse
+from ..policy.errors import ProxyError
+from ..policy.headers import Headers
+from ..policy.urls import Url
 from .metrics import CONTENT_TYPE, cache_figures
-from .pullthrough import PullThrough
-from .server import ClientRequest, ClientResponse
 from .statuspage import render_status_page, status_figures
-from .urls import Url
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..net.server import Server
 
 RECENT_ANSWER = 60.0  # an upstream that answered this recently counts as reachable
 PROBE_TIMEOUT = 5.0  # a readiness probe of an upstream gives up after this long

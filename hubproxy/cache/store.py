@@ -33,7 +33,7 @@ from typing import Protocol
 
 import trio
 
-from .errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
+from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 
 log = logging.getLogger("hubproxy.cache")
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cachepolicy import Readability, manifest_verified
+from ..policy.cachepolicy import Readability, manifest_verified
 
 log = logging.getLogger("hubproxy.cache")
 

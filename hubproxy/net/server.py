@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from .config import Config
-from .errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
-from .headers import Headers, get_header, lax_framing
+from ..config import Config
+from ..policy.errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
+from ..policy.headers import Headers, get_header, lax_framing
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
 

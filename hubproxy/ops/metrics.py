@@ -28,10 +28,10 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:
-    from .cache import BlobStore
+    from ..cache.store import BlobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
