@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -404,3 +405,27 @@ async def test_access_rules_and_mirror_logins_apply_per_registry(
     r = await anonymous.request("/v2/owner/app/manifests/v1?ns=ghcr.io", headers=[MANIFEST_ACCEPT])
     assert r.status == 401
     assert f'realm="{proxy.url}/token/ghcr.io/0",service="ghcr.io"' in anonymous.challenges[0]
+
+
+async def test_the_startup_line_names_each_registry_with_its_upstreams_and_hosts(
+    hub: FakeHub,
+    ghcr: FakeHub,
+    htpasswd: FakeHub,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="hubproxy")
+    await start_proxy(
+        registries=(
+            registry("ghcr.io", ghcr, htpasswd),
+            registry("registry.example.com", htpasswd, login=("op", "pw")),
+        ),
+        host_map=(("ghcr.mirror.example", "ghcr.io"),),
+    )
+    (line,) = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
+    assert (
+        f"ghcr.io at {ghcr.registry_url}/ (fallbacks {htpasswd.registry_url}/; "
+        "host ghcr.mirror.example)"
+    ) in line
+    assert f"registry.example.com at {htpasswd.registry_url}/ (operator login)" in line
+    assert "op" not in line.split("registry.example.com")[1].replace("operator", "")
