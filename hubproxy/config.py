@@ -57,7 +57,7 @@ class Config:
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
-    # access control (hubproxy.access, hubproxy.admission); empty means open to everyone
+    # access control (policy.access, policy.admission); empty means open to everyone
     allow: NetworkList = field(default_factory=NetworkList)  # client networks served at all
     # networks that may read /metrics, /healthz, /readyz and /
     ops_allow: NetworkList = field(default_factory=NetworkList)
@@ -67,7 +67,7 @@ class Config:
     images: ImageRules = field(default_factory=ImageRules)  # globs served, refused; empty: all
     client_rate_limit: float = 0.0  # requests per second per client address; 0: off
     client_burst: int = 200  # requests a client may make at once before the rate applies
-    # several registries (hubproxy.registries): the default one, Docker Hub, is built from the
+    # several registries (policy.registries): the default one, Docker Hub, is built from the
     # fields above (upstreams, library_prefix, upstream_ca, upstream_proxy); these are the others
     registries: tuple[Registry, ...] = ()
     host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name

@@ -2,7 +2,7 @@
 
 Everything above this module sees a :class:`ByteStream` (receive_some / send_all / aclose), so the
 transport can be swapped without touching HTTP code: plain TCP is trio's ``SocketStream``; TLS is
-our own :class:`hubproxy.tls.TLSStream`, which hands back every decrypted byte available per
+our own :class:`hubproxy.net.tls.TLSStream`, which hands back every decrypted byte available per
 read instead of one 16 KiB record (see its module docstring). Foreign errors are translated into
 the proxy's error family here, at the edge.
 """

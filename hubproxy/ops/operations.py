@@ -3,7 +3,7 @@
 ``/healthz`` says the process answers. ``/readyz`` says whether a client pulling now would be
 served: the listener accepts (not draining), a registry upstream answered recently (or answers a
 probe now), and the cache directory can be written. ``/metrics`` is the Prometheus text format
-(``metrics``), the status page is ``statuspage``. Who may read them is the gate's ``--ops-allow``.
+(``metrics``), the status page is ``statuspage``. Who may read them is admission's ``--ops-allow``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ does not parse is never rewritten: the typo is reported with ``path:line:`` inst
 silently "fixed". Messages never quote a line: someone may have pasted a clear password into it.
 
 This is the only module that reads or writes the users file (the hashes are in
-:mod:`hubproxy.passwords`, the checks against them in :mod:`hubproxy.credentials`).
+:mod:`hubproxy.policy.passwords`, the checks against them in :mod:`hubproxy.policy.credentials`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Registry clients (docker, containerd, podman, skopeo) log in one way only: they 
 challenge to the token realm and send ``Authorization: Basic`` there, then present the token
 they got as ``Authorization: Bearer`` on ``/v2/`` requests. :func:`parse_basic` and
 :func:`bearer_token` read those two headers; :class:`Authenticator` checks Basic credentials
-against the users (name -> stored scrypt hash, see :mod:`hubproxy.passwords`) and gives each
+against the users (name -> stored scrypt hash, see :mod:`hubproxy.policy.passwords`) and gives each
 user's current entry a :meth:`~Authenticator.stamp`, which a sealed token carries so that it
 stops being honoured once its user is removed or changes password.
 

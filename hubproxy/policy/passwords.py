@@ -2,8 +2,8 @@
 
 scrypt (RFC 7914) because it is in the standard library (``hashlib.scrypt``, from OpenSSL) and
 is memory-hard. The default cost, N=2**14 r=8 p=1, is ~16 MiB and ~50 ms per check: the minimum
-OWASP suggests. That cost is why :class:`~hubproxy.credentials.Authenticator` remembers
-successful checks and the gate runs a first check in a worker thread.
+OWASP suggests. That cost is why :class:`~hubproxy.policy.credentials.Authenticator` remembers
+successful checks and the proxy runs a first check in a worker thread.
 
 Pure: no I/O, no clock. Error messages never quote a stored hash (it would serve an offline
 guessing attack) nor a password.

@@ -23,11 +23,11 @@ Threat model.
   :meth:`~TokenSealer.open` return None), and cannot *read the upstream token* (the keystream
   is unknown without the key). The length of a token does tell the length of what is inside.
 - It *can replay* a token it holds: a sealed token is a bearer credential, honoured for
-  whatever lifetime it was sealed with (the gate caps it at an hour), from any client address.
+  whatever lifetime it was sealed with (tokenpolicy caps it at an hour), from any client address.
   That is why an exposed mirror should speak TLS. What the token names limits the damage, and
   the caller enforces it: :attr:`Grant.registry` (not valid for another registry),
   :attr:`Grant.operator` (pulls only), :attr:`Grant.stamp` (compared with
-  :meth:`hubproxy.credentials.Authenticator.stamp`, so removing the user or changing the
+  :meth:`hubproxy.policy.credentials.Authenticator.stamp`, so removing the user or changing the
   password revokes every token sealed before).
 - A restart makes a new key: every outstanding token fails to open, the client gets a 401 and
   fetches a new token (docker, containerd, podman and skopeo all do). A SIGHUP keeps the key.
