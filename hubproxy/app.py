@@ -56,7 +56,7 @@ async def serve(
     transfers get ``timeouts.shutdown_grace`` seconds to finish.
     """
     proxy = build_proxy(config)
-    server = Server(config, proxy.handle)
+    server = Server(config.listener, proxy.handle)
     await server.bind()  # before any nursery, so "port in use" is a plain OSError
     try:
         async with trio.open_nursery() as nursery:
@@ -132,7 +132,7 @@ async def _stop_on_signal(
             log.info(
                 "%s: no longer accepting; in-flight transfers have %gs to finish",
                 name,
-                server.config.timeouts.shutdown_grace,
+                server.settings.timeouts.shutdown_grace,
             )
             server.shutdown()
             reloading.cancel()  # the nursery ends when the drain does
@@ -148,7 +148,7 @@ async def _reload_on_hangup(server: Server, proxy: Proxy, scope: trio.CancelScop
 def reload(server: Server, proxy: Proxy) -> None:
     """SIGHUP: read the certificate and key again (an ACME client renewed them), and the users
     file. Connections already open are not touched; unusable files leave the old ones in use."""
-    config = server.config
+    config = proxy.forwarder.config
     if config.cert is not None:
         try:
             server.reload_certificate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
 from .policy.registries import (
     DEFAULT_REGISTRY,
@@ -14,24 +15,7 @@ from .policy.registries import (
 )
 from .policy.urls import Url
 
-
-@dataclass(frozen=True)
-class Timeouts:
-    handshake: float = 10.0  # TLS handshake of a new client connection
-    request_head: float = 30.0  # the first request head after connecting (slow-loris guard)
-    keepalive_idle: float = 60.0  # between requests on a kept-alive client connection
-    client_idle: float = 120.0  # a client that neither sends nor accepts a byte mid-transfer
-    connect: float = 10.0  # TCP connect + TLS handshake (+ CONNECT) toward an upstream
-    upstream_idle: float = 60.0  # an upstream that sends no byte (head or body) for this long
-    upstream_keepalive: float = 30.0  # idle pooled upstream connections are dropped after this
-    shutdown_grace: float = 30.0  # in-flight transfers get this long after SIGINT/SIGTERM
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_head_size: int = 64 * 1024  # request line + headers, bytes; beyond it: 431
-    max_headers: int = 100  # header fields per request; beyond it: 431
-    max_target: int = 8 * 1024  # request target, bytes; beyond it: 414
+__all__ = ["Config", "Limits", "ListenerSettings", "Timeouts"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +39,8 @@ class Config:
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
-    timeouts: Timeouts = Timeouts()
-    limits: Limits = Limits()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
     # access control (policy.access, policy.admission); empty means open to everyone
     allow: NetworkList = field(default_factory=NetworkList)  # client networks served at all
     # networks that may read /metrics, /healthz, /readyz and /
@@ -73,6 +57,19 @@ class Config:
     host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name
     default_login: tuple[str, str] | None = field(default=None, repr=False)
     allow_shared_login: bool = False  # operator logins without --allow/--users: on purpose
+
+    @property
+    def listener(self) -> ListenerSettings:
+        """What the listener and its client connections need, and nothing else."""
+        return ListenerSettings(
+            listen_host=self.listen_host,
+            listen_port=self.listen_port,
+            cert=self.cert,
+            key=self.key,
+            timeouts=self.timeouts,
+            limits=self.limits,
+            max_connections=self.max_connections,
+        )
 
     @property
     def tls(self) -> bool:

@@ -318,8 +318,10 @@ async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nu
 
     config = Config(upstreams=(parse_url("http://origin.test"),), library_prefix=False)
     proxy = build_proxy(config, connector=connector)
-    server = Server(config, proxy.handle)
-    client = ClientConnection(proxy_client, config=config, client_ip="127.0.0.1", scheme="http")
+    server = Server(config.listener, proxy.handle)
+    client = ClientConnection(
+        proxy_client, settings=config.listener, client_ip="127.0.0.1", scheme="http"
+    )
     nursery.start_soon(origin)
     nursery.start_soon(client.serve, proxy.handle, server)
     conn = h11.Connection(h11.CLIENT)

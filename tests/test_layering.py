@@ -144,3 +144,12 @@ def test_the_checker_sees_a_cycle_and_a_forbidden_import(tmp_path: Path) -> None
             test_the_import_graph_has_no_cycle()
     finally:
         PACKAGE = saved
+
+
+@pytest.mark.parametrize("name", sorted(n for n in modules() if n.startswith("net.")))
+def test_connections_know_nothing_above_them(name: str) -> None:
+    """``net/`` carries bytes for whoever asks: it may use the pure policies (errors, headers)
+    but never the configuration, the cache, the operator's side or the middle."""
+    ours, _foreign = imports(name, modules()[name])
+    above = {m for m in ours if not m.startswith(("net.", "policy."))}
+    assert not above, f"{name} imports {sorted(above)}"

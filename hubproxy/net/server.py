@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from ..config import Config
 from ..policy.errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
 from ..policy.headers import Headers, get_header, lax_framing
+from .settings import ListenerSettings
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
 
@@ -168,7 +168,7 @@ class ClientResponse:
         self._client.body_bypassed = True
         end = offset + count
         try:
-            with trio.fail_after(self._client.config.timeouts.client_idle):
+            with trio.fail_after(self._client.settings.timeouts.client_idle):
                 while offset < end:
                     try:
                         sent = os.sendfile(sock.fileno(), fd, offset, end - offset)
@@ -209,13 +209,15 @@ Handler = Callable[[ClientRequest, ClientResponse], Awaitable[None]]
 class ClientConnection:
     """One client connection: an h11 server loop with timeouts."""
 
-    def __init__(self, stream: ByteStream, *, config: Config, client_ip: str, scheme: str) -> None:
+    def __init__(
+        self, stream: ByteStream, *, settings: ListenerSettings, client_ip: str, scheme: str
+    ) -> None:
         self.stream = stream
-        self.config = config
+        self.settings = settings
         self.client_ip = client_ip
         self.scheme = scheme
         self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.config.limits.max_head_size
+            h11.SERVER, max_incomplete_event_size=self.settings.limits.max_head_size
         )
         self.method = "GET"
         self.idle_scope: trio.CancelScope | None = None
@@ -227,7 +229,7 @@ class ClientConnection:
         first = True
         try:
             while not server.draining:
-                timeouts = self.config.timeouts
+                timeouts = self.settings.timeouts
                 wait = timeouts.request_head if first else timeouts.keepalive_idle
                 first = False
                 request = await self._receive_request(wait)
@@ -288,7 +290,7 @@ class ClientConnection:
         (a pipelined request, say)."""
         data, closed = self.conn.trailing_data
         self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.config.limits.max_head_size
+            h11.SERVER, max_incomplete_event_size=self.settings.limits.max_head_size
         )
         self.body_bypassed = False
         if data:
@@ -317,7 +319,7 @@ class ClientConnection:
         headers = list(event.headers)
         # h11 bounds only an incomplete head; one that arrived whole is checked here
         head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in headers)
-        limits = self.config.limits
+        limits = self.settings.limits
         too_long = len(event.target) > limits.max_target
         if too_long or head_size > limits.max_head_size or len(headers) > limits.max_headers:
             record = AccessRecord(self.client_ip, method, "-")
@@ -377,7 +379,7 @@ class ClientConnection:
         """Return the next request body chunk or None at its end (client idle timeout applies)."""
         if self.conn.they_are_waiting_for_100_continue:
             await self.send_event(h11.InformationalResponse(status_code=100, headers=[]))
-        with trio.move_on_after(self.config.timeouts.client_idle) as scope:
+        with trio.move_on_after(self.settings.timeouts.client_idle) as scope:
             event = await self._next_event()
         if scope.cancelled_caught:
             raise ClientGone("client sent no body bytes within the idle timeout")
@@ -427,7 +429,7 @@ class ClientConnection:
         if not data:
             return
         try:
-            with trio.fail_after(self.config.timeouts.client_idle):
+            with trio.fail_after(self.settings.timeouts.client_idle):
                 await self.stream.send_all(data)
         except (
             trio.TooSlowError,
@@ -442,12 +444,12 @@ class ClientConnection:
 class Server:
     """Listeners plus the set of live client connections, with a graceful drain at shutdown."""
 
-    def __init__(self, config: Config, handler: Handler) -> None:
-        self.config = config
+    def __init__(self, settings: ListenerSettings, handler: Handler) -> None:
+        self.settings = settings
         self.handler = handler
         self.ssl_context: ssl.SSLContext | None = None
-        if config.cert is not None:
-            self.ssl_context = server_ssl_context(config.cert, config.key or config.cert)
+        if settings.cert is not None:
+            self.ssl_context = server_ssl_context(settings.cert, settings.key or settings.cert)
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self._connections_changed = trio.Event()
@@ -459,8 +461,8 @@ class Server:
 
     async def bind(self) -> None:
         """Open the listening sockets (raises OSError, e.g. port in use)."""
-        host = self.config.listen_host
-        self._listeners = await trio.open_tcp_listeners(self.config.listen_port, host=host)
+        host = self.settings.listen_host
+        self._listeners = await trio.open_tcp_listeners(self.settings.listen_port, host=host)
         self.bound = [listener.socket.getsockname()[:2] for listener in self._listeners]
 
     async def serve(
@@ -483,16 +485,18 @@ class Server:
             if client.idle_scope is not None:
                 client.idle_scope.cancel()
         connections.cancel_scope.deadline = (
-            trio.current_time() + self.config.timeouts.shutdown_grace
+            trio.current_time() + self.settings.timeouts.shutdown_grace
         )
 
     def reload_certificate(self) -> None:
         """Load --cert/--key again (SIGHUP): new handshakes use the new files, connections
         already open keep the context they were made with. Raises OSError or ssl.SSLError and
         keeps the old certificate if the files cannot be loaded."""
-        if self.config.cert is None:
+        if self.settings.cert is None:
             return
-        self.ssl_context = server_ssl_context(self.config.cert, self.config.key or self.config.cert)
+        self.ssl_context = server_ssl_context(
+            self.settings.cert, self.settings.key or self.settings.cert
+        )
 
     def shutdown(self) -> None:
         """Stop accepting; idle keep-alive connections close; in-flight ones may finish."""
@@ -508,7 +512,7 @@ class Server:
                     log.error("accept failed: %s (is the file descriptor limit too low?)", exc)
                     await trio.sleep(0.1)
                     continue
-                if self.open_sockets >= self.config.max_connections:
+                if self.open_sockets >= self.settings.max_connections:
                     connections.start_soon(self._refuse, stream)
                     continue
                 self.open_sockets += 1
@@ -555,13 +559,15 @@ class Server:
         if self.ssl_context is not None:
             scheme = "https"
             try:
-                with trio.fail_after(self.config.timeouts.handshake):
+                with trio.fail_after(self.settings.timeouts.handshake):
                     stream = await TLSStream.wrap_server(tcp, self.ssl_context)
             except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 log.debug("TLS handshake with %s failed: %r", client_ip, exc)
                 await close_forcefully(tcp)
                 return
-        client = ClientConnection(stream, config=self.config, client_ip=client_ip, scheme=scheme)
+        client = ClientConnection(
+            stream, settings=self.settings, client_ip=client_ip, scheme=scheme
+        )
         self._track(client, add=True)
         try:
             await client.serve(self.handler, self)
