@@ -355,6 +355,33 @@ class Forwarder:
         return realm
 
 
+async def read_whole(conn: UpstreamConnection, limit: int, what: str) -> bytes:
+    """A small answer read whole (a token, search results): UpstreamUnavailable past ``limit``
+    bytes, so an upstream cannot make us hold more."""
+    body = bytearray()
+    while (chunk := await conn.receive_body()) is not None:
+        body += chunk
+        if len(body) > limit:
+            raise UpstreamUnavailable(f"{what} sent an answer larger than {limit} bytes")
+    return bytes(body)
+
+
+async def answer_whole(
+    request: ClientRequest,
+    response: ClientResponse,
+    status: int,
+    headers: Headers,
+    body: bytes,
+    reason: bytes = b"",
+) -> None:
+    """Answer with ``body`` whole: ``headers`` with the body's own Content-Length."""
+    kept = [(k, v) for k, v in headers if k != b"content-length"]
+    await response.start(status, [*kept, (b"content-length", b"%d" % len(body))], reason)
+    if request.method != "HEAD":
+        await response.send(body)
+    await response.finish()
+
+
 def _log_failover(
     plan: flow.Plan,
     failed: flow.Attempt,

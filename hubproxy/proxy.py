@@ -18,7 +18,7 @@ import h11
 import trio
 
 from .cache.pullthrough import PullThrough
-from .forwarder import Forwarder
+from .forwarder import Forwarder, answer_whole, read_whole
 from .net.pool import Pool
 from .net.server import AccessRecord, ClientRequest, ClientResponse
 from .net.upstream import UpstreamConnection
@@ -246,21 +246,10 @@ class Proxy:
         async def deliver(
             conn: UpstreamConnection, head: h11.Response, headers: Headers, _: AsyncExitStack
         ) -> None:
-            body = bytearray()
-            while (chunk := await conn.receive_body()) is not None:
-                body += chunk
-                if len(body) > MAX_SEARCH_ANSWER:
-                    raise ProxyError("the search index sent an oversized answer")
-            answer = bytes(body)
+            answer = await read_whole(conn, MAX_SEARCH_ANSWER, "the search index")
             if head.status_code == 200:
                 answer = filter_search_answer(answer, lambda name: images.permits(registry, name))
-            kept = [(k, v) for k, v in headers if k != b"content-length"]
-            await response.start(
-                head.status_code, [*kept, (b"content-length", b"%d" % len(answer))], head.reason
-            )
-            if request.method != "HEAD":
-                await response.send(answer)
-            await response.finish()
+            await answer_whole(request, response, head.status_code, headers, answer, head.reason)
 
         await forwarder.run_flow(plan, request, response, upstreams=None, deliver=deliver)
 

@@ -20,11 +20,11 @@ from urllib.parse import quote
 
 import h11
 
-from .forwarder import Forwarder
+from .forwarder import Forwarder, answer_whole, read_whole
 from .net.server import ClientRequest, ClientResponse
 from .net.upstream import UpstreamConnection
 from .policy.access import ImageRules
-from .policy.errors import RouteNotFound, UpstreamUnavailable
+from .policy.errors import RouteNotFound
 from .policy.headers import Headers, get_header
 from .policy.registries import rewrite_token_query, token_registry
 from .policy.routing import Route, without_query_param
@@ -40,6 +40,7 @@ from .policy.tokenpolicy import (
 
 log = logging.getLogger("hubproxy")
 
+JSON = b"application/json"
 BASIC_TOKEN_LIFETIME = 300  # a sealed token standing for Basic credentials: Docker Hub's lifetime
 
 
@@ -111,7 +112,8 @@ class TokenEndpoint:
             basic = client if client is not None and client[:6].lower() == b"basic " else None
             document: dict[str, object] = {"token": "", "expires_in": BASIC_TOKEN_LIFETIME}
             sealed = Grant(grant.user, grant.registry, upstream=basic, stamp=stamp)
-            await _answer(request, response, 200, [], self._sealed(document, sealed))
+            body = self._sealed(document, sealed)
+            await answer_whole(request, response, 200, [(b"content-type", JSON)], body)
             return
         realm = await forwarder.learn_realm(upstreams, index)
         login = upstreams.registry.login
@@ -130,12 +132,7 @@ class TokenEndpoint:
         async def deliver(
             conn: UpstreamConnection, head: h11.Response, headers: Headers, _: AsyncExitStack
         ) -> None:
-            body = bytearray()
-            while (chunk := await conn.receive_body()) is not None:
-                body += chunk
-                if len(body) > MAX_TOKEN_RESPONSE:
-                    raise UpstreamUnavailable("the token service sent an oversized answer")
-            answer = bytes(body)
+            answer = await read_whole(conn, MAX_TOKEN_RESPONSE, "the token service")
             if head.status_code == 200:
                 document = token_document(answer)
                 if decision.seal:
@@ -151,8 +148,9 @@ class TokenEndpoint:
                     head.status_code,
                     upstreams.registry.name,
                 )
-            kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type")]
-            await _answer(request, response, head.status_code, kept, answer, head.reason)
+            kept = [(k, v) for k, v in headers if k != b"content-type"]
+            kept.append((b"content-type", JSON))
+            await answer_whole(request, response, head.status_code, kept, answer, head.reason)
 
         await forwarder.run_flow(plan, request, response, upstreams=None, deliver=deliver)
 
@@ -170,25 +168,3 @@ class TokenEndpoint:
 
     def _sealed(self, document: dict[str, object], grant: Grant) -> bytes:
         return encode_document(sealed_document(document, self.sealer, grant, time.time()))
-
-
-async def _answer(
-    request: ClientRequest,
-    response: ClientResponse,
-    status: int,
-    headers: Headers,
-    body: bytes,
-    reason: bytes = b"",
-) -> None:
-    await response.start(
-        status,
-        [
-            *headers,
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(body)),
-        ],
-        reason,
-    )
-    if request.method != "HEAD":
-        await response.send(body)
-    await response.finish()
