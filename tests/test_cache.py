@@ -3,6 +3,7 @@ with a cache in front of the fake Docker Hub."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from contextlib import AsyncExitStack
@@ -12,6 +13,7 @@ import pytest
 import trio
 import trustme
 
+from hubproxy.cache import store as store_module
 from hubproxy.cache.store import (
     BlobStore,
     FillState,
@@ -30,6 +32,21 @@ from tests.wire import WireClient
 
 def hexdigest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def fill_the_disk_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """Make cache writes fail with ENOSPC once ``limit`` bytes were written (a disk filling up)."""
+    real_write = store_module._write_all
+    written = 0
+
+    def filling_disk(fd: int, data: bytes | bytearray) -> None:
+        nonlocal written
+        if written > limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written += len(data)
+        real_write(fd, data)
+
+    monkeypatch.setattr(store_module, "_write_all", filling_disk)
 
 
 class Feed:
@@ -564,21 +581,7 @@ async def test_a_disk_failing_mid_fill_does_not_fail_the_transfer(
 ) -> None:
     """ENOSPC half-way through a fill: the cache write fails, the clients' transfers do not
     (they finish from the upstream with a Range request, still verified against the digest)."""
-    import errno
-
-    from hubproxy.cache import store as cache
-
-    real_write = cache._write_all
-    written = 0
-
-    def filling_disk(fd: int, data: bytes | bytearray) -> None:
-        nonlocal written
-        if written > 1_500_000:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written += len(data)
-        real_write(fd, data)
-
-    monkeypatch.setattr(cache, "_write_all", filling_disk)
+    fill_the_disk_after(monkeypatch, 1_500_000)
     layer = make_layer(13, 4_000_000)
     hub.add_image("library/alpine", "3.20", [layer])
     digest = f"sha256:{hexdigest(layer)}"
@@ -605,21 +608,7 @@ async def test_a_resumed_transfer_holds_its_last_byte_until_the_blob_verifies(
 ) -> None:
     """The disk fails mid-fill and the rest comes from the upstream with a Range request, but
     the upstream's bytes are wrong: the client must never see a complete transfer."""
-    import errno
-
-    from hubproxy.cache import store as cache
-
-    real_write = cache._write_all
-    written = 0
-
-    def filling_disk(fd: int, data: bytes | bytearray) -> None:
-        nonlocal written
-        if written > 1_500_000:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written += len(data)
-        real_write(fd, data)
-
-    monkeypatch.setattr(cache, "_write_all", filling_disk)
+    fill_the_disk_after(monkeypatch, 1_500_000)
     layer = make_layer(14, 4_000_000)
     hub.add_image("library/alpine", "3.20", [layer])
     digest = f"sha256:{hexdigest(layer)}"
