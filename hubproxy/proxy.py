@@ -31,7 +31,7 @@ from .policy.headers import Headers, get_header
 from .policy.registries import address
 from .policy.routing import Route, RouteKind, route_label, route_request
 from .policy.search import MAX_SEARCH_ANSWER, filter_search_answer
-from .policy.tokenpolicy import Credential, check_method, client_credential, operator_credential
+from .policy.tokenpolicy import Credential, check_method, client_credential, outbound
 from .policy.upstreams import UpstreamSet
 from .policy.urls import Url
 from .tokens import TokenEndpoint
@@ -136,18 +136,13 @@ class Proxy:
         if registry.login is not None and credential.upstream is None:
             if not upstreams.primary.known:
                 await self._learn_quietly(upstreams)
-        operator = operator_credential(
-            registry, upstreams.primary, method=request.method, credential=credential
-        )
-        authorization = credential.upstream
-        if credential.operator:  # a token of the operator's goes where the operator's login may
-            authorization, operator = None, credential.upstream
+        sent = outbound(credential, registry, upstreams.primary, method=request.method)
         plan = forwarder.plan(
             request,
             route.target,
             upstreams,
-            authorization=authorization,
-            operator_authorization=operator,
+            authorization=sent.authorization,
+            operator_authorization=sent.operator,
         )
         if self.pullthrough is not None and self.pullthrough.handles(request, route):
             await self.pullthrough.serve(plan, request, response, route)

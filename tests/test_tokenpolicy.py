@@ -17,6 +17,7 @@ from hubproxy.policy.tokenpolicy import (
     check_method,
     client_credential,
     operator_credential,
+    outbound,
     plan_token_request,
     sealed_document,
     token_document,
@@ -342,3 +343,28 @@ def test_operator_basic_login_only_for_reads_of_a_basic_primary(
     got = operator_credential(LOGGED_IN, learned, method=method, credential=credential)
     assert got == (OPERATOR if sent else None)
     assert operator_credential(HUB, learned, method=method, credential=credential) is None
+
+
+@pytest.mark.parametrize(
+    ("credential", "learned", "method", "authorization", "operator"),
+    [
+        # the client's own credential goes to whichever upstream answers
+        (Credential(b"Bearer own"), Learned(basic=True), "GET", b"Bearer own", None),
+        # an operator-backed token is the operator's: to the primary only
+        (Credential(b"Bearer op", operator=True), Learned(), "GET", None, b"Bearer op"),
+        # no credential, a Basic primary: the operator's login, to the primary only
+        (Credential(None), Learned(basic=True), "HEAD", None, OPERATOR),
+        (Credential(None), Learned(basic=True), "PUT", None, None),
+        (Credential(None), Learned(), "GET", None, None),
+    ],
+)
+def test_outbound_credentials(
+    credential: Credential,
+    learned: Learned,
+    method: str,
+    authorization: bytes | None,
+    operator: bytes | None,
+) -> None:
+    sent = outbound(credential, LOGGED_IN, learned, method=method)
+    assert (sent.authorization, sent.operator) == (authorization, operator)
+    assert "Bearer" not in repr(sent) and "Basic" not in repr(sent)

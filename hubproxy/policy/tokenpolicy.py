@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import AccessDenied, MirrorUnauthorized, UpstreamUnavailable
 from .registries import Registry, Scope, query_scopes, replace_query_scopes
@@ -228,6 +228,28 @@ def check_method(credential: Credential, *, method: str, registry: Registry) -> 
             f"this mirror pulls {registry.name} with its operator's login, which serves pulls "
             "only; to push, log in to the registry with your own credentials"
         )
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """What a registry request's plan carries (``flow`` sends each only where it may go)."""
+
+    authorization: bytes | None = field(default=None, repr=False)  # to the addressed origin
+    operator: bytes | None = field(default=None, repr=False)  # to the primary's origin only
+
+
+def outbound(
+    credential: Credential, registry: Registry, primary: Learned, *, method: str
+) -> Outbound:
+    """The credentials of a registry request's plan. The client's own go to whichever upstream
+    answers; a token obtained with the operator's login, or the operator's Basic login itself,
+    only to the registry's primary upstream (a fallback is someone else's)."""
+    if credential.operator:
+        return Outbound(operator=credential.upstream)
+    return Outbound(
+        authorization=credential.upstream,
+        operator=operator_credential(registry, primary, method=method, credential=credential),
+    )
 
 
 def operator_credential(
