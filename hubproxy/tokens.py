@@ -106,9 +106,10 @@ class TokenEndpoint:
             operator=decision.operator,
             stamp=stamp,
         )
-        if learned.realm is None and learned.basic:
-            # no token service: the token stands for the client's Basic credentials (or none;
-            # a read may then carry the operator's login, see tokenpolicy.operator_credential)
+        if learned.realm is None:
+            # no token service (Basic auth, or none at all): the token stands for the client's
+            # Basic credentials, or for none (a read may then carry the operator's login, see
+            # tokenpolicy.operator_credential)
             basic = client if client is not None and client[:6].lower() == b"basic " else None
             document: dict[str, object] = {"token": "", "expires_in": BASIC_TOKEN_LIFETIME}
             sealed = Grant(grant.user, grant.registry, upstream=basic, stamp=stamp)

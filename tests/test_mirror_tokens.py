@@ -232,6 +232,31 @@ async def test_an_anonymous_client_of_a_basic_registry_gets_a_login_challenge(
     assert r.headers["www-authenticate"].startswith("Basic ")
 
 
+async def test_a_registry_open_to_anonymous_pulls_by_path_prefix(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """A registry whose /v2/ answers 200 to anyone names no realm at all: the token request a
+    path-prefix pull makes through the default realm gets an anonymous token, not a 502."""
+    open_registry = FakeHub(ca, auth_layout="basic", basic_anonymous=True)
+    await nursery.start(open_registry.serve)
+    layer = make_layer(9, 3000)
+    open_registry.add_image("team/tool", "1", [layer])
+    registry = Registry(BASIC_REGISTRY, (parse_url(open_registry.registry_url),))
+    proxy = await start_proxy(registries=(registry,))
+    client = RegistryClient(proxy.url, ca)
+    scope = f"repository:{BASIC_REGISTRY}/team/tool:pull"
+    r = await client.fetch_token(
+        proxy.url + "/token/0", [("service", "registry.docker.io"), ("scope", scope)]
+    )
+    assert r.status == 200, r.body
+    r = await fetch(
+        f"{proxy.url}/v2/{BASIC_REGISTRY}/team/tool/blobs/sha256:{hexdigest(layer)}",
+        ca,
+        headers=[("authorization", f"Bearer {r.json()['token']}")],
+    )
+    assert r.status == 200 and r.body == layer
+
+
 needs_skopeo = pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
 
 
