@@ -55,14 +55,13 @@ async def serve(
     On a signal the listeners close, idle keep-alive connections are dropped and in-flight
     transfers get ``timeouts.shutdown_grace`` seconds to finish.
     """
-    proxy = build_proxy(config)
-    server = Server(config.listener, proxy.handle)
+    server = Server(config.listener)
+    proxy = build_proxy(config, server=server)
     await server.bind()  # before any nursery, so "port in use" is a plain OSError
     try:
         async with trio.open_nursery() as nursery:
             proxy.forwarder.background = nursery
-            await nursery.start(server.serve)
-            proxy.operations.server = server
+            await nursery.start(server.serve, proxy.handle)
             _log_startup(config, server)
             if handle_signals:
                 reloading = trio.CancelScope()
@@ -93,7 +92,9 @@ def build_admission(config: Config, users: dict[str, str] | None = None) -> Admi
     )
 
 
-def build_proxy(config: Config, *, connector: Connector | None = None) -> Proxy:
+def build_proxy(
+    config: Config, *, server: Server | None = None, connector: Connector | None = None
+) -> Proxy:
     """Assemble the parts of a mirror; ``connector`` replaces how upstream streams are opened
     (tests use memory streams). Raises CacheDirError if the cache cannot be opened."""
     table = config.registry_table()
@@ -113,7 +114,7 @@ def build_proxy(config: Config, *, connector: Connector | None = None) -> Proxy:
         forwarder,
         admission,
         TokenEndpoint(forwarder, TokenSealer(), admission.images),
-        Operations(forwarder, pullthrough),
+        Operations(forwarder, pullthrough, server),
         index_url=config.index_url,
         pullthrough=pullthrough,
     )

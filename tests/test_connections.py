@@ -318,7 +318,7 @@ async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nu
 
     config = Config(upstreams=(parse_url("http://origin.test"),), library_prefix=False)
     proxy = build_proxy(config, connector=connector)
-    server = Server(config.listener, proxy.handle)
+    server = Server(config.listener)
     client = ClientConnection(
         proxy_client, settings=config.listener, client_ip="127.0.0.1", scheme="http"
     )

@@ -444,9 +444,9 @@ class ClientConnection:
 class Server:
     """Listeners plus the set of live client connections, with a graceful drain at shutdown."""
 
-    def __init__(self, settings: ListenerSettings, handler: Handler) -> None:
+    def __init__(self, settings: ListenerSettings) -> None:
         self.settings = settings
-        self.handler = handler
+        self.handler: Handler | None = None  # what serve() was given
         self.ssl_context: ssl.SSLContext | None = None
         if settings.cert is not None:
             self.ssl_context = server_ssl_context(settings.cert, settings.key or settings.cert)
@@ -466,8 +466,13 @@ class Server:
         self.bound = [listener.socket.getsockname()[:2] for listener in self._listeners]
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+        self,
+        handler: Handler,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Accept clients and answer each request with ``handler`` until shut down."""
+        self.handler = handler
         if not self._listeners:
             await self.bind()
         listeners = self._listeners
@@ -570,6 +575,7 @@ class Server:
         )
         self._track(client, add=True)
         try:
+            assert self.handler is not None  # serve() set it before accepting
             await client.serve(self.handler, self)
         finally:
             self._track(client, add=False)

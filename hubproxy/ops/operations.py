@@ -65,11 +65,13 @@ def cache_check(tmp_dir: Path) -> Check:
 class Operations:
     """Answers the operator's paths for one mirror (and, once set, its server)."""
 
-    def __init__(self, forwarder: Forwarder, pullthrough: PullThrough | None) -> None:
+    def __init__(
+        self, forwarder: Forwarder, pullthrough: PullThrough | None, server: Server | None
+    ) -> None:
         self.forwarder = forwarder
         self.metrics = forwarder.metrics
         self.pullthrough = pullthrough
-        self.server: Server | None = None  # set by the app once listening
+        self.server = server  # None: no listener to report on (tests of the parts)
         self._probed_at = -1e9
         self._probe: Check | None = None
 
