@@ -20,7 +20,7 @@ import trio
 from .cache.pullthrough import PullThrough
 from .forwarder import Forwarder, answer_whole, read_whole
 from .net.pool import Pool
-from .net.server import AccessRecord, ClientRequest, ClientResponse
+from .net.server import ClientRequest, ClientResponse
 from .net.upstream import UpstreamConnection
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
@@ -94,7 +94,14 @@ class Proxy:
                 log.warning("%s %s failed: %s", request.method, response.record.path, error)
             await response.send_error(error, close=isinstance(error, ClientProtocolError))
         finally:
-            self._count(label, response.record)
+            record = response.record
+            self.metrics.count_request(
+                label,
+                status=record.status,
+                source=record.upstream,
+                bytes_sent=record.bytes_sent,
+                caching=self.pullthrough is not None,
+            )
 
     def _check(self, request: ClientRequest, refused: Refused | None) -> None:
         """Raise what an admission rule refused; count it, and log it at most once a minute
@@ -247,16 +254,3 @@ class Proxy:
             await answer_whole(request, response, head.status_code, headers, answer, head.reason)
 
         await forwarder.run_flow(plan, request, response, upstreams=None, deliver=deliver)
-
-    def _count(self, label: str, record: AccessRecord) -> None:
-        metrics = self.metrics
-        metrics.requests.inc(route=label, status=str(record.status or 499))
-        if self.pullthrough is not None and label in ("blob", "manifest"):
-            if record.upstream == "cache":
-                metrics.cache_requests.inc(kind=label, result="hit")
-            elif 200 <= record.status < 300:
-                metrics.cache_requests.inc(kind=label, result="miss")
-        if record.upstream == "cache":
-            metrics.response_bytes.inc(record.bytes_sent, source="cache")
-        elif record.upstream != "-" and label != "ops":
-            metrics.response_bytes.inc(record.bytes_sent, source="upstream")

@@ -490,3 +490,35 @@ def test_cache_figures_of_a_blob_store(tmp_path: Path) -> None:
     limit = families["hubproxy_cache_limit_bytes"][2]
     assert limit == [("hubproxy_cache_limit_bytes", {}, 1 << 20)]
     assert families["hubproxy_cache_evictions"][2] == [("hubproxy_cache_evictions_total", {}, 2)]
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "source", "caching", "hit", "miss", "from_cache", "from_upstream"),
+    [
+        ("blob", 200, "cache", True, 1, 0, 100, 0),
+        ("blob", 200, "https://cdn.example", True, 0, 1, 0, 100),
+        ("manifest", 404, "https://registry.example", True, 0, 0, 0, 100),
+        ("blob", 200, "https://cdn.example", False, 0, 0, 0, 100),  # no cache: no hits/misses
+        ("ops", 200, "-", True, 0, 0, 0, 0),
+        ("tags", 200, "https://registry.example", True, 0, 0, 0, 100),
+    ],
+)
+def test_count_request(
+    route: str,
+    status: int,
+    source: str,
+    caching: bool,
+    hit: int,
+    miss: int,
+    from_cache: int,
+    from_upstream: int,
+) -> None:
+    metrics = HubMetrics()
+    metrics.count_request(route, status=status, source=source, bytes_sent=100, caching=caching)
+    assert metrics.requests.series() == {(route, str(status)): 1}
+    results = metrics.cache_requests.series()
+    assert results.get((route, "hit"), 0) == hit
+    assert results.get((route, "miss"), 0) == miss
+    sources = metrics.response_bytes.series()
+    assert sources.get(("cache",), 0) == from_cache
+    assert sources.get(("upstream",), 0) == from_upstream

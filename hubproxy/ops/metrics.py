@@ -583,6 +583,23 @@ class HubMetrics:
                 misses += count
         return hits / (hits + misses) if hits + misses else 0.0
 
+    def count_request(
+        self, route: str, *, status: int, source: str, bytes_sent: int, caching: bool
+    ) -> None:
+        """One answered request: ``route`` is its label (``routing.route_label`` or "ops"),
+        ``source`` where its body came from ("cache", "cache-fill", an upstream origin, or "-"
+        for none), ``caching`` whether a cache is configured (hits and misses are counted)."""
+        self.requests.inc(route=route, status=str(status or 499))
+        if caching and route in ("blob", "manifest"):
+            if source == "cache":
+                self.cache_requests.inc(kind=route, result="hit")
+            elif 200 <= status < 300:
+                self.cache_requests.inc(kind=route, result="miss")
+        if source == "cache":
+            self.response_bytes.inc(bytes_sent, source="cache")
+        elif source != "-" and route != "ops":
+            self.response_bytes.inc(bytes_sent, source="upstream")
+
     def note_ratelimit(self, upstream: str, value: bytes) -> None:
         """Record an upstream's ``ratelimit-remaining`` header value, if it is a number."""
         remaining = parse_ratelimit(value)
