@@ -97,9 +97,9 @@ class PullThrough:
     """The cache side of the proxy: blobs (``BlobStore``) and manifests (``ManifestStore``)."""
 
     def __init__(
-        self, proxy: Forwarder, blobs: BlobStore, manifests: ManifestStore, manifest_ttl: float
+        self, forwarder: Forwarder, blobs: BlobStore, manifests: ManifestStore, manifest_ttl: float
     ) -> None:
-        self.proxy = proxy
+        self.forwarder = forwarder
         self.blobs = blobs
         self.manifests = manifests
         self.manifest_ttl = manifest_ttl
@@ -140,8 +140,8 @@ class PullThrough:
         """``/v2/``: the upstream's answer; while it is down, a 200 so that clients go on to
         what the cache can serve (the public repositories' manifests and blobs)."""
         try:
-            await self.proxy.run_flow(
-                plan, request, response, upstreams=self.proxy.upstreams_for(route)
+            await self.forwarder.run_flow(
+                plan, request, response, upstreams=self.forwarder.upstreams_for(route)
             )
         except ProxyError as error:
             readable = ping_stale_allowed(self.manifests.readability.values(), time.time())
@@ -187,7 +187,7 @@ class PullThrough:
         """HEAD the client's path on the primary upstream with its credentials (and without its
         conditions): may it read this? A fallback's yes would prove nothing about this client
         (it may hold credentials of its own), so a resting primary means no answer."""
-        upstreams = self.proxy.upstreams_for(route)
+        upstreams = self.forwarder.upstreams_for(route)
         if upstreams.resting_until[0] > trio.current_time():
             return UpstreamVerdict.UNAVAILABLE, None
         # the request's own credentials (the client's, or the operator's where it may use them)
@@ -211,7 +211,9 @@ class PullThrough:
 
         try:
             # upstreams=None: the plan holds the primary only, and no failover may happen
-            await self.proxy.run_flow(plan, checked, response, upstreams=None, deliver=keep_head)
+            await self.forwarder.run_flow(
+                plan, checked, response, upstreams=None, deliver=keep_head
+            )
         except ProxyError:
             return UpstreamVerdict.UNAVAILABLE, None
         assert answer is not None
@@ -279,11 +281,11 @@ class PullThrough:
             store.mark_pending(key)
             deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
         try:
-            await self.proxy.run_flow(
+            await self.forwarder.run_flow(
                 plan,
                 request,
                 response,
-                upstreams=self.proxy.upstreams_for(route),
+                upstreams=self.forwarder.upstreams_for(route),
                 blob_digest=route.blob_digest,
                 deliver=deliver,
             )
@@ -310,7 +312,7 @@ class PullThrough:
         store = self.blobs
         length = get_header(head.headers, b"content-length")
         size = int(length) if length is not None else None
-        background = self.proxy.background
+        background = self.forwarder.background
         if (
             head.status_code == 200
             and size is not None
@@ -339,7 +341,7 @@ class PullThrough:
             self._note_stale(route, "a blob")
             await self._send_blob(plan, request, response, route, key)
             return
-        await self.proxy.stream_response(conn, head, headers, response)
+        await self.forwarder.stream_response(conn, head, headers, response)
 
     async def _send_blob(
         self,
@@ -441,8 +443,12 @@ class PullThrough:
             if remaining:
                 raise ResponseAborted(f"upstream ended {digest} {remaining} bytes short")
 
-        await self.proxy.run_flow(
-            plan, ranged, response, upstreams=self.proxy.upstreams_for(route), deliver=relay_rest
+        await self.forwarder.run_flow(
+            plan,
+            ranged,
+            response,
+            upstreams=self.forwarder.upstreams_for(route),
+            deliver=relay_rest,
         )
 
     # -- manifests ---------------------------------------------------------------------------
@@ -512,8 +518,12 @@ class PullThrough:
             self._deliver_manifest, request, response, route, accepted, cached
         )
         try:
-            await self.proxy.run_flow(
-                plan, request, response, upstreams=self.proxy.upstreams_for(route), deliver=deliver
+            await self.forwarder.run_flow(
+                plan,
+                request,
+                response,
+                upstreams=self.forwarder.upstreams_for(route),
+                deliver=deliver,
             )
         except ProxyError:
             stale = after_upstream(None, cached=cached is not None, stale_ok=facts.stale_ok)
@@ -551,7 +561,7 @@ class PullThrough:
         if media_type is None or not keep_manifest(
             request.method, head.status_code, size, media_type, MAX_MANIFEST
         ):
-            await self.proxy.stream_response(conn, head, headers, response)
+            await self.forwarder.stream_response(conn, head, headers, response)
             return
         body = bytearray()
         while (chunk := await conn.receive_body()) is not None:
@@ -604,12 +614,12 @@ class PullThrough:
         answer is an hour old."""
         repository = state_name(route)
         fresh = not should_probe(self.manifests.readability.get(repository), time.time())
-        background = self.proxy.background
+        background = self.forwarder.background
         if fresh or repository in self.probing or background is None:
             return
         self.probing.add(repository)
         self._probes_idle = trio.Event()
-        upstreams = self.proxy.upstreams_for(route)
+        upstreams = self.forwarder.upstreams_for(route)
         background.start_soon(
             self._probe_anonymous, repository, path, kind, upstreams.urls[0], upstreams.profile
         )
@@ -624,7 +634,7 @@ class PullThrough:
         """Ask the primary upstream, as an anonymous client would, whether ``path`` is public."""
         url = Url(base.origin, base.target.rstrip("/") + path)
         try:
-            with trio.fail_after(self.proxy.config.timeouts.upstream_idle):
+            with trio.fail_after(self.forwarder.config.timeouts.upstream_idle):
                 readable = await self._anonymous_head(url, profile, kind)
         except (ProxyError, trio.TooSlowError, ValueError, KeyError, AttributeError) as exc:
             log.info("could not learn whether %s is public: %s", repository, exc)
@@ -638,7 +648,7 @@ class PullThrough:
 
     async def _anonymous_head(self, url: Url, profile: str, kind: Kind) -> bool | None:
         """Whether an anonymous client may read ``url``; None if the upstream could not say."""
-        status, headers, _ = await self.proxy.simple_request("HEAD", url, [], profile=profile)
+        status, headers, _ = await self.forwarder.simple_request("HEAD", url, [], profile=profile)
         if status != 401:
             return _readable(status, headers, kind)
         challenge = next(
@@ -657,7 +667,7 @@ class PullThrough:
         )
         realm = parse_url(challenge.param("realm") or "")
         token_url = Url(realm.origin, realm.target + ("&" if "?" in realm.target else "?") + query)
-        status, _, body = await self.proxy.simple_request("GET", token_url, [], profile=profile)
+        status, _, body = await self.forwarder.simple_request("GET", token_url, [], profile=profile)
         if status != 200:
             return False
         document = json.loads(body)
@@ -667,7 +677,7 @@ class PullThrough:
         if not isinstance(token, str):
             return False
         authorization = [(b"authorization", b"Bearer " + token.encode("latin-1"))]
-        status, headers, _ = await self.proxy.simple_request(
+        status, headers, _ = await self.forwarder.simple_request(
             "HEAD", url, authorization, profile=profile
         )
         return _readable(status, headers, kind)
