@@ -368,3 +368,12 @@ def test_outbound_credentials(
     sent = outbound(credential, LOGGED_IN, learned, method=method)
     assert (sent.authorization, sent.operator) == (authorization, operator)
     assert "Bearer" not in repr(sent) and "Basic" not in repr(sent)
+
+
+def test_a_large_upstream_token_still_opens_once_sealed() -> None:
+    """A registry's JWT of 6 KB (some put many claims in it) sealed is longer than 4 KiB; the
+    client's Authorization header carrying it must still be read, or the client loops on 401."""
+    grant = Grant("", "docker.io", upstream=b"Bearer " + b"j" * 6000)
+    authorization = sealed(grant)
+    assert len(authorization) > 8000
+    assert resolve(authorization).upstream == grant.upstream

@@ -177,18 +177,6 @@ def public_base(
     return f"{scheme}://{fallback}"
 
 
-def bearer_service(value: str) -> str | None:
-    """The ``service`` of the first Bearer challenge in a ``WWW-Authenticate`` value, if any."""
-    try:
-        challenges = parse_challenges(value)
-    except ValueError:
-        return None
-    for challenge in challenges:
-        if challenge.scheme.lower() == "bearer":
-            return challenge.param("service")
-    return None
-
-
 def login_challenge(realm: str, service: str | None, repository: str | None) -> str:
     """The Bearer challenge a mirror that requires its own login sends in the upstream's stead
     (same shape as Docker Hub's: realm, service, and scope for a repository request)."""

@@ -23,7 +23,9 @@ from collections.abc import Mapping
 
 from .passwords import verify_password
 
-MAX_AUTHORIZATION = 4096  # longer Authorization values are refused before decoding anything
+# longer Authorization values are refused before decoding anything; a sealed mirror token
+# ("Bearer " + up to sealing.MAX_SEALED characters) must fit, or a client would loop on 401s
+MAX_AUTHORIZATION = 16384 + 64
 STAMP_BYTES = 16  # 128 bits: a collision between two entries of one user is out of reach
 MIN_STAMP_KEY = 16
 

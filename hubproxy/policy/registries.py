@@ -125,9 +125,6 @@ class RegistryTable:
             raise ValueError(f"the default registry {self.default!r} is not in the table")
         return registry
 
-    def index_of(self, registry: Registry) -> int:
-        return self.registries.index(registry)
-
 
 def build_table(
     default: Registry, others: Iterable[Registry], host_map: Iterable[tuple[str, str]]

@@ -29,6 +29,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .credentials import bearer_token
 from .errors import AccessDenied, MirrorUnauthorized, UpstreamUnavailable
 from .registries import Registry, Scope, query_scopes, replace_query_scopes
 from .routing import without_query_param
@@ -190,7 +191,7 @@ def client_credential(
 
     Raises MirrorUnauthorized (the caller adds the challenge to log in with).
     """
-    token = _bearer(authorization)
+    token = bearer_token(authorization) if authorization is not None else None
     if token is not None and is_sealed(token):
         grant = sealer.open(token, now)
         if grant is None:
@@ -210,12 +211,6 @@ def client_credential(
         raise MirrorUnauthorized("wrong mirror user name or password")
     why = "a token this mirror did not issue" if token is not None else "no mirror login"
     raise MirrorUnauthorized(f"this mirror requires a login ({why})")
-
-
-def _bearer(authorization: bytes | None) -> str | None:
-    if authorization is None or authorization[:7].lower() != b"bearer ":
-        return None
-    return authorization[7:].strip().decode("latin-1")
 
 
 def check_method(credential: Credential, *, method: str, registry: Registry) -> None:
