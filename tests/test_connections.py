@@ -18,8 +18,8 @@ import trustme
 
 from hubproxy.app import build_proxy
 from hubproxy.config import Config, Limits
+from hubproxy.net.buffers import LARGEST as CHUNK
 from hubproxy.net.server import ClientConnection, Server
-from hubproxy.net.streams import CHUNK
 from hubproxy.policy.urls import Origin, parse_url
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer

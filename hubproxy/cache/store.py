@@ -33,6 +33,7 @@ from typing import Protocol
 
 import trio
 
+from ..net.buffers import BODIES
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 
 log = logging.getLogger("hubproxy.cache")
@@ -378,6 +379,7 @@ class BlobReader:
         self.size = size
         self._fd = -1
         store.pin(key)
+        BODIES.begin(self)  # its chunks share the body budget with upstream transfers
 
     def _open(self) -> None:
         path = self.fill.temp_path if self.fill is not None else self.store.path(self.key)
@@ -411,7 +413,7 @@ class BlobReader:
         available = await self._available()
         if self._fd < 0:
             self._open()
-        want = min(READ_SIZE, available - self.position)
+        want = min(BODIES.chunk(), available - self.position)
         chunk = os.pread(self._fd, want, self.position)
         if not chunk:
             raise CacheFillFailed(f"cached blob sha256:{self.key} is shorter than recorded")
@@ -457,6 +459,7 @@ class BlobReader:
             os.close(self._fd)
             self._fd = -1
         self.store.unpin(self.key)
+        BODIES.end(self)
 
 
 def shutil_free_bytes(path: Path) -> int:

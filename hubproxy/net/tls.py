@@ -78,6 +78,7 @@ CLOSE_NOTIFY_TIMEOUT = 1.0
 # so asking for more would only make CPython allocate and then shrink a bigger
 # bytes object each time.
 _RECORD_SIZE = 16 * 1024
+_RECORD_OVERHEAD = 1024  # a few records' headers and tags on top of the plaintext asked for
 
 T_Stream = TypeVar("T_Stream", bound=trio.abc.Stream)
 
@@ -275,7 +276,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
                     if not yielded:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
-                await self._fill_incoming()
+                await self._fill_incoming(max_bytes)
                 yielded = True
                 if self._closed:
                     raise trio.ClosedResourceError("TLSStream was closed")
@@ -317,10 +318,13 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
             return b""
         return None
 
-    async def _fill_incoming(self) -> None:
-        """One transport read into the incoming BIO (receiving task/handshake only)."""
+    async def _fill_incoming(self, want: int = RECEIVE_SIZE) -> None:
+        """One transport read into the incoming BIO (receiving task/handshake only): about as
+        much ciphertext as the ``want`` bytes of plaintext asked for (a record's framing more),
+        so a caller taking small chunks (many transfers at once) keeps small buffers too."""
+        size = min(RECEIVE_SIZE, max(want, _RECORD_SIZE) + _RECORD_OVERHEAD)
         try:
-            data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+            data = await self.transport_stream.receive_some(size)
         except trio.ClosedResourceError as exc:
             raise self._closed_error(exc) from exc
         except trio.BrokenResourceError:

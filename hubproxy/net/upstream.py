@@ -22,7 +22,8 @@ import trio
 from ..policy.errors import UpstreamTimeout, UpstreamUnavailable
 from ..policy.headers import connection_tokens, get_header
 from ..policy.urls import Origin
-from .streams import CHUNK, HEAD_READ, ByteStream
+from .buffers import BODIES
+from .streams import HEAD_READ, ByteStream
 
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -100,7 +101,9 @@ class UpstreamConnection:
         length = get_header(response.headers, b"content-length")
         if method == "HEAD" or response.status_code in NO_BODY_STATUSES:
             self._mode = BodyMode.H11
-        elif length is not None and get_header(response.headers, b"transfer-encoding") is None:
+            return
+        BODIES.begin(self)  # until the body's end (or this connection is dropped)
+        if length is not None and get_header(response.headers, b"transfer-encoding") is None:
             self._mode = BodyMode.LENGTH
             self._remaining = int(length)  # h11 already validated it
             buffered, _closed = self._h11.trailing_data
@@ -125,6 +128,7 @@ class UpstreamConnection:
             return event.data
         if isinstance(event, h11.EndOfMessage):
             self._finished = True
+            BODIES.end(self)
             self._reusable = (
                 self._reusable
                 and self._h11.our_state is h11.DONE
@@ -152,8 +156,9 @@ class UpstreamConnection:
             return chunk
         if self._remaining == 0:
             self._finished = True
+            BODIES.end(self)
             return None
-        data = await self._receive(min(CHUNK, self._remaining))
+        data = await self._receive(min(BODIES.chunk(), self._remaining))
         if not data:
             raise UpstreamUnavailable(
                 f"{self.origin} closed the connection with {self._remaining} body bytes missing"
