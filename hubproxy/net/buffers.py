@@ -6,9 +6,9 @@ fill writes the same plaintext, no copy). 256 KiB chunks are the measured sweet 
 stream (64 KiB cost throughput, 1 MiB gained nothing), but a hundred transfers at once then
 hold about 130 MiB, which a 256 MB router cannot spare. So the chunk size follows the number of
 transfers running: the full 256 KiB while their buffers fit :data:`BODY_BUDGET` together, less
-as more run at once, never under 16 KiB (one TLS record's plaintext). A transfer is counted from its first
-body byte to its last; a connection that is dropped mid-body stops counting when it is garbage
-(a weak set), so a lost ``end`` can never shrink chunks for good.
+as more run at once, never under 16 KiB (one TLS record's plaintext). A transfer is counted
+from its first body byte to its last; a connection that is dropped mid-body stops counting when
+it is garbage (a weak set), so a lost ``end`` can never shrink chunks for good.
 
 No I/O and no clock: plain counting.
 """
