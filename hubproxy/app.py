@@ -22,7 +22,7 @@ from .ops.metrics import HubMetrics
 from .ops.operations import Operations
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import RateLimiter
-from .policy.admission import Admission
+from .policy.admission import Admission, LoginThrottle
 from .policy.credentials import Authenticator
 from .policy.registries import Registry
 from .policy.sealing import TokenSealer
@@ -89,6 +89,7 @@ def build_admission(config: Config, users: dict[str, str] | None = None) -> Admi
         images=config.images,
         limiter=RateLimiter(config.client_rate_limit, config.client_burst),
         authenticator=Authenticator(users, stamp_key=_STAMP_KEY) if users is not None else None,
+        logins=LoginThrottle(config.login_failures),
     )
 
 

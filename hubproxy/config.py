@@ -36,6 +36,7 @@ class Config:
     pool_max_idle_per_origin: int = 32
     pool_max_per_origin: int = 100
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
+    max_connections_per_client: int = 128  # client connections from one address (IPv6: /64)
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
@@ -51,6 +52,7 @@ class Config:
     images: ImageRules = field(default_factory=ImageRules)  # globs served, refused; empty: all
     client_rate_limit: float = 0.0  # requests per second per client address; 0: off
     client_burst: int = 200  # requests a client may make at once before the rate applies
+    login_failures: int = 10  # wrong mirror passwords per address per minute; then 429; 0: off
     # several registries (policy.registries): the default one, Docker Hub, is built from the
     # fields above (upstreams, library_prefix, upstream_ca, upstream_proxy); these are the others
     registries: tuple[Registry, ...] = ()
@@ -69,6 +71,7 @@ class Config:
             timeouts=self.timeouts,
             limits=self.limits,
             max_connections=self.max_connections,
+            max_connections_per_client=self.max_connections_per_client,
         )
 
     @property

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import AsyncExitStack
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field, replace
 
 import h11
 import trio
@@ -24,7 +25,7 @@ from .net.server import ClientRequest, ClientResponse
 from .net.upstream import UpstreamConnection
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
-from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_login
+from .policy.admission import OPS_PATHS, Admission, Reason, Refused, client_key, require_login
 from .policy.auth import login_challenge
 from .policy.errors import ClientProtocolError, MirrorUnauthorized, ProxyError, RouteNotFound
 from .policy.headers import Headers, get_header
@@ -37,6 +38,41 @@ from .policy.urls import Url
 from .tokens import TokenEndpoint
 
 log = logging.getLogger("hubproxy")
+
+SCRYPT_THREADS = 2  # password checks at once (each ~50 ms of CPU and 16 MiB)
+
+
+@dataclass
+class _Turn:
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
+
+
+class OneEach:
+    """At most one task per key at a time, FIFO within a key; a key's entry lives only while
+    someone holds or awaits it. In front of a shared FIFO limiter this makes the limiter's queue
+    round-robin over keys: a newcomer waits behind at most one task of each other key, however
+    many tasks one key has queued."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, _Turn] = {}
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    @asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        entry = self._turns.get(key)
+        if entry is None:
+            entry = self._turns[key] = _Turn()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._turns[key]
 
 
 class Proxy:
@@ -59,7 +95,8 @@ class Proxy:
         self.index_url = index_url
         self.pullthrough = pullthrough
         self.metrics: HubMetrics = forwarder.metrics
-        self._scrypt_threads = trio.CapacityLimiter(2)
+        self._scrypt_threads = trio.CapacityLimiter(SCRYPT_THREADS)
+        self._scrypt_turns = OneEach()  # one check per address in the threads' queue
 
     @property
     def pool(self) -> Pool:
@@ -172,7 +209,7 @@ class Proxy:
                 sealer=self.tokens.sealer,
                 now=time.time(),
                 stamp_of=admission.stamp if admission.requires_login else None,
-                basic_user=await self._basic_user(authorization),
+                basic_user=await self._basic_user(request, authorization),
             )
         except MirrorUnauthorized as refused:
             self.metrics.denied.inc(reason=Reason.AUTH.value)
@@ -188,16 +225,21 @@ class Proxy:
             return None, b""
         authorization = get_header(request.headers, b"authorization")
         try:
-            user = require_login(await self._basic_user(authorization), authorization)
+            user = require_login(await self._basic_user(request, authorization), authorization)
         except MirrorUnauthorized:
             self.metrics.denied.inc(reason=Reason.AUTH.value)
             raise
         return user, self.admission.stamp(user) or b""
 
-    async def _basic_user(self, authorization: bytes | None) -> str | None:
-        """The mirror user named by Basic credentials, else None. A first check runs scrypt
-        (tens of milliseconds, 16 MiB), so it runs in a worker thread, at most two at a time,
-        instead of stalling every transfer; a repeated header is answered from the cache."""
+    async def _basic_user(self, request: ClientRequest, authorization: bytes | None) -> str | None:
+        """The mirror user named by Basic credentials, else None; ClientRateLimited for an
+        address out of wrong-password tokens (``admission.LoginThrottle``), before any scrypt.
+
+        A first check runs scrypt (tens of milliseconds, 16 MiB), so it runs in a worker
+        thread, two at a time, instead of stalling every transfer; a repeated header is
+        answered from the cache, also for an address that is throttled. Each address has at
+        most one check in the threads' queue (``OneEach``), so a flood from one address
+        delays another address's login by one check at most, not by the whole flood."""
         authenticator = self.admission.authenticator
         if authenticator is None or authorization is None:
             return None
@@ -206,11 +248,15 @@ class Proxy:
         user = authenticator.cached_user(authorization)
         if user is not None:
             return user
-        user = await trio.to_thread.run_sync(
-            authenticator.verify, authorization, limiter=self._scrypt_threads
-        )
-        if user is not None and authenticator is self.admission.authenticator:
-            authenticator.remember(authorization, user)  # not if a reload replaced it meanwhile
+        self._check(request, self.admission.admit_login(request.client_ip, trio.current_time()))
+        async with self._scrypt_turns.turn(client_key(request.client_ip)):
+            user = await trio.to_thread.run_sync(
+                authenticator.verify, authorization, limiter=self._scrypt_threads
+            )
+        if user is not None:
+            self.admission.login_succeeded(request.client_ip, trio.current_time())
+            if authenticator is self.admission.authenticator:
+                authenticator.remember(authorization, user)  # not if a reload replaced it
         return user
 
     async def _learn_quietly(self, upstreams: UpstreamSet) -> None:

@@ -306,6 +306,16 @@ SETTINGS: tuple[Setting, ...] = (
         bound=AT_LEAST_ONE,
     ),
     Setting(
+        "max-connections-per-client",
+        "client connections one address (an IPv6 client: its /64) may hold at once; more get "
+        "503 (plain HTTP) or are closed (TLS), other addresses are unaffected (default 128)",
+        LISTEN,
+        Kind.INT,
+        128,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
         "public-url",
         "the URL clients use to reach this mirror, for token realms "
         "(default: the scheme and Host of each request)",
@@ -533,6 +543,16 @@ SETTINGS: tuple[Setting, ...] = (
         200,
         metavar="N",
         bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "login-failures",
+        "wrong mirror passwords an address may send per minute (in a burst or spread out); "
+        "beyond them its logins get 429 without a password check (default 10; 0: no limit)",
+        ACCESS,
+        Kind.INT,
+        10,
+        metavar="N",
+        bound=Bound(0, inclusive=True, wording="0 (off) or more"),
     ),
     # --- request limits
     Setting(
@@ -764,6 +784,7 @@ def build_config(values: Values) -> Config:
         upstream_proxy=cast(Url | None, p["upstream_proxy"]),
         max_redirects=cast(int, p["max_redirects"]),
         max_connections=cast(int, p["max_connections"]),
+        max_connections_per_client=cast(int, p["max_connections_per_client"]),
         limits=Limits(
             max_head_size=cast(int, p["max_header_size"]),
             max_headers=cast(int, p["max_headers"]),
@@ -788,6 +809,7 @@ def build_config(values: Values) -> Config:
         ),
         client_rate_limit=cast(float, p["client_rate_limit"]),
         client_burst=cast(int, p["client_burst"]),
+        login_failures=cast(int, p["login_failures"]),
         registries=registries,
         default_login=default_login,
         host_map=host_map,

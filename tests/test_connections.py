@@ -451,11 +451,22 @@ async def test_pooled_connection_dying_on_reuse_is_retried_once(
 async def test_max_connections_refuses_the_excess_and_spares_the_rest(
     start_proxy: StartProxy, ca: trustme.CA, tls: bool
 ) -> None:
+    """With every connection busy (here: a request head under way, so none is idle to close;
+    see test_client_limits for idle ones making room) the excess is refused."""
     proxy = await start_proxy(tls=tls, max_connections=2)
     first = await WireClient.connect(proxy.url, ca)
     second = await WireClient.connect(proxy.url, ca)
     head, _ = await first.request("GET", "/v2/")  # both are being served
     assert head.status_code == 401
+    rests = []
+    for client in (first, second):
+        if client.conn.our_state is h11.DONE:
+            client.conn.start_next_cycle()
+        data = client.conn.send(h11.Request(method="GET", target="/v2/", headers=[("host", "x")]))
+        data += client.conn.send(h11.EndOfMessage())
+        await client.stream.send_all(data[:-2])  # all but the head's last CRLF
+        rests.append(data[-2:])
+    await trio.testing.wait_all_tasks_blocked()
     excess = await trio.open_tcp_stream("127.0.0.1", proxy.port)
     with trio.fail_after(10):
         answer = await read_until_closed(excess)
@@ -465,8 +476,11 @@ async def test_max_connections_refuses_the_excess_and_spares_the_rest(
     else:
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert b'"code":"UNAVAILABLE"' in answer
-    head, _ = await second.request("GET", "/v2/")  # the existing connections are unharmed
-    assert head.status_code == 401
+    for client, rest in zip((first, second), rests, strict=True):  # the others are unharmed
+        await client.stream.send_all(rest)
+        head = await client.receive_head()
+        assert head.status_code == 401
+        await client.receive_body()
     await first.aclose()
     with trio.fail_after(10):
         while proxy.server.open_sockets >= 2:

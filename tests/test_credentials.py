@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 
 from hubproxy.ops.usersfile import add_user, load_users, remove_user
 from hubproxy.policy import passwords
-from hubproxy.policy.credentials import MAX_AUTHORIZATION, Authenticator, bearer_token, parse_basic
+from hubproxy.policy.credentials import (
+    MAX_AUTHORIZATION,
+    Authenticator,
+    bearer_token,
+    decoy_hash,
+    parse_basic,
+)
 from hubproxy.policy.passwords import hash_password
 from hubproxy.policy.sealing import Grant, TokenSealer
 
@@ -140,10 +146,55 @@ def test_failures_are_not_cached(authenticator: Authenticator, scrypt_calls: lis
     for _ in range(3):
         assert authenticator.check_basic(basic("alice:wrong")) is None
     assert len(scrypt_calls) == 3
-    # junk and unknown users never reach scrypt
-    for header in (b"Basic !!", basic("nobody:x"), basic("nocolon"), b"Bearer x"):
+    # headers that carry no user name at all never reach scrypt
+    for header in (b"Basic !!", basic("nocolon"), b"Bearer x"):
         assert authenticator.check_basic(header) is None
     assert len(scrypt_calls) == 3
+
+
+def test_unknown_names_cost_the_same_check_as_known_ones(scrypt_calls: list[int]) -> None:
+    """Timing must not tell which names exist: an unknown name's password is checked (one
+    scrypt run, through the same verifier) against a hash with a known user's parameters."""
+    checked: list[tuple[str, str]] = []
+
+    def verifier(stored: str, password: str) -> bool:
+        checked.append((stored, password))
+        return passwords.verify_password(stored, password)
+
+    alice = hash_password("wonderland", n=2**5, r=4, p=1)
+    auth = Authenticator({"alice": alice}, stamp_key=STAMP_KEY, verifier=verifier)
+    scrypt_calls.clear()
+    assert auth.check_basic(basic("alice:wrong")) is None
+    assert auth.check_basic(basic("nobody:wrong")) is None
+    assert auth.check_basic(basic("nobody:wonderland")) is None
+    assert len(scrypt_calls) == 3 and len(checked) == 3
+    assert checked[0] == (alice, "wrong")
+    known = passwords.parse_hash(alice)
+    for stored, _ in checked[1:]:
+        decoy = passwords.parse_hash(stored)
+        shape = (decoy.n, decoy.r, decoy.p, len(decoy.salt), len(decoy.digest))
+        assert shape == (known.n, known.r, known.p, len(known.salt), len(known.digest))
+    assert auth.check_basic(basic("alice:wonderland")) == "alice"
+
+
+def test_decoy_hash_has_the_usual_parameters_and_matches_nothing() -> None:
+    users = {
+        "a": fast_hash("x"),
+        "b": fast_hash("y"),
+        "c": hash_password("z", n=2**5, r=1, p=1),
+        "broken": "scrypt$junk",
+    }
+    decoy = passwords.parse_hash(decoy_hash(users))
+    assert (decoy.n, decoy.r, decoy.p) == (2**4, 8, 1)  # the most common shape
+    assert decoy_hash(users) != decoy_hash(users)  # random salt and digest
+    default = passwords.parse_hash(decoy_hash({}))
+    assert (default.n, default.r, default.p) == (
+        passwords.DEFAULT_N,
+        passwords.DEFAULT_R,
+        passwords.DEFAULT_P,
+    )
+    for password in ("", "x", "y", "z"):
+        assert not passwords.verify_password(decoy_hash(users), password)
 
 
 def test_cache_is_bounded(scrypt_calls: list[int]) -> None:

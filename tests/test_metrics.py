@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hubproxy.cache.store import BlobStore
+from hubproxy.net.server import ConnectionFigures
 from hubproxy.ops.metrics import (
     CONTENT_TYPE,
     CacheFigures,
@@ -375,6 +376,8 @@ HUB_FAMILIES = {
     "hubproxy_failovers",
     "hubproxy_upstream_ratelimit_remaining",
     "hubproxy_client_connections",
+    "hubproxy_refused_connections",
+    "hubproxy_reclaimed_connections",
     "hubproxy_denied_requests",
     "hubproxy_cache_bytes",
     "hubproxy_cache_blobs",
@@ -398,7 +401,14 @@ def test_hub_metrics_without_cache() -> None:
         assert families[name][2] == [(name, {}, 0)]
     assert families["hubproxy_cache_evictions"][2] == [("hubproxy_cache_evictions_total", {}, 0)]
     assert families["hubproxy_cache_hit_ratio"][2] == [("hubproxy_cache_hit_ratio", {}, 0)]
-    assert families["hubproxy_client_connections"][2] == [("hubproxy_client_connections", {}, 0)]
+    assert families["hubproxy_client_connections"][2] == [
+        ("hubproxy_client_connections", {"state": state}, 0)
+        for state in ("active", "handshake", "idle")
+    ]
+    assert families["hubproxy_refused_connections"][2] == [
+        ("hubproxy_refused_connections_total", {"reason": reason}, 0)
+        for reason in ("max-connections", "max-connections-per-client")
+    ]
     assert families["process_open_fds"][2][0][2] > 0  # this test process has some open
     assert families["process_resident_memory_bytes"][2][0][2] > 0
 
@@ -427,7 +437,9 @@ def test_hub_metrics_figures() -> None:
     metrics.failovers.inc(1, from_upstream="https://registry-1.docker.io", to_upstream="https://m")
     metrics.note_ratelimit("https://registry-1.docker.io", b"76;w=21600")
     metrics.note_ratelimit("https://registry-1.docker.io", b"junk")  # keeps the last good one
-    metrics.client_connections.inc()
+    metrics.connections = lambda: ConnectionFigures(
+        handshake=2, idle=3, active=1, refused={"max-connections-per-client": 4}, reclaimed=5
+    )
     metrics.denied.inc(1, reason="network")
 
     families = parse(metrics.render())
@@ -444,7 +456,16 @@ def test_hub_metrics_figures() -> None:
     assert only("hubproxy_cache_verification_failures") == 1
     assert only("hubproxy_cache_hit_ratio") == 0.75
     assert metrics.hit_ratio() == 0.75
-    assert only("hubproxy_client_connections") == 1
+    assert families["hubproxy_client_connections"][2] == [
+        ("hubproxy_client_connections", {"state": "active"}, 1),
+        ("hubproxy_client_connections", {"state": "handshake"}, 2),
+        ("hubproxy_client_connections", {"state": "idle"}, 3),
+    ]
+    assert families["hubproxy_refused_connections"][2] == [
+        ("hubproxy_refused_connections_total", {"reason": "max-connections"}, 0),
+        ("hubproxy_refused_connections_total", {"reason": "max-connections-per-client"}, 4),
+    ]
+    assert only("hubproxy_reclaimed_connections") == 5
     assert only("hubproxy_upstream_ratelimit_remaining") == 76
     assert only("hubproxy_upstream_rate_limited") == 1
     assert only("hubproxy_denied_requests") == 1

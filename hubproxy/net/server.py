@@ -1,6 +1,9 @@
 """The client side: accept TCP or TLS connections and run one h11 server loop per client.
 
-Each accepted connection gets its own task. A request head is read under a timeout (the first one
+Each accepted connection gets its own task, once admitted (``admission.admit_connection``): at
+most ``max_connections`` in all and ``max_connections_per_client`` per address; at the global
+limit the connection idle longest (waiting for a request head, none of it read) is closed to
+make room, never one with a request under way. A request head is read under a timeout (the first one
 after the handshake, then the keep-alive idle one), handed to the proxy as a
 :class:`ClientRequest` with a :class:`ClientResponse` to answer through, and the connection is
 kept alive only when h11 says both sides are DONE. Failures before response headers are answered
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from ..policy.admission import Connection, admit_connection, client_key
 from ..policy.errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
 from ..policy.headers import Headers, get_header, lax_framing
 from .settings import ListenerSettings
@@ -206,6 +210,17 @@ class ClientResponse:
 Handler = Callable[[ClientRequest, ClientResponse], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class ConnectionFigures:
+    """The server's live figures for ``/metrics``."""
+
+    handshake: int = 0  # accepted, TLS handshake not done yet
+    idle: int = 0  # waiting for a request head
+    active: int = 0  # a request being served
+    refused: dict[str, int] = field(default_factory=dict)  # by reason (Connection values)
+    reclaimed: int = 0  # idle connections closed to make room for a new one
+
+
 class ClientConnection:
     """One client connection: an h11 server loop with timeouts."""
 
@@ -232,7 +247,11 @@ class ClientConnection:
                 timeouts = self.settings.timeouts
                 wait = timeouts.request_head if first else timeouts.keepalive_idle
                 first = False
-                request = await self._receive_request(wait)
+                server.idle[self] = None  # may be closed to make room while it waits
+                try:
+                    request = await self._receive_request(wait)
+                finally:
+                    server.idle.pop(self, None)
                 if request is None:
                     return
                 await self._handle(request, handler)
@@ -284,6 +303,16 @@ class ClientConnection:
         if isinstance(event, h11.Request):
             return event
         return None  # ConnectionClosed
+
+    @property
+    def has_partial_request(self) -> bool:
+        """Whether bytes of the next request were received already (it is not idle then)."""
+        return bool(self.conn.trailing_data[0])
+
+    def close_idle(self) -> None:
+        """Close this connection while it waits for a request head (to make room)."""
+        if self.idle_scope is not None:
+            self.idle_scope.cancel()
 
     def _fresh_h11(self) -> None:
         """After a body sent around h11, continue with a new parser fed what the old one held
@@ -457,7 +486,12 @@ class Server:
         self._listen_scope = trio.CancelScope()
         self._listeners: list[trio.SocketListener] = []
         self.open_sockets = 0  # accepted and not yet closed, handshakes included
-        self._last_refusal_warning = -1e9
+        self.per_client: dict[str, int] = {}  # open sockets by client_key (only those > 0)
+        # connections waiting for a request head, the one waiting longest first
+        self.idle: dict[ClientConnection, None] = {}
+        self.refused: dict[str, int] = {}  # connections refused, by reason
+        self.reclaimed = 0  # idle connections closed to make room
+        self._last_refusal_warning: dict[Connection, float] = {}
 
     async def bind(self) -> None:
         """Open the listening sockets (raises OSError, e.g. port in use)."""
@@ -517,24 +551,78 @@ class Server:
                     log.error("accept failed: %s (is the file descriptor limit too low?)", exc)
                     await trio.sleep(0.1)
                     continue
-                if self.open_sockets >= self.settings.max_connections:
-                    connections.start_soon(self._refuse, stream)
+                try:
+                    client_ip = str(stream.socket.getpeername()[0])
+                except OSError:  # gone already
+                    await close_forcefully(stream)
+                    continue
+                key = client_key(client_ip)
+                verdict = self._admit(key)
+                if verdict in (Connection.REFUSE_FULL, Connection.REFUSE_CLIENT):
+                    self.refused[verdict.value] = self.refused.get(verdict.value, 0) + 1
+                    connections.start_soon(self._refuse, stream, verdict, client_ip)
                     continue
                 self.open_sockets += 1
-                connections.start_soon(self._serve_client, stream)
+                self.per_client[key] = self.per_client.get(key, 0) + 1
+                connections.start_soon(self._serve_client, stream, client_ip, key)
 
-    async def _refuse(self, tcp: trio.SocketStream) -> None:
-        """Over --max-connections: a plain client gets a 503, a TLS one a closed socket (a
-        handshake just to refuse would cost what the limit protects)."""
+    def _admit(self, key: str) -> Connection:
+        """The admission verdict for a new connection from ``key``; a RECLAIM is carried out
+        here (the idle connection closes at its next checkpoint, before the new one is read)."""
+        settings = self.settings
+        verdict = admit_connection(
+            open_total=self.open_sockets,
+            open_from_client=self.per_client.get(key, 0),
+            max_total=settings.max_connections,
+            max_per_client=settings.max_connections_per_client,
+            idle=len(self.idle),
+        )
+        if verdict is not Connection.RECLAIM:
+            return verdict
+        victim = next((c for c in self.idle if not c.has_partial_request), None)
+        if victim is None:
+            return Connection.REFUSE_FULL
+        del self.idle[victim]
+        victim.close_idle()
+        self.reclaimed += 1
+        return verdict
+
+    def figures(self) -> ConnectionFigures:
+        """Connections by state, refusals by reason, and reclaimed idle connections."""
+        idle = len(self.idle)
+        return ConnectionFigures(
+            handshake=self.open_sockets - len(self.connections),
+            idle=idle,
+            active=len(self.connections) - idle,
+            refused=dict(self.refused),
+            reclaimed=self.reclaimed,
+        )
+
+    async def _refuse(self, tcp: trio.SocketStream, verdict: Connection, client_ip: str) -> None:
+        """Over --max-connections(-per-client): a plain client gets a 503, a TLS one a closed
+        socket (a handshake just to refuse would cost what the limit protects)."""
         now = trio.current_time()
-        if now - self._last_refusal_warning >= 60:
-            self._last_refusal_warning = now
-            log.warning(
-                "refusing connections: %d open, the --max-connections limit",
-                self.open_sockets,
-            )
+        if now - self._last_refusal_warning.get(verdict, -1e9) >= 60:
+            self._last_refusal_warning[verdict] = now
+            if verdict is Connection.REFUSE_CLIENT:
+                log.warning(
+                    "refusing connections from %s: it holds %d, the "
+                    "--max-connections-per-client limit",
+                    client_ip,
+                    self.per_client.get(client_key(client_ip), 0),
+                )
+            else:
+                log.warning(
+                    "refusing connections: %d open, none idle, the --max-connections limit",
+                    self.open_sockets,
+                )
         if self.ssl_context is None:
-            body = error_body("UNAVAILABLE", "too many connections to this mirror; retry later")
+            message = (
+                "too many connections from your address; close idle ones or retry later"
+                if verdict is Connection.REFUSE_CLIENT
+                else "too many connections to this mirror; retry later"
+            )
+            body = error_body("UNAVAILABLE", message)
             head = (
                 b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                 b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
@@ -543,22 +631,23 @@ class Server:
                 await tcp.send_all(head + body)
         await close_forcefully(tcp)
 
-    async def _serve_client(self, tcp: trio.SocketStream) -> None:
+    async def _serve_client(self, tcp: trio.SocketStream, client_ip: str, key: str) -> None:
         try:
-            await self._handshake_and_serve(tcp)
+            await self._handshake_and_serve(tcp, client_ip)
         except Exception:  # a bug must cost one connection, never the process
             log.exception("internal error on a client connection; it was closed")
             await close_forcefully(tcp)
         finally:
             self.open_sockets -= 1
+            left = self.per_client[key] - 1
+            if left:
+                self.per_client[key] = left
+            else:
+                del self.per_client[key]
+            self._connections_changed.set()  # a slot is free (tests wait for it)
+            self._connections_changed = trio.Event()
 
-    async def _handshake_and_serve(self, tcp: trio.SocketStream) -> None:
-        try:
-            peer = tcp.socket.getpeername()
-            client_ip = str(peer[0])
-        except OSError:
-            await close_forcefully(tcp)
-            return
+    async def _handshake_and_serve(self, tcp: trio.SocketStream, client_ip: str) -> None:
         stream: ByteStream = tcp
         scheme = "http"
         if self.ssl_context is not None:

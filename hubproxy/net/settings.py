@@ -39,3 +39,4 @@ class ListenerSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
+    max_connections_per_client: int = 128  # from one address (an IPv6 /64); more are refused

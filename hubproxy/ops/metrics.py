@@ -32,6 +32,7 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..cache.store import BlobStore
+    from ..net.server import ConnectionFigures
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -417,13 +418,19 @@ class RecentEvents:
 
 
 CacheSource = Callable[[], CacheFigures | None]
+ConnectionSource = Callable[[], "ConnectionFigures"]
+CONNECTION_STATES = ("handshake", "idle", "active")
+# the reasons a connection is refused (admission.Connection values), shown at 0 from the start
+CONNECTION_REFUSALS = ("max-connections", "max-connections-per-client")
 
 
 class HubMetrics:
     """hubproxy's metrics, registered in their own ``Registry``.
 
     ``cache`` is a callable returning the cache's ``CacheFigures`` (or None: no cache); it may
-    also be assigned later, once the cache is open. ``proc`` is ``/proc/self`` except in tests.
+    also be assigned later, once the cache is open. ``connections`` likewise returns the
+    server's ``ConnectionFigures`` (``Server.figures``), once there is a server. ``proc`` is
+    ``/proc/self`` except in tests.
     """
 
     def __init__(
@@ -436,6 +443,7 @@ class HubMetrics:
     ) -> None:
         self.version = version
         self.cache = cache
+        self.connections: ConnectionSource | None = None
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc
         self.rate_limited_times = RecentEvents()
@@ -495,7 +503,28 @@ class HubMetrics:
             )
         )
         self.client_connections = registry.register(
-            Gauge("hubproxy_client_connections", "Client connections open now.")
+            GaugeFunction(
+                "hubproxy_client_connections",
+                "Client connections open now, by state: TLS handshake, idle (waiting for a "
+                "request), active (a request being served).",
+                self._connection_states,
+                ("state",),
+            )
+        )
+        self.refused_connections = registry.register(
+            CounterFunction(
+                "hubproxy_refused_connections",
+                "Client connections refused, by the limit they met.",
+                self._connection_refusals,
+                ("reason",),
+            )
+        )
+        self.reclaimed_connections = registry.register(
+            CounterFunction(
+                "hubproxy_reclaimed_connections",
+                "Idle client connections closed to make room under --max-connections.",
+                self._reclaimed_connections,
+            )
         )
         self.denied = registry.register(
             Counter("hubproxy_denied_requests", "Requests refused, by reason.", ("reason",))
@@ -559,6 +588,31 @@ class HubMetrics:
     def _cache(self) -> CacheFigures:
         figures = self.cache() if self.cache is not None else None
         return CacheFigures() if figures is None else figures
+
+    def _connection_figures(self) -> ConnectionFigures | None:
+        return self.connections() if self.connections is not None else None
+
+    def _reclaimed_connections(self) -> float:
+        figures = self._connection_figures()
+        return figures.reclaimed if figures is not None else 0
+
+    def _connection_states(self) -> dict[LabelValues, float]:
+        figures = self._connection_figures()
+        if figures is None:
+            return {(state,): 0.0 for state in CONNECTION_STATES}
+        return {
+            ("handshake",): figures.handshake,
+            ("idle",): figures.idle,
+            ("active",): figures.active,
+        }
+
+    def _connection_refusals(self) -> dict[LabelValues, float]:
+        figures = self._connection_figures()
+        refused = figures.refused if figures is not None else {}
+        counts: dict[LabelValues, float] = {(reason,): 0.0 for reason in CONNECTION_REFUSALS}
+        for reason, count in refused.items():
+            counts[reason,] = count
+        return counts
 
     def _resident_memory(self) -> float:
         try:

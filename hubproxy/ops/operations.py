@@ -109,8 +109,8 @@ class Operations:
 
     def _refresh_gauges(self) -> None:
         metrics = self.metrics
-        if self.server is not None:
-            metrics.client_connections.set(len(self.server.connections))
+        if self.server is not None and metrics.connections is None:
+            metrics.connections = self.server.figures
         pullthrough = self.pullthrough
         if pullthrough is not None and metrics.cache is None:
             blobs = pullthrough.blobs

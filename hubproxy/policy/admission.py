@@ -8,7 +8,15 @@ For a mirror reachable by strangers, these rules apply, in this order:
 4. an image must pass ``--images-allow``/``--images-deny`` (403), on ``/v2/`` paths, in token
    scopes and in search results;
 5. with ``--users``, the client must be a mirror user (401 with a challenge): see ``tokenpolicy``
-   for what a mirror user's requests carry upstream.
+   for what a mirror user's requests carry upstream. An address that sent more than
+   ``--login-failures`` wrong passwords in a minute gets 429 for its next Basic logins, without a
+   password check (:class:`LoginThrottle`); headers already verified still pass.
+
+Before all of these, a connection is admitted (:func:`admit_connection`): at most
+``--max-connections`` in all and ``--max-connections-per-client`` per address, and at the global
+limit the oldest idle keep-alive connection is closed to make room rather than the newcomer
+refused. An address is keyed by :func:`client_key`: IPv6 clients by their /64, which one host
+usually holds whole.
 
 Decisions over plain values: the caller passes the clock, runs the password check (scrypt, in a
 worker thread) and reads the users file. Each check returns ``None`` or the error to answer with.
@@ -17,6 +25,7 @@ worker thread) and reads the users file. Each check returns ``None`` or the erro
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,12 +47,121 @@ class Reason(enum.Enum):
     RATE = "rate"
     IMAGE = "image"
     AUTH = "auth"
+    LOGIN = "login"  # too many wrong passwords from one address (LoginThrottle)
 
 
 @dataclass(frozen=True)
 class Refused:
     reason: Reason
     error: ProxyError
+
+
+def client_key(client_ip: str) -> str:
+    """The key an address's limits are counted under: an IPv4 address (also as IPv4-mapped
+    IPv6, ``::ffff:a.b.c.d``), or an IPv6 address's /64 (RFC 7421: one host or site is given a
+    whole /64, so per-address limits by full IPv6 address would be no limits at all). Text
+    that is no address is its own key."""
+    try:
+        address = ipaddress.ip_address(client_ip.partition("%")[0])
+    except ValueError:
+        return client_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class Connection(enum.Enum):
+    """What to do with a newly accepted client connection (:func:`admit_connection`)."""
+
+    ACCEPT = "accept"
+    RECLAIM = "reclaim"  # accept it after closing the oldest idle keep-alive connection
+    REFUSE_FULL = "max-connections"  # the values are the refusal reasons /metrics shows
+    REFUSE_CLIENT = "max-connections-per-client"
+
+
+def admit_connection(
+    *, open_total: int, open_from_client: int, max_total: int, max_per_client: int, idle: int
+) -> Connection:
+    """Admit a new connection from a client that has ``open_from_client`` open already, with
+    ``open_total`` open in all of which ``idle`` wait for a request with nothing of it read.
+
+    The per-client cap comes first: one address holding many connections must not make
+    others' idle ones close. At the global cap an idle connection is closed to make room
+    (RFC 9112 section 9.3: a server may close an idle connection at any time; clients retry
+    on a new one), never one mid-request; only with none idle is the newcomer refused."""
+    if open_from_client >= max_per_client:
+        return Connection.REFUSE_CLIENT
+    if open_total < max_total:
+        return Connection.ACCEPT
+    if idle > 0:
+        return Connection.RECLAIM
+    return Connection.REFUSE_FULL
+
+
+class LoginThrottle:
+    """A budget of wrong passwords per address: ``burst`` at once, refilled at ``rate`` per
+    second (``per_minute`` / 60), so that a guesser gets ``per_minute`` guesses a minute and
+    costs the mirror as many scrypt runs, however fast it sends.
+
+    A password check takes a token *before* it runs (:meth:`take`) and a right password gives
+    it back (:meth:`refund`): so concurrent guesses cannot all pass a check that only counted
+    finished failures, and right passwords cost nothing. Buckets that are full again are
+    forgotten (least recently used first), and beyond ``max_clients`` the least recently used
+    is dropped, which errs on the side of letting a login through. Mutable, for the trio
+    thread; ``per_minute`` 0 turns it off."""
+
+    def __init__(self, per_minute: int = 10, max_clients: int = 10000) -> None:
+        if per_minute < 0:
+            raise ValueError(f"login failures per minute must be 0 or more, not {per_minute}")
+        self.burst = per_minute
+        self.rate = per_minute / 60.0
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, since
+
+    @property
+    def enabled(self) -> bool:
+        return self.burst > 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _tokens(self, key: str, now: float) -> float:
+        entry = self._buckets.pop(key, None)
+        if entry is None:
+            return float(self.burst)
+        left, since = entry
+        return min(float(self.burst), left + max(0.0, now - since) * self.rate)
+
+    def _store(self, key: str, tokens: float, now: float) -> None:
+        while self._buckets:  # forget full buckets, oldest first: O(1) amortised
+            oldest, since = next(iter(self._buckets.values()))
+            if oldest + max(0.0, now - since) * self.rate < self.burst:
+                break
+            self._buckets.popitem(last=False)
+        if tokens >= self.burst:
+            return
+        while len(self._buckets) >= self.max_clients:
+            self._buckets.popitem(last=False)
+        self._buckets[key] = (tokens, now)
+
+    def take(self, key: str, now: float) -> float:
+        """Take one token for a password check from ``key``: 0.0 if it may run, else the
+        seconds until a token will be there (nothing taken then)."""
+        if not self.enabled:
+            return 0.0
+        tokens = self._tokens(key, now)
+        if tokens >= 1.0:
+            self._store(key, tokens - 1.0, now)
+            return 0.0
+        self._store(key, tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def refund(self, key: str, now: float) -> None:
+        """The check that :meth:`take` allowed found the right password: give its token back."""
+        if self.enabled:
+            self._store(key, min(float(self.burst), self._tokens(key, now) + 1.0), now)
 
 
 class Admission:
@@ -57,8 +175,10 @@ class Admission:
         images: ImageRules,
         limiter: RateLimiter,
         authenticator: Authenticator | None,
+        logins: LoginThrottle | None = None,
     ) -> None:
         self.networks = networks
+        self.logins = LoginThrottle() if logins is None else logins
         self.ops_networks = ops_networks
         self.images = images
         self.limiter = limiter
@@ -103,6 +223,25 @@ class Admission:
                 headers=((b"retry-after", b"%d" % retry_after),),
             ),
         )
+
+    def admit_login(self, client_ip: str, now: float) -> Refused | None:
+        """Rule 5's throttle, before a password check: None (a token is taken; give it back
+        with :meth:`login_succeeded`) or a 429 for an address out of wrong-password tokens."""
+        wait = self.logins.take(client_key(client_ip), now)
+        if wait <= 0:
+            return None
+        retry_after = max(1, math.ceil(wait))
+        return Refused(
+            Reason.LOGIN,
+            ClientRateLimited(
+                f"too many wrong passwords from {client_ip}; retry in {retry_after}s",
+                headers=((b"retry-after", b"%d" % retry_after),),
+            ),
+        )
+
+    def login_succeeded(self, client_ip: str, now: float) -> None:
+        """The check :meth:`admit_login` let through found the right password."""
+        self.logins.refund(client_key(client_ip), now)
 
     def admit_ops(self, client_ip: str) -> Refused | None:
         """Rule 3, for the operator paths."""

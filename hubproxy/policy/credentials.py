@@ -18,10 +18,18 @@ import base64
 import hmac
 import re
 import secrets
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 
-from .passwords import verify_password
+from .passwords import (
+    DEFAULT_N,
+    DEFAULT_P,
+    DEFAULT_R,
+    HASH_BYTES,
+    SALT_BYTES,
+    parse_hash,
+    verify_password,
+)
 
 # longer Authorization values are refused before decoding anything; a sealed mirror token
 # ("Bearer " + up to sealing.MAX_SEALED characters) must fit, or a client would loop on 401s
@@ -56,6 +64,29 @@ def parse_basic(authorization: bytes) -> tuple[str, str] | None:
     return user, password
 
 
+Verifier = Callable[[str, str], bool]  # (stored hash, password) -> match, as verify_password
+
+
+def decoy_hash(users: Mapping[str, str]) -> str:
+    """A stored hash that no password matches, with the scrypt parameters most users' hashes
+    have: checking a password against it costs what checking a known user's costs.
+
+    Its digest is random bytes, not the scrypt of anything, so no password derives it (short
+    of a preimage). The salt is random too; nothing about it is secret."""
+    shapes: Counter[tuple[int, int, int, int, int]] = Counter()
+    for stored in users.values():
+        try:
+            parsed = parse_hash(stored)
+        except ValueError:
+            continue
+        shapes[parsed.n, parsed.r, parsed.p, len(parsed.salt), len(parsed.digest)] += 1
+    default = (DEFAULT_N, DEFAULT_R, DEFAULT_P, SALT_BYTES, HASH_BYTES)
+    n, r, p, salt_bytes, digest_bytes = shapes.most_common(1)[0][0] if shapes else default
+    salt = base64.b64encode(secrets.token_bytes(salt_bytes)).decode()
+    digest = base64.b64encode(secrets.token_bytes(digest_bytes)).decode()
+    return f"scrypt${n}${r}${p}${salt}${digest}"
+
+
 def bearer_token(authorization: bytes) -> str | None:
     """The token of ``Authorization: Bearer <token>`` (RFC 6750 section 2.1), or None."""
     credentials = _credentials(authorization, b"bearer")
@@ -69,9 +100,11 @@ class Authenticator:
 
     The cache key is an HMAC of the whole header value under a random per-process key: equal
     headers hit, the password is never kept, and a memory dump reveals nothing that could be
-    replayed elsewhere. Failures are not cached (a wrong password costs a full scrypt, which the
-    rate limiter bounds). Unknown users are refused without running scrypt: that tells a timing
-    observer which names exist, a small leak traded for not burning CPU on junk.
+    replayed elsewhere. Failures are not cached (a wrong password costs a full scrypt, which
+    ``admission.LoginThrottle`` bounds per address). An unknown user's password is checked
+    against a :func:`decoy_hash` with the parameters of the known ones, so the answer takes as
+    long as for a known user with a wrong password: response times do not tell which names
+    exist. Only a header that is no Basic credentials at all is refused without scrypt.
 
     :meth:`verify` only reads, so it may run in a worker thread (``trio.to_thread.run_sync``)
     and scrypt does not stall the event loop; the cache is touched only by :meth:`cached_user`
@@ -84,11 +117,20 @@ class Authenticator:
     """
 
     def __init__(
-        self, users: Mapping[str, str], *, stamp_key: bytes, cache_size: int = 1024
+        self,
+        users: Mapping[str, str],
+        *,
+        stamp_key: bytes,
+        cache_size: int = 1024,
+        verifier: Verifier = verify_password,
     ) -> None:
+        """``verifier`` checks a password against a stored hash: ``passwords.verify_password``
+        except where a test counts the checks."""
         if len(stamp_key) < MIN_STAMP_KEY:
             raise ValueError(f"a stamp key needs at least {MIN_STAMP_KEY} bytes")
         self._users = dict(users)
+        self._decoy = decoy_hash(self._users)
+        self._verifier = verifier
         self._stamp_key = stamp_key
         self._cache_size = cache_size
         self._key = secrets.token_bytes(32)
@@ -130,9 +172,9 @@ class Authenticator:
             return None
         name, password = parsed
         stored = self._users.get(name)
-        if stored is None or not verify_password(stored, password):
-            return None
-        return name
+        # the same scrypt work whether or not the name exists (see the class docstring)
+        matched = self._verifier(self._decoy if stored is None else stored, password)
+        return name if matched and stored is not None else None
 
     def remember(self, authorization: bytes, user: str) -> None:
         """Cache a successful :meth:`verify` so the same header skips scrypt next time."""
