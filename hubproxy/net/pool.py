@@ -104,6 +104,7 @@ class Pool:
         self._wait_timeout = wait_timeout
         self._origins: dict[PoolKey, _Origin] = {}
         self._idle_added = trio.Event()  # wakes the sweeper when it had nothing to watch
+        self._changed = trio.Event()  # set (and renewed) when slots are taken, given or waited for
         self.opened = 0  # connections ever opened (tests and metrics read it)
         # per (origin, lane): requests that had to wait for a slot, and waits that timed out
         self.waits: Counter[tuple[str, str]] = Counter()
@@ -140,6 +141,14 @@ class Pool:
         for (origin, _profile), state in self._origins.items():
             found[str(origin)] += len(state.idle)
         return dict(found)
+
+    async def wait_changed(self) -> None:
+        """Wait until a slot is taken or released, or a request starts or stops waiting."""
+        await self._changed.wait()
+
+    def _note_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     @asynccontextmanager
     async def connection(
@@ -184,10 +193,12 @@ class Pool:
         state = self._origins.setdefault(key, _Origin())
         if grant(self.limits, state.held, [ask]):
             state.held[ask] += 1
+            self._note_change()
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter(ask)
         state.waiting.append(waiter)
+        self._note_change()
         series = (str(key[0]), ask.lane.value)
         self.waits[series] += 1
         try:
@@ -198,10 +209,12 @@ class Pool:
                 self._release(key, ask)
             else:
                 state.waiting.remove(waiter)
+                self._note_change()
             raise
         if waiter.granted:
             return
         state.waiting.remove(waiter)
+        self._note_change()
         self.wait_timeouts[series] += 1
         held = sum(state.held.values())
         raise MirrorBusy(
@@ -215,6 +228,7 @@ class Pool:
         state.held[ask] -= 1
         if state.held[ask] <= 0:
             del state.held[ask]
+        self._note_change()
         if not state.waiting:
             return
         chosen = grant(self.limits, state.held, [w.ask for w in state.waiting])
