@@ -70,9 +70,7 @@ async def serve(
                     _log_startup(config, server)
                     if handle_signals:
                         reloading = trio.CancelScope()
-                        nursery.start_soon(
-                            _stop_on_signal, server, nursery.cancel_scope, reloading
-                        )
+                        nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
                         nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
                     task_status.started(App(server, proxy))
             finally:

@@ -8,9 +8,9 @@ the last ones run the whole mirror in front of the fake hub, whose blobs can be 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
 import json
 import urllib.parse
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -189,7 +189,9 @@ async def test_slot_wait_times_out_with_mirror_busy(
         await exchange(conn)
 
 
-async def test_waiters_are_served_in_arrival_order(nursery: trio.Nursery, upstream: TinyUpstream) -> None:
+async def test_waiters_are_served_in_arrival_order(
+    nursery: trio.Nursery, upstream: TinyUpstream
+) -> None:
     pool = make_pool(upstream, max_per_origin=1)
     release = trio.Event()
     await nursery.start(hold, pool, release)
@@ -209,7 +211,9 @@ async def test_waiters_are_served_in_arrival_order(nursery: trio.Nursery, upstre
     assert served == [0, 1, 2, 3, 4]
 
 
-async def test_one_client_cannot_take_every_slot(nursery: trio.Nursery, upstream: TinyUpstream) -> None:
+async def test_one_client_cannot_take_every_slot(
+    nursery: trio.Nursery, upstream: TinyUpstream
+) -> None:
     pool = make_pool(upstream, max_per_origin=8, max_per_client=3)
     release = trio.Event()
     blob = functools.partial(hold, pool, release, client="192.0.2.1", lane=Lane.BULK)
@@ -228,7 +232,9 @@ async def test_one_client_cannot_take_every_slot(nursery: trio.Nursery, upstream
     release.set()
 
 
-async def test_cancelled_waiter_leaves_no_trace(nursery: trio.Nursery, upstream: TinyUpstream) -> None:
+async def test_cancelled_waiter_leaves_no_trace(
+    nursery: trio.Nursery, upstream: TinyUpstream
+) -> None:
     pool = make_pool(upstream, max_per_origin=1)
     release = trio.Event()
     await nursery.start(hold, pool, release)
