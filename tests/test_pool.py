@@ -17,6 +17,7 @@ import trio
 import trio.testing
 import trustme
 
+from hubproxy.cli import UsageError, load_settings
 from hubproxy.net.pool import PEER_CHECK_INTERVAL, Pool
 from hubproxy.net.streams import ByteStream
 from hubproxy.net.upstream import UpstreamConnection
@@ -265,6 +266,31 @@ def test_pool_figures_reach_metrics() -> None:
     origin = str(ORIGIN)
     assert f'hubproxy_upstream_slot_waits_total{{origin="{origin}",lane="bulk"}} 3' in text
     assert f'hubproxy_upstream_slot_wait_timeouts_total{{origin="{origin}",lane="bulk"}} 1' in text
+
+
+def test_pool_flags_reach_the_config() -> None:
+    _, config = load_settings(
+        [
+            "--pool-max-per-origin",
+            "40",
+            "--pool-max-per-client",
+            "6",
+            "--pool-reserve-small",
+            "5",
+            "--pool-wait-timeout",
+            "12",
+            "--upstream-keepalive",
+            "9",
+        ]
+    )
+    assert (config.pool_max_per_origin, config.pool_max_per_client) == (40, 6)
+    assert config.pool_reserve_small == 5
+    assert (config.timeouts.pool_wait, config.timeouts.upstream_keepalive) == (12, 9)
+    _, defaults = load_settings([])
+    assert (defaults.pool_max_per_origin, defaults.pool_max_per_client) == (100, 0)
+    assert (defaults.timeouts.pool_wait, defaults.timeouts.upstream_keepalive) == (30, 30)
+    with pytest.raises(UsageError, match="--pool-max-per-origin must be at least 1"):
+        load_settings(["--pool-max-per-origin", "0"])
 
 
 # -- the whole mirror ----------------------------------------------------------------------------
