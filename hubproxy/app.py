@@ -59,15 +59,22 @@ async def serve(
     proxy = build_proxy(config, server=server)
     await server.bind()  # before any nursery, so "port in use" is a plain OSError
     try:
-        async with trio.open_nursery() as nursery:
-            proxy.forwarder.background = nursery
-            await nursery.start(server.serve, proxy.handle)
-            _log_startup(config, server)
-            if handle_signals:
-                reloading = trio.CancelScope()
-                nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
-                nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
-            task_status.started(App(server, proxy))
+        # the pool's sweeper runs as long as the server does (the inner nursery ends when a
+        # drain does, and must not wait for the sweeper)
+        async with trio.open_nursery() as sweeping:
+            await sweeping.start(proxy.pool.sweep)
+            try:
+                async with trio.open_nursery() as nursery:
+                    proxy.forwarder.background = nursery
+                    await nursery.start(server.serve, proxy.handle)
+                    _log_startup(config, server)
+                    if handle_signals:
+                        reloading = trio.CancelScope()
+                        nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
+                        nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
+                    task_status.started(App(server, proxy))
+            finally:
+                sweeping.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await proxy.pool.aclose()

@@ -34,7 +34,9 @@ class Config:
     rate_limit_rest: float = 60.0
     unreachable_rest: float = 10.0
     pool_max_idle_per_origin: int = 32
-    pool_max_per_origin: int = 100
+    pool_max_per_origin: int = 100  # connections open to one upstream origin at once
+    pool_max_per_client: int = 0  # of those, held by one client address; 0: a quarter
+    pool_reserve_small: int = 0  # of those, never taken by blob transfers; 0: a tenth
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     max_connections_per_client: int = 128  # client connections from one address (IPv6: /64)
     cache_dir: str | None = None  # None: no cache

@@ -31,14 +31,16 @@ from .net.pool import Connector, Pool
 from .net.server import ClientRequest, ClientResponse
 from .net.streams import ByteStream, open_upstream, upstream_ssl_context
 from .net.upstream import UpstreamConnection
-from .ops.metrics import HubMetrics
+from .ops.metrics import HubMetrics, pool_figures
 from .policy import flow
+from .policy.access import client_key
 from .policy.auth import public_base, rewrite_challenge
-from .policy.errors import ProxyError, ResponseAborted, UpstreamUnavailable
+from .policy.errors import MirrorBusy, ProxyError, ResponseAborted, UpstreamUnavailable
 from .policy.headers import Headers, client_response_headers, upstream_request_headers
 from .policy.redirects import client_location
 from .policy.registries import RegistryTable
 from .policy.routing import Route
+from .policy.slots import lane_of
 from .policy.upstreams import UpstreamSet
 from .policy.urls import Origin, Url
 
@@ -77,6 +79,9 @@ def build_pool(config: Config, table: RegistryTable, connector: Connector | None
         keepalive=config.timeouts.upstream_keepalive,
         max_idle_per_origin=config.pool_max_idle_per_origin,
         max_per_origin=config.pool_max_per_origin,
+        max_per_client=config.pool_max_per_client,
+        reserve_small=config.pool_reserve_small,
+        wait_timeout=config.timeouts.pool_wait,
     )
 
 
@@ -90,6 +95,7 @@ class Forwarder:
         self.table = table
         self.pool = pool
         self.metrics = metrics
+        metrics.pool = lambda: pool_figures(pool)
         self.registries = {
             registry.name: UpstreamSet(registry, default=registry.name == table.default)
             for registry in table.registries
@@ -171,6 +177,8 @@ class Forwarder:
                 sent_at = trio.current_time()
                 try:
                     conn, head = await self._exchange(stack, plan, attempt, request)
+                except MirrorBusy:
+                    raise  # our own slots are taken: no fault of the upstream's, no failover
                 except ProxyError as error:
                     event = flow.AttemptFailed(error)
                 else:
@@ -247,9 +255,11 @@ class Forwarder:
             chunked_body=body is not None and request.body.chunked,
         )
         method = plan.method
+        # whose share of the origin's slots this is, and whether it moves a blob's body
+        client, lane = client_key(request.client_ip), lane_of(method, plan.target)
         async with AsyncExitStack() as first:
             conn = await first.enter_async_context(
-                self.pool.connection(origin, profile=plan.profile)
+                self.pool.connection(origin, profile=plan.profile, client=client, lane=lane)
             )
             try:
                 await conn.send_request(method, attempt.url.target, headers, body)
@@ -264,7 +274,7 @@ class Forwarder:
                 return conn, head
         # the stale connection is closed and its pool slot free again
         conn = await stack.enter_async_context(
-            self.pool.connection(origin, fresh=True, profile=plan.profile)
+            self.pool.connection(origin, fresh=True, profile=plan.profile, client=client, lane=lane)
         )
         await conn.send_request(method, attempt.url.target, headers, body)
         return conn, await conn.receive_head(method)
@@ -325,6 +335,7 @@ class Forwarder:
         self, method: str, url: Url, headers: Headers, *, profile: str = ""
     ) -> tuple[int, Headers, bytes]:
         """One request of our own (no client behind it): status, headers, body up to 64 KiB."""
+        # the mirror's own requests share the client "" and read at most DRAIN_LIMIT: small
         async with self.pool.connection(url.origin, profile=profile) as conn:
             all_headers: Headers = [(b"host", url.origin.authority.encode()), *headers]
             await conn.send_request(method, url.target, all_headers)

@@ -25,7 +25,8 @@ from .net.server import ClientRequest, ClientResponse
 from .net.upstream import UpstreamConnection
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
-from .policy.admission import OPS_PATHS, Admission, Reason, Refused, client_key, require_login
+from .policy.access import client_key
+from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_login
 from .policy.auth import login_challenge
 from .policy.errors import ClientProtocolError, MirrorUnauthorized, ProxyError, RouteNotFound
 from .policy.headers import Headers, get_header

@@ -387,6 +387,36 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
         bound=Bound(0, inclusive=True, wording="0 or more"),
     ),
+    Setting(
+        "pool-max-per-origin",
+        "connections open at once to one upstream origin (registry, token service, CDN); "
+        "more requests wait for one (default 100)",
+        UPSTREAMS,
+        Kind.INT,
+        100,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "pool-max-per-client",
+        "of those, how many one client address (an IPv6 /64) may hold "
+        "(default 0: a quarter of --pool-max-per-origin)",
+        UPSTREAMS,
+        Kind.INT,
+        0,
+        metavar="N",
+        bound=Bound(0, inclusive=True, wording="0 (a quarter of --pool-max-per-origin) or more"),
+    ),
+    Setting(
+        "pool-reserve-small",
+        "of those, how many blob transfers may never take, kept for tokens, manifests and "
+        "pings (default 0: a tenth of --pool-max-per-origin, at least 1)",
+        UPSTREAMS,
+        Kind.INT,
+        0,
+        metavar="N",
+        bound=Bound(0, inclusive=True, wording="0 (a tenth of --pool-max-per-origin) or more"),
+    ),
     # --- more registries
     Setting(
         "registry",
@@ -600,6 +630,16 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream that sends nothing; there is no total-time limit",
     ),
     _timeout(
+        "upstream-keepalive",
+        _TIMEOUTS.upstream_keepalive,
+        "idle pooled upstream connection before it is closed",
+    ),
+    _timeout(
+        "pool-wait-timeout",
+        _TIMEOUTS.pool_wait,
+        "waiting for a free connection to an upstream origin; then 503 (the mirror is busy)",
+    ),
+    _timeout(
         "shutdown-grace",
         _TIMEOUTS.shutdown_grace,
         "time in-flight transfers get after SIGINT/SIGTERM",
@@ -785,6 +825,9 @@ def build_config(values: Values) -> Config:
         max_redirects=cast(int, p["max_redirects"]),
         max_connections=cast(int, p["max_connections"]),
         max_connections_per_client=cast(int, p["max_connections_per_client"]),
+        pool_max_per_origin=cast(int, p["pool_max_per_origin"]),
+        pool_max_per_client=cast(int, p["pool_max_per_client"]),
+        pool_reserve_small=cast(int, p["pool_reserve_small"]),
         limits=Limits(
             max_head_size=cast(int, p["max_header_size"]),
             max_headers=cast(int, p["max_headers"]),
@@ -798,6 +841,8 @@ def build_config(values: Values) -> Config:
             client_idle=cast(float, p["client_idle_timeout"]),
             connect=cast(float, p["connect_timeout"]),
             upstream_idle=cast(float, p["read_timeout"]),
+            upstream_keepalive=cast(float, p["upstream_keepalive"]),
+            pool_wait=cast(float, p["pool_wait_timeout"]),
             shutdown_grace=cast(float, p["shutdown_grace"]),
         ),
         allow=allow,

@@ -214,6 +214,8 @@ class _Response:
     body: bytes | memoryview = b""
     # Send only this many body bytes, then drop the connection (a broken transfer).
     truncate_at: int | None = None
+    # Send the head and the first chunk, then wait for this before the rest (a slow transfer).
+    stall: trio.Event | None = None
 
 
 @dataclass
@@ -414,6 +416,7 @@ class FakeHub:
         self._truncated: dict[str, int | None] = {}
         self._corrupted: dict[str, int] = {}
         self._loops: set[str] = set()
+        self._stalls: dict[str, trio.Event] = {}  # digest -> set it to let its bodies go on
         self._forced_statuses: list[_Forced] = []
         self._lies: dict[tuple[str, str], str] = {}  # (repo, reference) -> digest header
         self._swaps: dict[str, tuple[bytes, DigestHeader]] = {}  # digest -> body, its header
@@ -537,6 +540,8 @@ class FakeHub:
             await _send(
                 stream, conn, h11.Data(data=bytes(body[offset : min(offset + _CHUNK, stop)]))
             )
+            if response.stall is not None:
+                await response.stall.wait()
         if response.truncate_at is not None:
             raise _Abort
         await _send(stream, conn, h11.EndOfMessage())
@@ -696,6 +701,11 @@ class FakeHub:
         flipped (same length) ``times`` times: a storage fault no status code reveals, which
         only a digest check catches."""
         self._corrupted[digest] = times
+
+    def stall_blob(self, digest: str) -> trio.Event:
+        """Every GET of this blob's body (CDN, or registry without one) sends the head and the
+        first chunk, then waits until the returned event is set."""
+        return self._stalls.setdefault(digest, trio.Event())
 
     def redirect_loop(self, digest: str) -> None:
         """Make blob GET/HEAD of ``digest`` redirect to the registry itself, forever."""
@@ -1275,6 +1285,8 @@ class FakeHub:
             status, body = 206, body[start:stop]
             headers.append(("content-range", f"bytes {start}-{stop - 1}/{len(data)}"))
         response = _Response(status, headers, body)
+        if request.method == "GET":
+            response.stall = self._stalls.get(digest)
         if request.method == "GET" and digest in self._truncated:
             times = self._truncated[digest]
             if times is not None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from hubproxy.policy.access import RateLimiter, parse_image_rules, parse_networks
+from hubproxy.policy.access import RateLimiter, client_key, parse_image_rules, parse_networks
 from hubproxy.policy.admission import (
     Admission,
     Connection,
     LoginThrottle,
     Reason,
     admit_connection,
-    client_key,
     require_login,
 )
 from hubproxy.policy.credentials import Authenticator

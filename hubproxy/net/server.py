@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from ..policy.admission import Connection, admit_connection, client_key
+from ..policy.access import client_key
+from ..policy.admission import Connection, admit_connection
 from ..policy.errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
 from ..policy.headers import Headers, get_header, lax_framing
 from .settings import ListenerSettings

@@ -18,6 +18,7 @@ class Timeouts:
     connect: float = 10.0  # TCP connect + TLS handshake (+ CONNECT) toward an upstream
     upstream_idle: float = 60.0  # an upstream that sends no byte (head or body) for this long
     upstream_keepalive: float = 30.0  # idle pooled upstream connections are dropped after this
+    pool_wait: float = 30.0  # a request waits this long for a slot to an upstream origin
     shutdown_grace: float = 30.0  # in-flight transfers get this long after SIGINT/SIGTERM
 
 

@@ -22,7 +22,7 @@ import re
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -32,6 +32,7 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..cache.store import BlobStore
+    from ..net.pool import Pool
     from ..net.server import ConnectionFigures
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -424,6 +425,45 @@ CONNECTION_STATES = ("handshake", "idle", "active")
 CONNECTION_REFUSALS = ("max-connections", "max-connections-per-client")
 
 
+@dataclass(frozen=True)
+class PoolFigures:
+    """What the upstream connection pool reports to ``/metrics`` (see ``net/pool.py``)."""
+
+    in_use: Mapping[LabelValues, float]  # (origin, lane) -> slots held now
+    waiting: Mapping[LabelValues, float]  # (origin, lane) -> requests waiting for a slot now
+    idle: Mapping[LabelValues, float]  # (origin,) -> idle pooled connections
+    waits: Mapping[LabelValues, float]  # (origin, lane) -> requests that had to wait
+    wait_timeouts: Mapping[LabelValues, float]  # (origin, lane) -> waits that ended in a 503
+    swept: int  # idle connections the sweeper closed
+    limits: Mapping[LabelValues, float]  # ("per_origin",), ("per_client",), ("reserve_small",)
+
+
+def _series(items: Iterable[tuple[tuple[str, ...], int]]) -> dict[LabelValues, float]:
+    return {key: float(value) for key, value in items}
+
+
+def pool_figures(pool: Pool) -> PoolFigures:
+    """The figures of a ``Pool``: ``metrics.pool = lambda: pool_figures(pool)``."""
+    limits = pool.limits
+    return PoolFigures(
+        in_use=_series(pool.slots_in_use().items()),
+        waiting=_series(pool.waiting().items()),
+        idle=_series(((origin,), count) for origin, count in pool.idle_by_origin().items()),
+        waits=_series(pool.waits.items()),
+        wait_timeouts=_series(pool.wait_timeouts.items()),
+        swept=pool.swept,
+        limits={
+            ("per_origin",): limits.per_origin,
+            ("per_client",): limits.per_client,
+            ("reserve_small",): limits.reserve,
+        },
+    )
+
+
+PoolSource = Callable[[], PoolFigures]
+_NO_POOL = PoolFigures({}, {}, {}, {}, {}, 0, {})
+
+
 class HubMetrics:
     """hubproxy's metrics, registered in their own ``Registry``.
 
@@ -444,6 +484,7 @@ class HubMetrics:
         self.version = version
         self.cache = cache
         self.connections: ConnectionSource | None = None
+        self.pool: PoolSource | None = None  # assigned by whoever owns the pool (the forwarder)
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc
         self.rate_limited_times = RecentEvents()
@@ -562,6 +603,64 @@ class HubMetrics:
                 lambda: self._cache().verification_failures,
             )
         )
+        self.upstream_slots = registry.register(
+            GaugeFunction(
+                "hubproxy_upstream_slots_in_use",
+                "Connections to an upstream origin in use now, by lane (bulk: blob bodies; "
+                "small: tokens, manifests, pings, HEADs).",
+                lambda: self._pool().in_use,
+                ("origin", "lane"),
+            )
+        )
+        self.upstream_slot_waiting = registry.register(
+            GaugeFunction(
+                "hubproxy_upstream_slot_waiting",
+                "Requests waiting now for a connection to an upstream origin, by lane.",
+                lambda: self._pool().waiting,
+                ("origin", "lane"),
+            )
+        )
+        self.upstream_idle = registry.register(
+            GaugeFunction(
+                "hubproxy_upstream_idle_connections",
+                "Idle pooled connections to an upstream origin.",
+                lambda: self._pool().idle,
+                ("origin",),
+            )
+        )
+        self.upstream_slot_waits = registry.register(
+            CounterFunction(
+                "hubproxy_upstream_slot_waits",
+                "Requests that had to wait for a connection to an upstream origin, by lane.",
+                lambda: self._pool().waits,
+                ("origin", "lane"),
+            )
+        )
+        self.upstream_slot_wait_timeouts = registry.register(
+            CounterFunction(
+                "hubproxy_upstream_slot_wait_timeouts",
+                "Waits for a connection to an upstream origin that timed out (a 503 answer).",
+                lambda: self._pool().wait_timeouts,
+                ("origin", "lane"),
+            )
+        )
+        self.upstream_swept = registry.register(
+            CounterFunction(
+                "hubproxy_upstream_idle_swept",
+                "Idle pooled connections closed for being past the keep-alive or closed by "
+                "the upstream.",
+                lambda: self._pool().swept,
+            )
+        )
+        self.upstream_slot_limits = registry.register(
+            GaugeFunction(
+                "hubproxy_upstream_slot_limit",
+                "Connection slots per upstream origin: per_origin in all, per_client for one "
+                "client address, reserve_small never taken by blob transfers.",
+                lambda: self._pool().limits,
+                ("limit",),
+            )
+        )
         self.build_info = registry.register(
             GaugeFunction(
                 "hubproxy_build_info",
@@ -613,6 +712,9 @@ class HubMetrics:
         for reason, count in refused.items():
             counts[reason,] = count
         return counts
+
+    def _pool(self) -> PoolFigures:
+        return self.pool() if self.pool is not None else _NO_POOL
 
     def _resident_memory(self) -> float:
         try:

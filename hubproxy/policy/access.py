@@ -99,6 +99,22 @@ def parse_networks(texts: Iterable[str]) -> NetworkList:
     return NetworkList(tuple(parse_network(text) for text in texts))
 
 
+def client_key(client_ip: str) -> str:
+    """The key an address's limits are counted under: an IPv4 address (also as IPv4-mapped
+    IPv6, ``::ffff:a.b.c.d``), or an IPv6 address's /64 (RFC 7421: one host or site is given a
+    whole /64, so per-address limits by full IPv6 address would be no limits at all). Text
+    that is no address is its own key."""
+    try:
+        address = ipaddress.ip_address(client_ip.partition("%")[0])
+    except ValueError:
+        return client_ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 # --- image rules -----------------------------------------------------------------------------
 
 _PATTERN_CHARS = re.compile(r"[a-z0-9._/*:-]+")

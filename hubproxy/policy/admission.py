@@ -25,12 +25,11 @@ worker thread) and reads the users file. Each check returns ``None`` or the erro
 from __future__ import annotations
 
 import enum
-import ipaddress
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .access import ImageRules, NetworkList, RateLimiter
+from .access import ImageRules, NetworkList, RateLimiter, client_key
 from .credentials import Authenticator
 from .errors import AccessDenied, ClientRateLimited, MirrorUnauthorized, ProxyError
 
@@ -54,22 +53,6 @@ class Reason(enum.Enum):
 class Refused:
     reason: Reason
     error: ProxyError
-
-
-def client_key(client_ip: str) -> str:
-    """The key an address's limits are counted under: an IPv4 address (also as IPv4-mapped
-    IPv6, ``::ffff:a.b.c.d``), or an IPv6 address's /64 (RFC 7421: one host or site is given a
-    whole /64, so per-address limits by full IPv6 address would be no limits at all). Text
-    that is no address is its own key."""
-    try:
-        address = ipaddress.ip_address(client_ip.partition("%")[0])
-    except ValueError:
-        return client_ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class Connection(enum.Enum):

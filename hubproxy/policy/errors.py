@@ -83,6 +83,15 @@ class UpstreamTimeout(UpstreamUnavailable):
     status = 504
 
 
+class MirrorBusy(ProxyError):
+    """No pooled connection to an upstream origin came free in time (every slot that this
+    request may take is in use): 503, with a Retry-After. It says nothing about the upstream,
+    so it is never a reason to rest it or to fail over."""
+
+    status = 503
+    code = "UNAVAILABLE"
+
+
 class TooManyRedirects(UpstreamUnavailable):
     """The upstream's redirects did not end within the hop limit (a loop, most likely)."""
 
