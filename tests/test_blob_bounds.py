@@ -233,10 +233,14 @@ async def test_slow_readers_do_not_push_the_cache_past_its_size(
     assert store.pinned_bytes == len(first)
     samples = metric_samples((await fetch(proxy.url + "/metrics", ca)).body.decode())
     assert sample(samples, "hubproxy_cache_pinned_bytes") == len(first)
-    r = await fetch(proxy.url + blob_path(f"sha256:{hexdigest(second)}"), ca, headers=auth)
-    assert r.complete and r.body == second
-    assert store.size_of(hexdigest(second)) is None  # streamed uncached
-    assert store.total <= 12_000_000
+    also_slow = await WireClient.connect(proxy.url, ca)
+    await also_slow.send_request("GET", blob_path(f"sha256:{hexdigest(second)}"), auth)
+    assert (await also_slow.receive_head()).status_code == 200
+    assert hexdigest(second) not in store.fills  # no room beside the pinned blob: uncached
+    assert store.total + store.filling_bytes <= 12_000_000
+    assert await also_slow.receive_body() == second
+    await also_slow.aclose()
+    assert store.size_of(hexdigest(second)) is None
     await slow.aclose()
     r = await fetch(proxy.url + blob_path(f"sha256:{hexdigest(second)}"), ca, headers=auth)
     assert r.complete and r.body == second
