@@ -471,8 +471,8 @@ class BlobReader:
 
         The position advances past the span: the caller sends all of it (with ``os.sendfile``,
         say) or gives up on the transfer. CacheFillFailed if the fill it follows failed, or the
-        cached blob proved damaged. A verifying reader reads each span once to hash it, so its
-        spans are at most ``READ_SIZE``.
+        cached blob proved damaged. A verifying reader reads each span once, ``READ_SIZE`` at a
+        time through one buffer, to hash it before handing it out.
         """
         if self.position >= self.end:
             return None
@@ -480,7 +480,7 @@ class BlobReader:
         if self._fd < 0:
             self._open()
         if self._hasher is not None:
-            count = len(await self._verify_next(min(limit, READ_SIZE)))
+            count = await self._verify_span(limit)
         else:
             count = min(limit, available - self.position)
         span = (self._fd, self.position, count)
@@ -534,9 +534,22 @@ class BlobReader:
         self.store.verified[self.key] = FileIdentity.of(os.fstat(self._fd))
         return self._read(last, 1)
 
+    async def _verify_span(self, limit: int) -> int:
+        """``_verify_next`` for a span sent from the file: its bytes are read into the
+        reader's buffer only to be hashed (no allocation per span)."""
+        hasher = self._hasher
+        assert hasher is not None
+        await self._hash_to(self.position)
+        last = self.end - 1
+        if self.position < last and self._hashed == self.position:
+            want = min(limit, last - self.position)
+            await self._hash_to(self.position + want)
+            return want
+        return len(await self._verify_next(limit))
+
     async def _hash_to(self, offset: int) -> None:
-        """Hash the blob's bytes up to ``offset`` that were not handed out (one chunk at a time,
-        giving other tasks their turn in between)."""
+        """Hash the blob's bytes from where hashing stopped up to ``offset``, through the
+        reader's buffer, one chunk at a time (other tasks get their turn in between)."""
         hasher = self._hasher
         assert hasher is not None
         if self._hashed >= offset:
