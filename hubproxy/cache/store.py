@@ -507,6 +507,8 @@ class BlobReader:
     def _read(self, offset: int, count: int) -> bytes:
         chunk = os.pread(self._fd, count, offset)
         if len(chunk) < count:
+            if self.fill is not None:  # never past what the fill wrote: the file was cut
+                raise CacheFillFailed(f"the file of sha256:{self.key} is shorter than written")
             raise self._damaged("shorter than recorded")
         return chunk
 
