@@ -11,18 +11,28 @@ import getpass
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import trio
 
 from .app import CacheDirError, serve
+from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
 from .ops.clientconfig import BUILTIN_NAMES, CLIENTS, snippet
 from .ops.usersfile import UsersFileError, add_user, check_name, load_users, remove_user
-from .settings import UsageError, Values, build_config, build_parser
+from .settings import UsageError, Values, build_config, build_parser, default_cache_dir
 
-__all__ = ["UsageError", "check_config", "load_settings", "main", "print_config", "user_command"]
+__all__ = [
+    "UsageError",
+    "cache_command",
+    "check_config",
+    "load_settings",
+    "main",
+    "print_config",
+    "user_command",
+]
 
 
 def setup_logging(level: str) -> None:
@@ -81,6 +91,40 @@ def check_config(argv: Sequence[str]) -> int:
         return 1
     print(f"{path}: ok")
     return 0
+
+
+# ---------------------------------------------------------------- hubproxy cache verify
+
+
+def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int:
+    """``hubproxy cache verify [--cache-dir DIR]``: hash every cached blob, delete the damaged
+    ones (refetched on their next pull); 0 if all were good, 1 if any was damaged, 2 usage."""
+    parser = argparse.ArgumentParser(
+        prog="hubproxy cache", description="Check the blob cache on disk."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verify = commands.add_parser(
+        "verify", help="hash every cached blob; report and delete those that do not match"
+    )
+    verify.add_argument("--cache-dir", metavar="DIR", default=None, help="the cache directory")
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            args = parser.parse_args(list(argv))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 2
+    root = Path(args.cache_dir or default_cache_dir())
+    if not (root / "blobs" / "sha256").is_dir():
+        print(f"hubproxy cache verify: error: no blob cache in {root}", file=stderr)
+        return 1
+    try:
+        check = verify_store(root)
+    except OSError as exc:
+        print(f"hubproxy cache verify: error: {exc}", file=stderr)
+        return 1
+    for path, actual in check.damaged:
+        print(f"damaged: {path} holds sha256:{actual}; deleted", file=stdout)
+    print(f"{check.checked} blobs checked, {len(check.damaged)} damaged", file=stdout)
+    return 1 if check.damaged else 0
 
 
 # ---------------------------------------------------------------- hubproxy user ...
@@ -173,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_config(args_list[1:])
     if args_list[:1] == ["check-config"]:
         return check_config(args_list[1:])
+    if args_list[:1] == ["cache"]:
+        return cache_command(args_list[1:], stdout=sys.stdout, stderr=sys.stderr)
     if args_list[:1] == ["user"]:
         return user_command(args_list[1:], stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
     try:

@@ -71,6 +71,7 @@ __all__ = [
     "FetchResult",
     "RangeNotSatisfiable",
     "Seen",
+    "Stall",
     "fetch",
     "make_layer",
     "parse_range",
@@ -208,14 +209,25 @@ class _Request:
 
 
 @dataclass
+class Stall:
+    """A blob transfer held by the fake: ``reached`` is set when a held response gets to the
+    point (``after`` body bytes sent, or before its head when ``after`` is None); it goes on
+    once the test sets ``release``."""
+
+    after: int | None
+    times: int
+    reached: trio.Event = field(default_factory=trio.Event)
+    release: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
 class _Response:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | memoryview = b""
     # Send only this many body bytes, then drop the connection (a broken transfer).
     truncate_at: int | None = None
-    # Send the head and the first chunk, then wait for this before the rest (a slow transfer).
-    stall: trio.Event | None = None
+    stall: Stall | None = None  # hold the response where the stall says
 
 
 @dataclass
@@ -353,8 +365,8 @@ class FakeHub:
     """Docker Hub's registry, token service and CDN as three TLS servers on 127.0.0.1.
 
     Content is added with add_blob/add_image/add_index, users with add_user, and faults with
-    force_429/force_status/truncate_blob/corrupt_blob/lie_digest/swap_manifest_body/
-    redirect_loop. Every request lands in ``requests``.
+    force_429/force_status/truncate_blob/corrupt_blob/stall_blob/lie_digest/
+    swap_manifest_body/redirect_loop. Every request lands in ``requests``.
 
     ``auth_layout`` fakes other registries (see the module docstring). In ``"same-host"``
     ``auth_url`` equals ``registry_url``; in ``"basic"`` both ``auth_url`` and ``cdn_url`` are
@@ -416,7 +428,7 @@ class FakeHub:
         self._truncated: dict[str, int | None] = {}
         self._corrupted: dict[str, int] = {}
         self._loops: set[str] = set()
-        self._stalls: dict[str, trio.Event] = {}  # digest -> set it to let its bodies go on
+        self._stalls: dict[str, Stall] = {}
         self._forced_statuses: list[_Forced] = []
         self._lies: dict[tuple[str, str], str] = {}  # (repo, reference) -> digest header
         self._swaps: dict[str, tuple[bytes, DigestHeader]] = {}  # digest -> body, its header
@@ -530,18 +542,27 @@ class FakeHub:
     ) -> None:
         body = memoryview(response.body)
         headers = [*response.headers, ("content-length", str(len(body)))]
+        stall = response.stall
+        if stall is not None and stall.after is None:
+            stall.reached.set()
+            await stall.release.wait()
         await _send(stream, conn, h11.Response(status_code=response.status, headers=headers))
         if method == "HEAD":  # same headers as GET, never a body (RFC 9110 9.3.2)
             await _send(stream, conn, h11.EndOfMessage())
             return
         stop = len(body) if response.truncate_at is None else response.truncate_at
-        for offset in range(0, stop, _CHUNK):
+        held = stall.after if stall is not None and stall.after is not None else None
+        offset = 0
+        while offset < stop:
+            end = min(offset + _CHUNK, stop)
+            if held is not None and offset < held <= end:
+                end = held
             # One chunk in flight: send_all returns only once the kernel took it.
-            await _send(
-                stream, conn, h11.Data(data=bytes(body[offset : min(offset + _CHUNK, stop)]))
-            )
-            if response.stall is not None:
-                await response.stall.wait()
+            await _send(stream, conn, h11.Data(data=bytes(body[offset:end])))
+            offset = end
+            if stall is not None and offset == held:
+                stall.reached.set()
+                await stall.release.wait()
         if response.truncate_at is not None:
             raise _Abort
         await _send(stream, conn, h11.EndOfMessage())
@@ -702,10 +723,12 @@ class FakeHub:
         only a digest check catches."""
         self._corrupted[digest] = times
 
-    def stall_blob(self, digest: str) -> trio.Event:
-        """Every GET of this blob's body (CDN, or registry without one) sends the head and the
-        first chunk, then waits until the returned event is set."""
-        return self._stalls.setdefault(digest, trio.Event())
+    def stall_blob(self, digest: str, *, after: int | None = None, times: int = 1) -> Stall:
+        """Make the next ``times`` GETs of ``digest`` from the CDN (the registry in the
+        ``"basic"`` layout) stop after ``after`` body bytes, or before the response head when
+        ``after`` is None (a black-holed upstream), until the test sets ``release``."""
+        stall = self._stalls[digest] = Stall(after, times)
+        return stall
 
     def redirect_loop(self, digest: str) -> None:
         """Make blob GET/HEAD of ``digest`` redirect to the registry itself, forever."""
@@ -1285,8 +1308,12 @@ class FakeHub:
             status, body = 206, body[start:stop]
             headers.append(("content-range", f"bytes {start}-{stop - 1}/{len(data)}"))
         response = _Response(status, headers, body)
-        if request.method == "GET":
-            response.stall = self._stalls.get(digest)
+        stall = self._stalls.get(digest)
+        if request.method == "GET" and stall is not None:
+            stall.times -= 1
+            if stall.times <= 0:
+                del self._stalls[digest]
+            response.stall = stall
         if request.method == "GET" and digest in self._truncated:
             times = self._truncated[digest]
             if times is not None:

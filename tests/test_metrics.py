@@ -382,6 +382,8 @@ HUB_FAMILIES = {
     "hubproxy_cache_bytes",
     "hubproxy_cache_blobs",
     "hubproxy_cache_limit_bytes",
+    "hubproxy_cache_pinned_bytes",
+    "hubproxy_cache_filling_bytes",
     "hubproxy_cache_evictions",
     "hubproxy_cache_verification_failures",
     "hubproxy_upstream_slots_in_use",
@@ -428,7 +430,13 @@ def test_hub_metrics_cache_callback_returning_none_is_zero() -> None:
 
 def test_hub_metrics_figures() -> None:
     figures = CacheFigures(
-        bytes_used=3 << 30, blobs=42, limit_bytes=20 << 30, evictions=7, verification_failures=1
+        bytes_used=3 << 30,
+        blobs=42,
+        limit_bytes=20 << 30,
+        evictions=7,
+        verification_failures=1,
+        pinned_bytes=5 << 20,
+        filling_bytes=6 << 20,
     )
     metrics = HubMetrics(version="1.2.3")
     metrics.cache = lambda: figures  # assignable once the cache is open
@@ -460,6 +468,8 @@ def test_hub_metrics_figures() -> None:
     assert only("hubproxy_cache_blobs") == 42
     assert only("hubproxy_cache_limit_bytes") == 20 << 30
     assert only("hubproxy_cache_evictions") == 7
+    assert only("hubproxy_cache_pinned_bytes") == 5 << 20
+    assert only("hubproxy_cache_filling_bytes") == 6 << 20
     assert only("hubproxy_cache_verification_failures") == 1
     assert only("hubproxy_cache_hit_ratio") == 0.75
     assert metrics.hit_ratio() == 0.75

@@ -337,7 +337,7 @@ async def test_one_client_with_slow_transfers_leaves_the_cdn_to_others(
     slow = make_layer(1, 1 << 20)  # more than one chunk of the fake CDN, which then stalls
     small = make_layer(2, 100_000)
     hub.add_image("library/alpine", "3.20", [slow, small])
-    stalled = hub.stall_blob(sha256_digest(slow))
+    stalled = hub.stall_blob(sha256_digest(slow), after=100_000, times=1000)
     proxy = await start_proxy(tls=False, pool_max_per_origin=8, pool_max_per_client=4)
     pool = proxy.proxy.pool
     cdn = str(parse_url(hub.cdn_url).origin)
@@ -349,7 +349,7 @@ async def test_one_client_with_slow_transfers_leaves_the_cdn_to_others(
         client = await request_from("127.0.0.1", proxy.port, target, auth)
         try:
             assert (await client.receive_head()).status_code == 200
-            await stalled.wait()
+            await stalled.release.wait()
         finally:
             await client.aclose()
 
@@ -380,7 +380,7 @@ async def test_one_client_with_slow_transfers_leaves_the_cdn_to_others(
     assert head.status_code == 200
     assert body == small
     assert pool.slots_in_use()[cdn, "bulk"] == 3  # the slow ones are still there, still bounded
-    stalled.set()
+    stalled.release.set()
 
 
 @pytest.fixture
@@ -404,7 +404,7 @@ async def test_blob_transfers_leave_slots_for_small_requests_and_waits_end_in_50
     await nursery.start(hub.serve)
     slow = make_layer(3, 1 << 20)
     hub.add_image("library/alpine", "3.20", [slow])
-    stalled = hub.stall_blob(sha256_digest(slow))
+    stalled = hub.stall_blob(sha256_digest(slow), after=100_000, times=1000)
     from hubproxy.app import serve
 
     config = make_config(
@@ -430,7 +430,7 @@ async def test_blob_transfers_leave_slots_for_small_requests_and_waits_end_in_50
             answers[address] = (head.status_code, trio.current_time(), dict(head.headers), body)
             if head.status_code != 200:
                 refused.set()
-            await stalled.wait()
+            await stalled.release.wait()
         finally:
             await client.aclose()
 
@@ -457,4 +457,4 @@ async def test_blob_transfers_leave_slots_for_small_requests_and_waits_end_in_50
     assert registry in error["message"]
     assert headers[b"retry-after"] == b"5"
     assert pool.wait_timeouts[registry, "bulk"] == 1
-    stalled.set()
+    stalled.release.set()

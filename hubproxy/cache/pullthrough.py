@@ -248,15 +248,18 @@ class PullThrough:
         route: Route,
         key: str,
     ) -> None:
-        """A hit (after the access check), or a miss whose one upstream fetch fills the cache."""
-        store = self.blobs
+        """A hit (after the access check), or a miss whose upstream answer may start a fill.
+
+        Nobody waits for another client's miss: only a fill under way (which exists once an
+        upstream answered 200 with a size the cache takes) is followed, and only by clients of
+        the registry it comes from. Concurrent misses each ask their upstream; the first 200
+        starts the fill and the others follow it (see ``_deliver_blob``)."""
         digest = route.blob_digest or ""
-        await store.wait_pending(key)  # another client's miss: let it start the one fetch
         facts = CacheRequest(
             kind=Kind.BLOB,
             method=request.method,
             has_range=get_header(request.headers, b"range") is not None,
-            cached=self._blob_cached(key),
+            cached=self._blob_cached(key, route),
             confirmed=self._confirmed(request, route),
             stale_ok=self._stale_ok(route, digest),
         )
@@ -266,7 +269,7 @@ class PullThrough:
             if said is UpstreamVerdict.ALLOWED:
                 self.manifests.link(state_name(route), digest)
             # evicted while we asked: a miss after all
-            facts = dataclasses.replace(facts, cached=self._blob_cached(key))
+            facts = dataclasses.replace(facts, cached=self._blob_cached(key, route))
             decision = decide(facts, said)
         if isinstance(decision, ServeCache | ServeStale):
             if isinstance(decision, ServeStale):
@@ -277,24 +280,24 @@ class PullThrough:
             return
         deliver = None
         if isinstance(decision, Fill):
-            store.stats.misses += 1
-            store.mark_pending(key)
+            self.stats.misses += 1
             deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
-        try:
-            await self.forwarder.run_flow(
-                plan,
-                request,
-                response,
-                upstreams=self.forwarder.upstreams_for(route),
-                blob_digest=route.blob_digest,
-                deliver=deliver,
-            )
-        finally:
-            if deliver is not None:
-                store.release_pending(key)
+        await self.forwarder.run_flow(
+            plan,
+            request,
+            response,
+            upstreams=self.forwarder.upstreams_for(route),
+            blob_digest=route.blob_digest,
+            deliver=deliver,
+        )
 
-    def _blob_cached(self, key: str) -> bool:
-        return self.blobs.size_of(key) is not None or key in self.blobs.fills
+    def _blob_cached(self, key: str, route: Route) -> bool:
+        """Whether the store holds the blob, or fills it from this route's registry (another
+        registry's fill is not followed: its upstream may be stalled)."""
+        if self.blobs.size_of(key) is not None:
+            return True
+        fill = self.blobs.fills.get(key)
+        return fill is not None and fill.source == (route.registry or "")
 
     async def _deliver_blob(
         self,
@@ -308,30 +311,32 @@ class PullThrough:
         headers: Headers,
         stack: AsyncExitStack,
     ) -> None:
-        """The upstream's answer to a blob miss: start a fill and serve from it, or stream."""
+        """The upstream's answer to a blob miss: start a fill and serve from it, follow the one
+        that started meanwhile, or stream."""
         store = self.blobs
         length = get_header(head.headers, b"content-length")
-        size = int(length) if length is not None else None
+        size = int(length) if length is not None and length.isdigit() else None
         background = self.forwarder.background
-        if (
-            head.status_code == 200
-            and size is not None
-            and background is not None
-            and key not in store.fills
-            and store.can_fill(size)
-        ):
-            try:
-                fill = store.start_fill(key, size)
-            except OSError as exc:
-                log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
-            else:
+        if head.status_code == 200 and size is not None and background is not None:
+            if self._blob_cached(key, route):
+                # another client's fill (or a hit) beat this answer: this client may read the
+                # blob (its upstream said 200), so it follows the one fetch; its own is dropped
+                await stack.aclose()
                 self._remember_access(request, route)
-                self.manifests.link(state_name(route), route.blob_digest or "")
-                background.start_soon(store.run_fill, fill, conn, stack.pop_all())
-                store.release_pending(key)
-                self._maybe_probe(route, _path(route), Kind.BLOB)
                 await self._send_blob(plan, request, response, route, key)
                 return
+            if key not in store.fills and store.can_fill(size):
+                try:
+                    fill = store.start_fill(key, size, route.registry or "")
+                except OSError as exc:
+                    log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
+                else:
+                    self._remember_access(request, route)
+                    self.manifests.link(state_name(route), route.blob_digest or "")
+                    background.start_soon(store.run_fill, fill, conn, stack.pop_all())
+                    self._maybe_probe(route, _path(route), Kind.BLOB)
+                    await self._send_blob(plan, request, response, route, key)
+                    return
         stale = after_upstream(
             head.status_code,
             cached=store.size_of(key) is not None,
@@ -354,8 +359,10 @@ class PullThrough:
         """Answer from the store (the growing file during a fill), with Range support."""
         digest = route.blob_digest or ""
         store = self.blobs
-        fill = store.fills.get(key)
-        size = fill.size if fill is not None else store.size_of(key)
+        size = store.size_of(key)
+        fill = store.fills.get(key) if size is None else None
+        if fill is not None:
+            size = fill.size
         response.record.upstream = "cache" if fill is None else "cache-fill"
         if size is None:
             raise UpstreamUnavailable(f"cached blob {digest} vanished")

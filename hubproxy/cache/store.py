@@ -11,10 +11,26 @@ out at once and concurrent pulls cost one upstream fetch), and from the final fi
 never hands out its last byte (the blob's, or a range's) before the fill verified the digest, so
 a client can never complete a transfer of wrong bytes; a failed fill aborts every reader.
 
-Eviction is least-recently-used and skips blobs that are being read (pinned) or filled. The index
-lives in memory and is rebuilt from the directory at start (leftover temporary files from a crash
-are deleted then). Plain file I/O happens on the event loop (page-cache speed); fsync, which can
-stall for long, runs in a thread.
+A fill is followed only by clients of the registry it comes from (:attr:`Fill.source`): the blob
+store is shared by digest across registries, and a stalled upstream of one registry must never
+hold a request for another (that request goes to its own upstream and streams uncached).
+
+Bytes on disk are not trusted either: a reader of a whole cached blob hashes every byte it hands
+out and keeps the last one back until the digest matches (the invariant of the fill path), so a
+blob damaged on disk (a flipped byte, a truncation) is never completed to a client; it is evicted
+and the next request refetches it. A range cannot be checked without reading the whole blob, so
+a range is served unhashed only from a file verified in this process whose identity (inode, size,
+mtime, ctime) is unchanged since; otherwise its reader hashes the whole blob around the range.
+Hashing runs on the event loop one ``READ_SIZE`` chunk at a time (sha256 is about 1.7 GB/s).
+
+The bound (``max_bytes``) covers every byte the store holds on disk: cached blobs, pinned ones
+(open by a reader, so not evictable) included, plus the full size of every fill under way. A new
+fill that would not fit after evicting what can be evicted is not started: that miss streams
+uncached. (Making it wait instead would let one slow reader stall every miss.) Eviction is
+least-recently-used and skips pinned and filling blobs. The index lives in memory and is rebuilt
+from the directory at start (leftover temporary files from a crash are deleted then). Plain file
+I/O happens on the event loop (page-cache speed); fsync, which can stall for long, runs in a
+thread.
 """
 
 from __future__ import annotations
@@ -161,9 +177,10 @@ class FillState(enum.Enum):
 class Fill:
     """One blob being fetched into the cache; readers follow its progress."""
 
-    def __init__(self, key: str, size: int, temp_path: Path, fd: int) -> None:
+    def __init__(self, key: str, size: int, temp_path: Path, fd: int, source: str = "") -> None:
         self.key = key
         self.size = size
+        self.source = source  # the registry it is fetched from: only its clients follow it
         self.temp_path = temp_path
         self.fd = fd  # the temporary file, open for writing until committed
         self.written = 0
@@ -194,9 +211,9 @@ class BlobStore:
         self.total = 0
         self.pins: dict[str, int] = {}
         self.fills: dict[str, Fill] = {}
-        # blob misses whose upstream answer is awaited: other clients wait for it, so that a
-        # miss costs one upstream fetch (the fill it starts), not one per client
-        self.pending: dict[str, trio.Event] = {}
+        # blobs whose bytes were hashed and matched in this process, with the file's identity
+        # then: a range of one still identical is served without hashing the whole blob
+        self.verified: dict[str, FileIdentity] = {}
         self.stats = CacheStats()
 
     # -- start-up --------------------------------------------------------------------------
@@ -233,10 +250,26 @@ class BlobStore:
             self.index.move_to_end(key)
         return size
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of cached blobs open by readers (not evictable until their readers finish)."""
+        return sum(self.index.get(key, 0) for key in self.pins)
+
+    @property
+    def filling_bytes(self) -> int:
+        """The full sizes of the fills under way (each will take all of it on disk)."""
+        return sum(fill.size for fill in self.fills.values())
+
     def can_fill(self, size: int) -> bool:
-        """Whether a blob of ``size`` bytes may be cached at all (the disk and the limit)."""
+        """Whether a blob of ``size`` bytes may be cached now (the limit, the disk).
+
+        What cannot be evicted (pinned blobs, fills under way) counts against the limit: a fill
+        that would not fit beside it is refused, and that miss streams uncached."""
         if size > self.max_bytes:
             return False  # larger than the whole cache: streamed, never cached
+        unevictable = self.pinned_bytes + self.filling_bytes
+        if unevictable + size > self.max_bytes:
+            return False
         try:
             free = shutil_free_bytes(self.root)
         except OSError:
@@ -247,26 +280,14 @@ class BlobStore:
 
     # -- filling ----------------------------------------------------------------------------
 
-    async def wait_pending(self, key: str) -> None:
-        """Wait while another client's miss of ``key`` is waiting for the upstream's answer."""
-        while (pending := self.pending.get(key)) is not None:
-            await pending.wait()
-
-    def mark_pending(self, key: str) -> None:
-        """This client's miss of ``key`` goes upstream: others wait (release_pending ends it)."""
-        self.pending[key] = trio.Event()
-
-    def release_pending(self, key: str) -> None:
-        pending = self.pending.pop(key, None)
-        if pending is not None:
-            pending.set()
-
-    def start_fill(self, key: str, size: int) -> Fill:
-        """Register a fill for ``key`` (the caller checked there is none) and open its file."""
+    def start_fill(self, key: str, size: int, source: str = "") -> Fill:
+        """Register a fill for ``key`` from registry ``source`` (the caller checked there is
+        none, and ``can_fill``) and open its file; evict to make room for all of it."""
         temp_path = self.tmp_dir / f"{key}.{secrets.token_hex(6)}.partial"
         fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # OSError: no fill
-        fill = Fill(key, size, temp_path, fd)
+        fill = Fill(key, size, temp_path, fd, source)
         self.fills[key] = fill
+        self._evict()
         return fill
 
     async def run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
@@ -299,6 +320,8 @@ class BlobStore:
             final = self.path(fill.key)
             final.parent.mkdir(exist_ok=True)
             os.replace(fill.temp_path, final)
+            self.fills.pop(fill.key, None)  # its bytes move from the fills to the index
+            self.verified[fill.key] = FileIdentity.of(os.stat(final))
             self._add(fill.key, fill.size)
             fill.state = FillState.DONE
             self.stats.fills_completed += 1
@@ -329,10 +352,32 @@ class BlobStore:
     # -- reading ----------------------------------------------------------------------------
 
     def reader(self, key: str, start: int = 0, end: int | None = None) -> BlobReader:
-        """A reader of bytes [start, end) of a cached or filling blob (pins it while open)."""
-        fill = self.fills.get(key)
+        """A reader of bytes [start, end) of a cached blob, else of its fill (pins it while
+        open). A cached blob's reader checks the bytes against the digest (module docstring)."""
+        cached = self.index.get(key)
+        fill = self.fills.get(key) if cached is None else None
         size = fill.size if fill is not None else self.index[key]
         return BlobReader(self, key, fill, start, size if end is None else end, size)
+
+    def discard_damaged(self, key: str, why: str, inode: int | None = None) -> None:
+        """Forget a cached blob whose bytes on disk do not match its digest, and delete it (its
+        readers keep their open file until they close); the next request refetches it.
+
+        ``inode``: the damaged file's, if known: a file refetched since then is left alone."""
+        self.stats.verification_failures += 1
+        if inode is not None:
+            try:
+                if os.stat(self.path(key)).st_ino != inode:
+                    return  # already discarded and refetched
+            except FileNotFoundError:
+                pass
+        self.verified.pop(key, None)
+        size = self.index.pop(key, None)
+        if size is None:
+            return  # already discarded by another reader
+        self.total -= size
+        _unlink_quietly(self.path(key))
+        log.warning("cached blob sha256:%s is damaged (%s): deleted, to be refetched", key, why)
 
     def pin(self, key: str) -> None:
         self.pins[key] = self.pins.get(key, 0) + 1
@@ -343,7 +388,7 @@ class BlobStore:
             self.pins[key] = count
         else:
             self.pins.pop(key, None)
-            if self.total > self.max_bytes:
+            if self.total + self.filling_bytes > self.max_bytes:
                 self._evict()
 
     # -- the index --------------------------------------------------------------------------
@@ -357,16 +402,37 @@ class BlobStore:
 
     def _evict(self) -> None:
         protected = set(self.pins) | set(self.fills)
-        for key in choose_evictions(self.index.items(), self.total, self.max_bytes, protected):
+        limit = self.max_bytes - self.filling_bytes  # room for every fill under way
+        for key in choose_evictions(self.index.items(), self.total, limit, protected):
             size = self.index.pop(key)
             self.total -= size
+            self.verified.pop(key, None)
             self.stats.evictions += 1
             _unlink_quietly(self.path(key))
             log.info("cache evicted sha256:%s (%d bytes)", key, size)
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """What changes when a file is rewritten, truncated or written into (not by bit rot)."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class BlobReader:
-    """Chunks of one blob, from the growing file during a fill, never ahead of verification."""
+    """Chunks of one blob, never ahead of verification.
+
+    Following a fill, it reads the growing file and the fill verifies. Reading a cached blob,
+    it verifies itself (module docstring): ``_hasher`` has seen bytes [0, ``_hashed``), and the
+    reader's last byte goes out only once all ``size`` bytes hashed to the digest.
+    """
 
     def __init__(
         self, store: BlobStore, key: str, fill: Fill | None, start: int, end: int, size: int
@@ -378,6 +444,9 @@ class BlobReader:
         self.end = end
         self.size = size
         self._fd = -1
+        self._hasher: hashlib._Hash | None = None
+        self._hashed = 0
+        self._buffer: bytearray | None = None  # for bytes hashed but not handed out
         store.pin(key)
         BODIES.begin(self)  # its chunks share the body budget with upstream transfers
 
@@ -386,40 +455,120 @@ class BlobReader:
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            if self.fill is None or self.fill.state is not FillState.DONE:
+            if self.fill is None:
+                self.store.discard_damaged(self.key, "its file is gone")
+                raise CacheFillFailed(f"cached blob sha256:{self.key} is gone") from None
+            if self.fill.state is not FillState.DONE:
                 raise
             self._fd = os.open(self.store.path(self.key), os.O_RDONLY)  # renamed meanwhile
+            return
+        if self.fill is None:
+            whole = self.position == 0 and self.end == self.size
+            known = self.store.verified.get(self.key)
+            if whole or known != FileIdentity.of(os.fstat(self._fd)):
+                self._hasher = hashlib.sha256()
 
     async def next_span(self, limit: int = READ_SIZE) -> tuple[int, int, int] | None:
         """The next ``(fd, offset, count)`` that may be sent (count <= limit), None at the end.
 
         The position advances past the span: the caller sends all of it (with ``os.sendfile``,
-        say) or gives up on the transfer. CacheFillFailed if the fill it follows failed.
+        say) or gives up on the transfer. CacheFillFailed if the fill it follows failed, or the
+        cached blob proved damaged. A verifying reader reads each span once, ``READ_SIZE`` at a
+        time through one buffer, to hash it before handing it out.
         """
         if self.position >= self.end:
             return None
         available = await self._available()
         if self._fd < 0:
             self._open()
-        span = (self._fd, self.position, min(limit, available - self.position))
-        self.position += span[2]
-        self.store.stats.bytes_from_cache += span[2]
+        if self._hasher is not None:
+            count = await self._verify_span(limit)
+        else:
+            count = min(limit, available - self.position)
+        span = (self._fd, self.position, count)
+        self.position += count
+        self.store.stats.bytes_from_cache += count
         return span
 
     async def next_chunk(self) -> bytes | None:
-        """The next chunk, None at the end; CacheFillFailed if the fill it follows failed."""
+        """The next chunk, None at the end; CacheFillFailed if the fill it follows failed or
+        the cached blob proved damaged."""
         if self.position >= self.end:
             return None
         available = await self._available()
         if self._fd < 0:
             self._open()
-        want = min(BODIES.chunk(), available - self.position)
-        chunk = os.pread(self._fd, want, self.position)
-        if not chunk:
-            raise CacheFillFailed(f"cached blob sha256:{self.key} is shorter than recorded")
+        if self._hasher is not None:
+            chunk = await self._verify_next(BODIES.chunk())
+        else:
+            chunk = self._read(self.position, min(BODIES.chunk(), available - self.position))
         self.position += len(chunk)
         self.store.stats.bytes_from_cache += len(chunk)
         return chunk
+
+    def _read(self, offset: int, count: int) -> bytes:
+        chunk = os.pread(self._fd, count, offset)
+        if len(chunk) < count:
+            if self.fill is not None:  # never past what the fill wrote: the file was cut
+                raise CacheFillFailed(f"the file of sha256:{self.key} is shorter than written")
+            raise self._damaged("shorter than recorded")
+        return chunk
+
+    def _damaged(self, why: str) -> CacheFillFailed:
+        self.store.discard_damaged(self.key, why, os.fstat(self._fd).st_ino)
+        return CacheFillFailed(f"cached blob sha256:{self.key} is damaged on disk ({why})")
+
+    async def _verify_next(self, limit: int) -> bytes:
+        """The next bytes to hand out (at most ``limit``), hashed; the reader's last byte only
+        once the whole blob verified."""
+        hasher = self._hasher
+        assert hasher is not None
+        await self._hash_to(self.position)  # a range that starts later: hash what it skips
+        last = self.end - 1
+        if self.position < last:
+            data = self._read(self.position, min(limit, last - self.position))
+            if self._hashed == self.position:  # else: hashed already, for a range's sake
+                hasher.update(data)
+                self._hashed += len(data)
+            return data
+        # only the last byte is left: the rest of the blob first, then the verdict
+        await self._hash_to(self.size)
+        if hasher.hexdigest() != self.key:
+            raise self._damaged(f"its bytes hash to sha256:{hasher.hexdigest()}")
+        self.store.verified[self.key] = FileIdentity.of(os.fstat(self._fd))
+        return self._read(last, 1)
+
+    async def _verify_span(self, limit: int) -> int:
+        """``_verify_next`` for a span sent from the file: its bytes are read into the
+        reader's buffer only to be hashed (no allocation per span)."""
+        hasher = self._hasher
+        assert hasher is not None
+        await self._hash_to(self.position)
+        last = self.end - 1
+        if self.position < last and self._hashed == self.position:
+            want = min(limit, last - self.position)
+            await self._hash_to(self.position + want)
+            return want
+        return len(await self._verify_next(limit))
+
+    async def _hash_to(self, offset: int) -> None:
+        """Hash the blob's bytes from where hashing stopped up to ``offset``, through the
+        reader's buffer, one chunk at a time (other tasks get their turn in between)."""
+        hasher = self._hasher
+        assert hasher is not None
+        if self._hashed >= offset:
+            return
+        if self._buffer is None:
+            self._buffer = bytearray(READ_SIZE)
+        view = memoryview(self._buffer)
+        while self._hashed < offset:
+            want = min(READ_SIZE, offset - self._hashed)
+            got = os.preadv(self._fd, [view[:want]], self._hashed)
+            if got < want:
+                raise self._damaged("shorter than recorded")
+            hasher.update(view[:got])
+            self._hashed += got
+            await trio.lowlevel.checkpoint()
 
     async def _available(self) -> int:
         """How far reading may go now: the end, or the verified-so-far part of a fill."""
@@ -460,6 +609,39 @@ class BlobReader:
             self._fd = -1
         self.store.unpin(self.key)
         BODIES.end(self)
+
+
+@dataclass(frozen=True)
+class StoreCheck:
+    """What ``verify_store`` found: how many blobs it hashed, and the damaged ones it deleted
+    (each with the digest its bytes actually have)."""
+
+    checked: int
+    damaged: list[tuple[Path, str]]
+
+
+def verify_store(root: Path) -> StoreCheck:
+    """Hash every blob of the store under ``root`` and delete those whose bytes do not match
+    their name (``hubproxy cache verify``). Safe beside a running hubproxy: a blob deleted here
+    fails its next reader once (nothing wrong is completed) and is refetched after."""
+    checked = 0
+    damaged: list[tuple[Path, str]] = []
+    blob_dir = root / "blobs" / "sha256"
+    for prefix in sorted(os.scandir(blob_dir), key=lambda e: e.name):
+        if not prefix.is_dir(follow_symlinks=False):
+            continue
+        for entry in sorted(os.scandir(prefix.path), key=lambda e: e.name):
+            if sha256_hex("sha256:" + entry.name) is None or entry.name[:2] != prefix.name:
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            with open(entry.path, "rb") as file:
+                actual = hashlib.file_digest(file, "sha256").hexdigest()
+            checked += 1
+            if actual != entry.name:
+                damaged.append((Path(entry.path), actual))
+                _unlink_quietly(Path(entry.path))
+    return StoreCheck(checked, damaged)
 
 
 def shutil_free_bytes(path: Path) -> int:

@@ -382,6 +382,8 @@ class CacheFigures:
     limit_bytes: int = 0
     evictions: int = 0
     verification_failures: int = 0
+    pinned_bytes: int = 0
+    filling_bytes: int = 0
 
 
 def cache_figures(store: BlobStore) -> CacheFigures:
@@ -392,6 +394,8 @@ def cache_figures(store: BlobStore) -> CacheFigures:
         limit_bytes=store.max_bytes,
         evictions=store.stats.evictions,
         verification_failures=store.stats.verification_failures,
+        pinned_bytes=store.pinned_bytes,
+        filling_bytes=store.filling_bytes,
     )
 
 
@@ -589,6 +593,20 @@ class HubMetrics:
                 lambda: self._cache().limit_bytes,
             )
         )
+        self.cache_pinned = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_pinned_bytes",
+                "Bytes of cached blobs open by readers: not evictable, counted in the limit.",
+                lambda: self._cache().pinned_bytes,
+            )
+        )
+        self.cache_filling = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_filling_bytes",
+                "Full sizes of the cache fills under way, reserved within the limit.",
+                lambda: self._cache().filling_bytes,
+            )
+        )
         self.cache_evictions = registry.register(
             CounterFunction(
                 "hubproxy_cache_evictions",
@@ -599,7 +617,7 @@ class HubMetrics:
         self.cache_verification_failures = registry.register(
             CounterFunction(
                 "hubproxy_cache_verification_failures",
-                "Cache fills whose digest did not match.",
+                "Cache fills, and cached blobs read back, whose digest did not match.",
                 lambda: self._cache().verification_failures,
             )
         )
