@@ -70,6 +70,14 @@ class ClientRateLimited(ProxyError):
     code = "TOOMANYREQUESTS"
 
 
+class MirrorBusy(ProxyError):
+    """A limit this mirror shares among all its clients is reached for now: 503 with a
+    Retry-After (in ``headers``)."""
+
+    status = 503
+    code = "UNAVAILABLE"
+
+
 class UpstreamUnavailable(ProxyError):
     """The upstream could not be reached, refused TLS, or broke the protocol."""
 
