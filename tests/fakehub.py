@@ -214,6 +214,8 @@ class _Response:
     body: bytes | memoryview = b""
     # Send only this many body bytes, then drop the connection (a broken transfer).
     truncate_at: int | None = None
+    # Send the head, then wait for this event before the body (a slow upstream, held by a test).
+    hold: trio.Event | None = None
 
 
 @dataclass
@@ -352,7 +354,7 @@ class FakeHub:
 
     Content is added with add_blob/add_image/add_index, users with add_user, and faults with
     force_429/force_status/truncate_blob/corrupt_blob/lie_digest/swap_manifest_body/
-    redirect_loop. Every request lands in ``requests``.
+    redirect_loop/hold_manifest. Every request lands in ``requests``.
 
     ``auth_layout`` fakes other registries (see the module docstring). In ``"same-host"``
     ``auth_url`` equals ``registry_url``; in ``"basic"`` both ``auth_url`` and ``cdn_url`` are
@@ -417,6 +419,7 @@ class FakeHub:
         self._forced_statuses: list[_Forced] = []
         self._lies: dict[tuple[str, str], str] = {}  # (repo, reference) -> digest header
         self._swaps: dict[str, tuple[bytes, DigestHeader]] = {}  # digest -> body, its header
+        self._holds: dict[str, trio.Event] = {}  # manifest digest -> its body's gate
 
     # -- serving -------------------------------------------------------------------------
 
@@ -531,6 +534,8 @@ class FakeHub:
         if method == "HEAD":  # same headers as GET, never a body (RFC 9110 9.3.2)
             await _send(stream, conn, h11.EndOfMessage())
             return
+        if response.hold is not None:
+            await response.hold.wait()
         stop = len(body) if response.truncate_at is None else response.truncate_at
         for offset in range(0, stop, _CHUNK):
             # One chunk in flight: send_all returns only once the kernel took it.
@@ -696,6 +701,11 @@ class FakeHub:
         flipped (same length) ``times`` times: a storage fault no status code reveals, which
         only a digest check catches."""
         self._corrupted[digest] = times
+
+    def hold_manifest(self, digest: str) -> trio.Event:
+        """Make GETs of manifest ``digest`` send their head, then stall the body until the
+        returned event is set."""
+        return self._holds.setdefault(digest, trio.Event())
 
     def redirect_loop(self, digest: str) -> None:
         """Make blob GET/HEAD of ``digest`` redirect to the registry itself, forever."""
@@ -963,7 +973,7 @@ class FakeHub:
         ]
         if header is not None:
             headers.append(("docker-content-digest", header))
-        return _Response(200, headers, body)
+        return _Response(200, headers, body, hold=self._holds.get(digest))
 
     def _manifest_put(self, request: _Request, name: str, repo: _Repo, ref: str) -> _Response:
         try:
