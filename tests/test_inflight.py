@@ -303,7 +303,7 @@ async def test_a_manifest_body_goes_out_in_bounded_slices() -> None:
         while True:
             data = await theirs.receive_some(16 * 1024 * 1024)
             writes.append(len(data))
-            reader.receive_data(data)
+            reader.receive_data(bytes(data))
             while (event := reader.next_event()) is not h11.NEED_DATA:
                 if isinstance(event, h11.Data):
                     received.extend(event.data)
