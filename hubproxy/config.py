@@ -42,6 +42,7 @@ class Config:
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
+    manifest_memory: int = 32 << 20  # bytes of manifests buffered from upstreams at once
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     # access control (policy.access, policy.admission); empty means open to everyone

@@ -509,6 +509,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SECONDS",
         bound=Bound(0.0, inclusive=True, wording="0 or more seconds"),
     ),
+    Setting(
+        "manifest-memory",
+        "manifest bytes buffered from upstreams at once; a miss beyond it waits (up to "
+        "--read-timeout), then gets 503 (default 32M; one larger manifest still works alone)",
+        CACHE,
+        default="32M",
+        metavar="SIZE",
+        parse=cache_size,
+    ),
     Setting("no-cache", "do not cache at all", CACHE, Kind.SWITCH, False),
     # --- access control
     Setting(
@@ -812,6 +821,7 @@ def build_config(values: Values) -> Config:
         cache_dir=None if p["no_cache"] else cast(str, p["cache_dir"]),
         cache_size=cast(int, p["cache_size"]),
         manifest_ttl=cast(float, p["manifest_ttl"]),
+        manifest_memory=cast(int, p["manifest_memory"]),
         listen_host=listen[0],
         listen_port=listen[1],
         cert=cert,

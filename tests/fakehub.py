@@ -228,6 +228,8 @@ class _Response:
     # Send only this many body bytes, then drop the connection (a broken transfer).
     truncate_at: int | None = None
     stall: Stall | None = None  # hold the response where the stall says
+    # Send the head, then wait for this event before the body (a slow upstream, held by a test).
+    hold: trio.Event | None = None
 
 
 @dataclass
@@ -366,7 +368,7 @@ class FakeHub:
 
     Content is added with add_blob/add_image/add_index, users with add_user, and faults with
     force_429/force_status/truncate_blob/corrupt_blob/stall_blob/lie_digest/
-    swap_manifest_body/redirect_loop. Every request lands in ``requests``.
+    swap_manifest_body/redirect_loop/hold_manifest. Every request lands in ``requests``.
 
     ``auth_layout`` fakes other registries (see the module docstring). In ``"same-host"``
     ``auth_url`` equals ``registry_url``; in ``"basic"`` both ``auth_url`` and ``cdn_url`` are
@@ -432,6 +434,7 @@ class FakeHub:
         self._forced_statuses: list[_Forced] = []
         self._lies: dict[tuple[str, str], str] = {}  # (repo, reference) -> digest header
         self._swaps: dict[str, tuple[bytes, DigestHeader]] = {}  # digest -> body, its header
+        self._holds: dict[str, trio.Event] = {}  # manifest digest -> its body's gate
 
     # -- serving -------------------------------------------------------------------------
 
@@ -550,6 +553,8 @@ class FakeHub:
         if method == "HEAD":  # same headers as GET, never a body (RFC 9110 9.3.2)
             await _send(stream, conn, h11.EndOfMessage())
             return
+        if response.hold is not None:
+            await response.hold.wait()
         stop = len(body) if response.truncate_at is None else response.truncate_at
         held = stall.after if stall is not None and stall.after is not None else None
         offset = 0
@@ -729,6 +734,11 @@ class FakeHub:
         ``after`` is None (a black-holed upstream), until the test sets ``release``."""
         stall = self._stalls[digest] = Stall(after, times)
         return stall
+
+    def hold_manifest(self, digest: str) -> trio.Event:
+        """Make GETs of manifest ``digest`` send their head, then stall the body until the
+        returned event is set."""
+        return self._holds.setdefault(digest, trio.Event())
 
     def redirect_loop(self, digest: str) -> None:
         """Make blob GET/HEAD of ``digest`` redirect to the registry itself, forever."""
@@ -996,7 +1006,7 @@ class FakeHub:
         ]
         if header is not None:
             headers.append(("docker-content-digest", header))
-        return _Response(200, headers, body)
+        return _Response(200, headers, body, hold=self._holds.get(digest))
 
     def _manifest_put(self, request: _Request, name: str, repo: _Repo, ref: str) -> _Response:
         try:

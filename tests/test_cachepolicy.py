@@ -12,6 +12,7 @@ from hubproxy.policy.cachepolicy import (
     READABILITY_WINDOW,
     AskUpstream,
     CacheRequest,
+    ConfirmationKey,
     Confirmations,
     Decision,
     Fill,
@@ -26,8 +27,10 @@ from hubproxy.policy.cachepolicy import (
     anonymously_readable,
     confirmation_key,
     decide,
+    fits_in_memory,
     keep_manifest,
     manifest_verified,
+    may_share_fetch,
     ping_stale_allowed,
     should_probe,
     stale_allowed,
@@ -292,3 +295,41 @@ def test_keep_manifest(
     method: str, status: int, length: int | None, media_type: bytes | None, kept: bool
 ) -> None:
     assert keep_manifest(method, status, length, media_type, 4096) is kept
+
+
+# -- manifests in flight ------------------------------------------------------------------------
+
+PATH = "/v2/acme/app/manifests/v1"
+
+
+@pytest.mark.parametrize(
+    ("follower", "stored", "shares"),
+    [
+        (confirmation_key(b"Bearer a", "", PATH), True, True),
+        (confirmation_key(b"Bearer a", "", PATH), False, False),  # the leader stored nothing
+        (confirmation_key(b"Bearer b", "", PATH), True, False),  # other credentials
+        (confirmation_key(None, "", PATH), True, False),  # anonymous
+        (confirmation_key(b"Bearer a", "ghcr.io", PATH), True, False),  # another registry
+        (confirmation_key(b"Bearer a", "", PATH + "x"), True, False),
+    ],
+)
+def test_may_share_fetch_only_with_the_same_credentials(
+    follower: ConfirmationKey, stored: bool, shares: bool
+) -> None:
+    leader = confirmation_key(b"Bearer a", "", PATH)
+    assert may_share_fetch(leader, follower, stored=stored) is shares
+
+
+@pytest.mark.parametrize(
+    ("used", "size", "limit", "fits"),
+    [
+        (0, 100, 10, True),  # alone, even larger than the limit
+        (0, 10, 10, True),
+        (5, 5, 10, True),
+        (5, 6, 10, False),
+        (1, 4 << 20, 32 << 20, True),
+        (30 << 20, 4 << 20, 32 << 20, False),
+    ],
+)
+def test_fits_in_memory(used: int, size: int, limit: int, fits: bool) -> None:
+    assert fits_in_memory(used, size, limit) is fits

@@ -33,8 +33,10 @@ from ..policy.auth import parse_challenges
 from ..policy.cachepolicy import (
     AskUpstream,
     CacheRequest,
+    ConfirmationKey,
     Confirmations,
     Decision,
+    FetchKey,
     Fill,
     Kind,
     Readability,
@@ -47,6 +49,7 @@ from ..policy.cachepolicy import (
     confirmation_key,
     decide,
     keep_manifest,
+    may_share_fetch,
     ping_stale_allowed,
     should_probe,
     stale_allowed,
@@ -64,6 +67,7 @@ from ..policy.errors import (
 from ..policy.headers import Headers, get_all, get_header
 from ..policy.routing import Route
 from ..policy.urls import Url, parse_url
+from .inflight import ManifestFetch, ManifestFetches, MemoryBudget, SharedBodies
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .store import (
     BlobReader,
@@ -80,6 +84,9 @@ log = logging.getLogger("hubproxy.cache")
 CACHE_METHODS = frozenset({"GET", "HEAD"})
 PROBE_BODY_LIMIT = 64 * 1024
 SENDFILE_SIZE = 4 * 1024 * 1024  # per os.sendfile call: no copy, so larger spans cost nothing
+# A manifest body goes out in slices of one shared buffer, one in flight: a client that reads
+# nothing holds one framed (and encrypted) slice, not a copy of the whole manifest.
+MANIFEST_SLICE = 64 * 1024
 
 
 def state_name(route: Route) -> str:
@@ -109,6 +116,13 @@ class PullThrough:
         self.probing: set[str] = set()
         self._probes_idle = trio.Event()
         self._probes_idle.set()
+        metrics = forwarder.metrics
+        self.manifest_fetches = ManifestFetches()
+        self.manifest_memory = MemoryBudget(
+            forwarder.config.manifest_memory, metrics.manifest_bytes_in_flight.set
+        )
+        metrics.manifest_memory_limit.set(forwarder.config.manifest_memory)
+        self.manifest_bodies = SharedBodies(metrics.manifest_bytes_sending.set)
 
     def handles(self, request: ClientRequest, route: Route) -> bool:
         if request.method not in CACHE_METHODS:
@@ -165,15 +179,11 @@ class PullThrough:
     # -- access ------------------------------------------------------------------------------
 
     def _confirmed(self, request: ClientRequest, route: Route) -> bool:
-        key = confirmation_key(
-            get_header(request.headers, b"authorization"), route.registry or "", _path(route)
-        )
+        key = self._confirmation_key(request, route)
         return self.confirmations.confirmed(key, trio.current_time())
 
     def _remember_access(self, request: ClientRequest, route: Route) -> None:
-        key = confirmation_key(
-            get_header(request.headers, b"authorization"), route.registry or "", _path(route)
-        )
+        key = self._confirmation_key(request, route)
         self.confirmations.remember(key, trio.current_time())
 
     async def _ask_upstream(
@@ -472,8 +482,16 @@ class PullThrough:
         return cached
 
     async def _serve_manifest(
-        self, plan: flow.Plan, request: ClientRequest, response: ClientResponse, route: Route
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        *,
+        coalesce: bool = True,
     ) -> None:
+        """A hit (after the access check), or a miss; concurrent misses of one manifest make
+        one upstream GET (``coalesce``: this request may lead or follow one)."""
         reference = route.manifest_reference or ""
         repository = state_name(route)
         by_digest = reference.startswith("sha256:")
@@ -521,8 +539,17 @@ class PullThrough:
                 self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
             await self._send_manifest(request, response, cached)
             return
+        fetch: ManifestFetch | None = None
+        if isinstance(decision, Fill) and coalesce:
+            key = FetchKey(route.registry or "", _path(route), accepted)
+            credentials = self._confirmation_key(request, route)
+            running = self.manifest_fetches.current(key)
+            if running is not None:
+                await self._follow(plan, request, response, route, running, credentials)
+                return
+            fetch = self.manifest_fetches.lead(key, credentials)
         deliver = functools.partial(
-            self._deliver_manifest, request, response, route, accepted, cached
+            self._deliver_manifest, request, response, route, accepted, cached, fetch
         )
         try:
             await self.forwarder.run_flow(
@@ -538,6 +565,35 @@ class PullThrough:
                 raise
             self._note_stale(route, "a manifest")
             await self._send_manifest(request, response, cached)
+        finally:
+            if fetch is not None:  # failed or cancelled before storing: followers go on alone
+                self.manifest_fetches.finish(fetch, None)
+
+    async def _follow(
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        fetch: ManifestFetch,
+        credentials: ConfirmationKey,
+    ) -> None:
+        """Wait for another request's fetch of this manifest; take its answer if this client
+        may (``may_share_fetch``), else decide again without following anyone: a cache hit
+        after this client's own access check, or its own fetch if the leader stored nothing."""
+        answer = await self.manifest_fetches.follow(fetch)
+        shared = may_share_fetch(fetch.credentials, credentials, stored=answer is not None)
+        if shared and answer is not None:
+            if accepts(get_all(request.headers, b"accept"), answer.media_type):
+                self.forwarder.metrics.manifest_fetches_shared.inc()
+                await self._send_manifest(request, response, answer)
+                return
+        await self._serve_manifest(plan, request, response, route, coalesce=False)
+
+    def _confirmation_key(self, request: ClientRequest, route: Route) -> ConfirmationKey:
+        return confirmation_key(
+            get_header(request.headers, b"authorization"), route.registry or "", _path(route)
+        )
 
     async def _deliver_manifest(
         self,
@@ -546,13 +602,14 @@ class PullThrough:
         route: Route,
         accepted: frozenset[str],
         cached: CachedManifest | None,
+        fetch: ManifestFetch | None,
         conn: UpstreamConnection,
         head: h11.Response,
         headers: Headers,
         stack: AsyncExitStack,
     ) -> None:
-        """The upstream's manifest answer: keep a verified copy of a 200 GET, serve stale on
-        429/5xx."""
+        """The upstream's manifest answer: keep a verified copy of a 200 GET (its bytes count
+        against --manifest-memory while they arrive), serve stale on 429/5xx."""
         stale = after_upstream(
             head.status_code,
             cached=cached is not None,
@@ -565,37 +622,46 @@ class PullThrough:
         length = get_header(head.headers, b"content-length")
         media_type = get_header(head.headers, b"content-type")
         size = int(length) if length is not None and length.isdigit() else None
-        if media_type is None or not keep_manifest(
-            request.method, head.status_code, size, media_type, MAX_MANIFEST
+        if (
+            size is None
+            or media_type is None
+            or not keep_manifest(request.method, head.status_code, size, media_type, MAX_MANIFEST)
         ):
             await self.forwarder.stream_response(conn, head, headers, response)
             return
-        body = bytearray()
-        while (chunk := await conn.receive_body()) is not None:
-            body += chunk
-        data = bytes(body)
         reference = route.manifest_reference or ""
-        claimed = get_header(head.headers, b"docker-content-digest")
-        stored = self.manifests.put(
-            state_name(route),
-            reference,
-            accepted=accepted,
-            media_type=_media_type(media_type),
-            body=data,
-            claimed=claimed.decode("latin-1") if claimed is not None else None,
-        )
+        patience = self.forwarder.config.timeouts.upstream_idle
+        async with self.manifest_memory.hold(size, patience):
+            chunks = []
+            while (chunk := await conn.receive_body()) is not None:
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            del chunks
+            claimed = get_header(head.headers, b"docker-content-digest")
+            stored = self.manifests.put(
+                state_name(route),
+                reference,
+                accepted=accepted,
+                media_type=_media_type(media_type),
+                body=data,
+                claimed=claimed.decode("latin-1") if claimed is not None else None,
+            )
         if stored is None:  # nothing was stored, and the client gets none of it
             self.stats.verification_failures += 1
             raise UpstreamUnavailable(
                 f"upstream manifest for {route.repository}:{reference} does not match its digest"
             )
+        manifest = CachedManifest(stored, _media_type(media_type), data)
+        if fetch is not None:  # followers go on now, not once this client has read it all
+            self.manifest_fetches.finish(fetch, manifest)
         self._remember_access(request, route)
         if not reference.startswith("sha256:"):
             key = TagKey(state_name(route), reference, accepted)
             self.tag_checked[key] = trio.current_time()
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
         await response.start(head.status_code, headers, head.reason)
-        await response.send(data)
+        with self.manifest_bodies.share(manifest) as body:
+            await send_sliced(response, body)
         await response.finish()
 
     async def _send_manifest(
@@ -611,7 +677,8 @@ class PullThrough:
         ]
         await response.start(200, headers)
         if request.method == "GET":
-            await response.send(cached.body)
+            with self.manifest_bodies.share(cached) as body:
+                await send_sliced(response, body)
         await response.finish()
 
     # -- which repositories anyone may read ----------------------------------------------------
@@ -688,6 +755,14 @@ class PullThrough:
             "HEAD", url, authorization, profile=profile
         )
         return _readable(status, headers, kind)
+
+
+async def send_sliced(response: ClientResponse, body: bytes) -> None:
+    """Send ``body`` in :data:`MANIFEST_SLICE` views of it, each sent before the next is framed
+    (``send`` waits until the client took it): a client that reads nothing holds one slice."""
+    view = memoryview(body)
+    for start in range(0, len(view), MANIFEST_SLICE):
+        await response.send(view[start : start + MANIFEST_SLICE])
 
 
 def _readable(status: int, headers: Headers, kind: Kind) -> bool | None:

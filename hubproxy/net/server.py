@@ -138,7 +138,7 @@ class ClientResponse:
         head, self._pending_head = self._pending_head, None
         return self._client.frame(head) if head is not None else b""
 
-    async def send(self, chunk: bytes | bytearray) -> None:
+    async def send(self, chunk: bytes | bytearray | memoryview) -> None:
         head = self._take_head()
         data = self._client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
         await self._client.send_bytes(head + data if head else data)

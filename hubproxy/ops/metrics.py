@@ -679,6 +679,30 @@ class HubMetrics:
                 ("limit",),
             )
         )
+        self.manifest_bytes_in_flight = registry.register(
+            Gauge(
+                "hubproxy_manifest_bytes_in_flight",
+                "Bytes of manifests being buffered from upstreams now (--manifest-memory).",
+            )
+        )
+        self.manifest_memory_limit = registry.register(
+            Gauge(
+                "hubproxy_manifest_memory_limit_bytes",
+                "The --manifest-memory limit (0: no cache).",
+            )
+        )
+        self.manifest_bytes_sending = registry.register(
+            Gauge(
+                "hubproxy_manifest_bytes_sending",
+                "Bytes of manifests being sent to clients now, each manifest counted once.",
+            )
+        )
+        self.manifest_fetches_shared = registry.register(
+            Counter(
+                "hubproxy_manifest_fetches_shared",
+                "Manifest requests answered from another request's upstream fetch.",
+            )
+        )
         self.build_info = registry.register(
             GaugeFunction(
                 "hubproxy_build_info",

@@ -22,6 +22,13 @@ same path names different things on two registries). A tag's cached answer is ke
 manifest media types the client accepts, because a registry answers a tag differently by
 ``Accept`` (distribution gives a client that takes no manifest list the linux/amd64 manifest).
 
+Concurrent misses of one manifest make one upstream GET (:class:`FetchKey` names "the same
+fetch": registry, path and accepted media types). Only a request with the very same credentials
+takes the leader's answer (:func:`may_share_fetch`); any other waits for the leader to finish and
+then decides again, so it meets its own access check (a HEAD) before a cached byte reaches it.
+The bytes of manifests being buffered from upstreams are capped; :func:`fits_in_memory` is the
+admission rule.
+
 Times are plain numbers passed in: ``now`` on the monotonic clock, ``wall_now`` in Unix seconds
 (what is kept in the state file across restarts).
 """
@@ -153,6 +160,33 @@ def manifest_verified(reference: str, body_digest: str, claimed: str | None) -> 
     if reference.startswith("sha256:") and reference != body_digest:
         return False
     return claimed is None or claimed == body_digest
+
+
+# -- manifests in flight -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchKey:
+    """One upstream manifest fetch as the upstream sees it, whoever's credentials go with it."""
+
+    registry: str  # "" for the default registry
+    path: str  # /v2/<repository>/manifests/<reference>
+    accepted: frozenset[str]  # the manifest media types the client accepts (see TagKey)
+
+
+def may_share_fetch(leader: ConfirmationKey, follower: ConfirmationKey, *, stored: bool) -> bool:
+    """Whether a request that waited on another's fetch of the same manifest may take its answer:
+    only a verified, stored answer, and only with the very same credentials for the same registry
+    and path (the upstream would have answered it alike). Any other decides again: a cache hit
+    after its own access check, or a fetch of its own if the leader got nothing."""
+    return stored and leader == follower
+
+
+def fits_in_memory(used: int, size: int, limit: int) -> bool:
+    """Whether ``size`` more bytes of manifests may be buffered while ``used`` are: within the
+    limit, or alone (a manifest larger than the limit still works when nothing else is in
+    flight)."""
+    return used == 0 or used + size <= limit
 
 
 # -- who may read a repository anonymously ----------------------------------------------------

@@ -70,6 +70,16 @@ class ClientRateLimited(ProxyError):
     code = "TOOMANYREQUESTS"
 
 
+class MirrorBusy(ProxyError):
+    """A limit this mirror shares among all its clients is reached for now (no pooled
+    connection to an origin came free in time, no room for another manifest in memory): 503
+    with a Retry-After (in ``headers``). It says nothing about the upstream, so it is never a
+    reason to rest it or to fail over."""
+
+    status = 503
+    code = "UNAVAILABLE"
+
+
 class UpstreamUnavailable(ProxyError):
     """The upstream could not be reached, refused TLS, or broke the protocol."""
 
@@ -81,15 +91,6 @@ class UpstreamTimeout(UpstreamUnavailable):
     """The upstream did not connect or answer within the configured timeout."""
 
     status = 504
-
-
-class MirrorBusy(ProxyError):
-    """No pooled connection to an upstream origin came free in time (every slot that this
-    request may take is in use): 503, with a Retry-After. It says nothing about the upstream,
-    so it is never a reason to rest it or to fail over."""
-
-    status = 503
-    code = "UNAVAILABLE"
 
 
 class TooManyRedirects(UpstreamUnavailable):

@@ -1,0 +1,226 @@
+"""Manifests in flight: one upstream fetch per manifest at a time, a cap on the bytes buffered
+from upstreams, and one shared buffer per manifest being sent.
+
+Theory of operation. A :class:`PullThrough` owns one of each:
+
+- :class:`ManifestFetches` maps a :class:`~hubproxy.policy.cachepolicy.FetchKey` to the
+  :class:`ManifestFetch` of its leader. A request that misses while a fetch of the same key runs
+  follows it: it waits for :meth:`ManifestFetches.finish`, which the leader calls with the stored
+  manifest as soon as it is stored (not after its own client took it: a slow client must not
+  hold the followers) or with None from a ``finally`` if it failed or was cancelled, so a
+  follower is never left waiting. What a follower may do with the answer is
+  ``cachepolicy.may_share_fetch``'s to say.
+- :class:`MemoryBudget` counts the bytes of manifests being read from upstreams (their
+  Content-Length, from the response head until the body is stored). A fetch that does not fit
+  (``cachepolicy.fits_in_memory``) waits, first come first served, up to a patience the caller
+  gives, then fails with :class:`~hubproxy.policy.errors.MirrorBusy` (503, Retry-After).
+- :class:`SharedBodies` hands every client sending the same manifest the one ``bytes`` object,
+  however the store returned it (a store may read a fresh copy per lookup), and counts the
+  bytes so held for ``/metrics``.
+
+Everything here runs on the one trio thread: plain dicts and events, no locks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import trio
+
+from ..policy.cachepolicy import ConfirmationKey, FetchKey, fits_in_memory
+from ..policy.errors import MirrorBusy
+from .manifests import CachedManifest
+
+RETRY_AFTER = b"5"  # seconds: a budget held by upstream bodies moves within moments
+
+
+class ManifestFetch:
+    """One leader's upstream fetch of a manifest, which followers wait on."""
+
+    def __init__(self, key: FetchKey, credentials: ConfirmationKey) -> None:
+        self.key = key
+        self.credentials = credentials  # the leader's: whoever shows the same may share
+        self.answer: CachedManifest | None = None  # the stored manifest, if it was stored
+        self.followers = 0
+        self.done = trio.Event()
+
+
+class ManifestFetches:
+    """The manifest fetches in flight, one per :class:`FetchKey`."""
+
+    def __init__(self) -> None:
+        self._fetches: dict[FetchKey, ManifestFetch] = {}
+        self._changed = trio.Event()
+
+    def current(self, key: FetchKey) -> ManifestFetch | None:
+        """The fetch of ``key`` running now, if any."""
+        return self._fetches.get(key)
+
+    def lead(self, key: FetchKey, credentials: ConfirmationKey) -> ManifestFetch:
+        """Register the caller as the one fetching ``key``; it must call :meth:`finish`."""
+        fetch = ManifestFetch(key, credentials)
+        self._fetches[key] = fetch
+        self._note_change()
+        return fetch
+
+    async def follow(self, fetch: ManifestFetch) -> CachedManifest | None:
+        """Wait for ``fetch`` to finish; its stored manifest, or None if it stored none."""
+        fetch.followers += 1
+        self._note_change()
+        try:
+            await fetch.done.wait()
+        finally:
+            fetch.followers -= 1
+        return fetch.answer
+
+    def finish(self, fetch: ManifestFetch, answer: CachedManifest | None) -> None:
+        """End ``fetch`` (the first call counts) and release its followers."""
+        if fetch.done.is_set():
+            return
+        fetch.answer = answer
+        fetch.done.set()
+        if self._fetches.get(fetch.key) is fetch:
+            del self._fetches[fetch.key]
+        self._note_change()
+
+    def followers(self, key: FetchKey) -> int:
+        """How many requests wait on the fetch of ``key`` now (0 if none runs)."""
+        fetch = self._fetches.get(key)
+        return fetch.followers if fetch is not None else 0
+
+    def __len__(self) -> int:
+        return len(self._fetches)
+
+    async def wait_changed(self) -> None:
+        """Wait until a fetch starts, gains a follower or ends (tests)."""
+        await self._changed.wait()
+
+    def _note_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    size: int
+    granted: trio.Event
+
+
+class MemoryBudget:
+    """Bytes of manifests being buffered from upstreams, at most ``limit`` (see the module)."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._on_change = on_change
+        self._queue: deque[_Waiter] = deque()
+        self._changed = trio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """Fetches waiting for room now."""
+        return len(self._queue)
+
+    @asynccontextmanager
+    async def hold(self, size: int, patience: float) -> AsyncIterator[None]:
+        """Hold ``size`` bytes of the budget for the body of the ``with``; wait up to
+        ``patience`` seconds for room, else raise MirrorBusy."""
+        await self._acquire(size, patience)
+        try:
+            yield
+        finally:
+            self._release(size)
+
+    async def _acquire(self, size: int, patience: float) -> None:
+        await trio.lowlevel.checkpoint()  # before taking: nothing may cancel between the two
+        if not self._queue and fits_in_memory(self.used, size, self.limit):
+            self._take(size)
+            return
+        waiter = _Waiter(size, trio.Event())
+        self._queue.append(waiter)
+        self._note_change()
+        try:
+            with trio.move_on_after(patience):
+                await waiter.granted.wait()
+        except BaseException:
+            self._forget(waiter)
+            raise
+        if not waiter.granted.is_set():
+            self._forget(waiter)
+            raise MirrorBusy(
+                "too many manifests are being fetched at once; retry shortly",
+                headers=((b"retry-after", RETRY_AFTER),),
+            )
+
+    def _take(self, size: int) -> None:
+        self.used += size
+        self._note_change()
+
+    def _release(self, size: int) -> None:
+        self.used -= size
+        self._grant()
+        self._note_change()
+
+    def _forget(self, waiter: _Waiter) -> None:
+        """A waiter that gave up (timeout or cancel): give back what it was granted, or leave
+        the queue (and let whoever was behind it in)."""
+        if waiter.granted.is_set():
+            self._release(waiter.size)
+        else:
+            self._queue.remove(waiter)
+            self._grant()
+            self._note_change()
+
+    def _grant(self) -> None:
+        # first come, first served: a large manifest at the head is not overtaken forever
+        while self._queue and fits_in_memory(self.used, self._queue[0].size, self.limit):
+            waiter = self._queue.popleft()
+            self.used += waiter.size
+            waiter.granted.set()
+
+    async def wait_changed(self) -> None:
+        """Wait until bytes are taken or given back, or a fetch starts or stops waiting."""
+        await self._changed.wait()
+
+    def _note_change(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.used)
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+class SharedBodies:
+    """The bodies of manifests being sent to clients, one object per digest."""
+
+    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
+        self._bodies: dict[str, tuple[bytes, int]] = {}  # digest -> (body, senders)
+        self.bytes = 0
+        self._on_change = on_change
+
+    @contextmanager
+    def share(self, manifest: CachedManifest) -> Iterator[bytes]:
+        """The one body of ``manifest.digest`` while the ``with`` sends it (the first sender's
+        becomes everyone's)."""
+        digest = manifest.digest
+        body, senders = self._bodies.get(digest, (manifest.body, 0))
+        if not senders:
+            self.bytes += len(body)
+        self._bodies[digest] = (body, senders + 1)
+        self._note_change()
+        try:
+            yield body
+        finally:
+            body, senders = self._bodies[digest]
+            if senders == 1:
+                del self._bodies[digest]
+                self.bytes -= len(body)
+            else:
+                self._bodies[digest] = (body, senders - 1)
+            self._note_change()
+
+    def _note_change(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.bytes)

@@ -1,0 +1,339 @@
+"""Manifests in flight: one upstream GET for concurrent misses, a cap on the bytes buffered from
+upstreams, and bodies sent in bounded slices of one shared buffer (issue 12, case 1)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from hubproxy.cache.inflight import ManifestFetches, MemoryBudget, SharedBodies
+from hubproxy.cache.manifests import CachedManifest, accepted_types
+from hubproxy.cache.pullthrough import MANIFEST_SLICE, send_sliced
+from hubproxy.net.server import AccessRecord, ClientConnection, ClientResponse
+from hubproxy.net.settings import ListenerSettings
+from hubproxy.policy.cachepolicy import FetchKey, confirmation_key
+from hubproxy.policy.errors import MirrorBusy
+from tests.conftest import StartProxy
+from tests.fakehub import FakeHub, FetchResult, fetch, make_layer
+from tests.registry_client import RegistryClient
+from tests.test_pullthrough import ACCEPT, manifest_gets, pullthrough
+
+HANG = 30.0  # seconds after which an end-to-end test is hung, not slow
+
+
+@asynccontextmanager
+async def nursery_within(seconds: float) -> AsyncIterator[trio.Nursery]:
+    """A nursery whose tasks must all end within ``seconds``: a hang fails the test."""
+    with trio.fail_after(seconds):
+        async with trio.open_nursery() as nursery:
+            yield nursery
+
+
+async def until(ready: Callable[[], bool], changed: Callable[[], Awaitable[None]]) -> None:
+    """Wait, by events, until ``ready()``; ten seconds is a hang, not a slow run."""
+    with trio.fail_after(10):
+        while not ready():
+            await changed()
+
+
+def key_of(repository: str, reference: str) -> FetchKey:
+    accepted = accepted_types([value.encode() for _, value in ACCEPT])
+    return FetchKey("", f"/v2/{repository}/manifests/{reference}", accepted)
+
+
+async def token_for(client: RegistryClient, repository: str) -> str:
+    """A pull token for ``repository`` through the mirror, without fetching a manifest."""
+    await client.request(f"/v2/{repository}/tags/list")
+    return client.tokens[""]
+
+
+async def get_manifest(base: str, ca: trustme.CA, path: str, token: str) -> FetchResult:
+    return await fetch(base + path, ca, headers=[*ACCEPT, ("authorization", f"Bearer {token}")])
+
+
+# -- coalescing ----------------------------------------------------------------------------------
+
+
+async def test_concurrent_misses_of_one_manifest_make_one_upstream_get(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    digest = hub.add_image("library/alpine", "3.20", [make_layer(1, 1000)])
+    gate = hub.hold_manifest(digest)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_ttl=0.0)
+    fetches = pullthrough(proxy).manifest_fetches
+    token = await token_for(RegistryClient(proxy.url, ca), "library/alpine")
+    path = "/v2/library/alpine/manifests/3.20"
+    results: list[FetchResult] = []
+
+    async def pull() -> None:
+        results.append(await get_manifest(proxy.url, ca, path, token))
+
+    async with nursery_within(HANG) as nursery:
+        for _ in range(5):
+            nursery.start_soon(pull)
+        # four wait on the one fetch whose body the upstream holds back
+        key = key_of("library/alpine", "3.20")
+        await until(lambda: fetches.followers(key) == 4, fetches.wait_changed)
+        gate.set()
+    assert [r.status for r in results] == [200] * 5
+    assert {r.headers["docker-content-digest"] for r in results} == {digest}
+    assert len({r.body for r in results}) == 1
+    assert manifest_gets(hub, "library/alpine") == 1
+    assert proxy.proxy.metrics.manifest_fetches_shared.get() == 4
+    assert len(fetches) == 0
+
+
+async def test_a_follower_with_other_credentials_never_gets_the_private_manifest(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    digest = hub.add_image("acme/secret", "v1", [make_layer(1, 1000)])
+    hub.add_user("alice", "s3cret")
+    hub.make_private("acme/secret", "alice")
+    gate = hub.hold_manifest(digest)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    fetches = pullthrough(proxy).manifest_fetches
+    alice = await token_for(
+        RegistryClient(proxy.url, ca, credentials=("alice", "s3cret")), "acme/secret"
+    )
+    mallory = await token_for(RegistryClient(proxy.url, ca), "acme/secret")  # anonymous: no grant
+    path = "/v2/acme/secret/manifests/v1"
+    results: dict[str, FetchResult] = {}
+
+    async def pull(who: str, token: str) -> None:
+        results[who] = await get_manifest(proxy.url, ca, path, token)
+
+    key = key_of("acme/secret", "v1")
+    async with nursery_within(HANG) as nursery:
+        nursery.start_soon(pull, "alice", alice)
+        await until(lambda: fetches.current(key) is not None, fetches.wait_changed)
+        nursery.start_soon(pull, "mallory", mallory)
+        await until(lambda: fetches.followers(key) == 1, fetches.wait_changed)
+        gate.set()
+    assert results["alice"].status == 200
+    assert results["alice"].headers["docker-content-digest"] == digest
+    assert results["mallory"].status == 401  # the upstream's own answer to mallory's GET
+    assert results["alice"].body not in results["mallory"].body
+    assert proxy.proxy.metrics.manifest_fetches_shared.get() == 0
+    # mallory waited, then was asked about (HEAD) like any client of a cached manifest
+    heads = [s for s in hub.requests if s.method == "HEAD" and s.target == path]
+    assert heads
+
+
+async def test_a_failed_leader_releases_its_followers_to_fetch_themselves(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    digest = hub.add_image("library/alpine", "3.20", [make_layer(1, 1000)])
+    direct = RegistryClient(hub.registry_url, ca)
+    original = (await direct.request(f"/v2/library/alpine/manifests/{digest}", headers=ACCEPT)).body
+    hub.swap_manifest_body(digest, b'{"not": "it"}')  # the leader's answer will not verify
+    gate = hub.hold_manifest(digest)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    fetches = pullthrough(proxy).manifest_fetches
+    token = await token_for(RegistryClient(proxy.url, ca), "library/alpine")
+    path = "/v2/library/alpine/manifests/3.20"
+    results: dict[str, FetchResult] = {}
+
+    async def pull(who: str) -> None:
+        results[who] = await get_manifest(proxy.url, ca, path, token)
+
+    key = key_of("library/alpine", "3.20")
+    before = manifest_gets(hub, "library/alpine")
+    async with nursery_within(HANG) as nursery:
+        nursery.start_soon(pull, "leader")
+        await until(lambda: fetches.current(key) is not None, fetches.wait_changed)
+        for who in ("one", "two"):
+            nursery.start_soon(pull, who)
+        await until(lambda: fetches.followers(key) == 2, fetches.wait_changed)
+        hub.swap_manifest_body(digest, original)  # the followers' own GETs get the real one
+        gate.set()
+    assert results["leader"].status == 502
+    assert results["one"].status == results["two"].status == 200
+    assert results["one"].body == results["two"].body == original
+    assert manifest_gets(hub, "library/alpine") - before == 3  # the leader's, then their own
+
+
+# -- the cap on bytes in flight ----------------------------------------------------------------
+
+
+async def test_manifest_misses_beyond_the_memory_cap_wait_for_room(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    first = hub.add_image("library/alpine", "a", [make_layer(1, 1000)])
+    hub.add_image("library/busybox", "b", [make_layer(2, 1000)])
+    gate = hub.hold_manifest(first)
+    # smaller than either manifest: each still goes through alone, never two at once
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_memory=100)
+    budget = pullthrough(proxy).manifest_memory
+    metrics = proxy.proxy.metrics
+    results: dict[str, FetchResult] = {}
+
+    async def pull(repository: str, tag: str) -> None:
+        client = RegistryClient(proxy.url, ca)
+        results[tag] = await client.request(f"/v2/{repository}/manifests/{tag}", headers=ACCEPT)
+
+    async with nursery_within(HANG) as nursery:
+        nursery.start_soon(pull, "library/alpine", "a")
+        await until(lambda: budget.used > 0, budget.wait_changed)  # a's body is on its way
+        assert metrics.manifest_bytes_in_flight.get() == budget.used > 100
+        nursery.start_soon(pull, "library/busybox", "b")
+        await until(lambda: budget.waiting == 1, budget.wait_changed)
+        assert "b" not in results
+        gate.set()
+    assert results["a"].status == results["b"].status == 200
+    assert budget.used == budget.waiting == 0
+    assert metrics.manifest_bytes_in_flight.get() == 0
+    assert metrics.manifest_memory_limit.get() == 100
+
+
+async def test_the_budget_admits_one_manifest_larger_than_itself_alone() -> None:
+    budget = MemoryBudget(10)
+    async with budget.hold(4 * 1024 * 1024, patience=1.0):
+        assert budget.used == 4 * 1024 * 1024
+    assert budget.used == 0
+
+
+async def test_a_fetch_that_does_not_fit_gets_503_after_its_patience(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    budget = MemoryBudget(10)
+    release = trio.Event()
+
+    async def holder() -> None:
+        async with budget.hold(8, patience=1.0):
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder)
+        await until(lambda: budget.used == 8, budget.wait_changed)
+        start = trio.current_time()
+        with pytest.raises(MirrorBusy) as raised:
+            async with budget.hold(5, patience=30.0):
+                pass
+        assert trio.current_time() - start == pytest.approx(30.0)
+        assert raised.value.status == 503
+        assert raised.value.code == "UNAVAILABLE"
+        assert (b"retry-after", b"5") in raised.value.headers
+        assert budget.waiting == 0
+        release.set()
+    assert budget.used == 0
+
+
+async def test_the_budget_serves_waiters_in_order_and_forgets_cancelled_ones() -> None:
+    budget = MemoryBudget(10)
+    order: list[str] = []
+    release = {name: trio.Event() for name in ("a", "b", "c", "d")}
+
+    async def take(name: str, size: int) -> None:
+        async with budget.hold(size, patience=60.0):
+            order.append(name)
+            await release[name].wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "a", 6)
+        await until(lambda: order == ["a"], budget.wait_changed)
+        nursery.start_soon(take, "b", 8)  # does not fit: waits
+        await until(lambda: budget.waiting == 1, budget.wait_changed)
+        nursery.start_soon(take, "c", 2)  # would fit, but b came first
+        await until(lambda: budget.waiting == 2, budget.wait_changed)
+        gives_up = trio.CancelScope()
+
+        async def impatient() -> None:
+            with gives_up:
+                await take("d", 1)
+
+        nursery.start_soon(impatient)
+        await until(lambda: budget.waiting == 3, budget.wait_changed)
+        gives_up.cancel()  # a waiter cancelled (its client left) leaves the queue
+        await until(lambda: budget.waiting == 2, budget.wait_changed)
+        assert order == ["a"]
+        release["a"].set()
+        await trio.testing.wait_all_tasks_blocked()  # no sockets here: every task has run
+        assert sorted(order) == ["a", "b", "c"]  # b and c got in together, d never
+        assert budget.used == 10
+        release["b"].set()
+        release["c"].set()
+    assert budget.used == 0
+
+
+async def test_fetches_release_followers_once_and_forget_the_fetch() -> None:
+    fetches = ManifestFetches()
+    key = key_of("library/alpine", "latest")
+    leader = confirmation_key(b"Bearer a", "", key.path)
+    fetch_ = fetches.lead(key, leader)
+    manifest = CachedManifest("sha256:" + "0" * 64, "application/json", b"{}")
+    got: list[CachedManifest | None] = []
+
+    async def follow() -> None:
+        got.append(await fetches.follow(fetch_))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        nursery.start_soon(follow)
+        await until(lambda: fetches.followers(key) == 2, fetches.wait_changed)
+        fetches.finish(fetch_, manifest)
+        fetches.finish(fetch_, None)  # the leader's finally: the first call counted
+    assert got == [manifest, manifest]
+    assert fetches.current(key) is None
+    assert len(fetches) == 0
+
+
+# -- sending --------------------------------------------------------------------------------------
+
+
+async def test_a_manifest_body_goes_out_in_bounded_slices() -> None:
+    """Over a stream with no buffering at all, each write the client can see is one slice (the
+    first carries the head): a client that stops reading holds one slice, not the manifest."""
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    connection = ClientConnection(
+        ours, settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
+    )
+    connection.conn.receive_data(b"GET /v2/a/b/manifests/c HTTP/1.1\r\nhost: mirror\r\n\r\n")
+    assert isinstance(connection.conn.next_event(), h11.Request)
+    response = ClientResponse(connection, AccessRecord("127.0.0.1", "GET", "/"))
+    body = bytes(range(256)) * (4 * 4096 - 7)  # just under 4 MiB, not a multiple of a slice
+    writes: list[int] = []
+    reader = h11.Connection(h11.CLIENT)
+    reader.send(h11.Request(method="GET", target="/", headers=[("host", "mirror")]))
+    reader.send(h11.EndOfMessage())
+    received = bytearray()
+
+    async def read() -> None:
+        while True:
+            data = await theirs.receive_some(16 * 1024 * 1024)
+            writes.append(len(data))
+            reader.receive_data(bytes(data))
+            while (event := reader.next_event()) is not h11.NEED_DATA:
+                if isinstance(event, h11.Data):
+                    received.extend(event.data)
+                if isinstance(event, h11.EndOfMessage):
+                    return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await response.start(200, [(b"content-length", b"%d" % len(body))])
+        await send_sliced(response, body)
+        await response.finish()
+    assert bytes(received) == body
+    assert max(writes) <= MANIFEST_SLICE + 256  # a slice, framed (and the head, once)
+    assert len(writes) >= len(body) // MANIFEST_SLICE
+
+
+def test_senders_of_one_manifest_share_one_buffer() -> None:
+    seen: list[int] = []
+    bodies = SharedBodies(seen.append)
+    digest = "sha256:" + "1" * 64
+    one = CachedManifest(digest, "application/json", b"x" * 1000)
+    two = CachedManifest(digest, "application/json", bytes(bytearray(b"x" * 1000)))  # a copy
+    with bodies.share(one) as first, bodies.share(two) as second:
+        assert first is one.body
+        assert second is one.body  # the copy is not kept
+        assert bodies.bytes == 1000
+    assert bodies.bytes == 0
+    assert seen == [1000, 1000, 1000, 0]
