@@ -38,6 +38,8 @@ class Config:
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
+    manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
+    manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)

@@ -273,7 +273,7 @@ def test_manifest_bytes_are_bounded_least_recently_used_first(tmp_path: Path) ->
     assert store.tag("library/a", "0", V2) == digests[0]
     assert store.tag("library/a", "2", V2) == digests[2]
     again = restarted(store, max_bytes=3 * len(bodies[0]))
-    assert {len(row[3]) for row in rows(tmp_path, "manifests")} == {len(bodies[0])}
+    assert {row[1] for row in rows(tmp_path, "manifests")} == {len(bodies[0])}
     assert len(rows(tmp_path, "manifests")) == 3
     assert again.tag("library/a", "1", V2) is None
     assert again.tag("library/a", "0", V2) == digests[0]

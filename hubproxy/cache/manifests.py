@@ -257,8 +257,11 @@ class ManifestStore:
             self._set_aside(self.db_path, str(exc), ("", "-wal", "-shm"))
             self._reset()
             self._open_database()
+        # opened (and read once: WAL recovery, the shared-memory index) before the writer
+        # starts, so the loop's reads never meet a busy database (they do not wait: timeout 0)
         self._reader = _connect(self.db_path, check_same_thread=False, timeout=0)
         self._reader.execute("PRAGMA query_only = ON")
+        self._reader.execute("SELECT count(*) FROM tags").fetchone()
         self._thread = threading.Thread(target=self._run, name="hubproxy-manifests", daemon=True)
         self._thread.start()
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from .. import __version__
 
 if TYPE_CHECKING:
+    from ..cache.manifests import ManifestStore
     from ..cache.store import BlobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -393,6 +394,34 @@ def cache_figures(store: BlobStore) -> CacheFigures:
     )
 
 
+@dataclass(frozen=True)
+class ManifestFigures:
+    """What the manifest store reports to ``/metrics``; all zero when there is no cache."""
+
+    bytes_used: int = 0
+    manifests: int = 0
+    tags: int = 0
+    limit_bytes: int = 0
+    limit_entries: int = 0
+    evictions: int = 0
+    write_failures: int = 0
+    uncached: int = 0
+
+
+def manifest_figures(store: ManifestStore) -> ManifestFigures:
+    """The figures of an open ``ManifestStore``: ``HubMetrics(manifests=lambda: ...)``."""
+    return ManifestFigures(
+        bytes_used=store.total,
+        manifests=len(store.sizes),
+        tags=store.tag_count,
+        limit_bytes=store.max_bytes,
+        limit_entries=store.max_entries,
+        evictions=store.stats.evictions,
+        write_failures=store.stats.write_failures,
+        uncached=store.stats.uncached,
+    )
+
+
 class RecentEvents:
     """Times of recent events in a sliding window, e.g. the 429s of the last hour.
 
@@ -417,13 +446,15 @@ class RecentEvents:
 
 
 CacheSource = Callable[[], CacheFigures | None]
+ManifestSource = Callable[[], ManifestFigures | None]
 
 
 class HubMetrics:
     """hubproxy's metrics, registered in their own ``Registry``.
 
-    ``cache`` is a callable returning the cache's ``CacheFigures`` (or None: no cache); it may
-    also be assigned later, once the cache is open. ``proc`` is ``/proc/self`` except in tests.
+    ``cache`` is a callable returning the cache's ``CacheFigures`` (or None: no cache), and
+    ``manifests`` the manifest store's ``ManifestFigures``; they may also be assigned later,
+    once the cache is open. ``proc`` is ``/proc/self`` except in tests.
     """
 
     def __init__(
@@ -431,11 +462,13 @@ class HubMetrics:
         *,
         version: str = __version__,
         cache: CacheSource | None = None,
+        manifests: ManifestSource | None = None,
         started_at: float | None = None,
         proc: Path = Path("/proc/self"),
     ) -> None:
         self.version = version
         self.cache = cache
+        self.manifests = manifests
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc
         self.rate_limited_times = RecentEvents()
@@ -533,6 +566,62 @@ class HubMetrics:
                 lambda: self._cache().verification_failures,
             )
         )
+        self.manifest_bytes = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_bytes",
+                "Bytes of manifests in the cache.",
+                lambda: self._manifests().bytes_used,
+            )
+        )
+        self.manifest_count = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_manifests",
+                "Manifests in the cache.",
+                lambda: self._manifests().manifests,
+            )
+        )
+        self.manifest_tags = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_tags",
+                "Tags known (per kind of client) in the cache.",
+                lambda: self._manifests().tags,
+            )
+        )
+        self.manifest_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_limit_bytes",
+                "The manifest cache's size limit (0: no cache).",
+                lambda: self._manifests().limit_bytes,
+            )
+        )
+        self.manifest_entries_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_limit_entries",
+                "The most manifests, tags, links and repositories kept (each).",
+                lambda: self._manifests().limit_entries,
+            )
+        )
+        self.manifest_evictions = registry.register(
+            CounterFunction(
+                "hubproxy_manifest_cache_evictions",
+                "Manifests evicted from the cache.",
+                lambda: self._manifests().evictions,
+            )
+        )
+        self.manifest_write_failures = registry.register(
+            CounterFunction(
+                "hubproxy_manifest_cache_write_failures",
+                "Writes of manifest state that failed (a full disk, an I/O error).",
+                lambda: self._manifests().write_failures,
+            )
+        )
+        self.manifest_uncached = registry.register(
+            CounterFunction(
+                "hubproxy_manifest_cache_uncached",
+                "Verified manifests served without being stored (too large, or the disk behind).",
+                lambda: self._manifests().uncached,
+            )
+        )
         self.build_info = registry.register(
             GaugeFunction(
                 "hubproxy_build_info",
@@ -559,6 +648,10 @@ class HubMetrics:
     def _cache(self) -> CacheFigures:
         figures = self.cache() if self.cache is not None else None
         return CacheFigures() if figures is None else figures
+
+    def _manifests(self) -> ManifestFigures:
+        figures = self.manifests() if self.manifests is not None else None
+        return ManifestFigures() if figures is None else figures
 
     def _resident_memory(self) -> float:
         try:
