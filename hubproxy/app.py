@@ -78,6 +78,8 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True):
             await proxy.pool.aclose()
+            if proxy.pullthrough is not None:  # its writer commits what is pending
+                await trio.to_thread.run_sync(proxy.pullthrough.manifests.close)
 
 
 # one key per process for the stamps of mirror users (see Authenticator.stamp): a reload builds
@@ -110,7 +112,11 @@ def build_proxy(
     pullthrough = None
     if config.cache_dir is not None:
         blobs = BlobStore(Path(config.cache_dir), config.cache_size)
-        manifests = ManifestStore(Path(config.cache_dir))
+        manifests = ManifestStore(
+            Path(config.cache_dir),
+            max_bytes=config.manifest_cache_size,
+            max_entries=config.manifest_cache_entries,
+        )
         try:
             blobs.open()
             manifests.open()

@@ -41,6 +41,8 @@ class Config:
     max_connections_per_client: int = 128  # client connections from one address (IPv6: /64)
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
+    manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
+    manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
     manifest_ttl: float = 60.0  # a tag is not revalidated for this long
     manifest_memory: int = 32 << 20  # bytes of manifests buffered from upstreams at once
     timeouts: Timeouts = field(default_factory=Timeouts)

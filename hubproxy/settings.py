@@ -501,6 +501,25 @@ SETTINGS: tuple[Setting, ...] = (
         parse=cache_size,
     ),
     Setting(
+        "manifest-cache-size",
+        "evict least recently used manifests (and the tags naming them) beyond this size "
+        "(default 64M)",
+        CACHE,
+        default="64M",
+        metavar="SIZE",
+        parse=cache_size,
+    ),
+    Setting(
+        "manifest-cache-entries",
+        "keep at most this many manifests, tags, repository links and repositories' "
+        "public/private answers (each; least recently used go first) (default 50000)",
+        CACHE,
+        Kind.INT,
+        50_000,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
         "manifest-ttl",
         "serve a cached tag without asking the upstream (HEAD) for this long (default 60)",
         CACHE,
@@ -820,6 +839,8 @@ def build_config(values: Values) -> Config:
     return Config(
         cache_dir=None if p["no_cache"] else cast(str, p["cache_dir"]),
         cache_size=cast(int, p["cache_size"]),
+        manifest_cache_size=cast(int, p["manifest_cache_size"]),
+        manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
         manifest_ttl=cast(float, p["manifest_ttl"]),
         manifest_memory=cast(int, p["manifest_memory"]),
         listen_host=listen[0],

@@ -8,7 +8,7 @@ Faults come from the fake registry's switches (``force_status``, ``lie_digest``,
 from __future__ import annotations
 
 import hashlib
-import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -35,9 +35,16 @@ OLD_DOCKER = [("accept", MEDIA_DOCKER_MANIFEST)]  # what old docker clients send
 DAY = 24 * 3600.0
 
 
-def manifest_files(cache: Path) -> list[str]:
-    directory = cache / "manifests" / "sha256"
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+def stored(proxy: RunningProxy, table: str) -> list[tuple[object, ...]]:
+    """The rows of a table of the manifest state, once the writer committed what it has."""
+    assert proxy.proxy.pullthrough is not None
+    assert proxy.proxy.pullthrough.manifests.flush(timeout=10)
+    with sqlite3.connect(Path(proxy.config.cache_dir or "") / "state.db") as conn:
+        return list(conn.execute(f"SELECT * FROM {table}"))
+
+
+def manifest_files(proxy: RunningProxy) -> list[str]:
+    return sorted(str(row[0]) for row in stored(proxy, "manifests"))
 
 
 async def wait_probes(proxy: RunningProxy) -> None:
@@ -153,9 +160,9 @@ async def test_public_is_asked_again_after_an_hour_and_the_answer_dated(
     assert (await client.request("/v2/library/alpine/manifests/3.20", headers=ACCEPT)).status == 200
     await wait_probes(proxy)
     assert anonymous_heads(hub) > asked
-    learned = json.loads((cache / "state.json").read_text())["readability"]["library/alpine"]
-    assert learned["anonymous"] is True
-    assert abs(learned["learned_at"] - time.time()) < 60  # the shifted clock's now
+    [learned] = [row for row in stored(proxy, "readability") if row[0] == "library/alpine"]
+    assert learned[1] == 1  # anonymous
+    assert isinstance(learned[2], float) and abs(learned[2] - time.time()) < 60  # shifted now
 
 
 # -- "upstream unavailable" ------------------------------------------------------------------
@@ -347,11 +354,8 @@ async def test_a_tag_whose_digest_header_disagrees_with_its_body_stores_nothing(
         "/v2/library/alpine/manifests/3.20", headers=ACCEPT
     )
     assert (r.status, r.json()["errors"][0]["code"]) == (502, "UNAVAILABLE")
-    assert manifest_files(cache) == []
-    state = (
-        json.loads((cache / "state.json").read_text()) if (cache / "state.json").exists() else {}
-    )
-    assert not state.get("tags")
+    assert manifest_files(proxy) == []
+    assert stored(proxy, "tags") == []
 
 
 async def test_a_manifest_whose_body_is_not_its_digest_stores_nothing(
@@ -369,10 +373,10 @@ async def test_a_manifest_whose_body_is_not_its_digest_stores_nothing(
     r = await client.request(f"/v2/library/alpine/manifests/{digest}", headers=ACCEPT)
     assert (r.status, r.json()["errors"][0]["code"]) == (502, "UNAVAILABLE")
     assert wrong not in r.body
-    assert manifest_files(cache) == []
+    assert manifest_files(proxy) == []
 
 
-async def test_a_damaged_manifest_file_is_not_served_by_the_next_process(
+async def test_a_damaged_manifest_is_not_served_by_the_next_process(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
 ) -> None:
     digest = hub.add_image("library/alpine", "3.20", [make_layer(9, 1000)])
@@ -382,14 +386,18 @@ async def test_a_damaged_manifest_file_is_not_served_by_the_next_process(
         f"/v2/library/alpine/manifests/{digest}", headers=ACCEPT
     )
     good = r.body
-    path = cache / "manifests" / "sha256" / digest.removeprefix("sha256:")
-    damaged = bytearray(path.read_bytes())
+    assert first.proxy.pullthrough is not None
+    first.proxy.pullthrough.manifests.close()  # as the process would at its end
+    damaged = bytearray(good)
     damaged[len(damaged) // 2] ^= 0x01
-    path.write_bytes(bytes(damaged))
+    with sqlite3.connect(cache / "state.db") as conn:
+        conn.execute("UPDATE manifests SET body = ?", (bytes(damaged),))
     second = await start_proxy(cache_dir=str(cache))  # a new process on the same cache
     r = await RegistryClient(second.url, ca).request(
         f"/v2/library/alpine/manifests/{digest}", headers=ACCEPT
     )
     assert r.status == 200
     assert r.body == good
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest.removeprefix("sha256:")
+    [(hexpart, body)] = [(row[0], row[3]) for row in stored(second, "manifests")]
+    assert isinstance(body, bytes)
+    assert hexpart == digest.removeprefix("sha256:") == hashlib.sha256(body).hexdigest()

@@ -1,12 +1,15 @@
 """The manifest store (``manifests.py``) on its own: Accept negotiation, per-repository media
-types, tags per kind of client, verification before storing, and a state file that survives a
-power loss."""
+types, tags per kind of client, verification before storing, bounds and eviction, state written
+behind to SQLite, a full disk, damaged state set aside, and the import of an old ``state.json``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import resource
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,10 +77,26 @@ BODY = b'{"schemaVersion": 2, "mediaType": "%s"}' % DOCKER.encode()
 V2 = frozenset({DOCKER})
 
 
-def opened(root: Path) -> ManifestStore:
-    store = ManifestStore(root)
+def opened(root: Path, **bounds: int) -> ManifestStore:
+    store = ManifestStore(root, **bounds)
     store.open()
     return store
+
+
+def restarted(store: ManifestStore, **bounds: int) -> ManifestStore:
+    """Stop ``store`` (its writer flushes) and open its directory again, as a new process."""
+    store.close()
+    return opened(store.root, **bounds)
+
+
+def rows(root: Path, table: str) -> list[tuple[object, ...]]:
+    """A table's rows as another process sees them (committed only)."""
+    with sqlite3.connect(root / "state.db") as conn:
+        return list(conn.execute(f"SELECT * FROM {table}"))
+
+
+def manifest(n: int, size: int = 0) -> bytes:
+    return b'{"schemaVersion": 2, "n": %d, "pad": "%s"}' % (n, b"x" * size)
 
 
 def test_media_types_are_kept_per_repository(tmp_path: Path) -> None:
@@ -95,8 +114,9 @@ def test_media_types_are_kept_per_repository(tmp_path: Path) -> None:
     assert again is not None and again.media_type == DOCKER
     store.link("ghcr.io/owner/c", digest)  # a blob-like link carries no media type
     assert store.get("ghcr.io/owner/c", digest) is None
-    reopened = opened(tmp_path)
+    reopened = restarted(store)
     assert reopened.get("ghcr.io/owner/b", digest) == other
+    reopened.close()
 
 
 def test_tags_are_kept_per_set_of_accepted_types(tmp_path: Path) -> None:
@@ -110,7 +130,7 @@ def test_tags_are_kept_per_set_of_accepted_types(tmp_path: Path) -> None:
     assert store.tag("library/a", "1", V2) == one
     assert store.tag("library/a", "1", both) == two
     assert store.tag("library/a", "1", frozenset({OCI})) is None
-    assert opened(tmp_path).tag("library/a", "1", V2) == one
+    assert restarted(store).tag("library/a", "1", V2) == one
 
 
 @pytest.mark.parametrize(
@@ -134,36 +154,43 @@ def test_nothing_is_stored_unless_the_body_verifies(
     assert store.tags == {}
     assert store.links == {}
     assert not store.has_body(digest_of(BODY))
-    assert list(store.dir.iterdir()) == []
-    assert not store.state_path.exists()
+    store.close()
+    for table in ("manifests", "tags", "links"):
+        assert rows(tmp_path, table) == []
 
 
-def test_a_damaged_file_is_never_served_after_a_restart(tmp_path: Path) -> None:
+def test_a_damaged_row_is_never_served_after_a_restart(tmp_path: Path) -> None:
     store = opened(tmp_path)
     digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=BODY, claimed=None)
     assert digest is not None
-    path = store.dir / digest.removeprefix("sha256:")
-    damaged = bytearray(path.read_bytes())
+    store.close()
+    damaged = bytearray(BODY)
     damaged[5] ^= 0xFF
-    path.write_bytes(bytes(damaged))
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("UPDATE manifests SET body = ?", (bytes(damaged),))
     restarted = opened(tmp_path)
     assert restarted.get("library/a", digest) is None
-    # fetched again, it replaces the damaged file
+    assert restarted.tag("library/a", "1", V2) is None  # the tag went with it
+    # fetched again, it replaces the damaged row
     again = restarted.put(
         "library/a", digest, accepted=V2, media_type=DOCKER, body=BODY, claimed=None
     )
     assert again == digest
-    assert path.read_bytes() == BODY
-    assert opened(tmp_path).get("library/a", digest) is not None
+    restarted.close()
+    assert [row[3] for row in rows(tmp_path, "manifests")] == [BODY]
+    last = opened(tmp_path)
+    assert last.get("library/a", digest) is not None
+    last.close()
 
 
 def test_readability_is_kept_with_when_it_was_learned(tmp_path: Path) -> None:
     store = opened(tmp_path)
     store.set_readability("library/a", Readability(True, 1_800_000_000.5))
     store.set_readability("acme/secret", Readability(False, 1_800_000_001.0))
-    state = json.loads(store.state_path.read_text())
-    assert state["readability"]["library/a"] == {"anonymous": True, "learned_at": 1_800_000_000.5}
-    assert opened(tmp_path).readability == store.readability
+    assert store.flush()
+    assert ("library/a", 1, 1_800_000_000.5) in [row[:3] for row in rows(tmp_path, "readability")]
+    learned = dict(store.readability)
+    assert restarted(store).readability == learned
 
 
 def test_an_older_state_file_forgets_what_it_cannot_date(tmp_path: Path) -> None:
@@ -185,31 +212,245 @@ def test_an_older_state_file_forgets_what_it_cannot_date(tmp_path: Path) -> None
     assert store.tag("library/a", "1", V2) is None
     assert store.linked("library/a", f"sha256:{body_hex}")
     assert store.get("library/a", f"sha256:{body_hex}") is None  # its media type: learned again
+    store.close()
 
 
-def test_the_state_file_is_fsynced_before_and_after_its_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A power loss right after the rename must find the new bytes on disk: the temporary file
-    is fsynced before ``os.replace``, and the directory (the rename itself) after it."""
-    events: list[tuple[str, int]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.fstat(fd).st_ino))
-        real_fsync(fd)
-
-    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append(("replace", os.stat(src).st_ino))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+def test_a_state_file_is_imported_once_and_set_aside(tmp_path: Path) -> None:
+    body_hex = hashlib.sha256(BODY).hexdigest()
+    (tmp_path / "manifests" / "sha256").mkdir(parents=True)
+    (tmp_path / "manifests" / "sha256" / body_hex).write_bytes(BODY)
+    (tmp_path / "manifests" / "sha256" / ("0" * 64)).write_bytes(b"damaged: not imported")
+    v2 = {
+        "version": 2,
+        "tags": {"library/a:1": {DOCKER: body_hex}},
+        "links": {"library/a": {f"sha256:{body_hex}": DOCKER}},
+        "readability": {"library/a": {"anonymous": True, "learned_at": 1_800_000_000.0}},
+    }
+    (tmp_path / "state.json").write_text(json.dumps(v2))
     store = opened(tmp_path)
-    store.set_readability("library/a", Readability(True, 1.0))
-    state_inode = os.stat(store.state_path).st_ino
-    directory = os.stat(tmp_path).st_ino
-    renamed = events.index(("replace", state_inode))
-    assert ("fsync", state_inode) in events[:renamed]
-    assert ("fsync", directory) in events[renamed:]
-    assert not list(tmp_path.glob("*.partial"))
+    assert store.tag("library/a", "1", V2) == f"sha256:{body_hex}"
+    cached = store.get("library/a", f"sha256:{body_hex}")
+    assert cached is not None and cached.body == BODY
+    assert store.readability == {"library/a": Readability(True, 1_800_000_000.0)}
+    assert not (tmp_path / "state.json").exists()
+    assert (tmp_path / "state.json.migrated").exists()
+    assert not (tmp_path / "manifests").exists()
+    again = restarted(store)
+    assert again.tag("library/a", "1", V2) == f"sha256:{body_hex}"
+    assert len(again.sizes) == 1
+    again.close()
+
+
+def test_changes_are_committed_behind_in_a_write_ahead_log(tmp_path: Path) -> None:
+    """Answers come from memory at once; another process sees them once the writer thread
+    committed them (``flush`` waits for that), in a WAL-journalled database."""
+    store = opened(tmp_path)
+    digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=BODY, claimed=None)
+    assert store.tag("library/a", "1", V2) == digest
+    assert store.flush()
+    assert [row[0] for row in rows(tmp_path, "tags")] == ["library/a:1"]
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+# -- bounds ---------------------------------------------------------------------------------------
+
+
+def test_manifest_bytes_are_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    bodies = [manifest(n, 1000) for n in range(4)]
+    store = opened(tmp_path, max_bytes=3 * len(bodies[0]))
+    digests = [
+        store.put("library/a", str(n), accepted=V2, media_type=DOCKER, body=body, claimed=None)
+        for n, body in enumerate(bodies[:3])
+    ]
+    assert store.get("library/a", digests[0] or "") is not None  # used: the most recent now
+    store.put("library/a", "3", accepted=V2, media_type=DOCKER, body=bodies[3], claimed=None)
+    assert store.total <= store.max_bytes
+    assert store.stats.evictions == 1
+    assert not store.has_body(digests[1] or "")  # the least recently used
+    assert store.tag("library/a", "1", V2) is None  # and the tag naming it
+    assert store.tag("library/a", "0", V2) == digests[0]
+    assert store.tag("library/a", "2", V2) == digests[2]
+    again = restarted(store, max_bytes=3 * len(bodies[0]))
+    assert {row[1] for row in rows(tmp_path, "manifests")} == {len(bodies[0])}
+    assert len(rows(tmp_path, "manifests")) == 3
+    assert again.tag("library/a", "1", V2) is None
+    assert again.tag("library/a", "0", V2) == digests[0]
+    # a lower bound at the next start evicts at once, the least recently used first
+    smaller = restarted(again, max_bytes=len(bodies[0]))
+    assert list(smaller.sizes) == [digest_of(bodies[3]).removeprefix("sha256:")]
+    smaller.close()
+    assert len(rows(tmp_path, "manifests")) == 1
+    assert [row[0] for row in rows(tmp_path, "tags")] == ["library/a:3"]
+
+
+def test_a_manifest_larger_than_the_bound_is_served_uncached(tmp_path: Path) -> None:
+    store = opened(tmp_path, max_bytes=100)
+    body = manifest(1, 200)
+    digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=body, claimed=None)
+    assert digest == digest_of(body)  # verified: the caller serves it
+    assert not store.has_body(digest)
+    assert store.tag("library/a", "1", V2) is None
+    assert store.stats.uncached == 1
+    store.close()
+
+
+def test_tags_links_and_readability_are_bounded_by_count(tmp_path: Path) -> None:
+    store = opened(tmp_path, max_entries=3)
+    for n in range(5):
+        store.put(f"r{n}", "t", accepted=V2, media_type=DOCKER, body=manifest(n), claimed=None)
+        store.link(f"r{n}", "sha256:" + f"{n}" * 64)
+        store.set_readability(f"r{n}", Readability(True, float(n)))
+    assert len(store.sizes) == 3
+    assert store.tag_count == len(store.tags) == 3
+    assert store.link_count == sum(len(d) for d in store.links.values()) == 3
+    assert list(store.readability) == ["r2", "r3", "r4"]
+    assert store.tag("r4", "t", V2) == digest_of(manifest(4))
+    assert store.tag("r0", "t", V2) is None
+    again = restarted(store, max_entries=3)
+    assert list(again.readability) == ["r2", "r3", "r4"]
+    assert again.tag_count == 3
+    again.close()
+    assert len(rows(tmp_path, "links")) == 3
+    assert len(rows(tmp_path, "tags")) == 3
+
+
+# -- a full disk (issue 12, case 5) --------------------------------------------------------------
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int], None]]:
+    """Limit the size any file of this process may grow to (RLIMIT_FSIZE): writes beyond it
+    fail with EFBIG, as on a full disk (Python ignores SIGXFSZ). Restored afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(size: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_manifest_that_cannot_be_written_is_served_uncached(
+    tmp_path: Path, file_size_limit: Callable[[int], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = opened(tmp_path)
+    big = [manifest(n, 600_000) for n in range(3)]
+    file_size_limit(256 * 1024)
+    with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):
+        first = store.put(
+            "library/a", "1", accepted=V2, media_type=DOCKER, body=big[0], claimed=None
+        )
+        assert first == digest_of(big[0])  # no OSError: the caller serves the verified bytes
+        store.flush()  # the write fails: what it held is dropped
+        second = store.put(
+            "library/a", "2", accepted=V2, media_type=DOCKER, body=big[1], claimed=None
+        )
+        assert second == digest_of(big[1])
+        store.flush()  # the write fails: what it held is dropped
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # one line a minute, however many failures
+    assert "cannot store manifests" in warnings[0] and "free space" in warnings[0]
+    assert store.stats.write_failures >= 2
+    # what could not be written is not claimed as cached: asked upstream again
+    assert store.get("library/a", first) is None
+    assert store.tag("library/a", "1", V2) is None
+    file_size_limit(resource.RLIM_INFINITY)
+    third = store.put("library/a", "3", accepted=V2, media_type=DOCKER, body=big[2], claimed=None)
+    assert store.flush()
+    again = restarted(store)
+    assert again.tag("library/a", "3", V2) == third
+    assert again.get("library/a", third or "") is not None
+    again.close()
+
+
+# -- damaged state (issue 12, case 9) -------------------------------------------------------------
+
+
+def damaged_aside(root: Path, name: str) -> list[Path]:
+    """The files set aside as ``name`` (not its WAL, set aside along with it)."""
+    return sorted(p for p in root.glob(f"{name}.damaged-*") if not p.name.endswith("-wal"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[]",  # valid JSON, the wrong shape
+        b'{"tags": ["library/a:1"], "links": {}}',
+        b'{"version": 2, "readability": "everything"}',
+        b"\x00\xff\xfe garbage \x89PNG",
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the parser goes
+    ],
+)
+def test_a_damaged_state_file_is_set_aside_and_the_store_starts_empty(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "state.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):
+        store = opened(tmp_path)
+    assert (store.tags, store.links, store.readability) == ({}, {}, {})
+    [aside] = damaged_aside(tmp_path, "state.json")
+    assert aside.read_bytes() == content
+    assert not (tmp_path / "state.json").exists()
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=BODY, claimed=None)
+    assert restarted(store).tag("library/a", "1", V2) == digest
+
+
+def corrupt_inside(path: Path) -> None:
+    """Overwrite every page but the first with noise: the header reads, the b-trees do not."""
+    data = bytearray(path.read_bytes())
+    for offset in range(4096, len(data)):
+        data[offset] = (offset * 7 + 13) % 256
+    path.write_bytes(bytes(data))
+
+
+def filled_database(root: Path) -> None:
+    store = opened(root)
+    for n in range(50):
+        store.put(
+            "library/a", str(n), accepted=V2, media_type=DOCKER, body=manifest(n, 300), claimed=None
+        )
+    store.close()
+    with sqlite3.connect(root / "state.db") as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(b"SQLite format 3\x00" + b"\xee" * 8000),
+        lambda path: path.write_bytes(b"not a database at all\n" * 100),
+        corrupt_inside,
+    ],
+    ids=["bad-header", "garbage", "bad-pages"],
+)
+def test_a_corrupt_database_is_set_aside_and_the_store_starts_empty(
+    tmp_path: Path, damage: Callable[[Path], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    filled_database(tmp_path)
+    damage(tmp_path / "state.db")
+    with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):
+        store = opened(tmp_path)
+    assert len(store.sizes) == 0 and store.tags == {}
+    assert len(damaged_aside(tmp_path, "state.db")) == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=BODY, claimed=None)
+    assert restarted(store).tag("library/a", "1", V2) == digest
+
+
+def test_a_database_of_another_shape_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("CREATE TABLE tags (name TEXT)")
+        conn.execute("INSERT INTO tags VALUES ('x')")
+    with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):
+        store = opened(tmp_path)
+    assert store.tags == {}
+    assert len(damaged_aside(tmp_path, "state.db")) == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    store.close()

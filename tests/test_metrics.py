@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hubproxy.cache.manifests import ManifestStore
 from hubproxy.cache.store import BlobStore
 from hubproxy.net.server import ConnectionFigures
 from hubproxy.ops.metrics import (
@@ -28,6 +29,7 @@ from hubproxy.ops.metrics import (
     escape_help,
     escape_label_value,
     format_value,
+    manifest_figures,
     parse_ratelimit,
     resident_bytes,
 )
@@ -397,6 +399,14 @@ HUB_FAMILIES = {
     "hubproxy_manifest_memory_limit_bytes",
     "hubproxy_manifest_bytes_sending",
     "hubproxy_manifest_fetches_shared",
+    "hubproxy_manifest_cache_bytes",
+    "hubproxy_manifest_cache_manifests",
+    "hubproxy_manifest_cache_tags",
+    "hubproxy_manifest_cache_limit_bytes",
+    "hubproxy_manifest_cache_limit_entries",
+    "hubproxy_manifest_cache_evictions",
+    "hubproxy_manifest_cache_write_failures",
+    "hubproxy_manifest_cache_uncached",
     "hubproxy_build_info",
     "hubproxy_start_time_seconds",
     "process_resident_memory_bytes",
@@ -532,6 +542,42 @@ def test_cache_figures_of_a_blob_store(tmp_path: Path) -> None:
     limit = families["hubproxy_cache_limit_bytes"][2]
     assert limit == [("hubproxy_cache_limit_bytes", {}, 1 << 20)]
     assert families["hubproxy_cache_evictions"][2] == [("hubproxy_cache_evictions_total", {}, 2)]
+
+
+def test_manifest_figures_of_a_manifest_store(tmp_path: Path) -> None:
+    store = ManifestStore(tmp_path, max_bytes=100, max_entries=7)
+    store.open()
+    metrics = HubMetrics(manifests=lambda: manifest_figures(store))
+    families = parse(metrics.render())
+    assert families["hubproxy_manifest_cache_limit_bytes"][2][0][2] == 100
+    assert families["hubproxy_manifest_cache_limit_entries"][2][0][2] == 7
+    body = b'{"schemaVersion": 2}'
+    for n in range(6):  # 6 x 20 bytes: one is evicted to stay within 100
+        store.put(
+            "library/a",
+            str(n),
+            accepted=frozenset(),
+            media_type="x/y",
+            body=body + b" " * n,
+            claimed=None,
+        )
+    store.put(
+        "library/a",
+        "big",
+        accepted=frozenset(),
+        media_type="x/y",
+        body=b"{" + b" " * 200 + b"}",
+        claimed=None,
+    )
+    families = parse(metrics.render())
+    assert families["hubproxy_manifest_cache_manifests"][2][0][2] == 4
+    assert families["hubproxy_manifest_cache_tags"][2][0][2] == 4
+    assert families["hubproxy_manifest_cache_bytes"][2][0][2] == store.total <= 100
+    evictions = families["hubproxy_manifest_cache_evictions"][2]
+    assert evictions == [("hubproxy_manifest_cache_evictions_total", {}, 2)]
+    uncached = families["hubproxy_manifest_cache_uncached"][2]
+    assert uncached == [("hubproxy_manifest_cache_uncached_total", {}, 1)]
+    store.close()
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,34 @@
 """Cached manifests: bytes by digest, per repository the media type each digest was served with,
 tags to their last known digest per kind of client, and which repositories anyone may read.
 
-Manifests are small, so they are kept whole: ``manifests/sha256/<hex>`` holds the exact bytes
-(never re-encoded: a digest is over those bytes; re-hashed whenever read from disk, so a damaged
-file is never served). ``state.json`` holds, per repository (its state name, which includes the
-registry), the digests the upstream served in it with their media types (a registry's
-``Content-Type`` says nothing about what another registry, or another repository, serves); per
-``repository:tag`` and set of accepted media types, the last known digest (a registry answers a
-tag by ``Accept``); and, per repository, whether an anonymous client may pull it and when that
-was learned (wall clock). ``state.json`` is written to a temporary file, fsync'd, renamed into
-place, and the directory fsync'd: a power loss leaves the old state or the new, never an empty
-file.
+Theory of operation. Everything lives in one SQLite database, ``state.db`` in the cache
+directory (WAL journal, ``synchronous=FULL``: a commit is on disk when it returns, and a crash
+or power loss leaves the last committed state). Manifest bodies are rows too, kept byte-exact (a
+digest is over those bytes) and re-hashed whenever read back, so a damaged row is never served.
+Rows rather than files: a body, the tags naming it and its eviction commit in one transaction
+(no tag outlives its body, no orphan file escapes the bound), a batch of any size costs one
+fsync instead of one per file plus the directory, and a 500-byte manifest takes 500 bytes, not
+a 4 KiB block.
+
+The event loop never waits for the disk. All state is indexed in memory, in least-recently-used
+order, and every public method answers from there at once; each change is also recorded in a
+*batch* (a dict per table, keyed by row, so a key changed twice is written once). One writer
+thread owns the write connection: it takes the whole batch under a lock (a pointer swap) and
+commits it in one transaction, while the loop goes on filling the next. Memory stays bounded:
+the batch holds at most one entry per key of the bounded indexes, and bodies not yet committed
+are capped at ``MAX_UNWRITTEN`` bytes (beyond that a manifest is served uncached: the disk is
+behind). Reads of bodies that are not in memory go through a second, read-only connection.
+
+Bounds (like the blob cache): the bytes of manifest bodies, and the number of manifests, of tags,
+of (repository, digest) links and of repositories with a known readability. Beyond them the least
+recently used go first; a manifest takes the tags that name it along.
+
+Failures. A commit that fails (a full disk, an I/O error) never reaches a client: the request
+was answered from memory. Its bodies are dropped from the index (asked upstream again next
+time), the rest is retried a second later, and one warning a minute says what failed and what
+to do. A database that is corrupt or of another shape is set aside (renamed with a timestamp)
+with one warning, and the store starts empty. A ``state.json`` (with ``manifests/sha256/``) of
+the versions before the database is imported once and renamed aside.
 
 Accept negotiation follows RFC 9110 section 12.5.1: a cached manifest is served only to a client
 whose ``Accept`` names its media type (or ``*/*``, or ``type/*``) with a non-zero quality.
@@ -18,13 +36,20 @@ whose ``Accept`` names its media type (or ``*/*``, or ``type/*``) with a non-zer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+import re
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..policy.cachepolicy import Readability, manifest_verified
@@ -33,6 +58,29 @@ log = logging.getLogger("hubproxy.cache")
 
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's limit on manifest size
 MEMORY_LIMIT = 8 * 1024 * 1024  # verified manifests kept in memory
+MAX_UNWRITTEN = 8 * 1024 * 1024  # bodies handed to the writer and not yet committed
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_ENTRIES = 50_000
+WARN_EVERY = 60.0  # seconds between two warnings about failing writes
+RETRY_AFTER = 1.0  # seconds before a failed batch is tried again
+TOUCH_EVERY = 60.0  # recency (LRU order) alone is written at most this often
+SCHEMA_VERSION = 1
+DATABASE = "state.db"
+LEGACY_STATE = "state.json"
+
+_HEX = re.compile(r"[0-9a-f]{64}\Z")
+_DAMAGED_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SCHEMA = (
+    # body last: loading the index reads hex, size and used without touching overflow pages
+    "CREATE TABLE manifests (hex TEXT PRIMARY KEY, size INTEGER NOT NULL,"
+    " used INTEGER NOT NULL, body BLOB NOT NULL)",
+    "CREATE TABLE tags (name TEXT PRIMARY KEY, accepts TEXT NOT NULL, seq INTEGER NOT NULL)",
+    "CREATE TABLE links (repository TEXT NOT NULL, digest TEXT NOT NULL,"
+    " media_type TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (repository, digest))",
+    "CREATE TABLE readability (repository TEXT PRIMARY KEY, anonymous INTEGER NOT NULL,"
+    " learned_at REAL NOT NULL, seq INTEGER NOT NULL)",
+)
+_TABLES = frozenset({"manifests", "tags", "links", "readability"})
 
 
 def accepts(accept_values: Sequence[bytes], media_type: str) -> bool:
@@ -85,7 +133,8 @@ def accepted_types(accept_values: Sequence[bytes]) -> frozenset[str]:
 
 
 def _accept_key(accepted: frozenset[str]) -> str:
-    return ",".join(sorted(accepted))
+    # interned: 100,000 tags share a handful of these strings instead of a copy each
+    return sys.intern(",".join(sorted(accepted)))
 
 
 @dataclass(frozen=True)
@@ -95,74 +144,332 @@ class CachedManifest:
     body: bytes
 
 
-class ManifestStore:
-    """Manifests on disk plus the small state file; all methods are synchronous and fast."""
+@dataclass
+class ManifestStats:
+    """Counters for the metrics endpoint (read-only from outside)."""
 
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "manifests" / "sha256"
-        self.state_path = root / "state.json"
-        self.tags: dict[str, dict[str, str]] = {}  # "repo:tag" -> {accept key: hex}
+    evictions: int = 0  # manifests evicted to stay within the bounds
+    write_failures: int = 0  # batches the writer could not commit (full disk, I/O error)
+    uncached: int = 0  # verified manifests served without being stored
+
+
+@dataclass
+class _Batch:
+    """Changes not yet committed, one entry per row (the latest wins); None deletes the row."""
+
+    bodies: dict[str, tuple[bytes, int] | None] = field(default_factory=dict)  # hex -> body, used
+    used: dict[str, int] = field(default_factory=dict)  # hex -> recency, alone
+    tags: dict[str, tuple[str, int] | None] = field(default_factory=dict)  # name -> json, seq
+    tag_used: dict[str, int] = field(default_factory=dict)  # name -> recency, alone
+    links: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
+    readability: dict[str, tuple[Readability, int] | None] = field(default_factory=dict)
+
+    def changed(self) -> bool:
+        """Whether anything but recency changed (recency alone is not worth an fsync now)."""
+        return bool(self.bodies or self.tags or self.links or self.readability)
+
+    def empty(self) -> bool:
+        return not (self.changed() or self.used or self.tag_used)
+
+    def merge_back(self, failed: _Batch) -> None:
+        """Take back a batch that could not be written, except the bodies it inserted (they
+        are dropped: asked upstream again) and rows changed again since."""
+        for hexpart, body in failed.bodies.items():
+            if body is None:
+                self.bodies.setdefault(hexpart, None)
+        for name in ("used", "tags", "tag_used", "links", "readability"):
+            mine, theirs = getattr(self, name), getattr(failed, name)
+            for key, value in theirs.items():
+                mine.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class _Result:
+    """What the writer tells the loop after a commit, or a failed one."""
+
+    written: tuple[str, ...]  # bodies now on disk
+    lost: tuple[str, ...]  # bodies that could not be written
+
+
+class _Damaged(Exception):
+    """The database (or the old state file) is corrupt or of another shape."""
+
+
+class ManifestStore:
+    """Manifests and their state, bounded and written behind by one thread.
+
+    Every method is synchronous and answers from memory at once (callable from the event
+    loop); ``open`` (at start) and ``flush``/``close`` (at shutdown, or from a thread) block.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        self.root = root
+        self.db_path = root / DATABASE
+        self.legacy_state = root / LEGACY_STATE
+        self.legacy_dir = root / "manifests"
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.stats = ManifestStats()
+        # the indexes, least recently used first
+        self.sizes: OrderedDict[str, int] = OrderedDict()  # hex -> body size
+        self.total = 0  # bytes of bodies
+        self.tags: OrderedDict[str, dict[str, str]] = OrderedDict()  # "repo:tag" -> {key: hex}
         # repository -> {digest: media type} of what the upstream served in it ("" for blobs)
-        self.links: dict[str, dict[str, str]] = {}
-        self.readability: dict[str, Readability] = {}  # repository -> the anonymous answer
+        self.links: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self.readability: OrderedDict[str, Readability] = OrderedDict()  # the anonymous answer
+        self.tag_count = 0
+        self.link_count = 0
+        # hex -> tag names naming it; tuples, not sets: a tuple of strings is not tracked by
+        # the garbage collector, and 100,000 tracked sets made every full collection a stall
+        self._tagged: dict[str, tuple[str, ...]] = {}
         self._verified: OrderedDict[str, bytes] = OrderedDict()  # hex -> body, checked once
         self._verified_bytes = 0
+        self._unwritten: dict[str, bytes] = {}  # hex -> body handed to the writer
+        self._unwritten_bytes = 0
+        self._seq = 0  # recency: larger is more recent
+        # shared with the writer thread, under _cond
+        self._cond = threading.Condition()
+        self._batch = _Batch()
+        self._writing = False
+        self._urgent = False  # a flush waits: write now, recency too
+        self._closing = False
+        self._failures = 0
+        self._results: deque[_Result] = deque()  # appended by the writer, read by the loop
+        self._warned_at = -math.inf
+        self._unwarned = 0
+        self._reader: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- opening ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create the directory and read the state file (entries of an older format, which had
-        no learned-at times and one media type for every registry, are dropped: re-learned)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Open (or create) the database, import an old ``state.json`` once, load the indexes
+        and start the writer. A damaged database is set aside and the store starts empty.
+        Raises OSError if the cache directory cannot be used at all."""
+        self.root.mkdir(parents=True, exist_ok=True)
         try:
-            state = json.loads(self.state_path.read_text())
-        except FileNotFoundError:
+            self._open_database()
+        except _Damaged as exc:
+            self._set_aside(self.db_path, str(exc), ("", "-wal", "-shm"))
+            self._reset()
+            self._open_database()
+        # opened (and read once: WAL recovery, the shared-memory index) before the writer
+        # starts, so the loop's reads never meet a busy database (they do not wait: timeout 0)
+        self._reader = _connect(self.db_path, check_same_thread=False, timeout=0)
+        self._reader.execute("PRAGMA query_only = ON")
+        self._reader.execute("SELECT count(*) FROM tags").fetchone()
+        self._thread = threading.Thread(target=self._run, name="hubproxy-manifests", daemon=True)
+        self._thread.start()
+
+    def _open_database(self) -> None:
+        try:
+            conn = _connect(self.db_path)
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot open {self.db_path}: {exc}") from exc
+        try:
+            _prepare(conn)
+            self._import_legacy(conn)
+            self._load(conn)
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _DAMAGED_CODES:
+                raise _Damaged(str(exc)) from exc
+            raise OSError(f"cannot use {self.db_path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _reset(self) -> None:
+        self.sizes.clear()
+        self.tags.clear()
+        self.links.clear()
+        self.readability.clear()
+        self._tagged.clear()
+        self.total = self.tag_count = self.link_count = 0
+        self._batch = _Batch()
+
+    def _set_aside(self, path: Path, why: str, suffixes: Sequence[str] = ("",)) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in suffixes:
+            source = path.with_name(path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if suffix == "-shm":  # an index of the WAL, rebuilt from it: nothing to keep
+                    source.unlink()
+                else:
+                    source.rename(path.with_name(f"{path.name}.damaged-{stamp}{suffix}"))
+        log.warning(
+            "cache state %s is damaged (%s); set aside as %s.damaged-%s, starting with an "
+            "empty manifest cache",
+            path,
+            why,
+            path.name,
+            stamp,
+        )
+
+    def _import_legacy(self, conn: sqlite3.Connection) -> None:
+        """Import the ``state.json`` and ``manifests/sha256/`` of older versions, once."""
+        if not self.legacy_state.exists() and not self.legacy_dir.exists():
             return
-        except (OSError, ValueError) as exc:
-            log.warning("cache state %s is unreadable, starting afresh: %s", self.state_path, exc)
-            return
-        if not isinstance(state, dict):
-            return
-        self.tags = {
-            name: {str(k): str(v) for k, v in keyed.items()}
-            for name, keyed in _mapping(state.get("tags")).items()
-            if isinstance(keyed, dict)
-        }
-        self.links = {}
-        for repository, digests in _mapping(state.get("links")).items():
-            if isinstance(digests, dict):
-                self.links[repository] = {str(d): str(t) for d, t in digests.items()}
-            elif isinstance(digests, list):  # the older format: blob-like links, no types
-                self.links[repository] = {str(d): "" for d in digests}
-        for repository, answer in _mapping(state.get("readability")).items():
-            if isinstance(answer, dict):
-                anonymous, learned_at = answer.get("anonymous"), answer.get("learned_at")
-                if isinstance(anonymous, bool) and isinstance(learned_at, int | float):
-                    self.readability[repository] = Readability(anonymous, float(learned_at))
+        tags: dict[str, dict[str, str]] = {}
+        links: dict[str, dict[str, str]] = {}
+        readability: dict[str, Readability] = {}
+        if self.legacy_state.exists():
+            try:
+                tags, links, readability = _legacy_state(self.legacy_state.read_bytes())
+            except (_Damaged, OSError) as exc:
+                self._set_aside(self.legacy_state, str(exc))
+        seq = 0
+        present = set()
+        conn.execute("BEGIN IMMEDIATE")
+        for path in _legacy_files(self.legacy_dir / "sha256"):
+            body = path.read_bytes()
+            if hashlib.sha256(body).hexdigest() != path.name:
+                continue  # damaged: never imported
+            seq += 1
+            present.add(path.name)
+            conn.execute(
+                "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
+                (path.name, len(body), seq, body),
+            )
+        for name, keyed in tags.items():
+            kept = {k: h for k, h in keyed.items() if h in present}
+            if kept:
+                seq += 1
+                conn.execute(
+                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (name, json.dumps(kept), seq)
+                )
+        for repository, digests in links.items():
+            for digest, media_type in digests.items():
+                seq += 1
+                conn.execute(
+                    "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)",
+                    (repository, digest, media_type, seq),
+                )
+        for repository, answer in readability.items():
+            seq += 1
+            conn.execute(
+                "INSERT OR REPLACE INTO readability VALUES (?, ?, ?, ?)",
+                (repository, int(answer.anonymous), answer.learned_at, seq),
+            )
+        conn.execute("COMMIT")
+        if self.legacy_state.exists():
+            self.legacy_state.rename(self.legacy_state.with_name(LEGACY_STATE + ".migrated"))
+        shutil.rmtree(self.legacy_dir, ignore_errors=True)
+        log.info("imported %d manifests and their state from %s", len(present), LEGACY_STATE)
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        """Fill the indexes from the database, oldest first, and drop what is beyond bounds."""
+        seq = 0
+        for hexpart, size, used in conn.execute(
+            "SELECT hex, size, used FROM manifests ORDER BY used"
+        ):
+            if isinstance(hexpart, str) and _HEX.match(hexpart) and isinstance(size, int):
+                self.sizes[sys.intern(hexpart)] = size
+                self.total += size
+            else:
+                self._batch.bodies[str(hexpart)] = None
+            seq = max(seq, used if isinstance(used, int) else 0)
+        for name, text, row_seq in conn.execute("SELECT name, accepts, seq FROM tags ORDER BY seq"):
+            keyed = _json_pairs(text)
+            kept = {sys.intern(k): h for k, h in keyed.items() if h in self.sizes}
+            if kept:
+                self.tags[name] = kept
+                self.tag_count += len(kept)
+                for hexpart in set(kept.values()):
+                    self._tagged[hexpart] = (*self._tagged.get(hexpart, ()), name)
+            if kept != keyed:
+                self._batch.tags[name] = (json.dumps(kept), row_seq) if kept else None
+            seq = max(seq, row_seq if isinstance(row_seq, int) else 0)
+        for repository, digest, media_type, row_seq in conn.execute(
+            "SELECT repository, digest, media_type, seq FROM links ORDER BY seq"
+        ):
+            self.links.setdefault(repository, {})[digest] = sys.intern(str(media_type))
+            self.links.move_to_end(repository)
+            self.link_count += 1
+            seq = max(seq, row_seq if isinstance(row_seq, int) else 0)
+        for repository, anonymous, learned_at, row_seq in conn.execute(
+            "SELECT repository, anonymous, learned_at, seq FROM readability ORDER BY seq"
+        ):
+            if isinstance(learned_at, int | float):
+                self.readability[repository] = Readability(bool(anonymous), float(learned_at))
+            seq = max(seq, row_seq if isinstance(row_seq, int) else 0)
+        self._seq = seq
+        self._evict()
+
+    # -- reading -----------------------------------------------------------------------------
 
     def get(self, repository: str, digest: str) -> CachedManifest | None:
         """The manifest ``digest`` as served in ``repository``, or None if the upstream never
-        served it there (or its file is gone or damaged)."""
-        media_type = self.links.get(repository, {}).get(digest)
+        served it there (or it is not cached, or its stored bytes are damaged)."""
+        self._settle()
+        linked = self.links.get(repository)
+        media_type = linked.get(digest) if linked is not None else None
         if not media_type:
             return None
-        body = self._body(digest.removeprefix("sha256:"))
-        return CachedManifest(digest, media_type, body) if body is not None else None
+        self.links.move_to_end(repository)
+        hexpart = digest.removeprefix("sha256:")
+        body = self._body(hexpart)
+        if body is None:
+            return None
+        self._touch(hexpart)
+        return CachedManifest(digest, media_type, body)
 
     def has_body(self, digest: str) -> bool:
         """Whether the bytes of manifest ``digest`` are here (for whichever repository)."""
-        hexpart = digest.removeprefix("sha256:")
-        return hexpart in self._verified or (self.dir / hexpart).is_file()
+        self._settle()
+        return digest.removeprefix("sha256:") in self.sizes
+
+    def tag(self, repository: str, tag: str, accepted: frozenset[str]) -> str | None:
+        """The digest ``tag`` named when last fetched by a client accepting ``accepted``."""
+        self._settle()
+        name = f"{repository}:{tag}"
+        keyed = self.tags.get(name)
+        hexpart = keyed.get(_accept_key(accepted)) if keyed is not None else None
+        if hexpart is None:
+            return None
+        self.tags.move_to_end(name)
+        with self._cond:
+            self._batch.tag_used[name] = self._next()
+        return f"sha256:{hexpart}"
+
+    def linked(self, repository: str, digest: str) -> bool:
+        """Whether the upstream served ``digest`` under ``repository`` (a blob or manifest)."""
+        self._settle()
+        linked = self.links.get(repository)
+        if linked is None or digest not in linked:
+            return False
+        self.links.move_to_end(repository)
+        return True
 
     def _body(self, hexpart: str) -> bytes | None:
+        if hexpart not in self.sizes:
+            return None
         body = self._verified.get(hexpart)
         if body is not None:
             self._verified.move_to_end(hexpart)
             return body
+        body = self._unwritten.get(hexpart)
+        if body is not None:
+            return body
         try:
-            body = (self.dir / hexpart).read_bytes()
-        except OSError:
+            assert self._reader is not None, "ManifestStore.open() was not called"
+            row = self._reader.execute(
+                "SELECT body FROM manifests WHERE hex = ?", (hexpart,)
+            ).fetchone()
+        except sqlite3.Error as exc:  # busy or damaged: a miss now, asked upstream
+            log.info("cannot read cached manifest sha256:%s: %s", hexpart, exc)
             return None
-        if hashlib.sha256(body).hexdigest() != hexpart:  # a damaged file is never served
-            log.warning("cached manifest sha256:%s is damaged; ignoring it", hexpart)
+        body = row[0] if row is not None and isinstance(row[0], bytes) else None
+        if body is None or hashlib.sha256(body).hexdigest() != hexpart:
+            # a damaged row is never served; fetched again, it is stored afresh
+            log.warning("cached manifest sha256:%s is damaged or missing; dropping it", hexpart)
+            with self._cond:
+                self._drop(hexpart)
+                self._cond.notify_all()
             return None
         self._remember_verified(hexpart, body)
         return body
@@ -176,10 +483,7 @@ class ManifestStore:
             _key, old = self._verified.popitem(last=False)
             self._verified_bytes -= len(old)
 
-    def tag(self, repository: str, tag: str, accepted: frozenset[str]) -> str | None:
-        """The digest ``tag`` named when last fetched by a client accepting ``accepted``."""
-        hexpart = self.tags.get(f"{repository}:{tag}", {}).get(_accept_key(accepted))
-        return f"sha256:{hexpart}" if hexpart else None
+    # -- changing ----------------------------------------------------------------------------
 
     def put(
         self,
@@ -196,18 +500,33 @@ class ManifestStore:
 
         Nothing is stored, and no tag moves, unless the body hashes to the digest it was asked
         by and to ``claimed`` (the upstream's ``Docker-Content-Digest``, if it sent one): None.
+        Never raises for the disk: a manifest that cannot be kept now (larger than the bound,
+        or the writer too far behind) is counted and its digest returned, to be served uncached.
         """
-        hexpart = hashlib.sha256(body).hexdigest()
+        hexpart = sys.intern(hashlib.sha256(body).hexdigest())
         digest = f"sha256:{hexpart}"
         if not manifest_verified(reference, digest, claimed):
             return None
-        if hexpart not in self._verified or not (self.dir / hexpart).is_file():
-            _write_durably(self.dir / hexpart, body, sync_dir=False)
-        self._remember_verified(hexpart, body)
-        if not reference.startswith("sha256:"):
-            self.tags.setdefault(f"{repository}:{reference}", {})[_accept_key(accepted)] = hexpart
-        self.links.setdefault(repository, {})[digest] = media_type
-        self._save()
+        self._settle()
+        with self._cond:
+            if hexpart in self.sizes:
+                self.sizes.move_to_end(hexpart)
+                self._batch.used[hexpart] = self._next()
+            elif len(body) > self.max_bytes or self._unwritten_bytes + len(body) > MAX_UNWRITTEN:
+                self.stats.uncached += 1
+                return digest
+            else:
+                self.sizes[hexpart] = len(body)
+                self.total += len(body)
+                self._unwritten[hexpart] = body
+                self._unwritten_bytes += len(body)
+                self._batch.bodies[hexpart] = (body, self._next())
+            self._remember_verified(hexpart, body)
+            if not reference.startswith("sha256:"):
+                self._set_tag(f"{repository}:{reference}", _accept_key(accepted), hexpart)
+            self._set_link(repository, digest, sys.intern(media_type))
+            self._evict()
+            self._cond.notify_all()
         return digest
 
     def link(self, repository: str, digest: str, media_type: str = "") -> None:
@@ -217,58 +536,377 @@ class ManifestStore:
         Registries scope blobs and manifests to repositories; a stale answer (the upstream
         down) may only give a digest under a repository that was seen to hold it.
         """
-        linked = self.links.setdefault(repository, {})
-        if digest not in linked or (media_type and linked[digest] != media_type):
-            linked[digest] = media_type or linked.get(digest, "")
-            self._save()
-
-    def linked(self, repository: str, digest: str) -> bool:
-        return digest in self.links.get(repository, {})
+        self._settle()
+        linked = self.links.get(repository, {})
+        if digest in linked and (not media_type or linked[digest] == media_type):
+            self.links.move_to_end(repository)
+            return
+        with self._cond:
+            self._set_link(repository, digest, sys.intern(media_type or linked.get(digest, "")))
+            self._evict()
+            self._cond.notify_all()
 
     def set_readability(self, repository: str, readability: Readability) -> None:
-        self.readability[repository] = readability
-        self._save()
+        """Record whether an anonymous client may pull ``repository``, and when that was
+        learned (wall clock)."""
+        self._settle()
+        with self._cond:
+            self.readability[repository] = readability
+            self.readability.move_to_end(repository)
+            self._batch.readability[repository] = (readability, self._next())
+            self._evict()
+            self._cond.notify_all()
 
-    def _save(self) -> None:
-        state = {
-            "version": 2,
-            "tags": self.tags,
-            "links": self.links,
-            "readability": {
-                repository: {"anonymous": r.anonymous, "learned_at": r.learned_at}
-                for repository, r in self.readability.items()
-            },
-        }
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _touch(self, hexpart: str) -> None:
+        self.sizes.move_to_end(hexpart)
+        with self._cond:
+            self._batch.used[hexpart] = self._next()
+
+    def _set_tag(self, name: str, key: str, hexpart: str) -> None:
+        keyed = self.tags.setdefault(name, {})
+        old = keyed.get(key)
+        if old is None:
+            self.tag_count += 1
+        elif old != hexpart:
+            self._untag(name, old, keyed, key)
+        keyed[key] = hexpart
+        self.tags.move_to_end(name)
+        names = self._tagged.get(hexpart, ())
+        if name not in names:
+            self._tagged[hexpart] = (*names, name)
+        self._batch.tags[name] = (json.dumps(keyed), self._next())
+
+    def _untag(self, name: str, hexpart: str, keyed: dict[str, str], key: str) -> None:
+        """Forget that ``name`` names ``hexpart`` unless another of its keys still does."""
+        if not any(h == hexpart for k, h in keyed.items() if k != key):
+            self._unname(hexpart, name)
+
+    def _unname(self, hexpart: str, name: str) -> None:
+        names = tuple(n for n in self._tagged.get(hexpart, ()) if n != name)
+        if names:
+            self._tagged[hexpart] = names
+        else:
+            self._tagged.pop(hexpart, None)
+
+    def _set_link(self, repository: str, digest: str, media_type: str) -> None:
+        linked = self.links.setdefault(repository, {})
+        if digest not in linked:
+            self.link_count += 1
+        linked[digest] = media_type
+        self.links.move_to_end(repository)
+        self._batch.links[(repository, digest)] = (media_type, self._next())
+
+    def _drop(self, hexpart: str) -> None:
+        """Forget manifest ``hexpart`` and the tags naming it (under the lock, as every change
+        of the batch)."""
+        size = self.sizes.pop(hexpart, None)
+        if size is None:
+            return
+        self.total -= size
+        self._forget_unwritten(hexpart)
+        body = self._verified.pop(hexpart, None)
+        if body is not None:
+            self._verified_bytes -= len(body)
+        self._batch.bodies[hexpart] = None
+        self._batch.used.pop(hexpart, None)
+        for name in self._tagged.pop(hexpart, ()):
+            keyed = self.tags.get(name)
+            if keyed is None:
+                continue
+            for key in [k for k, h in keyed.items() if h == hexpart]:
+                del keyed[key]
+                self.tag_count -= 1
+            self._write_tag(name, keyed)
+
+    def _write_tag(self, name: str, keyed: dict[str, str]) -> None:
+        if keyed:
+            self._batch.tags[name] = (json.dumps(keyed), self._next())
+        else:
+            self.tags.pop(name, None)
+            self._batch.tags[name] = None
+            self._batch.tag_used.pop(name, None)
+
+    def _forget_unwritten(self, hexpart: str) -> None:
+        body = self._unwritten.pop(hexpart, None)
+        if body is not None:
+            self._unwritten_bytes -= len(body)
+
+    def _evict(self) -> None:
+        """Keep within the bounds: least recently used first."""
+        while self.sizes and (self.total > self.max_bytes or len(self.sizes) > self.max_entries):
+            self._drop(next(iter(self.sizes)))
+            self.stats.evictions += 1
+        while self.tag_count > self.max_entries and self.tags:
+            name, keyed = self.tags.popitem(last=False)
+            for hexpart in set(keyed.values()):
+                self._unname(hexpart, name)
+            self.tag_count -= len(keyed)
+            self._batch.tags[name] = None
+            self._batch.tag_used.pop(name, None)
+        while self.link_count > self.max_entries and self.links:
+            repository, linked = next(iter(self.links.items()))
+            digest = next(iter(linked))
+            del linked[digest]
+            if not linked:
+                del self.links[repository]
+            self.link_count -= 1
+            self._batch.links[(repository, digest)] = None
+        while len(self.readability) > self.max_entries:
+            repository, _answer = self.readability.popitem(last=False)
+            self._batch.readability[repository] = None
+
+    def _settle(self) -> None:
+        """Take in what the writer reported: bodies now on disk leave memory; bodies it could
+        not write are forgotten (asked upstream again), unless stored again since."""
+        while self._results:
+            result = self._results.popleft()
+            for hexpart in result.written:
+                self._forget_unwritten(hexpart)
+            if result.lost:
+                with self._cond:
+                    for hexpart in result.lost:
+                        if self._batch.bodies.get(hexpart) is None:
+                            self._drop(hexpart)
+                    self._cond.notify_all()
+
+    # -- writing (the writer thread) ---------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until every change so far is committed (recency too); False if a write
+        failed or ``timeout`` passed first. For shutdown and tests, never the event loop."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                return False
+            failures = self._failures
+            self._urgent = True
+            self._cond.notify_all()
+            self._cond.wait_for(
+                lambda: (self._batch.empty() and not self._writing) or self._failures > failures,
+                timeout,
+            )
+            done = self._batch.empty() and not self._writing and self._failures == failures
+        self._settle()
+        return done
+
+    def close(self) -> None:
+        """Write what is pending and stop the writer (blocking: from a thread, or at exit)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._settle()
+
+    def _run(self) -> None:
+        conn = _connect(self.db_path)
         try:
-            _write_durably(self.state_path, json.dumps(state).encode(), sync_dir=True)
-        except OSError as exc:
-            log.warning("cannot save the cache state %s: %s", self.state_path, exc)
-
-
-def _mapping(value: object) -> dict[str, object]:
-    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def _write_durably(path: Path, data: bytes, *, sync_dir: bool) -> None:
-    """Replace ``path`` with ``data`` so that a crash or power loss leaves the old file or the
-    new one: write a temporary file, fsync it, rename it into place, fsync the directory."""
-    temp = path.with_name(path.name + ".partial")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(temp, path)
-    except OSError:
-        os.unlink(temp)
-        raise
-    if sync_dir:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
+            conn.execute("PRAGMA synchronous = FULL")
+            # the WAL is reset after each checkpoint; without a limit it keeps the size of
+            # the largest batch ever written
+            conn.execute(f"PRAGMA journal_size_limit = {MAX_UNWRITTEN * 2}")
+            self._write_loop(conn)
         finally:
-            os.close(dir_fd)
+            conn.close()
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._batch.changed() or self._urgent or self._closing, TOUCH_EVERY
+                )
+                if self._batch.empty():
+                    self._urgent = False
+                    self._cond.notify_all()
+                    if self._closing:
+                        return
+                    continue
+                batch, self._batch = self._batch, _Batch()
+                self._writing = True
+            failure = _write(conn, batch)
+            inserted = tuple(h for h, body in batch.bodies.items() if body is not None)
+            with self._cond:
+                self._writing = False
+                if failure is None:
+                    self._results.append(_Result(written=inserted, lost=()))
+                else:
+                    self._failures += 1
+                    self.stats.write_failures += 1
+                    self._batch.merge_back(batch)
+                    self._results.append(_Result(written=(), lost=inserted))
+                    self._warn(failure)
+                self._urgent = False
+                self._cond.notify_all()
+                if failure is not None:
+                    if self._closing:
+                        return  # nothing more to do: the state on disk is the last committed
+                    self._cond.wait_for(lambda: self._closing or self._urgent, RETRY_AFTER)
+
+    def _warn(self, failure: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < WARN_EVERY:
+            self._unwarned += 1
+            return
+        log.warning(
+            "cannot store manifests in %s: %s; serving them uncached until it works again "
+            "(free space on that disk, or lower --cache-size or --manifest-cache-size)%s",
+            self.db_path,
+            failure,
+            f" ({self._unwarned} more failures since the last warning)" if self._unwarned else "",
+        )
+        self._warned_at = now
+        self._unwarned = 0
+
+
+# -- the database --------------------------------------------------------------------------------
+
+
+def _connect(
+    path: Path, *, check_same_thread: bool = True, timeout: float = 5.0
+) -> sqlite3.Connection:
+    # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
+    return sqlite3.connect(
+        path, isolation_level=None, check_same_thread=check_same_thread, timeout=timeout
+    )
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    """Check the database and create its tables when new; raise _Damaged if it is not ours."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == 0 and not tables:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # the file shrinks after evictions
+        conn.execute("VACUUM")  # auto_vacuum takes effect on an empty database by a vacuum
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+        return
+    if version != SCHEMA_VERSION or not _TABLES <= tables:
+        raise _Damaged(f"not a hubproxy {DATABASE}: version {version}, tables {sorted(tables)}")
+    # no PRAGMA quick_check (seconds at 100 MiB): loading scans every b-tree page but the
+    # bodies' overflow pages, which are hashed when read; damage there raises SQLITE_CORRUPT
+
+
+def _write(conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
+    """Commit ``batch`` in one transaction; the error if it could not be (rolled back)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "DELETE FROM manifests WHERE hex = ?",
+            [(h,) for h, body in batch.bodies.items() if body is None],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
+            [(h, len(b[0]), b[1], b[0]) for h, b in batch.bodies.items() if b is not None],
+        )
+        conn.executemany(
+            "UPDATE manifests SET used = ? WHERE hex = ?", [(u, h) for h, u in batch.used.items()]
+        )
+        conn.executemany(
+            "DELETE FROM tags WHERE name = ?", [(n,) for n, t in batch.tags.items() if t is None]
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)",
+            [(n, *t) for n, t in batch.tags.items() if t is not None],
+        )
+        conn.executemany(
+            "UPDATE tags SET seq = ? WHERE name = ?", [(s, n) for n, s in batch.tag_used.items()]
+        )
+        conn.executemany(
+            "DELETE FROM links WHERE repository = ? AND digest = ?",
+            [key for key, value in batch.links.items() if value is None],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)",
+            [(*key, *value) for key, value in batch.links.items() if value is not None],
+        )
+        conn.executemany(
+            "DELETE FROM readability WHERE repository = ?",
+            [(r,) for r, value in batch.readability.items() if value is None],
+        )
+        conn.executemany(
+            "INSERT OR REPLACE INTO readability VALUES (?, ?, ?, ?)",
+            [
+                (r, int(value[0].anonymous), value[0].learned_at, value[1])
+                for r, value in batch.readability.items()
+                if value is not None
+            ],
+        )
+        conn.execute("COMMIT")
+        if batch.bodies:
+            conn.execute("PRAGMA incremental_vacuum")
+    except (sqlite3.Error, OSError) as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        return exc
+    return None
+
+
+# -- the state file of older versions ------------------------------------------------------------
+
+
+def _legacy_state(
+    data: bytes,
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]], dict[str, Readability]]:
+    """Tags, links and readability from an old ``state.json``; raise _Damaged if it is not
+    JSON or not of its shape. Entries of an older format (no learned-at times, one media type
+    for every registry) are dropped: re-learned."""
+    try:
+        state = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _Damaged(f"not JSON: {exc}") from None
+    sections = ("tags", "links", "readability")
+    if not isinstance(state, dict) or any(
+        not isinstance(state.get(name, {}), dict) for name in sections
+    ):
+        raise _Damaged("not the shape of a hubproxy state file")
+    tags = {
+        str(name): {str(k): v for k, v in keyed.items() if isinstance(v, str) and _HEX.match(v)}
+        for name, keyed in state.get("tags", {}).items()
+        if isinstance(keyed, dict)
+    }
+    links: dict[str, dict[str, str]] = {}
+    for repository, digests in state.get("links", {}).items():
+        if isinstance(digests, dict):
+            links[str(repository)] = {str(d): str(t) for d, t in digests.items()}
+        elif isinstance(digests, list):  # the oldest format: blob-like links, no types
+            links[str(repository)] = {str(d): "" for d in digests}
+    readability = {}
+    for repository, answer in state.get("readability", {}).items():
+        if isinstance(answer, dict):
+            anonymous, learned_at = answer.get("anonymous"), answer.get("learned_at")
+            if isinstance(anonymous, bool) and isinstance(learned_at, int | float):
+                readability[str(repository)] = Readability(anonymous, float(learned_at))
+    return tags, links, readability
+
+
+def _legacy_files(directory: Path) -> Iterator[Path]:
+    try:
+        paths = list(directory.iterdir())
+    except OSError:
+        return
+    for path in paths:
+        if _HEX.match(path.name) and path.is_file() and path.stat().st_size <= MAX_MANIFEST:
+            yield path
+
+
+def _json_pairs(text: object) -> dict[str, str]:
+    """A JSON object of strings to hex digests, or {} for anything else."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, str) and _HEX.match(v)}

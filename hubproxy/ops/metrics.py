@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from .. import __version__
 
 if TYPE_CHECKING:
+    from ..cache.manifests import ManifestStore
     from ..cache.store import BlobStore
     from ..net.pool import Pool
     from ..net.server import ConnectionFigures
@@ -399,6 +400,34 @@ def cache_figures(store: BlobStore) -> CacheFigures:
     )
 
 
+@dataclass(frozen=True)
+class ManifestFigures:
+    """What the manifest store reports to ``/metrics``; all zero when there is no cache."""
+
+    bytes_used: int = 0
+    manifests: int = 0
+    tags: int = 0
+    limit_bytes: int = 0
+    limit_entries: int = 0
+    evictions: int = 0
+    write_failures: int = 0
+    uncached: int = 0
+
+
+def manifest_figures(store: ManifestStore) -> ManifestFigures:
+    """The figures of an open ``ManifestStore``: ``HubMetrics(manifests=lambda: ...)``."""
+    return ManifestFigures(
+        bytes_used=store.total,
+        manifests=len(store.sizes),
+        tags=store.tag_count,
+        limit_bytes=store.max_bytes,
+        limit_entries=store.max_entries,
+        evictions=store.stats.evictions,
+        write_failures=store.stats.write_failures,
+        uncached=store.stats.uncached,
+    )
+
+
 class RecentEvents:
     """Times of recent events in a sliding window, e.g. the 429s of the last hour.
 
@@ -466,14 +495,16 @@ def pool_figures(pool: Pool) -> PoolFigures:
 
 PoolSource = Callable[[], PoolFigures]
 _NO_POOL = PoolFigures({}, {}, {}, {}, {}, 0, {})
+ManifestSource = Callable[[], ManifestFigures | None]
 
 
 class HubMetrics:
     """hubproxy's metrics, registered in their own ``Registry``.
 
-    ``cache`` is a callable returning the cache's ``CacheFigures`` (or None: no cache); it may
-    also be assigned later, once the cache is open. ``connections`` likewise returns the
-    server's ``ConnectionFigures`` (``Server.figures``), once there is a server. ``proc`` is
+    ``cache`` is a callable returning the cache's ``CacheFigures`` (or None: no cache), and
+    ``manifests`` the manifest store's ``ManifestFigures``; they may also be assigned later,
+    once the cache is open. ``connections`` likewise returns the server's
+    ``ConnectionFigures`` (``Server.figures``), once there is a server. ``proc`` is
     ``/proc/self`` except in tests.
     """
 
@@ -482,6 +513,7 @@ class HubMetrics:
         *,
         version: str = __version__,
         cache: CacheSource | None = None,
+        manifests: ManifestSource | None = None,
         started_at: float | None = None,
         proc: Path = Path("/proc/self"),
     ) -> None:
@@ -489,6 +521,7 @@ class HubMetrics:
         self.cache = cache
         self.connections: ConnectionSource | None = None
         self.pool: PoolSource | None = None  # assigned by whoever owns the pool (the forwarder)
+        self.manifests = manifests
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc
         self.rate_limited_times = RecentEvents()
@@ -703,6 +736,62 @@ class HubMetrics:
                 "Manifest requests answered from another request's upstream fetch.",
             )
         )
+        self.manifest_bytes = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_bytes",
+                "Bytes of manifests in the cache.",
+                lambda: self._manifests().bytes_used,
+            )
+        )
+        self.manifest_count = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_manifests",
+                "Manifests in the cache.",
+                lambda: self._manifests().manifests,
+            )
+        )
+        self.manifest_tags = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_tags",
+                "Tags known (per kind of client) in the cache.",
+                lambda: self._manifests().tags,
+            )
+        )
+        self.manifest_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_limit_bytes",
+                "The manifest cache's size limit (0: no cache).",
+                lambda: self._manifests().limit_bytes,
+            )
+        )
+        self.manifest_entries_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_manifest_cache_limit_entries",
+                "The most manifests, tags, links and repositories kept (each).",
+                lambda: self._manifests().limit_entries,
+            )
+        )
+        self.manifest_evictions = registry.register(
+            CounterFunction(
+                "hubproxy_manifest_cache_evictions",
+                "Manifests evicted from the cache.",
+                lambda: self._manifests().evictions,
+            )
+        )
+        self.manifest_write_failures = registry.register(
+            CounterFunction(
+                "hubproxy_manifest_cache_write_failures",
+                "Writes of manifest state that failed (a full disk, an I/O error).",
+                lambda: self._manifests().write_failures,
+            )
+        )
+        self.manifest_uncached = registry.register(
+            CounterFunction(
+                "hubproxy_manifest_cache_uncached",
+                "Verified manifests served without being stored (too large, or the disk behind).",
+                lambda: self._manifests().uncached,
+            )
+        )
         self.build_info = registry.register(
             GaugeFunction(
                 "hubproxy_build_info",
@@ -757,6 +846,10 @@ class HubMetrics:
 
     def _pool(self) -> PoolFigures:
         return self.pool() if self.pool is not None else _NO_POOL
+
+    def _manifests(self) -> ManifestFigures:
+        figures = self.manifests() if self.manifests is not None else None
+        return ManifestFigures() if figures is None else figures
 
     def _resident_memory(self) -> float:
         try:

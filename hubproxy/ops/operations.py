@@ -23,7 +23,7 @@ from ..net.server import ClientRequest, ClientResponse
 from ..policy.errors import ProxyError
 from ..policy.headers import Headers
 from ..policy.urls import Url
-from .metrics import CONTENT_TYPE, cache_figures
+from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
 
 if TYPE_CHECKING:
@@ -115,6 +115,9 @@ class Operations:
         if pullthrough is not None and metrics.cache is None:
             blobs = pullthrough.blobs
             metrics.cache = lambda: cache_figures(blobs)
+        if pullthrough is not None and metrics.manifests is None:
+            manifests = pullthrough.manifests
+            metrics.manifests = lambda: manifest_figures(manifests)
 
     async def checks(self) -> list[Check]:
         server = self.server
