@@ -369,3 +369,29 @@ def test_cache_verify_through_main(tmp_path: Path, capsys: pytest.CaptureFixture
     _put(store, b"hello")
     assert main(["cache", "verify", "--cache-dir", str(tmp_path)]) == 0
     assert "1 blobs checked, 0 damaged" in capsys.readouterr().out
+
+
+async def test_a_blob_gone_between_the_decision_and_the_send_is_fetched_not_a_502(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A follower closes its own upstream exchange before following the fill, and that
+    awaits: meanwhile the blob can be evicted or its fill fail (seen in the soak, under load,
+    as 502 "cached blob ... vanished"). Nothing was sent yet, so the upstream must answer."""
+    from hubproxy.cache import pullthrough
+
+    layer = make_layer(39, 200_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = f"sha256:{hexdigest(layer)}"
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    auth = await bearer(proxy, ca)
+    # the store says "cached" at the decision, and the blob is gone when it is sent
+    monkeypatch.setattr(pullthrough.PullThrough, "_blob_cached", lambda self, key, route: True)
+    monkeypatch.setattr(pullthrough.PullThrough, "_confirmed", lambda self, request, route: True)
+    with trio.fail_after(GUARD):
+        r = await fetch(proxy.url + blob_path(digest), ca, headers=auth)
+    assert r.status == 200 and r.complete and r.body == layer
+    assert cdn_gets(hub, digest) == 1

@@ -373,9 +373,20 @@ class PullThrough:
         fill = store.fills.get(key) if size is None else None
         if fill is not None:
             size = fill.size
-        response.record.upstream = "cache" if fill is None else "cache-fill"
         if size is None:
-            raise UpstreamUnavailable(f"cached blob {digest} vanished")
+            # evicted, or its fill failed, since the decision (a follower closes its own
+            # upstream exchange first, and that awaits): nothing was sent yet, so the upstream
+            # answers this client instead, uncached
+            log.info("cached blob %s went away before it was sent; asking the upstream", digest)
+            await self.forwarder.run_flow(
+                plan,
+                request,
+                response,
+                upstreams=self.forwarder.upstreams_for(route),
+                blob_digest=route.blob_digest,
+            )
+            return
+        response.record.upstream = "cache" if fill is None else "cache-fill"
         try:
             answer = cached_blob_answer(digest, size, get_header(request.headers, b"range"))
         except RangeNotSatisfiable:
