@@ -2394,7 +2394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "abuse" in modes:
         r = mode_abuse(nginx, abuse_p, args.keep)
         failed = abuse_checks(r)
-        rows = abuse_rows(r)
+        attack_rows = abuse_rows(r)
         title = f"hubproxy under abuse: {len(abuse_p.attacks)} attacks from one address"
         write_report(
             out,
@@ -2402,14 +2402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             title,
             command,
             env,
-            rows,
+            attack_rows,
             ABUSE_METHOD,
             r,
             failed,
             ABUSE_HEADER,
             [("Attacks", abuse_details(r))],
         )
-        tables.append(render_text([ABUSE_HEADER, *rows]))
+        tables.append(render_text([ABUSE_HEADER, *attack_rows]))
         all_failed += failed
     print("\n\n".join(tables), flush=True)
     for failure in all_failed:
