@@ -1364,6 +1364,9 @@ async def run_attacker(spec: AttackSpec) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:  # each connection served once, then idle
                 for conn in conns:
                     nursery.start_soon(_answer, conn, stats, "GET", "/v2/", [])
+            for conn in [c for c in conns if not c.reusable]:  # refused: not held
+                conns.remove(conn)
+                await conn.abort(reset=True)
     stats.ramp_seconds = trio.current_time() - began
     say_to_parent("attacking")
     t0 = trio.current_time()
@@ -1412,6 +1415,7 @@ async def run_attacker(spec: AttackSpec) -> dict[str, Any]:
         time, at most every TOP_UP_INTERVAL (refused attempts must not be a flood of their own)."""
         while trio.current_time() < deadline and len(conns) < spec.connections:
             began = trio.current_time()
+            conn: Connection | None = None
             with trio.move_on_at(deadline):
                 try:
                     conn = await Connection.open(spec.port, context, source_address=spec.source)
@@ -1421,6 +1425,9 @@ async def run_attacker(spec: AttackSpec) -> dict[str, Any]:
                 else:
                     conns.append(conn)
                     stats.topped_up += 1
+                    conn = None
+            if conn is not None:  # refused after connecting, or cut at the end
+                await conn.abort(reset=True)
             await trio.sleep_until(min(deadline, began + TOP_UP_INTERVAL))
 
     async with trio.open_nursery() as nursery:
