@@ -1,6 +1,6 @@
 """What the origin serves and everyone trusts: one trustme CA, a server certificate for
 ``localhost``/``127.0.0.1``, random blob files on /dev/shm named by their sha256 (computed as
-they are written), and a ~2 KiB image manifest."""
+they are written), a ~2 KiB image manifest, and on request a big one (bench.load's abuse mode)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class Fixtures:
     manifest_path: Path
     manifest_digest: str
     blobs: dict[tuple[int, int], list[Blob]] = field(default_factory=dict)
+    big_manifest_path: Path | None = None  # served under every tag of nginxconf.BIG_MANIFEST_PATH
+    big_manifest_digest: str = ""
 
 
 def make_tls(directory: Path) -> TLSFiles:
@@ -91,8 +93,22 @@ def manifest_json(layers: int = 10) -> bytes:
     return json.dumps(manifest, indent=3).encode() + b"\n"
 
 
-def make_fixtures(root: Path, shapes: list[tuple[int, int]]) -> Fixtures:
-    """Certificates, the manifest and, per ``(count, size)`` shape, ``count`` distinct blobs."""
+def manifest_of_size(size: int) -> bytes:
+    """A schema-2 manifest of at most ``size`` bytes and close to it (as many layers as fit)."""
+    one, two = len(manifest_json(1)), len(manifest_json(2))
+    layers = max(1, (size - one) // (two - one) + 1)
+    body = manifest_json(layers)
+    while len(body) > size and layers > 1:  # descriptor sizes vary by a digit or two
+        layers -= 1
+        body = manifest_json(layers)
+    return body
+
+
+def make_fixtures(
+    root: Path, shapes: list[tuple[int, int]], big_manifest_size: int = 0
+) -> Fixtures:
+    """Certificates, the manifest and, per ``(count, size)`` shape, ``count`` distinct blobs;
+    a manifest of about ``big_manifest_size`` bytes too, if given."""
     root.chmod(0o755)  # nginx workers run as an unprivileged user when we are root
     tls = make_tls(root)
     blob_dir = root / "blobs"
@@ -110,4 +126,10 @@ def make_fixtures(root: Path, shapes: list[tuple[int, int]]) -> Fixtures:
     )
     for count, size in shapes:
         fixtures.blobs[(count, size)] = [write_blob(blob_dir, size) for _ in range(count)]
+    if big_manifest_size:
+        big = manifest_of_size(big_manifest_size)
+        fixtures.big_manifest_path = root / "big-manifest.json"
+        fixtures.big_manifest_path.write_bytes(big)
+        fixtures.big_manifest_path.chmod(0o644)
+        fixtures.big_manifest_digest = "sha256:" + hashlib.sha256(big).hexdigest()
     return fixtures

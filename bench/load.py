@@ -11,15 +11,23 @@
     python -m bench.load --soak [MIN]     MIN minutes (default 10) of mixed pulls from 20
                                           workers with deliberate mid-blob disconnects; RSS and
                                           descriptors sampled every second, their slopes
-    python -m bench.load --quick          all three, small (100 idle, 10 x 1 MiB, 64 MiB fast,
-                                          a 0.1-minute soak): under a minute
+    python -m bench.load --abuse          cases 1, 2, 3, 7 and 8 of issue 12, each a bounded
+                                          attack from 127.0.0.2 on a fresh hubproxy while a
+                                          victim on 127.0.0.1 keeps pulling (manifest, a cached
+                                          blob, a new blob); the victim's p99 with no attack and
+                                          under each attack (``--attacks``, ``--abuse-seconds``),
+                                          hubproxy's peak RSS per attack
+    python -m bench.load --quick          all four, small (100 idle, 10 x 1 MiB, 64 MiB fast,
+                                          a 0.1-minute soak, 0.5 s abuse phases): under a minute
 
 Every mode starts its own origin (one nginx playing Docker Hub: registry 307 -> CDN, see
 :mod:`bench.origin`) and hubproxy as users run it (``python -m hubproxy --cert --key --upstream
 --upstream-ca --no-library-prefix --log-level warning --cache-dir DIR`` on /dev/shm, plus
-``--max-connections 4096``, also per client), and records hubproxy's RSS right after start.
-Reports go to ``bench/results/{load,slow-client,soak}.{md,json}`` (``--out``; ``--quick``
-defaults to a temporary directory, so it never overwrites the figures the README quotes).
+``--max-connections 4096``, also per client; the abuse mode keeps the defaults, as users run
+it), and records hubproxy's RSS right after start. Reports go to
+``bench/results/{load,slow-client,soak,abuse}.{md,json}`` (``--out``; ``--quick`` defaults to a
+temporary directory, so it never overwrites the figures the README quotes). The abuse mode's
+attacker is a child process (``attacker_main``), so its CPU is not the victim's event loop.
 
 RSS is ``VmRSS`` of the hubproxy process (peak: ``VmHWM``, reset before the measured phase);
 descriptors are the entries of ``/proc/PID/fd``, each classified (listener, client socket,
@@ -27,22 +35,29 @@ upstream socket, file, ...) by matching socket inodes against ``/proc/PID/net/tc
 KiB/MiB (1024-based); throughput MB/s is 10^6 bytes per second.
 
 Exit status: 0 when every check passed (every transfer verified, descriptors back to the
-baseline, no soak errors), 1 when one failed (the reports are still written), 2 for usage
-errors or a missing nginx.
+baseline, no soak errors; under each attack the victim's p99 within 2x of its p99 alone, none of
+its pulls failed, hubproxy's peak RSS under 96 MiB), 1 when one failed (the reports are still
+written), 2 for usage errors or a missing nginx.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import dataclasses
 import datetime
+import functools
 import importlib.metadata
+import itertools
 import json
+import math
 import os
 import platform
 import random
 import re
 import resource
+import secrets
 import shlex
 import shutil
 import signal
@@ -51,8 +66,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -65,10 +81,11 @@ from bench.contestants import cached_blobs, hubproxy_argv
 from bench.env import REPO_ROOT, cpu_model, find_tool, git_revision, loadavg, mem_total_gib
 from bench.fixtures import MANIFEST_TYPE, Blob, Fixtures, make_fixtures, write_blob
 from bench.loadclient import Body, Connection, RequestFailed, client_context
-from bench.nginxconf import BLOB_PATH, MANIFEST_PATH
+from bench.nginxconf import BIG_MANIFEST_PATH, BLOB_PATH, MANIFEST_PATH
 from bench.origin import Origin, start_origin
 from bench.report import scan_log
 from hubproxy.config import Config, Timeouts
+from hubproxy.ops.usersfile import add_user
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -305,25 +322,40 @@ class Harness:
         root: Path,
         shapes: list[tuple[int, int]],
         stack: contextlib.ExitStack,
+        big_manifest_size: int = 0,
     ) -> Harness:
         began = time.monotonic()
-        fixtures = make_fixtures(root, shapes)
+        fixtures = make_fixtures(root, shapes, big_manifest_size)
         total = sum(count * size for count, size in shapes)
         say(f"load: {total / MiB:,.0f} MiB of blobs in {time.monotonic() - began:.1f}s")
         origin = start_origin(nginx, root, fixtures, stack)
         return cls(root, fixtures, origin, stack, client_context(fixtures.tls.ca_pem))
 
-    def start_hub(self, label: str, *, cache: bool, extra: Sequence[str] = ()) -> Hub:
+    def start_hub(
+        self,
+        label: str,
+        *,
+        cache: bool,
+        extra: Sequence[str] = (),
+        max_connections: int | None = MAX_CONNECTIONS,
+    ) -> Hub:
+        """Start hubproxy; ``max_connections`` None: its default ``--max-connections``."""
         port = procs.free_port()
         cache_dir = self.root / f"cache-{label}" if cache else None
         argv = [
             *hubproxy_argv(port, "tls", self.origin.registry_url("tls"), self.fixtures, cache_dir),
-            "--max-connections",
-            str(MAX_CONNECTIONS),
-            # every load client is 127.0.0.1: one address holding a thousand idle connections
-            # is the point of the load mode, not an abuse to refuse
-            "--max-connections-per-client",
-            str(MAX_CONNECTIONS),
+            *(
+                [
+                    "--max-connections",
+                    str(max_connections),
+                    # every load client is 127.0.0.1: one address holding a thousand idle
+                    # connections is the point of the load mode, not an abuse to refuse
+                    "--max-connections-per-client",
+                    str(max_connections),
+                ]
+                if max_connections
+                else []
+            ),
             *extra,
         ]
         started = procs.start(label, argv, self.root / f"{label}.log", self.stack, cwd=REPO_ROOT)
@@ -362,10 +394,15 @@ def log_findings(hub: Hub) -> dict[str, Any]:
 
 
 async def pull_blob(
-    conn: Connection, blob: Blob, *, rate: float | None = None, stop_after: int | None = None
+    conn: Connection,
+    blob: Blob,
+    *,
+    rate: float | None = None,
+    stop_after: int | None = None,
+    headers: list[tuple[str, str]] | None = None,
 ) -> Body:
     """GET one blob through the proxy; a complete body must match its length and sha256."""
-    head = await conn.start("GET", BLOB_PATH + blob.digest_hex)
+    head = await conn.start("GET", BLOB_PATH + blob.digest_hex, headers)
     if head.status != 200:
         await conn.read_body()
         raise RequestFailed(f"status {head.status}")
@@ -378,8 +415,10 @@ async def pull_blob(
     return body
 
 
-async def pull_manifest(conn: Connection, fixtures: Fixtures) -> Body:
-    head = await conn.start("GET", MANIFEST_PATH, [("accept", MANIFEST_TYPE)])
+async def pull_manifest(
+    conn: Connection, fixtures: Fixtures, headers: list[tuple[str, str]] | None = None
+) -> Body:
+    head = await conn.start("GET", MANIFEST_PATH, [("accept", MANIFEST_TYPE), *(headers or [])])
     body = await conn.read_body()
     if head.status != 200:
         raise RequestFailed(f"status {head.status}")
@@ -921,6 +960,800 @@ def soak_checks(r: Mapping[str, Any]) -> list[str]:
     return failed
 
 
+# --- mode 4: abuse -------------------------------------------------------------------------------
+#
+# Each attack runs against its own fresh hubproxy (so one attack's leftovers never count against
+# the next one's memory), in three steps: a warm-up pull; the victim alone for ``duration`` (the
+# baseline); then the attack, from a separate process (its CPU is not the victim's event loop)
+# bound to ATTACKER_ADDRESS, while the victim keeps pulling from VICTIM_ADDRESS. The attacker
+# process is started before the warm-up and prints "ready"; told "go" (stdin), it prints
+# "started", opens its connections (the ramp), prints "attacking", sends its requests and holds
+# the attack for ``duration``, resets everything and prints "result {json}". The victim pulls
+# from "started" until the process exits; the checks use the pulls started after "attacking"
+# (those during the ramp, a burst of TLS handshakes whatever hubproxy's limits, are reported
+# apart).
+
+VICTIM_ADDRESS = "127.0.0.1"
+ATTACKER_ADDRESS = "127.0.0.2"  # every 127/8 address is loopback on Linux: a second client
+P99_FACTOR = 2.0  # the victim's p99 under attack may be at most this times its p99 without
+RSS_LIMIT_KIB = 96 * KiB  # peak RSS under every attack: under 96 MiB
+TOKEN_SCOPE = "repository:bench/blob:pull"
+# case 8's attacker asks where hubproxy's challenges send clients of the default registry
+ATTACK_TOKEN_TARGET = "/token/0?" + urllib.parse.urlencode({"scope": TOKEN_SCOPE})
+TOP_UP_INTERVAL = 0.05  # case 7: the attacker retries a refused connection this often
+LOGIN_DELAY = 0.1  # case 8: the victim logs in this long after the attacker's requests went out
+RAMP_LIMIT = 120.0  # the attacker's connections are in place within this, or it goes on without
+STARTUP_LIMIT = 60.0  # the attacker process says "started" within this
+
+
+@dataclass(frozen=True)
+class AttackInfo:
+    case: int  # the case of issue 12
+    title: str
+
+
+ATTACKS: dict[str, AttackInfo] = {
+    "1-miss": AttackInfo(1, "manifest misses (distinct tags) requested, never read"),
+    "1-hit": AttackInfo(1, "one cached manifest requested, never read"),
+    "2": AttackInfo(2, "slow Range downloads of a large blob (CDN pool slots)"),
+    "3": AttackInfo(3, "HEADs and GETs of a blob too large to cache, behind slow GETs of it"),
+    "7": AttackInfo(7, "idle keep-alive TLS connections"),
+    "8": AttackInfo(8, "wrong-password token requests (Basic) at once"),
+}
+
+
+@dataclass(frozen=True)
+class AbuseParams:
+    attacks: tuple[str, ...] = tuple(ATTACKS)
+    duration: float = 10.0  # seconds of baseline, and of each attack once in place
+    victim_interval: float = 0.05  # the victim starts a pull at most this often
+    victim_blob_size: int = 100 * KiB  # the victim's cache hit
+    fresh_blob_size: int = 32 * KiB  # the victim's miss, a new digest every pull
+    manifest_connections: int = 100  # case 1
+    manifest_size: int = 4 * MiB - 4 * KiB  # just under hubproxy's 4 MiB manifest limit
+    range_connections: int = 120  # case 2: more than the 100 upstream slots per origin
+    range_rate: float = 64 * KiB  # bytes/s each
+    large_blob_size: int = 64 * MiB  # cases 2 and 3
+    small_cache: str = "16M"  # case 3: smaller than the large blob
+    fill_readers: int = 4  # case 3: slow GETs of the large blob
+    fill_rate: float = 256 * KiB
+    idle_connections: int = 1024  # case 7
+    logins: int = 300  # case 8
+    open_parallel: int = 64
+    pull_timeout: float = 60.0
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100); None without values."""
+    if not values:
+        return None
+    data = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(data)))
+    return data[min(rank, len(data)) - 1]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    """Count, p50, p99 and max in milliseconds (None when there are no samples)."""
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 2)
+
+    return {
+        "count": len(seconds),
+        "p50_ms": ms(percentile(seconds, 50)),
+        "p99_ms": ms(percentile(seconds, 99)),
+        "max_ms": ms(max(seconds, default=None)),
+    }
+
+
+def fresh_blob_counts(duration: float, interval: float) -> tuple[int, int]:
+    """Distinct miss blobs the victim needs for the baseline and for an attack (whose window
+    is longer: the attacker's ramp-up comes on top of ``duration``)."""
+    base = math.ceil(duration / interval) + 2
+    return base, 2 * base + 20
+
+
+def token_target(challenge: str, scope: str) -> str | None:
+    """The token request a registry client makes for ``scope`` after the Bearer ``challenge``
+    (``WWW-Authenticate``) of ``/v2/``: the realm's path and query, with service and scope."""
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    realm = params.get("realm")
+    if not challenge.lower().startswith("bearer ") or not realm:
+        return None
+    parts = urllib.parse.urlsplit(realm)
+    query = [("service", params["service"])] if "service" in params else []
+    query.append(("scope", scope))
+    joined = "&".join(filter(None, [parts.query, urllib.parse.urlencode(query)]))
+    return f"{parts.path or '/'}?{joined}"
+
+
+def basic_header(user: str, password: str) -> tuple[str, str]:
+    return ("authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+
+
+def attack_failures(name: str, a: Mapping[str, Any]) -> list[str]:
+    """Why attack ``name``'s result fails the checks (empty: it passed)."""
+    if a.get("error"):
+        return [f"{name}: could not run: {a['error']}"]
+    failed: list[str] = []
+    base, under = a["victim"]["baseline"], a["victim"]["attack"]
+    if base["errors"]:
+        failed.append(f"{name}: victim pulls failed with no attack: {base['errors']}")
+    if under["errors"]:
+        failed.append(f"{name}: victim pulls failed under attack: {under['errors']}")
+    b99, a99 = base["pulls"]["p99_ms"], under["pulls"]["p99_ms"]
+    if a99 is None:
+        failed.append(f"{name}: the victim completed no pull under attack")
+    elif b99 is not None and a99 > P99_FACTOR * b99:
+        failed.append(
+            f"{name}: victim p99 {a99:.1f} ms under attack, {b99:.1f} ms without "
+            f"({a99 / b99:.1f}x > {P99_FACTOR:g}x)"
+        )
+    b_login, a_login = base.get("first_login_ms"), under.get("first_login_ms")
+    if b_login is not None and a_login is not None and a_login > P99_FACTOR * b_login:
+        failed.append(
+            f"{name}: victim's first login {a_login:.0f} ms under attack, {b_login:.0f} ms "
+            f"without ({a_login / b_login:.1f}x > {P99_FACTOR:g}x)"
+        )
+    if a["peak_rss_kib"] >= RSS_LIMIT_KIB:
+        failed.append(f"{name}: peak RSS {_mib(a['peak_rss_kib'])} (limit {_mib(RSS_LIMIT_KIB)})")
+    if not a["hubproxy_alive_at_end"]:
+        failed.append(f"{name}: hubproxy died")
+    return failed
+
+
+def abuse_checks(r: Mapping[str, Any]) -> list[str]:
+    """The failed checks of an abuse result, attack by attack (empty: all passed)."""
+    return [f for name, a in r["attacks"].items() for f in attack_failures(name, a)]
+
+
+# --- the victim (in this process) ---
+
+
+@dataclass
+class VictimLog:
+    pulls: list[float] = field(default_factory=list)  # seconds per completed pull
+    steps: dict[str, list[float]] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+    misses: int = 0  # pulls that included a fresh blob
+    first_login: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pulls": latency_summary(self.pulls),
+            "steps": {k: latency_summary(v) for k, v in self.steps.items()},
+            "errors": dict(self.errors),
+            "pulls_with_a_miss": self.misses,
+            "first_login_ms": (
+                None if self.first_login is None else round(self.first_login * 1000, 1)
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class Victim:
+    """What the victim pulls besides the small manifest and a new digest each pull (while its
+    list lasts): ``hit``, cached after the warm-up; and who it logs in as first, if anyone."""
+
+    hit: Blob
+    login: tuple[str, str] | None = None  # (user, password) of this phase's first login
+
+
+async def victim_login(h: Harness, hub: Hub, user: str, password: str) -> str:
+    """A registry client's first login: ``GET /v2/`` (401, Bearer challenge), then the token
+    request the challenge names, with Basic credentials; the token."""
+    conn = await Connection.open(hub.port, h.context, source_address=VICTIM_ADDRESS)
+    try:
+        head, _ = await conn.get("/v2/")
+        target = token_target(head.headers.get("www-authenticate", ""), TOKEN_SCOPE)
+        if head.status != 401 or target is None:
+            raise RequestFailed(f"/v2/ status {head.status} without a Bearer challenge")
+        head = await conn.start("GET", target, [basic_header(user, password)])
+        body = await conn.read_body(keep=64 * KiB)
+        if head.status != 200:
+            raise RequestFailed(f"login status {head.status}")
+        try:
+            token = json.loads(body.content)["token"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RequestFailed("login answer without a token") from exc
+        return str(token)
+    finally:
+        await conn.aclose()
+
+
+async def victim_pull(
+    h: Harness, hub: Hub, v: Victim, fresh: Blob | None, token: str | None, log: VictimLog
+) -> None:
+    """One pull on a new keep-alive connection: the manifest, the cached blob, a fresh blob;
+    timed to its last byte (closing is not counted)."""
+    headers = [("authorization", f"Bearer {token}")] if token else []
+    marks = [("connect", trio.current_time())]
+    conn = await Connection.open(hub.port, h.context, source_address=VICTIM_ADDRESS)
+    try:
+        marks.append(("manifest", trio.current_time()))
+        await pull_manifest(conn, h.fixtures, headers)
+        marks.append(("blob hit", trio.current_time()))
+        await pull_blob(conn, v.hit, headers=headers)
+        if fresh is not None:
+            marks.append(("blob miss", trio.current_time()))
+            await pull_blob(conn, fresh, headers=headers)
+        marks.append(("", trio.current_time()))
+    finally:
+        await conn.aclose()
+    for (step, began), (_, ended) in itertools.pairwise(marks):
+        log.steps.setdefault(step, []).append(ended - began)
+    log.pulls.append(marks[-1][1] - marks[0][1])
+    log.misses += fresh is not None
+
+
+async def run_victim(
+    h: Harness,
+    hub: Hub,
+    v: Victim,
+    fresh: list[Blob],
+    p: AbuseParams,
+    stop: trio.Event,
+    log_for: Callable[[], VictimLog],
+    login_after: trio.Event | None = None,
+) -> None:
+    """Pull every ``victim_interval`` (or back to back when slower) until ``stop``, each pull
+    (and its errors) going to the log ``log_for()`` names when it starts; first log in (timed)
+    when ``v.login``, after ``login_after`` if given."""
+    token: str | None = None
+    if v.login is not None:
+        if login_after is not None:
+            await login_after.wait()
+            await trio.sleep(LOGIN_DELAY)
+        began = trio.current_time()
+        log = log_for()
+        try:
+            with trio.fail_after(p.pull_timeout):
+                token = await victim_login(h, hub, *v.login)
+        except (RequestFailed, trio.TooSlowError) as exc:
+            log.errors[f"login: {_err(exc)}"] += 1
+            return
+        log.first_login = trio.current_time() - began
+    blobs = iter(fresh)
+    while not stop.is_set():
+        began = trio.current_time()
+        log = log_for()
+        try:
+            with trio.fail_after(p.pull_timeout):
+                await victim_pull(h, hub, v, next(blobs, None), token, log)
+        except (RequestFailed, trio.TooSlowError) as exc:
+            log.errors[_err(exc)] += 1
+        with trio.move_on_at(began + p.victim_interval):
+            await stop.wait()
+
+
+async def victim_alone(
+    h: Harness, hub: Hub, v: Victim, fresh: list[Blob], p: AbuseParams
+) -> VictimLog:
+    log = VictimLog()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_victim, h, hub, v, fresh, p, stop, lambda: log)
+        await trio.sleep(p.duration)
+        stop.set()
+    return log
+
+
+# --- the attacker (its own process) ---
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Everything the attacker process needs (plain values: it travels as JSON)."""
+
+    attack: str
+    port: int
+    ca_pem: str
+    duration: float
+    connections: int
+    open_parallel: int
+    source: str = ATTACKER_ADDRESS
+    blob_hex: str = ""  # cases 2 and 3
+    blob_size: int = 0
+    rate: float = 0.0  # bytes/s per slow reader
+    user: str = ""  # case 8: a known user, with wrong passwords
+    request_timeout: float = 30.0
+
+
+@dataclass
+class AttackerStats:
+    opened: int = 0
+    open_errors: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)  # answers by status, or error kind
+    requests: int = 0
+    bytes_read: int = 0
+    timed: list[float] = field(default_factory=list)  # case 3: HEADs; case 8: token requests
+    unanswered: list[float] = field(default_factory=list)  # seconds waited, cut at the end
+    reconnects: int = 0  # case 3's loops: connections opened during the attack
+    topped_up: int = 0  # case 7: connections opened during the attack in place of refused ones
+    top_up_refused: Counter[str] = field(default_factory=Counter)
+    ramp_seconds: float = 0.0
+    held_seconds: float = 0.0
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "opened": self.opened,
+            "open_errors": dict(self.open_errors),
+            "statuses": dict(self.statuses),
+            "requests": self.requests,
+            "bytes_read": self.bytes_read,
+            "reconnects": self.reconnects,
+            "topped_up": self.topped_up,
+            "top_up_refused": dict(self.top_up_refused),
+            "timed": latency_summary(self.timed),
+            "unanswered_at_end": len(self.unanswered),
+            "longest_unanswered_s": round(max(self.unanswered, default=0.0), 2),
+            "ramp_seconds": round(self.ramp_seconds, 2),
+            "held_seconds": round(self.held_seconds, 2),
+        }
+
+
+def say_to_parent(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _open_all(
+    spec: AttackSpec, context: ssl.SSLContext, count: int, stats: AttackerStats
+) -> list[Connection]:
+    """``count`` connections from the attacker's address, ``open_parallel`` at a time."""
+    opened: list[Connection] = []
+    limiter = trio.CapacityLimiter(spec.open_parallel)
+
+    async def one() -> None:
+        async with limiter:
+            try:
+                with trio.fail_after(spec.request_timeout):
+                    conn = await Connection.open(spec.port, context, source_address=spec.source)
+            except (RequestFailed, trio.TooSlowError) as exc:
+                stats.open_errors[_err(exc)] += 1
+                return
+            opened.append(conn)
+            stats.opened += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+    return opened
+
+
+async def _answer(
+    conn: Connection, stats: AttackerStats, method: str, target: str, headers: list[tuple[str, str]]
+) -> int | None:
+    """One request read to its end; its status (counted), None when it failed."""
+    stats.requests += 1
+    try:
+        head = await conn.start(method, target, headers)
+        body = await conn.read_body()
+    except RequestFailed as exc:
+        stats.statuses[exc.kind] += 1
+        return None
+    stats.statuses[str(head.status)] += 1
+    stats.bytes_read += body.size
+    return head.status
+
+
+async def _get_some(conn: Connection, stats: AttackerStats, target: str) -> None:
+    """A GET whose first 64 KiB are read, then the connection is dropped."""
+    stats.requests += 1
+    try:
+        head = await conn.start("GET", target)
+        stats.statuses[f"GET {head.status}"] += 1
+        stats.bytes_read += (await conn.read_body(stop_after=64 * KiB)).size
+    except RequestFailed as exc:
+        stats.statuses[f"GET {exc.kind}"] += 1
+
+
+async def _timed(
+    stats: AttackerStats, deadline: float, request: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``request`` until ``deadline``: answered, its time goes to ``timed``; still waiting
+    then, to ``unanswered``."""
+    began = trio.current_time()
+    with trio.move_on_at(deadline) as scope:
+        await request()
+    if scope.cancelled_caught:
+        stats.unanswered.append(trio.current_time() - began)
+    else:
+        stats.timed.append(trio.current_time() - began)
+
+
+async def run_attacker(spec: AttackSpec) -> dict[str, Any]:
+    """One attack, bounded: connections opened (at most ``RAMP_LIMIT``), then ``duration`` of
+    attack, then every connection reset."""
+    context = client_context(Path(spec.ca_pem))
+    stats = AttackerStats()
+    say_to_parent("started")
+    began = trio.current_time()
+    conns: list[Connection] = []
+    with trio.move_on_after(RAMP_LIMIT):
+        conns = await _open_all(spec, context, spec.connections, stats)
+        if spec.attack == "7":
+            async with trio.open_nursery() as nursery:  # each connection served once, then idle
+                for conn in conns:
+                    nursery.start_soon(_answer, conn, stats, "GET", "/v2/", [])
+            for conn in [c for c in conns if not c.reusable]:  # refused: not held
+                conns.remove(conn)
+                await conn.abort(reset=True)
+    stats.ramp_seconds = trio.current_time() - began
+    say_to_parent("attacking")
+    t0 = trio.current_time()
+    deadline = t0 + spec.duration
+    rng = random.Random(12)
+    blob_target = BLOB_PATH + spec.blob_hex
+
+    async def slow_reader(conn: Connection, headers: list[tuple[str, str]]) -> None:
+        stats.requests += 1
+        with trio.move_on_at(deadline):
+            try:
+                head = await conn.start("GET", blob_target, headers)
+                stats.statuses[str(head.status)] += 1
+                await conn.read_body(rate=spec.rate)
+            except RequestFailed as exc:
+                stats.statuses[exc.kind] += 1
+        stats.bytes_read += conn.body_bytes
+
+    async def looping(kind: str) -> None:
+        """Case 3: HEADs (timed) or GETs (the first 64 KiB) of the digest until the end."""
+        conn: Connection | None = None
+        while trio.current_time() < deadline:
+            if conn is None or not conn.reusable:
+                if conn is not None:
+                    await conn.abort(reset=True)
+                try:
+                    with trio.fail_after(spec.request_timeout):
+                        conn = await Connection.open(spec.port, context, source_address=spec.source)
+                except (RequestFailed, trio.TooSlowError) as exc:
+                    stats.open_errors[_err(exc)] += 1
+                    conn = None
+                    await trio.sleep(0.05)
+                    continue
+                stats.reconnects += 1
+            if kind == "HEAD":
+                request = functools.partial(_answer, conn, stats, "HEAD", blob_target, [])
+                await _timed(stats, deadline, request)
+            else:
+                with trio.move_on_at(deadline):
+                    await _get_some(conn, stats, blob_target)
+        if conn is not None:
+            await conn.abort(reset=True)
+
+    async def top_up() -> None:
+        """Case 7: hold ``connections`` open, taking any slot that frees up: one attempt at a
+        time, at most every TOP_UP_INTERVAL (refused attempts must not be a flood of their own)."""
+        while trio.current_time() < deadline and len(conns) < spec.connections:
+            began = trio.current_time()
+            conn: Connection | None = None
+            with trio.move_on_at(deadline):
+                try:
+                    conn = await Connection.open(spec.port, context, source_address=spec.source)
+                    await ping(conn)
+                except RequestFailed as exc:
+                    stats.top_up_refused[exc.kind] += 1
+                else:
+                    conns.append(conn)
+                    stats.topped_up += 1
+                    conn = None
+            if conn is not None:  # refused after connecting, or cut at the end
+                await conn.abort(reset=True)
+            await trio.sleep_until(min(deadline, began + TOP_UP_INTERVAL))
+
+    async with trio.open_nursery() as nursery:
+        if spec.attack == "7":
+            nursery.start_soon(top_up)
+        if spec.attack in ("1-miss", "1-hit"):
+            for i, conn in enumerate(conns):  # the requests go out; no answer is ever read
+                tag = f"miss-{i}" if spec.attack == "1-miss" else "hit"
+                stats.requests += 1
+                with contextlib.suppress(RequestFailed):
+                    await conn.send_request(
+                        "GET", BIG_MANIFEST_PATH + tag, [("accept", MANIFEST_TYPE)]
+                    )
+        elif spec.attack == "2":
+            for conn in conns:  # each from a random place in the first half
+                start = rng.randrange(spec.blob_size // 2)
+                nursery.start_soon(slow_reader, conn, [("range", f"bytes={start}-")])
+        elif spec.attack == "3":
+            for conn in conns:
+                nursery.start_soon(slow_reader, conn, [])
+            nursery.start_soon(looping, "HEAD")
+            nursery.start_soon(looping, "GET")
+        elif spec.attack == "8":
+            for i, conn in enumerate(conns):
+                header = basic_header(spec.user, f"wrong-{i}")
+                request = functools.partial(
+                    _answer, conn, stats, "GET", ATTACK_TOKEN_TARGET, [header]
+                )
+                nursery.start_soon(_timed, stats, deadline, request)
+        await trio.sleep_until(deadline)
+    stats.held_seconds = trio.current_time() - t0
+    for conn in conns:
+        await conn.abort(reset=True)
+    return stats.report()
+
+
+def attacker_main(spec_json: str) -> int:
+    """Entry of the attacker process (``python -c``): say ``ready``, wait for ``go`` on stdin
+    (end of input: no attack), run the attack, print its result."""
+    spec = AttackSpec(**json.loads(spec_json))
+    raise_nofile()
+    say_to_parent("ready")
+    if sys.stdin.readline().strip() != "go":
+        return 0
+    result = trio.run(run_attacker, spec)
+    say_to_parent("result " + json.dumps(result))
+    return 0
+
+
+ATTACKER_CODE = (
+    "import sys; from bench.load import attacker_main; sys.exit(attacker_main(sys.argv[1]))"
+)
+
+
+class AttackerProcess:
+    """The attacker, a child process started ahead (so its start-up is not in the window), that
+    attacks when told ``go`` on stdin. Its stdout lines set the events: ``ready``, ``started``,
+    ``attacking``, and ``done`` once it exited (or was killed); ``report`` is its result."""
+
+    def __init__(self, spec: AttackSpec, log: Path) -> None:
+        self.spec = spec
+        self.log = log
+        self.ready, self.started = trio.Event(), trio.Event()
+        self.attacking, self.done = trio.Event(), trio.Event()
+        self.report: dict[str, Any] = {}
+        self.process: trio.Process | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the process and follow its stdout until it exits; kill it when cancelled."""
+        argv = [sys.executable, "-c", ATTACKER_CODE, json.dumps(asdict(self.spec))]
+        with self.log.open("wb") as errors:
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd=REPO_ROOT
+            )
+        self.process = proc
+        task_status.started()
+        try:
+            if proc.stdout is not None:
+                await self._follow(proc.stdout)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+            self.report["exit_status"] = proc.returncode
+            for event in (self.ready, self.started, self.attacking, self.done):
+                event.set()
+
+    async def _follow(self, stdout: trio.abc.ReceiveStream) -> None:
+        events = {"ready": self.ready, "started": self.started, "attacking": self.attacking}
+        buffer = b""
+        while True:
+            data = await stdout.receive_some(64 * KiB)
+            if not data:
+                return
+            buffer += data
+            while b"\n" in buffer:
+                line, _, buffer = buffer.partition(b"\n")
+                text = line.decode(errors="replace")
+                if text in events:
+                    events[text].set()
+                elif text.startswith("result "):
+                    self.report.update(json.loads(text[len("result ") :]))
+
+    async def go(self) -> None:
+        if self.process is not None and self.process.stdin is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.process.stdin.send_all(b"go\n")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
+
+async def attack_phase(
+    h: Harness, hub: Hub, v: Victim, fresh: list[Blob], p: AbuseParams, attacker: AttackerProcess
+) -> tuple[VictimLog, VictimLog]:
+    """Tell the (ready) attacker to go, and pull as the victim for as long as it runs: the
+    victim's log while the attacker connects (its ramp), and while the attack holds."""
+    ramp, hold = VictimLog(), VictimLog()
+    spec = attacker.spec
+    limit = STARTUP_LIMIT + RAMP_LIMIT + spec.duration + spec.request_timeout + 30
+    await attacker.go()
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(limit) as scope:
+            await attacker.started.wait()
+            nursery.start_soon(
+                run_victim,
+                h,
+                hub,
+                v,
+                fresh,
+                p,
+                attacker.done,
+                lambda: hold if attacker.attacking.is_set() else ramp,
+                attacker.attacking if v.login is not None else None,
+            )
+            await attacker.done.wait()
+        if scope.cancelled_caught:
+            attacker.report["killed_after_s"] = limit
+            attacker.kill()
+    return ramp, hold
+
+
+# --- one attack, end to end ---
+
+
+@dataclass(frozen=True)
+class AbuseFixtures:
+    victim_hit: Blob
+    fresh_warmup: Blob
+    fresh_baseline: list[Blob]
+    fresh_attack: list[Blob]
+    large: Blob
+    users_file: Path
+    users: Mapping[str, str]  # name -> password: warmup, alice (baseline), carol (attack), bob
+
+
+def attack_spec(name: str, hub: Hub, h: Harness, f: AbuseFixtures, p: AbuseParams) -> AttackSpec:
+    base = AttackSpec(
+        attack=name,
+        port=hub.port,
+        ca_pem=str(h.fixtures.tls.ca_pem),
+        duration=p.duration,
+        connections=0,
+        open_parallel=p.open_parallel,
+        blob_hex=f.large.digest_hex,
+        blob_size=f.large.size,
+    )
+    if name in ("1-miss", "1-hit"):
+        return dataclasses.replace(base, connections=p.manifest_connections)
+    if name == "2":
+        return dataclasses.replace(base, connections=p.range_connections, rate=p.range_rate)
+    if name == "3":
+        return dataclasses.replace(base, connections=p.fill_readers, rate=p.fill_rate)
+    if name == "7":
+        return dataclasses.replace(base, connections=p.idle_connections)
+    return dataclasses.replace(base, connections=p.logins, user="bob")
+
+
+def hub_flags(name: str, f: AbuseFixtures, p: AbuseParams) -> list[str]:
+    if name == "3":
+        return ["--cache-size", p.small_cache]
+    if name == "8":
+        return ["--users", str(f.users_file)]
+    return []
+
+
+async def run_abuse(
+    h: Harness, hub: Hub, name: str, f: AbuseFixtures, p: AbuseParams
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "case": ATTACKS[name].case,
+        "title": ATTACKS[name].title,
+        "hubproxy_argv": hub.argv,
+        "idle_rss_kib_at_start": hub.idle_rss_kib,
+    }
+    spec = attack_spec(name, hub, h, f, p)
+    attacker = AttackerProcess(spec, h.root / f"attacker-{name}.log")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(attacker.run)
+        try:
+            await _abuse_steps(h, hub, name, f, p, attacker, result)
+        finally:
+            attacker.kill()  # when it never got to go (a failed warm-up)
+    return result
+
+
+async def _abuse_steps(
+    h: Harness,
+    hub: Hub,
+    name: str,
+    f: AbuseFixtures,
+    p: AbuseParams,
+    attacker: AttackerProcess,
+    result: dict[str, Any],
+) -> None:
+    users = name == "8"
+    warm = Victim(f.victim_hit, ("warmup", f.users["warmup"]) if users else None)
+    try:
+        with trio.fail_after(p.pull_timeout):
+            token = await victim_login(h, hub, *warm.login) if warm.login else None
+            await victim_pull(h, hub, warm, f.fresh_warmup, token, VictimLog())
+            if name == "1-hit":  # the manifest the attacker asks for is cached
+                conn = await Connection.open(hub.port, h.context, source_address=VICTIM_ADDRESS)
+                try:
+                    head, _ = await conn.get(BIG_MANIFEST_PATH + "hit", [("accept", MANIFEST_TYPE)])
+                finally:
+                    await conn.aclose()
+                if head.status != 200:
+                    raise RequestFailed(f"big manifest status {head.status}")
+    except (RequestFailed, trio.TooSlowError) as exc:
+        result["error"] = f"warm-up pull failed: {exc}"
+        return
+    if hub.cache_dir is not None:  # the hit blob's fill runs in the background: wait for it
+        for _ in range(100):
+            if cached_blobs(hub.cache_dir, [f.victim_hit.digest_hex]):
+                break
+            await trio.sleep(0.1)
+    with trio.move_on_after(STARTUP_LIMIT):
+        await attacker.ready.wait()  # its interpreter start-up is not in the baseline
+    say(f"load: abuse {name}: the victim alone for {p.duration:g}s")
+    baseline = Victim(f.victim_hit, ("alice", f.users["alice"]) if users else None)
+    alone = await victim_alone(h, hub, baseline, f.fresh_baseline, p)
+    say(f"load: abuse {name}: {ATTACKS[name].title} ({attacker.spec.connections} connections)")
+    rss_before = rss_kib(hub.pid)
+    procs.reset_peak_rss([hub.pid])
+    under = Victim(f.victim_hit, ("carol", f.users["carol"]) if users else None)
+    ramp, attacked = await attack_phase(h, hub, under, f.fresh_attack, p, attacker)
+    peak = hwm_kib(hub.pid)
+    b, a = alone.summary(), attacked.summary()
+    b99, a99 = b["pulls"]["p99_ms"], a["pulls"]["p99_ms"]
+    result.update(
+        {
+            "attack_spec": asdict(attacker.spec),
+            "attacker": attacker.report,
+            "victim": {"baseline": b, "attacker_connecting": ramp.summary(), "attack": a},
+            "p99_ratio": round(a99 / b99, 2) if a99 is not None and b99 else None,
+            "rss_before_attack_kib": rss_before,
+            "peak_rss_kib": peak,
+        }
+    )
+    say(
+        f"load: abuse {name}: victim p99 {b99} ms alone, {a99} ms under attack "
+        f"({attacked.errors.total()} errors); peak RSS {peak / KiB:.1f} MiB"
+    )
+
+
+def mode_abuse(nginx: str, p: AbuseParams, keep: bool) -> dict[str, Any]:
+    base, under = fresh_blob_counts(p.duration, p.victim_interval)
+    with workspace(keep) as root, contextlib.ExitStack() as stack:
+        shapes = [
+            (1, p.victim_blob_size),
+            (1 + base + under, p.fresh_blob_size),
+            (1, p.large_blob_size),
+        ]
+        h = Harness.create(nginx, root, shapes, stack, big_manifest_size=p.manifest_size)
+        fresh = h.fixtures.blobs[(1 + base + under, p.fresh_blob_size)]
+        users = {name: secrets.token_urlsafe(12) for name in ("warmup", "alice", "carol", "bob")}
+        users_file = root / "users"
+        for name, password in users.items():
+            add_user(users_file, name, password)
+        f = AbuseFixtures(
+            victim_hit=h.fixtures.blobs[(1, p.victim_blob_size)][0],
+            fresh_warmup=fresh[0],
+            fresh_baseline=fresh[1 : 1 + base],
+            fresh_attack=fresh[1 + base :],
+            large=h.fixtures.blobs[(1, p.large_blob_size)][0],
+            users_file=users_file,
+            users=users,
+        )
+        attacks: dict[str, Any] = {}
+        for name in p.attacks:
+            # hubproxy as users run it: its default --max-connections, a fresh cache
+            hub = h.start_hub(
+                f"hubproxy-abuse-{name}",
+                cache=True,
+                extra=hub_flags(name, f, p),
+                max_connections=None,
+            )
+            a = trio.run(run_abuse, h, hub, name, f, p)
+            a["hubproxy_alive_at_end"] = hub.alive()
+            procs.stop(hub.process)
+            a["log"] = log_findings(hub)
+            if hub.cache_dir is not None:
+                shutil.rmtree(hub.cache_dir, ignore_errors=True)
+            attacks[name] = a
+        return {
+            "mode": "abuse",
+            "params": asdict(p),
+            "addresses": {"victim": VICTIM_ADDRESS, "attacker": ATTACKER_ADDRESS},
+            "attacks": attacks,
+        }
+
+
 # --- reports -------------------------------------------------------------------------------------
 
 
@@ -1096,25 +1929,157 @@ def soak_rows(r: Mapping[str, Any]) -> list[Row]:
     ]
 
 
-def render_text(rows: Sequence[Row]) -> str:
-    width = max((len(a) for a, _, _ in rows), default=0)
-    return "\n".join(f"{a:<{width}}  {b}  {c}".rstrip() for a, b, c in rows)
+ABUSE_HEADER = (
+    "attack (from 127.0.0.2)",
+    "victim p99, no attack",
+    "victim p99, under attack",
+    f"ratio (limit {P99_FACTOR:g}x)",
+    f"peak RSS (limit {RSS_LIMIT_KIB // KiB} MiB)",
+    "result",
+)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f} ms"
+
+
+def describe_attack(name: str, spec: Mapping[str, Any], p: Mapping[str, Any]) -> str:
+    """One line: case, how many, what."""
+    n = spec["connections"]
+    large = f"{spec['blob_size'] / MiB:g} MiB"
+    what = {
+        "1-miss": f"{n} connections ask {p['manifest_size'] / MiB:.1f} MiB manifest misses "
+        "(distinct tags), never read",
+        "1-hit": f"{n} connections ask one cached {p['manifest_size'] / MiB:.1f} MiB manifest, "
+        "never read",
+        "2": f"{n} Range GETs of a {large} blob (a miss), read at "
+        f"{spec['rate'] / KiB:g} KiB/s each",
+        "3": f"{n} GETs of a {large} blob (> --cache-size {p['small_cache']}) read at "
+        f"{spec['rate'] / KiB:g} KiB/s, and HEADs and GETs of it in a loop",
+        "7": f"{n} idle keep-alive TLS connections, topped up",
+        "8": f"{n} wrong-password token requests (Basic) at once",
+    }[name]
+    return f"case {ATTACKS[name].case}: {what}"
+
+
+def abuse_rows(r: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for name, a in r["attacks"].items():
+        failures = attack_failures(name, a)
+        verdict = "pass" if not failures else f"**fail** ({len(failures)})"
+        if a.get("error"):
+            rows.append((f"case {ATTACKS[name].case} ({name})", "", "", "", "", verdict))
+            continue
+        b, u = a["victim"]["baseline"], a["victim"]["attack"]
+        ratio = a["p99_ratio"]
+        rows.append(
+            (
+                describe_attack(name, a["attack_spec"], r["params"]),
+                _ms(b["pulls"]["p99_ms"]),
+                _ms(u["pulls"]["p99_ms"])
+                + (f", {sum(u['errors'].values())} failed" if u["errors"] else ""),
+                "n/a" if ratio is None else f"{ratio:.2f}x",
+                _mib(a["peak_rss_kib"]),
+                verdict,
+            )
+        )
+    return rows
+
+
+def abuse_details(r: Mapping[str, Any]) -> list[str]:
+    """A bullet per attack: what the attacker got, what the victim did, memory."""
+    lines: list[str] = []
+    for name, a in r["attacks"].items():
+        if a.get("error"):
+            lines.append(f"**{name}**: {a['error']}")
+            continue
+        k, b, u = a["attacker"], a["victim"]["baseline"], a["victim"]["attack"]
+        c = a["victim"]["attacker_connecting"]
+        reopened = f", {k['reconnects']} reopened" if k.get("reconnects") else ""
+        if name == "7":
+            refused = sum(k.get("top_up_refused", {}).values())
+            reopened = (
+                f", {k.get('topped_up', 0)} more opened as slots freed up and {refused} attempts "
+                f"refused ({k.get('top_up_refused') or 'none'})"
+            )
+        text = (
+            f"**{name}** (case {a['case']}): attacker: {k.get('opened', 0)}/"
+            f"{a['attack_spec']['connections']} connections in {k.get('ramp_seconds', 0):g} s"
+            f"{', refused ' + str(k['open_errors']) if k.get('open_errors') else ''}, attack held "
+            f"{k.get('held_seconds', 0):g} s"
+            f"{reopened}"
+            f"; {k.get('requests', 0)} requests, answers "
+            f"{k.get('statuses') or 'none'}, {k.get('bytes_read', 0) / MiB:.1f} MiB read."
+        )
+        if k.get("timed", {}).get("count") or k.get("unanswered_at_end"):
+            t = k["timed"]
+            what = "HEADs" if name == "3" else "requests"
+            text += (
+                f" Its timed {what}: {t['count']} answered (p50 {_ms(t['p50_ms'])}, p99 "
+                f"{_ms(t['p99_ms'])}, max {_ms(t['max_ms'])}), {k['unanswered_at_end']} still "
+                f"unanswered at the end (waited up to {k['longest_unanswered_s']:g} s)."
+            )
+        text += (
+            f" Victim: {b['pulls']['count']} pulls alone (p50 {_ms(b['pulls']['p50_ms'])}, max "
+            f"{_ms(b['pulls']['max_ms'])}), {u['pulls']['count']} under attack (p50 "
+            f"{_ms(u['pulls']['p50_ms'])}, max {_ms(u['pulls']['max_ms'])})"
+            f"{', failed: ' + str(u['errors']) if u['errors'] else ''}; "
+            f"{c['pulls']['count']} while the attacker connected (p99 {_ms(c['pulls']['p99_ms'])})"
+            f"{', failed: ' + str(c['errors']) if c['errors'] else ''}."
+        )
+        if b.get("first_login_ms") is not None or u.get("first_login_ms") is not None:
+            text += (
+                f" First login: {_ms(b.get('first_login_ms'))} alone, "
+                f"{_ms(u.get('first_login_ms'))} under attack."
+            )
+        text += (
+            f" RSS: {_mib(a['idle_rss_kib_at_start'])} at start, "
+            f"{_mib(a['rss_before_attack_kib'])} before the attack, peak "
+            f"{_mib(a['peak_rss_kib'])}; hubproxy warning/error lines: "
+            f"{a['log']['warning_or_error_lines']}."
+        )
+        lines.append(text)
+    return lines
+
+
+def render_text(rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell (the last one is not)."""
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(
+            [*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]
+        ).rstrip()
+        for row in rows
+    )
+
+
+FIGURE_HEADER = ("figure", "value", "note")
 
 
 def render_markdown(
     title: str,
     command: str,
     env: Mapping[str, str],
-    rows: Sequence[Row],
+    rows: Sequence[Sequence[str]],
     method: Sequence[str],
     result: Mapping[str, Any],
     failed: Sequence[str],
+    header: Sequence[str] = FIGURE_HEADER,
+    sections: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> str:
+    """The report: environment, the table (``header`` over ``rows``; every column but the first
+    and the last right-aligned), the method, then each of ``sections`` (a heading and bullets),
+    the checks and samples of hubproxy's warning lines."""
     lines = [f"# {title}", "", f"`{command}`", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
-    lines += ["", "| figure | value | note |", "|---|---:|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    align = ["---", *(["---:"] * (len(header) - 2)), "---"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "## Method", ""] + [f"- {m}" for m in method]
+    for heading, bullets in sections:
+        lines += ["", f"## {heading}", ""] + [f"- {b}" for b in bullets]
     lines += ["", "## Checks", ""]
     lines += [f"- FAILED: {f}" for f in failed] or ["- all passed"]
     logs = _log_samples(result)
@@ -1129,6 +2094,8 @@ def _log_samples(result: Mapping[str, Any]) -> list[str]:
         found += result["log"]["samples"]
     for v in result.get("variants", {}).values():
         found += v["log"]["samples"]
+    for name, a in result.get("attacks", {}).items():
+        found += [f"[{name}] {line}" for line in a.get("log", {}).get("samples", [])]
     return found
 
 
@@ -1172,23 +2139,53 @@ SOAK_METHOD = [
 ]
 
 
+ABUSE_METHOD = [
+    "Origin: one nginx playing Docker Hub (registry 307 -> CDN, TLS), files on /dev/shm; it also "
+    "serves one big manifest under every tag of `bench/big`. Each attack gets a fresh hubproxy "
+    "as users run it (TLS listener, cache on tmpfs, default `--max-connections` and limits), plus "
+    "`--cache-size` below the large blob for case 3 and `--users FILE` for case 8.",
+    "The victim (this process, trio + h11) connects from 127.0.0.1; the attacker (a separate "
+    "process, so its CPU is not the victim's event loop) from 127.0.0.2: both are loopback, and "
+    "hubproxy sees two client addresses. Case 8's victim is a mirror user and logs in first "
+    "(`GET /v2/`, then the token request its challenge names, with Basic credentials).",
+    "A victim pull: a new keep-alive TLS connection, the small manifest by tag (cached), a cached "
+    "100 KiB blob, and a blob never pulled before (a miss: registry -> 307 -> CDN), each "
+    "sha256-verified; timed from connecting to the last byte. One pull starts every 50 ms (or "
+    "as soon as the previous one ends, if slower). p99 is the nearest-rank 99th percentile.",
+    "Per attack: one warm-up pull; the victim alone for the phase duration (the no-attack "
+    "figures); VmHWM reset (clear_refs 5); the attack: the attacker opens its connections (64 at a"
+    " time; case 7 also sends one `GET /v2/` on each), then sends its requests and holds the "
+    "attack for the phase duration (case 7 meanwhile opens another connection whenever it holds "
+    "fewer than 1,024, one attempt per 50 ms at most), then resets every connection. The victim "
+    "pulls for the attacker's whole lifetime; the under-attack figures are the pulls started once "
+    "the attacker's connections were open (the pulls during the connection burst, TLS handshakes "
+    "that cost CPU whatever hubproxy's limits, are reported apart, in Attacks). Peak RSS is "
+    "hubproxy's VmHWM over the whole attack.",
+    f"Checks per attack: victim p99 under attack at most {P99_FACTOR:g}x its p99 alone, no "
+    f"victim pull failed, peak RSS under {RSS_LIMIT_KIB // KiB} MiB, hubproxy alive; case 8: "
+    f"the first login under attack at most {P99_FACTOR:g}x the first login alone.",
+]
+
+
 def write_report(
     out: Path,
     name: str,
     title: str,
     command: str,
     env: Mapping[str, str],
-    rows: Sequence[Row],
+    rows: Sequence[Sequence[str]],
     method: Sequence[str],
     result: dict[str, Any],
     failed: Sequence[str],
+    header: Sequence[str] = FIGURE_HEADER,
+    sections: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {**result, "environment": dict(env), "command": command, "failed_checks": failed}
     result["ok"] = not failed
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{name}.md").write_text(
-        render_markdown(title, command, env, rows, method, result, failed)
+        render_markdown(title, command, env, rows, method, result, failed, header, sections)
     )
     say(f"load: wrote {out / (name + '.md')} and {name}.json")
 
@@ -1265,6 +2262,21 @@ def mode_soak(nginx: str, p: SoakParams, keep: bool) -> dict[str, Any]:
         return result
 
 
+def parse_attacks(text: str) -> tuple[str, ...]:
+    """``1-miss,2,8`` -> the attacks, in the order given; ``1`` means both of case 1's."""
+    names: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        found = [item] if item in ATTACKS else [n for n in ATTACKS if n.split("-")[0] == item]
+        if not found:
+            raise argparse.ArgumentTypeError(
+                f"unknown attack {item!r} (known: {', '.join(ATTACKS)})"
+            )
+        names += [n for n in found if n not in names]
+    if not names:
+        raise argparse.ArgumentTypeError("no attack named")
+    return tuple(names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.load",
@@ -1278,7 +2290,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--quick",
         action="store_true",
-        help="all three, small: 100 idle, 10 x 1 MiB, 64 MiB at 200 MB/s, 0.1-min soak",
+        help="all four, small: 100 idle, 10 x 1 MiB, 64 MiB at 200 MB/s, 0.1-min soak, "
+        "0.5-second abuse phases with small attacks",
     )
     add("--idle", type=int, help="idle connections (default 1000, quick 100)")
     add("--transfers", type=int, help="concurrent transfers (default 100, quick 10)")
@@ -1288,6 +2301,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--size", type=parse_size, help="slow-client blob size (default 1G, quick 64M)")
     add("--rate", type=float, help="slow-client rate in MB/s (default 20, quick 200)")
     add("--workers", type=int, help="soak workers (default 20, quick 8)")
+    add(
+        "--abuse",
+        action="store_true",
+        help="cases 1, 2, 3, 7, 8 of issue 12 as attacks from 127.0.0.2 while a victim pulls "
+        "from 127.0.0.1: the victim's p99 and hubproxy's peak RSS per attack",
+    )
+    add(
+        "--attacks",
+        type=parse_attacks,
+        metavar="LIST",
+        help=f"the attacks, comma-separated (default all: {','.join(ATTACKS)})",
+    )
+    add(
+        "--abuse-seconds",
+        type=float,
+        metavar="S",
+        help="each abuse phase: the victim alone, then the attack held (default 10, quick 0.5)",
+    )
     add("--out", type=Path, help="output directory (default bench/results; quick: a temp dir)")
     add("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     return parser
@@ -1307,11 +2338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("load", args.load),
             ("slow-client", args.slow_client),
             ("soak", args.soak is not None),
+            ("abuse", args.abuse or args.attacks is not None),
         )
         if on
     ]
     if not modes:
-        modes = ["load", "slow-client", "soak"] if quick else ["load"]
+        modes = ["load", "slow-client", "soak", "abuse"] if quick else ["load"]
     load_p = LoadParams(
         idle=args.idle or (100 if quick else 1000),
         transfers=args.transfers or (10 if quick else 100),
@@ -1337,10 +2369,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if quick
         else SoakParams(minutes=soak_minutes, workers=args.workers or 20)
     )
+    abuse_p = (
+        AbuseParams(
+            duration=0.5,
+            manifest_connections=20,
+            manifest_size=1 * MiB,
+            range_connections=16,
+            large_blob_size=16 * MiB,
+            small_cache="4M",
+            fill_readers=2,
+            idle_connections=64,
+            logins=10,
+        )
+        if quick
+        else AbuseParams()
+    )
+    abuse_p = dataclasses.replace(
+        abuse_p,
+        attacks=args.attacks or abuse_p.attacks,
+        duration=args.abuse_seconds or abuse_p.duration,
+    )
     if not 0 <= load_p.hit_fraction <= 1:
         parser.error("--hit-fraction is between 0 and 1")
     if load_p.idle < 1 or load_p.transfers < 1 or slow_p.rate <= 0 or soak_p.minutes <= 0:
         parser.error("counts, the rate and the soak duration must be positive")
+    if abuse_p.duration <= 0:
+        parser.error("--abuse-seconds must be positive")
     nginx = find_tool("nginx")
     if nginx is None:
         print("bench.load: needs nginx (apt-get install -y nginx-light)", file=sys.stderr)
@@ -1351,7 +2405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     soft, _ = raise_nofile()
     need = load_p.idle + load_p.transfers + 200
-    if "load" in modes and soft < need:
+    if "abuse" in modes:
+        need = max(need, abuse_p.idle_connections + abuse_p.logins + 200)
+    if ("load" in modes or "abuse" in modes) and soft < need:
         print(f"bench.load: RLIMIT_NOFILE {soft} is below the {need} needed", file=sys.stderr)
         return 2
     command = shlex.join(["python", "-m", "bench.load", *(sys.argv[1:] if argv is None else argv)])
@@ -1385,6 +2441,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = f"hubproxy: {soak_p.minutes:g}-minute soak"
         write_report(out, "soak", title, command, env, rows, SOAK_METHOD, r, failed)
         tables.append(render_text(rows))
+        all_failed += failed
+    if "abuse" in modes:
+        r = mode_abuse(nginx, abuse_p, args.keep)
+        failed = abuse_checks(r)
+        attack_rows = abuse_rows(r)
+        title = f"hubproxy under abuse: {len(abuse_p.attacks)} attacks from one address"
+        write_report(
+            out,
+            "abuse",
+            title,
+            command,
+            env,
+            attack_rows,
+            ABUSE_METHOD,
+            r,
+            failed,
+            ABUSE_HEADER,
+            [("Attacks", abuse_details(r))],
+        )
+        tables.append(render_text([ABUSE_HEADER, *attack_rows]))
         all_failed += failed
     print("\n\n".join(tables), flush=True)
     for failure in all_failed:

@@ -1,6 +1,8 @@
 """In-process HTTP/1.1 clients for :mod:`bench.load`: trio + ``trio.SSLStream`` + h11.
 
-One :class:`Connection` is one keep-alive TCP (+TLS) connection to the proxy on 127.0.0.1.
+One :class:`Connection` is one keep-alive TCP (+TLS) connection to the proxy on 127.0.0.1, from
+127.0.0.1 or from another loopback address (``source_address``: every 127/8 address is loopback on
+Linux, so the proxy sees one client address per source, as it would see two machines).
 Bodies are never kept: they are counted and sha256-hashed as they arrive, so a thousand
 connections and a hundred concurrent transfers cost the client little memory. A body can be read
 at a bounded rate (the slow client) or abandoned part-way (a deliberate disconnect, by FIN or by
@@ -42,6 +44,7 @@ class Body:
     size: int
     digest_hex: str
     complete: bool  # False: stopped on purpose before the end (``stop_after``)
+    content: bytes = b""  # the first ``keep`` bytes, when asked for (a token answer)
 
 
 def client_context(ca_pem: Path) -> ssl.SSLContext:
@@ -59,12 +62,16 @@ class Connection:
         self.host = host.encode()
         self.h11 = h11.Connection(h11.CLIENT)
         self.requests = 0
+        self.body_bytes = 0  # of every response on this connection, as they arrive
         self.closed = False
 
     @classmethod
-    async def open(cls, port: int, context: ssl.SSLContext | None) -> Connection:
+    async def open(
+        cls, port: int, context: ssl.SSLContext | None, *, source_address: str | None = None
+    ) -> Connection:
+        """Connect (and handshake) to the proxy on 127.0.0.1, from ``source_address`` if given."""
         try:
-            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=source_address)
         except OSError as exc:
             raise RequestFailed("connect failed", repr(exc)) from exc
         stream: trio.abc.Stream = tcp
@@ -107,10 +114,10 @@ class Connection:
                 raise RequestFailed("connection error", f"receiving: {exc!r}") from exc
             self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
-    async def start(
+    async def send_request(
         self, method: str, target: str, headers: list[tuple[str, str]] | None = None
-    ) -> Head:
-        """Send a request (no body) and return the response head."""
+    ) -> None:
+        """Send a request (no body) and nothing else: the caller may never read the answer."""
         if not self.reusable:
             raise RequestFailed("connection not reusable")
         all_headers = [("host", self.host.decode()), *(headers or [])]
@@ -119,6 +126,12 @@ class Connection:
             self.h11.send(h11.Request(method=method, target=target, headers=all_headers))
         )
         await self._send(self.h11.send(h11.EndOfMessage()))
+
+    async def start(
+        self, method: str, target: str, headers: list[tuple[str, str]] | None = None
+    ) -> Head:
+        """Send a request (no body) and return the response head."""
+        await self.send_request(method, target, headers)
         while True:
             event = await self._event()
             if isinstance(event, h11.InformationalResponse):
@@ -137,20 +150,27 @@ class Connection:
             self.closed = True
             raise RequestFailed("protocol error", f"unexpected {event!r}")
 
-    async def read_body(self, *, rate: float | None = None, stop_after: int | None = None) -> Body:
+    async def read_body(
+        self, *, rate: float | None = None, stop_after: int | None = None, keep: int = 0
+    ) -> Body:
         """Read the body to its end, hashing it; at most ``rate`` bytes/s if given; stop (the
-        connection then unusable) once ``stop_after`` bytes arrived if given."""
+        connection then unusable) once ``stop_after`` bytes arrived if given; the first ``keep``
+        bytes are kept in :attr:`Body.content`."""
         digest = hashlib.sha256()
         size = 0
+        kept = bytearray()
         started = trio.current_time()
         while True:
             event = await self._event()
             if isinstance(event, h11.Data):
                 digest.update(event.data)
                 size += len(event.data)
+                self.body_bytes += len(event.data)
+                if len(kept) < keep:
+                    kept += event.data[: keep - len(kept)]
                 if stop_after is not None and size >= stop_after:
                     self.closed = True
-                    return Body(size, digest.hexdigest(), complete=False)
+                    return Body(size, digest.hexdigest(), complete=False, content=bytes(kept))
                 if rate is not None:
                     ahead = size / rate - (trio.current_time() - started)
                     if ahead > 0:
@@ -161,7 +181,7 @@ class Connection:
                     self.h11.start_next_cycle()
                 else:
                     self.closed = True
-                return Body(size, digest.hexdigest(), complete=True)
+                return Body(size, digest.hexdigest(), complete=True, content=bytes(kept))
             self.closed = True
             if isinstance(event, h11.ConnectionClosed):
                 raise RequestFailed("closed mid-body", f"after {size} bytes")

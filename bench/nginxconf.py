@@ -20,6 +20,7 @@ Flavour = Literal["recipe", "tuned"]
 BLOB_PATH = "/v2/bench/blob/blobs/sha256:"
 NOREDIR_BLOB_PATH = "/v2/bench/nocdn/blobs/sha256:"
 MANIFEST_PATH = "/v2/bench/blob/manifests/latest"
+BIG_MANIFEST_PATH = "/v2/bench/big/manifests/"  # + any tag: the same big manifest
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,24 @@ def render_origin(
     cert: Path,
     key: Path,
     workers: str = "auto",
+    big_manifest: tuple[Path, str] | None = None,
 ) -> str:
     """Docker Hub for blobs: a registry (blob GET -> 307 to the CDN with a signed-looking query,
-    a no-redirect blob path, the manifest) and a CDN serving the files, each over TLS and plain
+    a no-redirect blob path, the manifest, and ``big_manifest`` (file, digest) under every tag of
+    :data:`BIG_MANIFEST_PATH` if given) and a CDN serving the files, each over TLS and plain
     HTTP. Static files come from /dev/shm (sendfile on the plain ports)."""
     token = secrets.token_urlsafe(24)
+    big = ""
+    if big_manifest is not None:
+        big_path, big_digest = big_manifest
+        big = f"""\
+        location ~ "^{BIG_MANIFEST_PATH}[A-Za-z0-9._-]+$" {{
+            alias {big_path};
+            types {{ }}
+            default_type {MANIFEST_TYPE};
+            add_header Docker-Content-Digest {big_digest};
+        }}
+"""
 
     def registry(port: int, tls: bool, cdn: str) -> str:
         return f"""\
@@ -88,6 +102,7 @@ def render_origin(
             default_type {MANIFEST_TYPE};
             add_header Docker-Content-Digest {manifest_digest};
         }}
+{big}\
     }}
 """
 

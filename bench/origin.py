@@ -59,6 +59,11 @@ def start_origin(nginx: str, root: Path, fixtures: Fixtures, stack: contextlib.E
             fixtures.manifest_digest,
             fixtures.tls.cert_pem,
             fixtures.tls.key_pem,
+            big_manifest=(
+                (fixtures.big_manifest_path, fixtures.big_manifest_digest)
+                if fixtures.big_manifest_path is not None
+                else None
+            ),
         )
     )
     started = procs.start(
