@@ -138,6 +138,7 @@ def main(argv: list[str]) -> int:
             root, max_bytes=max(DEFAULT_MAX_BYTES, 2 * 1024 * args.count), max_entries=entries
         )
         store.open()
+        gc.freeze()  # as hubproxy does once started (app.serve): start-up objects are not rescanned
         figures = trio.run(run, store, args.count, args.rate)
         kept, tags, uncached = len(store.sizes), store.tag_count, store.stats.uncached
         evictions = store.stats.evictions

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..policy.cachepolicy import Readability, manifest_verified
+from .lru import ShardedLRU
 
 log = logging.getLogger("hubproxy.cache")
 
@@ -217,17 +218,17 @@ class ManifestStore:
         self.max_entries = max_entries
         self.stats = ManifestStats()
         # the indexes, least recently used first
-        self.sizes: OrderedDict[str, int] = OrderedDict()  # hex -> body size
+        self.sizes: ShardedLRU[str, int] = ShardedLRU()  # hex -> body size
         self.total = 0  # bytes of bodies
-        self.tags: OrderedDict[str, dict[str, str]] = OrderedDict()  # "repo:tag" -> {key: hex}
+        self.tags: ShardedLRU[str, dict[str, str]] = ShardedLRU()  # "repo:tag" -> {key: hex}
         # repository -> {digest: media type} of what the upstream served in it ("" for blobs)
-        self.links: OrderedDict[str, dict[str, str]] = OrderedDict()
-        self.readability: OrderedDict[str, Readability] = OrderedDict()  # the anonymous answer
+        self.links: ShardedLRU[str, dict[str, str]] = ShardedLRU()
+        self.readability: ShardedLRU[str, Readability] = ShardedLRU()  # the anonymous answer
         self.tag_count = 0
         self.link_count = 0
         # hex -> tag names naming it; tuples, not sets: a tuple of strings is not tracked by
         # the garbage collector, and 100,000 tracked sets made every full collection a stall
-        self._tagged: dict[str, tuple[str, ...]] = {}
+        self._tagged: ShardedLRU[str, tuple[str, ...]] = ShardedLRU()
         self._verified: OrderedDict[str, bytes] = OrderedDict()  # hex -> body, checked once
         self._verified_bytes = 0
         self._unwritten: dict[str, bytes] = {}  # hex -> body handed to the writer
@@ -638,7 +639,7 @@ class ManifestStore:
     def _evict(self) -> None:
         """Keep within the bounds: least recently used first."""
         while self.sizes and (self.total > self.max_bytes or len(self.sizes) > self.max_entries):
-            self._drop(next(iter(self.sizes)))
+            self._drop(self.sizes.oldest()[0])
             self.stats.evictions += 1
         while self.tag_count > self.max_entries and self.tags:
             name, keyed = self.tags.popitem(last=False)
@@ -648,7 +649,7 @@ class ManifestStore:
             self._batch.tags[name] = None
             self._batch.tag_used.pop(name, None)
         while self.link_count > self.max_entries and self.links:
-            repository, linked = next(iter(self.links.items()))
+            repository, linked = self.links.oldest()
             digest = next(iter(linked))
             del linked[digest]
             if not linked:
