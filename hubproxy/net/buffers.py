@@ -21,7 +21,7 @@ LARGEST = 256 * 1024
 SMALLEST = 16 * 1024
 GRANULE = 16 * 1024  # one TLS record's plaintext
 BUFFERS_PER_TRANSFER = 5
-BODY_BUDGET = 16 * 1024 * 1024
+BODY_BUDGET = 8 * 1024 * 1024
 
 
 class TransferBudget:
