@@ -696,9 +696,7 @@ class PullThrough:
             key = TagKey(state_name(route), reference, accepted)
             self.tag_checked[key] = trio.current_time()
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
-        await self._send_held(
-            request, response, outgoing, head.status_code, headers, head.reason
-        )
+        await self._send_held(request, response, outgoing, head.status_code, headers, head.reason)
 
     async def _send_manifest(
         self, request: ClientRequest, response: ClientResponse, outgoing: Outgoing
