@@ -492,3 +492,58 @@ async def never_reading(port: int, path: str, token: str) -> trio.socket.SocketT
         f"Authorization: Bearer {token}\r\n\r\n".encode()
     )
     return sock
+
+
+async def read_answer(sock: trio.socket.SocketType) -> tuple[bytes, bytes]:
+    """The status line and body of the one answer on ``sock`` (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        more = await sock.recv(65536)
+        assert more, "the answer was cut"
+        body += more
+    return head.split(b"\r\n", 1)[0], body
+
+
+async def test_senders_that_waited_without_their_body_send_it_whole_once_let_in(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    size = 1536 * 1024
+    texts = {f"t{i}": big_manifest(i, size) for i in range(4)}
+    for tag, text in texts.items():
+        hub._put_manifest("library/big", tag, MEDIA_DOCKER_MANIFEST, text)
+    proxy = await start_proxy(
+        tls=False, cache_dir=str(tmp_path / "cache"), manifest_memory=16 * 1024 * 1024
+    )
+    budget = pullthrough(proxy).manifest_sending
+    token = await token_for(RegistryClient(proxy.url, ca), "library/big")
+    socks = {
+        tag: await never_reading(proxy.port, f"/v2/library/big/manifests/{tag}", token)
+        for tag in texts
+    }
+    answers: dict[str, tuple[bytes, bytes]] = {}
+
+    async def read(tag: str) -> None:
+        answers[tag] = await read_answer(socks[tag])
+
+    async with nursery_within(HANG) as nursery:
+        # two fit in the address's 4 MiB share; the other two wait, their bodies dropped
+        await until(lambda: budget.waiting == 2, budget.wait_changed)
+        assert budget.client_used("127.0.0.2") <= budget.limits.per_client
+        for tag in texts:  # now the client reads: each waiter goes in as room is given back
+            nursery.start_soon(read, tag)
+    for sock in socks.values():
+        sock.close()
+    for tag, text in texts.items():
+        status, body = answers[tag]
+        assert status.startswith(b"HTTP/1.1 200 ")
+        assert body == text.encode()
+    assert proxy.proxy.metrics.manifest_send_waits.get() == 2
+    assert budget.used == budget.waiting == 0
