@@ -530,7 +530,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "manifest-memory",
-        "manifest bytes buffered from upstreams at once; a miss beyond it waits (up to "
+        "manifest bytes buffered from upstreams at once, and again held while being sent "
+        "(a quarter, at least 4M, per client address); beyond it a request waits (up to "
         "--read-timeout), then gets 503 (default 32M; one larger manifest still works alone)",
         CACHE,
         default="32M",

@@ -3,6 +3,8 @@ upstreams, and bodies sent in bounded slices of one shared buffer (issue 12, cas
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,18 +15,26 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.cache.inflight import ManifestFetches, MemoryBudget, SharedBodies
+from hubproxy.cache.inflight import (
+    ManifestFetches,
+    MemoryBudget,
+    Outgoing,
+    SendBudget,
+    SharedBodies,
+)
 from hubproxy.cache.manifests import CachedManifest, accepted_types
 from hubproxy.cache.pullthrough import MANIFEST_SLICE, send_sliced
 from hubproxy.net.server import AccessRecord, ClientConnection, ClientResponse
 from hubproxy.net.settings import ListenerSettings
 from hubproxy.policy.cachepolicy import FetchKey, confirmation_key
 from hubproxy.policy.errors import MirrorBusy
+from hubproxy.policy.sending import SendLimits
 from tests.conftest import StartProxy
-from tests.fakehub import FakeHub, FetchResult, fetch, make_layer
+from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, FetchResult, fetch, make_layer
 from tests.registry_client import RegistryClient
 from tests.test_pullthrough import ACCEPT, manifest_gets, pullthrough
 
+ZERO = "sha256:" + "0" * 64
 HANG = 30.0  # seconds after which an end-to-end test is hung, not slow
 
 
@@ -337,3 +347,203 @@ def test_senders_of_one_manifest_share_one_buffer() -> None:
         assert bodies.bytes == 1000
     assert bodies.bytes == 0
     assert seen == [1000, 1000, 1000, 0]
+
+
+# -- the bound on bodies held for sending --------------------------------------------------------
+
+
+def outgoing(digest: str, size: int) -> Outgoing:
+    return Outgoing("library/x", digest, "application/json", size, b"x" * size)
+
+
+async def test_a_sender_that_does_not_fit_drops_its_body_and_gets_503_after_its_patience(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    waits: list[str] = []
+    budget = SendBudget(
+        SendLimits(total=10, per_client=6),
+        on_wait=lambda: waits.append("wait"),
+        on_timeout=lambda: waits.append("timeout"),
+    )
+    release = trio.Event()
+
+    async def holder() -> None:
+        async with budget.hold("a", outgoing("sha256:1", 5), patience=1.0):
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder)
+        await until(lambda: budget.used == 5, budget.wait_changed)
+        late = outgoing("sha256:2", 2)
+        start = trio.current_time()
+        with pytest.raises(MirrorBusy) as raised:
+            async with budget.hold("a", late, patience=30.0):
+                pass
+        assert trio.current_time() - start == pytest.approx(30.0)
+        assert late.body is None  # it waited without the body
+        assert raised.value.status == 503
+        assert raised.value.code == "UNAVAILABLE"
+        assert (b"retry-after", b"5") in raised.value.headers
+        assert waits == ["wait", "timeout"]
+        assert budget.waiting == 0
+        # another client is let in at once, its body kept
+        other = outgoing("sha256:3", 5)
+        async with budget.hold("b", other, patience=0.0):
+            assert budget.used == 10
+            assert other.body is not None
+        release.set()
+    assert budget.used == budget.waiting == 0
+
+
+async def test_senders_of_one_manifest_count_once_and_waiters_go_in_when_room_is_given_back() -> (
+    None
+):
+    budget = SendBudget(SendLimits(total=8, per_client=4))
+    release = trio.Event()
+    order: list[str] = []
+
+    async def send(client: str, digest: str, size: int) -> None:
+        async with budget.hold(client, outgoing(digest, size), patience=60.0):
+            order.append(f"{client}:{digest}")
+            await release.wait()
+
+    async with nursery_within(HANG) as nursery:
+        for client in "abc":
+            nursery.start_soon(send, client, "x", 4)
+        await until(lambda: len(order) == 3, budget.wait_changed)
+        assert budget.used == 4  # one body, three senders
+        assert budget.client_used("a") == 4
+        nursery.start_soon(send, "a", "y", 4)  # over a's share
+        await until(lambda: budget.waiting == 1, budget.wait_changed)
+        nursery.start_soon(send, "d", "z", 4)  # not held up behind a
+        await until(lambda: len(order) == 4, budget.wait_changed)
+        assert order[-1] == "d:z"
+        assert budget.used == 8
+        release.set()
+    assert order[-1] == "a:y"
+    assert budget.used == budget.waiting == 0
+
+
+async def test_one_address_asking_many_large_manifests_without_reading_holds_only_its_share(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    size = 3 * 1024 * 1024
+    tags = [f"t{i}" for i in range(6)]
+    for i, tag in enumerate(tags):
+        hub._put_manifest("library/big", tag, MEDIA_DOCKER_MANIFEST, big_manifest(i, size))
+    hub._put_manifest("library/small", "v", MEDIA_DOCKER_MANIFEST, big_manifest(99, 4096))
+    # a share of 4 MiB holds one 3 MiB manifest: the other five senders of 127.0.0.2 wait
+    proxy = await start_proxy(
+        tls=False, cache_dir=str(tmp_path / "cache"), manifest_memory=16 * 1024 * 1024
+    )
+    budget = pullthrough(proxy).manifest_sending
+    gauge = proxy.proxy.metrics.manifest_bytes_sending
+    assert budget.limits.per_client == 4 * 1024 * 1024
+    token = await token_for(RegistryClient(proxy.url, ca), "library/big")
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(budget.client_used("127.0.0.2"))
+            await budget.wait_changed()
+
+    socks = []
+    async with nursery_within(HANG) as nursery:
+        nursery.start_soon(watch)
+        for tag in tags:
+            socks.append(await never_reading(proxy.port, f"/v2/library/big/manifests/{tag}", token))
+        await until(lambda: budget.waiting == 5, budget.wait_changed)
+        one = budget.client_used("127.0.0.2")
+        assert size - 1024 < one == gauge.get() <= size  # one manifest's body, no more
+        # another address is answered while they wait
+        victim = RegistryClient(proxy.url, ca)
+        answer = await victim.request("/v2/library/small/manifests/v", headers=ACCEPT)
+        assert answer.status == 200
+        assert budget.waiting == 5
+        for sock in socks:
+            sock.close()
+        await until(lambda: budget.used == budget.waiting == 0, budget.wait_changed)
+        nursery.cancel_scope.cancel()
+    assert max(seen) == one  # never more than one of them held at once
+    assert proxy.proxy.metrics.manifest_send_waits.get() >= 5
+
+
+def big_manifest(seed: int, size: int) -> str:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_DOCKER_MANIFEST,
+        "config": {"mediaType": "application/octet-stream", "size": 2, "digest": ZERO},
+        "layers": [],
+        "annotations": {"n": str(seed), "pad": "x" * (size - 400)},
+    }
+    return json.dumps(doc)
+
+
+async def never_reading(port: int, path: str, token: str) -> trio.socket.SocketType:
+    """A request from 127.0.0.2 whose client never reads the answer (a small receive buffer,
+    so the kernel takes little of it)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    await sock.bind(("127.0.0.2", 0))
+    await sock.connect(("127.0.0.1", port))
+    accept = ACCEPT[0][1]
+    await sock.send(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: {accept}\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    return sock
+
+
+async def read_answer(sock: trio.socket.SocketType) -> tuple[bytes, bytes]:
+    """The status line and body of the one answer on ``sock`` (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        more = await sock.recv(65536)
+        assert more, "the answer was cut"
+        body += more
+    return head.split(b"\r\n", 1)[0], body
+
+
+async def test_senders_that_waited_without_their_body_send_it_whole_once_let_in(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    size = 1536 * 1024
+    texts = {f"t{i}": big_manifest(i, size) for i in range(4)}
+    for tag, text in texts.items():
+        hub._put_manifest("library/big", tag, MEDIA_DOCKER_MANIFEST, text)
+    proxy = await start_proxy(
+        tls=False, cache_dir=str(tmp_path / "cache"), manifest_memory=16 * 1024 * 1024
+    )
+    budget = pullthrough(proxy).manifest_sending
+    token = await token_for(RegistryClient(proxy.url, ca), "library/big")
+    socks = {
+        tag: await never_reading(proxy.port, f"/v2/library/big/manifests/{tag}", token)
+        for tag in texts
+    }
+    answers: dict[str, tuple[bytes, bytes]] = {}
+
+    async def read(tag: str) -> None:
+        answers[tag] = await read_answer(socks[tag])
+
+    async with nursery_within(HANG) as nursery:
+        # two fit in the address's 4 MiB share; the other two wait, their bodies dropped
+        await until(lambda: budget.waiting == 2, budget.wait_changed)
+        assert budget.client_used("127.0.0.2") <= budget.limits.per_client
+        for tag in texts:  # now the client reads: each waiter goes in as room is given back
+            nursery.start_soon(read, tag)
+    for sock in socks.values():
+        sock.close()
+    for tag, text in texts.items():
+        status, body = answers[tag]
+        assert status.startswith(b"HTTP/1.1 200 ")
+        assert body == text.encode()
+    assert proxy.proxy.metrics.manifest_send_waits.get() == 2
+    assert budget.used == budget.waiting == 0

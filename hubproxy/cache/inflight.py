@@ -14,6 +14,11 @@ Theory of operation. A :class:`PullThrough` owns one of each:
   Content-Length, from the response head until the body is stored). A fetch that does not fit
   (``cachepolicy.fits_in_memory``) waits, first come first served, up to a patience the caller
   gives, then fails with :class:`~hubproxy.policy.errors.MirrorBusy` (503, Retry-After).
+- :class:`SendBudget` counts the bytes of manifest bodies held for sending to clients (from
+  before the response head until the last byte was taken), per client address and in all; who
+  may hold one now is ``sending.admit``'s to say. A sender that does not fit drops its body
+  (:class:`Outgoing`) while it waits, up to a patience, then fails with MirrorBusy; once let in
+  it takes the body again from whoever is sending it, else from the store.
 - :class:`SharedBodies` hands every client sending the same manifest the one ``bytes`` object,
   however the store returned it (a store may read a fresh copy per lookup), and counts the
   bytes so held for ``/metrics``.
@@ -32,6 +37,7 @@ import trio
 
 from ..policy.cachepolicy import ConfirmationKey, FetchKey, fits_in_memory
 from ..policy.errors import MirrorBusy
+from ..policy.sending import SendAsk, SendLimits, admit
 from .manifests import CachedManifest
 
 RETRY_AFTER = b"5"  # seconds: a budget held by upstream bodies moves within moments
@@ -72,15 +78,18 @@ class ManifestFetches:
         self._note_change()
         try:
             await fetch.done.wait()
+            answer = fetch.answer
         finally:
             fetch.followers -= 1
-        return fetch.answer
+        if not fetch.followers:
+            fetch.answer = None  # all took it: the fetch no longer pins the body
+        return answer
 
     def finish(self, fetch: ManifestFetch, answer: CachedManifest | None) -> None:
         """End ``fetch`` (the first call counts) and release its followers."""
         if fetch.done.is_set():
             return
-        fetch.answer = answer
+        fetch.answer = answer if fetch.followers else None  # nobody to pin the body for
         fetch.done.set()
         if self._fetches.get(fetch.key) is fetch:
             del self._fetches[fetch.key]
@@ -200,6 +209,11 @@ class SharedBodies:
         self.bytes = 0
         self._on_change = on_change
 
+    def current(self, digest: str) -> bytes | None:
+        """The body of ``digest`` if some client is being sent it now."""
+        entry = self._bodies.get(digest)
+        return entry[0] if entry is not None else None
+
     @contextmanager
     def share(self, manifest: CachedManifest) -> Iterator[bytes]:
         """The one body of ``manifest.digest`` while the ``with`` sends it (the first sender's
@@ -224,3 +238,142 @@ class SharedBodies:
     def _note_change(self) -> None:
         if self._on_change is not None:
             self._on_change(self.bytes)
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """A manifest about to be sent: what it takes to find its body again, and the body while
+    it is held (None while its sender waits for room)."""
+
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None
+
+    @classmethod
+    def of(cls, repository: str, manifest: CachedManifest) -> Outgoing:
+        """The outgoing form of ``manifest`` served in ``repository``."""
+        body = manifest.body
+        return cls(repository, manifest.digest, manifest.media_type, len(body), body)
+
+
+@dataclass(eq=False)
+class _Sender:
+    ask: SendAsk
+    granted: trio.Event
+
+
+class SendBudget:
+    """Bytes of manifest bodies held for sending, bounded per client and in all (see the
+    module and ``policy/sending.py``)."""
+
+    def __init__(
+        self,
+        limits: SendLimits,
+        on_change: Callable[[int], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
+        on_timeout: Callable[[], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self._held: dict[SendAsk, int] = {}  # (client, digest, size) -> senders holding it
+        self.used = 0  # each manifest held counted once
+        self._on_change = on_change
+        self._on_wait = on_wait
+        self._on_timeout = on_timeout
+        self._queue: list[_Sender] = []
+        self._changed = trio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """Senders waiting for room now."""
+        return len(self._queue)
+
+    def client_used(self, client: str) -> int:
+        """Bytes held for sending to ``client``, each manifest counted once."""
+        return sum(ask.size for ask in self._held if ask.client == client)
+
+    @asynccontextmanager
+    async def hold(self, client: str, outgoing: Outgoing, patience: float) -> AsyncIterator[None]:
+        """Hold room for ``outgoing``'s body for the ``with``; if there is none now, drop the
+        body (``outgoing.body = None``) and wait up to ``patience`` seconds, else MirrorBusy."""
+        ask = SendAsk(client, outgoing.digest, outgoing.size)
+        await self._acquire(ask, outgoing, patience)
+        try:
+            yield
+        finally:
+            self._release(ask)
+
+    async def _acquire(self, ask: SendAsk, outgoing: Outgoing, patience: float) -> None:
+        await trio.lowlevel.checkpoint()  # before taking: nothing may cancel between the two
+        sender = _Sender(ask, trio.Event())
+        self._queue.append(sender)
+        self._grant()
+        if sender.granted.is_set():
+            self._note_change()
+            return
+        outgoing.body = None  # wait without pinning the body: it is found again once let in
+        if self._on_wait is not None:
+            self._on_wait()
+        self._note_change()
+        try:
+            with trio.move_on_after(patience):
+                await sender.granted.wait()
+        except BaseException:
+            self._forget(sender)
+            raise
+        if not sender.granted.is_set():
+            self._forget(sender)
+            if self._on_timeout is not None:
+                self._on_timeout()
+            raise MirrorBusy(
+                "too many manifests are being sent at once; retry shortly",
+                headers=((b"retry-after", RETRY_AFTER),),
+            )
+
+    def _release(self, ask: SendAsk) -> None:
+        count = self._held[ask] - 1
+        if count:
+            self._held[ask] = count
+        else:
+            del self._held[ask]
+            if not any(other.digest == ask.digest for other in self._held):
+                self.used -= ask.size
+        self._grant()
+        self._note_change()
+
+    def _forget(self, sender: _Sender) -> None:
+        """A sender that gave up (timeout or cancel): give back what it was granted, or leave
+        the queue (and let whoever was behind it in)."""
+        if sender.granted.is_set():
+            self._release(sender.ask)
+        else:
+            self._queue.remove(sender)
+            self._grant()
+            self._note_change()
+
+    def _grant(self) -> None:
+        if not self._queue:
+            return
+        chosen = admit(self.limits, self._held.keys(), [s.ask for s in self._queue])
+        if not chosen:
+            return
+        picked = set(chosen)
+        for index in chosen:
+            sender = self._queue[index]
+            held = self._held.get(sender.ask, 0)
+            if not held and not any(other.digest == sender.ask.digest for other in self._held):
+                self.used += sender.ask.size
+            self._held[sender.ask] = held + 1
+            sender.granted.set()
+        self._queue = [s for i, s in enumerate(self._queue) if i not in picked]
+
+    async def wait_changed(self) -> None:
+        """Wait until room is taken or given back, or a sender starts or stops waiting."""
+        await self._changed.wait()
+
+    def _note_change(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.used)
+        self._changed.set()
+        self._changed = trio.Event()

@@ -29,6 +29,7 @@ import trio
 from ..net.server import ClientRequest, ClientResponse
 from ..net.upstream import UpstreamConnection
 from ..policy import flow
+from ..policy.access import client_key
 from ..policy.auth import parse_challenges
 from ..policy.cachepolicy import (
     AskUpstream,
@@ -59,6 +60,7 @@ from ..policy.cachepolicy import (
 )
 from ..policy.errors import (
     CacheFillFailed,
+    MirrorBusy,
     ProxyError,
     RangeNotSatisfiable,
     ResponseAborted,
@@ -66,8 +68,17 @@ from ..policy.errors import (
 )
 from ..policy.headers import Headers, get_all, get_header
 from ..policy.routing import Route
+from ..policy.sending import send_limits
 from ..policy.urls import Url, parse_url
-from .inflight import ManifestFetch, ManifestFetches, MemoryBudget, SharedBodies
+from .inflight import (
+    RETRY_AFTER,
+    ManifestFetch,
+    ManifestFetches,
+    MemoryBudget,
+    Outgoing,
+    SendBudget,
+    SharedBodies,
+)
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .store import (
     BlobReader,
@@ -122,7 +133,15 @@ class PullThrough:
             forwarder.config.manifest_memory, metrics.manifest_bytes_in_flight.set
         )
         metrics.manifest_memory_limit.set(forwarder.config.manifest_memory)
-        self.manifest_bodies = SharedBodies(metrics.manifest_bytes_sending.set)
+        self.manifest_bodies = SharedBodies()
+        # bodies held for sending: per client address and in all (a client that never reads
+        # must not pin one body per connection it opens)
+        self.manifest_sending = SendBudget(
+            send_limits(forwarder.config.manifest_memory, MAX_MANIFEST),
+            metrics.manifest_bytes_sending.set,
+            on_wait=metrics.manifest_send_waits.inc,
+            on_timeout=metrics.manifest_send_wait_timeouts.inc,
+        )
 
     def handles(self, request: ClientRequest, route: Route) -> bool:
         if request.method not in CACHE_METHODS:
@@ -548,7 +567,8 @@ class PullThrough:
             else:
                 self.stats.hits += 1
                 self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
-            await self._send_manifest(request, response, cached)
+            outgoing, cached = Outgoing.of(repository, cached), None  # pinned only while held
+            await self._send_manifest(request, response, outgoing)
             return
         fetch: ManifestFetch | None = None
         if isinstance(decision, Fill) and coalesce:
@@ -575,7 +595,8 @@ class PullThrough:
             if response.started or cached is None or not isinstance(stale, ServeStale):
                 raise
             self._note_stale(route, "a manifest")
-            await self._send_manifest(request, response, cached)
+            outgoing, cached = Outgoing.of(repository, cached), None
+            await self._send_manifest(request, response, outgoing)
         finally:
             if fetch is not None:  # failed or cancelled before storing: followers go on alone
                 self.manifest_fetches.finish(fetch, None)
@@ -597,7 +618,8 @@ class PullThrough:
         if shared and answer is not None:
             if accepts(get_all(request.headers, b"accept"), answer.media_type):
                 self.forwarder.metrics.manifest_fetches_shared.inc()
-                await self._send_manifest(request, response, answer)
+                outgoing, answer = Outgoing.of(state_name(route), answer), None
+                await self._send_manifest(request, response, outgoing)
                 return
         await self._serve_manifest(plan, request, response, route, coalesce=False)
 
@@ -628,7 +650,8 @@ class PullThrough:
         )
         if isinstance(stale, ServeStale) and cached is not None:
             self._note_stale(route, "a manifest")
-            await self._send_manifest(request, response, cached)
+            outgoing, cached = Outgoing.of(state_name(route), cached), None
+            await self._send_manifest(request, response, outgoing)
             return
         length = get_header(head.headers, b"content-length")
         media_type = get_header(head.headers, b"content-type")
@@ -663,33 +686,71 @@ class PullThrough:
                 f"upstream manifest for {route.repository}:{reference} does not match its digest"
             )
         manifest = CachedManifest(stored, _media_type(media_type), data)
+        # from here on only ``outgoing`` holds the body, which it drops if it has to wait
+        outgoing = Outgoing.of(state_name(route), manifest)
         if fetch is not None:  # followers go on now, not once this client has read it all
             self.manifest_fetches.finish(fetch, manifest)
+        del manifest, data
         self._remember_access(request, route)
         if not reference.startswith("sha256:"):
             key = TagKey(state_name(route), reference, accepted)
             self.tag_checked[key] = trio.current_time()
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
-        await response.start(head.status_code, headers, head.reason)
-        with self.manifest_bodies.share(manifest) as body:
-            await send_sliced(response, body)
-        await response.finish()
+        await self._send_held(request, response, outgoing, head.status_code, headers, head.reason)
 
     async def _send_manifest(
-        self, request: ClientRequest, response: ClientResponse, cached: CachedManifest
+        self, request: ClientRequest, response: ClientResponse, outgoing: Outgoing
     ) -> None:
         response.record.upstream = "cache"
         headers = [
-            (b"content-type", cached.media_type.encode("latin-1")),
-            (b"content-length", b"%d" % len(cached.body)),
-            (b"docker-content-digest", cached.digest.encode("ascii")),
-            (b"etag", b'"%s"' % cached.digest.encode("ascii")),
+            (b"content-type", outgoing.media_type.encode("latin-1")),
+            (b"content-length", b"%d" % outgoing.size),
+            (b"docker-content-digest", outgoing.digest.encode("ascii")),
+            (b"etag", b'"%s"' % outgoing.digest.encode("ascii")),
             (b"docker-distribution-api-version", b"registry/2.0"),
         ]
-        await response.start(200, headers)
-        if request.method == "GET":
-            with self.manifest_bodies.share(cached) as body:
-                await send_sliced(response, body)
+        await self._send_held(request, response, outgoing, 200, headers)
+
+    async def _send_held(
+        self,
+        request: ClientRequest,
+        response: ClientResponse,
+        outgoing: Outgoing,
+        status: int,
+        headers: Headers,
+        reason: bytes = b"",
+    ) -> None:
+        """Send a manifest's head and body, the body held only with room in the send budget
+        (per client address and in all): taken before the head, so that a sender that waited
+        past its patience still gets a 503. A sender that waited takes the body again from
+        whoever sends it now, else from the store; gone from both, 503 (a retry fetches it)."""
+        if request.method != "GET":
+            outgoing.body = None
+            await response.start(status, headers, reason)
+            await response.finish()
+            return
+        patience = self.forwarder.config.timeouts.upstream_idle
+        client = client_key(request.client_ip)
+        async with self.manifest_sending.hold(client, outgoing, patience):
+            body = outgoing.body
+            outgoing.body = None
+            if body is None:
+                body = self.manifest_bodies.current(outgoing.digest)
+            if body is None:
+                stored = self.manifests.get(outgoing.repository, outgoing.digest)
+                body = stored.body if stored is not None else None
+                del stored
+            if body is None:
+                raise MirrorBusy(
+                    "the manifest left the cache while its turn to be sent came; retry",
+                    headers=((b"retry-after", RETRY_AFTER),),
+                )
+            manifest = CachedManifest(outgoing.digest, outgoing.media_type, body)
+            del body
+            await response.start(status, headers, reason)
+            with self.manifest_bodies.share(manifest) as shared:
+                del manifest
+                await send_sliced(response, shared)
         await response.finish()
 
     # -- which repositories anyone may read ----------------------------------------------------

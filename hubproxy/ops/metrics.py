@@ -727,7 +727,20 @@ class HubMetrics:
         self.manifest_bytes_sending = registry.register(
             Gauge(
                 "hubproxy_manifest_bytes_sending",
-                "Bytes of manifests being sent to clients now, each manifest counted once.",
+                "Bytes of manifest bodies held for sending to clients now, each counted once.",
+            )
+        )
+        self.manifest_send_waits = registry.register(
+            Counter(
+                "hubproxy_manifest_send_waits",
+                "Manifest senders that waited for room to hold their body (--manifest-memory: "
+                "a quarter of it per client address, at least one 4 MiB manifest).",
+            )
+        )
+        self.manifest_send_wait_timeouts = registry.register(
+            Counter(
+                "hubproxy_manifest_send_wait_timeouts",
+                "Manifest senders answered 503 after waiting --read-timeout for room.",
             )
         )
         self.manifest_fetches_shared = registry.register(

@@ -1,0 +1,85 @@
+"""Which manifest senders may hold a body now: the bytes of manifests being sent, bounded per
+client address and in all.
+
+Theory of operation. A manifest, once stored, goes to its client from one ``bytes`` object,
+held until the client has read it all: a client that opens many connections, asks many large
+manifests and never reads would otherwise pin them all. So holding a body for sending takes
+room in a budget first:
+
+1. all clients together hold at most ``total`` bytes, a manifest counted once however many
+   senders share its body (they share the one object);
+2. one client address (``access.client_key``) holds at most ``per_client`` bytes, each manifest
+   it is sending counted once (its own senders of one manifest share one body too), so one
+   address cannot keep the others waiting; ``per_client`` is never below the largest manifest
+   kept, so any one manifest can always be sent;
+3. a sender alone is always let in (a manifest larger than the bounds still goes when nothing
+   else is held);
+4. waiters are served in arrival order, except that a waiter over its own client's share does
+   not hold up those behind it (it could not take the room anyway), and one whose manifest is
+   already held by someone (no new bytes) goes past a waiter that does not fit.
+
+:func:`admit` is the whole decision; ``cache/inflight.py`` does the waiting and the counting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SendLimits:
+    """The bounds on bytes of manifest bodies held for sending (see :func:`send_limits`)."""
+
+    total: int  # all clients together, each manifest counted once
+    per_client: int  # one client address, each manifest it sends counted once
+
+
+@dataclass(frozen=True)
+class SendAsk:
+    """A sender: a client key (``access.client_key``), the manifest's digest and its size."""
+
+    client: str
+    digest: str
+    size: int
+
+
+def send_limits(total: int, largest: int) -> SendLimits:
+    """The bounds from ``--manifest-memory`` (``total``): a client's share is a quarter of it,
+    but at least ``largest`` (the largest manifest kept), and ``total`` at least one share."""
+    per_client = max(total // 4, largest)
+    return SendLimits(total=max(total, per_client), per_client=per_client)
+
+
+def admit(limits: SendLimits, held: Collection[SendAsk], waiting: Sequence[SendAsk]) -> list[int]:
+    """The indices of ``waiting`` (oldest first) that may hold their manifest's body now, given
+    the bodies ``held`` (one SendAsk per client and manifest it holds). A new sender is the
+    last of ``waiting``."""
+    digests: dict[str, int] = {}
+    clients: dict[str, int] = {}
+    holding: set[tuple[str, str]] = set()
+    for ask in held:
+        digests[ask.digest] = ask.size
+        clients[ask.client] = clients.get(ask.client, 0) + ask.size
+        holding.add((ask.client, ask.digest))
+    used = sum(digests.values())
+    blocked = False  # an earlier waiter needs bytes that are not free: no new bytes go past it
+    granted: list[int] = []
+    for index, ask in enumerate(waiting):
+        if (ask.client, ask.digest) in holding:
+            granted.append(index)  # its body is held for this client already: nothing new
+            continue
+        mine = clients.get(ask.client, 0)
+        if mine and mine + ask.size > limits.per_client:
+            continue  # over its own share: it does not hold up other clients
+        fresh = ask.digest not in digests
+        if fresh:
+            if blocked or (used and used + ask.size > limits.total):
+                blocked = True
+                continue
+            digests[ask.digest] = ask.size
+            used += ask.size
+        clients[ask.client] = mine + ask.size
+        holding.add((ask.client, ask.digest))
+        granted.append(index)
+    return granted
