@@ -41,6 +41,9 @@ class Fixtures:
     blobs: dict[tuple[int, int], list[Blob]] = field(default_factory=dict)
     big_manifest_path: Path | None = None  # served under every tag of nginxconf.BIG_MANIFEST_PATH
     big_manifest_digest: str = ""
+    # big_manifest_variants files "miss-<i>.json": the big manifest made distinct per tag (each
+    # padded with i more spaces: still valid JSON, another digest), so misses are distinct
+    big_manifest_dir: Path | None = None
 
 
 def make_tls(directory: Path) -> TLSFiles:
@@ -105,7 +108,10 @@ def manifest_of_size(size: int) -> bytes:
 
 
 def make_fixtures(
-    root: Path, shapes: list[tuple[int, int]], big_manifest_size: int = 0
+    root: Path,
+    shapes: list[tuple[int, int]],
+    big_manifest_size: int = 0,
+    big_manifest_variants: int = 0,
 ) -> Fixtures:
     """Certificates, the manifest and, per ``(count, size)`` shape, ``count`` distinct blobs;
     a manifest of about ``big_manifest_size`` bytes too, if given."""
@@ -132,4 +138,13 @@ def make_fixtures(
         fixtures.big_manifest_path.write_bytes(big)
         fixtures.big_manifest_path.chmod(0o644)
         fixtures.big_manifest_digest = "sha256:" + hashlib.sha256(big).hexdigest()
+        if big_manifest_variants:
+            variants = root / "big-manifests"
+            variants.mkdir(mode=0o755)
+            base = big.rstrip()  # the pads stay well under hubproxy's 4 MiB manifest limit
+            for i in range(big_manifest_variants):
+                path = variants / f"miss-{i}.json"
+                path.write_bytes(base + b" " * (i + 1))
+                path.chmod(0o644)
+            fixtures.big_manifest_dir = variants
     return fixtures

@@ -323,9 +323,10 @@ class Harness:
         shapes: list[tuple[int, int]],
         stack: contextlib.ExitStack,
         big_manifest_size: int = 0,
+        big_manifest_variants: int = 0,
     ) -> Harness:
         began = time.monotonic()
-        fixtures = make_fixtures(root, shapes, big_manifest_size)
+        fixtures = make_fixtures(root, shapes, big_manifest_size, big_manifest_variants)
         total = sum(count * size for count, size in shapes)
         say(f"load: {total / MiB:,.0f} MiB of blobs in {time.monotonic() - began:.1f}s")
         origin = start_origin(nginx, root, fixtures, stack)
@@ -1715,7 +1716,14 @@ def mode_abuse(nginx: str, p: AbuseParams, keep: bool) -> dict[str, Any]:
             (1 + base + under, p.fresh_blob_size),
             (1, p.large_blob_size),
         ]
-        h = Harness.create(nginx, root, shapes, stack, big_manifest_size=p.manifest_size)
+        h = Harness.create(
+            nginx,
+            root,
+            shapes,
+            stack,
+            big_manifest_size=p.manifest_size,
+            big_manifest_variants=p.manifest_connections,
+        )
         fresh = h.fixtures.blobs[(1 + base + under, p.fresh_blob_size)]
         users = {name: secrets.token_urlsafe(12) for name in ("warmup", "alice", "carol", "bob")}
         users_file = root / "users"

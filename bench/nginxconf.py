@@ -66,6 +66,7 @@ def render_origin(
     key: Path,
     workers: str = "auto",
     big_manifest: tuple[Path, str] | None = None,
+    big_manifest_dir: Path | None = None,
 ) -> str:
     """Docker Hub for blobs: a registry (blob GET -> 307 to the CDN with a signed-looking query,
     a no-redirect blob path, the manifest, and ``big_manifest`` (file, digest) under every tag of
@@ -75,7 +76,15 @@ def render_origin(
     big = ""
     if big_manifest is not None:
         big_path, big_digest = big_manifest
-        big = f"""\
+        if big_manifest_dir is not None:  # distinct per "miss-<i>" tag; no digest header
+            big += f"""\
+        location ~ "^{BIG_MANIFEST_PATH}(?<variant>miss-[0-9]+)$" {{
+            alias {big_manifest_dir}/$variant.json;
+            types {{ }}
+            default_type {MANIFEST_TYPE};
+        }}
+"""
+        big += f"""\
         location ~ "^{BIG_MANIFEST_PATH}[A-Za-z0-9._-]+$" {{
             alias {big_path};
             types {{ }}

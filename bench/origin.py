@@ -64,6 +64,7 @@ def start_origin(nginx: str, root: Path, fixtures: Fixtures, stack: contextlib.E
                 if fixtures.big_manifest_path is not None
                 else None
             ),
+            big_manifest_dir=fixtures.big_manifest_dir,
         )
     )
     started = procs.start(
