@@ -23,10 +23,12 @@ from hubproxy.policy.cachepolicy import (
     ServeStale,
     UpstreamVerdict,
     access_check_headers,
+    admit_fetches,
     after_upstream,
     anonymously_readable,
     confirmation_key,
     decide,
+    fetch_share,
     fits_in_memory,
     keep_manifest,
     manifest_verified,
@@ -333,3 +335,32 @@ def test_may_share_fetch_only_with_the_same_credentials(
 )
 def test_fits_in_memory(used: int, size: int, limit: int, fits: bool) -> None:
     assert fits_in_memory(used, size, limit) is fits
+
+
+@pytest.mark.parametrize(
+    ("used", "used_by", "waiting", "chosen"),
+    [
+        # room in all and in each share: first come, first served
+        (0, {}, [("a", 4), ("b", 4)], [0, 1]),
+        # the attacker is at its share: its waiters are passed over, the victim goes in
+        (8, {"a": 8}, [("a", 4), ("a", 1), ("b", 4)], [2]),
+        # a client's later small waiter never overtakes its own earlier large one
+        (6, {"a": 6}, [("a", 8), ("a", 1)], []),
+        # the oldest that fits its share but not the whole waits, and nobody overtakes it
+        (28, {"a": 8, "b": 8, "c": 8, "d": 4}, [("e", 8), ("f", 1)], []),
+        # a fetch alone always fits (one manifest larger than the limit still works)
+        (0, {}, [("a", 40)], [0]),
+        # a client holding nothing may start one fetch even larger than its share; then it is
+        # over its share, and its next waits
+        (8, {"b": 8}, [("a", 12), ("a", 1)], [0]),
+    ],
+)
+def test_admit_fetches(
+    used: int, used_by: dict[str, int], waiting: list[tuple[str, int]], chosen: list[int]
+) -> None:
+    assert admit_fetches(32, 8, used, used_by, waiting) == chosen
+
+
+def test_fetch_share_leaves_room_for_the_largest_manifest() -> None:
+    assert fetch_share(32 << 20, 4 << 20) == 8 << 20
+    assert fetch_share(8 << 20, 4 << 20) == 4 << 20

@@ -547,3 +547,27 @@ async def test_senders_that_waited_without_their_body_send_it_whole_once_let_in(
         assert body == text.encode()
     assert proxy.proxy.metrics.manifest_send_waits.get() == 2
     assert budget.used == budget.waiting == 0
+
+
+async def test_one_address_at_its_fetch_share_never_holds_up_another() -> None:
+    """Issue 12 case 1: one address's many manifest misses take at most its share of the bytes
+    in flight; another address's miss starts at once, ahead of the first address's queue."""
+    budget = MemoryBudget(32, share=8)
+    order: list[str] = []
+    release = trio.Event()
+
+    async def take(name: str, client: str, size: int) -> None:
+        async with budget.hold(size, patience=60.0, client=client):
+            order.append(name)
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(take, f"a{i}", "10.0.0.1", 4)
+        await until(lambda: budget.waiting == 2, budget.wait_changed)
+        assert len(order) == 2 and budget.used_by == {"10.0.0.1": 8}
+        nursery.start_soon(take, "b0", "10.0.0.2", 4)
+        await until(lambda: "b0" in order, budget.wait_changed)
+        assert budget.waiting == 2  # a's two others still wait: b0 went past them
+        release.set()
+    assert budget.used == 0 and budget.used_by == {}

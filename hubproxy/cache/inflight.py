@@ -12,8 +12,9 @@ Theory of operation. A :class:`PullThrough` owns one of each:
   ``cachepolicy.may_share_fetch``'s to say.
 - :class:`MemoryBudget` counts the bytes of manifests being read from upstreams (their
   Content-Length, from the response head until the body is stored). A fetch that does not fit
-  (``cachepolicy.fits_in_memory``) waits, first come first served, up to a patience the caller
-  gives, then fails with :class:`~hubproxy.policy.errors.MirrorBusy` (503, Retry-After).
+  (``cachepolicy.admit_fetches``: in all, and a quarter per client address) waits, first come
+  first served, up to a patience the caller gives, then fails with
+  :class:`~hubproxy.policy.errors.MirrorBusy` (503, Retry-After).
 - :class:`SendBudget` counts the bytes of manifest bodies held for sending to clients (from
   before the response head until the last byte was taken), per client address and in all; who
   may hold one now is ``sending.admit``'s to say. A sender that does not fit drops its body
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..policy.cachepolicy import ConfirmationKey, FetchKey, fits_in_memory
+from ..policy.cachepolicy import ConfirmationKey, FetchKey, admit_fetches
 from ..policy.errors import MirrorBusy
 from ..policy.sending import SendAsk, SendLimits, admit
 from .manifests import CachedManifest
@@ -114,6 +115,7 @@ class ManifestFetches:
 
 @dataclass(eq=False)
 class _Waiter:
+    client: str
     size: int
     granted: trio.Event
 
@@ -121,9 +123,18 @@ class _Waiter:
 class MemoryBudget:
     """Bytes of manifests being buffered from upstreams, at most ``limit`` (see the module)."""
 
-    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_change: Callable[[int], None] | None = None,
+        *,
+        share: int | None = None,
+    ) -> None:
+        """``share``: the bytes one client may have in flight (None: the whole ``limit``)."""
         self.limit = limit
+        self.share = limit if share is None else share
         self.used = 0
+        self.used_by: dict[str, int] = {}  # client -> bytes in flight (only those > 0)
         self._on_change = on_change
         self._queue: deque[_Waiter] = deque()
         self._changed = trio.Event()
@@ -134,21 +145,22 @@ class MemoryBudget:
         return len(self._queue)
 
     @asynccontextmanager
-    async def hold(self, size: int, patience: float) -> AsyncIterator[None]:
-        """Hold ``size`` bytes of the budget for the body of the ``with``; wait up to
-        ``patience`` seconds for room, else raise MirrorBusy."""
-        await self._acquire(size, patience)
+    async def hold(self, size: int, patience: float, client: str = "") -> AsyncIterator[None]:
+        """Hold ``size`` bytes of the budget for ``client`` for the body of the ``with``; wait
+        up to ``patience`` seconds for room, else raise MirrorBusy."""
+        await self._acquire(client, size, patience)
         try:
             yield
         finally:
-            self._release(size)
+            self._release(client, size)
 
-    async def _acquire(self, size: int, patience: float) -> None:
+    async def _acquire(self, client: str, size: int, patience: float) -> None:
         await trio.lowlevel.checkpoint()  # before taking: nothing may cancel between the two
-        if not self._queue and fits_in_memory(self.used, size, self.limit):
-            self._take(size)
+        asks = [*((w.client, w.size) for w in self._queue), (client, size)]
+        if len(asks) - 1 in admit_fetches(self.limit, self.share, self.used, self.used_by, asks):
+            self._take(client, size)
             return
-        waiter = _Waiter(size, trio.Event())
+        waiter = _Waiter(client, size, trio.Event())
         self._queue.append(waiter)
         self._note_change()
         try:
@@ -164,12 +176,18 @@ class MemoryBudget:
                 headers=((b"retry-after", RETRY_AFTER),),
             )
 
-    def _take(self, size: int) -> None:
+    def _take(self, client: str, size: int) -> None:
         self.used += size
+        self.used_by[client] = self.used_by.get(client, 0) + size
         self._note_change()
 
-    def _release(self, size: int) -> None:
+    def _release(self, client: str, size: int) -> None:
         self.used -= size
+        left = self.used_by.get(client, 0) - size
+        if left > 0:
+            self.used_by[client] = left
+        else:
+            self.used_by.pop(client, None)
         self._grant()
         self._note_change()
 
@@ -177,17 +195,24 @@ class MemoryBudget:
         """A waiter that gave up (timeout or cancel): give back what it was granted, or leave
         the queue (and let whoever was behind it in)."""
         if waiter.granted.is_set():
-            self._release(waiter.size)
+            self._release(waiter.client, waiter.size)
         else:
             self._queue.remove(waiter)
             self._grant()
             self._note_change()
 
     def _grant(self) -> None:
-        # first come, first served: a large manifest at the head is not overtaken forever
-        while self._queue and fits_in_memory(self.used, self._queue[0].size, self.limit):
-            waiter = self._queue.popleft()
+        # first come, first served within the whole; a client at its share is passed over
+        # (policy.cachepolicy.admit_fetches), so its queue never holds up another's manifest
+        waiting = list(self._queue)
+        chosen = admit_fetches(
+            self.limit, self.share, self.used, self.used_by, [(w.client, w.size) for w in waiting]
+        )
+        for index in chosen:
+            waiter = waiting[index]
+            self._queue.remove(waiter)
             self.used += waiter.size
+            self.used_by[waiter.client] = self.used_by.get(waiter.client, 0) + waiter.size
             waiter.granted.set()
 
     async def wait_changed(self) -> None:

@@ -49,6 +49,7 @@ from ..policy.cachepolicy import (
     after_upstream,
     confirmation_key,
     decide,
+    fetch_share,
     keep_manifest,
     may_share_fetch,
     ping_stale_allowed,
@@ -130,7 +131,9 @@ class PullThrough:
         metrics = forwarder.metrics
         self.manifest_fetches = ManifestFetches()
         self.manifest_memory = MemoryBudget(
-            forwarder.config.manifest_memory, metrics.manifest_bytes_in_flight.set
+            forwarder.config.manifest_memory,
+            metrics.manifest_bytes_in_flight.set,
+            share=fetch_share(forwarder.config.manifest_memory, MAX_MANIFEST),
         )
         metrics.manifest_memory_limit.set(forwarder.config.manifest_memory)
         self.manifest_bodies = SharedBodies()
@@ -665,7 +668,7 @@ class PullThrough:
             return
         reference = route.manifest_reference or ""
         patience = self.forwarder.config.timeouts.upstream_idle
-        async with self.manifest_memory.hold(size, patience):
+        async with self.manifest_memory.hold(size, patience, client_key(request.client_ip)):
             chunks = []
             while (chunk := await conn.receive_body()) is not None:
                 chunks.append(chunk)

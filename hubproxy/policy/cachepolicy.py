@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .headers import Headers, get_header
@@ -187,6 +187,39 @@ def fits_in_memory(used: int, size: int, limit: int) -> bool:
     limit, or alone (a manifest larger than the limit still works when nothing else is in
     flight)."""
     return used == 0 or used + size <= limit
+
+
+def fetch_share(limit: int, largest: int) -> int:
+    """The bytes of manifests one client address may have in flight at once: a quarter of the
+    whole, but always room for the largest manifest, so any one manifest can be fetched."""
+    return max(limit // 4, largest)
+
+
+def admit_fetches(
+    limit: int,
+    share: int,
+    used: int,
+    used_by: Mapping[str, int],
+    waiting: Sequence[tuple[str, int]],
+) -> list[int]:
+    """The indices of ``waiting`` (``(client, size)``, oldest first) whose fetch may start now.
+
+    First come, first served within the whole ``limit``; a waiter whose own client is at its
+    ``share`` is passed over (it could not start anyway), so one address's queue never holds up
+    another address's manifest. A fetch alone always fits (``fits_in_memory``)."""
+    chosen: list[int] = []
+    mine = dict(used_by)
+    passed_over: set[str] = set()  # a client's later waiters never overtake its earlier ones
+    for index, (client, size) in enumerate(waiting):
+        if client in passed_over or not fits_in_memory(mine.get(client, 0), size, share):
+            passed_over.add(client)
+            continue
+        if not fits_in_memory(used, size, limit):
+            break  # the oldest that fits its share waits for room: nobody overtakes it
+        chosen.append(index)
+        used += size
+        mine[client] = mine.get(client, 0) + size
+    return chosen
 
 
 # -- who may read a repository anonymously ----------------------------------------------------
