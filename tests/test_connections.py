@@ -199,6 +199,68 @@ async def test_stalled_handshake_and_idle_clients_are_dropped(
     await client.aclose()
 
 
+async def test_a_client_that_leaves_before_its_answer_frees_the_upstream_at_once(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """The client closes while its blob waits on a CDN that has not answered yet: the exchange
+    done for it is cancelled and its slot freed at once, not when the upstream idle timeout
+    (60 s) ends it (it used to hold the slot, and a place in the client's share, till then)."""
+    layer = make_layer(4, 200_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    stall = hub.stall_blob(digest_of(layer))  # the CDN holds its answer until released
+    proxy = await start_proxy()
+    token = await _token(proxy.url, ca)
+    client = await WireClient.connect(proxy.url, ca)
+    await client.send_request(
+        "GET",
+        f"/v2/library/alpine/blobs/{digest_of(layer)}",
+        [("authorization", f"Bearer {token}")],
+    )
+    cdn = parse_url(hub.cdn_url).origin
+    with trio.fail_after(10):
+        await stall.reached.wait()
+        assert proxy.proxy.pool.in_use(cdn) == 1
+        await client.aclose()
+        while proxy.proxy.pool.in_use(cdn):
+            await proxy.proxy.pool.wait_changed()
+        while proxy.server.connections:
+            await proxy.server.wait_connections_changed()
+    stall.release.set()
+
+
+async def test_a_request_pipelined_behind_a_waiting_one_is_answered(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """Bytes a client sends while its request is served (the watch for a departed client reads
+    them) are the next request, answered in turn on the same connection."""
+    layer = make_layer(5, 50_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    stall = hub.stall_blob(digest_of(layer))
+    proxy = await start_proxy()
+    token = await _token(proxy.url, ca)
+    stream = await open_stream(proxy.url, ca)
+    host = proxy.url.split("//", 1)[1]
+    blob = (
+        f"GET /v2/library/alpine/blobs/{digest_of(layer)} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        await stream.send_all(blob.encode())
+        await stall.reached.wait()
+        await stream.send_all(f"GET /v2/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        stall.release.set()
+        client = WireClient(stream, host)
+        assert (await client.receive_head()).status_code == 200
+        assert await client.receive_body() == layer
+        second = WireClient(stream, host)  # its request went out by hand, above
+        second.conn.send(h11.Request(method="GET", target="/v2/", headers=[("host", host)]))
+        second.conn.send(h11.EndOfMessage())
+        if client.conn.trailing_data[0]:  # (b"" would tell h11 the connection closed)
+            second.conn.receive_data(client.conn.trailing_data[0])
+        assert (await second.receive_head()).status_code == 401
+    await client.aclose()
+
+
 async def test_client_disconnect_mid_blob_releases_everything(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:

@@ -379,7 +379,10 @@ class ClientConnection:
         record = AccessRecord(self.client_ip, method, path[:300])
         response = ClientResponse(self, record)
         try:
-            await handler(request, response)
+            if self._body_complete(body):
+                await self._serve_watched(handler, request, response)
+            else:
+                await handler(request, response)
         except ClientGone:
             record.aborted = record.status != 0
             record.status = record.status or 499
@@ -392,6 +395,54 @@ class ClientConnection:
             await self._reject(exc, response)
         finally:
             record.log()
+
+    def _body_complete(self, body: RequestBody) -> bool:
+        """Whether the request has no body, its end then taken from h11 (no read needed): the
+        connection's receive side is free while it is served."""
+        if body.present:
+            return False
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError:
+            return False
+        return isinstance(event, h11.EndOfMessage)
+
+    async def _serve_watched(
+        self, handler: Handler, request: ClientRequest, response: ClientResponse
+    ) -> None:
+        """Run the handler while watching the connection, as nginx and Go's net/http do: a
+        client that closes or resets it before its answer is complete cancels what is done for
+        it (the upstream slot or manifest budget it waits for, the exchange it started), rather
+        than holding them for nobody. Bytes it sends meanwhile (a pipelined request) go to h11
+        for the next cycle and end the watch. Work shared with other clients (a cache fill)
+        runs in tasks of its own and goes on."""
+        departed = answered = False
+
+        async def watch(scope: trio.CancelScope) -> None:
+            nonlocal departed
+            try:
+                data = await self.stream.receive_some(HEAD_READ)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if data:
+                self.conn.receive_data(data)  # type: ignore[arg-type]  # any bytes-like
+                return
+            departed = True
+            scope.cancel()
+
+        failed: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            try:
+                await handler(request, response)
+                answered = True
+            except Exception as exc:  # raised below as it is, not in an ExceptionGroup
+                failed = exc
+            nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+        if departed and not answered:
+            raise ClientGone("the client closed the connection before its answer was complete")
 
     async def _reject(self, error: ProxyError, response: ClientResponse | None = None) -> None:
         """Answer 400 (or the error's status) and close, if a response can still be sent."""
@@ -407,6 +458,8 @@ class ClientConnection:
 
     async def receive_body_chunk(self) -> bytes | None:
         """Return the next request body chunk or None at its end (client idle timeout applies)."""
+        if self.conn.their_state is h11.DONE:
+            return None  # a request without a body, its end already taken (_body_complete)
         if self.conn.they_are_waiting_for_100_continue:
             await self.send_event(h11.InformationalResponse(status_code=100, headers=[]))
         with trio.move_on_after(self.settings.timeouts.client_idle) as scope:
