@@ -39,6 +39,7 @@ class Config:
     pool_reserve_small: int = 0  # of those, never taken by blob transfers; 0: a tenth
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     max_connections_per_client: int = 128  # client connections from one address (IPv6: /64)
+    max_pending_per_client: int = 16  # requests of one address worked on before their answer
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
     manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
@@ -77,6 +78,7 @@ class Config:
             limits=self.limits,
             max_connections=self.max_connections,
             max_connections_per_client=self.max_connections_per_client,
+            max_pending_per_client=self.max_pending_per_client,
         )
 
     @property

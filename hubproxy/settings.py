@@ -316,6 +316,17 @@ SETTINGS: tuple[Setting, ...] = (
         bound=AT_LEAST_ONE,
     ),
     Setting(
+        "max-pending-per-client",
+        "requests of one address (an IPv6 client: its /64) worked on at once before their "
+        "answers start; more wait their turn in order (503 after --pool-wait-timeout), so a burst "
+        "from one address never slows everyone else's requests (default 16)",
+        LISTEN,
+        Kind.INT,
+        16,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
         "public-url",
         "the URL clients use to reach this mirror, for token realms "
         "(default: the scheme and Host of each request)",
@@ -857,6 +868,7 @@ def build_config(values: Values) -> Config:
         max_redirects=cast(int, p["max_redirects"]),
         max_connections=cast(int, p["max_connections"]),
         max_connections_per_client=cast(int, p["max_connections_per_client"]),
+        max_pending_per_client=cast(int, p["max_pending_per_client"]),
         pool_max_per_origin=cast(int, p["pool_max_per_origin"]),
         pool_max_per_client=cast(int, p["pool_max_per_client"]),
         pool_reserve_small=cast(int, p["pool_reserve_small"]),

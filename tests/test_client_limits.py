@@ -21,9 +21,11 @@ import trio
 import trio.testing
 import trustme
 
+from hubproxy.net.turns import Turns
 from hubproxy.ops.usersfile import add_user, load_users
 from hubproxy.policy import passwords
 from hubproxy.policy.credentials import Authenticator
+from hubproxy.policy.errors import MirrorBusy
 from hubproxy.proxy import OneEach
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import FakeHub, make_layer
@@ -235,3 +237,78 @@ async def test_one_password_check_per_address_in_the_queue() -> None:
     assert order[:2] == ["flood", "newcomer"]
     assert order == ["flood", "newcomer", "flood", "flood", "flood", "flood"]
     assert len(turns) == 0  # entries live only while held or awaited
+
+
+# -- bursts: a few requests of one address worked on at once -----------------------------------
+
+
+async def test_turns_are_per_address_in_arrival_order_and_time_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    turns = Turns(2, wait_timeout=30.0)
+    await turns.take("a")
+    await turns.take("a")
+    got: list[str] = []
+
+    async def take(name: str) -> None:
+        await turns.take("a")
+        got.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(take, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns.waiting() == 2 and got == []
+        await turns.take("b")  # another address never queues behind "a"
+        turns.give_back("b")
+        turns.give_back("a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["first"]
+        turns.give_back("a")
+    assert got == ["first", "second"]
+    with pytest.raises(MirrorBusy, match="2 requests from this address"):
+        await turns.take("a")  # both turns held: 503 after the wait timeout
+    assert (turns.waits, turns.wait_timeouts) == (3, 1)
+    turns.give_back("a")
+    turns.give_back("a")
+    assert not turns.active and turns.waiting() == 0
+
+
+async def test_a_burst_from_one_address_is_worked_on_a_few_at_a_time(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """With two turns per address, a third request from it waits (it never reaches the
+    upstream) while another address is answered; it goes on once an answer starts."""
+    layers = [make_layer(60 + i, 10_000) for i in range(3)]
+    hub.add_image("library/alpine", "3.20", layers)
+    stalls = [hub.stall_blob(digest_of(layer)) for layer in layers]
+    proxy = await start_proxy(max_pending_per_client=2)
+    client = RegistryClient(proxy.url, ca)
+    assert (await client.request("/v2/library/alpine/tags/list")).status == 200
+    [token] = client.tokens.values()
+    auth = [("authorization", f"Bearer {token}")]
+    mine = [await connect_from("127.0.0.1", proxy, ca) for _ in layers]
+    turns = proxy.server.turns
+    with trio.fail_after(10):
+        for conn, layer, stall in zip(mine[:2], layers, stalls, strict=False):
+            await conn.send_request("GET", f"/v2/library/alpine/blobs/{digest_of(layer)}", auth)
+            await stall.reached.wait()
+        await mine[2].send_request("GET", f"/v2/library/alpine/blobs/{digest_of(layers[2])}", auth)
+        while turns.waiting() < 1:
+            await turns.wait_changed()
+        other = await connect_from(OTHER, proxy, ca)
+        head, _ = await other.request("GET", "/v2/")  # another address is served meanwhile
+        assert head.status_code == 401
+        assert not stalls[2].reached.is_set()
+        assert not [r for r in hub.requests if digest_of(layers[2])[7:] in r.target]
+        stalls[0].release.set()  # its answer starts: the waiting request takes the turn
+        await stalls[2].reached.wait()
+        for stall in stalls[1:]:
+            stall.release.set()
+        for conn, layer in zip(mine, layers, strict=True):
+            assert (await conn.receive_head()).status_code == 200
+            assert await conn.receive_body() == layer
+    assert turns.wait_timeouts == 0
+    for conn in (*mine, other):
+        await conn.aclose()

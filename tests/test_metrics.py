@@ -380,6 +380,9 @@ HUB_FAMILIES = {
     "hubproxy_client_connections",
     "hubproxy_refused_connections",
     "hubproxy_reclaimed_connections",
+    "hubproxy_client_turns_waiting",
+    "hubproxy_client_turn_waits",
+    "hubproxy_client_turn_timeouts",
     "hubproxy_denied_requests",
     "hubproxy_cache_bytes",
     "hubproxy_cache_blobs",
@@ -469,7 +472,14 @@ def test_hub_metrics_figures() -> None:
     metrics.note_ratelimit("https://registry-1.docker.io", b"76;w=21600")
     metrics.note_ratelimit("https://registry-1.docker.io", b"junk")  # keeps the last good one
     metrics.connections = lambda: ConnectionFigures(
-        handshake=2, idle=3, active=1, refused={"max-connections-per-client": 4}, reclaimed=5
+        handshake=2,
+        idle=3,
+        active=1,
+        refused={"max-connections-per-client": 4},
+        reclaimed=5,
+        turn_waiting=6,
+        turn_waits=8,
+        turn_timeouts=9,
     )
     metrics.denied.inc(1, reason="network")
 
@@ -499,6 +509,9 @@ def test_hub_metrics_figures() -> None:
         ("hubproxy_refused_connections_total", {"reason": "max-connections-per-client"}, 4),
     ]
     assert only("hubproxy_reclaimed_connections") == 5
+    assert only("hubproxy_client_turns_waiting") == 6
+    assert only("hubproxy_client_turn_waits") == 8
+    assert only("hubproxy_client_turn_timeouts") == 9
     assert only("hubproxy_upstream_ratelimit_remaining") == 76
     assert only("hubproxy_upstream_rate_limited") == 1
     assert only("hubproxy_denied_requests") == 1

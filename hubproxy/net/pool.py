@@ -37,6 +37,13 @@ from .upstream import UpstreamConnection
 Connector = Callable[[Origin, str], Awaitable[ByteStream]]
 PoolKey = tuple[Origin, str]
 
+# New connections one client address may be opening to one origin at once. A burst of requests
+# from one address (a pull of many layers, or an attack) then opens its connections a few at a
+# time, and each request that waits takes a connection another of the burst's exchanges put back
+# meanwhile instead of opening its own: fewer TCP + TLS handshakes for us and the upstream, and
+# the handshakes of one address never fill a whole scheduler round of everyone else's.
+DIALS_PER_CLIENT = 4
+
 # How often idle connections are checked for a peer that closed them, besides their expiry: a
 # closed one sits in CLOSE_WAIT until we close it too.
 PEER_CHECK_INTERVAL = 5.0
@@ -78,6 +85,8 @@ class _Origin:
         self.idle: list[UpstreamConnection] = []
         self.held: Counter[Ask] = Counter()
         self.waiting: list[_Waiter] = []
+        self.dialing: Counter[str] = Counter()  # by client key: connections being opened
+        self.dial_done = trio.Event()  # set (and renewed) when a dial ends or a connection idles
 
 
 class Pool:
@@ -175,11 +184,7 @@ class Pool:
         ask = Ask(client, lane)
         await self._acquire(key, ask)
         try:
-            conn = None if fresh else await self._take_idle(key)
-            if conn is None:
-                stream = await self._connector(origin, profile)
-                self.opened += 1
-                conn = UpstreamConnection(origin, stream, idle_timeout=self._idle_timeout)
+            conn = await self._take_or_open(key, client, fresh=fresh)
             try:
                 yield conn
             finally:
@@ -241,6 +246,33 @@ class Pool:
             taken = set(chosen)
             state.waiting = [w for i, w in enumerate(state.waiting) if i not in taken]
 
+    async def _take_or_open(self, key: PoolKey, client: str, *, fresh: bool) -> UpstreamConnection:
+        """An idle connection, or a new one once this client has fewer than
+        ``DIALS_PER_CLIENT`` being opened (taking one put back meanwhile, unless ``fresh``)."""
+        state = self._origins[key]
+        while True:
+            conn = None if fresh else await self._take_idle(key)
+            if conn is not None:
+                return conn
+            if state.dialing[client] < DIALS_PER_CLIENT:
+                break
+            await state.dial_done.wait()
+        state.dialing[client] += 1
+        try:
+            stream = await self._connector(key[0], key[1])
+        finally:
+            state.dialing[client] -= 1
+            if not state.dialing[client]:
+                del state.dialing[client]
+            self._note_dial_done(state)
+        self.opened += 1
+        return UpstreamConnection(key[0], stream, idle_timeout=self._idle_timeout)
+
+    @staticmethod
+    def _note_dial_done(state: _Origin) -> None:
+        state.dial_done.set()
+        state.dial_done = trio.Event()
+
     async def _take_idle(self, key: PoolKey) -> UpstreamConnection | None:
         idle = self._origins[key].idle
         now = trio.current_time()
@@ -259,6 +291,7 @@ class Pool:
             conn.idle_since = trio.current_time()
             idle.append(conn)
             self._idle_added.set()
+            self._note_dial_done(self._origins[key])  # a waiting dialer may take it
             return
         with trio.CancelScope(shield=True):
             await close_forcefully(conn.stream)

@@ -27,11 +27,19 @@ import trio
 
 from ..policy.access import client_key
 from ..policy.admission import Connection, admit_connection
-from ..policy.errors import ClientGone, ClientProtocolError, ProxyError, ResponseAborted, error_body
+from ..policy.errors import (
+    ClientGone,
+    ClientProtocolError,
+    MirrorBusy,
+    ProxyError,
+    ResponseAborted,
+    error_body,
+)
 from ..policy.headers import Headers, get_header, lax_framing
 from .settings import ListenerSettings
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
+from .turns import Turns
 
 log = logging.getLogger("hubproxy")
 access_log = logging.getLogger("hubproxy.access")
@@ -121,6 +129,7 @@ class ClientResponse:
         # then it is not even framed, so a failure before any byte left can still become a
         # proper error response instead of a cut connection.
         self._pending_head: h11.Response | None = None
+        self.on_start: Callable[[], None] | None = None  # called once, when the head is decided
 
     @property
     def committed(self) -> bool:
@@ -129,6 +138,9 @@ class ClientResponse:
 
     async def start(self, status: int, headers: Headers, reason: bytes = b"") -> None:
         self.started = True
+        started, self.on_start = self.on_start, None
+        if started is not None:
+            started()
         self.record.status = status
         if not reason:
             reason = _REASONS.get(status, b"")
@@ -220,6 +232,9 @@ class ConnectionFigures:
     active: int = 0  # a request being served
     refused: dict[str, int] = field(default_factory=dict)  # by reason (Connection values)
     reclaimed: int = 0  # idle connections closed to make room for a new one
+    turn_waiting: int = 0  # requests waiting for a turn of their address (net.turns)
+    turn_waits: int = 0  # requests that ever had to wait for one
+    turn_timeouts: int = 0  # ... and got a 503 instead
 
 
 class ClientConnection:
@@ -255,7 +270,7 @@ class ClientConnection:
                     server.idle.pop(self, None)
                 if request is None:
                     return
-                await self._handle(request, handler)
+                await self._handle(request, handler, server.turns)
                 if self.must_close or not await self._discard_unread_body():
                     return
                 if self.body_bypassed:
@@ -342,7 +357,7 @@ class ClientConnection:
             return False
         return self.conn.their_state is h11.DONE
 
-    async def _handle(self, event: h11.Request, handler: Handler) -> None:
+    async def _handle(self, event: h11.Request, handler: Handler, turns: Turns) -> None:
         method = event.method.decode("ascii", "replace")
         target = event.target.decode("ascii", "replace")
         self.method = method
@@ -378,11 +393,33 @@ class ClientConnection:
         path = target.partition("?")[0] if target.startswith("/token/") else target
         record = AccessRecord(self.client_ip, method, path[:300])
         response = ClientResponse(self, record)
+        key = client_key(self.client_ip)
+
+        async def in_turn(request: ClientRequest, response: ClientResponse) -> None:
+            try:
+                await turns.take(key)
+            except MirrorBusy as exc:
+                await response.send_error(exc)
+                return
+            held = True
+
+            def give_back() -> None:
+                nonlocal held
+                if held:
+                    held = False
+                    turns.give_back(key)
+
+            response.on_start = give_back
+            try:
+                await handler(request, response)
+            finally:
+                give_back()
+
         try:
             if self._body_complete(body):
-                await self._serve_watched(handler, request, response)
+                await self._serve_watched(in_turn, request, response)
             else:
-                await handler(request, response)
+                await in_turn(request, response)
         except ClientGone:
             record.aborted = record.status != 0
             record.status = record.status or 499
@@ -545,6 +582,7 @@ class Server:
         self.idle: dict[ClientConnection, None] = {}
         self.refused: dict[str, int] = {}  # connections refused, by reason
         self.reclaimed = 0  # idle connections closed to make room
+        self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
         self._last_refusal_warning: dict[Connection, float] = {}
 
     async def bind(self) -> None:
@@ -642,7 +680,8 @@ class Server:
         return verdict
 
     def figures(self) -> ConnectionFigures:
-        """Connections by state, refusals by reason, and reclaimed idle connections."""
+        """Connections by state, refusals by reason, reclaimed idle connections, and requests
+        waiting for a turn of their address."""
         idle = len(self.idle)
         return ConnectionFigures(
             handshake=self.open_sockets - len(self.connections),
@@ -650,6 +689,9 @@ class Server:
             active=len(self.connections) - idle,
             refused=dict(self.refused),
             reclaimed=self.reclaimed,
+            turn_waiting=self.turns.waiting(),
+            turn_waits=self.turns.waits,
+            turn_timeouts=self.turns.wait_timeouts,
         )
 
     async def _refuse(self, tcp: trio.SocketStream, verdict: Connection, client_ip: str) -> None:

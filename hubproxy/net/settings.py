@@ -41,3 +41,4 @@ class ListenerSettings:
     limits: Limits = field(default_factory=Limits)
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     max_connections_per_client: int = 128  # from one address (an IPv6 /64); more are refused
+    max_pending_per_client: int = 16  # requests of one address worked on before their answer

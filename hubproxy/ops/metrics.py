@@ -604,6 +604,28 @@ class HubMetrics:
                 self._reclaimed_connections,
             )
         )
+        self.client_turns_waiting = registry.register(
+            GaugeFunction(
+                "hubproxy_client_turns_waiting",
+                "Requests waiting for a turn of their address (--max-pending-per-client).",
+                lambda: self._turn_figure("turn_waiting"),
+            )
+        )
+        self.client_turn_waits = registry.register(
+            CounterFunction(
+                "hubproxy_client_turn_waits",
+                "Requests that waited for a turn of their address (--max-pending-per-client).",
+                lambda: self._turn_figure("turn_waits"),
+            )
+        )
+        self.client_turn_timeouts = registry.register(
+            CounterFunction(
+                "hubproxy_client_turn_timeouts",
+                "Requests answered 503 after waiting --pool-wait-timeout for a turn of their "
+                "address.",
+                lambda: self._turn_figure("turn_timeouts"),
+            )
+        )
         self.denied = registry.register(
             Counter("hubproxy_denied_requests", "Requests refused, by reason.", ("reason",))
         )
@@ -838,6 +860,10 @@ class HubMetrics:
     def _reclaimed_connections(self) -> float:
         figures = self._connection_figures()
         return figures.reclaimed if figures is not None else 0
+
+    def _turn_figure(self, name: str) -> float:
+        figures = self._connection_figures()
+        return float(getattr(figures, name)) if figures is not None else 0.0
 
     def _connection_states(self) -> dict[LabelValues, float]:
         figures = self._connection_figures()
