@@ -18,7 +18,7 @@ import trio.testing
 import trustme
 
 from hubproxy.cli import UsageError, load_settings
-from hubproxy.net.pool import PEER_CHECK_INTERVAL, Pool
+from hubproxy.net.pool import DIALS_PER_CLIENT, PEER_CHECK_INTERVAL, Pool
 from hubproxy.net.streams import ByteStream
 from hubproxy.net.upstream import UpstreamConnection
 from hubproxy.ops.metrics import HubMetrics, pool_figures
@@ -231,6 +231,65 @@ async def test_one_client_cannot_take_every_slot(
         await exchange(conn)
     assert pool.slots_in_use() == {(str(ORIGIN), "bulk"): 2}
     release.set()
+
+
+async def test_a_burst_opens_a_few_connections_and_takes_those_put_back(
+    nursery: trio.Nursery, upstream: TinyUpstream
+) -> None:
+    """One address's burst opens at most DIALS_PER_CLIENT connections at once; its other
+    requests take a connection put back meanwhile instead of opening their own, and another
+    address's request opens one at once."""
+    gate = trio.Event()
+    gate.set()
+    dials: list[str] = []
+
+    async def slow_connect(origin: Origin, profile: str) -> ByteStream:
+        dials.append(str(origin))
+        await gate.wait()
+        return await upstream.connect(origin, profile)
+
+    pool = Pool(
+        slow_connect,
+        idle_timeout=60.0,
+        keepalive=30.0,
+        max_idle_per_origin=8,
+        max_per_origin=20,
+        max_per_client=20,
+    )
+    release = trio.Event()
+
+    async def exchange_then_hold(*, task_status: trio.TaskStatus[None]) -> None:
+        async with pool.connection(ORIGIN, client="192.0.2.1") as conn:
+            await exchange(conn)  # reusable once its exchange is done
+            task_status.started()
+            await release.wait()
+
+    await nursery.start(exchange_then_hold)
+    gate = trio.Event()  # from now on, new connections take until the gate opens
+    done: list[str] = []
+
+    async def one(client: str) -> None:
+        async with pool.connection(ORIGIN, client=client) as conn:
+            await exchange(conn)
+            done.append(client)
+
+    for _ in range(DIALS_PER_CLIENT + 6):
+        nursery.start_soon(one, "192.0.2.1")
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(dials) == 1 + DIALS_PER_CLIENT  # the held one, then at most 4 at once
+    nursery.start_soon(one, "192.0.2.2")
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(dials) == 2 + DIALS_PER_CLIENT  # another address is not behind them
+    release.set()  # the held connection goes back to the pool: the six waiting take it in turn
+    with trio.fail_after(10):
+        while len(done) < 6:
+            await pool.wait_changed()
+    assert len(dials) == 2 + DIALS_PER_CLIENT and pool.opened == 1
+    gate.set()
+    with trio.fail_after(10):
+        while len(done) < DIALS_PER_CLIENT + 7:
+            await pool.wait_changed()
+    assert pool.in_use(ORIGIN) == 0
 
 
 async def test_cancelled_waiter_leaves_no_trace(
