@@ -583,8 +583,10 @@ def test_property_replacing_scopes_by_themselves_changes_no_byte(query: str) -> 
 def test_property_dropping_every_scope_leaves_no_scope(query: str) -> None:
     dropped = replace_query_scopes(query, lambda scope: None)
     assert query_scopes(dropped) == []
-    kept = [p for p in query.split("&") if query and (p.partition("=")[0] != "scope")]
-    assert [p for p in dropped.split("&") if dropped and p.partition("=")[0] != "scope"] == kept
+    # empty parameters ("&&", a leading "&") carry nothing: a query left with only one of them
+    # joins to "", which cannot say it held one, so they are left out of the comparison
+    kept = [p for p in query.split("&") if p and p.partition("=")[0] != "scope"]
+    assert [p for p in dropped.split("&") if p and p.partition("=")[0] != "scope"] == kept
 
 
 @pytest.mark.parametrize(
