@@ -16,14 +16,20 @@ import trustme
 from hubproxy.cache import store as store_module
 from hubproxy.cache.store import (
     BlobStore,
+    DiskSpace,
+    DiskVerdict,
     FillState,
     byte_range,
     cached_blob_answer,
     choose_evictions,
-    parse_size,
+    describe_disk,
+    disk_warning,
+    free_space_margin,
+    judge_disk,
     sha256_hex,
 )
 from hubproxy.policy.errors import CacheFillFailed, RangeNotSatisfiable
+from hubproxy.policy.sizes import SizeTooSmall, describe_size, format_size, parse_size
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
@@ -65,22 +71,86 @@ class Feed:
 @pytest.mark.parametrize(
     ("text", "size"),
     [
-        ("20G", 20 << 30),
+        ("20G", 20 << 30),  # the short units are binary, as in docker
+        ("20g", 20 << 30),
+        ("20GiB", 20 << 30),
+        ("20Gi", 20 << 30),  # Kubernetes' spelling
+        ("20GB", 20 * 10**9),  # the B ones are decimal, as disks are sold
+        ("2gb", 2 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("500 MB", 500 * 10**6),
         ("512M", 512 << 20),
-        ("1.5T", int(1.5 * (1 << 40))),
-        ("100", 100),
-        ("64KiB", 64 << 10),
-        ("2gb", 2 << 30),
+        ("1.5T", 3 << 39),
+        ("1TB", 10**12),
+        (".5G", 1 << 29),
+        ("2048KiB", 2 << 20),
+        ("2048K", 2 << 20),
+        ("2000KB", 2 * 10**6),
+        ("1048576B", 1 << 20),
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "G", "-1G", "lots", "nan", "1X"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not a size: '' (try 500M or 20G)"),
+        ("G", "not a size: 'G' (try 500M or 20G)"),
+        ("-1G", "not a size: '-1G' (try 500M or 20G)"),
+        ("lots", "not a size: 'lots' (try 500M or 20G)"),
+        ("nan", "not a size: 'nan' (try 500M or 20G)"),
+        ("1X", "not a size: '1X' (try 500M or 20G)"),
+        (
+            "20",
+            "'20' has no unit: write 20G or 20GiB for 20 x 2^30 bytes, 20GB for 20 x 10^9 bytes "
+            "(M, MB, T, TB likewise; B for bytes)",
+        ),
+    ],
+)
+def test_parse_size_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:  # noqa: PT011
         parse_size(text)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text", ["0", "0G", "512K", "1000KB", "20B"])
+def test_parse_size_refuses_less_than_a_mebibyte(text: str) -> None:
+    with pytest.raises(SizeTooSmall) as info:
+        parse_size(text)
+    assert str(info.value) == f"{text!r} is less than 1 MiB"
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (677, "677 B"),
+        (1024, "1 KiB"),
+        (419_430, "410 KiB"),
+        (8_283_750, "7.9 MiB"),
+        (64 << 20, "64 MiB"),
+        (20 << 30, "20 GiB"),
+        (20 * 10**9, "18.6 GiB"),
+        (3 << 39, "1.5 TiB"),
+    ],
+)
+def test_format_size(size: int, shown: str) -> None:
+    assert format_size(size) == shown
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (20 << 30, "20 GiB"),
+        (20 * 10**9, "20 GB (18.6 GiB)"),
+        (500 * 10**6, "500 MB (477 MiB)"),
+        (3 << 29, "1.5 GiB"),
+        (10**12, "1 TB (931 GiB)"),
+    ],
+)
+def test_describe_size_shows_how_a_setting_was_read(size: int, shown: str) -> None:
+    assert describe_size(size) == shown
 
 
 @pytest.mark.parametrize(
@@ -521,7 +591,9 @@ async def test_a_full_disk_streams_uncached_instead_of_failing(
 ) -> None:
     layer = make_layer(9, 400_000)
     hub.add_image("library/alpine", "3.20", [layer])
-    monkeypatch.setattr("hubproxy.cache.store.shutil_free_bytes", lambda path: 1024 * 1024)
+    monkeypatch.setattr(
+        "hubproxy.cache.store.read_disk", lambda path: DiskSpace(1024 * 1024, 1 << 40)
+    )
     proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
     client = RegistryClient(proxy.url, ca)
     r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}")
@@ -530,11 +602,8 @@ async def test_a_full_disk_streams_uncached_instead_of_failing(
     assert proxy.proxy.pullthrough.blobs.size_of(hexdigest(layer)) is None
 
 
-def test_fills_under_way_reserve_their_space(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("hubproxy.cache.store.shutil_free_bytes", lambda path: 200 * 1024 * 1024)
-    store = BlobStore(tmp_path, 1 << 40)
+def test_fills_under_way_reserve_their_space(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 1 << 40, disk=lambda path: DiskSpace(200 * 1024 * 1024, 1 << 40))
     store.open()
     size = 100 * 1024 * 1024
     assert store.can_fill(size)
