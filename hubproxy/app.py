@@ -224,10 +224,11 @@ def _cache_clause(config: Config, proxy: Proxy | None) -> str:
     bound = f"up to {describe_size(config.cache_size)}"
     blobs = proxy.pullthrough.blobs if proxy is not None and proxy.pullthrough else None
     if blobs is not None:
-        try:
-            bound = describe_disk(config.cache_size, blobs.judge_disk())
-        except OSError:
+        verdict = blobs.check_disk()  # and the WARNING of a short disk, from the same reading
+        if verdict is None:
             bound += "; free space on its disk unknown"
+        else:
+            bound = describe_disk(config.cache_size, verdict)
     return f"cache {config.cache_dir} ({bound})"
 
 

@@ -329,16 +329,22 @@ class BlobStore:
                 format_size(sum(evicted)),
                 describe_size(self.max_bytes),
             )
+
+    def check_disk(self) -> DiskVerdict | None:
+        """At start: how the disk bounds the cache (None if its free space cannot be read), with a
+        WARNING when it cannot hold what ``--cache-size`` allows. The startup line is made from
+        the same reading, so the two agree."""
         try:
             verdict = self.judge_disk()
         except OSError as exc:
             log.warning("cache: cannot read the free space of %s's disk: %s", self.root, exc)
-            return
+            return None
         warning = disk_warning(self.root, self.max_bytes, verdict)
         if warning is not None:
             log.warning("%s", warning)
-        # said at start already: the first skipped fill need not say it again
+        # said now: the first skipped fill need not say it again
         self.disk_short = verdict.blocks_fills
+        return verdict
 
     def judge_disk(self) -> DiskVerdict:
         """How the disk bounds the cache now (OSError if its free space cannot be read)."""
