@@ -14,7 +14,7 @@ import trio
 
 from .cache.manifests import ManifestStore
 from .cache.pullthrough import PullThrough
-from .cache.store import BlobStore
+from .cache.store import BlobStore, describe_disk
 from .config import Config
 from .forwarder import Forwarder, build_pool
 from .net.pool import Connector
@@ -27,6 +27,7 @@ from .policy.admission import Admission, LoginThrottle
 from .policy.credentials import Authenticator
 from .policy.registries import Registry
 from .policy.sealing import TokenSealer
+from .policy.sizes import describe_size
 from .proxy import Proxy
 from .tokens import TokenEndpoint
 
@@ -71,7 +72,7 @@ async def serve(
                 async with trio.open_nursery() as nursery:
                     proxy.forwarder.background = nursery
                     await nursery.start(server.serve, proxy.handle)
-                    _log_startup(config, server)
+                    _log_startup(config, server, proxy)
                     if handle_signals:
                         reloading = trio.CancelScope()
                         nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
@@ -191,18 +192,14 @@ def reload(server: Server, proxy: Proxy) -> None:
             log.info("SIGHUP: reloaded %d mirror users from %s", len(users), config.users_file)
 
 
-def _log_startup(config: Config, server: Server) -> None:
+def _log_startup(config: Config, server: Server, proxy: Proxy | None = None) -> None:
     scheme = "https" if config.tls else "http"
     where = ", ".join(
         f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}" for h, p in server.bound
     )
     upstream = str(config.upstreams[0]) if config.upstreams else "-"
     fallbacks = ", ".join(str(u) for u in config.upstreams[1:]) or "none"
-    cache = (
-        f"cache {config.cache_dir} (up to {config.cache_size / (1 << 30):.1f} GiB)"
-        if config.cache_dir
-        else "no cache"
-    )
+    cache = _cache_clause(config, proxy)
     table = config.registry_table()
     others = "; ".join(
         _registry_line(registry, table.host_map) for registry in table.registries[1:]
@@ -217,6 +214,22 @@ def _log_startup(config: Config, server: Server) -> None:
         cache,
         others or "none",
     )
+
+
+def _cache_clause(config: Config, proxy: Proxy | None) -> str:
+    """``cache DIR (up to 20 GiB; 79 GiB free on its disk)``: the bound as read, and what the
+    disk's free space makes of it (a short disk used to disable the cache without a word)."""
+    if not config.cache_dir:
+        return "no cache"
+    bound = f"up to {describe_size(config.cache_size)}"
+    blobs = proxy.pullthrough.blobs if proxy is not None and proxy.pullthrough else None
+    if blobs is not None:
+        verdict = blobs.check_disk()  # and the WARNING of a short disk, from the same reading
+        if verdict is None:
+            bound += "; free space on its disk unknown"
+        else:
+            bound = describe_disk(config.cache_size, verdict)
+    return f"cache {config.cache_dir} ({bound})"
 
 
 def _registry_line(registry: Registry, host_map: tuple[tuple[str, str], ...]) -> str:

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import cast
 
 from . import __version__
-from .cache.store import parse_size
 from .config import Config, Limits, Timeouts
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import (
@@ -54,6 +53,7 @@ from .policy.registries import (
     is_docker_hub,
     looks_like_host,
 )
+from .policy.sizes import SizeTooSmall, parse_size
 from .policy.urls import Url, base_url, parse_url
 
 DESCRIPTION = """\
@@ -201,11 +201,18 @@ def checked_url(text: str) -> str:
     return text
 
 
+def size(text: str) -> int:
+    """A size with its unit, at least 1 MiB (``policy.sizes``: ``20G`` binary, ``20GB``
+    decimal, a bare number refused)."""
+    return parse_size(text)
+
+
 def cache_size(text: str) -> int:
+    """``--cache-size``: a :func:`size`; too small says how to turn the cache off instead."""
     try:
         return parse_size(text)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (try 500M or 20G)") from None
+    except SizeTooSmall as exc:
+        raise SizeTooSmall(f"{exc}; to turn the cache off use --no-cache") from None
 
 
 def read_login(path: str) -> tuple[str, str]:
@@ -505,7 +512,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "cache-size",
-        "evict least recently used blobs beyond this size, e.g. 500M, 20G (default 20G)",
+        "evict least recently used blobs beyond this size, e.g. 500M, 20G (G, M: GiB, "
+        "MiB; GB, MB: 10^9, 10^6 bytes; a unit is required) (default 20G)",
         CACHE,
         default="20G",
         metavar="SIZE",
@@ -518,7 +526,7 @@ SETTINGS: tuple[Setting, ...] = (
         CACHE,
         default="64M",
         metavar="SIZE",
-        parse=cache_size,
+        parse=size,
     ),
     Setting(
         "manifest-cache-entries",
@@ -547,7 +555,7 @@ SETTINGS: tuple[Setting, ...] = (
         CACHE,
         default="32M",
         metavar="SIZE",
-        parse=cache_size,
+        parse=size,
     ),
     Setting("no-cache", "do not cache at all", CACHE, Kind.SWITCH, False),
     # --- access control

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
+import re
+import subprocess
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -16,17 +20,24 @@ import trustme
 from hubproxy.cache import store as store_module
 from hubproxy.cache.store import (
     BlobStore,
+    DiskSpace,
+    DiskVerdict,
     FillState,
     byte_range,
     cached_blob_answer,
     choose_evictions,
-    parse_size,
+    describe_disk,
+    disk_warning,
+    free_space_margin,
+    judge_disk,
     sha256_hex,
 )
 from hubproxy.policy.errors import CacheFillFailed, RangeNotSatisfiable
+from hubproxy.policy.sizes import SizeTooSmall, describe_size, format_size, parse_size
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
+from tests.test_operations import metric_samples
 from tests.wire import WireClient
 
 
@@ -65,22 +76,86 @@ class Feed:
 @pytest.mark.parametrize(
     ("text", "size"),
     [
-        ("20G", 20 << 30),
+        ("20G", 20 << 30),  # the short units are binary, as in docker
+        ("20g", 20 << 30),
+        ("20GiB", 20 << 30),
+        ("20Gi", 20 << 30),  # Kubernetes' spelling
+        ("20GB", 20 * 10**9),  # the B ones are decimal, as disks are sold
+        ("2gb", 2 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("500 MB", 500 * 10**6),
         ("512M", 512 << 20),
-        ("1.5T", int(1.5 * (1 << 40))),
-        ("100", 100),
-        ("64KiB", 64 << 10),
-        ("2gb", 2 << 30),
+        ("1.5T", 3 << 39),
+        ("1TB", 10**12),
+        (".5G", 1 << 29),
+        ("2048KiB", 2 << 20),
+        ("2048K", 2 << 20),
+        ("2000KB", 2 * 10**6),
+        ("1048576B", 1 << 20),
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "G", "-1G", "lots", "nan", "1X"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "not a size: '' (try 500M or 20G)"),
+        ("G", "not a size: 'G' (try 500M or 20G)"),
+        ("-1G", "not a size: '-1G' (try 500M or 20G)"),
+        ("lots", "not a size: 'lots' (try 500M or 20G)"),
+        ("nan", "not a size: 'nan' (try 500M or 20G)"),
+        ("1X", "not a size: '1X' (try 500M or 20G)"),
+        (
+            "20",
+            "'20' has no unit: write 20G or 20GiB for 20 x 2^30 bytes, 20GB for 20 x 10^9 bytes "
+            "(M, MB, T, TB likewise; B for bytes)",
+        ),
+    ],
+)
+def test_parse_size_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:  # noqa: PT011
         parse_size(text)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text", ["0", "0G", "512K", "1000KB", "20B"])
+def test_parse_size_refuses_less_than_a_mebibyte(text: str) -> None:
+    with pytest.raises(SizeTooSmall) as info:
+        parse_size(text)
+    assert str(info.value) == f"{text!r} is less than 1 MiB"
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (677, "677 B"),
+        (1024, "1 KiB"),
+        (419_430, "410 KiB"),
+        (8_283_750, "7.9 MiB"),
+        (64 << 20, "64 MiB"),
+        (20 << 30, "20 GiB"),
+        (20 * 10**9, "18.6 GiB"),
+        (3 << 39, "1.5 TiB"),
+    ],
+)
+def test_format_size(size: int, shown: str) -> None:
+    assert format_size(size) == shown
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (20 << 30, "20 GiB"),
+        (20 * 10**9, "20 GB (18.6 GiB)"),
+        (500 * 10**6, "500 MB (477 MiB)"),
+        (3 << 29, "1.5 GiB"),
+        (10**12, "1 TB (931 GiB)"),
+    ],
+)
+def test_describe_size_shows_how_a_setting_was_read(size: int, shown: str) -> None:
+    assert describe_size(size) == shown
 
 
 @pytest.mark.parametrize(
@@ -521,7 +596,9 @@ async def test_a_full_disk_streams_uncached_instead_of_failing(
 ) -> None:
     layer = make_layer(9, 400_000)
     hub.add_image("library/alpine", "3.20", [layer])
-    monkeypatch.setattr("hubproxy.cache.store.shutil_free_bytes", lambda path: 1024 * 1024)
+    monkeypatch.setattr(
+        "hubproxy.cache.store.read_disk", lambda path: DiskSpace(1024 * 1024, 1 << 40)
+    )
     proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
     client = RegistryClient(proxy.url, ca)
     r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}")
@@ -530,11 +607,8 @@ async def test_a_full_disk_streams_uncached_instead_of_failing(
     assert proxy.proxy.pullthrough.blobs.size_of(hexdigest(layer)) is None
 
 
-def test_fills_under_way_reserve_their_space(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("hubproxy.cache.store.shutil_free_bytes", lambda path: 200 * 1024 * 1024)
-    store = BlobStore(tmp_path, 1 << 40)
+def test_fills_under_way_reserve_their_space(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 1 << 40, disk=lambda path: DiskSpace(200 * 1024 * 1024, 1 << 40))
     store.open()
     size = 100 * 1024 * 1024
     assert store.can_fill(size)
@@ -623,3 +697,288 @@ async def test_a_resumed_transfer_holds_its_last_byte_until_the_blob_verifies(
     assert any(value and value.startswith("bytes=") for value in ranges)  # it was resumed
     assert proxy.proxy.pullthrough is not None
     assert proxy.proxy.pullthrough.stats.verification_failures == 1
+
+
+# -- the disk under the cache ---------------------------------------------------------------------
+
+TiB = 1 << 40
+NEARLY_FULL = DiskSpace(free=8_283_750, size=TiB)  # 7.9 MiB free on a large disk
+TINY = DiskSpace(free=8 << 20, size=8 << 20)  # an empty 8 MiB file system
+
+
+@pytest.mark.parametrize(
+    ("disk_size", "margin"),
+    [
+        (TiB, 64 << 20),
+        (20 << 30, 64 << 20),
+        (1280 << 20, 64 << 20),  # 1.25 GiB: where 5% reaches 64 MiB
+        (100 << 20, 5 << 20),
+        (8 << 20, 419_430),
+        (0, 0),
+    ],
+)
+def test_the_free_space_margin_is_proportionate(disk_size: int, margin: int) -> None:
+    assert free_space_margin(disk_size) == margin
+
+
+@pytest.mark.parametrize(
+    ("cached", "disk", "verdict", "words"),
+    [
+        (
+            0,
+            DiskSpace(79 << 30, TiB),
+            DiskVerdict(79 << 30, 64 << 20, 20 << 30),
+            "up to 20 GiB; 79 GiB free on its disk",
+        ),
+        (
+            0,
+            NEARLY_FULL,
+            DiskVerdict(8_283_750, 64 << 20, 0),
+            "up to 20 GiB; 7.9 MiB free on its disk, below the 64 MiB kept free: "
+            "blobs will not be cached",
+        ),
+        (
+            0,
+            TINY,
+            DiskVerdict(8 << 20, 419_430, (8 << 20) - 419_430),
+            "up to 20 GiB; 8 MiB free on its disk, 410 KiB kept free: the disk bounds it to "
+            "7.6 MiB",
+        ),
+        (  # what the cache holds counts: its space is the cache's already
+            5 << 30,
+            DiskSpace(10 << 30, TiB),
+            DiskVerdict(10 << 30, 64 << 20, (15 << 30) - (64 << 20)),
+            "up to 20 GiB; 10 GiB free on its disk, 64 MiB kept free: the disk bounds it to "
+            "14.9 GiB",
+        ),
+    ],
+)
+def test_how_the_disk_bounds_the_cache(
+    cached: int, disk: DiskSpace, verdict: DiskVerdict, words: str
+) -> None:
+    assert judge_disk(20 << 30, cached, disk) == verdict
+    assert describe_disk(20 << 30, verdict) == words
+
+
+def test_the_warning_at_start_says_what_the_disk_allows() -> None:
+    root = Path("/var/cache/hubproxy")
+    assert disk_warning(root, 20 << 30, judge_disk(20 << 30, 0, DiskSpace(79 << 30, TiB))) is None
+    assert disk_warning(root, 20 << 30, judge_disk(20 << 30, 0, NEARLY_FULL)) == (
+        "cache: the disk of /var/cache/hubproxy has 7.9 MiB free, below the 64 MiB kept free "
+        "for other programs: no blob will be cached; free space there, or point --cache-dir at "
+        "a larger disk"
+    )
+    assert disk_warning(root, 20 * 10**9, judge_disk(20 * 10**9, 0, TINY)) == (
+        "cache: the disk of /var/cache/hubproxy has 8 MiB free (410 KiB kept free): the cache "
+        "can grow to 7.6 MiB, not the 20 GB (18.6 GiB) of --cache-size, and misses beyond that "
+        "stream uncached; free space there, or set --cache-size to what the disk holds"
+    )
+
+
+def test_a_small_blob_fits_a_small_disk_but_not_the_last_bytes_of_a_large_one(
+    tmp_path: Path,
+) -> None:
+    small = BlobStore(tmp_path / "small", 20 << 30, disk=lambda path: TINY)
+    small.open()
+    assert small.can_fill(677)  # 5% of 8 MiB is kept free, not 64 MiB
+    assert not small.can_fill(8 << 20)
+    large = BlobStore(tmp_path / "large", 20 << 30, disk=lambda path: NEARLY_FULL)
+    large.open()
+    assert not large.can_fill(677)  # the last 64 MiB of a large disk are not the cache's
+
+
+def test_what_a_fill_evicts_counts_as_free_disk(tmp_path: Path) -> None:
+    """A cache whose --cache-size fills the disk keeps working: a fill that evicts to fit the
+    limit gives that space back, so it may start with less free than its size."""
+    disk = DiskSpace((64 << 20) + 500, TiB)  # 500 bytes free beyond the margin
+    full = BlobStore(tmp_path / "full", 3000, disk=lambda path: disk)
+    roomy = BlobStore(tmp_path / "roomy", 10_000, disk=lambda path: disk)
+    for store in (full, roomy):
+        store.open()
+        for seed in range(3):
+            _put(store, bytes([seed]) * 1000)
+    assert full.can_fill(1000)  # it evicts 1000 bytes to fit 3000: their space is its
+    assert not roomy.can_fill(1000)  # it evicts nothing: 500 bytes are not enough
+
+
+def test_fills_skipped_for_lack_of_disk_are_said_once_per_episode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = [DiskSpace(79 << 30, TiB)]
+    store = BlobStore(tmp_path, 20 << 30, disk=lambda path: disk[0])
+    caplog.set_level(logging.INFO, logger="hubproxy.cache")
+    store.open()
+    assert store.check_disk() == DiskVerdict(79 << 30, 64 << 20, 20 << 30)
+    assert caplog.messages == []
+    disk[0] = NEARLY_FULL
+    assert not store.can_fill(677)
+    assert not store.can_fill(677)
+    assert not store.can_fill(10_000)
+    short = (
+        f"cache: a 677 B blob is not cached: the disk of {tmp_path} has 7.9 MiB free and 64 MiB "
+        "is kept free; blobs stream uncached until there is room (free space there, or lower "
+        "--cache-size and restart); said once until then"
+    )
+    assert caplog.messages == [short]
+    assert caplog.records[0].levelno == logging.WARNING
+    disk[0] = DiskSpace(79 << 30, TiB)
+    assert store.can_fill(677)
+    assert store.can_fill(677)
+    again = f"cache: the disk of {tmp_path} has room again (79 GiB free): caching blobs again"
+    assert caplog.messages == [short, again]
+    disk[0] = NEARLY_FULL
+    assert not store.can_fill(677)
+    assert caplog.messages == [short, again, short]  # a new episode
+
+
+def test_a_disk_too_short_at_start_is_a_warning_then_and_not_again_per_fill(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = BlobStore(tmp_path, 20 << 30, disk=lambda path: NEARLY_FULL)
+    caplog.set_level(logging.INFO, logger="hubproxy.cache")
+    store.open()
+    assert store.check_disk() == DiskVerdict(8_283_750, 64 << 20, 0)
+    assert not store.can_fill(677)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.WARNING,
+            f"cache: the disk of {tmp_path} has 7.9 MiB free, below the 64 MiB kept free for "
+            "other programs: no blob will be cached; free space there, or point --cache-dir at "
+            "a larger disk",
+        )
+    ]
+
+
+def test_unreadable_free_space_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unreadable(path: Path) -> DiskSpace:
+        raise OSError(errno.EIO, "Input/output error")
+
+    store = BlobStore(tmp_path, 20 << 30, disk=unreadable)
+    caplog.set_level(logging.INFO, logger="hubproxy.cache")
+    store.open()
+    assert store.check_disk() is None
+    assert not store.can_fill(677)
+    assert not store.can_fill(677)
+    assert caplog.messages == [
+        f"cache: cannot read the free space of {tmp_path}'s disk: [Errno 5] Input/output error",
+        f"cache: cannot read the free space of {tmp_path}'s disk: [Errno 5] Input/output error; "
+        "blobs stream uncached until there is room (free space there, or lower --cache-size "
+        "and restart); said once until then",
+    ]
+    assert store.disk_free() == 0
+
+
+def test_a_cache_shrunk_at_start_says_so_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    keys = [_put(store, bytes([seed]) * 1_000_000) for seed in range(5)]
+    for age, key in enumerate(keys):  # written in this order, seconds apart
+        os.utime(store.path(key), ns=(age * 10**9, age * 10**9))
+    caplog.set_level(logging.INFO, logger="hubproxy.cache")
+    smaller = BlobStore(tmp_path, 2 << 20, disk=lambda path: DiskSpace(79 << 30, TiB))
+    smaller.open()
+    assert caplog.messages == ["cache: evicted 3 blobs (2.9 MiB) to fit --cache-size 2 MiB"]
+    assert [smaller.size_of(key) for key in keys] == [None, None, None, 1_000_000, 1_000_000]
+    assert smaller.stats.evictions == 3
+
+
+async def test_a_short_disk_is_said_at_start_on_metrics_and_once_for_the_misses(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    layers = [make_layer(20, 500), make_layer(21, 2000)]
+    hub.add_image("library/alpine", "3.20", layers)
+    disk = [NEARLY_FULL]
+    monkeypatch.setattr(store_module, "read_disk", lambda path: disk[0])
+    caplog.set_level(logging.INFO, logger="hubproxy")
+    cache_dir = tmp_path / "cache"
+    proxy = await start_proxy(cache_dir=str(cache_dir))
+    (line,) = [m for m in caplog.messages if "listening on" in m]
+    assert (
+        f"; cache {cache_dir} (up to 20 GiB; 7.9 MiB free on its disk, below the 64 MiB kept "
+        "free: blobs will not be cached);"
+    ) in line
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"cache: the disk of {cache_dir} has 7.9 MiB free, below the 64 MiB kept free for other "
+        "programs: no blob will be cached; free space there, or point --cache-dir at a larger "
+        "disk"
+    ]
+    client = RegistryClient(proxy.url, ca)
+    for _ in range(2):  # both pulls miss, without a line per miss
+        for layer in layers:
+            r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}")
+            assert r.complete and r.body == layer
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == warnings
+    samples = metric_samples((await fetch(proxy.url + "/metrics", ca)).body.decode())
+    assert samples[("hubproxy_cache_disk_free_bytes", frozenset())] == 8_283_750
+    assert samples[("hubproxy_cache_bytes", frozenset())] == 0
+    disk[0] = DiskSpace(79 << 30, TiB)  # space was freed: the next miss is cached
+    r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(layers[0])}")
+    assert r.body == layers[0]
+    assert f"cache: the disk of {cache_dir} has room again (79 GiB free): caching blobs again" in (
+        caplog.messages
+    )
+    assert proxy.proxy.pullthrough is not None
+    assert proxy.proxy.pullthrough.blobs.size_of(hexdigest(layers[0])) == len(layers[0])
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """An empty 8 MiB tmpfs (needs root, as CI has); unmounted after the test."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+async def test_a_small_blob_is_cached_on_a_small_disk(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tiny_disk: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The issue's reproduction on a real 8 MiB file system: the blobs are cached, the startup
+    line says how the disk bounds the cache, and once the disk is full the next miss streams
+    uncached with one warning."""
+    small, other = make_layer(22, 600), make_layer(23, 600)
+    hub.add_image("library/alpine", "3.20", [small, other])
+    caplog.set_level(logging.INFO, logger="hubproxy")
+    proxy = await start_proxy(cache_dir=str(tiny_disk))
+    (line,) = [m for m in caplog.messages if "listening on" in m]
+    assert re.search(
+        rf"; cache {tiny_disk} \(up to 20 GiB; \d\.\d MiB free on its disk, 410 KiB kept free: "
+        r"the disk bounds it to \d\.\d MiB\);",
+        line,
+    ), line
+    client = RegistryClient(proxy.url, ca)
+    digest = f"sha256:{hexdigest(small)}"
+    for _ in range(2):
+        assert (await client.request(f"/v2/library/alpine/blobs/{digest}")).body == small
+    assert _cdn_gets(hub, digest) == 1  # the second pull was a hit
+    (tiny_disk / "ballast").write_bytes(bytes(os.statvfs(tiny_disk).f_bavail * 4096 - 100_000))
+    caplog.clear()
+    for _ in range(2):
+        r = await client.request(f"/v2/library/alpine/blobs/sha256:{hexdigest(other)}")
+        assert r.complete and r.body == other
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"cache: a {format_size(len(other))} blob is not cached: ")

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hubproxy.cache.manifests import ManifestStore
-from hubproxy.cache.store import BlobStore
+from hubproxy.cache.store import BlobStore, DiskSpace
 from hubproxy.net.server import ConnectionFigures
 from hubproxy.ops.metrics import (
     CONTENT_TYPE,
@@ -389,6 +389,7 @@ HUB_FAMILIES = {
     "hubproxy_cache_limit_bytes",
     "hubproxy_cache_pinned_bytes",
     "hubproxy_cache_filling_bytes",
+    "hubproxy_cache_disk_free_bytes",
     "hubproxy_cache_evictions",
     "hubproxy_cache_verification_failures",
     "hubproxy_upstream_slots_in_use",
@@ -548,14 +549,16 @@ def test_hub_metrics_process_figures_unavailable(tmp_path: Path) -> None:
 
 
 def test_cache_figures_of_a_blob_store(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path, max_bytes=1 << 20)
+    store = BlobStore(tmp_path, max_bytes=1 << 20, disk=lambda path: DiskSpace(5 << 30, 1 << 40))
     store.open()
     metrics = HubMetrics(cache=lambda: cache_figures(store))
-    assert cache_figures(store) == CacheFigures(limit_bytes=1 << 20)
+    assert cache_figures(store) == CacheFigures(limit_bytes=1 << 20, disk_free_bytes=5 << 30)
     store.stats.evictions = 2
     families = parse(metrics.render())
     limit = families["hubproxy_cache_limit_bytes"][2]
     assert limit == [("hubproxy_cache_limit_bytes", {}, 1 << 20)]
+    free = families["hubproxy_cache_disk_free_bytes"][2]
+    assert free == [("hubproxy_cache_disk_free_bytes", {}, 5 << 30)]
     assert families["hubproxy_cache_evictions"][2] == [("hubproxy_cache_evictions_total", {}, 2)]
 
 

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from hubproxy.cli import check_config, load_settings
 from hubproxy.config import Config
 from hubproxy.configfile import file_keys, load_config_file, read_settings, registry_keys
-from hubproxy.settings import SETTINGS, Kind, Setting, build_config, build_parser, defaults
+from hubproxy.settings import (
+    SETTINGS,
+    Kind,
+    Setting,
+    UsageError,
+    build_config,
+    build_parser,
+    defaults,
+)
 
 # A valid value of each kind, as a command-line argument and as TOML.
 SAMPLE = {Kind.TEXT: ("x", '"x"'), Kind.INT: ("3", "3"), Kind.NUMBER: ("2.5", "2.5")}
@@ -87,3 +96,67 @@ def test_help_keeps_the_table_order_and_groups() -> None:
     assert positions[: len(grouped)] == sorted(positions[: len(grouped)])
     for title in dict.fromkeys(s.group for s in grouped):
         assert f"\n{title}:\n" in text
+
+
+# -- sizes: a unit is required, and read as written -----------------------------------------------
+
+NO_UNIT = (
+    "'20' has no unit: write 20G or 20GiB for 20 x 2^30 bytes, 20GB for 20 x 10^9 bytes "
+    "(M, MB, T, TB likewise; B for bytes)"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cache-size", "20"], f"--cache-size: {NO_UNIT}"),
+        (
+            ["--cache-size", "0"],
+            "--cache-size: '0' is less than 1 MiB; to turn the cache off use --no-cache",
+        ),
+        (
+            ["--cache-size", "512K"],
+            "--cache-size: '512K' is less than 1 MiB; to turn the cache off use --no-cache",
+        ),
+        (["--cache-size", "20X"], "--cache-size: not a size: '20X' (try 500M or 20G)"),
+        (["--manifest-memory", "20"], f"--manifest-memory: {NO_UNIT}"),
+        (["--manifest-cache-size", "0"], "--manifest-cache-size: '0' is less than 1 MiB"),
+    ],
+)
+def test_a_size_without_a_unit_or_below_a_mebibyte_is_refused(
+    argv: list[str], message: str
+) -> None:
+    with pytest.raises(UsageError) as info:
+        load_settings(argv)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "size"),
+    [
+        (["--cache-size", "20G"], "cache_size", 20 << 30),
+        (["--cache-size", "20GiB"], "cache_size", 20 << 30),
+        (["--cache-size", "20GB"], "cache_size", 20 * 10**9),
+        (["--cache-size", "500MB"], "cache_size", 500 * 10**6),
+        (["--manifest-memory", "32MiB"], "manifest_memory", 32 << 20),
+        (["--manifest-cache-size", "100MB"], "manifest_cache_size", 100 * 10**6),
+    ],
+)
+def test_sizes_are_read_in_binary_and_decimal_units(argv: list[str], field: str, size: int) -> None:
+    assert getattr(load_settings(argv)[1], field) == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("20", f"--cache-size: {NO_UNIT}"),
+        ("0", "--cache-size: '0' is less than 1 MiB; to turn the cache off use --no-cache"),
+    ],
+)
+def test_check_config_refuses_a_size_start_would_refuse(
+    value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "hubproxy.toml"
+    path.write_text(f'# the cache\ncache-size = "{value}"\n')
+    assert check_config([str(path)]) == 1
+    assert capsys.readouterr().err == f"hubproxy check-config: error: {path}:2: {message}\n"

@@ -28,7 +28,16 @@ The bound (``max_bytes``) covers every byte the store holds on disk: cached blob
 fill that would not fit after evicting what can be evicted is not started: that miss streams
 uncached. (Making it wait instead would let one slow reader stall every miss.) Eviction is
 least-recently-used and skips pinned and filling blobs. The index lives in memory and is rebuilt
-from the directory at start (leftover temporary files from a crash are deleted then). Plain file
+from the directory at start (leftover temporary files from a crash are deleted then); a cache
+larger than ``max_bytes`` then is cut down with one summary line.
+
+The disk bounds the cache too: a fill starts only if the disk keeps :func:`free_space_margin`
+free beside it (and beside every fill under way), so the cache never takes the last bytes other
+programs on that disk need. The margin is proportionate: 64 MiB, or 5% of a smaller disk (a 64 MiB
+margin would forbid most of a 100 MiB file system). A short disk is said at start (the startup
+line's free space, and a WARNING) and once per episode when fills are skipped for it; the disk
+does not make the cache evict (anything else filling the disk would empty the cache), so the fix
+is free space or a ``--cache-size`` the disk can hold. Plain file
 I/O happens on the event loop (page-cache speed); fsync, which can stall for long, runs in a
 thread.
 """
@@ -41,7 +50,7 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +60,12 @@ import trio
 
 from ..net.buffers import BODIES
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
+from ..policy.sizes import describe_size, format_size
 
 log = logging.getLogger("hubproxy.cache")
 
 READ_SIZE = 256 * 1024
-FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free when starting a fill
+FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free (at most: see below)
 
 
 class BodySource(Protocol):
@@ -78,15 +88,82 @@ class CacheStats:
     fills_failed: int = 0
 
 
-def parse_size(text: str) -> int:
-    """Parse ``20G``, ``512M``, ``1.5T`` or a byte count; raise ValueError otherwise."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = value[-1:] if value[-1:] in units else ""
-    number = float(value[: len(value) - len(unit)] or "nan")
-    if not number >= 0:
-        raise ValueError(f"not a size: {text!r}")
-    return int(number * units[unit])
+@dataclass(frozen=True)
+class DiskSpace:
+    """The file system the cache lives on."""
+
+    free: int  # bytes this process may still write (statvfs f_bavail)
+    size: int  # the whole file system's size
+
+
+def read_disk(path: Path) -> DiskSpace:
+    """The free space and size of the file system holding ``path`` (OSError if unreadable)."""
+    st = os.statvfs(path)
+    return DiskSpace(free=st.f_bavail * st.f_frsize, size=st.f_blocks * st.f_frsize)
+
+
+def free_space_margin(disk_size: int) -> int:
+    """What a fill leaves free on a disk of ``disk_size`` bytes: 64 MiB, or 5% of a disk smaller
+    than 1.25 GiB (on a tiny disk 64 MiB would be most of it; 5% is what ext4 keeps back)."""
+    return min(FREE_SPACE_MARGIN, disk_size // 20)
+
+
+@dataclass(frozen=True)
+class DiskVerdict:
+    """How the disk bounds a cache of ``max_bytes`` holding ``cached`` bytes."""
+
+    free: int  # free on the disk
+    margin: int  # kept free
+    bound: int  # how large the cache can grow: max_bytes, or less when the disk fills first
+
+    @property
+    def blocks_fills(self) -> bool:
+        """No fill can start: the free space is within the margin already."""
+        return self.free <= self.margin
+
+
+def judge_disk(max_bytes: int, cached: int, disk: DiskSpace) -> DiskVerdict:
+    """How far a cache bounded by ``max_bytes`` that holds ``cached`` bytes can grow on
+    ``disk``: by its free space beyond the margin, and not past ``max_bytes``."""
+    margin = free_space_margin(disk.size)
+    bound = min(max_bytes, cached + max(0, disk.free - margin))
+    return DiskVerdict(free=disk.free, margin=margin, bound=bound)
+
+
+def describe_disk(max_bytes: int, verdict: DiskVerdict) -> str:
+    """The startup line's words on the cache's bound: ``up to 20 GiB; 79 GiB free on its disk``,
+    and what the disk changes."""
+    said = f"up to {describe_size(max_bytes)}; {format_size(verdict.free)} free on its disk"
+    if verdict.blocks_fills:
+        return (
+            f"{said}, below the {format_size(verdict.margin)} kept free: blobs will not be cached"
+        )
+    if verdict.bound < max_bytes:
+        return (
+            f"{said}, {format_size(verdict.margin)} kept free: the disk bounds it to "
+            f"{format_size(verdict.bound)}"
+        )
+    return said
+
+
+def disk_warning(root: Path, max_bytes: int, verdict: DiskVerdict) -> str | None:
+    """The WARNING at start when the disk cannot hold the cache ``--cache-size`` allows, else
+    None."""
+    if verdict.blocks_fills:
+        return (
+            f"cache: the disk of {root} has {format_size(verdict.free)} free, below the "
+            f"{format_size(verdict.margin)} kept free for other programs: no blob will be "
+            "cached; free space there, or point --cache-dir at a larger disk"
+        )
+    if verdict.bound < max_bytes:
+        return (
+            f"cache: the disk of {root} has {format_size(verdict.free)} free "
+            f"({format_size(verdict.margin)} kept free): the cache can grow to "
+            f"{format_size(verdict.bound)}, not the {describe_size(max_bytes)} of --cache-size, "
+            "and misses beyond that stream uncached; free space there, or set --cache-size to "
+            "what the disk holds"
+        )
+    return None
 
 
 def sha256_hex(digest: str) -> str | None:
@@ -202,9 +279,15 @@ class Fill:
 class BlobStore:
     """The on-disk store, its LRU index, the in-flight fills and the counters."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, disk: Callable[[Path], DiskSpace] | None = None
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        # how the disk's free space is read (tests give a plain function); looked up here, not
+        # as a default argument, so that a replaced ``read_disk`` is the one used
+        self.read_disk = disk if disk is not None else read_disk
+        self.disk_short = False  # fills are being skipped for lack of disk (said once)
         self.blob_dir = root / "blobs" / "sha256"
         self.tmp_dir = root / "tmp"
         self.index: OrderedDict[str, int] = OrderedDict()  # key -> size, least recent first
@@ -236,7 +319,43 @@ class BlobStore:
         found.sort()
         self.index = OrderedDict((key, size) for _, key, size in found)
         self.total = sum(self.index.values())
-        self._evict()
+        # a smaller --cache-size than last time: one line for what it cost, not one per blob
+        evicted = self._evict(quiet=True)
+        if evicted:
+            log.info(
+                "cache: evicted %d blob%s (%s) to fit --cache-size %s",
+                len(evicted),
+                "" if len(evicted) == 1 else "s",
+                format_size(sum(evicted)),
+                describe_size(self.max_bytes),
+            )
+
+    def check_disk(self) -> DiskVerdict | None:
+        """At start: how the disk bounds the cache (None if its free space cannot be read), with a
+        WARNING when it cannot hold what ``--cache-size`` allows. The startup line is made from
+        the same reading, so the two agree."""
+        try:
+            verdict = self.judge_disk()
+        except OSError as exc:
+            log.warning("cache: cannot read the free space of %s's disk: %s", self.root, exc)
+            return None
+        warning = disk_warning(self.root, self.max_bytes, verdict)
+        if warning is not None:
+            log.warning("%s", warning)
+        # said now: the first skipped fill need not say it again
+        self.disk_short = verdict.blocks_fills
+        return verdict
+
+    def judge_disk(self) -> DiskVerdict:
+        """How the disk bounds the cache now (OSError if its free space cannot be read)."""
+        return judge_disk(self.max_bytes, self.total, self.read_disk(self.root))
+
+    def disk_free(self) -> int:
+        """Bytes free on the cache's disk (0 if unreadable): for ``/metrics``."""
+        try:
+            return self.read_disk(self.root).free
+        except OSError:
+            return 0
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -271,12 +390,45 @@ class BlobStore:
         if unevictable + size > self.max_bytes:
             return False
         try:
-            free = shutil_free_bytes(self.root)
-        except OSError:
+            disk = self.read_disk(self.root)
+        except OSError as exc:
+            self._note_disk_short(f"cannot read the free space of {self.root}'s disk: {exc}")
             return False
-        # fills under way will take the rest of their size too
+        # fills under way will take the rest of their size too; what this fill evicts to fit
+        # the limit (start_fill does it) gives its space back
         reserved = sum(fill.size - fill.written for fill in self.fills.values())
-        return free - reserved >= size + FREE_SPACE_MARGIN
+        evicting = max(0, self.total + self.filling_bytes + size - self.max_bytes)
+        margin = free_space_margin(disk.size)
+        if disk.free + evicting - reserved < size + margin:
+            self._note_disk_short(
+                f"a {format_size(size)} blob is not cached: the disk of {self.root} has "
+                f"{format_size(disk.free)} free"
+                + (
+                    f" ({format_size(reserved)} of it promised to fills under way)"
+                    if reserved
+                    else ""
+                )
+                + f" and {format_size(margin)} is kept free"
+            )
+            return False
+        if self.disk_short:
+            self.disk_short = False
+            log.info(
+                "cache: the disk of %s has room again (%s free): caching blobs again",
+                self.root,
+                format_size(disk.free),
+            )
+        return True
+
+    def _note_disk_short(self, what: str) -> None:
+        """One WARNING per episode of fills skipped for lack of disk, not one per miss."""
+        if not self.disk_short:
+            self.disk_short = True
+            log.warning(
+                "cache: %s; blobs stream uncached until there is room (free space there, or "
+                "lower --cache-size and restart); said once until then",
+                what,
+            )
 
     # -- filling ----------------------------------------------------------------------------
 
@@ -400,16 +552,22 @@ class BlobStore:
         self.index.move_to_end(key)
         self._evict()
 
-    def _evict(self) -> None:
+    def _evict(self, quiet: bool = False) -> list[int]:
+        """Evict down to the limit; the sizes evicted. ``quiet``: the caller sums them up in
+        one line instead of one line per blob."""
         protected = set(self.pins) | set(self.fills)
         limit = self.max_bytes - self.filling_bytes  # room for every fill under way
+        evicted = []
         for key in choose_evictions(self.index.items(), self.total, limit, protected):
             size = self.index.pop(key)
             self.total -= size
             self.verified.pop(key, None)
             self.stats.evictions += 1
             _unlink_quietly(self.path(key))
-            log.info("cache evicted sha256:%s (%d bytes)", key, size)
+            evicted.append(size)
+            if not quiet:
+                log.info("cache evicted sha256:%s (%d bytes)", key, size)
+        return evicted
 
 
 @dataclass(frozen=True)
@@ -642,11 +800,6 @@ def verify_store(root: Path) -> StoreCheck:
                 damaged.append((Path(entry.path), actual))
                 _unlink_quietly(Path(entry.path))
     return StoreCheck(checked, damaged)
-
-
-def shutil_free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

@@ -385,6 +385,7 @@ class CacheFigures:
     verification_failures: int = 0
     pinned_bytes: int = 0
     filling_bytes: int = 0
+    disk_free_bytes: int = 0  # free on the cache directory's disk
 
 
 def cache_figures(store: BlobStore) -> CacheFigures:
@@ -397,6 +398,7 @@ def cache_figures(store: BlobStore) -> CacheFigures:
         verification_failures=store.stats.verification_failures,
         pinned_bytes=store.pinned_bytes,
         filling_bytes=store.filling_bytes,
+        disk_free_bytes=store.disk_free(),
     )
 
 
@@ -660,6 +662,14 @@ class HubMetrics:
                 "hubproxy_cache_filling_bytes",
                 "Full sizes of the cache fills under way, reserved within the limit.",
                 lambda: self._cache().filling_bytes,
+            )
+        )
+        self.cache_disk_free = registry.register(
+            GaugeFunction(
+                "hubproxy_cache_disk_free_bytes",
+                "Bytes free on the cache directory's disk (0: no cache); fills keep 64 MiB of it "
+                "(5% of a disk under 1.25 GiB) free.",
+                lambda: self._cache().disk_free_bytes,
             )
         )
         self.cache_evictions = registry.register(
