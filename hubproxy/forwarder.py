@@ -118,6 +118,7 @@ class Forwarder:
         }
         self.default = self.registries[table.default]
         self.background: trio.Nursery | None = None  # where cache fills and probes run
+        self.start_probed = trio.Event()  # the reachability check at start is done
 
     def upstreams_for(self, route: Route) -> UpstreamSet:
         """The upstreams of the registry a route is for."""
@@ -339,9 +340,10 @@ class Forwarder:
                 upstreams = self.registries[registry.name]
                 for index in range(len(upstreams.urls)):
                     nursery.start_soon(self._probe_and_log, upstreams, index)
+        self.start_probed.set()
 
     async def _probe_and_log(self, upstreams: UpstreamSet, index: int) -> None:
-        url = upstreams.urls[index]
+        url = str(upstreams.urls[index]).rstrip("/")  # https://registry-1.docker.io
         default = upstreams.registry.name == self.table.default
         name = upstreams.registry.name
         result = await self.probe(upstreams, index, patience=START_PROBE_TIMEOUT)
