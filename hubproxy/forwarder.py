@@ -292,7 +292,6 @@ class Forwarder:
                 registry=registry.name,
                 default=registry.name == self.table.default,
                 fallbacks=len(upstreams.urls) - 1,
-                index=index,
                 login=registry.login is not None,
             )
             log.warning("%s", trouble.started_line(origin, note.cause, advice))

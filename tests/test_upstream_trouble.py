@@ -31,6 +31,8 @@ from hubproxy.policy.trouble import (
     Kind,
     Started,
     advice,
+    continuing_line,
+    ended_line,
     format_duration,
     note_answer,
     note_failure,
@@ -38,6 +40,7 @@ from hubproxy.policy.trouble import (
     probed_registries,
     rate_limit_details,
     readiness,
+    started_line,
     status_cause,
 )
 from hubproxy.policy.urls import Origin, base_url
@@ -143,21 +146,39 @@ def test_format_duration(seconds: float, text: str) -> None:
 
 
 def test_advice_names_the_flags_of_the_registry() -> None:
-    hub = advice(
-        Kind.RATE_LIMITED, registry="docker.io", default=True, fallbacks=0, index=0, login=False
-    )
-    assert hub == (
+    def said(kind: Kind, registry: str, *, fallbacks: int = 0, login: bool = False) -> str:
+        default = registry == "docker.io"
+        return advice(kind, registry=registry, default=default, fallbacks=fallbacks, login=login)
+
+    assert said(Kind.RATE_LIMITED, "docker.io") == (
         "add a fallback (--fallback URL) or pull with an account for a higher limit "
         "(--registry-login docker.io=FILE)"
     )
-    ghcr = advice(
-        Kind.RATE_LIMITED, registry="ghcr.io", default=False, fallbacks=0, index=0, login=True
+    assert said(Kind.RATE_LIMITED, "ghcr.io", login=True) == (
+        "add a fallback (--registry-fallback ghcr.io=URL)"
     )
-    assert ghcr == "add a fallback (--registry-fallback ghcr.io=URL)"
-    last = advice(
-        Kind.SERVER_ERROR, registry="docker.io", default=True, fallbacks=1, index=1, login=False
+    assert said(Kind.RATE_LIMITED, "docker.io", fallbacks=1) == (
+        "its fallbacks could not take the requests either"
     )
-    assert last == "every upstream of this registry is failing"
+    assert said(Kind.SERVER_ERROR, "docker.io") == (
+        "the fault is at its end (fallbacks take over 429s and failed connections only)"
+    )
+
+
+def test_the_lines() -> None:
+    origin = "https://registry-1.docker.io"
+    assert started_line(origin, BROKEN, "the fault is at its end") == (
+        "upstream https://registry-1.docker.io answered 503: pulls of what the cache lacks fail "
+        "until it recovers; the fault is at its end"
+    )
+    assert continuing_line(origin, Continuing(BROKEN, 1, 60.0)) == (
+        "upstream https://registry-1.docker.io still failing: 1 more server error in the last "
+        "1m00s"
+    )
+    assert ended_line(origin, Ended(REFUSED, 5.0, 1)) == (
+        "upstream https://registry-1.docker.io answers again: unreachable for 5s "
+        "(1 failed connection)"
+    )
 
 
 ORIGINS = ["https://a", "https://b"]

@@ -45,7 +45,7 @@ class Kind(enum.Enum):
     """What kind of trouble an upstream is in."""
 
     RATE_LIMITED = "rate limited"
-    SERVER_ERROR = "server error"
+    SERVER_ERROR = "failing"
     UNREACHABLE = "unreachable"
 
 
@@ -230,7 +230,8 @@ def started_line(origin: str, cause: Cause, advice: str) -> str:
             f"cache lacks fail until the limit lifts; {advice}"
         )
     return (
-        f"upstream {origin} {cause.words}{said}: clients get its errors until it recovers; {advice}"
+        f"upstream {origin} {cause.words}{said}: pulls of what the cache lacks fail until it "
+        f"recovers; {advice}"
     )
 
 
@@ -261,13 +262,14 @@ def stale_line(origin: str, cause: Cause, first: str) -> str:
     )
 
 
-def advice(
-    kind: Kind, *, registry: str, default: bool, fallbacks: int, index: int, login: bool
-) -> str:
-    """What the operator can do about trouble at upstream ``index`` of a registry that reached
-    clients: add a fallback, or (rate limits, the primary only) pull with an account."""
-    if fallbacks and index > 0:
-        return "every upstream of this registry is failing"
+def advice(kind: Kind, *, registry: str, default: bool, fallbacks: int, login: bool) -> str:
+    """What the operator can do about trouble of a registry's upstream that reached clients:
+    add a fallback, or (rate limits) pull with an account. A 5xx is the answer (the flow fails
+    over on 429s and failed connections only), so a fallback would not take it."""
+    if kind is Kind.SERVER_ERROR:
+        return "the fault is at its end (fallbacks take over 429s and failed connections only)"
+    if fallbacks:
+        return "its fallbacks could not take the requests either"
     flag = "--fallback URL" if default else f"--registry-fallback {registry}=URL"
     todo = [f"add a fallback ({flag})"]
     if kind is Kind.RATE_LIMITED and not login:
