@@ -172,8 +172,7 @@ def test_the_lines() -> None:
         "until it recovers; the fault is at its end"
     )
     assert continuing_line(origin, Continuing(BROKEN, 1, 60.0)) == (
-        "upstream https://registry-1.docker.io still failing: 1 more server error in the last "
-        "1m00s"
+        "upstream https://registry-1.docker.io still failing: 1 more server error in the last 1m00s"
     )
     assert ended_line(origin, Ended(REFUSED, 5.0, 1)) == (
         "upstream https://registry-1.docker.io answers again: unreachable for 5s "
