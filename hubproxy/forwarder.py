@@ -303,17 +303,18 @@ class Forwarder:
     async def probe(
         self, upstreams: UpstreamSet, index: int, *, patience: float
     ) -> tuple[int, float] | trouble.Cause:
-        """``GET /v2/`` of upstream ``index`` on a new connection (DNS, connect, TLS and HTTP
-        are all tried): its status and how long it took, or why it failed. Noted in its health
-        like any request's outcome."""
+        """``GET /v2/`` of upstream ``index`` on a new connection, closed after (DNS, connect,
+        TLS and HTTP are all tried): its status and how long it took, or why it failed. Noted
+        in its health like any request's outcome."""
         base = upstreams.urls[index]
         url = Url(base.origin, base.target.rstrip("/") + "/v2/")
         started = trio.current_time()
         event: flow.Event
         try:
             with trio.fail_after(patience):
+                # a new connection, closed after: a probe leaves no socket behind
                 status, headers, _ = await self.simple_request(
-                    "GET", url, [], profile=upstreams.profile, fresh=True
+                    "GET", url, [(b"connection", b"close")], profile=upstreams.profile, fresh=True
                 )
         except trio.TooSlowError as exc:
             error = UpstreamTimeout(f"no answer within {patience:g}s")
