@@ -50,12 +50,15 @@ async def serve(
     config: Config,
     *,
     handle_signals: bool = False,
+    probe_upstreams: bool = False,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run hubproxy until cancelled (or, with ``handle_signals``, until SIGINT/SIGTERM).
 
     On a signal the listeners close, idle keep-alive connections are dropped and in-flight
-    transfers get ``timeouts.shutdown_grace`` seconds to finish.
+    transfers get ``timeouts.shutdown_grace`` seconds to finish. ``probe_upstreams``: check in
+    the background that each configured upstream answers, one line each (the program does;
+    tests that count upstream requests do not want it).
     """
     server = Server(config.listener)
     proxy = build_proxy(config, server=server)
@@ -77,6 +80,8 @@ async def serve(
                         reloading = trio.CancelScope()
                         nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
                         nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
+                    if probe_upstreams:  # in the background: a NAS may boot before its network
+                        nursery.start_soon(proxy.forwarder.probe_at_start)
                     task_status.started(App(server, proxy))
             finally:
                 sweeping.cancel_scope.cancel()

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(str(values.raw["log_level"]))
     try:
-        trio.run(lambda: serve(config, handle_signals=True))
+        trio.run(lambda: serve(config, handle_signals=True, probe_upstreams=True))
     except CacheDirError as exc:
         logging.getLogger("hubproxy").error(
             "cannot use the cache directory %s: %s (pick another with --cache-dir, or --no-cache)",

@@ -12,12 +12,19 @@ the mirror's token endpoint for that upstream, and what it says is learned for t
 (``upstreams``); an answer from a redirect target (a CDN) teaches nothing and its challenge is not
 passed on (the client only ever talks to the mirror).
 
-This module decides nothing of its own: flow, headers, redirects, auth and upstreams do.
+Every outcome of a request to an upstream itself (an answer, or no answer) is noted in that
+upstream's health (``trouble``): the trouble episodes logged once each, ``/readyz``, and the
+cause named when the cache answers stale. :meth:`Forwarder.probe` asks an upstream ``GET /v2/``
+(at start, and for ``/readyz`` when no request told recently), with its failure put in words.
+
+This module decides nothing of its own: flow, headers, redirects, auth, upstreams and trouble do.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -32,10 +39,16 @@ from .net.server import ClientRequest, ClientResponse
 from .net.streams import ByteStream, open_upstream, upstream_ssl_context
 from .net.upstream import UpstreamConnection
 from .ops.metrics import HubMetrics, pool_figures
-from .policy import flow
+from .policy import flow, trouble
 from .policy.access import client_key
 from .policy.auth import public_base, rewrite_challenge
-from .policy.errors import MirrorBusy, ProxyError, ResponseAborted, UpstreamUnavailable
+from .policy.errors import (
+    MirrorBusy,
+    ProxyError,
+    ResponseAborted,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .policy.headers import Headers, client_response_headers, upstream_request_headers
 from .policy.redirects import client_location
 from .policy.registries import RegistryTable
@@ -47,6 +60,9 @@ from .policy.urls import Origin, Url
 log = logging.getLogger("hubproxy")
 
 DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so its connection is reused
+START_PROBE_TIMEOUT = 10.0  # the reachability check at start gives each upstream this long
+# what a registry answers GET /v2/ with (200 open, 401 a challenge, 403 a gated one)
+REGISTRY_PING_STATUSES = frozenset({200, 401, 403})
 
 # What receives the final response: the connection with its head read, the client-facing
 # headers, and the exit stack that owns the connection (a cache fill takes it over).
@@ -102,6 +118,7 @@ class Forwarder:
         }
         self.default = self.registries[table.default]
         self.background: trio.Nursery | None = None  # where cache fills and probes run
+        self.start_probed = trio.Event()  # the reachability check at start is done
 
     def upstreams_for(self, route: Route) -> UpstreamSet:
         """The upstreams of the registry a route is for."""
@@ -158,13 +175,17 @@ class Forwarder:
         upstreams: UpstreamSet | None,
         blob_digest: str | None = None,
         deliver: Sink | None = None,
+        health_of: UpstreamSet | None = None,
     ) -> None:
         """Drive the flow state machine until the client has its answer.
 
         The final response goes to ``deliver`` (default: stream it to the client). ``upstreams``
         (None for a token realm or the search index) is whose rests apply and whose challenges
-        are rewritten and learned; its upstreams must be the plan's.
+        are rewritten and learned; its upstreams must be the plan's. Outcomes are noted in the
+        health of ``upstreams``, or of ``health_of`` (whose first upstreams are the plan's: an
+        access check), whose trouble is then never announced (no failover could happen).
         """
+        watched = upstreams or health_of
         resting = upstreams.resting_until if upstreams else [0.0] * len(plan.upstreams)
         state, action = flow.start(plan, resting, trio.current_time())
         while True:
@@ -195,6 +216,17 @@ class Forwarder:
                 )
                 if rest is not None:
                     resting[rest.upstream] = max(resting[rest.upstream], rest.until)
+                if watched is not None and attempt.hops == 0:
+                    # the registry itself answered or failed (a CDN's outcome says nothing of it)
+                    moved = isinstance(next_action, flow.Send) and (
+                        next_action.attempt.upstream != attempt.upstream
+                    )
+                    self.note_outcome(
+                        watched,
+                        attempt.upstream,
+                        event,
+                        reached_client=upstreams is not None and not moved,
+                    )
                 if isinstance(next_action, flow.Fail):
                     raise next_action.error
                 if isinstance(next_action, flow.Respond) and conn is not None:
@@ -236,6 +268,106 @@ class Forwarder:
         for key, value in head.headers:
             if key == b"ratelimit-remaining":
                 metrics.note_ratelimit(name, value)
+
+    def note_outcome(
+        self, upstreams: UpstreamSet, index: int, event: flow.Event, *, reached_client: bool
+    ) -> None:
+        """Note an answer or failure of upstream ``index`` itself in its health, and log what
+        its trouble episode says to (``trouble``: once when it starts, a summary at most once a
+        minute, once when it ends)."""
+        health = upstreams.health[index]
+        now = trio.current_time()
+        if isinstance(event, flow.HeadReceived):
+            cause = trouble.status_cause(event.status, event.headers, time.time())
+            health, note = trouble.note_answer(health, now, cause, reached_client=reached_client)
+        else:
+            cause = describe_failure(event.error, upstreams.urls[index].origin)
+            health, note = trouble.note_failure(health, now, cause, reached_client=reached_client)
+        upstreams.health[index] = health
+        origin = str(upstreams.urls[index].origin)
+        if isinstance(note, trouble.Started):
+            registry = upstreams.registry
+            advice = trouble.advice(
+                note.cause.kind,
+                registry=registry.name,
+                default=registry.name == self.table.default,
+                fallbacks=len(upstreams.urls) - 1,
+                login=registry.login is not None,
+            )
+            log.warning("%s", trouble.started_line(origin, note.cause, advice))
+        elif isinstance(note, trouble.Continuing):
+            log.warning("%s", trouble.continuing_line(origin, note))
+        elif isinstance(note, trouble.Ended):
+            log.info("%s", trouble.ended_line(origin, note))
+
+    async def probe(
+        self, upstreams: UpstreamSet, index: int, *, patience: float
+    ) -> tuple[int, float] | trouble.Cause:
+        """``GET /v2/`` of upstream ``index`` on a new connection, closed after (DNS, connect,
+        TLS and HTTP are all tried): its status and how long it took, or why it failed. Noted
+        in its health like any request's outcome."""
+        base = upstreams.urls[index]
+        url = Url(base.origin, base.target.rstrip("/") + "/v2/")
+        started = trio.current_time()
+        event: flow.Event
+        try:
+            with trio.fail_after(patience):
+                # a new connection, closed after: a probe leaves no socket behind
+                status, headers, _ = await self.simple_request(
+                    "GET", url, [(b"connection", b"close")], profile=upstreams.profile, fresh=True
+                )
+        except trio.TooSlowError as exc:
+            error = UpstreamTimeout(f"no answer within {patience:g}s")
+            error.__cause__ = exc
+            event = flow.AttemptFailed(error)
+        except MirrorBusy as error:
+            return trouble.Cause(trouble.Kind.UNREACHABLE, str(error))  # ours, not its: no note
+        except ProxyError as error:
+            event = flow.AttemptFailed(error)
+        else:
+            event = flow.HeadReceived(status, headers)
+        self.note_outcome(upstreams, index, event, reached_client=False)
+        if isinstance(event, flow.AttemptFailed):
+            return describe_failure(event.error, base.origin)
+        return event.status, trio.current_time() - started
+
+    async def probe_at_start(self) -> None:
+        """The reachability check at start: every upstream of the default registry and of each
+        registry the operator configured, at once, one line each (INFO reachable, WARNING with
+        the failure in words and the flag to check). The server does not wait for it."""
+        async with trio.open_nursery() as nursery:
+            for registry in trouble.probed_registries(self.table):
+                upstreams = self.registries[registry.name]
+                for index in range(len(upstreams.urls)):
+                    nursery.start_soon(self._probe_and_log, upstreams, index)
+        self.start_probed.set()
+
+    async def _probe_and_log(self, upstreams: UpstreamSet, index: int) -> None:
+        url = str(upstreams.urls[index]).rstrip("/")  # https://registry-1.docker.io
+        default = upstreams.registry.name == self.table.default
+        name = upstreams.registry.name
+        result = await self.probe(upstreams, index, patience=START_PROBE_TIMEOUT)
+        if isinstance(result, trouble.Cause):
+            log.warning(
+                "upstream %s unreachable at start: %s",
+                url,
+                _with_hint(result, name, default, index),
+            )
+            return
+        status, took = result
+        if status in REGISTRY_PING_STATUSES:
+            log.info("upstream %s reachable (%d in %.0f ms)", url, status, took * 1000)
+        elif status == 429:
+            log.warning("upstream %s reachable but already rate limiting this mirror (429)", url)
+        elif status >= 500:
+            log.warning("upstream %s reachable but failing: /v2/ answered %d", url, status)
+        else:
+            log.warning(
+                "upstream %s answered /v2/ with %d, which no registry does: check %s",
+                url,
+                status,
+                trouble.upstream_flag(name, default=default, index=index),
+            )
 
     async def _exchange(
         self, stack: AsyncExitStack, plan: flow.Plan, attempt: flow.Attempt, request: ClientRequest
@@ -332,11 +464,12 @@ class Forwarder:
         await response.finish()
 
     async def simple_request(
-        self, method: str, url: Url, headers: Headers, *, profile: str = ""
+        self, method: str, url: Url, headers: Headers, *, profile: str = "", fresh: bool = False
     ) -> tuple[int, Headers, bytes]:
-        """One request of our own (no client behind it): status, headers, body up to 64 KiB."""
+        """One request of our own (no client behind it): status, headers, body up to 64 KiB;
+        ``fresh``: on a new connection (a probe of reachability)."""
         # the mirror's own requests share the client "" and read at most DRAIN_LIMIT: small
-        async with self.pool.connection(url.origin, profile=profile) as conn:
+        async with self.pool.connection(url.origin, profile=profile, fresh=fresh) as conn:
             all_headers: Headers = [(b"host", url.origin.authority.encode()), *headers]
             await conn.send_request(method, url.target, all_headers)
             head = await conn.receive_head(method)
@@ -391,6 +524,80 @@ async def answer_whole(
     if request.method != "HEAD":
         await response.send(body)
     await response.finish()
+
+
+def describe_failure(error: ProxyError, origin: Origin) -> trouble.Cause:
+    """A request that got no answer, in words an operator reads (``cannot resolve HOST``,
+    ``connection refused``, ``TLS: certificate not trusted``), from the foreign error behind it."""
+    words = str(error)
+    found = list(_foreign_causes(error))
+    for exc in found:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            words = _certificate_words(exc, origin)
+            break
+        if isinstance(exc, socket.gaierror):
+            words = f"cannot resolve {origin.host}"
+            break
+        if isinstance(exc, ConnectionRefusedError):
+            words = "connection refused"
+            break
+    else:
+        if isinstance(error, UpstreamTimeout):
+            words = f"timed out ({error})"
+        elif any(isinstance(exc, ssl.SSLError) for exc in found):
+            reason = next(
+                getattr(exc, "reason", None) or str(exc)
+                for exc in found
+                if isinstance(exc, ssl.SSLError)
+            )
+            plain = " (is it plain http://?)" if "WRONG_VERSION_NUMBER" in str(reason) else ""
+            words = f"TLS handshake failed: {reason}{plain}"
+        else:
+            for exc in found:
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    words = (exc.strerror or errno.errorcode.get(exc.errno, "")).lower()
+                    break
+    return trouble.Cause(trouble.Kind.UNREACHABLE, words)
+
+
+def _foreign_causes(error: BaseException) -> list[BaseException]:
+    """The errors behind ``error``: its causes and contexts, and the members of exception
+    groups (trio's open_tcp_stream raises one OSError from a group of each address's)."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [error]
+    while todo:
+        exc = todo.pop(0)
+        if any(exc is s for s in seen):
+            continue
+        seen.append(exc)
+        if isinstance(exc, BaseExceptionGroup):
+            todo.extend(exc.exceptions)
+        for nxt in (exc.__cause__, exc.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    return seen[1:]
+
+
+def _certificate_words(exc: ssl.SSLCertVerificationError, origin: Origin) -> str:
+    message = str(exc.verify_message or exc.reason or exc)
+    if "expired" in message:
+        return "TLS: certificate has expired"
+    if "mismatch" in message.lower() or "not valid for" in message:
+        return f"TLS: certificate is not for {origin.host}"
+    return "TLS: certificate not trusted"
+
+
+def _with_hint(cause: trouble.Cause, registry: str, default: bool, index: int) -> str:
+    """A failure at start with the flag to look at: the URL for a name that does not resolve,
+    the CA for a certificate not trusted."""
+    if cause.words.startswith("cannot resolve"):
+        return (
+            f"{cause.words}: check {trouble.upstream_flag(registry, default=default, index=index)}"
+        )
+    if cause.words == "TLS: certificate not trusted":
+        flag = "--upstream-ca" if default else f"--registry-ca {registry}=FILE"
+        return f"{cause.words} (use {flag})"
+    return cause.words
 
 
 def _log_failover(

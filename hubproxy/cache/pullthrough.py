@@ -70,6 +70,7 @@ from ..policy.errors import (
 from ..policy.headers import Headers, get_all, get_header
 from ..policy.routing import Route
 from ..policy.sending import send_limits
+from ..policy.trouble import note_stale, stale_cause, stale_line, status_cause
 from ..policy.urls import Url, parse_url
 from .inflight import (
     RETRY_AFTER,
@@ -179,12 +180,11 @@ class PullThrough:
             await self.forwarder.run_flow(
                 plan, request, response, upstreams=self.forwarder.upstreams_for(route)
             )
-        except ProxyError as error:
+        except ProxyError:
             readable = ping_stale_allowed(self.manifests.readability.values(), time.time())
             if response.started or not readable:
                 raise
-            self.stats.stale_answers += 1
-            log.warning("upstream unavailable (%s): answering /v2/ from the cache", error)
+            self._note_stale(route, "the /v2/ ping", response)
             body = b"{}"
             await response.start(
                 200,
@@ -244,7 +244,7 @@ class PullThrough:
         try:
             # upstreams=None: the plan holds the primary only, and no failover may happen
             await self.forwarder.run_flow(
-                plan, checked, response, upstreams=None, deliver=keep_head
+                plan, checked, response, upstreams=None, deliver=keep_head, health_of=upstreams
             )
         except ProxyError:
             return UpstreamVerdict.UNAVAILABLE, None
@@ -262,13 +262,25 @@ class PullThrough:
             time.time(),
         )
 
-    def _note_stale(self, route: Route, what: str) -> None:
+    def _note_stale(
+        self, route: Route, what: str, response: ClientResponse, head: h11.Response | None = None
+    ) -> None:
+        """Count a stale answer; log it once per upstream and cause (``trouble.note_stale``),
+        naming the cause: the status that ``head`` (the upstream's answer) had, else the trouble
+        the upstream last asked (``response.record.upstream``) is in."""
         self.stats.stale_answers += 1
-        log.warning(
-            "upstream unavailable: serving %s of %s from the cache without revalidation (stale)",
-            what,
-            state_name(route),
-        )
+        upstreams = self.forwarder.upstreams_for(route)
+        index = upstreams.index_of(response.record.upstream)
+        health = upstreams.health[index]
+        cause = None
+        if head is not None:
+            cause = status_cause(head.status_code, list(head.headers), time.time())
+        if cause is None:
+            cause = stale_cause(health)
+        upstreams.health[index], due = note_stale(health, cause)
+        if due:
+            first = what if route.repository is None else f"{what} of {state_name(route)}"
+            log.warning("%s", stale_line(str(upstreams.urls[index].origin), cause, first))
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -305,7 +317,7 @@ class PullThrough:
             decision = decide(facts, said)
         if isinstance(decision, ServeCache | ServeStale):
             if isinstance(decision, ServeStale):
-                self._note_stale(route, "a blob")
+                self._note_stale(route, "a blob", response)
             else:
                 self.stats.hits += 1
             await self._send_blob(plan, request, response, route, key)
@@ -375,7 +387,7 @@ class PullThrough:
             stale_ok=self._stale_ok(route, route.blob_digest or ""),
         )
         if isinstance(stale, ServeStale):
-            self._note_stale(route, "a blob")
+            self._note_stale(route, "a blob", response, head)
             await self._send_blob(plan, request, response, route, key)
             return
         await self.forwarder.stream_response(conn, head, headers, response)
@@ -566,7 +578,7 @@ class PullThrough:
             decision = decide(facts, said)
         if isinstance(decision, ServeCache | ServeStale) and cached is not None:
             if isinstance(decision, ServeStale):
-                self._note_stale(route, "a manifest")
+                self._note_stale(route, "a manifest", response)
             else:
                 self.stats.hits += 1
                 self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
@@ -597,7 +609,7 @@ class PullThrough:
             stale = after_upstream(None, cached=cached is not None, stale_ok=facts.stale_ok)
             if response.started or cached is None or not isinstance(stale, ServeStale):
                 raise
-            self._note_stale(route, "a manifest")
+            self._note_stale(route, "a manifest", response)
             outgoing, cached = Outgoing.of(repository, cached), None
             await self._send_manifest(request, response, outgoing)
         finally:
@@ -652,7 +664,7 @@ class PullThrough:
             stale_ok=cached is not None and self._stale_ok(route, cached.digest),
         )
         if isinstance(stale, ServeStale) and cached is not None:
-            self._note_stale(route, "a manifest")
+            self._note_stale(route, "a manifest", response, head)
             outgoing, cached = Outgoing.of(state_name(route), cached), None
             await self._send_manifest(request, response, outgoing)
             return

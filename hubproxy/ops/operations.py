@@ -1,9 +1,14 @@
 """The operator's paths: ``/healthz``, ``/readyz``, ``/metrics`` and the status page ``/``.
 
 ``/healthz`` says the process answers. ``/readyz`` says whether a client pulling now would be
-served: the listener accepts (not draining), a registry upstream answered recently (or answers a
-probe now), and the cache directory can be written. ``/metrics`` is the Prometheus text format
-(``metrics``), the status page is ``statuspage``. Who may read them is admission's ``--ops-allow``.
+served: the listener accepts (not draining), an upstream of the default registry answers, and the
+cache directory can be written. Whether an upstream answers is ``trouble.readiness`` over what
+requests saw: one that answered in the last few seconds and has not failed since counts; once
+every upstream failed (a request's failed connection or 5xx is enough) it does not, at once;
+otherwise a ``GET /v2/`` probe tells. An idle mirror thus probes only while something polls
+``/readyz``, at most once per ``RECENT_ANSWER`` seconds, and sees a dead upstream within that.
+``/metrics`` is the Prometheus text format (``metrics``), the status page is ``statuspage``.
+Who may read them is admission's ``--ops-allow``.
 """
 
 from __future__ import annotations
@@ -20,18 +25,20 @@ import trio
 from ..cache.pullthrough import PullThrough
 from ..forwarder import Forwarder
 from ..net.server import ClientRequest, ClientResponse
-from ..policy.errors import ProxyError
+from ..policy import trouble
 from ..policy.headers import Headers
-from ..policy.urls import Url
 from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
 
 if TYPE_CHECKING:
     from ..net.server import Server
 
-RECENT_ANSWER = 60.0  # an upstream that answered this recently counts as reachable
+# An upstream that answered this recently, and has not failed since, counts as answering: a
+# dead upstream shows on an idle mirror this long after its last answer at most (a request that
+# fails shows it at once), and a load balancer polling every second costs one probe this often.
+RECENT_ANSWER = 5.0
 PROBE_TIMEOUT = 5.0  # a readiness probe of an upstream gives up after this long
-PROBE_REUSE = 10.0  # a probe's result answers /readyz for this long (load balancers poll)
+PROBE_RETRY = 5.0  # once every upstream failed, /readyz says so this long before probing again
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,7 @@ class Operations:
         self.metrics = forwarder.metrics
         self.pullthrough = pullthrough
         self.server = server  # None: no listener to report on (tests of the parts)
-        self._probed_at = -1e9
-        self._probe: Check | None = None
+        self._probing = trio.Lock()  # concurrent /readyz requests share one probe
 
     async def serve(self, path: str, request: ClientRequest, response: ClientResponse) -> None:
         if path == "/healthz":
@@ -136,31 +142,25 @@ class Operations:
         return checks
 
     async def _upstream_check(self) -> Check:
-        registry = self.forwarder.default
-        now = trio.current_time()
-        if now - registry.last_answer < RECENT_ANSWER:
-            return Check("upstream", True, f"answered {now - registry.last_answer:.0f}s ago")
-        if self._probe is not None and now - self._probed_at < PROBE_REUSE:
-            return self._probe
-        failures = []
-        for base in registry.urls:
-            try:
-                with trio.fail_after(PROBE_TIMEOUT):
-                    status, _, _ = await self.forwarder.simple_request(
-                        "GET",
-                        Url(base.origin, base.target.rstrip("/") + "/v2/"),
-                        [],
-                        profile=registry.profile,
-                    )
-            except (ProxyError, trio.TooSlowError) as exc:
-                failures.append(f"{base.origin}: {exc or 'no answer'}")
-                continue
-            if status < 500:
-                registry.last_answer = trio.current_time()
-                self._probe = Check("upstream", True, f"{base.origin} answered {status}")
-                break
-            failures.append(f"{base.origin}: answered {status}")
-        else:
-            self._probe = Check("upstream", False, "; ".join(failures) or "no upstream")
-        self._probed_at = now
-        return self._probe
+        upstreams = self.forwarder.default
+        async with self._probing:
+            verdict = self._upstream_readiness()
+            if verdict.ok is None:
+                for index in range(len(upstreams.urls)):
+                    probed = await self.forwarder.probe(upstreams, index, patience=PROBE_TIMEOUT)
+                    if not isinstance(probed, trouble.Cause) and probed[0] < 500:
+                        break  # one upstream answering is enough
+                verdict = self._upstream_readiness()
+        if verdict.ok is None:  # no upstream, or the mirror's own slots were all taken
+            return Check("upstream", False, "no upstream answered a probe")
+        return Check("upstream", verdict.ok, verdict.detail)
+
+    def _upstream_readiness(self) -> trouble.Readiness:
+        upstreams = self.forwarder.default
+        return trouble.readiness(
+            [str(url.origin) for url in upstreams.urls],
+            upstreams.health,
+            trio.current_time(),
+            recent=RECENT_ANSWER,
+            retry=PROBE_RETRY,
+        )

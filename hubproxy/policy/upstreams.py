@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from .auth import parse_challenges
 from .registries import Registry
+from .trouble import Health
 from .urls import Url, parse_url
 
 
@@ -75,12 +76,21 @@ class UpstreamSet:
         self.resting_until = [0.0] * len(self.urls)
         self.learned = [Learned() for _ in self.urls]
         self.last_answer = -math.inf  # trio time of the last response head from any of them
+        # each upstream's answers, failures and trouble episode (policy.trouble)
+        self.health = [Health() for _ in self.urls]
 
     @property
     def primary(self) -> Learned:
         """What the primary upstream (the registry itself) said: the only one whose realm or
         Basic challenge the operator's login may follow."""
         return self.learned[0]
+
+    def index_of(self, origin: str) -> int:
+        """Which of them has this origin (as ``str(Origin)``); the primary if none."""
+        for index, url in enumerate(self.urls):
+            if str(url.origin) == origin:
+                return index
+        return 0
 
     def note_challenge(self, index: int, challenge: str, *, from_redirect: bool) -> None:
         self.learned[index] = learn(self.learned[index], challenge, from_redirect=from_redirect)
