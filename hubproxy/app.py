@@ -67,8 +67,8 @@ async def serve(
     # cyclic garbage collector: a full collection then walks only what requests made since
     gc.freeze()
     try:
-        # the pool's sweeper runs as long as the server does (the inner nursery ends when a
-        # drain does, and must not wait for the sweeper)
+        # the pool's sweeper (and the check of the upstreams at start) runs as long as the
+        # server does (the inner nursery ends when a drain does, and must not wait for them)
         async with trio.open_nursery() as sweeping:
             await sweeping.start(proxy.pool.sweep)
             try:
@@ -81,7 +81,8 @@ async def serve(
                         nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
                         nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
                     if probe_upstreams:  # in the background: a NAS may boot before its network
-                        nursery.start_soon(proxy.forwarder.probe_at_start)
+                        # beside the sweeper, so a shutdown right after start does not wait for it
+                        sweeping.start_soon(proxy.forwarder.probe_at_start)
                     task_status.started(App(server, proxy))
             finally:
                 sweeping.cancel_scope.cancel()
