@@ -55,7 +55,8 @@ MAX_EPISODES = 4096  # addresses remembered for that; beyond it (a flood) the lo
 # The TLS alerts a client sends when it does not accept our certificate (RFC 8446 section 6.2),
 # as OpenSSL names them, with what the operator can do about each. A Go client (dockerd,
 # containerd) sends bad_certificate for most verification failures, a wrong name included;
-# OpenSSL clients (curl) unknown_ca for an unknown issuer and certificate_unknown otherwise.
+# OpenSSL clients (curl, Python) unknown_ca for an unknown issuer, bad_certificate for a wrong
+# name, certificate_expired for an expired certificate.
 _UNTRUSTED_CA = (
     "give that client the CA that signed {cert} (certs/README.md: how each client trusts it)"
 )
@@ -847,10 +848,10 @@ class Server:
             return
         if isinstance(exc, trio.TooSlowError):
             why = f"not done within {self.settings.timeouts.handshake:g}s (--handshake-timeout)"
+        elif cause is None or isinstance(cause, ssl.SSLEOFError) or "EOF" in (reason or ""):
+            why = "the client closed the connection"
         elif reason:
             why = reason.lower().replace("_", " ")
-        elif isinstance(cause, ssl.SSLEOFError) or cause is None:
-            why = "the client closed the connection"
         else:
             why = str(getattr(cause, "strerror", None) or cause)
         log.debug("TLS handshake with %s failed: %s", client_ip, why)
