@@ -285,14 +285,14 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
     access = _access_summary(config, proxy)
     log.info(
         "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s; "
-        "other registries: %s; access: %s",
+        "access: %s; other registries: %s",
         where,
         upstream,
         fallbacks,
         "on" if config.library_prefix else "off",
         cache,
-        others or "none",
         access,
+        others or "none",
     )
     if not config.allow.networks and config.users_file is None:
         if _reachable_beyond_this_machine(server):
