@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import ipaddress
 import logging
 import secrets
 import signal
-import ssl
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from .config import Config
 from .forwarder import Forwarder, build_pool
 from .net.pool import Connector
 from .net.server import Server
+from .net.streams import CertificateError, certificate_validity
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
 from .ops.usersfile import UsersFileError, load_users
@@ -36,6 +40,10 @@ log = logging.getLogger("hubproxy")
 
 class CacheDirError(Exception):
     """The cache directory cannot be created or read."""
+
+
+class StartupError(Exception):
+    """hubproxy cannot start; the message is the one line that says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,20 @@ async def serve(
     transfers get ``timeouts.shutdown_grace`` seconds to finish. ``probe_upstreams``: check in
     the background that each configured upstream answers, one line each (the program does;
     tests that count upstream requests do not want it).
+
+    Raises StartupError (certificate, listening socket) or CacheDirError before serving.
     """
-    server = Server(config.listener)
+    if config.cert is not None:
+        _check_certificate_dates(config.cert)
+    try:
+        server = Server(config.listener)
+    except CertificateError as exc:  # the files changed since the configuration was read
+        raise StartupError(str(exc)) from exc
     proxy = build_proxy(config, server=server)
-    await server.bind()  # before any nursery, so "port in use" is a plain OSError
+    try:
+        await server.bind()  # before any nursery, so the error is not in an ExceptionGroup
+    except OSError as exc:
+        raise StartupError(listen_problem(config.listen_host, config.listen_port, exc)) from exc
     # everything loaded at start (modules, the cache's indexes) is never scanned again by the
     # cyclic garbage collector: a full collection then walks only what requests made since
     gc.freeze()
@@ -177,13 +195,15 @@ def reload(server: Server, proxy: Proxy) -> None:
     config = proxy.forwarder.config
     if config.cert is not None:
         try:
+            validity, now = certificate_validity(config.cert), time.time()
+            if validity is not None and validity.not_after < now:
+                # clients would refuse it, while the old one may still be good for a while
+                raise CertificateError(validity.problem(now, config.cert) or "expired")
             server.reload_certificate()
-        except (OSError, ssl.SSLError) as exc:
+        except CertificateError as exc:
             log.error(
-                "SIGHUP: cannot load the certificate %s / key %s: %s; still serving the old one "
+                "SIGHUP: cannot load the certificate: %s; still serving the old one "
                 "(fix the files and send SIGHUP again)",
-                config.cert,
-                config.key or config.cert,
                 exc,
             )
         else:
@@ -198,7 +218,62 @@ def reload(server: Server, proxy: Proxy) -> None:
             log.info("SIGHUP: reloaded %d mirror users from %s", len(users), config.users_file)
 
 
-def _log_startup(config: Config, server: Server, proxy: Proxy | None = None) -> None:
+def _check_certificate_dates(cert: str) -> None:
+    """Refuse to start with an expired certificate: every client would fail its handshake,
+    while the mirror looked healthy. A certificate not valid yet gets a warning only: the
+    usual cause is a clock that is not set yet (a box without a battery-backed clock, before
+    NTP), and it heals by itself once it is."""
+    validity = certificate_validity(cert)
+    if validity is None:
+        return
+    now = time.time()
+    problem = validity.problem(now, cert)
+    if problem is None:
+        return
+    if now > validity.not_after:
+        raise StartupError(f"{problem}, then start again")
+    log.warning("%s", problem)
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """The one line for a listening socket that could not be opened: what failed, and only
+    the advice that fits the error."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    what = f"cannot listen on {where}"
+    if isinstance(exc, socket.gaierror):
+        return f"{what}: {host} is not an address or a name this machine can resolve"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{what}: the port is in use by another program"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{what}: {host} is not an address of this machine "
+            "(listen on one it has, or on 0.0.0.0 for all of them)"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM) and 0 < port < 1024:
+        return (
+            f"{what}: ports below 1024 need root or the CAP_NET_BIND_SERVICE capability "
+            "(the systemd unit grants it with AmbientCapabilities=CAP_NET_BIND_SERVICE), "
+            "or listen on a port from 1024 up"
+        )
+    return f"{what}: {exc.strerror or exc}"
+
+
+def _access_summary(config: Config, proxy: Proxy) -> str:
+    """Who may use the mirror, for the startup line."""
+    parts = []
+    if config.allow.networks:
+        parts.append("allow " + ", ".join(str(n) for n in config.allow.networks))
+    authenticator = proxy.admission.authenticator
+    if authenticator is not None:
+        parts.append(f"mirror users ({len(authenticator.names)})")
+    return " and ".join(parts) or "open to everyone"
+
+
+def _reachable_beyond_this_machine(server: Server) -> bool:
+    return any(not ipaddress.ip_address(host).is_loopback for host, _ in server.bound)
+
+
+def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
     scheme = "https" if config.tls else "http"
     where = ", ".join(
         f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}" for h, p in server.bound
@@ -210,16 +285,26 @@ def _log_startup(config: Config, server: Server, proxy: Proxy | None = None) -> 
     others = "; ".join(
         _registry_line(registry, table.host_map) for registry in table.registries[1:]
     )
+    access = _access_summary(config, proxy)
     log.info(
         "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s; "
-        "other registries: %s",
+        "access: %s; other registries: %s",
         where,
         upstream,
         fallbacks,
         "on" if config.library_prefix else "off",
         cache,
+        access,
         others or "none",
     )
+    if not config.allow.networks and config.users_file is None:
+        if _reachable_beyond_this_machine(server):
+            log.warning(
+                "hubproxy on %s is open to everyone: anyone who can reach it can pull through "
+                "it, on this mirror's upstream rate limit; restrict it with --allow NETWORK or "
+                "--users FILE",
+                where,
+            )
 
 
 def _cache_clause(config: Config, proxy: Proxy | None) -> str:

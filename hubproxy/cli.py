@@ -9,17 +9,21 @@ import argparse
 import contextlib
 import getpass
 import logging
+import os
+import pwd
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import trio
 
-from .app import CacheDirError, serve
+from .app import CacheDirError, StartupError, serve
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
+from .net.streams import certificate_validity
 from .ops.clientconfig import BUILTIN_NAMES, CLIENTS, snippet
 from .ops.usersfile import UsersFileError, add_user, check_name, load_users, remove_user
 from .settings import UsageError, Values, build_config, build_parser, default_cache_dir
@@ -85,12 +89,94 @@ def check_config(argv: Sequence[str]) -> int:
         return 2
     path, rest = argv[0], argv[1:]
     try:
-        load_settings(["--config", path, *rest])
+        _, config = load_settings(["--config", path, *rest])
     except (UsageError, ConfigFileError) as exc:
         print(f"hubproxy check-config: error: {exc}", file=sys.stderr)
         return 1
+    problems = start_problems(config)
+    for problem in problems:
+        print(f"hubproxy check-config: error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     print(f"{path}: ok")
     return 0
+
+
+def start_problems(config: Config) -> list[str]:
+    """What would stop this user's start of ``config`` (or make every client fail), beyond
+    the values themselves: one line each, saying what to do."""
+    problems = []
+    if config.cert is not None:
+        validity = certificate_validity(config.cert)
+        problem = validity.problem(time.time(), config.cert) if validity is not None else None
+        if problem is not None:
+            problems.append(problem)
+    if (problem := _port_problem(config.listen_port)) is not None:
+        problems.append(problem)
+    if config.cache_dir is not None and (problem := _cache_dir_problem(config.cache_dir)):
+        problems.append(problem)
+    return problems
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _port_problem(port: int) -> str | None:
+    """A listen port this process could not bind (below 1024 needs root or
+    CAP_NET_BIND_SERVICE, unless the system lowered net.ipv4.ip_unprivileged_port_start)."""
+    if port == 0 or port >= 1024 or os.geteuid() == 0:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        if port >= int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()):
+            return None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:") and int(line.split()[1], 16) >> _CAP_NET_BIND_SERVICE & 1:
+                return None
+    return (
+        f"listen port {port} is below 1024, which user {_user()} may not bind: give hubproxy "
+        "the CAP_NET_BIND_SERVICE capability (the systemd unit does, with "
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE) or run it as root, or listen on a port "
+        "from 1024 up"
+    )
+
+
+_CAP_NET_BIND_SERVICE = 10  # its bit in the capability sets (linux/capability.h)
+
+
+def _cache_dir_problem(cache_dir: str) -> str | None:
+    """Whether this user can create the cache directory, or write in it and in what a start
+    writes to inside it (a cache first filled by root is the usual trap)."""
+    root = Path(cache_dir)
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    user = _user()
+    if existing != root:
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            return None
+        return (
+            f"cache-dir {cache_dir} does not exist and user {user} cannot create it in "
+            f"{existing}: create it for that user (install -d -o {user} {cache_dir}), or pick "
+            "another with --cache-dir"
+        )
+    if not root.is_dir():
+        return f"cache-dir {cache_dir} is not a directory: pick another with --cache-dir"
+    inside = [root, *(p for p in (root / "blobs", root / "blobs" / "sha256") if p.is_dir())]
+    with contextlib.suppress(OSError):
+        inside += [p for p in root.iterdir() if p.is_dir() or p.is_file()]
+    for path in inside:
+        wanted = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
+        if not os.access(path, wanted):
+            return (
+                f"cache-dir {cache_dir}: user {user} cannot write to {path}: give the cache to "
+                f"that user (chown -R {user} {cache_dir}), or pick another with --cache-dir"
+            )
+    return None
 
 
 # ---------------------------------------------------------------- hubproxy cache verify
@@ -237,13 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exc.__cause__,
         )
         return 1
-    except OSError as exc:
-        logging.getLogger("hubproxy").error(
-            "cannot listen on %s:%s: %s (is the port in use, or does it need root?)",
-            config.listen_host,
-            config.listen_port,
-            exc.strerror or exc,
-        )
+    except StartupError as exc:
+        logging.getLogger("hubproxy").error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -122,6 +122,7 @@ class Proxy:
                 await self._registry_request(request, response, route)
             elif route.kind is RouteKind.TOKEN:
                 mirror_user, stamp = await self._mirror_login(request)
+                response.record.user = mirror_user
                 await self.tokens.serve(
                     request, route, response, mirror_user=mirror_user, stamp=stamp
                 )
@@ -177,6 +178,7 @@ class Proxy:
         if self.admission.checks_images and route.repository is not None:
             self._check(request, self.admission.admit_image(registry.name, route.repository))
         credential = await self._credential(request, route, upstreams)
+        response.record.user = credential.user
         check_method(credential, method=request.method, registry=registry)
         if registry.login is not None and credential.upstream is None:
             if not upstreams.primary.known:

@@ -35,6 +35,7 @@ from typing import cast
 
 from . import __version__
 from .config import Config, Limits, Timeouts
+from .net.streams import CertificateError, server_ssl_context
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import (
     ImagePattern,
@@ -835,10 +836,9 @@ def build_config(values: Values) -> Config:
         raise values.error("key", "--key needs --cert")
     if cert:
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-        except (ssl.SSLError, OSError) as exc:
-            message = f"--cert/--key: cannot load the certificate and key: {exc}"
-            raise values.error("cert", message) from None
+            server_ssl_context(cert, key or cert)
+        except CertificateError as exc:
+            raise values.error("cert", f"--cert/--key: {exc}") from None
     listen = cast(tuple[str, int] | None, p["listen"])
     if listen is None:
         listen = ("0.0.0.0", 443) if cert else ("127.0.0.1", 5000)

@@ -282,7 +282,11 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(
             cert.write_text("not a certificate\n")
             process.send_signal(signal.SIGHUP)
             line = await running.wait_for(rb"SIGHUP: cannot load the certificate[^\n]*")
-            assert b"still serving the old one" in line.group(0)
+            assert line.group(0).decode() == (
+                f"SIGHUP: cannot load the certificate: {cert} is not a PEM certificate (no "
+                "-----BEGIN CERTIFICATE----- line); still serving the old one (fix the files and "
+                "send SIGHUP again)"
+            )
             fresh = await WireClient.connect(url, renewed_ca)
             head, _ = await fresh.request("GET", "/v2/")
             assert head.status_code == 401

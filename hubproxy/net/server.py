@@ -14,9 +14,12 @@ cannot mistake a truncated body for a whole one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http
 import logging
 import os
+import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +49,33 @@ access_log = logging.getLogger("hubproxy.access")
 
 LINGER_TIME = 1.0  # seconds an errored connection is drained before it is closed
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
+EPISODE = 600.0  # seconds: a condition of one client address is logged once in this long
+MAX_EPISODES = 4096  # addresses remembered for that; beyond it (a flood) the log stays quiet
+
+# The TLS alerts a client sends when it does not accept our certificate (RFC 8446 section 6.2),
+# as OpenSSL names them, with what the operator can do about each. A Go client (dockerd,
+# containerd) sends bad_certificate for most verification failures, a wrong name included;
+# OpenSSL clients (curl, Python) unknown_ca for an unknown issuer, bad_certificate for a wrong
+# name, certificate_expired for an expired certificate.
+_UNTRUSTED_CA = (
+    "give that client the CA that signed {cert} (certs/README.md: how each client trusts it)"
+)
+_UNTRUSTED = (
+    "it does not trust the CA that signed {cert}, or reached this mirror by a name the "
+    "certificate does not list: give that client the CA (certs/README.md: how each client "
+    "trusts it), or use a name the certificate lists"
+)
+TRUST_ALERTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": ("unknown_ca", _UNTRUSTED_CA),
+    "SSLV3_ALERT_BAD_CERTIFICATE": ("bad_certificate", _UNTRUSTED),
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": ("certificate_unknown", _UNTRUSTED),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": (
+        "certificate_expired",
+        "it finds {cert} expired or not valid yet: check its dates, and that client's clock",
+    ),
+}
+# a host name or an address as a Host header may carry it, to name in the 400 to plain HTTP
+_HOST = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -64,6 +94,7 @@ class AccessRecord:
     hops: int = 0
     started: float = field(default_factory=time.monotonic)
     aborted: bool = False  # the response started but was cut: the client has not all of it
+    user: str | None = None  # the mirror user the request was authenticated as (--users)
 
     def log(self) -> None:
         """Write the access log line (formatted only if someone reads it)."""
@@ -74,10 +105,12 @@ class AccessRecord:
         ms = (time.monotonic() - self.started) * 1000
         # one token either way, so the line still splits on spaces: "200/aborted"
         status = f"{self.status}/aborted" if self.aborted else str(self.status)
-        return (
+        line = (
             f"{self.client} {self.method} {self.path} {status} {self.bytes_sent}B "
             f"{ms:.0f}ms upstream={self.upstream} hops={self.hops}"
         )
+        # the name only (a users-file name: no spaces): never a password or a token
+        return f"{line} user={self.user}" if self.user else line
 
 
 class RequestBody:
@@ -561,6 +594,28 @@ class ClientConnection:
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
 
 
+async def _starts_plain_http(tcp: trio.SocketStream) -> bool:
+    """Whether the client's first byte is an ASCII capital (an HTTP method), which cannot start
+    a TLS record (a ClientHello opens with 22, the handshake content type). Peeked, so the
+    TLS handshake or the HTTP parser still gets every byte."""
+    first = await tcp.socket.recv(1, socket.MSG_PEEK)
+    return first.isupper()
+
+
+def _https_url(host_header: str | None, local: tuple[str, int]) -> str:
+    """``https://HOST:PORT``: the name the client used (its Host header, when it is a plain
+    name or address) else the address it reached, and the port it connected to."""
+    address, port = local
+    if host_header is not None and _HOST.fullmatch(host_header):
+        if host_header.startswith("["):
+            name = host_header[: host_header.index("]") + 1]
+        else:
+            name = host_header.partition(":")[0]
+    else:
+        name = f"[{address}]" if ":" in address else address
+    return f"https://{name}" if port == 443 else f"https://{name}:{port}"
+
+
 class Server:
     """Listeners plus the set of live client connections, with a graceful drain at shutdown."""
 
@@ -584,6 +639,9 @@ class Server:
         self.reclaimed = 0  # idle connections closed to make room
         self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
         self._last_refusal_warning: dict[Connection, float] = {}
+        # when each client address was last logged about (see EPISODE), by condition
+        self._untrusting: dict[str, float] = {}
+        self._plain_http: dict[str, float] = {}
 
     async def bind(self) -> None:
         """Open the listening sockets (raises OSError, e.g. port in use)."""
@@ -621,8 +679,8 @@ class Server:
 
     def reload_certificate(self) -> None:
         """Load --cert/--key again (SIGHUP): new handshakes use the new files, connections
-        already open keep the context they were made with. Raises OSError or ssl.SSLError and
-        keeps the old certificate if the files cannot be loaded."""
+        already open keep the context they were made with. Raises CertificateError (in words)
+        and keeps the old certificate if the files cannot be loaded."""
         if self.settings.cert is None:
             return
         self.ssl_context = server_ssl_context(
@@ -746,13 +804,21 @@ class Server:
     async def _handshake_and_serve(self, tcp: trio.SocketStream, client_ip: str) -> None:
         stream: ByteStream = tcp
         scheme = "http"
+        handler = self.handler
+        assert handler is not None  # serve() set it before accepting
         if self.ssl_context is not None:
             scheme = "https"
             try:
                 with trio.fail_after(self.settings.timeouts.handshake):
-                    stream = await TLSStream.wrap_server(tcp, self.ssl_context)
+                    if await _starts_plain_http(tcp):
+                        # answered in plain HTTP, or the client would only see a closed socket
+                        scheme = "http"
+                        local = tcp.socket.getsockname()
+                        handler = functools.partial(self._answer_plain_http, local[:2])
+                    else:
+                        stream = await TLSStream.wrap_server(tcp, self.ssl_context)
             except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-                log.debug("TLS handshake with %s failed: %r", client_ip, exc)
+                self._handshake_failed(client_ip, exc)
                 await close_forcefully(tcp)
                 return
         client = ClientConnection(
@@ -760,10 +826,67 @@ class Server:
         )
         self._track(client, add=True)
         try:
-            assert self.handler is not None  # serve() set it before accepting
-            await client.serve(self.handler, self)
+            await client.serve(handler, self)
         finally:
             self._track(client, add=False)
+
+    def _handshake_failed(self, client_ip: str, exc: Exception) -> None:
+        """A client that refused our certificate is the operator's business: one warning per
+        address and episode, saying what to do. Other failures (a scanner, a client that gave
+        up or speaks an old TLS) are the client's: a debug line in plain words."""
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        reason = cause.reason if isinstance(cause, ssl.SSLError) else None
+        if reason in TRUST_ALERTS:
+            if self._first_in_episode(self._untrusting, client_ip):
+                alert, advice = TRUST_ALERTS[reason]
+                log.warning(
+                    "TLS: %s refused this mirror's certificate (alert %s): %s",
+                    client_ip,
+                    alert,
+                    advice.format(cert=self.settings.cert),
+                )
+            return
+        if isinstance(exc, trio.TooSlowError):
+            why = f"not done within {self.settings.timeouts.handshake:g}s (--handshake-timeout)"
+        elif cause is None or isinstance(cause, ssl.SSLEOFError) or "EOF" in (reason or ""):
+            why = "the client closed the connection"
+        elif reason:
+            why = reason.lower().replace("_", " ")
+        else:
+            why = str(getattr(cause, "strerror", None) or cause)
+        log.debug("TLS handshake with %s failed: %s", client_ip, why)
+
+    def _first_in_episode(self, last_logged: dict[str, float], client_ip: str) -> bool:
+        """Whether a condition of ``client_ip``'s address is to be logged now (once per
+        EPISODE; the table is bounded, and a flood of addresses goes unlogged)."""
+        key = client_key(client_ip)
+        now = trio.current_time()
+        last = last_logged.get(key)
+        if last is not None and now - last < EPISODE:
+            return False
+        if last is None and len(last_logged) >= MAX_EPISODES:
+            for stale in [k for k, t in last_logged.items() if now - t >= EPISODE]:
+                del last_logged[stale]
+            if len(last_logged) >= MAX_EPISODES:
+                return False
+        last_logged[key] = now
+        return True
+
+    async def _answer_plain_http(
+        self, local: tuple[str, int], request: ClientRequest, response: ClientResponse
+    ) -> None:
+        """The handler for plain HTTP sent to the TLS port (``local``: the address it reached):
+        a 400 naming the https:// URL to use instead."""
+        url = _https_url(request.host, local)
+        if self._first_in_episode(self._plain_http, request.client_ip):
+            log.warning(
+                "%s sent plain HTTP to this TLS port; it was told to use %s (is it set up with "
+                "http:// for this mirror?)",
+                request.client_ip,
+                url,
+            )
+        error = ClientProtocolError(f"this port speaks TLS: use {url}")
+        await response.send_error(error, close=True)
 
     def _track(self, client: ClientConnection, *, add: bool) -> None:
         if add:

@@ -9,7 +9,11 @@ the proxy's error family here, at the edge.
 
 from __future__ import annotations
 
+import base64
+import datetime
 import ssl
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import h11
@@ -40,13 +44,172 @@ def upstream_ssl_context(extra_ca: str | None) -> ssl.SSLContext:
     return context
 
 
+class CertificateError(Exception):
+    """The server certificate or key cannot be used; the message is one line for the operator
+    that names the file and says what is wrong in words (OpenSSL only says ``PEM lib``)."""
+
+
 def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS 1.2+ with ALPN ``http/1.1`` for the client-facing listener."""
+    """TLS 1.2+ with ALPN ``http/1.1`` for the client-facing listener.
+
+    Raises CertificateError: a file that cannot be read, is not PEM, holds the other kind of
+    object (--cert and --key swapped), is encrypted, or a key that does not match."""
+    cert_text = _read_pem(cert, "certificate")
+    key_text = cert_text if key == cert else _read_pem(key, "key")
+    if _PEM_CERTIFICATE not in cert_text:
+        raise CertificateError(_not_a(cert, "certificate", cert_text))
+    if "PRIVATE KEY-----" not in key_text:
+        if key == cert:
+            raise CertificateError(f"{cert} holds no private key: give the key file with --key")
+        raise CertificateError(_not_a(key, "private key", key_text))
+    if "ENCRYPTED" in key_text:
+        raise CertificateError(
+            f"the key {key} is protected by a passphrase, which hubproxy cannot ask for: "
+            f"store it without one (openssl pkey -in {key} -out key.pem)"
+        )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key, password=lambda: _no_passphrase(key))
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise CertificateError(
+                f"the key {key} does not match the certificate {cert}: give the key that was "
+                "made together with that certificate"
+            ) from exc
+        # OpenSSL's reason, in words; none at all ("PEM lib") for a block that does not decode
+        reason = (exc.reason or "").lower().replace("_", " ") or "damaged or truncated PEM data"
+        raise CertificateError(
+            f"cannot use the certificate {cert} with the key {key}: {reason}"
+        ) from exc
+    except OSError as exc:  # changed between the read above and this one
+        raise CertificateError(f"cannot read {exc.filename or cert}: {exc.strerror}") from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+_PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
+
+
+def _no_passphrase(key: str) -> bytes:
+    # without a callback OpenSSL would prompt on the terminal (and hang a service)
+    raise CertificateError(f"the key {key} is protected by a passphrase: store it without one")
+
+
+def _read_pem(path: str, what: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
+    return data.decode("latin-1")
+
+
+def _not_a(path: str, what: str, text: str) -> str:
+    """Why ``path`` is not a PEM ``what``, in words."""
+    if what == "certificate" and "PRIVATE KEY-----" in text:
+        return f"{path} holds a private key, not a certificate (are --cert and --key swapped?)"
+    if what == "private key" and _PEM_CERTIFICATE in text:
+        return f"{path} holds a certificate, not a private key (are --cert and --key swapped?)"
+    if text[:2] in ("\x30\x81", "\x30\x82", "\x30\x83"):  # a DER SEQUENCE: binary, not PEM
+        return (
+            f"{path} is a binary (DER) {what}, not PEM: convert it with "
+            f"openssl {'x509' if what == 'certificate' else 'pkey'} -inform der -in {path} "
+            f"-out {'cert' if what == 'certificate' else 'key'}.pem"
+        )
+    marker = _PEM_CERTIFICATE if what == "certificate" else "-----BEGIN PRIVATE KEY-----"
+    return f"{path} is not a PEM {what} (no {marker} line)"
+
+
+@dataclass(frozen=True)
+class Validity:
+    """When a certificate may be used, in seconds since the epoch (``time.time()``)."""
+
+    not_before: float
+    not_after: float
+
+    def problem(self, now: float, path: str) -> str | None:
+        """Why the certificate at ``path`` is refused by clients at ``now``, or None."""
+        if now > self.not_after:
+            return (
+                f"the certificate {path} expired on {_utc(self.not_after)}: every client will "
+                "refuse it; renew it (certs/README.md)"
+            )
+        if now < self.not_before:
+            return (
+                f"the certificate {path} is not valid until {_utc(self.not_before)} (this "
+                f"machine's clock says {_utc(now)}; is it right?): clients will refuse it "
+                "until then"
+            )
+        return None
+
+
+def certificate_validity(path: str) -> Validity | None:
+    """The validity period of the first certificate in the PEM file ``path``; None if it
+    cannot be read or parsed (loading it reports that)."""
+    try:
+        text = Path(path).read_text(encoding="latin-1")
+        start = text.index(_PEM_CERTIFICATE) + len(_PEM_CERTIFICATE)
+        der = base64.b64decode(text[start : text.index("-----END CERTIFICATE-----", start)])
+        return der_validity(der)
+    except (OSError, ValueError):
+        return None
+
+
+def der_validity(der: bytes) -> Validity:
+    """The validity of a DER X.509 certificate (RFC 5280 section 4.1), read with a minimal
+    DER walk: the standard library decodes certificates only privately
+    (``ssl._ssl._test_decode_cert``) or for CA certificates. Raises ValueError."""
+    _, content, _ = _der_item(der, 0, 0x30)  # Certificate
+    _, pos, end = _der_item(der, content, 0x30)  # TBSCertificate
+    tag, _, after = _der_item(der, pos)
+    if tag == 0xA0:  # [0] EXPLICIT version (absent means v1)
+        pos = after
+    for expected in (0x02, 0x30, 0x30):  # serialNumber, signature, issuer
+        _, _, pos = _der_item(der, pos, expected)
+    _, pos, _ = _der_item(der, pos, 0x30)  # validity
+    times = []
+    for _ in range(2):
+        tag, start, pos = _der_item(der, pos)
+        times.append(_der_time(tag, der[start:pos]))
+    if pos > end:
+        raise ValueError("validity beyond the TBSCertificate")
+    return Validity(times[0], times[1])
+
+
+def _der_item(der: bytes, pos: int, expected: int | None = None) -> tuple[int, int, int]:
+    """(tag, start of content, end of item) of the DER item at ``pos``."""
+    if pos + 2 > len(der):
+        raise ValueError("truncated DER")
+    tag, length = der[pos], der[pos + 1]
+    if expected is not None and tag != expected:
+        raise ValueError(f"DER tag {tag:#x} where {expected:#x} was expected")
+    start = pos + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4:
+            raise ValueError("unsupported DER length")
+        length = int.from_bytes(der[start : start + count], "big")
+        start += count
+    if start + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, start, start + length
+
+
+def _der_time(tag: int, value: bytes) -> float:
+    """UTCTime (two-digit year: 50-99 are 19xx, RFC 5280 4.1.2.5.1) or GeneralizedTime."""
+    text = value.decode("ascii")
+    if tag == 0x17:
+        year = int(text[:2])
+        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+    elif tag != 0x18:
+        raise ValueError(f"DER tag {tag:#x} is not a time")
+    moment = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ")
+    return moment.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def _utc(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 async def open_upstream(
