@@ -70,7 +70,7 @@ def console_steps(text: str) -> list[Step]:
     steps: list[Step] = []
     for block in fenced_blocks(text, "console"):
         assert block and block[0].startswith("$ "), f"a console block starts with $: {block}"
-        command, expected = "", []
+        command, expected = "", list[str]()
         for line in block:
             if line.startswith("$ "):
                 if command:
