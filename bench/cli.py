@@ -32,6 +32,17 @@ from bench.env import (
 )
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+# A smoke run must not overwrite the committed full run (the README's table and chart): it
+# writes here, which git ignores, unless --out says otherwise.
+QUICK_OUT = DEFAULT_OUT / "quick"
+
+
+def output_dir(quick: bool, out: Path | None) -> Path:
+    """Where a run writes: ``--out`` if given, else bench/results/quick for ``--quick`` and
+    bench/results for a full run."""
+    if out is not None:
+        return out
+    return QUICK_OUT if quick else DEFAULT_OUT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"smoke run, under a minute: {','.join(QUICK_CASES)}, 2 repetitions, 1 s of "
         "small requests",
     )
-    add("--out", type=Path, default=DEFAULT_OUT, help="output directory (default bench/results)")
+    add(
+        "--out",
+        type=Path,
+        help="output directory (default bench/results; with --quick bench/results/quick, "
+        "which git ignores)",
+    )
+    add(
+        "--replot",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: draw throughput.png again from a run's results.json (into "
+        "--out, default the JSON's directory)",
+    )
     add("--reps", type=int, help="measured repetitions (default 5, quick 2)")
     add("--warmup", type=int, default=1, help="discarded warm-up repetitions (default 1)")
     add(
@@ -143,6 +166,8 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.replot is not None:
+        return replot(args.replot, args.out)
     try:
         cases = parse_cases(args.cases or ",".join(QUICK_CASES if args.quick else FULL_CASES))
         contestants = parse_contestants(args.contestants)
@@ -173,6 +198,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     return run(args, plan, tools, command)
+
+
+def replot(results_json: Path, out: Path | None) -> int:
+    """``--replot``: the chart of a finished run, from its results.json alone."""
+    from bench import report
+
+    try:
+        cases, contestants, summaries = report.read_summaries(results_json)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"bench: cannot read {results_json}: {exc}", file=sys.stderr)
+        return 2
+    chart = (out or results_json.parent) / "throughput.png"
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    note = report.plot(chart, cases, contestants, summaries)
+    if note:
+        print(f"bench: {note}", file=sys.stderr)
+        return 2
+    print(f"bench: wrote {chart}", file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int:
@@ -244,7 +288,7 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
         if instance_for(name, case) is not None
     }
     found_ratios = ratios(plan.cases, summaries)
-    out: Path = args.out
+    out = output_dir(args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     chart_note = report.plot(out / "throughput.png", plan.cases, plan.contestants, summaries)
     if chart_note:

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cases import Case
+from bench.cases import Case, human_size
 from bench.results import HUBPROXY, RunRecord, Summary
-from bench.stats import Ratio, Spread
+from bench.stats import METRICS, Ratio, Spread
 
 COLOURS = {
     "hubproxy": "#2a7ab9",
@@ -109,7 +109,10 @@ def case_ratio_line(case: Case, ratios: Sequence[Ratio]) -> str:
     for r in ratios:
         if r.case == case.name:
             shown = "n/a" if r.value is None else f"{r.value:.2f}"
-            parts.append(f"{r.numerator}/{r.denominator} {r.metric} **{shown}**")
+            better = "higher" if METRICS[r.metric][1] else "lower"
+            parts.append(
+                f"{r.numerator}/{r.denominator} {r.metric} **{shown}** ({better} is better)"
+            )
     return "Ratios: " + " · ".join(parts) if parts else ""
 
 
@@ -201,14 +204,51 @@ def write_json(
     path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
 
 
+def read_summaries(path: Path) -> tuple[list[Case], list[str], dict[tuple[str, str], Summary]]:
+    """The cases, contestants and summaries of a run, from the results.json it wrote: what
+    ``plot`` needs, so a chart can be drawn again without measuring anything."""
+    data = json.loads(path.read_text())
+    fields = set(Case.__dataclass_fields__)
+    cases = [Case(**{k: v for k, v in c.items() if k in fields}) for c in data["cases"]]
+    summaries: dict[tuple[str, str], Summary] = {}
+    for raw in data["summaries"]:
+        values = {k: v for k, v in raw.items() if k in Summary.__dataclass_fields__}
+        for key in ("throughput", "p99_ms"):
+            if values.get(key) is not None:
+                values[key] = Spread(**values[key])
+        summary = Summary(**values)
+        summaries[(summary.case, summary.contestant)] = summary
+    return cases, list(data["contestants"]), summaries
+
+
+def chart_label(case: Case) -> str:
+    """Two lines under a case's bars: its name, and what it is in words."""
+    side = "TLS" if case.transport == "tls" else "plain HTTP"
+    if case.kind == "small":
+        return f"{case.name}\nmanifest GETs, {side}"
+    what = (
+        human_size(case.size) if case.count == 1 else f"{case.count} \u00d7 {human_size(case.size)}"
+    )
+    redirect = "" if case.redirect else ", no redirect"
+    return f"{case.name}\n{what}, {side}{redirect}, {'cache hit' if case.hit else 'miss'}"
+
+
+# The chart is read at README width (about 900 px on GitHub): 1200 px wide, one horizontal bar
+# per contestant in each case, cases stacked top to bottom, blob cases (MB/s) and small-request
+# cases (requests/s) in panels of their own, the legend above the panels where it hides nothing.
+CHART_WIDTH_IN = 12.0
+CHART_DPI = 100
+_CASE_HEIGHT_IN = 0.8
+
+
 def plot(
     path: Path,
     cases: Sequence[Case],
     contestants: Sequence[str],
     summaries: dict[tuple[str, str], Summary],
 ) -> str:
-    """Grouped bars (median, min-max whiskers): MB/s per blob case, req/s per small case.
-    Returns a note for the report ('' when the chart was written)."""
+    """``figure`` written to ``path`` as a PNG. Returns a note for the report ('' when the
+    chart was written)."""
     try:
         import matplotlib
 
@@ -219,46 +259,104 @@ def plot(
             "Chart skipped: matplotlib is not installed (`pip install -e '.[bench]'` for "
             "throughput.png)."
         )
+    fig = figure(cases, contestants, summaries)
+    fig.savefig(path, dpi=CHART_DPI)
+    plt.close(fig)
+    return ""
+
+
+def figure(
+    cases: Sequence[Case],
+    contestants: Sequence[str],
+    summaries: dict[tuple[str, str], Summary],
+) -> Any:
+    """The chart (a matplotlib Figure): horizontal grouped bars (median, min-max whiskers, the
+    median written at the end), MB/s per blob case, req/s per small case."""
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context({"font.size": 11}):
+        return _draw(cases, contestants, summaries)
+
+
+def _draw(
+    cases: Sequence[Case],
+    contestants: Sequence[str],
+    summaries: dict[tuple[str, str], Summary],
+) -> Any:
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     groups = [
         [c for c in cases if c.kind == "blobs"],
         [c for c in cases if c.kind == "small"],
     ]
     groups = [g for g in groups if g]
+    header_in = 0.45
+    height = header_in + sum(_CASE_HEIGHT_IN * len(g) + 0.6 for g in groups)
     fig, axes = plt.subplots(
-        1,
         len(groups),
-        figsize=(4 + 2.2 * sum(len(g) for g in groups), 4.8),
+        1,
+        figsize=(CHART_WIDTH_IN, height),
         squeeze=False,
-        gridspec_kw={"width_ratios": [len(g) for g in groups]},
+        gridspec_kw={"height_ratios": [len(g) for g in groups]},
     )
-    width = 0.8 / max(1, len(contestants))
-    for ax, group in zip(axes[0], groups, strict=True):
+    bar = 0.8 / max(1, len(contestants))
+    for ax, group in zip(axes[:, 0], groups, strict=True):
+        top = 0.0
         for i, name in enumerate(contestants):
-            xs, heights, low, high = [], [], [], []
+            ys, widths, low, high = [], [], [], []
             for j, case in enumerate(group):
                 s = summaries.get((case.name, name))
                 if s is None or s.throughput is None:
                     continue
-                xs.append(j + (i - (len(contestants) - 1) / 2) * width)
-                heights.append(s.throughput.median)
+                # the first contestant on top of each case's group
+                ys.append(j + (i - (len(contestants) - 1) / 2) * bar)
+                widths.append(s.throughput.median)
                 low.append(s.throughput.median - s.throughput.lo)
                 high.append(s.throughput.hi - s.throughput.median)
-            ax.bar(
-                xs,
-                heights,
-                width,
-                yerr=[low, high],
-                capsize=3,
+                top = max(top, s.throughput.hi)
+            ax.barh(
+                ys,
+                widths,
+                bar,
+                xerr=[low, high],
+                capsize=2,
+                error_kw={"elinewidth": 0.8, "ecolor": "#333333"},
                 label=name,
                 color=COLOURS.get(name, "#555555"),
             )
-        ax.set_xticks(range(len(group)))
-        ax.set_xticklabels([c.name for c in group], rotation=20, ha="right")
-        ax.set_ylabel("MB/s (median, min-max)" if group[0].kind == "blobs" else "requests/s")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(loc="upper right", fontsize="small")
-    fig.suptitle(f"{HUBPROXY} vs nginx recipe: throughput on this machine")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return ""
+            for y, width, extra in zip(ys, widths, high, strict=True):
+                ax.text(
+                    width + extra,
+                    y,
+                    f" {width:,.0f}",
+                    va="center",
+                    ha="left",
+                    fontsize=9.5,
+                    color="#333333",
+                )
+        ax.set_yticks(range(len(group)))
+        ax.set_yticklabels([chart_label(c) for c in group], fontsize=10.5)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+        ax.invert_yaxis()  # the first case at the top, as in the tables
+        ax.set_xlim(0, top * 1.12)  # room for the figure after the longest whisker
+        blobs = group[0].kind == "blobs"
+        ax.set_xlabel(
+            "MB/s, median of the runs (whiskers: min-max); longer is better"
+            if blobs
+            else "requests/s, median of the runs (whiskers: min-max); longer is better"
+        )
+        ax.grid(axis="x", alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(f"{HUBPROXY} vs the nginx recipe: throughput on this machine", y=0.995)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=len(contestants),
+        bbox_to_anchor=(0.5, 1 - 0.32 / height),
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - header_in / height))
+    return fig

@@ -32,6 +32,16 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+# What each ratio compares, and which way is better: a bare "ratio: 0.78" left a reader to
+# guess whether hubproxy used less CPU or ran slower.
+METRICS = {
+    "throughput": ("the throughput", True),
+    "rps": ("the requests/s", True),
+    "cpu-per-GiB": ("the CPU per GiB", False),
+    "p99": ("the p99 latency", False),
+}
+
+
 @dataclass(frozen=True)
 class Ratio:
     numerator: str
@@ -41,9 +51,14 @@ class Ratio:
     value: float | None
 
     def line(self) -> str:
-        """``hubproxy/nginx-tuned 1GiB-tls throughput ratio: 1.07`` (``n/a`` if not measured)."""
-        shown = "n/a" if self.value is None else f"{self.value:.2f}"
-        return f"{self.numerator}/{self.denominator} {self.case} {self.metric} ratio: {shown}"
+        """``hubproxy/nginx-tuned 1GiB-tls throughput ratio: 1.07 (1.07x the throughput:
+        higher is better)``; ``n/a`` when not measured (a run failed verification)."""
+        head = f"{self.numerator}/{self.denominator} {self.case} {self.metric} ratio: "
+        if self.value is None:
+            return head + "n/a"
+        what, higher_better = METRICS[self.metric]
+        better = "higher" if higher_better else "lower"
+        return f"{head}{self.value:.2f} ({self.value:.2f}x {what}: {better} is better)"
 
 
 def rotate(items: Sequence[T], k: int) -> list[T]:

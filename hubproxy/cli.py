@@ -24,7 +24,7 @@ from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
 from .net.streams import certificate_validity
-from .ops.clientconfig import BUILTIN_NAMES, CLIENTS, snippet
+from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
 from .ops.usersfile import UsersFileError, add_user, check_name, load_users, remove_user
 from .settings import UsageError, Values, build_config, build_parser, default_cache_dir
 
@@ -53,7 +53,12 @@ def print_config(argv: Sequence[str]) -> int:
         prog="hubproxy print-config",
         description="Print what to paste into a client's configuration to use this mirror.",
     )
-    parser.add_argument("client", choices=CLIENTS)
+    parser.add_argument(
+        "client",
+        choices=CLIENT_NAMES,
+        help="docker or dockerd: daemon.json; containerd or nerdctl: hosts.toml; k3s: "
+        "registries.yaml; podman (skopeo, buildah), cri-o or crio: registries.conf",
+    )
     parser.add_argument("--url", required=True, help="how clients reach the mirror")
     parser.add_argument("--ca", metavar="FILE", help="a private CA the clients must trust")
     parser.add_argument(

@@ -14,17 +14,21 @@ import pytest
 
 from bench import clients, procs
 from bench.cases import GiB, MiB, parse_case, parse_cases
+from bench.cli import build_parser, output_dir
+from bench.cli import main as bench_main
 from bench.contestants import hubproxy_argv, instance_for, parse_contestants
 from bench.env import find_tool
 from bench.fixtures import Blob, Fixtures, TLSFiles
 from bench.nginxconf import OriginPorts, render_contestant, render_origin
-from bench.results import RunRecord, ratios, summarize
+from bench.results import RunRecord, Summary, ratios, summarize
 from bench.stats import Ratio, ratio, rotate, spread
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMARY_LINE = re.compile(
     r"^(hubproxy|hubproxy-nocache)/(nginx-recipe|nginx-tuned|direct) (\S+) "
-    r"(throughput|cpu-per-GiB|rps|p99) ratio: (\d+\.\d\d|n/a)$"
+    r"(throughput|cpu-per-GiB|rps|p99) ratio: "
+    r"(n/a|(?P<value>\d+\.\d\d) \((?P=value)x the "
+    r"(throughput|requests/s|CPU per GiB|p99 latency): (higher|lower) is better\))$"
 )
 
 WRK_OUTPUT = """\
@@ -151,10 +155,42 @@ def test_spread_ratio_rotate() -> None:
     assert ratio(3.0, 2.0) == 1.5
     assert ratio(1.0, 0.0) is None and ratio(None, 1.0) is None
     assert rotate(["a", "b", "c"], 4) == ["b", "c", "a"]
-    assert Ratio("hubproxy", "nginx-tuned", "1GiB-tls", "throughput", 1.066).line() == (
-        "hubproxy/nginx-tuned 1GiB-tls throughput ratio: 1.07"
-    )
     assert Ratio("hubproxy", "direct", "small-tls", "rps", None).line().endswith("ratio: n/a")
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "line"),
+    [
+        (
+            "throughput",
+            1.066,
+            "hubproxy/nginx-tuned 1GiB-tls throughput ratio: 1.07 (1.07x the throughput: "
+            "higher is better)",
+        ),
+        (
+            "cpu-per-GiB",
+            0.78,
+            "hubproxy/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 0.78 (0.78x the CPU per GiB: "
+            "lower is better)",
+        ),
+        (
+            "rps",
+            0.125,
+            "hubproxy/nginx-tuned 1GiB-tls rps ratio: 0.12 (0.12x the requests/s: "
+            "higher is better)",
+        ),
+        (
+            "p99",
+            1.5,
+            "hubproxy/nginx-tuned 1GiB-tls p99 ratio: 1.50 (1.50x the p99 latency: "
+            "lower is better)",
+        ),
+    ],
+)
+def test_ratio_lines_say_which_way_is_better(metric: str, value: float, line: str) -> None:
+    ratio_line = Ratio("hubproxy", "nginx-tuned", "1GiB-tls", metric, value).line()
+    assert ratio_line == line
+    assert SUMMARY_LINE.match(ratio_line)
 
 
 def _run(contestant: str, rep: int, seconds: float, cpu: float, ok: bool = True) -> RunRecord:
@@ -336,3 +372,64 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert lines and all(SUMMARY_LINE.match(line) for line in lines), lines
     assert any(line.startswith("hubproxy/nginx-tuned ") for line in lines)
     assert lines == data["summary_lines"]
+
+
+# --- where a run writes, and the chart -------------------------------------------------------
+
+
+def test_quick_run_leaves_the_committed_results_alone() -> None:
+    """``--quick`` without ``--out`` writes to bench/results/quick (git-ignored), never over
+    the full run the README quotes."""
+    results = REPO / "bench" / "results"
+    assert output_dir(quick=True, out=None) == results / "quick"
+    assert output_dir(quick=False, out=None) == results
+    assert output_dir(quick=True, out=Path("/srv/x")) == Path("/srv/x")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "bench/results/quick/results.json"], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0
+    assert "quick" in build_parser().format_help()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_replot_draws_the_committed_run_readable_at_readme_width(tmp_path: Path) -> None:
+    """``--replot`` measures nothing: the chart again from results.json, 1200 px wide (the
+    committed one was 2618 x 528, unreadable at README width)."""
+    pytest.importorskip("matplotlib")
+    committed = REPO / "bench" / "results" / "results.json"
+    assert bench_main(["--replot", str(committed), "--out", str(tmp_path)]) == 0
+    width, height = _png_size(tmp_path / "throughput.png")
+    assert width == 1200 and 600 <= height <= 1100
+    assert _png_size(REPO / "bench" / "results" / "throughput.png") == (width, height)
+    assert bench_main(["--replot", str(tmp_path / "missing.json")]) == 2
+
+
+def _summary(case: str, contestant: str, median: float) -> Summary:
+    kind = "small" if case.startswith("small") else "blobs"
+    return Summary(case, kind, contestant, 2, 2, spread([median * 0.9, median * 1.1]))
+
+
+def test_chart_legend_covers_no_bar() -> None:
+    """The quick run's chart had its legend over a bar: it now sits above the panels."""
+    pytest.importorskip("matplotlib")
+    from bench.report import figure
+
+    cases = parse_cases("64MiB-tls,32x1MiB-tls,64MiB-tls-hit,small-tls")
+    contestants = ["hubproxy", "nginx-recipe", "nginx-tuned", "direct"]
+    summaries = {
+        (case.name, name): _summary(case.name, name, value)
+        for case in cases
+        for name, value in zip(contestants, (900.0, 400.0, 450.0, 1000.0), strict=True)
+    }
+    fig = figure(cases, contestants, summaries)
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert ax.get_legend() is None
+        assert not legend.overlaps(ax.get_window_extent())

@@ -21,8 +21,86 @@ def test_docker_daemon_json() -> None:
     assert "/etc/docker/daemon.json" in hint
     _, hint = snippet("docker", "https://mirror.example.com:8443", "/srv/ca.pem")
     assert "/etc/docker/certs.d/mirror.example.com:8443/ca.crt" in hint
-    _, hint = snippet("docker", "http://192.168.1.5:5000", None)
-    assert '"insecure-registries": ["192.168.1.5:5000"]' in hint
+
+
+@pytest.mark.parametrize(
+    ("url", "insecure"),
+    [
+        ("http://192.168.1.10:5000", ["192.168.1.10:5000"]),
+        ("http://mirror.lan", ["mirror.lan"]),
+        # dockerd's default insecure range is 127.0.0.0/8: listing loopback costs nothing, and
+        # ::1 is outside it
+        ("http://127.0.0.1:5000", ["127.0.0.1:5000"]),
+        ("http://[::1]:5000", ["[::1]:5000", "localhost:5000"]),
+        ("http://[2001:db8::1]:5000", ["[2001:db8::1]:5000"]),  # a host:port, not a reference
+        ("http://[::ffff:10.0.0.2]:5000", ["[::ffff:10.0.0.2]:5000", "10.0.0.2:5000"]),
+    ],
+)
+def test_docker_plain_http_mirror_is_insecure_in_the_json(url: str, insecure: list[str]) -> None:
+    """dockerd skips an http:// mirror not listed in insecure-registries without a word, so the
+    JSON to paste carries it (it was a stderr hint only)."""
+    text, hint = snippet("docker", url, None)
+    assert json.loads(text) == {"registry-mirrors": [url], "insecure-registries": insecure}
+    assert "insecure" not in hint
+    assert "insecure-registries" not in snippet("docker", url.replace("http:", "https:"), None)[0]
+
+
+def test_plain_http_mirror_in_the_other_formats() -> None:
+    """containerd (and nerdctl) and k3s read the endpoint URL's http:// as plain HTTP;
+    registries.conf needs insecure = true on each mirror."""
+    url = "http://192.168.1.10:5000"
+    hosts = tomllib.loads(snippet("containerd", url, None)[0])
+    assert list(hosts["host"]) == [url] and "skip_verify" not in hosts["host"][url]
+    assert snippet("nerdctl", url, None)[0] == snippet("containerd", url, None)[0]
+    document = yaml.safe_load(snippet("k3s", url, None)[0])
+    assert {tuple(m["endpoint"]) for m in document["mirrors"].values()} == {(url,)}
+    for client in ("podman", "cri-o", "crio"):
+        conf = tomllib.loads(snippet(client, url, None)[0])
+        assert all(m["insecure"] is True for r in conf["registry"] for m in r["mirror"])
+
+
+@pytest.mark.parametrize(
+    ("alias", "client", "hint"),
+    [
+        (
+            "dockerd",
+            "docker",
+            "# put this in /etc/docker/daemon.json, then: systemctl restart docker; "
+            "other registries by path: docker pull mirror.lan/ghcr.io/OWNER/IMAGE",
+        ),
+        (
+            "nerdctl",
+            "containerd",
+            "# put this in /etc/containerd/certs.d/_default/hosts.toml "
+            "(rootless: ~/.config/containerd/certs.d/_default/hosts.toml); nerdctl reads it at "
+            "each pull",
+        ),
+        (
+            "cri-o",
+            "podman",
+            "# put this in /etc/containers/registries.conf, then: systemctl "
+            "reload crio (cri-o re-reads it on SIGHUP)",
+        ),
+        (
+            "crio",
+            "podman",
+            "# put this in /etc/containers/registries.conf, then: systemctl "
+            "reload crio (cri-o re-reads it on SIGHUP)",
+        ),
+    ],
+)
+def test_client_aliases_on_the_command_line(alias: str, client: str, hint: str) -> None:
+    """Each alias prints its client's format, with the hint for the tool named."""
+    url = "https://mirror.lan"
+    result = subprocess.run(
+        [sys.executable, "-m", "hubproxy", "print-config", alias, "--url", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert result.stdout == snippet(client, url, None)[0]
+    assert result.stderr == hint + "\n"
 
 
 def test_containerd_hosts_toml() -> None:
@@ -191,9 +269,8 @@ def test_every_suggested_reference_parses_for_older_clients(client: str, url: st
 def test_loopback_ipv6_mirror() -> None:
     """A mirror at [::1]: endpoint URLs keep the literal, image references say localhost."""
     text, hint = snippet("docker", "http://[::1]:5000", None)
-    assert json.loads(text) == {"registry-mirrors": ["http://[::1]:5000"]}
+    assert json.loads(text)["registry-mirrors"] == ["http://[::1]:5000"]
     assert hint.endswith("docker pull localhost:5000/ghcr.io/OWNER/IMAGE")
-    assert "insecure-registries" not in hint  # loopback
     _, hint = snippet("docker", "https://[::1]:5000", "/srv/ca.pem")
     # the mirror is looked up by its URL's host, a pull by path by the reference's
     assert "/etc/docker/certs.d/[::1]:5000/ca.crt" in hint
@@ -226,8 +303,6 @@ def test_other_ipv6_mirror() -> None:
     assert json.loads(text) == {"registry-mirrors": ["https://[2001:db8::1]:5000"]}
     assert "docker pull" not in hint
     assert "give the mirror a host name" in hint
-    _, hint = snippet("docker", "http://[2001:db8::1]:5000", None)
-    assert '"insecure-registries": ["[2001:db8::1]:5000"]' in hint  # a host:port, not a reference
     with pytest.raises(ValueError, match="give the mirror a host name"):
         snippet("podman", "https://[2001:db8::1]:5000", None)
     assert tomllib.loads(snippet("containerd", "https://[2001:db8::1]:5000", None)[0])["host"]
@@ -236,5 +311,4 @@ def test_other_ipv6_mirror() -> None:
 def test_ipv4_mapped_mirror() -> None:
     _, hint = snippet("docker", "http://[::ffff:10.0.0.2]:5000", "/srv/ca.pem")
     assert hint.endswith("docker pull 10.0.0.2:5000/ghcr.io/OWNER/IMAGE")
-    assert '"insecure-registries": ["[::ffff:10.0.0.2]:5000", "10.0.0.2:5000"]' in hint
     assert "/etc/docker/certs.d/10.0.0.2:5000/ca.crt" in hint

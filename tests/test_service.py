@@ -10,8 +10,10 @@ procd's and OpenWrt's helper functions replaced by stubs that record their calls
 from __future__ import annotations
 
 import configparser
+import contextlib
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -249,9 +251,12 @@ def test_service_files_are_package_data() -> None:
         for pattern in patterns
         for path in (ROOT / "hubproxy").glob(pattern)
     }
-    assert {"service/hubproxy.service", "service/hubproxy.init"} <= shipped, (
-        'add to pyproject.toml: [tool.setuptools.package-data] hubproxy = ["service/*"]'
-    )
+    assert {
+        "service/hubproxy.service",
+        "service/hubproxy.init",
+        "service/hubproxy.toml",
+        "service/make-self-signed.sh",
+    } <= shipped, 'add to pyproject.toml: [tool.setuptools.package-data] hubproxy = ["service/*"]'
 
 
 def test_service_directory_is_data_not_a_package() -> None:
@@ -259,3 +264,97 @@ def test_service_directory_is_data_not_a_package() -> None:
     # (it would then have to be listed in [tool.setuptools] packages, and holds no code)
     assert not (SERVICE_DIR / "__init__.py").exists()
     assert not list(SERVICE_DIR.glob("*.py"))
+
+
+# --- the private CA script ---------------------------------------------------------------------
+
+MAKE_CERT = SERVICE_DIR / "make-self-signed.sh"
+
+
+def _handshake(tmp_path: Path, server_name: str) -> None:
+    """A TLS handshake between the script's certificate and a client trusting only its ca.pem."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "server.pem", tmp_path / "server-key.pem")
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    s_in, s_out, c_in, c_out = bios
+    server_side = server.wrap_bio(s_in, s_out, server_side=True)
+    client_side = client.wrap_bio(c_in, c_out, server_hostname=server_name)
+    for _ in range(10):
+        for side in (client_side, server_side):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert client_side.version() is not None and server_side.version() is not None
+
+
+def test_make_self_signed_writes_the_files_the_service_reads(tmp_path: Path) -> None:
+    """The script writes into the current directory (not next to itself: installed, that is
+    site-packages) the names hubproxy.toml points at, and a client trusting ca.pem accepts the
+    certificate for each name given."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    run = subprocess.run(
+        ["bash", str(MAKE_CERT), "mirror.lan", "192.168.1.10", "::1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert run.stderr == ""
+    assert run.stdout.splitlines() == [
+        f"wrote {tmp_path}/server.pem and {tmp_path}/server-key.pem for "
+        f"DNS:mirror.lan,IP:192.168.1.10,IP:::1 (825 days), signed by {tmp_path}/ca.pem",
+        f"serve with: hubproxy --cert {tmp_path}/server.pem --key {tmp_path}/server-key.pem; "
+        f"clients trust {tmp_path}/ca.pem (hubproxy print-config CLIENT --url "
+        f"https://mirror.lan --ca {tmp_path}/ca.pem)",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ca-key.pem",
+        "ca.pem",
+        "server-key.pem",
+        "server.pem",
+    ]
+    config = tomllib.loads((SERVICE_DIR / "hubproxy.toml").read_text())
+    assert (Path(config["cert"]).name, Path(config["key"]).name) == ("server.pem", "server-key.pem")
+    assert (tmp_path / "server-key.pem").stat().st_mode & 0o077 == 0
+    _handshake(tmp_path, "mirror.lan")
+    _handshake(tmp_path, "192.168.1.10")
+    # a second run (a renewal) keeps the CA, so clients need no change
+    ca = (tmp_path / "ca.pem").read_bytes()
+    subprocess.run(
+        ["bash", str(MAKE_CERT), "mirror.lan"], cwd=tmp_path, capture_output=True, check=True
+    )
+    assert (tmp_path / "ca.pem").read_bytes() == ca
+    _handshake(tmp_path, "mirror.lan")
+
+
+def test_make_self_signed_usage_and_failure(tmp_path: Path) -> None:
+    usage = subprocess.run(["bash", str(MAKE_CERT)], capture_output=True, text=True, check=False)
+    assert (usage.returncode, usage.stdout) == (2, "")
+    assert usage.stderr == (
+        "usage: bash make-self-signed.sh HOSTNAME [NAME-OR-IP...] (writes ca.pem, ca-key.pem, "
+        "server.pem and server-key.pem here)\n"
+    )
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    (tmp_path / "ca.pem").mkdir()  # openssl cannot read it: one line naming the directory
+    failed = subprocess.run(
+        ["bash", str(MAKE_CERT), "mirror.lan"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.startswith(f"make-self-signed.sh: openssl failed in {tmp_path}: ")
+    assert failed.stderr.count("\n") == 1
+
+
+def test_repository_path_of_the_script_still_works() -> None:
+    """certs/README.md and the TLS section say certs/make-self-signed.sh: a link to the
+    installed copy, so there is one script."""
+    link = ROOT / "certs" / "make-self-signed.sh"
+    assert link.is_symlink() and link.resolve() == MAKE_CERT.resolve()

@@ -4,6 +4,14 @@ Pure functions from the mirror's URL (and an optional private CA file) to the ex
 client's configuration, printed by ``hubproxy print-config CLIENT --url URL [--ca FILE]``. Each
 output is checked by a test that parses it with the client's own format (JSON, TOML, YAML).
 
+Four formats serve seven clients: dockerd reads daemon.json (``docker``); containerd and nerdctl
+read the same hosts.toml directory; k3s its registries.yaml; podman, skopeo, buildah and cri-o
+containers/image's registries.conf. A plain-HTTP mirror must be allowed in each format, or the
+client skips it without a word and pulls from the registry itself: dockerd needs the mirror in
+``insecure-registries`` (only 127.0.0.0/8 is insecure by default, not ``::1``), registries.conf
+``insecure = true``; containerd and k3s take the ``http://`` of the endpoint URL as plain HTTP
+(``skip_verify`` is about certificates, not the scheme).
+
 Two kinds of text name the mirror. Endpoint URLs (daemon.json, hosts.toml, registries.yaml) take
 any host, an IPv6 literal in brackets too. Image references (``docker pull HOST/...``, podman's
 mirror ``location``, which containers/image parses as a reference prefix) do not: the reference
@@ -22,6 +30,9 @@ from ..policy.registries import BUILTIN_REGISTRIES, DEFAULT_REGISTRY
 from ..policy.urls import DEFAULT_PORTS, Origin, Url, parse_url
 
 CLIENTS = ("docker", "containerd", "k3s", "podman")
+# other names print-config takes: the client whose format each one reads
+ALIASES = {"dockerd": "docker", "nerdctl": "containerd", "cri-o": "podman", "crio": "podman"}
+CLIENT_NAMES = ("docker", "dockerd", "containerd", "nerdctl", "k3s", "podman", "cri-o", "crio")
 BUILTIN_NAMES = tuple(name for name, _, _ in BUILTIN_REGISTRIES)
 
 
@@ -64,9 +75,22 @@ def _no_reference(origin: Origin) -> str:
     )
 
 
+def docker_names(url: Url) -> list[str]:
+    """The names dockerd looks the mirror up by, in ``certs.d`` and ``insecure-registries``:
+    the URL's ``host[:port]`` (registry-mirrors), and the image reference's if it differs (a
+    pull by path, ``docker pull HOST/ghcr.io/...``)."""
+    host = url.origin.authority
+    reference = reference_host(url.origin)
+    return [host] if reference in (None, host) else [host, reference]
+
+
 def docker(url: Url) -> str:
-    """``/etc/docker/daemon.json``: dockerd uses registry-mirrors for docker.io images only."""
-    return json.dumps({"registry-mirrors": [str(url.origin)]}, indent=2) + "\n"
+    """``/etc/docker/daemon.json``: dockerd uses registry-mirrors for docker.io images only. A
+    plain-HTTP mirror is listed in insecure-registries too, or dockerd skips it silently."""
+    settings: dict[str, list[str]] = {"registry-mirrors": [str(url.origin)]}
+    if not url.origin.tls:
+        settings["insecure-registries"] = docker_names(url)
+    return json.dumps(settings, indent=2) + "\n"
 
 
 def containerd(url: Url, ca: str | None, registries: Sequence[str]) -> str:
@@ -138,46 +162,53 @@ def snippet(
     ca: str | None,
     registries: Sequence[str] = BUILTIN_NAMES,
 ) -> tuple[str, str]:
-    """The configuration text for ``client`` and a one-line hint on where it goes (and what
-    else to do); ValueError for an unknown client or an unusable URL. ``registries``: the
-    registries the mirror serves (docker's registry-mirrors covers Docker Hub only)."""
+    """The configuration text for ``client`` (a name in ``CLIENT_NAMES``) and a one-line hint
+    on where it goes (and what else to do); ValueError for an unknown client or an unusable
+    URL. ``registries``: the registries the mirror serves (docker's registry-mirrors covers
+    Docker Hub only)."""
     url = parse_url(mirror_url)
     if url.target not in ("", "/"):
         raise ValueError(f"a mirror URL has no path: {mirror_url!r}")
-    host = url.origin.authority
     reference = reference_host(url.origin)
-    if client == "docker":
+    kind = ALIASES.get(client, client)
+    if kind == "docker":
         hint = "put this in /etc/docker/daemon.json, then: systemctl restart docker"
-        # dockerd looks up a mirror by its URL's host, a pull by path by the reference's host
-        names = [host] if reference in (None, host) else [host, reference]
         if ca:
-            places = " and ".join(f"/etc/docker/certs.d/{name}/ca.crt" for name in names)
+            places = " and ".join(
+                f"/etc/docker/certs.d/{name}/ca.crt" for name in docker_names(url)
+            )
             hint += f"; and copy {ca} to {places}"
-        if not url.origin.tls and url.origin.host not in ("127.0.0.1", "localhost", "::1"):
-            hint += f'; an http mirror also needs "insecure-registries": {json.dumps(names)}'
         if reference is None:
             hint += f"; other registries by path: {_no_reference(url.origin)}"
         else:
             hint += f"; other registries by path: docker pull {reference}/ghcr.io/OWNER/IMAGE"
         return docker(url), hint
-    if client == "containerd":
-        return (
-            containerd(url, ca, registries),
-            "put this in /etc/containerd/certs.d/_default/hosts.toml (config_path = "
-            '"/etc/containerd/certs.d" in the CRI registry section), then restart containerd',
-        )
-    if client == "k3s":
+    if kind == "containerd":
+        if client == "nerdctl":
+            hint = (
+                "put this in /etc/containerd/certs.d/_default/hosts.toml (rootless: "
+                "~/.config/containerd/certs.d/_default/hosts.toml); nerdctl reads it at each pull"
+            )
+        else:
+            hint = (
+                "put this in /etc/containerd/certs.d/_default/hosts.toml (config_path = "
+                '"/etc/containerd/certs.d" in the CRI registry section), then restart containerd'
+            )
+        return containerd(url, ca, registries), hint
+    if kind == "k3s":
         return (
             k3s(url, ca, registries),
             "put this in /etc/rancher/k3s/registries.yaml, then restart k3s",
         )
-    if client == "podman":
+    if kind == "podman":
         text = podman(url, registries)  # ValueError when no reference can name the mirror
         hint = "put this in /etc/containers/registries.conf"
+        if client in ("cri-o", "crio"):
+            hint += ", then: systemctl reload crio (cri-o re-reads it on SIGHUP)"
         if ca:
             hint += f"; and copy {ca} to /etc/containers/certs.d/{reference}/ca.crt"
         name = reference_name(url.origin.host)
         if url.origin.tls and name != url.origin.host:
-            hint += f"; podman reaches the mirror as {name}: its certificate must name {name}"
+            hint += f"; {client} reaches the mirror as {name}: its certificate must name {name}"
         return text, hint
-    raise ValueError(f"unknown client {client!r}: one of {', '.join(CLIENTS)}")
+    raise ValueError(f"unknown client {client!r}: one of {', '.join(CLIENT_NAMES)}")
