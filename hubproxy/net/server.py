@@ -46,6 +46,7 @@ access_log = logging.getLogger("hubproxy.access")
 
 LINGER_TIME = 1.0  # seconds an errored connection is drained before it is closed
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
+TAP_LIMIT = 1024 * 1024  # the most of a response body ``ClientResponse.tap`` copies
 
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -64,6 +65,7 @@ class AccessRecord:
     hops: int = 0
     started: float = field(default_factory=time.monotonic)
     aborted: bool = False  # the response started but was cut: the client has not all of it
+    length: int | None = None  # the body's Content-Length, once the head is decided
 
     def log(self) -> None:
         """Write the access log line (formatted only if someone reads it)."""
@@ -130,6 +132,12 @@ class ClientResponse:
         # proper error response instead of a cut connection.
         self._pending_head: h11.Response | None = None
         self.on_start: Callable[[], None] | None = None  # called once, when the head is decided
+        # called with each count of body bytes as they leave, not at the end: /metrics and the
+        # status page follow a long transfer while it runs
+        self.on_sent: Callable[[int], None] | None = None
+        # when set, a copy of the body sent through ``send`` (a manifest: the pull tracker reads
+        # its layers); dropped (None) once it would pass ``TAP_LIMIT``
+        self.tap: bytearray | None = None
 
     @property
     def committed(self) -> bool:
@@ -142,6 +150,8 @@ class ClientResponse:
         if started is not None:
             started()
         self.record.status = status
+        length = get_header(headers, b"content-length")
+        self.record.length = int(length) if length is not None and length.isdigit() else None
         if not reason:
             reason = _REASONS.get(status, b"")
         self._pending_head = h11.Response(status_code=status, headers=headers, reason=reason)
@@ -155,6 +165,13 @@ class ClientResponse:
         data = self._client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
         await self._client.send_bytes(head + data if head else data)
         self.record.bytes_sent += len(chunk)
+        if self.on_sent is not None:
+            self.on_sent(len(chunk))
+        if self.tap is not None:
+            if len(self.tap) + len(chunk) <= TAP_LIMIT:
+                self.tap += chunk
+            else:
+                self.tap = None
 
     async def flush(self) -> None:
         """Send a head still waiting for body bytes (before a body that bypasses h11)."""
@@ -196,6 +213,8 @@ class ClientResponse:
                         raise ResponseAborted("the cached file is shorter than recorded")
                     offset += sent
                     self.record.bytes_sent += sent
+                    if self.on_sent is not None:
+                        self.on_sent(sent)
                     await trio.lowlevel.checkpoint_if_cancelled()
         except (trio.TooSlowError, OSError) as exc:
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc

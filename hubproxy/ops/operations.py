@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..cache.pullthrough import PullThrough
+from ..cache.store import shutil_free_bytes
 from ..forwarder import Forwarder
 from ..net.server import ClientRequest, ClientResponse
 from ..policy.errors import ProxyError
@@ -91,6 +92,8 @@ class Operations:
                 url=self._mirror_url(request),
                 table=self.forwarder.table,
                 now=time.time(),
+                monotonic=time.monotonic(),
+                disk_free=self._disk_free(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
         headers: Headers = [
@@ -103,6 +106,16 @@ class Operations:
         if request.method != "HEAD":
             await response.send(body)
         await response.finish()
+
+    def _disk_free(self) -> int | None:
+        """Bytes free to us on the cache's file system; None without a cache (or a way to
+        ask)."""
+        if self.pullthrough is None:
+            return None
+        try:
+            return shutil_free_bytes(self.pullthrough.blobs.root)  # what the fills see
+        except OSError:
+            return None
 
     def _mirror_url(self, request: ClientRequest) -> str:
         return self.forwarder.public_base(request)
