@@ -144,7 +144,7 @@ async def test_one_line_per_pull_when_its_last_layer_is_sent(
     page = parse((await fetch(proxy.url + "/", ca)).body)
     rows = _table_rows(page, "pulls")
     assert [row[1:3] for row in rows[1:]] == [["library/alpine:3.20", "127.0.0.1"]] * 2
-    assert rows[1][3].startswith("2 of 2 layers, 1.5 MB, 2 from cache, ")
+    assert rows[1][3].startswith("2 layers, 1.5 MB, 2 from cache, ")
 
 
 async def test_a_pull_of_some_layers_is_logged_once_quiet(

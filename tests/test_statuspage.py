@@ -628,7 +628,7 @@ def test_transfers_and_recent_pulls_are_listed() -> None:
         ["2024-05-01 11:59:57 UTC (3s ago)", "library/alpine:3.20", "10.0.0.5",
          "under way, 1 of 3 layers, 3.5 MB, 0 from cache"],
         ["2024-05-01 11:50:00 UTC (10m ago)", "library/nginx:1", "10.0.0.6",
-         "3 of 3 layers, 35.0 MB, 2 from cache, 1.2 s"],
+         "3 layers, 35.0 MB, 2 from cache, 1.2 s"],
         ["2024-05-01 11:45:00 UTC (15m ago)", "library/redis:7", "10.0.0.6",
          "1 of 4 layers (the client had the rest), 1.0 kB, 1 from cache, 0.5 s"],
     ]  # fmt: skip

@@ -370,8 +370,10 @@ def _transfers(transfers: Sequence[TransferFigures]) -> list[str]:
 
 def _pull_detail(pull: PullSummary) -> str:
     if pull.layers_total is None:
-        count = f"{pull.layers} blobs"
-    elif pull.layers == pull.layers_total or not pull.done:
+        count = f"{pull.layers} blob{'s' if pull.layers != 1 else ''}"
+    elif pull.layers == pull.layers_total:
+        count = f"{pull.layers} layer{'s' if pull.layers != 1 else ''}"
+    elif not pull.done:
         count = f"{pull.layers} of {pull.layers_total} layers"
     else:
         count = f"{pull.layers} of {pull.layers_total} layers (the client had the rest)"
