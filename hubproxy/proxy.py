@@ -10,6 +10,7 @@ nothing itself; the inbound request is never changed (what goes upstream is buil
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -42,6 +43,7 @@ from .tokens import TokenEndpoint
 log = logging.getLogger("hubproxy")
 
 SCRYPT_THREADS = 2  # password checks at once (each ~50 ms of CPU and 16 MiB)
+SWEEP_CHECK = 1.0  # seconds: how often the pull sweeper looks whether the server is stopping
 
 
 @dataclass
@@ -220,11 +222,19 @@ class Proxy:
             background.start_soon(self._sweep_pulls)
 
     async def _sweep_pulls(self) -> None:
-        """End pulls once quiet (the client had the other layers, or left), and log them."""
+        """End pulls once quiet (the client had the other layers, or left), and log them.
+
+        It runs in the background nursery, which a graceful stop waits for: it looks at the
+        server at least once a second and, once it drains, logs the open pulls as they stand
+        and ends, so that it never holds a stop up by more than that second."""
         tracker = self.metrics.activity.pulls
+        server = self.operations.server
         try:
             while (deadline := tracker.next_deadline()) is not None:
-                await trio.sleep_until(deadline)
+                if server is not None and server.draining:
+                    _log_pulls(tracker.expire(math.inf))
+                    return
+                await trio.sleep_until(min(deadline, trio.current_time() + SWEEP_CHECK))
                 _log_pulls(tracker.expire(trio.current_time()))
         finally:
             self._sweeping = False

@@ -100,17 +100,17 @@ def png_rows(data: bytes) -> tuple[int, int, list[bytearray]]:
     previous = bytearray(stride)
     for y in range(height):
         start = y * (stride + 1)
-        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
-        if kind == 1:
+        row_filter, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        if row_filter == 1:
             for i in range(pixel, stride):
                 line[i] = (line[i] + line[i - pixel]) & 0xFF
-        elif kind == 2:
+        elif row_filter == 2:
             line = bytearray((x + up) & 0xFF for x, up in zip(line, previous, strict=True))
-        elif kind == 3:
+        elif row_filter == 3:
             for i in range(stride):
                 left = line[i - pixel] if i >= pixel else 0
                 line[i] = (line[i] + ((left + previous[i]) >> 1)) & 0xFF
-        elif kind == 4:
+        elif row_filter == 4:
             for i in range(stride):
                 left = line[i - pixel] if i >= pixel else 0
                 corner = previous[i - pixel] if i >= pixel else 0

@@ -212,3 +212,25 @@ async def test_requests_served_leaves_out_the_operators_own_loads(
     assert r.status == 200
     served = dict(_rows((await fetch(proxy.url + "/", ca)).body))["Requests served"]
     assert served == "3"  # the 401 challenge, the token, the retried request
+
+
+async def test_a_stop_does_not_wait_for_the_quiet_time(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A graceful stop waits for the background tasks: the pull sweeper reports the open pulls
+    as they stand and ends within a second, instead of holding the stop for the quiet time."""
+    caplog.set_level(logging.INFO, logger="hubproxy")
+    hub.add_image("library/alpine", "3.20", [make_layer(48, 3_000), make_layer(49, 4_000)])
+    proxy = await start_proxy()
+    await pull(RegistryClient(proxy.url, ca), layers=1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert proxy.proxy._sweeping and pull_lines(caplog) == []
+    proxy.server.shutdown()
+    await trio.sleep(1.5)  # well within the quiet time (10 s)
+    [line] = pull_lines(caplog)
+    assert line["count"] == "1 of 2 layers"
+    assert not proxy.proxy._sweeping

@@ -46,7 +46,8 @@ access_log = logging.getLogger("hubproxy.access")
 
 LINGER_TIME = 1.0  # seconds an errored connection is drained before it is closed
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
-TAP_LIMIT = 1024 * 1024  # the most of a response body ``ClientResponse.tap`` copies
+TAP_LIMIT = 256 * 1024  # the most of a response body ``ClientResponse.tap`` copies (a
+# manifest naming 512 layers is about 100 KiB)
 
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
