@@ -589,7 +589,8 @@ class HubMetrics:
         self.response_bytes = registry.register(
             Counter(
                 "hubproxy_response_bytes",
-                "Response body bytes sent to clients, by source.",
+                "Response body bytes sent to clients, by source, counted as they leave (a long "
+                "transfer moves it while it runs).",
                 ("source",),
             )
         )
