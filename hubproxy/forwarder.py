@@ -227,6 +227,8 @@ class Forwarder:
                         event,
                         reached_client=upstreams is not None and not moved,
                     )
+                if upstreams is not None and not attempt.hops:
+                    self._note_state(str(attempt.url.origin), event, rest)
                 if isinstance(next_action, flow.Fail):
                     raise next_action.error
                 if isinstance(next_action, flow.Respond) and conn is not None:
@@ -265,9 +267,18 @@ class Forwarder:
         metrics.upstream_latency.observe(now - sent_at, upstream=name)
         if head.status_code == 429:
             metrics.note_rate_limited(name, time.time())
-        for key, value in head.headers:
-            if key == b"ratelimit-remaining":
-                metrics.note_ratelimit(name, value)
+        metrics.note_ratelimit_headers(name, head.headers, time.time())
+
+    def _note_state(self, name: str, event: flow.Event, rest: flow.Rest | None) -> None:
+        """The status page's state of a registry upstream, from its own answer or failure."""
+        health = self.metrics.activity.upstreams
+        wall = time.time()
+        if isinstance(event, flow.HeadReceived):
+            # a rest is on trio's clock; the page shows wall-clock times
+            until = wall + (rest.until - trio.current_time()) if rest is not None else None
+            health.answered(name, event.status, wall=wall, until=until)
+        else:
+            health.failed(name, str(event.error), wall=wall)
 
     def note_outcome(
         self, upstreams: UpstreamSet, index: int, event: flow.Event, *, reached_client: bool
@@ -347,6 +358,13 @@ class Forwarder:
         default = upstreams.registry.name == self.table.default
         name = upstreams.registry.name
         result = await self.probe(upstreams, index, patience=START_PROBE_TIMEOUT)
+        # the status page shows the check's outcome until the first pull says more
+        page = self.metrics.activity.upstreams
+        origin = str(upstreams.urls[index].origin)
+        if isinstance(result, trouble.Cause):
+            page.failed(origin, result.words, wall=time.time())
+        else:
+            page.answered(origin, result[0], wall=time.time(), until=None)
         if isinstance(result, trouble.Cause):
             log.warning(
                 "upstream %s unreachable at start: %s",

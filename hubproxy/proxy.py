@@ -10,6 +10,7 @@ nothing itself; the inbound request is never changed (what goes upstream is buil
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -30,6 +31,7 @@ from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_log
 from .policy.auth import login_challenge
 from .policy.errors import ClientProtocolError, MirrorUnauthorized, ProxyError, RouteNotFound
 from .policy.headers import Headers, get_header
+from .policy.pulls import PullSummary, image_name, manifest_layers, summary_line
 from .policy.registries import address
 from .policy.routing import Route, RouteKind, route_label, route_request
 from .policy.search import MAX_SEARCH_ANSWER, filter_search_answer
@@ -39,8 +41,11 @@ from .policy.urls import Url
 from .tokens import TokenEndpoint
 
 log = logging.getLogger("hubproxy")
+# one line per image pulled: activity, like the access lines, apart from what went wrong
+pull_log = logging.getLogger("hubproxy.pulls")
 
 SCRYPT_THREADS = 2  # password checks at once (each ~50 ms of CPU and 16 MiB)
+SWEEP_CHECK = 1.0  # seconds: how often the pull sweeper looks whether the server is stopping
 
 
 @dataclass
@@ -98,6 +103,7 @@ class Proxy:
         self.metrics: HubMetrics = forwarder.metrics
         self._scrypt_threads = trio.CapacityLimiter(SCRYPT_THREADS)
         self._scrypt_turns = OneEach()  # one check per address in the threads' queue
+        self._sweeping = False  # a task ends quiet pulls (``_sweep_pulls``)
 
     @property
     def pool(self) -> Pool:
@@ -105,6 +111,9 @@ class Proxy:
 
     async def handle(self, request: ClientRequest, response: ClientResponse) -> None:
         label = "other"
+        record = response.record
+        # body bytes are counted as they leave, under the label the request has by then
+        response.on_sent = lambda count: self.metrics.count_sent(label, record.upstream, count)
         try:
             admission = self.admission
             if admission.checks_clients:
@@ -119,7 +128,7 @@ class Proxy:
             route = self._route(request)
             label = route_label(route)
             if route.kind is RouteKind.REGISTRY:
-                await self._registry_request(request, response, route)
+                await self._watched(request, response, route)
             elif route.kind is RouteKind.TOKEN:
                 mirror_user, stamp = await self._mirror_login(request)
                 response.record.user = mirror_user
@@ -133,14 +142,105 @@ class Proxy:
                 log.warning("%s %s failed: %s", request.method, response.record.path, error)
             await response.send_error(error, close=isinstance(error, ClientProtocolError))
         finally:
-            record = response.record
             self.metrics.count_request(
                 label,
                 status=record.status,
                 source=record.upstream,
-                bytes_sent=record.bytes_sent,
+                bytes_sent=0,  # each was counted as it left (on_sent)
                 caching=self.pullthrough is not None,
             )
+
+    async def _watched(
+        self, request: ClientRequest, response: ClientResponse, route: Route
+    ) -> None:
+        """A registry request, shown among the transfers under way while it runs (manifest and
+        blob GETs) and fed to the pull tracker once answered."""
+        kind = route_label(route)
+        if route.repository is None or kind not in ("manifest", "blob"):
+            await self._registry_request(request, response, route)
+            return
+        name = f"{route.registry}/{route.repository}" if route.registry else route.repository
+        reference = route.blob_digest or route.manifest_reference or ""
+        shown = image_name(name, reference) if kind == "manifest" else f"{name} {reference[:19]}"
+        activity = self.metrics.activity
+        key = activity.transfers.begin(shown, response.record) if request.method == "GET" else None
+        if kind == "manifest" and request.method == "GET":
+            response.tap = bytearray()  # the pull tracker reads the layers it names
+        answered = False
+        try:
+            await self._registry_request(request, response, route)
+            answered = True
+        finally:
+            if key is not None:
+                activity.transfers.end(key)
+            self._note_pull(request, response, kind, name, reference, answered=answered)
+
+    def _note_pull(
+        self,
+        request: ClientRequest,
+        response: ClientResponse,
+        kind: str,
+        name: str,
+        reference: str,
+        *,
+        answered: bool,
+    ) -> None:
+        """Feed the pull tracker one answered manifest or blob request; log the pulls it ends."""
+        record = response.record
+        if not 200 <= record.status < 300 or request.method not in ("GET", "HEAD"):
+            return
+        tracker = self.metrics.activity.pulls
+        now = trio.current_time()
+        ended = tracker.expire(now)
+        complete = answered and record.status == 200 and not record.aborted
+        if record.length is not None and request.method == "GET":
+            complete = complete and record.bytes_sent >= record.length
+        if kind == "manifest":
+            tap = response.tap
+            ended += tracker.manifest(
+                client=request.client_ip,
+                repository=name,
+                reference=reference,
+                method=request.method,
+                layers=manifest_layers(bytes(tap)) if tap is not None and complete else None,
+                size=record.bytes_sent,
+                now=now,
+                wall=time.time(),
+            )
+        elif request.method == "GET":
+            ended += tracker.blob(
+                client=request.client_ip,
+                repository=name,
+                digest=reference,
+                size=record.bytes_sent,
+                complete=complete,
+                from_cache=record.upstream == "cache",
+                now=now,
+            )
+        response.tap = None
+        _log_pulls(ended)
+        background = self.forwarder.background
+        if len(tracker) and not self._sweeping and background is not None:
+            self._sweeping = True
+            background.start_soon(self._sweep_pulls)
+
+    async def _sweep_pulls(self) -> None:
+        """End pulls once quiet (the client had the other layers, or left), and log them.
+
+        It runs in the background nursery, which a graceful stop waits for: it looks at the
+        server at least once a second and, once it drains, logs the open pulls as they stand
+        and ends, so that it never holds a stop up by more than that second."""
+        tracker = self.metrics.activity.pulls
+        server = self.operations.server
+        try:
+            while (deadline := tracker.next_deadline()) is not None:
+                if server is not None and server.draining:
+                    _log_pulls(tracker.expire(math.inf))
+                    return
+                await trio.sleep_until(min(deadline, trio.current_time() + SWEEP_CHECK))
+                _log_pulls(tracker.expire(trio.current_time()))
+        finally:
+            self._sweeping = False
 
     def _check(self, request: ClientRequest, refused: Refused | None) -> None:
         """Raise what an admission rule refused; count it, and log it at most once a minute
@@ -303,3 +403,8 @@ class Proxy:
             await answer_whole(request, response, head.status_code, headers, answer, head.reason)
 
         await forwarder.run_flow(plan, request, response, upstreams=None, deliver=deliver)
+
+
+def _log_pulls(ended: list[PullSummary]) -> None:
+    for pull in ended:
+        pull_log.info("%s", summary_line(pull))

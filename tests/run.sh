@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Set up what the test suite needs on a fresh machine, then run it (lint, types, pytest).
 # Installs the real tools the tests drive with apt when they are missing and we are root: skopeo
-# (the registry client of the end-to-end tests), and nginx, curl and wrk (the benchmark's smoke
-# test). Everything Python goes into ./.venv. Extra arguments go to pytest.
+# (the registry client of the end-to-end tests), nginx, curl and wrk (the benchmark's smoke
+# test), and chromium (the status page's browser test). Everything Python goes into ./.venv.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in skopeo:skopeo nginx:nginx-light curl:curl wrk:wrk; do
+for tool in skopeo:skopeo nginx:nginx-light curl:curl wrk:wrk chromium:chromium; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

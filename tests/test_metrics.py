@@ -23,6 +23,7 @@ from hubproxy.ops.metrics import (
     HubMetrics,
     LabelValues,
     Metric,
+    RateLimit,
     RecentEvents,
     Registry,
     cache_figures,
@@ -31,6 +32,7 @@ from hubproxy.ops.metrics import (
     format_value,
     manifest_figures,
     parse_ratelimit,
+    read_ratelimit,
     resident_bytes,
 )
 
@@ -628,3 +630,59 @@ def test_count_request(
     sources = metrics.response_bytes.series()
     assert sources.get(("cache",), 0) == from_cache
     assert sources.get(("upstream",), 0) == from_upstream
+
+
+def test_count_sent_counts_as_bytes_leave() -> None:
+    """Bytes count the moment they leave (``ClientResponse.on_sent``), under the source the
+    response has then; the operator's paths and bodiless answers count nowhere."""
+    metrics = HubMetrics()
+    metrics.count_sent("blob", "https://cdn.example", 65536)
+    assert metrics.response_bytes.get(source="upstream") == 65536
+    metrics.count_sent("blob", "cache-fill", 100)  # teed from upstream into the cache
+    metrics.count_sent("blob", "cache", 7)
+    metrics.count_sent("ops", "-", 5000)
+    metrics.count_sent("manifest", "-", 10)
+    assert metrics.response_bytes.series() == {("upstream",): 65636, ("cache",): 7}
+    # the request's end adds nothing already counted
+    metrics.count_request("blob", status=200, source="cache", bytes_sent=0, caching=True)
+    assert metrics.response_bytes.series() == {("upstream",): 65636, ("cache",): 7}
+
+
+def test_requests_served_leaves_out_the_operators_paths() -> None:
+    metrics = HubMetrics()
+    metrics.count_request("blob", status=200, source="cache", bytes_sent=0, caching=True)
+    metrics.count_request("manifest", status=404, source="-", bytes_sent=0, caching=True)
+    for _ in range(3):  # the status page, /metrics, /healthz
+        metrics.count_request("ops", status=200, source="-", bytes_sent=0, caching=True)
+    assert metrics.requests_served() == 2
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (
+            [(b"ratelimit-limit", b"100;w=21600"), (b"ratelimit-remaining", b"76;w=21600")],
+            RateLimit(76.0, limit=100.0, window=21600.0, seen=1000.0),
+        ),
+        (
+            [(b"ratelimit-remaining", b"5"), (b"ratelimit-limit", b"60;w=60"),
+             (b"ratelimit-reset", b"30")],
+            RateLimit(5.0, limit=60.0, window=60.0, reset=1030.0, seen=1000.0),
+        ),
+        ([(b"ratelimit-remaining", b"3;w=junk")], RateLimit(3.0, seen=1000.0)),
+        ([(b"ratelimit-remaining", b"junk"), (b"ratelimit-limit", b"100")], None),
+        ([(b"ratelimit-limit", b"100;w=21600")], None),
+        ([], None),
+    ],
+)  # fmt: skip
+def test_read_ratelimit(headers: list[tuple[bytes, bytes]], expected: RateLimit | None) -> None:
+    assert read_ratelimit(headers, wall=1000.0) == expected
+
+
+def test_note_ratelimit_headers_keeps_the_last_good_answer() -> None:
+    metrics = HubMetrics()
+    upstream = "https://registry-1.docker.io"
+    metrics.note_ratelimit_headers(upstream, [(b"ratelimit-remaining", b"76;w=21600")], 1.0)
+    metrics.note_ratelimit_headers(upstream, [(b"ratelimit-remaining", b"junk")], 2.0)
+    assert metrics.ratelimits[upstream] == RateLimit(76.0, window=21600.0, seen=1.0)
+    assert metrics.ratelimit_remaining.get(upstream=upstream) == 76

@@ -4,14 +4,21 @@ alone."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from html.parser import HTMLParser
 
 import pytest
 
 from hubproxy import __version__
+from hubproxy.ops.activity import (
+    TransferFigures,
+    Transfers,
+    UpstreamCondition,
+    UpstreamHealth,
+    UpstreamState,
+)
 from hubproxy.ops.clientconfig import CLIENTS, snippet
-from hubproxy.ops.metrics import CacheFigures, HubMetrics
+from hubproxy.ops.metrics import CacheFigures, HubMetrics, RateLimit
 from hubproxy.ops.statuspage import (
     RegistryFigures,
     StatusFigures,
@@ -25,6 +32,7 @@ from hubproxy.ops.statuspage import (
     render_status_page,
     status_figures,
 )
+from hubproxy.policy.pulls import PullSummary
 from hubproxy.policy.registries import Registry, RegistryTable, build_table
 from hubproxy.policy.urls import parse_url
 
@@ -95,6 +103,17 @@ def parse(page: bytes) -> Page:
     return parser
 
 
+NOW = 1_714_564_800.0  # 2024-05-01 12:00:00 UTC
+OK = UpstreamState(UpstreamCondition.OK, last_ok=NOW - 10)
+DEAD = UpstreamState(
+    UpstreamCondition.UNREACHABLE,
+    since=NOW - 125,
+    error="cannot connect to registry-1.docker.io:443: connection refused",
+)
+LIMITED = UpstreamState(UpstreamCondition.RATE_LIMITED, until=NOW + 3600)
+LAYER = "sha256:" + "ab" * 32
+
+
 FIGURES = StatusFigures(
     url="https://mirror.example.com",
     name="office mirror",
@@ -112,7 +131,7 @@ FIGURES = StatusFigures(
     requests=98765,
     rate_limited_last_hour=3,
     last_rate_limited_at=1_714_564_800.0 - 300,
-    ratelimit_remaining=((HUB, 76.0),),
+    ratelimits=((HUB, RateLimit(76.0, limit=100.0, window=21600.0, seen=NOW - 60)),),
 )
 
 
@@ -129,46 +148,65 @@ def test_structure_and_title() -> None:
     assert not {name for name in names if name.startswith("on") or name in ("src", "srcset")}
 
 
+def _upstream_rows(page_bytes: bytes) -> list[list[str]]:
+    """The registries table, one list of cell texts per upstream row."""
+    page = parse(page_bytes)
+    return [row for row in _table_rows(page, "registries") if row[0] != "Registry"]
+
+
+def _table_rows(page: Page, cls: str) -> list[list[str]]:
+    """Each <tr> of the table with class ``cls``: the texts of its cells."""
+    table = next(
+        serial
+        for serial, (tag, attrs) in enumerate(page.attributes, 1)
+        if tag == "table" and attrs.get("class") == cls
+    )
+    rows: dict[int, dict[int, str]] = {}
+    for stack, data in page.texts:
+        if ("table", table) not in stack:
+            continue
+        row = next((serial for tag, serial in stack if tag == "tr"), None)
+        cell = next((serial for tag, serial in stack if tag in ("td", "th")), None)
+        if row is None or cell is None:
+            continue
+        cells = rows.setdefault(row, {})
+        cells[cell] = cells.get(cell, "") + data
+    found = []
+    for serial in sorted(rows):
+        # cells without text (a registry's name is shown on its first row only) count too
+        cell_serials = [
+            n
+            for n, (tag, _) in enumerate(page.attributes, 1)
+            if tag in ("td", "th") and _parent_row(page, n) == serial
+        ]
+        found.append([rows[serial].get(n, "") for n in cell_serials])
+    return found
+
+
+def _parent_row(page: Page, cell: int) -> int | None:
+    """The serial of the <tr> a cell (by serial) is in: the last <tr> started before it."""
+    rows = [n for n, (tag, _) in enumerate(page.attributes, 1) if tag == "tr" and n < cell]
+    return rows[-1] if rows else None
+
+
 def test_shows_what_it_serves() -> None:
     page = parse(render_status_page(FIGURES))
     text = page.text()
     assert "hubproxy 9.8.7" in text
-    assert page.inside("li") == [
-        f"docker.io (default): {HUB} (primary), {FALLBACK} (fallback)",
-        f"ghcr.io: {GHCR} (primary)",
-    ]
     assert page.inside("strong") == ["docker.io", "ghcr.io"]
     links = [attrs["href"] for tag, attrs in page.attributes if tag == "a"]
     assert links == ["https://mirror.example.com", HUB, FALLBACK, GHCR]
 
 
-def _labels(page: Page) -> dict[str, list[tuple[str, str]]]:
-    """Per registry (the item's <strong>): each upstream link and the label after it."""
-    found: dict[str, list[tuple[str, str]]] = {}
-    registry, link = "", ""
-    for stack, data in page.texts:
-        tags = [name for name, _ in stack]
-        if "li" not in tags:
-            continue
-        if tags[-1] == "strong":
-            registry = data
-            found[registry] = []
-        elif tags[-1] == "a":
-            link = data
-        elif link and data.lstrip().startswith("("):
-            found[registry].append((link, data.strip(" ,").split(")")[0] + ")"))
-            link = ""
-    return found
-
-
 def test_other_registries_are_not_fallbacks() -> None:
-    """ghcr.io is a registry of its own, not a fallback of docker.io; docker.io's own fallback
-    is labelled as one, under docker.io."""
-    labels = _labels(parse(render_status_page(FIGURES)))
-    assert labels == {
-        "docker.io": [(HUB, "(primary)"), (FALLBACK, "(fallback)")],
-        "ghcr.io": [(GHCR, "(primary)")],
-    }
+    """Each registry with its own upstreams, primary and fallbacks named as such: ghcr.io is a
+    registry of its own, not a fallback of docker.io; docker.io's fallback has a row of its
+    own, under docker.io, not folded into the primary's."""
+    assert _upstream_rows(render_status_page(FIGURES)) == [
+        ["docker.io (default)", HUB, "primary", "not asked yet"],
+        ["", FALLBACK, "fallback", "not asked yet"],
+        ["ghcr.io", GHCR, "primary", "not asked yet"],
+    ]
     many = replace(
         FIGURES,
         registries=(
@@ -176,19 +214,58 @@ def test_other_registries_are_not_fallbacks() -> None:
             RegistryFigures(name="quay.io", primary="https://quay.io", fallbacks=(GHCR, HUB)),
         ),
     )
-    page = parse(render_status_page(many))
-    assert _labels(page) == {
-        "ghcr.io": [(GHCR, "(primary)")],
-        "quay.io": [("https://quay.io", "(primary)"), (GHCR, "(fallback)"), (HUB, "(fallback)")],
-    }
-    assert "(default)" not in page.text()  # only the registry marked default says so
+    raw = render_status_page(many)
+    assert _upstream_rows(raw) == [
+        ["ghcr.io", GHCR, "primary", "not asked yet"],
+        ["quay.io", "https://quay.io", "primary", "not asked yet"],
+        ["", GHCR, "fallback 1", "not asked yet"],
+        ["", HUB, "fallback 2", "not asked yet"],
+    ]
+    assert "(default)" not in parse(raw).text()  # only the registry marked default says so
 
 
 def test_registry_without_upstream() -> None:
     figures = replace(FIGURES, registries=(RegistryFigures(name="docker.io", primary=None),))
-    page = parse(render_status_page(figures))
-    assert page.inside("li") == ["docker.io: no upstream configured"]
-    assert [attrs["href"] for tag, attrs in page.attributes if tag == "a"] == [FIGURES.url]
+    raw = render_status_page(figures)
+    assert _upstream_rows(raw) == [["docker.io", "no upstream configured"]]
+    assert [attrs["href"] for tag, attrs in parse(raw).attributes if tag == "a"] == [FIGURES.url]
+
+
+def _state_classes(page: Page) -> list[str]:
+    return [
+        attrs.get("class") or ""
+        for tag, attrs in page.attributes
+        if tag == "span" and "state" in (attrs.get("class") or "").split()
+    ]
+
+
+def test_upstream_states_are_shown_and_a_dead_one_is_red() -> None:
+    """ok / rate-limited until T / unreachable since T with the last error; anything but ok in
+    the red badge, its row marked down."""
+    served = (
+        RegistryFigures(
+            name="docker.io",
+            primary=HUB,
+            fallbacks=(FALLBACK,),
+            default=True,
+            states=(DEAD, LIMITED),
+        ),
+        RegistryFigures(name="ghcr.io", primary=GHCR, states=(OK,)),
+    )
+    raw = render_status_page(replace(FIGURES, registries=served))
+    rows = _upstream_rows(raw)
+    assert [row[3] for row in rows] == [
+        "unreachable since 2024-05-01 11:57:55 UTC (2m 5s ago): "
+        "cannot connect to registry-1.docker.io:443: connection refused",
+        "rate-limited until 2024-05-01 13:00:00 UTC (in 1h)",
+        "ok last answer 2024-05-01 11:59:50 UTC (10s ago)",
+    ]
+    page = parse(raw)
+    assert _state_classes(page) == ["state state-bad", "state state-bad", "state state-ok"]
+    row_classes = [attrs.get("class") for tag, attrs in page.attributes if tag == "tr"]
+    assert row_classes.count("upstream down") == 2
+    assert row_classes.count("upstream") == 1
+    assert ".state-bad { background: #c62828;" in raw.decode()  # red, white text
 
 
 def test_registry_figures_from_the_table() -> None:
@@ -239,7 +316,9 @@ def test_figures_appear() -> None:
         assert expected in text
     rows = dict(_rows(render_status_page(FIGURES)))
     assert rows["429s in the last hour"] == "3"
-    assert rows[f"Pulls remaining at {HUB}"] == "76"
+    assert rows[f"Pulls remaining at {HUB}"] == (
+        "76 of 100 per 6h (as of 2024-05-01 11:59:00 UTC (1m ago))"
+    )
     assert rows["Requests served"] == "98,765"
     assert rows["Cache hit ratio"] == "87.5%"
     assert rows["Served from cache (saved)"] == "5.0 TiB"
@@ -247,8 +326,21 @@ def test_figures_appear() -> None:
 
 
 def _rows(page_bytes: bytes) -> list[tuple[str, str]]:
+    """The label/value rows (a <th> then a <td>) of every table."""
     page = parse(page_bytes)
-    return list(zip(page.inside("th"), page.inside("td"), strict=True))
+    found = []
+    for serial, (tag, _) in enumerate(page.attributes, 1):
+        if tag != "tr":
+            continue
+        cells = [
+            (cell_tag, n)
+            for n, (cell_tag, _) in enumerate(page.attributes, 1)
+            if cell_tag in ("th", "td") and _parent_row(page, n) == serial
+        ]
+        if [cell_tag for cell_tag, _ in cells] == ["th", "td"]:
+            texts = ["".join(d for st, d in page.texts if (t, n) in st) for t, n in cells]
+            found.append((texts[0], texts[1]))
+    return found
 
 
 def test_quiet_mirror_without_cache() -> None:
@@ -276,7 +368,20 @@ HOSTILE = 'https://evil.example/<script>alert("x")</script>&amp;'
         replace(FIGURES, url=HOSTILE),
         replace(FIGURES, name=HOSTILE),
         replace(FIGURES, version=HOSTILE),
-        replace(FIGURES, ratelimit_remaining=((HOSTILE, 1.0),)),
+        replace(FIGURES, ratelimits=((HOSTILE, RateLimit(1.0)),)),
+        replace(
+            FIGURES,
+            registries=(
+                RegistryFigures(
+                    name="docker.io", primary=HUB, states=(replace(DEAD, error=HOSTILE),)
+                ),
+            ),
+        ),
+        replace(FIGURES, transfers=(TransferFigures(HOSTILE, HOSTILE, 1, 2, 1.0),)),
+        replace(
+            FIGURES,
+            pulls=(PullSummary(HOSTILE, HOSTILE, NOW, 1, 1, 1, 0, 1.0, True),),
+        ),
         replace(FIGURES, snippets=((HOSTILE, HOSTILE, HOSTILE),)),
     ],
 )
@@ -389,30 +494,82 @@ def test_format_time() -> None:
     assert format_time(1_714_564_800.9) == "2024-05-01 12:00:00 UTC"
 
 
+@dataclass
+class Record:
+    """A response's progress, as ``net.server.AccessRecord`` keeps it."""
+
+    client: str
+    bytes_sent: int
+    length: int | None
+    started: float
+
+
 def test_status_figures_from_metrics() -> None:
     metrics = HubMetrics(version="9.8.7", started_at=1000.0)
     metrics.cache = lambda: CacheFigures(bytes_used=2**30, blobs=7, limit_bytes=2**34)
     metrics.requests.inc(1, route="blob", status="200")
     metrics.requests.inc(2, route="manifest", status="404")
+    metrics.requests.inc(5, route="ops", status="200")  # the page itself, /metrics: not served
     metrics.response_bytes.inc(4096, source="cache")
     metrics.response_bytes.inc(100, source="upstream")
     metrics.cache_requests.inc(1, kind="blob", result="hit")
     metrics.cache_requests.inc(1, kind="blob", result="miss")
     metrics.note_rate_limited(HUB, when=1000.0)
     metrics.note_rate_limited(HUB, when=9000.0)
-    metrics.note_ratelimit(FALLBACK, b"12;w=60")
-    metrics.note_ratelimit(HUB, b"76;w=21600")
+    metrics.note_ratelimit_headers(FALLBACK, [(b"ratelimit-remaining", b"12;w=60")], 9500.0)
+    metrics.note_ratelimit_headers(
+        HUB,
+        [
+            (b"ratelimit-limit", b"100;w=21600"),
+            (b"ratelimit-remaining", b"76;w=21600"),
+            (b"ratelimit-reset", b"300"),
+        ],
+        9900.0,
+    )
+    activity = metrics.activity
+    activity.upstreams.failed(FALLBACK, "connection refused", wall=9990.0)
+    activity.upstreams.answered(HUB, 200, wall=9999.0, until=None)
+    activity.transfers.begin("library/alpine " + LAYER[:19], Record("10.0.0.5", 500, 2000, 40.0))
+    activity.pulls.manifest(
+        client="10.0.0.5",
+        repository="library/alpine",
+        reference="3.20",
+        method="GET",
+        layers=frozenset({LAYER}),
+        size=900,
+        now=41.0,
+        wall=9995.0,
+    )
 
     table = build_table(
         Registry("docker.io", (parse_url(HUB), parse_url(FALLBACK))),
         [Registry("ghcr.io", (parse_url(GHCR),))],
         [],
     )
-    figures = status_figures(metrics, url="https://mirror.example.com", table=table, now=10000.0)
+    figures = status_figures(
+        metrics,
+        url="https://mirror.example.com",
+        table=table,
+        now=10000.0,
+        monotonic=50.0,
+        disk_free=5 * 2**30,
+    )
+    unknown = UpstreamState(UpstreamCondition.UNKNOWN)
     assert figures == StatusFigures(
         url="https://mirror.example.com",
         version="9.8.7",
-        registries=SERVED,
+        registries=(
+            replace(
+                SERVED[0],
+                states=(
+                    UpstreamState(UpstreamCondition.OK, last_ok=9999.0),
+                    UpstreamState(
+                        UpstreamCondition.UNREACHABLE, since=9990.0, error="connection refused"
+                    ),
+                ),
+            ),
+            replace(SERVED[1], states=(unknown,)),
+        ),
         snippets=client_snippets("https://mirror.example.com"),
         now=10000.0,
         started_at=1000.0,
@@ -423,11 +580,61 @@ def test_status_figures_from_metrics() -> None:
         bytes_from_cache=4096,
         bytes_from_upstream=100,
         requests=3,
+        disk_free=5 * 2**30,
         rate_limited_last_hour=1,
         last_rate_limited_at=9000.0,
-        ratelimit_remaining=((FALLBACK, 12.0), (HUB, 76.0)),  # sorted by upstream
+        ratelimits=(  # sorted by upstream
+            (FALLBACK, RateLimit(12.0, window=60.0, seen=9500.0)),
+            (HUB, RateLimit(76.0, limit=100.0, window=21600.0, reset=10200.0, seen=9900.0)),
+        ),
+        transfers=(
+            TransferFigures("10.0.0.5", "library/alpine sha256:abababababab", 500, 2000, 10.0),
+        ),
+        pulls=(PullSummary("10.0.0.5", "library/alpine:3.20", 9995.0, 0, 1, 900, 0, 0.0, False),),
     )
-    parse(render_status_page(figures))
+    rows = dict(_rows(render_status_page(figures)))
+    assert rows["Requests served"] == "3"
+    assert rows["Free disk (cache)"] == "5.0 GiB free"
+    assert rows[f"Pulls remaining at {HUB}"] == (
+        "76 of 100 per 6h, resets 1970-01-01 02:50:00 UTC (in 3m 20s) "
+        "(as of 1970-01-01 02:45:00 UTC (1m 40s ago))"
+    )
+
+
+def test_transfers_and_recent_pulls_are_listed() -> None:
+    figures = replace(
+        FIGURES,
+        transfers=(
+            TransferFigures(
+                "10.0.0.5", "library/alpine sha256:abababababab", 3 * 2**20, 2**23, 2.0
+            ),
+            TransferFigures("10.0.0.7", "library/alpine:3.20", 0, None, 0.0),
+        ),
+        pulls=(
+            PullSummary("10.0.0.5", "library/alpine:3.20", NOW - 3, 1, 3, 3_500_000, 0, 1.0, False),
+            PullSummary("10.0.0.6", "library/nginx:1", NOW - 600, 3, 3, 35_000_000, 2, 1.2, True),
+            PullSummary("10.0.0.6", "library/redis:7", NOW - 900, 1, 4, 1_000, 1, 0.5, True),
+        ),
+    )
+    page = parse(render_status_page(figures))
+    assert _table_rows(page, "transfers") == [
+        ["Client", "Image or blob", "Sent", "Rate", "For"],
+        ["10.0.0.5", "library/alpine sha256:abababababab", "3.0 MiB of 8.0 MiB (37.5%)",
+         "1.5 MiB/s", "2s"],
+        ["10.0.0.7", "library/alpine:3.20", "0 B", "0 B/s", "0s"],
+    ]  # fmt: skip
+    assert _table_rows(page, "pulls") == [
+        ["When", "Image", "Client", "What"],
+        ["2024-05-01 11:59:57 UTC (3s ago)", "library/alpine:3.20", "10.0.0.5",
+         "under way, 1 of 3 layers, 3.5 MB, 0 from cache"],
+        ["2024-05-01 11:50:00 UTC (10m ago)", "library/nginx:1", "10.0.0.6",
+         "3 layers, 35.0 MB, 2 from cache, 1.2 s"],
+        ["2024-05-01 11:45:00 UTC (15m ago)", "library/redis:7", "10.0.0.6",
+         "1 of 4 layers (the client had the rest), 1.0 kB, 1 from cache, 0.5 s"],
+    ]  # fmt: skip
+    quiet = parse(render_status_page(FIGURES)).text()
+    assert "No transfer under way." in quiet
+    assert "No image pulled since the start." in quiet
 
 
 def test_status_figures_without_cache() -> None:
@@ -435,3 +642,41 @@ def test_status_figures_without_cache() -> None:
     figures = status_figures(metrics, url="http://127.0.0.1:5000", table=RegistryTable(()), now=1.0)
     assert (figures.cache_bytes, figures.cache_limit, figures.cache_blobs) == (0, 0, 0)
     assert figures.last_rate_limited_at is None
+
+
+def test_upstream_health_from_answers_and_failures() -> None:
+    health = UpstreamHealth()
+    assert health.state(HUB, 0.0) == UpstreamState(UpstreamCondition.UNKNOWN)
+    health.answered(HUB, 200, wall=10.0, until=None)
+    assert health.state(HUB, 11.0) == UpstreamState(UpstreamCondition.OK, last_ok=10.0)
+    health.failed(HUB, "connection refused", wall=20.0)
+    health.failed(HUB, "timed out", wall=30.0)  # still down since the first failure
+    assert health.state(HUB, 31.0) == UpstreamState(
+        UpstreamCondition.UNREACHABLE, since=20.0, error="timed out", last_ok=10.0
+    )
+    health.answered(HUB, 503, wall=40.0, until=None)
+    assert health.state(HUB, 41.0) == UpstreamState(
+        UpstreamCondition.FAILING, since=20.0, error="answered 503", last_ok=10.0
+    )
+    health.answered(HUB, 404, wall=50.0, until=None)  # an answer, not a failure: back up
+    assert health.state(HUB, 51.0) == UpstreamState(UpstreamCondition.OK, last_ok=50.0)
+    health.answered(HUB, 429, wall=60.0, until=120.0)
+    limited = health.state(HUB, 61.0)
+    assert (limited.condition, limited.until, limited.ok) == ("rate-limited", 120.0, False)
+    assert health.state(HUB, 120.0).condition == UpstreamCondition.OK  # the rest is over
+    assert health.state(FALLBACK, 61.0).condition == UpstreamCondition.UNKNOWN  # apart
+
+
+def test_transfers_follow_their_records() -> None:
+    transfers = Transfers()
+    record = Record("10.0.0.5", 0, None, 100.0)
+    key = transfers.begin("library/alpine:3.20", record)
+    assert transfers.figures(100.0) == (
+        TransferFigures("10.0.0.5", "library/alpine:3.20", 0, None, 0.0),
+    )
+    record.bytes_sent, record.length = 4000, 8000
+    [now] = transfers.figures(102.0)
+    assert (now.bytes, now.size, now.seconds, now.rate) == (4000, 8000, 2.0, 2000.0)
+    transfers.end(key)
+    transfers.end(key)  # twice is harmless
+    assert transfers.figures(103.0) == () and len(transfers) == 0

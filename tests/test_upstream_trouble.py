@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import trustme
 
 from hubproxy.app import App, serve
 from hubproxy.forwarder import describe_failure
+from hubproxy.ops.activity import UpstreamCondition
 from hubproxy.ops.operations import PROBE_RETRY, RECENT_ANSWER
 from hubproxy.policy.errors import UpstreamTimeout, UpstreamUnavailable
 from hubproxy.policy.registries import Registry, RegistryTable
@@ -260,11 +262,13 @@ async def test_failures_in_words() -> None:
 
 
 def lines(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
-    """What hubproxy logged at ``level`` or above, but the access lines."""
+    """What hubproxy logged at ``level`` or above, but the access and pull lines."""
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name.startswith("hubproxy") and r.name != "hubproxy.access" and r.levelno >= level
+        if r.name.startswith("hubproxy")
+        and r.name not in ("hubproxy.access", "hubproxy.pulls")
+        and r.levelno >= level
     ]
 
 
@@ -481,6 +485,10 @@ async def test_unreachable_upstreams_at_start_get_one_warning_each_in_words(
             "registry-1.dokcer.io: check --upstream",
         ]
     )
+    # and the status page shows it before any pull was tried
+    page = app.proxy.forwarder.metrics.activity.upstreams
+    state = page.state(f"https://127.0.0.1:{port}", time.time())
+    assert state.condition == UpstreamCondition.UNREACHABLE
 
 
 async def test_the_server_starts_without_waiting_for_the_check_at_start(

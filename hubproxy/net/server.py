@@ -76,6 +76,8 @@ TRUST_ALERTS = {
 }
 # a host name or an address as a Host header may carry it, to name in the 400 to plain HTTP
 _HOST = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+TAP_LIMIT = 256 * 1024  # the most of a response body ``ClientResponse.tap`` copies (a
+# manifest naming 512 layers is about 100 KiB)
 
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
@@ -95,6 +97,7 @@ class AccessRecord:
     started: float = field(default_factory=time.monotonic)
     aborted: bool = False  # the response started but was cut: the client has not all of it
     user: str | None = None  # the mirror user the request was authenticated as (--users)
+    length: int | None = None  # the body's Content-Length, once the head is decided
 
     def log(self) -> None:
         """Write the access log line (formatted only if someone reads it)."""
@@ -163,6 +166,12 @@ class ClientResponse:
         # proper error response instead of a cut connection.
         self._pending_head: h11.Response | None = None
         self.on_start: Callable[[], None] | None = None  # called once, when the head is decided
+        # called with each count of body bytes as they leave, not at the end: /metrics and the
+        # status page follow a long transfer while it runs
+        self.on_sent: Callable[[int], None] | None = None
+        # when set, a copy of the body sent through ``send`` (a manifest: the pull tracker reads
+        # its layers); dropped (None) once it would pass ``TAP_LIMIT``
+        self.tap: bytearray | None = None
 
     @property
     def committed(self) -> bool:
@@ -175,6 +184,8 @@ class ClientResponse:
         if started is not None:
             started()
         self.record.status = status
+        length = get_header(headers, b"content-length")
+        self.record.length = int(length) if length is not None and length.isdigit() else None
         if not reason:
             reason = _REASONS.get(status, b"")
         self._pending_head = h11.Response(status_code=status, headers=headers, reason=reason)
@@ -188,6 +199,13 @@ class ClientResponse:
         data = self._client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
         await self._client.send_bytes(head + data if head else data)
         self.record.bytes_sent += len(chunk)
+        if self.on_sent is not None:
+            self.on_sent(len(chunk))
+        if self.tap is not None:
+            if len(self.tap) + len(chunk) <= TAP_LIMIT:
+                self.tap += chunk
+            else:
+                self.tap = None
 
     async def flush(self) -> None:
         """Send a head still waiting for body bytes (before a body that bypasses h11)."""
@@ -229,6 +247,8 @@ class ClientResponse:
                         raise ResponseAborted("the cached file is shorter than recorded")
                     offset += sent
                     self.record.bytes_sent += sent
+                    if self.on_sent is not None:
+                        self.on_sent(sent)
                     await trio.lowlevel.checkpoint_if_cancelled()
         except (trio.TooSlowError, OSError) as exc:
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc

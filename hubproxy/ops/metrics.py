@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from .. import __version__
+from .activity import Activity
 
 if TYPE_CHECKING:
     from ..cache.manifests import ManifestStore
@@ -368,6 +369,57 @@ def parse_ratelimit(value: bytes) -> float | None:
     return float(match.group(0).strip())
 
 
+_PARAMETER_NUMBER = re.compile(rb"[ \t]*[0-9]{1,15}[ \t]*\Z")
+
+
+def _parameter(value: bytes, name: bytes) -> float | None:
+    """A numeric parameter of a ``ratelimit-*`` value: ``w`` of ``76;w=21600`` -> 21600.0."""
+    for part in value.split(b";")[1:]:
+        key, _, number = part.partition(b"=")
+        if key.strip().lower() == name and _PARAMETER_NUMBER.match(number):
+            return float(number.strip())
+    return None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """What an upstream's latest ``ratelimit-*`` headers said. Docker Hub sends
+    ``ratelimit-limit: 100;w=21600`` and ``ratelimit-remaining: 76;w=21600`` (``w``: the window
+    in seconds); others send ``ratelimit-reset`` (seconds until the window resets)."""
+
+    remaining: float
+    limit: float | None = None
+    window: float | None = None  # seconds
+    reset: float | None = None  # Unix seconds
+    seen: float = 0.0  # Unix seconds
+
+
+def read_ratelimit(headers: Iterable[tuple[bytes, bytes]], *, wall: float) -> RateLimit | None:
+    """The rate-limit figures of a response's headers, or None without a usable
+    ``ratelimit-remaining``; ``wall`` is when they arrived (Unix seconds)."""
+    found: dict[bytes, bytes] = {}
+    for key, value in headers:
+        if key in (b"ratelimit-remaining", b"ratelimit-limit", b"ratelimit-reset"):
+            found.setdefault(key, value)
+    remaining_value = found.get(b"ratelimit-remaining")
+    if remaining_value is None or (remaining := parse_ratelimit(remaining_value)) is None:
+        return None
+    limit_value = found.get(b"ratelimit-limit")
+    limit = parse_ratelimit(limit_value) if limit_value is not None else None
+    window = _parameter(remaining_value, b"w")
+    if window is None and limit_value is not None:
+        window = _parameter(limit_value, b"w")
+    reset_value = found.get(b"ratelimit-reset")
+    reset = parse_ratelimit(reset_value) if reset_value is not None else None
+    return RateLimit(
+        remaining=remaining,
+        limit=limit,
+        window=window,
+        reset=wall + reset if reset is not None else None,
+        seen=wall,
+    )
+
+
 def resident_bytes(statm: str, page_size: int) -> float:
     """Resident set size from ``/proc/self/statm`` (pages: size resident shared ...)."""
     fields = statm.split()
@@ -527,6 +579,8 @@ class HubMetrics:
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc
         self.rate_limited_times = RecentEvents()
+        self.activity = Activity()  # transfers, upstream states, pulls: the status page's
+        self.ratelimits: dict[str, RateLimit] = {}  # upstream origin -> its latest headers
         self.registry = registry = Registry()
 
         self.requests = registry.register(
@@ -537,7 +591,8 @@ class HubMetrics:
         self.response_bytes = registry.register(
             Counter(
                 "hubproxy_response_bytes",
-                "Response body bytes sent to clients, by source.",
+                "Response body bytes sent to clients, by source, counted as they leave (a long "
+                "transfer moves it while it runs).",
                 ("source",),
             )
         )
@@ -928,23 +983,45 @@ class HubMetrics:
     ) -> None:
         """One answered request: ``route`` is its label (``routing.route_label`` or "ops"),
         ``source`` where its body came from ("cache", "cache-fill", an upstream origin, or "-"
-        for none), ``caching`` whether a cache is configured (hits and misses are counted)."""
+        for none), ``caching`` whether a cache is configured (hits and misses are counted).
+        ``bytes_sent``: body bytes not counted yet by ``count_sent`` (0 when they all were)."""
         self.requests.inc(route=route, status=str(status or 499))
         if caching and route in ("blob", "manifest"):
             if source == "cache":
                 self.cache_requests.inc(kind=route, result="hit")
             elif 200 <= status < 300:
                 self.cache_requests.inc(kind=route, result="miss")
+        if bytes_sent:
+            self.count_sent(route, source, bytes_sent)
+
+    def count_sent(self, route: str, source: str, count: int) -> None:
+        """Body bytes that just left for a client, counted as they leave (not when the
+        response ends), so that ``hubproxy_response_bytes`` moves during a long transfer."""
         if source == "cache":
-            self.response_bytes.inc(bytes_sent, source="cache")
+            self.response_bytes.inc(count, source="cache")
         elif source != "-" and route != "ops":
-            self.response_bytes.inc(bytes_sent, source="upstream")
+            self.response_bytes.inc(count, source="upstream")
+
+    def requests_served(self) -> float:
+        """Requests answered, the operator's own (the status page, ``/metrics``, the health
+        checks: route "ops") left out."""
+        return sum(count for (route, _), count in self.requests.series().items() if route != "ops")
 
     def note_ratelimit(self, upstream: str, value: bytes) -> None:
         """Record an upstream's ``ratelimit-remaining`` header value, if it is a number."""
         remaining = parse_ratelimit(value)
         if remaining is not None:
             self.ratelimit_remaining.set(remaining, upstream=upstream)
+
+    def note_ratelimit_headers(
+        self, upstream: str, headers: Iterable[tuple[bytes, bytes]], wall: float
+    ) -> None:
+        """Record what a response head of ``upstream`` said of its rate limit, if anything:
+        the remaining count for ``/metrics``, with the limit, window and reset for the page."""
+        found = read_ratelimit(headers, wall=wall)
+        if found is not None:
+            self.ratelimit_remaining.set(found.remaining, upstream=upstream)
+            self.ratelimits[upstream] = found
 
     def note_rate_limited(self, upstream: str, when: float) -> None:
         """Count a 429 from ``upstream`` received at wall-clock time ``when``."""

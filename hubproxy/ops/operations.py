@@ -97,6 +97,8 @@ class Operations:
                 url=self._mirror_url(request),
                 table=self.forwarder.table,
                 now=time.time(),
+                monotonic=time.monotonic(),
+                disk_free=self._disk_free(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
         headers: Headers = [
@@ -109,6 +111,16 @@ class Operations:
         if request.method != "HEAD":
             await response.send(body)
         await response.finish()
+
+    def _disk_free(self) -> int | None:
+        """Bytes free to us on the cache's file system; None without a cache (or a way to
+        ask)."""
+        if self.pullthrough is None:
+            return None
+        try:
+            return self.pullthrough.blobs.read_disk(self.pullthrough.blobs.root).free
+        except OSError:
+            return None
 
     def _mirror_url(self, request: ClientRequest) -> str:
         return self.forwarder.public_base(request)

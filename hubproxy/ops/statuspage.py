@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from html import escape
 
 from .. import __version__
+from ..policy.pulls import PullSummary, format_size
 from ..policy.registries import RegistryTable
 from ..policy.urls import Url
+from .activity import TransferFigures, UpstreamCondition, UpstreamHealth, UpstreamState
 from .clientconfig import CLIENTS, snippet
-from .metrics import HubMetrics
+from .metrics import HubMetrics, RateLimit
 
 Snippet = tuple[str, str, str]  # client, where it goes (and what else to do), text to paste
 
+REFRESH_SECONDS = 10  # the page reloads itself this often
 _SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
@@ -38,6 +41,12 @@ th, td { text-align: left; padding: 0.2rem 1.2rem 0.2rem 0; vertical-align: top;
 th { font-weight: 600; }
 pre { background: #f2f2f2; border: 1px solid #ddd; padding: 0.6rem 0.8rem; overflow-x: auto; }
 code, pre { font-family: ui-monospace, monospace; font-size: 0.92em; }
+.state { display: inline-block; padding: 0 0.45rem; border-radius: 0.25rem; font-weight: 600; }
+.state-ok { background: #d7f0d9; color: #1b5e20; }
+.state-unknown { background: #e8e8e8; color: #444; }
+.state-bad { background: #c62828; color: #fff; }
+.error { color: #b71c1c; }
+.none { color: #666; }
 """
 
 
@@ -116,20 +125,28 @@ class RegistryFigures:
     primary: str | None  # the upstream URL tried first; None: none configured
     fallbacks: tuple[str, ...] = ()  # tried in order when the primary fails
     default: bool = False  # an image that names no registry comes from this one
+    # how each upstream is doing, the primary first then the fallbacks; () when not known
+    states: tuple[UpstreamState, ...] = ()
 
 
 def _shown(url: Url) -> str:
     return str(url.origin) if url.target == "/" else str(url)  # no lone trailing slash
 
 
-def registry_figures(table: RegistryTable) -> tuple[RegistryFigures, ...]:
-    """Each registry of ``table``, in its order (the default first), with its upstreams."""
+def registry_figures(
+    table: RegistryTable, health: UpstreamHealth | None = None, now: float = 0.0
+) -> tuple[RegistryFigures, ...]:
+    """Each registry of ``table``, in its order (the default first), with its upstreams and,
+    given ``health`` and the wall clock ``now``, the state of each."""
     return tuple(
         RegistryFigures(
             name=registry.name,
             primary=_shown(registry.upstreams[0]) if registry.upstreams else None,
             fallbacks=tuple(_shown(url) for url in registry.upstreams[1:]),
             default=registry.name == table.default,
+            states=()
+            if health is None
+            else tuple(health.state(str(url.origin), now) for url in registry.upstreams),
         )
         for registry in table.registries
     )
@@ -152,10 +169,13 @@ class StatusFigures:
     cache_hit_ratio: float = 0.0
     bytes_from_cache: int = 0  # bytes the upstreams did not have to send: "bytes saved"
     bytes_from_upstream: int = 0
-    requests: int = 0
+    requests: int = 0  # answered, the operator's own paths (this page too) left out
+    disk_free: int | None = None  # bytes free on the cache's file system; None: no cache
     rate_limited_last_hour: int = 0  # 429s received from upstreams in the last hour
     last_rate_limited_at: float | None = None
-    ratelimit_remaining: tuple[tuple[str, float], ...] = ()  # upstream, latest value seen
+    ratelimits: tuple[tuple[str, RateLimit], ...] = ()  # upstream, what it said last
+    transfers: tuple[TransferFigures, ...] = ()  # responses being sent now
+    pulls: tuple[PullSummary, ...] = ()  # the latest pulls, newest first
 
 
 def status_figures(
@@ -166,17 +186,21 @@ def status_figures(
     now: float,
     name: str = "hubproxy",
     snippets: tuple[Snippet, ...] | None = None,
+    monotonic: float = 0.0,
+    disk_free: int | None = None,
 ) -> StatusFigures:
     """The page's figures from the live metrics and the registries served (``table``); ``now``
-    is the wall clock (``time.time()``). ``snippets`` defaults to ``client_snippets(url)``."""
+    is the wall clock (``time.time()``), ``monotonic`` the clock transfers started on
+    (``time.monotonic()``), ``disk_free`` the bytes free under the cache. ``snippets``
+    defaults to ``client_snippets(url)``."""
     cache = metrics.cache() if metrics.cache is not None else None
     sources = metrics.response_bytes.series()
-    remaining = metrics.ratelimit_remaining.series()
+    activity = metrics.activity
     return StatusFigures(
         url=url,
         name=name,
         version=metrics.version,
-        registries=registry_figures(table),
+        registries=registry_figures(table, activity.upstreams, now),
         snippets=client_snippets(url) if snippets is None else snippets,
         now=now,
         started_at=metrics.started_at,
@@ -186,10 +210,13 @@ def status_figures(
         cache_hit_ratio=metrics.hit_ratio(),
         bytes_from_cache=int(sources.get(("cache",), 0)),
         bytes_from_upstream=int(sources.get(("upstream",), 0)),
-        requests=int(sum(metrics.requests.series().values())),
+        requests=int(metrics.requests_served()),
+        disk_free=disk_free,
         rate_limited_last_hour=metrics.rate_limited_times.count(now),
         last_rate_limited_at=metrics.rate_limited_times.last,
-        ratelimit_remaining=tuple(sorted((key[0], value) for key, value in remaining.items())),
+        ratelimits=tuple(sorted(metrics.ratelimits.items())),
+        transfers=activity.transfers.figures(monotonic),
+        pulls=activity.pulls.recent(),
     )
 
 
@@ -207,23 +234,65 @@ def _row(label: str, value: str) -> str:
     return f"<tr><th>{escape(label)}</th><td>{value}</td></tr>"
 
 
-def _registries(registries: Sequence[RegistryFigures]) -> list[str]:
-    """One item per registry: its name, then its primary and its fallbacks, each labelled; the
-    labels belong to one registry's upstreams, never to the list of registries."""
+def _when(when: float, now: float) -> str:
+    """``2024-05-01 11:55:00 UTC (5m ago)``, or ``(in 5m)`` for a time to come."""
+    if when > now:
+        return f"{format_time(when)} (in {format_duration(when - now)})"
+    return f"{format_time(when)} ({format_duration(now - when)} ago)"
+
+
+def _state(state: UpstreamState | None, now: float) -> str:
+    """An upstream's state as HTML: a badge (red when it is not ok), then the detail."""
+    if state is None or state.condition == UpstreamCondition.UNKNOWN:
+        return '<span class="state state-unknown">not asked yet</span>'
+    if state.condition == UpstreamCondition.OK:
+        badge = '<span class="state state-ok">ok</span>'
+        if state.last_ok is None:
+            return badge
+        return f"{badge} last answer {escape(_when(state.last_ok, now))}"
+    if state.condition == UpstreamCondition.RATE_LIMITED:
+        label = "rate-limited"
+        detail = f"until {_when(state.until, now)}" if state.until is not None else ""
+    else:
+        label = state.condition  # "unreachable" or "failing"
+        detail = f"since {_when(state.since, now)}" if state.since is not None else ""
+    html = f'<span class="state state-bad">{escape(label)}</span>'
+    if detail:
+        html += f" {escape(detail)}"
+    if state.error:
+        html += f': <span class="error">{escape(state.error)}</span>'
+    return html
+
+
+def _registries(registries: Sequence[RegistryFigures], now: float) -> list[str]:
+    """One row per upstream, under the registry it belongs to: its role (primary, fallback 1,
+    ...) and its state. The roles belong to one registry's upstreams: another registry is
+    never anybody's fallback."""
     if not registries:
         return ["<p>No upstream registry is configured.</p>"]
-    items = []
+    rows = ["<tr><th>Registry</th><th>Upstream</th><th>Role</th><th>State</th></tr>"]
     for registry in registries:
         name = f"<strong>{escape(registry.name)}</strong>"
         if registry.default:
             name += " (default)"
         if registry.primary is None:
-            upstreams = ["no upstream configured"]
-        else:
-            upstreams = [f"{_link(registry.primary)} (primary)"]
-        upstreams += [f"{_link(url)} (fallback)" for url in registry.fallbacks]
-        items.append(f"<li>{name}: {', '.join(upstreams)}</li>")
-    return ["<ul>", *items, "</ul>"]
+            rows.append(f'<tr><td>{name}</td><td colspan="3">no upstream configured</td></tr>')
+            continue
+        upstreams = [(registry.primary, "primary")]
+        many = len(registry.fallbacks) > 1
+        upstreams += [
+            (url, f"fallback {index}" if many else "fallback")
+            for index, url in enumerate(registry.fallbacks, 1)
+        ]
+        for index, (url, role) in enumerate(upstreams):
+            state = registry.states[index] if index < len(registry.states) else None
+            bad = state is not None and not state.ok
+            rows.append(
+                f'<tr class="upstream{" down" if bad else ""}">'
+                f"<td>{name if index == 0 else ''}</td><td>{_link(url)}</td>"
+                f"<td>{role}</td><td>{_state(state, now)}</td></tr>"
+            )
+    return ['<table class="registries">', *rows, "</table>"]
 
 
 def _figures(status: StatusFigures) -> list[str]:
@@ -236,10 +305,15 @@ def _figures(status: StatusFigures) -> list[str]:
         )
     else:
         cache = "no cache configured: every blob comes from upstream"
-    return [
-        "<table>",
+    rows = [
         _row("Requests served", escape(format_count(status.requests))),
         _row("Cache", cache),
+    ]
+    if status.disk_free is not None:
+        rows.append(_row("Free disk (cache)", escape(f"{format_bytes(status.disk_free)} free")))
+    return [
+        "<table>",
+        *rows,
         _row("Cache hit ratio", escape(format_ratio(status.cache_hit_ratio))),
         _row("Served from cache (saved)", escape(format_bytes(status.bytes_from_cache))),
         _row("Served from upstream", escape(format_bytes(status.bytes_from_upstream))),
@@ -257,12 +331,71 @@ def _rate_limits(status: StatusFigures) -> list[str]:
         _row("429s in the last hour", escape(format_count(status.rate_limited_last_hour))),
         _row("Last 429", escape(last)),
     ]
-    for upstream, remaining in status.ratelimit_remaining:
+    for upstream, limit in status.ratelimits:
         rows.append(
             f"<tr><th>Pulls remaining at {escape(upstream)}</th>"
-            f"<td>{escape(format_count(remaining))}</td></tr>"
+            f"<td>{escape(_ratelimit(limit, status.now))}</td></tr>"
         )
     return ["<table>", *rows, "</table>"]
+
+
+def _ratelimit(limit: RateLimit, now: float) -> str:
+    """``76 of 100 per 6h, resets ... (as of ...)``: what the upstream's headers said."""
+    text = format_count(limit.remaining)
+    if limit.limit is not None:
+        text += f" of {format_count(limit.limit)}"
+    if limit.window is not None:
+        text += f" per {format_duration(limit.window)}"
+    if limit.reset is not None:
+        text += f", resets {_when(limit.reset, now)}"
+    return f"{text} (as of {_when(limit.seen, now)})"
+
+
+def _transfers(transfers: Sequence[TransferFigures]) -> list[str]:
+    if not transfers:
+        return ['<p class="none">No transfer under way.</p>']
+    rows = ["<tr><th>Client</th><th>Image or blob</th><th>Sent</th><th>Rate</th><th>For</th></tr>"]
+    for transfer in transfers:
+        sent = format_bytes(transfer.bytes)
+        if transfer.size:
+            share = format_ratio(transfer.bytes / transfer.size)
+            sent += f" of {format_bytes(transfer.size)} ({share})"
+        rows.append(
+            f"<tr><td>{escape(transfer.client)}</td><td><code>{escape(transfer.what)}</code></td>"
+            f"<td>{escape(sent)}</td><td>{escape(format_bytes(int(transfer.rate)))}/s</td>"
+            f"<td>{escape(format_duration(transfer.seconds))}</td></tr>"
+        )
+    return ['<table class="transfers">', *rows, "</table>"]
+
+
+def _pull_detail(pull: PullSummary) -> str:
+    if pull.layers_total is None:
+        count = f"{pull.layers} blob{'s' if pull.layers != 1 else ''}"
+    elif pull.layers == pull.layers_total:
+        count = f"{pull.layers} layer{'s' if pull.layers != 1 else ''}"
+    elif not pull.done:
+        count = f"{pull.layers} of {pull.layers_total} layers"
+    else:
+        count = f"{pull.layers} of {pull.layers_total} layers (the client had the rest)"
+    parts = [count, format_size(pull.bytes), f"{pull.from_cache} from cache"]
+    if pull.done:
+        parts.append(f"{pull.seconds:.1f} s")
+    else:
+        parts.insert(0, "under way")
+    return ", ".join(parts)
+
+
+def _pulls(pulls: Sequence[PullSummary], now: float) -> list[str]:
+    if not pulls:
+        return ['<p class="none">No image pulled since the start.</p>']
+    rows = ["<tr><th>When</th><th>Image</th><th>Client</th><th>What</th></tr>"]
+    for pull in pulls:
+        rows.append(
+            f"<tr><td>{escape(_when(pull.started_wall, now))}</td>"
+            f"<td><code>{escape(pull.image)}</code></td><td>{escape(pull.client)}</td>"
+            f"<td>{escape(_pull_detail(pull))}</td></tr>"
+        )
+    return ['<table class="pulls">', *rows, "</table>"]
 
 
 def _snippets(snippets: Sequence[Snippet]) -> list[str]:
@@ -290,6 +423,8 @@ def render_status_page(status: StatusFigures) -> bytes:
         "<head>",
         '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # transfers move while one watches: reload now and then (no script needed)
+        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">',
         f"<title>{name}: Docker Hub mirror</title>",
         f"<style>{_STYLE}</style>",
         "</head>",
@@ -299,9 +434,13 @@ def render_status_page(status: StatusFigures) -> bytes:
         f'<p class="sub">A Docker Hub registry mirror at {_link(status.url)}, '
         f"hubproxy {escape(status.version)}, up {escape(uptime)}.</p>",
         "<h2>Serving</h2>",
-        *_registries(status.registries),
+        *_registries(status.registries, status.now),
         "<h2>Figures</h2>",
         *_figures(status),
+        "<h2>Transfers in progress</h2>",
+        *_transfers(status.transfers),
+        "<h2>Recent pulls</h2>",
+        *_pulls(status.pulls, status.now),
         "<h2>Upstream rate limits</h2>",
         *_rate_limits(status),
         "<h2>Use this mirror</h2>",
