@@ -809,6 +809,7 @@ class CommandLine(argparse.ArgumentParser):
         self.flags: dict[str, _Flag] = {}
         self.commands = tuple(commands)
         self.subcommands: Any = None  # the add_subparsers action: .dest, .choices (name -> parser)
+        self.argv: list[str] = []  # the arguments being parsed, for error messages
         # No abbreviations: "--cache" would mean --cache-dir today and be ambiguous once
         # another --cache-* flag exists; a misspelt flag gets a suggestion instead.
         kwargs.setdefault("allow_abbrev", False)
@@ -843,7 +844,19 @@ class CommandLine(argparse.ArgumentParser):
             raise UsageError(owner.unexpected(argv, extras[0]), owner.prog)
         return parsed
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self.argv, namespace)
+
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            # "--user f" leaves --users missing: the misspelt flag is the news, not the missing one
+            unknown = [word for word in self.argv if word.startswith("--") and word != "--"]
+            unknown = [word for word in unknown if word.partition("=")[0] not in self.flags]
+            if unknown:
+                raise UsageError(self.unexpected(self.argv, unknown[0]), self.prog)
         raise UsageError(self.explain(message), self.prog)
 
     def unexpected(self, argv: list[str], word: str) -> str:
@@ -859,10 +872,14 @@ class CommandLine(argparse.ArgumentParser):
             return f"unknown flag {flag} (see '{self.prog} --help')"
         position = argv.index(word) if word in argv else -1
         if position == 0 and self.commands:
-            close = difflib.get_close_matches(word, self.commands, n=1)
+            close = difflib.get_close_matches(word, self.commands, n=1, cutoff=0.75)
             if close:
                 return f"unknown command {word!r}; did you mean {close[0]}?"
-            return f"unknown command {word!r} (the commands are {', '.join(self.commands)})"
+            listed = ", ".join(self.commands)
+            return (
+                f"unknown command {word!r} (the commands are {listed}; "
+                f"{self.prog} with flags only runs the mirror)"
+            )
         before = self.flags.get(argv[position - 1]) if position > 0 else None
         if before is not None and not before.takes_value:
             return f"{argv[position - 1]} takes no value, got {word!r}"
