@@ -18,7 +18,9 @@ Three things are generated from it and from nothing else:
   settings (``--key`` needs ``--cert``, registries, operator logins) follow.
 
 Errors are :class:`UsageError` lines naming the flag; when the bad value came from the config
-file they start with ``path:line:``, the line of that very key (or array item's key).
+file they start with ``path:line:``, the line of that very key (or array item's key). So are the
+command line's own mistakes (:class:`CommandLine`: a misspelt flag or command gets the closest
+one, never argparse's usage block); durations (:func:`parse_duration`) take ``90s``, ``1m``...
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ from .policy.urls import Url, base_url, parse_url
 
 # The subcommands (hubproxy.cli dispatches them): name, arguments, what it does. --help lists them.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("check-config", "FILE [flags]", "check a config file (and flags) as a start would, no start"),
+    (
+        "check-config",
+        "FILE [flags]",
+        "check a config file and flags as a start would, not starting",
+    ),
     ("print-config", "CLIENT --url URL", "what to paste into a client's config to use the mirror"),
     ("user", "add|remove|list ...", "manage the mirror users of a --users file"),
     ("cache", "verify [--cache-dir DIR]", "hash every cached blob, delete those that do not match"),
@@ -269,6 +275,7 @@ def parse_duration(text: str) -> float:
 
 
 def whole_number(text: str) -> int:
+    """``int(text)``, with an error that says what was wanted."""
     try:
         return int(text)
     except ValueError:
@@ -276,6 +283,7 @@ def whole_number(text: str) -> int:
 
 
 def number(text: str) -> float:
+    """``float(text)``, with an error that says what was wanted."""
     try:
         return float(text)
     except ValueError:
