@@ -13,7 +13,8 @@ import os
 import pwd
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -25,8 +26,16 @@ from .config import Config
 from .configfile import ConfigFileError, read_settings
 from .net.streams import certificate_validity
 from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
-from .ops.usersfile import UsersFileError, add_user, check_name, load_users, remove_user
-from .settings import UsageError, Values, build_config, build_parser, default_cache_dir
+from .ops.usersfile import (
+    MIN_PASSWORD_LENGTH,
+    UsersFileError,
+    add_user,
+    check_name,
+    check_password,
+    load_users,
+    remove_user,
+)
+from .settings import CommandLine, UsageError, Values, build_config, default_cache_dir
 
 __all__ = [
     "UsageError",
@@ -47,9 +56,24 @@ def setup_logging(level: str) -> None:
     )
 
 
+def parse_command(
+    parser: CommandLine, argv: Sequence[str], *, stdout: TextIO, stderr: TextIO
+) -> argparse.Namespace | int:
+    """A subcommand's arguments, or its exit status: 0 after --help (printed to ``stdout``), 2
+    after a usage error (its one line on ``stderr``, without argparse's usage block)."""
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            return parser.parse_args(list(argv))
+        except UsageError as exc:
+            print(f"{exc.prog}: error: {exc}", file=stderr)
+            return 2
+        except SystemExit as exc:  # --help
+            return exc.code if isinstance(exc.code, int) else 2
+
+
 def print_config(argv: Sequence[str]) -> int:
     """``hubproxy print-config CLIENT --url URL [--ca FILE]``: the client's setup snippet."""
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         prog="hubproxy print-config",
         description="Print what to paste into a client's configuration to use this mirror.",
     )
@@ -68,7 +92,9 @@ def print_config(argv: Sequence[str]) -> int:
         default=[],
         help="another registry the mirror serves (besides the built-in ones; repeatable)",
     )
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv, stdout=sys.stdout, stderr=sys.stderr)
+    if isinstance(args, int):
+        return args
     registries = (*BUILTIN_NAMES, *(r for r in args.registry if r not in BUILTIN_NAMES))
     try:
         text, hint = snippet(args.client, args.url, args.ca, registries)
@@ -87,10 +113,26 @@ def load_settings(argv: Sequence[str]) -> tuple[Values, Config]:
     return values, build_config(values)
 
 
+CHECK_CONFIG_HELP = """\
+usage: hubproxy check-config FILE [flags]
+
+Check the config file FILE, and any hubproxy flags after it, with every check a start makes,
+without starting. Prints 'FILE: ok' and exits 0, or one line naming the problem and exits 1
+(2: no FILE given).
+"""
+
+
 def check_config(argv: Sequence[str]) -> int:
     """``hubproxy check-config FILE [flags]``: everything a start would check, without starting."""
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(CHECK_CONFIG_HELP)
+        return 0
     if not argv or argv[0].startswith("-"):
-        print("usage: hubproxy check-config FILE [flags]", file=sys.stderr)
+        print(
+            "hubproxy check-config: error: the config file comes first: "
+            "hubproxy check-config FILE [flags]",
+            file=sys.stderr,
+        )
         return 2
     path, rest = argv[0], argv[1:]
     try:
@@ -190,19 +232,15 @@ def _cache_dir_problem(cache_dir: str) -> str | None:
 def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int:
     """``hubproxy cache verify [--cache-dir DIR]``: hash every cached blob, delete the damaged
     ones (refetched on their next pull); 0 if all were good, 1 if any was damaged, 2 usage."""
-    parser = argparse.ArgumentParser(
-        prog="hubproxy cache", description="Check the blob cache on disk."
-    )
+    parser = CommandLine(prog="hubproxy cache", description="Check the blob cache on disk.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     verify = commands.add_parser(
         "verify", help="hash every cached blob; report and delete those that do not match"
     )
     verify.add_argument("--cache-dir", metavar="DIR", default=None, help="the cache directory")
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            args = parser.parse_args(list(argv))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 2
+    args = parse_command(parser, argv, stdout=stdout, stderr=stderr)
+    if isinstance(args, int):
+        return args
     root = Path(args.cache_dir or default_cache_dir())
     if not (root / "blobs" / "sha256").is_dir():
         print(f"hubproxy cache verify: error: no blob cache in {root}", file=stderr)
@@ -221,16 +259,22 @@ def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int
 # ---------------------------------------------------------------- hubproxy user ...
 
 
-def _user_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hubproxy user", description="Manage the mirror's users file."
-    )
+def _user_parser() -> CommandLine:
+    parser = CommandLine(prog="hubproxy user", description="Manage the mirror's users file.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = commands.add_parser("add", help="add a user, or change the password of one")
+    add = commands.add_parser(
+        "add",
+        help="add a user, or change the password of one",
+        description=f"Add a user, or change the password of one (at least {MIN_PASSWORD_LENGTH} "
+        "characters). The password is asked twice on the terminal; without a terminal (a "
+        "script, a pipe), pass it with --password-stdin.",
+    )
     add.add_argument("name", metavar="NAME")
     add.add_argument("--users", metavar="FILE", required=True, help="the users file")
     add.add_argument(
-        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+        "--password-stdin",
+        action="store_true",
+        help="read the password from one line of stdin instead of asking on the terminal",
     )
     remove = commands.add_parser("remove", help="remove a user")
     remove.add_argument("name", metavar="NAME")
@@ -244,20 +288,31 @@ class _UserFailure(Exception):
     pass
 
 
+NO_TERMINAL = "no terminal to ask for the password on; pipe it in with --password-stdin"
+
+
 def _read_password(args: argparse.Namespace, stdin: TextIO, stderr: TextIO) -> str:
     if args.password_stdin:
         # Like `docker login --password-stdin`: one line, its line ending is not part of it.
         password = stdin.readline().rstrip("\r\n")
-    else:
-        try:
+        check_password(password)
+        return password
+    # Without a terminal getpass reads stdin after a GetPassWarning (and echoes what it reads):
+    # refuse instead, saying how a script passes a password.
+    if not stdin.isatty():
+        raise _UserFailure(NO_TERMINAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", getpass.GetPassWarning)
             password = getpass.getpass("Password: ", stream=stderr)
+            check_password(password)  # before the retype: no second typing of a refused one
             again = getpass.getpass("Retype password: ", stream=stderr)
-        except EOFError:
-            raise _UserFailure("no password given") from None
-        if password != again:
-            raise _UserFailure("the passwords do not match")
-    if not password:
-        raise _UserFailure("empty password refused")
+    except getpass.GetPassWarning:
+        raise _UserFailure(NO_TERMINAL) from None
+    except EOFError:
+        raise _UserFailure("no password given") from None
+    if password != again:
+        raise _UserFailure("the passwords do not match")
     return password
 
 
@@ -284,13 +339,9 @@ def _run_user(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: T
 
 def user_command(argv: Sequence[str], *, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """``hubproxy user add|remove|list ...`` (argv without ``user``): 0 ok, 1 failed, 2 usage."""
-    parser = _user_parser()
-    # argparse prints to sys.stdout/sys.stderr and exits; point it at our streams instead.
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            args = parser.parse_args(list(argv))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else 2
+    args = parse_command(_user_parser(), argv, stdout=stdout, stderr=stderr)
+    if isinstance(args, int):
+        return args
     try:
         _run_user(args, stdin, stdout, stderr)
     except (_UserFailure, UsersFileError, ValueError) as exc:
@@ -302,20 +353,23 @@ def user_command(argv: Sequence[str], *, stdin: TextIO, stdout: TextIO, stderr: 
     return 0
 
 
+# The subcommands, by the name --help lists them under (settings.COMMANDS); argv after the name.
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "check-config": check_config,
+    "print-config": print_config,
+    "user": lambda argv: user_command(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr),
+    "cache": lambda argv: cache_command(argv, stdout=sys.stdout, stderr=sys.stderr),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["print-config"]:
-        return print_config(args_list[1:])
-    if args_list[:1] == ["check-config"]:
-        return check_config(args_list[1:])
-    if args_list[:1] == ["cache"]:
-        return cache_command(args_list[1:], stdout=sys.stdout, stderr=sys.stderr)
-    if args_list[:1] == ["user"]:
-        return user_command(args_list[1:], stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+    if args_list and args_list[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args_list[0]](args_list[1:])
     try:
         values, config = load_settings(args_list)
     except (UsageError, ConfigFileError) as exc:
-        build_parser().print_usage(sys.stderr)
+        # One line: the usage block would push it off a small terminal (--help has the flags).
         print(f"hubproxy: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(str(values.raw["log_level"]))

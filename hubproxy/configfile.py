@@ -66,6 +66,7 @@ from .settings import (
     Values,
     build_parser,
     defaults,
+    parse_duration,
     split_pair,
 )
 
@@ -255,6 +256,15 @@ def _scalar(setting: Setting, value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _BadValue(f"{_expected(setting, 'a number')}, got {describe(value)}")
         converted = float(value)
+    elif setting.kind is Kind.DURATION:
+        # seconds, or a string with units, as on the command line: 90, 2.5, "1m", "1h30m"
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            problem = 'expected a number of seconds or a duration string like "1m"'
+            raise _BadValue(f"{problem}, got {describe(value)}")
+        try:
+            converted = parse_duration(value) if isinstance(value, str) else float(value)
+        except ValueError as exc:
+            raise _BadValue(str(exc)) from None
     else:
         if not isinstance(value, str):
             raise _BadValue(f"{_expected(setting, 'a string')}, got {describe(value)}")
@@ -525,7 +535,7 @@ def read_settings(
     the file settings (None without --config), and the dests the command line gave (``config``
     among them).
 
-    Command-line errors exit like ``parser.parse_args``; file problems raise
+    Command-line errors raise :class:`~hubproxy.settings.UsageError`; file problems raise
     :class:`ConfigFileError`.
     """
     given = vars(build_parser(table).parse_args(list(argv)))

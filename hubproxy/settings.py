@@ -18,20 +18,25 @@ Three things are generated from it and from nothing else:
   settings (``--key`` needs ``--cert``, registries, operator logins) follow.
 
 Errors are :class:`UsageError` lines naming the flag; when the bad value came from the config
-file they start with ``path:line:``, the line of that very key (or array item's key).
+file they start with ``path:line:``, the line of that very key (or array item's key). So are the
+command line's own mistakes (:class:`CommandLine`: a misspelt flag or command gets the closest
+one, never argparse's usage block); durations (:func:`parse_duration`) take ``90s``, ``1m``...
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
 import math
 import os
+import re
 import ssl
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, NoReturn, cast
 
 from . import __version__
 from .config import Config, Limits, Timeouts
@@ -57,11 +62,35 @@ from .policy.registries import (
 from .policy.sizes import SizeTooSmall, parse_size
 from .policy.urls import Url, base_url, parse_url
 
-DESCRIPTION = """\
+# The subcommands (hubproxy.cli dispatches them): name, arguments, what it does. --help lists them.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    (
+        "check-config",
+        "FILE [flags]",
+        "check a config file and flags as a start would, not starting",
+    ),
+    ("print-config", "CLIENT --url URL", "what to paste into a client's config to use the mirror"),
+    ("user", "add|remove|list ...", "manage the mirror users of a --users file"),
+    ("cache", "verify [--cache-dir DIR]", "hash every cached blob, delete those that do not match"),
+)
+
+USAGE = "%(prog)s [--config FILE] [flags]\n       %(prog)s COMMAND [arguments]"
+
+
+def _commands_help() -> str:
+    width = max(len(f"{name} {args}") for name, args, _ in COMMANDS)
+    lines = [f"  {f'{name} {args}':<{width}}  {what}" for name, args, what in COMMANDS]
+    more = "  ('hubproxy COMMAND --help' shows a command's arguments)"
+    return "\n".join(["commands:", *lines, more])
+
+
+DESCRIPTION = f"""\
 A Docker Hub registry mirror. Point docker, containerd or podman at it and every pull goes through
 it: it forwards the registry API to the upstream, rewrites auth challenges so token requests come
 back here, follows blob redirects to the CDN itself, streams bodies, and fails over to
 --fallback upstreams when Docker Hub answers 429 or cannot be reached.
+
+{_commands_help()}
 
 Examples:
   hubproxy                                   plain HTTP on 127.0.0.1:5000 (docker accepts an
@@ -77,7 +106,12 @@ REGISTRY_TABLE = "registry"
 
 
 class UsageError(Exception):
-    """A setting hubproxy cannot start with: one line naming the flag (and the file line)."""
+    """A setting hubproxy cannot start with, or a command line it cannot read: one line naming
+    the flag (and the file line). ``prog`` is the command that refuses (``hubproxy user add``)."""
+
+    def __init__(self, message: str, prog: str = "hubproxy") -> None:
+        super().__init__(message)
+        self.prog = prog
 
 
 class Kind(enum.Enum):
@@ -86,6 +120,7 @@ class Kind(enum.Enum):
     TEXT = "a string"
     INT = "an integer"
     NUMBER = "a number"
+    DURATION = "a duration"  # seconds, or text with units: "90s", "1m", "1h30m", "250ms"
     SWITCH = "a switch"  # --flag (store_true); ``key = true`` in the file
     BOOL = "a boolean"  # --flag / --no-flag, unset by default; ``key = true|false``
 
@@ -161,6 +196,16 @@ def default_cache_dir() -> str:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """Parse ``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all addresses)."""
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        # A URL where an address belongs: say so, rather than what its colons look like.
+        address = rest.split("/", 1)[0] or "0.0.0.0"
+        if not address.rpartition(":")[2].isdigit() or address.endswith("]"):
+            address += ":443" if scheme.lower() == "https" else ":80"
+        raise ValueError(
+            f"takes HOST:PORT without a scheme, e.g. {address}; it serves HTTPS when --cert "
+            "and --key are given, plain HTTP otherwise"
+        )
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"wants HOST:PORT, got {text!r}")
@@ -216,6 +261,56 @@ def cache_size(text: str) -> int:
         raise SizeTooSmall(f"{exc}; to turn the cache off use --no-cache") from None
 
 
+# Go's time.ParseDuration units, plus days: ``1h30m``, ``250ms``, ``1.5s``.
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)"
+_DURATION = re.compile(rf"(?:{_DURATION_PART})+")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a plain number (``90``, ``2.5``) or numbers with units (``90s``, ``1m``,
+    ``1h30m``, ``250ms``, ``1d``). Negative, zero, NaN and infinite plain numbers pass: each
+    setting's :class:`Bound` says what it needs."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f"not a duration: {text!r} (use seconds, or units: 250ms, 90s, 1m, 1h30m)")
+    return sum(
+        float(number) * _DURATION_UNITS[unit] for number, unit in re.findall(_DURATION_PART, text)
+    )
+
+
+def whole_number(text: str) -> int:
+    """``int(text)``, with an error that says what was wanted."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
+def number(text: str) -> float:
+    """``float(text)``, with an error that says what was wanted."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+
+
+def _argument(convert: Callable[[str], object]) -> Callable[[str], object]:
+    """``convert`` as an argparse ``type``: its ValueError's message is the error (argparse would
+    say ``invalid float value: '1m'``)."""
+
+    def argument(text: str) -> object:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return argument
+
+
 def read_login(path: str) -> tuple[str, str]:
     """The ``user:password`` on the first line of ``path`` that is not blank or a comment."""
     try:
@@ -266,7 +361,7 @@ REGISTRIES = (
 CACHE = "blob cache"
 ACCESS = "access control (for a mirror reachable by strangers)"
 LIMITS = "request limits"
-TIMEOUTS = "timeouts (seconds)"
+TIMEOUTS = "timeouts (seconds, or with a unit: 250ms, 90s, 1m, 1h30m)"
 
 POSITIVE_SECONDS = Bound(0.0, inclusive=False, wording="a positive number of seconds")
 AT_LEAST_ONE = Bound(1, inclusive=True, wording="at least 1")
@@ -277,10 +372,11 @@ _TIMEOUTS = Timeouts()
 def _timeout(name: str, default: float, what: str) -> Setting:
     return Setting(
         name,
-        f"{what} (default {default:g})",
+        f"{what} (default {default:g}s)",
         TIMEOUTS,
-        Kind.NUMBER,
+        Kind.DURATION,
         default,
+        metavar="DURATION",
         bound=POSITIVE_SECONDS,
     )
 
@@ -390,11 +486,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "rate-limit-cooldown",
-        "skip an upstream this long after a 429 without Retry-After (default 60)",
+        "skip an upstream this long after a 429 without Retry-After, e.g. 90s or 2m (default 60s)",
         UPSTREAMS,
-        Kind.NUMBER,
+        Kind.DURATION,
         60.0,
-        metavar="SECONDS",
+        metavar="DURATION",
         bound=POSITIVE_SECONDS,
     ),
     Setting(
@@ -541,11 +637,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "manifest-ttl",
-        "serve a cached tag without asking the upstream (HEAD) for this long (default 60)",
+        "serve a cached tag without asking the upstream (HEAD) for this long, e.g. 90s or 5m "
+        "(default 60s)",
         CACHE,
-        Kind.NUMBER,
+        Kind.DURATION,
         60.0,
-        metavar="SECONDS",
+        metavar="DURATION",
         bound=Bound(0.0, inclusive=True, wording="0 or more seconds"),
     ),
     Setting(
@@ -710,14 +807,138 @@ CONFIG_HELP = (
 )
 
 
-def build_parser(table: tuple[Setting, ...] = SETTINGS) -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class _Flag:
+    metavar: str | None
+    takes_value: bool
+
+
+class CommandLine(argparse.ArgumentParser):
+    """An ArgumentParser whose every mistake is one :class:`UsageError` line instead of the usage
+    block and an exit (``unknown flag --lisen; did you mean --listen?``); --help and --version
+    still print and exit 0.
+
+    It remembers its flags, to name the closest one to a misspelt flag, and ``commands``, the
+    words that may come first (the subcommands :mod:`hubproxy.cli` dispatches before this parser
+    runs), to name the closest one to a misspelt command."""
+
+    def __init__(self, *args: Any, commands: Sequence[str] = (), **kwargs: Any) -> None:
+        self.flags: dict[str, _Flag] = {}
+        self.commands = tuple(commands)
+        self.subcommands: Any = None  # the add_subparsers action: .dest, .choices (name -> parser)
+        self.argv: list[str] = []  # the arguments being parsed, for error messages
+        # No abbreviations: "--cache" would mean --cache-dir today and be ambiguous once
+        # another --cache-* flag exists; a misspelt flag gets a suggestion instead.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        self.subcommands = super().add_subparsers(**kwargs)
+        return self.subcommands
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.remember(action)
+        return action
+
+    def remember(self, action: argparse.Action) -> None:
+        """Know ``action``'s flags (add_argument does this; call it for a group's arguments)."""
+        metavar = action.metavar if isinstance(action.metavar, str) else None
+        for flag in action.option_strings:
+            self.flags[flag] = _Flag(metavar, action.nargs != 0)
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(argv, namespace)
+        if extras:
+            # A subcommand's parser hands its leftovers up here: let it judge them, it knows
+            # its own flags (``hubproxy user add --pasword-stdin``).
+            owner = self
+            if self.subcommands is not None:
+                owner = self.subcommands.choices.get(getattr(parsed, self.subcommands.dest), self)
+            raise UsageError(owner.unexpected(argv, extras[0]), owner.prog)
+        return parsed
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self.argv, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            # "--user f" leaves --users missing: the misspelt flag is the news, not the missing one
+            unknown = [word for word in self.argv if word.startswith("--") and word != "--"]
+            unknown = [word for word in unknown if word.partition("=")[0] not in self.flags]
+            if unknown:
+                raise UsageError(self.unexpected(self.argv, unknown[0]), self.prog)
+        raise UsageError(self.explain(message), self.prog)
+
+    def unexpected(self, argv: list[str], word: str) -> str:
+        """What is wrong with ``word``, the first argument no flag or positional took."""
+        if word.startswith("-") and word != "-":
+            flag = word.partition("=")[0]
+            known = [name for name in self.flags if name.startswith("--")]
+            # the start of a flag (abbreviations are off): the flags it starts, else the closest
+            close = [name for name in known if name.startswith(flag)][:3]
+            close = close or difflib.get_close_matches(flag, known, n=1)
+            if close:
+                return f"unknown flag {flag}; did you mean {' or '.join(close)}?"
+            return f"unknown flag {flag} (see '{self.prog} --help')"
+        position = argv.index(word) if word in argv else -1
+        if position == 0 and self.commands:
+            close = difflib.get_close_matches(word, self.commands, n=1, cutoff=0.75)
+            if close:
+                return f"unknown command {word!r}; did you mean {close[0]}?"
+            listed = ", ".join(self.commands)
+            return (
+                f"unknown command {word!r} (the commands are {listed}; "
+                f"{self.prog} with flags only runs the mirror)"
+            )
+        before = self.flags.get(argv[position - 1]) if position > 0 else None
+        if before is not None and not before.takes_value:
+            return f"{argv[position - 1]} takes no value, got {word!r}"
+        return f"unexpected argument {word!r} (see '{self.prog} --help')"
+
+    def explain(self, message: str) -> str:
+        """argparse's error ``message`` as our line: ``--read-timeout: ...`` rather than
+        ``argument --read-timeout: ...``, and what a flag missing its value wants."""
+        match = re.fullmatch(r"argument (\S+): (.*)", message, re.DOTALL)
+        if match is None:
+            if message.startswith("the following arguments are required"):
+                return f"{message} (see '{self.prog} --help')"
+            return message
+        name, problem = match.groups()
+        if problem == "expected one argument":
+            flag = self.flags.get(name)
+            wants = f" ({flag.metavar})" if flag is not None and flag.metavar else ""
+            return f"{name} needs a value{wants}"
+        ignored = re.fullmatch(r"ignored explicit argument (.*)", problem)
+        if ignored:
+            return f"{name} takes no value, got {ignored.group(1)}"
+        choice = re.fullmatch(r"invalid choice: '(.*)' \(choose from (.*)\)", problem)
+        if choice:
+            close = difflib.get_close_matches(
+                choice.group(1), re.findall(r"'([^']*)'", choice.group(2)), n=1
+            )
+            if close:
+                return f"{name}: invalid choice: {choice.group(1)!r}; did you mean {close[0]!r}?"
+        return f"{name}: {problem}"
+
+
+def build_parser(table: tuple[Setting, ...] = SETTINGS) -> CommandLine:
     """The ``hubproxy`` command line, made from ``table``. Every setting's default is
     ``argparse.SUPPRESS``: the namespace holds only what the command line gave (``config``
-    included); :func:`~hubproxy.configfile.read_settings` adds the file and the defaults."""
-    parser = argparse.ArgumentParser(
+    included); :func:`~hubproxy.configfile.read_settings` adds the file and the defaults.
+    Its mistakes are :class:`UsageError` (see :class:`CommandLine`)."""
+    parser = CommandLine(
         prog="hubproxy",
+        usage=USAGE,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        commands=[name for name, _, _ in COMMANDS],
     )
     parser.add_argument("--version", action="version", version=f"hubproxy {__version__}")
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
@@ -742,12 +963,14 @@ def build_parser(table: tuple[Setting, ...] = SETTINGS) -> argparse.ArgumentPars
             if setting.repeatable:
                 options["action"] = "append"
             if setting.kind is Kind.INT:
-                options["type"] = int
+                options["type"] = _argument(whole_number)
             elif setting.kind is Kind.NUMBER:
-                options["type"] = float
+                options["type"] = _argument(number)
+            elif setting.kind is Kind.DURATION:
+                options["type"] = _argument(parse_duration)
             if setting.choices:
                 options["choices"] = list(setting.choices)
-        target.add_argument(setting.flag, **options)  # type: ignore[arg-type]
+        parser.remember(target.add_argument(setting.flag, **options))  # type: ignore[arg-type]
     return parser
 
 

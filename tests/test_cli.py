@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trustme
 
-from hubproxy.cli import UsageError, load_settings, main
+from hubproxy.cli import CHECK_CONFIG_HELP, SUBCOMMANDS, UsageError, load_settings, main
 from hubproxy.config import Config
 from hubproxy.ops.usersfile import add_user, load_users
 from hubproxy.policy.access import parse_image_rules, parse_networks
 from hubproxy.policy.registries import DOCKER_HUB_UPSTREAM
 from hubproxy.policy.urls import Origin
-from hubproxy.settings import parse_listen
+from hubproxy.settings import COMMANDS, SETTINGS, parse_duration, parse_listen
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +53,16 @@ def config(*argv: str) -> Config:
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run main() with arguments it must refuse; return the one 'hubproxy: error:' line."""
+    """Run main() with arguments it must refuse; return its one line, 'hubproxy: error: ...'
+    (nothing else: no usage block above it)."""
     assert main(list(argv)) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    errors = [line for line in captured.err.splitlines() if line.startswith("hubproxy: error:")]
-    assert len(errors) == 1, captured.err
-    assert captured.err.endswith(errors[0] + "\n")  # the error is the last line
-    assert captured.err.startswith("usage: hubproxy")
-    return errors[0]
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("hubproxy: error: ")
+    assert captured.err == lines[0] + "\n"
+    return lines[0]
 
 
 # ---------------------------------------------------------------- parse_listen
@@ -111,6 +114,29 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"HOST:PORT|IPv6"):
         parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "example"),
+    [
+        ("http://0.0.0.0:5000", "0.0.0.0:5000"),
+        ("https://0.0.0.0:443", "0.0.0.0:443"),
+        ("https://mirror.lan", "mirror.lan:443"),
+        ("http://mirror.lan/", "mirror.lan:80"),
+        ("http://[::]:5000", "[::]:5000"),
+        ("https://[::1]", "[::1]:443"),
+        ("HTTP://:5000", ":5000"),
+    ],
+)
+def test_parse_listen_refuses_a_url_and_says_what_to_write(text: str, example: str) -> None:
+    """Not the IPv6-brackets advice the colons of ``http://0.0.0.0:5000`` would otherwise get."""
+    with pytest.raises(ValueError, match=r"^takes HOST:PORT without a scheme") as info:
+        parse_listen(text)
+    assert str(info.value) == (
+        f"takes HOST:PORT without a scheme, e.g. {example}; it serves HTTPS when --cert and "
+        "--key are given, plain HTTP otherwise"
+    )
+    assert parse_listen(example) is not None  # the example is a valid --listen
 
 
 def test_parse_listen_rejects_empty_brackets() -> None:
@@ -333,11 +359,143 @@ def test_upstream_ca_not_pem(capsys: pytest.CaptureFixture[str], pem: dict[str, 
     ],
 )
 def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("hubproxy: error:")
+    usage_error(capsys, *argv)
+
+
+DURATION_HELP = "(use seconds, or units: 250ms, 90s, 1m, 1h30m)"
+LISTEN_URL = (
+    "--listen: takes HOST:PORT without a scheme, e.g. 0.0.0.0:5000; it serves HTTPS when --cert "
+    "and --key are given, plain HTTP otherwise"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["--lisen", "0.0.0.0:5000"], "unknown flag --lisen; did you mean --listen?"),
+        (["--lisen=0.0.0.0:5000"], "unknown flag --lisen; did you mean --listen?"),
+        (["--cache_dir", "/srv/cache"], "unknown flag --cache_dir; did you mean --cache-dir?"),
+        (["--cache", "/srv"], "unknown flag --cache; did you mean --cache-dir or --cache-size?"),
+        (["--lib"], "unknown flag --lib; did you mean --library-prefix?"),
+        (["--frobnicate"], "unknown flag --frobnicate (see 'hubproxy --help')"),
+        (["chek-config", "x.toml"], "unknown command 'chek-config'; did you mean check-config?"),
+        (
+            ["serve"],
+            "unknown command 'serve' (the commands are check-config, print-config, user, "
+            "cache; hubproxy with flags only runs the mirror)",
+        ),
+        (["--listen", ":5000", "extra"], "unexpected argument 'extra' (see 'hubproxy --help')"),
+        (["--no-cache", "yes"], "--no-cache takes no value, got 'yes'"),
+        (["--no-cache=yes"], "--no-cache takes no value, got 'yes'"),
+        (["--cache-dir"], "--cache-dir needs a value (DIR)"),
+        (["--max-redirects", "many"], "--max-redirects: not a whole number: 'many'"),
+        (["--client-rate-limit", "x"], "--client-rate-limit: not a number: 'x'"),
+        (["--read-timeout", "1x"], f"--read-timeout: not a duration: '1x' {DURATION_HELP}"),
+        (
+            ["--connect-timeout", "soon"],
+            f"--connect-timeout: not a duration: 'soon' {DURATION_HELP}",
+        ),
+        (["--manifest-ttl", "5 m"], f"--manifest-ttl: not a duration: '5 m' {DURATION_HELP}"),
+        (["--read-timeout", "0s"], "--read-timeout must be a positive number of seconds"),
+        (
+            ["--log-level", "loud"],
+            "--log-level: invalid choice: 'loud' (choose from 'debug', 'info', 'warning', 'error')",
+        ),
+        (["--log-level", "debgu"], "--log-level: invalid choice: 'debgu'; did you mean 'debug'?"),
+        (["--listen", "http://0.0.0.0:5000"], LISTEN_URL),
+    ],
+)
+def test_usage_error_lines(capsys: pytest.CaptureFixture[str], argv: list[str], line: str) -> None:
+    """The line a mistyped command line gets, verbatim, and nothing else (no usage block)."""
+    assert usage_error(capsys, *argv) == f"hubproxy: error: {line}"
+
+
+def test_a_usage_error_is_one_line_from_the_real_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hubproxy", "--lisen", "0.0.0.0:5000"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "hubproxy: error: unknown flag --lisen; did you mean --listen?\n"
+
+
+# ---------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("2.5", 2.5),
+        ("0.25", 0.25),
+        ("90s", 90.0),
+        ("1m", 60.0),
+        ("1h30m", 5400.0),
+        ("1m30s", 90.0),
+        ("250ms", 0.25),
+        ("1.5s", 1.5),
+        (".5h", 1800.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        ("1h1m1s1ms", 3661.001),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "1x", "m", "1 m", "1M", "-1m", "1h-30m", "s1", "1m 30s", "1.2.3s", "ms"]
+)
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^not a duration: ") as info:
+        parse_duration(text)
+    assert str(info.value) == f"not a duration: {text!r} {DURATION_HELP}"
+
+
+def test_durations_with_units_reach_the_config() -> None:
+    cfg = config(
+        "--read-timeout",
+        "2m",
+        "--connect-timeout",
+        "1500ms",
+        "--shutdown-grace",
+        "1m30s",
+        "--manifest-ttl",
+        "5m",
+        "--rate-limit-cooldown",
+        "1h",
+        "--pool-wait-timeout",
+        "45",
+    )
+    t = cfg.timeouts
+    assert (t.upstream_idle, t.connect, t.shutdown_grace, t.pool_wait) == (120, 1.5, 90, 45)
+    assert (cfg.manifest_ttl, cfg.rate_limit_rest) == (300, 3600)
+
+
+def test_durations_with_units_in_the_config_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "hubproxy.toml"
+    path.write_text('read-timeout = "2m"\nconnect-timeout = 4\nmanifest-ttl = 0.5\n')
+    cfg = config("--config", str(path))
+    assert (cfg.timeouts.upstream_idle, cfg.timeouts.connect, cfg.manifest_ttl) == (120, 4, 0.5)
+    path.write_text('listen = ":5000"\nread-timeout = "1x"\n')
+    assert usage_error(capsys, "--config", str(path)) == (
+        f"hubproxy: error: {path}:2: read-timeout: not a duration: '1x' {DURATION_HELP}"
+    )
+    path.write_text("read-timeout = true\n")
+    assert usage_error(capsys, "--config", str(path)) == (
+        f"hubproxy: error: {path}:1: read-timeout: expected a number of seconds or a duration "
+        'string like "1m", got a boolean true'
+    )
+    path.write_text('read-timeout = "0s"\n')
+    assert usage_error(capsys, "--config", str(path)) == (
+        f"hubproxy: error: {path}:1: --read-timeout must be a positive number of seconds"
+    )
 
 
 @pytest.mark.parametrize(
@@ -368,7 +526,17 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: hubproxy")
+    assert out.startswith(
+        "usage: hubproxy [--config FILE] [flags]\n       hubproxy COMMAND [arguments]\n"
+    )
+    assert "\ncommands:\n" in out
+    for name, args, what in COMMANDS:
+        assert f"\n  {name} {args}  " in out and f"  {what}\n" in out
+    # durations show what they take, not argparse's HANDSHAKE_TIMEOUT
+    assert "\n  --handshake-timeout DURATION\n" in out
+    assert "\ntimeouts (seconds, or with a unit: 250ms, 90s, 1m, 1h30m):\n" in out
+    for setting in SETTINGS:
+        assert setting.dest.upper() not in out
     for flag in (
         "--fallback",
         "--upstream-proxy",
@@ -380,6 +548,64 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
         "--public-url",
     ):
         assert flag in out
+
+
+def test_help_lists_every_command_main_runs() -> None:
+    assert list(SUBCOMMANDS) == [name for name, _, _ in COMMANDS]
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str], name: str, flag: str) -> None:
+    assert main([name, flag]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"usage: hubproxy {name} ")
+    assert err == ""
+
+
+def test_check_config_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--help"]) == 0
+    assert capsys.readouterr() == (CHECK_CONFIG_HELP, "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["print-config", "dockr", "--url", "http://m:5000"],
+            "hubproxy print-config: error: client: invalid choice: 'dockr'; did you mean 'docker'?",
+        ),
+        (
+            ["print-config", "docker"],
+            "hubproxy print-config: error: the following arguments are required: --url "
+            "(see 'hubproxy print-config --help')",
+        ),
+        (
+            ["cache", "verify", "--cachedir", "/srv"],
+            "hubproxy cache verify: error: unknown flag --cachedir; did you mean --cache-dir?",
+        ),
+        (
+            ["cache"],
+            "hubproxy cache: error: the following arguments are required: COMMAND "
+            "(see 'hubproxy cache --help')",
+        ),
+        (
+            ["check-config"],
+            "hubproxy check-config: error: the config file comes first: "
+            "hubproxy check-config FILE [flags]",
+        ),
+        (
+            ["check-config", "--listen", ":5000", "hubproxy.toml"],
+            "hubproxy check-config: error: the config file comes first: "
+            "hubproxy check-config FILE [flags]",
+        ),
+    ],
+)
+def test_command_usage_error_lines(
+    capsys: pytest.CaptureFixture[str], argv: list[str], line: str
+) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr() == ("", line + "\n")
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -475,6 +701,12 @@ def test_check_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert err.startswith(f"hubproxy check-config: error: {bad}:2: cache_dir: unknown key")
     assert "cache-dir" in err  # the suggestion
     assert main(["check-config"]) == 2
+    capsys.readouterr()
+    # a misspelt flag after the file gets the same suggestion as on hubproxy's command line
+    assert main(["check-config", str(good), "--lisen", ":5000"]) == 1
+    assert capsys.readouterr().err == (
+        "hubproxy check-config: error: unknown flag --lisen; did you mean --listen?\n"
+    )
 
 
 # ---------------------------------------------------------------- registries

@@ -22,7 +22,12 @@ from hubproxy.settings import (
 )
 
 # A valid value of each kind, as a command-line argument and as TOML.
-SAMPLE = {Kind.TEXT: ("x", '"x"'), Kind.INT: ("3", "3"), Kind.NUMBER: ("2.5", "2.5")}
+SAMPLE = {
+    Kind.TEXT: ("x", '"x"'),
+    Kind.INT: ("3", "3"),
+    Kind.NUMBER: ("2.5", "2.5"),
+    Kind.DURATION: ("1m30s", '"1m30s"'),  # the same 90 seconds both ways
+}
 
 
 def sample(setting: Setting) -> tuple[list[str], str]:
@@ -58,9 +63,8 @@ def test_every_setting_is_a_flag_and_a_key(setting: Setting, tmp_path: Path) -> 
 
 
 def test_no_flag_outside_the_table() -> None:
-    usage = build_parser().format_usage()
-    flags = set(re.findall(r"\[(--[a-z0-9-]+)", usage))
-    fixed = {"--version", "--config"}  # the parser's own, not settings
+    flags = set(build_parser().flags)
+    fixed = {"-h", "--help", "--version", "--config"}  # the parser's own, not settings
     negations = {f"--no-{s.name}" for s in SETTINGS if s.kind is Kind.BOOL}
     assert flags - fixed - negations == {setting.flag for setting in SETTINGS}
     assert set(file_keys()) == {setting.name for setting in SETTINGS}
@@ -83,6 +87,19 @@ def test_defaults_make_the_default_config() -> None:
     assert config.timeouts == empty.timeouts and config.cache_size == empty.cache_size
     assert config.allow == empty.allow and config.images == empty.images
     assert defaults()["log_level"] == "info"
+
+
+def test_every_value_has_a_metavar() -> None:
+    """--help shows what a flag takes (SECONDS, DURATION, N), never argparse's HANDSHAKE_TIMEOUT."""
+    for setting in SETTINGS:
+        if setting.kind not in (Kind.SWITCH, Kind.BOOL):
+            assert setting.metavar or setting.choices, setting.name
+        if setting.kind is Kind.DURATION:
+            assert setting.metavar == "DURATION", setting.name
+    timeouts = [s.name for s in SETTINGS if s.name.endswith("-timeout")]
+    assert timeouts and all(
+        next(s for s in SETTINGS if s.name == name).kind is Kind.DURATION for name in timeouts
+    )
 
 
 def test_help_keeps_the_table_order_and_groups() -> None:

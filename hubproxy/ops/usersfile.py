@@ -21,6 +21,9 @@ from pathlib import Path
 from ..policy.passwords import hash_password, parse_hash
 
 NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+# The shortest password ``hubproxy user add`` accepts. A mirror user guards pulls, often on a
+# public address, and a wrong-password limit (--login-failures) only slows guessing down.
+MIN_PASSWORD_LENGTH = 8
 
 
 class UsersFileError(ValueError):
@@ -31,6 +34,17 @@ def check_name(name: str) -> None:
     """Raise ValueError unless ``name`` is 1 to 64 letters, digits and ``. _ @ -``."""
     if not NAME_RE.fullmatch(name):
         raise ValueError(f"invalid user name {name!r}: use 1 to 64 letters, digits and . _ @ -")
+
+
+def check_password(password: str) -> None:
+    """Raise ValueError unless ``password`` has at least :data:`MIN_PASSWORD_LENGTH` characters.
+
+    ``hubproxy user add`` asks this of a password a person chose; :func:`add_user` itself only
+    refuses an empty one (a file may hold any hash)."""
+    if not password:
+        raise ValueError("empty password refused")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"password too short: use at least {MIN_PASSWORD_LENGTH} characters")
 
 
 def _lines(text: str) -> list[str]:
