@@ -36,6 +36,7 @@ from .policy.registries import address
 from .policy.routing import Route, RouteKind, route_label, route_request
 from .policy.search import MAX_SEARCH_ANSWER, filter_search_answer
 from .policy.tokenpolicy import Credential, check_method, client_credential, outbound
+from .policy.trouble import LineThrottle
 from .policy.upstreams import UpstreamSet
 from .policy.urls import Url
 from .tokens import TokenEndpoint
@@ -104,6 +105,18 @@ class Proxy:
         self._scrypt_threads = trio.CapacityLimiter(SCRYPT_THREADS)
         self._scrypt_turns = OneEach()  # one check per address in the threads' queue
         self._sweeping = False  # a task ends quiet pulls (``_sweep_pulls``)
+        self._failures = LineThrottle()  # one line a minute per kind of failure answered
+
+    def _log_failure(
+        self, request: ClientRequest, response: ClientResponse, error: ProxyError
+    ) -> None:
+        """A 5xx answered to a client: one line, then at most one a minute for the same kind of
+        failure (saying how many were not logged): a dead upstream fails every request alike."""
+        held = self._failures.admit((type(error).__name__, error.status), trio.current_time())
+        if held is None:
+            return
+        more = f" ({held} more like it in the last minute, not logged)" if held else ""
+        log.warning("%s %s failed: %s%s", request.method, response.record.path, error, more)
 
     @property
     def pool(self) -> Pool:
@@ -139,7 +152,7 @@ class Proxy:
                 await self._search(request, response, route)
         except ProxyError as error:
             if error.status >= 500:
-                log.warning("%s %s failed: %s", request.method, response.record.path, error)
+                self._log_failure(request, response, error)
             await response.send_error(error, close=isinstance(error, ClientProtocolError))
         finally:
             self.metrics.count_request(

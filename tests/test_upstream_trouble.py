@@ -31,6 +31,7 @@ from hubproxy.policy.trouble import (
     Ended,
     Health,
     Kind,
+    LineThrottle,
     Started,
     advice,
     continuing_line,
@@ -409,6 +410,40 @@ async def test_readyz_fails_at_the_first_failed_request_after_the_upstream_died(
     assert await readyz(proxy.url, ca) == (503, False, f"{origin}: connection refused 0s ago")
     mock_clock.jump(PROBE_RETRY)  # probed again, and still refused
     assert await readyz(proxy.url, ca) == (503, False, f"{origin}: connection refused 0s ago")
+
+
+def test_a_line_throttle_says_how_many_it_held_back() -> None:
+    throttle = LineThrottle(interval=60.0, max_keys=2)
+    assert throttle.admit(("UpstreamUnavailable", 502), 0.0) == 0
+    assert throttle.admit(("UpstreamUnavailable", 502), 1.0) is None
+    assert throttle.admit(("UpstreamUnavailable", 502), 59.0) is None
+    assert throttle.admit(("UpstreamTimeout", 504), 59.0) == 0  # another kind: its own line
+    assert throttle.admit(("UpstreamUnavailable", 502), 60.0) == 2
+    assert throttle.admit(("MirrorBusy", 503), 61.0) == 0  # a third key: the oldest is dropped
+    assert throttle.admit(("UpstreamTimeout", 504), 62.0) == 0
+
+
+async def test_a_dead_upstream_fails_every_request_in_one_line_a_minute(
+    nursery: trio.Nursery,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    mock_clock: trio.testing.MockClock,
+    warnings: pytest.LogCaptureFixture,
+) -> None:
+    with trio.socket.socket() as unused:  # a port nothing listens on
+        await unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    proxy = await start_proxy(upstream=f"https://127.0.0.1:{port}")
+    for _ in range(3):
+        r = await fetch(proxy.url + "/v2/library/alpine/manifests/3.20", ca)
+        assert r.status == 502
+    failed = [line for line in lines(warnings, logging.WARNING) if " failed: " in line]
+    assert len(failed) == 1 and failed[0].startswith("GET /v2/library/alpine/manifests/3.20 failed")
+    mock_clock.jump(60)
+    r = await fetch(proxy.url + "/v2/library/alpine/manifests/3.20", ca)
+    failed = [line for line in lines(warnings, logging.WARNING) if " failed: " in line]
+    assert len(failed) == 2
+    assert failed[1].endswith("(2 more like it in the last minute, not logged)")
 
 
 # -- the reachability check at start -------------------------------------------------------------

@@ -343,3 +343,27 @@ def readiness(
         )
         return Readiness(False, failures)
     return Readiness(None, "no recent answer")
+
+
+class LineThrottle:
+    """At most one log line per key per ``interval`` seconds: the errors answered to clients
+    (a dead upstream fails every request alike) get one line, then one a minute that says how
+    many like it were not logged, never one per request. Bounded: beyond ``max_keys`` keys the
+    oldest is forgotten (its next line comes at once)."""
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 256) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: dict[tuple[object, ...], tuple[float, int]] = {}  # key -> (logged at, held)
+
+    def admit(self, key: tuple[object, ...], now: float) -> int | None:
+        """None to hold the line back; else log it, with the count of lines held back since
+        the last one for this key."""
+        entry = self._last.pop(key, None)
+        if entry is not None and now - entry[0] < self.interval:
+            self._last[key] = (entry[0], entry[1] + 1)
+            return None
+        while len(self._last) >= self.max_keys:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (now, 0)
+        return entry[1] if entry is not None else 0
