@@ -178,7 +178,7 @@ class Proxy:
         activity = self.metrics.activity
         key = activity.transfers.begin(shown, response.record) if request.method == "GET" else None
         if kind == "manifest" and request.method == "GET":
-            response.tap = bytearray()  # the pull tracker reads the layers it names
+            response.tap = []  # the pull tracker reads the layers it names
         answered = False
         try:
             await self._registry_request(request, response, route)
@@ -215,7 +215,7 @@ class Proxy:
                 repository=name,
                 reference=reference,
                 method=request.method,
-                layers=manifest_layers(bytes(tap)) if tap is not None and complete else None,
+                layers=manifest_layers(b"".join(tap)) if tap is not None and complete else None,
                 size=record.bytes_sent,
                 now=now,
                 wall=time.time(),

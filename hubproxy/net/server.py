@@ -169,9 +169,10 @@ class ClientResponse:
         # called with each count of body bytes as they leave, not at the end: /metrics and the
         # status page follow a long transfer while it runs
         self.on_sent: Callable[[int], None] | None = None
-        # when set, a copy of the body sent through ``send`` (a manifest: the pull tracker reads
-        # its layers); dropped (None) once it would pass ``TAP_LIMIT``
-        self.tap: bytearray | None = None
+        # when set, the body sent through ``send``, chunk by chunk (a manifest: the pull tracker
+        # reads its layers); dropped (None) once it would pass ``TAP_LIMIT``
+        self.tap: list[bytes | memoryview] | None = None
+        self.tapped = 0  # body bytes sent while ``tap`` was set
 
     @property
     def committed(self) -> bool:
@@ -202,10 +203,15 @@ class ClientResponse:
         if self.on_sent is not None:
             self.on_sent(len(chunk))
         if self.tap is not None:
-            if len(self.tap) + len(chunk) <= TAP_LIMIT:
-                self.tap += chunk
-            else:
+            self.tapped += len(chunk)
+            if self.tapped > TAP_LIMIT:
                 self.tap = None
+            elif isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly):
+                # immutable: kept by reference, so a hundred clients of one cached manifest
+                # share its buffer instead of each holding a copy
+                self.tap.append(chunk)
+            else:
+                self.tap.append(bytes(chunk))  # the caller may reuse its buffer
 
     async def flush(self) -> None:
         """Send a head still waiting for body bytes (before a body that bypasses h11)."""
