@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.net.server import AccessRecord, ClientConnection, ClientResponse
+from hubproxy.net.server import TAP_LIMIT, AccessRecord, ClientConnection, ClientResponse
 from hubproxy.net.settings import ListenerSettings
 from hubproxy.ops.statuspage import format_bytes, format_ratio
 from tests.conftest import RunningProxy, StartProxy
@@ -264,5 +264,43 @@ async def test_the_manifest_tap_shares_an_immutable_body_instead_of_copying_it()
     assert isinstance(second, memoryview) and second.obj is body
     assert third == b"abc"
     assert b"".join(response.tap) == body + b"abc"
+    await client.stream.aclose()
+    theirs.close()
+
+
+async def test_the_manifest_tap_never_pins_a_large_body() -> None:
+    """A manifest larger than the tap's limit is not tapped at all (its Content-Length says so
+    at the first slice), and a slice of a large buffer is copied rather than kept: a view would
+    pin the whole body, which a sender waiting for its turn must be able to let go of."""
+    ours, theirs = trio.socket.socketpair()
+    client = ClientConnection(
+        trio.SocketStream(ours), settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
+    )
+    client.conn.receive_data(b"GET /v2/x/manifests/1 HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert isinstance(client.conn.next_event(), h11.Request)
+    large = b"x" * (TAP_LIMIT + 1)
+    record = AccessRecord("127.0.0.1", "GET", "/v2/x/manifests/1")
+    response = ClientResponse(client, record)
+    response.tap = []
+    await response.start(200, [(b"content-length", b"10")])
+    await response.send(memoryview(large)[:10])
+    [kept] = response.tap
+    assert not isinstance(kept, memoryview) and kept == large[:10]  # a copy, not a view
+    await client.stream.aclose()
+    theirs.close()
+
+    ours, theirs = trio.socket.socketpair()
+    client = ClientConnection(
+        trio.SocketStream(ours), settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
+    )
+    client.conn.receive_data(b"GET /v2/x/manifests/2 HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert isinstance(client.conn.next_event(), h11.Request)
+    record = AccessRecord("127.0.0.1", "GET", "/v2/x/manifests/2")
+    record.length = len(large)  # what the head said
+    response = ClientResponse(client, record)
+    response.tap = []
+    await response.start(200, [(b"content-length", b"%d" % len(large))])
+    await response.send(memoryview(large)[:1000])  # fits the far end's socket buffer
+    assert response.tap is None
     await client.stream.aclose()
     theirs.close()

@@ -24,6 +24,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import h11
 import trio
@@ -153,6 +154,16 @@ class ClientRequest:
         return value.decode("latin-1") if value is not None else None
 
 
+def _small_immutable(chunk: bytes | bytearray | memoryview) -> TypeGuard[bytes | memoryview]:
+    """Whether keeping ``chunk`` holds no more than ``TAP_LIMIT`` bytes that cannot change."""
+    if isinstance(chunk, bytes):
+        return len(chunk) <= TAP_LIMIT
+    if isinstance(chunk, memoryview):
+        whole = chunk.obj
+        return chunk.readonly and isinstance(whole, bytes) and len(whole) <= TAP_LIMIT
+    return False
+
+
 class ClientResponse:
     """The one way the proxy answers a client: head, body chunks, end; or an error."""
 
@@ -204,14 +215,17 @@ class ClientResponse:
             self.on_sent(len(chunk))
         if self.tap is not None:
             self.tapped += len(chunk)
-            if self.tapped > TAP_LIMIT:
+            length = self.record.length
+            if self.tapped > TAP_LIMIT or (length is not None and length > TAP_LIMIT):
                 self.tap = None
-            elif isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly):
-                # immutable: kept by reference, so a hundred clients of one cached manifest
-                # share its buffer instead of each holding a copy
+            elif _small_immutable(chunk):
+                # kept by reference, so a hundred clients of one cached manifest share its
+                # buffer instead of each holding a copy
                 self.tap.append(chunk)
             else:
-                self.tap.append(bytes(chunk))  # the caller may reuse its buffer
+                # the caller may reuse its buffer, or the view pins a larger one (a big
+                # manifest a waiting sender would otherwise let go of)
+                self.tap.append(bytes(chunk))
 
     async def flush(self) -> None:
         """Send a head still waiting for body bytes (before a body that bypasses h11)."""
