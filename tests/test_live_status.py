@@ -18,7 +18,8 @@ import trustme
 
 from hubproxy.net.server import TAP_LIMIT, AccessRecord, ClientConnection, ClientResponse
 from hubproxy.net.settings import ListenerSettings
-from hubproxy.ops.statuspage import format_bytes, format_ratio
+from hubproxy.ops.statuspage import format_ratio
+from hubproxy.policy.sizes import format_size
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
@@ -77,7 +78,7 @@ async def test_bytes_and_the_transfer_show_while_a_layer_is_sent(
     assert row[:3] == [
         "127.0.0.1",
         f"library/alpine {digest[:19]}",
-        f"{format_bytes(1_000_000)} of {format_bytes(len(layer))} "
+        f"{format_size(1_000_000)} of {format_size(len(layer))} "
         f"({format_ratio(1_000_000 / len(layer))})",
     ]
     assert row[3].endswith("/s")

@@ -12,11 +12,11 @@ from hubproxy.policy.pulls import (
     RECENT,
     PullSummary,
     PullTracker,
-    format_size,
     image_name,
     manifest_layers,
     summary_line,
 )
+from hubproxy.policy.sizes import format_decimal_size as format_size
 
 CLIENT = "10.0.0.5"
 REPO = "library/alpine"

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from html import escape
 
 from .. import __version__
-from ..policy.pulls import PullSummary, format_size
+from ..policy.pulls import PullSummary
 from ..policy.registries import RegistryTable
+from ..policy.sizes import format_decimal_size, format_size
 from ..policy.urls import Url
 from .activity import TransferFigures, UpstreamCondition, UpstreamHealth, UpstreamState
 from .clientconfig import CLIENTS, snippet
@@ -28,7 +29,6 @@ from .metrics import HubMetrics, RateLimit
 Snippet = tuple[str, str, str]  # client, where it goes (and what else to do), text to paste
 
 REFRESH_SECONDS = 10  # the page reloads itself this often
-_SIZE_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _DURATION_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 _STYLE = """
@@ -48,20 +48,6 @@ code, pre { font-family: ui-monospace, monospace; font-size: 0.92em; }
 .error { color: #b71c1c; }
 .none { color: #666; }
 """
-
-
-def format_bytes(size: int) -> str:
-    """A byte count for people: ``512 B``, ``1.5 KiB``, ``20 GiB`` (binary units, about three
-    significant digits)."""
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in _SIZE_UNITS:
-        value /= 1024
-        # Round first, then decide: 1023.7 KiB reads better as "1.0 MiB" than as "1024 KiB".
-        if value < 1023.5 or unit == _SIZE_UNITS[-1]:
-            return f"{value:.1f} {unit}" if value < 9.95 else f"{value:.0f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def format_duration(seconds: float) -> str:
@@ -299,8 +285,8 @@ def _figures(status: StatusFigures) -> list[str]:
     if status.cache_limit > 0:
         used = status.cache_bytes / status.cache_limit
         cache = (
-            f"{escape(format_bytes(status.cache_bytes))} of "
-            f"{escape(format_bytes(status.cache_limit))} ({escape(format_ratio(used))}), "
+            f"{escape(format_size(status.cache_bytes))} of "
+            f"{escape(format_size(status.cache_limit))} ({escape(format_ratio(used))}), "
             f"{escape(format_count(status.cache_blobs))} blobs"
         )
     else:
@@ -310,13 +296,13 @@ def _figures(status: StatusFigures) -> list[str]:
         _row("Cache", cache),
     ]
     if status.disk_free is not None:
-        rows.append(_row("Free disk (cache)", escape(f"{format_bytes(status.disk_free)} free")))
+        rows.append(_row("Free disk (cache)", escape(f"{format_size(status.disk_free)} free")))
     return [
         "<table>",
         *rows,
         _row("Cache hit ratio", escape(format_ratio(status.cache_hit_ratio))),
-        _row("Served from cache (saved)", escape(format_bytes(status.bytes_from_cache))),
-        _row("Served from upstream", escape(format_bytes(status.bytes_from_upstream))),
+        _row("Served from cache (saved)", escape(format_size(status.bytes_from_cache))),
+        _row("Served from upstream", escape(format_size(status.bytes_from_upstream))),
         "</table>",
     ]
 
@@ -356,13 +342,13 @@ def _transfers(transfers: Sequence[TransferFigures]) -> list[str]:
         return ['<p class="none">No transfer under way.</p>']
     rows = ["<tr><th>Client</th><th>Image or blob</th><th>Sent</th><th>Rate</th><th>For</th></tr>"]
     for transfer in transfers:
-        sent = format_bytes(transfer.bytes)
+        sent = format_size(transfer.bytes)
         if transfer.size:
             share = format_ratio(transfer.bytes / transfer.size)
-            sent += f" of {format_bytes(transfer.size)} ({share})"
+            sent += f" of {format_size(transfer.size)} ({share})"
         rows.append(
             f"<tr><td>{escape(transfer.client)}</td><td><code>{escape(transfer.what)}</code></td>"
-            f"<td>{escape(sent)}</td><td>{escape(format_bytes(int(transfer.rate)))}/s</td>"
+            f"<td>{escape(sent)}</td><td>{escape(format_size(int(transfer.rate)))}/s</td>"
             f"<td>{escape(format_duration(transfer.seconds))}</td></tr>"
         )
     return ['<table class="transfers">', *rows, "</table>"]
@@ -377,7 +363,7 @@ def _pull_detail(pull: PullSummary) -> str:
         count = f"{pull.layers} of {pull.layers_total} layers"
     else:
         count = f"{pull.layers} of {pull.layers_total} layers (the client had the rest)"
-    parts = [count, format_size(pull.bytes), f"{pull.from_cache} from cache"]
+    parts = [count, format_decimal_size(pull.bytes), f"{pull.from_cache} from cache"]
     if pull.done:
         parts.append(f"{pull.seconds:.1f} s")
     else:

@@ -25,25 +25,13 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 
+from .sizes import format_decimal_size
+
 QUIET = 10.0  # seconds without an event after which a pull is reported as it stands
 MAX_OPEN = 256  # pulls followed at once; past it the one quiet longest is ended early
 MAX_LAYERS = 512  # layer digests awaited per pull (a real image has a few dozen at most)
 RECENT = 20  # pulls the status page lists
 DIGEST_SHOWN = 12  # hex digits of a digest reference shown in an image name
-
-_DECIMAL_UNITS = ("kB", "MB", "GB", "TB")
-
-
-def format_size(size: int) -> str:
-    """A byte count as ``docker pull`` shows one: decimal units, one decimal (``3.5 MB``)."""
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in _DECIMAL_UNITS:
-        value /= 1000
-        if value < 999.95 or unit == _DECIMAL_UNITS[-1]:
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def is_digest(reference: str) -> bool:
@@ -108,7 +96,7 @@ def summary_line(pull: PullSummary) -> str:
     else:
         count = f"{pull.layers} of {pull.layers_total} layers"
     return (
-        f"pulled {pull.image} ({count}, {format_size(pull.bytes)}, "
+        f"pulled {pull.image} ({count}, {format_decimal_size(pull.bytes)}, "
         f"{pull.from_cache} from cache, {pull.seconds:.1f} s) for {pull.client}"
     )
 

@@ -83,3 +83,18 @@ def describe_size(size: int) -> str:
         if size % unit_size == 0 and size % MiB != 0:
             return f"{size // unit_size} {unit} ({format_size(size)})"
     return format_size(size)
+
+
+_PULL_UNITS = ("kB", "MB", "GB", "TB")
+
+
+def format_decimal_size(size: int) -> str:
+    """A byte count as ``docker pull`` shows one: decimal units, one decimal (``3.5 MB``)."""
+    if size < 1000:
+        return f"{size} B"
+    value = float(size)
+    for unit in _PULL_UNITS:
+        value /= 1000
+        if value < 999.95 or unit == _PULL_UNITS[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
