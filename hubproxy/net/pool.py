@@ -270,8 +270,11 @@ class Pool:
 
     @staticmethod
     def _note_dial_done(state: _Origin) -> None:
-        state.dial_done.set()
-        state.dial_done = trio.Event()
+        # renewed only once someone waited on it: every exchange puts a connection back, and
+        # a fresh Event per request would be an allocation on the common path for nobody
+        if state.dial_done.statistics().tasks_waiting:
+            state.dial_done.set()
+            state.dial_done = trio.Event()
 
     async def _take_idle(self, key: PoolKey) -> UpstreamConnection | None:
         idle = self._origins[key].idle
