@@ -19,7 +19,15 @@ import trustme
 from hubproxy.app import build_proxy
 from hubproxy.config import Config, Limits
 from hubproxy.net.buffers import LARGEST as CHUNK
-from hubproxy.net.server import ClientConnection, Server
+from hubproxy.net.server import (
+    AccessRecord,
+    ClientConnection,
+    ClientRequest,
+    ClientResponse,
+    Server,
+)
+from hubproxy.net.settings import ListenerSettings
+from hubproxy.net.turns import Turns
 from hubproxy.policy.urls import Origin, parse_url
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
@@ -677,3 +685,49 @@ async def _exchange_raw(url: str, ca: trustme.CA, raw: bytes) -> bytes:
             return await read_until_closed(stream)
     finally:
         await stream.aclose()
+
+
+async def test_a_client_that_closes_after_its_whole_answer_cancels_nothing() -> None:
+    """A client that reads its whole answer and closes at once (a one-shot client) has not
+    left early: what the handler still does after the answer (putting an upstream connection
+    back, bookkeeping) runs to its end and the access line says 200, not 200/aborted (a race
+    that made tests/test_process.py flaky)."""
+    ours, theirs = trio.socket.socketpair()
+    peer = trio.SocketStream(theirs)
+    client = ClientConnection(
+        trio.SocketStream(ours), settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
+    )
+    client.conn.receive_data(b"GET /v2/ HTTP/1.1\r\nhost: x\r\n\r\n")
+    request = client.conn.next_event()
+    assert isinstance(request, h11.Request)
+    peer_closed = trio.Event()
+    seen: dict[str, object] = {}
+
+    async def handler(req: ClientRequest, response: ClientResponse) -> None:
+        seen["record"] = response.record
+        await response.start(200, [(b"content-length", b"2")])
+        await response.send(b"ok")
+        await response.finish()
+        await peer_closed.wait()  # work after the answer, while the client is gone
+        seen["after"] = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._handle, request, handler, Turns(16, 30.0))
+        answer = await read_until_closed_or(peer, b"ok")
+        assert answer.endswith(b"\r\n\r\nok")
+        await peer.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # the watch has seen the close
+        peer_closed.set()
+    record = seen["record"]
+    assert isinstance(record, AccessRecord)
+    assert seen.get("after") is True
+    assert (record.status, record.aborted) == (200, False)
+    await client.stream.aclose()
+
+
+async def read_until_closed_or(stream: trio.SocketStream, end: bytes) -> bytes:
+    """Read until the data ends with ``end`` (or the peer closes)."""
+    data = b""
+    while not data.endswith(end) and (chunk := await stream.receive_some(65536)):
+        data += chunk
+    return data

@@ -171,6 +171,7 @@ class ClientResponse:
         self._client = client
         self.record = record
         self.started = False
+        self.finished = False  # the whole answer went out: a client leaving now cancels nothing
         # The head waits for the first body bytes (or the end), so that a small response
         # leaves in one write: one syscall and, over TLS, one record instead of three. Until
         # then it is not even framed, so a failure before any byte left can still become a
@@ -233,10 +234,10 @@ class ClientResponse:
             await self._client.send_bytes(head)
 
     async def finish(self) -> None:
-        if self._client.body_bypassed:
-            return  # the body went around h11 (sendfile): the connection re-syncs h11 itself
-        head = self._take_head()
-        await self._client.send_bytes(head + self._client.frame(h11.EndOfMessage()))
+        if not self._client.body_bypassed:  # (sendfile: the connection re-syncs h11 itself)
+            head = self._take_head()
+            await self._client.send_bytes(head + self._client.frame(h11.EndOfMessage()))
+        self.finished = True
 
     @property
     def can_sendfile(self) -> bool:
@@ -537,6 +538,8 @@ class ClientConnection:
             if data:
                 self.conn.receive_data(data)  # type: ignore[arg-type]  # any bytes-like
                 return
+            if response.finished:
+                return  # it read its whole answer and closed: what is left here is ours
             departed = True
             scope.cancel()
 
@@ -551,7 +554,7 @@ class ClientConnection:
             nursery.cancel_scope.cancel()
         if failed is not None:
             raise failed
-        if departed and not answered:
+        if departed and not answered and not response.finished:
             raise ClientGone("the client closed the connection before its answer was complete")
 
     async def _reject(self, error: ProxyError, response: ClientResponse | None = None) -> None:
