@@ -20,6 +20,7 @@ from .cache.pullthrough import PullThrough
 from .cache.store import BlobStore, describe_disk
 from .config import Config
 from .forwarder import Forwarder, build_pool
+from .net.ktls import ktls_clause
 from .net.pool import Connector
 from .net.server import Server
 from .net.streams import CertificateError, certificate_validity
@@ -288,7 +289,7 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
     access = _access_summary(config, proxy)
     log.info(
         "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s; "
-        "access: %s; other registries: %s",
+        "access: %s; other registries: %s; %s",
         where,
         upstream,
         fallbacks,
@@ -296,6 +297,7 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
         cache,
         access,
         others or "none",
+        ktls_clause(),
     )
     if not config.allow.networks and config.users_file is None:
         if _reachable_beyond_this_machine(server):

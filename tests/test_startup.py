@@ -433,7 +433,9 @@ async def test_the_startup_line_says_who_may_use_the_mirror(
 ) -> None:
     caplog.set_level(logging.INFO, logger="hubproxy")
     await start_proxy()
-    assert "; no cache; access: open to everyone; other registries: none" in startup_line(caplog)
+    assert "; no cache; access: open to everyone; other registries: none; kTLS off: " in (
+        startup_line(caplog)
+    )
     assert warnings(caplog) == []  # on 127.0.0.1: nobody else can reach it
     caplog.clear()
     users = tmp_path / "users"
