@@ -131,6 +131,16 @@ async def serve(
 # one key per process for the stamps of mirror users (see Authenticator.stamp): a reload builds
 # a new Authenticator with the same key, so only changed or removed users lose their tokens
 _STAMP_KEY = secrets.token_bytes(32)
+# the key sealing mirror tokens; None: a random one per TokenSealer
+_SEALING_KEY: bytes | None = None
+
+
+def share_keys(keys: bytes) -> None:
+    """A worker of ``--workers N``: seal tokens and stamp users with the supervisor's keys (64
+    bytes), which every worker shares: a token one worker issued opens in every other, where
+    the client's next connection may land. Called once, before anything is built."""
+    global _STAMP_KEY, _SEALING_KEY
+    _SEALING_KEY, _STAMP_KEY = keys[:32], keys[32:]
 
 
 def build_admission(config: Config, users: dict[str, str] | None = None) -> Admission:
@@ -182,7 +192,7 @@ def build_proxy(
     return Proxy(
         forwarder,
         admission,
-        TokenEndpoint(forwarder, TokenSealer(), admission.images),
+        TokenEndpoint(forwarder, TokenSealer(_SEALING_KEY), admission.images),
         Operations(forwarder, pullthrough, server),
         index_url=config.index_url,
         pullthrough=pullthrough,

@@ -22,7 +22,7 @@ from typing import TextIO
 
 import trio
 
-from .app import CacheDirError, StartupError, listen_problem, serve
+from .app import CacheDirError, StartupError, listen_problem, serve, share_keys
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
@@ -38,7 +38,14 @@ from .ops.usersfile import (
     remove_user,
 )
 from .settings import CommandLine, UsageError, Values, build_config, default_cache_dir
-from .workers import WorkerRole, WorkersError, prepare_cache, reserve_port, supervise
+from .workers import (
+    WorkerRole,
+    WorkersError,
+    prepare_cache,
+    receive_keys,
+    reserve_port,
+    supervise,
+)
 
 __all__ = [
     "UsageError",
@@ -382,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if role is None and config.workers > 1:
         return run_supervisor(config, args_list)
     if role is not None:
+        share_keys(receive_keys(role))
         config = dataclasses.replace(config, listen_port=role.port)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on (app.py)
     try:

@@ -12,11 +12,13 @@ listens, so the kernel spreads new connections over the workers. A subprocess ra
 ``multiprocessing`` child: nothing to pickle, no fork of a running trio loop, no resource
 tracker, and a worker is exactly the program a single process is, plus four hooks.
 
-The socket pair carries one line from the worker ("ready", once it serves) and nothing the
-other way: when the supervisor dies, even by SIGKILL, each worker reads end-of-file and stops
-as after a SIGTERM. The supervisor passes SIGHUP (reload) and SIGTERM to every worker; SIGINT
-becomes SIGTERM (workers ignore SIGINT itself, which a terminal sends to the whole process group:
-each worker must hear one stop, not two, since a second one means "stop now"). A worker that
+The socket pair carries the keys every worker must share (64 bytes, first thing: the key that
+seals mirror tokens and the one that stamps mirror users, so a token one worker issued opens in
+every other), then one line from the worker ("ready", once it serves). When the supervisor
+dies, even by SIGKILL, each worker reads end-of-file and stops as after a SIGTERM. The
+supervisor passes SIGHUP (reload) and SIGTERM to every worker; SIGINT becomes SIGTERM (workers
+ignore SIGINT itself, which a terminal sends to the whole process group: each worker must hear
+one stop, not two, since a second one means "stop now"). A worker that
 dies unexpectedly is started again, with one line saying so; one that dies within
 ``STABLE_AFTER`` seconds of its start waits before its next start, twice as long each time up
 to ``MAX_BACKOFF`` (a crash loop costs a line every 30 seconds, not a core). A worker that
@@ -32,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -55,6 +58,7 @@ WORKER_ENV = "HUBPROXY_WORKER"
 STABLE_AFTER = 10.0  # seconds: a worker that lived this long died of something other than start
 MAX_BACKOFF = 30.0  # seconds between two starts of a worker that keeps dying at once
 READY = b"ready\n"
+KEYS = 64  # bytes: the token sealing key, then the users' stamp key
 
 
 class WorkersError(Exception):
@@ -147,6 +151,7 @@ class Supervisor:
         self.stop = trio.Event()  # set with ``stopping``: ends a wait before a restart
         self.all_ready = False
         self.failed: str | None = None
+        self.keys = secrets.token_bytes(KEYS)  # for every worker, restarted ones too
 
     async def run(self) -> None:
         """Run the workers until a stop signal, then until each has stopped. Raises
@@ -194,6 +199,7 @@ class Supervisor:
         finally:
             theirs.close()
         slot.control = trio.socket.from_stdlib_socket(ours)
+        await slot.control.send(self.keys)  # into the socket's buffer: never waits
         slot.started_at = trio.current_time()
         slot.ready = False
 
@@ -270,6 +276,18 @@ def supervise(config: Config, argv: list[str], port: int) -> None:
 
 
 # -- the worker's side ---------------------------------------------------------------------------
+
+
+def receive_keys(role: WorkerRole) -> bytes:
+    """The keys the supervisor sends first (blocking: before the event loop starts)."""
+    with socket.socket(fileno=os.dup(role.control_fd)) as control:
+        keys = b""
+        while len(keys) < KEYS:
+            chunk = control.recv(KEYS - len(keys))
+            if not chunk:
+                raise WorkersError("the supervisor is gone")
+            keys += chunk
+    return keys
 
 
 async def report_ready(role: WorkerRole) -> None:
