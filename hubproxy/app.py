@@ -98,7 +98,7 @@ async def serve(
                 async with trio.open_nursery() as nursery:
                     proxy.forwarder.background = nursery
                     blobs = proxy.pullthrough.blobs if proxy.pullthrough is not None else None
-                    if blobs is not None and blobs.claims is not None:
+                    if blobs is not None and isinstance(blobs.claims, Claims):
                         blobs.claims.nursery = nursery  # following other workers' fills
                     await nursery.start(server.serve, proxy.handle)
                     if role is None or role.index == 0:  # one startup line for all workers

@@ -23,7 +23,7 @@ import trustme
 
 from hubproxy.cache.claims import ClaimedElsewhere, Claims, owner_alive, process_start
 from hubproxy.cache.store import BlobStore, FillState
-from hubproxy.ops.workermetrics import merge
+from hubproxy.ops.workermetrics import Snapshot, merge
 from hubproxy.settings import parse_workers
 from tests.conftest import TLSFiles
 from tests.fakehub import FakeHub, FetchResult, make_layer
@@ -319,7 +319,7 @@ async def test_eviction_bounds_the_directory_across_processes(tmp_path: Path) ->
 
 
 def test_metrics_merge_sums_counters_and_takes_shared_gauges_once() -> None:
-    def snap(requests: float, cache_bytes: float, started: float) -> dict[str, object]:
+    def snap(requests: float, cache_bytes: float, started: float) -> Snapshot:
         return {
             "hubproxy_requests": {
                 "kind": "counter",
@@ -339,7 +339,7 @@ def test_metrics_merge_sums_counters_and_takes_shared_gauges_once() -> None:
         }
 
     retired = {k: v for k, v in snap(5, 0, 0).items() if k == "hubproxy_requests"}
-    merged = merge([snap(2, 100, 20), snap(3, 100, 10)], retired)  # type: ignore[list-item]
+    merged = merge([snap(2, 100, 20), snap(3, 100, 10)], retired)
     assert merged["hubproxy_requests"]["samples"] == [
         ["hubproxy_requests_total", [["route", "blob"]], 10.0]
     ]

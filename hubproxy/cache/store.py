@@ -54,16 +54,13 @@ from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
 from ..net.buffers import BODIES
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
-
-if TYPE_CHECKING:
-    from .claims import Claims
 
 log = logging.getLogger("hubproxy.cache")
 
@@ -73,6 +70,17 @@ FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free (at most
 
 class NoRoom(OSError):
     """A fill that does not fit beside the fills of other processes (--workers): uncached."""
+
+
+class SharedFills(Protocol):
+    """What the store asks of the processes it shares its directory with (``--workers``):
+    :class:`hubproxy.cache.claims.Claims`."""
+
+    def take(self, key: str, size: int, source: str, temp_path: Path) -> object: ...
+    def release(self, key: str) -> None: ...
+    def follow(self, store: BlobStore, key: str) -> Fill | None: ...
+    def look_up(self, store: BlobStore, key: str) -> int | None: ...
+    def evict(self, store: BlobStore, quiet: bool = False) -> tuple[list[int], bool]: ...
 
 
 class BodySource(Protocol):
@@ -306,7 +314,7 @@ class BlobStore:
         self.verified: dict[str, FileIdentity] = {}
         self.stats = CacheStats()
         # --workers N: fills and the bound shared with the other processes (cache/claims.py)
-        self.claims: Claims | None = None
+        self.claims: SharedFills | None = None
 
     # -- start-up --------------------------------------------------------------------------
 
