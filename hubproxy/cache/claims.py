@@ -31,14 +31,15 @@ every blob file with its size and mtime (the shared recency order: a process tou
 serves at most once per ``TOUCH_EVERY``), plus every live claim at its full size, reserved.
 The least recently used blobs that no claim names and no reader of this process holds go first,
 until blobs and claims fit. A pass runs when a fill starts (its own claim already counted: a
-fill that cannot fit beside the others' claims is refused and streams uncached), when one
-commits, and when a reader's release leaves this process's view over the limit. Since a fill is
+fill that cannot fit beside the others' claims is refused and streams uncached), and when a
+reader's release leaves this process's view over the limit; a commit needs none (the claim
+had reserved the room). Since a fill is
 counted from the moment its claim exists and the pass that admits it sees every other claim,
 the directory holds at most ``max_bytes`` of blobs and fills, except for blobs deleted while a
 reader in another process still had them open: their space returns when that reader closes, so
 the worst-case overshoot is the size of the blobs other workers are sending at that moment. A
-pass costs one ``lstat`` per cached blob (about a millisecond per thousand blobs), once or
-twice per miss; hits cost one ``stat``.
+pass costs one ``lstat`` per cached blob (8 µs of CPU each on a loaded 2-core machine: 16 ms
+for 2,000 blobs), once per miss; a hit costs one ``stat`` (7 µs instead of 0.2).
 """
 
 from __future__ import annotations

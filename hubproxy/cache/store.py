@@ -599,7 +599,8 @@ class BlobStore:
             self.total += size
         self.index[key] = size
         self.index.move_to_end(key)
-        self._evict()
+        if self.claims is None:  # shared: its claim reserved the room when the fill started
+            self._evict()
 
     def _evict(self, quiet: bool = False) -> list[int]:
         """Evict down to the limit; the sizes evicted. ``quiet``: the caller sums them up in
