@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from .cache.claims import Claims
 from .cache.manifests import ManifestStore
 from .cache.pullthrough import PullThrough
 from .cache.store import BlobStore, describe_disk
@@ -27,6 +28,7 @@ from .net.streams import CertificateError, certificate_validity
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
 from .ops.usersfile import UsersFileError, load_users
+from .ops.workermetrics import WorkerMetrics
 from .policy.access import RateLimiter
 from .policy.admission import Admission, LoginThrottle
 from .policy.credentials import Authenticator
@@ -35,6 +37,7 @@ from .policy.sealing import TokenSealer
 from .policy.sizes import describe_size
 from .proxy import Proxy
 from .tokens import TokenEndpoint
+from .workers import WorkerRole, await_supervisor_gone, report_ready
 
 log = logging.getLogger("hubproxy")
 
@@ -60,6 +63,7 @@ async def serve(
     *,
     handle_signals: bool = False,
     probe_upstreams: bool = False,
+    role: WorkerRole | None = None,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run hubproxy until cancelled (or, with ``handle_signals``, until SIGINT/SIGTERM).
@@ -67,7 +71,8 @@ async def serve(
     On a signal the listeners close, idle keep-alive connections are dropped and in-flight
     transfers get ``timeouts.shutdown_grace`` seconds to finish. ``probe_upstreams``: check in
     the background that each configured upstream answers, one line each (the program does;
-    tests that count upstream requests do not want it).
+    tests that count upstream requests do not want it). ``role``: this process is one of
+    ``--workers N``, started by the supervisor (``hubproxy.workers``).
 
     Raises StartupError (certificate, listening socket) or CacheDirError before serving.
     """
@@ -77,7 +82,7 @@ async def serve(
         server = Server(config.listener)
     except CertificateError as exc:  # the files changed since the configuration was read
         raise StartupError(str(exc)) from exc
-    proxy = build_proxy(config, server=server)
+    proxy = build_proxy(config, server=server, shared=role is not None)
     try:
         await server.bind()  # before any nursery, so the error is not in an ExceptionGroup
     except OSError as exc:
@@ -93,13 +98,25 @@ async def serve(
             try:
                 async with trio.open_nursery() as nursery:
                     proxy.forwarder.background = nursery
+                    blobs = proxy.pullthrough.blobs if proxy.pullthrough is not None else None
+                    if blobs is not None and isinstance(blobs.claims, Claims):
+                        blobs.claims.nursery = nursery  # following other workers' fills
                     await nursery.start(server.serve, proxy.handle)
-                    _log_startup(config, server, proxy)
+                    if role is None or role.index == 0:  # one startup line for all workers
+                        _log_startup(config, server, proxy)
                     if handle_signals:
                         reloading = trio.CancelScope()
-                        nursery.start_soon(_stop_on_signal, server, nursery.cancel_scope, reloading)
+                        # a worker ignores SIGINT: the terminal sends it to every worker, and
+                        # the supervisor passes it on as SIGTERM (one stop, not two)
+                        stops = (signal.SIGTERM,) if role else (signal.SIGINT, signal.SIGTERM)
+                        nursery.start_soon(
+                            _stop_on_signal, server, nursery.cancel_scope, reloading, stops
+                        )
                         nursery.start_soon(_reload_on_hangup, server, proxy, reloading)
-                    if probe_upstreams:  # in the background: a NAS may boot before its network
+                    if role is not None:
+                        await _join_workers(role, proxy, sweeping)
+                    if probe_upstreams and (role is None or role.index == 0):  # once
+                        # in the background: a NAS may boot before its network
                         # beside the sweeper, so a shutdown right after start does not wait for it
                         sweeping.start_soon(proxy.forwarder.probe_at_start)
                     task_status.started(App(server, proxy))
@@ -115,6 +132,16 @@ async def serve(
 # one key per process for the stamps of mirror users (see Authenticator.stamp): a reload builds
 # a new Authenticator with the same key, so only changed or removed users lose their tokens
 _STAMP_KEY = secrets.token_bytes(32)
+# the key sealing mirror tokens; None: a random one per TokenSealer
+_SEALING_KEY: bytes | None = None
+
+
+def share_keys(keys: bytes) -> None:
+    """A worker of ``--workers N``: seal tokens and stamp users with the supervisor's keys (64
+    bytes), which every worker shares: a token one worker issued opens in every other, where
+    the client's next connection may land. Called once, before anything is built."""
+    global _STAMP_KEY, _SEALING_KEY
+    _SEALING_KEY, _STAMP_KEY = keys[:32], keys[32:]
 
 
 def build_admission(config: Config, users: dict[str, str] | None = None) -> Admission:
@@ -133,15 +160,24 @@ def build_admission(config: Config, users: dict[str, str] | None = None) -> Admi
 
 
 def build_proxy(
-    config: Config, *, server: Server | None = None, connector: Connector | None = None
+    config: Config,
+    *,
+    server: Server | None = None,
+    connector: Connector | None = None,
+    shared: bool = False,
 ) -> Proxy:
     """Assemble the parts of a mirror; ``connector`` replaces how upstream streams are opened
-    (tests use memory streams). Raises CacheDirError if the cache cannot be opened."""
+    (tests use memory streams); ``shared``: the cache directory is shared with other worker
+    processes. Raises CacheDirError if the cache cannot be opened."""
     table = config.registry_table()
     forwarder = Forwarder(config, table, build_pool(config, table, connector), HubMetrics())
     pullthrough = None
     if config.cache_dir is not None:
         blobs = BlobStore(Path(config.cache_dir), config.cache_size)
+        if shared:
+            # a follower gives up on a fill whose file stops growing for longer than the
+            # owner itself waits for its upstream (--read-timeout)
+            blobs.claims = Claims(blobs.tmp_dir, idle=2 * config.timeouts.upstream_idle)
         manifests = ManifestStore(
             Path(config.cache_dir),
             max_bytes=config.manifest_cache_size,
@@ -157,17 +193,37 @@ def build_proxy(
     return Proxy(
         forwarder,
         admission,
-        TokenEndpoint(forwarder, TokenSealer(), admission.images),
+        TokenEndpoint(forwarder, TokenSealer(_SEALING_KEY), admission.images),
         Operations(forwarder, pullthrough, server),
         index_url=config.index_url,
         pullthrough=pullthrough,
     )
 
 
+async def _join_workers(role: WorkerRole, proxy: Proxy, nursery: trio.Nursery) -> None:
+    """A worker of ``--workers N``: answer the others' scrapes, sum theirs into ours, stop when
+    the supervisor is gone, and tell it this worker serves."""
+    shared = WorkerMetrics(proxy.forwarder.metrics, role.run_dir, role.index, role.count)
+    shared.refresh = proxy.operations.refresh_gauges
+    proxy.operations.workers = shared
+    await nursery.start(shared.serve)
+    nursery.start_soon(_stop_when_orphaned, role)
+    await report_ready(role)
+
+
+async def _stop_when_orphaned(role: WorkerRole) -> None:
+    await await_supervisor_gone(role)
+    log.warning("the supervisor is gone: stopping worker %d", role.index)
+    signal.raise_signal(signal.SIGTERM)  # the stop a signal makes, drain and all
+
+
 async def _stop_on_signal(
-    server: Server, scope: trio.CancelScope, reloading: trio.CancelScope
+    server: Server,
+    scope: trio.CancelScope,
+    reloading: trio.CancelScope,
+    stops: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*stops) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
             if server.draining:
@@ -279,6 +335,8 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
     where = ", ".join(
         f"{scheme}://[{h}]:{p}" if ":" in h else f"{scheme}://{h}:{p}" for h, p in server.bound
     )
+    if config.workers > 1:
+        where += f" ({config.workers} workers)"
     upstream = str(config.upstreams[0]) if config.upstreams else "-"
     fallbacks = ", ".join(str(u) for u in config.upstreams[1:]) or "none"
     cache = _cache_clause(config, proxy)

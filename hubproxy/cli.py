@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import getpass
 import logging
 import os
 import pwd
+import signal
 import sys
 import time
 import warnings
@@ -20,7 +22,7 @@ from typing import TextIO
 
 import trio
 
-from .app import CacheDirError, StartupError, serve
+from .app import CacheDirError, StartupError, listen_problem, serve, share_keys
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
@@ -36,6 +38,14 @@ from .ops.usersfile import (
     remove_user,
 )
 from .settings import CommandLine, UsageError, Values, build_config, default_cache_dir
+from .workers import (
+    WorkerRole,
+    WorkersError,
+    prepare_cache,
+    receive_keys,
+    reserve_port,
+    supervise,
+)
 
 __all__ = [
     "UsageError",
@@ -48,10 +58,12 @@ __all__ = [
 ]
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, worker: int | None = None) -> None:
+    """Log lines to stderr; a worker of ``--workers N`` says which one it is (``hubproxy[w2]``)."""
+    tag = "" if worker is None else f"[w{worker}]"
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
 
@@ -372,9 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One line: the usage block would push it off a small terminal (--help has the flags).
         print(f"hubproxy: error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(str(values.raw["log_level"]))
+    role = WorkerRole.from_environment()
+    setup_logging(str(values.raw["log_level"]), None if role is None else role.index)
+    if role is None and config.workers > 1:
+        return run_supervisor(config, args_list)
+    if role is not None:
+        share_keys(receive_keys(role))
+        config = dataclasses.replace(config, listen_port=role.port)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on (app.py)
     try:
-        trio.run(lambda: serve(config, handle_signals=True, probe_upstreams=True))
+        trio.run(lambda: serve(config, handle_signals=True, probe_upstreams=True, role=role))
     except CacheDirError as exc:
         logging.getLogger("hubproxy").error(
             "cannot use the cache directory %s: %s (pick another with --cache-dir, or --no-cache)",
@@ -387,4 +406,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def run_supervisor(config: Config, argv: list[str]) -> int:
+    """``--workers N`` with N > 1: this process supervises N workers (``hubproxy.workers``)."""
+    log = logging.getLogger("hubproxy")
+    try:
+        sockets, port = reserve_port(config)
+    except OSError as exc:
+        log.error("%s", listen_problem(config.listen_host, config.listen_port, exc))
+        return 1
+    try:
+        prepare_cache(config)
+    except OSError as exc:
+        log.error(
+            "cannot use the cache directory %s: %s (pick another with --cache-dir, or --no-cache)",
+            config.cache_dir,
+            exc,
+        )
+        return 1
+    try:
+        supervise(config, argv, port)
+    except WorkersError as exc:
+        log.error("%s; not started", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0

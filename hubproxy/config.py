@@ -40,6 +40,7 @@ class Config:
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     max_connections_per_client: int = 128  # client connections from one address (IPv6: /64)
     max_pending_per_client: int = 16  # requests of one address worked on before their answer
+    workers: int = 1  # processes on the listening port (SO_REUSEPORT); 1: no supervisor
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
     manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
@@ -79,6 +80,7 @@ class Config:
             max_connections=self.max_connections,
             max_connections_per_client=self.max_connections_per_client,
             max_pending_per_client=self.max_pending_per_client,
+            reuse_port=self.workers > 1,
         )
 
     @property

@@ -218,6 +218,23 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
+MAX_WORKERS = 128  # a typo (--workers 1000) should not fork a thousand interpreters
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a number of processes, or ``auto``: the CPUs this process may run on
+    (its affinity mask, which ``taskset`` and cgroup cpusets narrow; not the machine's count)."""
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"wants a number of processes or auto, got {text!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"must be from 1 to {MAX_WORKERS}, or auto")
+    return count
+
+
 def readable(path: str) -> str:
     if not os.access(path, os.R_OK):
         raise ValueError(f"cannot read {path!r}")
@@ -429,6 +446,16 @@ SETTINGS: tuple[Setting, ...] = (
         16,
         metavar="N",
         bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "workers",
+        "processes serving on the one listening port (the kernel spreads connections over "
+        "them, SO_REUSEPORT) and sharing the cache directory: a number, or auto for one per "
+        "usable CPU (default 1: one process, no supervisor)",
+        LISTEN,
+        default="1",
+        metavar="N|auto",
+        parse=parse_workers,
     ),
     Setting(
         "public-url",
@@ -1100,6 +1127,7 @@ def build_config(values: Values) -> Config:
         max_connections=cast(int, p["max_connections"]),
         max_connections_per_client=cast(int, p["max_connections_per_client"]),
         max_pending_per_client=cast(int, p["max_pending_per_client"]),
+        workers=cast(int, p["workers"]),
         pool_max_per_origin=cast(int, p["pool_max_per_origin"]),
         pool_max_per_client=cast(int, p["pool_max_per_client"]),
         pool_reserve_small=cast(int, p["pool_reserve_small"]),

@@ -72,6 +72,7 @@ from ..policy.routing import Route
 from ..policy.sending import send_limits
 from ..policy.trouble import note_stale, stale_cause, stale_line, status_cause
 from ..policy.urls import Url, parse_url
+from .claims import ClaimedElsewhere
 from .inflight import (
     RETRY_AFTER,
     ManifestFetch,
@@ -85,6 +86,7 @@ from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_typ
 from .store import (
     BlobReader,
     BlobStore,
+    NoRoom,
     cached_blob_answer,
     sha256_hex,
 )
@@ -340,7 +342,7 @@ class PullThrough:
         registry's fill is not followed: its upstream may be stalled)."""
         if self.blobs.size_of(key) is not None:
             return True
-        fill = self.blobs.fills.get(key)
+        fill = self.blobs.fill_of(key)  # another worker's fill too (--workers)
         return fill is not None and fill.source == (route.registry or "")
 
     async def _deliver_blob(
@@ -373,7 +375,10 @@ class PullThrough:
                 try:
                     fill = store.start_fill(key, size, route.registry or "")
                 except OSError as exc:
-                    log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
+                    if not isinstance(
+                        exc, ClaimedElsewhere | NoRoom
+                    ):  # lost to another worker: uncached
+                        log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
                 else:
                     self._remember_access(request, route)
                     self.manifests.link(state_name(route), route.blob_digest or "")

@@ -68,6 +68,21 @@ READ_SIZE = 256 * 1024
 FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free (at most: see below)
 
 
+class NoRoom(OSError):
+    """A fill that does not fit beside the fills of other processes (--workers): uncached."""
+
+
+class SharedFills(Protocol):
+    """What the store asks of the processes it shares its directory with (``--workers``):
+    :class:`hubproxy.cache.claims.Claims`."""
+
+    def take(self, key: str, size: int, source: str, temp_path: Path) -> object: ...
+    def release(self, key: str) -> None: ...
+    def follow(self, store: BlobStore, key: str) -> Fill | None: ...
+    def look_up(self, store: BlobStore, key: str) -> int | None: ...
+    def evict(self, store: BlobStore, quiet: bool = False) -> tuple[list[int], bool]: ...
+
+
 class BodySource(Protocol):
     async def receive_body(self) -> bytes | bytearray | None: ...
 
@@ -298,6 +313,8 @@ class BlobStore:
         # then: a range of one still identical is served without hashing the whole blob
         self.verified: dict[str, FileIdentity] = {}
         self.stats = CacheStats()
+        # --workers N: fills and the bound shared with the other processes (cache/claims.py)
+        self.claims: SharedFills | None = None
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -305,7 +322,8 @@ class BlobStore:
         """Create the directories, delete a crash's temporary files, and rebuild the index."""
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in os.scandir(self.tmp_dir):
+        # shared: the supervisor swept tmp/ before any worker ran; other workers' fills live
+        for leftover in os.scandir(self.tmp_dir) if self.claims is None else ():
             os.unlink(leftover.path)
         found: list[tuple[float, str, int]] = []
         for prefix in os.scandir(self.blob_dir):
@@ -364,10 +382,19 @@ class BlobStore:
 
     def size_of(self, key: str) -> int | None:
         """The size of a complete cached blob (marking it recently used), or None."""
+        if self.claims is not None:
+            return self.claims.look_up(self, key)
         size = self.index.get(key)
         if size is not None:
             self.index.move_to_end(key)
         return size
+
+    def fill_of(self, key: str) -> Fill | None:
+        """The fill under way of ``key``: this process's, or one it follows of another."""
+        fill = self.fills.get(key)
+        if fill is None and self.claims is not None and key not in self.index:
+            fill = self.claims.follow(self, key)
+        return fill
 
     @property
     def pinned_bytes(self) -> int:
@@ -438,9 +465,29 @@ class BlobStore:
         temp_path = self.tmp_dir / f"{key}.{secrets.token_hex(6)}.partial"
         fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # OSError: no fill
         fill = Fill(key, size, temp_path, fd, source)
+        if self.claims is not None:
+            self._claim(fill)  # and its eviction pass, over the whole directory
+            return fill
         self.fills[key] = fill
         self._evict()
         return fill
+
+    def _claim(self, fill: Fill) -> None:
+        """Shared: claim the fill across processes (its file exists first, so a follower finds
+        it) and make room beside every other claim; an OSError leaves nothing behind."""
+        assert self.claims is not None
+        try:
+            self.claims.take(fill.key, fill.size, fill.source, fill.temp_path)
+            self.fills[fill.key] = fill
+            _, fits = self.claims.evict(self)
+            if not fits:
+                raise NoRoom(f"a {format_size(fill.size)} blob does not fit beside other fills")
+        except BaseException:
+            self.fills.pop(fill.key, None)
+            self.claims.release(fill.key)
+            os.close(fill.fd)
+            _unlink_quietly(fill.temp_path)
+            raise
 
     async def run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
         """Stream ``body`` into the fill's file, verify it, and commit or discard it.
@@ -498,6 +545,8 @@ class BlobStore:
                 os.close(fd)
             if fill.state is not FillState.DONE:
                 _unlink_quietly(fill.temp_path)
+            if self.claims is not None:  # after the rename or the unlink: followers see which
+                self.claims.release(fill.key)
             self.fills.pop(fill.key, None)
             fill._notify()
 
@@ -550,11 +599,14 @@ class BlobStore:
             self.total += size
         self.index[key] = size
         self.index.move_to_end(key)
-        self._evict()
+        if self.claims is None:  # shared: its claim reserved the room when the fill started
+            self._evict()
 
     def _evict(self, quiet: bool = False) -> list[int]:
         """Evict down to the limit; the sizes evicted. ``quiet``: the caller sums them up in
         one line instead of one line per blob."""
+        if self.claims is not None:
+            return self.claims.evict(self, quiet)[0]
         protected = set(self.pins) | set(self.fills)
         limit = self.max_bytes - self.filling_bytes  # room for every fill under way
         evicted = []

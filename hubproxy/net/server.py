@@ -659,6 +659,34 @@ def _https_url(host_header: str | None, local: tuple[str, int]) -> str:
     return f"https://{name}" if port == 443 else f"https://{name}:{port}"
 
 
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
+
+def bind_shared(host: str, port: int, *, listen: bool) -> list[socket.socket]:
+    """Sockets bound to ``host:port`` (every address the name has) with ``SO_REUSEPORT``, so
+    that several processes of one user can listen on the same port and the kernel spreads new
+    connections over them (--workers). ``listen=False`` only reserves the port: a socket that
+    is bound but not listening gets no connections. Raises OSError (gaierror: no such host)."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in found:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # as trio does: [::] is IPv6 only, 0.0.0.0 apart
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            if listen:
+                sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class Server:
     """Listeners plus the set of live client connections, with a graceful drain at shutdown."""
 
@@ -689,7 +717,13 @@ class Server:
     async def bind(self) -> None:
         """Open the listening sockets (raises OSError, e.g. port in use)."""
         host = self.settings.listen_host
-        self._listeners = await trio.open_tcp_listeners(self.settings.listen_port, host=host)
+        if self.settings.reuse_port:
+            sockets = bind_shared(host, self.settings.listen_port, listen=True)
+            self._listeners = [
+                trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets
+            ]
+        else:
+            self._listeners = await trio.open_tcp_listeners(self.settings.listen_port, host=host)
         self.bound = [listener.socket.getsockname()[:2] for listener in self._listeners]
 
     async def serve(

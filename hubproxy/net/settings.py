@@ -42,3 +42,6 @@ class ListenerSettings:
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     max_connections_per_client: int = 128  # from one address (an IPv6 /64); more are refused
     max_pending_per_client: int = 16  # requests of one address worked on before their answer
+    # several processes listen on the same port (--workers): SO_REUSEPORT, the kernel spreads
+    # new connections over them
+    reuse_port: bool = False

@@ -341,6 +341,11 @@ class Registry:
         self._metrics.append(metric)
         return metric
 
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """The metrics, in registration order (``--workers`` sums them across processes)."""
+        return tuple(self._metrics)
+
     def render(self) -> bytes:
         """Every metric in the text exposition format 0.0.4 (see ``CONTENT_TYPE``)."""
         return "".join(metric.render() for metric in self._metrics).encode("utf-8")

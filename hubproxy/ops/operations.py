@@ -29,6 +29,7 @@ from ..policy import trouble
 from ..policy.headers import Headers
 from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
+from .workermetrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from ..net.server import Server
@@ -80,6 +81,7 @@ class Operations:
         self.pullthrough = pullthrough
         self.server = server  # None: no listener to report on (tests of the parts)
         self._probing = trio.Lock()  # concurrent /readyz requests share one probe
+        self.workers: WorkerMetrics | None = None  # --workers N: /metrics sums them all
 
     async def serve(self, path: str, request: ClientRequest, response: ClientResponse) -> None:
         if path == "/healthz":
@@ -88,10 +90,11 @@ class Operations:
             status, body = readiness(await self.checks())
             kind = b"application/json"
         elif path == "/metrics":
-            self._refresh_gauges()
-            status, body, kind = 200, self.metrics.render(), CONTENT_TYPE.encode()
+            self.refresh_gauges()
+            body = await self.workers.render() if self.workers else self.metrics.render()
+            status, kind = 200, CONTENT_TYPE.encode()
         else:
-            self._refresh_gauges()
+            self.refresh_gauges()
             figures = status_figures(
                 self.metrics,
                 url=self._mirror_url(request),
@@ -125,7 +128,7 @@ class Operations:
     def _mirror_url(self, request: ClientRequest) -> str:
         return self.forwarder.public_base(request)
 
-    def _refresh_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
         metrics = self.metrics
         if self.server is not None and metrics.connections is None:
             metrics.connections = self.server.figures
