@@ -337,11 +337,9 @@ def test_which_instance_serves_a_case() -> None:
     hit = spec_for("hubproxy-hit", big, has_workers=True)
     assert hit is not None and hit.workers is None and hit.cache
     tuned = spec_for("nginx-tuned", pinned, has_workers=True)
-    assert (
-        tuned is not None
-        and tuned.pinned
-        and tuned.key != spec_for("nginx-tuned", big, has_workers=True)
-    )
+    unpinned = spec_for("nginx-tuned", big, has_workers=True)
+    assert tuned is not None and unpinned is not None
+    assert tuned.pinned and not unpinned.pinned and tuned.key != unpinned.key
 
 
 def test_workers_flag_found_in_help() -> None:
@@ -512,7 +510,7 @@ def test_chart_legend_covers_no_bar() -> None:
     from bench.report import figure
 
     cases = parse_cases("64MiB-tls,32x1MiB-tls,64MiB-tls-cpu0,small-tls")
-    contestants = list(CONTESTANTS)
+    contestants: list[str] = list(CONTESTANTS)
     values = (500.0, 300.0, 900.0, 450.0, 400.0, 1000.0)
     summaries = {
         (case.name, name): _summary(case.name, name, value)
