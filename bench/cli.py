@@ -127,7 +127,7 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) 
     return [
         "Origin: one nginx (`worker_processes auto`) playing Docker Hub: a TLS registry answering "
         "blob GETs with 307 to a separate TLS CDN endpoint (signed-looking query), a "
-        f"{SMALL_BODY} B manifest with `Docker-Content-Digest`, a no-redirect blob path and "
+        f"{SMALL_BODY:,} B manifest with `Docker-Content-Digest`, a no-redirect blob path and "
         "plain-HTTP twins (unused by the default cases). Files are random bytes on /dev/shm, "
         "sha256 computed as written.",
         "Contestants, each its own process(es) in front of the same origin; proxy→origin always "
@@ -163,7 +163,7 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) 
         "sha256-checked after the timed section. Client cost: its CPU from `RUSAGE_CHILDREN` "
         "deltas, per GiB (blobs) or per request (small).",
         f"Small requests: wrk `-t{plan.wrk_threads} -c50 -d{plan.small_seconds:g}s --latency`, "
-        f"GETs of the {SMALL_BODY} B manifest over keep-alive TLS (wrk cannot do keep-alive "
+        f"GETs of the {SMALL_BODY:,} B manifest over keep-alive TLS (wrk cannot do keep-alive "
         "HEAD): `hubproxy-pass` passes every one upstream, `hubproxy-hit` answers from its "
         "cache; any non-2xx/3xx fails the run; after every run curl checks the manifest bytes "
         "and digest header (GET) and status and length (HEAD) through the contestant.",
@@ -173,8 +173,9 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) 
         "utime+stime from /proc/PID/stat (10 ms ticks) over the contestant's processes (nginx: "
         "master + workers; hubproxy: supervisor + workers, found by a /proc scan of parent "
         "pids) during the run. Peak RSS = sum of VmHWM over those processes, reset before each "
-        "run (clear_refs 5), max over runs; peak RSS per concurrent transfer = (peak RSS - RSS "
-        "when the run began) / transfers in flight, max over runs. nginx workers share pages "
+        "run (clear_refs 5), max over runs. Peak RSS per concurrent transfer (cases with several "
+        "blobs in flight) = peak RSS / transfers in flight, and (peak RSS - RSS when the run "
+        "began) / transfers in flight for the run where it grew most. nginx workers share pages "
         "with their master, so the sum overstates nginx a little. Ratios and targets compare "
         "medians of this run; a contestant with any unverified run gets no ratio.",
     ]

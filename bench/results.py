@@ -59,9 +59,10 @@ class Summary:
     proxy_cpu_per_gib: float | None = None  # blobs: median CPU-s per GiB moved
     proxy_cpu_us_per_req: float | None = None  # small: median CPU-us per request
     peak_rss_mb: float | None = None  # max over measured runs
-    # max over measured runs of (peak RSS - RSS at the start of the run): what the transfers
-    # in flight added, to divide by ``parallel``
+    # the largest (peak RSS - RSS at the start of the run) over measured runs, what the
+    # transfers in flight added, and that run's RSS at its start
     rss_growth_mb: float | None = None
+    rss_start_mb: float | None = None
     parallel: int = 0
     p99_ms: Spread | None = None
     p50_ms: float | None = None
@@ -93,10 +94,11 @@ def summarize(case: Case, contestant: str, records: Sequence[RunRecord]) -> Summ
                 problems.append(line)
     rss = [r.proxy_peak_rss_kb for r in good if r.proxy_peak_rss_kb is not None]
     growth = [
-        r.proxy_peak_rss_kb - r.proxy_rss_start_kb
+        (max(0, r.proxy_peak_rss_kb - r.proxy_rss_start_kb), r.proxy_rss_start_kb)
         for r in good
         if r.proxy_peak_rss_kb is not None and r.proxy_rss_start_kb is not None
     ]
+    grew, grew_from = max(growth) if growth else (None, None)
     summary = Summary(
         case=case.name,
         kind=case.kind,
@@ -105,7 +107,8 @@ def summarize(case: Case, contestant: str, records: Sequence[RunRecord]) -> Summ
         verified=len(good),
         throughput=None,
         peak_rss_mb=max(rss) / 1024 if rss else None,
-        rss_growth_mb=max(0, max(growth)) / 1024 if growth else None,
+        rss_growth_mb=grew / 1024 if grew is not None else None,
+        rss_start_mb=grew_from / 1024 if grew_from is not None else None,
         parallel=case.parallel or case.connections,
         problems=problems,
     )

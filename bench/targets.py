@@ -21,7 +21,7 @@ their lines report figures. Every summary line is one of:
 - ``hubproxy-miss/nginx-tuned 1GiB-tls throughput ratio: 0.47 (target >= 1.00: FAIL)``
 - ``hubproxy-pass/nginx-tuned 64MiB-tls throughput ratio: 0.87 (higher is better; no target)``
 - ``hubproxy-pass small-tls p99: 54.0 ms (target <= 30.0 ms: FAIL)``
-- ``hubproxy-miss 1GiB-tls-cpu0 MB/s per core: 250 (proxy on CPU 0 alone; ...)``
+- ``hubproxy-miss 1GiB-tls-cpu0 MB/s per core: 250 (proxy pinned to CPU 0; ...)``
 - ``hubproxy-miss 100x1MiB-tls peak RSS per concurrent transfer: 1.6 MB (...)``
 - ``targets met: 3 of 14`` (last)
 """
@@ -172,7 +172,7 @@ def per_core_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summa
                 lines.append(head + "n/a (a run failed verification)")
                 continue
             cpu = mine.proxy_cpu_per_gib
-            detail = f"proxy on CPU 0 alone, {cpu:.2f} CPU-s/GiB" if cpu is not None else ""
+            detail = f"proxy pinned to CPU 0, {cpu:.2f} CPU-s/GiB" if cpu is not None else ""
             if name != BASELINE and base is not None:
                 found = _honest(mine, base, mine.throughput.median, _median(base.throughput))
                 if found is not None:
@@ -182,21 +182,28 @@ def per_core_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summa
 
 
 def rss_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> list[str]:
-    """Peak RSS per concurrent transfer: what a case with several blobs in flight added to
-    hubproxy's resident set at its peak, over the number in flight."""
+    """Peak RSS per concurrent transfer, in the cases with several blobs in flight: the peak
+    over the number in flight, and what the transfers added to the RSS the run began with
+    (``hubproxy-miss`` starts each run as a fresh process; the others are long-lived and keep
+    memory from earlier runs, so their growth understates)."""
     lines: list[str] = []
     for case in cases:
         if case.kind != "blobs" or case.parallel < 2 or case.pinned:
             continue
         for name in NUMERATORS:
             s = summaries.get((case.name, name))
-            if s is None or s.peak_rss_mb is None or s.rss_growth_mb is None:
+            if s is None or s.peak_rss_mb is None:
                 continue
-            start = s.peak_rss_mb - s.rss_growth_mb
+            grew = ""
+            if s.rss_growth_mb is not None and s.rss_start_mb is not None:
+                grew = (
+                    f"; {s.rss_growth_mb / case.parallel:.2f} MB each above the "
+                    f"{s.rss_start_mb:.1f} MB at the start of a run"
+                )
             lines.append(
                 f"{name} {case.name} peak RSS per concurrent transfer: "
-                f"{s.rss_growth_mb / case.parallel:.2f} MB (peak {s.peak_rss_mb:.1f} MB, "
-                f"{start:.1f} MB at the start of that run, {case.parallel} transfers at once)"
+                f"{s.peak_rss_mb / case.parallel:.2f} MB (peak {s.peak_rss_mb:.1f} MB / "
+                f"{case.parallel} transfers{grew})"
             )
     return lines
 
