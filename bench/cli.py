@@ -153,7 +153,7 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) 
         "TLS session reuse. Reference rows: `nginx-recipe`, the recipe as pasted "
         "(`proxy_buffering off`, no upstream keep-alive); `direct`, the client at the origin "
         "itself, following the 307: the ceiling on this machine.",
-        f"Per core (`-cpu0` cases): the proxy alone pinned to CPU {0} (`sched_setaffinity` "
+        "Per core (`-cpu0` cases): the proxy alone pinned to CPU 0 (`sched_setaffinity` "
         "before exec, as `taskset -c 0`; its workers inherit it), hubproxy with "
         f"{workers_pinned}, nginx-tuned with `worker_processes 1`; the client and the origin "
         "are not pinned and run on any core. Their MB/s is throughput per core.",
