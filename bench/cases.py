@@ -1,14 +1,17 @@
 """Benchmark cases, named on the command line (pure).
 
-A blob case is ``[COUNTx]SIZE-TRANSPORT[-noredir][-hit]``: ``COUNT`` blobs of ``SIZE`` (``MiB``
+A blob case is ``[COUNTx]SIZE-TRANSPORT[-noredir][-cpu0]``: ``COUNT`` blobs of ``SIZE`` (``MiB``
 or ``GiB``) fetched with up to 32 (``min(COUNT, 32)``) transfers in flight over keep-alive
 connections, through the registry's 307 to the CDN as Docker Hub does, or straight from the
-registry with ``-noredir``. Without ``-hit`` every hubproxy run starts on an empty cache (a
-miss: the first pull of a layer); with ``-hit`` hubproxy serves blobs it already holds (primed
-untimed), while the other contestants, which do not cache, do what they always do.
-``small-TRANSPORT`` is manifest GETs (~2 KiB) over 50 keep-alive connections. ``TRANSPORT`` is
-the client's side: ``tls`` or ``http`` (plain, a LAN mirror); contestants always reach the
-origin over TLS.
+registry with ``-noredir``. Every blob case is run by every contestant that applies: hubproxy
+passing the bytes on (``--no-cache``), hubproxy on an empty cache (a miss: the first pull of a
+layer), hubproxy serving blobs it already holds (a hit), and the nginx recipes and the direct
+client, which do the same work every time. ``-cpu0`` pins the proxy (only the proxy) to CPU 0,
+one worker: the throughput of one core, as on a router.
+
+``small-TRANSPORT`` is GETs of a 1 KiB manifest over 50 keep-alive connections (wrk).
+``TRANSPORT`` is the client's side: ``tls`` or ``http`` (plain, a LAN mirror); contestants
+always reach the origin over TLS.
 """
 
 from __future__ import annotations
@@ -20,25 +23,20 @@ from typing import Literal
 Transport = Literal["tls", "http"]
 Kind = Literal["blobs", "small"]
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 GiB = 1024 * MiB
 MAX_PARALLEL = 32
 SMALL_CONNECTIONS = 50
+SMALL_BODY = KiB  # the manifest the small-request cases GET: the issue's "1 KiB over TLS"
+PINNED_CPU = 0
 
-FULL_CASES = (
-    "1GiB-tls",
-    "8x64MiB-tls",
-    "256x1MiB-tls",
-    "256x1MiB-tls-noredir",
-    "small-tls",
-    "1GiB-http",
-    "small-http",
-    "1GiB-tls-hit",
-    "256x1MiB-tls-hit",
-)
-QUICK_CASES = ("64MiB-tls", "32x1MiB-tls", "64MiB-tls-hit", "small-tls")
+# The issue's cases (issue 14, Targets): each size as a pass, a miss and a hit against the
+# nginx recipes; small requests; and the 1 GiB case again with the proxy on one core.
+FULL_CASES = ("1GiB-tls", "64MiB-tls", "100x1MiB-tls", "small-tls", "1GiB-tls-cpu0")
+QUICK_CASES = ("64MiB-tls", "32x1MiB-tls", "small-tls", "64MiB-tls-cpu0")
 
-_BLOB_RE = re.compile(r"^(?:(\d+)x)?(\d+)(MiB|GiB)-(tls|http)(-noredir)?(-hit)?$")
+_BLOB_RE = re.compile(r"^(?:(\d+)x)?(\d+)(MiB|GiB)-(tls|http)(-noredir)?(-cpu0)?$")
 _SMALL_RE = re.compile(r"^small-(tls|http)$")
 
 
@@ -51,7 +49,7 @@ class Case:
     size: int = 0
     parallel: int = 0
     redirect: bool = True
-    hit: bool = False
+    pinned: bool = False  # the proxy runs on CPU 0 alone, one worker
     connections: int = 0
 
     @property
@@ -62,8 +60,10 @@ class Case:
         side = "TLS" if self.transport == "tls" else "plain HTTP"
         if self.kind == "small":
             return (
-                f"manifest GETs (~2 KiB; HEAD checked with curl) over {self.connections} "
-                f"keep-alive connections; client->proxy {side}, proxy->origin TLS"
+                f"GETs of a {SMALL_BODY // KiB} KiB manifest (HEAD checked with curl) over "
+                f"{self.connections} keep-alive connections; client->proxy {side}, "
+                "proxy->origin TLS; hubproxy passing every request upstream (`--no-cache`) and "
+                "answering from its cache"
             )
         what = (
             f"{self.count} x {human_size(self.size)}"
@@ -71,14 +71,15 @@ class Case:
             else "one " + (human_size(self.size))
         )
         via = "through the registry's 307 to the CDN" if self.redirect else "without redirect"
-        cache = (
-            "hubproxy cache hit (primed untimed)"
-            if self.hit
-            else "hubproxy cache empty at the start of every run (miss)"
+        pinned = (
+            f"; the proxy pinned to CPU {PINNED_CPU} with one worker (client and origin not "
+            "pinned): throughput per core"
+            if self.pinned
+            else ""
         )
         return (
             f"{what} blob{'s' if self.count > 1 else ''}, {self.parallel} at a time, {via}; "
-            f"client->proxy {side}, proxy->origin TLS; {cache}"
+            f"client->proxy {side}, proxy->origin TLS{pinned}"
         )
 
 
@@ -89,7 +90,7 @@ def human_size(size: int) -> str:
 
 
 def parse_case(name: str) -> Case:
-    """``"8x64MiB-tls"`` -> a :class:`Case`; raises ValueError for anything else."""
+    """``"100x1MiB-tls"`` -> a :class:`Case`; raises ValueError for anything else."""
     small = _SMALL_RE.match(name)
     if small:
         transport: Transport = "tls" if small.group(1) == "tls" else "http"
@@ -97,7 +98,7 @@ def parse_case(name: str) -> Case:
     blob = _BLOB_RE.match(name)
     if not blob:
         raise ValueError(
-            f"unknown case {name!r}: want [COUNTx]SIZE(MiB|GiB)-(tls|http)[-noredir][-hit] "
+            f"unknown case {name!r}: want [COUNTx]SIZE(MiB|GiB)-(tls|http)[-noredir][-cpu0] "
             "or small-(tls|http)"
         )
     count = int(blob.group(1) or "1")
@@ -113,7 +114,7 @@ def parse_case(name: str) -> Case:
         size=size,
         parallel=min(count, MAX_PARALLEL),
         redirect=blob.group(5) is None,
-        hit=blob.group(6) is not None,
+        pinned=blob.group(6) is not None,
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
-from bench.cases import FULL_CASES, QUICK_CASES, Case, parse_cases
+from bench.cases import FULL_CASES, QUICK_CASES, SMALL_BODY, Case, parse_cases
 from bench.contestants import CONTESTANTS, DEFAULT_CONTESTANTS, Name, parse_contestants
 from bench.env import (
     REPO_ROOT,
@@ -48,8 +48,10 @@ def output_dir(quick: bool, out: Path | None) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Blob throughput, CPU and memory of hubproxy against the nginx recipe, the "
-        "tuned recipe and direct fetching, on 127.0.0.1, interleaved, every byte verified.",
+        description="Throughput, CPU and memory of hubproxy (passing, missing its cache, "
+        "hitting it) against the tuned nginx recipe (every ratio's baseline), the pasted recipe "
+        "and direct fetching, on 127.0.0.1, TLS on every hop, the registry's redirect to the "
+        "CDN, interleaved, every byte verified; ends with issue 14's targets, pass or FAIL.",
     )
     add = parser.add_argument
     add(
@@ -71,22 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure nothing: draw throughput.png again from a run's results.json (into "
         "--out, default the JSON's directory)",
     )
-    add("--reps", type=int, help="measured repetitions (default 5, quick 2)")
+    add("--reps", type=int, help="measured repetitions (default 3, quick 2)")
     add("--warmup", type=int, default=1, help="discarded warm-up repetitions (default 1)")
     add(
         "--cases",
         help=f"comma-separated cases (default {','.join(FULL_CASES)}); blob cases are "
-        "[COUNTx]SIZE(MiB|GiB)-(tls|http)[-noredir][-hit], small ones small-(tls|http)",
+        "[COUNTx]SIZE(MiB|GiB)-(tls|http)[-noredir][-cpu0] (-cpu0: the proxy pinned to CPU 0, "
+        "one worker), small ones small-(tls|http)",
     )
     add(
         "--contestants",
         default=",".join(DEFAULT_CONTESTANTS),
-        help=f"comma-separated, from {','.join(CONTESTANTS)} (default: all but hubproxy-nocache)",
+        help=f"comma-separated, from {','.join(CONTESTANTS)} (default: all); ratios are "
+        "against nginx-tuned",
     )
     add(
         "--small-seconds",
         type=float,
-        help="wrk duration per small-request run (default 2, quick 1)",
+        help="wrk duration per small-request run (default 8, quick 1)",
     )
     add("--wrk-threads", type=int, default=2, help="wrk threads (default 2)")
     add("--max-time", type=float, default=120.0, help="limit per client invocation, seconds")
@@ -116,50 +120,64 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def method_lines(tools: Tools, plan: Plan, cache_where: str) -> list[str]:
+def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) -> list[str]:
     """The method, as bullet points for the report."""
+    workers_small = "`--workers auto`" if has_workers else "one process (no `--workers` yet)"
+    workers_pinned = "`--workers 1`" if has_workers else "one process"
     return [
         "Origin: one nginx (`worker_processes auto`) playing Docker Hub: a TLS registry answering "
-        "blob GETs with 307 to a separate TLS CDN endpoint (signed-looking query), a no-redirect "
-        "blob path, a ~2 KiB manifest with `Docker-Content-Digest`; plain-HTTP twins of both. "
-        "Files are random bytes on /dev/shm, sha256 computed as written.",
+        "blob GETs with 307 to a separate TLS CDN endpoint (signed-looking query), a "
+        f"{SMALL_BODY:,} B manifest with `Docker-Content-Digest`, a no-redirect blob path and "
+        "plain-HTTP twins (unused by the default cases). Files are random bytes on /dev/shm, "
+        "sha256 computed as written.",
         "Contestants, each its own process(es) in front of the same origin; proxy→origin always "
-        "TLS, verified against the bench CA. `hubproxy` as users run it (`python -m hubproxy "
+        "TLS, verified against the bench CA. hubproxy as users run it (`python -m hubproxy "
         "--cert --key --upstream https://origin --upstream-ca --no-library-prefix --log-level "
-        f"warning --cache-dir DIR`: cache on as by default, DIR on {cache_where}). It is "
-        "restarted on an empty cache directory before every run of a miss case (untimed; each "
-        "run is a first pull and its upstream pool starts cold); a separate instance, primed "
-        "untimed and checked to hold every blob, serves the `-hit` cases; in the small-request "
-        "cases its manifest cache (by tag, `--manifest-ttl` 60 s by default) is on. "
-        "`hubproxy-nocache` (optional) is the same with `--no-cache`.",
-        "`nginx-recipe`: Debian's default nginx.conf (`worker_processes auto`) with the pasted "
-        "recipe: TLS termination, `proxy_buffering off`, `proxy_intercept_errors on`, "
-        "`recursive_error_pages on`, `error_page 301 302 307 = @handle_redirect`, `proxy_pass "
-        "$saved_redirect_location`. `nginx-tuned`: the same plus `proxy_buffering on` "
+        "warning`), three ways: `hubproxy-pass` with `--no-cache` (every byte and request "
+        "passed on; one long-lived instance); `hubproxy-miss` with `--cache-dir DIR` (DIR on "
+        f"{cache_where}), stopped and restarted on an empty cache directory before every run "
+        "(untimed: each run is a first pull, its upstream pool cold); `hubproxy-hit`, one "
+        "long-lived instance per case, primed untimed and checked to hold every blob (small "
+        "requests: the manifest fetched once through it; its manifest cache by tag is "
+        "revalidated after `--manifest-ttl`, 60 s by default). Blob cases use hubproxy's "
+        f"default worker count; small requests {workers_small}, the pinned case "
+        f"{workers_pinned}. CPU and RSS are summed over hubproxy's process and every "
+        "descendant (its workers).",
+        "`nginx-tuned`, the baseline of every ratio and target: Debian's default nginx.conf "
+        "(`worker_processes auto`) with the pasted recipe (TLS termination, "
+        "`proxy_intercept_errors on`, `recursive_error_pages on`, `error_page 301 302 307 = "
+        "@handle_redirect`, `proxy_pass $saved_redirect_location`) tuned: `proxy_buffering on` "
         "(`proxy_buffers 16 64k`, no temp files), upstream `keepalive 32` with "
         '`proxy_http_version 1.1` and `Connection ""`, `ssl_buffer_size 16k`, TLS session '
         "cache; its CDN hop is still a variable `proxy_pass`: a new connection per blob, with "
-        "TLS session reuse. `direct`: the client at the origin itself, following the 307: the "
-        "ceiling on this machine.",
+        "TLS session reuse. Reference rows: `nginx-recipe`, the recipe as pasted "
+        "(`proxy_buffering off`, no upstream keep-alive); `direct`, the client at the origin "
+        "itself, following the 307: the ceiling on this machine.",
+        "Per core (`-cpu0` cases): the proxy alone pinned to CPU 0 (`sched_setaffinity` "
+        "before exec, as `taskset -c 0`; its workers inherit it), hubproxy with "
+        f"{workers_pinned}, nginx-tuned with `worker_processes 1`; the client and the origin "
+        "are not pinned and run on any core. Their MB/s is throughput per core.",
         f"Client for blobs: {Path(tools.curl).name} (`--parallel --parallel-max N --http1.1`, "
-        "keep-alive reuse within one invocation, files written to /dev/shm; only `direct` "
-        "follows redirects), timed from spawn to exit; every file is sha256-checked after the "
-        "timed section. Client cost: its CPU from `RUSAGE_CHILDREN` deltas, per GiB (blobs) or "
-        "per request (small).",
+        "N = min(blobs, 32), keep-alive reuse within one invocation, files written to "
+        "/dev/shm; only `direct` follows redirects), timed from spawn to exit; every file is "
+        "sha256-checked after the timed section. Client cost: its CPU from `RUSAGE_CHILDREN` "
+        "deltas, per GiB (blobs) or per request (small).",
         f"Small requests: wrk `-t{plan.wrk_threads} -c50 -d{plan.small_seconds:g}s --latency`, "
-        "manifest GETs over keep-alive (wrk cannot do keep-alive HEAD); any non-2xx/3xx fails "
-        "the run; after every run curl checks the manifest bytes and digest header (GET) and "
-        "status and length (HEAD) through the contestant.",
+        f"GETs of the {SMALL_BODY:,} B manifest over keep-alive TLS (wrk cannot do keep-alive "
+        "HEAD): `hubproxy-pass` passes every one upstream, `hubproxy-hit` answers from its "
+        "cache; any non-2xx/3xx fails the run; after every run curl checks the manifest bytes "
+        "and digest header (GET) and status and length (HEAD) through the contestant.",
         f"Repetitions: {plan.warmup} warm-up (discarded) + {plan.reps} measured, interleaved: "
         "every repetition runs every case, contestants in rotated order.",
         "Figures: MB = 10^6 bytes; throughput = bytes received / client wall time. Proxy CPU = "
         "utime+stime from /proc/PID/stat (10 ms ticks) over the contestant's processes (nginx: "
-        "master + workers) during the run. Peak RSS = sum of VmHWM over those processes, reset "
-        "before each run (clear_refs 5), max over runs. nginx workers share pages with their "
-        "master, so the sum overstates nginx a little; a long-lived process keeps memory from "
-        "earlier cases (RSS rarely shrinks), which is why each hubproxy cache-hit case has its "
-        "own instance and miss cases a fresh process per run. Ratios compare medians of this "
-        "run.",
+        "master + workers; hubproxy: supervisor + workers, found by a /proc scan of parent "
+        "pids) during the run. Peak RSS = sum of VmHWM over those processes, reset before each "
+        "run (clear_refs 5), max over runs. Peak RSS per concurrent transfer (cases with several "
+        "blobs in flight) = peak RSS / transfers in flight, and (peak RSS - RSS when the run "
+        "began) / transfers in flight for the run where it grew most. nginx workers share pages "
+        "with their master, so the sum overstates nginx a little. Ratios and targets compare "
+        "medians of this run; a contestant with any unverified run gets no ratio.",
     ]
 
 
@@ -176,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = Plan(
         cases=cases,
         contestants=contestants,
-        reps=args.reps if args.reps is not None else (2 if args.quick else 5),
+        reps=args.reps if args.reps is not None else (2 if args.quick else 3),
         warmup=args.warmup,
-        small_seconds=args.small_seconds or (1.0 if args.quick else 2.0),
+        small_seconds=args.small_seconds or (1.0 if args.quick else 8.0),
         wrk_threads=args.wrk_threads,
         max_time=args.max_time,
     )
@@ -222,13 +240,16 @@ def replot(results_json: Path, out: Path | None) -> int:
 def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int:
     from bench import report
     from bench.cases import blob_sets
-    from bench.contestants import Contestants, instance_for
+    from bench.contestants import Contestants, hubproxy_has_workers
     from bench.fixtures import make_fixtures
     from bench.origin import start_origin
     from bench.results import RunRecord, Summary, ratios, summarize
     from bench.runner import Runner, Settings, stderr_say
+    from bench.targets import summary_lines
 
     environment = describe(tools)
+    has_workers = hubproxy_has_workers()
+    environment["hubproxy --workers"] = "listed in --help" if has_workers else "not available"
     source_at_start = source_fingerprint()
     settings = Settings(
         reps=plan.reps,
@@ -247,7 +268,7 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
     try:
         shapes = blob_sets(plan.cases)
         t0 = time.perf_counter()
-        fixtures = make_fixtures(tmp, shapes)
+        fixtures = make_fixtures(tmp, shapes, manifest_size=SMALL_BODY)
         total = sum(count * size for count, size in shapes)
         stderr_say(
             f"bench: {total / 2**20:,.0f} MiB of blobs in {time.perf_counter() - t0:.1f}s "
@@ -259,7 +280,9 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
                 cache_base = Path(tempfile.mkdtemp(prefix="hubproxy-bench-", dir=args.cache_base))
                 stack.callback(shutil.rmtree, cache_base, True)
             origin = start_origin(tools.nginx, tmp, fixtures, stack)
-            pool = Contestants(tools.nginx, tmp, cache_base, fixtures, origin, stack)
+            pool = Contestants(
+                tools.nginx, tmp, cache_base, fixtures, origin, stack, has_workers=has_workers
+            )
             runner = Runner(tools, fixtures, origin, pool, settings, tmp, say=stderr_say)
             records = runner.run(plan.cases, plan.contestants)
             log_paths = {"origin-nginx": tmp / "origin" / "error.log", **pool.logs()}
@@ -285,15 +308,16 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
         (case.name, name): summarize(case, name, records)
         for case in plan.cases
         for name in plan.contestants
-        if instance_for(name, case) is not None
+        if any(r.case == case.name and r.contestant == name for r in records)
     }
     found_ratios = ratios(plan.cases, summaries)
+    lines = summary_lines(plan.cases, summaries)
     out = output_dir(args.quick, args.out)
     out.mkdir(parents=True, exist_ok=True)
     chart_note = report.plot(out / "throughput.png", plan.cases, plan.contestants, summaries)
     if chart_note:
         stderr_say("bench: " + chart_note)
-    method = method_lines(tools, plan, cache_where)
+    method = method_lines(tools, plan, cache_where, has_workers)
     (out / "results.md").write_text(
         report.render_markdown(
             command=command,
@@ -306,6 +330,7 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
             ratios=found_ratios,
             logs=logs,
             chart_note=chart_note,
+            summary_lines=lines,
         )
     )
     report.write_json(
@@ -320,6 +345,7 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
         ratios=found_ratios,
         records=records,
         logs=logs,
+        summary_lines=lines,
     )
     for scan in logs:
         if scan.lines:
@@ -334,6 +360,6 @@ def run(args: argparse.Namespace, plan: Plan, tools: Tools, command: str) -> int
         f"bench: {len(records)} runs in {wall:.0f}s, {len(failed)} failed verification; "
         f"wrote {', '.join(map(str, written))}"
     )
-    for ratio in found_ratios:
-        print(ratio.line(), flush=True)
+    for line in lines:
+        print(line, flush=True)
     return 1 if failed else 0

@@ -1,17 +1,20 @@
-"""The contestants, each in front of the same origin, started on first use per transport.
+"""The contestants, each in front of the same origin, started on first use.
 
-- ``hubproxy``: ``python -m hubproxy`` as users run it (TLS listener unless plain HTTP, upstream
-  the origin's TLS registry verified against the bench CA, ``--log-level warning``, its blob
-  cache on, as by default, in a directory of ours). For every run of a miss case it is
-  restarted on an empty cache directory (untimed), so each run is a first pull; for ``-hit``
-  cases a separate long-lived instance serves blobs it was primed with;
-- ``hubproxy-nocache`` (optional): the same with ``--no-cache``: the pure streaming path;
-- ``nginx-recipe`` / ``nginx-tuned``: one nginx instance each (own prefix, config and pid), see
-  :mod:`bench.nginxconf`;
+- ``hubproxy-pass``: ``python -m hubproxy --no-cache``: every byte and every request passed on;
+- ``hubproxy-miss``: hubproxy with its blob cache on, as by default, restarted on an empty cache
+  directory before every run (untimed), so each run is a first pull;
+- ``hubproxy-hit``: hubproxy serving blobs (or the manifest) it already holds: one long-lived
+  instance per case, primed untimed;
+- ``nginx-tuned`` (the baseline of every ratio) / ``nginx-recipe``: one nginx instance each (own
+  prefix, config and pid), see :mod:`bench.nginxconf`;
 - ``direct``: no proxy; the client talks to the origin itself and follows the 307 to the CDN:
   the ceiling on this machine.
 
-Client-to-proxy is TLS or plain HTTP per case; proxy-to-origin is always TLS.
+hubproxy is run as users run it (TLS listener unless plain HTTP, upstream the origin's TLS
+registry verified against the bench CA, ``--log-level warning``). In the small-request cases it
+gets ``--workers auto``, in the pinned (``-cpu0``) cases ``--workers 1``, either only when its
+``--help`` lists ``--workers``; the blob cases take its default. Client-to-proxy is TLS or
+plain HTTP per case; proxy-to-origin is always TLS.
 """
 
 from __future__ import annotations
@@ -19,43 +22,47 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from bench import procs
-from bench.cases import Case, Transport
+from bench.cases import PINNED_CPU, Case, Transport
 from bench.fixtures import Fixtures
 from bench.nginxconf import render_contestant
 from bench.origin import Origin, nginx_argv, prepare_prefix
 
-Name = Literal["hubproxy", "hubproxy-nocache", "nginx-recipe", "nginx-tuned", "direct"]
+Name = Literal[
+    "hubproxy-pass", "hubproxy-miss", "hubproxy-hit", "nginx-tuned", "nginx-recipe", "direct"
+]
 CONTESTANTS: tuple[Name, ...] = (
-    "hubproxy",
-    "hubproxy-nocache",
-    "nginx-recipe",
+    "hubproxy-pass",
+    "hubproxy-miss",
+    "hubproxy-hit",
     "nginx-tuned",
+    "nginx-recipe",
     "direct",
 )
-DEFAULT_CONTESTANTS: tuple[Name, ...] = ("hubproxy", "nginx-recipe", "nginx-tuned", "direct")
-# Which instance serves a run: a fresh empty-cache hubproxy per run, a primed one, or the one
-# long-lived instance of a contestant.
+DEFAULT_CONTESTANTS = CONTESTANTS
+HUBPROXIES: tuple[Name, ...] = ("hubproxy-pass", "hubproxy-miss", "hubproxy-hit")
+# Which instance serves a run: a fresh empty-cache hubproxy per run, a primed one, or a
+# long-lived one.
 Instance = Literal["cold", "hit", "steady"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    contestant: Name
-    transport: Transport
-    base_url: str
-    follow_redirects: bool
-    process: procs.Started | None
-    cache_dir: Path | None = None
+class Spec:
+    """How the instance serving one contestant in one case is started (pure data)."""
 
-    def pids(self) -> list[int]:
-        return self.process.pids() if self.process else []
+    key: tuple[str, ...]  # runs with equal keys share one process
+    instance: Instance
+    cache: bool = False  # hubproxy: blob cache on
+    workers: str | None = None  # hubproxy: the --workers value passed, if any
+    pinned: bool = False  # on CPU 0 only (and nginx with one worker)
 
 
 def parse_contestants(text: str) -> list[Name]:
@@ -73,14 +80,34 @@ def parse_contestants(text: str) -> list[Name]:
     return chosen
 
 
-def instance_for(name: Name, case: Case) -> Instance | None:
-    """The instance serving ``name`` in ``case``; None when the pairing makes no sense (a
-    cache-hit case for the contestant without a cache)."""
-    if name == "hubproxy":
-        return "hit" if case.hit else "cold"
-    if name == "hubproxy-nocache" and case.hit:
+def spec_for(name: Name, case: Case, has_workers: bool) -> Spec | None:
+    """The instance serving ``name`` in ``case``; None when the pairing is not measured: a miss
+    of small requests (only the first would miss), and in a pinned case anything but the miss,
+    the hit and nginx-tuned. ``has_workers``: hubproxy's ``--help`` lists ``--workers``."""
+    if case.pinned and name not in ("hubproxy-miss", "hubproxy-hit", "nginx-tuned"):
         return None
-    return "steady"
+    if case.kind == "small" and name == "hubproxy-miss":
+        return None
+    workers: str | None = None
+    if has_workers and case.pinned:
+        workers = "1"
+    elif has_workers and case.kind == "small":
+        workers = "auto"
+    pin = "cpu0" if case.pinned else ""
+    if name == "hubproxy-miss":
+        return Spec((name, case.name), "cold", cache=True, workers=workers, pinned=case.pinned)
+    if name == "hubproxy-hit":  # one per case: its memory is that case's alone
+        return Spec((name, case.name), "hit", cache=True, workers=workers, pinned=case.pinned)
+    if name == "hubproxy-pass":
+        key = (name, case.transport, case.kind, workers or "", pin)
+        return Spec(key, "steady", workers=workers, pinned=case.pinned)
+    return Spec((name, case.transport, pin), "steady", pinned=case.pinned)
+
+
+def instance_for(name: Name, case: Case) -> Instance | None:
+    """Which kind of instance serves ``name`` in ``case`` (None: not measured)."""
+    spec = spec_for(name, case, has_workers=False)
+    return spec.instance if spec else None
 
 
 def hubproxy_argv(
@@ -90,8 +117,10 @@ def hubproxy_argv(
     fixtures: Fixtures,
     cache_dir: Path | None,
     python: str = sys.executable,
+    workers: str | None = None,
 ) -> list[str]:
-    """The command line users run, pointed at our origin (``cache_dir`` None: ``--no-cache``)."""
+    """The command line users run, pointed at our origin (``cache_dir`` None: ``--no-cache``;
+    ``workers``: ``--workers`` with that value)."""
     argv = [python, "-m", "hubproxy", "--listen", f"127.0.0.1:{port}"]
     if transport == "tls":
         argv += ["--cert", str(fixtures.tls.cert_pem), "--key", str(fixtures.tls.key_pem)]
@@ -104,19 +133,48 @@ def hubproxy_argv(
         "--log-level",
         "warning",
     ]
+    if workers is not None:
+        argv += ["--workers", workers]
     return [*argv, "--cache-dir", str(cache_dir)] if cache_dir else [*argv, "--no-cache"]
 
 
-# (contestant, transport, instance, case name for a cache-hit instance: one per case, so that
-# its memory is that case's alone)
-Key = tuple[Name, Transport, Instance, str]
+def lists_flag(help_text: str, flag: str) -> bool:
+    """Whether ``--help`` output documents ``flag`` (as a whole option, not a prefix)."""
+    return any(
+        word.rstrip(",") == flag or word.startswith(flag + "=")
+        for line in help_text.splitlines()
+        for word in line.split()
+    )
 
 
-def instance_key(name: Name, case: Case) -> Key | None:
-    instance = instance_for(name, case)
-    if instance is None:
-        return None
-    return (name, case.transport, instance, case.name if instance == "hit" else "")
+def hubproxy_has_workers(python: str = sys.executable) -> bool:
+    """Whether this checkout's hubproxy takes ``--workers`` (it may predate the flag)."""
+    try:
+        proc = subprocess.run(
+            [python, "-m", "hubproxy", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and lists_flag(proc.stdout, "--workers")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    contestant: Name
+    transport: Transport
+    base_url: str
+    follow_redirects: bool
+    process: procs.Started | None
+    cache_dir: Path | None = None
+    argv: tuple[str, ...] = ()
+
+    def pids(self) -> list[int]:
+        """The process and all its descendants now (nginx workers, hubproxy workers)."""
+        return self.process.pids() if self.process else []
 
 
 @dataclass
@@ -130,23 +188,27 @@ class Contestants:
     fixtures: Fixtures
     origin: Origin
     stack: contextlib.ExitStack
-    started: dict[Key, Endpoint] = field(default_factory=dict)
+    has_workers: bool = False
+    started: dict[tuple[str, ...], Endpoint] = field(default_factory=dict)
     restarts: int = 0
+
+    def spec(self, name: Name, case: Case) -> Spec | None:
+        return spec_for(name, case, self.has_workers)
 
     def endpoint(self, name: Name, case: Case) -> Endpoint | None:
         """The endpoint for a run of ``case``, started if needed (None: not applicable)."""
-        key = instance_key(name, case)
-        if key is None:
+        spec = self.spec(name, case)
+        if spec is None:
             return None
-        if key not in self.started:
-            self.started[key] = self._start(*key)
-        return self.started[key]
+        if spec.key not in self.started:
+            self.started[spec.key] = self._start(name, case.transport, spec)
+        return self.started[spec.key]
 
     def fresh(self, name: Name, case: Case) -> Endpoint | None:
         """Like :meth:`endpoint`, but a ``cold`` hubproxy is restarted on an empty cache."""
-        key = instance_key(name, case)
-        if key is not None and key[2] == "cold" and key in self.started:
-            old = self.started.pop(key)
+        spec = self.spec(name, case)
+        if spec is not None and spec.instance == "cold" and spec.key in self.started:
+            old = self.started.pop(spec.key)
             assert old.process is not None
             procs.stop(old.process)
             if old.cache_dir is not None:
@@ -154,24 +216,25 @@ class Contestants:
             self.restarts += 1
         return self.endpoint(name, case)
 
-    def _start(self, name: Name, transport: Transport, instance: Instance, tag: str) -> Endpoint:
+    def _start(self, name: Name, transport: Transport, spec: Spec) -> Endpoint:
         scheme = "https" if transport == "tls" else "http"
         if name == "direct":
             return Endpoint(name, transport, self.origin.registry_url(transport), True, None)
         port = procs.free_port()
+        cpus = {PINNED_CPU} if spec.pinned else None
         cache_dir: Path | None = None
-        if name in ("hubproxy", "hubproxy-nocache"):
-            label = f"{name}-{transport}"
-            if name == "hubproxy":
-                label += f"-{instance}" + (f"-{tag}" if tag else "")
-            if name == "hubproxy":
+        label = "-".join(part for part in spec.key if part)
+        if name in HUBPROXIES:
+            if spec.cache:
                 cache_dir = self.cache_base / f"cache-{label}-{self.restarts}"
             log = self.root / f"{label}.log"
             upstream = self.origin.registry_url("tls")
-            argv = hubproxy_argv(port, transport, upstream, self.fixtures, cache_dir)
-            started = procs.start(label, argv, log, self.stack, cwd=REPO_ROOT)
+            argv = hubproxy_argv(
+                port, transport, upstream, self.fixtures, cache_dir, workers=spec.workers
+            )
+            started = procs.start(label, argv, log, self.stack, cwd=REPO_ROOT, cpus=cpus)
         else:
-            prefix = self.root / f"{name}-{transport}"
+            prefix = self.root / label
             prepare_prefix(prefix)
             conf = prefix / "nginx.conf"
             conf.write_text(
@@ -184,28 +247,30 @@ class Contestants:
                     self.fixtures.tls.ca_pem,
                     self.fixtures.tls.cert_pem,
                     self.fixtures.tls.key_pem,
+                    # `auto` counts online CPUs, not the ones it may run on
+                    workers="1" if spec.pinned else "auto",
                 )
             )
             argv = nginx_argv(self.nginx, prefix, conf)
-            started = procs.start(f"{name}-{transport}", argv, prefix / "out.log", self.stack)
+            started = procs.start(label, argv, prefix / "out.log", self.stack, cpus=cpus)
         procs.wait_listening(started, [port])
         url = f"{scheme}://127.0.0.1:{port}"
-        return Endpoint(name, transport, url, False, started, cache_dir)
+        return Endpoint(name, transport, url, False, started, cache_dir, tuple(argv))
 
     def logs(self) -> dict[str, Path]:
         """Per started instance, the file its warnings and errors go to."""
         out: dict[str, Path] = {}
-        for (name, transport, _, _), endpoint in self.started.items():
+        for endpoint in self.started.values():
             if endpoint.process is None:
                 continue
-            if name.startswith("hubproxy"):
+            if endpoint.contestant in HUBPROXIES:
                 out[endpoint.process.name] = endpoint.process.log
             else:
-                out[endpoint.process.name] = self.root / f"{name}-{transport}" / "error.log"
+                out[endpoint.process.name] = endpoint.process.log.parent / "error.log"
         return out
 
 
-def cached_blobs(cache_dir: Path, hex_digests: list[str]) -> int:
+def cached_blobs(cache_dir: Path, hex_digests: Sequence[str]) -> int:
     """How many of the blobs have a file named by their digest under ``cache_dir``."""
     wanted = set(hex_digests)
     found = 0

@@ -1,6 +1,7 @@
 """What the origin serves and everyone trusts: one trustme CA, a server certificate for
 ``localhost``/``127.0.0.1``, random blob files on /dev/shm named by their sha256 (computed as
-they are written), a ~2 KiB image manifest, and on request a big one (bench.load's abuse mode)."""
+they are written), an image manifest (~2 KiB, or of a given size), and on request a big one
+(bench.load's abuse mode)."""
 
 from __future__ import annotations
 
@@ -107,19 +108,28 @@ def manifest_of_size(size: int) -> bytes:
     return body
 
 
+def manifest_exactly(size: int) -> bytes:
+    """A schema-2 manifest of exactly ``size`` bytes: :func:`manifest_of_size` padded with
+    spaces (whitespace between JSON tokens changes the digest, not the meaning)."""
+    body = manifest_of_size(size).rstrip()
+    return body + b" " * max(0, size - len(body) - 1) + b"\n"
+
+
 def make_fixtures(
     root: Path,
     shapes: list[tuple[int, int]],
     big_manifest_size: int = 0,
     big_manifest_variants: int = 0,
+    manifest_size: int = 0,
 ) -> Fixtures:
-    """Certificates, the manifest and, per ``(count, size)`` shape, ``count`` distinct blobs;
-    a manifest of about ``big_manifest_size`` bytes too, if given."""
+    """Certificates, the manifest (about ``manifest_size`` bytes if given, else ~2 KiB) and,
+    per ``(count, size)`` shape, ``count`` distinct blobs; a manifest of about
+    ``big_manifest_size`` bytes too, if given."""
     root.chmod(0o755)  # nginx workers run as an unprivileged user when we are root
     tls = make_tls(root)
     blob_dir = root / "blobs"
     blob_dir.mkdir(mode=0o755)
-    manifest = manifest_json()
+    manifest = manifest_exactly(manifest_size) if manifest_size else manifest_json()
     manifest_path = root / "manifest.json"
     manifest_path.write_bytes(manifest)
     manifest_path.chmod(0o644)

@@ -5,7 +5,10 @@ go with their master), with output into a log file, and registered on an ``ExitS
 stops it (SIGTERM to the group, then SIGKILL after a bounded wait). CPU is ``utime + stime`` from
 ``/proc/PID/stat`` summed over the process and its children (nginx master + workers); peak RSS is
 ``VmHWM`` from ``/proc/PID/status`` summed the same way, reset before each run by writing ``5`` to
-``/proc/PID/clear_refs``.
+``/proc/PID/clear_refs``. The descendants are found by a scan of ``/proc`` (every ``ppid``), so a
+process that forks workers (nginx, ``hubproxy --workers``) is measured whole. A process may be
+started pinned to some CPUs (``sched_setaffinity`` before ``exec``, as ``taskset -c`` does); its
+children inherit the mask.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ def parse_stat(text: str) -> ProcStat:
     return ProcStat(pid=pid, ppid=int(fields[1]), utime=int(fields[11]), stime=int(fields[12]))
 
 
-def parse_vmhwm_kb(status_text: str) -> int:
-    """``VmHWM`` (peak resident set) in kB from ``/proc/PID/status``; 0 for kernel threads."""
+def parse_vmhwm_kb(status_text: str, field: str = "VmHWM") -> int:
+    """``VmHWM`` (peak resident set; or another ``field`` such as ``VmRSS``) in kB from
+    ``/proc/PID/status``; 0 for kernel threads."""
     for line in status_text.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
@@ -102,6 +106,16 @@ def peak_rss_kb(pids: Sequence[int]) -> int:
     return total
 
 
+def rss_kb(pids: Sequence[int]) -> int:
+    """The resident set now (``VmRSS``), summed over ``pids``."""
+    total = 0
+    for pid in pids:
+        text = _read(f"/proc/{pid}/status")
+        if text:
+            total += parse_vmhwm_kb(text, "VmRSS")
+    return total
+
+
 def reset_peak_rss(pids: Sequence[int]) -> bool:
     """Reset ``VmHWM`` to the current RSS; False if the kernel refused (not our process)."""
     ok = True
@@ -136,9 +150,20 @@ class Started:
 
 
 def start(
-    name: str, argv: Sequence[str], log: Path, stack: contextlib.ExitStack, cwd: Path | None = None
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    stack: contextlib.ExitStack,
+    cwd: Path | None = None,
+    cpus: set[int] | None = None,
 ) -> Started:
-    """Start ``argv`` in a new session, output to ``log``; ``stack`` stops it on exit."""
+    """Start ``argv`` in a new session, output to ``log``, on ``cpus`` only if given (the
+    whole process tree: the mask is inherited); ``stack`` stops it on exit."""
+
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
     with log.open("ab") as out:
         process = subprocess.Popen(
             list(argv),
@@ -147,6 +172,7 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=cwd,
+            preexec_fn=pin if cpus is not None else None,
         )
     started = Started(name, process, log)
     stack.callback(stop, started)

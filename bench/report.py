@@ -1,6 +1,7 @@
-"""Output: ``results.md`` (environment, method, a table per case, ratios, problems, contestant
-logs), ``results.json`` (all of it plus every run), ``throughput.png`` (matplotlib, optional) and
-the summary lines printed last, one per ratio."""
+"""Output: ``results.md`` (environment, method, the issue's table, the targets, a table per
+case, ratios, problems, contestant logs), ``results.json`` (all of it plus every run),
+``throughput.png`` (matplotlib, optional); the summary lines (:mod:`bench.targets`) are printed
+last."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.cases import Case, human_size
-from bench.results import HUBPROXY, RunRecord, Summary
+from bench.results import BASELINE, HUBPROXY, RunRecord, Summary
 from bench.stats import METRICS, Ratio, Spread
 
 COLOURS = {
     "hubproxy": "#2a7ab9",
+    "hubproxy-pass": "#9cc3e4",
+    "hubproxy-miss": "#2a7ab9",
+    "hubproxy-hit": "#15406b",
     "nginx-recipe": "#d9822b",
     "nginx-tuned": "#3d9a50",
     "direct": "#8c8c8c",
@@ -104,6 +108,57 @@ def case_table(
     return "\n".join(rows)
 
 
+_ISSUE_COLUMNS = (
+    ("hubproxy-pass", "hubproxy `--no-cache`"),
+    ("hubproxy-miss", "hubproxy miss (empty cache)"),
+    ("hubproxy-hit", "hubproxy hit"),
+)
+
+
+def _issue_cell(case: Case, mine: Summary | None, base: Summary) -> str:
+    if mine is None or mine.throughput is None or not mine.all_verified:
+        return "—" if mine is None else "not verified"
+    if case.kind == "small":
+        share = ""
+        if base.throughput is not None and base.all_verified:
+            share = f" ({mine.throughput.median / base.throughput.median:.2f}x)"
+        p99 = f", p99 {mine.p99_ms.median:.0f} ms" if mine.p99_ms else ""
+        return (
+            f"{mine.throughput.median:,.0f} req/s{share} at "
+            f"{_fmt(mine.proxy_cpu_us_per_req, 0)} µs{p99}"
+        )
+    if base.throughput is None or not base.all_verified:
+        return f"{mine.throughput.median:,.0f} MB/s"
+    speed = mine.throughput.median / base.throughput.median
+    cpu = "—"
+    if mine.proxy_cpu_per_gib is not None and base.proxy_cpu_per_gib:
+        cpu = f"{mine.proxy_cpu_per_gib / base.proxy_cpu_per_gib:.2f}x"
+    return f"{speed:.2f}x speed, {cpu} CPU"
+
+
+def issue_table(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> str:
+    """The issue's table: a row per case, nginx-tuned's figures and hubproxy's as ratios to
+    them (blobs: speed and CPU per GiB; small requests: req/s, CPU per request, p99)."""
+    rows = [
+        "| case | nginx-tuned | " + " | ".join(title for _, title in _ISSUE_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(_ISSUE_COLUMNS),
+    ]
+    for case in cases:
+        base = summaries.get((case.name, BASELINE))
+        if base is None or base.throughput is None:
+            continue
+        if case.kind == "small":
+            tuned = (
+                f"{base.throughput.median:,.0f} req/s, {_fmt(base.proxy_cpu_us_per_req, 0)} "
+                f"µs/req" + (f", p99 {base.p99_ms.median:.0f} ms" if base.p99_ms else "")
+            )
+        else:
+            tuned = f"{base.throughput.median:,.0f} MB/s, {_fmt(base.proxy_cpu_per_gib)} CPU-s/GiB"
+        cells = [_issue_cell(case, summaries.get((case.name, n)), base) for n, _ in _ISSUE_COLUMNS]
+        rows.append(f"| {case.name} | {tuned} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def case_ratio_line(case: Case, ratios: Sequence[Ratio]) -> str:
     parts = []
     for r in ratios:
@@ -128,6 +183,7 @@ def render_markdown(
     ratios: Sequence[Ratio],
     logs: Sequence[LogScan],
     chart_note: str,
+    summary_lines: Sequence[str] = (),
 ) -> str:
     out = ["# hubproxy blob benchmark", ""]
     out.append(f"`{command}` — wall time {wall_seconds:.0f} s.")
@@ -135,6 +191,13 @@ def render_markdown(
     out += [f"| {key} | {value} |" for key, value in environment.items()]
     out += ["", "## Method", ""]
     out += [f"- {line}" for line in method]
+    table = issue_table(cases, summaries)
+    if table:
+        out += ["", "## hubproxy against nginx-tuned (medians of this run)", "", table]
+    if summary_lines:
+        out += ["", "## Targets (issue 14) and per-core, per-transfer figures", "", "```"]
+        out += list(summary_lines)
+        out += ["```"]
     out += ["", "## Results", ""]
     for case in cases:
         out += [f"### {case.name}", "", case.describe() + ".", ""]
@@ -187,6 +250,7 @@ def write_json(
     ratios: Sequence[Ratio],
     records: Sequence[RunRecord],
     logs: Sequence[LogScan],
+    summary_lines: Sequence[str] = (),
 ) -> None:
     data = {
         "command": command,
@@ -197,7 +261,7 @@ def write_json(
         "contestants": list(contestants),
         "summaries": [{**asdict(s), "all_verified": s.all_verified} for s in summaries.values()],
         "ratios": [asdict(r) for r in ratios],
-        "summary_lines": [r.line() for r in ratios],
+        "summary_lines": list(summary_lines),
         "runs": [{**asdict(r), "sha256_verified": r.verified, "mb_per_s": r.mbps} for r in records],
         "logs": [asdict(scan) for scan in logs],
     }
@@ -230,7 +294,8 @@ def chart_label(case: Case) -> str:
         human_size(case.size) if case.count == 1 else f"{case.count} \u00d7 {human_size(case.size)}"
     )
     redirect = "" if case.redirect else ", no redirect"
-    return f"{case.name}\n{what}, {side}{redirect}, {'cache hit' if case.hit else 'miss'}"
+    pinned = ", proxy on CPU 0" if case.pinned else ""
+    return f"{case.name}\n{what}, {side}{redirect}{pinned}"
 
 
 # The chart is read at README width (about 900 px on GitHub): 1200 px wide, one horizontal bar
@@ -238,7 +303,10 @@ def chart_label(case: Case) -> str:
 # cases (requests/s) in panels of their own, the legend above the panels where it hides nothing.
 CHART_WIDTH_IN = 12.0
 CHART_DPI = 100
-_CASE_HEIGHT_IN = 0.8
+# a case's height grows with its bars beyond four (six contestants: 1.2 in), so bars and their
+# figures stay readable
+_BAR_HEIGHT_IN = 0.2
+_MIN_BARS = 4
 
 
 def plot(
@@ -292,7 +360,8 @@ def _draw(
     ]
     groups = [g for g in groups if g]
     header_in = 0.45
-    height = header_in + sum(_CASE_HEIGHT_IN * len(g) + 0.6 for g in groups)
+    case_in = _BAR_HEIGHT_IN * max(_MIN_BARS, len(contestants))
+    height = header_in + sum(case_in * len(g) + 0.6 for g in groups)
     fig, axes = plt.subplots(
         len(groups),
         1,

@@ -13,8 +13,9 @@ from bench.cases import Case, GiB
 from bench.stats import Ratio, Spread, ratio, spread
 
 HUBPROXY = "hubproxy"
-NUMERATORS = ("hubproxy", "hubproxy-nocache")
-BASELINES = ("nginx-recipe", "nginx-tuned", "direct")
+NUMERATORS = ("hubproxy-pass", "hubproxy-miss", "hubproxy-hit")
+BASELINE = "nginx-tuned"  # every target is a ratio to it (issue 14)
+BASELINES = ("nginx-tuned", "nginx-recipe", "direct")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class RunRecord:
     origin_cpu_s: float
     proxy_cpu_s: float | None = None
     proxy_peak_rss_kb: int | None = None
+    proxy_rss_start_kb: int | None = None  # VmRSS when the run began (peak RSS reset to it)
+    parallel: int = 0  # transfers (blobs) or connections (small) in flight at once
     rps: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
@@ -56,6 +59,11 @@ class Summary:
     proxy_cpu_per_gib: float | None = None  # blobs: median CPU-s per GiB moved
     proxy_cpu_us_per_req: float | None = None  # small: median CPU-us per request
     peak_rss_mb: float | None = None  # max over measured runs
+    # the largest (peak RSS - RSS at the start of the run) over measured runs, what the
+    # transfers in flight added, and that run's RSS at its start
+    rss_growth_mb: float | None = None
+    rss_start_mb: float | None = None
+    parallel: int = 0
     p99_ms: Spread | None = None
     p50_ms: float | None = None
     client_cpu_per_gib: float | None = None
@@ -85,6 +93,12 @@ def summarize(case: Case, contestant: str, records: Sequence[RunRecord]) -> Summ
             if len(problems) < 10:
                 problems.append(line)
     rss = [r.proxy_peak_rss_kb for r in good if r.proxy_peak_rss_kb is not None]
+    growth = [
+        (max(0, r.proxy_peak_rss_kb - r.proxy_rss_start_kb), r.proxy_rss_start_kb)
+        for r in good
+        if r.proxy_peak_rss_kb is not None and r.proxy_rss_start_kb is not None
+    ]
+    grew, grew_from = max(growth) if growth else (None, None)
     summary = Summary(
         case=case.name,
         kind=case.kind,
@@ -93,6 +107,9 @@ def summarize(case: Case, contestant: str, records: Sequence[RunRecord]) -> Summ
         verified=len(good),
         throughput=None,
         peak_rss_mb=max(rss) / 1024 if rss else None,
+        rss_growth_mb=grew / 1024 if grew is not None else None,
+        rss_start_mb=grew_from / 1024 if grew_from is not None else None,
+        parallel=case.parallel or case.connections,
         problems=problems,
     )
     if case.kind == "blobs":
@@ -118,9 +135,9 @@ def summarize(case: Case, contestant: str, records: Sequence[RunRecord]) -> Summ
 
 
 def ratios(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> list[Ratio]:
-    """hubproxy (and hubproxy-nocache when run) against each baseline present, per case:
-    throughput (or rps and p99 for small requests) and, against the nginx contestants, CPU per
-    GiB moved."""
+    """Each hubproxy contestant against each baseline present, per case: throughput (or rps
+    and p99 for small requests) and, against the nginx contestants, CPU per GiB moved (or per
+    request)."""
     out: list[Ratio] = []
     for case, numerator in ((c, n) for n in NUMERATORS for c in cases):
         mine = summaries.get((case.name, numerator))
@@ -177,4 +194,14 @@ def ratios(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> 
                         value(med(mine.p99_ms), med(theirs.p99_ms)),
                     )
                 )
+                if base != "direct":
+                    out.append(
+                        Ratio(
+                            numerator,
+                            base,
+                            case.name,
+                            "cpu-per-request",
+                            value(mine.proxy_cpu_us_per_req, theirs.proxy_cpu_us_per_req),
+                        )
+                    )
     return out

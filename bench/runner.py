@@ -3,10 +3,11 @@
 Every repetition runs every case; within a case each contestant takes its turn, starting from
 a different contestant each time (rotation by repetition and case index), so drift in the
 machine's state (thermal, page cache, neighbours) spreads over all contestants. The first
-``warmup`` repetitions are run in full and discarded. Before each run of a miss case hubproxy is
-restarted on an empty cache (untimed); a cache-hit instance is primed once, untimed, and checked
-to hold every blob. Around each run: the proxy's peak RSS is reset, its CPU (and the origin's)
-read before and after from /proc.
+``warmup`` repetitions are run in full and discarded. Before each of its runs ``hubproxy-miss``
+is restarted on an empty cache (untimed); a ``hubproxy-hit`` instance is primed once, untimed,
+and checked to hold every blob (small requests: the manifest fetched once through it). Around
+each run: the proxy's peak RSS is reset (its RSS at that moment kept), its CPU (and the
+origin's) read before and after from /proc, over the process and all its descendants.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from bench import clients, procs
 from bench.cases import Case
-from bench.contestants import Contestants, Endpoint, Name, cached_blobs, instance_for
+from bench.contestants import Contestants, Endpoint, Name, cached_blobs
 from bench.env import Tools
 from bench.fixtures import Fixtures
 from bench.nginxconf import BLOB_PATH, MANIFEST_PATH, NOREDIR_BLOB_PATH
@@ -52,10 +53,10 @@ class Runner:
     def run(self, cases: Sequence[Case], names: Sequence[Name]) -> list[RunRecord]:
         for case in cases:  # start the long-lived instances before the first timed run
             for name in names:
-                instance = instance_for(name, case)
-                if instance is not None and instance != "cold":
+                spec = self.contestants.spec(name, case)
+                if spec is not None and spec.instance != "cold":
                     endpoint = self.contestants.endpoint(name, case)
-                    if endpoint is not None and instance == "hit":
+                    if endpoint is not None and spec.instance == "hit":
                         self.prime(case, endpoint)
         records: list[RunRecord] = []
         total = self.settings.warmup + self.settings.reps
@@ -76,11 +77,27 @@ class Runner:
         return records
 
     def prime(self, case: Case, endpoint: Endpoint) -> None:
-        """Fill a cache-hit instance with the case's blobs (untimed) and check they are held."""
+        """Fill a cache-hit instance with the case's blobs (untimed) and check they are held;
+        for small requests, fetch the manifest through it once."""
         key = (endpoint.base_url, f"{case.count}x{case.size}")
         if key in self.primed:
             return
         self.primed.add(key)
+        if case.kind == "small":
+            found = clients.verify_manifest(
+                self.tools.curl,
+                endpoint.base_url + MANIFEST_PATH,
+                self.fixtures.tls.ca_pem,
+                self.fixtures.manifest_path.read_bytes(),
+                self.fixtures.manifest_digest,
+                self.work / "manifest",
+            )
+            self.prime_problems[(case.name, endpoint.contestant)] = [f"priming: {p}" for p in found]
+            self.say(
+                f"bench: primed {endpoint.contestant} for {case.name}: "
+                + ("ok" if not found else "; ".join(found))
+            )
+            return
         blobs = self.fixtures.blobs[(case.count, case.size)]
         path = BLOB_PATH if case.redirect else NOREDIR_BLOB_PATH
         urls = [f"{endpoint.base_url}{path}{blob.digest_hex}" for blob in blobs]
@@ -106,18 +123,23 @@ class Runner:
             + ("ok" if not problems else "; ".join(problems))
         )
 
-    def _measure_start(self, endpoint: Endpoint) -> tuple[list[int], list[int], float, float]:
+    def _measure_start(
+        self, endpoint: Endpoint
+    ) -> tuple[list[int], list[int], float, float, int | None]:
+        """The proxy's processes (all descendants too: nginx or hubproxy workers), the
+        origin's, their CPU so far, and the proxy's RSS as its peak is reset."""
         pids = endpoint.pids()
         origin_pids = self.origin.process.pids()
         procs.reset_peak_rss(pids)
-        return pids, origin_pids, procs.cpu_seconds(pids), procs.cpu_seconds(origin_pids)
+        rss = procs.rss_kb(pids) if pids else None
+        return pids, origin_pids, procs.cpu_seconds(pids), procs.cpu_seconds(origin_pids), rss
 
     def run_blobs(self, case: Case, endpoint: Endpoint, rep: int, warmup: bool) -> RunRecord:
         blobs = self.fixtures.blobs[(case.count, case.size)]
         path = BLOB_PATH if case.redirect else NOREDIR_BLOB_PATH
         urls = [f"{endpoint.base_url}{path}{blob.digest_hex}" for blob in blobs]
         redirects = 1 if endpoint.follow_redirects and case.redirect else 0
-        pids, origin_pids, cpu0, ocpu0 = self._measure_start(endpoint)
+        pids, origin_pids, cpu0, ocpu0, rss0 = self._measure_start(endpoint)
         fetch = clients.fetch_blobs(
             self.tools.curl,
             urls,
@@ -145,11 +167,13 @@ class Runner:
             origin_cpu_s=origin_cpu,
             proxy_cpu_s=proxy_cpu,
             proxy_peak_rss_kb=procs.peak_rss_kb(pids) if pids else None,
+            proxy_rss_start_kb=rss0,
+            parallel=case.parallel,
         )
 
     def run_small(self, case: Case, endpoint: Endpoint, rep: int, warmup: bool) -> RunRecord:
         url = endpoint.base_url + MANIFEST_PATH
-        pids, origin_pids, cpu0, ocpu0 = self._measure_start(endpoint)
+        pids, origin_pids, cpu0, ocpu0, rss0 = self._measure_start(endpoint)
         small = clients.run_wrk(
             self.tools.wrk,
             url,
@@ -160,7 +184,7 @@ class Runner:
         proxy_cpu = procs.cpu_seconds(pids) - cpu0 if pids else None
         origin_cpu = procs.cpu_seconds(origin_pids) - ocpu0
         rss = procs.peak_rss_kb(pids) if pids else None
-        problems = list(small.problems)
+        problems = self.prime_problems.get((case.name, endpoint.contestant), []) + small.problems
         problems += clients.verify_manifest(
             self.tools.curl,
             url,
@@ -183,6 +207,8 @@ class Runner:
             origin_cpu_s=origin_cpu,
             proxy_cpu_s=proxy_cpu,
             proxy_peak_rss_kb=rss,
+            proxy_rss_start_kb=rss0,
+            parallel=case.connections,
             rps=report.rps if report else None,
             p50_ms=report.p50_ms if report else None,
             p99_ms=report.p99_ms if report else None,

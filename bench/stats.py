@@ -38,6 +38,7 @@ METRICS = {
     "throughput": ("the throughput", True),
     "rps": ("the requests/s", True),
     "cpu-per-GiB": ("the CPU per GiB", False),
+    "cpu-per-request": ("the CPU per request", False),
     "p99": ("the p99 latency", False),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,22 +14,40 @@ from pathlib import Path
 import pytest
 
 from bench import clients, procs
-from bench.cases import GiB, MiB, parse_case, parse_cases
+from bench.cases import FULL_CASES, GiB, MiB, parse_case, parse_cases
 from bench.cli import build_parser, output_dir
 from bench.cli import main as bench_main
-from bench.contestants import hubproxy_argv, instance_for, parse_contestants
+from bench.contestants import (
+    CONTESTANTS,
+    Spec,
+    hubproxy_argv,
+    instance_for,
+    lists_flag,
+    parse_contestants,
+    spec_for,
+)
 from bench.env import find_tool
-from bench.fixtures import Blob, Fixtures, TLSFiles
+from bench.fixtures import Blob, Fixtures, TLSFiles, manifest_exactly
 from bench.nginxconf import OriginPorts, render_contestant, render_origin
+from bench.report import issue_table
 from bench.results import RunRecord, Summary, ratios, summarize
 from bench.stats import Ratio, ratio, rotate, spread
+from bench.targets import Check, Target, summary_lines, target_for
 
 REPO = Path(__file__).resolve().parent.parent
+# Every line ``python -m bench`` prints last (bench/targets.py)
+_VERDICT = (
+    r"\((target (>=|<=) [\d,.]+( ms| µs)?: (pass|FAIL|not measured)"
+    r"|(higher|lower) is better; no target)\)"
+)
 SUMMARY_LINE = re.compile(
-    r"^(hubproxy|hubproxy-nocache)/(nginx-recipe|nginx-tuned|direct) (\S+) "
-    r"(throughput|cpu-per-GiB|rps|p99) ratio: "
-    r"(n/a|(?P<value>\d+\.\d\d) \((?P=value)x the "
-    r"(throughput|requests/s|CPU per GiB|p99 latency): (higher|lower) is better\))$"
+    r"^(?:hubproxy-(pass|miss|hit)/nginx-tuned \S+ (throughput|cpu-per-GiB|rps) ratio: "
+    r"(n/a|\d+\.\d\d) " + _VERDICT + "|"
+    r"hubproxy-(pass|hit) small-\S+ (p99|cpu-per-request): (n/a|[\d,.]+( ms| µs)) " + _VERDICT + "|"
+    r"(hubproxy-(miss|hit)|nginx-tuned) \S+-cpu0 MB/s per core: "
+    r"([\d,]+ \(proxy pinned to CPU 0.*\)|n/a.*)|"
+    r"hubproxy-(pass|miss|hit) \S+ peak RSS per concurrent transfer: \d+\.\d\d MB \(.*\)|"
+    r"targets met: \d+ of \d+)$"
 )
 
 WRK_OUTPUT = """\
@@ -139,6 +158,8 @@ def test_parse_stat_and_status_of_this_process() -> None:
     status = Path(f"/proc/{os.getpid()}/status").read_text()
     assert procs.parse_vmhwm_kb(status) > 1000
     assert procs.parse_vmhwm_kb("Name: kthreadd\nVmRSS: 0 kB\n") == 0
+    assert procs.parse_vmhwm_kb("VmHWM: 9 kB\nVmRSS:  7 kB\n", "VmRSS") == 7
+    assert procs.rss_kb([os.getpid()]) > 1000
     assert os.getpid() in procs.group_pids(os.getpid())
     assert procs.cpu_seconds([os.getpid()]) > 0
 
@@ -190,12 +211,19 @@ def test_spread_ratio_rotate() -> None:
 def test_ratio_lines_say_which_way_is_better(metric: str, value: float, line: str) -> None:
     ratio_line = Ratio("hubproxy", "nginx-tuned", "1GiB-tls", metric, value).line()
     assert ratio_line == line
-    assert SUMMARY_LINE.match(ratio_line)
 
 
-def _run(contestant: str, rep: int, seconds: float, cpu: float, ok: bool = True) -> RunRecord:
+def _run(
+    contestant: str,
+    rep: int,
+    seconds: float,
+    cpu: float,
+    ok: bool = True,
+    case: str = "1GiB-tls",
+    peak_kb: int = 30_000,
+) -> RunRecord:
     return RunRecord(
-        case="1GiB-tls",
+        case=case,
         contestant=contestant,
         rep=rep,
         warmup=rep == 0,
@@ -206,31 +234,35 @@ def _run(contestant: str, rep: int, seconds: float, cpu: float, ok: bool = True)
         client_cpu_s=1.0,
         origin_cpu_s=0.5,
         proxy_cpu_s=cpu if contestant != "direct" else None,
-        proxy_peak_rss_kb=30_000 if contestant != "direct" else None,
+        proxy_peak_rss_kb=peak_kb if contestant != "direct" else None,
+        proxy_rss_start_kb=20_000 if contestant != "direct" else None,
     )
 
 
 def test_summaries_use_measured_verified_runs_and_ratios_need_honesty() -> None:
     case = parse_case("1GiB-tls")
     records = [
-        _run("hubproxy", 0, 100.0, 9.0),  # warm-up: ignored
-        *(_run("hubproxy", rep, s, 1.0) for rep, s in ((1, 1.0), (2, 2.0), (3, 4.0))),
+        _run("hubproxy-miss", 0, 100.0, 9.0),  # warm-up: ignored
+        *(_run("hubproxy-miss", rep, s, 1.0) for rep, s in ((1, 1.0), (2, 2.0), (3, 4.0))),
         *(_run("nginx-tuned", rep, 2.0, 2.0) for rep in (1, 2, 3)),
         _run("direct", 1, 0.5, 0.0),
         _run("direct", 2, 0.1, 0.0, ok=False),  # fast and wrong
     ]
-    mine = summarize(case, "hubproxy", records)
+    mine = summarize(case, "hubproxy-miss", records)
     assert mine.runs == 3 and mine.all_verified
     assert mine.throughput is not None
     assert mine.throughput.median == pytest.approx(GiB / 2.0 / 1e6)
     assert mine.throughput.lo == pytest.approx(GiB / 4.0 / 1e6)
     assert mine.proxy_cpu_per_gib == pytest.approx(1.0)
     assert mine.peak_rss_mb == pytest.approx(30_000 / 1024)
+    assert mine.rss_growth_mb == pytest.approx(10_000 / 1024)
+    assert mine.rss_start_mb == pytest.approx(20_000 / 1024)
     direct = summarize(case, "direct", records)
     assert direct.runs == 2 and direct.verified == 1 and not direct.all_verified
     assert direct.problems and "hash" in direct.problems[0]
     summaries = {
-        (case.name, n): summarize(case, n, records) for n in ("hubproxy", "nginx-tuned", "direct")
+        (case.name, n): summarize(case, n, records)
+        for n in ("hubproxy-miss", "nginx-tuned", "direct")
     }
     found = {(r.denominator, r.metric): r.value for r in ratios([case], summaries)}
     assert found[("nginx-tuned", "throughput")] == pytest.approx(1.0)
@@ -244,15 +276,15 @@ def test_summaries_use_measured_verified_runs_and_ratios_need_honesty() -> None:
 
 def test_case_names() -> None:
     case = parse_case("256x1MiB-tls-noredir")
-    assert (case.count, case.size, case.parallel, case.redirect, case.hit) == (
+    assert (case.count, case.size, case.parallel, case.redirect, case.pinned) == (
         256,
         MiB,
         32,
         False,
         False,
     )
-    hit = parse_case("1GiB-http-hit")
-    assert (hit.count, hit.size, hit.transport, hit.redirect, hit.hit) == (
+    pinned = parse_case("1GiB-http-cpu0")
+    assert (pinned.count, pinned.size, pinned.transport, pinned.redirect, pinned.pinned) == (
         1,
         GiB,
         "http",
@@ -261,7 +293,8 @@ def test_case_names() -> None:
     )
     assert parse_case("8x64MiB-tls").parallel == 8
     assert parse_case("small-http").kind == "small"
-    for bad in ("1TiB-tls", "small-ftp", "0x1MiB-tls", ""):
+    # a hit is a contestant now, not a case
+    for bad in ("1TiB-tls", "small-ftp", "0x1MiB-tls", "", "1GiB-tls-hit"):
         with pytest.raises(ValueError, match=r"unknown case|must be positive"):
             parse_case(bad)
     with pytest.raises(ValueError, match="named twice"):
@@ -270,11 +303,53 @@ def test_case_names() -> None:
         parse_contestants("hubproxy,squid")
 
 
+def test_the_issue_cases_are_the_default() -> None:
+    """Issue 14: pass, miss and hit of 1 GiB, 64 MiB and 100 x 1 MiB on the redirect path over
+    TLS, small requests, and the 1 GiB miss and hit on one core."""
+    cases = parse_cases(",".join(FULL_CASES))
+    blobs = [(c.count, c.size) for c in cases if c.kind == "blobs" and not c.pinned]
+    assert blobs == [(1, GiB), (1, 64 * MiB), (100, MiB)]
+    assert all(c.transport == "tls" and c.redirect for c in cases)
+    assert [c.name for c in cases if c.pinned] == ["1GiB-tls-cpu0"]
+    assert [c.connections for c in cases if c.kind == "small"] == [50]
+    assert parse_contestants(build_parser().parse_args([]).contestants) == list(CONTESTANTS)
+
+
 def test_which_instance_serves_a_case() -> None:
-    assert instance_for("hubproxy", parse_case("1GiB-tls")) == "cold"
-    assert instance_for("hubproxy", parse_case("1GiB-tls-hit")) == "hit"
-    assert instance_for("hubproxy-nocache", parse_case("1GiB-tls-hit")) is None
-    assert instance_for("nginx-tuned", parse_case("1GiB-tls-hit")) == "steady"
+    big, small, pinned = (parse_case(n) for n in ("1GiB-tls", "small-tls", "1GiB-tls-cpu0"))
+    assert instance_for("hubproxy-miss", big) == "cold"
+    assert instance_for("hubproxy-hit", big) == "hit"
+    assert instance_for("hubproxy-pass", big) == "steady"
+    assert instance_for("nginx-tuned", big) == "steady"
+    assert instance_for("hubproxy-miss", small) is None
+    assert instance_for("hubproxy-hit", small) == "hit"
+    for name in ("hubproxy-pass", "nginx-recipe", "direct"):
+        assert instance_for(name, pinned) is None
+    # --workers only when hubproxy has it: auto for small requests, 1 on one core
+    assert spec_for("hubproxy-pass", small, has_workers=True) == Spec(
+        ("hubproxy-pass", "tls", "small", "auto", ""), "steady", workers="auto"
+    )
+    assert spec_for("hubproxy-pass", small, has_workers=False) == Spec(
+        ("hubproxy-pass", "tls", "small", "", ""), "steady"
+    )
+    assert spec_for("hubproxy-miss", pinned, has_workers=True) == Spec(
+        ("hubproxy-miss", "1GiB-tls-cpu0"), "cold", cache=True, workers="1", pinned=True
+    )
+    hit = spec_for("hubproxy-hit", big, has_workers=True)
+    assert hit is not None and hit.workers is None and hit.cache
+    tuned = spec_for("nginx-tuned", pinned, has_workers=True)
+    unpinned = spec_for("nginx-tuned", big, has_workers=True)
+    assert tuned is not None and unpinned is not None
+    assert tuned.pinned and not unpinned.pinned and tuned.key != unpinned.key
+
+
+def test_workers_flag_found_in_help() -> None:
+    assert lists_flag("  --workers N|auto  processes on one port", "--workers")
+    assert lists_flag("  -w, --workers, --other", "--workers")
+    assert not lists_flag(
+        "  hubproxy --fallback https://my-worker.example.workers.dev", "--workers"
+    )
+    assert not lists_flag("  --workers-limit N", "--workers")
 
 
 def _fixtures(root: Path) -> Fixtures:
@@ -289,7 +364,9 @@ def test_hubproxy_command_line(tmp_path: Path) -> None:
     for flag in ("--cert", "--key", "--upstream-ca", "--no-library-prefix", "--cache-dir"):
         assert flag in argv
     plain = hubproxy_argv(5000, "http", "https://127.0.0.1:1", fixtures, None, "py")
-    assert "--cert" not in plain and "--no-cache" in plain
+    assert "--cert" not in plain and "--no-cache" in plain and "--workers" not in plain
+    workers = hubproxy_argv(5000, "tls", "https://x", fixtures, None, "py", workers="auto")
+    assert workers[workers.index("--workers") + 1] == "auto"
 
 
 def test_recipe_and_tuned_configurations(tmp_path: Path) -> None:
@@ -358,7 +435,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=300,  # a smoke run takes under a minute on an idle machine; this one may not be
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     markdown = (out / "results.md").read_text()
@@ -370,8 +447,22 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         assert summary["all_verified"] and summary["runs"] >= 2, summary
     lines = proc.stdout.strip().splitlines()
     assert lines and all(SUMMARY_LINE.match(line) for line in lines), lines
-    assert any(line.startswith("hubproxy/nginx-tuned ") for line in lines)
     assert lines == data["summary_lines"]
+    # every target the quick cases reach is checked: no "not measured", a verdict each
+    for name, metric in [
+        ("hubproxy-miss/nginx-tuned 64MiB-tls", "throughput"),
+        ("hubproxy-miss/nginx-tuned 32x1MiB-tls", "cpu-per-GiB"),
+        ("hubproxy-hit/nginx-tuned 64MiB-tls", "throughput"),
+        ("hubproxy-pass/nginx-tuned small-tls", "rps"),
+        ("hubproxy-hit small-tls", "p99"),
+        ("hubproxy-pass small-tls", "cpu-per-request"),
+    ]:
+        [line] = [x for x in lines if x.startswith(f"{name} {metric}")]
+        assert re.search(r": (pass|FAIL)\)$", line), line
+    assert any(" 64MiB-tls-cpu0 MB/s per core: " in line for line in lines)
+    assert any(line.startswith("hubproxy-miss 32x1MiB-tls peak RSS per") for line in lines)
+    assert lines[-1].startswith("targets met: ")
+    assert "## Targets (issue 14)" in markdown and "| 64MiB-tls | " in markdown
 
 
 # --- where a run writes, and the chart -------------------------------------------------------
@@ -419,12 +510,13 @@ def test_chart_legend_covers_no_bar() -> None:
     pytest.importorskip("matplotlib")
     from bench.report import figure
 
-    cases = parse_cases("64MiB-tls,32x1MiB-tls,64MiB-tls-hit,small-tls")
-    contestants = ["hubproxy", "nginx-recipe", "nginx-tuned", "direct"]
+    cases = parse_cases("64MiB-tls,32x1MiB-tls,64MiB-tls-cpu0,small-tls")
+    contestants: list[str] = list(CONTESTANTS)
+    values = (500.0, 300.0, 900.0, 450.0, 400.0, 1000.0)
     summaries = {
         (case.name, name): _summary(case.name, name, value)
         for case in cases
-        for name, value in zip(contestants, (900.0, 400.0, 450.0, 1000.0), strict=True)
+        for name, value in zip(contestants, values, strict=True)
     }
     fig = figure(cases, contestants, summaries)
     fig.canvas.draw()
@@ -433,3 +525,227 @@ def test_chart_legend_covers_no_bar() -> None:
     for ax in fig.axes:
         assert ax.get_legend() is None
         assert not legend.overlaps(ax.get_window_extent())
+
+
+# --- the issue's targets and the summary lines ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("contestant", "case", "metric", "target"),
+    [
+        ("hubproxy-miss", "1GiB-tls", "throughput", Target(">=", 1.0)),
+        ("hubproxy-miss", "1GiB-tls", "cpu-per-GiB", Target("<=", 2.0)),
+        ("hubproxy-miss", "64MiB-tls", "throughput", Target(">=", 0.9)),
+        ("hubproxy-miss", "100x1MiB-tls", "throughput", Target(">=", 0.9)),
+        ("hubproxy-miss", "100x1MiB-tls", "cpu-per-GiB", Target("<=", 2.0)),
+        ("hubproxy-pass", "1GiB-tls", "throughput", Target(">=", 1.2)),
+        ("hubproxy-pass", "1GiB-tls", "cpu-per-GiB", Target("<=", 1.15)),
+        ("hubproxy-pass", "64MiB-tls", "throughput", None),
+        ("hubproxy-hit", "64MiB-tls", "throughput", Target(">=", 2.0)),
+        ("hubproxy-hit", "1GiB-tls", "cpu-per-GiB", Target("<=", 0.6)),
+        ("hubproxy-pass", "small-tls", "rps", Target(">=", 0.25)),
+        ("hubproxy-pass", "small-tls", "p99", Target("<=", 30.0)),
+        ("hubproxy-pass", "small-tls", "cpu-per-request", Target("<=", 300.0)),
+        ("hubproxy-hit", "small-tls", "cpu-per-request", Target("<=", 120.0)),
+        ("hubproxy-miss", "1GiB-tls-cpu0", "throughput", None),
+        ("hubproxy-miss", "1GiB-http", "throughput", None),
+        ("hubproxy-miss", "100x1MiB-tls-noredir", "throughput", None),
+        ("nginx-recipe", "1GiB-tls", "throughput", None),
+    ],
+)
+def test_targets_are_the_issues(
+    contestant: str, case: str, metric: str, target: Target | None
+) -> None:
+    assert target_for(contestant, parse_case(case), metric) == target
+
+
+def test_check_lines_give_the_target_and_the_verdict() -> None:
+    over = Target(">=", 1.0)
+    cases = [
+        (
+            Check("hubproxy-miss", "1GiB-tls", "throughput", 0.47, over, "nginx-tuned"),
+            "hubproxy-miss/nginx-tuned 1GiB-tls throughput ratio: 0.47 (target >= 1.00: FAIL)",
+            False,
+        ),
+        (
+            Check("hubproxy-hit", "1GiB-tls", "cpu-per-GiB", 0.6, Target("<=", 0.6), "nginx-tuned"),
+            "hubproxy-hit/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 0.60 (target <= 0.60: pass)",
+            True,
+        ),
+        (
+            Check("hubproxy-pass", "64MiB-tls", "throughput", 0.871, None, "nginx-tuned"),
+            "hubproxy-pass/nginx-tuned 64MiB-tls throughput ratio: 0.87 (higher is better; "
+            "no target)",
+            None,
+        ),
+        (
+            Check("hubproxy-pass", "small-tls", "p99", 54.04, Target("<=", 30.0)),
+            "hubproxy-pass small-tls p99: 54.0 ms (target <= 30.0 ms: FAIL)",
+            False,
+        ),
+        (
+            Check("hubproxy-hit", "small-tls", "cpu-per-request", 99.6, Target("<=", 120.0)),
+            "hubproxy-hit small-tls cpu-per-request: 100 µs (target <= 120 µs: pass)",
+            True,
+        ),
+        (
+            Check("hubproxy-miss", "1GiB-tls", "throughput", None, over, "nginx-tuned"),
+            "hubproxy-miss/nginx-tuned 1GiB-tls throughput ratio: n/a (target >= 1.00: "
+            "not measured)",
+            None,
+        ),
+    ]
+    for check, line, met in cases:
+        assert check.line() == line
+        assert check.met is met
+        assert SUMMARY_LINE.match(line), line
+
+
+def _blob_summary(
+    case: str, name: str, mbps: float, cpu: float, peak: float = 40.0, growth: float = 8.0
+) -> Summary:
+    return Summary(
+        case,
+        "blobs",
+        name,
+        3,
+        3,
+        spread([mbps]),
+        proxy_cpu_per_gib=cpu,
+        peak_rss_mb=peak,
+        rss_growth_mb=growth,
+        rss_start_mb=peak - growth,
+    )
+
+
+def _small_summary(name: str, rps: float, p99: float, us: float) -> Summary:
+    return Summary(
+        "small-tls",
+        "small",
+        name,
+        3,
+        3,
+        spread([rps]),
+        proxy_cpu_us_per_req=us,
+        p99_ms=spread([p99]),
+    )
+
+
+def test_summary_lines_from_a_run() -> None:
+    """What ``python -m bench`` prints last, from the medians of a (made-up) run: each target
+    with its verdict, the per-core MB/s and the RSS per concurrent transfer, then the tally."""
+    cases = parse_cases("1GiB-tls,100x1MiB-tls,small-tls,1GiB-tls-cpu0")
+    summaries = {
+        (s.case, s.contestant): s
+        for s in [
+            _blob_summary("1GiB-tls", "nginx-tuned", 400.0, 1.5),
+            _blob_summary("1GiB-tls", "hubproxy-pass", 500.0, 1.65),
+            _blob_summary("1GiB-tls", "hubproxy-miss", 200.0, 4.5),
+            _blob_summary("1GiB-tls", "hubproxy-hit", 800.0, 0.75),
+            _blob_summary("1GiB-tls", "direct", 700.0, 0.0),
+            _blob_summary("100x1MiB-tls", "nginx-tuned", 200.0, 3.0),
+            _blob_summary("100x1MiB-tls", "hubproxy-miss", 190.0, 5.0, peak=90.0, growth=48.0),
+            _small_summary("nginx-tuned", 20_000.0, 5.0, 30.0),
+            _small_summary("hubproxy-pass", 4_000.0, 40.0, 280.0),
+            _small_summary("hubproxy-hit", 6_000.0, 20.0, 100.0),
+            _blob_summary("1GiB-tls-cpu0", "nginx-tuned", 300.0, 1.6),
+            _blob_summary("1GiB-tls-cpu0", "hubproxy-miss", 150.0, 3.2),
+        ]
+    }
+    lines = summary_lines(cases, summaries)
+    assert all(SUMMARY_LINE.match(line) for line in lines), lines
+    assert lines == [
+        "hubproxy-pass/nginx-tuned 1GiB-tls throughput ratio: 1.25 (target >= 1.20: pass)",
+        "hubproxy-pass/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 1.10 (target <= 1.15: pass)",
+        "hubproxy-miss/nginx-tuned 1GiB-tls throughput ratio: 0.50 (target >= 1.00: FAIL)",
+        "hubproxy-miss/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 3.00 (target <= 2.00: FAIL)",
+        "hubproxy-hit/nginx-tuned 1GiB-tls throughput ratio: 2.00 (target >= 2.00: pass)",
+        "hubproxy-hit/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 0.50 (target <= 0.60: pass)",
+        "hubproxy-miss/nginx-tuned 100x1MiB-tls throughput ratio: 0.95 (target >= 0.90: pass)",
+        "hubproxy-miss/nginx-tuned 100x1MiB-tls cpu-per-GiB ratio: 1.67 (target <= 2.00: pass)",
+        "hubproxy-pass/nginx-tuned small-tls rps ratio: 0.20 (target >= 0.25: FAIL)",
+        "hubproxy-pass small-tls p99: 40.0 ms (target <= 30.0 ms: FAIL)",
+        "hubproxy-pass small-tls cpu-per-request: 280 µs (target <= 300 µs: pass)",
+        "hubproxy-hit/nginx-tuned small-tls rps ratio: 0.30 (target >= 0.25: pass)",
+        "hubproxy-hit small-tls p99: 20.0 ms (target <= 30.0 ms: pass)",
+        "hubproxy-hit small-tls cpu-per-request: 100 µs (target <= 120 µs: pass)",
+        "hubproxy-miss 1GiB-tls-cpu0 MB/s per core: 150 (proxy pinned to CPU 0, 3.20 CPU-s/GiB; "
+        "0.50x nginx-tuned's)",
+        "nginx-tuned 1GiB-tls-cpu0 MB/s per core: 300 (proxy pinned to CPU 0, 1.60 CPU-s/GiB)",
+        "hubproxy-miss 100x1MiB-tls peak RSS per concurrent transfer: 2.81 MB (peak 90.0 MB / "
+        "32 transfers; 1.50 MB each above the 42.0 MB at the start of a run)",
+        "targets met: 10 of 14",
+    ]
+    # a contestant with an unverified run gets no ratio, and its target counts as not met
+    summaries[("1GiB-tls", "hubproxy-hit")].verified = 2
+    again = summary_lines(cases, summaries)
+    assert (
+        "hubproxy-hit/nginx-tuned 1GiB-tls throughput ratio: n/a (target >= 2.00: not measured)"
+        in again
+    )
+    assert again[-1] == "targets met: 8 of 14"
+
+
+def test_issue_table_puts_hubproxy_beside_nginx_tuned() -> None:
+    cases = parse_cases("1GiB-tls,small-tls")
+    summaries = {
+        (s.case, s.contestant): s
+        for s in [
+            _blob_summary("1GiB-tls", "nginx-tuned", 445.0, 1.49),
+            _blob_summary("1GiB-tls", "hubproxy-pass", 507.3, 2.0),
+            _blob_summary("1GiB-tls", "hubproxy-miss", 209.15, 5.07),
+            _small_summary("nginx-tuned", 21_100.0, 5.0, 32.0),
+            _small_summary("hubproxy-pass", 1_050.0, 54.0, 826.0),
+        ]
+    }
+    assert issue_table(cases, summaries).splitlines()[2:] == [
+        "| 1GiB-tls | 445 MB/s, 1.49 CPU-s/GiB | 1.14x speed, 1.34x CPU | 0.47x speed, 3.40x CPU "
+        "| — |",
+        "| small-tls | 21,100 req/s, 32 µs/req, p99 5 ms | 1,050 req/s (0.05x) at 826 µs, p99 54 "
+        "ms | — | — |",
+    ]
+
+
+# --- processes: pinning, RSS, the small manifest -----------------------------------------------
+
+
+def test_a_pinned_process_runs_on_cpu_0_only(tmp_path: Path) -> None:
+    """``-cpu0``: the proxy on CPU 0 from its first instruction (the mask is set before exec,
+    so whatever it forks inherits it); other processes keep every CPU."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with contextlib.ExitStack() as stack:
+        pinned = procs.start("pinned", sleeper, tmp_path / "log", stack, cpus={0})
+        assert os.sched_getaffinity(pinned.pid) == {0}
+        free = procs.start("free", sleeper, tmp_path / "log2", stack)
+        assert os.sched_getaffinity(free.pid) == os.sched_getaffinity(0)
+
+
+def test_cpu_is_summed_over_a_process_and_its_workers() -> None:
+    """``hubproxy --workers``: the supervisor's children (found by a /proc scan) are measured
+    with it, so a worker's CPU is not lost."""
+    script = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    sum(range(3_000_000))  # the worker's work\n"
+        "    print(os.getpid(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    argv = [sys.executable, "-c", script]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            worker = int(proc.stdout.readline())  # printed once its work is done
+            group = procs.group_pids(proc.pid)
+            assert group == [proc.pid, worker]
+            assert procs.cpu_seconds([worker]) > 0
+            assert procs.cpu_seconds(group) > procs.cpu_seconds([proc.pid])
+        finally:
+            for pid in procs.group_pids(proc.pid)[::-1]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+
+
+def test_the_small_manifest_is_exactly_one_kib() -> None:
+    body = manifest_exactly(1024)
+    assert len(body) == 1024
+    assert json.loads(body)["schemaVersion"] == 2
