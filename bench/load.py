@@ -798,6 +798,9 @@ class SoakParams:
 
 
 KINDS = ("manifest", "small", "medium", "disconnect")
+SETTLED_AFTER = 300.0  # seconds: the soak's RSS must not grow after this (issue 12)
+SETTLED_SLOPE_LIMIT = 50.0  # KiB per minute
+SETTLED_CHECK_MINUTES = 10.0  # shorter soaks report the slope without judging it
 
 
 @dataclass
@@ -899,6 +902,7 @@ async def run_soak(h: Harness, hub: Hub, p: SoakParams) -> dict[str, Any]:
     wall = trio.current_time() - began
     now, settle_seconds = await settle(hub)
     half = [s for s in samples if s.t >= samples[-1].t / 2] if samples else []
+    settled = [(s.t / 60, float(s.rss_kib)) for s in samples if s.t >= SETTLED_AFTER]
     rss = [(s.t / 60, float(s.rss_kib)) for s in samples]
     fds = [(s.t / 60, float(s.fds)) for s in samples]
     total_requests = sum(stats.completed.values()) + sum(stats.errors.values())
@@ -935,6 +939,8 @@ async def run_soak(h: Harness, hub: Hub, p: SoakParams) -> dict[str, Any]:
         "rss_slope_second_half_kib_per_min": round(
             slope([(s.t / 60, float(s.rss_kib)) for s in half]), 1
         ),
+        # the issue's measure: no growth once the first five minutes warmed everything up
+        "rss_slope_settled_kib_per_min": round(slope(settled), 1) if settled else None,
         "fds_min": min((s.fds for s in samples), default=0),
         "fds_max": max((s.fds for s in samples), default=0),
         "fds_slope_per_min": round(slope(fds), 2),
@@ -958,6 +964,13 @@ def soak_checks(r: Mapping[str, Any]) -> list[str]:
         failed.append("a soak worker wedged past every timeout")
     if not r["fds_after"]["matched"]:
         failed.append(f"descriptors not back to the baseline after the soak: {r['fds_after']}")
+    settled = r.get("rss_slope_settled_kib_per_min")
+    if settled is not None and r["params"]["minutes"] >= SETTLED_CHECK_MINUTES:
+        if settled >= SETTLED_SLOPE_LIMIT:
+            failed.append(
+                f"RSS grew {settled:+.1f} KiB/min after minute 5 "
+                f"(limit {SETTLED_SLOPE_LIMIT:g} KiB/min)"
+            )
     return failed
 
 
@@ -1923,6 +1936,13 @@ def soak_rows(r: Mapping[str, Any]) -> list[Row]:
             f"{r['samples']} samples",
         ),
         (
+            "RSS slope after minute 5 (limit 50 KiB/min)",
+            "-"
+            if r.get("rss_slope_settled_kib_per_min") is None
+            else f"{r['rss_slope_settled_kib_per_min']:+.1f} KiB/min",
+            "the least-squares fit of every sample from minute 5 on",
+        ),
+        (
             "open fds slope (whole run / second half)",
             f"{r['fds_slope_per_min']:+.2f} / {r['fds_slope_second_half_per_min']:+.2f} per min",
             f"min {r['fds_min']}, max {r['fds_max']}",
@@ -2141,9 +2161,9 @@ SOAK_METHOD = [
     "(deliberate: not errors). hubproxy's `--cache-size` is smaller than the distinct blobs, so "
     "evictions and misses go on all run long. Every completed body is sha256-verified.",
     "RSS (VmRSS) and the descriptor count sampled every second; slopes are least-squares fits "
-    "per minute over the whole run and over its second half (after the cache and the pools "
-    "warmed up). Errors: anything other than a verified complete response or a deliberate "
-    "disconnect, by kind.",
+    "per minute over the whole run, over its second half, and from minute 5 on (the check: under "
+    "50 KiB/min for soaks of 10 minutes or more). Errors: anything other than a verified "
+    "complete response or a deliberate disconnect, by kind.",
 ]
 
 

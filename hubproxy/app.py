@@ -25,6 +25,7 @@ from .net.ktls import ktls_clause
 from .net.pool import Connector
 from .net.server import Server
 from .net.streams import CertificateError, certificate_validity
+from .ops.memory import give_back_memory
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
 from .ops.usersfile import UsersFileError, load_users
@@ -95,6 +96,7 @@ async def serve(
         # server does (the inner nursery ends when a drain does, and must not wait for them)
         async with trio.open_nursery() as sweeping:
             await sweeping.start(proxy.pool.sweep)
+            await sweeping.start(give_back_memory)
             try:
                 async with trio.open_nursery() as nursery:
                     proxy.forwarder.background = nursery

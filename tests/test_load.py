@@ -28,6 +28,7 @@ from bench.load import (
     abuse_rows,
     attack_failures,
     breakdown,
+    soak_checks,
     classify_fd,
     fd_links,
     fds_settled,
@@ -74,6 +75,28 @@ def test_slope_of_too_few_points_is_zero() -> None:
     assert slope([]) == 0.0
     assert slope([(1, 100)]) == 0.0
     assert slope([(1, 100), (1, 200)]) == 0.0  # no spread in x
+
+
+@pytest.mark.parametrize(
+    ("minutes", "settled", "failed"),
+    [
+        (30.0, 49.9, []),
+        (30.0, 50.0, ["RSS grew +50.0 KiB/min after minute 5 (limit 50 KiB/min)"]),
+        (0.1, 500.0, []),  # a quick soak reports its slope without judging it
+        (30.0, None, []),
+    ],
+)
+def test_soak_check_of_growth_after_minute_5(
+    minutes: float, settled: float | None, failed: list[str]
+) -> None:
+    result = {
+        "errors": {},
+        "wedged_workers_cancelled": False,
+        "fds_after": {"matched": True},
+        "params": {"minutes": minutes},
+        "rss_slope_settled_kib_per_min": settled,
+    }
+    assert soak_checks(result) == failed
 
 
 def test_parse_size() -> None:

@@ -1,0 +1,57 @@
+"""Giving freed memory back to the system, once a minute.
+
+Body chunks and TLS buffers are allocated and freed all day in sizes of 16-256 KiB. glibc's
+malloc raises its mmap threshold after the first such block is freed, so from then on they come
+from the heap, and a heap with live blocks between free ones keeps its free pages: the resident
+size creeps up a little with every new mix of transfers, though nothing leaks (the Python heap,
+traced with tracemalloc over a soak, stays flat). ``malloc_trim(0)`` hands every whole free page
+back (glibc 2.8 and later ``madvise`` them wherever they are, not only at the top). A call costs
+well under a millisecond at hubproxy's sizes, so it runs on the event loop once a minute.
+Measured with ``python -m bench.load --soak 30``: an RSS slope of +54 KiB/min after minute 5
+without it, +16 with it (the issue's bound is 50). Other C libraries (musl) have no
+``malloc_trim``; there this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+
+import trio
+
+log = logging.getLogger("hubproxy")
+
+TRIM_INTERVAL = 60.0  # seconds
+
+
+def find_malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)`` as a callable, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+async def give_back_memory(
+    trim: Callable[[], object] | None = None,
+    interval: float = TRIM_INTERVAL,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call ``trim`` (default: :func:`find_malloc_trim`'s) every ``interval`` seconds, for as
+    long as the server runs; return at once where there is nothing to call."""
+    trim = trim or find_malloc_trim()
+    task_status.started()
+    if trim is None:
+        log.debug("no malloc_trim in this C library: freed heap pages stay with the process")
+        return
+    while True:
+        await trio.sleep(interval)
+        trim()
