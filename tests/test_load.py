@@ -28,7 +28,6 @@ from bench.load import (
     abuse_rows,
     attack_failures,
     breakdown,
-    soak_checks,
     classify_fd,
     fd_links,
     fds_settled,
@@ -43,6 +42,7 @@ from bench.load import (
     render_text,
     rss_kib,
     slope,
+    soak_checks,
     tcp_table,
     token_target,
 )
