@@ -575,7 +575,8 @@ class ClientConnection:
             return None  # a request without a body, its end already taken (_body_complete)
         if self.conn.they_are_waiting_for_100_continue:
             await self.send_event(h11.InformationalResponse(status_code=100, headers=[]))
-        with trio.move_on_after(self.settings.timeouts.client_idle) as scope:
+        deadline = trio.current_time() + self.settings.timeouts.client_idle
+        with trio.CancelScope(deadline=deadline) as scope:
             event = await self._next_event()
         if scope.cancelled_caught:
             raise ClientGone("client sent no body bytes within the idle timeout")
@@ -624,17 +625,18 @@ class ClientConnection:
         """Send framed bytes to the client, bounded by the client idle timeout."""
         if not data:
             return
+        # a bare cancel scope rather than trio.fail_after (two generator-based context
+        # managers): this runs for every response and every body chunk
+        deadline = trio.current_time() + self.settings.timeouts.client_idle
         try:
-            with trio.fail_after(self.settings.timeouts.client_idle):
+            with trio.CancelScope(deadline=deadline) as scope:
                 await self.stream.send_all(data)
-        except (
-            trio.TooSlowError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            OSError,
-        ) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
+        if scope.cancelled_caught:
+            self.conn.send_failed()
+            raise ClientGone("client stopped receiving: TooSlowError()")
 
 
 async def _starts_plain_http(tcp: trio.SocketStream) -> bool:
