@@ -184,7 +184,7 @@ class UpstreamConnection:
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
         # a bare cancel scope, not trio.fail_after: this runs for every chunk, and fail_after's
         # two generator-based context managers cost more than the scope itself
-        data = b""
+        data: bytes | bytearray = b""
         try:
             with trio.CancelScope(deadline=trio.current_time() + self.idle_timeout) as scope:
                 data = await self.stream.receive_some(max_bytes)
