@@ -24,6 +24,7 @@ from .app import CacheDirError, StartupError, serve
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
+from .net.malloc import tune_malloc
 from .net.streams import certificate_validity
 from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
 from .ops.usersfile import (
@@ -373,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hubproxy: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(str(values.raw["log_level"]))
+    tune_malloc()  # body buffers reuse heap memory instead of faulting in fresh pages
     try:
         trio.run(lambda: serve(config, handle_signals=True, probe_upstreams=True))
     except CacheDirError as exc:
