@@ -43,8 +43,10 @@ class Turns:
         await self._changed.wait()
 
     def _note_change(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        # renewed only once someone waited on it (tests do): not an Event per queued request
+        if self._changed.statistics().tasks_waiting:
+            self._changed.set()
+            self._changed = trio.Event()
 
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -63,7 +65,7 @@ class Turns:
         self.waits += 1
         self._note_change()
         try:
-            with trio.move_on_after(self.wait_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.wait_timeout):
                 await waiter.event.wait()
         except BaseException:
             if waiter.granted:
