@@ -26,6 +26,7 @@ from .app import CacheDirError, StartupError, listen_problem, serve, share_keys
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
+from .net.malloc import tune_malloc
 from .net.streams import certificate_validity
 from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
 from .ops.usersfile import (
@@ -392,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         share_keys(receive_keys(role))
         config = dataclasses.replace(config, listen_port=role.port)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on (app.py)
+    tune_malloc()  # body buffers reuse heap memory instead of faulting in fresh pages
     try:
         trio.run(lambda: serve(config, handle_signals=True, probe_upstreams=True, role=role))
     except CacheDirError as exc:

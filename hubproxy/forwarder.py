@@ -203,9 +203,9 @@ class Forwarder:
                 except ProxyError as error:
                     event = flow.AttemptFailed(error)
                 else:
-                    event = flow.HeadReceived(head.status_code, list(head.headers))
+                    event = flow.HeadReceived(head.status_code, conn.head_headers)
                     if upstreams is not None:
-                        self._note_answer(upstreams, attempt, head, sent_at)
+                        self._note_answer(upstreams, attempt, head.status_code, conn, sent_at)
                 state, next_action, rest = flow.transition(
                     plan,
                     state,
@@ -232,7 +232,7 @@ class Forwarder:
                 if isinstance(next_action, flow.Fail):
                     raise next_action.error
                 if isinstance(next_action, flow.Respond) and conn is not None:
-                    headers = self._client_headers(request, plan, state, head, upstreams)
+                    headers = self._client_headers(request, plan, state, conn, upstreams)
                     if blob_digest and state.attempt.hops and 200 <= head.status_code < 300:
                         # storage redirects carry no digest header (distribution's blobserver
                         # sets it only when serving itself); the registry would have sent it
@@ -255,7 +255,12 @@ class Forwarder:
                     await conn.discard_body(DRAIN_LIMIT)
 
     def _note_answer(
-        self, upstreams: UpstreamSet, attempt: flow.Attempt, head: h11.Response, sent_at: float
+        self,
+        upstreams: UpstreamSet,
+        attempt: flow.Attempt,
+        status: int,
+        conn: UpstreamConnection,
+        sent_at: float,
     ) -> None:
         """Metrics and readiness from a registry upstream's response head (not the CDN's)."""
         now = trio.current_time()
@@ -265,9 +270,10 @@ class Forwarder:
         name = str(attempt.url.origin)
         metrics = self.metrics
         metrics.upstream_latency.observe(now - sent_at, upstream=name)
-        if head.status_code == 429:
-            metrics.note_rate_limited(name, time.time())
-        metrics.note_ratelimit_headers(name, head.headers, time.time())
+        wall = time.time()
+        if status == 429:
+            metrics.note_rate_limited(name, wall)
+        metrics.note_ratelimit_headers(name, conn.head_headers, wall)
 
     def _note_state(self, name: str, event: flow.Event, rest: flow.Rest | None) -> None:
         """The status page's state of a registry upstream, from its own answer or failure."""
@@ -407,21 +413,24 @@ class Forwarder:
         method = plan.method
         # whose share of the origin's slots this is, and whether it moves a blob's body
         client, lane = client_key(request.client_ip), lane_of(method, plan.target)
-        async with AsyncExitStack() as first:
-            conn = await first.enter_async_context(
-                self.pool.connection(origin, profile=plan.profile, client=client, lane=lane)
-            )
-            try:
-                await conn.send_request(method, attempt.url.target, headers, body)
-                head = await conn.receive_head(method)
-            except UpstreamUnavailable:
-                # A pooled connection the server closed just before our request: retry once on
-                # a fresh one, if nothing came back and the request can be replayed.
-                if conn.exchanges == 0 or conn.received_any or not plan.replayable:
-                    raise
-            else:
-                stack.push_async_exit(first.pop_all())  # the caller's stack now owns it
-                return conn, head
+        lending = self.pool.connection(origin, profile=plan.profile, client=client, lane=lane)
+        conn = await lending.__aenter__()
+        try:
+            await conn.send_request(method, attempt.url.target, headers, body)
+            head = await conn.receive_head(method)
+        except UpstreamUnavailable as exc:
+            # A pooled connection the server closed just before our request: retry once on
+            # a fresh one, if nothing came back and the request can be replayed.
+            retry = conn.exchanges > 0 and not conn.received_any and plan.replayable
+            await lending.__aexit__(type(exc), exc, exc.__traceback__)
+            if not retry:
+                raise
+        except BaseException as exc:
+            await lending.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            stack.push_async_exit(lending)  # the caller's stack now owns it
+            return conn, head
         # the stale connection is closed and its pool slot free again
         conn = await stack.enter_async_context(
             self.pool.connection(origin, fresh=True, profile=plan.profile, client=client, lane=lane)
@@ -434,11 +443,11 @@ class Forwarder:
         request: ClientRequest,
         plan: flow.Plan,
         state: flow.State,
-        head: h11.Response,
+        conn: UpstreamConnection,
         upstreams: UpstreamSet | None,
     ) -> Headers:
         attempt = state.attempt
-        headers = client_response_headers(list(head.headers))
+        headers = client_response_headers(conn.head_headers)
         if state.carried:  # a followed redirect: keep the registry's own headers
             present = {k for k, _ in headers}
             headers += [(k, v) for k, v in state.carried if k not in present]

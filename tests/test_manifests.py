@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hubproxy.cache import manifests as manifests_module
 from hubproxy.cache.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts
 from hubproxy.policy.cachepolicy import Readability
 
@@ -454,3 +455,17 @@ def test_a_database_of_another_shape_is_set_aside(
     assert len(damaged_aside(tmp_path, "state.db")) == 1
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     store.close()
+
+
+def test_the_accepted_types_of_a_kind_of_client_are_worked_out_once() -> None:
+    accept = [b"application/vnd.oci.image.manifest.v1+json", b"application/json;q=0.5"]
+    first = accepted_types(accept)
+    hits = manifests_module._remembered_types.cache_info().hits
+    assert accepted_types(list(accept)) == first
+    assert manifests_module._remembered_types.cache_info().hits == hits + 1
+    # headers past the size remembered are worked out each time, and alike
+    huge = [*accept, b"text/plain;q=0.1, " * 200]
+    before = manifests_module._remembered_types.cache_info()
+    assert accepted_types(huge) == first
+    after = manifests_module._remembered_types.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from hubproxy.policy import pulls
 from hubproxy.policy.pulls import (
     MAX_LAYERS,
     RECENT,
@@ -234,3 +235,22 @@ def test_unknown_layers_are_counted_as_blobs() -> None:
     assert summary_line(pull) == (
         "pulled library/alpine:3.20 (2 blobs, 2.0 MB, 1 from cache, 2.0 s) for 10.0.0.5"
     )
+
+
+def test_a_manifest_asked_for_again_is_parsed_once() -> None:
+    body = json.dumps({"layers": [{"digest": "sha256:" + "ab" * 32}]}).encode()
+    first = manifest_layers(body)
+    hits = pulls._remembered_layers.cache_info().hits
+    again = manifest_layers(bytes(bytearray(body)))  # an equal body, not the same object
+    assert again == first == frozenset({"sha256:" + "ab" * 32})
+    assert pulls._remembered_layers.cache_info().hits == hits + 1
+
+
+def test_a_large_manifest_is_not_remembered() -> None:
+    layers = [{"digest": f"sha256:{i:064x}"} for i in range(pulls.MAX_LAYERS)]
+    body = json.dumps({"layers": layers, "pad": "x" * pulls.LAYERS_MEMO_BODY}).encode()
+    before = pulls._remembered_layers.cache_info()
+    found = manifest_layers(body)
+    assert found is not None and len(found) == pulls.MAX_LAYERS
+    after = pulls._remembered_layers.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)

@@ -222,8 +222,10 @@ class MemoryBudget:
     def _note_change(self) -> None:
         if self._on_change is not None:
             self._on_change(self.used)
-        self._changed.set()
-        self._changed = trio.Event()
+        # renewed only once someone waited on it: two per manifest sent would be for nobody
+        if self._changed.statistics().tasks_waiting:
+            self._changed.set()
+            self._changed = trio.Event()
 
 
 class SharedBodies:
@@ -400,5 +402,7 @@ class SendBudget:
     def _note_change(self) -> None:
         if self._on_change is not None:
             self._on_change(self.used)
-        self._changed.set()
-        self._changed = trio.Event()
+        # renewed only once someone waited on it: two per manifest sent would be for nobody
+        if self._changed.statistics().tasks_waiting:
+            self._changed.set()
+            self._changed = trio.Event()

@@ -37,6 +37,7 @@ whose ``Accept`` names its media type (or ``*/*``, or ``type/*``) with a non-zer
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -130,6 +131,24 @@ MANIFEST_TYPES = (
 
 def accepted_types(accept_values: Sequence[bytes]) -> frozenset[str]:
     """The manifest media types a client sending these ``Accept`` headers takes (q > 0)."""
+    values = tuple(accept_values)
+    if sum(len(value) for value in values) > ACCEPT_MEMO_SIZE:
+        return _types_taken(values)
+    return _remembered_types(values)
+
+
+# Clients of one kind send the same Accept headers on every manifest request: the answer for
+# the last few dozen sets of headers of ordinary size is remembered (at most 64 x 2 KiB).
+ACCEPT_MEMO = 64
+ACCEPT_MEMO_SIZE = 2048
+
+
+@functools.lru_cache(maxsize=ACCEPT_MEMO)
+def _remembered_types(accept_values: tuple[bytes, ...]) -> frozenset[str]:
+    return _types_taken(accept_values)
+
+
+def _types_taken(accept_values: tuple[bytes, ...]) -> frozenset[str]:
     return frozenset(t for t in MANIFEST_TYPES if accepts(accept_values, t))
 
 

@@ -20,7 +20,7 @@ import h11
 import trio
 
 from ..policy.errors import UpstreamTimeout, UpstreamUnavailable
-from ..policy.headers import connection_tokens, get_header
+from ..policy.headers import Headers, connection_tokens, get_header
 from ..policy.urls import Origin
 from .buffers import BODIES
 from .streams import HEAD_READ, ByteStream
@@ -54,6 +54,7 @@ class UpstreamConnection:
         self._reusable = False
         self._finished = False
         self.received_any = False  # any response byte arrived (a retry is no longer safe)
+        self.head_headers: Headers = []  # the last response head's headers, as a list
 
     @property
     def reusable(self) -> bool:
@@ -89,21 +90,22 @@ class UpstreamConnection:
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
+                # h11's header view iterates in Python, item by item: read it once here
+                self.head_headers = list(event.headers)
                 self._start_body(method, event)
                 return event
             raise UpstreamUnavailable(f"{self.origin} closed the connection without a response")
 
     def _start_body(self, method: str, response: h11.Response) -> None:
-        closes = b"close" in connection_tokens(response.headers) or (
-            response.http_version != b"1.1"
-        )
+        headers = self.head_headers
+        closes = b"close" in connection_tokens(headers) or (response.http_version != b"1.1")
         self._reusable = not closes
-        length = get_header(response.headers, b"content-length")
+        length = get_header(headers, b"content-length")
         if method == "HEAD" or response.status_code in NO_BODY_STATUSES:
             self._mode = BodyMode.H11
             return
         BODIES.begin(self)  # until the body's end (or this connection is dropped)
-        if length is not None and get_header(response.headers, b"transfer-encoding") is None:
+        if length is not None and get_header(headers, b"transfer-encoding") is None:
             self._mode = BodyMode.LENGTH
             self._remaining = int(length)  # h11 already validated it
             buffered, _closed = self._h11.trailing_data
@@ -180,13 +182,16 @@ class UpstreamConnection:
             self._h11.receive_data(bytes(data) if isinstance(data, bytearray) else data)
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
+        # a bare cancel scope, not trio.fail_after: this runs for every chunk, and fail_after's
+        # two generator-based context managers cost more than the scope itself
+        data: bytes | bytearray = b""
         try:
-            with trio.fail_after(self.idle_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.idle_timeout) as scope:
                 data = await self.stream.receive_some(max_bytes)
-        except trio.TooSlowError as exc:
-            raise UpstreamTimeout(f"{self.origin} sent nothing for {self.idle_timeout:g}s") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise UpstreamUnavailable(f"connection to {self.origin} broke: {exc}") from exc
+        if scope.cancelled_caught:
+            raise UpstreamTimeout(f"{self.origin} sent nothing for {self.idle_timeout:g}s")
         if data:
             self.received_any = True
         return data
@@ -195,13 +200,11 @@ class UpstreamConnection:
         if not data:
             return
         try:
-            with trio.fail_after(self.idle_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.idle_timeout) as scope:
                 await self.stream.send_all(data)
-        except trio.TooSlowError as exc:
-            self._h11.send_failed()
-            raise UpstreamTimeout(
-                f"{self.origin} accepted nothing for {self.idle_timeout:g}s"
-            ) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
             self._h11.send_failed()
             raise UpstreamUnavailable(f"connection to {self.origin} broke: {exc}") from exc
+        if scope.cancelled_caught:
+            self._h11.send_failed()
+            raise UpstreamTimeout(f"{self.origin} accepted nothing for {self.idle_timeout:g}s")

@@ -1,15 +1,16 @@
 """Giving freed memory back to the system, once a minute.
 
-Body chunks and TLS buffers are allocated and freed all day in sizes of 16-256 KiB. glibc's
-malloc raises its mmap threshold after the first such block is freed, so from then on they come
-from the heap, and a heap with live blocks between free ones keeps its free pages: the resident
-size creeps up a little with every new mix of transfers, though nothing leaks (the Python heap,
-traced with tracemalloc over a soak, stays flat). ``malloc_trim(0)`` hands every whole free page
-back (glibc 2.8 and later ``madvise`` them wherever they are, not only at the top). A call costs
-well under a millisecond at hubproxy's sizes, so it runs on the event loop once a minute.
-Measured with ``python -m bench.load --soak 30``: an RSS slope of +54 KiB/min after minute 5
-without it, +16 with it (the issue's bound is 50). Other C libraries (musl) have no
-``malloc_trim``; there this does nothing.
+Body chunks and TLS buffers of 16-256 KiB are allocated and freed all day; ``net.malloc`` has
+glibc serve them from the heap and keep up to 16 MiB free at its top, so that a transfer reuses
+warm pages instead of faulting in fresh ones for every chunk. A heap with live blocks between
+free ones keeps its free pages, though: the resident size creeps up a little with every new mix
+of transfers, though nothing leaks (the Python heap, traced with tracemalloc over a soak, stays
+flat). ``malloc_trim(0)`` hands every whole free page back (glibc 2.8 and later ``madvise`` them
+wherever they are, not only at the top). Once a minute that costs a fraction of a millisecond,
+and the pages it frees are faulted in again at most once a minute: nothing next to the faults
+per chunk ``net.malloc`` saves. Measured with ``python -m bench.load --soak 30`` before
+``net.malloc``: an RSS slope of +54 KiB/min after minute 5 without the trim, +16 with it (issue
+12's bound is 50). Other C libraries (musl) have no ``malloc_trim``; there this does nothing.
 """
 
 from __future__ import annotations

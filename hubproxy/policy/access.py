@@ -20,6 +20,7 @@ Nothing here reads a clock or touches a socket: the caller passes the client add
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -40,6 +41,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The IPv4-mapped block (RFC 4291 section 2.5.5.2): a dual-stack socket reports IPv4 peers as
 # ::ffff:a.b.c.d, which must match the IPv4 networks an operator wrote.
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+CLIENT_KEYS_REMEMBERED = 4096  # addresses whose client_key is kept (a pure function: LRU)
 
 
 # --- client networks -------------------------------------------------------------------------
@@ -99,11 +101,13 @@ def parse_networks(texts: Iterable[str]) -> NetworkList:
     return NetworkList(tuple(parse_network(text) for text in texts))
 
 
+@functools.lru_cache(maxsize=CLIENT_KEYS_REMEMBERED)
 def client_key(client_ip: str) -> str:
     """The key an address's limits are counted under: an IPv4 address (also as IPv4-mapped
     IPv6, ``::ffff:a.b.c.d``), or an IPv6 address's /64 (RFC 7421: one host or site is given a
     whole /64, so per-address limits by full IPv6 address would be no limits at all). Text
-    that is no address is its own key."""
+    that is no address is its own key. Remembered for the last few thousand addresses: every
+    request asks it two or three times, and parsing an address is dearer than looking it up."""
     try:
         address = ipaddress.ip_address(client_ip.partition("%")[0])
     except ValueError:

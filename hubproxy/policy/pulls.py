@@ -21,6 +21,7 @@ pulls remembered for the status page.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ QUIET = 10.0  # seconds without an event after which a pull is reported as it st
 MAX_OPEN = 256  # pulls followed at once; past it the one quiet longest is ended early
 MAX_LAYERS = 512  # layer digests awaited per pull (a real image has a few dozen at most)
 RECENT = 20  # pulls the status page lists
+# manifest bodies whose layers are remembered (at most this many, each at most this large)
+LAYERS_MEMO = 16
+LAYERS_MEMO_BODY = 64 * 1024
 DIGEST_SHOWN = 12  # hex digits of a digest reference shown in an image name
 
 
@@ -49,7 +53,21 @@ def image_name(repository: str, reference: str) -> str:
 
 def manifest_layers(body: bytes) -> frozenset[str] | None:
     """The layer digests an image manifest names (OCI, Docker schema 2, or schema 1's
-    ``fsLayers``); None for an index, a manifest list, or anything that does not parse."""
+    ``fsLayers``); None for an index, a manifest list, or anything that does not parse.
+
+    The last few small bodies' answers are remembered: one manifest is asked for again and
+    again (every pull of an image, every client of a mirror), and parsing it is the dear part."""
+    if len(body) > LAYERS_MEMO_BODY:
+        return _parse_layers(body)
+    return _remembered_layers(body)
+
+
+@functools.lru_cache(maxsize=LAYERS_MEMO)
+def _remembered_layers(body: bytes) -> frozenset[str] | None:
+    return _parse_layers(body)
+
+
+def _parse_layers(body: bytes) -> frozenset[str] | None:
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -187,7 +205,7 @@ class PullTracker:
         if not pull.fetched_manifest:
             pull.fetched_manifest = True
             self._recent.append(pull)
-        if layers is not None:
+        if layers is not None and (pull.layers is None or not layers <= pull.layers):
             known = pull.layers if pull.layers is not None else set()
             pull.layers = known | set(list(layers)[: max(0, MAX_LAYERS - len(known))])
         return ended
