@@ -304,7 +304,12 @@ async def test_eviction_bounds_the_directory_across_processes(tmp_path: Path) ->
 
         await store.run_fill(started, Body(), contextlib.AsyncExitStack())
         assert started.state is FillState.DONE
+        # the shared recency is the files' mtimes, which the kernel stamps from a coarse clock
+        # (ticks of a few ms): fills this quick may tie, so each is given its own second
+        filled.append(key)
+        os.utime(store.path(key), (1_700_000_000 + len(filled),) * 2)
 
+    filled: list[str] = []
     blobs = [make_layer(40 + i, 100_000) for i in range(4)]
     await fill(first, blobs[0])
     await fill(second, blobs[1])
