@@ -92,6 +92,7 @@ class CacheStats:
     sendfile_bytes: int = 0
     fills_completed: int = 0
     fills_failed: int = 0
+    fill_memory_bytes: int = 0  # bytes readers took from a fill's memory (no file read)
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ class Fill:
         # the hash of the file's bytes [0, written): read only once its writer stopped
         self.hasher: hashlib._Hash | None = None
         self._window: deque[tuple[int, bytes | bytearray]] = deque()  # (offset, chunk)
+        self.file_waiters = 0  # readers waiting for bytes to be written, not just received
         self._progress = trio.Event()
 
     def _notify(self) -> None:
@@ -301,7 +303,8 @@ class Fill:
             if end > self.written or self.written - end < kept:
                 break
             window.popleft()
-        self._notify()
+        if self.file_waiters:  # only readers of the file (sendfile) wait for writes
+            self._notify()
 
     def forget_window(self) -> None:
         self._window.clear()
@@ -319,9 +322,13 @@ class Fill:
         """How many bytes a reader may have: from memory (``received``) or the file."""
         return self.received if memory else self.written
 
-    async def wait_change(self) -> None:
-        """Wait until bytes arrived or were written, or the fill ended."""
-        await self._progress.wait()
+    async def wait_change(self, written: bool = False) -> None:
+        """Wait until bytes arrived, or the fill ended; ``written``: or bytes were written."""
+        self.file_waiters += written
+        try:
+            await self._progress.wait()
+        finally:
+            self.file_waiters -= written
 
 
 class FillWriter:
@@ -332,13 +339,14 @@ class FillWriter:
     another core while the loop decrypts and sends), reporting every written chunk back
     through the trio token. The fill's task keeps at most ``AHEAD_OF_DISK`` chunks' worth
     handed over and unwritten (:meth:`room`), so a slow disk slows the transfer and never
-    grows memory. A write error stops the thread; it is raised by the next ``put`` or
-    ``finish``.
+    grows memory. A write error stops the thread and calls ``on_error`` (the fill stops
+    receiving); ``put``, ``finish`` and ``check`` raise it.
     """
 
-    def __init__(self, fill: Fill, hasher: hashlib._Hash) -> None:
+    def __init__(self, fill: Fill, hasher: hashlib._Hash, on_error: Callable[[], None]) -> None:
         self.fill = fill
         self.hasher = hasher
+        self._on_error = on_error
         self.error: BaseException | None = None
         self._queue: queue.SimpleQueue[bytes | bytearray | None] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
@@ -374,6 +382,12 @@ class FillWriter:
         self.error = error
         self._stopped.set()
         self._changed.set()
+        if error is not None:
+            self._on_error()
+
+    def check(self) -> None:
+        """Raise the error that stopped the thread, if any."""
+        self._raise()
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -591,25 +605,31 @@ class BlobStore:
         try:
             try:
                 async with exchange:
-                    while (chunk := await body.receive_body()) is not None:
-                        if fill.received + len(chunk) > fill.size:
-                            raise CacheFillFailed(
-                                "upstream sent more bytes than its Content-Length"
-                            )
-                        fill.push(chunk)
-                        self.stats.bytes_from_upstream += len(chunk)
-                        if writer is None and fill.received == fill.size:
-                            # all of it in one piece: written and hashed here, which costs
-                            # less than a thread, and the verdict (just after: reading the end
-                            # of a Content-Length body does not wait) comes before any reader
-                            # runs, so wrong bytes are a clear error answer, not a cut transfer
-                            _write_all(fd, chunk)
-                            hasher.update(chunk)
-                            fill.wrote(len(chunk))
-                            continue
-                        if writer is None:
-                            writer = FillWriter(fill, hasher)
-                        await writer.put(chunk)
+                    # a failed write ends the fill at once (its readers resume from the
+                    # upstream), not when the upstream's next chunk comes
+                    with trio.CancelScope() as receiving:
+                        while (chunk := await body.receive_body()) is not None:
+                            if fill.received + len(chunk) > fill.size:
+                                raise CacheFillFailed(
+                                    "upstream sent more bytes than its Content-Length"
+                                )
+                            fill.push(chunk)
+                            self.stats.bytes_from_upstream += len(chunk)
+                            if writer is None and fill.received == fill.size:
+                                # all of it in one piece: written and hashed here, which costs
+                                # less than a thread, and the verdict (just after: reading the
+                                # end of a Content-Length body does not wait) comes before any
+                                # reader runs, so wrong bytes are a clear error answer, not a
+                                # cut transfer
+                                _write_all(fd, chunk)
+                                hasher.update(chunk)
+                                fill.wrote(len(chunk))
+                                continue
+                            if writer is None:
+                                writer = FillWriter(fill, hasher, receiving.cancel)
+                            await writer.put(chunk)
+                    if receiving.cancelled_caught and writer is not None:
+                        writer.check()
                 if fill.received != fill.size:
                     raise CacheFillFailed(f"upstream sent {fill.received} of {fill.size} bytes")
                 if writer is not None:
@@ -821,7 +841,9 @@ class BlobReader:
         available = await self._available(memory=True)
         fill = self.fill
         chunk = fill.view(self.position, available) if fill is not None else None
-        if chunk is None:
+        if chunk is not None:
+            self.store.stats.fill_memory_bytes += len(chunk)
+        else:
             if self._fd < 0:
                 self._open()
             count = min(BODIES.chunk(), available - self.position)
@@ -915,7 +937,7 @@ class BlobReader:
             while (
                 fill.state is FillState.FILLING and min(fill.ready(memory), limit) <= self.position
             ):
-                await fill.wait_change()
+                await fill.wait_change(written=not memory)
             if fill.state is FillState.FAILED:
                 raise CacheFillFailed(
                     f"cache fill failed: {fill.error}", resumable=fill.disk_failed
