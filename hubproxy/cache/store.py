@@ -2,14 +2,31 @@
 
 Theory of operation (after distribution's ``proxyblobstore``, with the in-flight map owned by
 the store). A blob is stored under its sha256 digest in ``blobs/sha256/<2 hex>/<hex>``. On a miss
-the proxy hands the upstream response to :meth:`BlobStore.fill`, which runs in a background task
-so that it outlives the client that started it: each chunk is hashed and written to a temporary
-file in ``tmp/``; when length and digest match, the file is fsync'd and renamed into place, and
-otherwise discarded (counted and logged). Every client, the first one included, reads through a
-:class:`BlobReader`: from the growing temporary file while the fill runs (so the first byte goes
-out at once and concurrent pulls cost one upstream fetch), and from the final file after. A reader
-never hands out its last byte (the blob's, or a range's) before the fill verified the digest, so
-a client can never complete a transfer of wrong bytes; a failed fill aborts every reader.
+the proxy hands the upstream response to :meth:`BlobStore.run_fill`, which runs in a background
+task so that it outlives the client that started it. A miss is one pass over the bytes: each
+chunk the upstream connection returns goes, as the same buffer, to the fill's window in memory
+(readers take it from there) and to a :class:`FillWriter`, a worker thread that writes it to a
+temporary file in ``tmp/`` and hashes it while the event loop receives the next chunk and sends
+this one (``os.write`` and ``hashlib`` release the GIL for large buffers, as OpenSSL does inside
+``SSLObject.read/write``, so a second core does the disk's share). At most ``AHEAD_OF_DISK``
+chunks are handed to the thread and not yet written: a slow disk slows the fill's receiving
+(and so the upstream's TCP window), never grows memory. A blob that arrives in one chunk is
+written and hashed on the loop (a thread would cost more). When length and digest match, the
+file is fsync'd and renamed into place, and otherwise discarded (counted and logged).
+
+Every client, the first one included, reads through a :class:`BlobReader`. Following a fill, a
+reader that keeps up gets each chunk as a view of the upstream's own buffer (the window keeps
+the chunks not yet written plus ``KEPT_IN_MEMORY`` written ones); one that fell behind reads the
+growing file, and comes back to memory once it caught up. The fill never waits for any reader,
+the client that caused it included: it runs at the upstream's (and the disk's) speed, and a
+slow client costs file reads, not memory nor the other clients' speed. (Pacing the fill by that
+client instead would let one slow client stall every follower, or hold its backlog in memory.)
+Concurrent pulls cost one upstream fetch, and the first byte goes out at once. A reader never
+hands out its last byte (the blob's, or a range's) before the fill verified the digest, so a
+client can never complete a transfer of wrong bytes; a failed fill aborts every reader. A write
+that fails ends the fill at once; its readers finish from the upstream with a Range request,
+verified against the digest (the hash of what they sent comes from the fill's hash of the file
+plus the chunks still in memory).
 
 A fill is followed only by clients of the registry it comes from (:attr:`Fill.source`): the blob
 store is shared by digest across registries, and a stalled upstream of one registry must never
@@ -21,7 +38,8 @@ blob damaged on disk (a flipped byte, a truncation) is never completed to a clie
 and the next request refetches it. A range cannot be checked without reading the whole blob, so
 a range is served unhashed only from a file verified in this process whose identity (inode, size,
 mtime, ctime) is unchanged since; otherwise its reader hashes the whole blob around the range.
-Hashing runs on the event loop one ``READ_SIZE`` chunk at a time (sha256 is about 1.7 GB/s).
+A hit's hashing runs on the event loop one ``READ_SIZE`` chunk at a time (sha256 is about
+1.7 GB/s), read into the reader's one buffer (no allocation per chunk).
 
 The bound (``max_bytes``) covers every byte the store holds on disk: cached blobs, pinned ones
 (open by a reader, so not evictable) included, plus the full size of every fill under way. A new
@@ -37,9 +55,9 @@ programs on that disk need. The margin is proportionate: 64 MiB, or 5% of a smal
 margin would forbid most of a 100 MiB file system). A short disk is said at start (the startup
 line's free space, and a WARNING) and once per episode when fills are skipped for it; the disk
 does not make the cache evict (anything else filling the disk would empty the cache), so the fix
-is free space or a ``--cache-size`` the disk can hold. Plain file
-I/O happens on the event loop (page-cache speed); fsync, which can stall for long, runs in a
-thread.
+is free space or a ``--cache-size`` the disk can hold. A fill's writes run in its writer
+thread; readers' file reads happen on the event loop (page-cache speed); fsync, which can stall
+for long, runs in a thread.
 """
 
 from __future__ import annotations
