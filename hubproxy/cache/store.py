@@ -857,13 +857,15 @@ class BlobReader:
         if self.position >= self.end:
             return None
         available = await self._available(memory=True)
+        if self._fd < 0:
+            # at once, even for a reader served from memory: a failed fill unlinks its file,
+            # and resuming from the upstream hashes what was sent from it (``hash_sent``)
+            self._open()
         fill = self.fill
         chunk = fill.view(self.position, available) if fill is not None else None
         if chunk is not None:
             self.store.stats.fill_memory_bytes += len(chunk)
         else:
-            if self._fd < 0:
-                self._open()
             count = min(BODIES.chunk(), available - self.position)
             if fill is not None and fill.state is FillState.FILLING:
                 count = min(count, fill.written - self.position)  # behind the window
