@@ -479,8 +479,7 @@ class PullThrough:
             digest,
             position,
         )
-        hasher = hashlib.sha256()
-        reader.hash_sent(hasher)
+        hasher = reader.hash_sent(hashlib.sha256())
         headers = [(k, v) for k, v in request.headers if k != b"range"]
         ranged = dataclasses.replace(
             request, headers=[*headers, (b"range", b"bytes=%d-" % position)]

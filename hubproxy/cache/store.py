@@ -2,14 +2,31 @@
 
 Theory of operation (after distribution's ``proxyblobstore``, with the in-flight map owned by
 the store). A blob is stored under its sha256 digest in ``blobs/sha256/<2 hex>/<hex>``. On a miss
-the proxy hands the upstream response to :meth:`BlobStore.fill`, which runs in a background task
-so that it outlives the client that started it: each chunk is hashed and written to a temporary
-file in ``tmp/``; when length and digest match, the file is fsync'd and renamed into place, and
-otherwise discarded (counted and logged). Every client, the first one included, reads through a
-:class:`BlobReader`: from the growing temporary file while the fill runs (so the first byte goes
-out at once and concurrent pulls cost one upstream fetch), and from the final file after. A reader
-never hands out its last byte (the blob's, or a range's) before the fill verified the digest, so
-a client can never complete a transfer of wrong bytes; a failed fill aborts every reader.
+the proxy hands the upstream response to :meth:`BlobStore.run_fill`, which runs in a background
+task so that it outlives the client that started it. A miss is one pass over the bytes: each
+chunk the upstream connection returns goes, as the same buffer, to the fill's window in memory
+(readers take it from there) and to a :class:`FillWriter`, a worker thread that writes it to a
+temporary file in ``tmp/`` and hashes it while the event loop receives the next chunk and sends
+this one (``os.write`` and ``hashlib`` release the GIL for large buffers, as OpenSSL does inside
+``SSLObject.read/write``, so a second core does the disk's share). At most ``AHEAD_OF_DISK``
+chunks are handed to the thread and not yet written: a slow disk slows the fill's receiving
+(and so the upstream's TCP window), never grows memory. A blob that arrives in one chunk is
+written and hashed on the loop (a thread would cost more). When length and digest match, the
+file is fsync'd and renamed into place, and otherwise discarded (counted and logged).
+
+Every client, the first one included, reads through a :class:`BlobReader`. Following a fill, a
+reader that keeps up gets each chunk as a view of the upstream's own buffer (the window keeps
+the chunks not yet written plus ``KEPT_IN_MEMORY`` written ones); one that fell behind reads the
+growing file, and comes back to memory once it caught up. The fill never waits for any reader,
+the client that caused it included: it runs at the upstream's (and the disk's) speed, and a
+slow client costs file reads, not memory nor the other clients' speed. (Pacing the fill by that
+client instead would let one slow client stall every follower, or hold its backlog in memory.)
+Concurrent pulls cost one upstream fetch, and the first byte goes out at once. A reader never
+hands out its last byte (the blob's, or a range's) before the fill verified the digest, so a
+client can never complete a transfer of wrong bytes; a failed fill aborts every reader. A write
+that fails ends the fill at once; its readers finish from the upstream with a Range request,
+verified against the digest (the hash of what they sent comes from the fill's hash of the file
+plus the chunks still in memory).
 
 A fill is followed only by clients of the registry it comes from (:attr:`Fill.source`): the blob
 store is shared by digest across registries, and a stalled upstream of one registry must never
@@ -21,7 +38,8 @@ blob damaged on disk (a flipped byte, a truncation) is never completed to a clie
 and the next request refetches it. A range cannot be checked without reading the whole blob, so
 a range is served unhashed only from a file verified in this process whose identity (inode, size,
 mtime, ctime) is unchanged since; otherwise its reader hashes the whole blob around the range.
-Hashing runs on the event loop one ``READ_SIZE`` chunk at a time (sha256 is about 1.7 GB/s).
+A hit's hashing runs on the event loop one ``READ_SIZE`` chunk at a time (sha256 is about
+1.7 GB/s), read into the reader's one buffer (no allocation per chunk).
 
 The bound (``max_bytes``) covers every byte the store holds on disk: cached blobs, pinned ones
 (open by a reader, so not evictable) included, plus the full size of every fill under way. A new
@@ -37,9 +55,9 @@ programs on that disk need. The margin is proportionate: 64 MiB, or 5% of a smal
 margin would forbid most of a 100 MiB file system). A short disk is said at start (the startup
 line's free space, and a WARNING) and once per episode when fills are skipped for it; the disk
 does not make the cache evict (anything else filling the disk would empty the cache), so the fix
-is free space or a ``--cache-size`` the disk can hold. Plain file
-I/O happens on the event loop (page-cache speed); fsync, which can stall for long, runs in a
-thread.
+is free space or a ``--cache-size`` the disk can hold. A fill's writes run in its writer
+thread; readers' file reads happen on the event loop (page-cache speed); fsync, which can stall
+for long, runs in a thread.
 """
 
 from __future__ import annotations
@@ -48,8 +66,9 @@ import enum
 import hashlib
 import logging
 import os
+import queue
 import secrets
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -65,6 +84,11 @@ from ..policy.sizes import describe_size, format_size
 log = logging.getLogger("hubproxy.cache")
 
 READ_SIZE = 256 * 1024
+# A fill hands its writer thread at most this many chunks (of BODIES.chunk()) not yet written:
+# the bound on what a slow disk makes it hold
+AHEAD_OF_DISK = 2
+# ... and keeps this many chunks already written in memory too, for readers just behind it
+KEPT_IN_MEMORY = 2
 FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free (at most: see below)
 
 
@@ -101,6 +125,7 @@ class CacheStats:
     sendfile_bytes: int = 0
     fills_completed: int = 0
     fills_failed: int = 0
+    fill_memory_bytes: int = 0  # bytes readers took from a fill's memory (no file read)
 
 
 @dataclass(frozen=True)
@@ -267,7 +292,10 @@ class FillState(enum.Enum):
 
 
 class Fill:
-    """One blob being fetched into the cache; readers follow its progress."""
+    """One blob being fetched into the cache; readers follow its progress.
+
+    ``received`` bytes came from the upstream, ``written`` of them are in the file; the window
+    holds the chunks not yet written plus the last few written ones (module docstring)."""
 
     def __init__(self, key: str, size: int, temp_path: Path, fd: int, source: str = "") -> None:
         self.key = key
@@ -275,20 +303,160 @@ class Fill:
         self.source = source  # the registry it is fetched from: only its clients follow it
         self.temp_path = temp_path
         self.fd = fd  # the temporary file, open for writing until committed
+        self.received = 0
         self.written = 0
         self.state = FillState.FILLING
         self.error = ""
         self.disk_failed = False  # the upstream was fine; writing the file was not
+        # the hash of the file's bytes [0, written): read only once its writer stopped
+        self.hasher: hashlib._Hash | None = None
+        self._window: deque[tuple[int, bytes | bytearray]] = deque()  # (offset, chunk)
+        self.file_waiters = 0  # readers waiting for bytes to be written, not just received
         self._progress = trio.Event()
 
     def _notify(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def wait_beyond(self, written: int) -> None:
-        """Wait until more than ``written`` bytes are available, or the fill ended."""
-        while self.state is FillState.FILLING and self.written <= written:
+    def push(self, chunk: bytes | bytearray) -> None:
+        """A chunk came from the upstream: readers may have it from memory at once."""
+        self._window.append((self.received, chunk))
+        self.received += len(chunk)
+        self._notify()
+
+    def wrote(self, count: int) -> None:
+        """``count`` more bytes are in the file: drop the window's chunks a reader just behind
+        the fill no longer needs (it reads them from the file)."""
+        self.written += count
+        window = self._window
+        kept = KEPT_IN_MEMORY * BODIES.chunk()
+        while window:
+            offset, chunk = window[0]
+            end = offset + len(chunk)
+            if end > self.written or self.written - end < kept:
+                break
+            window.popleft()
+        if self.file_waiters:  # only readers of the file (sendfile) wait for writes
+            self._notify()
+
+    def forget_window(self) -> None:
+        self._window.clear()
+
+    def view(self, start: int, stop: int) -> memoryview | None:
+        """Bytes [start, stop) or fewer from the window (one chunk's, no copy); None if
+        ``start`` is not held in memory any more."""
+        for offset, chunk in self._window:
+            end = offset + len(chunk)
+            if offset <= start < end:
+                return memoryview(chunk)[start - offset : min(end, stop) - offset]
+        return None
+
+    def ready(self, memory: bool) -> int:
+        """How many bytes a reader may have: from memory (``received``) or the file."""
+        return self.received if memory else self.written
+
+    async def wait_change(self, written: bool = False) -> None:
+        """Wait until bytes arrived, or the fill ended; ``written``: or bytes were written."""
+        self.file_waiters += written
+        try:
             await self._progress.wait()
+        finally:
+            self.file_waiters -= written
+
+
+class FillWriter:
+    """A fill's file writes and hashing, in one worker thread beside the event loop.
+
+    The event loop hands chunks over (:meth:`put`) and the thread writes each to the file, then
+    hashes it (``hashlib`` and ``os.write`` release the GIL for large buffers, so this runs on
+    another core while the loop decrypts and sends), reporting every written chunk back
+    through the trio token. The fill's task keeps at most ``AHEAD_OF_DISK`` chunks' worth
+    handed over and unwritten (:meth:`room`), so a slow disk slows the transfer and never
+    grows memory. A write error stops the thread and calls ``on_error`` (the fill stops
+    receiving); ``put``, ``finish`` and ``check`` raise it.
+    """
+
+    def __init__(self, fill: Fill, hasher: hashlib._Hash, on_error: Callable[[], None]) -> None:
+        self.fill = fill
+        self.hasher = hasher
+        self._on_error = on_error
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue[bytes | bytearray | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._changed = trio.Event()
+        self._stopped = trio.Event()
+        self._abort = False  # set from the loop: the thread skips what is left
+        self._closed = False
+        trio.lowlevel.start_thread_soon(self._run, _ignore, name=f"fill {fill.key[:12]}")
+
+    # -- the worker thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            fd = self.fill.fd
+            while (chunk := self._queue.get()) is not None:
+                if self._abort:
+                    continue
+                _write_all(fd, chunk)
+                self.hasher.update(chunk)
+                self._token.run_sync_soon(self._wrote, len(chunk))
+        except BaseException as exc:  # OSError from the disk; anything else is a bug
+            error = exc
+        self._token.run_sync_soon(self._stop, error)
+
+    # -- the event loop ---------------------------------------------------------------------
+
+    def _wrote(self, count: int) -> None:
+        self.fill.wrote(count)
+        self._changed.set()
+
+    def _stop(self, error: BaseException | None) -> None:
+        self.error = error
+        self._stopped.set()
+        self._changed.set()
+        if error is not None:
+            self._on_error()
+
+    def check(self) -> None:
+        """Raise the error that stopped the thread, if any."""
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def put(self, chunk: bytes | bytearray) -> None:
+        """Hand ``chunk`` to the thread; wait while too much is unwritten."""
+        self._raise()
+        self._queue.put(chunk)
+        limit = AHEAD_OF_DISK * BODIES.chunk()
+        while self.fill.received - self.fill.written > limit and not self._stopped.is_set():
+            self._changed = trio.Event()
+            await self._changed.wait()
+        self._raise()
+
+    async def finish(self) -> None:
+        """Wait until everything handed over is written and hashed (raises a write error)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        await self._stopped.wait()
+        self._raise()
+
+    async def stop(self) -> None:
+        """Stop the thread, dropping what it did not write yet, and wait for it (shielded: the
+        file is closed after, and no thread may write into a closed descriptor)."""
+        self._abort = True
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
+
+
+def _ignore(result: object) -> None:
+    """``start_thread_soon``'s delivery: the thread reports through the trio token itself."""
 
 
 class BlobStore:
@@ -492,22 +660,49 @@ class BlobStore:
     async def run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
         """Stream ``body`` into the fill's file, verify it, and commit or discard it.
 
-        Owns ``exchange`` (the upstream connection's lending) and closes it when done.
+        Owns ``exchange`` (the upstream connection's lending) and closes it when done. Each
+        chunk goes to the window (readers take it from there) and to the writer thread, which
+        writes and hashes it while this task receives the next.
         """
-        hasher = hashlib.sha256()
         fd = fill.fd
+        hasher = hashlib.sha256()
+        writer: FillWriter | None = None
         try:
-            async with exchange:
-                while (chunk := await body.receive_body()) is not None:
-                    if fill.written + len(chunk) > fill.size:
-                        raise CacheFillFailed("upstream sent more bytes than its Content-Length")
-                    hasher.update(chunk)
-                    _write_all(fd, chunk)
-                    fill.written += len(chunk)
-                    self.stats.bytes_from_upstream += len(chunk)
-                    fill._notify()
-            if fill.written != fill.size:
-                raise CacheFillFailed(f"upstream sent {fill.written} of {fill.size} bytes")
+            try:
+                async with exchange:
+                    # a failed write ends the fill at once (its readers resume from the
+                    # upstream), not when the upstream's next chunk comes
+                    with trio.CancelScope() as receiving:
+                        while (chunk := await body.receive_body()) is not None:
+                            if fill.received + len(chunk) > fill.size:
+                                raise CacheFillFailed(
+                                    "upstream sent more bytes than its Content-Length"
+                                )
+                            fill.push(chunk)
+                            self.stats.bytes_from_upstream += len(chunk)
+                            if writer is None and fill.received == fill.size:
+                                # all of it in one piece: written and hashed here, which costs
+                                # less than a thread, and the verdict (just after: reading the
+                                # end of a Content-Length body does not wait) comes before any
+                                # reader runs, so wrong bytes are a clear error answer, not a
+                                # cut transfer
+                                _write_all(fd, chunk)
+                                hasher.update(chunk)
+                                fill.wrote(len(chunk))
+                                continue
+                            if writer is None:
+                                writer = FillWriter(fill, hasher, receiving.cancel)
+                            await writer.put(chunk)
+                    if receiving.cancelled_caught and writer is not None:
+                        writer.check()
+                if fill.received != fill.size:
+                    raise CacheFillFailed(f"upstream sent {fill.received} of {fill.size} bytes")
+                if writer is not None:
+                    await writer.finish()
+            finally:
+                if writer is not None:
+                    await writer.stop()
+                fill.hasher = hasher  # its writer stopped: [0, written)
             if hasher.hexdigest() != fill.key:
                 self.stats.verification_failures += 1
                 raise CacheFillFailed(
@@ -523,6 +718,7 @@ class BlobStore:
             self.verified[fill.key] = FileIdentity.of(os.stat(final))
             self._add(fill.key, fill.size)
             fill.state = FillState.DONE
+            fill.forget_window()  # readers read the file from here on
             self.stats.fills_completed += 1
         except (ProxyError, OSError) as exc:
             # upstream faults arrive as ProxyError; an OSError here is the file (ENOSPC, EIO)
@@ -684,11 +880,12 @@ class BlobReader:
         The position advances past the span: the caller sends all of it (with ``os.sendfile``,
         say) or gives up on the transfer. CacheFillFailed if the fill it follows failed, or the
         cached blob proved damaged. A verifying reader reads each span once, ``READ_SIZE`` at a
-        time through one buffer, to hash it before handing it out.
+        time through one buffer, to hash it before handing it out. Following a fill, a span
+        only covers bytes already in the file.
         """
         if self.position >= self.end:
             return None
-        available = await self._available()
+        available = await self._available(memory=False)
         if self._fd < 0:
             self._open()
         if self._hasher is not None:
@@ -700,35 +897,55 @@ class BlobReader:
         self.store.stats.bytes_from_cache += count
         return span
 
-    async def next_chunk(self) -> bytes | None:
+    async def next_chunk(self) -> memoryview | None:
         """The next chunk, None at the end; CacheFillFailed if the fill it follows failed or
-        the cached blob proved damaged."""
+        the cached blob proved damaged.
+
+        The chunk is valid until the next call (it is a view of the fill's own buffer, or of
+        this reader's, which the next read overwrites): send it before asking for more.
+        Following a fill, a reader that keeps up gets the very bytes the upstream sent, from
+        memory; one behind the fill's window reads the file.
+        """
         if self.position >= self.end:
             return None
-        available = await self._available()
+        available = await self._available(memory=True)
         if self._fd < 0:
+            # at once, even for a reader served from memory: a failed fill unlinks its file,
+            # and resuming from the upstream hashes what was sent from it (``hash_sent``)
             self._open()
-        if self._hasher is not None:
-            chunk = await self._verify_next(BODIES.chunk())
+        fill = self.fill
+        chunk = fill.view(self.position, available) if fill is not None else None
+        if chunk is not None:
+            self.store.stats.fill_memory_bytes += len(chunk)
         else:
-            chunk = self._read(self.position, min(BODIES.chunk(), available - self.position))
+            count = min(BODIES.chunk(), available - self.position)
+            if fill is not None and fill.state is FillState.FILLING:
+                count = min(count, fill.written - self.position)  # behind the window
+            if self._hasher is not None:
+                chunk = await self._verify_next(count)
+            else:
+                chunk = self._read(self.position, count)
         self.position += len(chunk)
         self.store.stats.bytes_from_cache += len(chunk)
         return chunk
 
-    def _read(self, offset: int, count: int) -> bytes:
-        chunk = os.pread(self._fd, count, offset)
-        if len(chunk) < count:
+    def _read(self, offset: int, count: int) -> memoryview:
+        """``count`` bytes at ``offset`` into the reader's buffer (valid until the next read)."""
+        if self._buffer is None:
+            self._buffer = bytearray(READ_SIZE)
+        view = memoryview(self._buffer)[: min(count, READ_SIZE)]
+        got = os.preadv(self._fd, [view], offset)
+        if got < len(view):
             if self.fill is not None:  # never past what the fill wrote: the file was cut
                 raise CacheFillFailed(f"the file of sha256:{self.key} is shorter than written")
             raise self._damaged("shorter than recorded")
-        return chunk
+        return view
 
     def _damaged(self, why: str) -> CacheFillFailed:
         self.store.discard_damaged(self.key, why, os.fstat(self._fd).st_ino)
         return CacheFillFailed(f"cached blob sha256:{self.key} is damaged on disk ({why})")
 
-    async def _verify_next(self, limit: int) -> bytes:
+    async def _verify_next(self, limit: int) -> memoryview:
         """The next bytes to hand out (at most ``limit``), hashed; the reader's last byte only
         once the whole blob verified."""
         hasher = self._hasher
@@ -780,29 +997,45 @@ class BlobReader:
             self._hashed += got
             await trio.lowlevel.checkpoint()
 
-    async def _available(self) -> int:
-        """How far reading may go now: the end, or the verified-so-far part of a fill."""
+    async def _available(self, memory: bool) -> int:
+        """How far reading may go now: the end, or the part of a fill received so far
+        (``memory``) or written to its file, short of what completes the transfer."""
         available = self.end
         fill = self.fill
         if fill is not None and fill.state is not FillState.DONE:
             # the last byte of the blob, and the last byte of a range (which completes the
             # client's transfer as surely), only go out once the digest is verified
             limit = self.end - 1
-            while fill.state is FillState.FILLING and min(fill.written, limit) <= self.position:
-                await fill.wait_beyond(fill.written)
+            while (
+                fill.state is FillState.FILLING and min(fill.ready(memory), limit) <= self.position
+            ):
+                await fill.wait_change(written=not memory)
             if fill.state is FillState.FAILED:
                 raise CacheFillFailed(
                     f"cache fill failed: {fill.error}", resumable=fill.disk_failed
                 )
             if fill.state is FillState.FILLING:
-                available = min(fill.written, limit)
+                available = min(fill.ready(memory), limit)
         return available
 
-    def hash_sent(self, hasher: hashlib._Hash) -> None:
-        """Feed ``hasher`` the bytes from the start of the blob up to the position (read back
-        from the file, which stays readable through our descriptor even once unlinked)."""
+    def hash_sent(self, hasher: hashlib._Hash) -> hashlib._Hash:
+        """A hash of the blob's bytes from its start up to the position: ``hasher`` fed from
+        the file (which stays readable through our descriptor even once unlinked), or, for a
+        reader that got bytes the failed fill never wrote, a copy of the fill's hash of the
+        file fed the rest from the fill's window."""
+        fill = self.fill
+        if fill is not None and fill.hasher is not None and self.position > fill.written:
+            hasher = fill.hasher.copy()  # the writer stopped: it covers [0, written)
+            offset = fill.written
+            while offset < self.position:
+                view = fill.view(offset, self.position)
+                if view is None:
+                    raise CacheFillFailed("the bytes sent are neither in the file nor in memory")
+                hasher.update(view)
+                offset += len(view)
+            return hasher
         if self.position == 0:
-            return
+            return hasher
         if self._fd < 0:
             self._open()
         offset = 0
@@ -812,6 +1045,7 @@ class BlobReader:
                 raise CacheFillFailed("the partial file is shorter than what was sent")
             hasher.update(data)
             offset += len(data)
+        return hasher
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -1,9 +1,12 @@
 """How big a body chunk is: as big as helps one transfer, as small as many transfers need.
 
 A blob in flight holds about five buffers of one chunk each: the transport read, OpenSSL's
-incoming buffer, the plaintext, the client side's outgoing buffer and its ciphertext (the cache
-fill writes the same plaintext, no copy). 256 KiB chunks are the measured sweet spot for one
-stream (64 KiB cost throughput, 1 MiB gained nothing), but a hundred transfers at once then
+incoming buffer, the plaintext, the client side's outgoing buffer and its ciphertext. A cache
+fill keeps up to four plaintext chunks in memory (two its writer thread has not written yet,
+two for readers just behind it: ``cache/store.py``); its readers count as transfers too, and one
+that takes its chunks from that memory holds no buffer of its own, so its share covers them.
+256 KiB chunks are the measured sweet spot for one stream (64 KiB cost throughput, 1 MiB
+gained nothing), but a hundred transfers at once then
 hold about 130 MiB, which a 256 MB router cannot spare. So the chunk size follows the number of
 transfers running: the full 256 KiB while their buffers fit :data:`BODY_BUDGET` together, less
 as more run at once, never under 16 KiB (one TLS record's plaintext). A transfer is counted

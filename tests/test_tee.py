@@ -1,0 +1,315 @@
+"""The one-pass miss: a fill hands the upstream's chunks to its readers from memory while a
+worker thread writes and hashes them. First the store driven chunk by chunk, then hubproxy in
+front of the fake Docker Hub over TLS."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from hubproxy.cache import store as store_module
+from hubproxy.cache.store import AHEAD_OF_DISK, BlobStore, Fill, FillState
+from hubproxy.net.buffers import BODIES
+from hubproxy.policy.errors import CacheFillFailed
+from tests.conftest import StartProxy
+from tests.fakehub import FakeHub, make_layer
+from tests.registry_client import RegistryClient
+from tests.test_cache import Feed, hexdigest
+from tests.wire import WireClient
+
+CHUNK = 64 * 1024
+
+
+def chunks_of(data: bytes, size: int = CHUNK) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+async def until_written(fill: Fill, count: int) -> None:
+    """Wait until the writer thread wrote ``count`` bytes (the fill's own progress)."""
+    while fill.state is FillState.FILLING and fill.written < count:
+        await fill.wait_change(written=True)
+
+
+async def until_ended(fill: Fill) -> None:
+    while fill.state is FillState.FILLING:
+        await fill.wait_change()
+
+
+def gate_writes(monkeypatch: pytest.MonkeyPatch, gate: threading.Event) -> list[int]:
+    """A slow disk: every cache write waits for ``gate`` (in the writer thread). The sizes of
+    the writes that went through are listed."""
+    real_write = store_module._write_all
+    done: list[int] = []
+
+    def slow_write(fd: int, data: bytes | bytearray) -> None:
+        gate.wait()
+        real_write(fd, data)
+        done.append(len(data))
+
+    monkeypatch.setattr(store_module, "_write_all", slow_write)
+    return done
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+async def test_a_reader_keeping_up_gets_the_upstreams_own_buffer(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """No file read for a reader that keeps up (the client that caused the fill): its chunk
+    is a view of the very bytes object the upstream connection returned."""
+    data = os.urandom(5 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    got = bytearray()
+    for piece in chunks_of(data):
+        await feed.send.send(piece)
+        chunk = await reader.next_chunk()
+        assert chunk is not None
+        assert chunk.obj is piece  # the same buffer: not read back from the file
+        got += chunk
+    await feed.send.send(None)
+    while (chunk := await reader.next_chunk()) is not None:
+        got += chunk
+    reader.close()
+    assert bytes(got) == data
+    assert fill.state is FillState.DONE
+    assert store.path(key).read_bytes() == data
+
+
+async def test_a_reader_behind_the_window_reads_the_file(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The fill does not wait for its readers: one that fell behind what the fill keeps in
+    memory reads the file instead, and still gets every byte."""
+    data = os.urandom(40 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    pieces = chunks_of(data)
+    for piece in pieces[:-1]:  # nobody reads meanwhile: the fill goes on at upstream speed
+        await feed.send.send(piece)
+    await until_written(fill, len(data) - CHUNK)
+    assert fill.written == len(data) - CHUNK
+    first = await reader.next_chunk()
+    assert first is not None
+    assert not any(first.obj is piece for piece in pieces)  # from the file
+    got = bytearray(first)
+    await feed.send.send(pieces[-1])
+    await feed.send.send(None)
+    while (chunk := await reader.next_chunk()) is not None:
+        got += chunk
+    reader.close()
+    assert bytes(got) == data
+    assert fill.state is FillState.DONE
+
+
+async def test_a_slow_disk_holds_the_fill_back_instead_of_growing_memory(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the disk writes nothing, the fill takes at most ``AHEAD_OF_DISK`` chunks' worth
+    more from the upstream; then it stops receiving (the upstream's TCP window closes)."""
+    gate = threading.Event()
+    written = gate_writes(monkeypatch, gate)
+    data = os.urandom(64 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    pieces = chunks_of(data)
+    try:
+        taken = 0
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            try:
+                feed.send.send_nowait(pieces[taken])
+            except trio.WouldBlock:
+                break  # the fill waits for the disk: it receives nothing more
+            taken += 1
+        assert written == []
+        assert fill.received == taken * CHUNK
+        assert fill.received <= AHEAD_OF_DISK * BODIES.chunk() + CHUNK
+        assert taken < len(pieces)
+    finally:
+        gate.set()
+    for piece in pieces[taken:]:
+        await feed.send.send(piece)
+    await feed.send.send(None)
+    await until_ended(fill)
+    assert fill.state is FillState.DONE
+    assert store.path(key).read_bytes() == data
+
+
+async def test_wrong_bytes_in_many_chunks_fail_a_reader_that_kept_up(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The reader that took every chunk from memory still never gets the last byte of wrong
+    bytes: the fill's verdict comes first, and fails it."""
+    data = os.urandom(6 * CHUNK)
+    wrong = bytearray(data)
+    wrong[CHUNK] ^= 0xFF
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    got = bytearray()
+    for piece in chunks_of(bytes(wrong)):
+        await feed.send.send(piece)
+        chunk = await reader.next_chunk()
+        assert chunk is not None
+        got += chunk
+    assert bytes(got) == bytes(wrong[:-1])  # everything but the last byte
+    await feed.send.send(None)
+    with pytest.raises(CacheFillFailed) as failed:
+        await reader.next_chunk()
+    assert not failed.value.resumable
+    reader.close()
+    assert store.size_of(key) is None
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_a_disk_failure_after_a_reader_ran_ahead_of_the_file_can_be_resumed(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader got bytes from memory that never reached the file when the disk failed: the
+    hash of what it sent (to resume from the upstream, still verified) comes from the fill's
+    hash of the file plus the chunks still in memory."""
+    real_write = store_module._write_all
+    gate = threading.Event()
+    writes = 0
+
+    def failing_second_write(fd: int, data: bytes | bytearray) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            gate.wait()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data)
+
+    monkeypatch.setattr(store_module, "_write_all", failing_second_write)
+    data = os.urandom(6 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    pieces = chunks_of(data)
+    try:
+        for piece in pieces[:3]:
+            await feed.send.send(piece)
+            assert await reader.next_chunk() is not None
+        assert reader.position == 3 * CHUNK
+        assert fill.written <= CHUNK  # the second write hangs, then fails
+    finally:
+        gate.set()
+    await until_ended(fill)  # at once: it does not wait for the upstream's next chunk
+    assert fill.state is FillState.FAILED and fill.disk_failed
+    with pytest.raises(CacheFillFailed) as failed:
+        await reader.next_chunk()
+    assert failed.value.resumable
+    hasher = reader.hash_sent(hashlib.sha256())
+    assert hasher.hexdigest() == hashlib.sha256(data[: 3 * CHUNK]).hexdigest()
+    reader.close()
+
+
+# -- hubproxy in front of the fake Docker Hub -----------------------------------------------------
+
+
+def _cdn_gets(hub: FakeHub, digest: str) -> int:
+    return sum(
+        1
+        for s in hub.requests
+        if s.server == "cdn" and s.method == "GET" and digest[7:] in s.target
+    )
+
+
+async def _auth(proxy_url: str, ca: trustme.CA) -> list[tuple[str, str]]:
+    token_client = RegistryClient(proxy_url, ca)
+    assert (await token_client.request("/v2/library/alpine/tags/list")).status == 200
+    return [("authorization", f"Bearer {token_client.tokens['']}")]
+
+
+async def test_a_slow_follower_and_the_filling_client_both_get_verified_bytes(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The client that caused the fill reads it all while a follower reads a little and then
+    nothing: the leader completes, the follower completes after, both with the right bytes,
+    from one upstream fetch."""
+    layer = make_layer(21, 6_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    assert proxy.proxy.pullthrough is not None
+    stats = proxy.proxy.pullthrough.stats
+    auth = await _auth(proxy.url, ca)
+    target = f"/v2/library/alpine/blobs/{digest}"
+    with trio.fail_after(30):
+        leader = await WireClient.connect(proxy.url, ca)
+        await leader.send_request("GET", target, auth)
+        assert (await leader.receive_head()).status_code == 200  # the fill is under way
+        follower = await WireClient.connect(proxy.url, ca)
+        await follower.send_request("GET", target, auth)
+        assert (await follower.receive_head()).status_code == 200
+        start = await follower.receive_body(limit=100_000)  # then it reads nothing for a while
+        assert await leader.receive_body() == layer  # to EndOfMessage: complete
+        rest = await follower.receive_body()
+        assert start + rest == layer
+        await leader.aclose()
+        await follower.aclose()
+    assert _cdn_gets(hub, digest) == 1
+    assert proxy.proxy.pullthrough.blobs.size_of(hexdigest(layer)) == len(layer)
+    assert stats.fill_memory_bytes > 0  # some of it went out without a file read
+
+
+async def test_a_lone_client_that_leaves_mid_fill_does_not_stop_the_fill(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """As distribution's proxy does: the fill outlives the client that caused it, even when no
+    other client follows it, and the blob ends up cached (the next pull is a hit)."""
+    layer = make_layer(22, 6_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    assert proxy.proxy.pullthrough is not None
+    store = proxy.proxy.pullthrough.blobs
+    auth = await _auth(proxy.url, ca)
+    with trio.fail_after(30):
+        leader = await WireClient.connect(proxy.url, ca)
+        await leader.send_request("GET", f"/v2/library/alpine/blobs/{digest}", auth)
+        assert (await leader.receive_head()).status_code == 200
+        part = await leader.receive_body(limit=200_000)
+        assert part and layer.startswith(part)
+        fill = store.fills[hexdigest(layer)]
+        await leader.aclose()  # gone half-way
+        await until_ended(fill)
+    assert fill.state is FillState.DONE
+    assert store.size_of(hexdigest(layer)) == len(layer)
+    assert store.path(hexdigest(layer)).read_bytes() == layer
+    r = await RegistryClient(proxy.url, ca).request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.complete and r.body == layer
+    assert _cdn_gets(hub, digest) == 1
