@@ -277,7 +277,7 @@ async def test_a_dead_owners_claim_is_taken_over(
     await other.wait()
     with trio.fail_after(10):
         while fill.state is FillState.FILLING:  # the follower notices, and gives up
-            await fill.wait_beyond(fill.written)
+            await fill.wait_change()
     assert fill.state is FillState.FAILED and fill.disk_failed  # resumable upstream
     assert not temp.exists() and store.claims.read(key) is None  # broken, file and all
     mine = store.tmp_dir / f"{key}.mine.partial"
