@@ -931,15 +931,23 @@ class BlobReader:
 
     def _read(self, offset: int, count: int) -> memoryview:
         """``count`` bytes at ``offset`` into the reader's buffer (valid until the next read)."""
-        if self._buffer is None:
-            self._buffer = bytearray(READ_SIZE)
-        view = memoryview(self._buffer)[: min(count, READ_SIZE)]
+        view = self._scratch(count)[: min(count, READ_SIZE)]
         got = os.preadv(self._fd, [view], offset)
         if got < len(view):
             if self.fill is not None:  # never past what the fill wrote: the file was cut
                 raise CacheFillFailed(f"the file of sha256:{self.key} is shorter than written")
             raise self._damaged("shorter than recorded")
         return view
+
+    def _scratch(self, count: int) -> memoryview:
+        """The reader's buffer, grown to ``count`` bytes if smaller (at most READ_SIZE). Reads
+        ask for chunks of the body budget's size (``net.buffers``), so a hundred readers hold a
+        hundred buffers of the small chunks a hundred transfers get, not of READ_SIZE; a view
+        handed out before a growth keeps the old buffer alive until it is sent."""
+        size = max(1, min(count, READ_SIZE))
+        if self._buffer is None or len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        return memoryview(self._buffer)
 
     def _damaged(self, why: str) -> CacheFillFailed:
         self.store.discard_damaged(self.key, why, os.fstat(self._fd).st_ino)
@@ -985,11 +993,9 @@ class BlobReader:
         assert hasher is not None
         if self._hashed >= offset:
             return
-        if self._buffer is None:
-            self._buffer = bytearray(READ_SIZE)
-        view = memoryview(self._buffer)
+        view = self._scratch(BODIES.chunk())
         while self._hashed < offset:
-            want = min(READ_SIZE, offset - self._hashed)
+            want = min(len(view), offset - self._hashed)
             got = os.preadv(self._fd, [view[:want]], self._hashed)
             if got < want:
                 raise self._damaged("shorter than recorded")
