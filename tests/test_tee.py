@@ -29,6 +29,13 @@ from tests.wire import WireClient
 CHUNK = 64 * 1024
 
 
+@pytest.fixture(autouse=True)
+def every_fill_uses_the_disk_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests use blobs of a few MiB: below ``THREAD_FILL_MIN``, which would write them
+    on the event loop; here the disk thread is what is tested."""
+    monkeypatch.setattr(store_module, "THREAD_FILL_MIN", 0)
+
+
 def chunks_of(data: bytes, size: int = CHUNK) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
@@ -353,3 +360,31 @@ async def test_a_readers_buffer_follows_the_body_budget(
     finally:
         for transfer in running:
             BODIES.end(transfer)
+
+
+@pytest.mark.parametrize(("thread_fill_min", "thread_used"), [(None, False), (0, True)])
+async def test_small_fills_are_written_on_the_loop(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    thread_fill_min: int | None,
+    thread_used: bool,
+) -> None:
+    """A blob under ``THREAD_FILL_MIN`` never goes through the disk thread (the hand-over costs
+    more than it saves); one above it does."""
+    if thread_fill_min is None:
+        monkeypatch.undo()  # the real THREAD_FILL_MIN
+    data = os.urandom(16 * CHUNK)
+    assert len(data) < store_module.THREAD_FILL_MIN or thread_fill_min == 0
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    for piece in [*chunks_of(data), None]:
+        await feed.send.send(piece)
+    await until_ended(fill)
+    assert fill.state is FillState.DONE
+    assert store.path(key).read_bytes() == data
+    assert (store.disk_thread.starts > 0) is thread_used
