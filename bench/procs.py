@@ -221,6 +221,26 @@ def wait_listening(started: Started, ports: Sequence[int], timeout: float = 15.0
                 time.sleep(0.05)
 
 
+def wait_quiet(
+    started: Started, quiet: float = 0.3, timeout: float = 10.0, step: float = 0.05
+) -> bool:
+    """Wait until ``started``'s process group used no CPU for ``quiet`` seconds (its start-up
+    work done: hubproxy checks its upstreams in the background once it listens), at most
+    ``timeout``; whether it went quiet. A run measured right after a restart would otherwise
+    count that work as the run's."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(group_pids(started.process.pid))
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = cpu_seconds(group_pids(started.process.pid))
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            return True
+    return False
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         text = path.read_text(errors="replace")

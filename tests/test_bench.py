@@ -749,3 +749,21 @@ def test_the_small_manifest_is_exactly_one_kib() -> None:
     body = manifest_exactly(1024)
     assert len(body) == 1024
     assert json.loads(body)["schemaVersion"] == 2
+
+
+def test_wait_quiet_waits_for_the_start_up_work(tmp_path: Path) -> None:
+    """A process that still works after it started (hubproxy's check of its upstreams) is
+    waited for: its CPU time no longer moves when ``wait_quiet`` returns."""
+    busy_then_idle = [
+        sys.executable,
+        "-c",
+        "import time\nend = time.process_time() + 0.4\n"
+        "while time.process_time() < end: pass\ntime.sleep(60)",
+    ]
+    with contextlib.ExitStack() as stack:
+        started = procs.start("busy", busy_then_idle, tmp_path / "log", stack)
+        assert procs.wait_quiet(started, quiet=0.3, timeout=20)
+        spent = procs.cpu_seconds([started.process.pid])
+        assert spent >= 0.35  # it did not return while the work ran
+        assert procs.wait_quiet(started, quiet=0.3, timeout=20)
+        assert procs.cpu_seconds([started.process.pid]) == spent
