@@ -160,7 +160,28 @@ def test_nothing_is_stored_unless_the_body_verifies(
         assert rows(tmp_path, table) == []
 
 
-def test_a_damaged_row_is_never_served_after_a_restart(tmp_path: Path) -> None:
+def test_a_row_another_worker_evicted_is_a_quiet_miss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--workers: another process on the directory evicted a manifest this one still lists;
+    it is forgotten without a warning (nothing is damaged), and fetched again."""
+    store = opened(tmp_path)
+    digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=BODY, claimed=None)
+    assert digest is not None
+    store.close()
+    restarted = opened(tmp_path)  # lists the row, has not read its body yet
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("DELETE FROM manifests")
+    with caplog.at_level(logging.DEBUG, logger="hubproxy.cache"):
+        assert restarted.get("library/a", digest) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "evicted elsewhere" in caplog.text
+    restarted.close()
+
+
+def test_a_damaged_row_is_never_served_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = opened(tmp_path)
     digest = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=BODY, claimed=None)
     assert digest is not None
@@ -170,7 +191,9 @@ def test_a_damaged_row_is_never_served_after_a_restart(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "state.db") as conn:
         conn.execute("UPDATE manifests SET body = ?", (bytes(damaged),))
     restarted = opened(tmp_path)
-    assert restarted.get("library/a", digest) is None
+    with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):
+        assert restarted.get("library/a", digest) is None
+    assert f"cached manifest sha256:{digest.removeprefix('sha256:')} is damaged" in caplog.text
     assert restarted.tag("library/a", "1", V2) is None  # the tag went with it
     # fetched again, it replaces the damaged row
     again = restarted.put(

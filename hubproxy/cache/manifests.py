@@ -485,8 +485,12 @@ class ManifestStore:
             return None
         body = row[0] if row is not None and isinstance(row[0], bytes) else None
         if body is None or hashlib.sha256(body).hexdigest() != hexpart:
-            # a damaged row is never served; fetched again, it is stored afresh
-            log.warning("cached manifest sha256:%s is damaged or missing; dropping it", hexpart)
+            # a damaged row is never served; fetched again, it is stored afresh. A row that is
+            # gone was evicted by another process on this directory (--workers): no damage
+            if row is None:
+                log.debug("cached manifest sha256:%s was evicted elsewhere; dropping it", hexpart)
+            else:
+                log.warning("cached manifest sha256:%s is damaged; dropping it", hexpart)
             with self._cond:
                 self._drop(hexpart)
                 self._cond.notify_all()
