@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .store import FileIdentity, Fill, FillState, choose_evictions, sha256_hex
+from .store import FileIdentity, Fill, FillState, sha256_hex
 
 if TYPE_CHECKING:
     from .store import BlobStore
@@ -349,16 +349,7 @@ class Claims:
             reserved = sum(c.size for c in claims if c.key not in store.index)
             limit = store.max_bytes - reserved
             protected = set(store.pins) | set(store.fills) | claimed
-            evicted = []
-            for key in choose_evictions(store.index.items(), store.total, limit, protected):
-                size = store.index.pop(key)
-                store.total -= size
-                store.verified.pop(key, None)
-                store.stats.evictions += 1
-                _unlink_quietly(store.path(key))
-                evicted.append(size)
-                if not quiet:
-                    log.info("cache evicted sha256:%s (%d bytes)", key, size)
+            evicted = store.evict_down_to(limit, protected, quiet)
             return evicted, store.total <= limit
 
     def look_up(self, store: BlobStore, key: str) -> int | None:

@@ -865,6 +865,11 @@ class BlobStore:
             return self.claims.evict(self, quiet)[0]
         protected = set(self.pins) | set(self.fills)
         limit = self.max_bytes - self.filling_bytes  # room for every fill under way
+        return self.evict_down_to(limit, protected, quiet)
+
+    def evict_down_to(self, limit: int, protected: set[str], quiet: bool = False) -> list[int]:
+        """Evict least recently used blobs, none of ``protected``, until the index holds at
+        most ``limit`` bytes (or nothing evictable is left); the sizes evicted."""
         evicted = []
         for key in choose_evictions(self.index.items(), self.total, limit, protected):
             size = self.index.pop(key)
