@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .store import FileIdentity, Fill, FillState, sha256_hex
+from .store import FileIdentity, Fill, FillState, sha256_hex, unlink_quietly
 
 if TYPE_CHECKING:
     from .store import BlobStore
@@ -226,13 +226,13 @@ class Claims:
         with locked(self.tmp_dir / CLAIMS_LOCK):
             if self.read(claim.key) != claim:
                 return False
-            _unlink_quietly(self.path(claim.key))
+            unlink_quietly(self.path(claim.key))
             return True
 
     def break_claim(self, claim: Claim, why: str) -> None:
         """Delete a dead or stalled owner's claim and its temporary file."""
         if self._remove_if(claim):
-            _unlink_quietly(self.tmp_dir / claim.temp_name)
+            unlink_quietly(self.tmp_dir / claim.temp_name)
             self.broken += 1
             log.warning(
                 "cache: the fill of sha256:%s by pid %d is abandoned (%s); the next request "
@@ -416,7 +416,7 @@ def sweep_owner(tmp_dir: Path, pid: int) -> int:
             if entry.name.endswith(CLAIM_SUFFIX):
                 claim = claims.read(entry.name[: -len(CLAIM_SUFFIX)])
                 if claim is not None and claim.pid == pid and claims._remove_if(claim):
-                    _unlink_quietly(tmp_dir / claim.temp_name)
+                    unlink_quietly(tmp_dir / claim.temp_name)
                     swept += 1
     return swept
 
@@ -428,12 +428,3 @@ def _holds(final: Path, inode: int, size: int) -> bool:
     except FileNotFoundError:
         return False
     return st.st_ino == inode and st.st_size == size
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot delete %s: %s", path, exc)

@@ -710,7 +710,7 @@ class BlobStore:
             self.fills.pop(fill.key, None)
             self.claims.release(fill.key)
             os.close(fill.fd)
-            _unlink_quietly(fill.temp_path)
+            unlink_quietly(fill.temp_path)
             raise
 
     async def run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
@@ -800,7 +800,7 @@ class BlobStore:
             if fd >= 0:
                 os.close(fd)
             if fill.state is not FillState.DONE:
-                _unlink_quietly(fill.temp_path)
+                unlink_quietly(fill.temp_path)
             if self.claims is not None:  # after the rename or the unlink: followers see which
                 self.claims.release(fill.key)
             self.fills.pop(fill.key, None)
@@ -833,7 +833,7 @@ class BlobStore:
         if size is None:
             return  # already discarded by another reader
         self.total -= size
-        _unlink_quietly(self.path(key))
+        unlink_quietly(self.path(key))
         log.warning("cached blob sha256:%s is damaged (%s): deleted, to be refetched", key, why)
 
     def pin(self, key: str) -> None:
@@ -876,7 +876,7 @@ class BlobStore:
             self.total -= size
             self.verified.pop(key, None)
             self.stats.evictions += 1
-            _unlink_quietly(self.path(key))
+            unlink_quietly(self.path(key))
             evicted.append(size)
             if not quiet:
                 log.info("cache evicted sha256:%s (%d bytes)", key, size)
@@ -1155,7 +1155,7 @@ def verify_store(root: Path) -> StoreCheck:
             checked += 1
             if actual != entry.name:
                 damaged.append((Path(entry.path), actual))
-                _unlink_quietly(Path(entry.path))
+                unlink_quietly(Path(entry.path))
     return StoreCheck(checked, damaged)
 
 
@@ -1166,7 +1166,8 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[written:]
 
 
-def _unlink_quietly(path: Path) -> None:
+def unlink_quietly(path: Path) -> None:
+    """Delete ``path``; gone already is fine, any other failure is one warning line."""
     try:
         os.unlink(path)
     except FileNotFoundError:
