@@ -384,6 +384,7 @@ HUB_FAMILIES = {
     "hubproxy_reclaimed_connections",
     "hubproxy_client_turns_waiting",
     "hubproxy_client_turn_waits",
+    "hubproxy_fair_share_waits",
     "hubproxy_client_turn_timeouts",
     "hubproxy_denied_requests",
     "hubproxy_cache_bytes",

@@ -518,6 +518,7 @@ class ManifestStore:
         media_type: str,
         body: bytes,
         claimed: str | None,
+        sha256_hex: str | None = None,
     ) -> str | None:
         """Verify and store a manifest fetched for ``reference`` (a tag or its digest) by a
         client accepting ``accepted``; return its digest.
@@ -527,7 +528,7 @@ class ManifestStore:
         Never raises for the disk: a manifest that cannot be kept now (larger than the bound,
         or the writer too far behind) is counted and its digest returned, to be served uncached.
         """
-        hexpart = sys.intern(hashlib.sha256(body).hexdigest())
+        hexpart = sys.intern(sha256_hex or hashlib.sha256(body).hexdigest())
         digest = f"sha256:{hexpart}"
         if not manifest_verified(reference, digest, claimed):
             return None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from ..net.fairness import gate
 from ..net.server import ClientRequest, ClientResponse
 from ..net.upstream import UpstreamConnection
 from ..policy import flow
@@ -686,7 +687,9 @@ class PullThrough:
         patience = self.forwarder.config.timeouts.upstream_idle
         async with self.manifest_memory.hold(size, patience, client_key(request.client_ip)):
             chunks = []
+            hasher = hashlib.sha256()
             while (chunk := await conn.receive_body()) is not None:
+                hasher.update(chunk)
                 chunks.append(chunk)
             data = b"".join(chunks)
             del chunks
@@ -698,6 +701,7 @@ class PullThrough:
                 media_type=_media_type(media_type),
                 body=data,
                 claimed=claimed.decode("latin-1") if claimed is not None else None,
+                sha256_hex=hasher.hexdigest(),
             )
         if stored is None:  # nothing was stored, and the client gets none of it
             self.stats.verification_failures += 1
@@ -756,6 +760,9 @@ class PullThrough:
             if body is None:
                 body = self.manifest_bodies.current(outgoing.digest)
             if body is None:
+                # reading it back costs a hash of it: its turn first (a waiter whose client
+                # is gone is cancelled meanwhile, instead of reading for nobody)
+                await gate(outgoing.size)
                 stored = self.manifests.get(outgoing.repository, outgoing.digest)
                 body = stored.body if stored is not None else None
                 del stored

@@ -80,6 +80,7 @@ from typing import Protocol
 import trio
 
 from ..net.buffers import BODIES
+from ..net.fairness import serving
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
 
@@ -720,6 +721,9 @@ class BlobStore:
         chunk goes to the window (readers take it from there) and to the writer thread, which
         writes and hashes it while this task receives the next.
         """
+        # work for everyone following the fill, not for the client that happened to start it:
+        # never held back by that client's fair share (net.fairness)
+        serving.set(None)
         fd = fill.fd
         hasher = hashlib.sha256()
         writer: FillWriter | None = None

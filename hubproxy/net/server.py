@@ -40,6 +40,7 @@ from ..policy.errors import (
     error_body,
 )
 from ..policy.headers import Headers, get_header, lax_framing
+from .fairness import Fairness, Serving, serving
 from .settings import ListenerSettings
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
@@ -309,6 +310,7 @@ class ConnectionFigures:
     turn_waiting: int = 0  # requests waiting for a turn of their address (net.turns)
     turn_waits: int = 0  # requests that ever had to wait for one
     turn_timeouts: int = 0  # ... and got a 503 instead
+    fair_share_waits: int = 0  # units of TLS work that waited for the fair share (net.fairness)
 
 
 class ClientConnection:
@@ -726,6 +728,7 @@ class Server:
         self.refused: dict[str, int] = {}  # connections refused, by reason
         self.reclaimed = 0  # idle connections closed to make room
         self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
+        self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
         self._last_refusal_warning: dict[Connection, float] = {}
         # when each client address was last logged about (see EPISODE), by condition
         self._untrusting: dict[str, float] = {}
@@ -754,14 +757,21 @@ class Server:
         if not self._listeners:
             await self.bind()
         listeners = self._listeners
-        async with trio.open_nursery() as connections:
-            with self._listen_scope:
-                async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, connections)
-                    task_status.started(self.bound)
-            # listeners closed (shutdown): in-flight transfers get the grace period
-            await self._drain(connections)
+        trio.lowlevel.add_instrument(self.fairness)
+        try:
+            async with trio.open_nursery() as beside:
+                beside.start_soon(self.fairness.keep_batches_coming)
+                async with trio.open_nursery() as connections:
+                    with self._listen_scope:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept_loop, listener, connections)
+                            task_status.started(self.bound)
+                    # listeners closed (shutdown): in-flight transfers get the grace period
+                    await self._drain(connections)
+                beside.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(self.fairness)
 
     async def _drain(self, connections: trio.Nursery) -> None:
         for client in list(self.connections):
@@ -842,6 +852,7 @@ class Server:
             refused=dict(self.refused),
             reclaimed=self.reclaimed,
             turn_waiting=self.turns.waiting(),
+            fair_share_waits=self.fairness.waits,
             turn_waits=self.turns.waits,
             turn_timeouts=self.turns.wait_timeouts,
         )
@@ -880,6 +891,9 @@ class Server:
         await close_forcefully(tcp)
 
     async def _serve_client(self, tcp: trio.SocketStream, client_ip: str, key: str) -> None:
+        # every unit of TLS work for this client, here and in the tasks started from here,
+        # takes its turn in the fair share of the CPU (net.fairness)
+        serving.set(Serving(self.fairness, key))
         try:
             await self._handshake_and_serve(tcp, client_ip)
         except Exception:  # a bug must cost one connection, never the process

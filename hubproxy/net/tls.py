@@ -64,6 +64,9 @@ from typing import Generic, TypeVar
 
 import trio
 
+from ..policy.fairshare import HANDSHAKE_COST, RECORD_COST
+from .fairness import gate
+
 __all__ = ["CLOSE_NOTIFY_TIMEOUT", "RECEIVE_SIZE", "SEND_CHUNK", "TLSStream"]
 
 #: Ciphertext read from the transport per syscall, and default ``max_bytes``.
@@ -198,6 +201,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
 
     async def _handshake(self) -> None:
         while True:
+            await gate(HANDSHAKE_COST)
             try:
                 self._ssl.do_handshake()
                 done = True
@@ -277,6 +281,8 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 await self._fill_incoming(max_bytes)
+                # before decrypting it (a reset, raised above, is never held: it cancels work)
+                await gate(self._incoming.pending + RECORD_COST)
                 yielded = True
                 if self._closed:
                     raise trio.ClosedResourceError("TLSStream was closed")
@@ -363,6 +369,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
             try:
                 self._check_usable()  # may have changed while we waited
                 for start in range(0, len(view), SEND_CHUNK):
+                    await gate(min(SEND_CHUNK, len(view) - start) + RECORD_COST)
                     self._encrypt(view[start : start + SEND_CHUNK])
                     await self._drain_locked()
             finally:

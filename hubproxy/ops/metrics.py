@@ -688,6 +688,14 @@ class HubMetrics:
                 lambda: self._turn_figure("turn_timeouts"),
             )
         )
+        self.fair_share_waits = registry.register(
+            CounterFunction(
+                "hubproxy_fair_share_waits",
+                "Units of TLS work (a handshake step, a chunk to decrypt or encrypt) held for a "
+                "later scheduler round, so that a busier client address goes after a lighter one.",
+                lambda: self._turn_figure("fair_share_waits"),
+            )
+        )
         self.denied = registry.register(
             Counter("hubproxy_denied_requests", "Requests refused, by reason.", ("reason",))
         )

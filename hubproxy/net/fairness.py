@@ -1,0 +1,125 @@
+"""The CPU shared fairly between client addresses: the gate in front of each unit of TLS work.
+
+``policy.fairshare`` decides; this module counts the scheduler's batches (a trio instrument
+whose one hook runs once per batch, after the wait for I/O) and parks a unit that may not go
+yet until a batch where it may. Parked units of one address go in arrival order, at most one
+per batch, so a burst (a hundred connections reset at once) is spread over the batches instead
+of filling one.
+
+Which address a unit works for is the ``serving`` context variable: the server sets it in each
+client connection's task, and every task started from there (a request, its upstream
+connections) inherits it. Work not done for one client (a cache fill that others follow, the
+start-up checks) sets none and is never held.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import trio
+
+from ..policy.fairshare import FairShare
+
+FORGET_EVERY = 1.0  # seconds between sweeps of decayed accounts
+TICK = 0.001  # seconds: while units are parked, a batch at least this often
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The client a task works for, and the fair share it is held to."""
+
+    fairness: Fairness
+    key: str
+
+
+serving: ContextVar[Serving | None] = ContextVar("hubproxy_serving", default=None)
+
+
+async def gate(cost: float) -> None:
+    """Wait until a unit of work costing ``cost`` (bytes) may go for the client this task
+    serves; at once (no schedule point) when it may go now or the task serves no client."""
+    current = serving.get()
+    if current is not None:
+        await current.fairness.take(current.key, cost)
+
+
+class _Parked:
+    __slots__ = ("cost", "event")
+
+    def __init__(self, cost: float) -> None:
+        self.cost = cost
+        self.event = trio.Event()
+
+
+class Fairness(trio.abc.Instrument):
+    """The gate's state for one server: the accounts, the batch count, the parked units."""
+
+    def __init__(self, share: FairShare | None = None) -> None:
+        self.share = share or FairShare()
+        self.batch = 0
+        self._parked: dict[str, deque[_Parked]] = {}
+        self._someone_parked = trio.Event()
+        self._next_sweep = 0.0
+        self.waits = 0  # units that had to wait for a later batch (/metrics)
+
+    def after_io_wait(self, timeout: float) -> None:
+        """A new batch: let each address's parked units go, as many as its standing allows
+        (charged now, so that no unit arriving later in the batch overtakes them)."""
+        self.batch += 1
+        if not self._parked:
+            return
+        now = trio.current_time()
+        for key, queue in list(self._parked.items()):
+            for _ in range(self.share.may_go(key, now, self.batch)):
+                if not queue:
+                    break
+                unit = queue.popleft()
+                self.share.charge(key, unit.cost, now, self.batch)
+                unit.event.set()
+            if not queue:
+                del self._parked[key]
+
+    async def keep_batches_coming(self) -> None:
+        """While units are parked, make sure batches happen (every ``TICK``): with nothing
+        else to do the loop would sleep in its wait for I/O and count none. Runs until
+        cancelled, beside the server."""
+        while True:
+            await self._someone_parked.wait()
+            await trio.sleep(TICK)  # a timer: the I/O wait ends by then, and a batch is counted
+            if not self._parked:
+                self._someone_parked = trio.Event()
+
+    async def take(self, key: str, cost: float) -> None:
+        now = trio.current_time()
+        if now >= self._next_sweep:
+            self._next_sweep = now + FORGET_EVERY
+            self.share.forget_idle(now)
+        if key not in self._parked and self.share.may_go(key, now, self.batch):
+            self.share.charge(key, cost, now, self.batch)
+            return
+        self.waits += 1
+        unit = _Parked(cost)
+        self._parked.setdefault(key, deque()).append(unit)
+        self._someone_parked.set()
+        try:
+            await unit.event.wait()
+        except BaseException:
+            self._unpark(key, unit)
+            raise
+
+    def _unpark(self, key: str, unit: _Parked) -> None:
+        queue = self._parked.get(key)
+        if queue is None:
+            return
+        try:
+            queue.remove(unit)
+        except ValueError:  # released already
+            return
+        if not queue:
+            del self._parked[key]
+
+    def parked(self) -> int:
+        """Units waiting for a later batch now."""
+        return sum(len(queue) for queue in self._parked.values())

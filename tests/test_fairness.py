@@ -1,0 +1,118 @@
+"""The gate in front of each unit of TLS work (net.fairness), on the real trio scheduler.
+
+A "unit" here is what the TLS layer does between two gates: the tests count, batch by batch
+(the scheduler's rounds, as the instrument counts them), whose units ran.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from hubproxy.net.fairness import Fairness, Serving, gate, serving
+from hubproxy.policy.fairshare import BURST, EVERY
+
+UNIT = 256 * 1024
+
+
+class BatchLog(trio.abc.Instrument):
+    """Units per batch and client, in the batch numbering of ``fairness``."""
+
+    def __init__(self, fairness: Fairness) -> None:
+        self.fairness = fairness
+        self.units: dict[int, Counter[str]] = {}
+
+    def ran(self, key: str) -> None:
+        self.units.setdefault(self.fairness.batch, Counter())[key] += 1
+
+
+async def worker(fairness: Fairness, log: BatchLog, key: str, units: int) -> None:
+    serving.set(Serving(fairness, key))
+    for _ in range(units):
+        await gate(UNIT)
+        log.ran(key)
+        await trio.lowlevel.checkpoint()  # the unit's I/O: back in a later batch
+
+
+@pytest.fixture
+async def fairness() -> AsyncIterator[Fairness]:
+    fairness = Fairness()
+    trio.lowlevel.add_instrument(fairness)
+    yield fairness
+    trio.lowlevel.remove_instrument(fairness)
+
+
+async def test_a_flood_from_one_address_puts_one_unit_per_batch_before_anothers(
+    fairness: Fairness,
+) -> None:
+    """Fifty busy connections of one address against one of another: without the gate every
+    batch runs fifty units of the flood before the other's next step."""
+    log = BatchLog(fairness)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fairness.keep_batches_coming)
+        async with trio.open_nursery() as clients:
+            for _ in range(50):
+                clients.start_soon(worker, fairness, log, "flood", 20)
+            clients.start_soon(worker, fairness, log, "one", 20)
+        nursery.cancel_scope.cancel()
+    shared = [units for _, units in sorted(log.units.items()) if units["one"]]
+    assert sum(units["one"] for units in shared) == 20
+    # in the first batch nobody had been served yet, and the flood was alone until "one"
+    # came: a burst; from then on the flood was the heavier, and yielded every time
+    assert shared[0]["flood"] <= BURST
+    assert max(units["flood"] for units in shared[1:]) <= 1
+    assert sum(units["flood"] for units in log.units.values()) == 50 * 20  # and all went
+    assert fairness.waits > 0
+    assert fairness.parked() == 0
+
+
+async def test_alone_a_burst_is_spread_over_batches(fairness: Fairness) -> None:
+    log = BatchLog(fairness)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fairness.keep_batches_coming)
+        async with trio.open_nursery() as clients:
+            for _ in range(40):
+                clients.start_soon(worker, fairness, log, "alone", 3)
+        nursery.cancel_scope.cancel()
+    assert max(units["alone"] for units in log.units.values()) <= BURST
+    assert sum(units["alone"] for units in log.units.values()) == 120
+
+
+async def test_parked_units_go_with_nothing_else_happening(
+    fairness: Fairness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A parked unit's batch comes even when no I/O would end the scheduler's wait."""
+    log = BatchLog(fairness)
+    serving.set(Serving(fairness, "light"))
+    await gate(1)  # another address busy a moment ago: "heavy" yields to it
+    serving.set(None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fairness.keep_batches_coming)
+        with trio.fail_after(1):
+            await worker(fairness, log, "heavy", 2 * EVERY + 2)
+        nursery.cancel_scope.cancel()
+    assert sum(units["heavy"] for units in log.units.values()) == 2 * EVERY + 2
+
+
+async def test_a_cancelled_parked_unit_leaves_the_queue(fairness: Fairness) -> None:
+    serving.set(Serving(fairness, "light"))
+    await gate(1)
+    serving.set(Serving(fairness, "heavy"))
+    await gate(10 * UNIT)  # heavy now, and "light" is busy
+    with trio.move_on_after(0) as scope:  # parked, then cancelled before its batch comes
+        await gate(UNIT)
+    assert scope.cancelled_caught
+    assert fairness.parked() == 0
+
+
+async def test_work_for_no_client_is_never_held(fairness: Fairness) -> None:
+    serving.set(None)
+    before = fairness.batch
+    for _ in range(100):
+        await gate(UNIT)  # no schedule point, no account
+    assert fairness.batch == before
+    assert len(fairness.share) == 0
