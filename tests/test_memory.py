@@ -1,4 +1,4 @@
-"""Freed heap pages go back to the system once a minute (ops/memory.py)."""
+"""Freed heap pages go back to the system every ten seconds (ops/memory.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Giving freed memory back to the system, once a minute.
+"""Giving freed memory back to the system, every ten seconds.
 
 Body chunks and TLS buffers of 16-256 KiB are allocated and freed all day; ``net.malloc`` has
 glibc serve them from the heap and keep up to 16 MiB free at its top, so that a transfer reuses
@@ -6,9 +6,9 @@ warm pages instead of faulting in fresh ones for every chunk. A heap with live b
 free ones keeps its free pages, though: the resident size creeps up a little with every new mix
 of transfers, though nothing leaks (the Python heap, traced with tracemalloc over a soak, stays
 flat). ``malloc_trim(0)`` hands every whole free page back (glibc 2.8 and later ``madvise`` them
-wherever they are, not only at the top). Once a minute that costs a fraction of a millisecond,
-and the pages it frees are faulted in again at most once a minute: nothing next to the faults
-per chunk ``net.malloc`` saves. Measured with ``python -m bench.load --soak 30`` before
+wherever they are, not only at the top). Every ten seconds that costs a fraction of a
+millisecond, and the pages it frees are faulted in again at most that often: nothing next to
+the faults per chunk ``net.malloc`` saves. Measured with ``python -m bench.load --soak 30`` before
 ``net.malloc``: an RSS slope of +54 KiB/min after minute 5 without the trim, +16 with it (issue
 12's bound is 50). Other C libraries (musl) have no ``malloc_trim``; there this does nothing.
 """
@@ -24,7 +24,10 @@ import trio
 
 log = logging.getLogger("hubproxy")
 
-TRIM_INTERVAL = 60.0  # seconds
+# seconds. Once a minute left the resident size a sawtooth of about 5 MiB over a busy minute (the
+# top of the heap refilled within seconds of each trim), which is most of what a soak's slope
+# measured; every ten seconds keeps it close to the memory really in use.
+TRIM_INTERVAL = 10.0
 
 
 def find_malloc_trim() -> Callable[[], object] | None:
