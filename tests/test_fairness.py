@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from hubproxy.net.fairness import Fairness, Serving, gate, serving
-from hubproxy.policy.fairshare import BURST, EVERY
+from hubproxy.policy.fairshare import ALONE, EVERY
 
 UNIT = 256 * 1024
 
@@ -63,7 +63,7 @@ async def test_a_flood_from_one_address_puts_one_unit_per_batch_before_anothers(
     assert sum(units["one"] for units in shared) == 20
     # in the first batch nobody had been served yet, and the flood was alone until "one"
     # came: a burst; from then on the flood was the heavier, and yielded every time
-    assert shared[0]["flood"] <= BURST
+    assert shared[0]["flood"] <= ALONE // UNIT
     assert max(units["flood"] for units in shared[1:]) <= 1
     assert sum(units["flood"] for units in log.units.values()) == 50 * 20  # and all went
     assert fairness.waits > 0
@@ -78,7 +78,7 @@ async def test_alone_a_burst_is_spread_over_batches(fairness: Fairness) -> None:
             for _ in range(40):
                 clients.start_soon(worker, fairness, log, "alone", 3)
         nursery.cancel_scope.cancel()
-    assert max(units["alone"] for units in log.units.values()) <= BURST
+    assert max(units["alone"] for units in log.units.values()) <= ALONE // UNIT
     assert sum(units["alone"] for units in log.units.values()) == 120
 
 

@@ -65,16 +65,14 @@ class Fairness(trio.abc.Instrument):
         self.waits = 0  # units that had to wait for a later batch (/metrics)
 
     def after_io_wait(self, timeout: float) -> None:
-        """A new batch: let each address's parked units go, as many as its standing allows
-        (charged now, so that no unit arriving later in the batch overtakes them)."""
+        """A new batch: let each address's parked units go, while it has credit (charged now,
+        so that no unit arriving later in the batch overtakes them)."""
         self.batch += 1
         if not self._parked:
             return
         now = trio.current_time()
         for key, queue in list(self._parked.items()):
-            for _ in range(self.share.may_go(key, now, self.batch)):
-                if not queue:
-                    break
+            while queue and self.share.may_go(key, now, self.batch):
                 unit = queue.popleft()
                 self.share.charge(key, unit.cost, now, self.batch)
                 unit.event.set()

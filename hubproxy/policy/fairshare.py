@@ -7,19 +7,22 @@ attack that costs the mirror CPU (a burst of handshakes, a hundred manifest miss
 abandoned after their first bytes) multiplies everyone else's latency.
 
 So the TLS layer asks before each unit of CPU work it does for a client (a handshake step,
-decrypting what arrived, encrypting a chunk to send) and says what the unit costs, in bytes.
-This module keeps the account and answers:
+decrypting what arrived, encrypting a chunk to send, reading a cached manifest back) and says what
+the unit costs, in bytes. This module keeps the account and answers, deficit round robin over the
+scheduler's batches: each address earns a quantum of cost per batch, by its standing, and a unit
+goes while its address is not in debt (a large unit goes, then its debt holds the next ones back):
 
-- **Alone** (no other address did any work in the last ``active_for``): up to ``burst`` units
-  per batch. A mirror with one busy client pays nothing but the bookkeeping, and a burst (a
-  hundred requests or resets at once) is spread over a few batches, so that a client arriving
-  in the middle of it waits for ``burst`` units, not a hundred.
-- **Sharing** with others, none of them served less: one unit per batch, so no address puts
-  more than one unit of work in front of another address's next step.
-- **Yielding**: an active address has been served less (by more than ``slice`` bytes): one unit
-  every ``every`` batches, so a light client (one pull) goes ahead of a heavy one (a flood), and
-  the heavy one still moves.
+- **Alone** (no other address did any work in the last ``active_for``): ``alone`` bytes a batch.
+  A mirror with one busy client pays nothing but the bookkeeping, and a burst (a hundred
+  requests or resets at once, or a few 4 MiB manifests read back) is spread over batches, so
+  that a client arriving in the middle of it waits for one batch's worth, not all of it.
+- **Sharing** with others, none of them served less: ``sharing`` bytes a batch (one chunk), so no
+  address puts more than about one chunk of work in front of another address's next step.
+- **Yielding**: an active address has been served less (by more than ``slice`` bytes):
+  ``sharing / every`` a batch, so a light client (one pull) goes ahead of a heavy one (a flood),
+  and the heavy one still moves.
 
+Credit is never saved up beyond one batch's quantum: an address idle for a while gets no burst.
 "Served" is each address's cost charged, decaying by half every ``half_life`` seconds: recent
 work counts, and an address that stops being busy is soon light again. Pure: the caller passes
 the time and the batch number.
@@ -34,8 +37,9 @@ from dataclasses import dataclass
 HALF_LIFE = 0.1  # seconds: work older than a few tenths of a second hardly counts
 ACTIVE_FOR = 0.005  # seconds after its last unit that an address still counts as busy
 SLICE = 256 * 1024  # bytes of cost: how far ahead of a lighter address one runs before yielding
-EVERY = 8  # batches per unit for a yielding address
-BURST = 4  # units per batch for an address alone
+SHARING = 256 * 1024  # cost an address sharing the CPU earns per batch: one full chunk
+ALONE = 1024 * 1024  # ... an address alone
+EVERY = 8  # a yielding address earns SHARING / EVERY per batch
 FORGET_BELOW = 1.0  # an account decayed below this is dropped (the table stays small)
 
 HANDSHAKE_COST = 64 * 1024  # a TLS handshake step, in bytes of record work it is worth
@@ -53,8 +57,8 @@ class _Account:
     served: float  # decayed cost, as of ``at``
     at: float
     last_unit: float  # when its last unit went
-    last_batch: int  # the batch its last unit went in
-    units: int  # units that went in ``last_batch``
+    credit: float  # bytes of cost it may still spend (negative: its debt)
+    credited: int  # the batch up to which ``credit`` was earned
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,9 @@ class FairShareRules:
     half_life: float = HALF_LIFE
     active_for: float = ACTIVE_FOR
     slice: float = SLICE
+    sharing: float = SHARING
+    alone: float = ALONE
     every: int = EVERY
-    burst: int = BURST
 
 
 class FairShare:
@@ -100,30 +105,39 @@ class FairShare:
                 return Standing.YIELDING
         return standing
 
-    def may_go(self, key: str, now: float, batch: int) -> int:
-        """How many more units of ``key``'s work may run in ``batch`` (see the module doc)."""
-        standing = self.standing(key, now)
-        account = self._accounts.get(key)
-        units = account.units if account is not None and account.last_batch == batch else 0
+    def _quantum(self, standing: Standing) -> float:
         if standing is Standing.ALONE:
-            return max(0, self.rules.burst - units)
+            return self.rules.alone
         if standing is Standing.SHARING:
-            return 0 if units else 1
-        if account is not None and batch - account.last_batch < self.rules.every:
-            return 0
-        return 1
+            return self.rules.sharing
+        return self.rules.sharing / self.rules.every
+
+    def _credit(self, account: _Account, quantum: float, batch: int) -> float:
+        """Earn ``quantum`` for each batch since the account was last credited, up to one."""
+        if batch > account.credited:
+            earned = account.credit + (batch - account.credited) * quantum
+            account.credit = min(earned, quantum)
+            account.credited = batch
+        return account.credit
+
+    def may_go(self, key: str, now: float, batch: int) -> bool:
+        """Whether a unit of ``key``'s work may run in ``batch`` (see the module doc)."""
+        account = self._accounts.get(key)
+        if account is None:
+            return True
+        return self._credit(account, self._quantum(self.standing(key, now)), batch) > 0
 
     def charge(self, key: str, cost: float, now: float, batch: int) -> None:
         """Record a unit of ``key``'s work, costing ``cost``, going now in ``batch``."""
         account = self._accounts.get(key)
         if account is None:
-            self._accounts[key] = _Account(cost, now, now, batch, 1)
+            quantum = self._quantum(self.standing(key, now))
+            self._accounts[key] = _Account(cost, now, now, quantum - cost, batch)
         else:
             account.served = self.served(key, now) + cost
             account.at = now
             account.last_unit = now
-            account.units = account.units + 1 if account.last_batch == batch else 1
-            account.last_batch = batch
+            account.credit -= cost
         self._active[key] = None
 
     def forget_idle(self, now: float) -> None:
