@@ -66,6 +66,9 @@ class Config:
     host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name
     default_login: tuple[str, str] | None = field(default=None, repr=False)
     allow_shared_login: bool = False  # operator logins without --allow/--users: on purpose
+    # --only-listed-registries: ``registries`` holds only what the operator named (settings.py
+    # left the other built-ins out); kept to say so when refusing one
+    only_listed_registries: bool = False
 
     @property
     def listener(self) -> ListenerSettings:
@@ -99,4 +102,6 @@ class Config:
             upstream_proxy=self.upstream_proxy,
             login=self.default_login,
         )
-        return build_table(default, self.registries, self.host_map)
+        return build_table(
+            default, self.registries, self.host_map, listed_only=self.only_listed_registries
+        )

@@ -57,6 +57,7 @@ from .policy.registries import (
     DOCKER_HUB_UPSTREAM,
     Registry,
     is_docker_hub,
+    listed_registries,
     looks_like_host,
 )
 from .policy.sizes import SizeTooSmall, parse_size
@@ -626,6 +627,16 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
         table=TableKey("host", many=True, name_last=True),
     ),
+    Setting(
+        "only-listed-registries",
+        "serve only the default registry (--upstream) and those that --registry, "
+        "--registry-fallback, --registry-ca, --registry-proxy, --registry-login or --host-map "
+        'names (or a [registry."NAME"] table): the other built-in registries are off, and a '
+        "request for one gets 404 NAME_UNKNOWN like any registry the mirror does not serve",
+        REGISTRIES,
+        Kind.SWITCH,
+        False,
+    ),
     # --- blob cache
     Setting(
         "cache-dir",
@@ -1162,6 +1173,7 @@ def build_config(values: Values) -> Config:
         default_login=default_login,
         host_map=host_map,
         allow_shared_login=bool(p["allow_shared_login"]),
+        only_listed_registries=bool(p["only_listed_registries"]),
     )
 
 
@@ -1172,9 +1184,13 @@ def _pairs(parsed: Mapping[str, object], dest: str) -> list[tuple[str, object]]:
 def build_registries(
     values: Values, parsed: Mapping[str, object], default: str = DEFAULT_REGISTRY
 ) -> tuple[tuple[Registry, ...], tuple[str, str] | None, tuple[tuple[str, str], ...]]:
-    """The registries besides the default one (built-ins plus --registry), with their
+    """The registries besides the default one (built-ins plus --registry; with
+    --only-listed-registries only the built-ins some registry setting names), with their
     fallbacks, CAs, proxies and logins; the default registry's login; the host map."""
     entries: dict[str, Registry] = {}
+    # every registry a registry setting (or [registry."NAME"] table) names, by its table name
+    named = {name for dest in _REGISTRY_DESTS for name, _ in _pairs(parsed, dest)}
+    named |= {str(target) for _, target in _pairs(parsed, "host_map")}
     for name, url, aliases in BUILTIN_REGISTRIES:
         entries[name] = Registry(name, (base_url(url),), aliases=aliases)
     for index, (name, upstream) in enumerate(_pairs(parsed, "registry")):
@@ -1222,5 +1238,19 @@ def build_registries(
         if target != default and target not in entries:
             raise values.error("host-map", f"--host-map: no registry {target!r}", index)
         host_map.append((host, str(target)))
-    others = tuple(r for r in entries.values() if r.name != default)
+    served = list(entries.values())
+    if parsed.get("only_listed_registries"):
+        builtin = (name for name, _, _ in BUILTIN_REGISTRIES)
+        served = listed_registries(builtin, named, served)
+    others = tuple(r for r in served if r.name != default)
     return others, default_login, tuple(host_map)
+
+
+# the NAME=VALUE settings whose NAME is a registry (--host-map's is a host name)
+_REGISTRY_DESTS = (
+    "registry",
+    "registry_fallback",
+    "registry_ca",
+    "registry_proxy",
+    "registry_login",
+)
