@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
+from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, TtlRule
 from .policy.registries import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -45,7 +46,8 @@ class Config:
     cache_size: int = 20 << 30
     manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
     manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
-    manifest_ttl: float = 60.0  # a tag is not revalidated for this long
+    manifest_ttl: float = DEFAULT_MANIFEST_TTL  # a tag no rule names is not revalidated this long
+    manifest_ttl_rules: tuple[TtlRule, ...] = ()  # tag patterns with TTLs of their own
     manifest_memory: int = 32 << 20  # bytes of manifests buffered from upstreams at once
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)

@@ -50,6 +50,7 @@ from .policy.access import (
     parse_image_pattern,
     parse_network,
 )
+from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, TtlRule, check_tag_pattern
 from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -124,6 +125,9 @@ class Kind(enum.Enum):
     DURATION = "a duration"  # seconds, or text with units: "90s", "1m", "1h30m", "250ms"
     SWITCH = "a switch"  # --flag (store_true); ``key = true`` in the file
     BOOL = "a boolean"  # --flag / --no-flag, unset by default; ``key = true|false``
+    # a duration per pattern: [PATTERN=]DURATION items, repeatable on the command line; in the file
+    # a duration, an array of such items, or a table { PATTERN = duration }
+    DURATION_RULES = "durations by pattern"
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,28 @@ def parse_duration(text: str) -> float:
     return sum(
         float(number) * _DURATION_UNITS[unit] for number, unit in re.findall(_DURATION_PART, text)
     )
+
+
+def ttl_rule(text: str) -> TtlRule:
+    """``--manifest-ttl``: ``PATTERN=DURATION`` for the tags matching a glob, or ``DURATION``
+    alone for every tag (the ``*`` rule); 0 or more seconds."""
+    pattern, sep, duration = text.partition("=")
+    if not sep:
+        pattern, duration = "*", text
+    seconds = parse_duration(duration.strip())
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"wants 0 or more seconds, got {duration.strip()!r}")
+    return TtlRule(check_tag_pattern(pattern.strip()), seconds)
+
+
+def ttl_rules(rules: Sequence[TtlRule]) -> tuple[float, tuple[TtlRule, ...]]:
+    """The ``*`` rule's seconds (:data:`DEFAULT_MANIFEST_TTL` without one) and the other rules
+    in the order first given; a pattern given twice keeps its last duration."""
+    by_pattern: dict[str, float] = {}
+    for rule in rules:
+        by_pattern[rule.pattern] = rule.seconds
+    default = by_pattern.pop("*", DEFAULT_MANIFEST_TTL)
+    return default, tuple(TtlRule(pattern, seconds) for pattern, seconds in by_pattern.items())
 
 
 def whole_number(text: str) -> int:
@@ -675,13 +701,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "manifest-ttl",
-        "serve a cached tag without asking the upstream (HEAD) for this long, e.g. 90s or 5m "
-        "(default 60s)",
+        "serve a cached tag without asking the upstream (HEAD) for this long: DURATION for every "
+        "tag, or PATTERN=DURATION for the tags a glob matches (* is any characters), e.g. "
+        "--manifest-ttl 24h --manifest-ttl latest=60s --manifest-ttl 'nightly*=5m' "
+        "(repeatable; a whole tag wins over a glob, a longer glob over a shorter) "
+        f"(default {DEFAULT_MANIFEST_TTL:g}s for every tag)",
         CACHE,
-        Kind.DURATION,
-        60.0,
-        metavar="DURATION",
-        bound=Bound(0.0, inclusive=True, wording="0 or more seconds"),
+        Kind.DURATION_RULES,
+        metavar="[PATTERN=]DURATION",
+        repeatable=True,
+        parse=ttl_rule,
     ),
     Setting(
         "manifest-memory",
@@ -1108,6 +1137,7 @@ def build_config(values: Values) -> Config:
     if library_prefix is None:
         library_prefix = is_docker_hub(upstreams[0])
     allow = NetworkList(tuple(cast(list[Network], p["allow"])))
+    manifest_ttl, manifest_ttl_rules = ttl_rules(cast(list[TtlRule], p["manifest_ttl"]))
     users = cast(str | None, p["users"])
     registries, default_login, host_map = build_registries(values, p)
     has_login = default_login is not None or any(r.login for r in registries)
@@ -1122,7 +1152,8 @@ def build_config(values: Values) -> Config:
         cache_size=cast(int, p["cache_size"]),
         manifest_cache_size=cast(int, p["manifest_cache_size"]),
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
-        manifest_ttl=cast(float, p["manifest_ttl"]),
+        manifest_ttl=manifest_ttl,
+        manifest_ttl_rules=manifest_ttl_rules,
         manifest_memory=cast(int, p["manifest_memory"]),
         listen_host=listen[0],
         listen_port=listen[1],

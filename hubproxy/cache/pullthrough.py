@@ -8,7 +8,8 @@ fills, forwarding, stale answers (each logged) and the background question "may 
 repository?" (asked anonymously of the primary upstream, again once the answer is an hour old).
 
 Tags are revalidated with HEAD (never GET, which Docker Hub counts); ``--manifest-ttl`` lets a tag
-skip that for a while once this client's access to the repository is confirmed.
+skip that for a while once this client's access to the repository is confirmed, for as long as
+the most specific of its rules says (``cachepolicy.tag_ttl``: ``latest`` briefly, ``1.27.3`` long).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from ..policy.cachepolicy import (
     ServeCache,
     ServeStale,
     TagKey,
+    TtlRule,
     UpstreamVerdict,
     access_check_headers,
     after_upstream,
@@ -58,6 +60,7 @@ from ..policy.cachepolicy import (
     stale_allowed,
     tag_current,
     tag_fresh,
+    tag_ttl,
     verdict,
 )
 from ..policy.errors import (
@@ -120,12 +123,18 @@ class PullThrough:
     """The cache side of the proxy: blobs (``BlobStore``) and manifests (``ManifestStore``)."""
 
     def __init__(
-        self, forwarder: Forwarder, blobs: BlobStore, manifests: ManifestStore, manifest_ttl: float
+        self,
+        forwarder: Forwarder,
+        blobs: BlobStore,
+        manifests: ManifestStore,
+        manifest_ttl: float,
+        ttl_rules: tuple[TtlRule, ...] = (),
     ) -> None:
         self.forwarder = forwarder
         self.blobs = blobs
         self.manifests = manifests
-        self.manifest_ttl = manifest_ttl
+        self.manifest_ttl = manifest_ttl  # tags no rule names
+        self.ttl_rules = ttl_rules  # --manifest-ttl PATTERN=DURATION
         self.stats = blobs.stats
         self.confirmations = Confirmations()
         self.tag_checked: dict[TagKey, float] = {}  # when each tag answer was revalidated
@@ -559,8 +568,11 @@ class PullThrough:
             cached=cached is not None or learnable,
             confirmed=cached is not None and self._confirmed(request, route),
             by_digest=by_digest,
-            tag_fresh=tag_fresh(
-                self.tag_checked.get(tag_key), trio.current_time(), self.manifest_ttl
+            tag_fresh=not by_digest
+            and tag_fresh(
+                self.tag_checked.get(tag_key),
+                trio.current_time(),
+                tag_ttl(reference, self.ttl_rules, self.manifest_ttl),
             ),
             stale_ok=cached is not None and self._stale_ok(route, cached.digest),
         )
