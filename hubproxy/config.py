@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
-from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, TtlRule
+from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
 from .policy.registries import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -48,6 +48,7 @@ class Config:
     manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
     manifest_ttl: float = DEFAULT_MANIFEST_TTL  # a tag no rule names is not revalidated this long
     manifest_ttl_rules: tuple[TtlRule, ...] = ()  # tag patterns with TTLs of their own
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL  # an upstream's 404 to a manifest is kept; 0: off
     manifest_memory: int = 32 << 20  # bytes of manifests buffered from upstreams at once
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)

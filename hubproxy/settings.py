@@ -50,7 +50,12 @@ from .policy.access import (
     parse_image_pattern,
     parse_network,
 )
-from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, TtlRule, check_tag_pattern
+from .policy.cachepolicy import (
+    DEFAULT_MANIFEST_TTL,
+    DEFAULT_NEGATIVE_TTL,
+    TtlRule,
+    check_tag_pattern,
+)
 from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -691,8 +696,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "manifest-cache-entries",
-        "keep at most this many manifests, tags, repository links and repositories' "
-        "public/private answers (each; least recently used go first) (default 50000)",
+        "keep at most this many manifests, tags, repository links, repositories' "
+        "public/private answers and upstream 404s (each; least recently used go first) "
+        "(default 50000)",
         CACHE,
         Kind.INT,
         50_000,
@@ -711,6 +717,18 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="[PATTERN=]DURATION",
         repeatable=True,
         parse=ttl_rule,
+    ),
+    Setting(
+        "negative-ttl",
+        "answer 404 from memory for this long to a manifest or tag the upstream just answered "
+        "404 (the same request: registry, Accept, and credentials, or anyone's for a repository "
+        "anyone may read); never 401, 403, 429 or 5xx; 0 turns it off "
+        f"(default {DEFAULT_NEGATIVE_TTL:g}s)",
+        CACHE,
+        Kind.DURATION,
+        DEFAULT_NEGATIVE_TTL,
+        metavar="DURATION",
+        bound=Bound(0.0, inclusive=True, wording="0 (off) or more seconds"),
     ),
     Setting(
         "manifest-memory",
@@ -1154,6 +1172,7 @@ def build_config(values: Values) -> Config:
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
         manifest_ttl=manifest_ttl,
         manifest_ttl_rules=manifest_ttl_rules,
+        negative_ttl=cast(float, p["negative_ttl"]),
         manifest_memory=cast(int, p["manifest_memory"]),
         listen_host=listen[0],
         listen_port=listen[1],

@@ -215,6 +215,43 @@ def manifest_verified(reference: str, body_digest: str, claimed: str | None) -> 
     return claimed is None or claimed == body_digest
 
 
+# -- negative answers --------------------------------------------------------------------------
+
+DEFAULT_NEGATIVE_TTL = 30.0  # --negative-ttl: how long an upstream's 404 to a manifest is kept
+ANYONE = "*"  # NegativeKey.credentials of an answer that anyone would get
+
+
+@dataclass(frozen=True)
+class NegativeKey:
+    """A 404 the upstream gave to a manifest request, and whom it may be repeated to.
+
+    Per registry and upstream path (tag or digest), per set of accepted manifest types (a
+    registry answers 404 to a client that takes none of the types it has, and 200 to another),
+    and per ``credentials``: the hash :func:`confirmation_key` makes of the client's
+    Authorization (the very same credentials get the same answer), or :data:`ANYONE`."""
+
+    registry: str  # "" for the default registry
+    path: str  # /v2/<repository>/manifests/<reference>
+    accepted: frozenset[str]
+    credentials: str
+
+
+def remember_negative(status: int, *, primary: bool, ttl: float) -> bool:
+    """Whether an upstream's answer to a manifest request is kept as a negative answer: only a
+    404, only the primary upstream's (a fallback may answer with credentials of its own, or
+    lag behind), and only with ``--negative-ttl`` above 0. Never a 401 or 403 (they depend on
+    the credentials), a 429 or a 5xx (they say "not now", not "no such manifest")."""
+    return ttl > 0 and primary and status == 404
+
+
+def share_negative(readability: Readability | None, anonymous_status: int, wall_now: float) -> bool:
+    """Whether a 404 may be repeated to anyone, whatever their credentials: the repository is one
+    anyone may read (so no 404 in it hides a private repository, which some registries answer
+    with 404 rather than 401), and an anonymous client asking the same (same Accept) got 404
+    too (so it was not the first client's own credentials that made it one)."""
+    return anonymous_status == 404 and anonymously_readable(readability, wall_now)
+
+
 # -- manifests in flight -----------------------------------------------------------------------
 
 

@@ -59,6 +59,14 @@ class RegistryNotServed(RouteNotFound):
         self.registry = registry  # printable, at most 100 characters: for the log line
 
 
+class ManifestUnknown(ProxyError):
+    """The upstream answered 404 for this manifest a moment ago (the negative cache, within
+    ``--negative-ttl``): the same 404 again, without asking it."""
+
+    status = 404
+    code = "MANIFEST_UNKNOWN"
+
+
 class AccessDenied(ProxyError):
     """This mirror's own access rules refuse the request (network, image, or user)."""
 
