@@ -190,7 +190,9 @@ def build_proxy(
             manifests.open()
         except OSError as exc:
             raise CacheDirError(config.cache_dir) from exc
-        pullthrough = PullThrough(forwarder, blobs, manifests, config.manifest_ttl)
+        pullthrough = PullThrough(
+            forwarder, blobs, manifests, config.manifest_ttl, config.manifest_ttl_rules
+        )
     admission = build_admission(config)
     return Proxy(
         forwarder,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
+from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
 from .policy.registries import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -45,7 +46,9 @@ class Config:
     cache_size: int = 20 << 30
     manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
     manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
-    manifest_ttl: float = 60.0  # a tag is not revalidated for this long
+    manifest_ttl: float = DEFAULT_MANIFEST_TTL  # a tag no rule names is not revalidated this long
+    manifest_ttl_rules: tuple[TtlRule, ...] = ()  # tag patterns with TTLs of their own
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL  # an upstream's 404 to a manifest is kept; 0: off
     manifest_memory: int = 32 << 20  # bytes of manifests buffered from upstreams at once
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
@@ -66,6 +69,9 @@ class Config:
     host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name
     default_login: tuple[str, str] | None = field(default=None, repr=False)
     allow_shared_login: bool = False  # operator logins without --allow/--users: on purpose
+    # --only-listed-registries: ``registries`` holds only what the operator named (settings.py
+    # left the other built-ins out); kept to say so when refusing one
+    only_listed_registries: bool = False
 
     @property
     def listener(self) -> ListenerSettings:
@@ -99,4 +105,6 @@ class Config:
             upstream_proxy=self.upstream_proxy,
             login=self.default_login,
         )
-        return build_table(default, self.registries, self.host_map)
+        return build_table(
+            default, self.registries, self.host_map, listed_only=self.only_listed_registries
+        )

@@ -297,9 +297,40 @@ def convert(setting: Setting, value: object) -> object:
         if not isinstance(value, bool):
             raise _BadValue(f"expected a boolean (true or false), got {describe(value)}")
         return value
+    if setting.kind is Kind.DURATION_RULES:
+        return _duration_rules(value)
     if setting.repeatable:
         return _array(setting, value)
     return _scalar(setting, value)
+
+
+def _duration_text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        problem = 'expected a number of seconds or a duration string like "1m"'
+        raise _BadValue(f"{problem}, got {describe(value)}")
+    return value if isinstance(value, str) else repr(value)
+
+
+def _duration_rules(value: object) -> list[object]:
+    """``[PATTERN=]DURATION`` items from a duration (every tag), an array of items, or a table
+    ``{ "latest" = "60s", "*" = "24h" }`` (one item per key, in the file's order)."""
+    if isinstance(value, dict):
+        items: list[object] = []
+        for pattern, duration in value.items():
+            try:
+                items.append(f"{pattern}={_duration_text(duration)}")
+            except _BadValue as exc:
+                raise _BadValue(f"{pattern!r}: {exc}") from None
+        return items
+    if not isinstance(value, list):
+        return [_duration_text(value)]
+    listed: list[object] = []
+    for index, item in enumerate(value):
+        try:
+            listed.append(_duration_text(item))
+        except _BadValue as exc:
+            raise _BadValue(f"item {index + 1}: {exc}") from None
+    return listed
 
 
 # ---------------------------------------------------------------------------------------------

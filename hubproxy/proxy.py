@@ -29,10 +29,16 @@ from .ops.operations import Operations
 from .policy.access import client_key
 from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_login
 from .policy.auth import login_challenge
-from .policy.errors import ClientProtocolError, MirrorUnauthorized, ProxyError, RouteNotFound
+from .policy.errors import (
+    ClientProtocolError,
+    MirrorUnauthorized,
+    ProxyError,
+    RegistryNotServed,
+    RouteNotFound,
+)
 from .policy.headers import Headers, get_header
 from .policy.pulls import PullSummary, image_name, manifest_layers, summary_line
-from .policy.registries import address
+from .policy.registries import address, not_served_line
 from .policy.routing import Route, RouteKind, route_label, route_request
 from .policy.search import MAX_SEARCH_ANSWER, filter_search_answer
 from .policy.tokenpolicy import Credential, check_method, client_credential, outbound
@@ -273,7 +279,11 @@ class Proxy:
             return route_request(
                 request.method, request.target, library_prefix=table.default_registry.library_prefix
             )
-        addressed = address(table, request.target, request.host)
+        try:
+            addressed = address(table, request.target, request.host)
+        except RegistryNotServed as refused:
+            log.debug("%s", not_served_line(table, refused, request.client_ip))
+            raise
         registry = addressed.registry
         route = route_request(
             request.method, addressed.target, library_prefix=registry.library_prefix

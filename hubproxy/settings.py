@@ -50,6 +50,12 @@ from .policy.access import (
     parse_image_pattern,
     parse_network,
 )
+from .policy.cachepolicy import (
+    DEFAULT_MANIFEST_TTL,
+    DEFAULT_NEGATIVE_TTL,
+    TtlRule,
+    check_tag_pattern,
+)
 from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -57,6 +63,7 @@ from .policy.registries import (
     DOCKER_HUB_UPSTREAM,
     Registry,
     is_docker_hub,
+    listed_registries,
     looks_like_host,
 )
 from .policy.sizes import SizeTooSmall, parse_size
@@ -123,6 +130,9 @@ class Kind(enum.Enum):
     DURATION = "a duration"  # seconds, or text with units: "90s", "1m", "1h30m", "250ms"
     SWITCH = "a switch"  # --flag (store_true); ``key = true`` in the file
     BOOL = "a boolean"  # --flag / --no-flag, unset by default; ``key = true|false``
+    # a duration per pattern: [PATTERN=]DURATION items, repeatable on the command line; in the file
+    # a duration, an array of such items, or a table { PATTERN = duration }
+    DURATION_RULES = "durations by pattern"
 
 
 @dataclass(frozen=True)
@@ -297,6 +307,28 @@ def parse_duration(text: str) -> float:
     return sum(
         float(number) * _DURATION_UNITS[unit] for number, unit in re.findall(_DURATION_PART, text)
     )
+
+
+def ttl_rule(text: str) -> TtlRule:
+    """``--manifest-ttl``: ``PATTERN=DURATION`` for the tags matching a glob, or ``DURATION``
+    alone for every tag (the ``*`` rule); 0 or more seconds."""
+    pattern, sep, duration = text.partition("=")
+    if not sep:
+        pattern, duration = "*", text
+    seconds = parse_duration(duration.strip())
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"wants 0 or more seconds, got {duration.strip()!r}")
+    return TtlRule(check_tag_pattern(pattern.strip()), seconds)
+
+
+def ttl_rules(rules: Sequence[TtlRule]) -> tuple[float, tuple[TtlRule, ...]]:
+    """The ``*`` rule's seconds (:data:`DEFAULT_MANIFEST_TTL` without one) and the other rules
+    in the order first given; a pattern given twice keeps its last duration."""
+    by_pattern: dict[str, float] = {}
+    for rule in rules:
+        by_pattern[rule.pattern] = rule.seconds
+    default = by_pattern.pop("*", DEFAULT_MANIFEST_TTL)
+    return default, tuple(TtlRule(pattern, seconds) for pattern, seconds in by_pattern.items())
 
 
 def whole_number(text: str) -> int:
@@ -626,6 +658,16 @@ SETTINGS: tuple[Setting, ...] = (
         repeatable=True,
         table=TableKey("host", many=True, name_last=True),
     ),
+    Setting(
+        "only-listed-registries",
+        "serve only the default registry (--upstream) and those that --registry, "
+        "--registry-fallback, --registry-ca, --registry-proxy, --registry-login or --host-map "
+        'names (or a [registry."NAME"] table): the other built-in registries are off, and a '
+        "request for one gets 404 NAME_UNKNOWN like any registry the mirror does not serve",
+        REGISTRIES,
+        Kind.SWITCH,
+        False,
+    ),
     # --- blob cache
     Setting(
         "cache-dir",
@@ -654,8 +696,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "manifest-cache-entries",
-        "keep at most this many manifests, tags, repository links and repositories' "
-        "public/private answers (each; least recently used go first) (default 50000)",
+        "keep at most this many manifests, tags, repository links, repositories' "
+        "public/private answers and upstream 404s (each; least recently used go first) "
+        "(default 50000)",
         CACHE,
         Kind.INT,
         50_000,
@@ -664,13 +707,28 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "manifest-ttl",
-        "serve a cached tag without asking the upstream (HEAD) for this long, e.g. 90s or 5m "
-        "(default 60s)",
+        "serve a cached tag without asking the upstream (HEAD) for this long: DURATION for every "
+        "tag, or PATTERN=DURATION for the tags a glob matches (* is any characters), e.g. "
+        "--manifest-ttl 24h --manifest-ttl latest=60s --manifest-ttl 'nightly*=5m' "
+        "(repeatable; a whole tag wins over a glob, a longer glob over a shorter) "
+        f"(default {DEFAULT_MANIFEST_TTL:g}s for every tag)",
+        CACHE,
+        Kind.DURATION_RULES,
+        metavar="[PATTERN=]DURATION",
+        repeatable=True,
+        parse=ttl_rule,
+    ),
+    Setting(
+        "negative-ttl",
+        "answer 404 from memory for this long to a manifest or tag the upstream just answered "
+        "404 (the same request: registry, Accept, and credentials, or anyone's for a repository "
+        "anyone may read); never 401, 403, 429 or 5xx; 0 turns it off "
+        f"(default {DEFAULT_NEGATIVE_TTL:g}s)",
         CACHE,
         Kind.DURATION,
-        60.0,
+        DEFAULT_NEGATIVE_TTL,
         metavar="DURATION",
-        bound=Bound(0.0, inclusive=True, wording="0 or more seconds"),
+        bound=Bound(0.0, inclusive=True, wording="0 (off) or more seconds"),
     ),
     Setting(
         "manifest-memory",
@@ -1097,6 +1155,7 @@ def build_config(values: Values) -> Config:
     if library_prefix is None:
         library_prefix = is_docker_hub(upstreams[0])
     allow = NetworkList(tuple(cast(list[Network], p["allow"])))
+    manifest_ttl, manifest_ttl_rules = ttl_rules(cast(list[TtlRule], p["manifest_ttl"]))
     users = cast(str | None, p["users"])
     registries, default_login, host_map = build_registries(values, p)
     has_login = default_login is not None or any(r.login for r in registries)
@@ -1111,7 +1170,9 @@ def build_config(values: Values) -> Config:
         cache_size=cast(int, p["cache_size"]),
         manifest_cache_size=cast(int, p["manifest_cache_size"]),
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
-        manifest_ttl=cast(float, p["manifest_ttl"]),
+        manifest_ttl=manifest_ttl,
+        manifest_ttl_rules=manifest_ttl_rules,
+        negative_ttl=cast(float, p["negative_ttl"]),
         manifest_memory=cast(int, p["manifest_memory"]),
         listen_host=listen[0],
         listen_port=listen[1],
@@ -1162,6 +1223,7 @@ def build_config(values: Values) -> Config:
         default_login=default_login,
         host_map=host_map,
         allow_shared_login=bool(p["allow_shared_login"]),
+        only_listed_registries=bool(p["only_listed_registries"]),
     )
 
 
@@ -1172,9 +1234,13 @@ def _pairs(parsed: Mapping[str, object], dest: str) -> list[tuple[str, object]]:
 def build_registries(
     values: Values, parsed: Mapping[str, object], default: str = DEFAULT_REGISTRY
 ) -> tuple[tuple[Registry, ...], tuple[str, str] | None, tuple[tuple[str, str], ...]]:
-    """The registries besides the default one (built-ins plus --registry), with their
+    """The registries besides the default one (built-ins plus --registry; with
+    --only-listed-registries only the built-ins some registry setting names), with their
     fallbacks, CAs, proxies and logins; the default registry's login; the host map."""
     entries: dict[str, Registry] = {}
+    # every registry a registry setting (or [registry."NAME"] table) names, by its table name
+    named = {name for dest in _REGISTRY_DESTS for name, _ in _pairs(parsed, dest)}
+    named |= {str(target) for _, target in _pairs(parsed, "host_map")}
     for name, url, aliases in BUILTIN_REGISTRIES:
         entries[name] = Registry(name, (base_url(url),), aliases=aliases)
     for index, (name, upstream) in enumerate(_pairs(parsed, "registry")):
@@ -1222,5 +1288,19 @@ def build_registries(
         if target != default and target not in entries:
             raise values.error("host-map", f"--host-map: no registry {target!r}", index)
         host_map.append((host, str(target)))
-    others = tuple(r for r in entries.values() if r.name != default)
+    served = list(entries.values())
+    if parsed.get("only_listed_registries"):
+        builtin = (name for name, _, _ in BUILTIN_REGISTRIES)
+        served = listed_registries(builtin, named, served)
+    others = tuple(r for r in served if r.name != default)
     return others, default_login, tuple(host_map)
+
+
+# the NAME=VALUE settings whose NAME is a registry (--host-map's is a host name)
+_REGISTRY_DESTS = (
+    "registry",
+    "registry_fallback",
+    "registry_ca",
+    "registry_proxy",
+    "registry_login",
+)

@@ -24,9 +24,9 @@ from .forwarder import Forwarder, answer_whole, read_whole
 from .net.server import ClientRequest, ClientResponse
 from .net.upstream import UpstreamConnection
 from .policy.access import ImageRules
-from .policy.errors import RouteNotFound
+from .policy.errors import RegistryNotServed, RouteNotFound
 from .policy.headers import Headers, get_header
-from .policy.registries import rewrite_token_query, token_registry
+from .policy.registries import not_served_line, rewrite_token_query, token_registry
 from .policy.routing import Route, without_query_param
 from .policy.sealing import Grant, TokenSealer
 from .policy.tokenpolicy import (
@@ -80,7 +80,11 @@ class TokenEndpoint:
         index = int(key)
         query = route.target.removeprefix("?")
         # a path-prefix pull asks the default registry's realm for another registry's scope
-        chosen, query = token_registry(table, named, query)
+        try:
+            chosen, query = token_registry(table, named, query)
+        except RegistryNotServed as refused:
+            log.debug("%s", not_served_line(table, refused, request.client_ip))
+            raise
         if chosen is not named:
             upstreams, index = forwarder.registries[chosen.name], 0
         if not upstreams.learned[index].known:

@@ -391,6 +391,9 @@ class FakeHub:
     # a CDN that answers every request with 401 and this challenge (a hostile or misconfigured
     # storage host naming a realm of its own); None: the CDN serves blobs
     cdn_challenge: str | None = None
+    # a registry that hides private repositories: a valid token that does not grant one gets 404
+    # NAME_UNKNOWN instead of 401, as if it did not exist (some registries do this)
+    hide_private: bool = False
 
     def __init__(
         self,
@@ -824,6 +827,12 @@ class FakeHub:
         token, presented = self._bearer(request)
         if token is not None and action in token.grants.get(name, frozenset()):
             return None
+        if self.hide_private and token is not None:
+            repo = self._repos.get(name)
+            if repo is not None and repo.private:
+                return _registry_error(
+                    404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name}
+                )
         # distribution's token auth: invalid_token for a bad one, insufficient_scope for a weak one.
         error = (
             "insufficient_scope" if token is not None else "invalid_token" if presented else None

@@ -406,6 +406,8 @@ HUB_FAMILIES = {
     "hubproxy_manifest_memory_limit_bytes",
     "hubproxy_manifest_bytes_sending",
     "hubproxy_manifest_fetches_shared",
+    "hubproxy_negative_cache_hits",
+    "hubproxy_negative_cache_entries",
     "hubproxy_manifest_send_waits",
     "hubproxy_manifest_send_wait_timeouts",
     "hubproxy_manifest_cache_bytes",

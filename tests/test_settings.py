@@ -27,6 +27,7 @@ SAMPLE = {
     Kind.INT: ("3", "3"),
     Kind.NUMBER: ("2.5", "2.5"),
     Kind.DURATION: ("1m30s", '"1m30s"'),  # the same 90 seconds both ways
+    Kind.DURATION_RULES: ("latest=1m30s", '"latest=1m30s"'),
 }
 
 

@@ -7,8 +7,13 @@ credentials to the primary upstream; Docker Hub does not count HEADs against the
 fills, forwarding, stale answers (each logged) and the background question "may anyone read this
 repository?" (asked anonymously of the primary upstream, again once the answer is an hour old).
 
+A 404 from the primary upstream to a manifest request is remembered for ``--negative-ttl``
+(``negative.py``): for the same credentials at once, and for anyone once an anonymous re-ask in a
+repository anyone may read gets 404 too (``cachepolicy.share_negative``).
+
 Tags are revalidated with HEAD (never GET, which Docker Hub counts); ``--manifest-ttl`` lets a tag
-skip that for a while once this client's access to the repository is confirmed.
+skip that for a while once this client's access to the repository is confirmed, for as long as
+the most specific of its rules says (``cachepolicy.tag_ttl``: ``latest`` briefly, ``1.27.3`` long).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from ..policy import flow
 from ..policy.access import client_key
 from ..policy.auth import parse_challenges
 from ..policy.cachepolicy import (
+    ANYONE,
     AskUpstream,
     CacheRequest,
     ConfirmationKey,
@@ -41,27 +47,34 @@ from ..policy.cachepolicy import (
     FetchKey,
     Fill,
     Kind,
+    NegativeKey,
     Readability,
     ServeCache,
     ServeStale,
     TagKey,
+    TtlRule,
     UpstreamVerdict,
     access_check_headers,
     after_upstream,
+    anonymously_readable,
     confirmation_key,
     decide,
     fetch_share,
     keep_manifest,
     may_share_fetch,
     ping_stale_allowed,
+    remember_negative,
+    share_negative,
     should_probe,
     stale_allowed,
     tag_current,
     tag_fresh,
+    tag_ttl,
     verdict,
 )
 from ..policy.errors import (
     CacheFillFailed,
+    ManifestUnknown,
     MirrorBusy,
     ProxyError,
     RangeNotSatisfiable,
@@ -84,6 +97,7 @@ from .inflight import (
     SharedBodies,
 )
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
+from .negative import NegativeCache
 from .store import (
     BlobReader,
     BlobStore,
@@ -103,6 +117,10 @@ SENDFILE_SIZE = 4 * 1024 * 1024  # per os.sendfile call: no copy, so larger span
 # A manifest body goes out in slices of one shared buffer, one in flight: a client that reads
 # nothing holds one framed (and encrypted) slice, not a copy of the whole manifest.
 MANIFEST_SLICE = 64 * 1024
+# Anonymous re-asks of a 404 (may it be repeated to anyone?) under way at once; beyond them a 404
+# is only repeated to the same credentials: a client asking for many missing tags makes the
+# mirror hold this many background requests, not one each.
+MAX_NEGATIVE_CHECKS = 8
 
 
 def state_name(route: Route) -> str:
@@ -120,12 +138,18 @@ class PullThrough:
     """The cache side of the proxy: blobs (``BlobStore``) and manifests (``ManifestStore``)."""
 
     def __init__(
-        self, forwarder: Forwarder, blobs: BlobStore, manifests: ManifestStore, manifest_ttl: float
+        self,
+        forwarder: Forwarder,
+        blobs: BlobStore,
+        manifests: ManifestStore,
+        manifest_ttl: float,
+        ttl_rules: tuple[TtlRule, ...] = (),
     ) -> None:
         self.forwarder = forwarder
         self.blobs = blobs
         self.manifests = manifests
-        self.manifest_ttl = manifest_ttl
+        self.manifest_ttl = manifest_ttl  # tags no rule names
+        self.ttl_rules = ttl_rules  # --manifest-ttl PATTERN=DURATION
         self.stats = blobs.stats
         self.confirmations = Confirmations()
         self.tag_checked: dict[TagKey, float] = {}  # when each tag answer was revalidated
@@ -133,6 +157,12 @@ class PullThrough:
         self._probes_idle = trio.Event()
         self._probes_idle.set()
         metrics = forwarder.metrics
+        self.negatives = NegativeCache(
+            forwarder.config.negative_ttl,
+            forwarder.config.manifest_cache_entries,
+            metrics.negative_cache_entries.set,
+        )
+        self.negative_checks: set[NegativeKey] = set()  # anonymous re-asks under way
         self.manifest_fetches = ManifestFetches()
         self.manifest_memory = MemoryBudget(
             forwarder.config.manifest_memory,
@@ -255,6 +285,8 @@ class PullThrough:
         said = verdict(answer.status_code, list(answer.headers), kind=kind)
         if said is UpstreamVerdict.ALLOWED:
             self._remember_access(request, route)
+            if kind is Kind.MANIFEST:
+                self.negatives.forget_path(route.registry or "", _path(route))
         return said, answer
 
     def _stale_ok(self, route: Route, digest: str) -> bool:
@@ -546,6 +578,13 @@ class PullThrough:
         repository = state_name(route)
         by_digest = reference.startswith("sha256:")
         accepted = accepted_types(get_all(request.headers, b"accept"))
+        if self._known_missing(request, route, accepted):
+            self.forwarder.metrics.negative_cache_hits.inc()
+            response.record.upstream = "cache"
+            raise ManifestUnknown(
+                f"manifest unknown: the upstream answered 404 for {route.repository}:{reference} "
+                "moments ago"
+            )
         tag_key = TagKey(repository, reference, accepted)
         digest = reference if by_digest else self.manifests.tag(repository, reference, accepted)
         cached = self._cached_manifest(request, repository, digest)
@@ -559,8 +598,11 @@ class PullThrough:
             cached=cached is not None or learnable,
             confirmed=cached is not None and self._confirmed(request, route),
             by_digest=by_digest,
-            tag_fresh=tag_fresh(
-                self.tag_checked.get(tag_key), trio.current_time(), self.manifest_ttl
+            tag_fresh=not by_digest
+            and tag_fresh(
+                self.tag_checked.get(tag_key),
+                trio.current_time(),
+                tag_ttl(reference, self.ttl_rules, self.manifest_ttl),
             ),
             stale_ok=cached is not None and self._stale_ok(route, cached.digest),
         )
@@ -648,6 +690,94 @@ class PullThrough:
             get_header(request.headers, b"authorization"), route.registry or "", _path(route)
         )
 
+    # -- negative answers ---------------------------------------------------------------------
+
+    def _negative_key(
+        self, request: ClientRequest, route: Route, accepted: frozenset[str]
+    ) -> NegativeKey:
+        """The key of a 404 for this very request: its registry, path, Accept and credentials."""
+        credentials = self._confirmation_key(request, route).credentials
+        return NegativeKey(route.registry or "", _path(route), accepted, credentials)
+
+    def _known_missing(
+        self, request: ClientRequest, route: Route, accepted: frozenset[str]
+    ) -> bool:
+        """Whether the upstream answered 404 to this request (for anyone, or for these very
+        credentials) within --negative-ttl."""
+        key = self._negative_key(request, route, accepted)
+        now = trio.current_time()
+        if self.negatives.answers(key, now):
+            return True
+        # anyone's 404 goes to a client that shows credentials: one that shows none is first
+        # sent to get a token, as the upstream would send it (a 401, never remembered)
+        shared = dataclasses.replace(key, credentials=ANYONE)
+        has_credentials = get_header(request.headers, b"authorization") is not None
+        return has_credentials and self.negatives.answers(shared, now)
+
+    def _note_answer(
+        self,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        accepted: frozenset[str],
+        status: int,
+    ) -> None:
+        """Learn from an upstream's answer to a manifest request: a 200 ends the 404s remembered
+        for its path; the primary's 404 is remembered for these credentials, and, in a
+        repository anyone may read, re-asked anonymously in the background to be shared."""
+        registry, path = route.registry or "", _path(route)
+        if status == 200:
+            self.negatives.forget_path(registry, path)
+            return
+        upstreams = self.forwarder.upstreams_for(route)
+        primary = response.record.upstream == str(upstreams.urls[0].origin)
+        if not remember_negative(status, primary=primary, ttl=self.negatives.ttl):
+            return
+        key = self._negative_key(request, route, accepted)
+        self.negatives.remember(key, trio.current_time())
+        shared = dataclasses.replace(key, credentials=ANYONE)
+        readability = self.manifests.readability.get(state_name(route))
+        background = self.forwarder.background
+        if (
+            background is None
+            or not anonymously_readable(readability, time.time())
+            or shared in self.negative_checks
+            or len(self.negative_checks) >= MAX_NEGATIVE_CHECKS
+        ):
+            return
+        self.negative_checks.add(shared)
+        self._probes_idle = trio.Event()
+        accept = [(b"accept", value) for value in get_all(request.headers, b"accept")]
+        base = upstreams.urls[0]
+        url = Url(base.origin, base.target.rstrip("/") + path)
+        background.start_soon(
+            self._check_missing_for_anyone,
+            shared,
+            state_name(route),
+            url,
+            upstreams.profile,
+            accept,
+        )
+
+    async def _check_missing_for_anyone(
+        self, shared: NegativeKey, repository: str, url: Url, profile: str, accept: Headers
+    ) -> None:
+        """Ask the primary upstream as an anonymous client (with the same Accept) for what it
+        just answered 404; remember the 404 for anyone if that is its answer to anyone too."""
+        try:
+            with trio.fail_after(self.forwarder.config.timeouts.upstream_idle):
+                status, _ = await self._anonymous_answer(url, profile, accept)
+        except (ProxyError, trio.TooSlowError, ValueError, KeyError, AttributeError) as exc:
+            log.info("could not ask anonymously for %s: %s", url.target, exc)
+            status = 0
+        finally:
+            self.negative_checks.discard(shared)
+        # anyone may read the repository still? (the probe may have learned otherwise meanwhile)
+        readability = self.manifests.readability.get(repository)
+        if share_negative(readability, status, time.time()):
+            self.negatives.remember(shared, trio.current_time())
+        self._maybe_idle()
+
     async def _deliver_manifest(
         self,
         request: ClientRequest,
@@ -673,6 +803,7 @@ class PullThrough:
             outgoing, cached = Outgoing.of(state_name(route), cached), None
             await self._send_manifest(request, response, outgoing)
             return
+        self._note_answer(request, response, route, accepted, head.status_code)
         length = get_header(head.headers, b"content-length")
         media_type = get_header(head.headers, b"content-type")
         size = int(length) if length is not None and length.isdigit() else None
@@ -797,7 +928,8 @@ class PullThrough:
         )
 
     async def wait_probes(self) -> None:
-        """Wait until no repository is being probed (tests, and a clean shutdown)."""
+        """Wait until no repository is being probed and no 404 re-asked anonymously (tests, and
+        a clean shutdown)."""
         await self._probes_idle.wait()
 
     async def _probe_anonymous(
@@ -815,14 +947,28 @@ class PullThrough:
             self.probing.discard(repository)
         if readable is not None:
             self.manifests.set_readability(repository, Readability(readable, time.time()))
-        if not self.probing:
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self.probing and not self.negative_checks:
             self._probes_idle.set()
 
     async def _anonymous_head(self, url: Url, profile: str, kind: Kind) -> bool | None:
         """Whether an anonymous client may read ``url``; None if the upstream could not say."""
-        status, headers, _ = await self.forwarder.simple_request("HEAD", url, [], profile=profile)
+        status, headers = await self._anonymous_answer(url, profile, [])
+        return _readable(status, headers, kind)
+
+    async def _anonymous_answer(
+        self, url: Url, profile: str, extra: Headers
+    ) -> tuple[int, Headers]:
+        """The upstream's answer to a HEAD of ``url`` (with ``extra`` headers) by an anonymous
+        client: with the anonymous token its challenge offers, if it asks for one (a 401 when it
+        offers none)."""
+        status, headers, _ = await self.forwarder.simple_request(
+            "HEAD", url, extra, profile=profile
+        )
         if status != 401:
-            return _readable(status, headers, kind)
+            return status, headers
         challenge = next(
             (
                 c
@@ -833,26 +979,29 @@ class PullThrough:
             None,
         )
         if challenge is None or challenge.param("realm") is None:
-            return False
+            return status, headers
         query = urllib.parse.urlencode(
             [(k, v) for k in ("service", "scope") if (v := challenge.param(k) or "")]
         )
         realm = parse_url(challenge.param("realm") or "")
         token_url = Url(realm.origin, realm.target + ("&" if "?" in realm.target else "?") + query)
-        status, _, body = await self.forwarder.simple_request("GET", token_url, [], profile=profile)
-        if status != 200:
-            return False
+        refused = 401, headers
+        token_status, _, body = await self.forwarder.simple_request(
+            "GET", token_url, [], profile=profile
+        )
+        if token_status != 200:
+            return refused
         document = json.loads(body)
         if not isinstance(document, dict):
-            return False
+            return refused
         token = document.get("token") or document.get("access_token")
         if not isinstance(token, str):
-            return False
-        authorization = [(b"authorization", b"Bearer " + token.encode("latin-1"))]
+            return refused
+        authorization = [(b"authorization", b"Bearer " + token.encode("latin-1")), *extra]
         status, headers, _ = await self.forwarder.simple_request(
             "HEAD", url, authorization, profile=profile
         )
-        return _readable(status, headers, kind)
+        return status, headers
 
 
 async def send_sliced(response: ClientResponse, body: bytes) -> None:

@@ -843,6 +843,19 @@ class HubMetrics:
                 "Manifest senders answered 503 after waiting --read-timeout for room.",
             )
         )
+        self.negative_cache_hits = registry.register(
+            Counter(
+                "hubproxy_negative_cache_hits",
+                "Manifest requests answered 404 from memory: the upstream said 404 to the same "
+                "request within --negative-ttl.",
+            )
+        )
+        self.negative_cache_entries = registry.register(
+            Gauge(
+                "hubproxy_negative_cache_entries",
+                "Upstream 404s to manifests remembered now (at most --manifest-cache-entries).",
+            )
+        )
         self.manifest_fetches_shared = registry.register(
             Counter(
                 "hubproxy_manifest_fetches_shared",

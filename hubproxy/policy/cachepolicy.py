@@ -36,7 +36,9 @@ Times are plain numbers passed in: ``now`` on the monotonic clock, ``wall_now`` 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -145,8 +147,59 @@ class TagKey:
 
 
 def tag_fresh(checked_at: float | None, now: float, ttl: float) -> bool:
-    """Whether a tag revalidated at ``checked_at`` may skip revalidation (``--manifest-ttl``)."""
+    """Whether a tag revalidated at ``checked_at`` may skip revalidation for ``ttl`` (its
+    ``--manifest-ttl``, :func:`tag_ttl`)."""
     return checked_at is not None and now - checked_at < ttl
+
+
+DEFAULT_MANIFEST_TTL = 60.0  # --manifest-ttl for tags no rule names
+
+# A tag pattern: the characters of a tag (distribution's grammar, [\w][\w.-]{0,127}), and "*".
+_TAG_PATTERN = re.compile(r"[A-Za-z0-9_.*-]{1,128}")
+
+
+@dataclass(frozen=True)
+class TtlRule:
+    """``--manifest-ttl PATTERN=DURATION``: a cached tag matching ``pattern`` is served without
+    revalidation for ``seconds``. The pattern is a tag, or a glob where ``*`` stands for any run
+    of characters (``*`` alone: every tag)."""
+
+    pattern: str
+    seconds: float
+
+
+def check_tag_pattern(pattern: str) -> str:
+    """``pattern`` if it is a tag or a tag glob, else ValueError saying what a pattern is."""
+    if not _TAG_PATTERN.fullmatch(pattern):
+        raise ValueError(
+            f"not a tag pattern: {pattern!r} (a tag, or a glob of tag characters and *, "
+            "e.g. latest, nightly-*, *)"
+        )
+    return pattern
+
+
+@functools.lru_cache(maxsize=256)
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+def _specificity(pattern: str) -> tuple[bool, int]:
+    # a whole tag beats every glob; among globs, the one that spells out more of the tag
+    return "*" not in pattern, len(pattern) - pattern.count("*")
+
+
+def tag_ttl(tag: str, rules: Sequence[TtlRule], default: float) -> float:
+    """How long ``tag``'s cached answer may skip revalidation: the seconds of the most specific
+    rule it matches (a whole tag over any glob, then the glob with more literal characters, then
+    the earlier rule), else ``default`` (the ``*`` rule). Order-independent on purpose: a TOML
+    table written ``{ "*" = "24h", "latest" = "60s" }`` means what it says."""
+    best: TtlRule | None = None
+    for rule in rules:
+        if not _glob(rule.pattern).fullmatch(tag):
+            continue
+        if best is None or _specificity(rule.pattern) > _specificity(best.pattern):
+            best = rule
+    return default if best is None else best.seconds
 
 
 def tag_current(cached_digest: str, head_digest: bytes | None) -> bool:
@@ -160,6 +213,43 @@ def manifest_verified(reference: str, body_digest: str, claimed: str | None) -> 
     if reference.startswith("sha256:") and reference != body_digest:
         return False
     return claimed is None or claimed == body_digest
+
+
+# -- negative answers --------------------------------------------------------------------------
+
+DEFAULT_NEGATIVE_TTL = 30.0  # --negative-ttl: how long an upstream's 404 to a manifest is kept
+ANYONE = "*"  # NegativeKey.credentials of an answer that anyone would get
+
+
+@dataclass(frozen=True)
+class NegativeKey:
+    """A 404 the upstream gave to a manifest request, and whom it may be repeated to.
+
+    Per registry and upstream path (tag or digest), per set of accepted manifest types (a
+    registry answers 404 to a client that takes none of the types it has, and 200 to another),
+    and per ``credentials``: the hash :func:`confirmation_key` makes of the client's
+    Authorization (the very same credentials get the same answer), or :data:`ANYONE`."""
+
+    registry: str  # "" for the default registry
+    path: str  # /v2/<repository>/manifests/<reference>
+    accepted: frozenset[str]
+    credentials: str
+
+
+def remember_negative(status: int, *, primary: bool, ttl: float) -> bool:
+    """Whether an upstream's answer to a manifest request is kept as a negative answer: only a
+    404, only the primary upstream's (a fallback may answer with credentials of its own, or
+    lag behind), and only with ``--negative-ttl`` above 0. Never a 401 or 403 (they depend on
+    the credentials), a 429 or a 5xx (they say "not now", not "no such manifest")."""
+    return ttl > 0 and primary and status == 404
+
+
+def share_negative(readability: Readability | None, anonymous_status: int, wall_now: float) -> bool:
+    """Whether a 404 may be repeated to anyone, whatever their credentials: the repository is one
+    anyone may read (so no 404 in it hides a private repository, which some registries answer
+    with 404 rather than 401), and an anonymous client asking the same (same Accept) got 404
+    too (so it was not the first client's own credentials that made it one)."""
+    return anonymous_status == 404 and anonymously_readable(readability, wall_now)
 
 
 # -- manifests in flight -----------------------------------------------------------------------

@@ -48,6 +48,25 @@ class RouteNotFound(ProxyError):
     code = "UNSUPPORTED"
 
 
+class RegistryNotServed(RouteNotFound):
+    """A request for a registry the mirror does not serve (not in its table, or switched off by
+    ``--only-listed-registries``): 404 ``NAME_UNKNOWN``, as for any name a registry lacks."""
+
+    code = "NAME_UNKNOWN"
+
+    def __init__(self, message: str, *, registry: str) -> None:
+        super().__init__(message)
+        self.registry = registry  # printable, at most 100 characters: for the log line
+
+
+class ManifestUnknown(ProxyError):
+    """The upstream answered 404 for this manifest a moment ago (the negative cache, within
+    ``--negative-ttl``): the same 404 again, without asking it."""
+
+    status = 404
+    code = "MANIFEST_UNKNOWN"
+
+
 class AccessDenied(ProxyError):
     """This mirror's own access rules refuse the request (network, image, or user)."""
 

@@ -25,7 +25,8 @@ endpoint, however the client names the registry (``../shared/PROTOCOL.md``):
 :func:`address` normalises all of them, before anything else happens, into the registry and
 the request target that registry would see (``ns`` removed, the path prefix removed). A name
 that is not in the table is refused with a registry error: the mirror never connects to a host
-a client named.
+a client named. With ``--only-listed-registries`` the built-in registries the operator named
+nothing about are left out of the table (:func:`listed_registries`), so they are refused alike.
 
 Token requests need the same care. A docker client pulling ``mirror/ghcr.io/owner/image`` pings
 ``/v2/`` first, gets the *default* registry's challenge, and asks that realm for a token with
@@ -45,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
-from .errors import ClientProtocolError, RouteNotFound
+from .errors import ClientProtocolError, RegistryNotServed
 from .urls import Url
 
 # --- facts -----------------------------------------------------------------------------------
@@ -109,6 +110,9 @@ class RegistryTable:
     registries: tuple[Registry, ...]
     default: str = DEFAULT_REGISTRY
     host_map: tuple[tuple[str, str], ...] = ()  # client-facing host name -> registry name
+    # --only-listed-registries: the built-in registries the operator named nothing about are
+    # not in the table (only changes what a refusal says)
+    listed_only: bool = False
 
     def find(self, name: str) -> Registry | None:
         """The registry called ``name`` (or one of its aliases), ignoring case."""
@@ -127,13 +131,29 @@ class RegistryTable:
 
 
 def build_table(
-    default: Registry, others: Iterable[Registry], host_map: Iterable[tuple[str, str]]
+    default: Registry,
+    others: Iterable[Registry],
+    host_map: Iterable[tuple[str, str]],
+    *,
+    listed_only: bool = False,
 ) -> RegistryTable:
     """The table of every registry served: ``default`` first (a request that names no registry
     goes there), then ``others`` in order, where one with the default's name gives way to
-    ``default``. ``host_map``: client-facing host name (lowercase) -> registry name."""
+    ``default``. ``host_map``: client-facing host name (lowercase) -> registry name;
+    ``listed_only``: ``others`` are only those the operator listed (the refusal says so)."""
     rest = tuple(registry for registry in others if registry.name != default.name)
-    return RegistryTable((default, *rest), default=default.name, host_map=tuple(host_map))
+    return RegistryTable(
+        (default, *rest), default=default.name, host_map=tuple(host_map), listed_only=listed_only
+    )
+
+
+def listed_registries(
+    builtin: Iterable[str], named: Iterable[str], registries: Iterable[Registry]
+) -> list[Registry]:
+    """``--only-listed-registries``: of ``registries``, those not ``builtin`` (the operator
+    added them) and the built-in ones the operator ``named`` (any registry flag or table)."""
+    builtin_names, named_names = frozenset(builtin), frozenset(named)
+    return [r for r in registries if r.name not in builtin_names or r.name in named_names]
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -312,15 +332,28 @@ def _ns_values(query: str) -> tuple[list[str], str]:
     return values, "&".join(rest)
 
 
-def _unknown(name: str) -> RouteNotFound:
+def _unknown(table: RegistryTable, name: str) -> RegistryNotServed:
     shown = "".join(c if c.isprintable() else "?" for c in name[:100])
-    return RouteNotFound(f"registry {shown!r} is not served by this mirror", code="NAME_UNKNOWN")
+    message = f"registry {shown!r} is not served by this mirror"
+    if table.listed_only:
+        message += " (it serves only the registries its operator listed)"
+    return RegistryNotServed(message, registry=shown)
+
+
+def not_served_line(table: RegistryTable, refused: RegistryNotServed, client: str) -> str:
+    """The debug log line for a request refused because its registry is not served."""
+    why = (
+        "not listed while --only-listed-registries is on"
+        if table.listed_only
+        else "not among the registries served"
+    )
+    return f"registry {refused.registry!r} asked for by {client} refused: {why}"
 
 
 def address(table: RegistryTable, target: str, host_header: str | None) -> Addressed:
     """Which registry a ``/v2/`` request is for, and its target for that registry.
 
-    Raises RouteNotFound for a registry that is not in the table (never a request to a host
+    Raises RegistryNotServed for a registry that is not in the table (never a request to a host
     the client named) and ClientProtocolError for contradictory ``ns`` parameters.
     """
     path, sep, query = target.partition("?")
@@ -330,14 +363,14 @@ def address(table: RegistryTable, target: str, host_header: str | None) -> Addre
             raise ClientProtocolError("more than one ns parameter")
         registry = table.find(values[0])
         if registry is None:
-            raise _unknown(values[0])
+            raise _unknown(table, values[0])
         return Addressed(registry, path + ("?" + rest_query if rest_query else ""), "ns")
     if path.startswith("/v2/"):
         first, slash, rest = path.removeprefix("/v2/").partition("/")
         if slash and looks_like_host(first):
             registry = table.find(first)
             if registry is None:
-                raise _unknown(first)
+                raise _unknown(table, first)
             return Addressed(registry, f"/v2/{rest}" + (sep + query), "path")
     if host_header and table.host_map:
         host = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
@@ -364,7 +397,7 @@ def token_registry(table: RegistryTable, addressed: Registry, query: str) -> tup
             continue
         registry = table.find(named[0])
         if registry is None:
-            raise _unknown(named[0])
+            raise _unknown(table, named[0])
         if chosen is not None and registry != chosen:
             raise ClientProtocolError("one token request for two registries")
         chosen = registry
