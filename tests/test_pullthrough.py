@@ -114,6 +114,23 @@ async def test_manifest_ttl_skips_revalidation_for_a_confirmed_client(
     assert len(hub.requests) > seen
 
 
+async def test_tag_revalidation_times_are_bounded(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """One entry per tag asked: held to --manifest-cache-entries like the store's indexes
+    (before, a client asking tag after tag grew it without end)."""
+    for n in range(6):
+        hub.add_image("library/alpine", f"t{n}", [make_layer(n, 100)])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_cache_entries=3)
+    client = RegistryClient(proxy.url, ca)
+    for n in range(6):
+        r = await client.request(f"/v2/library/alpine/manifests/t{n}", headers=ACCEPT)
+        assert r.status == 200
+    checked = pullthrough(proxy).tag_checked
+    assert len(checked) == 3
+    assert sorted(key.tag for key in checked) == ["t3", "t4", "t5"]
+
+
 async def test_accept_negotiation_is_respected(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
 ) -> None:

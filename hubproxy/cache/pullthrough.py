@@ -96,6 +96,7 @@ from .inflight import (
     SendBudget,
     SharedBodies,
 )
+from .lru import ShardedLRU
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .negative import NegativeCache
 from .store import (
@@ -152,7 +153,9 @@ class PullThrough:
         self.ttl_rules = ttl_rules  # --manifest-ttl PATTERN=DURATION
         self.stats = blobs.stats
         self.confirmations = Confirmations()
-        self.tag_checked: dict[TagKey, float] = {}  # when each tag answer was revalidated
+        # when each tag answer was revalidated: one entry per tag and Accept asked, so bounded
+        # like the manifest store's own indexes (oldest revalidation dropped first)
+        self.tag_checked: ShardedLRU[TagKey, float] = ShardedLRU()
         self.probing: set[str] = set()
         self._probes_idle = trio.Event()
         self._probes_idle.set()
@@ -179,6 +182,13 @@ class PullThrough:
             on_wait=metrics.manifest_send_waits.inc,
             on_timeout=metrics.manifest_send_wait_timeouts.inc,
         )
+
+    def _note_tag_checked(self, key: TagKey) -> None:
+        """Record that ``key``'s answer was just confirmed (``--manifest-cache-entries`` kept)."""
+        self.tag_checked[key] = trio.current_time()
+        self.tag_checked.move_to_end(key)
+        while len(self.tag_checked) > self.manifests.max_entries:
+            self.tag_checked.popitem(last=False)
 
     def handles(self, request: ClientRequest, route: Route) -> bool:
         if request.method not in CACHE_METHODS:
@@ -620,7 +630,7 @@ class PullThrough:
                     header = get_header(head.headers, b"docker-content-digest")
                     current = tag_current(cached.digest, header)
                     if current:
-                        self.tag_checked[tag_key] = trio.current_time()
+                        self._note_tag_checked(tag_key)
             facts = dataclasses.replace(facts, cached=cached is not None, tag_current=current)
             decision = decide(facts, said)
         if isinstance(decision, ServeCache | ServeStale) and cached is not None:
@@ -848,7 +858,7 @@ class PullThrough:
         self._remember_access(request, route)
         if not reference.startswith("sha256:"):
             key = TagKey(state_name(route), reference, accepted)
-            self.tag_checked[key] = trio.current_time()
+            self._note_tag_checked(key)
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
         await self._send_held(request, response, outgoing, head.status_code, headers, head.reason)
 
