@@ -714,6 +714,8 @@ class PullThrough:
     ) -> bool:
         """Whether the upstream answered 404 to this request (for anyone, or for these very
         credentials) within --negative-ttl."""
+        if not len(self.negatives):
+            return False  # the common case, without building a key per request
         key = self._negative_key(request, route, accepted)
         now = trio.current_time()
         if self.negatives.answers(key, now):
