@@ -38,6 +38,19 @@ async def worker(fairness: Fairness, log: BatchLog, key: str, units: int) -> Non
         await trio.lowlevel.checkpoint()  # the unit's I/O: back in a later batch
 
 
+async def run_clients(
+    fairness: Fairness, log: BatchLog, clients: dict[str, tuple[int, int]]
+) -> None:
+    """Run ``connections`` workers of ``units`` each per client key, with the batch keeper."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fairness.keep_batches_coming)
+        async with trio.open_nursery() as workers:
+            for key, (connections, units) in clients.items():
+                for _ in range(connections):
+                    workers.start_soon(worker, fairness, log, key, units)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 async def fairness() -> AsyncIterator[Fairness]:
     fairness = Fairness()
@@ -52,13 +65,7 @@ async def test_a_flood_from_one_address_puts_one_unit_per_batch_before_anothers(
     """Fifty busy connections of one address against one of another: without the gate every
     batch runs fifty units of the flood before the other's next step."""
     log = BatchLog(fairness)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fairness.keep_batches_coming)
-        async with trio.open_nursery() as clients:
-            for _ in range(50):
-                clients.start_soon(worker, fairness, log, "flood", 20)
-            clients.start_soon(worker, fairness, log, "one", 20)
-        nursery.cancel_scope.cancel()
+    await run_clients(fairness, log, {"flood": (50, 20), "one": (1, 20)})
     shared = [units for _, units in sorted(log.units.items()) if units["one"]]
     assert sum(units["one"] for units in shared) == 20
     # in the first batch nobody had been served yet, and the flood was alone until "one"
@@ -72,12 +79,7 @@ async def test_a_flood_from_one_address_puts_one_unit_per_batch_before_anothers(
 
 async def test_alone_a_burst_is_spread_over_batches(fairness: Fairness) -> None:
     log = BatchLog(fairness)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(fairness.keep_batches_coming)
-        async with trio.open_nursery() as clients:
-            for _ in range(40):
-                clients.start_soon(worker, fairness, log, "alone", 3)
-        nursery.cancel_scope.cancel()
+    await run_clients(fairness, log, {"alone": (40, 3)})
     assert max(units["alone"] for units in log.units.values()) <= ALONE // UNIT
     assert sum(units["alone"] for units in log.units.values()) == 120
 
