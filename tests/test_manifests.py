@@ -9,6 +9,7 @@ import json
 import logging
 import resource
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -492,3 +493,48 @@ def test_the_accepted_types_of_a_kind_of_client_are_worked_out_once() -> None:
     assert accepted_types(huge) == first
     after = manifests_module._remembered_types.cache_info()
     assert (after.hits, after.misses) == (before.hits, before.misses)
+
+
+def _hold_exclusively(path: Path) -> sqlite3.Connection:
+    """Another process's connection holding the database exclusively until closed (as while it
+    creates or vacuums it)."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("COMMIT")
+    return holder
+
+
+def test_the_loops_connection_waits_for_its_first_read_only(tmp_path: Path) -> None:
+    """With --workers another process may hold the database while this one opens it: the loop's
+    connection waits for its first read (it failed at once with "database is locked" and the
+    worker died while starting), and never waits afterwards."""
+    opened(tmp_path).close()
+    path = tmp_path / "state.db"
+    holder = _hold_exclusively(path)
+    releasing = threading.Timer(0.2, holder.close)  # the other process finishing its work
+    releasing.start()
+    try:
+        reader = manifests_module._open_reader(path)
+    finally:
+        releasing.join()
+    try:
+        assert reader.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    finally:
+        reader.close()
+
+
+def test_two_processes_creating_the_database_at_once_both_open_it(tmp_path: Path) -> None:
+    """--workers on a new cache directory: both saw no tables, the other created them first;
+    this one must take them as they are (it failed: "table manifests already exists")."""
+    path = tmp_path / "state.db"
+    first = sqlite3.connect(path, isolation_level=None)
+    second = sqlite3.connect(path, isolation_level=None)
+    try:
+        manifests_module._create_schema(first)
+        manifests_module._create_schema(second)
+    finally:
+        first.close()
+        second.close()
+    store = opened(tmp_path)
+    store.close()

@@ -279,11 +279,7 @@ class ManifestStore:
             self._set_aside(self.db_path, str(exc), ("", "-wal", "-shm"))
             self._reset()
             self._open_database()
-        # opened (and read once: WAL recovery, the shared-memory index) before the writer
-        # starts, so the loop's reads never meet a busy database (they do not wait: timeout 0)
-        self._reader = _connect(self.db_path, check_same_thread=False, timeout=0)
-        self._reader.execute("PRAGMA query_only = ON")
-        self._reader.execute("SELECT count(*) FROM tags").fetchone()
+        self._reader = _open_reader(self.db_path)
         self._thread = threading.Thread(target=self._run, name="hubproxy-manifests", daemon=True)
         self._thread.start()
 
@@ -802,6 +798,22 @@ def _connect(
     )
 
 
+def _open_reader(path: Path) -> sqlite3.Connection:
+    """The event loop's connection: opened and read once (WAL recovery, the shared-memory
+    index) before the writer starts, so that its reads never meet a busy database afterwards
+    (they do not wait: busy timeout 0). That first read waits, though: with ``--workers`` another
+    process may be creating or vacuuming the database at that moment."""
+    reader = _connect(path, check_same_thread=False)
+    try:
+        reader.execute("PRAGMA query_only = ON")
+        reader.execute("SELECT count(*) FROM tags").fetchone()
+        reader.execute("PRAGMA busy_timeout = 0")
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
 def _prepare(conn: sqlite3.Connection) -> None:
     """Check the database and create its tables when new; raise _Damaged if it is not ours."""
     conn.execute("PRAGMA journal_mode = WAL")
@@ -810,16 +822,27 @@ def _prepare(conn: sqlite3.Connection) -> None:
     if version == 0 and not tables:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # the file shrinks after evictions
         conn.execute("VACUUM")  # auto_vacuum takes effect on an empty database by a vacuum
-        conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
+        _create_schema(conn)
         return
     if version != SCHEMA_VERSION or not _TABLES <= tables:
         raise _Damaged(f"not a hubproxy {DATABASE}: version {version}, tables {sorted(tables)}")
     # no PRAGMA quick_check (seconds at 100 MiB): loading scans every b-tree page but the
     # bodies' overflow pages, which are hashed when read; damage there raises SQLITE_CORRUPT
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables of a new database, unless another process (``--workers``, all starting
+    on one new cache directory) created them since this one looked."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _write(conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
