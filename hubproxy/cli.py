@@ -38,6 +38,7 @@ from .ops.usersfile import (
     load_users,
     remove_user,
 )
+from .policy.registries import DEFAULT_REGISTRY
 from .settings import CommandLine, UsageError, Values, build_config, default_cache_dir
 from .workers import (
     WorkerRole,
@@ -105,10 +106,17 @@ def print_config(argv: Sequence[str]) -> int:
         default=[],
         help="another registry the mirror serves (besides the built-in ones; repeatable)",
     )
+    parser.add_argument(
+        "--only-listed-registries",
+        action="store_true",
+        help="the mirror runs with --only-listed-registries: it serves Docker Hub and the "
+        "--registry names only, not the built-in table",
+    )
     args = parse_command(parser, argv, stdout=sys.stdout, stderr=sys.stderr)
     if isinstance(args, int):
         return args
-    registries = (*BUILTIN_NAMES, *(r for r in args.registry if r not in BUILTIN_NAMES))
+    served = (DEFAULT_REGISTRY,) if args.only_listed_registries else BUILTIN_NAMES
+    registries = (*served, *(r for r in dict.fromkeys(args.registry) if r not in served))
     try:
         text, hint = snippet(args.client, args.url, args.ca, registries)
     except ValueError as exc:

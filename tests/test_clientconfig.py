@@ -171,6 +171,17 @@ def test_command_line() -> None:
         timeout=30,
     )
     assert "registry.example.com" in yaml.safe_load(extra.stdout)["mirrors"]
+    listed = subprocess.run(
+        [
+            *(sys.executable, "-m", "hubproxy", "print-config", "k3s", "--url", "https://m.lan"),
+            *("--registry", "ghcr.io", "--only-listed-registries"),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    # a mirror serving only the listed registries: no snippet sends the others to it
+    assert sorted(yaml.safe_load(listed.stdout)["mirrors"]) == ["docker.io", "ghcr.io"]
     bad = subprocess.run(
         [sys.executable, "-m", "hubproxy", "print-config", "docker", "--url", "nope"],
         capture_output=True,
