@@ -149,59 +149,28 @@ def ratios(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> 
                 continue
             honest = mine.all_verified and theirs.all_verified
 
-            def value(a: float | None, b: float | None, honest: bool = honest) -> float | None:
-                return ratio(a, b) if honest else None
-
             def med(s: Spread | None) -> float | None:
                 return s.median if s else None
 
+            def add(
+                metric: str,
+                a: float | None,
+                b: float | None,
+                honest: bool = honest,
+                numerator: str = numerator,
+                base: str = base,
+                name: str = case.name,
+            ) -> None:
+                out.append(Ratio(numerator, base, name, metric, ratio(a, b) if honest else None))
+
+            with_cpu = base != "direct"
             if case.kind == "blobs":
-                out.append(
-                    Ratio(
-                        numerator,
-                        base,
-                        case.name,
-                        "throughput",
-                        value(med(mine.throughput), med(theirs.throughput)),
-                    )
-                )
-                if base != "direct":
-                    out.append(
-                        Ratio(
-                            numerator,
-                            base,
-                            case.name,
-                            "cpu-per-GiB",
-                            value(mine.proxy_cpu_per_gib, theirs.proxy_cpu_per_gib),
-                        )
-                    )
+                add("throughput", med(mine.throughput), med(theirs.throughput))
+                if with_cpu:
+                    add("cpu-per-GiB", mine.proxy_cpu_per_gib, theirs.proxy_cpu_per_gib)
             else:
-                out.append(
-                    Ratio(
-                        numerator,
-                        base,
-                        case.name,
-                        "rps",
-                        value(med(mine.throughput), med(theirs.throughput)),
-                    )
-                )
-                out.append(
-                    Ratio(
-                        numerator,
-                        base,
-                        case.name,
-                        "p99",
-                        value(med(mine.p99_ms), med(theirs.p99_ms)),
-                    )
-                )
-                if base != "direct":
-                    out.append(
-                        Ratio(
-                            numerator,
-                            base,
-                            case.name,
-                            "cpu-per-request",
-                            value(mine.proxy_cpu_us_per_req, theirs.proxy_cpu_us_per_req),
-                        )
-                    )
+                add("rps", med(mine.throughput), med(theirs.throughput))
+                add("p99", med(mine.p99_ms), med(theirs.p99_ms))
+                if with_cpu:
+                    add("cpu-per-request", mine.proxy_cpu_us_per_req, theirs.proxy_cpu_us_per_req)
     return out

@@ -219,22 +219,29 @@ def _claim_as(claims: Claims, process: trio.Process, key: str, size: int, temp: 
     claims.owned.pop(key, None)  # the other process's, not ours to release
 
 
+def _store_with_claims(
+    tmp_path: Path, nursery: trio.Nursery, seed: int, size: int
+) -> tuple[bytes, str, BlobStore, Claims]:
+    """A blob, its key, an open store whose fills take cross-process claims, and its claims."""
+    blob = make_layer(seed, size)
+    store = BlobStore(tmp_path, 1 << 30)
+    claims = store.claims = Claims(store.tmp_dir, idle=60)
+    claims.nursery = nursery
+    store.open()
+    return blob, hashlib.sha256(blob).hexdigest(), store, claims
+
+
 async def test_a_claim_follower_never_gets_the_last_byte_before_the_rename(
     tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    blob = make_layer(33, 100_000)
-    key = hashlib.sha256(blob).hexdigest()
-    store = BlobStore(tmp_path, 1 << 30)
-    store.claims = Claims(store.tmp_dir, idle=60)
-    store.claims.nursery = nursery
-    store.open()
+    blob, key, store, claims = _store_with_claims(tmp_path, nursery, 33, 100_000)
     other = await _other_process()
     try:
         temp = store.tmp_dir / f"{key}.abc.partial"
         temp.write_bytes(blob)  # all bytes written, not yet verified and renamed
         _claim_as(Claims(store.tmp_dir, idle=60), other, key, len(blob), temp)
         with pytest.raises(ClaimedElsewhere):
-            store.claims.take(key, len(blob), "", store.tmp_dir / f"{key}.mine.partial")
+            claims.take(key, len(blob), "", store.tmp_dir / f"{key}.mine.partial")
         fill = store.fill_of(key)
         assert fill is not None
         reader = store.reader(key)
@@ -259,19 +266,14 @@ async def test_a_claim_follower_never_gets_the_last_byte_before_the_rename(
 async def test_a_dead_owners_claim_is_taken_over(
     tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    blob = make_layer(34, 50_000)
-    key = hashlib.sha256(blob).hexdigest()
-    store = BlobStore(tmp_path, 1 << 30)
-    store.claims = Claims(store.tmp_dir, idle=60)
-    store.claims.nursery = nursery
-    store.open()
+    blob, key, store, claims = _store_with_claims(tmp_path, nursery, 34, 50_000)
     other = await _other_process()
     temp = store.tmp_dir / f"{key}.abc.partial"
     temp.write_bytes(blob[:1000])
     _claim_as(Claims(store.tmp_dir, idle=60), other, key, len(blob), temp)
     fill = store.fill_of(key)
     assert fill is not None
-    owner = store.claims.read(key)
+    owner = claims.read(key)
     assert owner is not None and owner_alive(owner)
     other.kill()
     await other.wait()
@@ -279,9 +281,9 @@ async def test_a_dead_owners_claim_is_taken_over(
         while fill.state is FillState.FILLING:  # the follower notices, and gives up
             await fill.wait_change()
     assert fill.state is FillState.FAILED and fill.disk_failed  # resumable upstream
-    assert not temp.exists() and store.claims.read(key) is None  # broken, file and all
+    assert not temp.exists() and claims.read(key) is None  # broken, file and all
     mine = store.tmp_dir / f"{key}.mine.partial"
-    assert store.claims.take(key, len(blob), "", mine).pid == os.getpid()
+    assert claims.take(key, len(blob), "", mine).pid == os.getpid()
 
 
 async def test_eviction_bounds_the_directory_across_processes(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 ``policy.fairshare`` decides; this module counts the scheduler's batches (a trio instrument
 whose one hook runs once per batch, after the wait for I/O) and parks a unit that may not go
-yet until a batch where it may. Parked units of one address go in arrival order, at most one
-per batch, so a burst (a hundred connections reset at once) is spread over the batches instead
-of filling one.
+yet until a batch where it may. Parked units of one address go in arrival order, as many per
+batch as its credit allows, so a burst (a hundred requests at once) is spread over the batches
+instead of filling one.
 
 Which address a unit works for is the ``serving`` context variable: the server sets it in each
 client connection's task, and every task started from there (a request, its upstream

@@ -91,18 +91,19 @@ class FairShare:
         since = now - self.rules.active_for
         standing = Standing.ALONE
         mine: float | None = None
-        for other in list(self._active):
-            account = self._accounts[other]
-            if account.last_unit < since:
-                del self._active[other]
-                continue
-            if other == key:
-                continue
-            standing = Standing.SHARING
-            if mine is None:
-                mine = self.served(key, now)
-            if self.served(other, now) + self.rules.slice < mine:
-                return Standing.YIELDING
+        expired: list[str] = []  # (no copy of the table per unit of work: this runs per record)
+        for other in self._active:
+            if self._accounts[other].last_unit < since:
+                expired.append(other)
+            elif other != key:
+                standing = Standing.SHARING
+                if mine is None:
+                    mine = self.served(key, now)
+                if self.served(other, now) + self.rules.slice < mine:
+                    standing = Standing.YIELDING
+                    break
+        for other in expired:
+            del self._active[other]
         return standing
 
     def _quantum(self, standing: Standing) -> float:
