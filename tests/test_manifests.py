@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from hubproxy.cache import manifests as manifests_module
 from hubproxy.cache.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts
@@ -206,6 +207,62 @@ def test_a_damaged_row_is_never_served_after_a_restart(
     last = opened(tmp_path)
     assert last.get("library/a", digest) is not None
     last.close()
+
+
+async def test_a_large_body_is_read_off_the_event_loop(tmp_path: Path) -> None:
+    """A restarted store reads a 4 MiB manifest (and hashes it) in a worker thread: other tasks
+    run meanwhile. A small one is read at once, without a trip to a thread."""
+    store = opened(tmp_path)
+    large = manifest(1, 4 * 1024 * 1024 - 100)
+    small = manifest(2)
+    big = store.put("library/a", "big", accepted=V2, media_type=DOCKER, body=large, claimed=None)
+    little = store.put("library/a", "1", accepted=V2, media_type=DOCKER, body=small, claimed=None)
+    assert big is not None and little is not None
+    store = restarted(store)  # nothing in memory
+    ran: list[str] = []
+
+    async def other_task() -> None:
+        ran.append("other")
+
+    for digest, body, order in (
+        (little, small, ["load", "other"]),
+        (big, large, ["other", "load"]),
+    ):
+        ran.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)  # runs at the loader's first checkpoint
+            loaded = await store.load("library/a", digest)
+            ran.append("load")
+        assert loaded is not None and loaded.body == body and loaded.media_type == DOCKER
+        assert ran == order
+    # read once, verified, then kept in memory: no second read
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("UPDATE manifests SET body = x'00'")
+    again = await store.load("library/a", big)
+    assert again is not None and again.body == large
+    store.close()
+
+
+async def test_a_large_damaged_or_vanished_body_read_in_a_thread_is_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = opened(tmp_path)
+    large = [manifest(n, 1024 * 1024) for n in range(2)]
+    digests = [digest_of(body) for body in large]
+    for n, body in enumerate(large):
+        store.put("library/a", str(n), accepted=V2, media_type=DOCKER, body=body, claimed=None)
+    store = restarted(store)
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("UPDATE manifests SET body = x'00' WHERE hex = ?", (digests[0][7:],))
+        conn.execute("DELETE FROM manifests WHERE hex = ?", (digests[1][7:],))
+    with caplog.at_level(logging.DEBUG, logger="hubproxy.cache"):
+        assert await store.load("library/a", digests[0]) is None
+        assert await store.load("library/a", digests[1]) is None
+    assert f"cached manifest {digests[0]} is damaged" in caplog.text
+    assert f"cached manifest {digests[1]} was evicted elsewhere" in caplog.text
+    assert not store.has_body(digests[0]) and not store.has_body(digests[1])
+    assert store.tag("library/a", "0", V2) is None
+    store.close()
 
 
 def test_readability_is_kept_with_when_it_was_learned(tmp_path: Path) -> None:

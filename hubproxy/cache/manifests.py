@@ -53,6 +53,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
+
 from ..policy.cachepolicy import Readability, manifest_verified
 from .lru import ShardedLRU
 
@@ -60,6 +62,9 @@ log = logging.getLogger("hubproxy.cache")
 
 MAX_MANIFEST = 4 * 1024 * 1024  # distribution's limit on manifest size
 MEMORY_LIMIT = 8 * 1024 * 1024  # verified manifests kept in memory
+# a body larger than this is read and hashed in a worker thread by ``load``: 4 MiB costs the
+# event loop about 5 ms (read, then sha256), a stall of every other client's step
+READ_ON_LOOP = 64 * 1024
 MAX_UNWRITTEN = 8 * 1024 * 1024  # bodies handed to the writer and not yet committed
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ENTRIES = 50_000
@@ -219,7 +224,9 @@ class ManifestStore:
     """Manifests and their state, bounded and written behind by one thread.
 
     Every method is synchronous and answers from memory at once (callable from the event
-    loop); ``open`` (at start) and ``flush``/``close`` (at shutdown, or from a thread) block.
+    loop), but for bodies: ``get`` reads one from the database when it is not in memory, and
+    the event loop's ``load`` reads a large one in a worker thread. ``open`` (at start) and
+    ``flush``/``close`` (at shutdown, or from a thread) block.
     """
 
     def __init__(
@@ -264,6 +271,10 @@ class ManifestStore:
         self._warned_at = -math.inf
         self._unwarned = 0
         self._reader: sqlite3.Connection | None = None
+        # the worker threads' connection for large bodies (``load``), opened on first use
+        self._bulk_reader: sqlite3.Connection | None = None
+        self._bulk_lock = threading.Lock()
+        self._bulk_limiter = trio.CapacityLimiter(1)
         self._thread: threading.Thread | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -420,19 +431,47 @@ class ManifestStore:
 
     def get(self, repository: str, digest: str) -> CachedManifest | None:
         """The manifest ``digest`` as served in ``repository``, or None if the upstream never
-        served it there (or it is not cached, or its stored bytes are damaged)."""
-        self._settle()
-        linked = self.links.get(repository)
-        media_type = linked.get(digest) if linked is not None else None
-        if not media_type:
+        served it there (or it is not cached, or its stored bytes are damaged). Reads and hashes
+        the body on the calling thread: ``load`` is the event loop's way for large bodies."""
+        hexpart, media_type = self._served(repository, digest)
+        if not hexpart:
             return None
-        self.links.move_to_end(repository)
-        hexpart = digest.removeprefix("sha256:")
         body = self._body(hexpart)
         if body is None:
             return None
         self._touch(hexpart)
         return CachedManifest(digest, media_type, body)
+
+    async def load(self, repository: str, digest: str) -> CachedManifest | None:
+        """``get`` for the event loop: a body that is neither in memory nor small is read and
+        verified in a worker thread (one at a time; waiting for that turn is cancellable)."""
+        hexpart, media_type = self._served(repository, digest)
+        if not hexpart:
+            return None
+        if self.sizes.get(hexpart, 0) <= READ_ON_LOOP or self._in_memory(hexpart) is not None:
+            return self.get(repository, digest)
+        body, trouble = await trio.to_thread.run_sync(
+            self._read_verified, hexpart, limiter=self._bulk_limiter
+        )
+        # back on the loop: the store may have changed meanwhile (dropped, evicted, rewritten)
+        if hexpart not in self.sizes:
+            return None
+        if body is None:
+            self._forget_unreadable(hexpart, trouble)
+            return None
+        self._remember_verified(hexpart, body)
+        self._touch(hexpart)
+        return CachedManifest(digest, media_type, body)
+
+    def _served(self, repository: str, digest: str) -> tuple[str, str]:
+        """(hex, media type) of ``digest`` if the upstream served it in ``repository``."""
+        self._settle()
+        linked = self.links.get(repository)
+        media_type = linked.get(digest) if linked is not None else None
+        if not media_type:
+            return "", ""
+        self.links.move_to_end(repository)
+        return digest.removeprefix("sha256:"), media_type
 
     def has_body(self, digest: str) -> bool:
         """Whether the bytes of manifest ``digest`` are here (for whichever repository)."""
@@ -461,38 +500,51 @@ class ManifestStore:
         self.links.move_to_end(repository)
         return True
 
-    def _body(self, hexpart: str) -> bytes | None:
-        if hexpart not in self.sizes:
-            return None
+    def _in_memory(self, hexpart: str) -> bytes | None:
         body = self._verified.get(hexpart)
         if body is not None:
             self._verified.move_to_end(hexpart)
             return body
-        body = self._unwritten.get(hexpart)
+        return self._unwritten.get(hexpart)
+
+    def _body(self, hexpart: str) -> bytes | None:
+        if hexpart not in self.sizes:
+            return None
+        body = self._in_memory(hexpart)
         if body is not None:
             return body
-        try:
-            assert self._reader is not None, "ManifestStore.open() was not called"
-            row = self._reader.execute(
-                "SELECT body FROM manifests WHERE hex = ?", (hexpart,)
-            ).fetchone()
-        except sqlite3.Error as exc:  # busy or damaged: a miss now, asked upstream
-            log.info("cannot read cached manifest sha256:%s: %s", hexpart, exc)
-            return None
-        body = row[0] if row is not None and isinstance(row[0], bytes) else None
-        if body is None or hashlib.sha256(body).hexdigest() != hexpart:
-            # a damaged row is never served; fetched again, it is stored afresh. A row that is
-            # gone was evicted by another process on this directory (--workers): no damage
-            if row is None:
-                log.debug("cached manifest sha256:%s was evicted elsewhere; dropping it", hexpart)
-            else:
-                log.warning("cached manifest sha256:%s is damaged; dropping it", hexpart)
-            with self._cond:
-                self._drop(hexpart)
-                self._cond.notify_all()
+        assert self._reader is not None, "ManifestStore.open() was not called"
+        body, trouble = _read_body(self._reader, hexpart)
+        if body is None:
+            self._forget_unreadable(hexpart, trouble)
             return None
         self._remember_verified(hexpart, body)
         return body
+
+    def _read_verified(self, hexpart: str) -> tuple[bytes | None, str]:
+        """``_read_body`` on the worker threads' own connection (a worker thread's side)."""
+        with self._bulk_lock:
+            if self._bulk_reader is None:
+                try:
+                    self._bulk_reader = _open_reader(self.db_path)
+                except sqlite3.Error as exc:
+                    return None, f"error: {exc}"
+            return _read_body(self._bulk_reader, hexpart)
+
+    def _forget_unreadable(self, hexpart: str, trouble: str) -> None:
+        """Drop a body whose row is damaged or gone; a read error is a miss this time only."""
+        if trouble.startswith("error"):  # busy or damaged: a miss now, asked upstream
+            log.info("cannot read cached manifest sha256:%s: %s", hexpart, trouble[7:])
+            return
+        # a damaged row is never served; fetched again, it is stored afresh. A row that is
+        # gone was evicted by another process on this directory (--workers): no damage
+        if trouble == "gone":
+            log.debug("cached manifest sha256:%s was evicted elsewhere; dropping it", hexpart)
+        else:
+            log.warning("cached manifest sha256:%s is damaged; dropping it", hexpart)
+        with self._cond:
+            self._drop(hexpart)
+            self._cond.notify_all()
 
     def _remember_verified(self, hexpart: str, body: bytes) -> None:
         """Keep recently served manifests in memory (bounded): no disk read or hash per hit."""
@@ -724,6 +776,10 @@ class ManifestStore:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        with self._bulk_lock:
+            if self._bulk_reader is not None:
+                self._bulk_reader.close()
+                self._bulk_reader = None
         self._settle()
 
     def _run(self) -> None:
@@ -796,6 +852,21 @@ def _connect(
     return sqlite3.connect(
         path, isolation_level=None, check_same_thread=check_same_thread, timeout=timeout
     )
+
+
+def _read_body(reader: sqlite3.Connection, hexpart: str) -> tuple[bytes | None, str]:
+    """The stored body of ``hexpart`` if it hashes to it, else (None, why): "gone", "damaged"
+    or "error: ..." (safe on any thread, given a connection no other thread uses meanwhile)."""
+    try:
+        row = reader.execute("SELECT body FROM manifests WHERE hex = ?", (hexpart,)).fetchone()
+    except sqlite3.Error as exc:
+        return None, f"error: {exc}"
+    if row is None:
+        return None, "gone"
+    body = row[0]
+    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != hexpart:
+        return None, "damaged"
+    return body, ""
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:

@@ -562,11 +562,11 @@ class PullThrough:
 
     # -- manifests ---------------------------------------------------------------------------
 
-    def _cached_manifest(
+    async def _cached_manifest(
         self, request: ClientRequest, repository: str, digest: str | None
     ) -> CachedManifest | None:
         """The cached manifest as served in ``repository``, if this client takes its type."""
-        cached = self.manifests.get(repository, digest) if digest else None
+        cached = await self.manifests.load(repository, digest) if digest else None
         if cached is not None and not accepts(
             get_all(request.headers, b"accept"), cached.media_type
         ):
@@ -597,7 +597,7 @@ class PullThrough:
             )
         tag_key = TagKey(repository, reference, accepted)
         digest = reference if by_digest else self.manifests.tag(repository, reference, accepted)
-        cached = self._cached_manifest(request, repository, digest)
+        cached = await self._cached_manifest(request, repository, digest)
         # the bytes are here, but the upstream never served them in this repository: the access
         # check's answer tells which media type it serves them with here
         learnable = cached is None and by_digest and self.manifests.has_body(reference)
@@ -625,7 +625,7 @@ class PullThrough:
                     media_type = get_header(head.headers, b"content-type")
                     if media_type is not None:
                         self.manifests.link(repository, reference, _media_type(media_type))
-                    cached = self._cached_manifest(request, repository, reference)
+                    cached = await self._cached_manifest(request, repository, reference)
                 elif cached is not None:
                     header = get_header(head.headers, b"docker-content-digest")
                     current = tag_current(cached.digest, header)
@@ -906,7 +906,7 @@ class PullThrough:
                 # reading it back costs a hash of it: its turn first (a waiter whose client
                 # is gone is cancelled meanwhile, instead of reading for nobody)
                 await gate(outgoing.size)
-                stored = self.manifests.get(outgoing.repository, outgoing.digest)
+                stored = await self.manifests.load(outgoing.repository, outgoing.digest)
                 body = stored.body if stored is not None else None
                 del stored
             if body is None:
