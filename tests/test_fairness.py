@@ -6,6 +6,8 @@ A "unit" here is what the TLS layer does between two gates: the tests count, bat
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -14,7 +16,7 @@ import trio
 import trio.testing
 
 from hubproxy.net.fairness import Fairness, Serving, gate, serving
-from hubproxy.policy.fairshare import ALONE, EVERY
+from hubproxy.policy.fairshare import ALONE, BYTES_PER_SECOND, EVERY
 
 UNIT = 256 * 1024
 
@@ -117,4 +119,40 @@ async def test_work_for_no_client_is_never_held(fairness: Fairness) -> None:
     for _ in range(100):
         await gate(UNIT)  # no schedule point, no account
     assert fairness.batch == before
+    assert len(fairness.share) == 0
+
+
+async def test_what_a_step_took_beyond_its_gates_is_charged(fairness: Fairness) -> None:
+    """A client whose steps do work behind no gate (a request handled after its bytes were
+    decrypted) runs into debt by what they took: its next unit waits for later batches.
+    Declared alone, each of these units would cost a byte and run in the next batch."""
+    log = BatchLog(fairness)
+
+    async def busy() -> None:
+        serving.set(Serving(fairness, "busy"))
+        for _ in range(3):
+            await gate(1)
+            log.ran("busy")
+            spin_until = time.perf_counter() + 2 * ALONE / BYTES_PER_SECOND
+            while time.perf_counter() < spin_until:  # the step's work: twice a batch's credit
+                pass
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fairness.keep_batches_coming)
+        with trio.fail_after(5):
+            await busy()
+        nursery.cancel_scope.cancel()
+    ran = sorted(log.units)
+    assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(ran))
+    assert fairness.waits >= 2
+    assert fairness.share.served("busy", trio.current_time()) > 3 * ALONE
+
+
+async def test_steps_of_tasks_serving_no_client_are_not_charged(fairness: Fairness) -> None:
+    serving.set(None)
+    spin_until = time.perf_counter() + 0.002
+    while time.perf_counter() < spin_until:
+        pass
+    await trio.lowlevel.checkpoint()
     assert len(fairness.share) == 0

@@ -10,17 +10,25 @@ Which address a unit works for is the ``serving`` context variable: the server s
 client connection's task, and every task started from there (a request, its upstream
 connections) inherits it. Work not done for one client (a cache fill that others follow, the
 start-up checks) sets none and is never held.
+
+A unit's declared cost is a guess made before it runs; what else a client's step does (parsing
+and handling the request it just decrypted, tearing a connection down) is not behind any gate.
+So the instrument also times every step of a task serving a client (one clock read per step:
+steps run back to back, each ends where the next begins) and charges what the step took beyond
+what its gates declared: an address whose requests are expensive to handle runs into debt, and
+its next units wait, whatever made them expensive.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
 
-from ..policy.fairshare import FairShare
+from ..policy.fairshare import BYTES_PER_SECOND, FairShare
 
 FORGET_EVERY = 1.0  # seconds between sweeps of decayed accounts
 TICK = 0.001  # seconds: while units are parked, a batch at least this often
@@ -46,11 +54,12 @@ async def gate(cost: float) -> None:
 
 
 class _Parked:
-    __slots__ = ("cost", "event")
+    __slots__ = ("cost", "event", "task")
 
     def __init__(self, cost: float) -> None:
         self.cost = cost
         self.event = trio.Event()
+        self.task = trio.lowlevel.current_task()
 
 
 class Fairness(trio.abc.Instrument):
@@ -63,21 +72,41 @@ class Fairness(trio.abc.Instrument):
         self._someone_parked = trio.Event()
         self._next_sweep = 0.0
         self.waits = 0  # units that had to wait for a later batch (/metrics)
+        self._step_ended = time.perf_counter()
+        self._declared = 0.0  # cost the running step's gates charged
+        self._released: dict[trio.lowlevel.Task, float] = {}  # cost charged for a parked unit
 
     def after_io_wait(self, timeout: float) -> None:
         """A new batch: let each address's parked units go, while it has credit (charged now,
         so that no unit arriving later in the batch overtakes them)."""
         self.batch += 1
-        if not self._parked:
+        if self._parked:
+            now = trio.current_time()
+            for key, queue in list(self._parked.items()):
+                while queue and self.share.may_go(key, now, self.batch):
+                    unit = queue.popleft()
+                    self.share.charge(key, unit.cost, now, self.batch)
+                    self._released[unit.task] = self._released.get(unit.task, 0.0) + unit.cost
+                    unit.event.set()
+                if not queue:
+                    del self._parked[key]
+        self._step_ended = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        """Charge a client's step what it took beyond what its gates declared."""
+        ended = time.perf_counter()
+        took = ended - self._step_ended
+        self._step_ended = ended
+        declared = self._declared
+        self._declared = 0.0
+        current = task.context.get(serving)
+        if current is None or current.fairness is not self:
             return
-        now = trio.current_time()
-        for key, queue in list(self._parked.items()):
-            while queue and self.share.may_go(key, now, self.batch):
-                unit = queue.popleft()
-                self.share.charge(key, unit.cost, now, self.batch)
-                unit.event.set()
-            if not queue:
-                del self._parked[key]
+        if self._released:
+            declared += self._released.pop(task, 0.0)
+        excess = took * BYTES_PER_SECOND - declared
+        if excess > 0:
+            self.share.charge(current.key, excess, trio.current_time(), self.batch)
 
     async def keep_batches_coming(self) -> None:
         """While units are parked, make sure batches happen (every ``TICK``): with nothing
@@ -96,6 +125,7 @@ class Fairness(trio.abc.Instrument):
             self.share.forget_idle(now)
         if key not in self._parked and self.share.may_go(key, now, self.batch):
             self.share.charge(key, cost, now, self.batch)
+            self._declared += cost
             return
         self.waits += 1
         unit = _Parked(cost)

@@ -8,7 +8,9 @@ abandoned after their first bytes) multiplies everyone else's latency.
 
 So the TLS layer asks before each unit of CPU work it does for a client (a handshake step,
 decrypting what arrived, encrypting a chunk to send, reading a cached manifest back) and says what
-the unit costs, in bytes. This module keeps the account and answers, deficit round robin over the
+the unit costs, in bytes. What a client's steps really took beyond that (the request handled
+after the bytes were decrypted, a connection torn down) is measured and charged after the fact,
+at ``BYTES_PER_SECOND``. This module keeps the account and answers, deficit round robin over the
 scheduler's batches: each address earns a quantum of cost per batch, by its standing, and a unit
 goes while its address is not in debt (a large unit goes, then its debt holds the next ones back):
 
@@ -44,6 +46,9 @@ FORGET_BELOW = 1.0  # an account decayed below this is dropped (the table stays 
 
 HANDSHAKE_COST = 64 * 1024  # a TLS handshake step, in bytes of record work it is worth
 RECORD_COST = 4 * 1024  # the fixed part of any unit (a syscall, a record, Python around it)
+# a second of the event loop's time, in cost: about the bytes it encrypts or decrypts in that
+# time (AES-GCM and the syscalls around it), so that measured and declared costs add up
+BYTES_PER_SECOND = 1024 * 1024 * 1024
 
 
 class Standing(enum.Enum):
