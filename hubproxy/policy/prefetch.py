@@ -277,8 +277,9 @@ def offered_platforms(index: Manifest) -> str:
 # -- failures -------------------------------------------------------------------------------
 
 _ADVICE = {
-    401: "access refused: for a private image give the mirror a login for its registry "
-    "(registry-login in its config file)",
+    # Docker Hub answers 401 for a repository that does not exist, too
+    401: "no such repository, or a private one: check its name; for a private image give the "
+    "mirror a login for its registry (registry-login in its config file)",
     403: "refused: the mirror's images-allow/images-deny rules, or the registry, do not let "
     "this image be pulled",
     404: "no such image, tag or digest upstream: check its spelling (and the registry)",
