@@ -23,7 +23,6 @@ from hubproxy.policy.prefetch import (
     parse_manifest,
     parse_platforms,
     select_platforms,
-    summary_line,
 )
 from hubproxy.policy.urls import parse_url
 from hubproxy.prefetch import Display, prefetch_through_mirror
@@ -99,7 +98,7 @@ def test_images_are_read_as_docker_reads_them(
 
 @pytest.mark.parametrize("text", ["", "Nginx", "nginx:", "nginx@sha256:abc", "a//b", "nginx:-x"])
 def test_bad_image_names_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="not|digest|tag"):
+    with pytest.raises(ValueError, match=r"not|digest|tag"):
         parse_image(text)
 
 
