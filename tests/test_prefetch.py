@@ -27,7 +27,7 @@ from hubproxy.policy.prefetch import (
 from hubproxy.policy.urls import parse_url
 from hubproxy.prefetch import Display, prefetch_through_mirror
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
-from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, make_layer, sha256_digest
+from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
@@ -297,6 +297,15 @@ async def test_the_command_without_a_mirror_fills_the_cache_a_mirror_then_serves
     assert len(cdn_gets(hub)) == served
 
 
+def test_a_terminal_gets_one_line_redrawn() -> None:
+    out = io.StringIO()
+    display = Display(out, tty=True)
+    display.draw("1/2 images")
+    display.draw("2/2 images")
+    display.line("done   alpine")
+    assert out.getvalue() == "\r\x1b[K1/2 images\r\x1b[K2/2 images\r\x1b[Kdone   alpine\n"
+
+
 def test_usage_errors_exit_2() -> None:
     out, err = io.StringIO(), io.StringIO()
     assert prefetch_command(["Nginx"], stdout=out, stderr=err) == 2
@@ -311,6 +320,7 @@ def test_usage_errors_exit_2() -> None:
 
 async def test_the_list_picks_up_a_moved_tag_and_logs_a_failure_once(
     hub: FakeHub,
+    ca: trustme.CA,
     start_proxy: StartProxy,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -345,6 +355,8 @@ async def test_the_list_picks_up_a_moved_tag_and_logs_a_failure_once(
     metrics = proxy.proxy.metrics.render().decode()
     assert 'hubproxy_prefetch_images{result="failed"} 1' in metrics
     assert "hubproxy_prefetch_rounds_total 3" in metrics
+    page = (await fetch(proxy.url + "/", ca)).body.decode()
+    assert "<th>Prefetch list</th><td>prefetched 1 of 2 images (1 manifest, " in page
 
     hub.add_image("library/alpine", "gone", [moved])  # it recovers: one line says so
     while schedule.rounds_done < 4:
