@@ -36,6 +36,7 @@ from .policy.credentials import Authenticator
 from .policy.registries import Registry
 from .policy.sealing import TokenSealer
 from .policy.sizes import describe_size
+from .prefetch import PrefetchSchedule
 from .proxy import Proxy
 from .tokens import TokenEndpoint
 from .workers import WorkerRole, await_supervisor_gone, report_ready
@@ -57,6 +58,7 @@ class App:
 
     server: Server
     proxy: Proxy
+    prefetch: PrefetchSchedule | None = None  # the config file's prefetch list, if any
 
 
 async def serve(
@@ -121,7 +123,12 @@ async def serve(
                         # in the background: a NAS may boot before its network
                         # beside the sweeper, so a shutdown right after start does not wait for it
                         sweeping.start_soon(proxy.forwarder.probe_at_start)
-                    task_status.started(App(server, proxy))
+                    schedule = None
+                    if role is None or role.index == 0:  # one worker fetches the list
+                        schedule = prefetch_schedule(config, proxy, server)
+                    if schedule is not None:
+                        sweeping.start_soon(schedule.run)
+                    task_status.started(App(server, proxy, schedule))
             finally:
                 sweeping.cancel_scope.cancel()
     finally:
@@ -129,6 +136,19 @@ async def serve(
             await proxy.pool.aclose()
             if proxy.pullthrough is not None:  # its writer commits what is pending
                 await trio.to_thread.run_sync(proxy.pullthrough.manifests.close)
+
+
+def prefetch_schedule(config: Config, proxy: Proxy, server: Server) -> PrefetchSchedule | None:
+    """The config file's ``prefetch`` list, if there is one, a cache, and an interval (0: off)."""
+    if not config.prefetch or config.prefetch_interval <= 0 or proxy.pullthrough is None:
+        return None
+    return PrefetchSchedule(
+        proxy,
+        server,
+        config.prefetch,
+        interval=config.prefetch_interval,
+        platforms=config.prefetch_platforms,
+    )
 
 
 # one key per process for the stamps of mirror users (see Authenticator.stamp): a reload builds

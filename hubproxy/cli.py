@@ -8,26 +8,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import getpass
 import logging
 import os
 import pwd
 import signal
+import ssl
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 import trio
 
-from .app import CacheDirError, StartupError, listen_problem, serve, share_keys
+from .app import CacheDirError, StartupError, build_proxy, listen_problem, serve, share_keys
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
 from .net.malloc import tune_malloc
-from .net.streams import certificate_validity
+from .net.streams import certificate_validity, upstream_ssl_context
 from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
 from .ops.usersfile import (
     MIN_PASSWORD_LENGTH,
@@ -38,8 +40,24 @@ from .ops.usersfile import (
     load_users,
     remove_user,
 )
+from .policy.prefetch import Platform, Tally, parse_image, parse_platforms
 from .policy.registries import DEFAULT_REGISTRY
-from .settings import CommandLine, UsageError, Values, build_config, default_cache_dir
+from .policy.urls import parse_url
+from .prefetch import (
+    DEFAULT_JOBS,
+    Display,
+    MirrorUnreachable,
+    prefetch_in_process,
+    prefetch_through_mirror,
+)
+from .settings import (
+    CommandLine,
+    UsageError,
+    Values,
+    build_config,
+    default_cache_dir,
+    this_platform,
+)
 from .workers import (
     WorkerRole,
     WorkersError,
@@ -55,6 +73,7 @@ __all__ = [
     "check_config",
     "load_settings",
     "main",
+    "prefetch_command",
     "print_config",
     "user_command",
 ]
@@ -277,6 +296,127 @@ def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int
     return 1 if check.damaged else 0
 
 
+# ---------------------------------------------------------------- hubproxy prefetch
+
+
+def _prefetch_parser() -> CommandLine:
+    parser = CommandLine(
+        prog="hubproxy prefetch",
+        description="Pull images into the mirror's cache: through a running mirror "
+        "(--mirror URL), or into the cache directory of the settings a --config file gives "
+        "(the mirror built in this process; use it while no mirror runs on that directory). "
+        "Every manifest and blob is checked against its digest. Exit status 1 if any image "
+        "failed.",
+        epilog="examples: hubproxy prefetch nginx:1.27 ghcr.io/owner/app:main --mirror "
+        "https://mirror.lan:5443 --cacert ca.pem; hubproxy prefetch --config "
+        "/etc/hubproxy/hubproxy.toml --all-platforms redis:7",
+    )
+    parser.add_argument("images", metavar="IMAGE", nargs="+", help="e.g. nginx:1.27, ghcr.io/o/app")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--platform",
+        metavar="PLATFORMS",
+        help="from a multi-platform image, these, e.g. linux/amd64,linux/arm64 "
+        f"(default: this machine's, {this_platform()})",
+    )
+    which.add_argument("--all-platforms", action="store_true", help="every platform of it")
+    parser.add_argument("--mirror", metavar="URL", help="pull through the mirror at this URL")
+    parser.add_argument(
+        "--cacert", metavar="FILE", help="the private CA that signed the mirror's certificate"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="without --mirror: the mirror's config file (registries, upstream logins, cache dir)",
+    )
+    parser.add_argument(
+        "--cache-dir", metavar="DIR", help="without --mirror: the cache directory (over --config)"
+    )
+    parser.add_argument(
+        "--jobs",
+        metavar="N",
+        type=int,
+        default=DEFAULT_JOBS,
+        help=f"blobs (and images) fetched at once (default {DEFAULT_JOBS})",
+    )
+    return parser
+
+
+def prefetch_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int:
+    """``hubproxy prefetch IMAGE... [--platform P,... | --all-platforms] [--mirror URL]``:
+    0 if every image was fetched, 1 if any failed (one line each on ``stderr``), 2 usage."""
+    args = parse_command(_prefetch_parser(), argv, stdout=stdout, stderr=stderr)
+    if isinstance(args, int):
+        return args
+
+    def usage(message: str) -> int:
+        print(f"hubproxy prefetch: error: {message}", file=stderr)
+        return 2
+
+    try:
+        refs = [parse_image(text) for text in args.images]
+        platforms: tuple[Platform, ...] | None = None if args.all_platforms else (this_platform(),)
+        if args.platform:
+            platforms = parse_platforms(args.platform)
+    except ValueError as exc:
+        return usage(str(exc))
+    if args.jobs < 1:
+        return usage("--jobs must be at least 1")
+    display = Display(stdout, tty=stdout.isatty())
+    try:
+        if args.mirror is not None:
+            if args.config or args.cache_dir:
+                return usage("--config and --cache-dir are for prefetching without --mirror")
+            try:
+                base = parse_url(args.mirror)
+                context = upstream_ssl_context(args.cacert)
+            except (ValueError, OSError, ssl.SSLError) as exc:
+                return usage(f"--mirror/--cacert: {exc}")
+            job: Callable[[], Awaitable[Tally]] = functools.partial(
+                prefetch_through_mirror,
+                base,
+                refs,
+                platforms,
+                jobs=args.jobs,
+                context=context,
+                display=display,
+            )
+        else:
+            flags = ["--config", args.config] if args.config else []
+            flags += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+            try:
+                _, config = load_settings(flags)
+            except (UsageError, ConfigFileError) as exc:
+                print(f"hubproxy prefetch: error: {exc}", file=stderr)
+                return 2
+            if config.cache_dir is None:
+                return usage("the settings have no cache (no-cache): nothing to prefetch into")
+            chosen = platforms
+
+            async def job() -> Tally:
+                proxy = build_proxy(config, shared=True)  # another mirror may share the cache
+                return await prefetch_in_process(
+                    proxy, config.listener, refs, chosen, jobs=args.jobs, display=display
+                )
+
+        tally: Tally = trio.run(job)
+    except MirrorUnreachable as exc:
+        print(f"hubproxy prefetch: error: {exc}", file=stderr)
+        return 1
+    except CacheDirError as exc:
+        print(
+            f"hubproxy prefetch: error: cannot use the cache directory {exc}: "
+            f"{exc.__cause__} (pick another with --cache-dir)",
+            file=stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    for line in tally.failures:
+        print(f"hubproxy prefetch: error: {line}", file=stderr)
+    return 1 if tally.failed else 0
+
+
 # ---------------------------------------------------------------- hubproxy user ...
 
 
@@ -380,6 +520,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "print-config": print_config,
     "user": lambda argv: user_command(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr),
     "cache": lambda argv: cache_command(argv, stdout=sys.stdout, stderr=sys.stderr),
+    "prefetch": lambda argv: prefetch_command(argv, stdout=sys.stdout, stderr=sys.stderr),
 }
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
 from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
+from .policy.prefetch import ImageRef, Platform
 from .policy.registries import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -72,6 +73,11 @@ class Config:
     # --only-listed-registries: ``registries`` holds only what the operator named (settings.py
     # left the other built-ins out); kept to say so when refusing one
     only_listed_registries: bool = False
+    # the prefetch list (hubproxy.prefetch): images fetched at start and every interval (0: only
+    # at start); the platforms taken from a multi-platform image (None: all of them)
+    prefetch: tuple[ImageRef, ...] = ()
+    prefetch_interval: float = 6 * 3600.0
+    prefetch_platforms: tuple[Platform, ...] | None = (Platform("linux", "amd64"),)
 
     @property
     def listener(self) -> ListenerSettings:

@@ -30,6 +30,7 @@ import difflib
 import enum
 import math
 import os
+import platform
 import re
 import ssl
 import sys
@@ -56,6 +57,13 @@ from .policy.cachepolicy import (
     TtlRule,
     check_tag_pattern,
 )
+from .policy.prefetch import (
+    ImageRef,
+    Platform,
+    machine_platform,
+    parse_image,
+    parse_platforms,
+)
 from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -79,6 +87,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("print-config", "CLIENT --url URL", "what to paste into a client's config to use the mirror"),
     ("user", "add|remove|list ...", "manage the mirror users of a --users file"),
     ("cache", "verify [--cache-dir DIR]", "hash every cached blob, delete those that do not match"),
+    (
+        "prefetch",
+        "IMAGE... [--mirror URL]",
+        "pull images into the cache (a mirror's, or a --config's)",
+    ),
 )
 
 USAGE = "%(prog)s [--config FILE] [flags]\n       %(prog)s COMMAND [arguments]"
@@ -398,6 +411,18 @@ def split_pair(text: str) -> tuple[str, str] | None:
     return name, rest
 
 
+def parse_platform_choice(text: str) -> tuple[Platform, ...] | None:
+    """``--prefetch-platforms``: platforms (``linux/amd64,linux/arm64``), or ``all`` (None)."""
+    if text.strip().lower() == "all":
+        return None
+    return parse_platforms(text)
+
+
+def this_platform() -> Platform:
+    """The platform ``docker pull`` picks on this machine."""
+    return machine_platform(platform.system(), platform.machine())
+
+
 # --------------------------------------------------------------------------------- the table
 
 LISTEN = "listening"
@@ -408,6 +433,8 @@ REGISTRIES = (
     + "; clients pick one with ?ns=, a path prefix /v2/ghcr.io/..., or a --host-map name)"
 )
 CACHE = "blob cache"
+PREFETCH = "prefetch (images the mirror keeps cached; see also 'hubproxy prefetch')"
+DEFAULT_PREFETCH_INTERVAL = 6 * 3600.0
 ACCESS = "access control (for a mirror reachable by strangers)"
 LIMITS = "request limits"
 TIMEOUTS = "timeouts (seconds, or with a unit: 250ms, 90s, 1m, 1h30m)"
@@ -741,6 +768,36 @@ SETTINGS: tuple[Setting, ...] = (
         parse=size,
     ),
     Setting("no-cache", "do not cache at all", CACHE, Kind.SWITCH, False),
+    # --- the prefetch list
+    Setting(
+        "prefetch",
+        "an image to keep cached, e.g. nginx:1.27 or ghcr.io/owner/app:main: fetched at start "
+        "and again every --prefetch-interval, its tag asked of the upstream each time "
+        "(repeatable; default: none)",
+        PREFETCH,
+        metavar="IMAGE",
+        repeatable=True,
+        parse=parse_image,
+    ),
+    Setting(
+        "prefetch-interval",
+        "how often the --prefetch list is fetched again; 0 turns the list off "
+        f"(default {DEFAULT_PREFETCH_INTERVAL / 3600:g}h)",
+        PREFETCH,
+        Kind.DURATION,
+        DEFAULT_PREFETCH_INTERVAL,
+        metavar="DURATION",
+        bound=Bound(0.0, inclusive=True, wording="0 (off) or more seconds"),
+    ),
+    Setting(
+        "prefetch-platforms",
+        "the platforms of the --prefetch images fetched from a multi-platform image, e.g. "
+        "linux/amd64,linux/arm64, or 'all' (default: this machine's, "
+        f"{machine_platform(platform.system(), platform.machine())})",
+        PREFETCH,
+        metavar="PLATFORMS",
+        parse=parse_platform_choice,
+    ),
     # --- access control
     Setting(
         "allow",
@@ -1224,6 +1281,13 @@ def build_config(values: Values) -> Config:
         host_map=host_map,
         allow_shared_login=bool(p["allow_shared_login"]),
         only_listed_registries=bool(p["only_listed_registries"]),
+        prefetch=tuple(cast(list[ImageRef], p["prefetch"])),
+        prefetch_interval=cast(float, p["prefetch_interval"]),
+        prefetch_platforms=(
+            (this_platform(),)
+            if values.raw["prefetch_platforms"] is None
+            else cast(tuple[Platform, ...] | None, p["prefetch_platforms"])
+        ),
     )
 
 

@@ -190,6 +190,15 @@ class PullThrough:
         while len(self.tag_checked) > self.manifests.max_entries:
             self.tag_checked.popitem(last=False)
 
+    def expire_tag(self, repository: str, tag: str, headers: Headers) -> None:
+        """Make the next request for ``repository:tag`` by a client sending these ``Accept``
+        ``headers`` ask the upstream where the tag points, whatever its ``--manifest-ttl``
+        (the scheduled prefetch: a moved tag is picked up each round)."""
+        accepted = accepted_types(get_all(headers, b"accept"))
+        key = TagKey(repository, tag, accepted)
+        if key in self.tag_checked:
+            del self.tag_checked[key]
+
     def handles(self, request: ClientRequest, route: Route) -> bool:
         if request.method not in CACHE_METHODS:
             return False
@@ -477,13 +486,15 @@ class PullThrough:
             )
             await response.finish()
             return
+        # whether the cache had it or fetches it now (hubproxy prefetch counts its bytes so)
+        headers = [*answer.headers, (b"x-cache", b"HIT" if fill is None else b"MISS")]
         if request.method == "HEAD":
-            await response.start(answer.status, answer.headers)
+            await response.start(answer.status, headers)
             await response.finish()
             return
         reader = store.reader(key, answer.start, answer.end)
         try:
-            await response.start(answer.status, answer.headers)
+            await response.start(answer.status, headers)
             if response.can_sendfile:
                 while (span := await reader.next_span(SENDFILE_SIZE)) is not None:
                     await response.sendfile(*span)

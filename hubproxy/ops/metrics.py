@@ -586,6 +586,7 @@ class HubMetrics:
         self.rate_limited_times = RecentEvents()
         self.activity = Activity()  # transfers, upstream states, pulls: the status page's
         self.ratelimits: dict[str, RateLimit] = {}  # upstream origin -> its latest headers
+        self.prefetch_status: str | None = None  # the prefetch list's last round, in words
         self.registry = registry = Registry()
 
         self.requests = registry.register(

@@ -162,6 +162,7 @@ class StatusFigures:
     ratelimits: tuple[tuple[str, RateLimit], ...] = ()  # upstream, what it said last
     transfers: tuple[TransferFigures, ...] = ()  # responses being sent now
     pulls: tuple[PullSummary, ...] = ()  # the latest pulls, newest first
+    prefetch: str | None = None  # the prefetch list's last round; None: no list
 
 
 def status_figures(
@@ -203,6 +204,7 @@ def status_figures(
         ratelimits=tuple(sorted(metrics.ratelimits.items())),
         transfers=activity.transfers.figures(monotonic),
         pulls=activity.pulls.recent(),
+        prefetch=metrics.prefetch_status,
     )
 
 
@@ -297,6 +299,8 @@ def _figures(status: StatusFigures) -> list[str]:
     ]
     if status.disk_free is not None:
         rows.append(_row("Free disk (cache)", escape(f"{format_size(status.disk_free)} free")))
+    if status.prefetch is not None:
+        rows.append(_row("Prefetch list", escape(status.prefetch)))
     return [
         "<table>",
         *rows,

@@ -152,3 +152,11 @@ def error_body(code: str, message: str) -> bytes:
     """Return the registry JSON error document for one error."""
     document = {"errors": [{"code": code, "message": message, "detail": None}]}
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+class PrefetchFailed(ProxyError):
+    """``hubproxy prefetch`` could not fetch an image (or a part of it): the message says what
+    failed and what to do. Never answered to a client; ``status`` is the answer that failed."""
+
+    status = 502
+    code = "UNAVAILABLE"
