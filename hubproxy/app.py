@@ -28,9 +28,11 @@ from .net.streams import CertificateError, certificate_validity
 from .ops.memory import give_back_memory
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
+from .ops.trends import sample_trends
 from .ops.usersfile import UsersFileError, load_users
 from .ops.workermetrics import WorkerMetrics
 from .policy.access import RateLimiter
+from .policy.accounting import PullAccounting
 from .policy.admission import Admission, LoginThrottle
 from .policy.credentials import Authenticator
 from .policy.registries import Registry
@@ -121,6 +123,10 @@ async def serve(
                         # in the background: a NAS may boot before its network
                         # beside the sweeper, so a shutdown right after start does not wait for it
                         sweeping.start_soon(proxy.forwarder.probe_at_start)
+                    # the status page's trends: a sample a minute, the whole mirror's figures
+                    sweeping.start_soon(
+                        sample_trends, proxy.metrics.trends, proxy.operations.families
+                    )
                     task_status.started(App(server, proxy))
             finally:
                 sweeping.cancel_scope.cancel()
@@ -172,7 +178,9 @@ def build_proxy(
     (tests use memory streams); ``shared``: the cache directory is shared with other worker
     processes. Raises CacheDirError if the cache cannot be opened."""
     table = config.registry_table()
-    forwarder = Forwarder(config, table, build_pool(config, table, connector), HubMetrics())
+    metrics = HubMetrics()
+    metrics.accounting = PullAccounting(config.accounting_window, top=config.accounting_top)
+    forwarder = Forwarder(config, table, build_pool(config, table, connector), metrics)
     pullthrough = None
     if config.cache_dir is not None:
         blobs = BlobStore(Path(config.cache_dir), config.cache_size)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
+from .policy.accounting import DEFAULT_TOP, DEFAULT_WINDOW
 from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
 from .policy.registries import (
     DEFAULT_REGISTRY,
@@ -72,6 +73,10 @@ class Config:
     # --only-listed-registries: ``registries`` holds only what the operator named (settings.py
     # left the other built-ins out); kept to say so when refusing one
     only_listed_registries: bool = False
+    # pull accounting (policy.accounting): the window pulls are counted over, clients and
+    # images named per table (the rest are "other")
+    accounting_window: float = DEFAULT_WINDOW
+    accounting_top: int = DEFAULT_TOP
 
     @property
     def listener(self) -> ListenerSettings:
