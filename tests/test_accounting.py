@@ -184,11 +184,22 @@ def test_rate_limit_watch_warns_once_per_fall(
 
 def test_allowances_are_kept_per_registry_and_identity() -> None:
     watch = RateLimitWatch()
-    common = {"limit": 100.0, "window": None, "source": "", "wall": 0.0}
-    assert watch.note(registry="docker.io", identity=ANONYMOUS, remaining=5, **common)
+
+    def note(registry: str, identity: str, remaining: float) -> RanLow | Recovered | None:
+        return watch.note(
+            registry=registry,
+            identity=identity,
+            remaining=remaining,
+            limit=100.0,
+            window=None,
+            source="",
+            wall=0.0,
+        )
+
+    assert isinstance(note("docker.io", ANONYMOUS, 5), RanLow)
     # another identity's allowance is another count: its own warning
-    assert watch.note(registry="docker.io", identity=OPERATOR, remaining=5, **common)
-    assert watch.note(registry="ghcr.io", identity=ANONYMOUS, remaining=50, **common) is None
+    assert isinstance(note("docker.io", OPERATOR, 5), RanLow)
+    assert note("ghcr.io", ANONYMOUS, 50) is None
     assert [(a.registry, a.identity, a.low) for a in watch.allowances()] == [
         ("docker.io", ANONYMOUS, True),
         ("docker.io", OPERATOR, True),
