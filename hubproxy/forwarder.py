@@ -153,6 +153,7 @@ class Forwarder:
         profile: str = "",
         authorization: bytes | None = None,
         operator_authorization: bytes | None = None,
+        anonymous_token: bool = False,
     ) -> flow.Plan:
         """The plan of one request: ``authorization`` is the client's upstream credential (not
         its Authorization header as such), ``operator_authorization`` the operator's login when
@@ -172,6 +173,7 @@ class Forwarder:
             unreachable_rest=self.config.unreachable_rest,
             authorization=authorization,
             operator_authorization=operator_authorization,
+            anonymous_token=anonymous_token,
         )
 
     async def run_flow(
@@ -298,7 +300,9 @@ class Forwarder:
         an upstream pull, and the rate-limit headers are noted for the identity that spent it
         (one warning when it runs low, one line when it recovers)."""
         registry = upstreams.registry.name
-        identity = credential_identity(attempt.authorization, plan.operator_authorization)
+        identity = credential_identity(
+            attempt.authorization, plan.operator_authorization, anonymous=plan.anonymous_token
+        )
         if plan.method == "GET" and 200 <= status < 300:
             repository = manifest_repository(plan.target)
             if repository is not None:

@@ -322,6 +322,8 @@ class Proxy:
             upstreams,
             authorization=sent.authorization,
             operator_authorization=sent.operator,
+            # a mirror user's token was fetched anonymously (pull accounting says so)
+            anonymous_token=credential.user is not None and not credential.operator,
         )
         if self.pullthrough is not None and self.pullthrough.handles(request, route):
             await self.pullthrough.serve(plan, request, response, route)

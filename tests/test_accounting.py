@@ -91,18 +91,22 @@ def test_top_and_labelled_series_end_in_other() -> None:
 
 
 @pytest.mark.parametrize(
-    ("sent", "operator", "identity"),
+    ("sent", "operator", "anonymous", "identity"),
     [
-        (None, None, ANONYMOUS),
-        (None, b"Basic b3A6cHc=", ANONYMOUS),  # the operator's login could go, but did not
-        (b"Basic b3A6cHc=", b"Basic b3A6cHc=", OPERATOR),
-        (b"Bearer operator-token", b"Bearer operator-token", OPERATOR),
-        (b"Bearer client-token", None, CLIENT),
-        (b"Bearer client-token", b"Basic b3A6cHc=", CLIENT),
+        (None, None, False, ANONYMOUS),
+        (None, b"Basic b3A6cHc=", False, ANONYMOUS),  # the operator's login could go, did not
+        (b"Basic b3A6cHc=", b"Basic b3A6cHc=", False, OPERATOR),
+        (b"Bearer operator-token", b"Bearer operator-token", False, OPERATOR),
+        (b"Bearer operator-token", b"Bearer operator-token", True, OPERATOR),
+        (b"Bearer client-token", None, False, CLIENT),
+        (b"Bearer client-token", b"Basic b3A6cHc=", False, CLIENT),
+        (b"Bearer anonymous-token", None, True, ANONYMOUS),  # a mirror user's (--users)
     ],
 )
-def test_credential_identity(sent: bytes | None, operator: bytes | None, identity: str) -> None:
-    assert credential_identity(sent, operator) == identity
+def test_credential_identity(
+    sent: bytes | None, operator: bytes | None, anonymous: bool, identity: str
+) -> None:
+    assert credential_identity(sent, operator, anonymous=anonymous) == identity
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 import trustme
 
+from hubproxy.ops.usersfile import add_user
+from hubproxy.policy.access import parse_networks
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
+from tests.registry_client import RegistryClient
 from tests.test_client_limits import connect_from
 from tests.test_live_status import bearer
 from tests.test_operations import metric_samples
@@ -125,3 +128,37 @@ async def test_the_rate_limit_warning_is_logged_once_per_fall(
     assert len(lines("rate limit nearly spent")) == 2  # once again, after the recovery
     text = (await fetch(proxy.url + "/metrics", ca)).body.decode()
     assert series(text, "hubproxy_ratelimit_low", "identity") == {"client": 1}
+
+
+@pytest.mark.parametrize("login", ["users", "operator"])
+async def test_whose_pulls_mirror_users_and_the_operator_login(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path, login: str
+) -> None:
+    """Under --users a pull is the mirror user's, and its upstream token was fetched
+    anonymously; with --registry-login the upstream counted the operator's account."""
+    hub.add_image("library/alpine", "3.20", [make_layer(63, 2_000)])
+    clients = []
+    if login == "users":
+        users = tmp_path / "users"
+        add_user(users, "alice", "alice-pw")
+        proxy = await start_proxy(tls=False, users_file=str(users))
+        clients.append(RegistryClient(proxy.url, ca, credentials=("alice", "alice-pw")))
+        expected_client, identity = "user:alice", "anonymous"
+    else:
+        hub.add_user("acme-bot", "bot-token")
+        proxy = await start_proxy(
+            tls=False,
+            default_login=("acme-bot", "bot-token"),
+            allow=parse_networks(["127.0.0.1/32"]),
+        )
+        clients.append(RegistryClient(proxy.url, ca))
+        expected_client, identity = "127.0.0.1", "operator"
+    for _ in range(2):
+        r = await clients[0].request(MANIFEST, headers=[ACCEPT])
+        assert r.status == 200
+    text = (await fetch(proxy.url + "/metrics", ca)).body.decode()
+    assert series(text, "hubproxy_client_pulls", "client") == {expected_client: 2, "other": 0}
+    assert series(text, "hubproxy_upstream_pulls_total", "identity") == {identity: 2}
+    assert series(text, "hubproxy_ratelimit_remaining", "identity") == {
+        identity: hub.ratelimit_remaining
+    }

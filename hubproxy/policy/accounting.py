@@ -39,17 +39,23 @@ LOW_SHARE = 0.10  # warn when remaining falls under this share of the limit
 ANONYMOUS = "anonymous"  # nothing sent: the registry counts the mirror's address
 OPERATOR = "operator"  # the operator's login (--registry-login), or a token obtained with it
 CLIENT = "client"  # the client's own token or login, passed on (the registry knows whose)
+# (without --users a client's token is passed on as it is, and an anonymous client's token is
+# "client" too: the upstream's docker-ratelimit-source header, shown on the page, says whose)
 IDENTITIES = (ANONYMOUS, OPERATOR, CLIENT)
 
 
-def credential_identity(sent: bytes | None, operator: bytes | None) -> str:
+def credential_identity(
+    sent: bytes | None, operator: bytes | None, *, anonymous: bool = False
+) -> str:
     """Whose rate limit an upstream request spends: ``sent`` is the ``Authorization`` it
-    carried, ``operator`` the operator's (or None when the request could not use it)."""
+    carried, ``operator`` the operator's (or None when the request could not use it);
+    ``anonymous``: a token ``sent`` was fetched by the mirror with no credentials (a mirror
+    user's, under --users), so it counts as the mirror's address."""
     if sent is None:
         return ANONYMOUS
     if operator is not None and sent == operator:
         return OPERATOR
-    return CLIENT
+    return ANONYMOUS if anonymous else CLIENT
 
 
 def manifest_repository(target: str) -> str | None:
