@@ -35,6 +35,7 @@ from ..policy.accounting import (
     RanLow,
     RateLimitWatch,
     Recovered,
+    WindowCounts,
 )
 from .activity import Activity
 from .trends import TrendRing
@@ -1098,7 +1099,7 @@ class HubMetrics:
                 "hubproxy_client_pulls",
                 "Pulls in the last --accounting-window by client address (an IPv6 /64) or "
                 f'mirror user (user:NAME): {top} client="other".',
-                lambda: self._ranking("clients"),
+                lambda: self._ranking(lambda a: a.clients),
                 ("client",),
             )
         )
@@ -1106,7 +1107,7 @@ class HubMetrics:
             GaugeFunction(
                 "hubproxy_image_pulls",
                 f'Pulls in the last --accounting-window by image: {top} image="other".',
-                lambda: self._ranking("images"),
+                lambda: self._ranking(lambda a: a.images),
                 ("image",),
             )
         )
@@ -1115,7 +1116,7 @@ class HubMetrics:
                 "hubproxy_upstream_image_pulls",
                 "Manifest GETs sent upstream in the last --accounting-window by image: "
                 f'{top} image="other".',
-                lambda: self._ranking("upstream_images"),
+                lambda: self._ranking(lambda a: a.upstream_images),
                 ("image",),
             )
         )
@@ -1142,10 +1143,10 @@ class HubMetrics:
             )
         )
 
-    def _ranking(self, table: str) -> dict[LabelValues, float]:
+    def _ranking(self, table: Callable[[PullAccounting], WindowCounts]) -> dict[LabelValues, float]:
+        # looked up at each render: the app replaces ``accounting`` with the configured one
         accounting = self.accounting
-        counts = getattr(accounting, table)
-        return dict(counts.top(time.monotonic(), accounting.top_n).labelled())
+        return table(accounting).top(time.monotonic(), accounting.top_n).labelled()
 
     def note_client_pull(self, *, registry: str, client: str, image: str) -> None:
         """A manifest GET answered 2xx to ``client`` (``accounting.client_name``)."""

@@ -91,9 +91,9 @@ class Ranking:
     other: int  # every count not in ``top``
     total: int
 
-    def labelled(self) -> dict[tuple[str], float]:
+    def labelled(self) -> dict[tuple[str, ...], float]:
         """As a ``/metrics`` gauge's series: each top key, and ``other`` (also at 0)."""
-        series: dict[tuple[str], float] = {(key,): float(count) for key, count in self.top}
+        series: dict[tuple[str, ...], float] = {(key,): float(count) for key, count in self.top}
         series[OTHER,] = series.get((OTHER,), 0.0) + float(self.other)
         return series
 
