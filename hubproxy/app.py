@@ -28,9 +28,11 @@ from .net.streams import CertificateError, certificate_validity
 from .ops.memory import give_back_memory
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
+from .ops.trends import sample_trends
 from .ops.usersfile import UsersFileError, load_users
 from .ops.workermetrics import WorkerMetrics
 from .policy.access import RateLimiter
+from .policy.accounting import PullAccounting
 from .policy.admission import Admission, LoginThrottle
 from .policy.credentials import Authenticator
 from .policy.registries import Registry
@@ -123,6 +125,10 @@ async def serve(
                         # in the background: a NAS may boot before its network
                         # beside the sweeper, so a shutdown right after start does not wait for it
                         sweeping.start_soon(proxy.forwarder.probe_at_start)
+                    # the status page's trends: a sample a minute, the whole mirror's figures
+                    sweeping.start_soon(
+                        sample_trends, proxy.metrics.trends, proxy.operations.families
+                    )
                     schedule = None
                     if role is None or role.index == 0:  # one worker fetches the list
                         schedule = prefetch_schedule(config, proxy, server)
@@ -192,7 +198,9 @@ def build_proxy(
     (tests use memory streams); ``shared``: the cache directory is shared with other worker
     processes. Raises CacheDirError if the cache cannot be opened."""
     table = config.registry_table()
-    forwarder = Forwarder(config, table, build_pool(config, table, connector), HubMetrics())
+    metrics = HubMetrics()
+    metrics.accounting = PullAccounting(config.accounting_window, top=config.accounting_top)
+    forwarder = Forwarder(config, table, build_pool(config, table, connector), metrics)
     pullthrough = None
     if config.cache_dir is not None:
         blobs = BlobStore(Path(config.cache_dir), config.cache_size)

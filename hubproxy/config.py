@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
+from .policy.accounting import DEFAULT_TOP, DEFAULT_WINDOW
 from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
 from .policy.prefetch import ImageRef, Platform
 from .policy.registries import (
@@ -78,6 +79,10 @@ class Config:
     prefetch: tuple[ImageRef, ...] = ()
     prefetch_interval: float = 6 * 3600.0
     prefetch_platforms: tuple[Platform, ...] | None = (Platform("linux", "amd64"),)
+    # pull accounting (policy.accounting): the window pulls are counted over, clients and
+    # images named per table (the rest are "other")
+    accounting_window: float = DEFAULT_WINDOW
+    accounting_top: int = DEFAULT_TOP
 
     @property
     def listener(self) -> ListenerSettings:

@@ -41,6 +41,14 @@ from .net.upstream import UpstreamConnection
 from .ops.metrics import HubMetrics, pool_figures
 from .policy import flow, trouble
 from .policy.access import client_key
+from .policy.accounting import (
+    RanLow,
+    Recovered,
+    credential_identity,
+    low_line,
+    manifest_repository,
+    recovered_line,
+)
 from .policy.auth import public_base, rewrite_challenge
 from .policy.errors import (
     MirrorBusy,
@@ -145,6 +153,7 @@ class Forwarder:
         profile: str = "",
         authorization: bytes | None = None,
         operator_authorization: bytes | None = None,
+        anonymous_token: bool = False,
     ) -> flow.Plan:
         """The plan of one request: ``authorization`` is the client's upstream credential (not
         its Authorization header as such), ``operator_authorization`` the operator's login when
@@ -164,6 +173,7 @@ class Forwarder:
             unreachable_rest=self.config.unreachable_rest,
             authorization=authorization,
             operator_authorization=operator_authorization,
+            anonymous_token=anonymous_token,
         )
 
     async def run_flow(
@@ -205,7 +215,7 @@ class Forwarder:
                 else:
                     event = flow.HeadReceived(head.status_code, conn.head_headers)
                     if upstreams is not None:
-                        self._note_answer(upstreams, attempt, head.status_code, conn, sent_at)
+                        self._note_answer(upstreams, plan, attempt, head.status_code, conn, sent_at)
                 state, next_action, rest = flow.transition(
                     plan,
                     state,
@@ -257,6 +267,7 @@ class Forwarder:
     def _note_answer(
         self,
         upstreams: UpstreamSet,
+        plan: flow.Plan,
         attempt: flow.Attempt,
         status: int,
         conn: UpstreamConnection,
@@ -274,6 +285,36 @@ class Forwarder:
         if status == 429:
             metrics.note_rate_limited(name, wall)
         metrics.note_ratelimit_headers(name, conn.head_headers, wall)
+        self._account(upstreams, plan, attempt, status, conn, wall)
+
+    def _account(
+        self,
+        upstreams: UpstreamSet,
+        plan: flow.Plan,
+        attempt: flow.Attempt,
+        status: int,
+        conn: UpstreamConnection,
+        wall: float,
+    ) -> None:
+        """Pull accounting of a registry's own answer: a manifest GET that got a manifest is
+        an upstream pull, and the rate-limit headers are noted for the identity that spent it
+        (one warning when it runs low, one line when it recovers)."""
+        registry = upstreams.registry.name
+        identity = credential_identity(
+            attempt.authorization, plan.operator_authorization, anonymous=plan.anonymous_token
+        )
+        if plan.method == "GET" and 200 <= status < 300:
+            repository = manifest_repository(plan.target)
+            if repository is not None:
+                image = repository if registry == self.table.default else f"{registry}/{repository}"
+                self.metrics.note_upstream_pull(registry=registry, identity=identity, image=image)
+        note = self.metrics.note_allowance(
+            registry=registry, identity=identity, headers=conn.head_headers, wall=wall
+        )
+        if isinstance(note, RanLow):
+            log.warning("%s", low_line(note.allowance))
+        elif isinstance(note, Recovered):
+            log.info("%s", recovered_line(note.allowance))
 
     def _note_state(self, name: str, event: flow.Event, rest: flow.Rest | None) -> None:
         """The status page's state of a registry upstream, from its own answer or failure."""

@@ -27,6 +27,7 @@ from .net.upstream import UpstreamConnection
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
 from .policy.access import client_key
+from .policy.accounting import client_name
 from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_login
 from .policy.auth import login_challenge
 from .policy.errors import (
@@ -192,7 +193,10 @@ class Proxy:
         finally:
             if key is not None:
                 activity.transfers.end(key)
-            self._note_pull(request, response, kind, name, reference, answered=answered)
+            registry = route.registry or self.forwarder.table.default
+            self._note_pull(
+                request, response, kind, name, reference, answered=answered, registry=registry
+            )
 
     def _note_pull(
         self,
@@ -203,11 +207,16 @@ class Proxy:
         reference: str,
         *,
         answered: bool,
+        registry: str,
     ) -> None:
-        """Feed the pull tracker one answered manifest or blob request; log the pulls it ends."""
+        """Feed the pull tracker one answered manifest or blob request; log the pulls it ends.
+        A manifest GET is also a pull as Docker Hub counts them (``accounting``)."""
         record = response.record
         if not 200 <= record.status < 300 or request.method not in ("GET", "HEAD"):
             return
+        if kind == "manifest" and request.method == "GET":
+            client = client_name(client_key(request.client_ip), record.user)
+            self.metrics.note_client_pull(registry=registry, client=client, image=name)
         tracker = self.metrics.activity.pulls
         now = trio.current_time()
         ended = tracker.expire(now)
@@ -313,6 +322,8 @@ class Proxy:
             upstreams,
             authorization=sent.authorization,
             operator_authorization=sent.operator,
+            # a mirror user's token was fetched anonymously (pull accounting says so)
+            anonymous_token=credential.user is not None and not credential.operator,
         )
         if self.pullthrough is not None and self.pullthrough.handles(request, route):
             await self.pullthrough.serve(plan, request, response, route)

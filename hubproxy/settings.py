@@ -51,6 +51,7 @@ from .policy.access import (
     parse_image_pattern,
     parse_network,
 )
+from .policy.accounting import DEFAULT_TOP, DEFAULT_WINDOW
 from .policy.cachepolicy import (
     DEFAULT_MANIFEST_TTL,
     DEFAULT_NEGATIVE_TTL,
@@ -933,6 +934,26 @@ SETTINGS: tuple[Setting, ...] = (
         "time in-flight transfers get after SIGINT/SIGTERM",
     ),
     Setting(
+        "accounting-window",
+        "pull accounting: count pulls (manifest GETs) per client, per image and upstream over "
+        "this long, for the status page's 'who spent the rate limit' and /metrics "
+        f"(default {DEFAULT_WINDOW / 3600:g}h: Docker Hub's window)",
+        kind=Kind.DURATION,
+        default=DEFAULT_WINDOW,
+        metavar="DURATION",
+        bound=Bound(60.0, inclusive=True, wording="at least 60 seconds"),
+    ),
+    Setting(
+        "accounting-top",
+        "clients and images named per pull table, on the status page and as /metrics labels; "
+        "the rest are summed as 'other', so hubproxy_client_pulls and hubproxy_image_pulls "
+        f"have at most N+1 series (default {DEFAULT_TOP})",
+        kind=Kind.INT,
+        default=DEFAULT_TOP,
+        metavar="N",
+        bound=AT_LEAST_ONE,
+    ),
+    Setting(
         "log-level",
         "log verbosity (default info; info logs one access line per request)",
         default="info",
@@ -1288,6 +1309,8 @@ def build_config(values: Values) -> Config:
             if values.raw["prefetch_platforms"] is None
             else cast(tuple[Platform, ...] | None, p["prefetch_platforms"])
         ),
+        accounting_window=cast(float, p["accounting_window"]),
+        accounting_top=cast(int, p["accounting_top"]),
     )
 
 

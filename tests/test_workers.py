@@ -23,12 +23,14 @@ import trustme
 
 from hubproxy.cache.claims import ClaimedElsewhere, Claims, owner_alive, process_start
 from hubproxy.cache.store import BlobStore, FillState
+from hubproxy.ops.statuspage import format_count
 from hubproxy.ops.workermetrics import Snapshot, merge
 from hubproxy.settings import parse_workers
 from tests.conftest import TLSFiles
 from tests.fakehub import FakeHub, FetchResult, make_layer
 from tests.registry_client import RegistryClient
 from tests.test_process import HubproxyProcess, hubproxy_process
+from tests.test_statuspage import _rows
 
 CONNECTIONS = 16  # one worker of two gets them all with probability 2**-15
 
@@ -144,6 +146,10 @@ async def test_one_fetch_across_workers_metrics_summed_sighup_to_all(
             _value(metrics, f'hubproxy_worker_requests_total{{worker="{i}"}}') for i in (0, 1)
         ]
         assert all(count > 0 for count in per_worker)
+        # the status page's counts are the whole mirror's too, whichever worker answers it
+        page = (await client.request("/")).body
+        served = dict(_rows(page))["Requests served"]
+        assert served == format_count(sum(per_worker)) and sum(per_worker) > max(per_worker)
         running.process.send_signal(signal.SIGHUP)  # the supervisor passes it to each worker
         with trio.fail_after(30):
             await running.wait_for(rb"hubproxy\[w0\]: SIGHUP: reloaded the certificate")

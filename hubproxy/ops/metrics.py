@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from .. import __version__
+from ..policy.accounting import (
+    IDENTITIES,
+    PullAccounting,
+    RanLow,
+    RateLimitWatch,
+    Recovered,
+    WindowCounts,
+)
 from .activity import Activity
+from .trends import TrendRing
 
 if TYPE_CHECKING:
     from ..cache.manifests import ManifestStore
@@ -425,6 +434,11 @@ def read_ratelimit(headers: Iterable[tuple[bytes, bytes]], *, wall: float) -> Ra
     )
 
 
+def printable(value: bytes) -> str:
+    """A peer's header value fit for a log line and a page: printable ASCII only."""
+    return "".join(chr(b) for b in value if 0x21 <= b < 0x7F)
+
+
 def resident_bytes(statm: str, page_size: int) -> float:
     """Resident set size from ``/proc/self/statm`` (pages: size resident shared ...)."""
     fields = statm.split()
@@ -587,6 +601,10 @@ class HubMetrics:
         self.activity = Activity()  # transfers, upstream states, pulls: the status page's
         self.ratelimits: dict[str, RateLimit] = {}  # upstream origin -> its latest headers
         self.prefetch_status: str | None = None  # the prefetch list's last round, in words
+        # who spent the rate limit (item 5): the app replaces it with the configured window
+        self.accounting = PullAccounting()
+        self.allowances = RateLimitWatch()  # per registry and identity, with the low warning
+        self.trends = TrendRing()  # the status page's last hour, sampled by ops.trends
         self.registry = registry = Registry()
 
         self.requests = registry.register(
@@ -643,6 +661,7 @@ class HubMetrics:
                 ("upstream",),
             )
         )
+        self._register_accounting(registry)
         self.client_connections = registry.register(
             GaugeFunction(
                 "hubproxy_client_connections",
@@ -1054,6 +1073,129 @@ class HubMetrics:
         """Count a 429 from ``upstream`` received at wall-clock time ``when``."""
         self.upstream_rate_limited.inc(upstream=upstream)
         self.rate_limited_times.add(when)
+
+    def _register_accounting(self, registry: Registry) -> None:
+        """The pull accounting's families (see ``policy.accounting``). Per-client and per-image
+        series are capped: the ``accounting.top_n`` largest, the rest as one ``other``."""
+        self.pulls = registry.register(
+            Counter(
+                "hubproxy_pulls",
+                "Pulls as Docker Hub counts them: manifest GETs answered 2xx to clients (HEADs "
+                "and blobs are not pulls), by registry.",
+                ("registry",),
+            )
+        )
+        self.upstream_pulls = registry.register(
+            Counter(
+                "hubproxy_upstream_pulls",
+                "Manifest GETs hubproxy sent upstream and got a manifest for (what the "
+                "upstream's rate limit counts), by registry and identity (anonymous, operator: "
+                "--registry-login, client: the client's own token).",
+                ("registry", "identity"),
+            )
+        )
+        top = "the --accounting-top largest, the rest summed as"
+        self.client_pulls = registry.register(
+            GaugeFunction(
+                "hubproxy_client_pulls",
+                "Pulls in the last --accounting-window by client address (an IPv6 /64) or "
+                f'mirror user (user:NAME): {top} client="other".',
+                lambda: self._ranking(lambda a: a.clients),
+                ("client",),
+            )
+        )
+        self.image_pulls = registry.register(
+            GaugeFunction(
+                "hubproxy_image_pulls",
+                f'Pulls in the last --accounting-window by image: {top} image="other".',
+                lambda: self._ranking(lambda a: a.images),
+                ("image",),
+            )
+        )
+        self.upstream_image_pulls = registry.register(
+            GaugeFunction(
+                "hubproxy_upstream_image_pulls",
+                "Manifest GETs sent upstream in the last --accounting-window by image: "
+                f'{top} image="other".',
+                lambda: self._ranking(lambda a: a.upstream_images),
+                ("image",),
+            )
+        )
+        self.allowance_remaining = registry.register(
+            Gauge(
+                "hubproxy_ratelimit_remaining",
+                "Pulls left, as the upstream's latest ratelimit-remaining said, by registry "
+                "and identity.",
+                ("registry", "identity"),
+            )
+        )
+        self.allowance_limit = registry.register(
+            Gauge(
+                "hubproxy_ratelimit_limit",
+                "The upstream's ratelimit-limit (pulls per window), by registry and identity.",
+                ("registry", "identity"),
+            )
+        )
+        self.allowance_low = registry.register(
+            Gauge(
+                "hubproxy_ratelimit_low",
+                "1 while the pulls left are under 10% of the limit (the warning was logged).",
+                ("registry", "identity"),
+            )
+        )
+
+    def _ranking(self, table: Callable[[PullAccounting], WindowCounts]) -> dict[LabelValues, float]:
+        # looked up at each render: the app replaces ``accounting`` with the configured one
+        accounting = self.accounting
+        return table(accounting).top(time.monotonic(), accounting.top_n).labelled()
+
+    def note_client_pull(self, *, registry: str, client: str, image: str) -> None:
+        """A manifest GET answered 2xx to ``client`` (``accounting.client_name``)."""
+        self.pulls.inc(registry=registry)
+        self.accounting.client_pull(client=client, image=image, now=time.monotonic())
+
+    def note_upstream_pull(self, *, registry: str, identity: str, image: str) -> None:
+        """A manifest GET hubproxy sent upstream, answered 2xx."""
+        if identity not in IDENTITIES:
+            raise ValueError(f"not an identity: {identity!r}")
+        self.upstream_pulls.inc(registry=registry, identity=identity)
+        self.accounting.upstream_pull(image=image, now=time.monotonic())
+
+    def note_allowance(
+        self,
+        *,
+        registry: str,
+        identity: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        wall: float,
+    ) -> RanLow | Recovered | None:
+        """What an upstream answer said of ``identity``'s rate limit at ``registry``; returns
+        the warning (or recovery) to log, once per fall under 10%."""
+        headers = list(headers)
+        found = read_ratelimit(headers, wall=wall)
+        if found is None:
+            return None
+        source = b""
+        for key, value in headers:
+            if key == b"docker-ratelimit-source":
+                source = value[:64]
+                break
+        note = self.allowances.note(
+            registry=registry,
+            identity=identity,
+            remaining=found.remaining,
+            limit=found.limit,
+            window=found.window,
+            source=printable(source),
+            wall=wall,
+        )
+        labels = {"registry": registry, "identity": identity}
+        self.allowance_remaining.set(found.remaining, **labels)
+        if found.limit is not None:
+            self.allowance_limit.set(found.limit, **labels)
+        current = self.allowances.latest(registry, identity)
+        self.allowance_low.set(float(current is not None and current.low), **labels)
+        return note
 
     def render(self) -> bytes:
         return self.registry.render()

@@ -29,7 +29,8 @@ from ..policy import trouble
 from ..policy.headers import Headers
 from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
-from .workermetrics import WorkerMetrics
+from .trends import Families
+from .workermetrics import WorkerMetrics, snapshot
 
 if TYPE_CHECKING:
     from ..net.server import Server
@@ -94,7 +95,7 @@ class Operations:
             body = await self.workers.render() if self.workers else self.metrics.render()
             status, kind = 200, CONTENT_TYPE.encode()
         else:
-            self.refresh_gauges()
+            families = await self.families()
             figures = status_figures(
                 self.metrics,
                 url=self._mirror_url(request),
@@ -102,6 +103,8 @@ class Operations:
                 now=time.time(),
                 monotonic=time.monotonic(),
                 disk_free=self._disk_free(),
+                families=families,
+                trend_now=trio.current_time(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
         headers: Headers = [
@@ -114,6 +117,14 @@ class Operations:
         if request.method != "HEAD":
             await response.send(body)
         await response.finish()
+
+    async def families(self) -> Families:
+        """The metrics as plain values, the whole mirror's under ``--workers`` (summed as
+        ``/metrics`` sums them): what the trends sample and the status page's tables show."""
+        self.refresh_gauges()
+        if self.workers is not None:
+            return await self.workers.gather()
+        return snapshot(self.metrics)
 
     def _disk_free(self) -> int | None:
         """Bytes free to us on the cache's file system; None without a cache (or a way to

@@ -14,17 +14,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
 
 from .. import __version__
+from ..policy.accounting import OTHER
 from ..policy.pulls import PullSummary
 from ..policy.registries import RegistryTable
 from ..policy.sizes import format_decimal_size, format_size
 from ..policy.urls import Url
 from .activity import TransferFigures, UpstreamCondition, UpstreamHealth, UpstreamState
+from .charts import Series, line_chart
 from .clientconfig import CLIENTS, snippet
 from .metrics import HubMetrics, RateLimit
+from .trends import Families, TrendFigures, has_data, totals_from, trend_figures
 
 Snippet = tuple[str, str, str]  # client, where it goes (and what else to do), text to paste
 
@@ -47,6 +50,12 @@ code, pre { font-family: ui-monospace, monospace; font-size: 0.92em; }
 .state-bad { background: #c62828; color: #fff; }
 .error { color: #b71c1c; }
 .none { color: #666; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(24rem, 1fr));
+          gap: 0.5rem 1.5rem; }
+.charts figure { margin: 0; }
+.charts figcaption { font-weight: 600; }
+svg.chart { width: 100%; height: auto; display: block; }
+.low { color: #b71c1c; font-weight: 600; }
 """
 
 
@@ -163,6 +172,34 @@ class StatusFigures:
     transfers: tuple[TransferFigures, ...] = ()  # responses being sent now
     pulls: tuple[PullSummary, ...] = ()  # the latest pulls, newest first
     prefetch: str | None = None  # the prefetch list's last round; None: no list
+    trends: TrendFigures | None = None  # the last hour; None: not sampled (a test's figures)
+    spending: Spending | None = None  # who spent the rate limit; None: not known
+
+
+@dataclass(frozen=True, kw_only=True)
+class AllowanceFigures:
+    """One upstream allowance: a registry and the identity its pulls were counted against."""
+
+    registry: str
+    identity: str  # anonymous, operator, client (policy.accounting)
+    remaining: float | None  # pulls left, as last said; None: never said
+    limit: float | None = None
+    low: bool = False  # under 10% of the limit
+    upstream_pulls: float = 0.0  # manifest GETs sent upstream with it since the start
+    window: float | None = None  # seconds, from the headers (this worker's last answer)
+    source: str = ""  # docker-ratelimit-source (this worker's last answer)
+    seen: float | None = None  # wall clock of this worker's last answer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spending:
+    """Who spent the upstream's rate limit over the accounting window."""
+
+    window: float  # seconds
+    clients: tuple[tuple[str, float], ...] = ()  # top clients by pulls, then ("other", n)
+    images: tuple[tuple[str, float], ...] = ()  # top images by client pulls, then other
+    upstream_images: tuple[tuple[str, float], ...] = ()  # top images by upstream pulls
+    allowances: tuple[AllowanceFigures, ...] = ()
 
 
 def status_figures(
@@ -175,15 +212,21 @@ def status_figures(
     snippets: tuple[Snippet, ...] | None = None,
     monotonic: float = 0.0,
     disk_free: int | None = None,
+    families: Families | None = None,
+    trend_now: float | None = None,
 ) -> StatusFigures:
     """The page's figures from the live metrics and the registries served (``table``); ``now``
     is the wall clock (``time.time()``), ``monotonic`` the clock transfers started on
     (``time.monotonic()``), ``disk_free`` the bytes free under the cache. ``snippets``
-    defaults to ``client_snippets(url)``."""
+    defaults to ``client_snippets(url)``.
+
+    ``families`` (a metrics snapshot, the whole mirror's under ``--workers``) gives the counts
+    (requests, bytes, hit ratio), who spent the rate limit, and the trends' live point;
+    ``trend_now`` is the clock the trends were sampled on (``trio.current_time()``)."""
     cache = metrics.cache() if metrics.cache is not None else None
     sources = metrics.response_bytes.series()
     activity = metrics.activity
-    return StatusFigures(
+    figures = StatusFigures(
         url=url,
         name=name,
         version=metrics.version,
@@ -205,6 +248,76 @@ def status_figures(
         transfers=activity.transfers.figures(monotonic),
         pulls=activity.pulls.recent(),
         prefetch=metrics.prefetch_status,
+    )
+    if families is None:
+        return figures
+    live = totals_from(families, trend_now if trend_now is not None else 0.0)
+    lookups = live.hits + live.misses
+    trends = None
+    if trend_now is not None:
+        trends = trend_figures((*metrics.trends.samples(), live), trend_now)
+    return replace(
+        figures,
+        requests=int(live.requests),
+        bytes_from_cache=int(live.bytes_cache),
+        bytes_from_upstream=int(live.bytes_upstream),
+        cache_hit_ratio=live.hits / lookups if lookups else 0.0,
+        trends=trends,
+        spending=spending_figures(metrics, families),
+    )
+
+
+def _ranked(families: Families, name: str, label: str) -> tuple[tuple[str, float], ...]:
+    """A top-N gauge's series, largest first, ``other`` last (left out at 0)."""
+    found: list[tuple[str, float]] = []
+    other = 0.0
+    for _, labels, value in families.get(name, {}).get("samples", ()):
+        key = dict(labels).get(label, "")
+        if key == OTHER:
+            other += float(value)
+        elif float(value) > 0:
+            found.append((key, float(value)))
+    found.sort(key=lambda item: (-item[1], item[0]))
+    return (*found, (OTHER, other)) if other else tuple(found)
+
+
+def spending_figures(metrics: HubMetrics, families: Families) -> Spending:
+    """Who spent the rate limit, from a metrics snapshot (the counts) and this process's own
+    latest allowances (where and when the upstream said so)."""
+    by_key: dict[tuple[str, str], dict[str, float]] = {}
+    for family, field_name in (
+        ("hubproxy_ratelimit_remaining", "remaining"),
+        ("hubproxy_ratelimit_limit", "limit"),
+        ("hubproxy_ratelimit_low", "low"),
+        ("hubproxy_upstream_pulls", "upstream_pulls"),
+    ):
+        for _, labels, value in families.get(family, {}).get("samples", ()):
+            pairs = dict(labels)
+            key = (pairs.get("registry", ""), pairs.get("identity", ""))
+            by_key.setdefault(key, {})[field_name] = float(value)
+    local = {(a.registry, a.identity): a for a in metrics.allowances.allowances()}
+    allowances = []
+    for (registry, identity), values in sorted(by_key.items()):
+        seen = local.get((registry, identity))
+        allowances.append(
+            AllowanceFigures(
+                registry=registry,
+                identity=identity,
+                remaining=values.get("remaining"),
+                limit=values.get("limit"),
+                low=bool(values.get("low")),
+                upstream_pulls=values.get("upstream_pulls", 0.0),
+                window=seen.window if seen else None,
+                source=seen.source if seen else "",
+                seen=seen.seen if seen else None,
+            )
+        )
+    return Spending(
+        window=metrics.accounting.window,
+        clients=_ranked(families, "hubproxy_client_pulls", "client"),
+        images=_ranked(families, "hubproxy_image_pulls", "image"),
+        upstream_images=_ranked(families, "hubproxy_upstream_image_pulls", "image"),
+        allowances=tuple(allowances),
     )
 
 
@@ -388,6 +501,132 @@ def _pulls(pulls: Sequence[PullSummary], now: float) -> list[str]:
     return ['<table class="pulls">', *rows, "</table>"]
 
 
+def _per_second(value: float) -> str:
+    return f"{format_size(int(value))}/s"
+
+
+def _per_minute(value: float) -> str:
+    return f"{value:.3g}/min" if value else "0"
+
+
+def _chart(title: str, chart: str) -> list[str]:
+    return ["<figure>", f"<figcaption>{escape(title)}</figcaption>", chart, "</figure>"]
+
+
+def _trends(trends: TrendFigures | None) -> list[str]:
+    """The last hour as four inline SVG charts (``charts``), one point a minute."""
+    if trends is None:
+        return ['<p class="none">No trends sampled.</p>']
+    span = trends.span
+    bytes_chart = line_chart(
+        "Bytes served per second, from the cache and from upstreams",
+        [Series("cache", trends.bytes_cache), Series("upstream", trends.bytes_upstream)],
+        span=span,
+        label=_per_second,
+    )
+    ratio_chart = line_chart(
+        "Cache hit ratio per minute",
+        [Series("hit ratio", trends.hit_ratio)],
+        span=span,
+        label=format_ratio,
+        top=1.0,
+    )
+    requests_chart = line_chart(
+        "Requests answered per minute",
+        [Series("requests", trends.requests)],
+        span=span,
+        label=_per_minute,
+    )
+    remaining_chart = line_chart(
+        "Upstream rate limit: pulls remaining",
+        [Series(name, points) for name, points in trends.remaining],
+        span=span,
+        label=format_count,
+    )
+    lines = ['<div class="charts">']
+    lines += _chart("Bytes served (cache, upstream)", bytes_chart)
+    lines += _chart("Cache hit ratio", ratio_chart)
+    lines += _chart("Requests", requests_chart)
+    lines += _chart("Upstream pulls remaining", remaining_chart)
+    lines.append("</div>")
+    if not has_data(trends.requests):
+        lines.append('<p class="none">The charts fill in as minutes pass (one point a minute).</p>')
+    return lines
+
+
+def _allowance(allowance: AllowanceFigures, now: float) -> str:
+    if allowance.remaining is None:
+        return "not said"
+    text = format_count(allowance.remaining)
+    if allowance.limit is not None:
+        text += f" of {format_count(allowance.limit)}"
+    if allowance.window:
+        text += f" per {format_duration(allowance.window)}"
+    if allowance.source:
+        text += f", counted as {allowance.source}"
+    if allowance.seen is not None:
+        text += f" (as of {_when(allowance.seen, now)})"
+    return text
+
+
+def _ranking_table(
+    css: str, heading: str, rows: Sequence[tuple[str, float]], empty: str
+) -> list[str]:
+    if not rows:
+        return [f'<p class="none">{escape(empty)}</p>']
+    lines = [f'<table class="{css}">', f"<tr><th>{escape(heading)}</th><th>Pulls</th></tr>"]
+    for key, count in rows:
+        shown = "<em>others</em>" if key == OTHER else f"<code>{escape(key)}</code>"
+        lines.append(f"<tr><td>{shown}</td><td>{escape(format_count(count))}</td></tr>")
+    lines.append("</table>")
+    return lines
+
+
+def _spending(spending: Spending | None, now: float) -> list[str]:
+    """Who spent the rate limit: each allowance, then the top clients and images."""
+    if spending is None:
+        return ['<p class="none">No pull accounting.</p>']
+    window = format_duration(spending.window)
+    lines = [
+        f"<p>Pulls as Docker Hub counts them (manifest GETs; HEADs and blobs are free) in the "
+        f"last {escape(window)}: by the mirror's clients, and those the mirror itself had to "
+        f"make upstream (cache misses, moved tags).</p>"
+    ]
+    if spending.allowances:
+        lines += [
+            '<table class="allowances">',
+            "<tr><th>Registry</th><th>Credential</th><th>Pulls left</th>"
+            "<th>Upstream pulls since start</th></tr>",
+        ]
+        for allowance in spending.allowances:
+            left = escape(_allowance(allowance, now))
+            if allowance.low:
+                left = f'<span class="low">{left} (under 10%)</span>'
+            lines.append(
+                f"<tr><td>{escape(allowance.registry)}</td><td>{escape(allowance.identity)}</td>"
+                f"<td>{left}</td><td>{escape(format_count(allowance.upstream_pulls))}</td></tr>"
+            )
+        lines.append("</table>")
+    else:
+        lines.append('<p class="none">No upstream has said anything of a rate limit yet.</p>')
+    lines.append("<h3>Top clients</h3>")
+    lines += _ranking_table(
+        "top-clients", "Client", spending.clients, f"No pulls in the last {window}."
+    )
+    lines.append("<h3>Top images</h3>")
+    lines += _ranking_table(
+        "top-images", "Image", spending.images, f"No pulls in the last {window}."
+    )
+    lines.append("<h3>Pulled from upstream</h3>")
+    lines += _ranking_table(
+        "upstream-images",
+        "Image",
+        spending.upstream_images,
+        f"No upstream pulls in the last {window}: the cache answered.",
+    )
+    return lines
+
+
 def _snippets(snippets: Sequence[Snippet]) -> list[str]:
     if not snippets:
         return ["<p>No client configuration can be made for this mirror's URL.</p>"]
@@ -427,12 +666,16 @@ def render_status_page(status: StatusFigures) -> bytes:
         *_registries(status.registries, status.now),
         "<h2>Figures</h2>",
         *_figures(status),
+        "<h2>The last hour</h2>",
+        *_trends(status.trends),
         "<h2>Transfers in progress</h2>",
         *_transfers(status.transfers),
         "<h2>Recent pulls</h2>",
         *_pulls(status.pulls, status.now),
         "<h2>Upstream rate limits</h2>",
         *_rate_limits(status),
+        "<h2>Who spent the rate limit</h2>",
+        *_spending(status.spending, status.now),
         "<h2>Use this mirror</h2>",
         *_snippets(status.snippets),
         "</main>",

@@ -51,10 +51,16 @@ SHARED_GAUGES = frozenset(
         "hubproxy_manifest_cache_limit_entries",
         "hubproxy_upstream_slot_limit",
         "hubproxy_build_info",
+        "hubproxy_ratelimit_limit",
+        "hubproxy_ratelimit_low",
     }
 )
 EARLIEST_GAUGES = frozenset(
-    {"hubproxy_start_time_seconds", "hubproxy_upstream_ratelimit_remaining"}
+    {
+        "hubproxy_start_time_seconds",
+        "hubproxy_upstream_ratelimit_remaining",
+        "hubproxy_ratelimit_remaining",
+    }
 )
 HIT_RATIO = "hubproxy_cache_hit_ratio"
 
@@ -272,8 +278,8 @@ class WorkerMetrics:
         if last is not None:
             found[index] = last
 
-    async def render(self) -> bytes:
-        """The whole mirror's metrics, then the per-worker families."""
+    async def _collect(self) -> tuple[dict[int, Snapshot], Snapshot]:
+        """Every worker's snapshot (by index) and their merge."""
         found: dict[int, Snapshot] = {self.index: json.loads(self._snapshot())}
         async with trio.open_nursery() as nursery:
             for index in range(self.count):
@@ -281,6 +287,14 @@ class WorkerMetrics:
                     nursery.start_soon(self._ask, index, found)
         own = found[self.index]
         others = [snap for i, snap in sorted(found.items()) if i != self.index]
-        merged = merge([own, *others], _read(self.run_dir / RETIRED))
+        return found, merge([own, *others], _read(self.run_dir / RETIRED))
+
+    async def gather(self) -> Snapshot:
+        """The whole mirror's metrics as plain values (the status page's trends and tables)."""
+        return (await self._collect())[1]
+
+    async def render(self) -> bytes:
+        """The whole mirror's metrics, then the per-worker families."""
+        found, merged = await self._collect()
         merged.update(per_worker(list(found.items())))
         return render(merged)

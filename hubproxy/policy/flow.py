@@ -71,6 +71,9 @@ class Plan:
     # The operator's login, when this request may use it (a pull with no client credential, to a
     # registry that asked for Basic): sent only to the primary upstream's own origin.
     operator_authorization: bytes | None = field(default=None, repr=False)
+    # ``authorization`` is a token the mirror fetched with no credentials, for a mirror user
+    # (--users): the upstream counts its pulls as anonymous ones (pull accounting)
+    anonymous_token: bool = False
 
 
 @dataclass(frozen=True)
