@@ -41,6 +41,7 @@ from typing import Any, NoReturn, cast
 from . import __version__
 from .config import Config, Limits, Timeouts
 from .net.streams import CertificateError, server_ssl_context
+from .ops.admintoken import AdminTokenError, read_admin_token
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import (
     ImagePattern,
@@ -386,6 +387,15 @@ def users_file(path: str) -> str:
         raise ValueError(
             f"{path} has no users yet; add one with 'hubproxy user add NAME --users {path}'"
         )
+    return path
+
+
+def admin_token_file(path: str) -> str:
+    """A readable token file; the proxy reads it at start and keeps only its digest."""
+    try:
+        read_admin_token(path)
+    except AdminTokenError as exc:
+        raise ValueError(str(exc)) from None
     return path
 
 
@@ -759,6 +769,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="CIDR",
         repeatable=True,
         parse=parse_network,
+    ),
+    Setting(
+        "admin-token-file",
+        "turn on the admin API (/admin/cache: list, remove, refresh cached images) for "
+        "requests from --ops-allow (default: from this machine only) with "
+        "'Authorization: Bearer' and the token in this file (default: off)",
+        ACCESS,
+        metavar="FILE",
+        parse=admin_token_file,
     ),
     Setting(
         "users",
@@ -1212,6 +1231,7 @@ def build_config(values: Values) -> Config:
         allow=allow,
         ops_allow=NetworkList(tuple(cast(list[Network], p["ops_allow"]))),
         users_file=users,
+        admin_token_file=cast(str | None, p["admin_token_file"]),
         images=ImageRules(
             allow=tuple(cast(list[ImagePattern], p["images_allow"])),
             deny=tuple(cast(list[ImagePattern], p["images_deny"])),

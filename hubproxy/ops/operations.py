@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..cache.inventory import Inventory
 from ..cache.pullthrough import PullThrough
 from ..forwarder import Forwarder
 from ..net.server import ClientRequest, ClientResponse
 from ..policy import trouble
 from ..policy.headers import Headers
+from .admin import Admin
 from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
 from .workermetrics import WorkerMetrics
@@ -82,6 +84,11 @@ class Operations:
         self.server = server  # None: no listener to report on (tests of the parts)
         self._probing = trio.Lock()  # concurrent /readyz requests share one probe
         self.workers: WorkerMetrics | None = None  # --workers N: /metrics sums them all
+        # the cache's images: the admin API, the status page's largest and most pulled
+        self.inventory = (
+            Inventory(pullthrough.blobs, pullthrough.manifests) if pullthrough else None
+        )
+        self.admin = Admin(self.inventory, None)  # on with a token (--admin-token-file)
 
     async def serve(self, path: str, request: ClientRequest, response: ClientResponse) -> None:
         if path == "/healthz":
