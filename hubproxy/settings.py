@@ -79,7 +79,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ),
     ("print-config", "CLIENT --url URL", "what to paste into a client's config to use the mirror"),
     ("user", "add|remove|list ...", "manage the mirror users of a --users file"),
-    ("cache", "verify [--cache-dir DIR]", "hash every cached blob, delete those that do not match"),
+    (
+        "cache",
+        "ls|rm|refresh|verify ...",
+        "list, remove or refresh (re-ask upstream) cached images; verify every blob",
+    ),
 )
 
 USAGE = "%(prog)s [--config FILE] [flags]\n       %(prog)s COMMAND [arguments]"

@@ -311,6 +311,7 @@ class ManifestStore:
         # the removals journal: this process's rows are told apart by origin; read up to seen
         self._origin = secrets.token_hex(8)
         self._journal_seen = 0
+        self._journal_asked = self._journal_read = 0  # read_journal_now's tickets
         # blobs another process removed: the blob store forgets them (set by the assembly)
         self.on_blobs_removed: Callable[[list[str]], None] | None = None
 
@@ -832,6 +833,18 @@ class ManifestStore:
         self._settle()
         return done
 
+    def read_journal_now(self, timeout: float | None = None) -> bool:
+        """Block until the writer read the removals journal once more (it does every second
+        anyway): for the command line and tests, never the event loop. The loop takes what it
+        read in at its next call."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                return False
+            self._journal_asked += 1
+            ticket = self._journal_asked
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._journal_read >= ticket, timeout)
+
     def wait_written(self, timeout: float | None = None) -> bool:
         """:meth:`flush` without taking in the writer's reports: callable from any thread (the
         event loop takes them in at its next call)."""
@@ -876,7 +889,13 @@ class ManifestStore:
         while True:
             with self._cond:
                 self._cond.wait_for(
-                    lambda: self._batch.changed() or self._urgent or self._closing, JOURNAL_POLL
+                    lambda: (
+                        self._batch.changed()
+                        or self._urgent
+                        or self._closing
+                        or self._journal_asked != self._journal_read
+                    ),
+                    JOURNAL_POLL,
                 )
                 due = self._batch.changed() or self._urgent or self._closing
                 if self._batch.empty() or not (due or time.monotonic() - touched >= TOUCH_EVERY):
@@ -916,23 +935,30 @@ class ManifestStore:
     def _read_journal(self, conn: sqlite3.Connection) -> None:
         """In the writer thread: hand the loop the removals other processes journalled since
         the last look (one indexed query; a busy database is asked again next time)."""
+        with self._cond:
+            asked = self._journal_asked
         try:
             rows = conn.execute(
                 "SELECT id, origin, kind, name FROM removals WHERE id > ? ORDER BY id LIMIT ?",
                 (self._journal_seen, JOURNAL_KEEP),
             ).fetchall()
         except sqlite3.Error:
-            return
-        if not rows:
-            return
-        gap = rows[0][0] != self._journal_seen + 1  # only pruning leaves holes (AUTOINCREMENT)
-        self._journal_seen = rows[-1][0]
-        theirs = tuple(
-            (str(kind), str(name)) for _, origin, kind, name in rows if origin != self._origin
-        )
-        if theirs or gap:
-            with self._cond:
-                self._results.append(_Result(written=(), lost=(), removed=theirs, gap=gap))
+            rows = []
+        result = None
+        if rows:
+            # only pruning leaves holes (AUTOINCREMENT never reuses an id)
+            gap = rows[0][0] != self._journal_seen + 1
+            self._journal_seen = rows[-1][0]
+            theirs = tuple(
+                (str(kind), str(name)) for _, origin, kind, name in rows if origin != self._origin
+            )
+            if theirs or gap:
+                result = _Result(written=(), lost=(), removed=theirs, gap=gap)
+        with self._cond:
+            if result is not None:
+                self._results.append(result)
+            self._journal_read = asked
+            self._cond.notify_all()
 
     def _warn(self, failure: Exception) -> None:
         now = time.monotonic()

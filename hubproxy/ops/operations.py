@@ -14,6 +14,8 @@ Who may read them is admission's ``--ops-allow``.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from ..forwarder import Forwarder
 from ..net.server import ClientRequest, ClientResponse
 from ..policy import trouble
 from ..policy.headers import Headers
+from ..policy.inventory import Image
 from .admin import Admin
 from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
@@ -35,6 +38,8 @@ from .workermetrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from ..net.server import Server
+
+log = logging.getLogger("hubproxy")
 
 # An upstream that answered this recently, and has not failed since, counts as answering: a
 # dead upstream shows on an idle mirror this long after its last answer at most (a request that
@@ -109,6 +114,7 @@ class Operations:
                 now=time.time(),
                 monotonic=time.monotonic(),
                 disk_free=self._disk_free(),
+                tops=await self._image_tops(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
         headers: Headers = [
@@ -121,6 +127,17 @@ class Operations:
         if request.method != "HEAD":
             await response.send(body)
         await response.finish()
+
+    async def _image_tops(self) -> tuple[tuple[Image, ...], tuple[Image, ...]]:
+        """The status page's largest and most pulled images (computed in a thread, at most
+        once a minute); none if the cache cannot be read now (said in the log)."""
+        if self.inventory is None:
+            return (), ()
+        try:
+            return await self.inventory.tops(time.monotonic())
+        except (OSError, sqlite3.Error) as exc:
+            log.info("status page: cannot list the cached images: %s", exc)
+            return (), ()
 
     def _disk_free(self) -> int | None:
         """Bytes free to us on the cache's file system; None without a cache (or a way to

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from html import escape
 
 from .. import __version__
+from ..policy.inventory import Image
 from ..policy.pulls import PullSummary
 from ..policy.registries import RegistryTable
 from ..policy.sizes import format_decimal_size, format_size
@@ -162,6 +163,8 @@ class StatusFigures:
     ratelimits: tuple[tuple[str, RateLimit], ...] = ()  # upstream, what it said last
     transfers: tuple[TransferFigures, ...] = ()  # responses being sent now
     pulls: tuple[PullSummary, ...] = ()  # the latest pulls, newest first
+    largest: tuple[Image, ...] = ()  # cached images, largest first (cache/inventory.TOPS)
+    most_pulled: tuple[Image, ...] = ()  # cached images, most pulled first
 
 
 def status_figures(
@@ -174,11 +177,13 @@ def status_figures(
     snippets: tuple[Snippet, ...] | None = None,
     monotonic: float = 0.0,
     disk_free: int | None = None,
+    tops: tuple[tuple[Image, ...], tuple[Image, ...]] = ((), ()),
 ) -> StatusFigures:
     """The page's figures from the live metrics and the registries served (``table``); ``now``
     is the wall clock (``time.time()``), ``monotonic`` the clock transfers started on
-    (``time.monotonic()``), ``disk_free`` the bytes free under the cache. ``snippets``
-    defaults to ``client_snippets(url)``."""
+    (``time.monotonic()``), ``disk_free`` the bytes free under the cache, ``tops`` the
+    largest and the most pulled cached images. ``snippets`` defaults to
+    ``client_snippets(url)``."""
     cache = metrics.cache() if metrics.cache is not None else None
     sources = metrics.response_bytes.series()
     activity = metrics.activity
@@ -203,6 +208,8 @@ def status_figures(
         ratelimits=tuple(sorted(metrics.ratelimits.items())),
         transfers=activity.transfers.figures(monotonic),
         pulls=activity.pulls.recent(),
+        largest=tops[0],
+        most_pulled=tops[1],
     )
 
 
@@ -384,6 +391,27 @@ def _pulls(pulls: Sequence[PullSummary], now: float) -> list[str]:
     return ['<table class="pulls">', *rows, "</table>"]
 
 
+def _images(status: StatusFigures) -> list[str]:
+    """The largest and the most pulled cached images (``hubproxy cache ls`` has them all)."""
+    if not status.largest:
+        return ['<p class="none">Nothing cached yet.</p>']
+    lines: list[str] = []
+    largest = [(i, format_size(i.size)) for i in status.largest]
+    pulled = [(i, f"{format_count(i.pulls)} pulls") for i in status.most_pulled]
+    for title, shown in (("Largest", largest), ("Most pulled", pulled)):
+        if not shown:
+            continue
+        rows = [f"<tr><th>{title}</th><th></th><th>Last pull</th></tr>"]
+        for image, figure in shown:
+            when = _when(image.last_used, status.now) if image.last_used else "-"
+            rows.append(
+                f"<tr><td><code>{escape(image.shown)}</code></td>"
+                f"<td>{escape(figure)}</td><td>{escape(when)}</td></tr>"
+            )
+        lines += ['<table class="images">', *rows, "</table>"]
+    return lines
+
+
 def _snippets(snippets: Sequence[Snippet]) -> list[str]:
     if not snippets:
         return ["<p>No client configuration can be made for this mirror's URL.</p>"]
@@ -427,6 +455,8 @@ def render_status_page(status: StatusFigures) -> bytes:
         *_transfers(status.transfers),
         "<h2>Recent pulls</h2>",
         *_pulls(status.pulls, status.now),
+        "<h2>Cached images</h2>",
+        *_images(status),
         "<h2>Upstream rate limits</h2>",
         *_rate_limits(status),
         "<h2>Use this mirror</h2>",
