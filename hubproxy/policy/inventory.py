@@ -107,7 +107,7 @@ def parse_image_ref(text: str) -> ImageRef:
     name, at, digest = text.partition("@")
     if not at and _bare_digest(name):
         return ImageRef("", "", digest=name)
-    if at and not _bare_digest(digest):
+    if (at and not _bare_digest(digest)) or (not at and name.startswith("sha256:")):
         raise BadImageName(f"{text[:80]!r}: a digest is sha256: and 64 lowercase hex digits")
     tag = None
     last = name.rsplit("/", 1)[-1]
