@@ -313,7 +313,7 @@ async def test_cache_ls_lists_what_pulls_cached(
     status, out, _ = await cli(capsys, "cache", "ls", "--cache-dir", str(cache))
     assert status == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["IMAGE", "DIGEST", "PLATFORMS", "SIZE", "LAYERS", "PULLS",
+    assert lines[0].split() == ["IMAGE", "DIGEST", "PLATFORMS", "SIZE", "BLOBS", "PULLS",
                                 "HITS", "LAST", "PULL"]  # fmt: skip
     assert lines[1].startswith("library/alpine:3.20 ")
     assert lines[2].startswith("library/nginx:1.27 ")

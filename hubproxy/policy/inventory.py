@@ -398,7 +398,7 @@ def totals(state: CacheState, listed: Sequence[Image]) -> Totals:
 
 # -- the table ---------------------------------------------------------------------------------
 
-_COLUMNS = ("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "LAYERS", "PULLS", "HITS", "LAST PULL")
+_COLUMNS = ("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "BLOBS", "PULLS", "HITS", "LAST PULL")
 
 
 def ago(seconds: float) -> str:
