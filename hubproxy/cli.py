@@ -306,7 +306,7 @@ def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int
     root = Path(args.cache_dir or default_cache_dir())
     prog = f"hubproxy cache {args.command}"
     if not (root / "blobs" / "sha256").is_dir():
-        print(f"{prog}: error: no cache in {root} (--cache-dir)", file=stderr)
+        print(f"{prog}: error: no blob cache in {root} (--cache-dir)", file=stderr)
         return 1
     try:
         if args.command == "verify":

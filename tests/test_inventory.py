@@ -476,7 +476,7 @@ def test_a_cache_command_without_a_cache_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 1
-    assert "no cache in" in capsys.readouterr().err
+    assert "no blob cache in" in capsys.readouterr().err
     os.makedirs(tmp_path / "blobs" / "sha256")
     assert main(["cache", "ls", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("0 images, 0 tags")
