@@ -25,6 +25,7 @@ from .net.ktls import ktls_clause
 from .net.pool import Connector
 from .net.server import Server
 from .net.streams import CertificateError, certificate_validity
+from .ops.admintoken import AdminTokenError, read_admin_token
 from .ops.memory import give_back_memory
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
@@ -222,11 +223,17 @@ def build_proxy(
             forwarder, blobs, manifests, config.manifest_ttl, config.manifest_ttl_rules
         )
     admission = build_admission(config)
+    operations = Operations(forwarder, pullthrough, server)
+    if config.admin_token_file is not None:
+        try:
+            operations.admin.token = read_admin_token(config.admin_token_file)
+        except AdminTokenError as exc:
+            raise StartupError(f"--admin-token-file: {exc}") from None
     return Proxy(
         forwarder,
         admission,
         TokenEndpoint(forwarder, TokenSealer(_SEALING_KEY), admission.images),
-        Operations(forwarder, pullthrough, server),
+        operations,
         index_url=config.index_url,
         pullthrough=pullthrough,
     )

@@ -10,10 +10,12 @@ import contextlib
 import dataclasses
 import functools
 import getpass
+import json
 import logging
 import os
 import pwd
 import signal
+import sqlite3
 import ssl
 import sys
 import time
@@ -25,6 +27,7 @@ from typing import TextIO
 import trio
 
 from .app import CacheDirError, StartupError, build_proxy, listen_problem, serve, share_keys
+from .cache.inventory import listing, read_state, remove_in_directory
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
@@ -40,8 +43,11 @@ from .ops.usersfile import (
     load_users,
     remove_user,
 )
+from .policy.errors import ProxyError
+from .policy.inventory import Removal, parse_image_ref, table_lines
 from .policy.prefetch import Platform, Tally, parse_image, parse_platforms
 from .policy.registries import DEFAULT_REGISTRY
+from .policy.sizes import format_size
 from .policy.urls import parse_url
 from .prefetch import (
     DEFAULT_JOBS,
@@ -266,30 +272,80 @@ def _cache_dir_problem(cache_dir: str) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- hubproxy cache verify
+# ---------------------------------------------------------------- hubproxy cache ...
 
 
-def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int:
-    """``hubproxy cache verify [--cache-dir DIR]``: hash every cached blob, delete the damaged
-    ones (refetched on their next pull); 0 if all were good, 1 if any was damaged, 2 usage."""
-    parser = CommandLine(prog="hubproxy cache", description="Check the blob cache on disk.")
+def _cache_parser() -> CommandLine:
+    parser = CommandLine(
+        prog="hubproxy cache", description="Look at, check and trim the cache on disk."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     verify = commands.add_parser(
         "verify", help="hash every cached blob; report and delete those that do not match"
     )
-    verify.add_argument("--cache-dir", metavar="DIR", default=None, help="the cache directory")
-    args = parse_command(parser, argv, stdout=stdout, stderr=stderr)
+    listing = commands.add_parser(
+        "ls",
+        help="list the cached images: tags, digest, platforms, size, pulls, last pull",
+        description="List the cached images, sorted by registry and repository, with totals. "
+        "Safe beside a running mirror (pull counts are at most a minute behind).",
+    )
+    listing.add_argument("--registry", metavar="R", help="only this registry's (docker.io, ...)")
+    listing.add_argument(
+        "--repository", metavar="GLOB", help="only repositories matching, e.g. 'library/*'"
+    )
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    remove = commands.add_parser(
+        "rm",
+        help="remove a tag, an image, a repository, or a blob or manifest by digest",
+        description="Remove IMAGE from the cache: a tag (nginx:1.27; the image goes with its "
+        "last tag), an image by digest (nginx@sha256:...), a whole repository (nginx), or one "
+        "blob or manifest by digest alone (sha256:...). Manifests and blobs another cached "
+        "image uses stay, except for a bare digest. A running mirror forgets what was "
+        "removed within a second; a blob being fetched is left alone.",
+    )
+    remove.add_argument("image", metavar="IMAGE|DIGEST")
+    refresh = commands.add_parser(
+        "refresh",
+        help="forget a cached tag: the next pull asks the upstream",
+        description="Forget IMAGE:TAG (every client kind's answer) so that its next pull asks "
+        "the upstream; its manifests and blobs stay. A running mirror sees it within a second.",
+    )
+    refresh.add_argument("image", metavar="IMAGE:TAG")
+    for command in (verify, listing, remove, refresh):
+        command.add_argument("--cache-dir", metavar="DIR", default=None, help="the cache directory")
+    return parser
+
+
+def cache_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int:
+    """``hubproxy cache verify|ls|rm|refresh [--cache-dir DIR]``: 0 ok, 1 failed (or damaged
+    blobs found, or nothing to remove), 2 usage."""
+    args = parse_command(_cache_parser(), argv, stdout=stdout, stderr=stderr)
     if isinstance(args, int):
         return args
     root = Path(args.cache_dir or default_cache_dir())
+    prog = f"hubproxy cache {args.command}"
     if not (root / "blobs" / "sha256").is_dir():
-        print(f"hubproxy cache verify: error: no blob cache in {root}", file=stderr)
+        print(f"{prog}: error: no blob cache in {root} (--cache-dir)", file=stderr)
         return 1
     try:
-        check = verify_store(root)
-    except OSError as exc:
-        print(f"hubproxy cache verify: error: {exc}", file=stderr)
+        if args.command == "verify":
+            return _verify(root, stdout)
+        if args.command == "ls":
+            return _list(root, args, stdout)
+        return _remove(root, args, stdout)
+    except ProxyError as exc:  # NotCached, BadImageName
+        print(f"{prog}: error: {exc}", file=stderr)
         return 1
+    except ValueError as exc:  # a bad --repository glob
+        print(f"{prog}: error: {exc}", file=stderr)
+        return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"{prog}: error: {root}: {exc}", file=stderr)
+        return 1
+
+
+def _verify(root: Path, stdout: TextIO) -> int:
+    check = verify_store(root)
     for path, actual in check.damaged:
         print(f"damaged: {path} holds sha256:{actual}; deleted", file=stdout)
     print(f"{check.checked} blobs checked, {len(check.damaged)} damaged", file=stdout)
@@ -415,6 +471,41 @@ def prefetch_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> 
     for line in tally.failures:
         print(f"hubproxy prefetch: error: {line}", file=stderr)
     return 1 if tally.failed else 0
+
+
+def _list(root: Path, args: argparse.Namespace, stdout: TextIO) -> int:
+    listed = listing(read_state(root), args.registry, args.repository)
+    if args.json:
+        document = {
+            "images": [image.as_json() for image in listed.images],
+            "totals": listed.totals.as_json(),
+        }
+        print(json.dumps(document, indent=2), file=stdout)
+        return 0
+    for line in table_lines(listed.images, listed.totals, time.time()):
+        print(line, file=stdout)
+    return 0
+
+
+def _remove(root: Path, args: argparse.Namespace, stdout: TextIO) -> int:
+    refresh = args.command == "refresh"
+    outcome = remove_in_directory(root, parse_image_ref(args.image), refresh=refresh)
+    if refresh:
+        removed = ", ".join(outcome.plan.removed)
+        print(f"refreshed {removed}: its next pull asks the upstream", file=stdout)
+        return 0
+    line = (
+        f"removed {', '.join(outcome.plan.removed)}: {outcome.blobs_removed} blob"
+        f"{'' if outcome.blobs_removed == 1 else 's'} ({format_size(outcome.bytes_removed)})"
+    )
+    manifests = sum(1 for kind, _ in outcome.plan.removals if kind == Removal.MANIFEST)
+    line += f", {manifests} manifest{'' if manifests == 1 else 's'}"
+    if outcome.plan.kept_blobs:
+        line += f"; {outcome.plan.kept_blobs} blobs kept: other cached images use them"
+    if outcome.busy:
+        line += f"; {len(outcome.busy)} being fetched now, left alone"
+    print(line, file=stdout)
+    return 0
 
 
 # ---------------------------------------------------------------- hubproxy user ...

@@ -61,6 +61,8 @@ class Config:
     # mirror users (scrypt hashes): clients must log in. The path, not the users: the file is
     # read when the proxy starts and again on SIGHUP.
     users_file: str | None = None
+    # the admin API's token file (None: the API is off); read at start, kept as a digest
+    admin_token_file: str | None = None
     images: ImageRules = field(default_factory=ImageRules)  # globs served, refused; empty: all
     client_rate_limit: float = 0.0  # requests per second per client address; 0: off
     client_burst: int = 200  # requests a client may make at once before the rate applies

@@ -28,7 +28,14 @@ from .ops.metrics import HubMetrics
 from .ops.operations import Operations
 from .policy.access import client_key
 from .policy.accounting import client_name
-from .policy.admission import OPS_PATHS, Admission, Reason, Refused, require_login
+from .policy.admission import (
+    ADMIN_PREFIX,
+    OPS_PATHS,
+    Admission,
+    Reason,
+    Refused,
+    require_login,
+)
 from .policy.auth import login_challenge
 from .policy.errors import (
     ClientProtocolError,
@@ -144,6 +151,10 @@ class Proxy:
                 if admission.checks_ops:
                     self._check(request, admission.admit_ops(request.client_ip))
                 await self.operations.serve(path, request, response)
+                return
+            if path.startswith(ADMIN_PREFIX) and self.operations.admin.enabled:
+                label = "ops"
+                await self._admin(request, response)
                 return
             route = self._route(request)
             label = route_label(route)
@@ -269,6 +280,23 @@ class Proxy:
                 _log_pulls(tracker.expire(trio.current_time()))
         finally:
             self._sweeping = False
+
+    async def _admin(self, request: ClientRequest, response: ClientResponse) -> None:
+        """The admin API: from --ops-allow (or this machine) with the token, else 403 or 401."""
+        self._check(request, self.admission.admit_admin(request.client_ip))
+        admin = self.operations.admin
+        try:
+            admin.check_token(request)
+        except MirrorUnauthorized:
+            self.metrics.denied.inc(reason=Reason.AUTH.value)
+            if self.admission.should_log(request.client_ip, trio.current_time()):
+                log.warning(
+                    "refused %s %s: no or a wrong admin token",
+                    request.method,
+                    request.target[:200],
+                )
+            raise
+        await admin.serve(request, response)
 
     def _check(self, request: ClientRequest, refused: Refused | None) -> None:
         """Raise what an admission rule refused; count it, and log it at most once a minute

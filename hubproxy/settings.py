@@ -42,6 +42,7 @@ from typing import Any, NoReturn, cast
 from . import __version__
 from .config import Config, Limits, Timeouts
 from .net.streams import CertificateError, server_ssl_context
+from .ops.admintoken import AdminTokenError, read_admin_token
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import (
     ImagePattern,
@@ -87,7 +88,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ),
     ("print-config", "CLIENT --url URL", "what to paste into a client's config to use the mirror"),
     ("user", "add|remove|list ...", "manage the mirror users of a --users file"),
-    ("cache", "verify [--cache-dir DIR]", "hash every cached blob, delete those that do not match"),
+    (
+        "cache",
+        "ls|rm|refresh|verify ...",
+        "list, remove or refresh (re-ask upstream) cached images; verify every blob",
+    ),
     (
         "prefetch",
         "IMAGE... [--mirror URL]",
@@ -400,6 +405,15 @@ def users_file(path: str) -> str:
         raise ValueError(
             f"{path} has no users yet; add one with 'hubproxy user add NAME --users {path}'"
         )
+    return path
+
+
+def admin_token_file(path: str) -> str:
+    """A readable token file; the proxy reads it at start and keeps only its digest."""
+    try:
+        read_admin_token(path)
+    except AdminTokenError as exc:
+        raise ValueError(str(exc)) from None
     return path
 
 
@@ -817,6 +831,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="CIDR",
         repeatable=True,
         parse=parse_network,
+    ),
+    Setting(
+        "admin-token-file",
+        "turn on the admin API (/admin/cache: list, remove, refresh cached images) for "
+        "requests from --ops-allow (default: from this machine only) with "
+        "'Authorization: Bearer' and the token in this file (default: off)",
+        ACCESS,
+        metavar="FILE",
+        parse=admin_token_file,
     ),
     Setting(
         "users",
@@ -1290,6 +1313,7 @@ def build_config(values: Values) -> Config:
         allow=allow,
         ops_allow=NetworkList(tuple(cast(list[Network], p["ops_allow"]))),
         users_file=users,
+        admin_token_file=cast(str | None, p["admin_token_file"]),
         images=ImageRules(
             allow=tuple(cast(list[ImagePattern], p["images_allow"])),
             deny=tuple(cast(list[ImagePattern], p["images_deny"])),

@@ -52,7 +52,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -337,6 +337,22 @@ class Claims:
             else:
                 self.break_claim(claim, "its owner is gone")
         return claims
+
+    def claimed_keys(self) -> set[str]:
+        """The blobs being fetched by live processes now (``hubproxy cache rm`` skips them)."""
+        return {claim.key for claim in self.live_claims()}
+
+    def remove(
+        self, store: BlobStore, keys: Iterable[str]
+    ) -> tuple[list[tuple[str, int]], list[str]]:
+        """``BlobStore.remove`` across processes: under the eviction lock, never a blob any
+        live process is fetching; blobs another worker committed are adopted first."""
+        keys = list(keys)
+        with locked(self.tmp_dir.parent / EVICT_LOCK):
+            claimed = self.claimed_keys()
+            for key in keys:
+                self.look_up(store, key)
+            return store.remove_except(keys, set(store.fills) | claimed)
 
     def evict(self, store: BlobStore, quiet: bool = False) -> tuple[list[int], bool]:
         """One eviction pass over the whole directory (module docstring): the sizes evicted,

@@ -30,6 +30,19 @@ to do. A database that is corrupt or of another shape is set aside (renamed with
 with one warning, and the store starts empty. A ``state.json`` (with ``manifests/sha256/``) of
 the versions before the database is imported once and renamed aside.
 
+Inventory and removals (``hubproxy cache ls/rm/refresh``, the admin API). Each manifest GET
+answered is counted per image name (``repo:tag`` or ``repo@digest``): pulls, hits (answered
+without an upstream GET) and the wall-clock time of the last, as deltas in the batch, written
+with the next commit (or alone every ``TOUCH_EVERY``), so counting costs a dict update, never a
+write per request; several processes add their deltas to one row. A removal (of a tag, a
+manifest, a link, a repository's links, or a blob) is done in memory and written with the batch,
+together with a row of the ``removals`` journal. Every process on the directory (``--workers``
+workers, and a ``hubproxy cache rm`` run beside them) reads the journal once a second in its
+writer thread, and the event loop forgets what another process removed at its next call: a tag
+refreshed or removed anywhere is asked upstream again everywhere within about a second. The
+journal keeps a day (at most ``JOURNAL_KEEP`` rows); a process that missed rows (stopped for
+longer) forgets every tag it holds, so it asks upstream rather than serve a removed one.
+
 Accept negotiation follows RFC 9110 section 12.5.1: a cached manifest is served only to a client
 whose ``Accept`` names its media type (or ``*/*``, or ``type/*``) with a non-zero quality.
 """
@@ -43,19 +56,21 @@ import json
 import logging
 import math
 import re
+import secrets
 import shutil
 import sqlite3
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from ..policy.cachepolicy import Readability, manifest_verified
+from ..policy.inventory import Removal
 from .lru import ShardedLRU
 
 log = logging.getLogger("hubproxy.cache")
@@ -71,6 +86,10 @@ DEFAULT_MAX_ENTRIES = 50_000
 WARN_EVERY = 60.0  # seconds between two warnings about failing writes
 RETRY_AFTER = 1.0  # seconds before a failed batch is tried again
 TOUCH_EVERY = 60.0  # recency (LRU order) alone is written at most this often
+JOURNAL_POLL = 1.0  # seconds between two looks at the removals journal (other processes')
+JOURNAL_KEEP = 10_000  # removals journal rows kept (and at most a day of them)
+JOURNAL_AGE = 86400.0
+MAX_USAGE_PENDING = 10_000  # image names with uncommitted pull counts before a write is due
 SCHEMA_VERSION = 1
 DATABASE = "state.db"
 LEGACY_STATE = "state.json"
@@ -88,6 +107,13 @@ _SCHEMA = (
     " learned_at REAL NOT NULL, seq INTEGER NOT NULL)",
 )
 _TABLES = frozenset({"manifests", "tags", "links", "readability"})
+# added later, to version 1 (an older hubproxy ignores tables it does not know)
+_ADDED = (
+    "CREATE TABLE IF NOT EXISTS usage (name TEXT PRIMARY KEY, pulls INTEGER NOT NULL,"
+    " hits INTEGER NOT NULL, used REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS removals (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " origin TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, at REAL NOT NULL)",
+)
 
 
 def accepts(accept_values: Sequence[bytes], media_type: str) -> bool:
@@ -188,13 +214,24 @@ class _Batch:
     tag_used: dict[str, int] = field(default_factory=dict)  # name -> recency, alone
     links: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
     readability: dict[str, tuple[Readability, int] | None] = field(default_factory=dict)
+    # image name -> (pulls, hits, last pull's wall time): added to the row, not replacing it
+    usage: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    removals: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) for the journal
 
     def changed(self) -> bool:
-        """Whether anything but recency changed (recency alone is not worth an fsync now)."""
-        return bool(self.bodies or self.tags or self.links or self.readability)
+        """Whether anything but recency and counts changed (those alone are not worth an fsync
+        now, unless many names wait)."""
+        return bool(
+            self.bodies
+            or self.tags
+            or self.links
+            or self.readability
+            or self.removals
+            or len(self.usage) >= MAX_USAGE_PENDING
+        )
 
     def empty(self) -> bool:
-        return not (self.changed() or self.used or self.tag_used)
+        return not (self.changed() or self.used or self.tag_used or self.usage)
 
     def merge_back(self, failed: _Batch) -> None:
         """Take back a batch that could not be written, except the bodies it inserted (they
@@ -206,6 +243,10 @@ class _Batch:
             mine, theirs = getattr(self, name), getattr(failed, name)
             for key, value in theirs.items():
                 mine.setdefault(key, value)
+        for key, (pulls, hits, used) in failed.usage.items():  # deltas: added up
+            more = self.usage.get(key, (0, 0, 0.0))
+            self.usage[key] = (pulls + more[0], hits + more[1], max(used, more[2]))
+        self.removals[:0] = failed.removals
 
 
 @dataclass(frozen=True)
@@ -214,6 +255,8 @@ class _Result:
 
     written: tuple[str, ...]  # bodies now on disk
     lost: tuple[str, ...]  # bodies that could not be written
+    removed: tuple[tuple[str, str], ...] = ()  # other processes' removals (kind, name)
+    gap: bool = False  # journal rows were pruned before this process read them
 
 
 class _Damaged(Exception):
@@ -276,6 +319,12 @@ class ManifestStore:
         self._bulk_lock = threading.Lock()
         self._bulk_limiter = trio.CapacityLimiter(1)
         self._thread: threading.Thread | None = None
+        # the removals journal: this process's rows are told apart by origin; read up to seen
+        self._origin = secrets.token_hex(8)
+        self._journal_seen = 0
+        self._journal_asked = self._journal_read = 0  # read_journal_now's tickets
+        # blobs another process removed: the blob store forgets them (set by the assembly)
+        self.on_blobs_removed: Callable[[list[str]], None] | None = None
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -390,6 +439,8 @@ class ManifestStore:
 
     def _load(self, conn: sqlite3.Connection) -> None:
         """Fill the indexes from the database, oldest first, and drop what is beyond bounds."""
+        # first: a removal committed while the rest is read is then applied after (again)
+        self._journal_seen = _journal_end(conn)
         seq = 0
         for hexpart, size, used in conn.execute(
             "SELECT hex, size, used FROM manifests ORDER BY used"
@@ -737,6 +788,8 @@ class ManifestStore:
         not write are forgotten (asked upstream again), unless stored again since."""
         while self._results:
             result = self._results.popleft()
+            if result.removed or result.gap:
+                self._apply_removals(result.removed, result.gap)
             for hexpart in result.written:
                 self._forget_unwritten(hexpart)
             if result.lost:
@@ -746,11 +799,107 @@ class ManifestStore:
                             self._drop(hexpart)
                     self._cond.notify_all()
 
+    # -- inventory: counts and removals --------------------------------------------------------
+
+    def settle(self) -> None:
+        """Take in what the writer reported (other processes' removals included) now: for the
+        callers that reach a cache without asking this store anything first (blobs)."""
+        if self._results:
+            self._settle()
+
+    def note_pull(self, name: str, *, hit: bool, now: float) -> None:
+        """Count a manifest GET answered for image ``name`` (``repo:tag`` or ``repo@digest``);
+        ``hit``: without an upstream GET of its own. ``now``: the wall clock."""
+        with self._cond:
+            usage = self._batch.usage
+            pulls, hits, _ = usage.get(name, (0, 0, 0.0))
+            usage[name] = (pulls + 1, hits + hit, now)
+            if len(usage) >= MAX_USAGE_PENDING:
+                self._cond.notify_all()
+
+    def remove(self, removals: Iterable[tuple[str, str]]) -> None:
+        """Forget each ``(kind, name)`` (:class:`Removal`), delete it from the database and
+        journal it, so that every other process on the directory forgets it too."""
+        self._settle()
+        with self._cond:
+            for kind, name in removals:
+                self._forget(kind, name)
+                self._batch.removals.append((kind, name))
+            self._cond.notify_all()
+
+    def _apply_removals(self, removed: Sequence[tuple[str, str]], gap: bool) -> None:
+        """What other processes removed (from the journal); a gap in it: every tag is
+        forgotten here (asked upstream again) rather than one removed served."""
+        blobs = []
+        with self._cond:
+            if gap:
+                log.info("missed removals made by other processes: forgetting every cached tag")
+                self.tags.clear()
+                self._tagged.clear()
+                self.tag_count = 0
+            for kind, name in removed:
+                if kind == Removal.BLOB:
+                    blobs.append(name)
+                else:
+                    self._forget(kind, name)
+            self._cond.notify_all()
+        if blobs and self.on_blobs_removed is not None:
+            self.on_blobs_removed(blobs)
+
+    def _forget(self, kind: str, name: str) -> None:
+        """Forget one removal here, writing its deletion (under the lock). Written even when
+        another process removed it: a write of this process still under way cannot bring the
+        row back for good."""
+        if kind == Removal.TAG:
+            keyed = self.tags.pop(name, None)
+            if keyed is not None:
+                for hexpart in set(keyed.values()):
+                    self._unname(hexpart, name)
+                self.tag_count -= len(keyed)
+            self._batch.tags[name] = None
+            self._batch.tag_used.pop(name, None)
+        elif kind == Removal.MANIFEST:
+            self._drop(name)
+            self._batch.bodies[name] = None
+        elif kind == Removal.LINK:
+            repository, _, digest = name.rpartition("@")
+            linked = self.links.get(repository)
+            if linked is not None and linked.pop(digest, None) is not None:
+                self.link_count -= 1
+                if not linked:
+                    del self.links[repository]
+            self._batch.links[(repository, digest)] = None
+        elif kind == Removal.REPOSITORY:
+            for digest in self.links.pop(name, {}):
+                self.link_count -= 1
+                self._batch.links[(name, digest)] = None
+            if self.readability.pop(name, None) is not None:
+                self._batch.readability[name] = None
+
     # -- writing (the writer thread) ---------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every change so far is committed (recency too); False if a write
         failed or ``timeout`` passed first. For shutdown and tests, never the event loop."""
+        done = self.wait_written(timeout)
+        self._settle()
+        return done
+
+    def read_journal_now(self, timeout: float | None = None) -> bool:
+        """Block until the writer read the removals journal once more (it does every second
+        anyway): for the command line and tests, never the event loop. The loop takes what it
+        read in at its next call."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                return False
+            self._journal_asked += 1
+            ticket = self._journal_asked
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._journal_read >= ticket, timeout)
+
+    def wait_written(self, timeout: float | None = None) -> bool:
+        """:meth:`flush` without taking in the writer's reports: callable from any thread (the
+        event loop takes them in at its next call)."""
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 return False
@@ -761,9 +910,7 @@ class ManifestStore:
                 lambda: (self._batch.empty() and not self._writing) or self._failures > failures,
                 timeout,
             )
-            done = self._batch.empty() and not self._writing and self._failures == failures
-        self._settle()
-        return done
+            return self._batch.empty() and not self._writing and self._failures == failures
 
     def close(self) -> None:
         """Write what is pending and stop the writer (blocking: from a thread, or at exit)."""
@@ -794,20 +941,34 @@ class ManifestStore:
             conn.close()
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
+        touched = time.monotonic()  # recency and counts alone are written this often
         while True:
             with self._cond:
                 self._cond.wait_for(
-                    lambda: self._batch.changed() or self._urgent or self._closing, TOUCH_EVERY
+                    lambda: (
+                        self._batch.changed()
+                        or self._urgent
+                        or self._closing
+                        or self._journal_asked != self._journal_read
+                    ),
+                    JOURNAL_POLL,
                 )
-                if self._batch.empty():
-                    self._urgent = False
-                    self._cond.notify_all()
-                    if self._closing:
-                        return
-                    continue
-                batch, self._batch = self._batch, _Batch()
-                self._writing = True
-            failure = _write(conn, batch)
+                due = self._batch.changed() or self._urgent or self._closing
+                if self._batch.empty() or not (due or time.monotonic() - touched >= TOUCH_EVERY):
+                    if due:
+                        self._urgent = False
+                        self._cond.notify_all()
+                        if self._closing:
+                            return
+                    batch = None
+                else:
+                    batch, self._batch = self._batch, _Batch()
+                    self._writing = True
+            if batch is None:
+                self._read_journal(conn)
+                continue
+            touched = time.monotonic()
+            failure = _write(conn, batch, self._origin)
             inserted = tuple(h for h, body in batch.bodies.items() if body is not None)
             with self._cond:
                 self._writing = False
@@ -825,6 +986,35 @@ class ManifestStore:
                     if self._closing:
                         return  # nothing more to do: the state on disk is the last committed
                     self._cond.wait_for(lambda: self._closing or self._urgent, RETRY_AFTER)
+            self._read_journal(conn)
+
+    def _read_journal(self, conn: sqlite3.Connection) -> None:
+        """In the writer thread: hand the loop the removals other processes journalled since
+        the last look (one indexed query; a busy database is asked again next time)."""
+        with self._cond:
+            asked = self._journal_asked
+        try:
+            rows = conn.execute(
+                "SELECT id, origin, kind, name FROM removals WHERE id > ? ORDER BY id LIMIT ?",
+                (self._journal_seen, JOURNAL_KEEP),
+            ).fetchall()
+        except sqlite3.Error:
+            rows = []
+        result = None
+        if rows:
+            # only pruning leaves holes (AUTOINCREMENT never reuses an id)
+            gap = rows[0][0] != self._journal_seen + 1
+            self._journal_seen = rows[-1][0]
+            theirs = tuple(
+                (str(kind), str(name)) for _, origin, kind, name in rows if origin != self._origin
+            )
+            if theirs or gap:
+                result = _Result(written=(), lost=(), removed=theirs, gap=gap)
+        with self._cond:
+            if result is not None:
+                self._results.append(result)
+            self._journal_read = asked
+            self._cond.notify_all()
 
     def _warn(self, failure: Exception) -> None:
         now = time.monotonic()
@@ -894,9 +1084,11 @@ def _prepare(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # the file shrinks after evictions
         conn.execute("VACUUM")  # auto_vacuum takes effect on an empty database by a vacuum
         _create_schema(conn)
+        _add_tables(conn)
         return
     if version != SCHEMA_VERSION or not _TABLES <= tables:
         raise _Damaged(f"not a hubproxy {DATABASE}: version {version}, tables {sorted(tables)}")
+    _add_tables(conn)
     # no PRAGMA quick_check (seconds at 100 MiB): loading scans every b-tree page but the
     # bodies' overflow pages, which are hashed when read; damage there raises SQLITE_CORRUPT
 
@@ -916,10 +1108,35 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
-def _write(conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
+def _add_tables(conn: sqlite3.Connection) -> None:
+    """The tables added to version 1 (pull counts, the removals journal), where missing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _ADDED:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _journal_end(conn: sqlite3.Connection) -> int:
+    """The id of the last removal ever journalled (pruned rows included), 0 if none."""
+    try:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'removals'").fetchone()
+    except sqlite3.OperationalError:  # no table yet
+        return 0
+    return int(row[0]) if row is not None and isinstance(row[0], int) else 0
+
+
+def _write(conn: sqlite3.Connection, batch: _Batch, origin: str = "") -> Exception | None:
     """Commit ``batch`` in one transaction; the error if it could not be (rolled back)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
+        # first: links set again since (later in this batch) are inserted after
+        repositories = [(name,) for kind, name in batch.removals if kind == Removal.REPOSITORY]
+        conn.executemany("DELETE FROM links WHERE repository = ?", repositories)
+        conn.executemany("DELETE FROM readability WHERE repository = ?", repositories)
         conn.executemany(
             "DELETE FROM manifests WHERE hex = ?",
             [(h,) for h, body in batch.bodies.items() if body is None],
@@ -931,9 +1148,9 @@ def _write(conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
         conn.executemany(
             "UPDATE manifests SET used = ? WHERE hex = ?", [(u, h) for h, u in batch.used.items()]
         )
-        conn.executemany(
-            "DELETE FROM tags WHERE name = ?", [(n,) for n, t in batch.tags.items() if t is None]
-        )
+        gone = [(n,) for n, t in batch.tags.items() if t is None]
+        conn.executemany("DELETE FROM tags WHERE name = ?", gone)
+        conn.executemany("DELETE FROM usage WHERE name = ?", gone)
         conn.executemany(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?)",
             [(n, *t) for n, t in batch.tags.items() if t is not None],
@@ -961,6 +1178,18 @@ def _write(conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
                 if value is not None
             ],
         )
+        if batch.usage:
+            _write_usage(conn, batch.usage)
+        if batch.removals:
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO removals (origin, kind, name, at) VALUES (?, ?, ?, ?)",
+                [(origin, kind, name, now) for kind, name in batch.removals],
+            )
+            conn.execute(
+                "DELETE FROM removals WHERE at < ? OR id <= (SELECT max(id) FROM removals) - ?",
+                (now - JOURNAL_AGE, JOURNAL_KEEP),
+            )
         conn.execute("COMMIT")
         if batch.bodies:
             conn.execute("PRAGMA incremental_vacuum")
@@ -970,6 +1199,27 @@ def _write(conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
                 conn.execute("ROLLBACK")
         return exc
     return None
+
+
+def _write_usage(conn: sqlite3.Connection, usage: dict[str, tuple[int, int, float]]) -> None:
+    """Add pull counts to their rows; keep at most ``USAGE_ROWS`` rows (the names pulled
+    longest ago go first: a tag evicted or removed takes its row along, a digest pulled once
+    and gone does not)."""
+    conn.executemany(
+        "INSERT INTO usage VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+        " pulls = pulls + excluded.pulls, hits = hits + excluded.hits,"
+        " used = max(used, excluded.used)",
+        [(name, *counts) for name, counts in usage.items()],
+    )
+    excess = conn.execute("SELECT count(*) FROM usage").fetchone()[0] - USAGE_ROWS
+    if excess > 0:
+        conn.execute(
+            "DELETE FROM usage WHERE name IN (SELECT name FROM usage ORDER BY used LIMIT ?)",
+            (excess,),
+        )
+
+
+USAGE_ROWS = 2 * DEFAULT_MAX_ENTRIES  # pull-count rows kept in the database
 
 
 # -- the state file of older versions ------------------------------------------------------------

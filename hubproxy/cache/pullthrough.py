@@ -82,6 +82,7 @@ from ..policy.errors import (
     UpstreamUnavailable,
 )
 from ..policy.headers import Headers, get_all, get_header
+from ..policy.inventory import image_key
 from ..policy.routing import Route
 from ..policy.sending import send_limits
 from ..policy.trouble import note_stale, stale_cause, stale_line, status_cause
@@ -152,6 +153,8 @@ class PullThrough:
         self.manifest_ttl = manifest_ttl  # tags no rule names
         self.ttl_rules = ttl_rules  # --manifest-ttl PATTERN=DURATION
         self.stats = blobs.stats
+        # blobs another process removed (hubproxy cache rm, another worker's admin API)
+        manifests.on_blobs_removed = blobs.forget
         self.confirmations = Confirmations()
         # when each tag answer was revalidated: one entry per tag and Accept asked, so bounded
         # like the manifest store's own indexes (oldest revalidation dropped first)
@@ -353,6 +356,7 @@ class PullThrough:
         the registry it comes from. Concurrent misses each ask their upstream; the first 200
         starts the fill and the others follow it (see ``_deliver_blob``)."""
         digest = route.blob_digest or ""
+        self.manifests.settle()  # another process's removals first
         facts = CacheRequest(
             kind=Kind.BLOB,
             method=request.method,
@@ -509,7 +513,9 @@ class PullThrough:
                     raise UpstreamUnavailable(str(exc)) from exc
                 raise ResponseAborted(str(exc)) from exc
             # only our disk failed: the client's transfer goes on from the upstream
-            await self._finish_from_upstream(plan, request, response, route, key, reader, size)
+            await self._finish_from_upstream(
+                plan, request, response, route, key, reader, size, str(exc)
+            )
         finally:
             reader.close()
         await response.finish()
@@ -523,13 +529,15 @@ class PullThrough:
         key: str,
         reader: BlobReader,
         size: int,
+        why: str,
     ) -> None:
         """Send the rest of a blob with a Range request upstream, verifying the whole blob
         (the part already sent is re-read from the partial file) before its last byte."""
         position = reader.position
         digest = route.blob_digest or ""
         log.warning(
-            "cache write of %s failed; finishing the transfer from the upstream at byte %d",
+            "cache: %s; finishing the transfer of %s from the upstream at byte %d",
+            why,
             digest,
             position,
         )
@@ -650,6 +658,7 @@ class PullThrough:
             else:
                 self.stats.hits += 1
                 self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
+            self._count_pull(request, route, hit=True)
             outgoing, cached = Outgoing.of(repository, cached), None  # pinned only while held
             await self._send_manifest(request, response, outgoing)
             return
@@ -678,6 +687,7 @@ class PullThrough:
             if response.started or cached is None or not isinstance(stale, ServeStale):
                 raise
             self._note_stale(route, "a manifest", response)
+            self._count_pull(request, route, hit=True)
             outgoing, cached = Outgoing.of(repository, cached), None
             await self._send_manifest(request, response, outgoing)
         finally:
@@ -701,10 +711,21 @@ class PullThrough:
         if shared and answer is not None:
             if accepts(get_all(request.headers, b"accept"), answer.media_type):
                 self.forwarder.metrics.manifest_fetches_shared.inc()
+                self._count_pull(request, route, hit=True)  # no upstream GET of its own
                 outgoing, answer = Outgoing.of(state_name(route), answer), None
                 await self._send_manifest(request, response, outgoing)
                 return
         await self._serve_manifest(plan, request, response, route, coalesce=False)
+
+    def _count_pull(self, request: ClientRequest, route: Route, *, hit: bool) -> None:
+        """Count a manifest GET answered 200 for ``hubproxy cache ls`` (HEADs are not pulls,
+        as Docker Hub counts them)."""
+        if request.method == "GET":
+            self.manifests.note_pull(
+                image_key(state_name(route), route.manifest_reference or ""),
+                hit=hit,
+                now=time.time(),
+            )
 
     def _confirmation_key(self, request: ClientRequest, route: Route) -> ConfirmationKey:
         return confirmation_key(
@@ -823,6 +844,7 @@ class PullThrough:
         )
         if isinstance(stale, ServeStale) and cached is not None:
             self._note_stale(route, "a manifest", response, head)
+            self._count_pull(request, route, hit=True)
             outgoing, cached = Outgoing.of(state_name(route), cached), None
             await self._send_manifest(request, response, outgoing)
             return
@@ -863,6 +885,7 @@ class PullThrough:
                 f"upstream manifest for {route.repository}:{reference} does not match its digest"
             )
         manifest = CachedManifest(stored, _media_type(media_type), data)
+        self._count_pull(request, route, hit=False)
         # from here on only ``outgoing`` holds the body, which it drops if it has to wait
         outgoing = Outgoing.of(state_name(route), manifest)
         if fetch is not None:  # followers go on now, not once this client has read it all

@@ -113,6 +113,9 @@ class SharedFills(Protocol):
     def follow(self, store: BlobStore, key: str) -> Fill | None: ...
     def look_up(self, store: BlobStore, key: str) -> int | None: ...
     def evict(self, store: BlobStore, quiet: bool = False) -> tuple[list[int], bool]: ...
+    def remove(
+        self, store: BlobStore, keys: Iterable[str]
+    ) -> tuple[list[tuple[str, int]], list[str]]: ...
 
 
 class BodySource(Protocol):
@@ -540,6 +543,9 @@ class BlobStore:
         # --workers N: fills and the bound shared with the other processes (cache/claims.py)
         self.claims: SharedFills | None = None
         self.disk_thread = DiskThread()  # writes and hashes every fill's chunks
+        # removed (``hubproxy cache rm``) while a reader held them: key -> the file's inode,
+        # deleted when the last reader closes (unless a new fill put another file there)
+        self.doomed: dict[str, int] = {}
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -849,12 +855,64 @@ class BlobStore:
             self.pins[key] = count
         else:
             self.pins.pop(key, None)
+            inode = self.doomed.pop(key, None)
+            if inode is not None and key not in self.index:
+                _unlink_if(self.path(key), inode)
             if self.total + self.filling_bytes > self.max_bytes:
                 self._evict()
+
+    # -- removal (hubproxy cache rm, the admin API) ------------------------------------------
+
+    def remove(self, keys: Iterable[str]) -> tuple[list[tuple[str, int]], list[str]]:
+        """Delete cached blobs now: ``(removed (key, size), busy keys)``. A blob being fetched
+        (here, or by another worker: its claim) is busy and left alone; one a reader of this
+        process holds is forgotten at once and its file deleted when the last reader closes
+        (a reader opens its file only at its first read). With ``--workers``, under the
+        eviction lock, as an eviction pass: a reader in another worker that has the file open
+        keeps reading it; one that had not opened it yet finishes from the upstream."""
+        if self.claims is None:
+            return self.remove_except(keys, set(self.fills))
+        return self.claims.remove(self, keys)
+
+    def remove_except(
+        self, keys: Iterable[str], filling: set[str]
+    ) -> tuple[list[tuple[str, int]], list[str]]:
+        """:meth:`remove` of the keys not in ``filling`` (busy)."""
+        removed, busy = [], []
+        for key in keys:
+            if key in filling:
+                busy.append(key)
+                continue
+            size = self.index.pop(key, None)
+            if size is None:
+                continue
+            self.total -= size
+            self.verified.pop(key, None)
+            path = self.path(key)
+            if self.pins.get(key):
+                try:
+                    self.doomed[key] = os.stat(path).st_ino
+                except FileNotFoundError:
+                    pass
+            else:
+                unlink_quietly(path)
+            removed.append((key, size))
+        return removed, busy
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Forget blobs another process removed (its journal said so): their files are gone."""
+        for key in keys:
+            if os.path.exists(self.path(key)):
+                continue  # fetched again since
+            size = self.index.pop(key, None)
+            if size is not None:
+                self.total -= size
+                self.verified.pop(key, None)
 
     # -- the index --------------------------------------------------------------------------
 
     def _add(self, key: str, size: int) -> None:
+        self.doomed.pop(key, None)  # a new file: the removed one's readers are on their own
         if key not in self.index:
             self.total += size
         self.index[key] = size
@@ -931,8 +989,12 @@ class BlobReader:
             self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             if self.fill is None:
-                self.store.discard_damaged(self.key, "its file is gone")
-                raise CacheFillFailed(f"cached blob sha256:{self.key} is gone") from None
+                # removed (cache rm, another worker's eviction) since it was looked up: not
+                # damage; a whole GET finishes from the upstream (resumable), verified
+                self.store.forget([self.key])
+                raise CacheFillFailed(
+                    f"cached blob sha256:{self.key} was removed", resumable=True
+                ) from None
             if self.fill.state is not FillState.DONE:
                 raise
             self._fd = os.open(self.store.path(self.key), os.O_RDONLY)  # renamed meanwhile
@@ -1161,6 +1223,17 @@ def verify_store(root: Path) -> StoreCheck:
                 damaged.append((Path(entry.path), actual))
                 unlink_quietly(Path(entry.path))
     return StoreCheck(checked, damaged)
+
+
+def _unlink_if(path: Path, inode: int) -> None:
+    """Delete ``path`` if it is still the file ``inode`` (not one put there since)."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot delete %s: %s", path, exc)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:

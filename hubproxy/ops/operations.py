@@ -14,6 +14,8 @@ Who may read them is admission's ``--ops-allow``.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,11 +24,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..cache.inventory import Inventory
 from ..cache.pullthrough import PullThrough
 from ..forwarder import Forwarder
 from ..net.server import ClientRequest, ClientResponse
 from ..policy import trouble
 from ..policy.headers import Headers
+from ..policy.inventory import Image
+from .admin import Admin
 from .metrics import CONTENT_TYPE, cache_figures, manifest_figures
 from .statuspage import render_status_page, status_figures
 from .trends import Families
@@ -34,6 +39,8 @@ from .workermetrics import WorkerMetrics, snapshot
 
 if TYPE_CHECKING:
     from ..net.server import Server
+
+log = logging.getLogger("hubproxy")
 
 # An upstream that answered this recently, and has not failed since, counts as answering: a
 # dead upstream shows on an idle mirror this long after its last answer at most (a request that
@@ -83,6 +90,11 @@ class Operations:
         self.server = server  # None: no listener to report on (tests of the parts)
         self._probing = trio.Lock()  # concurrent /readyz requests share one probe
         self.workers: WorkerMetrics | None = None  # --workers N: /metrics sums them all
+        # the cache's images: the admin API, the status page's largest and most pulled
+        self.inventory = (
+            Inventory(pullthrough.blobs, pullthrough.manifests) if pullthrough else None
+        )
+        self.admin = Admin(self.inventory, None)  # on with a token (--admin-token-file)
 
     async def serve(self, path: str, request: ClientRequest, response: ClientResponse) -> None:
         if path == "/healthz":
@@ -105,6 +117,7 @@ class Operations:
                 disk_free=self._disk_free(),
                 families=families,
                 trend_now=trio.current_time(),
+                tops=await self._image_tops(),
             )
             status, body, kind = 200, render_status_page(figures), b"text/html; charset=utf-8"
         headers: Headers = [
@@ -125,6 +138,17 @@ class Operations:
         if self.workers is not None:
             return await self.workers.gather()
         return snapshot(self.metrics)
+
+    async def _image_tops(self) -> tuple[tuple[Image, ...], tuple[Image, ...]]:
+        """The status page's largest and most pulled images (computed in a thread, at most
+        once a minute); none if the cache cannot be read now (said in the log)."""
+        if self.inventory is None:
+            return (), ()
+        try:
+            return await self.inventory.tops(time.monotonic())
+        except (OSError, sqlite3.Error) as exc:
+            log.info("status page: cannot list the cached images: %s", exc)
+            return (), ()
 
     def _disk_free(self) -> int | None:
         """Bytes free to us on the cache's file system; None without a cache (or a way to

@@ -19,6 +19,7 @@ from html import escape
 
 from .. import __version__
 from ..policy.accounting import OTHER
+from ..policy.inventory import Image
 from ..policy.pulls import PullSummary
 from ..policy.registries import RegistryTable
 from ..policy.sizes import format_decimal_size, format_size
@@ -174,6 +175,8 @@ class StatusFigures:
     prefetch: str | None = None  # the prefetch list's last round; None: no list
     trends: TrendFigures | None = None  # the last hour; None: not sampled (a test's figures)
     spending: Spending | None = None  # who spent the rate limit; None: not known
+    largest: tuple[Image, ...] = ()  # cached images, largest first (cache/inventory.TOPS)
+    most_pulled: tuple[Image, ...] = ()  # cached images, most pulled first
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,11 +217,13 @@ def status_figures(
     disk_free: int | None = None,
     families: Families | None = None,
     trend_now: float | None = None,
+    tops: tuple[tuple[Image, ...], tuple[Image, ...]] = ((), ()),
 ) -> StatusFigures:
     """The page's figures from the live metrics and the registries served (``table``); ``now``
     is the wall clock (``time.time()``), ``monotonic`` the clock transfers started on
-    (``time.monotonic()``), ``disk_free`` the bytes free under the cache. ``snippets``
-    defaults to ``client_snippets(url)``.
+    (``time.monotonic()``), ``disk_free`` the bytes free under the cache, ``tops`` the
+    largest and the most pulled cached images. ``snippets`` defaults to
+    ``client_snippets(url)``.
 
     ``families`` (a metrics snapshot, the whole mirror's under ``--workers``) gives the counts
     (requests, bytes, hit ratio), who spent the rate limit, and the trends' live point;
@@ -248,6 +253,8 @@ def status_figures(
         transfers=activity.transfers.figures(monotonic),
         pulls=activity.pulls.recent(),
         prefetch=metrics.prefetch_status,
+        largest=tops[0],
+        most_pulled=tops[1],
     )
     if families is None:
         return figures
@@ -627,6 +634,27 @@ def _spending(spending: Spending | None, now: float) -> list[str]:
     return lines
 
 
+def _images(status: StatusFigures) -> list[str]:
+    """The largest and the most pulled cached images (``hubproxy cache ls`` has them all)."""
+    if not status.largest:
+        return ['<p class="none">Nothing cached yet.</p>']
+    lines: list[str] = []
+    largest = [(i, format_size(i.size)) for i in status.largest]
+    pulled = [(i, f"{format_count(i.pulls)} pulls") for i in status.most_pulled]
+    for title, shown in (("Largest", largest), ("Most pulled", pulled)):
+        if not shown:
+            continue
+        rows = [f"<tr><th>{title}</th><th></th><th>Last pull</th></tr>"]
+        for image, figure in shown:
+            when = _when(image.last_used, status.now) if image.last_used else "-"
+            rows.append(
+                f"<tr><td><code>{escape(image.shown)}</code></td>"
+                f"<td>{escape(figure)}</td><td>{escape(when)}</td></tr>"
+            )
+        lines += ['<table class="images">', *rows, "</table>"]
+    return lines
+
+
 def _snippets(snippets: Sequence[Snippet]) -> list[str]:
     if not snippets:
         return ["<p>No client configuration can be made for this mirror's URL.</p>"]
@@ -672,6 +700,8 @@ def render_status_page(status: StatusFigures) -> bytes:
         *_transfers(status.transfers),
         "<h2>Recent pulls</h2>",
         *_pulls(status.pulls, status.now),
+        "<h2>Cached images</h2>",
+        *_images(status),
         "<h2>Upstream rate limits</h2>",
         *_rate_limits(status),
         "<h2>Who spent the rate limit</h2>",

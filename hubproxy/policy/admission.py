@@ -25,6 +25,7 @@ worker thread) and reads the users file. Each check returns ``None`` or the erro
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from .credentials import Authenticator
 from .errors import AccessDenied, ClientRateLimited, MirrorUnauthorized, ProxyError
 
 OPS_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
+ADMIN_PREFIX = "/admin/"  # the admin API (``ops/admin.py``): --ops-allow, or this machine only
+_THIS_MACHINE = NetworkList((ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")))
 MIRROR_REALM = b'Basic realm="hubproxy", charset="UTF-8"'
 LOG_EVERY = 60.0  # seconds between two log lines about the same refused client
 MAX_LOGGED_CLIENTS = 1024
@@ -232,6 +235,18 @@ class Admission:
             return Refused(
                 Reason.NETWORK,
                 AccessDenied(f"{client_ip} may not read this mirror's status (--ops-allow)"),
+            )
+        return None
+
+    def admit_admin(self, client_ip: str) -> Refused | None:
+        """The admin API: from ``--ops-allow``, or, with none set, from this machine only (it
+        removes what is cached: "everyone --allow lets in" is too many). The token is checked
+        after this."""
+        networks = self.ops_networks if self.ops_networks.networks else _THIS_MACHINE
+        if not networks.allows(client_ip):
+            return Refused(
+                Reason.NETWORK,
+                AccessDenied(f"{client_ip} may not use this mirror's admin API (--ops-allow)"),
             )
         return None
 

@@ -67,6 +67,19 @@ class ManifestUnknown(ProxyError):
     code = "MANIFEST_UNKNOWN"
 
 
+class NotCached(RouteNotFound):
+    """``hubproxy cache rm|refresh`` or the admin API named an image, tag or digest the cache
+    does not hold: 404."""
+
+    code = "NAME_UNKNOWN"
+
+
+class BadImageName(ClientProtocolError):
+    """An image reference that does not parse (``hubproxy cache``, the admin API): 400."""
+
+    code = "NAME_INVALID"
+
+
 class AccessDenied(ProxyError):
     """This mirror's own access rules refuse the request (network, image, or user)."""
 
