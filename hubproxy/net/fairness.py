@@ -27,6 +27,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
+import trio.testing
 
 from ..policy.fairshare import BYTES_PER_SECOND, FairShare
 
@@ -109,12 +110,14 @@ class Fairness(trio.abc.Instrument):
             self.share.charge(current.key, excess, trio.current_time(), self.batch)
 
     async def keep_batches_coming(self) -> None:
-        """While units are parked, make sure batches happen (every ``TICK``): with nothing
-        else to do the loop would sleep in its wait for I/O and count none. Runs until
-        cancelled, beside the server."""
+        """While units are parked, make sure batches happen: with nothing else to do the loop
+        would sleep in its wait for I/O and count none. Once the loop has been idle for
+        ``TICK`` (real time: the wait for I/O times out, whatever the run's clock says, a
+        test's frozen clock too), this task's step is a batch. Runs until cancelled, beside
+        the server."""
         while True:
             await self._someone_parked.wait()
-            await trio.sleep(TICK)  # a timer: the I/O wait ends by then, and a batch is counted
+            await trio.testing.wait_all_tasks_blocked(TICK)
             if not self._parked:
                 self._someone_parked = trio.Event()
 
