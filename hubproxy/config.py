@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
 from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
+from .policy.proxies import UpstreamProxy
 from .policy.registries import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -30,7 +31,7 @@ class Config:
     library_prefix: bool = True
     public_url: str | None = None
     upstream_ca: str | None = None
-    upstream_proxy: Url | None = None
+    upstream_proxy: UpstreamProxy | None = None
     max_redirects: int = 5
     rate_limit_rest: float = 60.0
     unreachable_rest: float = 10.0
