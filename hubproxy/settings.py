@@ -80,6 +80,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("print-config", "CLIENT --url URL", "what to paste into a client's config to use the mirror"),
     ("user", "add|remove|list ...", "manage the mirror users of a --users file"),
     ("cache", "verify [--cache-dir DIR]", "hash every cached blob, delete those that do not match"),
+    ("doctor", "[--mirror URL] [flags]", "check every hop to the upstreams, and the mirror"),
 )
 
 USAGE = "%(prog)s [--config FILE] [flags]\n       %(prog)s COMMAND [arguments]"

@@ -427,7 +427,7 @@ LISTEN_URL = (
         (
             ["serve"],
             "unknown command 'serve' (the commands are check-config, print-config, user, "
-            "cache; hubproxy with flags only runs the mirror)",
+            "cache, doctor; hubproxy with flags only runs the mirror)",
         ),
         (["--listen", ":5000", "extra"], "unexpected argument 'extra' (see 'hubproxy --help')"),
         (["--no-cache", "yes"], "--no-cache takes no value, got 'yes'"),
