@@ -34,6 +34,7 @@ from .configfile import ConfigFileError, read_settings
 from .net.malloc import tune_malloc
 from .net.streams import certificate_validity, upstream_ssl_context
 from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
+from .ops.doctor import DEFAULT_IMAGE, Doctor, Options
 from .ops.usersfile import (
     MIN_PASSWORD_LENGTH,
     UsersFileError,
@@ -43,6 +44,7 @@ from .ops.usersfile import (
     load_users,
     remove_user,
 )
+from .policy.diagnosis import exit_status, render_json, render_lines, render_table
 from .policy.errors import ProxyError
 from .policy.inventory import Removal, parse_image_ref, table_lines
 from .policy.prefetch import Platform, Tally, parse_image, parse_platforms
@@ -62,6 +64,7 @@ from .settings import (
     Values,
     build_config,
     default_cache_dir,
+    parse_duration,
     this_platform,
 )
 from .workers import (
@@ -77,6 +80,7 @@ __all__ = [
     "UsageError",
     "cache_command",
     "check_config",
+    "doctor_command",
     "load_settings",
     "main",
     "prefetch_command",
@@ -605,6 +609,81 @@ def user_command(argv: Sequence[str], *, stdin: TextIO, stdout: TextIO, stderr: 
     return 0
 
 
+# ---------------------------------------------------------------- hubproxy doctor
+
+
+def _doctor_parser() -> CommandLine:
+    parser = CommandLine(
+        prog="hubproxy doctor",
+        usage="%(prog)s [--mirror URL [--cacert FILE]] [--json] [hubproxy flags or --config FILE]",
+        description="Check every hop from this machine with the server's settings (the same "
+        "--config file and flags): DNS, TCP (through the configured proxy), TLS, the /v2/ "
+        "challenge, an anonymous token, a manifest HEAD with the rate-limit headers and the CDN "
+        "redirect of each upstream, fallbacks included; the cache directory; and with --mirror, "
+        "the mirror as a client sees it. Exit status 0 when nothing failed (warnings included), "
+        "1 when something did, 2 for a usage error.",
+    )
+    parser.add_argument("--mirror", metavar="URL", help="the mirror's URL, as clients use it")
+    parser.add_argument(
+        "--cacert", metavar="FILE", help="the private CA the clients trust for --mirror"
+    )
+    parser.add_argument(
+        "--image",
+        metavar="NAME=REPOSITORY:TAG",
+        action="append",
+        default=[],
+        help=f"the small image whose manifest and blob are checked on registry NAME (default "
+        f"{DEFAULT_IMAGE} on Docker Hub; other registries' manifest and CDN checks need one; "
+        "repeatable)",
+    )
+    parser.add_argument(
+        "--all-registries",
+        action="store_true",
+        help="check the whole built-in registry table too, not only Docker Hub and the "
+        "registries the settings name",
+    )
+    parser.add_argument(
+        "--check-timeout",
+        metavar="DURATION",
+        default="10s",
+        help="how long each check may take (default 10s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    return parser
+
+
+def doctor_command(argv: Sequence[str], *, stdout: TextIO, stderr: TextIO) -> int:
+    """``hubproxy doctor [--mirror URL] [--cacert FILE] [--json] [flags]``: 0 nothing failed,
+    1 a check failed, 2 usage."""
+    parser = _doctor_parser()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            args, rest = parser.parse_known_args(list(argv))
+            timeout = parse_duration(args.check_timeout)
+            images = {}
+            for item in args.image:
+                name, sep, image = item.partition("=")
+                if not sep or not name or not image:
+                    raise UsageError(f"--image wants NAME=REPOSITORY:TAG, got {item!r}")
+                images[name.lower()] = image
+            mirror = parse_url(args.mirror) if args.mirror else None
+            _, config = load_settings(rest)
+        except (UsageError, ConfigFileError, ValueError) as exc:
+            print(f"hubproxy doctor: error: {exc}", file=stderr)
+            return 2
+        except SystemExit as exc:  # --help
+            return exc.code if isinstance(exc.code, int) else 2
+    options = Options(mirror, args.cacert, images, args.all_registries, timeout)
+    findings = trio.run(Doctor(config, options).run)
+    if args.json:
+        stdout.write(render_json(findings))
+    elif stdout.isatty():
+        stdout.write(render_table(findings))
+    else:
+        stdout.write(render_lines(findings))
+    return exit_status(findings)
+
+
 # The subcommands, by the name --help lists them under (settings.COMMANDS); argv after the name.
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "check-config": check_config,
@@ -612,6 +691,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "user": lambda argv: user_command(argv, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr),
     "cache": lambda argv: cache_command(argv, stdout=sys.stdout, stderr=sys.stderr),
     "prefetch": lambda argv: prefetch_command(argv, stdout=sys.stdout, stderr=sys.stderr),
+    "doctor": lambda argv: doctor_command(argv, stdout=sys.stdout, stderr=sys.stderr),
 }
 
 

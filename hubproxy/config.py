@@ -9,6 +9,7 @@ from .policy.access import ImageRules, NetworkList
 from .policy.accounting import DEFAULT_TOP, DEFAULT_WINDOW
 from .policy.cachepolicy import DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, TtlRule
 from .policy.prefetch import ImageRef, Platform
+from .policy.proxies import UpstreamProxy
 from .policy.registries import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_HOSTS,
@@ -32,7 +33,7 @@ class Config:
     library_prefix: bool = True
     public_url: str | None = None
     upstream_ca: str | None = None
-    upstream_proxy: Url | None = None
+    upstream_proxy: UpstreamProxy | None = None
     max_redirects: int = 5
     rate_limit_rest: float = 60.0
     unreachable_rest: float = 10.0

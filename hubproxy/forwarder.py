@@ -58,6 +58,7 @@ from .policy.errors import (
     UpstreamUnavailable,
 )
 from .policy.headers import Headers, client_response_headers, upstream_request_headers
+from .policy.proxies import UpstreamProxy
 from .policy.redirects import client_location
 from .policy.registries import RegistryTable
 from .policy.routing import Route
@@ -78,9 +79,9 @@ Sink = Callable[[UpstreamConnection, h11.Response, Headers, AsyncExitStack], Awa
 
 
 def build_pool(config: Config, table: RegistryTable, connector: Connector | None) -> Pool:
-    """The upstream connection pool; each registry's connections use its CA and CONNECT proxy
+    """The upstream connection pool; each registry's connections use its CA and proxy
     (its "profile"; "" is the global settings, for the search index)."""
-    settings: dict[str, tuple[ssl.SSLContext, Url | None]] = {
+    settings: dict[str, tuple[ssl.SSLContext, UpstreamProxy | None]] = {
         "": (upstream_ssl_context(config.upstream_ca), config.upstream_proxy)
     }
     for registry in table.registries:

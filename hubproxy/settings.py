@@ -66,6 +66,7 @@ from .policy.prefetch import (
     parse_image,
     parse_platforms,
 )
+from .policy.proxies import UpstreamProxy, hide_userinfo, parse_proxy_url
 from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -98,6 +99,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "IMAGE... [--mirror URL]",
         "pull images into the cache (a mirror's, or a --config's)",
     ),
+    ("doctor", "[--mirror URL] [flags]", "check every hop to the upstreams, and the mirror"),
 )
 
 USAGE = "%(prog)s [--config FILE] [flags]\n       %(prog)s COMMAND [arguments]"
@@ -280,11 +282,10 @@ def ca_file(path: str) -> str:
     return path
 
 
-def proxy_url(text: str) -> Url:
-    proxy = parse_url(text)
-    if proxy.origin.scheme != "http":
-        raise ValueError("must be an http:// proxy that supports CONNECT")
-    return proxy
+def proxy_url(text: str) -> UpstreamProxy:
+    """``--upstream-proxy``: http:// (CONNECT), socks5:// or socks5h:// (policy.proxies); the
+    error never repeats a login."""
+    return parse_proxy_url(text)
 
 
 def checked_url(text: str) -> str:
@@ -580,7 +581,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "upstream-proxy",
-        "reach upstreams through this HTTP proxy (CONNECT), e.g. http://192.168.1.1:3128",
+        "reach upstreams through this proxy: http://HOST:PORT (HTTP CONNECT), "
+        "socks5://[USER:PASSWORD@]HOST:PORT (SOCKS5, names resolved here) or socks5h://... "
+        "(names resolved by the proxy), e.g. http://192.168.1.1:3128",
         UPSTREAMS,
         metavar="URL",
         parse=proxy_url,
@@ -664,7 +667,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "registry-proxy",
-        "reach registry NAME through this HTTP CONNECT proxy (repeatable)",
+        "reach registry NAME through this proxy (http://, socks5:// or socks5h://, as "
+        "--upstream-proxy; repeatable)",
         REGISTRIES,
         metavar="NAME=URL",
         repeatable=True,
@@ -1215,7 +1219,7 @@ def _parse_item(setting: Setting, values: Values, item: str, index: int) -> obje
     if setting.table is not None:
         pair = split_pair(item)
         if pair is None:
-            message = f"{setting.flag} wants {setting.metavar}, got {item!r}"
+            message = f"{setting.flag} wants {setting.metavar}, got {hide_userinfo(item)!r}"
             raise values.error(setting.name, message, index)
         text = pair[1]
     parsed: object = text
@@ -1284,7 +1288,7 @@ def build_config(values: Values) -> Config:
         library_prefix=library_prefix,
         public_url=cast(str | None, p["public_url"]),
         upstream_ca=cast(str | None, p["upstream_ca"]),
-        upstream_proxy=cast(Url | None, p["upstream_proxy"]),
+        upstream_proxy=cast(UpstreamProxy | None, p["upstream_proxy"]),
         max_redirects=cast(int, p["max_redirects"]),
         max_connections=cast(int, p["max_connections"]),
         max_connections_per_client=cast(int, p["max_connections_per_client"]),
@@ -1386,7 +1390,7 @@ def build_registries(
             message = f"--registry-proxy: use --upstream-proxy for {default}"
             raise values.error("registry-proxy", message, index)
         found = entry("registry-proxy", name, index)
-        entries[name] = replace(found, upstream_proxy=cast(Url, via))
+        entries[name] = replace(found, upstream_proxy=cast(UpstreamProxy, via))
     default_login = None
     for index, (name, login) in enumerate(_pairs(parsed, "registry_login")):
         if name == default:

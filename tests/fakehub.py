@@ -328,9 +328,9 @@ def _references(doc: dict[str, Any]) -> tuple[list[str], list[str]] | None:
     return [d["digest"] for d in blobs], [d["digest"] for d in children]
 
 
-def _server_context(ca: trustme.CA) -> ssl.SSLContext:
+def _server_context(ca: trustme.CA, not_after: datetime | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    ca.issue_cert("127.0.0.1", "localhost", not_after=not_after).configure_cert(ctx)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
@@ -402,6 +402,7 @@ class FakeHub:
         service: str = "registry.docker.io",
         auth_layout: AuthLayout = "separate",
         basic_anonymous: bool = False,
+        cert_not_after: datetime | None = None,  # when its certificates expire
     ) -> None:
         if auth_layout not in get_args(AuthLayout):
             raise ValueError(f"unknown auth_layout {auth_layout!r}")
@@ -420,7 +421,7 @@ class FakeHub:
             "same-host": ("registry", "cdn"),
             "basic": ("registry",),
         }[auth_layout]
-        self._contexts = {name: _server_context(ca) for name in servers}
+        self._contexts = {name: _server_context(ca, cert_not_after) for name in servers}
         self._secret = secrets.token_bytes(32)
         self._blobs: dict[str, bytes] = {}
         self._etags: dict[str, str] = {}

@@ -19,6 +19,7 @@ from hubproxy.cli import CHECK_CONFIG_HELP, SUBCOMMANDS, UsageError, load_settin
 from hubproxy.config import Config
 from hubproxy.ops.usersfile import add_user, load_users
 from hubproxy.policy.access import parse_image_rules, parse_networks
+from hubproxy.policy.proxies import ProxyKind, UpstreamProxy
 from hubproxy.policy.registries import DOCKER_HUB_UPSTREAM
 from hubproxy.policy.urls import Origin
 from hubproxy.settings import COMMANDS, SETTINGS, parse_duration, parse_listen
@@ -245,9 +246,53 @@ def test_upstream_proxy_and_ca_and_public_url(pem: dict[str, Path]) -> None:
         "https://mirror.example.com/",
     )
     assert cfg.upstream_proxy is not None
-    assert cfg.upstream_proxy.origin == Origin("http", "192.168.1.1", 3128)
+    assert cfg.upstream_proxy == UpstreamProxy(ProxyKind.HTTP, "192.168.1.1", 3128)
     assert cfg.upstream_ca == str(pem["ca"])
     assert cfg.public_url == "https://mirror.example.com/"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("socks5://10.0.0.1", UpstreamProxy(ProxyKind.SOCKS5, "10.0.0.1", 1080)),
+        ("SOCKS5H://Proxy.LAN:9050", UpstreamProxy(ProxyKind.SOCKS5H, "proxy.lan", 9050)),
+        (
+            "socks5://me:p%40ss@[::1]:1080/",
+            UpstreamProxy(ProxyKind.SOCKS5, "::1", 1080, "me", "p@ss"),
+        ),
+    ],
+)
+def test_socks5_upstream_proxy(text: str, expected: UpstreamProxy) -> None:
+    cfg = config("--upstream-proxy", text)
+    assert cfg.upstream_proxy == expected
+    assert "p@ss" not in repr(cfg) and "p%40ss" not in str(cfg.upstream_proxy)
+
+
+def test_registry_socks5_proxy_keeps_its_login_out_of_print() -> None:
+    cfg = config("--registry-proxy", "quay.io=socks5h://bot:hunter22@127.0.0.1:1080")
+    quay = cfg.registry_table().find("quay.io")
+    assert quay is not None and quay.upstream_proxy is not None
+    assert quay.upstream_proxy.password == "hunter22"
+    assert str(quay.upstream_proxy) == "socks5h://***@127.0.0.1:1080"
+    assert "hunter22" not in repr(quay)
+
+
+@pytest.mark.parametrize(
+    ("argv", "wanted"),
+    [
+        (["--upstream-proxy", "ftp://u:hunter22@h:1"], "not a proxy URL: 'ftp://***@h:1'"),
+        (["--upstream-proxy", "socks5://u:hunter22@h:99999"], "not a proxy URL"),
+        (["--upstream-proxy", "http://u:hunter22@h:3128"], "a login for an HTTP proxy"),
+        (["--upstream-proxy", "socks5://hunter22@h"], "give the login as user:password@"),
+        (["--upstream-proxy", "socks5://u:hunter22@h/path"], "only a scheme, host and port"),
+        (["--registry-proxy", "socks5://u:hunter22@h"], "got 'socks5://***@h'"),
+    ],
+)
+def test_bad_proxy_url_is_refused_without_its_login(argv: list[str], wanted: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        config(*argv)
+    assert wanted in str(caught.value)
+    assert "hunter22" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- library/ prefix
@@ -297,7 +342,7 @@ def test_library_prefix_depends_on_the_primary_only() -> None:
         (["--cert", "/nonexistent/server.pem"], "--cert"),
         (["--cert", "/nonexistent/server.pem", "--key", "/nonexistent/key.pem"], "--cert"),
         (["--upstream-proxy", "https://proxy.example:3128"], "--upstream-proxy"),
-        (["--upstream-proxy", "socks5://proxy.example:1080"], "--upstream-proxy"),
+        (["--upstream-proxy", "socks4://proxy.example:1080"], "--upstream-proxy"),
         (["--upstream-proxy", "proxy.example:3128"], "--upstream-proxy"),
         (["--upstream-ca", "/nonexistent/ca.pem"], "--upstream-ca"),
         (["--public-url", "mirror.example.com"], "--public-url"),
@@ -382,7 +427,7 @@ LISTEN_URL = (
         (
             ["serve"],
             "unknown command 'serve' (the commands are check-config, print-config, user, "
-            "cache, prefetch; hubproxy with flags only runs the mirror)",
+            "cache, prefetch, doctor; hubproxy with flags only runs the mirror)",
         ),
         (["--listen", ":5000", "extra"], "unexpected argument 'extra' (see 'hubproxy --help')"),
         (["--no-cache", "yes"], "--no-cache takes no value, got 'yes'"),

@@ -529,7 +529,7 @@ def test_registry_tables_are_the_flat_keys_per_registry(
         "https://registry-worker.example/",
     ]
     assert internal.upstream_ca == registry_files["ca"]
-    assert str(internal.upstream_proxy) == "http://192.168.1.1:3128/"
+    assert str(internal.upstream_proxy) == "http://192.168.1.1:3128"
     assert config.host_map == (("ghcr.lan", "ghcr.io"), ("ghcr2.lan", "ghcr.io"))
 
 

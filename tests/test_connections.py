@@ -28,6 +28,7 @@ from hubproxy.net.server import (
 )
 from hubproxy.net.settings import ListenerSettings
 from hubproxy.net.turns import Turns
+from hubproxy.policy.proxies import parse_proxy_url
 from hubproxy.policy.urls import Origin, parse_url
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
@@ -349,7 +350,7 @@ async def test_upstream_proxy_carries_every_upstream_connection(
     hub.add_image("library/alpine", "3.20", [layer])
     tunnel = ConnectProxy()
     await nursery.start(tunnel.serve)
-    proxy = await start_proxy(upstream_proxy=parse_url(tunnel.url))
+    proxy = await start_proxy(upstream_proxy=parse_proxy_url(tunnel.url))
     client = RegistryClient(proxy.url, ca)
     r = await client.request(f"/v2/library/alpine/blobs/{digest_of(layer)}")
     assert r.status == 200

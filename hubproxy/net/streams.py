@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Protocol
 import h11
 import trio
 
-from ..policy.errors import UpstreamTimeout, UpstreamUnavailable
-from ..policy.urls import Origin, Url
+from ..policy.errors import UpstreamProxyFailed, UpstreamTimeout, UpstreamUnavailable
+from ..policy.proxies import ProxyKind, Socks5Handshake, SocksState, UpstreamProxy
+from ..policy.urls import Origin, is_ip_literal
 from .tls import TLSStream
 
 HEAD_READ = 64 * 1024  # read size while waiting for a message head
@@ -216,22 +218,32 @@ async def open_upstream(
     origin: Origin,
     *,
     context: ssl.SSLContext,
-    proxy: Url | None,
+    proxy: UpstreamProxy | None,
     connect_timeout: float,
 ) -> ByteStream:
-    """Connect to ``origin`` (through an HTTP CONNECT proxy if given), TLS when https.
+    """Connect to ``origin`` (through an HTTP CONNECT or SOCKS5 proxy if given), TLS when
+    https; the whole of it, proxy handshake included, within ``connect_timeout``.
 
-    Raises UpstreamTimeout or UpstreamUnavailable, with the foreign error as the cause.
+    Raises UpstreamTimeout or UpstreamUnavailable (UpstreamProxyFailed: the proxy refused),
+    with the foreign error as the cause. Messages name the proxy by address, never its login.
     """
-    what = f"{origin}" + (f" via proxy {proxy.origin}" if proxy else "")
+    what = f"{origin}" + (f" via {proxy.label}" if proxy else "")
     tcp: trio.SocketStream | None = None
     try:
         with trio.fail_after(connect_timeout):
             if proxy is None:
                 tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            elif proxy.is_socks:
+                target = origin.host
+                if proxy.kind is ProxyKind.SOCKS5:  # socks5h: the proxy resolves the name
+                    target = await resolve_address(origin.host, origin.port)
+                tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
+                await _socks_tunnel(
+                    tcp, Socks5Handshake(proxy, target, origin.port, target_name=origin.host)
+                )
             else:
-                tcp = await trio.open_tcp_stream(proxy.origin.host, proxy.origin.port)
-                await _connect_tunnel(tcp, origin)
+                tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
+                await _connect_tunnel(tcp, proxy, origin)
             if not origin.tls:
                 return tcp
             return await TLSStream.wrap_client(tcp, context, server_hostname=origin.host)
@@ -247,7 +259,36 @@ async def open_upstream(
         raise
 
 
-async def _connect_tunnel(tcp: trio.SocketStream, origin: Origin) -> None:
+async def resolve_address(host: str, port: int) -> str:
+    """One address of ``host``, IPv4 first: a SOCKS5 proxy gets one address per connection,
+    and the proxy's own network is the one whose IPv6 is least likely to work."""
+    if is_ip_literal(host):
+        return host
+    try:
+        found = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UpstreamUnavailable(f"cannot resolve {host}: {exc.strerror}") from exc
+    addresses = [str(sockaddr[0]) for family, _, _, _, sockaddr in found if family in _FAMILIES]
+    addresses.sort(key=lambda address: ":" in address)  # stable: IPv4 first, in DNS order
+    if not addresses:
+        raise UpstreamUnavailable(f"cannot resolve {host}: no IPv4 or IPv6 address")
+    return addresses[0]
+
+
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+async def _socks_tunnel(tcp: trio.SocketStream, handshake: Socks5Handshake) -> None:
+    """Run the SOCKS5 handshake (policy.proxies) over ``tcp`` until the tunnel is open."""
+    outgoing = handshake.start()
+    while handshake.state is not SocksState.OPEN:
+        if outgoing:
+            await tcp.send_all(outgoing)
+        # never more than the handshake wants: the bytes after it are the target's
+        outgoing = handshake.receive_data(bytes(await tcp.receive_some(handshake.wanted)))
+
+
+async def _connect_tunnel(tcp: trio.SocketStream, proxy: UpstreamProxy, origin: Origin) -> None:
     """Ask an HTTP proxy for a tunnel to ``origin`` (RFC 9110 section 9.3.6)."""
     conn = h11.Connection(h11.CLIENT)
     host = f"[{origin.host}]" if ":" in origin.host else origin.host
@@ -265,10 +306,10 @@ async def _connect_tunnel(tcp: trio.SocketStream, origin: Origin) -> None:
         if isinstance(event, h11.Response):
             if 200 <= event.status_code < 300:
                 return
-            raise UpstreamUnavailable(
-                f"upstream proxy refused CONNECT to {origin.authority}: {event.status_code}"
+            raise UpstreamProxyFailed(
+                f"{proxy.label} refused CONNECT to {authority}: {event.status_code}"
             )
-        raise UpstreamUnavailable("upstream proxy closed the connection during CONNECT")
+        raise UpstreamProxyFailed(f"{proxy.label} closed the connection during CONNECT")
 
 
 async def _close_quietly(stream: ByteStream | None) -> None:

@@ -119,6 +119,12 @@ class UpstreamUnavailable(ProxyError):
     code = "UNAVAILABLE"
 
 
+class UpstreamProxyFailed(UpstreamUnavailable):
+    """The upstream proxy (``--upstream-proxy``, ``--registry-proxy``: HTTP CONNECT or SOCKS5)
+    refused the tunnel or broke its handshake; the message names the proxy, the target and the
+    reason, never the proxy's login."""
+
+
 class UpstreamTimeout(UpstreamUnavailable):
     """The upstream did not connect or answer within the configured timeout."""
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from .errors import ClientProtocolError, RegistryNotServed
+from .proxies import UpstreamProxy
 from .urls import Url
 
 # --- facts -----------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class Registry:
     library_prefix: bool = False  # Docker Hub's library/ for one-component names
     aliases: tuple[str, ...] = ()
     upstream_ca: str | None = None  # extra CA file for this registry's origins
-    upstream_proxy: Url | None = None  # CONNECT proxy for this registry's origins
+    upstream_proxy: UpstreamProxy | None = None  # CONNECT or SOCKS5 proxy for its origins
     login: tuple[str, str] | None = field(default=None, repr=False)  # operator's credentials
 
 
