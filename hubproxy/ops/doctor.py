@@ -344,11 +344,7 @@ class Doctor:
         proxy: UpstreamProxy | None,
         state: dict[str, object],
     ) -> str:
-        if image is None:
-            raise _Skip("give --image NAME=REPOSITORY:TAG for this registry")
-        if state.get("basic"):
-            raise _Skip("Basic auth: needs a login")
-        repository, reference = _split_image(image)
+        repository, reference = _image_checked(image, state)
         url = _under(base, f"/v2/{repository}/manifests/{reference}")
         headers = [("accept", MANIFEST_TYPES), *self._auth(state)]
         status, answer, _ = await self._exchange(
@@ -369,11 +365,7 @@ class Doctor:
         proxy: UpstreamProxy | None,
         state: dict[str, object],
     ) -> str:
-        if image is None:
-            raise _Skip("give --image NAME=REPOSITORY:TAG for this registry")
-        if state.get("basic"):
-            raise _Skip("Basic auth: needs a login")
-        repository, reference = _split_image(image)
+        repository, reference = _image_checked(image, state)
         url = _under(base, f"/v2/{repository}/manifests/{reference}")
         headers = [("accept", SINGLE_MANIFEST_TYPES), *self._auth(state)]
         status, _, body = await self._exchange(url, context, proxy, headers=headers)
@@ -582,3 +574,13 @@ def _cached_bytes(root: Path) -> int:
                 with contextlib.suppress(OSError):
                     total += entry.stat(follow_symlinks=False).st_size
     return total
+
+
+def _image_checked(image: str | None, state: dict[str, object]) -> tuple[str, str]:
+    """(repository, reference) of the image checked on this registry; a skip when there is
+    none to check, or when only a login would be let in."""
+    if image is None:
+        raise _Skip("give --image NAME=REPOSITORY:TAG for this registry")
+    if state.get("basic"):
+        raise _Skip("Basic auth: needs a login")
+    return _split_image(image)
