@@ -3,6 +3,7 @@ a running mirror (``--mirror``), in-process on a cache directory, and on the mir
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import ssl
@@ -29,6 +30,7 @@ from hubproxy.prefetch import Display, prefetch_through_mirror
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
+from tests.test_skopeo import Skopeo, check_dir_copy
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
 AMD64 = (Platform("linux", "amd64"),)
@@ -178,6 +180,26 @@ async def test_prefetch_through_the_mirror_makes_the_next_pull_all_hits(
         assert blob.body == layer
     assert len(cdn_gets(hub)) == served  # all from the cache
     assert lines[0].startswith("done   alpine:3.20 (one platform, 3 blobs, ")
+
+
+async def test_skopeo_pulls_a_prefetched_image_all_from_the_cache(
+    hub: FakeHub, start_proxy: StartProxy, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A real client after a prefetch: every blob it pulls is a hit (the CDN sees no GET)."""
+    layers = [make_layer(521, 200_000), make_layer(522, 3000)]
+    hub.add_image("library/busybox", "1.36", layers)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    tally, _ = await through(proxy, tls_files, "busybox:1.36")
+    assert tally.failed == 0 and tally.blobs_done == 3
+    served = len(cdn_gets(hub))
+    skopeo = Skopeo(proxy, tls_files, tmp_path)
+    target = tmp_path / "copy"
+    await skopeo.run(
+        "copy", "--src-cert-dir", skopeo.cert_dir, skopeo.ref("busybox:1.36"), f"dir:{target}"
+    )
+    copied = check_dir_copy(target)
+    assert all(hashlib.sha256(layer).hexdigest() in copied for layer in layers)
+    assert len(cdn_gets(hub)) == served
 
 
 async def test_platforms_of_an_index(
