@@ -1468,6 +1468,7 @@ async def fetch(
     body: bytes | Sequence[bytes] = b"",
     proxy: str | None = None,
     proxy_headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    local_address: str | None = None,
 ) -> FetchResult:
     """Send one request over a fresh connection and return the response; never follow redirects.
 
@@ -1488,7 +1489,7 @@ async def fetch(
         request_headers.insert(0, ("host", split.netloc))
     stream: trio.abc.Stream
     if proxy is None:
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await trio.open_tcp_stream(host, port, local_address=local_address)
     else:
         proxy_split = urllib.parse.urlsplit(proxy)
         if proxy_split.hostname is None or proxy_split.port is None:

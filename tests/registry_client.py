@@ -17,9 +17,15 @@ from tests.fakehub import FetchResult, fetch
 
 class RegistryClient:
     def __init__(
-        self, base: str, ca: trustme.CA, *, credentials: tuple[str, str] | None = None
+        self,
+        base: str,
+        ca: trustme.CA,
+        *,
+        credentials: tuple[str, str] | None = None,
+        local_address: str | None = None,
     ) -> None:
         self.base = base.rstrip("/")
+        self.local_address = local_address  # e.g. 127.0.0.2: another client address
         self.ca = ca
         self.credentials = credentials
         self.tokens: dict[str, str] = {}  # scope -> token
@@ -64,7 +70,7 @@ class RegistryClient:
             raw = f"{self.credentials[0]}:{self.credentials[1]}".encode()
             headers.append(("authorization", "Basic " + base64.b64encode(raw).decode()))
         url = realm + "?" + urllib.parse.urlencode(query)
-        response = await fetch(url, self.ca, headers=headers)
+        response = await fetch(url, self.ca, headers=headers, local_address=self.local_address)
         self.token_responses.append(response)
         return response
 
@@ -79,4 +85,11 @@ class RegistryClient:
         all_headers = list(headers)
         if token:
             all_headers.append(("authorization", f"Bearer {token}"))
-        return await fetch(self.base + path, self.ca, method=method, headers=all_headers, body=body)
+        return await fetch(
+            self.base + path,
+            self.ca,
+            method=method,
+            headers=all_headers,
+            body=body,
+            local_address=self.local_address,
+        )

@@ -184,15 +184,16 @@ async def test_manifest_misses_beyond_the_memory_cap_wait_for_room(
     metrics = proxy.proxy.metrics
     results: dict[str, FetchResult] = {}
 
-    async def pull(repository: str, tag: str) -> None:
-        client = RegistryClient(proxy.url, ca)
+    async def pull(repository: str, tag: str, address: str) -> None:
+        # two client addresses: one address fetches one manifest at a time under this budget
+        client = RegistryClient(proxy.url, ca, local_address=address)
         results[tag] = await client.request(f"/v2/{repository}/manifests/{tag}", headers=ACCEPT)
 
     async with nursery_within(HANG) as nursery:
-        nursery.start_soon(pull, "library/alpine", "a")
+        nursery.start_soon(pull, "library/alpine", "a", "127.0.0.1")
         await until(lambda: budget.used > 0, budget.wait_changed)  # a's body is on its way
         assert metrics.manifest_bytes_in_flight.get() == budget.used > 100
-        nursery.start_soon(pull, "library/busybox", "b")
+        nursery.start_soon(pull, "library/busybox", "b", "127.0.0.2")
         await until(lambda: budget.waiting == 1, budget.wait_changed)
         assert "b" not in results
         gate.set()
@@ -427,12 +428,13 @@ async def test_senders_of_one_manifest_count_once_and_waiters_go_in_when_room_is
 async def test_one_address_asking_many_large_manifests_without_reading_holds_only_its_share(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
 ) -> None:
+    """A share of 4 MiB holds one 3 MiB manifest of 127.0.0.2; the next one fetched waits for
+    room to be sent, and the other four are not even fetched while it does."""
     size = 3 * 1024 * 1024
     tags = [f"t{i}" for i in range(6)]
     for i, tag in enumerate(tags):
         hub._put_manifest("library/big", tag, MEDIA_DOCKER_MANIFEST, big_manifest(i, size))
     hub._put_manifest("library/small", "v", MEDIA_DOCKER_MANIFEST, big_manifest(99, 4096))
-    # a share of 4 MiB holds one 3 MiB manifest: the other five senders of 127.0.0.2 wait
     proxy = await start_proxy(
         tls=False, cache_dir=str(tmp_path / "cache"), manifest_memory=16 * 1024 * 1024
     )
@@ -452,20 +454,33 @@ async def test_one_address_asking_many_large_manifests_without_reading_holds_onl
         nursery.start_soon(watch)
         for tag in tags:
             socks.append(await never_reading(proxy.port, f"/v2/library/big/manifests/{tag}", token))
-        await until(lambda: budget.waiting == 5, budget.wait_changed)
+        fetch_waits = proxy.proxy.metrics.manifest_fetch_waits
+        await until(lambda: fetch_waits.get() == 5 and budget.waiting == 1, budget.wait_changed)
+        assert big_manifest_gets(hub) == 2  # held, and waiting to be sent: no more asked
         one = budget.client_used("127.0.0.2")
         assert size - 1024 < one == gauge.get() <= size  # one manifest's body, no more
         # another address is answered while they wait
         victim = RegistryClient(proxy.url, ca)
         answer = await victim.request("/v2/library/small/manifests/v", headers=ACCEPT)
         assert answer.status == 200
-        assert budget.waiting == 5
+        assert budget.waiting == 1 and fetch_waits.get() == 5
         for sock in socks:
             sock.close()
         await until(lambda: budget.used == budget.waiting == 0, budget.wait_changed)
         nursery.cancel_scope.cancel()
     assert max(seen) == one  # never more than one of them held at once
-    assert proxy.proxy.metrics.manifest_send_waits.get() >= 5
+    assert proxy.proxy.metrics.manifest_send_waits.get() >= 1
+
+
+def big_manifest_gets(hub: FakeHub) -> int:
+    """The upstream GETs of the big manifests (with a token: not the anonymous probes)."""
+    return sum(
+        1
+        for s in hub.requests
+        if s.method == "GET"
+        and s.target.startswith("/v2/library/big/manifests/t")
+        and "authorization" in s.headers
+    )
 
 
 def big_manifest(seed: int, size: int) -> str:
@@ -534,8 +549,14 @@ async def test_senders_that_waited_without_their_body_send_it_whole_once_let_in(
         answers[tag] = await read_answer(socks[tag])
 
     async with nursery_within(HANG) as nursery:
-        # two fit in the address's 4 MiB share; the other two wait, their bodies dropped
-        await until(lambda: budget.waiting == 2, budget.wait_changed)
+        # two fit in the address's 4 MiB share; the third waits, its body dropped, and the
+        # fourth is not fetched while it does
+        await until(
+            lambda: budget.waiting == 1 and budget.client_used("127.0.0.2") > size,
+            budget.wait_changed,
+        )
+        assert big_manifest_gets(hub) == 3
+        assert proxy.proxy.metrics.manifest_fetch_waits.get() >= 1
         assert budget.client_used("127.0.0.2") <= budget.limits.per_client
         for tag in texts:  # now the client reads: each waiter goes in as room is given back
             nursery.start_soon(read, tag)
@@ -545,7 +566,7 @@ async def test_senders_that_waited_without_their_body_send_it_whole_once_let_in(
         status, body = answers[tag]
         assert status.startswith(b"HTTP/1.1 200 ")
         assert body == text.encode()
-    assert proxy.proxy.metrics.manifest_send_waits.get() == 2
+    assert proxy.proxy.metrics.manifest_send_waits.get() == 1
     assert budget.used == budget.waiting == 0
 
 

@@ -417,6 +417,7 @@ HUB_FAMILIES = {
     "hubproxy_negative_cache_hits",
     "hubproxy_negative_cache_entries",
     "hubproxy_manifest_send_waits",
+    "hubproxy_manifest_fetch_waits",
     "hubproxy_manifest_send_wait_timeouts",
     "hubproxy_manifest_cache_bytes",
     "hubproxy_manifest_cache_manifests",

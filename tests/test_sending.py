@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hubproxy.policy.sending import SendAsk, SendLimits, admit, send_limits
+from hubproxy.policy.sending import SendAsk, SendLimits, admit, may_fetch, send_limits
 
 MiB = 1024 * 1024
 LIMITS = SendLimits(total=10, per_client=4)
@@ -48,10 +48,34 @@ def test_admit(held: list[str], waiting: list[str], granted: list[int]) -> None:
 @pytest.mark.parametrize(
     ("total", "largest", "limits"),
     [
-        (32 * MiB, 4 * MiB, SendLimits(total=32 * MiB, per_client=8 * MiB)),
-        (8 * MiB, 4 * MiB, SendLimits(total=8 * MiB, per_client=4 * MiB)),
-        (MiB, 4 * MiB, SendLimits(total=4 * MiB, per_client=4 * MiB)),  # any one manifest goes
+        (32 * MiB, 4 * MiB, SendLimits(total=32 * MiB, per_client=8 * MiB, fetch_ahead=2)),
+        (8 * MiB, 4 * MiB, SendLimits(total=8 * MiB, per_client=4 * MiB, fetch_ahead=1)),
+        # any one manifest goes
+        (MiB, 4 * MiB, SendLimits(total=4 * MiB, per_client=4 * MiB, fetch_ahead=1)),
     ],
 )
 def test_send_limits(total: int, largest: int, limits: SendLimits) -> None:
     assert send_limits(total, largest) == limits
+
+
+@pytest.mark.parametrize(
+    ("held", "waiting", "fetching", "client", "fetches"),
+    [
+        ([], [], 0, "a", True),
+        (["a:x:3"], [], 0, "a", True),  # under its share: it may fetch one more
+        (["a:x:3"], [], 1, "a", True),  # ... and another while one is on its way
+        (["a:x:3"], [], 2, "a", False),  # not more at once than fetch_ahead (2 here)
+        (["a:x:4"], [], 0, "a", False),  # its share is full of bodies it has not read
+        (["a:x:2", "a:y:2"], [], 0, "a", False),
+        (["a:x:3"], ["a:y:2"], 0, "a", False),  # one of its senders already waits for room
+        ([], ["a:y:2"], 0, "a", False),
+        (["a:x:4", "b:y:3"], ["a:z:1"], 0, "b", True),  # others' bodies and senders do not count
+        (["c:x:9"], ["c:y:9"], 1, "b", True),
+    ],
+)
+def test_may_fetch(
+    held: list[str], waiting: list[str], fetching: int, client: str, fetches: bool
+) -> None:
+    limits = SendLimits(total=10, per_client=4, fetch_ahead=2)
+    held_asks = [ask(h) for h in held]
+    assert may_fetch(limits, held_asks, [ask(w) for w in waiting], fetching, client) is fetches

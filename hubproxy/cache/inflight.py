@@ -29,7 +29,7 @@ Everything here runs on the one trio thread: plain dicts and events, no locks.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ import trio
 
 from ..policy.cachepolicy import ConfirmationKey, FetchKey, admit_fetches
 from ..policy.errors import MirrorBusy
-from ..policy.sending import SendAsk, SendLimits, admit
+from ..policy.sending import SendAsk, SendLimits, admit, may_fetch
 from .manifests import CachedManifest
 
 RETRY_AFTER = b"5"  # seconds: a budget held by upstream bodies moves within moments
@@ -277,6 +277,9 @@ class Outgoing:
     media_type: str
     size: int
     body: bytes | None
+    # the fetch that brought it, counted against its client (``SendBudget.fetching``) until
+    # the sender holds the body or waits for room: called then, once
+    fetched: Callable[[], None] | None = None
 
     @classmethod
     def of(cls, repository: str, manifest: CachedManifest) -> Outgoing:
@@ -301,6 +304,7 @@ class SendBudget:
         on_change: Callable[[int], None] | None = None,
         on_wait: Callable[[], None] | None = None,
         on_timeout: Callable[[], None] | None = None,
+        on_fetch_wait: Callable[[], None] | None = None,
     ) -> None:
         self.limits = limits
         self._held: dict[SendAsk, int] = {}  # (client, digest, size) -> senders holding it
@@ -308,6 +312,8 @@ class SendBudget:
         self._on_change = on_change
         self._on_wait = on_wait
         self._on_timeout = on_timeout
+        self._on_fetch_wait = on_fetch_wait
+        self._fetching: Counter[str] = Counter()  # client -> manifests it is fetching now
         self._queue: list[_Sender] = []
         self._changed = trio.Event()
 
@@ -336,6 +342,10 @@ class SendBudget:
         sender = _Sender(ask, trio.Event())
         self._queue.append(sender)
         self._grant()
+        fetched = outgoing.fetched
+        if fetched is not None:  # held or waiting now: no longer a fetch
+            outgoing.fetched = None
+            fetched()
         if sender.granted.is_set():
             self._note_change()
             return
@@ -357,6 +367,50 @@ class SendBudget:
                 "too many manifests are being sent at once; retry shortly",
                 headers=((b"retry-after", RETRY_AFTER),),
             )
+
+    @asynccontextmanager
+    async def fetching(self, client: str, patience: float) -> AsyncIterator[Callable[[], None]]:
+        """Wait until ``client`` may fetch another manifest (``policy.sending.may_fetch``; at
+        once, no schedule point, if it may now; MirrorBusy after ``patience`` seconds), and
+        count it as fetching for the ``with`` or until the function it gives is called (its
+        body handed to :meth:`hold`)."""
+        if not self._may_fetch(client):
+            if self._on_fetch_wait is not None:
+                self._on_fetch_wait()
+            self._note_change()
+            with trio.move_on_after(patience):
+                while not self._may_fetch(client):
+                    await self._changed.wait()
+            if not self._may_fetch(client):
+                raise MirrorBusy(
+                    "this client has not read the manifests it asked for; retry once it has",
+                    headers=((b"retry-after", RETRY_AFTER),),
+                )
+        self._fetching[client] += 1
+        counted = True
+
+        def handed_over() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._fetching[client] -= 1
+                if not self._fetching[client]:
+                    del self._fetching[client]
+                self._note_change()
+
+        try:
+            yield handed_over
+        finally:
+            handed_over()
+
+    def _may_fetch(self, client: str) -> bool:
+        return may_fetch(
+            self.limits,
+            self._held.keys(),
+            [s.ask for s in self._queue],
+            self._fetching[client],
+            client,
+        )
 
     def _release(self, ask: SendAsk) -> None:
         count = self._held[ask] - 1
@@ -396,7 +450,8 @@ class SendBudget:
         self._queue = [s for i, s in enumerate(self._queue) if i not in picked]
 
     async def wait_changed(self) -> None:
-        """Wait until room is taken or given back, or a sender starts or stops waiting."""
+        """Wait until room is taken or given back, or a sender starts or stops waiting, or a
+        fetch starts waiting (``wait_to_fetch``)."""
         await self._changed.wait()
 
     def _note_change(self) -> None:

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -184,6 +185,7 @@ class PullThrough:
             metrics.manifest_bytes_sending.set,
             on_wait=metrics.manifest_send_waits.inc,
             on_timeout=metrics.manifest_send_wait_timeouts.inc,
+            on_fetch_wait=metrics.manifest_fetch_waits.inc,
         )
 
     def _note_tag_checked(self, key: TagKey) -> None:
@@ -663,36 +665,58 @@ class PullThrough:
             await self._send_manifest(request, response, outgoing)
             return
         fetch: ManifestFetch | None = None
-        if isinstance(decision, Fill) and coalesce:
-            key = FetchKey(route.registry or "", _path(route), accepted)
-            credentials = self._confirmation_key(request, route)
-            running = self.manifest_fetches.current(key)
-            if running is not None:
-                await self._follow(plan, request, response, route, running, credentials)
-                return
-            fetch = self.manifest_fetches.lead(key, credentials)
-        deliver = functools.partial(
-            self._deliver_manifest, request, response, route, accepted, cached, fetch
-        )
+        counted = AsyncExitStack()  # this client's fetch, counted (policy.sending.may_fetch)
+        handed_over: Callable[[], None] | None = None
         try:
-            await self.forwarder.run_flow(
-                plan,
+            if isinstance(decision, Fill) and coalesce:
+                key = FetchKey(route.registry or "", _path(route), accepted)
+                credentials = self._confirmation_key(request, route)
+                running = self.manifest_fetches.current(key)
+                if running is None and request.method == "GET":
+                    # a client that is not reading its manifests gets no more fetched meanwhile
+                    handed_over = await counted.enter_async_context(
+                        self.manifest_sending.fetching(
+                            client_key(request.client_ip),
+                            self.forwarder.config.timeouts.upstream_idle,
+                        )
+                    )
+                    running = self.manifest_fetches.current(key)  # someone may have started it
+                if running is not None:
+                    await counted.aclose()
+                    await self._follow(plan, request, response, route, running, credentials)
+                    return
+                fetch = self.manifest_fetches.lead(key, credentials)
+            deliver = functools.partial(
+                self._deliver_manifest,
                 request,
                 response,
-                upstreams=self.forwarder.upstreams_for(route),
-                deliver=deliver,
+                route,
+                accepted,
+                cached,
+                fetch,
+                handed_over,
             )
-        except ProxyError:
-            stale = after_upstream(None, cached=cached is not None, stale_ok=facts.stale_ok)
-            if response.started or cached is None or not isinstance(stale, ServeStale):
-                raise
-            self._note_stale(route, "a manifest", response)
-            self._count_pull(request, route, hit=True)
-            outgoing, cached = Outgoing.of(repository, cached), None
-            await self._send_manifest(request, response, outgoing)
+            try:
+                await self.forwarder.run_flow(
+                    plan,
+                    request,
+                    response,
+                    upstreams=self.forwarder.upstreams_for(route),
+                    deliver=deliver,
+                )
+            except ProxyError:
+                stale = after_upstream(None, cached=cached is not None, stale_ok=facts.stale_ok)
+                if response.started or cached is None or not isinstance(stale, ServeStale):
+                    raise
+                self._note_stale(route, "a manifest", response)
+                self._count_pull(request, route, hit=True)
+                outgoing, cached = Outgoing.of(repository, cached), None
+                await self._send_manifest(request, response, outgoing)
+            finally:
+                if fetch is not None:  # failed or cancelled before storing: followers go alone
+                    self.manifest_fetches.finish(fetch, None)
         finally:
-            if fetch is not None:  # failed or cancelled before storing: followers go on alone
-                self.manifest_fetches.finish(fetch, None)
+            await counted.aclose()
 
     async def _follow(
         self,
@@ -830,6 +854,7 @@ class PullThrough:
         accepted: frozenset[str],
         cached: CachedManifest | None,
         fetch: ManifestFetch | None,
+        handed_over: Callable[[], None] | None,
         conn: UpstreamConnection,
         head: h11.Response,
         headers: Headers,
@@ -896,6 +921,7 @@ class PullThrough:
             key = TagKey(state_name(route), reference, accepted)
             self._note_tag_checked(key)
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
+        outgoing.fetched = handed_over  # a fetch of its client's until held (or waiting)
         await self._send_held(request, response, outgoing, head.status_code, headers, head.reason)
 
     async def _send_manifest(

@@ -857,6 +857,13 @@ class HubMetrics:
                 "a quarter of it per client address, at least one 4 MiB manifest).",
             )
         )
+        self.manifest_fetch_waits = registry.register(
+            Counter(
+                "hubproxy_manifest_fetch_waits",
+                "Manifest misses that waited before asking the upstream: their client's "
+                "manifests already filled its share of --manifest-memory unread.",
+            )
+        )
         self.manifest_send_wait_timeouts = registry.register(
             Counter(
                 "hubproxy_manifest_send_wait_timeouts",

@@ -16,9 +16,16 @@ room in a budget first:
    else is held);
 4. waiters are served in arrival order, except that a waiter over its own client's share does
    not hold up those behind it (it could not take the room anyway), and one whose manifest is
-   already held by someone (no new bytes) goes past a waiter that does not fit.
+   already held by someone (no new bytes) goes past a waiter that does not fit;
+5. a client whose bodies fill its share, or one of whose senders waits for room, fetches no
+   new manifest from the upstream until that changes (:func:`may_fetch`): it is not reading
+   what it asked for, and every manifest fetched meanwhile would cost the upstream, the
+   mirror's CPU and a read back from the store, for nobody. Nor does a client fetch more at
+   once than its share holds of the largest manifests (``fetch_ahead``): a hundred requests
+   sent at once would all be fetched before the first body was held.
 
-:func:`admit` is the whole decision; ``cache/inflight.py`` does the waiting and the counting.
+:func:`admit` and :func:`may_fetch` are the whole decision; ``cache/inflight.py`` does the
+waiting and the counting.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class SendLimits:
 
     total: int  # all clients together, each manifest counted once
     per_client: int  # one client address, each manifest it sends counted once
+    fetch_ahead: int = 1  # manifests one client address may be fetching at once (:func:`may_fetch`)
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,12 @@ class SendAsk:
 
 def send_limits(total: int, largest: int) -> SendLimits:
     """The bounds from ``--manifest-memory`` (``total``): a client's share is a quarter of it,
-    but at least ``largest`` (the largest manifest kept), and ``total`` at least one share."""
+    but at least ``largest`` (the largest manifest kept), and ``total`` at least one share; a
+    client fetches as many manifests at once as its share holds of the largest."""
     per_client = max(total // 4, largest)
-    return SendLimits(total=max(total, per_client), per_client=per_client)
+    return SendLimits(
+        total=max(total, per_client), per_client=per_client, fetch_ahead=per_client // largest
+    )
 
 
 def admit(limits: SendLimits, held: Collection[SendAsk], waiting: Sequence[SendAsk]) -> list[int]:
@@ -83,3 +94,18 @@ def admit(limits: SendLimits, held: Collection[SendAsk], waiting: Sequence[SendA
         holding.add((ask.client, ask.digest))
         granted.append(index)
     return granted
+
+
+def may_fetch(
+    limits: SendLimits,
+    held: Collection[SendAsk],
+    waiting: Collection[SendAsk],
+    fetching: int,
+    client: str,
+) -> bool:
+    """Whether ``client``, already ``fetching`` that many manifests, may fetch another from the
+    upstream now: not while the bodies held for sending to it fill its share, nor while one of
+    its senders waits for room, nor beyond ``fetch_ahead`` at once."""
+    if fetching >= max(1, limits.fetch_ahead) or any(ask.client == client for ask in waiting):
+        return False
+    return sum(ask.size for ask in held if ask.client == client) < limits.per_client
