@@ -324,3 +324,14 @@ async def test_no_caps_by_default_no_waits(
     assert await pull(proxy, ca, token, blob) < 0.1
     assert await pull(proxy, ca, token, blob) < 0.1
     assert proxy.server.figures().bandwidth.delayed_bytes == {}
+
+
+async def test_the_status_page_shows_the_caps(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    proxy = await start_proxy(client_bandwidth=10 * 1024 * 1024, total_bandwidth=25 * MB)
+    page = (await fetch(proxy.url + "/", ca)).body.decode()
+    assert "Bandwidth caps" in page
+    assert "10 MiB/s per client, 23.8 MiB/s in all; 0 addresses paced now" in page
+    plain = await start_proxy()
+    assert "Bandwidth caps" not in (await fetch(plain.url + "/", ca)).body.decode()
