@@ -312,8 +312,14 @@ def cache_size(text: str) -> int:
 def bandwidth(text: str) -> int | None:
     """``--client-bandwidth``, ``--total-bandwidth``: bytes per second written as a size
     (``50M`` is 50 MiB/s, ``50MB`` 50 x 10^6 bytes/s; ``/s`` may follow), or ``off``."""
-    if text.strip().lower() == "off":
+    text = text.strip()
+    if text.lower() == "off":
         return None
+    if re.fullmatch(r"\d+(?:\.\d*)?", text):
+        raise ValueError(
+            f"{text!r} has no unit: write {text}M for {text} MiB/s, {text}MB for {text} x 10^6 "
+            f"bytes/s (G, GB likewise; a {text} Mbit/s line is {float(text) / 8:g}MB)"
+        )
     try:
         return parse_size(text.strip().removesuffix("/s"), minimum=MIN_RATE)
     except SizeTooSmall as exc:

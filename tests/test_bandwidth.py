@@ -335,3 +335,33 @@ async def test_the_status_page_shows_the_caps(
     assert "10 MiB/s per client, 23.8 MiB/s in all; 0 addresses paced now" in page
     plain = await start_proxy()
     assert "Bandwidth caps" not in (await fetch(plain.url + "/", ca)).body.decode()
+
+
+async def test_a_client_leaving_while_paced_leaves_nothing_queued(
+    hub: FakeHub, start_cached: StartProxy, ca: trustme.CA, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One of two clients under the total hangs up mid-blob: its queued piece goes away with
+    it, and the other gets the whole total from then on."""
+    blobs = [blob_of(30, 3 * MB), blob_of(31, 3 * MB)]
+    proxy = await start_cached(total_bandwidth=2 * MB)
+    token = await setup(hub, proxy, ca, *blobs)
+    for blob in blobs:
+        await pull(proxy, ca, token, blob)
+    auth = [("authorization", f"Bearer {token}")]
+    took: list[float] = []
+
+    async def stay() -> None:
+        took.append(await pull(proxy, ca, token, blobs[1], OTHER))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stay)
+        leaver = await connect_from("127.0.0.1", proxy, ca)
+        await leaver.send_request("GET", f"/v2/library/alpine/blobs/{digest_of(blobs[0])}", auth)
+        assert (await leaver.receive_head()).status_code == 200
+        await leaver.receive_body(limit=500_000)
+        await leaver.aclose()
+    # about 0.5 s sharing (1 MB/s each), then the remaining ~2.5 MB at 2 MB/s
+    assert 1.5 < took[0] < 2.2
+    pacer = proxy.server.pacer
+    assert pacer is not None and pacer.queued() == 0
+    assert proxy.server.figures().bandwidth.paced_clients == 0

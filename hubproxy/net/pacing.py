@@ -124,6 +124,10 @@ class Pacer:
             pacing.spend(key, piece.count, now)
             piece.granted.set()
 
+    def queued(self) -> int:
+        """Pieces waiting for the total now."""
+        return sum(len(queue) for queue in self._queues.values())
+
     def figures(self) -> PacingFigures:
         return PacingFigures(
             self.caps, dict(self.delayed_bytes), dict(self.paced_seconds), len(self._waiting)
