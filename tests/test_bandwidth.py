@@ -204,6 +204,17 @@ async def pull(
     return trio.current_time() - started
 
 
+async def test_without_a_cache_the_relay_is_paced(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Passed through from the upstream, chunk by chunk: paced all the same."""
+    blob = blob_of(4, 3 * MB)
+    proxy = await start_proxy(client_bandwidth=MB)
+    assert proxy.proxy.pullthrough is None
+    token = await setup(hub, proxy, ca, blob)
+    assert 2.75 <= await pull(proxy, ca, token, blob) < 3.5
+
+
 async def test_one_client_is_capped_on_a_miss_and_a_hit(
     hub: FakeHub, start_cached: StartProxy, ca: trustme.CA, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -243,35 +254,39 @@ async def test_a_sendfile_hit_is_paced(
 
 
 @pytest.mark.parametrize(
-    ("sizes", "finish"),
+    "pulls",
     [
-        ((3 * MB, 3 * MB), (3.0, 3.0)),  # 1 MB/s each: half the total
-        ((2 * MB, 6 * MB), (2.0, 4.0)),  # half each until the first is done, then all of it
+        # (address, MB, seconds it takes) under a total of 2 MB/s
+        [("127.0.0.1", 3, 3.0), (OTHER, 3, 3.0)],  # 1 MB/s each: half the total
+        # half each until the first is done, then all of it to the other
+        [("127.0.0.1", 2, 2.0), (OTHER, 6, 4.0)],
+        # shares are per address, not per connection: two connections of 127.0.0.1 share its
+        # half (0.5 MB/s each) until OTHER is done; per connection, all three would take 3 s
+        [("127.0.0.1", 2, 3.0), ("127.0.0.1", 2, 3.0), (OTHER, 2, 2.0)],
     ],
 )
-async def test_two_clients_share_the_total_fairly(
+async def test_clients_share_the_total_fairly(
     hub: FakeHub,
     start_cached: StartProxy,
     ca: trustme.CA,
     autojump_clock: trio.testing.MockClock,
-    sizes: tuple[int, int],
-    finish: tuple[float, float],
+    pulls: list[tuple[str, int, float]],
 ) -> None:
-    blobs = [blob_of(10 + i, size) for i, size in enumerate(sizes)]
+    blobs = [blob_of(10 + i, size * MB) for i, (_, size, _) in enumerate(pulls)]
     proxy = await start_cached(total_bandwidth=2 * MB)
     token = await setup(hub, proxy, ca, *blobs)
     for blob in blobs:  # cached first: hits, so that only the cap sets the pace
         await pull(proxy, ca, token, blob)
-    took: dict[str, float] = {}
+    took: dict[int, float] = {}
 
-    async def one(source: str, blob: bytes) -> None:
-        took[source] = await pull(proxy, ca, token, blob, source)
+    async def one(index: int, source: str, blob: bytes) -> None:
+        took[index] = await pull(proxy, ca, token, blob, source)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(one, "127.0.0.1", blobs[0])
-        nursery.start_soon(one, OTHER, blobs[1])
-    assert took["127.0.0.1"] == pytest.approx(finish[0], rel=0.12)
-    assert took[OTHER] == pytest.approx(finish[1], rel=0.12)
+        for index, ((source, _, _), blob) in enumerate(zip(pulls, blobs, strict=True)):
+            nursery.start_soon(one, index, source, blob)
+    for index, (_, _, seconds) in enumerate(pulls):
+        assert took[index] == pytest.approx(seconds, rel=0.12), pulls[index]
     assert proxy.server.figures().bandwidth.delayed_bytes["total"] > 0
 
 
