@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .net.pacing import BandwidthCaps
 from .net.settings import Limits, ListenerSettings, Timeouts
 from .policy.access import ImageRules, NetworkList
 from .policy.accounting import DEFAULT_TOP, DEFAULT_WINDOW
@@ -44,6 +45,8 @@ class Config:
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)
     max_connections_per_client: int = 128  # client connections from one address (IPv6: /64)
     max_pending_per_client: int = 16  # requests of one address worked on before their answer
+    client_bandwidth: int | None = None  # bytes/s to one client address; None: no cap
+    total_bandwidth: int | None = None  # bytes/s to all clients (this process: / workers)
     workers: int = 1  # processes on the listening port (SO_REUSEPORT); 1: no supervisor
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
@@ -101,6 +104,11 @@ class Config:
             max_connections_per_client=self.max_connections_per_client,
             max_pending_per_client=self.max_pending_per_client,
             reuse_port=self.workers > 1,
+            bandwidth=BandwidthCaps(
+                self.client_bandwidth,
+                # each worker paces its own clients: the line's total is split between them
+                self.total_bandwidth // self.workers if self.total_bandwidth else None,
+            ),
         )
 
     @property

@@ -48,6 +48,7 @@ from .cache.claims import Claims
 from .cache.manifests import MAX_MANIFEST
 from .cache.pullthrough import PullThrough
 from .cache.store import FillState
+from .net.pacing import BandwidthCaps
 from .net.server import ClientConnection, Handler, Server
 from .net.settings import ListenerSettings
 from .net.streams import ByteStream, close_forcefully, open_upstream
@@ -578,7 +579,8 @@ async def prefetch_in_process(
 ) -> Tally:
     """``hubproxy prefetch`` without ``--mirror``: pull through ``proxy`` (built from the
     server's settings, on its cache directory) in this process, over socket pairs."""
-    server = Server(dataclasses.replace(listener, cert=None, key=None))
+    # no bandwidth caps: they are for the clients of the server, not for filling its cache
+    server = Server(dataclasses.replace(listener, cert=None, key=None, bandwidth=BandwidthCaps()))
     pullthrough = proxy.pullthrough
     try:
         async with trio.open_nursery() as background:

@@ -59,6 +59,7 @@ from .policy.cachepolicy import (
     TtlRule,
     check_tag_pattern,
 )
+from .policy.pacing import MIN_RATE
 from .policy.prefetch import (
     ImageRef,
     Platform,
@@ -308,6 +309,25 @@ def cache_size(text: str) -> int:
         raise SizeTooSmall(f"{exc}; to turn the cache off use --no-cache") from None
 
 
+def bandwidth(text: str) -> int | None:
+    """``--client-bandwidth``, ``--total-bandwidth``: bytes per second written as a size
+    (``50M`` is 50 MiB/s, ``50MB`` 50 x 10^6 bytes/s; ``/s`` may follow), or ``off``."""
+    text = text.strip()
+    if text.lower() == "off":
+        return None
+    if re.fullmatch(r"\d+(?:\.\d*)?", text):
+        raise ValueError(
+            f"{text!r} has no unit: write {text}M for {text} MiB/s, {text}MB for {text} x 10^6 "
+            f"bytes/s (G, GB likewise; a {text} Mbit/s line is {float(text) / 8:g}MB)"
+        )
+    try:
+        return parse_size(text.strip().removesuffix("/s"), minimum=MIN_RATE)
+    except SizeTooSmall as exc:
+        raise SizeTooSmall(
+            f"{exc}/s, the slowest cap; for no cap leave it unset (or write off)"
+        ) from None
+
+
 # Go's time.ParseDuration units, plus days: ``1h30m``, ``250ms``, ``1.5s``.
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)"
@@ -521,6 +541,26 @@ SETTINGS: tuple[Setting, ...] = (
         16,
         metavar="N",
         bound=AT_LEAST_ONE,
+    ),
+    Setting(
+        "client-bandwidth",
+        "bytes per second sent to one client address (an IPv6 client: its /64), e.g. 50M "
+        "(M, G: MiB/s, GiB/s; MB, GB: 10^6, 10^9 bytes/s): cache hits, misses and everything "
+        "else, paced (never dropped); a miss slows its upstream download with it, never a "
+        "cache fill other clients follow (default: no cap)",
+        LISTEN,
+        metavar="RATE",
+        parse=bandwidth,
+    ),
+    Setting(
+        "total-bandwidth",
+        "bytes per second sent to all clients together, e.g. 200M (units as "
+        "--client-bandwidth), shared fairly between the addresses that want it: one using "
+        "less than its share leaves the rest to the others; with --workers N each process "
+        "takes 1/N (default: no cap)",
+        LISTEN,
+        metavar="RATE",
+        parse=bandwidth,
     ),
     Setting(
         "workers",
@@ -1294,6 +1334,8 @@ def build_config(values: Values) -> Config:
         max_connections_per_client=cast(int, p["max_connections_per_client"]),
         max_pending_per_client=cast(int, p["max_pending_per_client"]),
         workers=cast(int, p["workers"]),
+        client_bandwidth=cast(int | None, p["client_bandwidth"]),
+        total_bandwidth=cast(int | None, p["total_bandwidth"]),
         pool_max_per_origin=cast(int, p["pool_max_per_origin"]),
         pool_max_per_client=cast(int, p["pool_max_per_client"]),
         pool_reserve_small=cast(int, p["pool_reserve_small"]),

@@ -41,6 +41,7 @@ from ..policy.errors import (
 )
 from ..policy.headers import Headers, get_header, lax_framing
 from .fairness import Fairness, Serving, serving
+from .pacing import Pacer, PacingFigures
 from .settings import ListenerSettings
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
@@ -210,8 +211,12 @@ class ClientResponse:
 
     async def send(self, chunk: bytes | bytearray | memoryview) -> None:
         head = self._take_head()
-        data = self._client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
-        await self._client.send_bytes(head + data if head else data)
+        client = self._client
+        data = client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
+        if client.pacer is None:
+            await client.send_bytes(head + data if head else data)
+        else:
+            await self._send_paced(client.pacer, head, data)
         self.record.bytes_sent += len(chunk)
         if self.on_sent is not None:
             self.on_sent(len(chunk))
@@ -228,6 +233,17 @@ class ClientResponse:
                 # the caller may reuse its buffer, or the view pins a larger one (a big
                 # manifest a waiting sender would otherwise let go of)
                 self.tap.append(bytes(chunk))
+
+    async def _send_paced(self, pacer: Pacer, head: bytes, data: bytes) -> None:
+        """Send ``data`` (the head, if any, along with its first piece) in pieces, each when
+        the bandwidth caps let it go (net.pacing): a large chunk does not leave in one burst."""
+        key = self._client.key
+        view = memoryview(data)
+        for start in range(0, len(view), pacer.piece):
+            piece = view[start : start + pacer.piece]
+            await pacer.take(key, len(piece))
+            await self._client.send_bytes(head + piece if head else piece)
+            head = b""
 
     async def flush(self) -> None:
         """Send a head still waiting for body bytes (before a body that bypasses h11)."""
@@ -257,21 +273,30 @@ class ClientResponse:
         await self.flush()
         self._client.body_bypassed = True
         end = offset + count
+        pacer, key = self._client.pacer, self._client.key
+        idle = self._client.settings.timeouts.client_idle
         try:
-            with trio.fail_after(self._client.settings.timeouts.client_idle):
+            with trio.fail_after(idle) as scope:
                 while offset < end:
-                    try:
-                        sent = os.sendfile(sock.fileno(), fd, offset, end - offset)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                        continue
-                    if sent == 0:
-                        raise ResponseAborted("the cached file is shorter than recorded")
-                    offset += sent
-                    self.record.bytes_sent += sent
-                    if self.on_sent is not None:
-                        self.on_sent(sent)
-                    await trio.lowlevel.checkpoint_if_cancelled()
+                    stop = end
+                    if pacer is not None:  # one piece per wait (net.pacing)
+                        stop = min(end, offset + pacer.piece)
+                        await pacer.take(key, stop - offset)
+                        # the time paced is not the client's: the idle timeout starts again
+                        scope.deadline = trio.current_time() + idle
+                    while offset < stop:
+                        try:
+                            sent = os.sendfile(sock.fileno(), fd, offset, stop - offset)
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(sock)
+                            continue
+                        if sent == 0:
+                            raise ResponseAborted("the cached file is shorter than recorded")
+                        offset += sent
+                        self.record.bytes_sent += sent
+                        if self.on_sent is not None:
+                            self.on_sent(sent)
+                        await trio.lowlevel.checkpoint_if_cancelled()
         except (trio.TooSlowError, OSError) as exc:
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
 
@@ -311,18 +336,27 @@ class ConnectionFigures:
     turn_waits: int = 0  # requests that ever had to wait for one
     turn_timeouts: int = 0  # ... and got a 503 instead
     fair_share_waits: int = 0  # units of TLS work that waited for the fair share (net.fairness)
+    bandwidth: PacingFigures = field(default_factory=PacingFigures)  # the caps (net.pacing)
 
 
 class ClientConnection:
     """One client connection: an h11 server loop with timeouts."""
 
     def __init__(
-        self, stream: ByteStream, *, settings: ListenerSettings, client_ip: str, scheme: str
+        self,
+        stream: ByteStream,
+        *,
+        settings: ListenerSettings,
+        client_ip: str,
+        scheme: str,
+        pacer: Pacer | None = None,
     ) -> None:
         self.stream = stream
         self.settings = settings
         self.client_ip = client_ip
+        self.key = client_key(client_ip)  # its address as the per-address limits count it
         self.scheme = scheme
+        self.pacer = pacer  # the bandwidth caps, when any is set (net.pacing)
         self.conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.settings.limits.max_head_size
         )
@@ -638,7 +672,7 @@ class ClientConnection:
     async def send_event(self, event: h11.Event) -> None:
         await self.send_bytes(self.frame(event))
 
-    async def send_bytes(self, data: bytes) -> None:
+    async def send_bytes(self, data: bytes | memoryview) -> None:
         """Send framed bytes to the client, bounded by the client idle timeout."""
         if not data:
             return
@@ -729,6 +763,8 @@ class Server:
         self.reclaimed = 0  # idle connections closed to make room
         self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
         self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
+        # --client-bandwidth, --total-bandwidth; None: no cap, and no cost in the send path
+        self.pacer = Pacer(settings.bandwidth) if settings.bandwidth.on else None
         self._last_refusal_warning: dict[Connection, float] = {}
         # when each client address was last logged about (see EPISODE), by condition
         self._untrusting: dict[str, float] = {}
@@ -761,6 +797,8 @@ class Server:
         try:
             async with trio.open_nursery() as beside:
                 beside.start_soon(self.fairness.keep_batches_coming)
+                if self.pacer is not None:
+                    beside.start_soon(self.pacer.dispatch)
                 async with trio.open_nursery() as connections:
                     with self._listen_scope:
                         async with trio.open_nursery() as accepting:
@@ -855,6 +893,7 @@ class Server:
             fair_share_waits=self.fairness.waits,
             turn_waits=self.turns.waits,
             turn_timeouts=self.turns.wait_timeouts,
+            bandwidth=self.pacer.figures() if self.pacer is not None else PacingFigures(),
         )
 
     async def _refuse(self, tcp: trio.SocketStream, verdict: Connection, client_ip: str) -> None:
@@ -930,7 +969,11 @@ class Server:
                 await close_forcefully(tcp)
                 return
         client = ClientConnection(
-            stream, settings=self.settings, client_ip=client_ip, scheme=scheme
+            stream,
+            settings=self.settings,
+            client_ip=client_ip,
+            scheme=scheme,
+            pacer=self.pacer,
         )
         self._track(client, add=True)
         try:

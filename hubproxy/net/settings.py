@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .pacing import BandwidthCaps
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -45,3 +47,5 @@ class ListenerSettings:
     # several processes listen on the same port (--workers): SO_REUSEPORT, the kernel spreads
     # new connections over them
     reuse_port: bool = False
+    # --client-bandwidth, --total-bandwidth (net.pacing); off by default
+    bandwidth: BandwidthCaps = field(default_factory=BandwidthCaps)

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from .. import __version__
+from ..net.pacing import CAPS as BANDWIDTH_CAPS
+from ..net.pacing import PacingFigures
 from ..policy.accounting import (
     IDENTITIES,
     PullAccounting,
@@ -567,6 +569,7 @@ def pool_figures(pool: Pool) -> PoolFigures:
 
 
 PoolSource = Callable[[], PoolFigures]
+_NO_PACING = PacingFigures()
 _NO_POOL = PoolFigures({}, {}, {}, {}, {}, 0, {})
 ManifestSource = Callable[[], ManifestFigures | None]
 
@@ -714,6 +717,45 @@ class HubMetrics:
                 "Units of TLS work (a handshake step, a chunk to decrypt or encrypt) held for a "
                 "later scheduler round, so that a busier client address goes after a lighter one.",
                 lambda: self._turn_figure("fair_share_waits"),
+            )
+        )
+        self.bandwidth_client_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_bandwidth_client_limit_bytes_per_second",
+                "--client-bandwidth: the most bytes per second sent to one client address "
+                "(0: no cap).",
+                lambda: float(self._bandwidth().caps.client or 0),
+            )
+        )
+        self.bandwidth_total_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_bandwidth_total_limit_bytes_per_second",
+                "--total-bandwidth: the most bytes per second sent to all clients together "
+                "(0: no cap).",
+                lambda: float(self._bandwidth().caps.total or 0),
+            )
+        )
+        self.bandwidth_delayed = registry.register(
+            CounterFunction(
+                "hubproxy_bandwidth_delayed_bytes",
+                "Response bytes that waited for a bandwidth cap before being sent, by cap.",
+                lambda: {(cap,): float(n) for cap, n in self._bandwidth_counts(True).items()},
+                ("cap",),
+            )
+        )
+        self.bandwidth_paced = registry.register(
+            CounterFunction(
+                "hubproxy_bandwidth_paced_seconds",
+                "Time responses waited for a bandwidth cap, summed over responses, by cap.",
+                lambda: {(cap,): float(n) for cap, n in self._bandwidth_counts(False).items()},
+                ("cap",),
+            )
+        )
+        self.bandwidth_paced_clients = registry.register(
+            GaugeFunction(
+                "hubproxy_bandwidth_paced_clients",
+                "Client addresses with a response waiting for a bandwidth cap now.",
+                lambda: float(self._bandwidth().paced_clients),
             )
         )
         self.denied = registry.register(
@@ -982,6 +1024,15 @@ class HubMetrics:
     def _turn_figure(self, name: str) -> float:
         figures = self._connection_figures()
         return float(getattr(figures, name)) if figures is not None else 0.0
+
+    def _bandwidth(self) -> PacingFigures:
+        figures = self._connection_figures()
+        return figures.bandwidth if figures is not None else _NO_PACING
+
+    def _bandwidth_counts(self, delayed: bool) -> dict[str, float]:
+        figures = self._bandwidth()
+        counts = figures.delayed_bytes if delayed else figures.paced_seconds
+        return {cap: float(counts.get(cap, 0)) for cap in BANDWIDTH_CAPS}
 
     def _connection_states(self) -> dict[LabelValues, float]:
         figures = self._connection_figures()

@@ -177,6 +177,7 @@ class StatusFigures:
     spending: Spending | None = None  # who spent the rate limit; None: not known
     largest: tuple[Image, ...] = ()  # cached images, largest first (cache/inventory.TOPS)
     most_pulled: tuple[Image, ...] = ()  # cached images, most pulled first
+    bandwidth: str | None = None  # the caps and the addresses paced now; None: no cap
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +256,7 @@ def status_figures(
         prefetch=metrics.prefetch_status,
         largest=tops[0],
         most_pulled=tops[1],
+        bandwidth=bandwidth_line(metrics),
     )
     if families is None:
         return figures
@@ -272,6 +274,22 @@ def status_figures(
         trends=trends,
         spending=spending_figures(metrics, families),
     )
+
+
+def bandwidth_line(metrics: HubMetrics) -> str | None:
+    """``10 MiB/s per client, 23.8 MiB/s in all; 2 addresses paced now``, or None without
+    a cap (this process's caps: under --workers the total is its part)."""
+    figures = metrics.connections() if metrics.connections is not None else None
+    if figures is None or not figures.bandwidth.caps.on:
+        return None
+    caps = figures.bandwidth.caps
+    parts = []
+    if caps.client:
+        parts.append(f"{format_size(caps.client)}/s per client")
+    if caps.total:
+        parts.append(f"{format_size(caps.total)}/s in all")
+    paced = figures.bandwidth.paced_clients
+    return f"{', '.join(parts)}; {paced} address{'' if paced == 1 else 'es'} paced now"
 
 
 def _ranked(families: Families, name: str, label: str) -> tuple[tuple[str, float], ...]:
@@ -421,6 +439,8 @@ def _figures(status: StatusFigures) -> list[str]:
         rows.append(_row("Free disk (cache)", escape(f"{format_size(status.disk_free)} free")))
     if status.prefetch is not None:
         rows.append(_row("Prefetch list", escape(status.prefetch)))
+    if status.bandwidth is not None:
+        rows.append(_row("Bandwidth caps", escape(status.bandwidth)))
     return [
         "<table>",
         *rows,

@@ -53,6 +53,7 @@ SHARED_GAUGES = frozenset(
         "hubproxy_build_info",
         "hubproxy_ratelimit_limit",
         "hubproxy_ratelimit_low",
+        "hubproxy_bandwidth_client_limit_bytes_per_second",  # (the total's: each worker's part)
     }
 )
 EARLIEST_GAUGES = frozenset(
