@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
@@ -29,6 +30,7 @@ from hubproxy.cache.objects import (
     probe_conditional_put,
 )
 from hubproxy.cache.pullthrough import PullThrough
+from hubproxy.cache.shared import SharedStore
 from tests.conftest import RunningProxy, TLSFiles, make_config
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
@@ -93,6 +95,12 @@ def pullthrough(proxy: RunningProxy) -> PullThrough:
     return proxy.proxy.pullthrough
 
 
+def shared_of(proxy: RunningProxy) -> SharedStore:
+    shared = pullthrough(proxy).blobs.shared
+    assert isinstance(shared, SharedStore)
+    return shared
+
+
 def bucket_keys(url: str, endpoint: str) -> dict[str, int]:
     return dict(open_object_store(url, endpoint).list("blobs"))
 
@@ -126,7 +134,7 @@ class Instance:
 
 
 async def run_instance(
-    nursery: trio.Nursery, hub: FakeHub, tls_files: TLSFiles, **overrides: object
+    nursery: trio.Nursery, hub: FakeHub, tls_files: TLSFiles, **overrides: Any
 ) -> tuple[RunningProxy, Instance]:
     config = make_config(hub, tls_files, **overrides)
     instance = Instance()
@@ -164,8 +172,7 @@ async def warm_bucket(
         s3_endpoint=moto_url,
     )
     blobs = await pull(first, ca, "library/busybox", "latest")
-    shared = pullthrough(first).blobs.shared
-    assert shared is not None
+    shared = shared_of(first)
     with trio.fail_after(10):
         await pullthrough(first).wait_probes()  # "may anyone read it?", kept in the state
         await shared.wait_idle()
@@ -209,8 +216,8 @@ async def test_a_new_instance_serves_from_the_bucket_with_the_upstream_down(
         s3_endpoint=moto_url,
     )
     assert await pull(second, ca, "library/busybox", "latest") == blobs
-    shared = pullthrough(second).blobs.shared
-    assert shared is not None and shared.reads == len(blobs) and shared.commits == 0
+    shared = shared_of(second)
+    assert shared.reads == len(blobs) and shared.commits == 0
     assert pullthrough(second).stats.stale_answers > 0
     for digest in blobs:  # now on its own disk too
         assert pullthrough(second).blobs.size_of(digest.removeprefix("sha256:")) is not None
@@ -249,8 +256,7 @@ async def test_a_blob_changed_in_the_bucket_is_never_completed_to_a_client(
         assert answer.body == good
     assert answer.body != bytes(bad)
     assert pullthrough(second).stats.verification_failures >= 1
-    shared = pullthrough(second).blobs.shared
-    assert shared is not None
+    shared = shared_of(second)
     with trio.fail_after(10):
         await shared.wait_idle()
     # the changed object was deleted from the bucket, and the blob fetched from the upstream

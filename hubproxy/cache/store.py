@@ -75,7 +75,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -83,9 +83,6 @@ from ..net.buffers import BODIES
 from ..net.fairness import serving
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
-
-if TYPE_CHECKING:
-    from .shared import SharedStore
 
 log = logging.getLogger("hubproxy.cache")
 
@@ -119,6 +116,16 @@ class SharedFills(Protocol):
     def remove(
         self, store: BlobStore, keys: Iterable[str]
     ) -> tuple[list[tuple[str, int]], list[str]]: ...
+
+
+class SharedTier(Protocol):
+    """What the store and the pull-through driver ask of the object store shared by several
+    instances (``--cache-store``): :class:`hubproxy.cache.shared.SharedStore`."""
+
+    async def commit(self, key: str, path: Path) -> None: ...
+    async def fill_from_store(
+        self, blobs: BlobStore, key: str, source: str, nursery: trio.Nursery
+    ) -> bool: ...
 
 
 class BodySource(Protocol):
@@ -550,7 +557,7 @@ class BlobStore:
         # deleted when the last reader closes (unless a new fill put another file there)
         self.doomed: dict[str, int] = {}
         # --cache-store: the object store verified blobs are committed to (cache/shared.py)
-        self.shared: SharedStore | None = None
+        self.shared: SharedTier | None = None
 
     # -- start-up --------------------------------------------------------------------------
 
