@@ -92,7 +92,9 @@ async def serve(
         raise StartupError(str(exc)) from exc
     shared_store = None
     if config.cache_store is not None and config.cache_dir is not None:
-        shared_store = await start_shared_store(config, Path(config.cache_dir))
+        # --workers: the workers open one state.db at once; replacing it under them is unsafe,
+        # so only a single process starts from the store's snapshot (and saves one)
+        shared_store = await start_shared_store(config, Path(config.cache_dir), seed=role is None)
     proxy = build_proxy(config, server=server, shared=role is not None, shared_store=shared_store)
     try:
         await server.bind()  # before any nursery, so the error is not in an ExceptionGroup
@@ -148,16 +150,16 @@ async def serve(
             await proxy.pool.aclose()
             if proxy.pullthrough is not None:  # its writer commits what is pending
                 await trio.to_thread.run_sync(proxy.pullthrough.manifests.close)
-                if shared_store is not None and config.cache_dir is not None:
+                if shared_store is not None and config.cache_dir is not None and role is None:
                     # the state a new instance on an empty directory starts from
                     database = Path(config.cache_dir) / DATABASE
                     await trio.to_thread.run_sync(shared_store.save_state, database)
 
 
-async def start_shared_store(config: Config, cache_dir: Path) -> SharedStore:
+async def start_shared_store(config: Config, cache_dir: Path, *, seed: bool) -> SharedStore:
     """``--cache-store`` at start: open it, check that it refuses a second create-only put
-    (StartupError if not, or if it cannot be reached), and let an empty cache directory begin
-    from its manifest state; before the stores open."""
+    (StartupError if not, or if it cannot be reached), and (``seed``) let an empty cache
+    directory begin from its manifest state; before the stores open."""
     shared_store = open_shared_store(config)
     (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
     try:
@@ -166,7 +168,8 @@ async def start_shared_store(config: Config, cache_dir: Path) -> SharedStore:
         raise StartupError(str(exc)) from exc
     except OSError as exc:
         raise CacheDirError(str(cache_dir)) from exc
-    await trio.to_thread.run_sync(shared_store.seed_state, cache_dir / DATABASE)
+    if seed:
+        await trio.to_thread.run_sync(shared_store.seed_state, cache_dir / DATABASE)
     log.info(
         "cache store: %s (verified blobs are committed there create-only)",
         shared_store.objects.description,

@@ -399,3 +399,36 @@ def test_the_local_directory_commits_create_only(tmp_path: Path) -> None:
     store.delete(key)
     assert store.list("blobs") == []
     assert sorted(os.listdir(tmp_path)) == ["blob", "store"]
+
+
+async def test_blobs_larger_than_the_commit_memory_stay_local(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    bucket: str,
+    moto_url: str,
+) -> None:
+    """A create-only put holds its body in memory: the commits' bytes are bounded, and a blob
+    above the bound is kept by each instance only."""
+    small, large = make_layer(5, 3000), make_layer(6, 40_000)
+    hub.add_image("library/two", "latest", [small, large])
+    proxy, _ = await run_instance(
+        nursery,
+        hub,
+        tls_files,
+        cache_dir=str(tmp_path / "one"),
+        cache_store=bucket,
+        s3_endpoint=moto_url,
+    )
+    shared = shared_of(proxy)
+    shared.commit_memory = 20_000
+    blobs = await pull(proxy, ca, "library/two", "latest")
+    with trio.fail_after(10):
+        await shared.wait_idle()
+    committed = bucket_keys(bucket, moto_url)
+    assert blob_key(hashlib.sha256(large).hexdigest()) not in committed
+    assert blob_key(hashlib.sha256(small).hexdigest()) in committed
+    assert shared.too_large == 1 and len(committed) == len(blobs) - 1
+    assert shared.committing_bytes == 0

@@ -34,6 +34,7 @@ from typing import TypeVar
 import trio
 
 from ..policy.errors import ProxyError
+from ..policy.sizes import format_size
 from .objects import ObjectStore, StoreUnusable, blob_key, probe_conditional_put
 from .store import BlobStore, Fill, FillState
 
@@ -41,6 +42,10 @@ log = logging.getLogger("hubproxy.cache")
 
 T = TypeVar("T")
 STORE_THREADS = 8  # calls into the store at once (each a worker thread blocked on the network)
+# A create-only put is one PUT request (S3 has no conditional multipart upload in obstore), and
+# obstore holds its whole body in memory: the bytes of the commits under way are bounded by
+# this, and a larger blob is not committed (each instance keeps it in its own cache)
+COMMIT_MEMORY = 256 * 1024 * 1024
 STATE_KEY = "state/state.db"  # the manifest database's snapshot
 
 
@@ -82,6 +87,10 @@ class SharedStore:
         self.limiter = trio.CapacityLimiter(STORE_THREADS)
         self.commits = 0  # blobs this process put into the store (metrics, tests)
         self.reads = 0  # blobs read from the store into the local cache
+        self.commit_memory = COMMIT_MEMORY
+        self.committing_bytes = 0  # the sizes of the commits under way (held in memory)
+        self._room = trio.Event()  # set when a commit ends: waiting ones look again
+        self.too_large = 0  # blobs not committed for their size
         self.working = 0  # commits and deletions under way
         self._idle = trio.Event()  # set while none is
         self._idle.set()
@@ -119,11 +128,31 @@ class SharedStore:
             if not self.working:
                 self._idle.set()
 
-    async def commit(self, key: str, path: Path) -> None:
-        """Put the verified blob at ``path`` into the store create-only. A failure is one
-        warning: this instance has the blob, the others fetch it themselves."""
+    async def commit(self, key: str, size: int, path: Path) -> None:
+        """Put the verified blob at ``path`` into the store create-only, once its ``size``
+        fits the commits' memory. A failure is one warning: this instance has the blob, the
+        others fetch it themselves."""
+        if size > self.commit_memory:
+            self.too_large += 1
+            log.info(
+                "cache store: sha256:%s (%s) is not committed to %s: larger than the %s a "
+                "commit may hold in memory",
+                key,
+                format_size(size),
+                self.objects.description,
+                format_size(self.commit_memory),
+            )
+            return
         with self._working():
-            await self._commit(key, path)
+            while self.committing_bytes and self.committing_bytes + size > self.commit_memory:
+                await self._room.wait()
+            self.committing_bytes += size
+            try:
+                await self._commit(key, path)
+            finally:
+                self.committing_bytes -= size
+                self._room.set()
+                self._room = trio.Event()
 
     async def _commit(self, key: str, path: Path) -> None:
         try:

@@ -122,7 +122,7 @@ class SharedTier(Protocol):
     """What the store and the pull-through driver ask of the object store shared by several
     instances (``--cache-store``): :class:`hubproxy.cache.shared.SharedStore`."""
 
-    async def commit(self, key: str, path: Path) -> None: ...
+    async def commit(self, key: str, size: int, path: Path) -> None: ...
     async def fill_from_store(
         self, blobs: BlobStore, key: str, source: str, nursery: trio.Nursery
     ) -> bool: ...
@@ -745,7 +745,7 @@ class BlobStore:
         """
         await self._run_fill(fill, body, exchange)
         if commit and self.shared is not None and fill.state is FillState.DONE:
-            await self.shared.commit(fill.key, self.path(fill.key))
+            await self.shared.commit(fill.key, fill.size, self.path(fill.key))
 
     async def _run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
         # work for everyone following the fill, not for the client that happened to start it:
