@@ -432,3 +432,34 @@ async def test_blobs_larger_than_the_commit_memory_stay_local(
     assert blob_key(hashlib.sha256(small).hexdigest()) in committed
     assert shared.too_large == 1 and len(committed) == len(blobs) - 1
     assert shared.committing_bytes == 0
+
+
+async def test_a_store_that_fails_a_lookup_is_skipped_and_misses_go_upstream(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    bucket: str,
+    moto_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub.add_image("library/gone", "latest", [make_layer(7, 2000), make_layer(8, 3000)])
+    proxy, _ = await run_instance(
+        nursery,
+        hub,
+        tls_files,
+        cache_dir=str(tmp_path / "one"),
+        cache_store=bucket,
+        s3_endpoint=moto_url,
+    )
+    shared = shared_of(proxy)
+    closed = trio.socket.socket()  # a port nothing listens on: the store went away
+    await closed.bind(("127.0.0.1", 0))
+    shared.objects = open_object_store(bucket, f"http://127.0.0.1:{closed.getsockname()[1]}")
+    closed.close()
+    blobs = await pull(proxy, ca, "library/gone", "latest")
+    assert len(blobs) == 3  # served from the upstream
+    assert shared.resting_until > trio.current_time()
+    lines = [r for r in caplog.records if "cannot look up" in r.getMessage()]
+    assert len(lines) == 1 and "misses go to the upstream" in lines[0].getMessage()

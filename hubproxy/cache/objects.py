@@ -31,6 +31,7 @@ import secrets
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -248,7 +249,12 @@ class S3Objects:
         self._exists = AlreadyExistsError
         self._missing = NotFoundError
         options: dict[str, Any] = {}
-        client: Any = {}  # obstore's ClientConfig
+        # obstore's ClientConfig: its default 30 s for a whole request would cut a large
+        # blob's body; a stalled read is what must end a transfer
+        client: Any = {"connect_timeout": "5s", "read_timeout": "30s", "timeout": "1h"}
+        # obstore's RetryConfig: its default (10 retries, up to 3 minutes) would hold a miss
+        # that long when the store is down; the upstream answers instead
+        retry: Any = {"max_retries": 2, "retry_timeout": timedelta(seconds=15)}
         if endpoint is not None:
             options["endpoint"] = endpoint
             options["virtual_hosted_style_request"] = False  # MinIO, Garage, moto: path style
@@ -260,7 +266,8 @@ class S3Objects:
         self._store = S3Store(
             location.bucket,
             prefix=location.prefix or None,
-            client_options=client or None,
+            client_options=client,
+            retry_config=retry,
             **options,
         )
         where = f"s3://{location.bucket}/{location.prefix}".rstrip("/")

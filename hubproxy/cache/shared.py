@@ -41,6 +41,7 @@ from .store import BlobStore, Fill, FillState
 log = logging.getLogger("hubproxy.cache")
 
 T = TypeVar("T")
+STORE_REST = 30.0  # seconds lookups skip the store after one failed (misses go upstream)
 STORE_THREADS = 8  # calls into the store at once (each a worker thread blocked on the network)
 # A create-only put is one PUT request (S3 has no conditional multipart upload in obstore), and
 # obstore holds its whole body in memory: the bytes of the commits under way are bounded by
@@ -92,6 +93,7 @@ class SharedStore:
         self._room = trio.Event()  # set when a commit ends: waiting ones look again
         self.too_large = 0  # blobs not committed for their size
         self.working = 0  # commits and deletions under way
+        self.resting_until = 0.0  # trio time: no lookups before (the store just failed one)
         self._idle = trio.Event()  # set while none is
         self._idle.set()
 
@@ -178,10 +180,21 @@ class SharedStore:
     ) -> bool:
         """Start a local fill of ``key`` from the store if the store has it and the local
         cache has room; True if one was started (the caller then serves it as a hit)."""
+        if trio.current_time() < self.resting_until:
+            return False
         try:
             size = await self.run(self.objects.size, blob_key(key))
         except Exception as exc:
-            log.warning("cache store: cannot look up sha256:%s: %s", key, exc)
+            # one line per rest, not one per miss
+            self.resting_until = trio.current_time() + STORE_REST
+            log.warning(
+                "cache store: cannot look up sha256:%s in %s: %s; misses go to the upstream "
+                "for %gs",
+                key,
+                self.objects.description,
+                exc,
+                STORE_REST,
+            )
             return False
         # asked meanwhile: another request may have started a fill, or it landed locally
         if size is None or key in blobs.fills or blobs.size_of(key) is not None:
