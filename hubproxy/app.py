@@ -257,9 +257,7 @@ def build_proxy(
             max_bytes=config.manifest_cache_size,
             max_entries=config.manifest_cache_entries,
         )
-        if shared_store is None and config.cache_store is not None:
-            shared_store = open_shared_store(config)  # not checked: not serving
-        blobs.shared = shared_store
+        blobs.shared = shared_store  # only a serving mirror (serve) shares its blobs
         try:
             blobs.open()
             manifests.open()

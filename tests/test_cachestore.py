@@ -3,6 +3,7 @@ mode, one process for the session, a fresh bucket per test."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -266,13 +267,17 @@ async def test_a_blob_changed_in_the_bucket_is_never_completed_to_a_client(
     assert again.status == 200 and again.complete and again.body == good
 
 
-class IgnoringS3:
-    """A tiny S3 server that ignores ``If-None-Match``: every PUT succeeds, as an S3 store
-    without conditional writes does (the public PutObject protocol: 200 with an ETag)."""
+class FakeS3:
+    """A tiny S3 server from the public protocol, for what moto will not do: it ignores
+    ``If-None-Match`` (every PUT succeeds, as a store without conditional writes does), and
+    serves the objects in ``cut`` (by path) with their full Content-Length but only half the
+    body, then closes the connection (a store failing mid-read)."""
 
     def __init__(self) -> None:
         self.url = ""
         self.puts: list[str] = []
+        self.cut: dict[str, bytes] = {}
+        self.gets = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -280,7 +285,25 @@ class IgnoringS3:
         task_status.started()
         await trio.serve_listeners(self._connection, listeners)
 
+    def _answer(self, method: bytes, target: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        headers = [("etag", '"0"'), ("last-modified", "Mon, 30 Nov 2026 05:00:00 GMT")]
+        if method == b"PUT":
+            self.puts.append(target)
+            return 200, headers, b""
+        if method == b"POST":  # DeleteObjects
+            return 200, headers, b"<DeleteResult></DeleteResult>"
+        data = self.cut.get(target.partition("?")[0])
+        if data is None:
+            return 404, [], b"<Error><Code>NoSuchKey</Code></Error>"
+        if method == b"GET":
+            self.gets += 1
+        return 200, headers, data
+
     async def _connection(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # a client giving up on a cut
+            await self._exchange(stream)
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         async with stream:
             while True:
@@ -295,14 +318,17 @@ class IgnoringS3:
                     method, target = event.method, event.target.decode()
                     continue
                 if isinstance(event, h11.EndOfMessage):
-                    if method == b"PUT":
-                        self.puts.append(target)
-                    # DeleteObjects (POST ?delete) answers XML; a PUT an ETag
-                    body = b"<DeleteResult></DeleteResult>" if method == b"POST" else b""
-                    headers = [("etag", '"0"'), ("content-length", str(len(body)))]
-                    out = conn.send(h11.Response(status_code=200, headers=headers))
-                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
-                    out += conn.send(h11.EndOfMessage()) or b""
+                    status, headers, body = self._answer(method, target)
+                    headers.append(("content-length", str(len(body))))
+                    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+                    if method == b"HEAD":
+                        out += conn.send(h11.EndOfMessage()) or b""
+                    elif method == b"GET" and status == 200:
+                        await stream.send_all(out + body[: len(body) // 2])
+                        return  # cut
+                    else:
+                        out += conn.send(h11.Data(data=body)) or b""
+                        out += conn.send(h11.EndOfMessage()) or b""
                     await stream.send_all(out)
                     conn.start_next_cycle()
                     continue
@@ -313,7 +339,7 @@ class IgnoringS3:
 async def test_a_store_that_ignores_conditional_puts_is_refused_at_start(
     nursery: trio.Nursery, hub: FakeHub, tls_files: TLSFiles, tmp_path: Path, aws_env: None
 ) -> None:
-    fake = IgnoringS3()
+    fake = FakeS3()
     await nursery.start(fake.serve)
     config = make_config(
         hub,
@@ -463,3 +489,36 @@ async def test_a_store_that_fails_a_lookup_is_skipped_and_misses_go_upstream(
     assert shared.resting_until > trio.current_time()
     lines = [r for r in caplog.records if "cannot look up" in r.getMessage()]
     assert len(lines) == 1 and "misses go to the upstream" in lines[0].getMessage()
+
+
+async def test_a_store_failing_mid_read_costs_the_client_nothing(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    bucket: str,
+    moto_url: str,
+) -> None:
+    """A blob the store stops sending halfway: the client's transfer finishes from the
+    upstream (a Range request), the whole blob verified."""
+    layer = make_layer(9, 200_000)
+    hub.add_image("library/cut", "latest", [layer])
+    proxy, _ = await run_instance(
+        nursery,
+        hub,
+        tls_files,
+        cache_dir=str(tmp_path / "one"),
+        cache_store=bucket,
+        s3_endpoint=moto_url,
+    )
+    fake = FakeS3()
+    await nursery.start(fake.serve)
+    key = blob_key(hashlib.sha256(layer).hexdigest())
+    fake.cut[f"/shared/mirror/{key}"] = layer
+    shared = shared_of(proxy)
+    shared.objects = open_object_store("s3://shared/mirror", fake.url)
+    client = RegistryClient(proxy.url, ca)
+    answer = await client.request(f"/v2/library/cut/blobs/sha256:{key.rsplit('/', 1)[1]}")
+    assert answer.status == 200 and answer.complete and answer.body == layer
+    assert fake.gets >= 1 and shared.reads == 0

@@ -33,7 +33,6 @@ from typing import TypeVar
 
 import trio
 
-from ..policy.errors import ProxyError
 from ..policy.sizes import format_size
 from .objects import ObjectStore, StoreUnusable, blob_key, probe_conditional_put
 from .store import BlobStore, Fill, FillState
@@ -50,8 +49,11 @@ COMMIT_MEMORY = 256 * 1024 * 1024
 STATE_KEY = "state/state.db"  # the manifest database's snapshot
 
 
-class StoreReadFailed(ProxyError):
-    """Reading a blob from the shared store failed (network, the object went away)."""
+class StoreReadFailed(OSError):
+    """Reading a blob from the shared store failed (network, the object went away). An
+    OSError, as a failed disk write is: the fill's failure is then ours, not the upstream's,
+    so its readers finish from the upstream with a Range request, still verified
+    (``Fill.disk_failed``)."""
 
 
 class StoreBody:
