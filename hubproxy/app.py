@@ -163,7 +163,8 @@ async def start_shared_store(config: Config, cache_dir: Path, *, seed: bool) -> 
     shared_store = open_shared_store(config)
     (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
     try:
-        await shared_store.check(cache_dir / "tmp" / "store-probe")
+        # a name of its own: with --workers every worker checks at once
+        await shared_store.check(cache_dir / "tmp" / f"store-probe.{secrets.token_hex(6)}")
     except StoreUnusable as exc:
         raise StartupError(str(exc)) from exc
     except OSError as exc:
