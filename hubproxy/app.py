@@ -16,8 +16,10 @@ from pathlib import Path
 import trio
 
 from .cache.claims import Claims
-from .cache.manifests import ManifestStore
+from .cache.manifests import DATABASE, ManifestStore
+from .cache.objects import StoreUnusable, open_object_store
 from .cache.pullthrough import PullThrough
+from .cache.shared import SharedStore
 from .cache.store import BlobStore, describe_disk
 from .config import Config
 from .forwarder import Forwarder, build_pool
@@ -88,7 +90,12 @@ async def serve(
         server = Server(config.listener)
     except CertificateError as exc:  # the files changed since the configuration was read
         raise StartupError(str(exc)) from exc
-    proxy = build_proxy(config, server=server, shared=role is not None)
+    shared_store = None
+    if config.cache_store is not None and config.cache_dir is not None:
+        # --workers: the workers open one state.db at once; replacing it under them is unsafe,
+        # so only a single process starts from the store's snapshot (and saves one)
+        shared_store = await start_shared_store(config, Path(config.cache_dir), seed=role is None)
+    proxy = build_proxy(config, server=server, shared=role is not None, shared_store=shared_store)
     try:
         await server.bind()  # before any nursery, so the error is not in an ExceptionGroup
     except OSError as exc:
@@ -143,6 +150,42 @@ async def serve(
             await proxy.pool.aclose()
             if proxy.pullthrough is not None:  # its writer commits what is pending
                 await trio.to_thread.run_sync(proxy.pullthrough.manifests.close)
+                if shared_store is not None and config.cache_dir is not None and role is None:
+                    # the state a new instance on an empty directory starts from
+                    database = Path(config.cache_dir) / DATABASE
+                    await trio.to_thread.run_sync(shared_store.save_state, database)
+
+
+async def start_shared_store(config: Config, cache_dir: Path, *, seed: bool) -> SharedStore:
+    """``--cache-store`` at start: open it, check that it refuses a second create-only put
+    (StartupError if not, or if it cannot be reached), and (``seed``) let an empty cache
+    directory begin from its manifest state; before the stores open."""
+    shared_store = open_shared_store(config)
+    (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    try:
+        # a name of its own: with --workers every worker checks at once
+        await shared_store.check(cache_dir / "tmp" / f"store-probe.{secrets.token_hex(6)}")
+    except StoreUnusable as exc:
+        raise StartupError(str(exc)) from exc
+    except OSError as exc:
+        raise CacheDirError(str(cache_dir)) from exc
+    if seed:
+        await trio.to_thread.run_sync(shared_store.seed_state, cache_dir / DATABASE)
+    log.info(
+        "cache store: %s (verified blobs are committed there create-only)",
+        shared_store.objects.description,
+    )
+    return shared_store
+
+
+def open_shared_store(config: Config) -> SharedStore:
+    """``--cache-store``: the shared object store (StartupError: the S3 client is not
+    installed, or the URL is unusable)."""
+    assert config.cache_store is not None
+    try:
+        return SharedStore(open_object_store(config.cache_store, config.s3_endpoint))
+    except StoreUnusable as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def prefetch_schedule(config: Config, proxy: Proxy, server: Server) -> PrefetchSchedule | None:
@@ -194,6 +237,7 @@ def build_proxy(
     server: Server | None = None,
     connector: Connector | None = None,
     shared: bool = False,
+    shared_store: SharedStore | None = None,
 ) -> Proxy:
     """Assemble the parts of a mirror; ``connector`` replaces how upstream streams are opened
     (tests use memory streams); ``shared``: the cache directory is shared with other worker
@@ -214,6 +258,7 @@ def build_proxy(
             max_bytes=config.manifest_cache_size,
             max_entries=config.manifest_cache_entries,
         )
+        blobs.shared = shared_store  # only a serving mirror (serve) shares its blobs
         try:
             blobs.open()
             manifests.open()

@@ -50,6 +50,8 @@ class Config:
     workers: int = 1  # processes on the listening port (SO_REUSEPORT); 1: no supervisor
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
+    cache_store: str | None = None  # s3://bucket/prefix shared by instances (cache/shared.py)
+    s3_endpoint: str | None = None  # a non-AWS store's endpoint URL
     manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
     manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
     manifest_ttl: float = DEFAULT_MANIFEST_TTL  # a tag no rule names is not revalidated this long

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from . import __version__
+from .cache.objects import parse_store_url
 from .config import Config, Limits, Timeouts
 from .net.streams import CertificateError, server_ssl_context
 from .ops.admintoken import AdminTokenError, read_admin_token
@@ -292,6 +293,12 @@ def proxy_url(text: str) -> UpstreamProxy:
 def checked_url(text: str) -> str:
     """A URL kept as text (``--public-url``), checked here so a bad one stops the start."""
     parse_url(text)
+    return text
+
+
+def checked_store_url(text: str) -> str:
+    """``--cache-store``: s3://BUCKET[/PREFIX], checked here so a bad one stops the start."""
+    parse_store_url(text)
     return text
 
 
@@ -770,6 +777,24 @@ SETTINGS: tuple[Setting, ...] = (
         default="20G",
         metavar="SIZE",
         parse=cache_size,
+    ),
+    Setting(
+        "cache-store",
+        "also commit verified blobs (and, when stopping, the manifest state) to S3-compatible "
+        "storage shared by several instances, e.g. s3://bucket/hubproxy; credentials and "
+        "region the AWS way (AWS_* variables, AWS_PROFILE, ~/.aws); needs "
+        "pip install 'hubproxy[s3]' (default: none)",
+        CACHE,
+        metavar="URL",
+        parse=checked_store_url,
+    ),
+    Setting(
+        "s3-endpoint",
+        "the endpoint of a non-AWS S3-compatible store for --cache-store (MinIO, Garage, Ceph "
+        "RGW, R2), e.g. http://127.0.0.1:9000 (default: AWS)",
+        CACHE,
+        metavar="URL",
+        parse=checked_url,
     ),
     Setting(
         "manifest-cache-size",
@@ -1313,6 +1338,8 @@ def build_config(values: Values) -> Config:
     return Config(
         cache_dir=None if p["no_cache"] else cast(str, p["cache_dir"]),
         cache_size=cast(int, p["cache_size"]),
+        cache_store=cast(str | None, p["cache_store"]),
+        s3_endpoint=cast(str | None, p["s3_endpoint"]),
         manifest_cache_size=cast(int, p["manifest_cache_size"]),
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
         manifest_ttl=manifest_ttl,

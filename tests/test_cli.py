@@ -420,7 +420,10 @@ LISTEN_URL = (
         (["--lisen", "0.0.0.0:5000"], "unknown flag --lisen; did you mean --listen?"),
         (["--lisen=0.0.0.0:5000"], "unknown flag --lisen; did you mean --listen?"),
         (["--cache_dir", "/srv/cache"], "unknown flag --cache_dir; did you mean --cache-dir?"),
-        (["--cache", "/srv"], "unknown flag --cache; did you mean --cache-dir or --cache-size?"),
+        (
+            ["--cache", "/srv"],
+            "unknown flag --cache; did you mean --cache-dir or --cache-size or --cache-store?",
+        ),
         (["--lib"], "unknown flag --lib; did you mean --library-prefix?"),
         (["--frobnicate"], "unknown flag --frobnicate (see 'hubproxy --help')"),
         (["chek-config", "x.toml"], "unknown command 'chek-config'; did you mean check-config?"),

@@ -359,6 +359,7 @@ class PullThrough:
         starts the fill and the others follow it (see ``_deliver_blob``)."""
         digest = route.blob_digest or ""
         self.manifests.settle()  # another process's removals first
+        await self._read_shared(request, route, key)
         facts = CacheRequest(
             kind=Kind.BLOB,
             method=request.method,
@@ -394,6 +395,18 @@ class PullThrough:
             blob_digest=route.blob_digest,
             deliver=deliver,
         )
+
+    async def _read_shared(self, request: ClientRequest, route: Route, key: str) -> None:
+        """``--cache-store``: a whole-blob GET of a blob neither on local disk nor being
+        filled starts a local fill from the shared store if it has it (``cache/shared.py``);
+        the request is then a hit, its access checked as any hit's."""
+        shared = self.blobs.shared
+        background = self.forwarder.background
+        if shared is None or background is None or request.method != "GET":
+            return
+        if get_header(request.headers, b"range") is not None or self._blob_cached(key, route):
+            return
+        await shared.fill_from_store(self.blobs, key, route.registry or "", background)
 
     def _blob_cached(self, key: str, route: Route) -> bool:
         """Whether the store holds the blob, or fills it from this route's registry (another

@@ -118,6 +118,16 @@ class SharedFills(Protocol):
     ) -> tuple[list[tuple[str, int]], list[str]]: ...
 
 
+class SharedTier(Protocol):
+    """What the store and the pull-through driver ask of the object store shared by several
+    instances (``--cache-store``): :class:`hubproxy.cache.shared.SharedStore`."""
+
+    async def commit(self, key: str, size: int, path: Path) -> None: ...
+    async def fill_from_store(
+        self, blobs: BlobStore, key: str, source: str, nursery: trio.Nursery
+    ) -> bool: ...
+
+
 class BodySource(Protocol):
     async def receive_body(self) -> bytes | bytearray | None: ...
 
@@ -546,6 +556,8 @@ class BlobStore:
         # removed (``hubproxy cache rm``) while a reader held them: key -> the file's inode,
         # deleted when the last reader closes (unless a new fill put another file there)
         self.doomed: dict[str, int] = {}
+        # --cache-store: the object store verified blobs are committed to (cache/shared.py)
+        self.shared: SharedTier | None = None
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -720,13 +732,22 @@ class BlobStore:
             unlink_quietly(fill.temp_path)
             raise
 
-    async def run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
+    async def run_fill(
+        self, fill: Fill, body: BodySource, exchange: AsyncExitStack, commit: bool = True
+    ) -> None:
         """Stream ``body`` into the fill's file, verify it, and commit or discard it.
 
         Owns ``exchange`` (the upstream connection's lending) and closes it when done. Each
         chunk goes to the window (readers take it from there) and to the writer thread, which
-        writes and hashes it while this task receives the next.
+        writes and hashes it while this task receives the next. With a shared store
+        (``--cache-store``) and ``commit``, the verified blob is then put there too, after its
+        readers were released (a fill read from that store passes ``commit=False``).
         """
+        await self._run_fill(fill, body, exchange)
+        if commit and self.shared is not None and fill.state is FillState.DONE:
+            await self.shared.commit(fill.key, fill.size, self.path(fill.key))
+
+    async def _run_fill(self, fill: Fill, body: BodySource, exchange: AsyncExitStack) -> None:
         # work for everyone following the fill, not for the client that happened to start it:
         # never held back by that client's fair share (net.fairness)
         serving.set(None)
