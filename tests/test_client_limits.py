@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import socket
 import ssl
 import urllib.parse
 from pathlib import Path
@@ -312,3 +313,25 @@ async def test_a_burst_from_one_address_is_worked_on_a_few_at_a_time(
     assert turns.wait_timeouts == 0
     for conn in (*mine, other):
         await conn.aclose()
+
+
+async def test_connections_waiting_to_be_accepted_are_taken_in_one_round(
+    start_proxy: StartProxy,
+) -> None:
+    """A burst of connections queued in the kernel is accepted in one step of the accept loop,
+    not one per scheduler round: a client that connects just after a burst of a hundred is not
+    left a hundred rounds in the backlog, where the fair share cannot put it first."""
+    proxy = await start_proxy(tls=False)
+    server = proxy.server
+    before = server.open_sockets
+    # connected without a checkpoint in between: all of them wait in the backlog together
+    socks = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(40)]
+    try:
+        first_round = server.fairness.batch
+        with trio.fail_after(10):
+            while server.open_sockets < before + 40:
+                await trio.lowlevel.checkpoint()
+        assert server.fairness.batch - first_round <= 3  # one at a time: about 40
+    finally:
+        for sock in socks:
+            sock.close()

@@ -54,6 +54,7 @@ LINGER_TIME = 1.0  # seconds an errored connection is drained before it is close
 MAX_DISCARD = 64 * 1024  # unread request body we read and drop to keep a connection alive
 EPISODE = 600.0  # seconds: a condition of one client address is logged once in this long
 MAX_EPISODES = 4096  # addresses remembered for that; beyond it (a flood) the log stays quiet
+ACCEPT_BURST = 256  # connections already waiting that one step of the accept loop takes
 
 # The TLS alerts a client sends when it does not accept our certificate (RFC 8446 section 6.2),
 # as OpenSSL names them, with what the operator can do about each. A Go client (dockerd,
@@ -835,28 +836,49 @@ class Server:
         self._listen_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        # the listening socket again, as a plain socket: every connection already waiting is
+        # taken in the step that took the first (trio's accept yields after each one, and a
+        # client arriving behind a burst of a hundred would wait a hundred scheduler rounds to
+        # be accepted, before the fair share could put its handshake first)
+        waiting = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        waiting.setblocking(False)
         async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # EMFILE and friends: wait a little rather than spin
-                    log.error("accept failed: %s (is the file descriptor limit too low?)", exc)
-                    await trio.sleep(0.1)
-                    continue
-                try:
-                    client_ip = str(stream.socket.getpeername()[0])
-                except OSError:  # gone already
-                    await close_forcefully(stream)
-                    continue
-                key = client_key(client_ip)
-                verdict = self._admit(key)
-                if verdict in (Connection.REFUSE_FULL, Connection.REFUSE_CLIENT):
-                    self.refused[verdict.value] = self.refused.get(verdict.value, 0) + 1
-                    connections.start_soon(self._refuse, stream, verdict, client_ip)
-                    continue
-                self.open_sockets += 1
-                self.per_client[key] = self.per_client.get(key, 0) + 1
-                connections.start_soon(self._serve_client, stream, client_ip, key)
+            try:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:  # EMFILE and friends: wait a little, not spin
+                        log.error("accept failed: %s (is the file descriptor limit too low?)", exc)
+                        await trio.sleep(0.1)
+                        continue
+                    self._take(stream, connections)
+                    for _ in range(ACCEPT_BURST):
+                        try:
+                            sock, _address = waiting.accept()
+                        except OSError:  # none waiting (BlockingIOError), or EMFILE: next step
+                            break
+                        self._take(
+                            trio.SocketStream(trio.socket.from_stdlib_socket(sock)), connections
+                        )
+            finally:
+                waiting.close()
+
+    def _take(self, stream: trio.SocketStream, connections: trio.Nursery) -> None:
+        """Admit an accepted connection (a task serves it), or refuse it."""
+        try:
+            client_ip = str(stream.socket.getpeername()[0])
+        except OSError:  # gone already
+            connections.start_soon(close_forcefully, stream)
+            return
+        key = client_key(client_ip)
+        verdict = self._admit(key)
+        if verdict in (Connection.REFUSE_FULL, Connection.REFUSE_CLIENT):
+            self.refused[verdict.value] = self.refused.get(verdict.value, 0) + 1
+            connections.start_soon(self._refuse, stream, verdict, client_ip)
+            return
+        self.open_sockets += 1
+        self.per_client[key] = self.per_client.get(key, 0) + 1
+        connections.start_soon(self._serve_client, stream, client_ip, key)
 
     def _admit(self, key: str) -> Connection:
         """The admission verdict for a new connection from ``key``; a RECLAIM is carried out
