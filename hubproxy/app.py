@@ -18,6 +18,7 @@ import trio
 from .cache.claims import Claims
 from .cache.manifests import DATABASE, ManifestStore
 from .cache.objects import StoreUnusable, open_object_store
+from .cache.peering import find_peers
 from .cache.pullthrough import PullThrough
 from .cache.shared import SharedStore
 from .cache.store import BlobStore, describe_disk
@@ -90,12 +91,20 @@ async def serve(
         server = Server(config.listener)
     except CertificateError as exc:  # the files changed since the configuration was read
         raise StartupError(str(exc)) from exc
+    peers = None
+    if config.peers and config.cache_dir is not None:
+        try:
+            peers = await find_peers(config)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
     shared_store = None
     if config.cache_store is not None and config.cache_dir is not None:
         # --workers: the workers open one state.db at once; replacing it under them is unsafe,
         # so only a single process starts from the store's snapshot (and saves one)
         shared_store = await start_shared_store(config, Path(config.cache_dir), seed=role is None)
     proxy = build_proxy(config, server=server, shared=role is not None, shared_store=shared_store)
+    if proxy.pullthrough is not None:
+        proxy.pullthrough.peers = peers  # only a serving mirror asks its peers
     try:
         await server.bind()  # before any nursery, so the error is not in an ExceptionGroup
     except OSError as exc:

@@ -58,6 +58,7 @@ from .policy.errors import (
     UpstreamUnavailable,
 )
 from .policy.headers import Headers, client_response_headers, upstream_request_headers
+from .policy.peers import PEER_PROFILE
 from .policy.proxies import UpstreamProxy
 from .policy.redirects import client_location
 from .policy.registries import RegistryTable
@@ -90,6 +91,9 @@ def build_pool(config: Config, table: RegistryTable, connector: Connector | None
             upstream_ssl_context(ca) if ca != config.upstream_ca else settings[""][0],
             registry.upstream_proxy or config.upstream_proxy,
         )
+    if config.peers:
+        # the other instances' own TLS (--peer-ca), reached directly
+        settings[PEER_PROFILE] = (upstream_ssl_context(config.peer_ca), None)
     connect_timeout = config.timeouts.connect
 
     async def open_stream(origin: Origin, profile: str) -> ByteStream:

@@ -797,6 +797,34 @@ SETTINGS: tuple[Setting, ...] = (
         parse=checked_url,
     ),
     Setting(
+        "peer",
+        "the mirror URL of an instance sharing the upstream fetches (repeatable; list every "
+        "instance, this one too, the same on each): a blob missing here is fetched from the "
+        "instance that owns its digest, which fetches it from the upstream once for all "
+        "(default: none)",
+        CACHE,
+        metavar="URL",
+        repeatable=True,
+        parse=base_url,
+    ),
+    Setting(
+        "peer-timeout",
+        "how long a peer may take to connect and answer before this instance fetches from "
+        "the upstream itself (and skips that peer for 30s) (default 2s)",
+        CACHE,
+        Kind.DURATION,
+        2.0,
+        metavar="DURATION",
+        bound=Bound(0.0, inclusive=False, wording="more than 0 seconds"),
+    ),
+    Setting(
+        "peer-ca",
+        "extra CA certificates (PEM) trusted for the peers' TLS, besides the system store",
+        CACHE,
+        metavar="FILE",
+        parse=ca_file,
+    ),
+    Setting(
         "manifest-cache-size",
         "evict least recently used manifests (and the tags naming them) beyond this size "
         "(default 64M)",
@@ -1340,6 +1368,9 @@ def build_config(values: Values) -> Config:
         cache_size=cast(int, p["cache_size"]),
         cache_store=cast(str | None, p["cache_store"]),
         s3_endpoint=cast(str | None, p["s3_endpoint"]),
+        peers=tuple(cast(list[Url], p["peer"])),
+        peer_timeout=cast(float, p["peer_timeout"]),
+        peer_ca=cast(str | None, p["peer_ca"]),
         manifest_cache_size=cast(int, p["manifest_cache_size"]),
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
         manifest_ttl=manifest_ttl,

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -84,6 +85,7 @@ from ..policy.errors import (
 )
 from ..policy.headers import Headers, get_all, get_header
 from ..policy.inventory import image_key
+from ..policy.peers import PEER_MARKER, PEER_PROFILE, PeerAnswer, peer_answer
 from ..policy.routing import Route
 from ..policy.sending import send_limits
 from ..policy.trouble import note_stale, stale_cause, stale_line, status_cause
@@ -101,6 +103,7 @@ from .inflight import (
 from .lru import ShardedLRU
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .negative import NegativeCache
+from .peering import Peers
 from .store import (
     BlobReader,
     BlobStore,
@@ -154,6 +157,10 @@ class PullThrough:
         self.manifest_ttl = manifest_ttl  # tags no rule names
         self.ttl_rules = ttl_rules  # --manifest-ttl PATTERN=DURATION
         self.stats = blobs.stats
+        self.peers: Peers | None = None  # --peer: the instances sharing the upstream fetches
+        # --peer: blobs this instance asks the upstream for now, until the answer's head (one
+        # entry per request under way: bounded by the connection limits)
+        self.asking: dict[str, trio.Event] = {}
         # blobs another process removed (hubproxy cache rm, another worker's admin API)
         manifests.on_blobs_removed = blobs.forget
         self.confirmations = Confirmations()
@@ -360,6 +367,7 @@ class PullThrough:
         digest = route.blob_digest or ""
         self.manifests.settle()  # another process's removals first
         await self._read_shared(request, route, key)
+        await self._await_asking(request, route, key)
         facts = CacheRequest(
             kind=Kind.BLOB,
             method=request.method,
@@ -386,15 +394,130 @@ class PullThrough:
         deliver = None
         if isinstance(decision, Fill):
             self.stats.misses += 1
+            if await self._fill_from_peer(plan, request, response, route, key):
+                return
             deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
-        await self.forwarder.run_flow(
+        asking = self._start_asking(key) if deliver is not None else None
+        try:
+            await self.forwarder.run_flow(
+                plan,
+                request,
+                response,
+                upstreams=self.forwarder.upstreams_for(route),
+                blob_digest=route.blob_digest,
+                deliver=deliver,
+            )
+        finally:
+            self._done_asking(key, asking)
+
+    def _start_asking(self, key: str) -> trio.Event | None:
+        """``--peer``: note that this request asks the upstream for blob ``key`` (another miss
+        of it waits for the answer rather than asking too; see ``_await_asking``)."""
+        if self.peers is None or key in self.asking:
+            return None
+        event = self.asking[key] = trio.Event()
+        return event
+
+    def _done_asking(self, key: str, event: trio.Event | None) -> None:
+        """The upstream answered (a fill started, or not) or failed: the waiters go on."""
+        if event is not None and self.asking.get(key) is event:
+            del self.asking[key]
+            event.set()
+
+    async def _await_asking(self, request: ClientRequest, route: Route, key: str) -> None:
+        """``--peer``: a whole-blob GET miss while this instance already asks the upstream for
+        the blob (its owner, asked by its peers and its own clients at once) waits for that
+        answer, at most ``--peer-timeout``: then the fill it started is followed (after this
+        client's own access check) and the upstream is asked once, not once per request."""
+        event = self.asking.get(key)
+        if (
+            event is None
+            or self.peers is None
+            or request.method != "GET"
+            or self._blob_cached(key, route)
+        ):
+            return
+        with trio.move_on_after(self.peers.timeout):
+            await event.wait()
+
+    async def _fill_from_peer(
+        self,
+        plan: flow.Plan,
+        request: ClientRequest,
+        response: ClientResponse,
+        route: Route,
+        key: str,
+    ) -> bool:
+        """``--peer``: a whole-blob GET miss whose digest another instance owns is fetched from
+        that instance, which fetches it from the upstream once for everyone; filled here from
+        its answer as from an upstream's (the same digest verification). The request goes as
+        the client sent it (its path, routing and own Authorization: the owner makes the same
+        access decision), marked so that the owner never passes it on. False: this instance
+        owns the digest, the owner rests after a failure, or it failed now (no answer within
+        ``--peer-timeout``, or an error other than the upstream's 401/403/404): the upstream
+        is asked instead, nothing having been sent to the client."""
+        peers = self.peers
+        if (
+            peers is None
+            or request.method != "GET"
+            or get_header(request.headers, b"range") is not None
+            or get_header(request.headers, PEER_MARKER) is not None
+        ):
+            return False
+        index = peers.owner_of(key)
+        if index is None:
+            return False
+        asked = dataclasses.replace(request, headers=[*request.headers, (PEER_MARKER, b"1")])
+        peer_plan = dataclasses.replace(
             plan,
-            request,
-            response,
-            upstreams=self.forwarder.upstreams_for(route),
-            blob_digest=route.blob_digest,
-            deliver=deliver,
+            target=request.target,  # the client's own path and query (ns=): the same routing
+            upstreams=(peers.urls[index],),
+            profile=PEER_PROFILE,
+            replayable=True,
+            follow_redirects=False,
+            authorization=get_header(request.headers, b"authorization"),
+            operator_authorization=None,
+            anonymous_token=False,
         )
+        refused: int | None = None
+
+        async def deliver(
+            conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
+        ) -> None:
+            nonlocal refused
+            waiting.deadline = math.inf  # it answered in time: the transfer has its own timeouts
+            answer = peer_answer(head.status_code)
+            if answer is PeerAnswer.SKIP:
+                refused = head.status_code  # its connection is closed, nothing sent
+            elif answer is PeerAnswer.PASS:
+                await self.forwarder.stream_response(conn, head, headers, response)
+            else:
+                await self._deliver_blob(
+                    plan, request, response, route, key, conn, head, headers, stack
+                )
+
+        with trio.move_on_after(peers.timeout) as waiting:
+            try:
+                await self.forwarder.run_flow(
+                    peer_plan,
+                    asked,
+                    response,
+                    upstreams=None,
+                    blob_digest=route.blob_digest,
+                    deliver=deliver,
+                )
+            except ProxyError as exc:
+                if waiting.deadline == math.inf:
+                    raise  # it answered: a failure of the transfer itself
+                peers.failed(index, f"could not be reached ({exc})")
+                return False
+        if waiting.cancelled_caught:
+            peers.failed(index, f"did not answer within {peers.timeout:g}s (--peer-timeout)")
+            return False
+        if refused is not None:
+            peers.failed(index, f"answered {refused}")
+            return False
+        return True
 
     async def _read_shared(self, request: ClientRequest, route: Route, key: str) -> None:
         """``--cache-store``: a whole-blob GET of a blob neither on local disk nor being
@@ -431,6 +554,9 @@ class PullThrough:
         """The upstream's answer to a blob miss: start a fill and serve from it, follow the one
         that started meanwhile, or stream."""
         store = self.blobs
+        # the misses waiting for this answer go on, but only at this task's next checkpoint:
+        # by then the fill below has started (or will not), and they follow it or ask themselves
+        self._done_asking(key, self.asking.get(key))
         length = get_header(head.headers, b"content-length")
         size = int(length) if length is not None and length.isdigit() else None
         background = self.forwarder.background

@@ -34,7 +34,8 @@ FORWARDING = frozenset(
 
 # Request headers that only make sense on the client's hop. ``expect`` is answered by us (h11
 # sends no ``100 Continue`` on its own, and we read the body before talking upstream).
-CLIENT_HOP_ONLY = frozenset({b"host", b"expect", b"content-length"})
+# ``hubproxy-peer`` marks a request between two instances (--peer): never sent to an upstream.
+CLIENT_HOP_ONLY = frozenset({b"host", b"expect", b"content-length", b"hubproxy-peer"})
 
 
 def get_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -1,0 +1,278 @@
+"""--peer: one upstream fetch per blob across instances (rendezvous owners, fills from the
+owner, a dead or silent owner skipped, no forwarding loops, the instance finding itself)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from hubproxy.app import App, StartupError, serve
+from hubproxy.policy.peers import PEER_MARKER, PeerAnswer, owner, peer_answer, self_index
+from hubproxy.policy.urls import base_url
+from tests.conftest import RunningProxy, TLSFiles, make_config
+from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, make_layer
+from tests.registry_client import RegistryClient
+
+ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
+DIGESTS = [f"sha256:{hashlib.sha256(b'%d' % n).hexdigest()}" for n in range(2000)]
+
+
+# -- policy: the owner of a digest --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_every_peer_owns_a_fair_share_and_the_owner_is_stable(count: int) -> None:
+    peers = [f"https://10.0.0.{n}:5000" for n in range(count)]
+    owners = Counter(owner(digest, peers) for digest in DIGESTS)
+    assert set(owners) == set(range(count))
+    fair = len(DIGESTS) / count
+    assert all(0.7 * fair < owned < 1.3 * fair for owned in owners.values())
+    # the order of the list does not matter: each instance may spell it in its own order
+    backwards = peers[::-1]
+    assert all(
+        peers[owner(digest, peers)] == backwards[owner(digest, backwards)] for digest in DIGESTS
+    )
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_a_peer_added_or_removed_moves_only_its_share(count: int) -> None:
+    peers = [f"https://10.0.0.{n}:5000" for n in range(count)]
+    grown = [*peers, "https://10.0.0.99:5000"]
+    moved = [d for d in DIGESTS if peers[owner(d, peers)] != grown[owner(d, grown)]]
+    # only digests the new peer takes move, about 1/(N+1) of them
+    assert all(grown[owner(d, grown)] == "https://10.0.0.99:5000" for d in moved)
+    assert 0.7 < len(moved) / (len(DIGESTS) / (count + 1)) < 1.3
+    shrunk = peers[1:]
+    if shrunk:
+        moved = [d for d in DIGESTS if peers[owner(d, peers)] != shrunk[owner(d, shrunk)]]
+        assert all(owner(d, peers) == 0 for d in moved)  # only the removed peer's digests
+
+
+@pytest.mark.parametrize(
+    ("status", "answer"),
+    [
+        (200, PeerAnswer.FILL),
+        (401, PeerAnswer.PASS),
+        (403, PeerAnswer.PASS),
+        (404, PeerAnswer.PASS),
+        (429, PeerAnswer.SKIP),
+        (500, PeerAnswer.SKIP),
+        (502, PeerAnswer.SKIP),
+        (307, PeerAnswer.SKIP),
+    ],
+)
+def test_a_peers_answer_is_filled_passed_on_or_skipped(status: int, answer: PeerAnswer) -> None:
+    assert peer_answer(status) is answer
+
+
+def test_this_instance_is_in_the_list_exactly_once() -> None:
+    peers = ["https://a:5000", "https://b:5000"]
+    assert self_index(peers, [False, True], "0.0.0.0:5000") == 1
+    with pytest.raises(ValueError, match=r"none of .* is this instance"):
+        self_index(peers, [False, False], "0.0.0.0:5000")
+    with pytest.raises(ValueError, match="several URLs name this instance"):
+        self_index(peers, [True, True], "0.0.0.0:5000")
+
+
+# -- instances ------------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (each instance must know the others' before they start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+class Instance:
+    def __init__(self, proxy: RunningProxy, scope: trio.CancelScope, stopped: trio.Event) -> None:
+        self.proxy = proxy
+        self.scope = scope
+        self.stopped = stopped
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.stopped.wait()
+
+
+async def start(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    tls_files: TLSFiles,
+    port: int,
+    peers: list[str],
+    cache_dir: Path,
+    **overrides: Any,
+) -> Instance:
+    config = make_config(
+        hub,
+        tls_files,
+        listen_port=port,
+        cache_dir=str(cache_dir),
+        peers=tuple(base_url(url) for url in peers),
+        peer_ca=str(tls_files.ca_pem),
+        **overrides,
+    )
+    scope, stopped = trio.CancelScope(), trio.Event()
+
+    async def run(*, task_status: trio.TaskStatus[App]) -> None:
+        try:
+            with scope:
+                await serve(config, task_status=task_status)
+        finally:
+            stopped.set()
+
+    app: App = await nursery.start(run)
+    return Instance(RunningProxy(f"https://127.0.0.1:{port}", app, config), scope, stopped)
+
+
+async def pull(proxy: RunningProxy, ca: trustme.CA, repo: str) -> list[str]:
+    """Pull ``repo:latest`` as a client does; every blob verified. Its blobs' digests."""
+    client = RegistryClient(proxy.url, ca)
+    manifest = await client.request(f"/v2/{repo}/manifests/latest", headers=ACCEPT)
+    assert manifest.status == 200, manifest.body
+    doc = manifest.json()
+    digests = [d["digest"] for d in [doc["config"], *doc["layers"]]]
+    for digest in digests:
+        answer = await client.request(f"/v2/{repo}/blobs/{digest}")
+        assert answer.status == 200 and answer.complete
+        assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
+    return digests
+
+
+def cdn_gets(hub: FakeHub) -> Counter[str]:
+    return Counter(
+        seen.target.split("?")[0].rsplit("/", 2)[-2]  # .../sha256/ab/<hex>/data
+        for seen in hub.requests
+        if seen.server == "cdn" and seen.method == "GET"
+    )
+
+
+def peer_requests(hub: FakeHub) -> list[str]:
+    return [s.target for s in hub.requests if PEER_MARKER.decode() in s.headers]
+
+
+async def test_three_instances_fetch_each_blob_from_the_upstream_once(
+    nursery: trio.Nursery, hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    layers = [make_layer(n, 200_000) for n in range(1, 5)]
+    hub.add_image("library/busybox", "latest", layers)
+    ports = free_ports(3)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    instances = [
+        await start(nursery, hub, tls_files, port, urls, tmp_path / str(port)) for port in ports
+    ]
+    pulled: list[list[str]] = []
+
+    async def client(n: int) -> None:
+        pulled.append(await pull(instances[n % 3].proxy, ca, "library/busybox"))
+
+    async with trio.open_nursery() as clients:
+        for n in range(6):
+            clients.start_soon(client, n)
+    digests = pulled[0]
+    assert len(pulled) == 6 and all(p == digests for p in pulled)
+    gets = cdn_gets(hub)
+    assert {d: gets[d.removeprefix("sha256:")] for d in digests} == {d: 1 for d in digests}
+    assert peer_requests(hub) == []  # the marker is for peers, never sent upstream
+
+
+async def test_a_stopped_or_silent_owner_is_skipped_within_the_peer_timeout(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a peer that accepts connections and never answers (the kernel's backlog accepts them)
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    ports = [*free_ports(2), silent.getsockname()[1]]
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    names = [str(base_url(u).origin) for u in urls]
+    # a layer owned by each peer: this one, the stopped one and the silent one
+    candidates = {n: make_layer(n, 50_000) for n in range(10, 60)}
+    seeds = {owner(hashlib.sha256(data).hexdigest(), names): n for n, data in candidates.items()}
+    hub.add_image("library/alpine", "latest", [candidates[seeds[i]] for i in range(3)])
+    first, second = [
+        await start(nursery, hub, tls_files, port, urls, tmp_path / str(port), peer_timeout=0.5)
+        for port in ports[:2]
+    ]
+    await second.stop()  # its port now refuses connections
+    caplog.set_level(logging.WARNING, "hubproxy.peers")
+    digests = await pull(first.proxy, ca, "library/alpine")
+    owners = {
+        owner(d.removeprefix("sha256:"), [str(base_url(u).origin) for u in urls]) for d in digests
+    }
+    assert {1, 2} <= owners  # both kinds of dead peer owned some of these blobs
+    gets = cdn_gets(hub)
+    assert all(gets[d.removeprefix("sha256:")] == 1 for d in digests)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hubproxy.peers"]
+    # one line per peer episode, however many of its blobs were asked for
+    assert len(lines) == 2, lines
+    assert any("did not answer within 0.5s" in line and urls[2] in line for line in lines)
+    assert any("could not be reached" in line and urls[1] in line for line in lines)
+    silent.close()
+
+
+async def test_a_request_from_a_peer_is_never_passed_on(
+    nursery: trio.Nursery, hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Two instances that disagree about the list (each spells the other differently): for
+    some digest each thinks the other owns it; the owner's side still fetches it itself."""
+    ports = free_ports(2)
+    first_list = [f"https://127.0.0.1:{ports[0]}", f"https://localhost:{ports[1]}"]
+    second_list = [f"https://localhost:{ports[0]}", f"https://127.0.0.1:{ports[1]}"]
+    names_a = [str(base_url(u).origin) for u in first_list]
+    names_b = [str(base_url(u).origin) for u in second_list]
+    seed = next(
+        n
+        for n in range(100, 400)
+        if owner(hashlib.sha256(make_layer(n, 1000)).hexdigest(), names_a) == 1
+        and owner(hashlib.sha256(make_layer(n, 1000)).hexdigest(), names_b) == 0
+    )
+    hub.add_image("library/loop", "latest", [make_layer(seed, 1000)])
+    a = await start(nursery, hub, tls_files, ports[0], first_list, tmp_path / "a")
+    await start(nursery, hub, tls_files, ports[1], second_list, tmp_path / "b")
+    with trio.fail_after(10):
+        digests = await pull(a.proxy, ca, "library/loop")
+    gets = cdn_gets(hub)
+    assert all(gets[d.removeprefix("sha256:")] == 1 for d in digests)
+
+
+async def test_a_peer_list_without_this_instance_is_refused_at_start(
+    hub: FakeHub, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    (port,) = free_ports(1)
+    config = make_config(
+        hub,
+        tls_files,
+        listen_port=port,
+        cache_dir=str(tmp_path),
+        peers=(base_url(f"https://127.0.0.1:{port + 1}"), base_url("https://192.0.2.1:443")),
+    )
+    with pytest.raises(StartupError, match=r"none of .* is this instance"):
+        await serve(config)
+    config = make_config(
+        hub,
+        tls_files,
+        listen_port=port,
+        cache_dir=str(tmp_path),
+        peers=(base_url(f"https://127.0.0.1:{port}"), base_url(f"https://localhost:{port}")),
+    )
+    with pytest.raises(StartupError, match="several URLs name this instance"):
+        await serve(config)
