@@ -15,10 +15,11 @@ import trio
 import trustme
 
 from hubproxy.app import App, StartupError, serve
+from hubproxy.ops.usersfile import add_user
 from hubproxy.policy.peers import PEER_MARKER, PeerAnswer, owner, peer_answer, self_index
 from hubproxy.policy.urls import base_url
 from tests.conftest import RunningProxy, TLSFiles, make_config
-from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, make_layer
+from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
@@ -60,7 +61,7 @@ def test_a_peer_added_or_removed_moves_only_its_share(count: int) -> None:
     ("status", "answer"),
     [
         (200, PeerAnswer.FILL),
-        (401, PeerAnswer.PASS),
+        (401, PeerAnswer.ASK_UPSTREAM),
         (403, PeerAnswer.PASS),
         (404, PeerAnswer.PASS),
         (429, PeerAnswer.SKIP),
@@ -276,3 +277,31 @@ async def test_a_peer_list_without_this_instance_is_refused_at_start(
     )
     with pytest.raises(StartupError, match="several URLs name this instance"):
         await serve(config)
+
+
+async def test_a_mirror_users_pull_works_whichever_instance_owns_the_blob(
+    nursery: trio.Nursery, hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """--users: a mirror token is sealed by the instance that issued it, and its owner peer
+    cannot read it (401). The instance asked fetches from the upstream itself, without putting
+    the peer to rest; before, the client got the owner's 401 for every blob the other owned."""
+    layers = [make_layer(n, 50_000) for n in range(41, 47)]
+    hub.add_image("library/busybox", "latest", layers)
+    users = tmp_path / "users"
+    add_user(users, "alice", "alice-pw")
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    digests = [sha256_digest(layer) for layer in layers]
+    assert any(owner(d.removeprefix("sha256:"), urls) == 1 for d in digests)  # owned by the other
+    first, _second = [
+        await start(
+            nursery, hub, tls_files, port, urls, tmp_path / str(port), users_file=str(users)
+        )
+        for port in ports
+    ]
+    client = RegistryClient(first.proxy.url, ca, credentials=("alice", "alice-pw"))
+    for digest in digests:
+        answer = await client.request(f"/v2/library/busybox/blobs/{digest}")
+        assert answer.status == 200 and answer.complete
+        assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
+    assert peer_requests(hub) == []  # the marker never reaches the upstream

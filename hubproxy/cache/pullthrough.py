@@ -453,8 +453,9 @@ class PullThrough:
         its answer as from an upstream's (the same digest verification). The request goes as
         the client sent it (its path, routing and own Authorization: the owner makes the same
         access decision), marked so that the owner never passes it on. False: this instance
-        owns the digest, the owner rests after a failure, or it failed now (no answer within
-        ``--peer-timeout``, or an error other than the upstream's 401/403/404): the upstream
+        owns the digest, the owner rests after a failure, it failed now (no answer within
+        ``--peer-timeout``, or an error other than the upstream's 403/404), or it did not take
+        the client's credentials (401: a mirror token only this instance reads): the upstream
         is asked instead, nothing having been sent to the client."""
         peers = self.peers
         if (
@@ -487,7 +488,9 @@ class PullThrough:
             nonlocal refused
             waiting.deadline = math.inf  # it answered in time: the transfer has its own timeouts
             answer = peer_answer(head.status_code)
-            if answer is PeerAnswer.SKIP:
+            if answer is PeerAnswer.ASK_UPSTREAM:
+                refused = 0  # nothing sent; the peer is not in trouble
+            elif answer is PeerAnswer.SKIP:
                 refused = head.status_code  # its connection is closed, nothing sent
             elif answer is PeerAnswer.PASS:
                 await self.forwarder.stream_response(conn, head, headers, response)
@@ -515,7 +518,8 @@ class PullThrough:
             peers.failed(index, f"did not answer within {peers.timeout:g}s (--peer-timeout)")
             return False
         if refused is not None:
-            peers.failed(index, f"answered {refused}")
+            if refused:
+                peers.failed(index, f"answered {refused}")
             return False
         return True
 

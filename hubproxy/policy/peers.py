@@ -25,12 +25,16 @@ PEER_PROFILE = "@peers"
 PEER_REST = 30.0
 # The answers of a peer that are the upstream's answer to this client (the owner made the same
 # access decision a client meets there): passed on as they are.
-PASSED_ON = frozenset({401, 403, 404})
+PASSED_ON = frozenset({403, 404})
 
 
 class PeerAnswer(enum.Enum):
     FILL = "fill"  # 200: the blob, filled from this stream as from an upstream
     PASS = "pass"  # the upstream's refusal, passed to the client
+    # 401: the owner did not take this client's credentials, which need not be the upstream's
+    # doing (a --users mirror token is sealed by the instance that issued it, and only that
+    # one reads it): the upstream is asked here, and decides for itself; the peer is fine
+    ASK_UPSTREAM = "ask-upstream"
     SKIP = "skip"  # anything else: the peer is in trouble; fetch from the upstream instead
 
 
@@ -53,6 +57,8 @@ def peer_answer(status: int) -> PeerAnswer:
     """What a peer's answer to a blob GET means for the instance that asked it."""
     if status == 200:
         return PeerAnswer.FILL
+    if status == 401:
+        return PeerAnswer.ASK_UPSTREAM
     if status in PASSED_ON:
         return PeerAnswer.PASS
     return PeerAnswer.SKIP
