@@ -445,9 +445,10 @@ class Forwarder:
         """Send one attempt and return the connection with the response head read."""
         origin = attempt.url.origin
         body = request.body if request.body.present else None
+        client_host = request.host if plan.client_host else None
         headers = upstream_request_headers(
             request.headers,
-            host=origin.authority.encode(),
+            host=client_host.encode("latin-1") if client_host else origin.authority.encode(),
             client_ip=request.client_ip,
             client_proto=request.scheme,
             authorization=attempt.authorization,

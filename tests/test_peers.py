@@ -17,9 +17,10 @@ import trustme
 from hubproxy.app import App, StartupError, serve
 from hubproxy.ops.usersfile import add_user
 from hubproxy.policy.peers import PEER_MARKER, PeerAnswer, owner, peer_answer, self_index
+from hubproxy.policy.registries import Registry
 from hubproxy.policy.urls import base_url
 from tests.conftest import RunningProxy, TLSFiles, make_config
-from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, make_layer, sha256_digest
+from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
@@ -305,3 +306,48 @@ async def test_a_mirror_users_pull_works_whichever_instance_owns_the_blob(
         assert answer.status == 200 and answer.complete
         assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
     assert peer_requests(hub) == []  # the marker never reaches the upstream
+
+
+async def test_the_owner_routes_a_blob_by_the_clients_host_name(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+) -> None:
+    """--host-map names a registry by the Host a client uses; the owner gets the client's Host,
+    so it fetches from that registry too (with its own Host it took the blob for Docker Hub's,
+    and the client got Docker Hub's 404 for every blob the other instance owned)."""
+    layers = [make_layer(n, 50_000) for n in range(51, 57)]
+    ghcr.add_image("owner/app", "v1", layers)
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    digests = [sha256_digest(layer) for layer in layers]
+    assert any(owner(d.removeprefix("sha256:"), urls) == 1 for d in digests)
+    ghcr_registry = Registry("ghcr.io", (base_url(ghcr.registry_url),))
+    first, _second = [
+        await start(
+            nursery,
+            hub,
+            tls_files,
+            port,
+            urls,
+            tmp_path / str(port),
+            registries=(ghcr_registry,),
+            host_map=(("ghcr.mirror.test", "ghcr.io"),),
+        )
+        for port in ports
+    ]
+    host = ("host", f"ghcr.mirror.test:{ports[0]}")
+    token_url = f"{first.proxy.url}/token/ghcr.io/0?service=ghcr.io&scope=repository:owner/app:pull"
+    token = await fetch(token_url, ca, headers=[host])
+    assert token.status == 200
+    bearer = ("authorization", "Bearer " + token.json()["token"])
+    for digest in digests:
+        answer = await fetch(
+            f"{first.proxy.url}/v2/owner/app/blobs/{digest}", ca, headers=[host, bearer]
+        )
+        assert answer.status == 200 and answer.complete
+        assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
+    assert not any("owner/app" in s.target for s in hub.requests)

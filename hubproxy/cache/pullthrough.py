@@ -479,6 +479,7 @@ class PullThrough:
             authorization=get_header(request.headers, b"authorization"),
             operator_authorization=None,
             anonymous_token=False,
+            client_host=True,
         )
         refused: int | None = None
 

@@ -74,6 +74,9 @@ class Plan:
     # ``authorization`` is a token the mirror fetched with no credentials, for a mirror user
     # (--users): the upstream counts its pulls as anonymous ones (pull accounting)
     anonymous_token: bool = False
+    # the client's own Host goes upstream, not the upstream's: a --peer owner routes the
+    # request as the instance that passes it on did (--host-map names registries by Host)
+    client_host: bool = False
 
 
 @dataclass(frozen=True)
