@@ -152,6 +152,11 @@ async def run_instance(
     return RunningProxy(f"https://{host}:{port}", app, config), instance
 
 
+def on_bucket(bucket: str, moto_url: str, directory: Path) -> dict[str, Any]:
+    """The settings of an instance with a cache directory of its own on the shared bucket."""
+    return {"cache_dir": str(directory), "cache_store": bucket, "s3_endpoint": moto_url}
+
+
 async def warm_bucket(
     nursery: trio.Nursery,
     ca: trustme.CA,
@@ -165,12 +170,7 @@ async def warm_bucket(
     layers = [make_layer(1, 300_000), make_layer(2, 4000)]
     hub.add_image("library/busybox", "latest", layers)
     first, stop = await run_instance(
-        nursery,
-        hub,
-        tls_files,
-        cache_dir=str(tmp_path / "one"),
-        cache_store=bucket,
-        s3_endpoint=moto_url,
+        nursery, hub, tls_files, **on_bucket(bucket, moto_url, tmp_path / "one")
     )
     blobs = await pull(first, ca, "library/busybox", "latest")
     shared = shared_of(first)
@@ -209,12 +209,7 @@ async def test_a_new_instance_serves_from_the_bucket_with_the_upstream_down(
     hub, hub_scope, blobs = await warm_bucket(nursery, ca, tls_files, tmp_path, bucket, moto_url)
     hub_scope.cancel()  # the upstream goes away
     second, _ = await run_instance(
-        nursery,
-        hub,
-        tls_files,
-        cache_dir=str(tmp_path / "two"),
-        cache_store=bucket,
-        s3_endpoint=moto_url,
+        nursery, hub, tls_files, **on_bucket(bucket, moto_url, tmp_path / "two")
     )
     assert await pull(second, ca, "library/busybox", "latest") == blobs
     shared = shared_of(second)
@@ -242,12 +237,7 @@ async def test_a_blob_changed_in_the_bucket_is_never_completed_to_a_client(
     store = open_object_store(bucket, moto_url)
     store.put(key, changed)
     second, _ = await run_instance(
-        nursery,
-        hub,
-        tls_files,
-        cache_dir=str(tmp_path / "two"),
-        cache_store=bucket,
-        s3_endpoint=moto_url,
+        nursery, hub, tls_files, **on_bucket(bucket, moto_url, tmp_path / "two")
     )
     client = RegistryClient(second.url, ca)
     answer = await client.request(f"/v2/library/busybox/blobs/{digest}")
@@ -441,12 +431,7 @@ async def test_blobs_larger_than_the_commit_memory_stay_local(
     small, large = make_layer(5, 3000), make_layer(6, 40_000)
     hub.add_image("library/two", "latest", [small, large])
     proxy, _ = await run_instance(
-        nursery,
-        hub,
-        tls_files,
-        cache_dir=str(tmp_path / "one"),
-        cache_store=bucket,
-        s3_endpoint=moto_url,
+        nursery, hub, tls_files, **on_bucket(bucket, moto_url, tmp_path / "one")
     )
     shared = shared_of(proxy)
     shared.commit_memory = 20_000
@@ -472,12 +457,7 @@ async def test_a_store_that_fails_a_lookup_is_skipped_and_misses_go_upstream(
 ) -> None:
     hub.add_image("library/gone", "latest", [make_layer(7, 2000), make_layer(8, 3000)])
     proxy, _ = await run_instance(
-        nursery,
-        hub,
-        tls_files,
-        cache_dir=str(tmp_path / "one"),
-        cache_store=bucket,
-        s3_endpoint=moto_url,
+        nursery, hub, tls_files, **on_bucket(bucket, moto_url, tmp_path / "one")
     )
     shared = shared_of(proxy)
     closed = trio.socket.socket()  # a port nothing listens on: the store went away
@@ -505,12 +485,7 @@ async def test_a_store_failing_mid_read_costs_the_client_nothing(
     layer = make_layer(9, 200_000)
     hub.add_image("library/cut", "latest", [layer])
     proxy, _ = await run_instance(
-        nursery,
-        hub,
-        tls_files,
-        cache_dir=str(tmp_path / "one"),
-        cache_store=bucket,
-        s3_endpoint=moto_url,
+        nursery, hub, tls_files, **on_bucket(bucket, moto_url, tmp_path / "one")
     )
     fake = FakeS3()
     await nursery.start(fake.serve)
