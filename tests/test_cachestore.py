@@ -35,6 +35,7 @@ from hubproxy.cache.shared import SharedStore
 from tests.conftest import RunningProxy, TLSFiles, make_config
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
+from tests.test_operations import metric_samples, sample
 from tests.test_pullthrough import stoppable_hub
 
 obstore = pytest.importorskip("obstore")
@@ -217,6 +218,10 @@ async def test_a_new_instance_serves_from_the_bucket_with_the_upstream_down(
     assert pullthrough(second).stats.stale_answers > 0
     for digest in blobs:  # now on its own disk too
         assert pullthrough(second).blobs.size_of(digest.removeprefix("sha256:")) is not None
+    page = await fetch(second.url + "/metrics", ca)
+    samples = metric_samples(page.body.decode())
+    assert sample(samples, "hubproxy_store_reads_total") == len(blobs)
+    assert sample(samples, "hubproxy_store_commits_total") == 0
 
 
 async def test_a_blob_changed_in_the_bucket_is_never_completed_to_a_client(

@@ -22,6 +22,7 @@ from hubproxy.policy.urls import base_url
 from tests.conftest import RunningProxy, TLSFiles, make_config
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
+from tests.test_operations import metric_samples, sample
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
 DIGESTS = [f"sha256:{hashlib.sha256(b'%d' % n).hexdigest()}" for n in range(2000)]
@@ -228,6 +229,13 @@ async def test_a_stopped_or_silent_owner_is_skipped_within_the_peer_timeout(
     assert len(lines) == 2, lines
     assert any("did not answer within 0.5s" in line and urls[2] in line for line in lines)
     assert any("could not be reached" in line and urls[1] in line for line in lines)
+    # /metrics: both rest now, and what came of asking each
+    page = await fetch(first.proxy.url + "/metrics", ca)
+    samples = metric_samples(page.body.decode())
+    for name in names[1:]:
+        assert sample(samples, "hubproxy_peer_resting", peer=name) == 1
+        assert sample(samples, "hubproxy_peer_fetches_total", peer=name, result="upstream") >= 1
+    assert ("hubproxy_peer_resting", frozenset({("peer", names[0])})) not in samples  # itself
     silent.close()
 
 

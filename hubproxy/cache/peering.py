@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from collections import Counter
 
 import trio
 
@@ -33,6 +34,26 @@ class Peers:
         self.me = me
         self.timeout = timeout
         self.resting_until = [0.0] * len(urls)
+        # (peer, what came of asking it): filled, passed (its 403/404), upstream (asked there
+        # instead): bounded by the list times three (/metrics)
+        self.asked: Counter[tuple[str, str]] = Counter()
+
+    def note(self, index: int, result: str) -> None:
+        """What came of asking peer ``index`` for a blob (``asked``)."""
+        self.asked[(self.names[index], result)] += 1
+
+    def fetches(self) -> dict[tuple[str, ...], float]:
+        """``asked`` as /metrics reads it."""
+        return {key: float(count) for key, count in self.asked.items()}
+
+    def resting(self) -> dict[tuple[str, ...], float]:
+        """1 for each peer resting after a failure now, 0 for the others (this one left out)."""
+        now = trio.current_time()
+        return {
+            (name,): float(self.resting_until[index] > now)
+            for index, name in enumerate(self.names)
+            if index != self.me
+        }
 
     def owner_of(self, key: str) -> int | None:
         """The peer to ask for blob ``key``: its owner, unless that is this instance or resting

@@ -482,11 +482,12 @@ class PullThrough:
             client_host=True,
         )
         refused: int | None = None
+        passed = False
 
         async def deliver(
             conn: UpstreamConnection, head: h11.Response, headers: Headers, stack: AsyncExitStack
         ) -> None:
-            nonlocal refused
+            nonlocal refused, passed
             waiting.deadline = math.inf  # it answered in time: the transfer has its own timeouts
             answer = peer_answer(head.status_code)
             if answer is PeerAnswer.ASK_UPSTREAM:
@@ -494,6 +495,7 @@ class PullThrough:
             elif answer is PeerAnswer.SKIP:
                 refused = head.status_code  # its connection is closed, nothing sent
             elif answer is PeerAnswer.PASS:
+                passed = True
                 await self.forwarder.stream_response(conn, head, headers, response)
             else:
                 await self._deliver_blob(
@@ -514,14 +516,18 @@ class PullThrough:
                 if waiting.deadline == math.inf:
                     raise  # it answered: a failure of the transfer itself
                 peers.failed(index, f"could not be reached ({exc})")
+                peers.note(index, "upstream")
                 return False
         if waiting.cancelled_caught:
             peers.failed(index, f"did not answer within {peers.timeout:g}s (--peer-timeout)")
+            peers.note(index, "upstream")
             return False
         if refused is not None:
             if refused:
                 peers.failed(index, f"answered {refused}")
+            peers.note(index, "upstream")
             return False
+        peers.note(index, "passed" if passed else "filled")
         return True
 
     async def _read_shared(self, request: ClientRequest, route: Route, key: str) -> None:

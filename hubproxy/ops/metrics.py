@@ -16,6 +16,7 @@ is a programming error, never something a peer can cause.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from .. import __version__
 from ..net.pacing import CAPS as BANDWIDTH_CAPS
@@ -569,6 +570,16 @@ def pool_figures(pool: Pool) -> PoolFigures:
 
 
 PoolSource = Callable[[], PoolFigures]
+
+
+class PeerSource(Protocol):
+    """The --peer instances as /metrics reads them (``cache.peering.Peers``)."""
+
+    def resting(self) -> Mapping[tuple[str, ...], float]: ...
+
+    def fetches(self) -> Mapping[tuple[str, ...], float]: ...
+
+
 _NO_PACING = PacingFigures()
 _NO_POOL = PoolFigures({}, {}, {}, {}, {}, 0, {})
 ManifestSource = Callable[[], ManifestFigures | None]
@@ -597,6 +608,9 @@ class HubMetrics:
         self.cache = cache
         self.connections: ConnectionSource | None = None
         self.pool: PoolSource | None = None  # assigned by whoever owns the pool (the forwarder)
+        # --peer and --cache-store, assigned by ops.operations when configured
+        self.peers: PeerSource | None = None
+        self.store: object | None = None  # its counts: commits, reads, too_large
         self.manifests = manifests
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc
@@ -899,6 +913,41 @@ class HubMetrics:
                 "a quarter of it per client address, at least one 4 MiB manifest).",
             )
         )
+        registry.register(
+            GaugeFunction(
+                "hubproxy_peer_resting",
+                "1 for a --peer skipped now after a failure (down, silent past --peer-timeout, "
+                "an error): its blobs are fetched from the upstream meanwhile; 0 for the others.",
+                lambda: self.peers.resting() if self.peers is not None else {},
+                ("peer",),
+            )
+        )
+        registry.register(
+            CounterFunction(
+                "hubproxy_peer_fetches",
+                "Blob misses sent to their owner among the --peer instances, by what came of "
+                "it: filled (from its answer), passed (its 403/404), upstream (asked there "
+                "instead).",
+                lambda: self.peers.fetches() if self.peers is not None else {},
+                ("peer", "result"),
+            )
+        )
+        for name, help_text, field_name in (
+            ("hubproxy_store_commits", "Blobs committed to the --cache-store.", "commits"),
+            ("hubproxy_store_reads", "Blobs read from the --cache-store into the cache.", "reads"),
+            (
+                "hubproxy_store_too_large",
+                "Blobs not committed to the --cache-store for their size (kept locally).",
+                "too_large",
+            ),
+        ):
+            registry.register(
+                CounterFunction(
+                    name,
+                    help_text,
+                    functools.partial(self._store_count, field_name),
+                )
+            )
         self.manifest_fetch_waits = registry.register(
             Counter(
                 "hubproxy_manifest_fetch_waits",
@@ -1009,6 +1058,9 @@ class HubMetrics:
         self.open_fds = registry.register(
             GaugeFunction("process_open_fds", "Open file descriptors.", self._open_fds)
         )
+
+    def _store_count(self, field_name: str) -> float:
+        return float(getattr(self.store, field_name, 0))
 
     def _cache(self) -> CacheFigures:
         figures = self.cache() if self.cache is not None else None

@@ -174,6 +174,9 @@ class Operations:
         if pullthrough is not None and metrics.manifests is None:
             manifests = pullthrough.manifests
             metrics.manifests = lambda: manifest_figures(manifests)
+        if pullthrough is not None:
+            metrics.peers = pullthrough.peers
+            metrics.store = pullthrough.blobs.shared
 
     async def checks(self) -> list[Check]:
         server = self.server
