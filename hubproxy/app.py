@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import ipaddress
@@ -32,6 +33,7 @@ from .ops.admintoken import AdminTokenError, read_admin_token
 from .ops.memory import give_back_memory
 from .ops.metrics import HubMetrics
 from .ops.operations import Operations
+from .ops.peersecret import read_peer_keys
 from .ops.trends import sample_trends
 from .ops.usersfile import UsersFileError, load_users
 from .ops.workermetrics import WorkerMetrics
@@ -225,6 +227,17 @@ def share_keys(keys: bytes) -> None:
     _SEALING_KEY, _STAMP_KEY = keys[:32], keys[32:]
 
 
+def _keys(config: Config) -> tuple[bytes | None, bytes]:
+    """(the token sealing key, the users' stamp key): derived from --peer-secret-file when
+    given, so every instance has the same ones; else this process's (or the supervisor's)."""
+    if config.peer_secret_file is not None:
+        try:
+            return read_peer_keys(config.peer_secret_file)
+        except AdminTokenError as exc:  # the file changed since the configuration was read
+            raise StartupError(f"--peer-secret-file: {exc}") from None
+    return _SEALING_KEY, _STAMP_KEY
+
+
 def build_admission(config: Config, users: dict[str, str] | None = None) -> Admission:
     """The admission rules from the configuration, whose networks and image rules are parsed
     already (``users`` overrides reading the users file)."""
@@ -235,7 +248,9 @@ def build_admission(config: Config, users: dict[str, str] | None = None) -> Admi
         ops_networks=config.ops_allow,
         images=config.images,
         limiter=RateLimiter(config.client_rate_limit, config.client_burst),
-        authenticator=Authenticator(users, stamp_key=_STAMP_KEY) if users is not None else None,
+        authenticator=(
+            Authenticator(users, stamp_key=_keys(config)[1]) if users is not None else None
+        ),
         logins=LoginThrottle(config.login_failures),
     )
 
@@ -286,7 +301,7 @@ def build_proxy(
     return Proxy(
         forwarder,
         admission,
-        TokenEndpoint(forwarder, TokenSealer(_SEALING_KEY), admission.images),
+        TokenEndpoint(forwarder, TokenSealer(_keys(config)[0]), admission.images),
         operations,
         index_url=config.index_url,
         pullthrough=pullthrough,
@@ -364,7 +379,10 @@ def reload(server: Server, proxy: Proxy) -> None:
         except UsersFileError as exc:
             log.error("SIGHUP: cannot read the users file: %s; still using the old users", exc)
         else:
-            proxy.admission.reload_users(Authenticator(users, stamp_key=_STAMP_KEY))
+            stamp_key = _STAMP_KEY
+            with contextlib.suppress(StartupError):  # unreadable now: new stamps would differ
+                stamp_key = _keys(config)[1]
+            proxy.admission.reload_users(Authenticator(users, stamp_key=stamp_key))
             log.info("SIGHUP: reloaded %d mirror users from %s", len(users), config.users_file)
 
 

@@ -44,6 +44,7 @@ from .cache.objects import parse_store_url
 from .config import Config, Limits, Timeouts
 from .net.streams import CertificateError, server_ssl_context
 from .ops.admintoken import AdminTokenError, read_admin_token
+from .ops.peersecret import read_peer_keys
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import (
     ImagePattern,
@@ -445,6 +446,15 @@ def admin_token_file(path: str) -> str:
     return path
 
 
+def peer_secret_file(path: str) -> str:
+    """A readable secret file; the proxy keeps only the keys derived from it."""
+    try:
+        read_peer_keys(path)
+    except AdminTokenError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
 def split_pair(text: str) -> tuple[str, str] | None:
     """``NAME=VALUE`` -> (name lowercased, value), both stripped; None if either is missing."""
     name, sep, rest = text.partition("=")
@@ -823,6 +833,16 @@ SETTINGS: tuple[Setting, ...] = (
         CACHE,
         metavar="FILE",
         parse=ca_file,
+    ),
+    Setting(
+        "peer-secret-file",
+        "a secret shared by every --peer instance (one word of 32 characters or more; the "
+        "same file on each): the keys sealing mirror tokens (--users) come from it, so a "
+        "client logged in on one instance is let in by the others (needed with --users and "
+        "--peer; default: none)",
+        CACHE,
+        metavar="FILE",
+        parse=peer_secret_file,
     ),
     Setting(
         "manifest-cache-size",
@@ -1363,6 +1383,15 @@ def build_config(values: Values) -> Config:
             "--registry-login: anyone who can reach this mirror would pull with that login; "
             "limit who can with --allow or --users, or pass --allow-shared-login",
         )
+    if users and len(cast(list[Url], p["peer"])) > 1 and not p["peer_secret_file"]:
+        # a client logs in on one instance and sends its token to another (a load balancer):
+        # without one secret, that instance cannot open it and the client loops on 401s
+        raise values.error(
+            "users",
+            "--users with --peer needs --peer-secret-file, the same file on every instance "
+            "(a mirror token one instance issued must open on the others); make one with: "
+            "openssl rand -hex 32 > FILE",
+        )
     return Config(
         cache_dir=None if p["no_cache"] else cast(str, p["cache_dir"]),
         cache_size=cast(int, p["cache_size"]),
@@ -1371,6 +1400,7 @@ def build_config(values: Values) -> Config:
         peers=tuple(cast(list[Url], p["peer"])),
         peer_timeout=cast(float, p["peer_timeout"]),
         peer_ca=cast(str | None, p["peer_ca"]),
+        peer_secret_file=cast(str | None, p["peer_secret_file"]),
         manifest_cache_size=cast(int, p["manifest_cache_size"]),
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
         manifest_ttl=manifest_ttl,

@@ -15,6 +15,7 @@ import trio
 import trustme
 
 from hubproxy.app import App, StartupError, serve
+from hubproxy.cli import UsageError, load_settings
 from hubproxy.ops.usersfile import add_user
 from hubproxy.policy.peers import PEER_MARKER, PeerAnswer, owner, peer_answer, self_index
 from hubproxy.policy.registries import Registry
@@ -359,3 +360,67 @@ async def test_the_owner_routes_a_blob_by_the_clients_host_name(
         assert answer.status == 200 and answer.complete
         assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
     assert not any("owner/app" in s.target for s in hub.requests)
+
+
+async def test_with_the_peer_secret_a_token_one_instance_issued_opens_on_another(
+    nursery: trio.Nursery, hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Behind a load balancer a client logs in on one instance and sends its token to the
+    next; with --peer-secret-file both derive the same keys and the token opens there (before,
+    each instance sealed with its own random key: a 401 and a new login on every switch), and
+    the owner of a blob takes the client's token itself (no fallback to the upstream)."""
+    layers = [make_layer(n, 50_000) for n in range(51, 57)]
+    hub.add_image("library/busybox", "latest", layers)
+    users = tmp_path / "users"
+    add_user(users, "alice", "alice-pw")
+    secret = tmp_path / "peer-secret"
+    secret.write_text("0123456789abcdef" * 4 + "\n")
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    digests = [sha256_digest(layer) for layer in layers]
+    assert {owner(d.removeprefix("sha256:"), urls) for d in digests} == {0, 1}
+    first, second = [
+        await start(
+            nursery,
+            hub,
+            tls_files,
+            port,
+            urls,
+            tmp_path / str(port),
+            users_file=str(users),
+            peer_secret_file=str(secret),
+        )
+        for port in ports
+    ]
+    on_first = RegistryClient(first.proxy.url, ca, credentials=("alice", "alice-pw"))
+    manifest = await on_first.request("/v2/library/busybox/manifests/latest", headers=ACCEPT)
+    assert manifest.status == 200 and len(on_first.token_responses) == 1
+    on_second = RegistryClient(second.proxy.url, ca)  # no credentials: only the token
+    on_second.tokens = dict(on_first.tokens)
+    for digest in digests:
+        answer = await on_second.request(f"/v2/library/busybox/blobs/{digest}")
+        assert answer.status == 200 and answer.complete
+        assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
+    assert on_second.token_responses == []  # never asked to log in again
+    assert all(gets == 1 for gets in cdn_gets(hub).values())  # each blob from the upstream once
+    fetched = metric_samples((await fetch(second.proxy.url + "/metrics", ca)).body.decode())
+    owned_by_first = sum(owner(d.removeprefix("sha256:"), urls) == 0 for d in digests)
+    name = str(first.proxy.config.peers[0].origin)
+    assert sample(fetched, "hubproxy_peer_fetches_total", peer=name, result="filled") == (
+        owned_by_first
+    )
+
+
+def test_users_with_peers_need_the_peer_secret(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    add_user(users, "alice", "alice-pw")
+    peers = ["--peer", "https://10.0.0.1:443", "--peer", "https://10.0.0.2:443"]
+    with pytest.raises(UsageError, match="--users with --peer needs --peer-secret-file"):
+        load_settings(["--users", str(users), *peers])
+    secret = tmp_path / "secret"
+    secret.write_text("short\n")
+    with pytest.raises(UsageError, match="at least 32 characters"):
+        load_settings(["--users", str(users), *peers, "--peer-secret-file", str(secret)])
+    secret.write_text("f" * 64 + "\n")
+    _, config = load_settings(["--users", str(users), *peers, "--peer-secret-file", str(secret)])
+    assert config.peer_secret_file == str(secret)

@@ -16,21 +16,27 @@ class AdminTokenError(ValueError):
     """The token file cannot be used: the message says why and what to do."""
 
 
-def read_admin_token(path: str) -> bytes:
-    """The SHA-256 of the token in ``path`` (its first line, without surrounding spaces)."""
+def read_secret_word(path: str, min_length: int) -> str:
+    """The first line of ``path`` without surrounding spaces: one word of at least
+    ``min_length`` characters, or AdminTokenError saying how to make one."""
     try:
         with open(path, encoding="utf-8") as file:
-            token = file.readline().strip()
+            word = file.readline().strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise AdminTokenError(
             f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
-    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+    if len(word) < min_length or any(c.isspace() for c in word):
         raise AdminTokenError(
-            f"{path}: the token must be one word of at least {MIN_TOKEN_LENGTH} characters "
+            f"{path}: the secret must be one word of at least {min_length} characters "
             f"(make one with: openssl rand -hex 32 > {path})"
         )
-    return hashlib.sha256(token.encode()).digest()
+    return word
+
+
+def read_admin_token(path: str) -> bytes:
+    """The SHA-256 of the token in ``path`` (its first line, without surrounding spaces)."""
+    return hashlib.sha256(read_secret_word(path, MIN_TOKEN_LENGTH).encode()).digest()
 
 
 def token_matches(expected: bytes, authorization: bytes | None) -> bool:
