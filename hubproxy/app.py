@@ -273,6 +273,7 @@ def build_proxy(
     pullthrough = None
     if config.cache_dir is not None:
         blobs = BlobStore(Path(config.cache_dir), config.cache_size)
+        blobs.reverify_after = config.reverify_after
         if shared:
             # a follower gives up on a fill whose file stops growing for longer than the
             # owner itself waits for its upstream (--read-timeout)

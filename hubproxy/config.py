@@ -50,6 +50,7 @@ class Config:
     workers: int = 1  # processes on the listening port (SO_REUSEPORT); 1: no supervisor
     cache_dir: str | None = None  # None: no cache
     cache_size: int = 20 << 30
+    reverify_after: float = 24 * 3600.0  # a whole hit verified longer ago is hashed again
     cache_store: str | None = None  # s3://bucket/prefix shared by instances (cache/shared.py)
     s3_endpoint: str | None = None  # a non-AWS store's endpoint URL
     peers: tuple[Url, ...] = ()  # every instance's mirror URL, this one's too (cache/peering.py)

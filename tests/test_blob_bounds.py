@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
+from hubproxy.cache import store as store_module
 from hubproxy.cache.store import BlobStore, FillState
 from hubproxy.cli import cache_command, main
+from hubproxy.policy.cachepolicy import hit_needs_hashing
 from hubproxy.policy.errors import CacheFillFailed
 from hubproxy.policy.registries import Registry
 from hubproxy.policy.urls import base_url
@@ -306,28 +309,129 @@ async def test_a_damaged_cached_blob_is_never_completed_and_is_refetched(
     assert store.size_of(hexdigest(layer)) == len(layer)
 
 
-async def test_a_range_of_a_changed_blob_is_checked_against_the_whole_digest(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    """A range of a blob verified and unchanged since is served as it is; once the file
-    changed, a range is only completed after the whole blob hashed to its digest."""
-    data = os.urandom(700_000)
+class Whole:
+    """A fill's body source: ``data`` in one chunk."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+
+    async def receive_body(self) -> bytes | None:
+        data, self.data = self.data, None
+        return data
+
+
+async def filled_store(tmp_path: Path, data: bytes) -> tuple[BlobStore, str]:
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
     key = hexdigest(data)
     fill = store.start_fill(key, len(data))
-
-    class Whole:
-        sent = False
-
-        async def receive_body(self) -> bytes | None:
-            if self.sent:
-                return None
-            self.sent = True
-            return data
-
-    await store.run_fill(fill, Whole(), AsyncExitStack())
+    await store.run_fill(fill, Whole(data), AsyncExitStack())
     assert fill.state is FillState.DONE
+    return store, key
+
+
+async def read_whole(store: BlobStore, key: str) -> bytes:
+    reader = store.reader(key)
+    try:
+        chunks = []
+        while (chunk := await reader.next_chunk()) is not None:
+            chunks.append(bytes(chunk))
+        return b"".join(chunks)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    ("whole", "unchanged", "verified_ago", "reverify_after", "hashed"),
+    [
+        (True, True, 10.0, 86400.0, False),  # verified here, unchanged, recently: trusted
+        (True, True, 86400.0, 86400.0, True),  # too long ago: bit rot is only seen by hashing
+        (True, True, 0.0, 0.0, True),  # --reverify-after 0: every whole read hashes
+        (True, False, 10.0, 86400.0, True),  # changed on disk since
+        (True, False, None, 86400.0, True),  # never verified in this process (a restart)
+        (False, True, 86400.0 * 9, 86400.0, False),  # a range of an unchanged file
+        (False, True, 1.0, 0.0, False),
+        (False, False, 1.0, 86400.0, True),  # a range of a changed file: the whole blob
+    ],
+)
+def test_which_reads_of_a_cached_blob_hash_it(
+    whole: bool, unchanged: bool, verified_ago: float | None, reverify_after: float, hashed: bool
+) -> None:
+    assert (
+        hit_needs_hashing(
+            whole=whole,
+            unchanged=unchanged,
+            verified_ago=verified_ago,
+            reverify_after=reverify_after,
+        )
+        is hashed
+    )
+
+
+async def test_a_verified_unchanged_blob_is_served_unhashed_until_reverify_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Hashing every hit costs as much CPU as serving it: a blob verified in this process
+    (its fill) and unchanged since is served as it is, and hashed again once its verification
+    is --reverify-after old (then trusted again)."""
+    monkeypatch.setattr(store_module, "CTIME_GRANULARITY", 0.0)  # no wall clock to wait for
+    data = os.urandom(700_000)
+    store, key = await filled_store(tmp_path, data)
+    store.reverify_after = 3600.0
+    assert await read_whole(store, key) == data
+    assert store.stats.hits_hashed == 0
+    await trio.sleep(3600)
+    assert await read_whole(store, key) == data
+    assert store.stats.hits_hashed == 1
+    assert await read_whole(store, key) == data  # verified just now
+    assert store.stats.hits_hashed == 1
+    store.reverify_after = 0.0  # --reverify-after 0: every whole read
+    assert await read_whole(store, key) == data
+    assert await read_whole(store, key) == data
+    assert store.stats.hits_hashed == 3
+
+
+@pytest.mark.parametrize("change", ["truncate", "replace"])
+async def test_a_trusted_blob_changed_on_disk_is_hashed_and_never_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    monkeypatch.setattr(store_module, "CTIME_GRANULARITY", 0.0)
+    data = os.urandom(700_000)
+    store, key = await filled_store(tmp_path, data)
+    path = store.path(key)
+    if change == "truncate":
+        truncate(path)
+    else:  # the same size, another file (a restore from a backup, another tool)
+        other = path.with_name("other")
+        other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        os.replace(other, path)
+    with pytest.raises(CacheFillFailed, match="damaged"):
+        await read_whole(store, key)
+    assert store.stats.hits_hashed == 1 and store.size_of(key) is None
+
+
+async def test_a_file_changed_within_the_clock_tick_of_its_fill_is_not_trusted(
+    tmp_path: Path,
+) -> None:
+    """A write in the same tick of the file system's clock as the fill's rename could leave
+    the file's identity as it was: a file changed less than CTIME_GRANULARITY ago is hashed
+    by its next reader whatever its identity says."""
+    data = os.urandom(700_000)
+    store, key = await filled_store(tmp_path, data)
+    assert key not in store.verified
+    flip_a_byte(store.path(key))
+    with pytest.raises(CacheFillFailed, match="damaged"):
+        await read_whole(store, key)
+
+
+async def test_a_range_of_a_changed_blob_is_checked_against_the_whole_digest(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range of a blob verified and unchanged since is served as it is; once the file
+    changed, a range is only completed after the whole blob hashed to its digest."""
+    monkeypatch.setattr(store_module, "CTIME_GRANULARITY", 0.0)
+    data = os.urandom(700_000)
+    store, key = await filled_store(tmp_path, data)
     reader = store.reader(key, 1000, 2000)
     assert await take(reader) == data[1000:2000]  # verified by its fill: no hashing
     reader.close()

@@ -34,14 +34,19 @@ A fill is followed only by clients of the registry it comes from (:attr:`Fill.so
 store is shared by digest across registries, and a stalled upstream of one registry must never
 hold a request for another (that request goes to its own upstream and streams uncached).
 
-Bytes on disk are not trusted either: a reader of a whole cached blob hashes every byte it hands
-out and keeps the last one back until the digest matches (the invariant of the fill path), so a
-blob damaged on disk (a flipped byte, a truncation) is never completed to a client; it is evicted
-and the next request refetches it. A range cannot be checked without reading the whole blob, so
-a range is served unhashed only from a file verified in this process whose identity (inode, size,
-mtime, ctime) is unchanged since; otherwise its reader hashes the whole blob around the range.
-A hit's hashing runs on the event loop one ``READ_SIZE`` chunk at a time (sha256 is about
-1.7 GB/s), read into the reader's one buffer (no allocation per chunk).
+Bytes on disk are not trusted either. A file is trusted only as verified in this process: when
+its fill matched the digest, or when a reader hashed every byte of it; with its identity then
+(inode, size, mtime, ctime), which anything that writes into, truncates or replaces it through
+the file system changes (ctime cannot be set back from user space). A reader of any other file,
+or of a whole blob verified more than ``reverify_after`` ago (what the identity cannot see:
+damage below the file system), hashes every byte it hands out and keeps the last one back until
+the digest matches (the invariant of the fill path), so a damaged blob (a flipped byte, a
+truncation) is never completed to a client; it is evicted and the next request refetches it
+(:func:`~hubproxy.policy.cachepolicy.hit_needs_hashing`). Hashing every hit instead would cost
+about 0.6 CPU-seconds per GiB, as much as the rest of serving it. A range of an untrusted file
+makes its reader hash the whole blob around the range. A hit's hashing runs on the event loop
+one ``READ_SIZE`` chunk at a time (sha256 is about 1.7 GB/s), read into the reader's one buffer
+(no allocation per chunk).
 
 The bound (``max_bytes``) covers every byte the store holds on disk: cached blobs, pinned ones
 (open by a reader, so not evictable) included, plus the full size of every fill under way. A new
@@ -70,6 +75,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
@@ -81,12 +87,17 @@ import trio
 
 from ..net.buffers import BODIES
 from ..net.fairness import serving
+from ..policy.cachepolicy import hit_needs_hashing
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
 
 log = logging.getLogger("hubproxy.cache")
 
 READ_SIZE = 256 * 1024
+# a whole blob verified longer ago than this is hashed again as it is served (--reverify-after)
+REVERIFY_AFTER = 24 * 3600.0
+# seconds: file system timestamps tick this coarsely at worst (1 s on some, a jiffy on most)
+CTIME_GRANULARITY = 2.0
 # A fill hands its writer thread at most this many chunks (of BODIES.chunk()) not yet written:
 # the bound on what a slow disk makes it hold
 AHEAD_OF_DISK = 2
@@ -142,6 +153,7 @@ class CacheStats:
     bytes_from_upstream: int = 0
     evictions: int = 0
     verification_failures: int = 0
+    hits_hashed: int = 0  # readers of a cached blob that hashed it (hit_needs_hashing)
     stale_answers: int = 0
     sendfile_bytes: int = 0
     fills_completed: int = 0
@@ -547,8 +559,9 @@ class BlobStore:
         self.pins: dict[str, int] = {}
         self.fills: dict[str, Fill] = {}
         # blobs whose bytes were hashed and matched in this process, with the file's identity
-        # then: a range of one still identical is served without hashing the whole blob
-        self.verified: dict[str, FileIdentity] = {}
+        # then and when: one still identical is served without hashing (hit_needs_hashing)
+        self.verified: dict[str, Verification] = {}
+        self.reverify_after = REVERIFY_AFTER  # --reverify-after
         self.stats = CacheStats()
         # --workers N: fills and the bound shared with the other processes (cache/claims.py)
         self.claims: SharedFills | None = None
@@ -806,7 +819,7 @@ class BlobStore:
             final.parent.mkdir(exist_ok=True)
             os.replace(fill.temp_path, final)
             self.fills.pop(fill.key, None)  # its bytes move from the fills to the index
-            self.verified[fill.key] = FileIdentity.of(os.stat(final))
+            self.note_verified(fill.key, os.stat(final))
             self._add(fill.key, fill.size)
             fill.state = FillState.DONE
             fill.forget_window()  # readers read the file from here on
@@ -846,6 +859,16 @@ class BlobStore:
         fill = self.fills.get(key) if cached is None else None
         size = fill.size if fill is not None else self.index[key]
         return BlobReader(self, key, fill, start, size if end is None else end, size)
+
+    def note_verified(self, key: str, st: os.stat_result) -> None:
+        """The file of ``key``, whose stat is ``st``, was just hashed and matched its digest."""
+        if time.time() - st.st_ctime < CTIME_GRANULARITY:
+            # a write in the same tick of the file system's clock as the last change would
+            # leave the identity as it is: trust only a file whose last change is older (a
+            # fresh fill's file is hashed by its first reader, which then trusts it)
+            self.verified.pop(key, None)
+            return
+        self.verified[key] = Verification(FileIdentity.of(st), trio.current_time())
 
     def discard_damaged(self, key: str, why: str, inode: int | None = None) -> None:
         """Forget a cached blob whose bytes on disk do not match its digest, and delete it (its
@@ -980,6 +1003,14 @@ class FileIdentity:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+@dataclass(frozen=True)
+class Verification:
+    """A file whose bytes matched its digest: its identity then, and when (trio's clock)."""
+
+    identity: FileIdentity
+    at: float
+
+
 class BlobReader:
     """Chunks of one blob, never ahead of verification.
 
@@ -1021,10 +1052,16 @@ class BlobReader:
             self._fd = os.open(self.store.path(self.key), os.O_RDONLY)  # renamed meanwhile
             return
         if self.fill is None:
-            whole = self.position == 0 and self.end == self.size
             known = self.store.verified.get(self.key)
-            if whole or known != FileIdentity.of(os.fstat(self._fd)):
+            if hit_needs_hashing(
+                whole=self.position == 0 and self.end == self.size,
+                unchanged=known is not None
+                and known.identity == FileIdentity.of(os.fstat(self._fd)),
+                verified_ago=None if known is None else trio.current_time() - known.at,
+                reverify_after=self.store.reverify_after,
+            ):
                 self._hasher = hashlib.sha256()
+                self.store.stats.hits_hashed += 1
 
     async def next_span(self, limit: int = READ_SIZE) -> tuple[int, int, int] | None:
         """The next ``(fd, offset, count)`` that may be sent (count <= limit), None at the end.
@@ -1122,7 +1159,7 @@ class BlobReader:
         await self._hash_to(self.size)
         if hasher.hexdigest() != self.key:
             raise self._damaged(f"its bytes hash to sha256:{hasher.hexdigest()}")
-        self.store.verified[self.key] = FileIdentity.of(os.fstat(self._fd))
+        self.store.note_verified(self.key, os.fstat(self._fd))
         return self._read(last, 1)
 
     async def _verify_span(self, limit: int) -> int:

@@ -457,6 +457,7 @@ class CacheFigures:
     limit_bytes: int = 0
     evictions: int = 0
     verification_failures: int = 0
+    hits_hashed: int = 0  # reads of a cached blob that hashed it (--reverify-after)
     pinned_bytes: int = 0
     filling_bytes: int = 0
     disk_free_bytes: int = 0  # free on the cache directory's disk
@@ -470,6 +471,7 @@ def cache_figures(store: BlobStore) -> CacheFigures:
         limit_bytes=store.max_bytes,
         evictions=store.stats.evictions,
         verification_failures=store.stats.verification_failures,
+        hits_hashed=store.stats.hits_hashed,
         pinned_bytes=store.pinned_bytes,
         filling_bytes=store.filling_bytes,
         disk_free_bytes=store.disk_free(),
@@ -828,6 +830,15 @@ class HubMetrics:
                 "hubproxy_cache_verification_failures",
                 "Cache fills, and cached blobs read back, whose digest did not match.",
                 lambda: self._cache().verification_failures,
+            )
+        )
+        self.cache_hits_hashed = registry.register(
+            CounterFunction(
+                "hubproxy_cache_hits_hashed",
+                "Reads of a cached blob that hashed it against its digest (a file not verified "
+                "in this process, changed on disk, or verified longer ago than "
+                "--reverify-after).",
+                lambda: self._cache().hits_hashed,
             )
         )
         self.upstream_slots = registry.register(

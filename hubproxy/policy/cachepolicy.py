@@ -202,6 +202,24 @@ def tag_ttl(tag: str, rules: Sequence[TtlRule], default: float) -> float:
     return default if best is None else best.seconds
 
 
+def hit_needs_hashing(
+    *, whole: bool, unchanged: bool, verified_ago: float | None, reverify_after: float
+) -> bool:
+    """Whether a reader of a cached blob hashes what it serves (and keeps the last byte back
+    until the digest matches).
+
+    ``unchanged``: the file was verified in this process and its identity (inode, size, mtime,
+    ctime) is the same; ``verified_ago``: seconds since. Anything written into, truncated or
+    replaced through the file system changes the identity, and is hashed at once. What the
+    identity cannot see, damage below the file system (bit rot), is caught by hashing a whole
+    blob again once its verification is ``reverify_after`` old (0: every whole read hashes,
+    about 0.6 CPU-seconds per GiB, as much as sending it). A range is served unhashed from any
+    unchanged file: checking it means hashing the whole blob around it."""
+    if not unchanged or verified_ago is None:
+        return True
+    return whole and verified_ago >= reverify_after
+
+
 def tag_current(cached_digest: str, head_digest: bytes | None) -> bool:
     """Whether the upstream's HEAD says the tag still names the cached manifest."""
     return head_digest is not None and head_digest.decode("latin-1") == cached_digest
