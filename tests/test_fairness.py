@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from hubproxy.net.fairness import Fairness, Serving, gate, serving
-from hubproxy.policy.fairshare import ALONE, BYTES_PER_SECOND, EVERY
+from hubproxy.policy.fairshare import ALONE, BYTES_PER_SECOND, EVERY, FairShare, FairShareRules
 
 UNIT = 256 * 1024
 
@@ -55,7 +55,9 @@ async def run_clients(
 
 @pytest.fixture
 async def fairness() -> AsyncIterator[Fairness]:
-    fairness = Fairness()
+    # these units take no time: with batches that are all short, every unit would go at once
+    # (FairShareRules.busy_batch); the credit rules are what these tests weigh
+    fairness = Fairness(FairShare(FairShareRules(busy_batch=0.0)))
     trio.lowlevel.add_instrument(fairness)
     yield fairness
     trio.lowlevel.remove_instrument(fairness)
@@ -77,6 +79,55 @@ async def test_a_flood_from_one_address_puts_one_unit_per_batch_before_anothers(
     assert sum(units["flood"] for units in log.units.values()) == 50 * 20  # and all went
     assert fairness.waits > 0
     assert fairness.parked() == 0
+
+
+async def test_in_short_batches_every_unit_goes_at_once() -> None:
+    """Holding a unit back costs its client a batch's wait and saves nobody anything while
+    batches are short: with the default rules, units that take no time all go at once, the
+    flood's too, and only their charge is kept (a victim beside 120 slow downloads waited
+    twice as long in the tail when every unit was weighed, the loop 80% idle)."""
+    fairness = Fairness()
+    trio.lowlevel.add_instrument(fairness)
+    try:
+        log = BatchLog(fairness)
+        await run_clients(fairness, log, {"flood": (50, 20), "one": (1, 20)})
+    finally:
+        trio.lowlevel.remove_instrument(fairness)
+    assert fairness.waits == 0
+    assert sum(units["flood"] for units in log.units.values()) == 50 * 20
+    assert fairness.share.served("flood", trio.current_time()) > 0  # charged all the same
+
+
+async def test_a_long_batch_parks_a_client_in_debt() -> None:
+    """Once a batch has run for ``busy_batch``, the credit rules apply: units that each spend
+    a millisecond of real CPU time (the teardown of a reset connection, say) go a few per
+    batch, and the flood's are spread over many batches."""
+    fairness = Fairness()
+    trio.lowlevel.add_instrument(fairness)
+
+    async def busy_worker(key: str, units: int) -> None:
+        serving.set(Serving(fairness, key))
+        for _ in range(units):
+            await gate(UNIT)
+            log.ran(key)
+            spin_until = time.perf_counter() + 0.001  # a unit's CPU time, really spent
+            while time.perf_counter() < spin_until:
+                pass
+            await trio.lowlevel.checkpoint()
+
+    try:
+        log = BatchLog(fairness)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fairness.keep_batches_coming)
+            async with trio.open_nursery() as workers:
+                for _ in range(30):
+                    workers.start_soon(busy_worker, "flood", 2)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(fairness)
+    assert sum(units["flood"] for units in log.units.values()) == 60
+    assert fairness.waits > 0
+    assert max(units["flood"] for units in log.units.values()) <= ALONE // UNIT + 1
 
 
 async def test_alone_a_burst_is_spread_over_batches(fairness: Fairness) -> None:

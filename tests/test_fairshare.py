@@ -104,3 +104,11 @@ def test_decayed_accounts_are_forgotten() -> None:
     share.forget_idle(5.0)
     assert len(share) == 1
     assert share.served("a", 5.0) == 0.0
+
+
+def test_in_a_short_batch_a_unit_goes_even_in_debt() -> None:
+    share = FairShare(FairShareRules(sharing=100, alone=300, busy_batch=0.001))
+    share.charge("a", 10_000, 0.0, batch=1)  # deep in debt
+    assert not share.may_go("a", 0.0, 1, elapsed=0.002)
+    assert not share.may_go("a", 0.0, 1)  # elapsed unknown: a long batch
+    assert share.may_go("a", 0.0, 1, elapsed=0.0005)

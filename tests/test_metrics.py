@@ -408,6 +408,7 @@ HUB_FAMILIES = {
     "hubproxy_cache_disk_free_bytes",
     "hubproxy_cache_evictions",
     "hubproxy_cache_verification_failures",
+    "hubproxy_cache_hits_hashed",
     "hubproxy_upstream_slots_in_use",
     "hubproxy_upstream_slot_waiting",
     "hubproxy_upstream_idle_connections",

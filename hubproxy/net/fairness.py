@@ -67,13 +67,13 @@ class Fairness(trio.abc.Instrument):
     """The gate's state for one server: the accounts, the batch count, the parked units."""
 
     def __init__(self, share: FairShare | None = None) -> None:
-        self.share = share or FairShare()
+        self.share = share if share is not None else FairShare()  # (an empty one is falsy)
         self.batch = 0
         self._parked: dict[str, deque[_Parked]] = {}
         self._someone_parked = trio.Event()
         self._next_sweep = 0.0
         self.waits = 0  # units that had to wait for a later batch (/metrics)
-        self._step_ended = time.perf_counter()
+        self._step_ended = self._batch_started = time.perf_counter()
         self._declared = 0.0  # cost the running step's gates charged
         self._released: dict[trio.lowlevel.Task, float] = {}  # cost charged for a parked unit
 
@@ -91,7 +91,7 @@ class Fairness(trio.abc.Instrument):
                     unit.event.set()
                 if not queue:
                     del self._parked[key]
-        self._step_ended = time.perf_counter()
+        self._step_ended = self._batch_started = time.perf_counter()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         """Charge a client's step what it took beyond what its gates declared."""
@@ -126,7 +126,8 @@ class Fairness(trio.abc.Instrument):
         if now >= self._next_sweep:
             self._next_sweep = now + FORGET_EVERY
             self.share.forget_idle(now)
-        if key not in self._parked and self.share.may_go(key, now, self.batch):
+        elapsed = time.perf_counter() - self._batch_started
+        if key not in self._parked and self.share.may_go(key, now, self.batch, elapsed):
             self.share.charge(key, cost, now, self.batch)
             self._declared += cost
             return
