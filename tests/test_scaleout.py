@@ -36,6 +36,7 @@ from tests.conftest import TLSFiles, aws_environment
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, Seen, fetch, sha256_digest
 from tests.registry_client import RegistryClient
 from tests.test_peers import free_ports
+from tests.wire import WireClient
 
 pytest.importorskip("obstore")
 
@@ -386,3 +387,53 @@ async def test_twelve_clients_on_three_instances_fetch_each_blob_from_the_upstre
     assert {d: gets[d.removeprefix("sha256:")] for d in digests} == {d: 1 for d in digests}
     owners = {owner(d.removeprefix("sha256:"), cluster.names) for d in digests}
     assert len(owners) > 1  # the blobs' fetches were shared out, not all one instance's
+
+
+async def start_blob(url: str, ca: trustme.CA, repo: str, digest: str) -> WireClient:
+    """A client's GET of a blob, its token fetched first, up to the response's head (200)."""
+    registry = RegistryClient(url, ca)
+    manifest = await registry.request(f"/v2/{repo}/manifests/latest", headers=ACCEPT)
+    assert manifest.status == 200, manifest.body
+    client = await WireClient.connect(url, ca)
+    bearer = ("authorization", f"Bearer {registry.tokens['']}")
+    await client.send_request("GET", f"/v2/{repo}/blobs/{digest}", [bearer])
+    head = await client.receive_head()
+    assert head.status_code == 200, head
+    return client
+
+
+async def test_the_owner_killed_mid_fill_costs_the_other_instances_clients_nothing(
+    cluster: Cluster, ca: trustme.CA, aws_env: None
+) -> None:
+    """SIGKILL of the instance that fetches a blob for the others, while the upstream is half
+    way through it: their clients' transfers finish from the upstream, verified; its other
+    blobs come from the upstream; the bucket holds only whole, verified blobs."""
+    instances = await blocking(cluster.up)
+    victim, others = instances[0], instances[1:]
+    names = cluster.names
+    killed = owned_layer(100, 4 * MiB, names, 0)  # the one in flight when its owner dies
+    later = owned_layer(200, MiB, names, 0)  # asked for once it is dead
+    elsewhere = owned_layer(300, MiB, names, 1)
+    hub = cluster.hub
+    await hub.call(hub.hub.add_image, "library/killed", "latest", [killed, later, elsewhere])
+    digest = sha256_digest(killed)
+    stall = await hub.call(hub.hub.stall_blob, digest, after=MiB)
+    with trio.fail_after(60):
+        # two clients on each of the other instances, each with the response's head: each
+        # instance's fill follows the owner's
+        clients = [
+            await start_blob(instance.url, ca, "library/killed", digest)
+            for instance in others
+            for _ in range(2)
+        ]
+        await hub.wait(stall.reached)  # the owner has 1 MiB of 4 from the upstream, no more
+        await blocking(victim.reap)  # SIGKILL
+        for client in clients:
+            body = await client.receive_body()
+            assert sha256_digest(body) == digest
+            await client.aclose()
+        for instance in others:
+            await pull_image(instance.url, ca, "library/killed")
+    await hub.call(stall.release.set)
+    assert victim.lines[-1] == "--- exited with -9\n"
+    await blocking(check_bucket, cluster)
