@@ -35,6 +35,7 @@ from hubproxy.policy.urls import base_url
 from tests.conftest import TLSFiles, aws_environment
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, Seen, fetch, sha256_digest
 from tests.registry_client import RegistryClient
+from tests.test_cachestore import FakeS3
 from tests.test_peers import free_ports
 from tests.wire import WireClient
 
@@ -437,3 +438,24 @@ async def test_the_owner_killed_mid_fill_costs_the_other_instances_clients_nothi
     await hub.call(stall.release.set)
     assert victim.lines[-1] == "--- exited with -9\n"
     await blocking(check_bucket, cluster)
+
+
+async def test_a_process_on_a_store_ignoring_conditional_puts_exits_with_one_line(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The start's probe: a second create-only put of one key that succeeds refuses the store
+    (instances could overwrite each other's blobs), before anything listens."""
+    fake = FakeS3()  # every PUT succeeds, If-None-Match or not
+    await nursery.start(fake.serve)
+    argv = [sys.executable, "-m", "hubproxy", "--listen", "127.0.0.1:0"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--cache-store", "s3://shared/mirror"]
+    argv += ["--s3-endpoint", fake.url]
+    env = {**_without_aws(), **aws_environment(tmp_path)}
+    with trio.fail_after(START_TIMEOUT):
+        result = await trio.run_process(argv, capture_stderr=True, check=False, env=env)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1, lines
+    assert len(lines) == 1, lines  # the one line, no traceback
+    assert "does not honour conditional puts (If-None-Match: *)" in lines[0]
+    assert "drop --cache-store" in lines[0]
+    assert len(fake.puts) == 2  # the probe, put create-only twice
