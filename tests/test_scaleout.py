@@ -209,6 +209,16 @@ class Instance:
         assert self.process is not None
         self.process.send_signal(signum)
 
+    def stop(self) -> int | None:
+        """SIGTERM, as a service manager stops it; its exit status once it exited. Blocking."""
+        self.send(signal.SIGTERM)
+        assert self.process is not None
+        try:
+            self.process.wait(START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not stop on SIGTERM:\n{self.log}") from None
+        return self.reap()
+
     def reap(self) -> int | None:
         """Kill it if it still runs, wait for it and its output; its exit status."""
         if self.process is None:
@@ -218,9 +228,10 @@ class Instance:
         status = self.process.wait()
         if self._reader is not None:
             self._reader.join(START_TIMEOUT)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        self.lines.append(f"--- exited with {status}\n")
+            self._reader = None
+            assert self.process.stdout is not None
+            self.process.stdout.close()
+            self.lines.append(f"--- exited with {status}\n")
         return status
 
 
@@ -459,3 +470,29 @@ async def test_a_process_on_a_store_ignoring_conditional_puts_exits_with_one_lin
     assert "does not honour conditional puts (If-None-Match: *)" in lines[0]
     assert "drop --cache-store" in lines[0]
     assert len(fake.puts) == 2  # the probe, put create-only twice
+
+
+async def test_a_fourth_instance_serves_a_cached_image_with_the_upstream_stopped(
+    cluster: Cluster, ca: trustme.CA
+) -> None:
+    """The three pull an image and stop (SIGTERM); the upstream goes away; a fourth instance
+    on an empty cache directory, joining the list, serves the image from the bucket: blobs
+    committed there, and the manifest state (the snapshot saved at stop, or kept live in the
+    bucket as instances run)."""
+    instances = await blocking(cluster.up)
+    hub = cluster.hub
+    layers = [layer(n, MiB) for n in (401, 402)]
+    await hub.call(hub.hub.add_image, "library/warm", "latest", layers)
+    with trio.fail_after(60):
+        # each instance serves the tag: whichever snapshot is saved last has it
+        digests = [await pull_image(instance.url, ca, "library/warm") for instance in instances]
+        async with trio.open_nursery() as stopping:
+            for instance in instances:
+                stopping.start_soon(blocking, instance.stop)
+    assert [instance.lines[-1] for instance in instances] == ["--- exited with 0\n"] * 3
+    await blocking(hub.stop)
+    with pytest.raises(OSError, match="all attempts to connect"):  # the upstream is gone
+        await fetch(hub.hub.registry_url + "/v2/", ca)
+    fourth = await blocking(cluster.start_fourth)
+    with trio.fail_after(60):
+        assert await pull_image(fourth.url, ca, "library/warm") == digests[0]
