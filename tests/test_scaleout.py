@@ -17,6 +17,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +37,6 @@ from tests.conftest import TLSFiles, aws_environment
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, Seen, fetch, sha256_digest
 from tests.registry_client import RegistryClient
 from tests.test_cachestore import FakeS3
-from tests.test_peers import free_ports
 from tests.wire import WireClient
 
 pytest.importorskip("obstore")
@@ -44,10 +44,12 @@ pytest.importorskip("obstore")
 T = TypeVar("T")
 MiB = 1024 * 1024
 START_TIMEOUT = 30.0  # seconds a process may take to say it listens (a loaded CI machine)
-# a peer that answers later than this is skipped: long enough that a busy machine never makes
-# a live owner look dead (a second upstream fetch), while a killed one refuses at once
-PEER_TIMEOUT = "5s"
+# a peer that answers later than this is skipped: long, so that a busy CI machine never makes
+# a live owner look dead (a second upstream fetch); no test waits for it, since a killed
+# instance's connections close and its port refuses at once
+PEER_TIMEOUT = "20s"
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
+ADDRESSES = [f"127.0.15.{n}" for n in range(1, 5)]  # the instances' own loopback addresses
 
 
 def layer(seed: int, size: int) -> bytes:
@@ -235,9 +237,19 @@ class Instance:
         return status
 
 
+def free_port(address: str) -> int:
+    """A port nothing listens on at ``address`` now."""
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return int(probe.getsockname()[1])
+
+
 class Cluster:
-    """Three hubproxy processes on one bucket, each listing all three as ``--peer``; ports
-    chosen before any starts (each must know the others'), plus one kept for a fourth."""
+    """Three hubproxy processes on one bucket, each listing all three as ``--peer``, plus one
+    kept for a fourth. Each must know the others' ports before any starts, so each listens on
+    a loopback address of its own (``ADDRESSES``): a port found free there stays free until the
+    process binds it, where on 127.0.0.1 a busy machine's outgoing connections (every one takes
+    an ephemeral port of 127.0.0.1) could take it meanwhile."""
 
     def __init__(self, ca: trustme.CA, tls_files: TLSFiles, moto_url: str, root: Path) -> None:
         self.ca = ca
@@ -246,8 +258,11 @@ class Cluster:
         self.root = root
         self.bucket = f"s3://scaleout-{secrets.token_hex(4)}/mirror"
         self.env = {**_without_aws(), **aws_environment(root)}
-        ports = free_ports(4)
-        self.urls = [f"https://127.0.0.1:{port}" for port in ports]
+        self.cert, self.key = root / "server.pem", root / "server-key.pem"
+        issued = ca.issue_cert(*ADDRESSES)
+        issued.cert_chain_pems[0].write_to_path(str(self.cert))
+        issued.private_key_pem.write_to_path(str(self.key))
+        self.urls = [f"https://{address}:{free_port(address)}" for address in ADDRESSES]
         self.instances = [
             Instance(f"instance {n}", url, root / f"cache-{n}") for n, url in enumerate(self.urls)
         ]
@@ -266,13 +281,13 @@ class Cluster:
     def argv(self, instance: Instance, peers: list[str]) -> list[str]:
         assert self.hub_thread is not None
         tls = self.tls_files
-        port = base_url(instance.url).origin.port
+        origin = base_url(instance.url).origin
         return [
             sys.executable,
             "-m",
             "hubproxy",
-            *("--listen", f"127.0.0.1:{port}", "--cert", str(tls.cert_pem)),
-            *("--key", str(tls.key_pem), "--upstream", self.hub_thread.hub.registry_url),
+            *("--listen", f"{origin.host}:{origin.port}", "--cert", str(self.cert)),
+            *("--key", str(self.key), "--upstream", self.hub_thread.hub.registry_url),
             *("--upstream-ca", str(tls.ca_pem), "--library-prefix"),
             *("--cache-dir", str(instance.cache_dir)),
             *("--cache-store", self.bucket, "--s3-endpoint", self.moto_url),
