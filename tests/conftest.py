@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,63 @@ def make_config(hub: FakeHub, tls_files: TLSFiles, *, tls: bool = True, **overri
         timeouts=timeouts,
     )
     return replace(config, **overrides)
+
+
+# What an AWS tool reads for the test S3 server (moto takes any keys); the shared config files
+# point nowhere, so a developer's own profile never leaks into a test
+AWS_TEST_ENV: Mapping[str, str] = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def aws_environment(directory: Path) -> dict[str, str]:
+    """The AWS variables of a test process, its absent shared files under ``directory``."""
+    return {
+        **AWS_TEST_ENV,
+        "AWS_CONFIG_FILE": str(directory / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(directory / "no-aws-credentials"),
+    }
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (an ephemeral port), for the whole session."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    found: list[str] = []
+    ready = threading.Event()
+
+    def drain(lines: Iterator[str]) -> None:
+        # read it all (its request log must never fill the pipe), noting the address once
+        for line in lines:
+            if not found and "Running on http://" in line:
+                found.append(line.split("Running on ", 1)[1].strip())
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, args=(process.stdout,), daemon=True).start()
+    try:
+        assert ready.wait(30) and found, "moto's server did not start"
+        yield found[0].rstrip("/")
+    finally:
+        process.terminate()
+        process.wait(10)
+        process.stdout.close()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """This process reads the test S3 server's keys and region (``aws_environment``)."""
+    for name, value in aws_environment(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 @pytest.fixture

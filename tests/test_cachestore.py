@@ -7,10 +7,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,47 +37,6 @@ from tests.test_pullthrough import stoppable_hub
 
 obstore = pytest.importorskip("obstore")
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
-
-
-@pytest.fixture(scope="session")
-def moto_url() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 (an ephemeral port), for the whole session."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    found: list[str] = []
-    ready = threading.Event()
-
-    def drain(lines: Iterator[str]) -> None:
-        # read it all (its request log must never fill the pipe), noting the address once
-        for line in lines:
-            if not found and "Running on http://" in line:
-                found.append(line.split("Running on ", 1)[1].strip())
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, args=(process.stdout,), daemon=True).start()
-    try:
-        assert ready.wait(30) and found, "moto's server did not start"
-        yield found[0].rstrip("/")
-    finally:
-        process.terminate()
-        process.wait(10)
-        process.stdout.close()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from tests.conftest import RunningProxy, TLSFiles, make_config
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
 from tests.test_operations import metric_samples, sample
+from tests.wire import WireClient
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
 DIGESTS = [f"sha256:{hashlib.sha256(b'%d' % n).hexdigest()}" for n in range(2000)]
@@ -424,3 +425,47 @@ def test_users_with_peers_need_the_peer_secret(tmp_path: Path) -> None:
     secret.write_text("f" * 64 + "\n")
     _, config = load_settings(["--users", str(users), *peers, "--peer-secret-file", str(secret)])
     assert config.peer_secret_file == str(secret)
+
+
+async def test_an_owner_breaking_off_a_blob_leaves_the_transfers_to_the_upstream(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The owner stops while it sends a blob the upstream is half way through: the clients
+    following this instance's fill from it finish from the upstream (a Range request), the
+    whole blob verified; before, every one of them lost its transfer."""
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    layer = next(
+        data
+        for data in (make_layer(n, 600_000) for n in range(60, 120))
+        if owner(hashlib.sha256(data).hexdigest(), urls) == 1
+    )
+    hub.add_image("library/cut", "latest", [layer])
+    digest = sha256_digest(layer)
+    stall = hub.stall_blob(digest, after=200_000)
+    first, second = [
+        await start(nursery, hub, tls_files, port, urls, tmp_path / str(port)) for port in ports
+    ]
+    registry = RegistryClient(first.proxy.url, ca)
+    assert (await registry.request("/v2/library/cut/tags/list")).status == 200
+    bearer = ("authorization", f"Bearer {registry.tokens['']}")
+    clients = [await WireClient.connect(first.proxy.url, ca) for _ in range(2)]
+    with trio.fail_after(20):
+        for client in clients:
+            await client.send_request("GET", f"/v2/library/cut/blobs/{digest}", [bearer])
+            assert (await client.receive_head()).status_code == 200  # following the fill
+        await stall.reached.wait()
+        await second.stop()  # its connections close with the blob a third sent
+        for client in clients:
+            assert sha256_digest(await client.receive_body()) == digest
+            await client.aclose()
+    stall.release.set()
+    resumed = [r.getMessage() for r in caplog.records if "finishing the transfer" in r.getMessage()]
+    assert len(resumed) == 2 and all("the peer broke off" in line for line in resumed)
+    cdn = [s for s in hub.requests if s.server == "cdn" and s.method == "GET"]
+    assert len(cdn) == 3 and sum("range" in s.headers for s in cdn) == 2

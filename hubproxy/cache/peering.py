@@ -18,8 +18,10 @@ from collections import Counter
 import trio
 
 from ..config import Config
+from ..policy.errors import ProxyError
 from ..policy.peers import PEER_REST, owner, self_index
 from ..policy.urls import Url
+from .store import BodySource
 
 log = logging.getLogger("hubproxy.peers")
 
@@ -75,6 +77,27 @@ class Peers:
                 PEER_REST,
             )
         self.resting_until[index] = now + PEER_REST
+
+
+class PeerReadFailed(OSError):
+    """The owner peer broke off a blob it was sending (killed, restarted, its own upstream
+    failing). An OSError, as a failed disk write is: the fill's failure is not the upstream's,
+    so its readers finish from the upstream with a Range request, still verified
+    (``Fill.disk_failed``), rather than every client of this instance losing its transfer."""
+
+
+class PeerBody:
+    """A blob's bytes from its owner peer, as a fill's body source (``BlobStore.run_fill``)."""
+
+    def __init__(self, body: BodySource) -> None:
+        self._body = body
+
+    async def receive_body(self) -> bytes | bytearray | None:
+        """The next chunk, None at the end; PeerReadFailed if the peer's transfer breaks."""
+        try:
+            return await self._body.receive_body()
+        except ProxyError as exc:  # the connection's failures (closed, timed out, bad framing)
+            raise PeerReadFailed(f"the peer broke off: {exc}") from exc
 
 
 def _listen_addresses(host: str) -> set[str] | None:

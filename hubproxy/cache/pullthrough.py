@@ -103,10 +103,11 @@ from .inflight import (
 from .lru import ShardedLRU
 from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
 from .negative import NegativeCache
-from .peering import Peers
+from .peering import PeerBody, Peers
 from .store import (
     BlobReader,
     BlobStore,
+    BodySource,
     NoRoom,
     cached_blob_answer,
     sha256_hex,
@@ -499,7 +500,7 @@ class PullThrough:
                 await self.forwarder.stream_response(conn, head, headers, response)
             else:
                 await self._deliver_blob(
-                    plan, request, response, route, key, conn, head, headers, stack
+                    plan, request, response, route, key, conn, head, headers, stack, PeerBody(conn)
                 )
 
         with trio.move_on_after(peers.timeout) as waiting:
@@ -561,9 +562,11 @@ class PullThrough:
         head: h11.Response,
         headers: Headers,
         stack: AsyncExitStack,
+        body: BodySource | None = None,
     ) -> None:
         """The upstream's answer to a blob miss: start a fill and serve from it, follow the one
-        that started meanwhile, or stream."""
+        that started meanwhile, or stream. ``body``: where the fill reads the bytes, when not
+        straight from ``conn`` (an owner peer's answer: ``PeerBody``)."""
         store = self.blobs
         # the misses waiting for this answer go on, but only at this task's next checkpoint:
         # by then the fill below has started (or will not), and they follow it or ask themselves
@@ -590,7 +593,8 @@ class PullThrough:
                 else:
                     self._remember_access(request, route)
                     self.manifests.link(state_name(route), route.blob_digest or "")
-                    background.start_soon(store.run_fill, fill, conn, stack.pop_all())
+                    source = conn if body is None else body
+                    background.start_soon(store.run_fill, fill, source, stack.pop_all())
                     self._maybe_probe(route, _path(route), Kind.BLOB)
                     await self._send_blob(plan, request, response, route, key)
                     return
