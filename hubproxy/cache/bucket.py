@@ -97,12 +97,14 @@ class BucketBudget:
         self.clock = clock  # the wall clock lease expiries are written and judged by
         self.evicted = 0  # blobs this process deleted from the store (metrics)
         self.sweeps = 0  # sweeps completed
+        self.markers_written = 0  # access markers written
         # the bucket's blob bytes at the last sweep, plus this process's commits since; None
         # before the first sweep
         self.bucket_bytes: int | None = None
         self.last_plan: SweepPlan | None = None
         self._sweeping = trio.Lock()
         self._again = False  # asked for a sweep while one ran: it runs once more
+        self._swept = trio.Event()  # set when the sweep under way (and its repeats) ended
         self._quiet_until = 0.0  # trio time: no sweep after a commit before this
         self._touched: dict[str, float] = {}  # digest -> trio time of its last marker write
         self._pending: dict[str, None] = {}  # markers to write, in order
@@ -110,6 +112,8 @@ class BucketBudget:
         self._marked = trio.Event()  # set while no marker waits or is being written
         self._marked.set()
         self._warned: dict[str, float] = {}  # what failed -> trio time of its last warning
+        self.held: dict[str, float] = {}  # this process's leases: key -> expiry last written
+        self._lease_written = trio.Event()  # set (and replaced) at each lease write
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write access markers as blobs are served, and sweep at start and every
@@ -153,6 +157,7 @@ class BucketBudget:
                 digest = next(iter(self._pending))
                 try:
                     await self.shared.run(self.shared.objects.put_bytes, access_key(digest), b"")
+                    self.markers_written += 1
                 except Exception as exc:  # the client's own errors: the access is just lost
                     self._warn("cannot record blob accesses in", exc)
                 finally:
@@ -177,6 +182,7 @@ class BucketBudget:
                 await trio.sleep(LEASE_RENEW)
                 await self._put_lease(key)
         finally:
+            self.held.pop(key, None)
             with trio.CancelScope(shield=True):
                 try:
                     await self.shared.run(self.shared.objects.delete, key)
@@ -184,11 +190,19 @@ class BucketBudget:
                     self._warn("cannot end a lease in", exc)
 
     async def _put_lease(self, key: str) -> None:
-        body = lease_body(self.clock() + LEASE_TTL)
+        expires = self.clock() + LEASE_TTL
         try:
-            await self.shared.run(self.shared.objects.put_bytes, key, body)
+            await self.shared.run(self.shared.objects.put_bytes, key, lease_body(expires))
         except Exception as exc:
             self._warn("cannot write a lease to", exc)
+            return
+        self.held[key] = expires
+        self._lease_written.set()
+        self._lease_written = trio.Event()
+
+    async def wait_lease_written(self) -> None:
+        """Wait for this process's next lease write (tests)."""
+        await self._lease_written.wait()
 
     # -- sweeps -------------------------------------------------------------------------------
 
@@ -210,14 +224,21 @@ class BucketBudget:
         module's docstring); the plan carried out, or None if the store failed (warned) or a
         sweep was under way (it sweeps once more when done instead)."""
         if self._sweeping.locked():
+            # the bucket may have changed since that sweep listed it: it lists it once more,
+            # and this caller (a commit: shared.py's wait_idle covers it) waits for that too
             self._again = True
+            await self._swept.wait()
             return None
         async with self._sweeping:
-            while True:
-                self._again = False
-                plan = await self._sweep_once()
-                if not self._again:
-                    return plan
+            self._swept = trio.Event()
+            try:
+                while True:
+                    self._again = False
+                    plan = await self._sweep_once()
+                    if not self._again:
+                        return plan
+            finally:
+                self._swept.set()
 
     async def _sweep_once(self) -> SweepPlan | None:
         objects = self.shared.objects
