@@ -153,7 +153,9 @@ async def serve(
                     if schedule is not None:
                         sweeping.start_soon(schedule.run)
                     if shared_store is not None and shared_store.budget is not None:
-                        # --cache-store-size: access times written, the bucket swept
+                        # --cache-store-size: access times written, the bucket swept (on a
+                        # schedule by one worker of --workers N: each sweep lists the bucket)
+                        shared_store.budget.periodic = role is None or role.index == 0
                         await sweeping.start(shared_store.budget.run)
                     task_status.started(App(server, proxy, schedule))
             finally:

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.cache.bucket import ACCESS_EVERY, LEASE_RENEW, LEASE_TTL, BucketBudget
+from hubproxy.cache.bucket import ACCESS_EVERY, LEASE_RENEW, LEASE_TTL, SWEEP_EVERY, BucketBudget
 from hubproxy.cache.objects import (
     ObjectStore,
     S3Objects,
@@ -475,3 +475,27 @@ async def test_accesses_are_written_once_per_interval(
     budget.accessed(A)
     await budget.wait_marked()
     assert budget.markers_written == 3
+
+
+async def test_the_bucket_is_swept_at_start_and_on_a_schedule(
+    nursery: trio.Nursery, store: ObjectStore, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    budget = BucketBudget(SharedStore(store), 1)
+    await nursery.start(budget.run)
+    await trio.testing.wait_all_tasks_blocked()  # the sweep at start, in its thread
+    assert await budget.sweep() is None  # it was under way: this waited for it
+    assert budget.sweeps >= 1
+    put_blobs(store, tmp_path / "scratch", [100, 200])
+    mock_clock.jump(SWEEP_EVERY)
+    await trio.testing.wait_all_tasks_blocked()
+    assert await budget.sweep() is None  # the scheduled one was under way
+    assert blobs_in(store) == {} and budget.evicted == 2
+    # a worker other than the first of --workers N sweeps only after its commits
+    other = BucketBudget(SharedStore(store), 1)
+    other.periodic = False
+    await nursery.start(other.run)
+    put_blobs(store, tmp_path / "scratch", [300])
+    mock_clock.jump(SWEEP_EVERY)
+    await trio.testing.wait_all_tasks_blocked()
+    assert await budget.sweep() is None  # the first one's
+    assert other.sweeps == 0 and budget.evicted == 3

@@ -95,6 +95,8 @@ class BucketBudget:
         self.budget = budget
         self.holder = holder or secrets.token_hex(8)  # this process, in its lease keys
         self.clock = clock  # the wall clock lease expiries are written and judged by
+        # sweep every SWEEP_EVERY (with --workers N, one worker does; all sweep after commits)
+        self.periodic = True
         self.evicted = 0  # blobs this process deleted from the store (metrics)
         self.sweeps = 0  # sweeps completed
         self.markers_written = 0  # access markers written
@@ -116,12 +118,12 @@ class BucketBudget:
         self._lease_written = trio.Event()  # set (and replaced) at each lease write
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write access markers as blobs are served, and sweep at start and every
-        ``SWEEP_EVERY`` seconds; until cancelled."""
+        """Write access markers as blobs are served, and (``periodic``) sweep at start and
+        every ``SWEEP_EVERY`` seconds; until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_markers)
             task_status.started()
-            while True:
+            while self.periodic:
                 await self.sweep()
                 await trio.sleep(SWEEP_EVERY)
 
