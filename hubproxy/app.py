@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from .cache.bucket import BucketBudget
 from .cache.claims import Claims
 from .cache.manifests import DATABASE, ManifestStore
 from .cache.objects import StoreUnusable, open_object_store
@@ -153,6 +154,11 @@ async def serve(
                         schedule = prefetch_schedule(config, proxy, server)
                     if schedule is not None:
                         sweeping.start_soon(schedule.run)
+                    if shared_store is not None and shared_store.budget is not None:
+                        # --cache-store-size: access times written, the bucket swept (on a
+                        # schedule by one worker of --workers N: each sweep lists the bucket)
+                        shared_store.budget.periodic = role is None or role.index == 0
+                        await sweeping.start(shared_store.budget.run)
                     task_status.started(App(server, proxy, schedule))
             finally:
                 sweeping.cancel_scope.cancel()
@@ -182,9 +188,18 @@ async def start_shared_store(config: Config, cache_dir: Path, *, seed: bool) -> 
         raise CacheDirError(str(cache_dir)) from exc
     if seed:
         await trio.to_thread.run_sync(shared_store.seed_state, cache_dir / DATABASE)
+    if config.cache_store_size is not None:
+        shared_store.budget = BucketBudget(shared_store, config.cache_store_size)
+    budget = ""
+    if config.cache_store_size is not None:
+        budget = (
+            f"; kept within {describe_size(config.cache_store_size)}, least recently used "
+            "evicted first"
+        )
     log.info(
-        "cache store: %s (verified blobs are committed there create-only)",
+        "cache store: %s (verified blobs are committed there create-only%s)",
         shared_store.objects.description,
+        budget,
     )
     return shared_store
 

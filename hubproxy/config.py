@@ -52,6 +52,7 @@ class Config:
     cache_size: int = 20 << 30
     reverify_after: float = 24 * 3600.0  # a whole hit verified longer ago is hashed again
     cache_store: str | None = None  # s3://bucket/prefix shared by instances (cache/shared.py)
+    cache_store_size: int | None = None  # the bucket's budget (cache/bucket.py); None: none
     s3_endpoint: str | None = None  # a non-AWS store's endpoint URL
     peers: tuple[Url, ...] = ()  # every instance's mirror URL, this one's too (cache/peering.py)
     peer_timeout: float = 2.0  # connect + answer head from a peer, else the upstream is asked

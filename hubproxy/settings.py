@@ -811,6 +811,15 @@ SETTINGS: tuple[Setting, ...] = (
         parse=checked_store_url,
     ),
     Setting(
+        "cache-store-size",
+        "keep the --cache-store's blobs within this size, e.g. 500G: above it, the least "
+        "recently used are evicted (every instance's accesses count, kept in the store), never "
+        "one an instance is reading; give every instance the same (default: off, unbounded)",
+        CACHE,
+        metavar="SIZE",
+        parse=size,
+    ),
+    Setting(
         "s3-endpoint",
         "the endpoint of a non-AWS S3-compatible store for --cache-store (MinIO, Garage, Ceph "
         "RGW, R2), e.g. http://127.0.0.1:9000 (default: AWS)",
@@ -1389,6 +1398,8 @@ def build_config(values: Values) -> Config:
     users = cast(str | None, p["users"])
     registries, default_login, host_map = build_registries(values, p)
     has_login = default_login is not None or any(r.login for r in registries)
+    if p["cache_store_size"] is not None and p["cache_store"] is None:
+        raise values.error("cache-store-size", "--cache-store-size needs --cache-store")
     if has_login and not (allow.networks or users or p["allow_shared_login"]):
         raise values.error(
             "registry-login",
@@ -1409,6 +1420,7 @@ def build_config(values: Values) -> Config:
         cache_size=cast(int, p["cache_size"]),
         cache_store=cast(str | None, p["cache_store"]),
         reverify_after=cast(float, p["reverify_after"]),
+        cache_store_size=cast(int | None, p["cache_store_size"]),
         s3_endpoint=cast(str | None, p["s3_endpoint"]),
         peers=tuple(cast(list[Url], p["peer"])),
         peer_timeout=cast(float, p["peer_timeout"]),

@@ -38,6 +38,8 @@ from typing import Any, Protocol
 CHUNK = 1024 * 1024  # what a streamed read hands over at a time
 PROBE_DIR = "probe"  # conditional-put probes at start live under this key prefix
 INSTALL_HINT = "pip install 'hubproxy[s3]'"
+# (key, size, modified in Unix seconds): named here, as ``list`` in a class body is the method
+Listing = list[tuple[str, int, float]]
 
 
 class StoreUnusable(Exception):
@@ -81,6 +83,15 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str) -> list[tuple[str, int]]:
         """Every ``(key, size)`` under ``prefix`` (eviction, inventory)."""
+        ...
+
+    def listing(self, prefix: str) -> Listing:
+        """Every ``(key, size, modified)`` under ``prefix``, ``modified`` in Unix seconds by
+        the store's clock (the bucket's budget: ``cache/bucket.py``)."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write ``key`` holding ``data``, replacing it (access markers, leases)."""
         ...
 
 
@@ -179,6 +190,25 @@ class LocalDirectory:
                 full = Path(directory) / name
                 found.append((str(full.relative_to(self.root)), full.stat().st_size))
         return sorted(found)
+
+    def listing(self, prefix: str) -> Listing:
+        found = []
+        for directory, _dirs, files in os.walk(self._path(prefix)):
+            for name in files:
+                full = Path(directory) / name
+                try:
+                    st = full.stat()
+                except FileNotFoundError:  # deleted since the walk saw it
+                    continue
+                found.append((str(full.relative_to(self.root)), st.st_size, st.st_mtime))
+        return sorted(found)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = target.with_name(f"{target.name}.{secrets.token_hex(6)}.partial")
+        temp.write_bytes(data)
+        os.replace(temp, target)
 
 
 @dataclass(frozen=True)
@@ -323,6 +353,18 @@ class S3Objects:
         for batch in self._obstore.list(self._store, prefix=prefix):
             found.extend((str(meta["path"]), int(meta["size"])) for meta in batch)
         return sorted(found)
+
+    def listing(self, prefix: str) -> Listing:
+        found: Listing = []
+        for batch in self._obstore.list(self._store, prefix=prefix):
+            found.extend(
+                (str(meta["path"]), int(meta["size"]), meta["last_modified"].timestamp())
+                for meta in batch
+            )
+        return sorted(found)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._obstore.put(self._store, key, data)
 
 
 def open_object_store(url: str, endpoint: str | None = None) -> ObjectStore:

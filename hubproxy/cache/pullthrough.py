@@ -390,6 +390,8 @@ class PullThrough:
                 self._note_stale(route, "a blob", response)
             else:
                 self.stats.hits += 1
+            if self.blobs.shared is not None:  # the bucket's recency (--cache-store-size)
+                self.blobs.shared.accessed(key)
             await self._send_blob(plan, request, response, route, key)
             return
         deliver = None

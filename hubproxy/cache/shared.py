@@ -34,6 +34,7 @@ from typing import TypeVar
 import trio
 
 from ..policy.sizes import format_size
+from .bucket import BucketBudget
 from .objects import ObjectStore, StoreUnusable, blob_key, probe_conditional_put
 from .store import BlobStore, Fill, FillState
 
@@ -98,6 +99,7 @@ class SharedStore:
         self.resting_until = 0.0  # trio time: no lookups before (the store just failed one)
         self._idle = trio.Event()  # set while none is
         self._idle.set()
+        self.budget: BucketBudget | None = None  # --cache-store-size (cache/bucket.py)
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` in a worker thread, under the store's limiter."""
@@ -132,6 +134,12 @@ class SharedStore:
             if not self.working:
                 self._idle.set()
 
+    def accessed(self, key: str) -> None:
+        """Blob ``key`` was served here: a later place in the bucket's recency order
+        (``--cache-store-size``)."""
+        if self.budget is not None:
+            self.budget.accessed(key)
+
     async def commit(self, key: str, size: int, path: Path) -> None:
         """Put the verified blob at ``path`` into the store create-only, once its ``size``
         fits the commits' memory. A failure is one warning: this instance has the blob, the
@@ -152,17 +160,20 @@ class SharedStore:
                 await self._room.wait()
             self.committing_bytes += size
             try:
-                await self._commit(key, path)
+                created = await self._commit(key, path)
             finally:
                 self.committing_bytes -= size
                 self._room.set()
                 self._room = trio.Event()
+            if created is not None and self.budget is not None:
+                await self.budget.committed(key, size, created)
 
-    async def _commit(self, key: str, path: Path) -> None:
+    async def _commit(self, key: str, path: Path) -> bool | None:
+        """Whether the put created the object (False: it was there); None if it failed."""
         try:
             fd = os.open(path, os.O_RDONLY)  # kept open: an eviction meanwhile cannot cut it
         except FileNotFoundError:
-            return
+            return None
         try:
             created = await self.run(
                 self.objects.put_new, blob_key(key), Path(f"/proc/self/fd/{fd}")
@@ -171,11 +182,12 @@ class SharedStore:
             log.warning(
                 "cache store: cannot commit sha256:%s to %s: %s", key, self.objects.description, exc
             )
-            return
+            return None
         finally:
             os.close(fd)
         if created:
             self.commits += 1
+        return created
 
     async def fill_from_store(
         self, blobs: BlobStore, key: str, source: str, nursery: trio.Nursery
@@ -212,7 +224,17 @@ class SharedStore:
 
     async def _read_into(self, blobs: BlobStore, fill: Fill, body: StoreBody) -> None:
         with self._working():
-            await self._read_verified(blobs, fill, body)
+            if self.budget is None:
+                await self._read_verified(blobs, fill, body)
+                return
+            # --cache-store-size: a lease, so no instance's sweep deletes the object under
+            # this read (one PUT before the first byte is asked for)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.budget.hold_lease, fill.key)
+                try:
+                    await self._read_verified(blobs, fill, body)
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def _read_verified(self, blobs: BlobStore, fill: Fill, body: StoreBody) -> None:
         await blobs.run_fill(fill, body, AsyncExitStack(), commit=False)

@@ -959,6 +959,29 @@ class HubMetrics:
                     functools.partial(self._store_count, field_name),
                 )
             )
+        registry.register(
+            CounterFunction(
+                "hubproxy_store_evicted",
+                "Blobs this instance evicted from the --cache-store, least recently used first "
+                "(--cache-store-size).",
+                functools.partial(self._budget_figure, "evicted"),
+            )
+        )
+        registry.register(
+            GaugeFunction(
+                "hubproxy_store_bytes",
+                "Bytes of blobs in the --cache-store at this instance's last sweep, plus what it "
+                "committed since (--cache-store-size; 0 without one).",
+                functools.partial(self._budget_figure, "bucket_bytes"),
+            )
+        )
+        registry.register(
+            GaugeFunction(
+                "hubproxy_store_limit_bytes",
+                "The --cache-store-size budget (0: none).",
+                functools.partial(self._budget_figure, "budget"),
+            )
+        )
         self.manifest_fetch_waits = registry.register(
             Counter(
                 "hubproxy_manifest_fetch_waits",
@@ -1072,6 +1095,10 @@ class HubMetrics:
 
     def _store_count(self, field_name: str) -> float:
         return float(getattr(self.store, field_name, 0))
+
+    def _budget_figure(self, field_name: str) -> float:
+        # --cache-store-size: the store's BucketBudget (cache/bucket.py), if it has one
+        return float(getattr(getattr(self.store, "budget", None), field_name, None) or 0)
 
     def _cache(self) -> CacheFigures:
         figures = self.cache() if self.cache is not None else None

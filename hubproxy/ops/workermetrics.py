@@ -54,6 +54,8 @@ SHARED_GAUGES = frozenset(
         "hubproxy_ratelimit_limit",
         "hubproxy_ratelimit_low",
         "hubproxy_bandwidth_client_limit_bytes_per_second",  # (the total's: each worker's part)
+        "hubproxy_store_bytes",  # the bucket's (each worker's view of it)
+        "hubproxy_store_limit_bytes",
     }
 )
 EARLIEST_GAUGES = frozenset(
