@@ -83,6 +83,12 @@ class ObjectStore(Protocol):
         """Every ``(key, size)`` under ``prefix`` (eviction, inventory)."""
         ...
 
+    def presign(self, key: str, expires_in: timedelta) -> str | None:
+        """A URL that lets whoever holds it GET ``key`` (``Range`` too) without credentials
+        until ``expires_in`` passed (``--redirect-hits``); None: this store cannot make one.
+        The URL carries a signature: it is never logged whole nor kept."""
+        ...
+
 
 def blob_key(hexpart: str) -> str:
     """The key of a sha256 blob: the cache directory's relative path."""
@@ -179,6 +185,9 @@ class LocalDirectory:
                 full = Path(directory) / name
                 found.append((str(full.relative_to(self.root)), full.stat().st_size))
         return sorted(found)
+
+    def presign(self, key: str, expires_in: timedelta) -> str | None:
+        return None  # a directory has no URL a client could reach
 
 
 @dataclass(frozen=True)
@@ -323,6 +332,10 @@ class S3Objects:
         for batch in self._obstore.list(self._store, prefix=prefix):
             found.extend((str(meta["path"]), int(meta["size"])) for meta in batch)
         return sorted(found)
+
+    def presign(self, key: str, expires_in: timedelta) -> str | None:
+        # signed locally with the store's credentials (SigV4 query parameters): no request
+        return str(self._obstore.sign(self._store, "GET", key, expires_in))
 
 
 def open_object_store(url: str, endpoint: str | None = None) -> ObjectStore:

@@ -940,6 +940,12 @@ class HubMetrics:
                 "Blobs not committed to the --cache-store for their size (kept locally).",
                 "too_large",
             ),
+            (
+                "hubproxy_store_redirects",
+                "Blob hits answered with a 307 to a presigned URL of the --cache-store "
+                "(--redirect-hits): their bytes went from the store to the client.",
+                "redirects",
+            ),
         ):
             registry.register(
                 CounterFunction(
@@ -1143,7 +1149,7 @@ class HubMetrics:
         ``bytes_sent``: body bytes not counted yet by ``count_sent`` (0 when they all were)."""
         self.requests.inc(route=route, status=str(status or 499))
         if caching and route in ("blob", "manifest"):
-            if source == "cache":
+            if source in ("cache", "redirect"):  # redirect: a hit sent to the store's URL
                 self.cache_requests.inc(kind=route, result="hit")
             elif 200 <= status < 300:
                 self.cache_requests.inc(kind=route, result="miss")
