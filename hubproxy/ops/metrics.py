@@ -1161,7 +1161,7 @@ class HubMetrics:
         response ends), so that ``hubproxy_response_bytes`` moves during a long transfer."""
         if source == "cache":
             self.response_bytes.inc(count, source="cache")
-        elif source != "-" and route != "ops":
+        elif source not in ("-", "redirect") and route != "ops":
             self.response_bytes.inc(count, source="upstream")
 
     def requests_served(self) -> float:
