@@ -376,8 +376,9 @@ class PullThrough:
         # --redirect-hits: a blob the store holds is a hit (the access check below decides
         # whether this client gets it), answered with its URL; nothing is read into the cache
         in_store = candidate and shared is not None and await shared.holds(key)
-        if not in_store:
+        if not candidate:  # (a candidate's store lookup just said no: not asked twice)
             await self._read_shared(request, route, key)
+        if not in_store:
             await self._await_asking(request, route, key)
         facts = CacheRequest(
             kind=Kind.BLOB,
