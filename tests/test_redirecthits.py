@@ -242,7 +242,8 @@ async def test_a_blob_not_in_the_store_is_streamed(
     bucket: str,
     moto_url: str,
 ) -> None:
-    """A blob too large to commit stays in the local cache only: its hits are streamed."""
+    """A blob too large to commit stays in the local cache only: its hits are streamed; so
+    are the hits of a blob in the store while it cannot sign a URL."""
     large = make_layer(4, 40_000)
     hub.add_image("library/large", "latest", [large])
     proxy, _ = await run_instance(
@@ -254,7 +255,7 @@ async def test_a_blob_not_in_the_store_is_streamed(
     )
     shared = shared_of(proxy)
     shared.commit_memory = 20_000
-    await pull(proxy, ca, "library/large", "latest")
+    blobs = await pull(proxy, ca, "library/large", "latest")
     with trio.fail_after(10):
         await shared.wait_idle()
     assert shared.too_large == 1
@@ -263,6 +264,12 @@ async def test_a_blob_not_in_the_store_is_streamed(
     )
     assert answer.status == 200 and answer.body == large
     assert answer.headers["x-cache"] == "HIT" and shared.redirects == 0
+    config_path = f"/v2/library/large/blobs/{next(d for d in blobs if d != sha256_digest(large))}"
+    assert (await RegistryClient(proxy.url, ca).request(config_path)).status == 307
+    shared.objects = LocalDirectory(tmp_path / "no-urls")  # a store that cannot sign one
+    answer = await RegistryClient(proxy.url, ca).request(config_path)
+    assert answer.status == 200 and answer.headers["x-cache"] == "HIT"
+    assert answer.body == blobs[config_path.rsplit("/", 1)[1]] and shared.redirects == 1
 
 
 async def test_a_store_without_urls_is_refused_for_the_flag(tmp_path: Path) -> None:

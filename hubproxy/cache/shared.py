@@ -110,6 +110,7 @@ class SharedStore:
         # blob key -> trio time it was last known to be in the store (committed, read or looked
         # up here); at most KNOWN_ENTRIES, the least recently known dropped first
         self.known: OrderedDict[str, float] = OrderedDict()
+        self.presign_resting_until = 0.0  # trio time: no URLs before (signing just failed)
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` in a worker thread, under the store's limiter."""
@@ -175,18 +176,24 @@ class SharedStore:
 
     async def presigned(self, key: str) -> str | None:
         """A URL of blob ``key`` a client can GET for ``PRESIGN_EXPIRY`` (``--redirect-hits``);
-        None if the store cannot sign one now (one warning; the hit is streamed instead). The
-        URL carries a signature: never log it whole (``redirecthits.loggable_url``)."""
+        None if the store cannot sign one now (one warning, then hits are streamed for
+        ``STORE_REST``). The URL carries a signature: never log it whole
+        (``redirecthits.loggable_url``)."""
+        if trio.current_time() < self.presign_resting_until:
+            return None
         try:
             return await self.run(
                 self.objects.presign, blob_key(key), timedelta(seconds=PRESIGN_EXPIRY)
             )
-        except Exception as exc:  # the client's own errors (no credentials to sign with)
+        except Exception as exc:  # the S3 client's own errors (no credentials to sign with)
+            self.presign_resting_until = trio.current_time() + STORE_REST
             log.warning(
-                "cache store: cannot presign sha256:%s in %s: %s; the hit is streamed instead",
+                "cache store: cannot presign sha256:%s in %s: %s; hits are streamed through "
+                "this instance for %gs",
                 key,
                 self.objects.description,
                 exc,
+                STORE_REST,
             )
             return None
 
