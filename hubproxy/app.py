@@ -182,6 +182,8 @@ async def start_shared_store(config: Config, cache_dir: Path, *, seed: bool) -> 
     try:
         # a name of its own: with --workers every worker checks at once
         await shared_store.check(cache_dir / "tmp" / f"store-probe.{secrets.token_hex(6)}")
+        if config.redirect_hits:
+            await shared_store.check_presigning()
     except StoreUnusable as exc:
         raise StartupError(str(exc)) from exc
     except OSError as exc:

@@ -58,6 +58,7 @@ class Config:
     peer_timeout: float = 2.0  # connect + answer head from a peer, else the upstream is asked
     peer_ca: str | None = None  # extra CA certificates for the peers' TLS (the system store too)
     peer_secret_file: str | None = None  # the peers' shared secret: mirror tokens open on all
+    redirect_hits: bool = False  # hits on blobs in cache_store: a 307 to a presigned URL
     manifest_cache_size: int = 64 << 20  # bytes of manifest bodies kept
     manifest_cache_entries: int = 50_000  # manifests, tags, links, repositories (each) kept
     manifest_ttl: float = DEFAULT_MANIFEST_TTL  # a tag no rule names is not revalidated this long

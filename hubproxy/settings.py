@@ -70,6 +70,7 @@ from .policy.prefetch import (
     parse_platforms,
 )
 from .policy.proxies import UpstreamProxy, hide_userinfo, parse_proxy_url
+from .policy.redirecthits import PRESIGN_EXPIRY
 from .policy.registries import (
     BUILTIN_REGISTRIES,
     DEFAULT_REGISTRY,
@@ -866,6 +867,18 @@ SETTINGS: tuple[Setting, ...] = (
         parse=peer_secret_file,
     ),
     Setting(
+        "redirect-hits",
+        "answer a GET of a blob held in the --cache-store, once the client passed the access "
+        f"rules, with a 307 to a presigned URL of the store valid for {PRESIGN_EXPIRY / 60:g} "
+        "minutes, so its bytes "
+        "bypass the mirror (clients verify every blob's digest themselves; the mirror no "
+        "longer sees the bytes); the store's endpoint must be reachable by the clients; needs "
+        "--cache-store (default: off, hits are streamed through the mirror)",
+        CACHE,
+        Kind.SWITCH,
+        False,
+    ),
+    Setting(
         "manifest-cache-size",
         "evict least recently used manifests (and the tags naming them) beyond this size "
         "(default 64M)",
@@ -1415,6 +1428,13 @@ def build_config(values: Values) -> Config:
             "(a mirror token one instance issued must open on the others); make one with: "
             "openssl rand -hex 32 > FILE",
         )
+    if p["redirect_hits"] and (p["cache_store"] is None or p["no_cache"]):
+        raise values.error(
+            "redirect-hits",
+            "--redirect-hits: needs --cache-store s3://BUCKET/PREFIX (hits are redirected to "
+            "presigned URLs of that store, and without it there are none); add one or drop "
+            "--redirect-hits",
+        )
     return Config(
         cache_dir=None if p["no_cache"] else cast(str, p["cache_dir"]),
         cache_size=cast(int, p["cache_size"]),
@@ -1426,6 +1446,7 @@ def build_config(values: Values) -> Config:
         peer_timeout=cast(float, p["peer_timeout"]),
         peer_ca=cast(str | None, p["peer_ca"]),
         peer_secret_file=cast(str | None, p["peer_secret_file"]),
+        redirect_hits=cast(bool, p["redirect_hits"]),
         manifest_cache_size=cast(int, p["manifest_cache_size"]),
         manifest_cache_entries=cast(int, p["manifest_cache_entries"]),
         manifest_ttl=manifest_ttl,

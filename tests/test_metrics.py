@@ -432,6 +432,7 @@ HUB_FAMILIES = {
     "hubproxy_store_evicted",
     "hubproxy_store_bytes",
     "hubproxy_store_limit_bytes",
+    "hubproxy_store_redirects",
     "hubproxy_manifest_send_wait_timeouts",
     "hubproxy_manifest_cache_bytes",
     "hubproxy_manifest_cache_manifests",
@@ -630,6 +631,7 @@ def test_manifest_figures_of_a_manifest_store(tmp_path: Path) -> None:
     ("route", "status", "source", "caching", "hit", "miss", "from_cache", "from_upstream"),
     [
         ("blob", 200, "cache", True, 1, 0, 100, 0),
+        ("blob", 307, "redirect", True, 1, 0, 0, 0),  # --redirect-hits: a hit, no bytes here
         ("blob", 200, "https://cdn.example", True, 0, 1, 0, 100),
         ("manifest", 404, "https://registry.example", True, 0, 0, 0, 100),
         ("blob", 200, "https://cdn.example", False, 0, 0, 0, 100),  # no cache: no hits/misses

@@ -94,6 +94,12 @@ class ObjectStore(Protocol):
         """Write ``key`` holding ``data``, replacing it (access markers, leases)."""
         ...
 
+    def presign(self, key: str, expires_in: timedelta) -> str | None:
+        """A URL that lets whoever holds it GET ``key`` (``Range`` too) without credentials
+        until ``expires_in`` passed (``--redirect-hits``); None: this store cannot make one.
+        The URL carries a signature: it is never logged whole nor kept."""
+        ...
+
 
 def blob_key(hexpart: str) -> str:
     """The key of a sha256 blob: the cache directory's relative path."""
@@ -209,6 +215,9 @@ class LocalDirectory:
         temp = target.with_name(f"{target.name}.{secrets.token_hex(6)}.partial")
         temp.write_bytes(data)
         os.replace(temp, target)
+
+    def presign(self, key: str, expires_in: timedelta) -> str | None:
+        return None  # a directory has no URL a client could reach
 
 
 @dataclass(frozen=True)
@@ -365,6 +374,10 @@ class S3Objects:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._obstore.put(self._store, key, data)
+
+    def presign(self, key: str, expires_in: timedelta) -> str | None:
+        # signed locally with the store's credentials (SigV4 query parameters): no request
+        return str(self._obstore.sign(self._store, "GET", key, expires_in))
 
 
 def open_object_store(url: str, endpoint: str | None = None) -> ObjectStore:

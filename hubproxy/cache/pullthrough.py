@@ -86,6 +86,7 @@ from ..policy.errors import (
 from ..policy.headers import Headers, get_all, get_header
 from ..policy.inventory import image_key
 from ..policy.peers import PEER_MARKER, PEER_PROFILE, PeerAnswer, peer_answer
+from ..policy.redirecthits import loggable_url, may_redirect, redirect_headers, redirect_hit
 from ..policy.routing import Route
 from ..policy.sending import send_limits
 from ..policy.trouble import note_stale, stale_cause, stale_line, status_cause
@@ -367,13 +368,24 @@ class PullThrough:
         starts the fill and the others follow it (see ``_deliver_blob``)."""
         digest = route.blob_digest or ""
         self.manifests.settle()  # another process's removals first
-        await self._read_shared(request, route, key)
-        await self._await_asking(request, route, key)
+        shared = self.blobs.shared
+        candidate = shared is not None and may_redirect(
+            enabled=self.forwarder.config.redirect_hits,
+            method=request.method,
+            from_peer=get_header(request.headers, PEER_MARKER) is not None,
+        )
+        # --redirect-hits: a blob the store holds is a hit (the access check below decides
+        # whether this client gets it), answered with its URL; nothing is read into the cache
+        in_store = candidate and shared is not None and await shared.holds(key)
+        if not candidate:  # (a candidate's store lookup just said no: not asked twice)
+            await self._read_shared(request, route, key)
+        if not in_store:
+            await self._await_asking(request, route, key)
         facts = CacheRequest(
             kind=Kind.BLOB,
             method=request.method,
             has_range=get_header(request.headers, b"range") is not None,
-            cached=self._blob_cached(key, route),
+            cached=in_store or self._blob_cached(key, route),
             confirmed=self._confirmed(request, route),
             stale_ok=self._stale_ok(route, digest),
         )
@@ -383,8 +395,10 @@ class PullThrough:
             if said is UpstreamVerdict.ALLOWED:
                 self.manifests.link(state_name(route), digest)
             # evicted while we asked: a miss after all
-            facts = dataclasses.replace(facts, cached=self._blob_cached(key, route))
+            cached = in_store or self._blob_cached(key, route)
+            facts = dataclasses.replace(facts, cached=cached)
             decision = decide(facts, said)
+        redirect = redirect_hit(decision, candidate=candidate, in_store=in_store)
         if isinstance(decision, ServeCache | ServeStale):
             if isinstance(decision, ServeStale):
                 self._note_stale(route, "a blob", response)
@@ -392,6 +406,10 @@ class PullThrough:
                 self.stats.hits += 1
             if self.blobs.shared is not None:  # the bucket's recency (--cache-store-size)
                 self.blobs.shared.accessed(key)
+            if redirect and await self._redirect_blob(response, route, key):
+                return
+            if in_store and not self._blob_cached(key, route):
+                await self._read_shared(request, route, key)  # no URL after all: stream it
             await self._send_blob(plan, request, response, route, key)
             return
         deliver = None
@@ -531,6 +549,26 @@ class PullThrough:
             peers.note(index, "upstream")
             return False
         peers.note(index, "passed" if passed else "filled")
+        return True
+
+    async def _redirect_blob(self, response: ClientResponse, route: Route, key: str) -> bool:
+        """``--redirect-hits``: answer a hit with a 307 to a presigned URL of the blob in the
+        store, so that its bytes go from the bucket to the client, not through this instance.
+        The mirror cannot verify bytes it never sees: the client does, as registry clients
+        verify the digest of every blob they pull (moby, containerd, containers/image); so a
+        blob changed in the bucket is refused by the client instead of cut short by the mirror
+        (``policy/redirecthits.py``). False: no URL could be signed (the hit is streamed)."""
+        shared = self.blobs.shared
+        assert shared is not None  # a candidate only with a store
+        url = await shared.presigned(key)
+        if url is None:
+            return False
+        shared.redirects += 1
+        response.record.upstream = "redirect"  # the access log shows this, never the URL
+        # the query carries the signature: only the rest may be logged
+        log.debug("redirected %s to %s", route.blob_digest, loggable_url(url))
+        await response.start(307, redirect_headers(url, route.blob_digest or ""))
+        await response.finish()
         return True
 
     async def _read_shared(self, request: ClientRequest, route: Route, key: str) -> None:

@@ -13,6 +13,10 @@ second tier, an :class:`~hubproxy.cache.objects.ObjectStore` shared by every ins
   its last byte goes out only once its digest verified, a mismatch aborts every reader and
   nothing is committed locally. A blob that does not match its key in the store (changed
   behind our back) is deleted there too, so the next request fetches it from the upstream;
+- **redirect** (``--redirect-hits``): a hit on a blob the store holds is answered with a
+  presigned URL of it (:meth:`SharedStore.presigned`); whether the store holds it, this instance
+  knows for a while after committing it, reading it or looking it up (:meth:`SharedStore.holds`;
+  ``policy/redirecthits.py``);
 - **state**: the manifest database (tags, manifests, which repositories anyone may read) is
   uploaded as a snapshot when hubproxy stops, and an instance starting on an empty cache
   directory begins from the newest one, so it starts warm.
@@ -26,13 +30,16 @@ import contextlib
 import logging
 import os
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
+from ..policy.redirecthits import KNOWN_ENTRIES, PRESIGN_EXPIRY, known_in_store
 from ..policy.sizes import format_size
 from .bucket import BucketBudget
 from .objects import ObjectStore, StoreUnusable, blob_key, probe_conditional_put
@@ -48,6 +55,7 @@ STORE_THREADS = 8  # calls into the store at once (each a worker thread blocked 
 # this, and a larger blob is not committed (each instance keeps it in its own cache)
 COMMIT_MEMORY = 256 * 1024 * 1024
 STATE_KEY = "state/state.db"  # the manifest database's snapshot
+PRESIGN_PROBE = "probe/presign"  # signed (never fetched) at start with --redirect-hits
 
 
 class StoreReadFailed(OSError):
@@ -100,6 +108,11 @@ class SharedStore:
         self._idle = trio.Event()  # set while none is
         self._idle.set()
         self.budget: BucketBudget | None = None  # --cache-store-size (cache/bucket.py)
+        self.redirects = 0  # hits answered with a presigned URL (--redirect-hits)
+        # blob key -> trio time it was last known to be in the store (committed, read or looked
+        # up here); at most KNOWN_ENTRIES, the least recently known dropped first
+        self.known: OrderedDict[str, float] = OrderedDict()
+        self.presign_resting_until = 0.0  # trio time: no URLs before (signing just failed)
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` in a worker thread, under the store's limiter."""
@@ -117,6 +130,90 @@ class SharedStore:
                 f"cannot use the cache store {self.objects.description}: {exc} (check the "
                 "bucket, --s3-endpoint and the AWS credentials)"
             ) from exc
+
+    def note_stored(self, key: str) -> None:
+        """Blob ``key`` is in the store now (``--redirect-hits`` need not look it up)."""
+        self.known[key] = trio.current_time()
+        self.known.move_to_end(key)
+        while len(self.known) > KNOWN_ENTRIES:
+            self.known.popitem(last=False)
+
+    def forget_stored(self, key: str) -> None:
+        """Blob ``key`` left the store (deleted as changed, evicted)."""
+        self.known.pop(key, None)
+
+    async def holds(self, key: str) -> bool:
+        """Whether the store holds blob ``key``: known for a while after it was committed, read
+        or looked up, else one lookup (a store resting after a failure holds nothing)."""
+        if trio.current_time() < self.resting_until:
+            return False
+        if known_in_store(self.known.get(key), trio.current_time()):
+            return True
+        return await self.lookup(key) is not None
+
+    async def lookup(self, key: str) -> int | None:
+        """The size of blob ``key`` in the store (one HEAD), None if it is not there or the
+        store fails (then it rests: lookups skip it for ``STORE_REST``, with one warning)."""
+        if trio.current_time() < self.resting_until:
+            return None
+        try:
+            size = await self.run(self.objects.size, blob_key(key))
+        except Exception as exc:
+            # one line per rest, not one per miss
+            self.resting_until = trio.current_time() + STORE_REST
+            log.warning(
+                "cache store: cannot look up sha256:%s in %s: %s; misses go to the upstream "
+                "for %gs",
+                key,
+                self.objects.description,
+                exc,
+                STORE_REST,
+            )
+            return None
+        if size is None:
+            self.forget_stored(key)
+        else:
+            self.note_stored(key)
+        return size
+
+    async def presigned(self, key: str) -> str | None:
+        """A URL of blob ``key`` a client can GET for ``PRESIGN_EXPIRY`` (``--redirect-hits``);
+        None if the store cannot sign one now (one warning, then hits are streamed for
+        ``STORE_REST``). The URL carries a signature: never log it whole
+        (``redirecthits.loggable_url``)."""
+        if trio.current_time() < self.presign_resting_until:
+            return None
+        try:
+            return await self.run(
+                self.objects.presign, blob_key(key), timedelta(seconds=PRESIGN_EXPIRY)
+            )
+        except Exception as exc:  # the S3 client's own errors (no credentials to sign with)
+            self.presign_resting_until = trio.current_time() + STORE_REST
+            log.warning(
+                "cache store: cannot presign sha256:%s in %s: %s; hits are streamed through "
+                "this instance for %gs",
+                key,
+                self.objects.description,
+                exc,
+                STORE_REST,
+            )
+            return None
+
+    async def check_presigning(self) -> None:
+        """``--redirect-hits`` at start: the store must sign a URL (StoreUnusable if it cannot:
+        no credentials to sign with, or a store without URLs). Signing is local: no request."""
+        try:
+            url = await self.run(self.objects.presign, PRESIGN_PROBE, timedelta(seconds=1))
+        except Exception as exc:  # the S3 client's own errors
+            raise StoreUnusable(
+                f"--redirect-hits: cannot presign URLs of {self.objects.description}: {exc} "
+                "(check the AWS credentials, or drop --redirect-hits)"
+            ) from exc
+        if url is None:
+            raise StoreUnusable(
+                f"--redirect-hits: {self.objects.description} has no URLs a client can fetch; "
+                "use an S3 --cache-store or drop --redirect-hits"
+            )
 
     async def wait_idle(self) -> None:
         """Wait until no commit or deletion is under way (tests; a clean handover)."""
@@ -187,6 +284,7 @@ class SharedStore:
             os.close(fd)
         if created:
             self.commits += 1
+        self.note_stored(key)  # created, or there already (the same digest)
         return created
 
     async def fill_from_store(
@@ -194,22 +292,7 @@ class SharedStore:
     ) -> bool:
         """Start a local fill of ``key`` from the store if the store has it and the local
         cache has room; True if one was started (the caller then serves it as a hit)."""
-        if trio.current_time() < self.resting_until:
-            return False
-        try:
-            size = await self.run(self.objects.size, blob_key(key))
-        except Exception as exc:
-            # one line per rest, not one per miss
-            self.resting_until = trio.current_time() + STORE_REST
-            log.warning(
-                "cache store: cannot look up sha256:%s in %s: %s; misses go to the upstream "
-                "for %gs",
-                key,
-                self.objects.description,
-                exc,
-                STORE_REST,
-            )
-            return False
+        size = await self.lookup(key)
         # asked meanwhile: another request may have started a fill, or it landed locally
         if size is None or key in blobs.fills or blobs.size_of(key) is not None:
             return False
@@ -240,6 +323,7 @@ class SharedStore:
         await blobs.run_fill(fill, body, AsyncExitStack(), commit=False)
         if fill.state is FillState.DONE:
             self.reads += 1
+            self.note_stored(fill.key)
         elif body.complete:  # all of it came and it does not hash to its key
             log.warning(
                 "cache store: sha256:%s in %s does not match its digest: deleted there, to be "
@@ -247,6 +331,7 @@ class SharedStore:
                 fill.key,
                 self.objects.description,
             )
+            self.forget_stored(fill.key)
             try:
                 await self.run(self.objects.delete, blob_key(fill.key))
             except Exception as exc:

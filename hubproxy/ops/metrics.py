@@ -951,6 +951,12 @@ class HubMetrics:
                 "Blobs not committed to the --cache-store for their size (kept locally).",
                 "too_large",
             ),
+            (
+                "hubproxy_store_redirects",
+                "Blob hits answered with a 307 to a presigned URL of the --cache-store "
+                "(--redirect-hits): their bytes went from the store to the client.",
+                "redirects",
+            ),
         ):
             registry.register(
                 CounterFunction(
@@ -1181,7 +1187,7 @@ class HubMetrics:
         ``bytes_sent``: body bytes not counted yet by ``count_sent`` (0 when they all were)."""
         self.requests.inc(route=route, status=str(status or 499))
         if caching and route in ("blob", "manifest"):
-            if source == "cache":
+            if source in ("cache", "redirect"):  # redirect: a hit sent to the store's URL
                 self.cache_requests.inc(kind=route, result="hit")
             elif 200 <= status < 300:
                 self.cache_requests.inc(kind=route, result="miss")
@@ -1193,7 +1199,7 @@ class HubMetrics:
         response ends), so that ``hubproxy_response_bytes`` moves during a long transfer."""
         if source == "cache":
             self.response_bytes.inc(count, source="cache")
-        elif source != "-" and route != "ops":
+        elif source not in ("-", "redirect") and route != "ops":
             self.response_bytes.inc(count, source="upstream")
 
     def requests_served(self) -> float:
