@@ -66,6 +66,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -188,6 +189,11 @@ def _accept_key(accepted: frozenset[str]) -> str:
     return sys.intern(",".join(sorted(accepted)))
 
 
+def accept_key(accepted: frozenset[str]) -> str:
+    """The key a tag's answer is kept under for clients accepting ``accepted``."""
+    return _accept_key(accepted)
+
+
 @dataclass(frozen=True)
 class CachedManifest:
     digest: str  # "sha256:<hex>"
@@ -263,6 +269,19 @@ class _Damaged(Exception):
     """The database (or the old state file) is corrupt or of another shape."""
 
 
+class StateSink(Protocol):
+    """Where what this store learns from the upstreams is published besides (``--cache-store``:
+    :class:`hubproxy.cache.sharedstate.SharedState`). Called on the event loop, under the
+    store's lock: each call only queues, never waits."""
+
+    def manifest_stored(self, hexpart: str, body: bytes) -> None: ...
+    def tag_resolved(
+        self, repository: str, tag: str, accept_key: str, hexpart: str, media_type: str
+    ) -> None: ...
+    def link_learned(self, repository: str, digest: str, media_type: str) -> None: ...
+    def readability_learned(self, repository: str, readability: Readability) -> None: ...
+
+
 class ManifestStore:
     """Manifests and their state, bounded and written behind by one thread.
 
@@ -325,6 +344,10 @@ class ManifestStore:
         self._journal_asked = self._journal_read = 0  # read_journal_now's tickets
         # blobs another process removed: the blob store forgets them (set by the assembly)
         self.on_blobs_removed: Callable[[list[str]], None] | None = None
+        # --cache-store: what is learned from the upstreams is published there too; what is
+        # taken from there (``adopting``) is not published back
+        self.sink: StateSink | None = None
+        self._adopting = False
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -608,6 +631,19 @@ class ManifestStore:
 
     # -- changing ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def adopting(self) -> Iterator[None]:
+        """Changes made inside come from the shared store (another instance's): they are kept
+        as any, but not published back to it."""
+        self._adopting = True
+        try:
+            yield
+        finally:
+            self._adopting = False
+
+    def _sink(self) -> StateSink | None:
+        return None if self._adopting else self.sink
+
     def put(
         self,
         repository: str,
@@ -646,8 +682,14 @@ class ManifestStore:
                 self._unwritten_bytes += len(body)
                 self._batch.bodies[hexpart] = (body, self._next())
             self._remember_verified(hexpart, body)
+            sink = self._sink()
+            if sink is not None:  # (stored before too: the sink writes each body once)
+                sink.manifest_stored(hexpart, body)
             if not reference.startswith("sha256:"):
-                self._set_tag(f"{repository}:{reference}", _accept_key(accepted), hexpart)
+                key = _accept_key(accepted)
+                self._set_tag(f"{repository}:{reference}", key, hexpart)
+                if sink is not None:
+                    sink.tag_resolved(repository, reference, key, hexpart, media_type)
             self._set_link(repository, digest, sys.intern(media_type))
             self._evict()
             self._cond.notify_all()
@@ -678,6 +720,8 @@ class ManifestStore:
             self.readability[repository] = readability
             self.readability.move_to_end(repository)
             self._batch.readability[repository] = (readability, self._next())
+            if (sink := self._sink()) is not None:
+                sink.readability_learned(repository, readability)
             self._evict()
             self._cond.notify_all()
 
@@ -720,6 +764,8 @@ class ManifestStore:
         linked = self.links.setdefault(repository, {})
         if digest not in linked:
             self.link_count += 1
+        if linked.get(digest) != media_type and (sink := self._sink()) is not None:
+            sink.link_learned(repository, digest, media_type)
         linked[digest] = media_type
         self.links.move_to_end(repository)
         self._batch.links[(repository, digest)] = (media_type, self._next())
