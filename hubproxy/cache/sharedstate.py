@@ -271,7 +271,6 @@ class SharedState:
                 media_type=media_type,
                 body=body,
                 claimed=digest,
-                sha256_hex=hexpart,
             )
         if stored is None or not manifests.has_body(digest):
             return False
@@ -335,9 +334,9 @@ class SharedState:
                 failure = exc
         why = f"no answer within {self.patience:g}s" if waiting.cancelled_caught else failure
         shared.resting_until = trio.current_time() + STORE_REST
+        # one line per rest, as a blob lookup's (the rest is the same: every miss goes upstream)
         log.warning(
-            "cache store: cannot read %s from %s: %s; manifests and tags go to the upstream for "
-            "%gs",
+            "cache store: cannot look up %s in %s: %s; misses go to the upstream for %gs",
             key,
             self.objects.description,
             why,
