@@ -43,6 +43,11 @@ refreshed or removed anywhere is asked upstream again everywhere within about a 
 journal keeps a day (at most ``JOURNAL_KEEP`` rows); a process that missed rows (stopped for
 longer) forgets every tag it holds, so it asks upstream rather than serve a removed one.
 
+Several instances (``--cache-store``). What this store learns from the upstreams (a manifest
+stored, a tag resolved, a digest linked, a readability answer) is also handed to its ``sink``,
+which publishes it to the shared store in the background (``sharedstate.py``); what is taken
+from there is changed here inside ``adopting()``, kept as any state and not published back.
+
 Accept negotiation follows RFC 9110 section 12.5.1: a cached manifest is served only to a client
 whose ``Accept`` names its media type (or ``*/*``, or ``type/*``) with a non-zero quality.
 """
