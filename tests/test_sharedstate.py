@@ -376,7 +376,6 @@ async def test_writes_never_delay_a_pull(
     with trio.fail_after(20):  # a guard only: a pull waiting on a write would never end
         assert len(await pull(proxy, ca, "library/one", "latest")) == 2
     assert state.queued >= 2 and shared.state_writes == 0  # waiting, not lost
-    assert any("/shared/mirror/manifests/" in put for put in fake.puts)
     state.queue_limit = state.queued  # full
     with trio.fail_after(20):
         assert len(await pull(proxy, ca, "library/two", "latest")) == 2
