@@ -23,6 +23,7 @@ from .cache.objects import StoreUnusable, open_object_store
 from .cache.peering import find_peers
 from .cache.pullthrough import PullThrough
 from .cache.shared import SharedStore
+from .cache.sharedstate import SharedState
 from .cache.store import BlobStore, describe_disk
 from .config import Config
 from .forwarder import Forwarder, build_pool
@@ -121,6 +122,8 @@ async def serve(
         async with trio.open_nursery() as sweeping:
             await sweeping.start(proxy.pool.sweep)
             await sweeping.start(give_back_memory)
+            if proxy.pullthrough is not None and proxy.pullthrough.shared_state is not None:
+                sweeping.start_soon(proxy.pullthrough.shared_state.run)
             try:
                 async with trio.open_nursery() as nursery:
                     proxy.forwarder.background = nursery
@@ -309,6 +312,8 @@ def build_proxy(
         pullthrough = PullThrough(
             forwarder, blobs, manifests, config.manifest_ttl, config.manifest_ttl_rules
         )
+        if shared_store is not None:  # manifests and tags in the store too, while running
+            pullthrough.shared_state = manifests.sink = SharedState(shared_store, blobs.tmp_dir)
     admission = build_admission(config)
     operations = Operations(forwarder, pullthrough, server)
     if config.admin_token_file is not None:

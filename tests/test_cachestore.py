@@ -222,11 +222,13 @@ class FakeS3:
     """A tiny S3 server from the public protocol, for what moto will not do: it ignores
     ``If-None-Match`` (every PUT succeeds, as a store without conditional writes does), and
     serves the objects in ``cut`` (by path) with their full Content-Length but only half the
-    body, then closes the connection (a store failing mid-read)."""
+    body, then closes the connection (a store failing mid-read). ``silent_puts``: a PUT is
+    never answered (a store black-holing writes)."""
 
     def __init__(self) -> None:
         self.url = ""
         self.puts: list[str] = []
+        self.silent_puts = False
         self.cut: dict[str, bytes] = {}
         self.gets = 0
 
@@ -269,6 +271,9 @@ class FakeS3:
                     method, target = event.method, event.target.decode()
                     continue
                 if isinstance(event, h11.EndOfMessage):
+                    if method == b"PUT" and self.silent_puts:
+                        self.puts.append(target)
+                        await trio.sleep_forever()
                     status, headers, body = self._answer(method, target)
                     headers.append(("content-length", str(len(body))))
                     out = conn.send(h11.Response(status_code=status, headers=headers)) or b""

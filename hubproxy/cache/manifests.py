@@ -43,6 +43,11 @@ refreshed or removed anywhere is asked upstream again everywhere within about a 
 journal keeps a day (at most ``JOURNAL_KEEP`` rows); a process that missed rows (stopped for
 longer) forgets every tag it holds, so it asks upstream rather than serve a removed one.
 
+Several instances (``--cache-store``). What this store learns from the upstreams (a manifest
+stored, a tag resolved, a digest linked, a readability answer) is also handed to its ``sink``,
+which publishes it to the shared store in the background (``sharedstate.py``); what is taken
+from there is changed here inside ``adopting()``, kept as any state and not published back.
+
 Accept negotiation follows RFC 9110 section 12.5.1: a cached manifest is served only to a client
 whose ``Accept`` names its media type (or ``*/*``, or ``type/*``) with a non-zero quality.
 """
@@ -66,6 +71,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -188,6 +194,11 @@ def _accept_key(accepted: frozenset[str]) -> str:
     return sys.intern(",".join(sorted(accepted)))
 
 
+def accept_key(accepted: frozenset[str]) -> str:
+    """The key a tag's answer is kept under for clients accepting ``accepted``."""
+    return _accept_key(accepted)
+
+
 @dataclass(frozen=True)
 class CachedManifest:
     digest: str  # "sha256:<hex>"
@@ -263,6 +274,19 @@ class _Damaged(Exception):
     """The database (or the old state file) is corrupt or of another shape."""
 
 
+class StateSink(Protocol):
+    """Where what this store learns from the upstreams is published besides (``--cache-store``:
+    :class:`hubproxy.cache.sharedstate.SharedState`). Called on the event loop, under the
+    store's lock: each call only queues, never waits."""
+
+    def manifest_stored(self, hexpart: str, body: bytes) -> None: ...
+    def tag_resolved(
+        self, repository: str, tag: str, accept_key: str, hexpart: str, media_type: str
+    ) -> None: ...
+    def link_learned(self, repository: str, digest: str, media_type: str) -> None: ...
+    def readability_learned(self, repository: str, readability: Readability) -> None: ...
+
+
 class ManifestStore:
     """Manifests and their state, bounded and written behind by one thread.
 
@@ -325,6 +349,10 @@ class ManifestStore:
         self._journal_asked = self._journal_read = 0  # read_journal_now's tickets
         # blobs another process removed: the blob store forgets them (set by the assembly)
         self.on_blobs_removed: Callable[[list[str]], None] | None = None
+        # --cache-store: what is learned from the upstreams is published there too; what is
+        # taken from there (``adopting``) is not published back
+        self.sink: StateSink | None = None
+        self._adopting = False
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -608,6 +636,19 @@ class ManifestStore:
 
     # -- changing ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def adopting(self) -> Iterator[None]:
+        """Changes made inside come from the shared store (another instance's): they are kept
+        as any, but not published back to it."""
+        self._adopting = True
+        try:
+            yield
+        finally:
+            self._adopting = False
+
+    def _sink(self) -> StateSink | None:
+        return None if self._adopting else self.sink
+
     def put(
         self,
         repository: str,
@@ -646,8 +687,14 @@ class ManifestStore:
                 self._unwritten_bytes += len(body)
                 self._batch.bodies[hexpart] = (body, self._next())
             self._remember_verified(hexpart, body)
+            sink = self._sink()
+            if sink is not None:  # (stored before too: the sink writes each body once)
+                sink.manifest_stored(hexpart, body)
             if not reference.startswith("sha256:"):
-                self._set_tag(f"{repository}:{reference}", _accept_key(accepted), hexpart)
+                key = _accept_key(accepted)
+                self._set_tag(f"{repository}:{reference}", key, hexpart)
+                if sink is not None:
+                    sink.tag_resolved(repository, reference, key, hexpart, media_type)
             self._set_link(repository, digest, sys.intern(media_type))
             self._evict()
             self._cond.notify_all()
@@ -678,6 +725,8 @@ class ManifestStore:
             self.readability[repository] = readability
             self.readability.move_to_end(repository)
             self._batch.readability[repository] = (readability, self._next())
+            if (sink := self._sink()) is not None:
+                sink.readability_learned(repository, readability)
             self._evict()
             self._cond.notify_all()
 
@@ -720,6 +769,8 @@ class ManifestStore:
         linked = self.links.setdefault(repository, {})
         if digest not in linked:
             self.link_count += 1
+        if linked.get(digest) != media_type and (sink := self._sink()) is not None:
+            sink.link_learned(repository, digest, media_type)
         linked[digest] = media_type
         self.links.move_to_end(repository)
         self._batch.links[(repository, digest)] = (media_type, self._next())

@@ -72,6 +72,7 @@ from ..policy.cachepolicy import (
     tag_current,
     tag_fresh,
     tag_ttl,
+    upstream_unavailable,
     verdict,
 )
 from ..policy.errors import (
@@ -102,9 +103,17 @@ from .inflight import (
     SharedBodies,
 )
 from .lru import ShardedLRU
-from .manifests import MAX_MANIFEST, CachedManifest, ManifestStore, accepted_types, accepts
+from .manifests import (
+    MAX_MANIFEST,
+    CachedManifest,
+    ManifestStore,
+    accept_key,
+    accepted_types,
+    accepts,
+)
 from .negative import NegativeCache
 from .peering import PeerBody, Peers
+from .sharedstate import SharedState
 from .store import (
     BlobReader,
     BlobStore,
@@ -160,6 +169,8 @@ class PullThrough:
         self.ttl_rules = ttl_rules  # --manifest-ttl PATTERN=DURATION
         self.stats = blobs.stats
         self.peers: Peers | None = None  # --peer: the instances sharing the upstream fetches
+        # --cache-store: the manifest state other instances published (cache/sharedstate.py)
+        self.shared_state: SharedState | None = None
         # --peer: blobs this instance asks the upstream for now, until the answer's head (one
         # entry per request under way: bounded by the connection limits)
         self.asking: dict[str, trio.Event] = {}
@@ -248,6 +259,10 @@ class PullThrough:
             )
         except ProxyError:
             readable = ping_stale_allowed(self.manifests.readability.values(), time.time())
+            if not readable and not response.started and self.shared_state is not None:
+                # an instance that knows no repository yet: the one others learned last
+                await self.shared_state.adopt_latest_readable(self.manifests)
+                readable = ping_stale_allowed(self.manifests.readability.values(), time.time())
             if response.started or not readable:
                 raise
             self._note_stale(route, "the /v2/ ping", response)
@@ -330,6 +345,17 @@ class PullThrough:
             time.time(),
         )
 
+    async def _stale_ok_anywhere(self, route: Route, digest: str) -> bool:
+        """``_stale_ok``, and failing that the same rule over the facts another instance
+        published (``--cache-store``): for when the upstream cannot answer, and the answer is
+        cached but this instance never learned whether it may go out stale."""
+        if self._stale_ok(route, digest):
+            return True
+        if self.shared_state is None:
+            return False
+        await self.shared_state.adopt_link(self.manifests, state_name(route), digest)
+        return self._stale_ok(route, digest)
+
     def _note_stale(
         self, route: Route, what: str, response: ClientResponse, head: h11.Response | None = None
     ) -> None:
@@ -397,6 +423,10 @@ class PullThrough:
             # evicted while we asked: a miss after all
             cached = in_store or self._blob_cached(key, route)
             facts = dataclasses.replace(facts, cached=cached)
+            if said is UpstreamVerdict.UNAVAILABLE and facts.cached and not facts.stale_ok:
+                facts = dataclasses.replace(
+                    facts, stale_ok=await self._stale_ok_anywhere(route, digest)
+                )
             decision = decide(facts, said)
         redirect = redirect_hit(decision, candidate=candidate, in_store=in_store)
         if isinstance(decision, ServeCache | ServeStale):
@@ -638,11 +668,13 @@ class PullThrough:
                     self._maybe_probe(route, _path(route), Kind.BLOB)
                     await self._send_blob(plan, request, response, route, key)
                     return
+        cached = store.size_of(key) is not None
         stale = after_upstream(
-            head.status_code,
-            cached=store.size_of(key) is not None,
-            stale_ok=self._stale_ok(route, route.blob_digest or ""),
+            head.status_code, cached=cached, stale_ok=self._stale_ok(route, route.blob_digest or "")
         )
+        if not isinstance(stale, ServeStale) and cached and upstream_unavailable(head.status_code):
+            stale_ok = await self._stale_ok_anywhere(route, route.blob_digest or "")
+            stale = after_upstream(head.status_code, cached=cached, stale_ok=stale_ok)
         if isinstance(stale, ServeStale):
             self._note_stale(route, "a blob", response, head)
             await self._send_blob(plan, request, response, route, key)
@@ -812,6 +844,13 @@ class PullThrough:
             )
         tag_key = TagKey(repository, reference, accepted)
         digest = reference if by_digest else self.manifests.tag(repository, reference, accepted)
+        if digest is None or not self.manifests.linked(repository, digest):
+            # not here: another instance's, if it published it (then a hit after this client's
+            # access check, a HEAD, instead of a GET counted against the rate limit)
+            if await self._adopt_manifest(repository, reference, accepted):
+                digest = (
+                    reference if by_digest else self.manifests.tag(repository, reference, accepted)
+                )
         cached = await self._cached_manifest(request, repository, digest)
         # the bytes are here, but the upstream never served them in this repository: the access
         # check's answer tells which media type it serves them with here
@@ -847,6 +886,10 @@ class PullThrough:
                     if current:
                         self._note_tag_checked(tag_key)
             facts = dataclasses.replace(facts, cached=cached is not None, tag_current=current)
+            if said is UpstreamVerdict.UNAVAILABLE and cached is not None and not facts.stale_ok:
+                facts = dataclasses.replace(
+                    facts, stale_ok=await self._stale_ok_anywhere(route, cached.digest)
+                )
             decision = decide(facts, said)
         if isinstance(decision, ServeCache | ServeStale) and cached is not None:
             if isinstance(decision, ServeStale):
@@ -899,7 +942,10 @@ class PullThrough:
                     deliver=deliver,
                 )
             except ProxyError:
-                stale = after_upstream(None, cached=cached is not None, stale_ok=facts.stale_ok)
+                stale_ok = facts.stale_ok
+                if not stale_ok and not response.started and cached is not None:
+                    stale_ok = await self._stale_ok_anywhere(route, cached.digest)
+                stale = after_upstream(None, cached=cached is not None, stale_ok=stale_ok)
                 if response.started or cached is None or not isinstance(stale, ServeStale):
                     raise
                 self._note_stale(route, "a manifest", response)
@@ -934,6 +980,16 @@ class PullThrough:
                 await self._send_manifest(request, response, outgoing)
                 return
         await self._serve_manifest(plan, request, response, route, coalesce=False)
+
+    async def _adopt_manifest(
+        self, repository: str, reference: str, accepted: frozenset[str]
+    ) -> bool:
+        """``--cache-store``: take a manifest this instance lacks from the store."""
+        if self.shared_state is None:
+            return False
+        return await self.shared_state.adopt_manifest(
+            self.manifests, repository, reference, accepted, accept_key(accepted)
+        )
 
     def _count_pull(self, request: ClientRequest, route: Route, *, hit: bool) -> None:
         """Count a manifest GET answered 200 for ``hubproxy cache ls`` (HEADs are not pulls,
@@ -1056,11 +1112,10 @@ class PullThrough:
     ) -> None:
         """The upstream's manifest answer: keep a verified copy of a 200 GET (its bytes count
         against --manifest-memory while they arrive), serve stale on 429/5xx."""
-        stale = after_upstream(
-            head.status_code,
-            cached=cached is not None,
-            stale_ok=cached is not None and self._stale_ok(route, cached.digest),
-        )
+        stale_ok = cached is not None and self._stale_ok(route, cached.digest)
+        if not stale_ok and cached is not None and upstream_unavailable(head.status_code):
+            stale_ok = await self._stale_ok_anywhere(route, cached.digest)
+        stale = after_upstream(head.status_code, cached=cached is not None, stale_ok=stale_ok)
         if isinstance(stale, ServeStale) and cached is not None:
             self._note_stale(route, "a manifest", response, head)
             self._count_pull(request, route, hit=True)

@@ -19,7 +19,8 @@ second tier, an :class:`~hubproxy.cache.objects.ObjectStore` shared by every ins
   ``policy/redirecthits.py``);
 - **state**: the manifest database (tags, manifests, which repositories anyone may read) is
   uploaded as a snapshot when hubproxy stops, and an instance starting on an empty cache
-  directory begins from the newest one, so it starts warm.
+  directory begins from the newest one, so it starts warm. While instances run, each publishes
+  what it learns and takes what it lacks object by object (``sharedstate.py``).
 
 Every call into the store runs in a worker thread; at most ``STORE_THREADS`` at once.
 """
@@ -103,6 +104,13 @@ class SharedStore:
         self.committing_bytes = 0  # the sizes of the commits under way (held in memory)
         self._room = trio.Event()  # set when a commit ends: waiting ones look again
         self.too_large = 0  # blobs not committed for their size
+        # the manifest state while running (cache/sharedstate.py): objects written, writes
+        # dropped (queue full) or failed, facts taken from the store, manifests refused there
+        self.state_writes = 0
+        self.state_dropped = 0
+        self.state_write_failures = 0
+        self.state_reads = 0
+        self.state_refused = 0
         self.working = 0  # commits and deletions under way
         self.resting_until = 0.0  # trio time: no lookups before (the store just failed one)
         self._idle = trio.Event()  # set while none is

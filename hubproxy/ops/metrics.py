@@ -957,6 +957,33 @@ class HubMetrics:
                 "(--redirect-hits): their bytes went from the store to the client.",
                 "redirects",
             ),
+            (
+                "hubproxy_store_state_writes",
+                "Manifests, tags, links and readability answers written to the --cache-store.",
+                "state_writes",
+            ),
+            (
+                "hubproxy_store_state_writes_dropped",
+                "Writes of manifest state dropped: their queue to the --cache-store was full.",
+                "state_dropped",
+            ),
+            (
+                "hubproxy_store_state_write_failures",
+                "Writes of manifest state the --cache-store failed.",
+                "state_write_failures",
+            ),
+            (
+                "hubproxy_store_state_reads",
+                "Manifests, links and readability answers taken from the --cache-store (this "
+                "instance had none).",
+                "state_reads",
+            ),
+            (
+                "hubproxy_store_state_refused",
+                "Manifests in the --cache-store refused: they do not match their digest "
+                "(deleted there, never served).",
+                "state_refused",
+            ),
         ):
             registry.register(
                 CounterFunction(
