@@ -95,6 +95,7 @@ class Params:
     clients: int
     instances: int
     max_time: float  # seconds the clients may take in all
+    peer_timeout: str | None = None  # --peer-timeout for the instances; None: their default
 
     @property
     def layer_size(self) -> int:
@@ -210,6 +211,7 @@ def start_instances(
     moto: str,
     count: int,
     stack: contextlib.ExitStack,
+    peer_timeout: str | None = None,
 ) -> list[Instance]:
     """``count`` instances, each listing all of them as peers, on one bucket; started together,
     then each waited for (its store check, then its listener)."""
@@ -228,6 +230,7 @@ def start_instances(
             *peers,
             "--peer-ca",
             str(fixtures.tls.ca_pem),
+            *(["--peer-timeout", peer_timeout] if peer_timeout else []),
         ]
         started = procs.start(name, argv, root / f"{name}.log", stack, cwd=REPO_ROOT)
         instances.append(Instance(name, port, started, cache_dir))
@@ -344,7 +347,9 @@ def measure(nginx: str, p: Params, keep: bool) -> dict[str, Any]:
         bucket = f"scaleout-{secrets.token_hex(4)}"
         store = f"s3://{bucket}/hubproxy"
         trio.run(create_bucket, moto, bucket)
-        instances = start_instances(root, fixtures, origin, store, moto, p.instances, stack)
+        instances = start_instances(
+            root, fixtures, origin, store, moto, p.instances, stack, p.peer_timeout
+        )
         say(f"{p.instances} instances up on {store} at {moto}; {p.clients} clients pulling")
         context = client_context(fixtures.tls.ca_pem)
         for instance in instances:
@@ -372,6 +377,7 @@ def measure(nginx: str, p: Params, keep: bool) -> dict[str, Any]:
                 "clients": p.clients,
                 "instances": p.instances,
                 "layers_at_once": LAYERS_AT_ONCE,
+                "peer_timeout": p.peer_timeout or "hubproxy's default",
             },
             "seconds": pulls.seconds,
             "client_bytes": received,
@@ -439,7 +445,7 @@ def rows(r: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "clients",
             str(p["clients"]),
             f"round robin over {p['instances']} instances, {p['layers_at_once']} layers at a "
-            "time each",
+            f"time each; --peer-timeout: {p['peer_timeout']}",
         ),
         ("wall time", f"{r['seconds']:.2f} s", "first request to last byte, all clients"),
         (
@@ -527,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--instances", type=int, default=3, help="hubproxy instances (default 3)")
     add("--max-time", type=float, default=600.0, help="limit for all the clients, seconds")
     add(
+        "--peer-timeout",
+        metavar="DURATION",
+        help="the instances' --peer-timeout (default: hubproxy's own, as users run it)",
+    )
+    add(
         "--out",
         type=Path,
         help="output directory (default bench/results; --quick: a temporary directory)",
@@ -557,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--size {size} does not split into {layers} equal layers")
     if args.clients > 254:
         parser.error("--clients: at most 254 (one loopback address each)")
-    p = Params(size, layers, args.clients, args.instances, args.max_time)
+    p = Params(size, layers, args.clients, args.instances, args.max_time, args.peer_timeout)
     nginx = find_tool("nginx")
     if nginx is None:
         print("bench.scaleout: needs nginx (apt-get install -y nginx-light)", file=sys.stderr)
