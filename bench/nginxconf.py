@@ -21,6 +21,7 @@ BLOB_PATH = "/v2/bench/blob/blobs/sha256:"
 NOREDIR_BLOB_PATH = "/v2/bench/nocdn/blobs/sha256:"
 MANIFEST_PATH = "/v2/bench/blob/manifests/latest"
 BIG_MANIFEST_PATH = "/v2/bench/big/manifests/"  # + any tag: the same big manifest
+CDN_LOG_FORMAT = "$status $body_bytes_sent $uri"  # render_origin's cdn_log
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,14 @@ def render_origin(
     workers: str = "auto",
     big_manifest: tuple[Path, str] | None = None,
     big_manifest_dir: Path | None = None,
+    cdn_log: Path | None = None,
 ) -> str:
     """Docker Hub for blobs: a registry (blob GET -> 307 to the CDN with a signed-looking query,
     a no-redirect blob path, the manifest, and ``big_manifest`` (file, digest) under every tag of
     :data:`BIG_MANIFEST_PATH` if given) and a CDN serving the files, each over TLS and plain
-    HTTP. Static files come from /dev/shm (sendfile on the plain ports)."""
+    HTTP. Static files come from /dev/shm (sendfile on the plain ports). ``cdn_log``: the CDN's
+    requests are logged there, one ``STATUS BODY_BYTES_SENT URI`` line each
+    (:data:`CDN_LOG_FORMAT`): the bytes the upstream sent, as a bill would count them."""
     token = secrets.token_urlsafe(24)
     big = ""
     if big_manifest is not None:
@@ -115,10 +119,13 @@ def render_origin(
     }}
 """
 
+    cdn_logging = "" if cdn_log is None else f"        access_log {cdn_log} cdnbytes;\n"
+
     def cdn(port: int, tls: bool) -> str:
         return f"""\
     server {{
         {_listen(port, tls)}
+{cdn_logging}\
         location /blobs/ {{ alias {blob_dir}/; }}
     }}
 """
@@ -135,6 +142,7 @@ def render_origin(
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache shared:origin:10m;
 """
+        + ("" if cdn_log is None else f"    log_format cdnbytes '{CDN_LOG_FORMAT}';\n")
         + registry(ports.registry_tls, True, f"https://127.0.0.1:{ports.cdn_tls}")
         + registry(ports.registry_http, False, f"http://127.0.0.1:{ports.cdn_http}")
         + cdn(ports.cdn_tls, True)

@@ -45,7 +45,15 @@ def prepare_prefix(prefix: Path) -> None:
     (prefix / "tmp").chmod(0o777)
 
 
-def start_origin(nginx: str, root: Path, fixtures: Fixtures, stack: contextlib.ExitStack) -> Origin:
+def start_origin(
+    nginx: str,
+    root: Path,
+    fixtures: Fixtures,
+    stack: contextlib.ExitStack,
+    cdn_log: Path | None = None,
+) -> Origin:
+    """The origin nginx, started; ``cdn_log``: where its CDN logs each request's bytes
+    (:func:`bench.nginxconf.render_origin`)."""
     prefix = root / "origin"
     prepare_prefix(prefix)
     ports = OriginPorts(*(procs.free_port() for _ in range(4)))
@@ -65,6 +73,7 @@ def start_origin(nginx: str, root: Path, fixtures: Fixtures, stack: contextlib.E
                 else None
             ),
             big_manifest_dir=fixtures.big_manifest_dir,
+            cdn_log=cdn_log,
         )
     )
     started = procs.start(

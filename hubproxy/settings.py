@@ -822,8 +822,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "s3-endpoint",
-        "the endpoint of a non-AWS S3-compatible store for --cache-store (MinIO, Garage, Ceph "
-        "RGW, R2), e.g. http://127.0.0.1:9000 (default: AWS)",
+        "the endpoint of a non-AWS S3-compatible store for --cache-store (MinIO, Ceph RGW, "
+        "R2, SeaweedFS), e.g. http://127.0.0.1:9000 (default: AWS)",
         CACHE,
         metavar="URL",
         parse=checked_url,

@@ -34,6 +34,7 @@ from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
 from tests.test_operations import metric_samples, sample
 from tests.test_pullthrough import stoppable_hub
+from tests.test_statuspage import _rows as status_rows
 
 obstore = pytest.importorskip("obstore")
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
@@ -178,6 +179,11 @@ async def test_a_new_instance_serves_from_the_bucket_with_the_upstream_down(
     samples = metric_samples(page.body.decode())
     assert sample(samples, "hubproxy_store_reads_total") == len(blobs)
     assert sample(samples, "hubproxy_store_commits_total") == 0
+    # the status page lists the store: where (no credentials), its counts, in use
+    rows = dict(status_rows((await fetch(second.url + "/", ca)).body))
+    assert rows["Store"] == f"{bucket} at {moto_url}"
+    assert (rows["State"], rows["Blobs read into the cache"]) == ("in use", str(len(blobs)))
+    assert rows["Blobs committed"] == "0"
 
 
 async def test_a_blob_changed_in_the_bucket_is_never_completed_to_a_client(

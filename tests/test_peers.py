@@ -24,6 +24,7 @@ from tests.conftest import RunningProxy, TLSFiles, make_config
 from tests.fakehub import MEDIA_DOCKER_MANIFEST, FakeHub, fetch, make_layer, sha256_digest
 from tests.registry_client import RegistryClient
 from tests.test_operations import metric_samples, sample
+from tests.test_statuspage import _table_rows, parse
 from tests.wire import WireClient
 
 ACCEPT = [("accept", MEDIA_DOCKER_MANIFEST)]
@@ -238,6 +239,12 @@ async def test_a_stopped_or_silent_owner_is_skipped_within_the_peer_timeout(
         assert sample(samples, "hubproxy_peer_resting", peer=name) == 1
         assert sample(samples, "hubproxy_peer_fetches_total", peer=name, result="upstream") >= 1
     assert ("hubproxy_peer_resting", frozenset({("peer", names[0])})) not in samples  # itself
+    # the status page: this instance marked, both others resting, what came of asking each
+    rows = _table_rows(parse((await fetch(first.proxy.url + "/", ca)).body), "peers")
+    assert rows[1][0] == f"{names[0]} (this instance)"
+    for row, name in zip(rows[2:], names[1:], strict=True):
+        assert row[0] == name and row[1].startswith("resting until ")
+        assert int(row[4]) >= 1  # the upstream asked instead
     silent.close()
 
 

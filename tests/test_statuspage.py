@@ -6,10 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
+import trio
 
 from hubproxy import __version__
+from hubproxy.cache.objects import LocalDirectory
+from hubproxy.cache.peering import Peers
+from hubproxy.cache.shared import STORE_REST, SharedStore
 from hubproxy.ops.activity import (
     TransferFigures,
     Transfers,
@@ -20,20 +25,26 @@ from hubproxy.ops.activity import (
 from hubproxy.ops.clientconfig import CLIENTS, snippet
 from hubproxy.ops.metrics import CacheFigures, HubMetrics, RateLimit
 from hubproxy.ops.statuspage import (
+    PeerFigures,
     RegistryFigures,
     StatusFigures,
+    StoreFigures,
     client_snippets,
     format_count,
     format_duration,
     format_ratio,
     format_time,
+    peer_figures,
     registry_figures,
     render_status_page,
     status_figures,
+    store_figures,
+    without_credentials,
 )
+from hubproxy.ops.workermetrics import merge, snapshot
 from hubproxy.policy.pulls import PullSummary
 from hubproxy.policy.registries import Registry, RegistryTable, build_table
-from hubproxy.policy.urls import parse_url
+from hubproxy.policy.urls import base_url, parse_url
 
 VOID = frozenset({"meta", "br", "hr", "img", "link", "input"})
 HUB = "https://registry-1.docker.io"
@@ -382,6 +393,8 @@ HOSTILE = 'https://evil.example/<script>alert("x")</script>&amp;'
             pulls=(PullSummary(HOSTILE, HOSTILE, NOW, 1, 1, 1, 0, 1.0, True),),
         ),
         replace(FIGURES, snippets=((HOSTILE, HOSTILE, HOSTILE),)),
+        replace(FIGURES, peers=(PeerFigures(url=HOSTILE, me=True), PeerFigures(url=HOSTILE))),
+        replace(FIGURES, store=StoreFigures(url=HOSTILE)),
     ],
 )
 def test_everything_interpolated_is_escaped(figures: StatusFigures) -> None:
@@ -656,3 +669,140 @@ def test_transfers_follow_their_records() -> None:
     transfers.end(key)
     transfers.end(key)  # twice is harmless
     assert transfers.figures(103.0) == () and len(transfers) == 0
+
+
+# -- the other instances (--peer) and the shared store (--cache-store) -----------------------
+
+PEER_URLS = ("https://10.0.0.1:5000", "https://10.0.0.2:5000", "https://10.0.0.3:5000")
+PEERS = (
+    PeerFigures(url=PEER_URLS[0], me=True),
+    PeerFigures(url=PEER_URLS[1], filled=1200, passed=2, upstream=1),
+    PeerFigures(url=PEER_URLS[2], resting_until=NOW + 20, filled=7, upstream=3),
+)
+STORE = StoreFigures(
+    url="s3://mirror-cache/hubproxy at http://10.0.0.9:3900", commits=1234, reads=56, too_large=1
+)
+
+
+def test_peers_are_listed_this_one_marked_a_resting_one_red() -> None:
+    raw = render_status_page(replace(FIGURES, peers=PEERS))
+    page = parse(raw)
+    assert "Instances (--peer)" in page.inside("h2")
+    assert _table_rows(page, "peers") == [
+        ["Instance", "State", "Blobs it sent", "Its 403/404 passed on", "Upstream asked instead"],
+        [f"{PEER_URLS[0]} (this instance)",
+         "owns its share of the blobs: fetches them from the upstream"],
+        [PEER_URLS[1], "in use", "1,200", "2", "1"],
+        [PEER_URLS[2], "resting until 2024-05-01 12:00:20 UTC (in 20s): its blobs come from the "
+         "upstream meanwhile", "7", "0", "3"],
+    ]  # fmt: skip
+    row_classes = [attrs.get("class") for tag, attrs in page.attributes if tag == "tr"]
+    assert [c for c in row_classes if c and c.startswith("peer")] == [
+        "peer me",
+        "peer",
+        "peer down",
+    ]
+    assert _state_classes(page)[-2:] == ["state state-ok", "state state-bad"]  # after upstreams
+    hrefs = [attrs["href"] for tag, attrs in page.attributes if tag == "a"]
+    assert all(url in hrefs for url in PEER_URLS)  # each instance's own status page
+
+
+def test_the_store_is_listed_and_a_resting_one_is_red() -> None:
+    rows = dict(_rows(render_status_page(replace(FIGURES, store=STORE))))
+    assert rows["Store"] == "s3://mirror-cache/hubproxy at http://10.0.0.9:3900"
+    assert rows["State"] == "in use"
+    assert rows["Blobs committed"] == "1,234"
+    assert rows["Blobs read into the cache"] == "56"
+    assert rows["Not committed for their size"] == "1"
+    resting = replace(STORE, resting_until=NOW + 30)
+    raw = render_status_page(replace(FIGURES, store=resting))
+    assert dict(_rows(raw))["State"] == (
+        "resting after a failed lookup, until 2024-05-01 12:00:30 UTC (in 30s): misses go to the "
+        "upstream meanwhile"
+    )
+    assert _state_classes(parse(raw))[-1] == "state state-bad"
+
+
+def test_a_single_mirror_shows_neither_peers_nor_store() -> None:
+    page = parse(render_status_page(FIGURES))
+    assert not {"Instances (--peer)", "Cache store"} & set(page.inside("h2"))
+    assert not {"peers", "store"} & {attrs.get("class") for _, attrs in page.attributes}
+
+
+@pytest.mark.parametrize(
+    ("description", "shown"),
+    [
+        ("s3://mirror-cache/hubproxy", "s3://mirror-cache/hubproxy"),
+        ("s3://b/p at http://127.0.0.1:3900", "s3://b/p at http://127.0.0.1:3900"),
+        ("s3://b/p at https://key:secret@r2.example/x", "s3://b/p at https://***@r2.example/x"),
+        ("s3://key:secret@b/p at http://k@h:1", "s3://***@b/p at http://***@h:1"),
+        ("/srv/shared", "/srv/shared"),  # a local directory
+    ],
+)
+def test_the_stores_url_never_shows_credentials(description: str, shown: str) -> None:
+    assert without_credentials(description) == shown
+
+
+async def test_peer_and_store_figures_from_their_sources(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """From the live objects: the peer list with this instance found in it, a peer put to rest
+    by a failure (trio's clock turned into the wall clock), what came of asking each; the
+    store's description and counts. Under --workers the counts are the whole mirror's (from the
+    merged snapshot), the rests this process's."""
+    peers = Peers(tuple(base_url(url) for url in PEER_URLS), 1, 2.0)
+    for result in ("filled", "filled", "passed"):
+        peers.note(0, result)
+    peers.note(2, "upstream")
+    peers.failed(2, "answered 503")
+    shared = SharedStore(LocalDirectory(tmp_path / "store"))
+    shared.objects.description = "s3://b/p at http://key:secret@10.0.0.9:3900"
+    shared.commit_memory = 10
+    await shared.commit("cd" * 32, 100, tmp_path / "blob")  # too large for it: kept locally
+    shared.commits, shared.reads = 1, 2
+    shared.resting_until = trio.current_time() + STORE_REST  # a lookup just failed
+    metrics = HubMetrics(started_at=0.0)
+    metrics.peers, metrics.store = peers, shared
+
+    clock = trio.current_time()
+    expected_peers = (
+        PeerFigures(url=PEER_URLS[0], filled=2, passed=1),
+        PeerFigures(url=PEER_URLS[1], me=True),
+        PeerFigures(url=PEER_URLS[2], resting_until=NOW + 30, upstream=1),
+    )
+    expected_store = StoreFigures(
+        url="s3://b/p at http://***@10.0.0.9:3900",
+        commits=1,
+        reads=2,
+        too_large=1,
+        resting_until=NOW + STORE_REST,
+    )
+    assert peer_figures(peers, None, now=NOW, clock=clock) == expected_peers
+    assert store_figures(shared, None, now=NOW, clock=clock) == expected_store
+    # once the rests are over (and with no clock to read them by) nothing is resting
+    later = peer_figures(peers, None, now=NOW, clock=clock + 30)
+    assert [p.resting_until for p in later] == [None, None, None]
+    assert store_figures(shared, None, now=NOW, clock=None).resting_until is None
+
+    table = RegistryTable(())
+    figures = status_figures(
+        metrics, url="https://mirror.example.com", table=table, now=NOW, trend_now=clock
+    )
+    assert (figures.peers, figures.store) == (expected_peers, expected_store)
+    two_workers = merge([snapshot(metrics), snapshot(metrics)])
+    figures = status_figures(
+        metrics,
+        url="https://mirror.example.com",
+        table=table,
+        now=NOW,
+        families=two_workers,
+        trend_now=clock,
+    )
+    assert figures.peers == (
+        PeerFigures(url=PEER_URLS[0], filled=4, passed=2),
+        PeerFigures(url=PEER_URLS[1], me=True),
+        PeerFigures(url=PEER_URLS[2], resting_until=NOW + 30, upstream=2),
+    )
+    assert figures.store == replace(expected_store, commits=2, reads=4, too_large=2)
+    no_peers = status_figures(HubMetrics(), url="https://m.example", table=table, now=NOW)
+    assert (no_peers.peers, no_peers.store) == ((), None)

@@ -120,7 +120,7 @@ def probe_conditional_put(store: ObjectStore, scratch: Path) -> None:
             raise StoreUnusable(
                 f"{store.description} does not honour conditional puts (If-None-Match: *): "
                 "blobs committed by several instances could overwrite each other; use a store "
-                "that does (AWS S3, MinIO, Ceph RGW, Garage, R2) or drop --cache-store"
+                "that does (AWS S3, MinIO, Ceph RGW, R2) or drop --cache-store"
             )
     finally:
         scratch.unlink(missing_ok=True)

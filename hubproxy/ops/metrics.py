@@ -575,11 +575,46 @@ PoolSource = Callable[[], PoolFigures]
 
 
 class PeerSource(Protocol):
-    """The --peer instances as /metrics reads them (``cache.peering.Peers``)."""
+    """The --peer instances as /metrics and the status page read them
+    (``cache.peering.Peers``)."""
+
+    @property
+    def names(self) -> tuple[str, ...]: ...  # each peer's origin, in the list's order
+
+    @property
+    def me(self) -> int: ...  # this instance's index in ``names``
+
+    @property
+    def resting_until(self) -> Sequence[float]: ...  # per peer, on trio's clock
 
     def resting(self) -> Mapping[tuple[str, ...], float]: ...
 
     def fetches(self) -> Mapping[tuple[str, ...], float]: ...
+
+
+class Described(Protocol):
+    @property
+    def description(self) -> str: ...
+
+
+class StoreSource(Protocol):
+    """The --cache-store as /metrics and the status page read it
+    (``cache.shared.SharedStore``)."""
+
+    @property
+    def objects(self) -> Described: ...  # its description: where the store is
+
+    @property
+    def commits(self) -> int: ...
+
+    @property
+    def reads(self) -> int: ...
+
+    @property
+    def too_large(self) -> int: ...
+
+    @property
+    def resting_until(self) -> float: ...  # on trio's clock: lookups skip the store until then
 
 
 _NO_PACING = PacingFigures()
@@ -612,7 +647,7 @@ class HubMetrics:
         self.pool: PoolSource | None = None  # assigned by whoever owns the pool (the forwarder)
         # --peer and --cache-store, assigned by ops.operations when configured
         self.peers: PeerSource | None = None
-        self.store: object | None = None  # its counts: commits, reads, too_large
+        self.store: StoreSource | None = None
         self.manifests = manifests
         self.started_at = time.time() if started_at is None else started_at
         self.proc = proc

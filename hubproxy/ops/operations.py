@@ -26,6 +26,7 @@ import trio
 
 from ..cache.inventory import Inventory
 from ..cache.pullthrough import PullThrough
+from ..cache.shared import SharedStore
 from ..forwarder import Forwarder
 from ..net.server import ClientRequest, ClientResponse
 from ..policy import trouble
@@ -176,7 +177,8 @@ class Operations:
             metrics.manifests = lambda: manifest_figures(manifests)
         if pullthrough is not None:
             metrics.peers = pullthrough.peers
-            metrics.store = pullthrough.blobs.shared
+            shared = pullthrough.blobs.shared
+            metrics.store = shared if isinstance(shared, SharedStore) else None
 
     async def checks(self) -> list[Check]:
         server = self.server

@@ -5,8 +5,9 @@ self-contained HTML5 page: no script, no external stylesheet or font, so it work
 network. Every interpolated value goes through ``html.escape``: upstream URLs, the mirror's name
 and URL come from configuration, and a page that shows them must not become a way to inject
 markup. ``status_figures`` gathers the live values from ``HubMetrics``, ``registry_figures`` the
-registries served and their upstreams from the ``RegistryTable``; the caller supplies the clock
-readings, so nothing here reads one.
+registries served and their upstreams from the ``RegistryTable``, ``peer_figures`` and
+``store_figures`` the other instances (``--peer``) and the shared store (``--cache-store``); the
+caller supplies the clock readings, so nothing here reads one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from html import escape
 from .. import __version__
 from ..policy.accounting import OTHER
 from ..policy.inventory import Image
+from ..policy.proxies import hide_userinfo
 from ..policy.pulls import PullSummary
 from ..policy.registries import RegistryTable
 from ..policy.sizes import format_decimal_size, format_size
@@ -27,7 +29,7 @@ from ..policy.urls import Url
 from .activity import TransferFigures, UpstreamCondition, UpstreamHealth, UpstreamState
 from .charts import Series, line_chart
 from .clientconfig import CLIENTS, snippet
-from .metrics import HubMetrics, RateLimit
+from .metrics import HubMetrics, PeerSource, RateLimit, StoreSource
 from .trends import Families, TrendFigures, has_data, totals_from, trend_figures
 
 Snippet = tuple[str, str, str]  # client, where it goes (and what else to do), text to paste
@@ -148,6 +150,34 @@ def registry_figures(
     )
 
 
+# What came of asking a peer for a blob (``cache.peering.Peers.note``), as the page's columns
+PEER_RESULTS = ("filled", "passed", "upstream")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerFigures:
+    """One of the ``--peer`` instances, as the page lists it. Counts are blob misses this
+    mirror sent to that instance as their owner, by what came of it."""
+
+    url: str
+    me: bool = False  # this instance (it never asks itself)
+    resting_until: float | None = None  # wall clock: skipped until then after a failure
+    filled: float = 0.0  # it sent the blob
+    passed: float = 0.0  # its 403/404, passed on to the client
+    upstream: float = 0.0  # down, silent or failing: the upstream was asked instead
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreFigures:
+    """The shared object store under the cache (``--cache-store``)."""
+
+    url: str  # where it is, never with credentials (``without_credentials``)
+    commits: float = 0.0  # verified blobs put into it
+    reads: float = 0.0  # blobs read from it into the local cache
+    too_large: float = 0.0  # not committed for their size (kept locally)
+    resting_until: float | None = None  # wall clock: lookups skip it until then (it failed)
+
+
 @dataclass(frozen=True, kw_only=True)
 class StatusFigures:
     """Everything the status page shows. Times are Unix seconds (wall clock)."""
@@ -178,6 +208,8 @@ class StatusFigures:
     largest: tuple[Image, ...] = ()  # cached images, largest first (cache/inventory.TOPS)
     most_pulled: tuple[Image, ...] = ()  # cached images, most pulled first
     bandwidth: str | None = None  # the caps and the addresses paced now; None: no cap
+    peers: tuple[PeerFigures, ...] = ()  # --peer, in the list's order; (): none configured
+    store: StoreFigures | None = None  # --cache-store; None: none configured
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,8 +259,10 @@ def status_figures(
     ``client_snippets(url)``.
 
     ``families`` (a metrics snapshot, the whole mirror's under ``--workers``) gives the counts
-    (requests, bytes, hit ratio), who spent the rate limit, and the trends' live point;
-    ``trend_now`` is the clock the trends were sampled on (``trio.current_time()``)."""
+    (requests, bytes, hit ratio, the peers' and the store's), who spent the rate limit, and the
+    trends' live point; ``trend_now`` is trio's clock (``trio.current_time()``): the trends were
+    sampled on it, and the peers' and the store's rests are kept on it (None: not known, so
+    nothing is shown resting)."""
     cache = metrics.cache() if metrics.cache is not None else None
     sources = metrics.response_bytes.series()
     activity = metrics.activity
@@ -257,6 +291,12 @@ def status_figures(
         largest=tops[0],
         most_pulled=tops[1],
         bandwidth=bandwidth_line(metrics),
+        peers=()
+        if metrics.peers is None
+        else peer_figures(metrics.peers, families, now=now, clock=trend_now),
+        store=None
+        if metrics.store is None
+        else store_figures(metrics.store, families, now=now, clock=trend_now),
     )
     if families is None:
         return figures
@@ -290,6 +330,85 @@ def bandwidth_line(metrics: HubMetrics) -> str | None:
         parts.append(f"{format_size(caps.total)}/s in all")
     paced = figures.bandwidth.paced_clients
     return f"{', '.join(parts)}; {paced} address{'' if paced == 1 else 'es'} paced now"
+
+
+def _rest_until(until: float, now: float, clock: float | None) -> float | None:
+    """A rest kept on trio's clock (``until``; ``clock`` is that clock now) as wall clock."""
+    if clock is None or until <= clock:
+        return None
+    return now + (until - clock)
+
+
+def _counts(families: Families, name: str, labels: Sequence[str]) -> dict[tuple[str, ...], float]:
+    """A family's samples by their ``labels``' values (summed over any other label)."""
+    found: dict[tuple[str, ...], float] = {}
+    for sample in families.get(name, {}).get("samples", ()):
+        try:
+            _, pairs, value = sample
+            named = {str(k): str(v) for k, v in pairs}
+            key = tuple(named.get(label, "") for label in labels)
+            found[key] = found.get(key, 0.0) + float(value)
+        except (TypeError, ValueError):
+            continue  # another worker's snapshot from an older version
+    return found
+
+
+def peer_figures(
+    source: PeerSource, families: Families | None, *, now: float, clock: float | None
+) -> tuple[PeerFigures, ...]:
+    """Each ``--peer`` instance, in the list's order: this one marked, the others with their
+    rest (``now`` the wall clock, ``clock`` trio's, which the rests are kept on) and the blob
+    misses sent to each by result (from ``families`` when given: the whole mirror's under
+    ``--workers``; else this process's)."""
+    counts = (
+        _counts(families, "hubproxy_peer_fetches", ("peer", "result"))
+        if families is not None
+        else {tuple(key): value for key, value in source.fetches().items()}
+    )
+    found = []
+    for index, name in enumerate(source.names):
+        me = index == source.me
+        filled, passed, upstream = (counts.get((name, result), 0.0) for result in PEER_RESULTS)
+        found.append(
+            PeerFigures(
+                url=name,
+                me=me,
+                resting_until=None if me else _rest_until(source.resting_until[index], now, clock),
+                filled=filled,
+                passed=passed,
+                upstream=upstream,
+            )
+        )
+    return tuple(found)
+
+
+def without_credentials(text: str) -> str:
+    """``text`` (a store's description: ``s3://bucket/prefix at http://host:port``) with the
+    user and password of every URL in it hidden (``policy.proxies.hide_userinfo``): the page
+    shows where the store is, never how to get in."""
+    return " ".join(hide_userinfo(word) for word in text.split(" "))
+
+
+def store_figures(
+    source: StoreSource, families: Families | None, *, now: float, clock: float | None
+) -> StoreFigures:
+    """The ``--cache-store``: where it is, its counts (from ``families`` when given, else this
+    process's) and whether lookups skip it after a failure (``now`` and ``clock`` as for
+    :func:`peer_figures`)."""
+    if families is not None:
+        commits, reads, too_large = (
+            sum(_counts(families, f"hubproxy_store_{field_name}", ()).values())
+            for field_name in ("commits", "reads", "too_large")
+        )
+    else:
+        commits, reads, too_large = source.commits, source.reads, source.too_large
+    return StoreFigures(
+        url=without_credentials(source.objects.description),
+        commits=float(commits),
+        reads=float(reads),
+        too_large=float(too_large),
+        resting_until=_rest_until(source.resting_until, now, clock),
+    )
 
 
 def _ranked(families: Families, name: str, label: str) -> tuple[tuple[str, float], ...]:
@@ -447,6 +566,66 @@ def _figures(status: StatusFigures) -> list[str]:
         _row("Cache hit ratio", escape(format_ratio(status.cache_hit_ratio))),
         _row("Served from cache (saved)", escape(format_size(status.bytes_from_cache))),
         _row("Served from upstream", escape(format_size(status.bytes_from_upstream))),
+        "</table>",
+    ]
+
+
+def _peers(peers: Sequence[PeerFigures], now: float) -> list[str]:
+    """One row per instance of the ``--peer`` list: this one marked; the others in use, or
+    resting after a failure (red, until when), and what came of the misses sent to each."""
+    rows = [
+        "<tr><th>Instance</th><th>State</th><th>Blobs it sent</th>"
+        "<th>Its 403/404 passed on</th><th>Upstream asked instead</th></tr>"
+    ]
+    for peer in peers:
+        if peer.me:
+            rows.append(
+                f'<tr class="peer me"><td>{_link(peer.url)} (this instance)</td>'
+                '<td colspan="4">owns its share of the blobs: fetches them from the upstream'
+                "</td></tr>"
+            )
+            continue
+        if peer.resting_until is None:
+            state = '<span class="state state-ok">in use</span>'
+        else:
+            state = (
+                '<span class="state state-bad">resting</span> '
+                f"until {escape(_when(peer.resting_until, now))}: its blobs come from the "
+                "upstream meanwhile"
+            )
+        counts = "".join(
+            f"<td>{escape(format_count(value))}</td>"
+            for value in (peer.filled, peer.passed, peer.upstream)
+        )
+        down = " down" if peer.resting_until is not None else ""
+        rows.append(
+            f'<tr class="peer{down}"><td>{_link(peer.url)}</td><td>{state}</td>{counts}</tr>'
+        )
+    return [
+        "<p>Each blob has one owner among these instances: a miss here is fetched from its "
+        "owner, which fetches it from the upstream once for all (counts since the start).</p>",
+        '<table class="peers">',
+        *rows,
+        "</table>",
+    ]
+
+
+def _store(store: StoreFigures, now: float) -> list[str]:
+    if store.resting_until is None:
+        state = '<span class="state state-ok">in use</span>'
+    else:
+        state = (
+            '<span class="state state-bad">resting</span> '
+            f"after a failed lookup, until {escape(_when(store.resting_until, now))}: misses go "
+            "to the upstream meanwhile"
+        )
+    return [
+        '<table class="store">',
+        _row("Store", f"<code>{escape(store.url)}</code>"),
+        _row("State", state),
+        _row("Blobs committed", escape(format_count(store.commits))),
+        _row("Blobs read into the cache", escape(format_count(store.reads))),
+        _row("Not committed for their size", escape(format_count(store.too_large))),
         "</table>",
     ]
 
@@ -714,6 +893,12 @@ def render_status_page(status: StatusFigures) -> bytes:
         *_registries(status.registries, status.now),
         "<h2>Figures</h2>",
         *_figures(status),
+        *(
+            ["<h2>Instances (--peer)</h2>", *_peers(status.peers, status.now)]
+            if status.peers
+            else []
+        ),
+        *(["<h2>Cache store</h2>", *_store(status.store, status.now)] if status.store else []),
         "<h2>The last hour</h2>",
         *_trends(status.trends),
         "<h2>Transfers in progress</h2>",
