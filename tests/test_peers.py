@@ -15,6 +15,7 @@ import trio
 import trustme
 
 from hubproxy.app import App, StartupError, serve
+from hubproxy.cache.pullthrough import PullThrough
 from hubproxy.cli import UsageError, load_settings
 from hubproxy.ops.usersfile import add_user
 from hubproxy.policy.peers import PEER_MARKER, PeerAnswer, owner, peer_answer, self_index
@@ -156,6 +157,24 @@ async def pull(proxy: RunningProxy, ca: trustme.CA, repo: str) -> list[str]:
         assert answer.status == 200 and answer.complete
         assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
     return digests
+
+
+def pullthrough_of(proxy: RunningProxy) -> PullThrough:
+    assert proxy.proxy.pullthrough is not None
+    return proxy.proxy.pullthrough
+
+
+def layers_of_both(urls: list[str], each: int = 3, size: int = 50_000) -> list[bytes]:
+    """``each`` layers owned by the first instance of ``urls``, then ``each`` by the second
+    (owners follow the URLs, whose ports are random)."""
+    candidates = [make_layer(n, size) for n in range(51, 200)]
+    return [
+        data
+        for index in (0, 1)
+        for data in [d for d in candidates if owner(hashlib.sha256(d).hexdigest(), urls) == index][
+            :each
+        ]
+    ]
 
 
 def cdn_gets(hub: FakeHub) -> Counter[str]:
@@ -303,14 +322,13 @@ async def test_a_mirror_users_pull_works_whichever_instance_owns_the_blob(
     """--users: a mirror token is sealed by the instance that issued it, and its owner peer
     cannot read it (401). The instance asked fetches from the upstream itself, without putting
     the peer to rest; before, the client got the owner's 401 for every blob the other owned."""
-    layers = [make_layer(n, 50_000) for n in range(41, 47)]
-    hub.add_image("library/busybox", "latest", layers)
     users = tmp_path / "users"
     add_user(users, "alice", "alice-pw")
     ports = free_ports(2)
     urls = [f"https://127.0.0.1:{port}" for port in ports]
+    layers = layers_of_both(urls)  # three owned by the other instance
+    hub.add_image("library/busybox", "latest", layers)
     digests = [sha256_digest(layer) for layer in layers]
-    assert any(owner(d.removeprefix("sha256:"), urls) == 1 for d in digests)  # owned by the other
     first, _second = [
         await start(
             nursery, hub, tls_files, port, urls, tmp_path / str(port), users_file=str(users)
@@ -336,12 +354,11 @@ async def test_the_owner_routes_a_blob_by_the_clients_host_name(
     """--host-map names a registry by the Host a client uses; the owner gets the client's Host,
     so it fetches from that registry too (with its own Host it took the blob for Docker Hub's,
     and the client got Docker Hub's 404 for every blob the other instance owned)."""
-    layers = [make_layer(n, 50_000) for n in range(51, 57)]
-    ghcr.add_image("owner/app", "v1", layers)
     ports = free_ports(2)
     urls = [f"https://127.0.0.1:{port}" for port in ports]
+    layers = layers_of_both(urls)
+    ghcr.add_image("owner/app", "v1", layers)
     digests = [sha256_digest(layer) for layer in layers]
-    assert any(owner(d.removeprefix("sha256:"), urls) == 1 for d in digests)
     ghcr_registry = Registry("ghcr.io", (base_url(ghcr.registry_url),))
     first, _second = [
         await start(
@@ -377,16 +394,16 @@ async def test_with_the_peer_secret_a_token_one_instance_issued_opens_on_another
     next; with --peer-secret-file both derive the same keys and the token opens there (before,
     each instance sealed with its own random key: a 401 and a new login on every switch), and
     the owner of a blob takes the client's token itself (no fallback to the upstream)."""
-    layers = [make_layer(n, 50_000) for n in range(51, 57)]
-    hub.add_image("library/busybox", "latest", layers)
     users = tmp_path / "users"
     add_user(users, "alice", "alice-pw")
     secret = tmp_path / "peer-secret"
     secret.write_text("0123456789abcdef" * 4 + "\n")
     ports = free_ports(2)
     urls = [f"https://127.0.0.1:{port}" for port in ports]
+    layers = layers_of_both(urls)
+    hub.add_image("library/busybox", "latest", layers)
     digests = [sha256_digest(layer) for layer in layers]
-    assert {owner(d.removeprefix("sha256:"), urls) for d in digests} == {0, 1}
+    assert [owner(d.removeprefix("sha256:"), urls) for d in digests] == [0, 0, 0, 1, 1, 1]
     first, second = [
         await start(
             nursery,
@@ -476,3 +493,55 @@ async def test_an_owner_breaking_off_a_blob_leaves_the_transfers_to_the_upstream
     assert len(resumed) == 2 and all("the peer broke off" in line for line in resumed)
     cdn = [s for s in hub.requests if s.server == "cdn" and s.method == "GET"]
     assert len(cdn) == 3 and sum("range" in s.headers for s in cdn) == 2
+
+
+async def test_concurrent_misses_of_a_blob_ask_its_owner_once(
+    nursery: trio.Nursery, hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Five clients miss one blob on an instance that does not own it, while the owner is
+    still fetching it: one request goes to the owner, and the other four follow the fill its
+    answer starts here (before, each asked the owner, and when the owner was slow each then
+    fetched the blob from the upstream itself: 12 more CDN GETs in the 256 MiB bench run)."""
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    names = [str(base_url(u).origin) for u in urls]
+    layer = next(
+        data
+        for data in (make_layer(n, 300_000) for n in range(60, 120))
+        if owner(hashlib.sha256(data).hexdigest(), names) == 1
+    )
+    digest = sha256_digest(layer)
+    hub.add_image("library/busybox", "latest", [layer])
+    asking, _owner = [
+        await start(nursery, hub, tls_files, port, urls, tmp_path / str(port), peer_timeout=20)
+        for port in ports
+    ]
+    # one token for the five (a client's first request, a manifest, fetches it)
+    login = RegistryClient(asking.proxy.url, ca)
+    assert (
+        await login.request("/v2/library/busybox/manifests/latest", headers=ACCEPT)
+    ).status == 200
+    stall = hub.stall_blob(digest)  # the owner's fetch from the CDN, before its head
+    bodies: list[bytes] = []
+
+    async def client() -> None:
+        pulling = RegistryClient(asking.proxy.url, ca)
+        pulling.tokens = dict(login.tokens)
+        answer = await pulling.request(f"/v2/library/busybox/blobs/{digest}")
+        assert answer.status == 200 and answer.complete
+        bodies.append(answer.body)
+
+    async with trio.open_nursery() as clients:
+        for _ in range(5):
+            clients.start_soon(client)
+        await stall.reached.wait()
+        # the four others wait for the first's answer (before the fix: each asked the owner)
+        waiting = pullthrough_of(asking.proxy).asking[digest.removeprefix("sha256:")]
+        with trio.fail_after(10):
+            while waiting.statistics().tasks_waiting < 4:  # noqa: ASYNC110 (their Event)
+                await trio.sleep(0.01)  # a condition polled, not a guess at how long
+        stall.release.set()
+    assert bodies == [layer] * 5
+    assert cdn_gets(hub)[digest.removeprefix("sha256:")] == 1
+    samples = metric_samples((await fetch(asking.proxy.url + "/metrics", ca)).body.decode())
+    assert sample(samples, "hubproxy_peer_fetches_total", peer=names[1], result="filled") == 1

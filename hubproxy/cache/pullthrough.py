@@ -385,6 +385,8 @@ class PullThrough:
         response: ClientResponse,
         route: Route,
         key: str,
+        *,
+        waited: bool = False,
     ) -> None:
         """A hit (after the access check), or a miss whose upstream answer may start a fill.
 
@@ -443,13 +445,23 @@ class PullThrough:
             await self._send_blob(plan, request, response, route, key)
             return
         deliver = None
-        if isinstance(decision, Fill):
-            self.stats.misses += 1
-            if await self._fill_from_peer(plan, request, response, route, key):
-                return
-            deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
-        asking = self._start_asking(key) if deliver is not None else None
+        asking = None
         try:
+            if isinstance(decision, Fill):
+                self.stats.misses += 1
+                # from here until a fill starts (from the owner's answer or the upstream's),
+                # other misses of this blob wait for it (``_await_asking``): one request to the
+                # owner per blob, and one to the upstream if the owner fails, not one per client
+                asking = self._start_asking(key)
+                if asking is None and self.peers is not None and not waited:
+                    # another miss began asking while this one made its access check: its
+                    # answer, then this request again (a fill it started is followed)
+                    await self._await_asking(request, route, key)
+                    await self._serve_blob(plan, request, response, route, key, waited=True)
+                    return
+                if await self._fill_from_peer(plan, request, response, route, key):
+                    return
+                deliver = functools.partial(self._deliver_blob, plan, request, response, route, key)
             await self.forwarder.run_flow(
                 plan,
                 request,
@@ -476,10 +488,12 @@ class PullThrough:
             event.set()
 
     async def _await_asking(self, request: ClientRequest, route: Route, key: str) -> None:
-        """``--peer``: a whole-blob GET miss while this instance already asks the upstream for
-        the blob (its owner, asked by its peers and its own clients at once) waits for that
-        answer, at most ``--peer-timeout``: then the fill it started is followed (after this
-        client's own access check) and the upstream is asked once, not once per request."""
+        """``--peer``: a whole-blob GET miss while this instance already asks for the blob (the
+        owner asks its upstream, for its peers and its own clients at once; another instance
+        asks the owner, then the upstream if the owner fails) waits for that answer, at most
+        twice ``--peer-timeout`` (the owner's time, then the upstream's head): then the fill it
+        started is followed (after this client's own access check), and the owner and the
+        upstream are each asked once, not once per request."""
         event = self.asking.get(key)
         if (
             event is None
@@ -488,7 +502,7 @@ class PullThrough:
             or self._blob_cached(key, route)
         ):
             return
-        with trio.move_on_after(self.peers.timeout):
+        with trio.move_on_after(2 * self.peers.timeout):
             await event.wait()
 
     async def _fill_from_peer(
