@@ -47,7 +47,7 @@ BUSY_BATCH = 0.001
 FORGET_BELOW = 1.0  # an account decayed below this is dropped (the table stays small)
 
 HANDSHAKE_COST = 64 * 1024  # a TLS handshake step, in bytes of record work it is worth
-RECORD_COST = 4 * 1024  # the fixed part of any unit (a syscall, a record, Python around it)
+RECORD_COST = 64 * 1024  # the fixed part of any unit (a syscall, a record, Python around it)
 TEARDOWN_COST = 256 * 1024  # a connection torn down after a reset: its tasks unwind, it closes
 # a second of the event loop's time, in cost: about the bytes it encrypts or decrypts in that
 # time (AES-GCM and the syscalls around it), so that measured and declared costs add up
