@@ -438,22 +438,18 @@ def users_file(path: str) -> str:
     return path
 
 
-def admin_token_file(path: str) -> str:
-    """A readable token file; the proxy reads it at start and keeps only its digest."""
-    try:
-        read_admin_token(path)
-    except AdminTokenError as exc:
-        raise ValueError(str(exc)) from None
-    return path
+def secret_file(reader: Callable[[str], object]) -> Callable[[str], str]:
+    """A flag's parser for a secret file that ``reader`` must be able to use (the proxy reads
+    it again at start and keeps only what it derives)."""
 
+    def parse(path: str) -> str:
+        try:
+            reader(path)
+        except AdminTokenError as exc:
+            raise ValueError(str(exc)) from None
+        return path
 
-def peer_secret_file(path: str) -> str:
-    """A readable secret file; the proxy keeps only the keys derived from it."""
-    try:
-        read_peer_keys(path)
-    except AdminTokenError as exc:
-        raise ValueError(str(exc)) from None
-    return path
+    return parse
 
 
 def split_pair(text: str) -> tuple[str, str] | None:
@@ -864,7 +860,7 @@ SETTINGS: tuple[Setting, ...] = (
         "--peer; default: none)",
         CACHE,
         metavar="FILE",
-        parse=peer_secret_file,
+        parse=secret_file(read_peer_keys),
     ),
     Setting(
         "redirect-hits",
@@ -990,7 +986,7 @@ SETTINGS: tuple[Setting, ...] = (
         "'Authorization: Bearer' and the token in this file (default: off)",
         ACCESS,
         metavar="FILE",
-        parse=admin_token_file,
+        parse=secret_file(read_admin_token),
     ),
     Setting(
         "users",

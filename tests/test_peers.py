@@ -536,7 +536,7 @@ async def test_concurrent_misses_of_a_blob_ask_its_owner_once(
             clients.start_soon(client)
         await stall.reached.wait()
         # the four others wait for the first's answer (before the fix: each asked the owner)
-        waiting = pullthrough_of(asking.proxy).asking[digest.removeprefix("sha256:")]
+        [waiting] = pullthrough_of(asking.proxy).asking.values()
         with trio.fail_after(10):
             while waiting.statistics().tasks_waiting < 4:  # noqa: ASYNC110 (their Event)
                 await trio.sleep(0.01)  # a condition polled, not a guess at how long
@@ -545,3 +545,59 @@ async def test_concurrent_misses_of_a_blob_ask_its_owner_once(
     assert cdn_gets(hub)[digest.removeprefix("sha256:")] == 1
     samples = metric_samples((await fetch(asking.proxy.url + "/metrics", ca)).body.decode())
     assert sample(samples, "hubproxy_peer_fetches_total", peer=names[1], result="filled") == 1
+
+
+async def test_a_stalled_ask_for_one_registry_never_holds_a_miss_of_another(
+    nursery: trio.Nursery,
+    hub: FakeHub,
+    ghcr: FakeHub,
+    ca: trustme.CA,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+) -> None:
+    """The same digest asked through ghcr.io, whose storage never answers, and then through
+    Docker Hub: the Docker Hub miss is answered at once (misses waited for any ask of the
+    digest, whatever its registry, up to twice --peer-timeout, here 40 s)."""
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    names = [str(base_url(u).origin) for u in urls]
+    layer = next(
+        data
+        for data in (make_layer(n, 100_000) for n in range(130, 200))
+        if owner(hashlib.sha256(data).hexdigest(), names) == 1
+    )
+    digest = sha256_digest(layer)
+    hub.add_image("library/busybox", "latest", [layer])
+    ghcr.add_image("owner/app", "v1", [layer])
+    ghcr_registry = Registry("ghcr.io", (base_url(ghcr.registry_url),))
+    asking, _owner = [
+        await start(
+            nursery,
+            hub,
+            tls_files,
+            port,
+            urls,
+            tmp_path / str(port),
+            peer_timeout=20,
+            registries=(ghcr_registry,),
+        )
+        for port in ports
+    ]
+    stall = ghcr.stall_blob(digest)  # ghcr's storage holds the owner's fetch
+    via_ghcr: list[int] = []
+
+    async def from_ghcr() -> None:
+        client = RegistryClient(asking.proxy.url, ca)
+        answer = await client.request(f"/v2/owner/app/blobs/{digest}?ns=ghcr.io")
+        via_ghcr.append(answer.status)
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(from_ghcr)
+        await stall.reached.wait()
+        with trio.fail_after(10):  # (40 s before)
+            answer = await RegistryClient(asking.proxy.url, ca).request(
+                f"/v2/library/busybox/blobs/{digest}"
+            )
+        assert answer.status == 200 and answer.complete and answer.body == layer
+        stall.release.set()
+    assert via_ghcr == [200]

@@ -173,7 +173,9 @@ class PullThrough:
         self.shared_state: SharedState | None = None
         # --peer: blobs this instance asks the upstream for now, until the answer's head (one
         # entry per request under way: bounded by the connection limits)
-        self.asking: dict[str, trio.Event] = {}
+        # (registry, blob key) -> set once the one request asking for it has an answer (a
+        # stalled ask for one registry never holds a request for the same digest on another)
+        self.asking: dict[tuple[str, str], trio.Event] = {}
         # blobs another process removed (hubproxy cache rm, another worker's admin API)
         manifests.on_blobs_removed = blobs.forget
         self.confirmations = Confirmations()
@@ -452,7 +454,7 @@ class PullThrough:
                 # from here until a fill starts (from the owner's answer or the upstream's),
                 # other misses of this blob wait for it (``_await_asking``): one request to the
                 # owner per blob, and one to the upstream if the owner fails, not one per client
-                asking = self._start_asking(key)
+                asking = self._start_asking(route, key)
                 if asking is None and self.peers is not None and not waited:
                     # another miss began asking while this one made its access check: its
                     # answer, then this request again (a fill it started is followed)
@@ -471,20 +473,22 @@ class PullThrough:
                 deliver=deliver,
             )
         finally:
-            self._done_asking(key, asking)
+            self._done_asking(route, key, asking)
 
-    def _start_asking(self, key: str) -> trio.Event | None:
+    def _start_asking(self, route: Route, key: str) -> trio.Event | None:
         """``--peer``: note that this request asks the upstream for blob ``key`` (another miss
         of it waits for the answer rather than asking too; see ``_await_asking``)."""
-        if self.peers is None or key in self.asking:
+        asked = (route.registry or "", key)
+        if self.peers is None or asked in self.asking:
             return None
-        event = self.asking[key] = trio.Event()
+        event = self.asking[asked] = trio.Event()
         return event
 
-    def _done_asking(self, key: str, event: trio.Event | None) -> None:
+    def _done_asking(self, route: Route, key: str, event: trio.Event | None) -> None:
         """The upstream answered (a fill started, or not) or failed: the waiters go on."""
-        if event is not None and self.asking.get(key) is event:
-            del self.asking[key]
+        asked = (route.registry or "", key)
+        if event is not None and self.asking.get(asked) is event:
+            del self.asking[asked]
             event.set()
 
     async def _await_asking(self, request: ClientRequest, route: Route, key: str) -> None:
@@ -494,7 +498,7 @@ class PullThrough:
         twice ``--peer-timeout`` (the owner's time, then the upstream's head): then the fill it
         started is followed (after this client's own access check), and the owner and the
         upstream are each asked once, not once per request."""
-        event = self.asking.get(key)
+        event = self.asking.get((route.registry or "", key))
         if (
             event is None
             or self.peers is None
@@ -654,7 +658,7 @@ class PullThrough:
         store = self.blobs
         # the misses waiting for this answer go on, but only at this task's next checkpoint:
         # by then the fill below has started (or will not), and they follow it or ask themselves
-        self._done_asking(key, self.asking.get(key))
+        self._done_asking(route, key, self.asking.get((route.registry or "", key)))
         length = get_header(head.headers, b"content-length")
         size = int(length) if length is not None and length.isdigit() else None
         background = self.forwarder.background
