@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import threading
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import trustme
 from hubproxy.cache import store as store_module
 from hubproxy.cache.store import AHEAD_OF_DISK, BlobStore, Fill, FillState
 from hubproxy.net.buffers import BODIES
+from hubproxy.policy.diskpace import SLOW_WRITE, DiskPace
 from hubproxy.policy.errors import CacheFillFailed
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, make_layer
@@ -31,9 +34,9 @@ CHUNK = 64 * 1024
 
 @pytest.fixture(autouse=True)
 def every_fill_uses_the_disk_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests use blobs of a few MiB: below ``THREAD_FILL_MIN``, which would write them
-    on the event loop; here the disk thread is what is tested."""
-    monkeypatch.setattr(store_module, "THREAD_FILL_MIN", 0)
+    """A disk always slow: fills would write on the event loop while the disk is fast
+    (``policy.diskpace``); here the disk thread is what is tested."""
+    monkeypatch.setattr(DiskPace, "writes_on_loop", lambda self, now: False)
 
 
 def chunks_of(data: bytes, size: int = CHUNK) -> list[bytes]:
@@ -362,29 +365,41 @@ async def test_a_readers_buffer_follows_the_body_budget(
             BODIES.end(transfer)
 
 
-@pytest.mark.parametrize(("thread_fill_min", "thread_used"), [(None, False), (0, True)])
-async def test_small_fills_are_written_on_the_loop(
+async def test_fills_write_on_the_loop_until_a_write_is_slow(
     nursery: trio.Nursery,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    thread_fill_min: int | None,
-    thread_used: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A blob under ``THREAD_FILL_MIN`` never goes through the disk thread (the hand-over costs
-    more than it saves); one above it does."""
-    if thread_fill_min is None:
-        monkeypatch.undo()  # the real THREAD_FILL_MIN
-    data = os.urandom(16 * CHUNK)
-    assert len(data) < store_module.THREAD_FILL_MIN or thread_fill_min == 0
+    """While the disk is fast a fill writes and hashes on the event loop (a thread's hand-over
+    costs more than it saves); a write that blocks moves the rest of that fill, and the next
+    fill, to the disk thread, with one log line."""
+    monkeypatch.undo()  # the real DiskPace
+    caplog.set_level(logging.INFO, "hubproxy.cache")
+    real_write = store_module._write_all
+    where: list[str] = []  # per write: "loop" or "thread"
+
+    def disk(fd: int, data: bytes | bytearray) -> None:
+        on_loop = threading.current_thread() is threading.main_thread()
+        where.append("loop" if on_loop else "thread")
+        if len(where) == 3:
+            time.sleep(2 * SLOW_WRITE)  # the disk falls behind on its dirty pages
+        real_write(fd, data)
+
+    monkeypatch.setattr(store_module, "_write_all", disk)
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
-    key = hexdigest(data)
-    fill = store.start_fill(key, len(data))
-    feed = Feed()
-    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
-    for piece in [*chunks_of(data), None]:
-        await feed.send.send(piece)
-    await until_ended(fill)
-    assert fill.state is FillState.DONE
-    assert store.path(key).read_bytes() == data
-    assert (store.disk_thread.starts > 0) is thread_used
+    for _ in range(2):
+        data = os.urandom(8 * CHUNK)
+        key = hexdigest(data)
+        fill = store.start_fill(key, len(data))
+        feed = Feed()
+        nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+        for piece in [*chunks_of(data), None]:
+            await feed.send.send(piece)
+        await until_ended(fill)
+        assert fill.state is FillState.DONE
+        assert store.path(key).read_bytes() == data
+    assert where == ["loop"] * 3 + ["thread"] * 13
+    said = [r.getMessage() for r in caplog.records if "worker thread" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"cache: a write to {tmp_path} took ")

@@ -3,18 +3,17 @@
 Theory of operation (after distribution's ``proxyblobstore``, with the in-flight map owned by
 the store). A blob is stored under its sha256 digest in ``blobs/sha256/<2 hex>/<hex>``. On a miss
 the proxy hands the upstream response to :meth:`BlobStore.run_fill`, which runs in a background
-task so that it outlives the client that started it. A miss is one pass over the bytes: each
-chunk the upstream connection returns goes, as the same buffer, to the fill's window in memory
-(readers take it from there) and to the store's :class:`DiskThread`, one worker thread for all
-fills, that writes it to a temporary file in ``tmp/`` and hashes it while the event loop
-receives the next chunk and sends this one (``os.write`` and ``hashlib`` release the GIL for
-large buffers, as OpenSSL does inside ``SSLObject.read/write``, so a second core does the
-disk's share, and a slow disk does not stall the event loop). At most ``AHEAD_OF_DISK``
-chunks are handed to the thread and not yet written: a slow disk slows the fill's receiving
-(and so the upstream's TCP window), never grows memory. A blob that arrives in one chunk is
-written and hashed on the loop, as is every blob under ``THREAD_FILL_MIN`` (handing chunks to
-a thread costs more than it saves for those). When length and digest match, the
-file is fsync'd and renamed into place, and otherwise discarded (counted and logged).
+task so that it outlives the client that started it. A miss is one pass over the bytes:
+each chunk the upstream connection returns goes, as the same buffer, to the fill's window in
+memory (readers take it from there) and to a temporary file in ``tmp/``, and into the fill's
+hash. While the disk is fast the event loop writes and hashes each chunk itself, just after
+receiving it; a write that blocked for long (:mod:`~hubproxy.policy.diskpace`) moves the fills
+to the store's :class:`DiskThread`, one worker thread for all fills, for a while, so a slow disk
+does not stall the event loop (handing every chunk to a thread cost 0.6 CPU-seconds per GiB more
+than doing the same work on the loop, and was no faster on a 1 GiB miss). At most
+``AHEAD_OF_DISK`` chunks are handed to the thread and not yet written: a slow disk slows the
+fill's receiving (and so the upstream's TCP window), never grows memory. When length and digest
+match, the file is fsync'd and renamed into place, and otherwise discarded (counted and logged).
 
 Every client, the first one included, reads through a :class:`BlobReader`. Following a fill, a
 reader that keeps up gets each chunk as a view of the upstream's own buffer (the window keeps
@@ -62,9 +61,9 @@ programs on that disk need. The margin is proportionate: 64 MiB, or 5% of a smal
 margin would forbid most of a 100 MiB file system). A short disk is said at start (the startup
 line's free space, and a WARNING) and once per episode when fills are skipped for it; the disk
 does not make the cache evict (anything else filling the disk would empty the cache), so the fix
-is free space or a ``--cache-size`` the disk can hold. A fill's writes run in its writer
-thread; readers' file reads happen on the event loop (page-cache speed); fsync, which can stall
-for long, runs in a thread.
+is free space or a ``--cache-size`` the disk can hold. A fill's writes run on the event loop
+while they are fast, in the disk thread while the disk is slow; readers' file reads happen on
+the event loop (page-cache speed); fsync, which can stall for long, runs in a thread.
 """
 
 from __future__ import annotations
@@ -88,6 +87,7 @@ import trio
 from ..net.buffers import BODIES
 from ..net.fairness import serving
 from ..policy.cachepolicy import hit_needs_hashing
+from ..policy.diskpace import DiskPace
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
 
@@ -103,11 +103,6 @@ CTIME_GRANULARITY = 2.0
 AHEAD_OF_DISK = 2
 # ... and keeps this many chunks already written in memory too, for readers just behind it
 KEPT_IN_MEMORY = 2
-# Fills smaller than this are written and hashed on the event loop, not by the disk thread:
-# handing a small blob's chunks over costs more than it saves (100 x 1 MiB misses, 32 at a
-# time: 17.7 CPU-s/GiB with the thread, 14.3 inline; a 1 GiB miss measured the same either way,
-# and there the thread keeps a slow disk from stalling the event loop for long)
-THREAD_FILL_MIN = 16 * 1024 * 1024
 FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free (at most: see below)
 
 
@@ -406,7 +401,8 @@ class Fill:
 
 class DiskThread:
     """One worker thread that writes and hashes the chunks of every fill, in the order they
-    were handed over. One thread, not one per fill: thirty-two 1 MiB misses at once each with
+    were handed over, while the disk is slow (:mod:`~hubproxy.policy.diskpace`). One thread,
+    not one per fill: thirty-two 1 MiB misses at once each with
     a thread of its own spent more CPU handing the GIL around than the writing saved (18.6 CPU-s
     per GiB against 13.3 inline, ``python -m bench --cases 100x1MiB-tls``). The thread runs
     while there is work and ends when the queue is empty (trio's thread cache makes the next
@@ -459,10 +455,12 @@ class FillWriter:
         hasher: hashlib._Hash,
         on_error: Callable[[], None],
         disk: DiskThread,
+        on_write: Callable[[float], None],
     ) -> None:
         self.fill = fill
         self.hasher = hasher
         self._on_error = on_error
+        self._on_write = on_write  # how long each write took (the store's DiskPace)
         self._disk = disk
         self.error: BaseException | None = None
         self._token = trio.lowlevel.current_trio_token()
@@ -485,18 +483,21 @@ class FillWriter:
         if self._abort:
             return
         try:
+            started = time.monotonic()
             _write_all(self.fill.fd, chunk)
+            took = time.monotonic() - started
             self.hasher.update(chunk)
         except BaseException as exc:  # OSError from the disk; anything else is a bug
             self._over = True
             self._token.run_sync_soon(self._stop, exc)
             return
-        self._token.run_sync_soon(self._wrote, len(chunk))
+        self._token.run_sync_soon(self._wrote, len(chunk), took)
 
     # -- the event loop ---------------------------------------------------------------------
 
-    def _wrote(self, count: int) -> None:
+    def _wrote(self, count: int, took: float) -> None:
         self.fill.wrote(count)
+        self._on_write(took)
         self._changed.set()
 
     def _stop(self, error: BaseException | None) -> None:
@@ -572,7 +573,8 @@ class BlobStore:
         self.stats = CacheStats()
         # --workers N: fills and the bound shared with the other processes (cache/claims.py)
         self.claims: SharedFills | None = None
-        self.disk_thread = DiskThread()  # writes and hashes every fill's chunks
+        self.disk_thread = DiskThread()  # writes and hashes fills' chunks while the disk is slow
+        self.disk_pace = DiskPace()
         # removed (``hubproxy cache rm``) while a reader held them: key -> the file's inode,
         # deleted when the last reader closes (unless a new fill put another file there)
         self.doomed: dict[str, int] = {}
@@ -752,16 +754,28 @@ class BlobStore:
             unlink_quietly(fill.temp_path)
             raise
 
+    def _wrote_on_disk(self, took: float) -> None:
+        """A fill's write took ``took`` seconds: the disk's pace decides where the next go."""
+        if self.disk_pace.wrote(time.monotonic(), took):
+            log.info(
+                "cache: a write to %s took %.0f ms; fills are written by a worker thread for "
+                "the next %.0f s, so the slow disk does not hold the other clients",
+                self.root,
+                took * 1000,
+                self.disk_pace.hold,
+            )
+
     async def run_fill(
         self, fill: Fill, body: BodySource, exchange: AsyncExitStack, commit: bool = True
     ) -> None:
         """Stream ``body`` into the fill's file, verify it, and commit or discard it.
 
         Owns ``exchange`` (the upstream connection's lending) and closes it when done. Each
-        chunk goes to the window (readers take it from there) and to the writer thread, which
-        writes and hashes it while this task receives the next. With a shared store
-        (``--cache-store``) and ``commit``, the verified blob is then put there too, after its
-        readers were released (a fill read from that store passes ``commit=False``).
+        chunk goes to the window (readers take it from there), and is written and hashed here,
+        or by the disk thread while the disk is slow (:mod:`~hubproxy.policy.diskpace`). With a
+        shared store (``--cache-store``) and ``commit``, the verified blob is then put there
+        too, after its readers were released (a fill read from that store passes
+        ``commit=False``).
         """
         await self._run_fill(fill, body, exchange)
         if commit and self.shared is not None and fill.state is FillState.DONE:
@@ -787,21 +801,28 @@ class BlobStore:
                                 )
                             fill.push(chunk)
                             self.stats.bytes_from_upstream += len(chunk)
-                            small = fill.size < THREAD_FILL_MIN
-                            if writer is None and (small or fill.received == fill.size):
-                                # a small blob, or all of it in one piece: written and hashed
-                                # here, which costs less than the thread (THREAD_FILL_MIN); in
-                                # one piece, the verdict (just after: reading the end of a
-                                # Content-Length body does not wait) comes before any reader
-                                # runs, so wrong bytes are a clear error answer, not a cut
-                                # transfer
+                            if writer is None and (
+                                fill.received == fill.size
+                                or self.disk_pace.writes_on_loop(time.monotonic())
+                            ):
+                                # on the loop while the disk is fast (policy.diskpace); all of
+                                # a blob in one piece too, so that the verdict (just after:
+                                # reading the end of a Content-Length body does not wait) comes
+                                # before any reader runs, and wrong bytes are a clear error
+                                # answer, not a cut transfer
+                                started = time.monotonic()
                                 _write_all(fd, chunk)
+                                self._wrote_on_disk(time.monotonic() - started)
                                 hasher.update(chunk)
                                 fill.wrote(len(chunk))
                                 continue
                             if writer is None:
                                 writer = FillWriter(
-                                    fill, hasher, receiving.cancel, self.disk_thread
+                                    fill,
+                                    hasher,
+                                    receiving.cancel,
+                                    self.disk_thread,
+                                    self._wrote_on_disk,
                                 )
                             await writer.put(chunk)
                     if receiving.cancelled_caught and writer is not None:
