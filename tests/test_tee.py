@@ -21,7 +21,7 @@ import trustme
 from hubproxy.cache import store as store_module
 from hubproxy.cache.store import AHEAD_OF_DISK, BlobStore, Fill, FillState
 from hubproxy.net.buffers import BODIES
-from hubproxy.policy.diskpace import SLOW_WRITE, DiskPace
+from hubproxy.policy.diskpace import DiskPace
 from hubproxy.policy.errors import CacheFillFailed
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, make_layer
@@ -383,7 +383,7 @@ async def test_fills_write_on_the_loop_until_a_write_is_slow(
         on_loop = threading.current_thread() is threading.main_thread()
         where.append("loop" if on_loop else "thread")
         if len(where) == 3:
-            time.sleep(2 * SLOW_WRITE)  # the disk falls behind on its dirty pages
+            time.sleep(0.1)  # the disk fell behind on its dirty pages
         real_write(fd, data)
 
     monkeypatch.setattr(store_module, "_write_all", disk)

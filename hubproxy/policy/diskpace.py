@@ -8,13 +8,17 @@ wake-up, a wake-up of the loop when it is written, and the two threads passing t
 forth: measured on a 1 GiB miss over TLS, 0.6 CPU-seconds per GiB more, and no faster (the
 socket work the thread was to run beside already kept both cores of the bench machine busy).
 
-The thread earns its cost only when a write blocks: a disk behind on its dirty pages (an SD
-card, a USB disk, a network file system) can hold a ``write`` for hundreds of milliseconds, and
-on the event loop that would hold every client. So a write that takes longer than
-``slow_write`` marks the disk slow for ``hold`` seconds (from that write), and while it is slow
-new chunks go to the thread (whose writes are timed too and keep the mark fresh). Once no slow
-write was seen for ``hold`` seconds, fills write on the loop again: at most one slow write per
-``hold`` lands on the loop while a disk stays slow.
+The thread earns its cost only when writes block: a disk behind on its dirty pages (an SD
+card, a USB disk, a network file system) holds a ``write`` for tens to hundreds of
+milliseconds, and on the event loop that would hold every client. A chunk reaches the page
+cache in about 0.1 ms, and a few milliseconds now and then are noise (a virtual machine's first
+touch of memory measured up to 4 ms here). So the store's writes are averaged (an exponential
+average over about the last ``1 / weight`` writes); while the average is over
+``slow_average``, which one write of about 16 ms or a run of 2 ms writes brings it to, the disk
+is slow, and for ``hold`` seconds after, new chunks go to the thread (whose writes are timed
+too and keep the average current). Once the average stayed under the mark for ``hold``
+seconds, fills write on the loop again: while a disk stays slow, about one slow write per
+``hold`` lands on the loop.
 
 Plain values and an explicit ``now``: no clock, no I/O (the store times its writes).
 """
@@ -24,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# a chunk (at most 256 KiB) reaches the page cache in well under a millisecond even on a
-# router's CPU; a write this long waited for the disk
-SLOW_WRITE = 0.004
-# seconds a slow write keeps fills off the loop
+# seconds: the average write over which the disk counts as slow (a 256 KiB chunk reaches the
+# page cache in about 0.1 ms, even on a router's CPU in well under a millisecond)
+SLOW_AVERAGE = 0.002
+# how much one write moves the average
+WEIGHT = 1 / 8
+# seconds a slow average keeps fills off the loop
 SLOW_HOLD = 60.0
 
 
@@ -35,8 +41,10 @@ SLOW_HOLD = 60.0
 class DiskPace:
     """Whether the disk was seen slow lately, from the durations of the store's writes."""
 
-    slow_write: float = SLOW_WRITE
+    slow_average: float = SLOW_AVERAGE
+    weight: float = WEIGHT
     hold: float = SLOW_HOLD
+    average: float = 0.0
     slow_until: float = -math.inf
 
     def writes_on_loop(self, now: float) -> bool:
@@ -46,8 +54,9 @@ class DiskPace:
     def wrote(self, now: float, seconds: float) -> bool:
         """Note a write that ended at ``now`` after ``seconds``; True when it turned the disk
         slow (it was not before), which the store says once in its log."""
-        if seconds <= self.slow_write:
+        self.average += (seconds - self.average) * self.weight
+        if self.average <= self.slow_average:
             return False
         was_fast = self.writes_on_loop(now)
-        self.slow_until = max(self.slow_until, now + self.hold)
+        self.slow_until = now + self.hold
         return was_fast
