@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -19,7 +20,14 @@ import trio.testing
 import trustme
 
 from hubproxy.cache import store as store_module
-from hubproxy.cache.store import AHEAD_OF_DISK, BlobStore, Fill, FillState
+from hubproxy.cache.store import (
+    AHEAD_OF_DISK,
+    LEAD_WAIT,
+    LEAD_WAIT_SHARE,
+    BlobStore,
+    Fill,
+    FillState,
+)
 from hubproxy.net.buffers import BODIES
 from hubproxy.policy.diskpace import DiskPace
 from hubproxy.policy.errors import CacheFillFailed
@@ -104,8 +112,8 @@ async def test_a_reader_keeping_up_gets_the_upstreams_own_buffer(
 async def test_a_reader_behind_the_window_reads_the_file(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """The fill does not wait for its readers: one that fell behind what the fill keeps in
-    memory reads the file instead, and still gets every byte."""
+    """The fill waits for a reader only a moment (``LEAD_WAIT`` per chunk): one that fell
+    behind what the fill keeps in memory reads the file instead, and still gets every byte."""
     data = os.urandom(40 * CHUNK)
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
@@ -130,6 +138,97 @@ async def test_a_reader_behind_the_window_reads_the_file(
     reader.close()
     assert bytes(got) == data
     assert fill.state is FillState.DONE
+
+
+UPSTREAM = 0.001  # seconds for the upstream to deliver a chunk
+SENDING = 0.00125  # a client sending one: slower, by less than the fill may wait for it
+assert SENDING - UPSTREAM < LEAD_WAIT and SENDING - UPSTREAM <= SENDING * LEAD_WAIT_SHARE
+
+
+class FastUpstream:
+    """An upstream faster than the reader: a chunk every ``UPSTREAM`` seconds."""
+
+    def __init__(self, data: bytes) -> None:
+        self.pieces = deque(chunks_of(data))
+
+    async def receive_body(self) -> bytes | None:
+        await trio.sleep(UPSTREAM)
+        return self.pieces.popleft() if self.pieces else None
+
+
+async def test_the_fill_waits_a_moment_for_its_foremost_reader(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client that caused a miss takes every chunk from the upstream's own buffer, even
+    with an upstream faster than it: the fill waits for it to come back within the window
+    (before, it raced ahead and the client read most of the blob back from the file)."""
+    monkeypatch.undo()  # writes on the loop: a thread would let the mock clock jump
+    data = os.urandom(200 * CHUNK)  # its lag, unpaced, would grow past the window
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    reader = store.reader(key)
+    feed = FastUpstream(data)
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    got = bytearray()
+    while (chunk := await reader.next_chunk()) is not None:
+        got += chunk
+        await trio.sleep(SENDING)  # sending it takes the client a while
+    reader.close()
+    assert bytes(got) == data
+    assert fill.state is FillState.DONE
+    assert store.stats.fill_memory_bytes >= len(data) - CHUNK  # the last byte: after the verdict
+
+
+async def test_a_slow_reader_holds_the_fill_at_most_a_moment_per_chunk(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow reader does not pace the fill: it waits ``LEAD_WAIT_SHARE`` of its time at
+    most, so it receives the blob in 4/3 of the upstream's time, and the reader finishes from
+    the file."""
+    monkeypatch.undo()  # writes on the loop: a thread would let the mock clock jump
+    data = os.urandom(40 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    reader = store.reader(key)
+    feed = FastUpstream(data)
+    start = trio.current_time()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    received_at: list[float] = []
+
+    async def watch() -> None:
+        while fill.received < len(data):
+            await fill.wait_change()
+        received_at.append(trio.current_time() - start)
+
+    nursery.start_soon(watch)
+    got = bytearray()
+    taken_when_done = -1
+    while (chunk := await reader.next_chunk()) is not None:
+        got += chunk
+        if fill.received == len(data) and taken_when_done < 0:
+            taken_when_done = len(got)
+        await trio.sleep(1.0)  # a slow client
+    await until_ended(fill)
+    reader.close()
+    assert bytes(got) == data
+    assert fill.state is FillState.DONE
+    # the fill had it all while the reader was at its start (its fsync, in a thread, is not
+    # timed: the mock clock jumps to the reader's next wake-up while a thread runs)
+    assert 0 <= taken_when_done < len(data) // 4
+    unpaced = (len(data) // CHUNK + 1) * UPSTREAM
+    assert received_at and received_at[0] <= unpaced / (1 - LEAD_WAIT_SHARE) + 1e-9
+    assert trio.current_time() - start >= 8  # the reader took its time...
+    assert store.stats.fill_memory_bytes < len(data) // 2  # ...reading the file, mostly
 
 
 async def test_a_slow_disk_holds_the_fill_back_instead_of_growing_memory(

@@ -19,10 +19,14 @@ Every client, the first one included, reads through a :class:`BlobReader`. Follo
 reader that keeps up gets each chunk as a view of the upstream's own buffer (the window keeps
 the chunks not yet written, and written ones while it holds under ``AHEAD_OF_DISK +
 KEPT_IN_MEMORY`` chunks: written on the loop, that many); one that fell behind reads the
-growing file, and comes back to memory once it caught up. The fill never waits for any reader,
-the client that caused it included: it runs at the upstream's (and the disk's) speed, and a
-slow client costs file reads, not memory nor the other clients' speed. (Pacing the fill by that
-client instead would let one slow client stall every follower, or hold its backlog in memory.)
+growing file, and comes back to memory once it caught up. The fill waits for its foremost
+reader (the client that caused it, mostly) only a moment: at most ``LEAD_WAIT`` per chunk for
+that reader to come back within the window, and ``LEAD_WAIT_SHARE`` of its time in all. A
+client keeping up, however fast the upstream, then takes every chunk from memory instead of
+reading most of the blob back from the file; slow readers cannot make a fill take more than
+4/3 of its time, so a slow client costs file reads, not memory nor the other clients' speed.
+(Pacing the fill by that client without a bound would let one slow client stall every
+follower, or hold its backlog in memory.)
 Concurrent pulls cost one upstream fetch, and the first byte goes out at once. A reader never
 hands out its last byte (the blob's, or a range's) before the fill verified the digest, so a
 client can never complete a transfer of wrong bytes; a failed fill aborts every reader. A write
@@ -106,6 +110,14 @@ AHEAD_OF_DISK = 2
 # many more: four in all, which fills written on the loop (no chunk waits for the thread) use
 # for the readers (with two, the client of a 1 GiB miss read a quarter of it back from the file)
 KEPT_IN_MEMORY = 2
+# seconds a fill waits, per chunk, for its foremost reader to come back within the window: the
+# client that caused a miss then takes every chunk from memory (it lagged 4 to 7 MiB behind on
+# a 1 GiB miss, and read back from the file 84% of what it sent), while a reader slower than a
+# chunk per wait cannot hold the fill for long
+LEAD_WAIT = 0.01
+# ... and in all at most this share of its time so far: however slow its readers, and however
+# small the chunks (many transfers at once), a fill takes at most 4/3 of its time unpaced
+LEAD_WAIT_SHARE = 0.25
 FREE_SPACE_MARGIN = 64 * 1024 * 1024  # keep this much of the disk free (at most: see below)
 
 
@@ -351,6 +363,10 @@ class Fill:
         self._window: deque[tuple[int, bytes | bytearray]] = deque()  # (offset, chunk)
         self.file_waiters = 0  # readers waiting for bytes to be written, not just received
         self._progress = trio.Event()
+        self._positions: dict[object, int] = {}  # reader -> its position (follow)
+        self._lead_moved: trio.Event | None = None  # set while the fill waits for its lead
+        self.began = 0.0  # when the fill began receiving (trio's clock)
+        self.waited = 0.0  # seconds it waited for its lead reader so far
 
     def _notify(self) -> None:
         self._progress.set()
@@ -379,6 +395,42 @@ class Fill:
 
     def forget_window(self) -> None:
         self._window.clear()
+
+    # -- pacing by the foremost reader --------------------------------------------------------
+
+    def follow(self, reader: object, position: int) -> None:
+        """``reader`` is at ``position`` (it takes more from here)."""
+        self._positions[reader] = position
+        if self._lead_moved is not None and not self.lead_behind():
+            self._lead_moved.set()
+
+    def unfollow(self, reader: object) -> None:
+        """``reader`` takes nothing more: it does not pace the fill."""
+        if self._positions.pop(reader, None) is not None and self._lead_moved is not None:
+            self._lead_moved.set()
+
+    def lead_behind(self) -> bool:
+        """Whether the foremost reader is more than the window's written part behind: the
+        next chunk received would push what it reads next out of memory."""
+        if not self._positions:
+            return False
+        return self.received - max(self._positions.values()) > KEPT_IN_MEMORY * BODIES.chunk()
+
+    async def wait_for_lead(self) -> None:
+        """Wait for the foremost reader to come within the window: up to ``LEAD_WAIT``, and
+        only while the fill's waits stay under ``LEAD_WAIT_SHARE`` of its time."""
+        now = trio.current_time()
+        budget = (now - self.began) * LEAD_WAIT_SHARE - self.waited
+        if budget <= 0:
+            return
+        with trio.move_on_after(min(LEAD_WAIT, budget)):
+            while self.lead_behind():
+                self._lead_moved = trio.Event()
+                try:
+                    await self._lead_moved.wait()
+                finally:
+                    self._lead_moved = None
+        self.waited += trio.current_time() - now
 
     def view(self, start: int, stop: int) -> memoryview | None:
         """Bytes [start, stop) or fewer from the window (one chunk's, no copy); None if
@@ -791,6 +843,7 @@ class BlobStore:
         fd = fill.fd
         hasher = hashlib.sha256()
         writer: FillWriter | None = None
+        fill.began = trio.current_time()
         try:
             try:
                 async with exchange:
@@ -818,6 +871,8 @@ class BlobStore:
                                 self._wrote_on_disk(time.monotonic() - started)
                                 hasher.update(chunk)
                                 fill.wrote(len(chunk))
+                                if fill.lead_behind():
+                                    await fill.wait_for_lead()
                                 continue
                             if writer is None:
                                 writer = FillWriter(
@@ -828,6 +883,8 @@ class BlobStore:
                                     self._wrote_on_disk,
                                 )
                             await writer.put(chunk)
+                            if fill.lead_behind():
+                                await fill.wait_for_lead()
                     if receiving.cancelled_caught and writer is not None:
                         writer.check()
                 if fill.received != fill.size:
@@ -1065,6 +1122,8 @@ class BlobReader:
         self._buffer: bytearray | None = None  # for bytes hashed but not handed out
         store.pin(key)
         BODIES.begin(self)  # its chunks share the body budget with upstream transfers
+        if fill is not None:
+            fill.follow(self, start)
 
     def _open(self) -> None:
         path = self.fill.temp_path if self.fill is not None else self.store.path(self.key)
@@ -1115,7 +1174,16 @@ class BlobReader:
         span = (self._fd, self.position, count)
         self.position += count
         self.store.stats.bytes_from_cache += count
+        self._followed()
         return span
+
+    def _followed(self) -> None:
+        """Tell the fill it follows where it is now, and once it took its last byte."""
+        if self.fill is not None:
+            if self.position < self.end:
+                self.fill.follow(self, self.position)
+            else:
+                self.fill.unfollow(self)
 
     async def next_chunk(self) -> memoryview | None:
         """The next chunk, None at the end; CacheFillFailed if the fill it follows failed or
@@ -1147,6 +1215,7 @@ class BlobReader:
                 chunk = self._read(self.position, count)
         self.position += len(chunk)
         self.store.stats.bytes_from_cache += len(chunk)
+        self._followed()
         return chunk
 
     def _read(self, offset: int, count: int) -> memoryview:
@@ -1277,6 +1346,8 @@ class BlobReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self.fill is not None:
+            self.fill.unfollow(self)
         self.store.unpin(self.key)
         BODIES.end(self)
 
