@@ -24,6 +24,7 @@ from hubproxy.cache.store import (
     AHEAD_OF_DISK,
     LEAD_WAIT,
     LEAD_WAIT_SHARE,
+    BlobReader,
     BlobStore,
     Fill,
     FillState,
@@ -156,6 +157,17 @@ class FastUpstream:
         return self.pieces.popleft() if self.pieces else None
 
 
+def filled_from_a_fast_upstream(
+    tmp_path: Path, data: bytes
+) -> tuple[BlobStore, Fill, BlobReader, FastUpstream]:
+    """A store, a fill of ``data`` not started yet, the reader that caused it, its upstream."""
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    return store, fill, store.reader(key), FastUpstream(data)
+
+
 async def test_the_fill_waits_a_moment_for_its_foremost_reader(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -167,12 +179,7 @@ async def test_the_fill_waits_a_moment_for_its_foremost_reader(
     (before, it raced ahead and the client read most of the blob back from the file)."""
     monkeypatch.undo()  # writes on the loop: a thread would let the mock clock jump
     data = os.urandom(200 * CHUNK)  # its lag, unpaced, would grow past the window
-    store = BlobStore(tmp_path, 1 << 30)
-    store.open()
-    key = hexdigest(data)
-    fill = store.start_fill(key, len(data))
-    reader = store.reader(key)
-    feed = FastUpstream(data)
+    store, fill, reader, feed = filled_from_a_fast_upstream(tmp_path, data)
     nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
     got = bytearray()
     while (chunk := await reader.next_chunk()) is not None:
@@ -195,12 +202,7 @@ async def test_a_slow_reader_holds_the_fill_at_most_a_moment_per_chunk(
     the file."""
     monkeypatch.undo()  # writes on the loop: a thread would let the mock clock jump
     data = os.urandom(40 * CHUNK)
-    store = BlobStore(tmp_path, 1 << 30)
-    store.open()
-    key = hexdigest(data)
-    fill = store.start_fill(key, len(data))
-    reader = store.reader(key)
-    feed = FastUpstream(data)
+    store, fill, reader, feed = filled_from_a_fast_upstream(tmp_path, data)
     start = trio.current_time()
     nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
     received_at: list[float] = []
