@@ -17,8 +17,7 @@ match, the file is fsync'd and renamed into place, and otherwise discarded (coun
 
 Every client, the first one included, reads through a :class:`BlobReader`. Following a fill, a
 reader that keeps up gets each chunk as a view of the upstream's own buffer (the window keeps
-the chunks not yet written, and written ones while it holds under ``AHEAD_OF_DISK +
-KEPT_IN_MEMORY`` chunks: written on the loop, that many); one that fell behind reads the
+the chunks not yet written plus ``KEPT_IN_MEMORY`` written ones); one that fell behind reads the
 growing file, and comes back to memory once it caught up. The fill waits for its foremost
 reader (the client that caused it, mostly) only a moment: at most ``LEAD_WAIT`` per chunk for
 that reader to come back within the window, and ``LEAD_WAIT_SHARE`` of its time in all. A
@@ -106,9 +105,7 @@ CTIME_GRANULARITY = 2.0
 # A fill hands its writer thread at most this many chunks (of BODIES.chunk()) not yet written:
 # the bound on what a slow disk makes it hold
 AHEAD_OF_DISK = 2
-# ... and keeps chunks already written in memory too, for readers just behind it, up to this
-# many more: four in all, which fills written on the loop (no chunk waits for the thread) use
-# for the readers (with two, the client of a 1 GiB miss read a quarter of it back from the file)
+# ... and keeps this many chunks already written in memory too, for readers just behind it
 KEPT_IN_MEMORY = 2
 # seconds a fill waits, per chunk, for its foremost reader to come back within the window: the
 # client that caused a miss then takes every chunk from memory (it lagged 4 to 7 MiB behind on
@@ -383,11 +380,11 @@ class Fill:
         the fill no longer needs (it reads them from the file)."""
         self.written += count
         window = self._window
-        kept = (AHEAD_OF_DISK + KEPT_IN_MEMORY) * BODIES.chunk()
+        kept = KEPT_IN_MEMORY * BODIES.chunk()
         while window:
             offset, chunk = window[0]
             end = offset + len(chunk)
-            if end > self.written or self.received - end < kept:
+            if end > self.written or self.written - end < kept:
                 break
             window.popleft()
         if self.file_waiters:  # only readers of the file (sendfile) wait for writes
