@@ -407,11 +407,12 @@ class Fill:
             self._lead_moved.set()
 
     def lead_behind(self) -> bool:
-        """Whether the foremost reader is more than the window's written part behind: the
-        next chunk received would push what it reads next out of memory."""
+        """Whether the foremost reader is more than a chunk behind: the next chunk received
+        (and written) would push what it reads next out of the window."""
         if not self._positions:
             return False
-        return self.received - max(self._positions.values()) > KEPT_IN_MEMORY * BODIES.chunk()
+        behind = self.received - max(self._positions.values())
+        return behind > (KEPT_IN_MEMORY - 1) * BODIES.chunk()
 
     async def wait_for_lead(self) -> None:
         """Wait for the foremost reader to come within the window: up to ``LEAD_WAIT``, and
