@@ -63,6 +63,18 @@ async def until_ended(fill: Fill) -> None:
         await fill.wait_change()
 
 
+async def fill_chunk_by_chunk(nursery: trio.Nursery, store: BlobStore, data: bytes) -> Fill:
+    """Fill ``store`` with ``data`` from an upstream giving it ``CHUNK`` at a time; the ended
+    fill."""
+    fill = store.start_fill(hexdigest(data), len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    for piece in [*chunks_of(data), None]:
+        await feed.send.send(piece)
+    await until_ended(fill)
+    return fill
+
+
 def gate_writes(monkeypatch: pytest.MonkeyPatch, gate: threading.Event) -> list[int]:
     """A slow disk: every cache write waits for ``gate`` (in the writer thread). The sizes of
     the writes that went through are listed."""
@@ -439,14 +451,8 @@ async def test_a_readers_buffer_follows_the_body_budget(
     data = os.urandom(8 * CHUNK)
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
-    key = hexdigest(data)
-    fill = store.start_fill(key, len(data))
-    feed = Feed()
-    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
-    for piece in [*chunks_of(data), None]:
-        await feed.send.send(piece)
-    while fill.state is FillState.FILLING:
-        await fill.wait_change()
+    fill = await fill_chunk_by_chunk(nursery, store, data)
+    key = fill.key
     assert fill.state is FillState.DONE
     running = [_Transfer() for _ in range(100)]
     for transfer in running:
@@ -492,15 +498,9 @@ async def test_fills_write_on_the_loop_until_a_write_is_slow(
     store.open()
     for _ in range(2):
         data = os.urandom(8 * CHUNK)
-        key = hexdigest(data)
-        fill = store.start_fill(key, len(data))
-        feed = Feed()
-        nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
-        for piece in [*chunks_of(data), None]:
-            await feed.send.send(piece)
-        await until_ended(fill)
+        fill = await fill_chunk_by_chunk(nursery, store, data)
         assert fill.state is FillState.DONE
-        assert store.path(key).read_bytes() == data
+        assert store.path(fill.key).read_bytes() == data
     assert where == ["loop"] * 3 + ["thread"] * 13
     said = [r.getMessage() for r in caplog.records if "worker thread" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"cache: a write to {tmp_path} took ")
