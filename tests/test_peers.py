@@ -495,6 +495,22 @@ async def test_an_owner_breaking_off_a_blob_leaves_the_transfers_to_the_upstream
     assert len(cdn) == 3 and sum("range" in s.headers for s in cdn) == 2
 
 
+def two_peers_and_a_layer_of_the_second(
+    size: int, seeds: range
+) -> tuple[list[int], list[str], list[str], bytes]:
+    """Two free ports, their instances' URLs and peer names, and a layer of ``size`` bytes
+    that the second instance owns (rendezvous over the names: which one depends on the ports)."""
+    ports = free_ports(2)
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    names = [str(base_url(u).origin) for u in urls]
+    layer = next(
+        data
+        for data in (make_layer(n, size) for n in seeds)
+        if owner(hashlib.sha256(data).hexdigest(), names) == 1
+    )
+    return ports, urls, names, layer
+
+
 async def test_concurrent_misses_of_a_blob_ask_its_owner_once(
     nursery: trio.Nursery, hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
 ) -> None:
@@ -502,14 +518,7 @@ async def test_concurrent_misses_of_a_blob_ask_its_owner_once(
     still fetching it: one request goes to the owner, and the other four follow the fill its
     answer starts here (before, each asked the owner, and when the owner was slow each then
     fetched the blob from the upstream itself: 12 more CDN GETs in the 256 MiB bench run)."""
-    ports = free_ports(2)
-    urls = [f"https://127.0.0.1:{port}" for port in ports]
-    names = [str(base_url(u).origin) for u in urls]
-    layer = next(
-        data
-        for data in (make_layer(n, 300_000) for n in range(60, 120))
-        if owner(hashlib.sha256(data).hexdigest(), names) == 1
-    )
+    ports, urls, names, layer = two_peers_and_a_layer_of_the_second(300_000, range(60, 120))
     digest = sha256_digest(layer)
     hub.add_image("library/busybox", "latest", [layer])
     asking, _owner = [
@@ -558,14 +567,7 @@ async def test_a_stalled_ask_for_one_registry_never_holds_a_miss_of_another(
     """The same digest asked through ghcr.io, whose storage never answers, and then through
     Docker Hub: the Docker Hub miss is answered at once (misses waited for any ask of the
     digest, whatever its registry, up to twice --peer-timeout, here 40 s)."""
-    ports = free_ports(2)
-    urls = [f"https://127.0.0.1:{port}" for port in ports]
-    names = [str(base_url(u).origin) for u in urls]
-    layer = next(
-        data
-        for data in (make_layer(n, 100_000) for n in range(130, 200))
-        if owner(hashlib.sha256(data).hexdigest(), names) == 1
-    )
+    ports, urls, _, layer = two_peers_and_a_layer_of_the_second(100_000, range(130, 200))
     digest = sha256_digest(layer)
     hub.add_image("library/busybox", "latest", [layer])
     ghcr.add_image("owner/app", "v1", [layer])
