@@ -489,7 +489,7 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
         cache,
         access,
         others or "none",
-        ktls_clause(),
+        ktls_clause(asked=config.ktls and config.tls),
     )
     if not config.allow.networks and config.users_file is None:
         if _reachable_beyond_this_machine(server):

@@ -29,6 +29,7 @@ class Config:
     listen_port: int = 5000
     cert: str | None = None
     key: str | None = None
+    ktls: bool = False  # --ktls: the kernel encrypts for clients where it can (net.ktls)
     upstreams: tuple[Url, ...] = ()  # the primary first, then fallbacks
     index_url: Url | None = None  # Docker Hub's index, for /v1/search
     library_prefix: bool = True
@@ -107,6 +108,7 @@ class Config:
             listen_port=self.listen_port,
             cert=self.cert,
             key=self.key,
+            ktls=self.ktls,
             timeouts=self.timeouts,
             limits=self.limits,
             max_connections=self.max_connections,

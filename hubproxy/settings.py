@@ -526,6 +526,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("key", "TLS private key (PEM) for --cert", LISTEN, metavar="FILE", parse=readable),
     Setting(
+        "ktls",
+        "let the kernel encrypt what goes to clients (kTLS), so cache hits go out with "
+        "sendfile: needs Python 3.12 or later and the kernel's tls module (modprobe tls); "
+        "where either is missing TLS stays in OpenSSL, as the startup line says (default: off)",
+        LISTEN,
+        Kind.SWITCH,
+        False,
+    ),
+    Setting(
         "max-connections",
         "client connections served at once; more get 503 (plain HTTP) or are closed "
         "(TLS) (default 1024)",
@@ -1453,6 +1462,7 @@ def build_config(values: Values) -> Config:
         listen_port=listen[1],
         cert=cert,
         key=key,
+        ktls=cast(bool, p["ktls"]),
         upstreams=upstreams,
         index_url=cast(Url, p["index_url"]),
         library_prefix=library_prefix,

@@ -33,6 +33,7 @@ from hubproxy.cache.store import (
     judge_disk,
     sha256_hex,
 )
+from hubproxy.net.ktls import ktls_clause
 from hubproxy.policy.errors import CacheFillFailed, RangeNotSatisfiable
 from hubproxy.policy.sizes import SizeTooSmall, describe_size, format_size, parse_size
 from tests.conftest import StartProxy
@@ -595,6 +596,37 @@ async def test_plain_http_hits_use_sendfile_and_keep_the_connection(
     await client.aclose()
     assert proxy.proxy.pullthrough is not None
     assert proxy.proxy.pullthrough.stats.sendfile_bytes >= 2 * sum(map(len, layers))
+
+
+async def test_tls_hits_go_by_sendfile_where_the_kernel_encrypts(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """With --ktls, a hit over TLS goes out with sendfile where the kernel took the
+    connection's keys, and through OpenSSL elsewhere (this test's machine may offer neither
+    Python 3.12 nor the kernel's tls module): the same bytes either way."""
+    layers = [make_layer(7, 3_000_000), make_layer(8, 10_000)]
+    hub.add_image("library/alpine", "3.20", layers)
+    proxy = await start_proxy(ktls=True, cache_dir=str(tmp_path / "cache"))
+    token_client = RegistryClient(proxy.url, ca)
+    assert (await token_client.request("/v2/library/alpine/tags/list")).status == 200
+    auth = [("authorization", f"Bearer {token_client.tokens['']}")]
+    client = await WireClient.connect(proxy.url, ca)
+    for _ in range(2):  # a miss, then a hit
+        for layer in layers:
+            head, body = await client.request(
+                "GET", f"/v2/library/alpine/blobs/sha256:{hexdigest(layer)}", auth
+            )
+            assert head.status_code == 200
+            assert body == layer
+    head, body = await client.request("GET", "/v2/library/alpine/tags/list", auth)
+    assert head.status_code == 200
+    await client.aclose()
+    assert proxy.proxy.pullthrough is not None
+    sent_by_sendfile = proxy.proxy.pullthrough.stats.sendfile_bytes
+    if "kTLS on" in ktls_clause(asked=True):
+        assert sent_by_sendfile >= sum(map(len, layers))
+    else:
+        assert sent_by_sendfile == 0
 
 
 async def test_a_full_disk_streams_uncached_instead_of_failing(

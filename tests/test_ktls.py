@@ -35,7 +35,7 @@ from hubproxy.net.ktls import describe_ktls, ktls_clause
             (3, 13),
             True,
             "espintcp mptcp tls\n",
-            "kTLS off: this machine offers it, hubproxy's TLS streams do not use it yet",
+            "kTLS off: this machine offers it (--ktls turns it on)",
         ),
         (
             (3, 11),
@@ -50,6 +50,23 @@ def test_describe_ktls_names_what_is_missing(
     python: tuple[int, int], option: bool, ulps: str | None, said: str
 ) -> None:
     assert describe_ktls(python, option, ulps) == said
+
+
+@pytest.mark.parametrize(
+    ("ulps", "said"),
+    [
+        (
+            "tls\n",
+            "kTLS on for clients where the kernel takes a connection's cipher (hits: sendfile)",
+        ),
+        (
+            "mptcp\n",
+            "kTLS off despite --ktls: the kernel's tls module is not loaded (modprobe tls)",
+        ),
+    ],
+)
+def test_asked_for_ktls_says_on_or_why_not(ulps: str, said: str) -> None:
+    assert describe_ktls((3, 12), True, ulps, asked=True) == said
 
 
 def test_ktls_clause_reads_the_kernels_list(tmp_path: Path) -> None:

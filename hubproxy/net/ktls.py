@@ -1,13 +1,14 @@
-"""Kernel TLS (kTLS): whether this machine could let the kernel encrypt, for the startup line.
+"""Kernel TLS (kTLS): whether the kernel can encrypt for clients here, for the startup line.
 
 With kTLS, OpenSSL hands the session keys to the kernel after the handshake and the kernel
-encrypts what is written to the socket, so a cache hit could go out with ``os.sendfile`` and no
+encrypts what is written to the socket, so a cache hit goes out with ``os.sendfile`` and no
 user-space copy at all. It takes three things: Python 3.12 or later (``ssl.OP_ENABLE_KTLS``), an
 OpenSSL built with kTLS, and the kernel's ``tls`` module (listed in
-``/proc/sys/net/ipv4/tcp_available_ulp`` once loaded). It also takes a TLS stream over the socket
-itself: hubproxy's :class:`~hubproxy.net.tls.TLSStream` drives ``ssl.SSLObject`` over memory
-BIOs, which the kernel cannot take over, so hubproxy reports what is missing and uses kTLS
-nowhere yet; the report tells an operator what a kTLS path would need on their machine.
+``/proc/sys/net/ipv4/tcp_available_ulp`` once loaded); and a TLS stream on the socket itself,
+which the client side has (:class:`~hubproxy.net.sockettls.SocketTLSStream`). It is off unless
+``--ktls`` asks for it, as in nginx (``ssl_conf_command Options KTLS``): a kernel path is one more
+thing that can go wrong. Even then the kernel may refuse a connection's cipher, and that
+connection stays with OpenSSL (``SocketTLSStream.kernel_encrypts``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from pathlib import Path
 ULP_LIST = Path("/proc/sys/net/ipv4/tcp_available_ulp")
 
 
-def describe_ktls(python: tuple[int, int], python_has_option: bool, ulps: str | None) -> str:
-    """``kTLS off (...)``: what is missing, from the Python version, whether its ``ssl`` has
-    ``OP_ENABLE_KTLS``, and the kernel's list of TCP upper-layer protocols (None: unreadable)."""
+def describe_ktls(
+    python: tuple[int, int], python_has_option: bool, ulps: str | None, *, asked: bool = False
+) -> str:
+    """``kTLS on ...`` or ``kTLS off (...)``: from whether ``--ktls`` asked for it, the Python
+    version, whether its ``ssl`` has ``OP_ENABLE_KTLS``, and the kernel's list of TCP upper-layer
+    protocols (None: unreadable), what is missing."""
     missing = []
     if not python_has_option:
         missing.append(f"Python {python[0]}.{python[1]} has no ssl.OP_ENABLE_KTLS (3.12 or later)")
@@ -30,16 +34,21 @@ def describe_ktls(python: tuple[int, int], python_has_option: bool, ulps: str | 
     elif "tls" not in ulps.split():
         missing.append("the kernel's tls module is not loaded (modprobe tls)")
     if missing:
-        return "kTLS off: " + "; ".join(missing)
-    return "kTLS off: this machine offers it, hubproxy's TLS streams do not use it yet"
+        return ("kTLS off despite --ktls: " if asked else "kTLS off: ") + "; ".join(missing)
+    if asked:
+        return "kTLS on for clients where the kernel takes a connection's cipher (hits: sendfile)"
+    return "kTLS off: this machine offers it (--ktls turns it on)"
 
 
-def ktls_clause(ulp_list: Path = ULP_LIST) -> str:
+def ktls_clause(ulp_list: Path = ULP_LIST, *, asked: bool = False) -> str:
     """:func:`describe_ktls` for this process and machine."""
     try:
         ulps: str | None = ulp_list.read_text()
     except OSError:
         ulps = None
     return describe_ktls(
-        (sys.version_info.major, sys.version_info.minor), hasattr(ssl, "OP_ENABLE_KTLS"), ulps
+        (sys.version_info.major, sys.version_info.minor),
+        hasattr(ssl, "OP_ENABLE_KTLS"),
+        ulps,
+        asked=asked,
     )

@@ -43,8 +43,8 @@ from ..policy.headers import Headers, get_header, lax_framing
 from .fairness import Fairness, Serving, serving
 from .pacing import Pacer, PacingFigures
 from .settings import ListenerSettings
+from .sockettls import SocketTLSStream
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
-from .tls import TLSStream
 from .turns import Turns
 
 log = logging.getLogger("hubproxy")
@@ -259,8 +259,12 @@ class ClientResponse:
 
     @property
     def can_sendfile(self) -> bool:
-        """Whether body bytes can go from a file straight to the socket (plain TCP only)."""
-        return isinstance(self._client.stream, trio.SocketStream)
+        """Whether body bytes can go from a file straight to the socket: plain TCP, or TLS
+        whose sending side the kernel encrypts (kTLS)."""
+        stream = self._client.stream
+        return isinstance(stream, trio.SocketStream) or (
+            isinstance(stream, SocketTLSStream) and stream.kernel_encrypts
+        )
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         """Send ``count`` bytes of file ``fd`` from ``offset`` with ``os.sendfile`` (zero copy).
@@ -269,7 +273,7 @@ class ClientResponse:
         replaced by a fresh one for the next request.
         """
         stream = self._client.stream
-        assert isinstance(stream, trio.SocketStream)
+        assert isinstance(stream, trio.SocketStream | SocketTLSStream)
         sock = stream.socket
         await self.flush()
         self._client.body_bypassed = True
@@ -367,13 +371,9 @@ class ClientConnection:
         self.body_bypassed = False  # the last response body was sent around h11 (sendfile)
         self.linger = False  # an error answer went out: drain the client's input before closing
         # the socket under the stream, for the departure watch (None: a stream of another kind)
-        self._socket: trio.socket.SocketType | None = None
-        if isinstance(stream, trio.SocketStream):
+        self._socket: trio.socket.SocketType | ssl.SSLSocket | None = None
+        if isinstance(stream, trio.SocketStream | SocketTLSStream):
             self._socket = stream.socket
-        elif isinstance(stream, TLSStream) and isinstance(
-            stream.transport_stream, trio.SocketStream
-        ):
-            self._socket = stream.transport_stream.socket
 
     async def serve(self, handler: Handler, server: Server) -> None:
         first = True
@@ -749,7 +749,9 @@ class Server:
         self.handler: Handler | None = None  # what serve() was given
         self.ssl_context: ssl.SSLContext | None = None
         if settings.cert is not None:
-            self.ssl_context = server_ssl_context(settings.cert, settings.key or settings.cert)
+            self.ssl_context = server_ssl_context(
+                settings.cert, settings.key or settings.cert, ktls=settings.ktls
+            )
         self.draining = False
         self.connections: set[ClientConnection] = set()
         self._connections_changed = trio.Event()
@@ -827,7 +829,7 @@ class Server:
         if self.settings.cert is None:
             return
         self.ssl_context = server_ssl_context(
-            self.settings.cert, self.settings.key or self.settings.cert
+            self.settings.cert, self.settings.key or self.settings.cert, ktls=self.settings.ktls
         )
 
     def shutdown(self) -> None:
@@ -985,7 +987,7 @@ class Server:
                         local = tcp.socket.getsockname()
                         handler = functools.partial(self._answer_plain_http, local[:2])
                     else:
-                        stream = await TLSStream.wrap_server(tcp, self.ssl_context)
+                        stream = await SocketTLSStream.wrap_server(tcp, self.ssl_context)
             except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 self._handshake_failed(client_ip, exc)
                 await close_forcefully(tcp)

@@ -39,6 +39,7 @@ class ListenerSettings:
     listen_port: int = 5000
     cert: str | None = None
     key: str | None = None
+    ktls: bool = False  # offer the session keys to the kernel (net.ktls)
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     max_connections: int = 1024  # client connections; more are refused (503 on plain HTTP)

@@ -1,10 +1,11 @@
 """Byte streams: the one small interface the HTTP code needs, and how streams are opened.
 
 Everything above this module sees a :class:`ByteStream` (receive_some / send_all / aclose), so the
-transport can be swapped without touching HTTP code: plain TCP is trio's ``SocketStream``; TLS is
-our own :class:`hubproxy.net.tls.TLSStream`, which hands back every decrypted byte available per
-read instead of one 16 KiB record (see its module docstring). Foreign errors are translated into
-the proxy's error family here, at the edge.
+transport can be swapped without touching HTTP code: plain TCP is trio's ``SocketStream``; TLS to
+upstreams is our own :class:`hubproxy.net.tls.TLSStream`, which hands back every decrypted byte
+available per read instead of one 16 KiB record (see its module docstring), and TLS to clients is
+:class:`hubproxy.net.sockettls.SocketTLSStream`, where OpenSSL writes the socket itself (it mostly
+sends). Foreign errors are translated into the proxy's error family here, at the edge.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import trio
 from ..policy.errors import UpstreamProxyFailed, UpstreamTimeout, UpstreamUnavailable
 from ..policy.proxies import ProxyKind, Socks5Handshake, SocksState, UpstreamProxy
 from ..policy.urls import Origin, is_ip_literal
+from .sockettls import SocketTLSStream
 from .tls import TLSStream
 
 HEAD_READ = 64 * 1024  # read size while waiting for a message head
@@ -51,8 +53,9 @@ class CertificateError(Exception):
     that names the file and says what is wrong in words (OpenSSL only says ``PEM lib``)."""
 
 
-def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS 1.2+ with ALPN ``http/1.1`` for the client-facing listener.
+def server_ssl_context(cert: str, key: str, *, ktls: bool = False) -> ssl.SSLContext:
+    """TLS 1.2+ with ALPN ``http/1.1`` for the client-facing listener; with ``ktls`` OpenSSL
+    offers each connection's keys to the kernel, where this Python can ask it to (net.ktls).
 
     Raises CertificateError: a file that cannot be read, is not PEM, holds the other kind of
     object (--cert and --key swapped), is encrypted, or a key that does not match."""
@@ -87,6 +90,8 @@ def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
         raise CertificateError(f"cannot read {exc.filename or cert}: {exc.strerror}") from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    if ktls and hasattr(ssl, "OP_ENABLE_KTLS"):  # Python 3.12 and later
+        context.options |= ssl.OP_ENABLE_KTLS
     return context
 
 
@@ -322,7 +327,7 @@ async def close_forcefully(stream: ByteStream) -> None:
     helper; never raises. A socket, bare or under TLS, is closed at once: a hundred
     connections torn down after resets cost a fraction of as many cancelled ``aclose`` calls
     (each built a ``close_notify`` it then could not send, and raised Cancelled twice)."""
-    if isinstance(stream, TLSStream) and stream.abort():
+    if isinstance(stream, TLSStream | SocketTLSStream) and stream.abort():
         await trio.lowlevel.cancel_shielded_checkpoint()
         return
     if isinstance(stream, trio.SocketStream):

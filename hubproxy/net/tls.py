@@ -86,13 +86,13 @@ _RECORD_OVERHEAD = 1024  # a few records' headers and tags on top of the plainte
 T_Stream = TypeVar("T_Stream", bound=trio.abc.Stream)
 
 
-def _is_eof(exc: BaseException) -> bool:
+def is_eof(exc: BaseException) -> bool:
     # Some OpenSSL/Python combinations report a ragged EOF as a plain SSLError
     # carrying this reason instead of SSLEOFError (trio checks the same way).
     return isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF_WHILE_READING" in str(exc)
 
 
-class _ConflictDetector:
+class ConflictDetector:
     """Raise BusyResourceError if two tasks use the same direction at once.
 
     Same idea as trio's private ``trio._util.ConflictDetector``; a plain flag is
@@ -141,8 +141,8 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
         self._incoming = incoming
         self._outgoing = outgoing
         self._send_lock = trio.Lock()
-        self._recv_guard = _ConflictDetector("another task is already receiving on this TLSStream")
-        self._send_guard = _ConflictDetector("another task is already sending on this TLSStream")
+        self._recv_guard = ConflictDetector("another task is already receiving on this TLSStream")
+        self._send_guard = ConflictDetector("another task is already sending on this TLSStream")
         self._delayed = b""  # held-back TLS 1.3 session tickets, see module doc
         self._handshake_done = False
         self._closed = False
@@ -309,7 +309,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
         except ssl.SSLZeroReturnError:  # close_notify after we sent ours
             self._eof = True
         except ssl.SSLError as exc:
-            if _is_eof(exc):  # ragged EOF: treat as EOF (https_compatible)
+            if is_eof(exc):  # ragged EOF: treat as EOF (https_compatible)
                 self._eof = True
             else:
                 self._broken = True
