@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
 
-from hubproxy.net.ktls import describe_ktls, ktls_clause
+from hubproxy.net.ktls import describe_ktls, ktls_clause, ktls_offered
 
 
 @pytest.mark.parametrize(
@@ -74,3 +75,5 @@ def test_ktls_clause_reads_the_kernels_list(tmp_path: Path) -> None:
     listing.write_text("tls mptcp\n")
     assert "tls module" not in ktls_clause(listing)
     assert "unreadable" in ktls_clause(tmp_path / "missing")
+    assert ktls_offered(listing) == hasattr(ssl, "OP_ENABLE_KTLS")
+    assert not ktls_offered(tmp_path / "missing")

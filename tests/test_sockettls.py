@@ -15,7 +15,7 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.net.ktls import ULP_LIST
+from hubproxy.net.ktls import ktls_offered
 from hubproxy.net.sockettls import SocketTLSStream, kernel_encrypts
 
 from .test_tls import (
@@ -336,14 +336,7 @@ async def test_aclose_does_not_wait_for_a_peer_that_reads_nothing(
 # ---------------------------------------------------------------- kTLS
 
 
-def _kernel_offers_ktls() -> bool:
-    try:
-        return hasattr(ssl, "OP_ENABLE_KTLS") and "tls" in ULP_LIST.read_text().split()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _kernel_offers_ktls(), reason="needs Python 3.12+ and the kernel's tls")
+@pytest.mark.skipif(not ktls_offered(), reason="needs Python 3.12+ and the kernel's tls")
 async def test_with_ktls_the_kernel_encrypts_and_sendfile_goes_through(
     ca: trustme.CA, cert: trustme.LeafCert, tmp_path: Path
 ) -> None:

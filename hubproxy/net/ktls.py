@@ -5,10 +5,11 @@ encrypts what is written to the socket, so a cache hit goes out with ``os.sendfi
 user-space copy at all. It takes three things: Python 3.12 or later (``ssl.OP_ENABLE_KTLS``), an
 OpenSSL built with kTLS, and the kernel's ``tls`` module (listed in
 ``/proc/sys/net/ipv4/tcp_available_ulp`` once loaded); and a TLS stream on the socket itself,
-which the client side has (:class:`~hubproxy.net.sockettls.SocketTLSStream`). It is off unless
-``--ktls`` asks for it, as in nginx (``ssl_conf_command Options KTLS``): a kernel path is one more
-thing that can go wrong. Even then the kernel may refuse a connection's cipher, and that
-connection stays with OpenSSL (``SocketTLSStream.kernel_encrypts``).
+:class:`~hubproxy.net.sockettls.SocketTLSStream`, which the client side uses when ``--ktls`` asks
+for kTLS and the machine offers it. It is off unless asked for, as in nginx (``ssl_conf_command
+Options KTLS``): a kernel path is one more thing that can go wrong. Even then the kernel may
+refuse a connection's cipher, and that connection stays with OpenSSL
+(``SocketTLSStream.kernel_encrypts``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import sys
 from pathlib import Path
 
 ULP_LIST = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+
+
+def ktls_offered(ulp_list: Path = ULP_LIST) -> bool:
+    """Whether this Python can ask for kTLS and this kernel has the ``tls`` module loaded."""
+    try:
+        return hasattr(ssl, "OP_ENABLE_KTLS") and "tls" in ulp_list.read_text().split()
+    except OSError:
+        return False
 
 
 def describe_ktls(

@@ -41,10 +41,12 @@ from ..policy.errors import (
 )
 from ..policy.headers import Headers, get_header, lax_framing
 from .fairness import Fairness, Serving, serving
+from .ktls import ktls_offered
 from .pacing import Pacer, PacingFigures
 from .settings import ListenerSettings
 from .sockettls import SocketTLSStream
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
+from .tls import TLSStream
 from .turns import Turns
 
 log = logging.getLogger("hubproxy")
@@ -374,6 +376,10 @@ class ClientConnection:
         self._socket: trio.socket.SocketType | ssl.SSLSocket | None = None
         if isinstance(stream, trio.SocketStream | SocketTLSStream):
             self._socket = stream.socket
+        elif isinstance(stream, TLSStream) and isinstance(
+            stream.transport_stream, trio.SocketStream
+        ):
+            self._socket = stream.transport_stream.socket
 
     async def serve(self, handler: Handler, server: Server) -> None:
         first = True
@@ -748,9 +754,13 @@ class Server:
         self.settings = settings
         self.handler: Handler | None = None  # what serve() was given
         self.ssl_context: ssl.SSLContext | None = None
+        # kTLS asked for and offered: TLS to clients on the socket itself, which the kernel can
+        # take over (net.sockettls). Otherwise over memory BIOs (net.tls), cheaper without the
+        # kernel: OpenSSL writing the socket makes one write() per 16 KiB record.
+        self.ktls = settings.ktls and ktls_offered()
         if settings.cert is not None:
             self.ssl_context = server_ssl_context(
-                settings.cert, settings.key or settings.cert, ktls=settings.ktls
+                settings.cert, settings.key or settings.cert, ktls=self.ktls
             )
         self.draining = False
         self.connections: set[ClientConnection] = set()
@@ -829,7 +839,7 @@ class Server:
         if self.settings.cert is None:
             return
         self.ssl_context = server_ssl_context(
-            self.settings.cert, self.settings.key or self.settings.cert, ktls=self.settings.ktls
+            self.settings.cert, self.settings.key or self.settings.cert, ktls=self.ktls
         )
 
     def shutdown(self) -> None:
@@ -987,7 +997,8 @@ class Server:
                         local = tcp.socket.getsockname()
                         handler = functools.partial(self._answer_plain_http, local[:2])
                     else:
-                        stream = await SocketTLSStream.wrap_server(tcp, self.ssl_context)
+                        wrap = SocketTLSStream.wrap_server if self.ktls else TLSStream.wrap_server
+                        stream = await wrap(tcp, self.ssl_context)
             except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 self._handshake_failed(client_ip, exc)
                 await close_forcefully(tcp)
