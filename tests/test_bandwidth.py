@@ -273,15 +273,22 @@ async def test_a_sendfile_hit_is_paced(
         [("127.0.0.1", 2, 3.0), ("127.0.0.1", 2, 3.0), (OTHER, 2, 2.0)],
     ],
 )
+@pytest.mark.parametrize("tls", ["memory-bio", "on-the-socket"])
 async def test_clients_share_the_total_fairly(
     hub: FakeHub,
     start_cached: StartProxy,
     ca: trustme.CA,
     autojump_clock: trio.testing.MockClock,
     pulls: list[tuple[str, int, float]],
+    tls: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Also with TLS on the socket (what --ktls uses): corking it once stalled the first paced
+    piece on the client's delayed ACK, and under the autojump clock the idle timeout fired."""
+    if tls == "on-the-socket":
+        monkeypatch.setattr("hubproxy.net.server.ktls_offered", lambda: True)
     blobs = [blob_of(10 + i, size * MB) for i, (_, size, _) in enumerate(pulls)]
-    proxy = await start_cached(total_bandwidth=2 * MB)
+    proxy = await start_cached(total_bandwidth=2 * MB, ktls=True)
     token = await setup(hub, proxy, ca, *blobs)
     for blob in blobs:  # cached first: hits, so that only the cap sets the pace
         await pull(proxy, ca, token, blob)

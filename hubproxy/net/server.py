@@ -215,7 +215,7 @@ class ClientResponse:
     async def send(self, chunk: bytes | bytearray | memoryview) -> None:
         head = self._take_head()
         client = self._client
-        data = client.frame(h11.Data(data=chunk))  # type: ignore[arg-type]
+        data = client.frame_body(chunk)
         if client.pacer is None:
             await client.send_bytes(head + data if head else data)
         else:
@@ -237,7 +237,9 @@ class ClientResponse:
                 # manifest a waiting sender would otherwise let go of)
                 self.tap.append(bytes(chunk))
 
-    async def _send_paced(self, pacer: Pacer, head: bytes, data: bytes) -> None:
+    async def _send_paced(
+        self, pacer: Pacer, head: bytes, data: bytes | bytearray | memoryview
+    ) -> None:
         """Send ``data`` (the head, if any, along with its first piece) in pieces, each when
         the bandwidth caps let it go (net.pacing): a large chunk does not leave in one burst."""
         key = self._client.key
@@ -672,6 +674,14 @@ class ClientConnection:
                 raise ClientGone(str(exc)) from exc
             self.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
 
+    def frame_body(self, chunk: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        """The bytes h11 frames a body chunk into: with a Content-Length, ``chunk`` itself,
+        not joined into a copy (256 KiB per chunk of a hit, read into the reader's buffer)."""
+        pieces = self.conn.send_with_data_passthrough(h11.Data(data=chunk))  # type: ignore[arg-type]
+        if pieces is not None and len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces or ())
+
     def frame(self, event: h11.Event) -> bytes:
         """The bytes h11 frames ``event`` into (h11 is the only framing code)."""
         return self.conn.send(event) or b""
@@ -679,7 +689,7 @@ class ClientConnection:
     async def send_event(self, event: h11.Event) -> None:
         await self.send_bytes(self.frame(event))
 
-    async def send_bytes(self, data: bytes | memoryview) -> None:
+    async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Send framed bytes to the client, bounded by the client idle timeout."""
         if not data:
             return

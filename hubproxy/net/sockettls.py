@@ -12,10 +12,11 @@ hit goes out with ``os.sendfile`` (:attr:`SocketTLSStream.kernel_encrypts`).
 
 Without kTLS it is no cheaper: it saves the copy out of the memory BIO, but OpenSSL writes each
 16 KiB record with its own ``write()``, 16 system calls where ``TLSStream`` makes one per 256 KiB
-(measured: 1 GiB hits over TLS 1.3 about even in CPU and slower). So the server uses it only where
-kTLS is asked for and offered. A send of more than one record is corked (``TCP_CORK``): without
-it each record leaves as its own TCP segment and the client wakes up for every one (its CPU
-doubled in the same measurement).
+(measured: 1 GiB hits over TLS 1.3 about even in the proxy's CPU, slower, and the client's CPU
+doubled, waking up for every record's segment). So the server uses it only where kTLS is asked
+for and offered. Corking the socket around a send (``TCP_CORK``) gave the client its large
+segments back, but stalled transfers on the peer's delayed ACK (40 ms) whenever the send
+buffer filled with one corked segment unacknowledged; so no cork.
 
 Full duplex: one task may receive while another sends. Each call into the SSL object is
 synchronous, so atomic under trio; what OpenSSL needs is that a write it answered "would block"
@@ -212,10 +213,7 @@ class SocketTLSStream(trio.abc.Stream):
                 return
             await trio.lowlevel.checkpoint_if_cancelled()
             self._sending = True
-            corked = len(view) > _RECORD_SIZE
             try:
-                if corked:
-                    self._cork(1)
                 for start in range(0, len(view), SEND_CHUNK):
                     chunk = view[start : start + SEND_CHUNK]
                     await gate(len(chunk) + RECORD_COST)
@@ -226,16 +224,6 @@ class SocketTLSStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             finally:
                 self._sending = False
-                if corked:
-                    self._cork(0)
-
-    def _cork(self, on: int) -> None:
-        # OpenSSL writes each record (16 KiB) with its own write(): without the cork each
-        # becomes its own TCP segment, and the client wakes up for every one of them.
-        try:
-            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
-        except OSError:  # closed meanwhile
-            pass
 
     async def _write(self, chunk: memoryview) -> None:
         # Without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython leaves it off) SSL_write returns only
