@@ -393,6 +393,7 @@ HUB_FAMILIES = {
     "hubproxy_client_turns_waiting",
     "hubproxy_client_turn_waits",
     "hubproxy_fair_share_waits",
+    "hubproxy_kernel_tls_connections",
     "hubproxy_bandwidth_client_limit_bytes_per_second",
     "hubproxy_bandwidth_total_limit_bytes_per_second",
     "hubproxy_bandwidth_delayed_bytes",
@@ -515,6 +516,7 @@ def test_hub_metrics_figures() -> None:
         turn_waiting=6,
         turn_waits=8,
         turn_timeouts=9,
+        kernel_tls=10,
     )
     metrics.denied.inc(1, reason="network")
 
@@ -547,6 +549,7 @@ def test_hub_metrics_figures() -> None:
     assert only("hubproxy_client_turns_waiting") == 6
     assert only("hubproxy_client_turn_waits") == 8
     assert only("hubproxy_client_turn_timeouts") == 9
+    assert only("hubproxy_kernel_tls_connections") == 10
     assert only("hubproxy_upstream_ratelimit_remaining") == 76
     assert only("hubproxy_upstream_rate_limited") == 1
     assert only("hubproxy_denied_requests") == 1

@@ -345,6 +345,7 @@ class ConnectionFigures:
     turn_waits: int = 0  # requests that ever had to wait for one
     turn_timeouts: int = 0  # ... and got a 503 instead
     fair_share_waits: int = 0  # units of TLS work that waited for the fair share (net.fairness)
+    kernel_tls: int = 0  # TLS connections whose sending side the kernel encrypts (--ktls)
     bandwidth: PacingFigures = field(default_factory=PacingFigures)  # the caps (net.pacing)
 
 
@@ -784,6 +785,7 @@ class Server:
         self.idle: dict[ClientConnection, None] = {}
         self.refused: dict[str, int] = {}  # connections refused, by reason
         self.reclaimed = 0  # idle connections closed to make room
+        self.kernel_tls = 0  # handshakes after which the kernel encrypts (--ktls)
         self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
         self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
         # --client-bandwidth, --total-bandwidth; None: no cap, and no cost in the send path
@@ -937,6 +939,7 @@ class Server:
             fair_share_waits=self.fairness.waits,
             turn_waits=self.turns.waits,
             turn_timeouts=self.turns.wait_timeouts,
+            kernel_tls=self.kernel_tls,
             bandwidth=self.pacer.figures() if self.pacer is not None else PacingFigures(),
         )
 
@@ -1009,6 +1012,8 @@ class Server:
                     else:
                         wrap = SocketTLSStream.wrap_server if self.ktls else TLSStream.wrap_server
                         stream = await wrap(tcp, self.ssl_context)
+                        if isinstance(stream, SocketTLSStream) and stream.kernel_encrypts:
+                            self.kernel_tls += 1
             except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
                 self._handshake_failed(client_ip, exc)
                 await close_forcefully(tcp)

@@ -770,6 +770,14 @@ class HubMetrics:
                 lambda: self._turn_figure("fair_share_waits"),
             )
         )
+        self.kernel_tls_connections = registry.register(
+            CounterFunction(
+                "hubproxy_kernel_tls_connections",
+                "Client TLS connections whose sending side the kernel encrypted (--ktls): hits "
+                "on them went out with sendfile.",
+                lambda: self._turn_figure("kernel_tls"),
+            )
+        )
         self.bandwidth_client_limit = registry.register(
             GaugeFunction(
                 "hubproxy_bandwidth_client_limit_bytes_per_second",
