@@ -12,7 +12,10 @@ The thread earns its cost only when writes block: a disk behind on its dirty pag
 card, a USB disk, a network file system) holds a ``write`` for tens to hundreds of
 milliseconds, and on the event loop that would hold every client. A chunk reaches the page
 cache in about 0.1 ms, and a few milliseconds now and then are noise (a virtual machine's first
-touch of memory measured up to 4 ms here). So the store's writes are averaged (an exponential
+touch of memory measured up to 4 ms here). A write that took long without blocking (its thread
+kept from the CPU by other processes) counts as 0: the store reports the time of a write only
+when its thread slept in it, since a thread would not write sooner on a busy CPU, and handing
+over would cost CPU the machine lacks. So the store's writes are averaged (an exponential
 average over about the last ``1 / weight`` writes); while the average is over
 ``slow_average``, which one write of about 16 ms or a run of 2 ms writes brings it to, the disk
 is slow, and for ``hold`` seconds after, new chunks go to the thread (whose writes are timed
