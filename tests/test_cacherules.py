@@ -8,7 +8,6 @@ Faults come from the fake registry's switches (``force_status``, ``lie_digest``,
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.fakehub import (
     sha256_digest,
 )
 from tests.registry_client import RegistryClient
+from tests.test_manifests import database
 
 ACCEPT = [("accept", f"{MEDIA_DOCKER_MANIFEST}, {MEDIA_OCI_MANIFEST}")]
 ACCEPT_LISTS = [("accept", f"{MEDIA_DOCKER_MANIFEST}, {MEDIA_DOCKER_LIST}, {MEDIA_OCI_MANIFEST}")]
@@ -39,7 +39,7 @@ def stored(proxy: RunningProxy, table: str) -> list[tuple[object, ...]]:
     """The rows of a table of the manifest state, once the writer committed what it has."""
     assert proxy.proxy.pullthrough is not None
     assert proxy.proxy.pullthrough.manifests.flush(timeout=10)
-    with sqlite3.connect(Path(proxy.config.cache_dir or "") / "state.db") as conn:
+    with database(Path(proxy.config.cache_dir or "") / "state.db") as conn:
         return list(conn.execute(f"SELECT * FROM {table}"))
 
 
@@ -390,7 +390,7 @@ async def test_a_damaged_manifest_is_not_served_by_the_next_process(
     first.proxy.pullthrough.manifests.close()  # as the process would at its end
     damaged = bytearray(good)
     damaged[len(damaged) // 2] ^= 0x01
-    with sqlite3.connect(cache / "state.db") as conn:
+    with database(cache / "state.db") as conn:
         conn.execute("UPDATE manifests SET body = ?", (bytes(damaged),))
     second = await start_proxy(cache_dir=str(cache))  # a new process on the same cache
     r = await RegistryClient(second.url, ca).request(

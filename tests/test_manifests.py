@@ -4,6 +4,7 @@ behind to SQLite, a full disk, damaged state set aside, and the import of an old
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +20,19 @@ import trio
 from hubproxy.cache import manifests as manifests_module
 from hubproxy.cache.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts
 from hubproxy.policy.cachepolicy import Readability
+
+
+@contextlib.contextmanager
+def database(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection to ``path`` for one transaction, committed, then closed (sqlite3's own
+    context manager only commits: Python 3.13 warns about the connection left open)."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
 
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -94,7 +108,7 @@ def restarted(store: ManifestStore, **bounds: int) -> ManifestStore:
 
 def rows(root: Path, table: str) -> list[tuple[object, ...]]:
     """A table's rows as another process sees them (committed only)."""
-    with sqlite3.connect(root / "state.db") as conn:
+    with database(root / "state.db") as conn:
         return list(conn.execute(f"SELECT * FROM {table}"))
 
 
@@ -172,7 +186,7 @@ def test_a_row_another_worker_evicted_is_a_quiet_miss(
     assert digest is not None
     store.close()
     restarted = opened(tmp_path)  # lists the row, has not read its body yet
-    with sqlite3.connect(tmp_path / "state.db") as conn:
+    with database(tmp_path / "state.db") as conn:
         conn.execute("DELETE FROM manifests")
     with caplog.at_level(logging.DEBUG, logger="hubproxy.cache"):
         assert restarted.get("library/a", digest) is None
@@ -190,7 +204,7 @@ def test_a_damaged_row_is_never_served_after_a_restart(
     store.close()
     damaged = bytearray(BODY)
     damaged[5] ^= 0xFF
-    with sqlite3.connect(tmp_path / "state.db") as conn:
+    with database(tmp_path / "state.db") as conn:
         conn.execute("UPDATE manifests SET body = ?", (bytes(damaged),))
     restarted = opened(tmp_path)
     with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):
@@ -236,7 +250,7 @@ async def test_a_large_body_is_read_off_the_event_loop(tmp_path: Path) -> None:
         assert loaded is not None and loaded.body == body and loaded.media_type == DOCKER
         assert ran == order
     # read once, verified, then kept in memory: no second read
-    with sqlite3.connect(tmp_path / "state.db") as conn:
+    with database(tmp_path / "state.db") as conn:
         conn.execute("UPDATE manifests SET body = x'00'")
     again = await store.load("library/a", big)
     assert again is not None and again.body == large
@@ -252,7 +266,7 @@ async def test_a_large_damaged_or_vanished_body_read_in_a_thread_is_dropped(
     for n, body in enumerate(large):
         store.put("library/a", str(n), accepted=V2, media_type=DOCKER, body=body, claimed=None)
     store = restarted(store)
-    with sqlite3.connect(tmp_path / "state.db") as conn:
+    with database(tmp_path / "state.db") as conn:
         conn.execute("UPDATE manifests SET body = x'00' WHERE hex = ?", (digests[0][7:],))
         conn.execute("DELETE FROM manifests WHERE hex = ?", (digests[1][7:],))
     with caplog.at_level(logging.DEBUG, logger="hubproxy.cache"):
@@ -331,7 +345,7 @@ def test_changes_are_committed_behind_in_a_write_ahead_log(tmp_path: Path) -> No
     assert store.tag("library/a", "1", V2) == digest
     assert store.flush()
     assert [row[0] for row in rows(tmp_path, "tags")] == ["library/a:1"]
-    with sqlite3.connect(tmp_path / "state.db") as conn:
+    with database(tmp_path / "state.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
 
@@ -497,7 +511,7 @@ def filled_database(root: Path) -> None:
             "library/a", str(n), accepted=V2, media_type=DOCKER, body=manifest(n, 300), claimed=None
         )
     store.close()
-    with sqlite3.connect(root / "state.db") as conn:
+    with database(root / "state.db") as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
@@ -527,7 +541,7 @@ def test_a_corrupt_database_is_set_aside_and_the_store_starts_empty(
 def test_a_database_of_another_shape_is_set_aside(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with sqlite3.connect(tmp_path / "state.db") as conn:
+    with database(tmp_path / "state.db") as conn:
         conn.execute("CREATE TABLE tags (name TEXT)")
         conn.execute("INSERT INTO tags VALUES ('x')")
     with caplog.at_level(logging.WARNING, logger="hubproxy.cache"):

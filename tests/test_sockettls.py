@@ -218,6 +218,10 @@ async def test_peer_close_notify_reads_as_eof(
 
 async def test_ragged_eof_reads_as_eof(ca: trustme.CA, cert: trustme.LeafCert) -> None:
     client, server = await connect(ca, cert)
+    # the client reads first, and with it the session tickets sent at the end of the handshake:
+    # a socket closed with unread bytes sends a reset, not the FIN this test is about
+    await server.send_all(b"hello")
+    assert await client.receive_some() == b"hello"
     await client.send_all(b"partial")
     await client.transport_stream.aclose()  # TCP FIN, no close_notify
     received = b""
@@ -230,13 +234,19 @@ async def test_ragged_eof_reads_as_eof(ca: trustme.CA, cert: trustme.LeafCert) -
 async def test_after_a_reset_receiving_ends_and_sending_breaks(
     ca: trustme.CA, cert: trustme.LeafCert
 ) -> None:
-    """CPython reports OpenSSL's ECONNRESET as a ragged EOF (SSLEOFError), so a reset reads
-    as the end, as a FIN without close_notify does; a send then fails."""
+    """A reset ends receiving: CPython 3.11 reports OpenSSL's ECONNRESET as a ragged EOF
+    (SSLEOFError), so it reads as the end, as a FIN without close_notify does; newer ones
+    report the reset itself. Either way no byte is made up, and a send then fails."""
     client, server = await connect(ca, cert)
     sock = client.transport_stream.socket
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await client.transport_stream.aclose()  # linger 0: close sends RST
-    assert await server.receive_some() == b""
+    ended: bytes | BaseException | None
+    try:
+        ended = await server.receive_some()
+    except trio.BrokenResourceError as exc:
+        ended = exc.__cause__
+    assert ended == b"" or isinstance(ended, ConnectionResetError)
     with pytest.raises(trio.BrokenResourceError) as info:
         await server.send_all(b"x")
     assert isinstance(info.value.__cause__, OSError)
