@@ -8,6 +8,7 @@ import errno
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -524,17 +525,25 @@ async def test_a_write_slowed_by_a_busy_cpu_keeps_fills_on_the_loop(
     def busy(fd: int, data: bytes | bytearray) -> None:
         on_loop = threading.current_thread() is threading.main_thread()
         where.append("loop" if on_loop else "thread")
+        real_write(fd, data)
         if len(where) == 3:
+            # after the write (which lets go of the GIL) and holding the GIL throughout: a
+            # thread of an earlier test that wanted it now would make this one wait for it
+            # (a voluntary switch, as a blocked write is)
             until = time.monotonic() + 0.03
             while time.monotonic() < until:
                 pass
-        real_write(fd, data)
 
     monkeypatch.setattr(store_module, "_write_all", busy)
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
     data = os.urandom(8 * CHUNK)
-    fill = await fill_chunk_by_chunk(nursery, store, data)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # no other thread takes the GIL from the busy loop
+    try:
+        fill = await fill_chunk_by_chunk(nursery, store, data)
+    finally:
+        sys.setswitchinterval(interval)
     assert fill.state is FillState.DONE
     assert store.path(fill.key).read_bytes() == data
     assert where == ["loop"] * 8

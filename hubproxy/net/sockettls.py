@@ -53,13 +53,16 @@ _RECORD_SIZE = 16 * 1024
 # kernel encrypts. Python names neither.
 _SOL_TLS = 282
 _TLS_TX = 1
+_CRYPTO_INFO_SIZE = 4  # struct tls_crypto_info: __u16 version, __u16 cipher_type
 
 
 def kernel_encrypts(sock: socket.socket) -> bool:
     """Whether the kernel encrypts what is written to ``sock`` (kTLS sending side is on)."""
     try:
-        sock.getsockopt(_SOL_TLS, _TLS_TX, 64)
-    except OSError:  # no tls upper-layer protocol on it, or no keys for sending
+        # exactly struct tls_crypto_info (version, cipher type): the kernel answers EINVAL to
+        # any other length that is not the whole of the cipher's own struct
+        sock.getsockopt(_SOL_TLS, _TLS_TX, _CRYPTO_INFO_SIZE)
+    except OSError:  # no tls upper-layer protocol on it (ENOPROTOOPT), no keys for sending (EBUSY)
         return False
     return True
 
