@@ -23,6 +23,7 @@ from .test_tls import (
     MiB,
     Version,
     both,
+    check_echo,
     client_ctx,
     payload,
     receive_exactly,
@@ -78,25 +79,7 @@ async def test_echo_5mib_full_duplex(
 ) -> None:
     """The client sends 5 MiB in irregular pieces while reading the echo back."""
     client, server = await connect(ca, cert, version)
-    data = payload(5 * MiB, seed=1)
-    result: dict[str, str] = {}
-
-    async def echo() -> None:
-        remaining = len(data)
-        while remaining:
-            chunk = await server.receive_some()
-            assert chunk
-            await server.send_all(chunk)
-            remaining -= len(chunk)
-
-    async def read_back() -> None:
-        result["echo"] = await receive_exactly(client, len(data))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(echo)
-        nursery.start_soon(read_back)
-        nursery.start_soon(send_in_pieces, client, data, 2)
-    assert result["echo"] == hashlib.sha256(data).hexdigest()
+    await check_echo(client, server)
     assert server.socket.version() == f"TLSv{version}"
     await client.aclose()
     await server.aclose()

@@ -34,7 +34,6 @@ HTTP clients: they read the answer anyway.
 
 from __future__ import annotations
 
-import operator
 import os
 import socket
 import ssl
@@ -43,7 +42,7 @@ import trio
 
 from ..policy.fairshare import HANDSHAKE_COST, RECORD_COST, TEARDOWN_COST
 from .fairness import gate
-from .tls import RECEIVE_SIZE, SEND_CHUNK, ConflictDetector, is_eof
+from .tls import RECEIVE_SIZE, SEND_CHUNK, ConflictDetector, StreamHealth, is_eof, receive_limit
 
 __all__ = ["SocketTLSStream", "kernel_encrypts"]
 
@@ -67,20 +66,18 @@ def kernel_encrypts(sock: socket.socket) -> bool:
     return True
 
 
-class SocketTLSStream(trio.abc.Stream):
+class SocketTLSStream(StreamHealth, trio.abc.Stream):
     """A server-side TLS connection on a socket; build it with :meth:`wrap_server`, which
     performs the handshake. Speaks ``trio.abc.Stream``, like ``TLSStream``."""
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
         # Private: only useful after the handshake, which wrap_server does.
+        super().__init__()
         self.socket = sock
         self._recv_guard = ConflictDetector("another task is already receiving on this stream")
         self._send_guard = ConflictDetector("another task is already sending on this stream")
         self._sending = False  # a send is in flight: no close_notify may cut into its records
         self._handshake_done = False
-        self._closed = False
-        self._broken = False
-        self._broken_cause: BaseException | None = None
         self._eof = False  # plaintext EOF was returned; stays EOF
         self.kernel_encrypts = False  # kTLS took over the sending side (see kernel_encrypts)
 
@@ -148,12 +145,7 @@ class SocketTLSStream(trio.abc.Stream):
         """Return 1..max_bytes decrypted bytes (default 256 KiB), ``b""`` at EOF: everything
         already decryptable, waiting for the socket only when there is nothing."""
         with self._recv_guard:
-            if max_bytes is None:
-                max_bytes = RECEIVE_SIZE
-            else:
-                max_bytes = operator.index(max_bytes)
-                if max_bytes < 1:
-                    raise ValueError("max_bytes must be >= 1")
+            max_bytes = receive_limit(max_bytes)
             self._check_usable()
             # Cancellation must hit before anything is taken from OpenSSL.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -286,23 +278,3 @@ class SocketTLSStream(trio.abc.Stream):
             trio.lowlevel.notify_closing(self.socket)
         self.socket.close()
         return True
-
-    # -------------------------------------------------------------- helpers
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("TLS stream was closed")
-        if self._broken:
-            if self._broken_cause is not None:
-                raise trio.BrokenResourceError(
-                    f"TLS stream is broken: {self._broken_cause}"
-                ) from self._broken_cause
-            raise trio.BrokenResourceError("TLS stream is broken")
-
-    def _closed_error(
-        self, exc: trio.ClosedResourceError
-    ) -> trio.ClosedResourceError | trio.BrokenResourceError:
-        if self._closed:
-            return trio.ClosedResourceError("TLS stream was closed")
-        self._broken = True
-        return trio.BrokenResourceError(f"socket was closed: {exc}")

@@ -67,7 +67,16 @@ import trio
 from ..policy.fairshare import HANDSHAKE_COST, RECORD_COST, TEARDOWN_COST
 from .fairness import gate
 
-__all__ = ["CLOSE_NOTIFY_TIMEOUT", "RECEIVE_SIZE", "SEND_CHUNK", "TLSStream"]
+__all__ = [
+    "CLOSE_NOTIFY_TIMEOUT",
+    "RECEIVE_SIZE",
+    "SEND_CHUNK",
+    "ConflictDetector",
+    "StreamHealth",
+    "TLSStream",
+    "is_eof",
+    "receive_limit",
+]
 
 #: Ciphertext read from the transport per syscall, and default ``max_bytes``.
 RECEIVE_SIZE = 256 * 1024
@@ -117,7 +126,48 @@ class ConflictDetector:
         self._held = False
 
 
-class TLSStream(trio.abc.Stream, Generic[T_Stream]):
+def receive_limit(max_bytes: int | None) -> int:
+    """``receive_some``'s ``max_bytes``, checked: the default when None, ValueError below 1."""
+    if max_bytes is None:
+        return RECEIVE_SIZE
+    max_bytes = operator.index(max_bytes)
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes
+
+
+class StreamHealth:
+    """Whether a TLS stream can still be used, for both of hubproxy's TLS streams: closed by
+    this side (``ClosedResourceError``), or broken, with the error that broke it if one did
+    (``BrokenResourceError``)."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._broken = False
+        self._broken_cause: BaseException | None = None
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("TLS stream was closed")
+        if self._broken:
+            if self._broken_cause is not None:
+                raise trio.BrokenResourceError(
+                    f"TLS stream is broken: {self._broken_cause}"
+                ) from self._broken_cause
+            raise trio.BrokenResourceError("TLS stream is broken")
+
+    def _closed_error(
+        self, exc: trio.ClosedResourceError
+    ) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        # Closed by our own aclose() (another task): report "closed"; closed underneath us
+        # by someone else: the TLS stream is broken.
+        if self._closed:
+            return trio.ClosedResourceError("TLS stream was closed")
+        self._broken = True
+        return trio.BrokenResourceError(f"transport was closed: {exc}")
+
+
+class TLSStream(StreamHealth, trio.abc.Stream, Generic[T_Stream]):
     """A TLS connection over ``transport_stream``; build it with :meth:`wrap_client` /
     :meth:`wrap_server`, which perform the handshake.
 
@@ -136,6 +186,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
     ) -> None:
         # Private: a TLSStream is only useful after the handshake, which the
         # wrap_* classmethods do.
+        super().__init__()
         self.transport_stream = transport_stream
         self._ssl = ssl_object
         self._incoming = incoming
@@ -145,9 +196,6 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
         self._send_guard = ConflictDetector("another task is already sending on this TLSStream")
         self._delayed = b""  # held-back TLS 1.3 session tickets, see module doc
         self._handshake_done = False
-        self._closed = False
-        self._broken = False
-        self._broken_cause: BaseException | None = None
         self._eof = False  # plaintext EOF was returned; stays EOF
         self._transport_eof = False  # transport returned b""; never read it again
 
@@ -254,12 +302,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
         wait for (at least) one more transport read.
         """
         with self._recv_guard:
-            if max_bytes is None:
-                max_bytes = RECEIVE_SIZE
-            else:
-                max_bytes = operator.index(max_bytes)
-                if max_bytes < 1:
-                    raise ValueError("max_bytes must be >= 1")
+            max_bytes = receive_limit(max_bytes)
             self._check_usable()
             # Cancellation must hit before we consume anything from the
             # SSLObject; afterwards only an unshielded transport op may raise.
@@ -285,7 +328,7 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
                 await gate(self._incoming.pending + RECORD_COST)
                 yielded = True
                 if self._closed:
-                    raise trio.ClosedResourceError("TLSStream was closed")
+                    raise trio.ClosedResourceError("TLS stream was closed")
 
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """Decrypt up to max_bytes of what is available; None = need ciphertext."""
@@ -489,25 +532,3 @@ class TLSStream(trio.abc.Stream, Generic[T_Stream]):
                 await self.transport_stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # peer already gone; closing anyway
-
-    # -------------------------------------------------------------- helpers
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("TLSStream was closed")
-        if self._broken:
-            if self._broken_cause is not None:
-                raise trio.BrokenResourceError(
-                    f"TLS stream is broken: {self._broken_cause}"
-                ) from self._broken_cause
-            raise trio.BrokenResourceError("TLS stream is broken")
-
-    def _closed_error(
-        self, exc: trio.ClosedResourceError
-    ) -> trio.ClosedResourceError | trio.BrokenResourceError:
-        # Transport closed by our own aclose() (other task): report "closed";
-        # closed underneath us by someone else: the TLS stream is broken.
-        if self._closed:
-            return trio.ClosedResourceError("TLSStream was closed")
-        self._broken = True
-        return trio.BrokenResourceError(f"transport was closed: {exc}")
