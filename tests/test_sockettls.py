@@ -23,11 +23,11 @@ from .test_tls import (
     MiB,
     Version,
     both,
+    check_both_ways,
     check_echo,
     client_ctx,
     payload,
     receive_exactly,
-    send_in_pieces,
     server_ctx,
     tcp_pair,
     trio_client,
@@ -90,18 +90,7 @@ async def test_both_sides_send_and_receive_concurrently(
     version: Version, ca: trustme.CA, cert: trustme.LeafCert
 ) -> None:
     client, server = await connect(ca, cert, version)
-    up, down = payload(5 * MiB, seed=3), payload(5 * MiB, seed=4)
-    got: dict[str, str] = {}
-
-    async def recv(name: str, stream: trio.abc.Stream, size: int) -> None:
-        got[name] = await receive_exactly(stream, size)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(send_in_pieces, client, up, 5)
-        nursery.start_soon(send_in_pieces, server, down, 6)
-        nursery.start_soon(recv, "up", server, len(up))
-        nursery.start_soon(recv, "down", client, len(down))
-    assert got == {"up": hashlib.sha256(up).hexdigest(), "down": hashlib.sha256(down).hexdigest()}
+    await check_both_ways(client, server)
     await client.aclose()
     await server.aclose()
 

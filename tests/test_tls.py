@@ -194,6 +194,22 @@ async def check_echo(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
     assert result["echo"] == hashlib.sha256(data).hexdigest()
 
 
+async def check_both_ways(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
+    """Each side streams its own 5 MiB while receiving the other's; both arrive whole."""
+    up, down = payload(5 * MiB, seed=3), payload(5 * MiB, seed=4)
+    got: dict[str, str] = {}
+
+    async def recv(name: str, stream: trio.abc.Stream, size: int) -> None:
+        got[name] = await receive_exactly(stream, size)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_in_pieces, client, up, 5)
+        nursery.start_soon(send_in_pieces, server, down, 6)
+        nursery.start_soon(recv, "up", server, len(up))
+        nursery.start_soon(recv, "down", client, len(down))
+    assert got == {"up": hashlib.sha256(up).hexdigest(), "down": hashlib.sha256(down).hexdigest()}
+
+
 # ---------------------------------------------------------------- data transfer
 
 
@@ -220,18 +236,7 @@ async def test_both_sides_send_and_receive_concurrently(
 ) -> None:
     """Each side streams its own 5 MiB while receiving the other's (neither side only echoes)."""
     client, server = await connect(kind, ca, cert, version)
-    up, down = payload(5 * MiB, seed=3), payload(5 * MiB, seed=4)
-    got: dict[str, str] = {}
-
-    async def recv(name: str, stream: trio.abc.Stream, size: int) -> None:
-        got[name] = await receive_exactly(stream, size)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(send_in_pieces, client, up, 5)
-        nursery.start_soon(send_in_pieces, server, down, 6)
-        nursery.start_soon(recv, "up", server, len(up))
-        nursery.start_soon(recv, "down", client, len(down))
-    assert got == {"up": hashlib.sha256(up).hexdigest(), "down": hashlib.sha256(down).hexdigest()}
+    await check_both_ways(client, server)
     await client.aclose()
     await server.aclose()
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import operator
 import ssl
+from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -72,8 +73,8 @@ __all__ = [
     "RECEIVE_SIZE",
     "SEND_CHUNK",
     "ConflictDetector",
-    "StreamHealth",
     "TLSStream",
+    "TLSStreamState",
     "is_eof",
     "receive_limit",
 ]
@@ -136,15 +137,54 @@ def receive_limit(max_bytes: int | None) -> int:
     return max_bytes
 
 
-class StreamHealth:
-    """Whether a TLS stream can still be used, for both of hubproxy's TLS streams: closed by
-    this side (``ClosedResourceError``), or broken, with the error that broke it if one did
-    (``BrokenResourceError``)."""
+class TLSStreamState:
+    """What both of hubproxy's TLS streams keep and do alike: whether the stream was closed by
+    this side (``ClosedResourceError``), broken, with the error that broke it if one did
+    (``BrokenResourceError``), or at its end; and how plaintext is taken from OpenSSL."""
 
     def __init__(self) -> None:
         self._closed = False
         self._broken = False
         self._broken_cause: BaseException | None = None
+        self._eof = False  # plaintext EOF was returned; stays EOF
+
+    def _read_plaintext(
+        self, read: Callable[[int], bytes], max_bytes: int, *, ended: bool = False
+    ) -> bytes | None:
+        """Up to ``max_bytes`` of what OpenSSL can decrypt now, from ``read``
+        (``SSLObject.read``, ``SSLSocket.recv``: one record at most per call); ``b""`` at the
+        end (a ``close_notify``, or a ragged EOF as with trio's ``https_compatible``); None
+        when more ciphertext must arrive first. ``ended``: the transport already said EOF, so
+        a request for more means the end too (defensive: OpenSSL should say EOF itself)."""
+        if self._eof:
+            return b""
+        chunks: list[bytes] = []
+        remaining = max_bytes
+        try:
+            while remaining:
+                chunk = read(min(remaining, _RECORD_SIZE))
+                if not chunk:  # close_notify, or a TCP EOF without one (SSLSocket)
+                    self._eof = True
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+        except ssl.SSLWantReadError:
+            if ended and not chunks:
+                self._eof = True
+        except ssl.SSLZeroReturnError:  # close_notify after we sent ours
+            self._eof = True
+        except OSError as exc:  # ssl.SSLError is one; a reset of the socket OpenSSL reads
+            if isinstance(exc, ssl.SSLError) and is_eof(exc):
+                self._eof = True
+            else:
+                self._broken = True
+                self._broken_cause = exc
+                if not chunks:
+                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+                # Hand out the good data first; the next call raises.
+        if chunks:
+            return b"".join(chunks)  # one copy in all; a lone chunk is returned as it is
+        return b"" if self._eof else None
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -167,7 +207,7 @@ class StreamHealth:
         return trio.BrokenResourceError(f"transport was closed: {exc}")
 
 
-class TLSStream(StreamHealth, trio.abc.Stream, Generic[T_Stream]):
+class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
     """A TLS connection over ``transport_stream``; build it with :meth:`wrap_client` /
     :meth:`wrap_server`, which perform the handshake.
 
@@ -196,7 +236,6 @@ class TLSStream(StreamHealth, trio.abc.Stream, Generic[T_Stream]):
         self._send_guard = ConflictDetector("another task is already sending on this TLSStream")
         self._delayed = b""  # held-back TLS 1.3 session tickets, see module doc
         self._handshake_done = False
-        self._eof = False  # plaintext EOF was returned; stays EOF
         self._transport_eof = False  # transport returned b""; never read it again
 
     # ------------------------------------------------------------------ setup
@@ -332,40 +371,7 @@ class TLSStream(StreamHealth, trio.abc.Stream, Generic[T_Stream]):
 
     def _decrypt(self, max_bytes: int) -> bytes | None:
         """Decrypt up to max_bytes of what is available; None = need ciphertext."""
-        if self._eof:
-            return b""
-        chunks: list[bytes] = []
-        remaining = max_bytes
-        try:
-            while remaining:
-                chunk = self._ssl.read(min(remaining, _RECORD_SIZE))
-                if not chunk:  # close_notify received
-                    self._eof = True
-                    break
-                chunks.append(chunk)
-                remaining -= len(chunk)
-        except ssl.SSLWantReadError:
-            if self._transport_eof and not chunks:
-                # Defensive: after write_eof() OpenSSL should report EOF, never
-                # ask for more; don't spin if it does.
-                self._eof = True
-        except ssl.SSLZeroReturnError:  # close_notify after we sent ours
-            self._eof = True
-        except ssl.SSLError as exc:
-            if is_eof(exc):  # ragged EOF: treat as EOF (https_compatible)
-                self._eof = True
-            else:
-                self._broken = True
-                self._broken_cause = exc
-                if not chunks:
-                    raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-                # Hand out the good data first; the next call raises.
-        if chunks:
-            # One copy total; join() returns a lone chunk as-is.
-            return b"".join(chunks)
-        if self._eof:
-            return b""
-        return None
+        return self._read_plaintext(self._ssl.read, max_bytes, ended=self._transport_eof)
 
     async def _fill_incoming(self, want: int = RECEIVE_SIZE) -> None:
         """One transport read into the incoming BIO (receiving task/handshake only): about as
