@@ -25,6 +25,7 @@ from .test_tls import (
     both,
     check_both_ways,
     check_echo,
+    check_refused_handshake,
     client_ctx,
     payload,
     receive_exactly,
@@ -129,19 +130,14 @@ async def test_handshake_failure_is_broken_resource_and_closes(
     ca: trustme.CA, cert: trustme.LeafCert
 ) -> None:
     """The client insists on TLS 1.3, the server speaks only 1.2: both see the failure."""
-    c_tr, s_tr = await tcp_pair()
-    fd = s_tr.socket.fileno()
+    descriptors: list[int] = []
 
-    async def peer() -> None:
-        with pytest.raises(trio.BrokenResourceError):
-            await trio_client(c_tr, client_ctx(ca, "1.3"))
-        await c_tr.aclose()
+    async def wrap(tcp: trio.SocketStream, context: ssl.SSLContext) -> SocketTLSStream:
+        descriptors.append(tcp.socket.fileno())
+        return await SocketTLSStream.wrap_server(tcp, context)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(peer)
-        with pytest.raises(trio.BrokenResourceError) as info:
-            await SocketTLSStream.wrap_server(s_tr, server_ctx(cert, "1.2"))
-    assert isinstance(info.value.__cause__, ssl.SSLError)
+    s_tr = await check_refused_handshake(wrap, ca, cert)
+    (fd,) = descriptors
     assert s_tr.socket.fileno() == -1
     with pytest.raises(OSError, match="Bad file descriptor"):  # closed, not only detached
         os.fstat(fd)

@@ -384,6 +384,17 @@ async def test_server_handshake_failure_is_broken_resource(
     ca: trustme.CA, cert: trustme.LeafCert
 ) -> None:
     """Client insists on TLS 1.3, server only speaks 1.2."""
+    await check_refused_handshake(TLSStream.wrap_server, ca, cert)
+
+
+async def check_refused_handshake(
+    wrap_server: Callable[[trio.SocketStream, ssl.SSLContext], Awaitable[object]],
+    ca: trustme.CA,
+    cert: trustme.LeafCert,
+) -> trio.SocketStream:
+    """A client insisting on TLS 1.3 against ``wrap_server`` speaking only 1.2: both sides
+    fail, the server with BrokenResourceError from the ssl error. Returns the server's TCP
+    stream."""
     c_tr, s_tr = await tcp_pair()
 
     async def peer() -> None:
@@ -394,8 +405,9 @@ async def test_server_handshake_failure_is_broken_resource(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(peer)
         with pytest.raises(trio.BrokenResourceError) as info:
-            await TLSStream.wrap_server(s_tr, server_ctx(cert, "1.2"))
+            await wrap_server(s_tr, server_ctx(cert, "1.2"))
     assert isinstance(info.value.__cause__, ssl.SSLError)
+    return s_tr
 
 
 @pytest.mark.trio
