@@ -297,6 +297,7 @@ class ClientResponse:
                         try:
                             sent = os.sendfile(sock.fileno(), fd, offset, stop - offset)
                         except BlockingIOError:
+                            push_pending(sock)
                             await trio.lowlevel.wait_writable(sock)
                             continue
                         if sent == 0:
@@ -706,6 +707,16 @@ class ClientConnection:
         if scope.cancelled_caught:
             self.conn.send_failed()
             raise ClientGone("client stopped receiving: TooSlowError()")
+
+
+def push_pending(sock: trio.socket.SocketType | ssl.SSLSocket) -> None:
+    """Send what the kernel holds back on ``sock``. ``sendfile`` tells TCP that more is coming
+    (MSG_MORE) for every byte it could not take yet, and the kernel keeps the last segment (with
+    kTLS, the last whole record) for it; when that filled a small send buffer (Debian 6.1's
+    16 KiB to start with) no room ever opens, and the transfer stalls for good (seen in
+    tests/ktls-vm.sh: one record out, then nothing). Setting TCP_NODELAY pushes it out."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def _starts_plain_http(tcp: trio.SocketStream) -> bool:
