@@ -54,9 +54,13 @@ cat >"$work/guest.sh" <<EOF
 #!/bin/bash
 export HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
+# the tests' files on the guest's own tmpfs: SQLite (the manifest store) cannot lock over 9p
+mkdir -p $work/tmp
+mount -t tmpfs tmp $work/tmp
+export TMPDIR=$work/tmp
 cd $PWD
 echo "kernel \$(uname -r); TCP upper-layer protocols: \$(cat /proc/sys/net/ipv4/tcp_available_ulp)"
-.venv-ktls/bin/python -m pytest -q -p no:cacheprovider -rs ${tests[*]@Q}
+.venv-ktls/bin/python -m pytest -q -p no:cacheprovider -rs --basetemp=$work/tmp/pytest ${tests[*]@Q}
 echo "ktls-vm: pytest exit \$?"
 EOF
 cat >"$work/initrd/init" <<EOF
