@@ -634,10 +634,13 @@ async def test_tls_hits_go_by_sendfile_where_the_kernel_encrypts(
     await client.aclose()
     assert proxy.proxy.pullthrough is not None
     sent_by_sendfile = proxy.proxy.pullthrough.stats.sendfile_bytes
+    kernel_tls = proxy.server.figures().kernel_tls  # hubproxy_kernel_tls_connections_total
     if ktls_offered():
         assert sent_by_sendfile >= sum(map(len, layers))
+        assert kernel_tls >= 1
     else:
         assert sent_by_sendfile == 0
+        assert kernel_tls == 0
 
 
 async def test_a_full_disk_streams_uncached_instead_of_failing(

@@ -2,10 +2,11 @@
 
 Everything above this module sees a :class:`ByteStream` (receive_some / send_all / aclose), so the
 transport can be swapped without touching HTTP code: plain TCP is trio's ``SocketStream``; TLS to
-upstreams is our own :class:`hubproxy.net.tls.TLSStream`, which hands back every decrypted byte
-available per read instead of one 16 KiB record (see its module docstring), and TLS to clients is
-:class:`hubproxy.net.sockettls.SocketTLSStream`, where OpenSSL writes the socket itself (it mostly
-sends). Foreign errors are translated into the proxy's error family here, at the edge.
+upstreams and clients is our own :class:`hubproxy.net.tls.TLSStream`, which hands back every
+decrypted byte available per read instead of one 16 KiB record (see its module docstring); with
+``--ktls`` where the kernel offers it, TLS to clients is
+:class:`hubproxy.net.sockettls.SocketTLSStream`, on the socket itself, which the kernel can take
+over. Foreign errors are translated into the proxy's error family here, at the edge.
 """
 
 from __future__ import annotations
