@@ -28,6 +28,7 @@ from hubproxy.net.server import (
 )
 from hubproxy.net.settings import ListenerSettings
 from hubproxy.net.turns import Turns
+from hubproxy.net.watch import Watches
 from hubproxy.policy.proxies import parse_proxy_url
 from hubproxy.policy.urls import Origin, parse_url
 from tests.conftest import StartProxy
@@ -712,13 +713,17 @@ async def test_a_client_that_closes_after_its_whole_answer_cancels_nothing() -> 
         await peer_closed.wait()  # work after the answer, while the client is gone
         seen["after"] = True
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._handle, request, handler, Turns(16, 30.0))
-        answer = await read_until_closed_or(peer, b"ok")
-        assert answer.endswith(b"\r\n\r\nok")
-        await peer.aclose()
-        await trio.testing.wait_all_tasks_blocked()  # the watch has seen the close
-        peer_closed.set()
+    watches = Watches(after=0.0)  # every request watched from its start
+    async with trio.open_nursery() as beside:
+        beside.start_soon(watches.run)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._handle, request, handler, Turns(16, 30.0), watches)
+            answer = await read_until_closed_or(peer, b"ok")
+            assert answer.endswith(b"\r\n\r\nok")
+            await peer.aclose()
+            await trio.testing.wait_all_tasks_blocked()  # the watch has seen the close
+            peer_closed.set()
+        beside.cancel_scope.cancel()
     record = seen["record"]
     assert isinstance(record, AccessRecord)
     assert seen.get("after") is True

@@ -48,6 +48,7 @@ from .sockettls import SocketTLSStream
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
 from .turns import Turns
+from .watch import Watches
 
 log = logging.getLogger("hubproxy")
 access_log = logging.getLogger("hubproxy.access")
@@ -399,7 +400,7 @@ class ClientConnection:
                     server.idle.pop(self, None)
                 if request is None:
                     return
-                await self._handle(request, handler, server.turns)
+                await self._handle(request, handler, server.turns, server.watches)
                 if self.must_close or not await self._discard_unread_body():
                     return
                 if self.body_bypassed:
@@ -486,7 +487,9 @@ class ClientConnection:
             return False
         return self.conn.their_state is h11.DONE
 
-    async def _handle(self, event: h11.Request, handler: Handler, turns: Turns) -> None:
+    async def _handle(
+        self, event: h11.Request, handler: Handler, turns: Turns, watches: Watches
+    ) -> None:
         method = event.method.decode("ascii", "replace")
         target = event.target.decode("ascii", "replace")
         self.method = method
@@ -546,7 +549,7 @@ class ClientConnection:
 
         try:
             if self._body_complete(body):
-                await self._serve_watched(in_turn, request, response)
+                await self._serve_watched(in_turn, request, response, watches)
             else:
                 await in_turn(request, response)
         except ClientGone:
@@ -574,50 +577,43 @@ class ClientConnection:
         return isinstance(event, h11.EndOfMessage)
 
     async def _serve_watched(
-        self, handler: Handler, request: ClientRequest, response: ClientResponse
+        self, handler: Handler, request: ClientRequest, response: ClientResponse, watches: Watches
     ) -> None:
-        """Run the handler while watching the connection, as nginx and Go's net/http do: a
-        client that closes or resets it before its answer is complete cancels what is done for
-        it (the upstream slot or manifest budget it waits for, the exchange it started), rather
-        than holding them for nobody. Bytes it sends meanwhile (a pipelined request) go to h11
-        for the next cycle and end the watch. Work shared with other clients (a cache fill)
-        runs in tasks of its own and goes on."""
-        departed = answered = False
-        sock = self._socket
-
-        async def watch(scope: trio.CancelScope) -> None:
-            nonlocal departed
-            try:
-                if sock is not None:
-                    # Wait on the socket itself first: most requests end before the client
-                    # sends anything, and cancelling a bare wait costs a fraction of
-                    # unwinding a receive through the TLS and socket stream layers. (Bytes
-                    # the TLS layer already holds wait for the next request's read.)
-                    await trio.lowlevel.wait_readable(sock)
-                data = await self.stream.receive_some(HEAD_READ)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if data:
-                self.conn.receive_data(data)  # type: ignore[arg-type]  # any bytes-like
-                return
-            if response.finished:
-                return  # it read its whole answer and closed: what is left here is ours
-            departed = True
-            scope.cancel()
-
-        failed: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, nursery.cancel_scope)
-            try:
+        """Run the handler while watching the connection, once the request has run a while
+        (net.watch), as nginx and Go's net/http do: a client that closes or resets it before its
+        answer is complete cancels what is done for it (the upstream slot or manifest budget it
+        waits for, the exchange it started), rather than holding them for nobody. Bytes it sends
+        meanwhile (a pipelined request) go to h11 for the next cycle and end the watch. Work
+        shared with other clients (a cache fill) runs in tasks of its own and goes on."""
+        answered = False
+        scope = trio.CancelScope()
+        watch = watches.begin(functools.partial(self._look_for_departure, response), scope)
+        try:
+            with scope:
                 await handler(request, response)
                 answered = True
-            except Exception as exc:  # raised below as it is, not in an ExceptionGroup
-                failed = exc
-            nursery.cancel_scope.cancel()
-        if failed is not None:
-            raise failed
-        if departed and not answered and not response.finished:
+        finally:
+            await watches.end(watch)
+        if watch.departed and not answered and not response.finished:
             raise ClientGone("the client closed the connection before its answer was complete")
+
+    async def _look_for_departure(self, response: ClientResponse) -> bool:
+        """Wait until the client sends something (kept for h11's next cycle: False) or closes
+        the connection (True, unless it had its whole answer: what is left then is ours)."""
+        sock = self._socket
+        try:
+            if sock is not None:
+                # Wait on the socket itself first: cancelling a bare wait costs a fraction of
+                # unwinding a receive through the TLS and socket stream layers. (Bytes the TLS
+                # layer already holds wait for the next request's read.)
+                await trio.lowlevel.wait_readable(sock)
+            data = await self.stream.receive_some(HEAD_READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if data:
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # any bytes-like
+            return False
+        return not response.finished
 
     async def _reject(self, error: ProxyError, response: ClientResponse | None = None) -> None:
         """Answer 400 (or the error's status) and close, if a response can still be sent."""
@@ -799,6 +795,7 @@ class Server:
         self.kernel_tls = 0  # handshakes after which the kernel encrypts (--ktls)
         self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
         self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
+        self.watches = Watches()  # for clients that leave before their answer (net.watch)
         # --client-bandwidth, --total-bandwidth; None: no cap, and no cost in the send path
         self.pacer = Pacer(settings.bandwidth) if settings.bandwidth.on else None
         self._last_refusal_warning: dict[Connection, float] = {}
@@ -833,6 +830,7 @@ class Server:
         try:
             async with trio.open_nursery() as beside:
                 beside.start_soon(self.fairness.keep_batches_coming)
+                beside.start_soon(self.watches.run)
                 if self.pacer is not None:
                     beside.start_soon(self.pacer.dispatch)
                 async with trio.open_nursery() as connections:

@@ -1,0 +1,108 @@
+"""net.watch: a request gets its watch for a departing client only once it has run a while."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from hubproxy.net.watch import Watches
+
+
+class Client:
+    """A client connection as the watch sees it: it sends or leaves when told to."""
+
+    def __init__(self) -> None:
+        self.looked = 0
+        self.leaves = trio.Event()
+
+    async def look(self) -> bool:
+        self.looked += 1
+        await self.leaves.wait()
+        return True
+
+
+async def test_a_request_done_before_the_delay_starts_no_watch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    watches = Watches(after=0.01)
+    client = Client()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watches.run)
+        for _ in range(3):
+            scope = trio.CancelScope()
+            watch = watches.begin(client.look, scope)
+            await trio.sleep(0.009)
+            await watches.end(watch)
+            assert not watch.started
+        assert len(watches) == 0
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert client.looked == 0
+
+
+async def test_a_request_still_running_after_the_delay_is_cancelled_when_its_client_leaves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    watches = Watches(after=0.01)
+    client = Client()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watches.run)
+        began = trio.current_time()
+        with trio.CancelScope() as scope:
+            watch = watches.begin(client.look, scope)
+            await trio.sleep(0.011)
+            assert watch.started and client.looked == 1
+            client.leaves.set()
+            await trio.sleep(60)  # the upstream it waits for never answers
+        await watches.end(watch)
+        assert scope.cancelled_caught and watch.departed
+        assert trio.current_time() - began < 0.02
+        nursery.cancel_scope.cancel()
+
+
+async def test_each_watch_starts_its_own_delay_after_its_request_began(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    watches = Watches(after=0.1)
+    clients = [Client() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watches.run)
+        started = []
+        for client in clients:
+            started.append(watches.begin(client.look, trio.CancelScope()))
+            await trio.sleep(0.04)
+        # at 0.12: the first began at 0, the second at 0.04, the third at 0.08
+        assert [w.started for w in started] == [True, False, False]
+        await trio.sleep(0.03)  # 0.15
+        assert [w.started for w in started] == [True, True, False]
+        await trio.sleep(0.04)  # 0.19
+        assert [w.started for w in started] == [True, True, True]
+        for watch in started:
+            await watches.end(watch)
+        nursery.cancel_scope.cancel()
+
+
+async def test_ending_a_started_watch_waits_until_it_stopped() -> None:
+    """The watch may be reading the connection: the request's end waits for it, so the next
+    read of the connection never meets it."""
+    watches = Watches(after=0.0)
+    stopped = False
+
+    async def look() -> bool:
+        nonlocal stopped
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.01)  # unwinding takes a while
+            stopped = True
+        return False  # pragma: no cover
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watches.run)
+        watch = watches.begin(look, trio.CancelScope())
+        await trio.testing.wait_all_tasks_blocked()
+        assert watch.started
+        await watches.end(watch)
+        assert stopped and not watch.departed
+        nursery.cancel_scope.cancel()
