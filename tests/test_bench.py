@@ -465,6 +465,26 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert "## Targets (issue 14)" in markdown and "| 64MiB-tls | " in markdown
 
 
+def test_request_floor_measures_both_tls_streams() -> None:
+    """``python -m bench.request_floor``: the bare trio + h11 + TLS server answers wrk, with
+    trio's SSLStream and with hubproxy's TLSStream, and says what a request cost each."""
+    if find_tool("wrk") is None:
+        pytest.skip("needs wrk")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.request_floor", "--seconds", "0.5", "--rounds", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    pattern = r"\[round 1\] (trio\.SSLStream|TLSStream): ([\d,]+) req/s, (\d+) µs CPU per request"
+    found = [re.fullmatch(pattern, line) for line in lines]
+    assert [m.group(1) for m in found if m] == ["trio.SSLStream", "TLSStream"], lines
+    assert all(m and int(m.group(2).replace(",", "")) > 0 and int(m.group(3)) > 0 for m in found)
+
+
 # --- where a run writes, and the chart -------------------------------------------------------
 
 
