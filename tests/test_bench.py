@@ -471,7 +471,7 @@ def test_request_floor_measures_both_tls_streams() -> None:
     if find_tool("wrk") is None:
         pytest.skip("needs wrk")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.request_floor", "--seconds", "0.5", "--rounds", "1"],
+        [sys.executable, "-m", "bench.request_floor", "--seconds", "1", "--rounds", "1"],
         cwd=REPO,
         capture_output=True,
         text=True,
