@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
@@ -21,43 +22,42 @@ class Client:
         return True
 
 
-async def test_a_request_done_before_the_delay_starts_no_watch(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+@pytest.fixture
+async def watches(nursery: trio.Nursery) -> Watches:
+    """Watches started 10 ms into their requests, the starting task running beside the test."""
     watches = Watches(after=0.01)
+    nursery.start_soon(watches.run)
+    return watches
+
+
+async def test_a_request_done_before_the_delay_starts_no_watch(
+    autojump_clock: trio.testing.MockClock, watches: Watches
+) -> None:
     client = Client()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watches.run)
-        for _ in range(3):
-            scope = trio.CancelScope()
-            watch = watches.begin(client.look, scope)
-            await trio.sleep(0.009)
-            await watches.end(watch)
-            assert not watch.started
-        assert len(watches) == 0
-        await trio.sleep(1)
-        nursery.cancel_scope.cancel()
+    for _ in range(3):
+        watch = watches.begin(client.look, trio.CancelScope())
+        await trio.sleep(0.009)
+        await watches.end(watch)
+        assert not watch.started
+    assert len(watches) == 0
+    await trio.sleep(1)
     assert client.looked == 0
 
 
 async def test_a_request_still_running_after_the_delay_is_cancelled_when_its_client_leaves(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, watches: Watches
 ) -> None:
-    watches = Watches(after=0.01)
     client = Client()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watches.run)
-        began = trio.current_time()
-        with trio.CancelScope() as scope:
-            watch = watches.begin(client.look, scope)
-            await trio.sleep(0.011)
-            assert watch.started and client.looked == 1
-            client.leaves.set()
-            await trio.sleep(60)  # the upstream it waits for never answers
-        await watches.end(watch)
-        assert scope.cancelled_caught and watch.departed
-        assert trio.current_time() - began < 0.02
-        nursery.cancel_scope.cancel()
+    began = trio.current_time()
+    with trio.CancelScope() as scope:
+        watch = watches.begin(client.look, scope)
+        await trio.sleep(0.011)
+        assert watch.started and client.looked == 1
+        client.leaves.set()
+        await trio.sleep(60)  # the upstream it waits for never answers
+    await watches.end(watch)
+    assert scope.cancelled_caught and watch.departed
+    assert trio.current_time() - began < 0.02
 
 
 async def test_each_watch_starts_its_own_delay_after_its_request_began(
