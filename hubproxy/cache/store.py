@@ -1402,15 +1402,18 @@ def _write_timed(fd: int, data: bytes | bytearray) -> float:
     A write that took long only because another process had the CPU (this thread preempted:
     an involuntary switch, on a machine as busy as the benchmark's) does not make the disk
     slow: a worker thread would not write it sooner, and handing chunks over costs CPU."""
-    if _RUSAGE_THREAD is None:
-        started = time.monotonic()
-        _write_all(fd, data)
-        return time.monotonic() - started
-    slept = resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+    switches = _voluntary_switches()
     started = time.monotonic()
     _write_all(fd, data)
     took = time.monotonic() - started
-    return took if resource.getrusage(_RUSAGE_THREAD).ru_nvcsw != slept else 0.0
+    return took if switches is None or _voluntary_switches() != switches else 0.0
+
+
+def _voluntary_switches() -> int | None:
+    """The calling thread's voluntary context switches so far (None where not counted)."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
