@@ -27,6 +27,7 @@ from .cache.sharedstate import SharedState
 from .cache.store import BlobStore, describe_disk
 from .config import Config
 from .forwarder import Forwarder, build_pool
+from .net.buffers import BODIES
 from .net.ktls import ktls_clause
 from .net.pool import Connector
 from .net.server import Server
@@ -481,7 +482,7 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
     access = _access_summary(config, proxy)
     log.info(
         "hubproxy listening on %s; upstream %s; fallbacks %s; library/ prefix %s; %s; "
-        "access: %s; other registries: %s; %s",
+        "access: %s; other registries: %s; %s; body buffers %s%s",
         where,
         upstream,
         fallbacks,
@@ -490,6 +491,8 @@ def _log_startup(config: Config, server: Server, proxy: Proxy) -> None:
         access,
         others or "none",
         ktls_clause(asked=config.ktls and config.tls),
+        describe_size(BODIES.budget),
+        " per worker" if config.workers > 1 else "",
     )
     if not config.allow.networks and config.users_file is None:
         if _reachable_beyond_this_machine(server):

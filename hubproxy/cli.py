@@ -31,6 +31,7 @@ from .cache.inventory import listing, read_state, remove_in_directory
 from .cache.store import verify_store
 from .config import Config
 from .configfile import ConfigFileError, read_settings
+from .net.buffers import BODIES, worker_budget
 from .net.malloc import tune_malloc
 from .net.streams import certificate_validity, upstream_ssl_context
 from .ops.clientconfig import BUILTIN_NAMES, CLIENT_NAMES, snippet
@@ -713,7 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         share_keys(receive_keys(role))
         config = dataclasses.replace(config, listen_port=role.port)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on (app.py)
-    tune_malloc()  # body buffers reuse heap memory instead of faulting in fresh pages
+    if config.body_memory is not None:  # this process's part of the mirror's body buffers
+        BODIES.budget = worker_budget(config.body_memory, config.workers)
+    # body buffers reuse heap memory instead of faulting in fresh pages
+    tune_malloc(trim_threshold=2 * BODIES.budget)
     try:
         trio.run(lambda: serve(config, handle_signals=True, probe_upstreams=True, role=role))
     except CacheDirError as exc:

@@ -66,6 +66,9 @@ class Config:
     manifest_ttl_rules: tuple[TtlRule, ...] = ()  # tag patterns with TTLs of their own
     negative_ttl: float = DEFAULT_NEGATIVE_TTL  # an upstream's 404 to a manifest is kept; 0: off
     manifest_memory: int = 32 << 20  # bytes of manifests buffered from upstreams at once
+    # bytes of blob-body buffers, all workers together (net.buffers); None: the process keeps
+    # its default (in-process servers, tests); the command line always gives a number
+    body_memory: int | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     # access control (policy.access, policy.admission); empty means open to everyone

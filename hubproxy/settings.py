@@ -42,8 +42,10 @@ from typing import Any, NoReturn, cast
 from . import __version__
 from .cache.objects import parse_store_url
 from .config import Config, Limits, Timeouts
+from .net.buffers import auto_budget
 from .net.streams import CertificateError, server_ssl_context
 from .ops.admintoken import AdminTokenError, read_admin_token
+from .ops.memory import machine_memory
 from .ops.peersecret import read_peer_keys
 from .ops.usersfile import UsersFileError, load_users
 from .policy.access import (
@@ -268,6 +270,14 @@ def parse_workers(text: str) -> int:
     if not 1 <= count <= MAX_WORKERS:
         raise ValueError(f"must be from 1 to {MAX_WORKERS}, or auto")
     return count
+
+
+def parse_body_memory(text: str) -> int:
+    """``--body-memory``: a size, or ``auto``: :func:`~hubproxy.net.buffers.auto_budget` of
+    the memory this process may use (the machine's, or its cgroup's limit)."""
+    if text.strip().lower() == "auto":
+        return auto_budget(machine_memory())
+    return parse_size(text)
 
 
 def readable(path: str) -> str:
@@ -594,6 +604,17 @@ SETTINGS: tuple[Setting, ...] = (
         default="1",
         metavar="N|auto",
         parse=parse_workers,
+    ),
+    Setting(
+        "body-memory",
+        "memory for blob bodies in flight, all workers together: each transfer's chunks are "
+        "256K while the buffers of all those running fit it, smaller as more run at once "
+        "(never under 16K, so it bounds chunk sizes, not transfers); auto: a 64th of the "
+        "machine's memory, or its container's, from 8M to 64M (default auto)",
+        LISTEN,
+        default="auto",
+        metavar="SIZE|auto",
+        parse=parse_body_memory,
     ),
     Setting(
         "public-url",
@@ -1458,6 +1479,7 @@ def build_config(values: Values) -> Config:
         manifest_ttl_rules=manifest_ttl_rules,
         negative_ttl=cast(float, p["negative_ttl"]),
         manifest_memory=cast(int, p["manifest_memory"]),
+        body_memory=cast(int, p["body_memory"]),
         listen_host=listen[0],
         listen_port=listen[1],
         cert=cert,

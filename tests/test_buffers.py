@@ -7,7 +7,15 @@ import gc
 import pytest
 import trio.testing
 
-from hubproxy.net.buffers import BODIES, LARGEST, SMALLEST, TransferBudget
+from hubproxy.net.buffers import (
+    BODIES,
+    BODY_BUDGET,
+    LARGEST,
+    SMALLEST,
+    TransferBudget,
+    auto_budget,
+    worker_budget,
+)
 from hubproxy.net.upstream import UpstreamConnection
 from hubproxy.policy.urls import parse_url
 
@@ -82,3 +90,33 @@ async def test_an_upstream_body_counts_as_a_transfer_until_its_end() -> None:
     await theirs.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
     await conn.receive_head("HEAD")
     assert BODIES.running == before
+
+
+@pytest.mark.parametrize(
+    ("memory", "budget"),
+    [
+        (None, BODY_BUDGET),  # unknown: what a small router can spare
+        (128 * MiB, BODY_BUDGET),  # a 64th would be 2 MiB: never under 8 MiB
+        (1024 * MiB, 16 * MiB),  # a 1 GiB NAS or container
+        (2048 * MiB + 12345, 32 * MiB),  # whole TLS records
+        (4096 * MiB, 64 * MiB),
+        (24 * 1024 * MiB, 64 * MiB),  # a server: 64 MiB, fifty transfers at full chunks
+    ],
+)
+def test_the_automatic_budget_follows_the_machines_memory(memory: int | None, budget: int) -> None:
+    assert auto_budget(memory) == budget
+    assert auto_budget(memory) % (16 * 1024) == 0
+
+
+@pytest.mark.parametrize(
+    ("total", "workers", "each"),
+    [
+        (64 * MiB, 1, 64 * MiB),
+        (64 * MiB, 4, 16 * MiB),
+        (24 * MiB, 2, 12 * MiB),
+        (8 * MiB, 16, 5 * LARGEST),  # never less than one transfer at full chunks
+        (10 * MiB + 1, 3, 3 * MiB + 336 * 1024),  # a third, in whole TLS records
+    ],
+)
+def test_each_worker_takes_its_part_of_the_budget(total: int, workers: int, each: int) -> None:
+    assert worker_budget(total, workers) == each

@@ -419,6 +419,8 @@ HUB_FAMILIES = {
     "hubproxy_upstream_slot_limit",
     "hubproxy_manifest_bytes_in_flight",
     "hubproxy_manifest_memory_limit_bytes",
+    "hubproxy_body_memory_limit_bytes",
+    "hubproxy_body_transfers",
     "hubproxy_manifest_bytes_sending",
     "hubproxy_manifest_fetches_shared",
     "hubproxy_negative_cache_hits",

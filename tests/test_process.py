@@ -18,6 +18,9 @@ import pytest
 import trio
 import trustme
 
+from hubproxy.net.buffers import auto_budget
+from hubproxy.ops.memory import machine_memory
+from hubproxy.policy.sizes import describe_size
 from tests.conftest import StartProxy, TLSFiles
 from tests.fakehub import FakeHub, make_layer
 from tests.registry_client import RegistryClient
@@ -82,6 +85,9 @@ async def test_command_line_process_serves_and_stops_on_sigterm(
     ) as running:
         with trio.fail_after(30):
             assert f"upstream {hub.registry_url}".encode() in running.output
+            # --body-memory auto: this machine's share, which the process took as its budget
+            auto = describe_size(auto_budget(machine_memory()))
+            assert f"; body buffers {auto}\n".encode() in running.output
             client = RegistryClient(running.url, ca)
             digest = "sha256:" + hashlib.sha256(layer).hexdigest()
             r = await client.request(f"/v2/alpine/blobs/{digest}")

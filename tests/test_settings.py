@@ -11,6 +11,8 @@ import pytest
 from hubproxy.cli import check_config, load_settings
 from hubproxy.config import Config
 from hubproxy.configfile import file_keys, load_config_file, read_settings, registry_keys
+from hubproxy.net.buffers import auto_budget
+from hubproxy.ops.memory import machine_memory
 from hubproxy.settings import (
     SETTINGS,
     Kind,
@@ -138,6 +140,7 @@ NO_UNIT = (
         ),
         (["--cache-size", "20X"], "--cache-size: not a size: '20X' (try 500M or 20G)"),
         (["--manifest-memory", "20"], f"--manifest-memory: {NO_UNIT}"),
+        (["--body-memory", "20"], f"--body-memory: {NO_UNIT}"),
         (["--manifest-cache-size", "0"], "--manifest-cache-size: '0' is less than 1 MiB"),
     ],
 )
@@ -157,6 +160,9 @@ def test_a_size_without_a_unit_or_below_a_mebibyte_is_refused(
         (["--cache-size", "20GB"], "cache_size", 20 * 10**9),
         (["--cache-size", "500MB"], "cache_size", 500 * 10**6),
         (["--manifest-memory", "32MiB"], "manifest_memory", 32 << 20),
+        (["--body-memory", "16M"], "body_memory", 16 << 20),
+        (["--body-memory", "auto"], "body_memory", auto_budget(machine_memory())),
+        ([], "body_memory", auto_budget(machine_memory())),
         (["--manifest-cache-size", "100MB"], "manifest_cache_size", 100 * 10**6),
     ],
 )

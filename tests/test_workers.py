@@ -45,6 +45,7 @@ async def two_workers(
         *("--cert", str(tls_files.cert_pem), "--key", str(tls_files.key_pem)),
         *("--upstream", hub.registry_url, "--upstream-ca", str(tls_files.ca_pem)),
         *("--library-prefix", "--cache-dir", str(cache)),
+        *("--body-memory", "24M"),
     ) as running:
         with trio.fail_after(30):
             await running.wait_for(rb"2 workers serving on port \d+")
@@ -142,6 +143,12 @@ async def test_one_fetch_across_workers_metrics_summed_sighup_to_all(
         blob_200 = _value(metrics, 'hubproxy_requests_total{route="blob",status="200"}')
         assert blob_200 == CONNECTIONS + 1  # summed over both workers
         assert _value(metrics, "hubproxy_workers") == 2
+        # --body-memory is the mirror's: each worker took half, and /metrics sums them
+        assert _value(metrics, "hubproxy_body_memory_limit_bytes") == 24 * 1024 * 1024
+        assert re.search(  # the first worker's startup line speaks for all
+            rb"hubproxy\[w0\]: hubproxy listening on [^\n]*; body buffers 12 MiB per worker\n",
+            running.output,
+        )
         per_worker = [
             _value(metrics, f'hubproxy_worker_requests_total{{worker="{i}"}}') for i in (0, 1)
         ]

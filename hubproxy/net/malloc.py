@@ -23,12 +23,12 @@ M_MMAP_THRESHOLD = -3
 # Above the largest body buffer (256 KiB of plaintext and its TLS records): blocks this large or
 # larger still come from mmap, and go back to the kernel when freed.
 MMAP_THRESHOLD = 1024 * 1024
-# Free memory at the top of the heap kept for reuse before it is trimmed: two body budgets
-# (``net.buffers.BODY_BUDGET``), so that a burst of transfers does not fault its way in again.
+# Free memory at the top of the heap kept for reuse before it is trimmed, unless told: two body
+# budgets (``net.buffers``), so that a burst of transfers does not fault its way in again.
 TRIM_THRESHOLD = 16 * 1024 * 1024
 
 
-def tune_malloc() -> bool:
+def tune_malloc(trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Set glibc's mmap and trim thresholds (see the module doc); whether they were set."""
     if not sys.platform.startswith("linux"):
         return False
@@ -40,5 +40,5 @@ def tune_malloc() -> bool:
     mallopt.restype = ctypes.c_int
     # musl's mallopt exists and returns 0: it does nothing
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        mallopt(M_TRIM_THRESHOLD, trim_threshold)
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
 
 import trio
@@ -28,6 +29,52 @@ log = logging.getLogger("hubproxy")
 # top of the heap refilled within seconds of each trim), which is most of what a soak's slope
 # measured; every ten seconds keeps it close to the memory really in use.
 TRIM_INTERVAL = 10.0
+
+
+def machine_memory(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes of memory this process may use: the machine's, or less if its cgroup (a container,
+    a systemd unit's ``MemoryMax=``) or one above it is limited: a mirror in a 256 MB container
+    must size its buffers for 256 MB. None if unknown."""
+    known: list[int] = []
+    try:
+        known.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # a system without these sysconf names
+        pass
+    known.extend(_cgroup_limits(proc_cgroup, root))
+    positive = [value for value in known if value > 0]
+    return min(positive) if positive else None
+
+
+def _cgroup_limits(proc_cgroup: str, root: str) -> list[int]:
+    """The memory limits of this process's cgroup and every one above it (v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``); "max", or v1's huge number, is no limit at all."""
+    try:
+        with open(proc_cgroup) as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return []
+    limits = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            base, name = root, "memory.max"  # v2: one hierarchy
+        elif "memory" in controllers.split(","):
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.split("/") if part and part != ".."]
+        for depth in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(base, *parts[:depth], name)) as file:
+                    text = file.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limits.append(int(text))
+    return limits
 
 
 def find_malloc_trim() -> Callable[[], object] | None:

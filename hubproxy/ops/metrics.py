@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from .. import __version__
+from ..net.buffers import BODIES
 from ..net.pacing import CAPS as BANDWIDTH_CAPS
 from ..net.pacing import PacingFigures
 from ..policy.accounting import (
@@ -776,6 +777,22 @@ class HubMetrics:
                 "Client TLS connections whose sending side the kernel encrypted (--ktls): hits "
                 "on them went out with sendfile.",
                 lambda: self._turn_figure("kernel_tls"),
+            )
+        )
+        self.body_memory_limit = registry.register(
+            GaugeFunction(
+                "hubproxy_body_memory_limit_bytes",
+                "--body-memory: the buffers of blob bodies in flight; chunks shrink from 256 KiB "
+                "as more transfers run (each worker its part: summed, the mirror's).",
+                lambda: float(BODIES.budget),
+            )
+        )
+        self.body_transfers = registry.register(
+            GaugeFunction(
+                "hubproxy_body_transfers",
+                "Blob bodies being moved now (upstream reads and cache readers), which share "
+                "--body-memory.",
+                lambda: float(BODIES.running),
             )
         )
         self.bandwidth_client_limit = registry.register(
