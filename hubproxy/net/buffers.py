@@ -6,20 +6,20 @@ fill keeps up to four plaintext chunks in memory (two its writer thread has not 
 two for readers just behind it: ``cache/store.py``); its readers count as transfers too, and one
 that takes its chunks from that memory holds no buffer of its own, so its share covers them.
 256 KiB chunks are the measured sweet spot for one stream (64 KiB cost throughput, 1 MiB
-gained nothing), but a hundred transfers at once then
-hold about 130 MiB, which a 256 MB router cannot spare. So the chunk size follows the number of
-transfers running: the full 256 KiB while their buffers fit the budget together, less as more
-run at once, never under 16 KiB (one TLS record's plaintext).
+gained nothing), but a hundred transfers at once then hold about 130 MiB, which a 256 MB router
+cannot spare. So the chunk size follows the number of transfers running: the full 256 KiB while
+their buffers fit the budget together, less as more run at once, never under 16 KiB (one TLS
+record's plaintext). A transfer is counted from its first body byte to its last; a connection
+that is dropped mid-body stops counting when it is garbage (a weak set), so a lost ``end`` can
+never shrink chunks for good.
 
 The budget (``--body-memory``) follows the machine: :func:`auto_budget` gives a sixty-fourth of
 its memory, at least :data:`BODY_BUDGET` (8 MiB, what a 256 MB router can spare: a hundred
 transfers at 16 KiB) and at most :data:`LARGEST_AUTO_BUDGET` (64 MiB: fifty transfers at full
-chunks). Small chunks cost CPU: 32 transfers of 1 MiB each took 25-30% more CPU per byte, passed,
-missed or hit, with 48 KiB chunks (an 8 MiB budget) than with 256 KiB ones (40 MiB), and ran
-30-40% slower (``python -m bench --cases 100x1MiB-tls``). With ``--workers N`` each process
-gets its part (:func:`worker_budget`). A transfer is counted
-from its first body byte to its last; a connection that is dropped mid-body stops counting when
-it is garbage (a weak set), so a lost ``end`` can never shrink chunks for good.
+chunks). Small chunks cost CPU: 32 transfers of 1 MiB each, passed, missed or hit, took 25-30%
+less CPU per byte with 256 KiB chunks (a 64 MiB budget) than with 48 KiB ones (8 MiB), and ran
+30-40% faster (``python -m bench --cases 100x1MiB-tls``, interleaved), for 11-15 MB more peak
+RSS. With ``--workers N`` each process gets its part (:func:`worker_budget`).
 
 No I/O and no clock: plain counting.
 """
