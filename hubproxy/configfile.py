@@ -265,6 +265,8 @@ def _scalar(setting: Setting, value: object) -> object:
             converted = parse_duration(value) if isinstance(value, str) else float(value)
         except ValueError as exc:
             raise _BadValue(str(exc)) from None
+    elif setting.numbers_as_text and isinstance(value, int) and not isinstance(value, bool):
+        converted = str(value)
     else:
         if not isinstance(value, str):
             raise _BadValue(f"{_expected(setting, 'a string')}, got {describe(value)}")

@@ -203,6 +203,10 @@ class Setting:
     # ValueError whose message follows "--name: "
     parse: Callable[[str], object] | None = None
     table: TableKey | None = None  # a NAME=VALUE pair that a [registry."NAME"] table can hold
+    # text that is often a bare number (N|auto, a size): a TOML integer in the file is taken as
+    # its digits and parsed like the flag's text (``workers = 4``; ``cache-size = 20`` is then
+    # told it needs a unit, not that it should have been a string)
+    numbers_as_text: bool = False
 
     @property
     def flag(self) -> str:
@@ -604,6 +608,7 @@ SETTINGS: tuple[Setting, ...] = (
         default="1",
         metavar="N|auto",
         parse=parse_workers,
+        numbers_as_text=True,
     ),
     Setting(
         "body-memory",
@@ -615,6 +620,7 @@ SETTINGS: tuple[Setting, ...] = (
         default="auto",
         metavar="SIZE|auto",
         parse=parse_body_memory,
+        numbers_as_text=True,
     ),
     Setting(
         "public-url",
@@ -814,6 +820,7 @@ SETTINGS: tuple[Setting, ...] = (
         default="20G",
         metavar="SIZE",
         parse=cache_size,
+        numbers_as_text=True,
     ),
     Setting(
         "reverify-after",
@@ -845,6 +852,7 @@ SETTINGS: tuple[Setting, ...] = (
         CACHE,
         metavar="SIZE",
         parse=size,
+        numbers_as_text=True,
     ),
     Setting(
         "s3-endpoint",
@@ -912,6 +920,7 @@ SETTINGS: tuple[Setting, ...] = (
         default="64M",
         metavar="SIZE",
         parse=size,
+        numbers_as_text=True,
     ),
     Setting(
         "manifest-cache-entries",
@@ -958,6 +967,7 @@ SETTINGS: tuple[Setting, ...] = (
         default="32M",
         metavar="SIZE",
         parse=size,
+        numbers_as_text=True,
     ),
     Setting("no-cache", "do not cache at all", CACHE, Kind.SWITCH, False),
     # --- the prefetch list

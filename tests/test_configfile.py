@@ -435,6 +435,27 @@ no-cache = true
     ]
 
 
+def test_bare_numbers_for_counts_and_sizes_are_read_as_the_flag_would(tmp_path: Path) -> None:
+    """``workers = 4`` is what anyone writes; before, it was refused as not a string. A size
+    written as a bare number gets the size's own message (no unit), not a type error."""
+    path = write(tmp_path, 'workers = 3\nmanifest-memory = "16M"\n')
+    values, _, _ = read_settings(["--config", path])
+    assert build_config(values).workers == 3
+    for text, line, problem in [
+        ("workers = 1000\n", 1, "--workers: must be from 1 to 128, or auto"),
+        ("workers = 0\n", 1, "--workers: must be from 1 to 128, or auto"),
+        ("\ncache-size = 20\n", 2, "--cache-size: '20' has no unit: write 20G or 20GiB"),
+        ("body-memory = 16\n", 1, "--body-memory: '16' has no unit"),
+    ]:
+        path = write(tmp_path, text)
+        with pytest.raises(UsageError, match=re.escape(f"{path}:{line}: {problem}")):
+            build_config(read_settings(["--config", path])[0])
+    # only where the value is a count or a size: an address stays a string
+    path = write(tmp_path, "listen = 443\n")
+    with pytest.raises(ConfigFileError, match="expected a string"):
+        read_settings(["--config", path])
+
+
 def test_real_parser_unknown_key(tmp_path: Path) -> None:
     path = write(tmp_path, "listen = ':5000'\nread-timout = 5\n")
     with pytest.raises(ConfigFileError) as info:
