@@ -112,3 +112,29 @@ def test_in_a_short_batch_a_unit_goes_even_in_debt() -> None:
     assert not share.may_go("a", 0.0, 1, elapsed=0.002)
     assert not share.may_go("a", 0.0, 1)  # elapsed unknown: a long batch
     assert share.may_go("a", 0.0, 1, elapsed=0.0005)
+
+
+@pytest.mark.parametrize(
+    ("busy", "parked", "pause"),
+    [
+        ((), ("a",), 0.0),  # one address, nobody else: batch after batch, no idle wait
+        (("a",), ("a",), 0.0),
+        (("b",), ("a",), RULES.pause),  # b did work within active_for: idle moments for it
+        (("a", "b"), ("a", "b"), RULES.pause),
+        ((), ("a", "b"), RULES.pause),
+    ],
+)
+def test_the_loop_pauses_between_batches_only_when_addresses_share_it(
+    busy: tuple[str, ...], parked: tuple[str, ...], pause: float
+) -> None:
+    share = FairShare(RULES)
+    for key in busy:
+        go(share, key, 0.0, batch=1)
+    assert share.pause(parked, 0.001) == pause
+
+
+def test_once_the_other_address_has_been_idle_past_active_for_the_pause_ends() -> None:
+    share = FairShare(RULES)
+    go(share, "b", 0.0, batch=1)
+    assert share.pause(["a"], 0.004) == RULES.pause
+    assert share.pause(["a"], 0.006) == 0.0

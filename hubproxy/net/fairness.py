@@ -36,7 +36,6 @@ from trio._core._run import wait_all_tasks_blocked
 from ..policy.fairshare import BYTES_PER_SECOND, FairShare
 
 FORGET_EVERY = 1.0  # seconds between sweeps of decayed accounts
-TICK = 0.001  # seconds: while units are parked, a batch at least this often
 
 
 @dataclass(frozen=True)
@@ -115,13 +114,13 @@ class Fairness(trio.abc.Instrument):
 
     async def keep_batches_coming(self) -> None:
         """While units are parked, make sure batches happen: with nothing else to do the loop
-        would sleep in its wait for I/O and count none. Once the loop has been idle for
-        ``TICK`` (real time: the wait for I/O times out, whatever the run's clock says, a
-        test's frozen clock too), this task's step is a batch. Runs until cancelled, beside
-        the server."""
+        would sleep in its wait for I/O and count none. Once the loop has been idle for the
+        share's ``pause`` (real time: the wait for I/O times out, whatever the run's clock
+        says, a test's frozen clock too; none for an address alone), this task's step is a
+        batch. Runs until cancelled, beside the server."""
         while True:
             await self._someone_parked.wait()
-            await wait_all_tasks_blocked(TICK)
+            await wait_all_tasks_blocked(self.share.pause(self._parked.keys(), trio.current_time()))
             if not self._parked:
                 self._someone_parked = trio.Event()
 
