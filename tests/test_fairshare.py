@@ -122,6 +122,7 @@ def test_in_a_short_batch_a_unit_goes_even_in_debt() -> None:
         (("b",), ("a",), RULES.pause),  # b did work within active_for: idle moments for it
         (("a", "b"), ("a", "b"), RULES.pause),
         ((), ("a", "b"), RULES.pause),
+        (("a",), (), 0.0),  # none parked: nothing to wait for
     ],
 )
 def test_the_loop_pauses_between_batches_only_when_addresses_share_it(
@@ -138,3 +139,16 @@ def test_once_the_other_address_has_been_idle_past_active_for_the_pause_ends() -
     go(share, "b", 0.0, batch=1)
     assert share.pause(["a"], 0.004) == RULES.pause
     assert share.pause(["a"], 0.006) == 0.0
+
+
+def test_idle_clears_the_debt_of_an_address_alone_only() -> None:
+    """The loop found nothing to run: an address alone does not wait out its debt in empty
+    batches; one sharing the CPU with another does."""
+    share = FairShare(RULES)
+    go(share, "a", 0.0, batch=1, cost=5 * RULES.alone)  # deep in debt
+    share.idle(["a"], 0.001)
+    assert go(share, "a", 0.001, batch=2)  # the next batch's quantum, as if it owed nothing
+    go(share, "b", 0.001, batch=2)  # b is busy now: a shares the CPU
+    go(share, "a", 0.002, batch=3, cost=5 * RULES.alone)
+    share.idle(["a"], 0.002)
+    assert not go(share, "a", 0.002, batch=4)

@@ -121,6 +121,7 @@ class Fairness(trio.abc.Instrument):
         while True:
             await self._someone_parked.wait()
             await wait_all_tasks_blocked(self.share.pause(self._parked.keys(), trio.current_time()))
+            self.share.idle(self._parked.keys(), trio.current_time())
             if not self._parked:
                 self._someone_parked = trio.Event()
 
