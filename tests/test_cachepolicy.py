@@ -30,6 +30,7 @@ from hubproxy.policy.cachepolicy import (
     decide,
     fetch_share,
     fits_in_memory,
+    identity_settled,
     keep_manifest,
     manifest_verified,
     may_share_fetch,
@@ -364,3 +365,25 @@ def test_admit_fetches(
 def test_fetch_share_leaves_room_for_the_largest_manifest() -> None:
     assert fetch_share(32 << 20, 4 << 20) == 8 << 20
     assert fetch_share(8 << 20, 4 << 20) == 4 << 20
+
+
+S = 1_000_000_000  # a second, in nanoseconds
+
+
+@pytest.mark.parametrize(
+    ("ctime_ns", "age", "settled"),
+    [
+        (1_700_000_000 * S + 123_456_789, 0.0, False),  # sub-second timestamps: a jiffy's tick
+        (1_700_000_000 * S + 123_456_789, 0.05, False),
+        (1_700_000_000 * S + 123_456_789, 0.1, True),
+        (1_700_000_000 * S + 10_000_000, 0.1, True),  # exFAT's 10 ms steps
+        (1_700_000_000 * S, 0.1, False),  # whole seconds (ext3, HFS+, FAT's 2 s): two of them
+        (1_700_000_000 * S, 1.9, False),
+        (1_700_000_000 * S, 2.0, True),
+        (1_700_000_000 * S + 123_456_789, -1.0, False),  # a change in the future: not settled
+    ],
+)
+def test_a_file_identity_is_settled_once_its_timestamp_tick_has_passed(
+    ctime_ns: int, age: float, settled: bool
+) -> None:
+    assert identity_settled(ctime_ns, ctime_ns + round(age * S)) is settled

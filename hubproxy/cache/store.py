@@ -91,7 +91,7 @@ import trio
 
 from ..net.buffers import BODIES
 from ..net.fairness import serving
-from ..policy.cachepolicy import hit_needs_hashing
+from ..policy.cachepolicy import hit_needs_hashing, identity_settled
 from ..policy.diskpace import DiskPace
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
@@ -101,8 +101,6 @@ log = logging.getLogger("hubproxy.cache")
 READ_SIZE = 256 * 1024
 # a whole blob verified longer ago than this is hashed again as it is served (--reverify-after)
 REVERIFY_AFTER = 24 * 3600.0
-# seconds: file system timestamps tick this coarsely at worst (1 s on some, a jiffy on most)
-CTIME_GRANULARITY = 2.0
 # A fill hands its writer thread at most this many chunks (of BODIES.chunk()) not yet written:
 # the bound on what a slow disk makes it hold
 AHEAD_OF_DISK = 2
@@ -621,6 +619,7 @@ class BlobStore:
         # blobs whose bytes were hashed and matched in this process, with the file's identity
         # then and when: one still identical is served without hashing (hit_needs_hashing)
         self.verified: dict[str, Verification] = {}
+        self.wall_clock: Callable[[], int] = time.time_ns  # what file timestamps are read against
         self.reverify_after = REVERIFY_AFTER  # --reverify-after
         self.stats = CacheStats()
         # --workers N: fills and the bound shared with the other processes (cache/claims.py)
@@ -945,10 +944,11 @@ class BlobStore:
 
     def note_verified(self, key: str, st: os.stat_result) -> None:
         """The file of ``key``, whose stat is ``st``, was just hashed and matched its digest."""
-        if time.time() - st.st_ctime < CTIME_GRANULARITY:
+        if not identity_settled(st.st_ctime_ns, self.wall_clock()):
             # a write in the same tick of the file system's clock as the last change would
             # leave the identity as it is: trust only a file whose last change is older (a
-            # fresh fill's file is hashed by its first reader, which then trusts it)
+            # fresh fill's file is hashed by its first reader, which then trusts it once a
+            # tick has passed: a tenth of a second where timestamps have sub-second parts)
             self.verified.pop(key, None)
             return
         self.verified[key] = Verification(FileIdentity.of(st), trio.current_time())

@@ -220,6 +220,24 @@ def hit_needs_hashing(
     return whole and verified_ago >= reverify_after
 
 
+# seconds: how coarsely a file system's timestamps may tick. Whole-second timestamps (ext3, HFS+,
+# FAT's 2 s): two seconds. Sub-second ones tick with the kernel's coarse clock, one jiffy (4 ms
+# at HZ=250, 10 ms at 100), or exFAT's 10 ms: a tenth of a second covers them with room.
+COARSE_TICK = 2.0
+FINE_TICK = 0.1
+
+
+def identity_settled(ctime_ns: int, now_ns: int) -> bool:
+    """Whether a file last changed at ``ctime_ns`` (its ``st_ctime_ns``; ``now_ns``: the wall
+    clock) would show a write made from now on in its identity: the timestamp tick of that
+    change has passed. A write within the same tick could leave ctime, and so the identity,
+    as it is. A timestamp with a sub-second part comes from a file system that keeps them; one
+    without (or, once in a billion, a fine one that landed on a whole second) gets the whole
+    seconds' wait."""
+    tick = FINE_TICK if ctime_ns % 1_000_000_000 else COARSE_TICK
+    return now_ns - ctime_ns >= tick * 1e9
+
+
 def tag_current(cached_digest: str, head_digest: bytes | None) -> bool:
     """Whether the upstream's HEAD says the tag still names the cached manifest."""
     return head_digest is not None and head_digest.decode("latin-1") == cached_digest
