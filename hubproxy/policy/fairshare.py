@@ -157,8 +157,9 @@ class FairShare:
 
         None, when they are one address alone: with nobody to share with, an idle loop only
         makes that client wait (wrk's 50 connections on one cached manifest: the loop idle a
-        sixth of the time, a fifth fewer requests a second, twice the p99). The wait for I/O
-        still runs between batches, with no timeout, so an address that arrives is seen.
+        sixth of the time, a fifth fewer requests a second, nearly twice the p99). The wait
+        for I/O still runs between batches, with no timeout, so an address that arrives is
+        seen.
         ``pause`` when several want the CPU: the idle moments are the lighter addresses' (a
         victim's next request finds the loop free instead of in the middle of a batch of the
         flood that would otherwise fill every one; without them, a victim's p99 beside 120 Range
@@ -171,8 +172,8 @@ class FairShare:
         """The loop found nothing to run (after its ``pause``) while the addresses ``parked``
         had units waiting. An address alone has its debt cleared: the CPU time it stood for
         would go to nobody, and batches with nothing in them, a quantum of credit each, would
-        only burn CPU until it is paid (10% more per request passed upstream, wrk's 50
-        connections alone). It earns the next batch's quantum as usual."""
+        only burn CPU until it is paid (a wait for I/O and two task steps each). It earns the
+        next batch's quantum as usual."""
         if self.pause(parked, now) == 0.0:
             for key in parked:
                 account = self._accounts.get(key)
