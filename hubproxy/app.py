@@ -27,6 +27,7 @@ from .cache.sharedstate import SharedState
 from .cache.store import BlobStore, describe_disk
 from .config import Config
 from .forwarder import Forwarder, build_pool
+from .net.board import ConnectionBoard
 from .net.buffers import BODIES
 from .net.ktls import ktls_clause
 from .net.pool import Connector
@@ -96,6 +97,9 @@ async def serve(
         server = Server(config.listener)
     except CertificateError as exc:  # the files changed since the configuration was read
         raise StartupError(str(exc)) from exc
+    if role is not None:  # connections spread evenly over the workers (policy.balance)
+        server.board = ConnectionBoard(role.run_dir, role.index, role.count)
+        server.board.publish(0)  # serving from now on: a share of the connections is ours
     peers = None
     if config.peers and config.cache_dir is not None:
         try:

@@ -8,7 +8,8 @@ swept, the bound applied, the manifest database created), and starts N workers. 
 ``python -m hubproxy`` with the very same arguments and ``HUBPROXY_WORKER`` in its environment
 (its index, the port, the run directory and its end of a socket pair): it reads and checks the
 same configuration a single process would, binds the same port with ``SO_REUSEPORT`` and
-listens, so the kernel spreads new connections over the workers. A subprocess rather than a
+listens, so the kernel spreads new connections over the workers (and a worker holding more than
+its share of them sheds some: ``policy.balance``). A subprocess rather than a
 ``multiprocessing`` child: nothing to pickle, no fork of a running trio loop, no resource
 tracker, and a worker is exactly the program a single process is, plus four hooks.
 
@@ -25,7 +26,8 @@ to ``MAX_BACKOFF`` (a crash loop costs a line every 30 seconds, not a core). A w
 fails before its first "ready" (the certificate, the cache directory) stops the whole start.
 
 The run directory (a private temporary directory) holds each worker's metrics socket, the
-counters of workers that died, and nothing else; the supervisor deletes it on exit.
+counters of workers that died, the board of each worker's count of client connections
+(``net.board``), and nothing else; the supervisor deletes it on exit.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from .cache.claims import sweep_owner
 from .cache.manifests import ManifestStore
 from .cache.store import BlobStore
 from .config import Config
+from .net.board import clear_slot, create_board
 from .net.server import bind_shared
 from .ops.workermetrics import retire
 
@@ -215,6 +218,7 @@ class Supervisor:
                     status = await process.wait()
                     watching.cancel_scope.cancel()
             retire(self.run_dir, slot.index)
+            clear_slot(self.run_dir, slot.index)
             if self.config.cache_dir is not None:
                 sweep_owner(Path(self.config.cache_dir) / "tmp", process.pid)
             if self.stopping:
@@ -270,6 +274,7 @@ def supervise(config: Config, argv: list[str], port: int) -> None:
     SIGTERM/SIGINT, blocking. Raises WorkersError if they could not all start."""
     run_dir = Path(tempfile.mkdtemp(prefix="hubproxy-workers-"))
     try:
+        create_board(run_dir, config.workers)
         trio.run(Supervisor(config, argv, port, run_dir).run)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

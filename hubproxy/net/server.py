@@ -17,6 +17,7 @@ import contextlib
 import functools
 import http
 import logging
+import math
 import os
 import re
 import socket
@@ -31,6 +32,7 @@ import trio
 
 from ..policy.access import client_key
 from ..policy.admission import Connection, admit_connection
+from ..policy.balance import sheds
 from ..policy.errors import (
     ClientGone,
     ClientProtocolError,
@@ -40,6 +42,7 @@ from ..policy.errors import (
     error_body,
 )
 from ..policy.headers import Headers, get_header, lax_framing
+from .board import ConnectionBoard
 from .fairness import Fairness, Serving, serving
 from .ktls import ktls_offered
 from .pacing import Pacer, PacingFigures
@@ -202,6 +205,13 @@ class ClientResponse:
         started, self.on_start = self.on_start, None
         if started is not None:
             started()
+        client = self._client
+        if client.shed is not None and not client.shedding and client.shed():
+            # this worker holds more than its share of the connections (policy.balance): the
+            # client reconnects after this answer, and the kernel hashes it anew
+            client.shedding = True
+            if get_header(headers, b"connection") is None:
+                headers = [*headers, (b"connection", b"close")]
         self.record.status = status
         length = get_header(headers, b"content-length")
         self.record.length = int(length) if length is not None and length.isdigit() else None
@@ -362,6 +372,7 @@ class ClientConnection:
         client_ip: str,
         scheme: str,
         pacer: Pacer | None = None,
+        shed: Callable[[], bool] | None = None,
     ) -> None:
         self.stream = stream
         self.settings = settings
@@ -375,6 +386,10 @@ class ClientConnection:
         self.method = "GET"
         self.idle_scope: trio.CancelScope | None = None
         self.must_close = False  # the last exchange broke: the connection cannot go on
+        # --workers: whether this worker holds more than its share of the connections, asked
+        # as an answer starts; ``shedding``: it did, and this connection closes after it
+        self.shed = shed
+        self.shedding = False
         self.body_bypassed = False  # the last response body was sent around h11 (sendfile)
         self.linger = False  # an error answer went out: drain the client's input before closing
         # the socket under the stream, for the departure watch (None: a stream of another kind)
@@ -401,7 +416,7 @@ class ClientConnection:
                 if request is None:
                     return
                 await self._handle(request, handler, server.turns, server.watches)
-                if self.must_close or not await self._discard_unread_body():
+                if self.must_close or self.shedding or not await self._discard_unread_body():
                     return
                 if self.body_bypassed:
                     self._fresh_h11()
@@ -794,6 +809,9 @@ class Server:
         self.reclaimed = 0  # idle connections closed to make room
         self.kernel_tls = 0  # handshakes after which the kernel encrypts (--ktls)
         self.turns = Turns(settings.max_pending_per_client, settings.timeouts.pool_wait)
+        # --workers: every worker's count of client connections (net.board), None alone
+        self.board: ConnectionBoard | None = None
+        self._last_shed = -math.inf  # when a connection was last told to close for it
         self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
         self.watches = Watches()  # for clients that leave before their answer (net.watch)
         # --client-bandwidth, --total-bandwidth; None: no cap, and no cost in the send path
@@ -910,6 +928,8 @@ class Server:
             connections.start_soon(self._refuse, stream, verdict, client_ip)
             return
         self.open_sockets += 1
+        if self.board is not None:
+            self.board.publish(self.open_sockets)
         self.per_client[key] = self.per_client.get(key, 0) + 1
         connections.start_soon(self._serve_client, stream, client_ip, key)
 
@@ -996,6 +1016,8 @@ class Server:
             await close_forcefully(tcp)
         finally:
             self.open_sockets -= 1
+            if self.board is not None:
+                self.board.publish(self.open_sockets)
             left = self.per_client[key] - 1
             if left:
                 self.per_client[key] = left
@@ -1033,12 +1055,23 @@ class Server:
             client_ip=client_ip,
             scheme=scheme,
             pacer=self.pacer,
+            shed=self._shed if self.board is not None else None,
         )
         self._track(client, add=True)
         try:
             await client.serve(handler, self)
         finally:
             self._track(client, add=False)
+
+    def _shed(self) -> bool:
+        """Whether a connection should close after the answer that starts now, this worker
+        holding more than its share of the workers' connections (policy.balance)."""
+        assert self.board is not None  # only asked with a board
+        now = trio.current_time()
+        if not sheds(self.open_sockets, self.board.counts(), now - self._last_shed):
+            return False
+        self._last_shed = now
+        return True
 
     def _handshake_failed(self, client_ip: str, exc: Exception) -> None:
         """A client that refused our certificate is the operator's business: one warning per
