@@ -202,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if plan.reps < 1 or plan.warmup < 0 or plan.small_seconds <= 0 or plan.wrk_threads < 1:
         parser.error("--reps must be >= 1, --warmup >= 0, durations and threads positive")
+    if not plan.small_seconds.is_integer():  # wrk's -d takes whole seconds: "0.5s" fails each run
+        parser.error(
+            f"--small-seconds must be a whole number of seconds, not {plan.small_seconds:g}"
+        )
     missing = missing_python_packages()
     if missing:
         print(

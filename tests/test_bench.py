@@ -431,7 +431,8 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         pytest.skip(f"needs {', '.join(missing)} (bench installs them only as root)")
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        # no warm-up: the suite's time (the warm-up's exclusion is tested above)
+        [sys.executable, "-m", "bench", "--quick", "--warmup", "0", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -518,6 +519,15 @@ def test_replot_draws_the_committed_run_readable_at_readme_width(tmp_path: Path)
     assert width == 1200 and 600 <= height <= 1100
     assert _png_size(REPO / "bench" / "results" / "throughput.png") == (width, height)
     assert bench_main(["--replot", str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_small_request_duration_wrk_cannot_take_is_refused_before_any_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--small-seconds", "0.5"])
+    assert exit_info.value.code == 2
+    assert "--small-seconds must be a whole number of seconds, not 0.5" in capsys.readouterr().err
 
 
 def _summary(case: str, contestant: str, median: float) -> Summary:
