@@ -170,7 +170,8 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) 
         f"Repetitions: {plan.warmup} warm-up (discarded) + {plan.reps} measured, interleaved: "
         "every repetition runs every case, contestants in rotated order.",
         "Figures: MB = 10^6 bytes; throughput = bytes received / client wall time. Proxy CPU = "
-        "utime+stime from /proc/PID/stat (10 ms ticks) over the contestant's processes (nginx: "
+        "each process's CPU clock (all threads, nanoseconds; clock_getcpuclockid) over the "
+        "contestant's processes (nginx: "
         "master + workers; hubproxy: supervisor + workers, found by a /proc scan of parent "
         "pids) during the run. Peak RSS = sum of VmHWM over those processes, reset before each "
         "run (clear_refs 5), max over runs. Peak RSS per concurrent transfer (cases with several "

@@ -6,7 +6,7 @@ One blob of ``--size`` on the bench origin (nginx, :mod:`bench.origin`); hubprox
 ``--src``, default this checkout, so that another checkout gives the "before" figures) pulls it
 once (the miss that fills the cache), then serves ``--hits`` hits of it, each read whole and
 sha256-checked by the client. For each hit: wall time, throughput, and hubproxy's CPU time
-(``utime + stime`` of ``/proc/PID/stat``) per GiB. On plain HTTP hubproxy sends hits with
+(its CPU clock, ``bench.procs.cpu_seconds``) per GiB. On plain HTTP hubproxy sends hits with
 ``os.sendfile``; since issue 12 it also reads each span back to hash it (a cached blob is
 verified while it is served), which is what this measures. Everything runs under /dev/shm, so
 the disk is not in the figures.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import statistics
 import tempfile
@@ -37,13 +36,6 @@ from bench.nginxconf import BLOB_PATH
 from bench.origin import start_origin
 
 GiB = 1 << 30
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def pull(port: int, transport: Transport, ca_pem: Path, digest: str, size: int) -> None:
@@ -71,11 +63,11 @@ def measure(transport: Transport, args: argparse.Namespace, root: Path) -> None:
         trio.run(pull, port, transport, fixtures.tls.ca_pem, blob.digest_hex, args.size)  # miss
         rates, costs = [], []
         for _ in range(args.hits):
-            cpu, began = cpu_seconds(hub.pid), time.monotonic()
+            cpu, began = procs.cpu_seconds([hub.pid]), time.monotonic()
             trio.run(pull, port, transport, fixtures.tls.ca_pem, blob.digest_hex, args.size)
             seconds = time.monotonic() - began
             rates.append(args.size / seconds / 1e6)
-            costs.append((cpu_seconds(hub.pid) - cpu) / (args.size / GiB))
+            costs.append((procs.cpu_seconds([hub.pid]) - cpu) / (args.size / GiB))
         print(
             f"{transport:5} hit of {args.size / GiB:g} GiB from {args.src}: "
             f"{statistics.median(rates):7.0f} MB/s, "

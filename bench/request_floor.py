@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import shutil
 import socket
 import ssl
@@ -34,7 +33,7 @@ import trio
 import trustme
 
 from bench.clients import parse_wrk
-from bench.procs import free_port
+from bench.procs import cpu_seconds, free_port
 
 Impl = Literal["trio.SSLStream", "TLSStream"]
 IMPLS: tuple[Impl, ...] = ("trio.SSLStream", "TLSStream")
@@ -93,11 +92,6 @@ def _serve(impl: Impl, port: int, cert: str, key: str) -> None:
     trio.run(main)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(impl: Impl, wrk: str, seconds: int, cert: str, key: str) -> tuple[float, float]:
     """(requests per second, server CPU µs per request) of one wrk run against ``impl``."""
     port = free_port()
@@ -112,14 +106,14 @@ def measure(impl: Impl, wrk: str, seconds: int, cert: str, key: str) -> tuple[fl
                 break
             time.sleep(0.1)
         assert server.pid is not None
-        before = _cpu_seconds(server.pid)
+        before = cpu_seconds([server.pid])
         run = subprocess.run(
             [wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", url],
             capture_output=True,
             text=True,
             check=True,
         )
-        used = _cpu_seconds(server.pid) - before
+        used = cpu_seconds([server.pid]) - before
     finally:
         server.terminate()
         server.join()
