@@ -16,7 +16,15 @@ import trio
 import trio.testing
 
 from hubproxy.net.fairness import Fairness, Serving, gate, serving
-from hubproxy.policy.fairshare import ALONE, BYTES_PER_SECOND, EVERY, FairShare, FairShareRules
+from hubproxy.policy.fairshare import (
+    ACTIVE_FOR,
+    ALONE,
+    BYTES_PER_SECOND,
+    EVERY,
+    SHARING,
+    FairShare,
+    FairShareRules,
+)
 
 UNIT = 256 * 1024
 
@@ -215,8 +223,9 @@ async def test_work_for_no_client_is_never_held(fairness: Fairness) -> None:
 
 async def test_what_a_step_took_beyond_its_gates_is_charged(fairness: Fairness) -> None:
     """A client whose steps do work behind no gate (a request handled after its bytes were
-    decrypted) runs into debt by what they took: its next unit waits for later batches.
-    Declared alone, each of these units would cost a byte and run in the next batch."""
+    decrypted) runs into debt by what they took, alone (the batch is timed): its next unit
+    waits for later batches. Declared alone, each of these units would cost a byte and run in
+    the next batch."""
     log = BatchLog(fairness)
 
     async def busy() -> None:
@@ -238,6 +247,69 @@ async def test_what_a_step_took_beyond_its_gates_is_charged(fairness: Fairness) 
     assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(ran))
     assert fairness.waits >= 2
     assert fairness.share.served("busy", trio.current_time()) > 3 * ALONE
+    assert not fairness.metering  # timed by the batch, not by the step
+
+
+async def test_what_a_step_took_beyond_its_gates_is_charged_while_addresses_share(
+    fairness: Fairness,
+) -> None:
+    """A client whose steps do work behind no gate (a request handled after its bytes were
+    decrypted) runs into debt by what they took, once another address wants the CPU too: its
+    next unit waits for later batches. Declared alone, each of these units would cost a byte
+    and run in the next batch."""
+    log = BatchLog(fairness)
+    others_done = trio.Event()
+    other_started = trio.Event()
+
+    async def other() -> None:  # another address, one cheap unit a batch: the CPU is shared
+        serving.set(Serving(fairness, "other"))
+        while not others_done.is_set():
+            await gate(1)
+            other_started.set()
+            await trio.lowlevel.checkpoint()
+
+    async def busy() -> None:
+        serving.set(Serving(fairness, "busy"))
+        for _ in range(3):
+            await gate(1)
+            log.ran("busy")
+            spin_until = time.perf_counter() + 2 * SHARING / BYTES_PER_SECOND
+            while time.perf_counter() < spin_until:  # the step's work: twice a batch's credit
+                pass
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fairness.keep_batches_coming)
+        nursery.start_soon(other)
+        await other_started.wait()  # the other address's first unit: sharing from busy's first
+        with trio.fail_after(5):
+            await busy()
+        others_done.set()
+        nursery.cancel_scope.cancel()
+    ran = sorted(log.units)
+    assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(ran))
+    assert fairness.share.served("busy", trio.current_time()) > 3 * SHARING
+
+
+async def test_the_step_meter_runs_only_while_addresses_share_the_cpu(
+    fairness: Fairness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Timing every task step costs every step a hook: with one address alone nothing is
+    weighed against it, and trio calls no step hook at all."""
+    serving.set(Serving(fairness, "alone"))
+    for _ in range(5):
+        await gate(1)
+        await trio.lowlevel.checkpoint()
+    assert not fairness.metering
+    token = serving.set(Serving(fairness, "second"))
+    await gate(1)  # a second address: from its first unit on, steps are timed
+    assert fairness.metering
+    serving.reset(token)
+    await gate(1)
+    await trio.sleep(2 * ACTIVE_FOR)  # the second address idle past active_for: alone again
+    await gate(1)
+    await trio.lowlevel.checkpoint()  # a batch: the meter comes out
+    assert not fairness.metering
 
 
 async def test_steps_of_tasks_serving_no_client_are_not_charged(fairness: Fairness) -> None:

@@ -152,3 +152,17 @@ def test_idle_clears_the_debt_of_an_address_alone_only() -> None:
     go(share, "a", 0.002, batch=3, cost=5 * RULES.alone)
     share.idle(["a"], 0.002)
     assert not go(share, "a", 0.002, batch=4)
+
+
+def test_sharing_while_two_addresses_worked_within_active_for() -> None:
+    """What turns the step meter on (net.fairness): a second address's unit; off once it has
+    been idle past ``active_for``."""
+    share = FairShare(RULES)
+    assert not share.sharing(0.0)
+    go(share, "a", 0.0, batch=1)
+    assert not share.sharing(0.001)
+    go(share, "b", 0.001, batch=1)
+    assert share.sharing(0.001)
+    go(share, "a", 0.004, batch=2)
+    assert share.sharing(0.005)
+    assert not share.sharing(0.001 + RULES.active_for + 0.0001)  # b went quiet

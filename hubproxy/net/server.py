@@ -861,6 +861,7 @@ class Server:
                     await self._drain(connections)
                 beside.cancel_scope.cancel()
         finally:
+            self.fairness.stop_metering()
             trio.lowlevel.remove_instrument(self.fairness)
 
     async def _drain(self, connections: trio.Nursery) -> None:

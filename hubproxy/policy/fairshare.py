@@ -121,6 +121,15 @@ class FairShare:
             del self._active[other]
         return standing
 
+    def sharing(self, now: float) -> bool:
+        """Whether more than one address did work within ``active_for`` of ``now``."""
+        if len(self._active) < 2:
+            return False
+        since = now - self.rules.active_for
+        for key in [k for k in self._active if self._accounts[k].last_unit < since]:
+            del self._active[key]
+        return len(self._active) > 1
+
     def _quantum(self, standing: Standing) -> float:
         if standing is Standing.ALONE:
             return self.rules.alone
