@@ -221,27 +221,28 @@ async def test_work_for_no_client_is_never_held(fairness: Fairness) -> None:
     assert len(fairness.share) == 0
 
 
+async def busy_behind_no_gate(fairness: Fairness, log: BatchLog, work: float) -> None:
+    """Three units of a client, each declared at a byte, whose steps then spin for ``work``
+    bytes' worth of CPU behind no gate (a request handled after its bytes were decrypted)."""
+    serving.set(Serving(fairness, "busy"))
+    for _ in range(3):
+        await gate(1)
+        log.ran("busy")
+        spin_until = time.perf_counter() + work / BYTES_PER_SECOND
+        while time.perf_counter() < spin_until:
+            pass
+        await trio.lowlevel.checkpoint()
+
+
 async def test_what_a_step_took_beyond_its_gates_is_charged(fairness: Fairness) -> None:
-    """A client whose steps do work behind no gate (a request handled after its bytes were
-    decrypted) runs into debt by what they took, alone (the batch is timed): its next unit
-    waits for later batches. Declared alone, each of these units would cost a byte and run in
-    the next batch."""
+    """A client whose steps do work behind no gate runs into debt by what they took, alone
+    (the batch is timed): its next unit waits for later batches. Declared alone, each of these
+    units would cost a byte and run in the next batch."""
     log = BatchLog(fairness)
-
-    async def busy() -> None:
-        serving.set(Serving(fairness, "busy"))
-        for _ in range(3):
-            await gate(1)
-            log.ran("busy")
-            spin_until = time.perf_counter() + 2 * ALONE / BYTES_PER_SECOND
-            while time.perf_counter() < spin_until:  # the step's work: twice a batch's credit
-                pass
-            await trio.lowlevel.checkpoint()
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fairness.keep_batches_coming)
         with trio.fail_after(5):
-            await busy()
+            await busy_behind_no_gate(fairness, log, 2 * ALONE)  # twice a batch's credit
         nursery.cancel_scope.cancel()
     ran = sorted(log.units)
     assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(ran))
@@ -253,10 +254,7 @@ async def test_what_a_step_took_beyond_its_gates_is_charged(fairness: Fairness) 
 async def test_what_a_step_took_beyond_its_gates_is_charged_while_addresses_share(
     fairness: Fairness,
 ) -> None:
-    """A client whose steps do work behind no gate (a request handled after its bytes were
-    decrypted) runs into debt by what they took, once another address wants the CPU too: its
-    next unit waits for later batches. Declared alone, each of these units would cost a byte
-    and run in the next batch."""
+    """The same once another address wants the CPU too: each step is timed."""
     log = BatchLog(fairness)
     others_done = trio.Event()
     other_started = trio.Event()
@@ -268,22 +266,13 @@ async def test_what_a_step_took_beyond_its_gates_is_charged_while_addresses_shar
             other_started.set()
             await trio.lowlevel.checkpoint()
 
-    async def busy() -> None:
-        serving.set(Serving(fairness, "busy"))
-        for _ in range(3):
-            await gate(1)
-            log.ran("busy")
-            spin_until = time.perf_counter() + 2 * SHARING / BYTES_PER_SECOND
-            while time.perf_counter() < spin_until:  # the step's work: twice a batch's credit
-                pass
-            await trio.lowlevel.checkpoint()
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fairness.keep_batches_coming)
         nursery.start_soon(other)
         await other_started.wait()  # the other address's first unit: sharing from busy's first
         with trio.fail_after(5):
-            await busy()
+            await busy_behind_no_gate(fairness, log, 2 * SHARING)  # twice a batch's credit
+        assert fairness.metering
         others_done.set()
         nursery.cancel_scope.cancel()
     ran = sorted(log.units)
