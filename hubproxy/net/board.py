@@ -43,7 +43,6 @@ class ConnectionBoard:
 
     def __init__(self, run_dir: Path, index: int, workers: int) -> None:
         self.index = index
-        self.workers = workers
         fd = os.open(run_dir / BOARD, os.O_RDWR)
         try:
             self._map = mmap.mmap(fd, _SLOT.size * workers)

@@ -87,13 +87,12 @@ class Fairness(trio.abc.Instrument):
         self._next_sweep = 0.0
         self.waits = 0  # units that had to wait for a later batch (/metrics)
         self._step_ended = self._batch_started = time.perf_counter()
-        self._declared = 0.0  # cost the running step's gates charged
+        # cost the gates charged in the running step (metering), or in the batch (alone)
+        self._declared = 0.0
         self._released: dict[trio.lowlevel.Task, float] = {}  # cost charged for a parked unit
         self._meter = _StepMeter(self)
         self.metering = False  # the step meter is installed (addresses share the CPU)
-        # while not metering: the address whose units went in this batch, and their cost
-        self._alone: str | None = None
-        self._batch_declared = 0.0
+        self._alone: str | None = None  # while not metering: whose units went in this batch
 
     def after_io_wait(self, timeout: float) -> None:
         """A new batch: let each address's parked units go, while it has credit (charged now,
@@ -111,7 +110,7 @@ class Fairness(trio.abc.Instrument):
                         self._released[unit.task] = self._released.get(unit.task, 0.0) + unit.cost
                     else:
                         self._alone = key
-                        self._batch_declared += unit.cost
+                        self._declared += unit.cost
                     unit.event.set()
                 if not queue:
                     del self._parked[key]
@@ -122,8 +121,10 @@ class Fairness(trio.abc.Instrument):
         took beyond its units' declared costs (work for no client counted in: a fill it
         started, mostly)."""
         alone, self._alone = self._alone, None
-        declared, self._batch_declared = self._batch_declared, 0.0
-        if alone is None or self.metering:
+        if self.metering:
+            return
+        declared, self._declared = self._declared, 0.0
+        if alone is None:
             return
         excess = (time.perf_counter() - self._batch_started) * BYTES_PER_SECOND - declared
         if excess > 0:
@@ -131,8 +132,8 @@ class Fairness(trio.abc.Instrument):
 
     def _start_metering(self) -> None:
         self._step_ended = time.perf_counter()
-        self._declared = 0.0
-        self._alone = None  # this batch's steps from here on are metered
+        self._declared = 0.0  # what the batch declared before: its steps from here are metered
+        self._alone = None
         trio.lowlevel.add_instrument(self._meter)
         self.metering = True
 
@@ -181,13 +182,12 @@ class Fairness(trio.abc.Instrument):
         elapsed = time.perf_counter() - self._batch_started
         if key not in self._parked and self.share.may_go(key, now, self.batch, elapsed):
             self.share.charge(key, cost, now, self.batch)
-            self._declared += cost
             if not self.metering:
                 if self.share.sharing(now):
-                    self._start_metering()
+                    self._start_metering()  # this step on: its unit's cost below is its own
                 else:
                     self._alone = key
-                    self._batch_declared += cost
+            self._declared += cost
             return
         self.waits += 1
         unit = _Parked(cost)
