@@ -10,7 +10,6 @@ line (tests/test_browser.py's helpers); without it the test is skipped, saying s
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,9 +27,23 @@ from tests.test_live_status import pull
 from tests.test_statuspage import parse
 from tests.test_trends import runs
 
-WINDOW = (1000, 900)  # the charts sit below the registries and figures, within this
-CHART_BLUE = b"\x15\x65\xc0"  # charts.COLOURS[0], the first line of each chart
+# The charts sit below the registries and figures; the window leaves room under them, so a
+# font or a wrapped line that makes the page taller does not push a chart out of the shot.
+WINDOW = (1000, 1400)
 MINUTES = 10
+
+
+def chart_blue_pixels(row: bytearray, pixel: int) -> int:
+    """How many pixels of a row are the charts' first line colour (charts.COLOURS[0], #1565c0),
+    whole or blended into the page's near-white by antialiasing. A line's exact colour shows only
+    where it falls on whole pixels, which depends on the values it draws, so it is not counted
+    exactly (CI once counted 74 exact pixels where this machine counts 193-200). Blended with
+    white at weight t, that blue has green above red by 80t and blue above green by 91t: counted
+    from t of about 0.4. A link's blue (no green above red), the orange line, the teal and the
+    grey grid lines are not."""
+    red, green, blue = row[0::pixel], row[1::pixel], row[2::pixel]
+    return sum(1 for r, g, b in zip(red, green, blue, strict=True) if g - r >= 32 and b - g >= 32)
+
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
@@ -97,7 +110,5 @@ async def test_trend_charts_in_chromium(
     width, pixel, rows = png_rows(shot.read_bytes())
     assert (width, len(rows)) == WINDOW
     assert len({bytes(row) for row in rows}) > 1, "the screenshot is one flat colour"
-    blue = sum(bytes(row).count(CHART_BLUE) for row in rows) if pixel == 3 else 0
-    if pixel == 4:
-        blue = sum(len(re.findall(re.escape(CHART_BLUE) + b".", bytes(row))) for row in rows)
-    assert blue > 100, "no chart line in the screenshot"
+    blue = sum(chart_blue_pixels(row, pixel) for row in rows)
+    assert blue > 200, "no chart line in the screenshot"
