@@ -154,6 +154,73 @@ async def test_a_reader_behind_the_window_reads_the_file(
     assert fill.state is FillState.DONE
 
 
+async def test_a_blob_received_whole_before_its_client_read_goes_out_from_memory(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A small blob often arrives whole, and is verified, before the client that caused the
+    fill sent much of it: the chunks the fill still held then go out from memory (before, the
+    window was dropped at the verdict and the client read them back from the file). Once that
+    client took them, the fill holds nothing."""
+    data = os.urandom(5 * CHUNK)  # within what a fill keeps in memory behind its writes
+    assert len(data) <= store_module.KEPT_IN_MEMORY * BODIES.chunk()
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    pieces = chunks_of(data)
+    for piece in [*pieces, None]:  # all of it before the client takes a byte
+        await feed.send.send(piece)
+    await until_ended(fill)
+    assert fill.state is FillState.DONE
+    got = bytearray()
+    while (chunk := await reader.next_chunk()) is not None:
+        assert any(chunk.obj is piece for piece in pieces)  # not read back from the file
+        got += chunk
+    assert bytes(got) == data
+    assert store.stats.fill_memory_bytes == len(data)
+    assert fill.view(len(data) - 1, len(data)) is None  # taken: no longer held
+    reader.close()
+
+
+async def test_once_done_a_fill_keeps_only_what_its_foremost_reader_has_yet_to_take(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """After the verdict the fill's memory only shrinks: the chunks behind its foremost
+    reader are dropped as it moves on (a reader further behind reads them from the file, as
+    it would have while the fill ran), and the rest once no reader follows the fill."""
+    data = os.urandom(5 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    ahead, behind = store.reader(key), store.reader(key)
+    pieces = chunks_of(data)
+    for piece in [*pieces, None]:
+        await feed.send.send(piece)
+    await until_ended(fill)
+    taken = bytearray()
+    for _ in range(3):
+        chunk = await ahead.next_chunk()
+        assert chunk is not None
+        taken += chunk
+    assert len(taken) == 3 * CHUNK
+    assert fill.view(0, 1) is None and fill.view(2 * CHUNK, 2 * CHUNK + 1) is None  # dropped
+    assert fill.view(3 * CHUNK, 3 * CHUNK + 1) is not None  # the foremost reader's next
+    first = await behind.next_chunk()
+    assert first is not None and not any(first.obj is piece for piece in pieces)  # the file
+    assert bytes(first) == data[: len(first)]
+    assert len(first) < len(data)
+    ahead.close()  # it leaves: the one behind is the foremost now, and still needs the rest
+    assert fill.view(len(first), len(first) + 1) is not None
+    behind.close()  # nobody follows
+    assert fill.view(len(data) - 1, len(data)) is None
+
+
 UPSTREAM = 0.001  # seconds for the upstream to deliver a chunk
 SENDING = 0.00125  # a client sending one: slower, by less than the fill may wait for it
 assert SENDING - UPSTREAM < LEAD_WAIT and SENDING - UPSTREAM <= SENDING * LEAD_WAIT_SHARE
@@ -201,7 +268,8 @@ async def test_the_fill_waits_a_moment_for_its_foremost_reader(
     reader.close()
     assert bytes(got) == data
     assert fill.state is FillState.DONE
-    assert store.stats.fill_memory_bytes >= len(data) - CHUNK  # the last byte: after the verdict
+    # the last chunk too: held back until the verdict, then from memory as well
+    assert store.stats.fill_memory_bytes == len(data)
 
 
 async def test_a_slow_reader_holds_the_fill_at_most_a_moment_per_chunk(

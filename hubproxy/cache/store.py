@@ -17,8 +17,9 @@ match, the file is fsync'd and renamed into place, and otherwise discarded (coun
 
 Every client, the first one included, reads through a :class:`BlobReader`. Following a fill, a
 reader that keeps up gets each chunk as a view of the upstream's own buffer (the window keeps
-the chunks not yet written plus ``KEPT_IN_MEMORY`` written ones); one that fell behind reads the
-growing file, and comes back to memory once it caught up. The fill waits for its foremost
+the chunks not yet written plus ``KEPT_IN_MEMORY`` written ones, and once the fill is verified,
+those of them its foremost reader has yet to take); one that fell behind reads the growing
+file, and comes back to memory once it caught up. The fill waits for its foremost
 reader (the client that caused it, mostly) only a moment: at most ``LEAD_WAIT`` per chunk for
 that reader to come back within the window, and ``LEAD_WAIT_SHARE`` of its time in all. A
 client keeping up, however fast the upstream, then takes every chunk from memory instead of
@@ -389,9 +390,6 @@ class Fill:
         if self.file_waiters:  # only readers of the file (sendfile) wait for writes
             self._notify()
 
-    def forget_window(self) -> None:
-        self._window.clear()
-
     # -- pacing by the foremost reader --------------------------------------------------------
 
     def follow(self, reader: object, position: int) -> None:
@@ -399,11 +397,28 @@ class Fill:
         self._positions[reader] = position
         if self._lead_moved is not None and not self.lead_behind():
             self._lead_moved.set()
+        if self.state is FillState.DONE:
+            self.keep_for_lead()
 
     def unfollow(self, reader: object) -> None:
         """``reader`` takes nothing more: it does not pace the fill."""
         if self._positions.pop(reader, None) is not None and self._lead_moved is not None:
             self._lead_moved.set()
+        if self.state is FillState.DONE:
+            self.keep_for_lead()
+
+    def keep_for_lead(self) -> None:
+        """Once the fill is done: keep only the chunks its foremost reader has yet to take,
+        none once nobody follows. That reader (the client that caused the fill, mostly) is
+        held back from the blob's last byte until the verdict, and a small blob is often
+        received whole before its client sent much of it: dropping the window at the verdict
+        made that client read back from the file 92% of 100 blobs of 1 MiB fetched 32 at once.
+        Readers further behind read the file, as they did while the fill ran; what is kept is
+        at most what the fill held the moment before (``wrote`` trims it)."""
+        lead = max(self._positions.values(), default=self.size)
+        window = self._window
+        while window and window[0][0] + len(window[0][1]) <= lead:
+            window.popleft()
 
     def lead_behind(self) -> bool:
         """Whether the foremost reader is more than a chunk behind: the next chunk received
@@ -904,7 +919,7 @@ class BlobStore:
             self.note_verified(fill.key, os.stat(final))
             self._add(fill.key, fill.size)
             fill.state = FillState.DONE
-            fill.forget_window()  # readers read the file from here on
+            fill.keep_for_lead()  # the rest of the window: what its foremost reader needs
             self.stats.fills_completed += 1
         except (ProxyError, OSError) as exc:
             # upstream faults arrive as ProxyError; an OSError here is the file (ENOSPC, EIO)
