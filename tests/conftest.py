@@ -20,6 +20,7 @@ from hubproxy.app import App, serve
 from hubproxy.config import Config, Timeouts
 from hubproxy.net.server import Server
 from hubproxy.policy.urls import base_url
+from hubproxy.prefetch import wait_fills
 from hubproxy.proxy import Proxy
 from tests.fakehub import FakeHub
 
@@ -49,6 +50,13 @@ class RunningProxy:
     @property
     def port(self) -> int:
         return self.server.bound[0][1]
+
+    async def fills_ended(self) -> None:
+        """Wait until every blob fill under way committed its file (or failed): a client's
+        pull completes once the blob verified, a moment before the cache synced and renamed
+        it (and put it in a ``--cache-store``)."""
+        with trio.fail_after(10):
+            await wait_fills(self.proxy.pullthrough)
 
 
 @pytest.fixture(scope="session")

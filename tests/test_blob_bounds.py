@@ -28,7 +28,7 @@ from hubproxy.policy.urls import base_url
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import FakeHub, fetch, make_layer
 from tests.registry_client import RegistryClient
-from tests.test_cache import take
+from tests.test_cache import take, until_ended
 from tests.test_operations import metric_samples, sample
 from tests.wire import WireClient
 
@@ -114,6 +114,7 @@ async def test_a_miss_follows_a_fill_that_started_after_it_went_upstream(
     with trio.fail_after(GUARD):
         r = await fetch(proxy.url + blob_path(digest), ca, headers=auth)
     assert r.complete and r.body == layer
+    await proxy.fills_ended()
     store = store_of(proxy)
     assert store.size_of(hexdigest(layer)) == len(layer)
     stall.release.set()
@@ -181,6 +182,7 @@ async def test_a_stalled_fill_of_one_registry_never_holds_a_pull_through_another
     await filling.aclose()
     await follower.aclose()
     assert cdn_gets(ghcr, digest) == 1
+    await proxy.fills_ended()
     assert store.size_of(hexdigest(layer)) == len(layer)
 
 
@@ -248,6 +250,7 @@ async def test_slow_readers_do_not_push_the_cache_past_its_size(
     await slow.aclose()
     r = await fetch(proxy.url + blob_path(f"sha256:{hexdigest(second)}"), ca, headers=auth)
     assert r.complete and r.body == second
+    await proxy.fills_ended()
     assert store.size_of(hexdigest(second)) == len(second)  # the reader gone: room again
     assert store.total <= 12_000_000
     assert store.pinned_bytes == 0
@@ -285,6 +288,7 @@ async def test_a_damaged_cached_blob_is_never_completed_and_is_refetched(
     proxy = await start_proxy(tls=tls, cache_dir=cache)
     client = RegistryClient(proxy.url, ca)
     assert (await client.request(blob_path(digest))).body == layer
+    await proxy.fills_ended()
     store = store_of(proxy)
     path = store.path(hexdigest(layer))
     if damage == "flip":
@@ -305,6 +309,7 @@ async def test_a_damaged_cached_blob_is_never_completed_and_is_refetched(
     assert store.stats.verification_failures == 1
     r = await client.request(blob_path(digest))  # the next pull refetches it
     assert r.status == 200 and r.complete and r.body == layer
+    await proxy.fills_ended()
     assert cdn_gets(hub, digest) == 2
     assert store.size_of(hexdigest(layer)) == len(layer)
 
@@ -326,6 +331,7 @@ async def filled_store(tmp_path: Path, data: bytes) -> tuple[BlobStore, str]:
     key = hexdigest(data)
     fill = store.start_fill(key, len(data))
     await store.run_fill(fill, Whole(data), AsyncExitStack())
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     return store, key
 

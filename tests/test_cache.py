@@ -23,6 +23,7 @@ from hubproxy.cache.store import (
     BlobStore,
     DiskSpace,
     DiskVerdict,
+    Fill,
     FillState,
     byte_range,
     cached_blob_answer,
@@ -76,6 +77,13 @@ class Feed:
 
     async def receive_body(self) -> bytes | None:
         return await self.receive.receive()
+
+
+async def until_ended(fill: Fill) -> None:
+    """Wait until ``fill`` committed its file or failed (its readers may have completed
+    before: they go on once the blob verified, not once the disk synced it)."""
+    while fill.state is FillState.FILLING:
+        await fill.wait_change()
 
 
 # -- pure pieces ----------------------------------------------------------------------------------
@@ -256,6 +264,7 @@ async def test_readers_follow_a_fill_and_never_get_the_last_byte_early(
     assert await take(reader) == data[-1:]
     assert await reader.next_chunk() is None
     reader.close()
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     assert store.size_of(key) == len(data)
     assert store.path(key).read_bytes() == data
@@ -530,6 +539,7 @@ async def test_corrupted_blob_aborts_caches_nothing_and_heals(
     assert store.stats.verification_failures == 1
     r = await client.request(f"/v2/library/alpine/blobs/{digest}")  # the next pull heals
     assert r.complete and r.body == layer
+    await proxy.fills_ended()
     assert store.size_of(hexdigest(layer)) == len(layer)
 
 
@@ -544,6 +554,7 @@ async def test_private_blob_is_never_served_from_cache_without_access(
     proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
     alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
     assert (await alice.request(f"/v2/acme/secret/blobs/{digest}")).body == layer
+    await proxy.fills_ended()
     assert proxy.proxy.pullthrough is not None
     store = proxy.proxy.pullthrough.blobs
     assert store is not None and store.size_of(hexdigest(layer)) == len(layer)
@@ -984,6 +995,7 @@ async def test_a_short_disk_is_said_at_start_on_metrics_and_once_for_the_misses(
         caplog.messages
     )
     assert proxy.proxy.pullthrough is not None
+    await proxy.fills_ended()
     assert proxy.proxy.pullthrough.blobs.size_of(hexdigest(layers[0])) == len(layers[0])
 
 

@@ -77,6 +77,7 @@ async def pull(proxy: RunningProxy, ca: trustme.CA, repo: str, tag: str) -> dict
         assert answer.status == 200 and answer.complete
         assert "sha256:" + hashlib.sha256(answer.body).hexdigest() == digest
         got[digest] = answer.body
+    await proxy.fills_ended()  # its blobs in the cache, and on their way to the bucket
     return got
 
 
@@ -214,6 +215,7 @@ async def test_a_blob_changed_in_the_bucket_is_never_completed_to_a_client(
         assert answer.body == good
     assert answer.body != bytes(bad)
     assert pullthrough(second).stats.verification_failures >= 1
+    await second.fills_ended()
     shared = shared_of(second)
     with trio.fail_after(10):
         await shared.wait_idle()

@@ -254,6 +254,7 @@ async def pull(
     for blob in [document["config"], *document["layers"]]:
         r = await client.request(f"/v2/{repository}/blobs/{blob['digest']}")
         assert r.status == 200 and r.complete
+    await proxy.fills_ended()  # its blobs in the cache
     return top
 
 
@@ -274,7 +275,8 @@ def blob_file(cache: Path, layer: bytes) -> Path:
 
 
 async def written(proxy: RunningProxy) -> None:
-    """The mirror's manifest state is committed (what a CLI run beside it reads)."""
+    """The mirror's blobs and manifest state are committed (what a CLI run beside it reads)."""
+    await proxy.fills_ended()
     assert await trio.to_thread.run_sync(pullthrough(proxy).manifests.wait_written, 10.0)
 
 
@@ -514,4 +516,5 @@ async def test_skopeo_pulls_again_after_cache_rm(
     cdn = sum(1 for s in hub.requests if s.server == "cdn")
     await copy("second")
     assert sum(1 for s in hub.requests if s.server == "cdn") > cdn  # fetched again
+    await proxy.fills_ended()
     assert blob_file(cache, layer).exists()  # and cached again

@@ -189,6 +189,7 @@ async def test_metrics_count_evictions_and_failovers(
         digest = "sha256:" + hashlib.sha256(layer).hexdigest()
         r = await client.request(f"/v2/library/alpine/blobs/{digest}")
         assert r.status == 200 and r.body == layer
+        await proxy.fills_ended()  # cached, so evictable by the next
     hub.force_429(1)
     r = await client.request("/v2/library/alpine/manifests/3.20")
     assert r.status == 200  # the fallback answered

@@ -66,6 +66,7 @@ async def through(
         context=mirror_context(tls_files),
         display=Display(out, tty=False),
     )
+    await proxy.fills_ended()  # the mirror's copies committed
     return tally, out.getvalue().splitlines()
 
 

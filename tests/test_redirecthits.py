@@ -210,6 +210,7 @@ async def test_a_client_the_upstream_refuses_gets_its_refusal_never_a_url(
     path = f"/v2/acme/secret/blobs/{digest}"
     alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
     assert (await alice.request(path)).body == layer  # the miss: streamed, committed
+    await proxy.fills_ended()
     shared = shared_of(proxy)
     with trio.fail_after(10):
         await shared.wait_idle()

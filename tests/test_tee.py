@@ -36,7 +36,7 @@ from hubproxy.policy.errors import CacheFillFailed
 from tests.conftest import StartProxy
 from tests.fakehub import FakeHub, make_layer
 from tests.registry_client import RegistryClient
-from tests.test_cache import Feed, hexdigest
+from tests.test_cache import Feed, hexdigest, until_ended
 from tests.wire import WireClient
 
 CHUNK = 64 * 1024
@@ -57,11 +57,6 @@ async def until_written(fill: Fill, count: int) -> None:
     """Wait until the writer thread wrote ``count`` bytes (the fill's own progress)."""
     while fill.state is FillState.FILLING and fill.written < count:
         await fill.wait_change(written=True)
-
-
-async def until_ended(fill: Fill) -> None:
-    while fill.state is FillState.FILLING:
-        await fill.wait_change()
 
 
 async def fill_chunk_by_chunk(nursery: trio.Nursery, store: BlobStore, data: bytes) -> Fill:
@@ -119,6 +114,7 @@ async def test_a_reader_keeping_up_gets_the_upstreams_own_buffer(
         got += chunk
     reader.close()
     assert bytes(got) == data
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     assert store.path(key).read_bytes() == data
 
@@ -151,6 +147,7 @@ async def test_a_reader_behind_the_window_reads_the_file(
         got += chunk
     reader.close()
     assert bytes(got) == data
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
 
 
@@ -221,6 +218,87 @@ async def test_once_done_a_fill_keeps_only_what_its_foremost_reader_has_yet_to_t
     assert fill.view(len(data) - 1, len(data)) is None
 
 
+async def test_a_slow_fsync_does_not_hold_the_clients_last_byte(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last byte waits for the verdict only: the file's fsync (seconds for a large blob on
+    a slow disk) and rename come after, and the blob is cached once they are done. Before,
+    the client waited for the disk at 100%."""
+    synced = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        synced.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    data = os.urandom(5 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reader = store.reader(key)
+    for piece in [*chunks_of(data), None]:
+        await feed.send.send(piece)
+    got = bytearray()
+    with trio.fail_after(5):
+        while (chunk := await reader.next_chunk()) is not None:
+            got += chunk
+    reader.close()
+    assert bytes(got) == data
+    assert fill.verified and fill.state.value == "filling"  # the disk still syncing
+    assert store.size_of(key) is None
+    synced.set()
+    await until_ended(fill)
+    assert fill.state is FillState.DONE
+    assert store.size_of(key) == len(data) and store.path(key).read_bytes() == data
+
+
+async def test_a_failed_fsync_after_the_verdict_leaves_the_readers_bytes_good(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disk that fails the fsync of a verified blob: nothing is cached, and a reader that
+    holds the file goes on with the verified bytes to the end; one that never opened it (the
+    file is gone) fails as from any failed fill, resumable from the upstream."""
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    data = os.urandom(5 * CHUNK)
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    key = hexdigest(data)
+    fill = store.start_fill(key, len(data))
+    feed = Feed()
+    nursery.start_soon(store.run_fill, fill, feed, AsyncExitStack())
+    reading, idle = store.reader(key), store.reader(key)
+    pieces = chunks_of(data)
+    await feed.send.send(pieces[0])
+    first = await reading.next_chunk()  # it holds the file from here on
+    assert first is not None
+    got = bytearray(first)
+    for piece in [*pieces[1:], None]:
+        await feed.send.send(piece)
+    await until_ended(fill)
+    assert fill.verified and fill.state is FillState.FAILED
+    assert store.size_of(key) is None and not fill.temp_path.exists()
+    assert "Input/output error" in caplog.text
+    while (chunk := await reading.next_chunk()) is not None:
+        got += chunk
+    reading.close()
+    assert bytes(got) == data
+    with pytest.raises(CacheFillFailed) as failed:
+        await idle.next_chunk()
+    assert failed.value.resumable
+    idle.close()
+
+
 UPSTREAM = 0.001  # seconds for the upstream to deliver a chunk
 SENDING = 0.00125  # a client sending one: slower, by less than the fill may wait for it
 assert SENDING - UPSTREAM < LEAD_WAIT and SENDING - UPSTREAM <= SENDING * LEAD_WAIT_SHARE
@@ -267,6 +345,7 @@ async def test_the_fill_waits_a_moment_for_its_foremost_reader(
         await trio.sleep(SENDING)  # sending it takes the client a while
     reader.close()
     assert bytes(got) == data
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     # the last chunk too: held back until the verdict, then from memory as well
     assert store.stats.fill_memory_bytes == len(data)
@@ -304,6 +383,7 @@ async def test_a_slow_reader_holds_the_fill_at_most_a_moment_per_chunk(
     await until_ended(fill)
     reader.close()
     assert bytes(got) == data
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     # the fill had it all while the reader was at its start (its fsync, in a thread, is not
     # timed: the mock clock jumps to the reader's next wake-up while a thread runs)
@@ -522,6 +602,7 @@ async def test_a_readers_buffer_follows_the_body_budget(
     store.open()
     fill = await fill_chunk_by_chunk(nursery, store, data)
     key = fill.key
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     running = [_Transfer() for _ in range(100)]
     for transfer in running:
@@ -568,6 +649,7 @@ async def test_fills_write_on_the_loop_until_a_write_is_slow(
     for _ in range(2):
         data = os.urandom(8 * CHUNK)
         fill = await fill_chunk_by_chunk(nursery, store, data)
+        await until_ended(fill)  # committed: after its readers completed
         assert fill.state is FillState.DONE
         assert store.path(fill.key).read_bytes() == data
     assert where == ["loop"] * 3 + ["thread"] * 13
@@ -612,6 +694,7 @@ async def test_a_write_slowed_by_a_busy_cpu_keeps_fills_on_the_loop(
         fill = await fill_chunk_by_chunk(nursery, store, data)
     finally:
         sys.setswitchinterval(interval)
+    await until_ended(fill)  # committed: after its readers completed
     assert fill.state is FillState.DONE
     assert store.path(fill.key).read_bytes() == data
     assert where == ["loop"] * 8

@@ -727,7 +727,9 @@ class PullThrough:
                 blob_digest=route.blob_digest,
             )
             return
-        response.record.upstream = "cache" if fill is None else "cache-fill"
+        # a fill that verified its blob is the cache's, only not synced and renamed yet
+        following = fill is not None and not fill.verified
+        response.record.upstream = "cache-fill" if following else "cache"
         try:
             answer = cached_blob_answer(digest, size, get_header(request.headers, b"range"))
         except RangeNotSatisfiable:
@@ -737,7 +739,7 @@ class PullThrough:
             await response.finish()
             return
         # whether the cache had it or fetches it now (hubproxy prefetch counts its bytes so)
-        headers = [*answer.headers, (b"x-cache", b"HIT" if fill is None else b"MISS")]
+        headers = [*answer.headers, (b"x-cache", b"MISS" if following else b"HIT")]
         if request.method == "HEAD":
             await response.start(answer.status, headers)
             await response.finish()

@@ -353,6 +353,9 @@ class Fill:
         self.received = 0
         self.written = 0
         self.state = FillState.FILLING
+        # every byte received, written and hashed to the digest (still FILLING while the file
+        # is committed): readers may hand out their last byte
+        self.verified = False
         self.error = ""
         self.disk_failed = False  # the upstream was fine; writing the file was not
         # the hash of the file's bytes [0, written): read only once its writer stopped
@@ -368,6 +371,15 @@ class Fill:
     def _notify(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
+
+    def verify(self) -> None:
+        """The whole blob matched its digest: its readers may complete their transfers now.
+        Committing the file (its fsync, then the rename) is the cache's business, and must
+        not hold the clients' last byte: a slow disk's fsync of a large blob takes seconds
+        (the page cache's dirty bytes of it all go out), and a failed one leaves the
+        verified bytes they read as good as they were."""
+        self.verified = True
+        self._notify()
 
     def push(self, chunk: bytes | bytearray) -> None:
         """A chunk came from the upstream: readers may have it from memory at once."""
@@ -909,6 +921,7 @@ class BlobStore:
                 raise CacheFillFailed(
                     f"blob sha256:{fill.key} from upstream has digest sha256:{hasher.hexdigest()}"
                 )
+            fill.verify()
             await trio.to_thread.run_sync(os.fsync, fd)
             os.close(fd)
             fd = -1
@@ -1312,14 +1325,18 @@ class BlobReader:
             # client's transfer as surely), only go out once the digest is verified
             limit = self.end - 1
             while (
-                fill.state is FillState.FILLING and min(fill.ready(memory), limit) <= self.position
+                fill.state is FillState.FILLING
+                and not fill.verified
+                and min(fill.ready(memory), limit) <= self.position
             ):
                 await fill.wait_change(written=not memory)
-            if fill.state is FillState.FAILED:
+            # verified, then failed to commit: a reader whose descriptor holds the (now
+            # unlinked) file goes on with the verified bytes; one that has none cannot
+            if fill.state is FillState.FAILED and not (fill.verified and self._fd >= 0):
                 raise CacheFillFailed(
                     f"cache fill failed: {fill.error}", resumable=fill.disk_failed
                 )
-            if fill.state is FillState.FILLING:
+            if not fill.verified:
                 available = min(fill.ready(memory), limit)
         return available
 
