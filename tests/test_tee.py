@@ -699,3 +699,38 @@ async def test_a_write_slowed_by_a_busy_cpu_keeps_fills_on_the_loop(
     assert store.path(fill.key).read_bytes() == data
     assert where == ["loop"] * 8
     assert not [r for r in caplog.records if "worker thread" in r.getMessage()]
+
+
+async def test_a_request_while_a_verified_blob_is_synced_is_a_hit(
+    hub: FakeHub,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the verdict and the rename the blob is the cache's: the client that caused the
+    fill completes while the disk still syncs, and a second client gets the blob from there
+    as a hit (``X-Cache: HIT``), the upstream sending it once."""
+    synced = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        synced.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    layer = make_layer(41, 300_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    try:
+        with trio.fail_after(10):
+            first = await client.request(f"/v2/library/alpine/blobs/{digest}")
+            second = await client.request(f"/v2/library/alpine/blobs/{digest}")
+    finally:
+        synced.set()
+    assert first.complete and first.body == layer and first.headers["x-cache"] == "MISS"
+    assert second.complete and second.body == layer and second.headers["x-cache"] == "HIT"
+    assert _cdn_gets(hub, digest) == 1
+    await proxy.fills_ended()
