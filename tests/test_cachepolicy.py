@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from hubproxy.policy.cachepolicy import (
     Fill,
     Forward,
     Kind,
+    ManifestReferences,
     Readability,
     ServeCache,
     ServeStale,
@@ -32,6 +34,7 @@ from hubproxy.policy.cachepolicy import (
     fits_in_memory,
     identity_settled,
     keep_manifest,
+    manifest_references,
     manifest_verified,
     may_share_fetch,
     ping_stale_allowed,
@@ -41,6 +44,7 @@ from hubproxy.policy.cachepolicy import (
     tag_fresh,
     upstream_unavailable,
     verdict,
+    vouched_paths,
 )
 
 ALLOWED, DENIED, UNAVAILABLE = (
@@ -131,6 +135,90 @@ def test_confirmations_expire() -> None:
     assert confirmations.confirmed(key, 100.0)
     assert confirmations.confirmed(key, 100.0 + ACCESS_CONFIRMATION_TTL - 0.01)
     assert not confirmations.confirmed(key, 100.0 + ACCESS_CONFIRMATION_TTL)
+
+
+def test_a_carried_confirmation_expires_with_the_one_it_came_from() -> None:
+    confirmations = Confirmations()
+    manifest = confirmation_key(b"Bearer t", "", "/v2/a/b/manifests/x")
+    blob = confirmation_key(b"Bearer t", "", "/v2/a/b/blobs/sha256:" + "1" * 64)
+    assert confirmations.expiry(manifest, 100.0) is None
+    confirmations.remember(manifest, 100.0)
+    until = confirmations.expiry(manifest, 130.0)
+    assert until == 100.0 + ACCESS_CONFIRMATION_TTL
+    assert confirmations.carry(blob, until, 130.0)
+    assert confirmations.expiry(blob, 130.0) == until  # not 130 + TTL
+    assert not confirmations.confirmed(blob, until)
+    confirmations.remember(blob, 150.0)  # its own, later: a carry never shortens it
+    assert confirmations.carry(blob, until, 150.0)
+    assert confirmations.expiry(blob, 150.0) == 150.0 + ACCESS_CONFIRMATION_TTL
+
+
+def test_carrying_never_grows_a_full_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hubproxy.policy.cachepolicy.MAX_CONFIRMATIONS", 3)
+    confirmations = Confirmations()
+    keys = [confirmation_key(b"", "", f"/v2/a/blobs/{n}") for n in range(5)]
+    for key in keys[:3]:
+        confirmations.remember(key, 0.0)
+    assert not confirmations.carry(keys[3], 50.0, 1.0)  # three live ones: no room
+    assert not confirmations.confirmed(keys[3], 1.0)
+    assert confirmations.carry(keys[3], 200.0, 100.0)  # the three expired: dropped
+    assert confirmations.confirmed(keys[3], 100.0)
+    assert not confirmations.confirmed(keys[0], 100.0)
+
+
+IMAGE = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "x", "size": 2, "digest": "sha256:" + "c" * 64},
+    "layers": [
+        {"mediaType": "y", "size": 3, "digest": "sha256:" + "1" * 64},
+        {"mediaType": "y", "size": 4, "digest": "sha256:" + "2" * 64},
+    ],
+}
+INDEX = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.index.v1+json",
+    "manifests": [{"mediaType": "z", "size": 9, "digest": "sha256:" + "a" * 64}],
+}
+
+
+def test_a_manifest_names_its_config_and_layers_an_index_its_manifests() -> None:
+    assert manifest_references(json.dumps(IMAGE).encode(), "") == (
+        ("blobs", "sha256:" + "c" * 64),
+        ("blobs", "sha256:" + "1" * 64),
+        ("blobs", "sha256:" + "2" * 64),
+    )
+    assert manifest_references(json.dumps(INDEX).encode(), "") == (
+        ("manifests", "sha256:" + "a" * 64),
+    )
+    for junk in (b"", b"[]", b"{", json.dumps({**IMAGE, "layers": "no"}).encode()):
+        assert manifest_references(junk, "") == ()
+    schema1 = json.dumps({"schemaVersion": 1, "fsLayers": [{"blobSum": "sha256:" + "1" * 64}]})
+    assert manifest_references(schema1.encode(), "") == ()
+
+
+def test_references_are_parsed_once_and_kept_within_bounds() -> None:
+    kept = ManifestReferences(limit=8)
+    body = json.dumps(IMAGE).encode()
+    first = kept.of("sha256:" + "e" * 64, "", body)
+    assert kept.of("sha256:" + "e" * 64, "", b"not parsed again") is first
+    kept.of("sha256:" + "f" * 64, "", body)  # 3 references and the entry each: 8, both kept
+    kept.of("sha256:" + "d" * 64, "", body)  # 12 > 8: the least recently asked goes
+    assert kept.of("sha256:" + "e" * 64, "", b"{}") == ()  # parsed again (from this body)
+
+
+def test_a_manifest_vouches_only_for_what_its_repository_served() -> None:
+    references = manifest_references(json.dumps(IMAGE).encode(), "")
+    served = {"sha256:" + "c" * 64, "sha256:" + "2" * 64}
+    assert list(vouched_paths("library/alpine", references, served.__contains__)) == [
+        "/v2/library/alpine/blobs/sha256:" + "c" * 64,
+        "/v2/library/alpine/blobs/sha256:" + "2" * 64,
+    ]
+    children = manifest_references(json.dumps(INDEX).encode(), "")
+    assert list(vouched_paths("a/b", children, lambda digest: True)) == [
+        "/v2/a/b/manifests/sha256:" + "a" * 64
+    ]
+    assert list(vouched_paths("a/b", children, lambda digest: False)) == []
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,16 @@ import trio
 import trustme
 
 from hubproxy.cache.pullthrough import PullThrough
-from hubproxy.policy.cachepolicy import anonymously_readable
+from hubproxy.policy.cachepolicy import Confirmations, anonymously_readable
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
-from tests.fakehub import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST, FakeHub, make_layer
+from tests.fakehub import (
+    MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_MANIFEST,
+    FakeHub,
+    make_layer,
+    sha256_digest,
+)
 from tests.registry_client import RegistryClient
 from tests.test_skopeo import Skopeo, check_dir_copy
 
@@ -162,6 +169,93 @@ async def test_private_manifest_needs_the_clients_own_access(
     assert pullthrough(proxy).stats.hits == 0
     await pullthrough(proxy).wait_probes()
     assert not anonymous(proxy, "acme/secret")
+
+
+def registry_asks(hub: FakeHub, since: int) -> list[tuple[str, str]]:
+    """What the registry was asked since its ``since``-th request (no token requests)."""
+    return [(s.method, s.target) for s in hub.requests[since:] if s.server == "registry"]
+
+
+async def pull_image(client: RegistryClient, repo: str, tag: str) -> list[str]:
+    """Pull ``repo:tag`` as docker does (the index, the platform's manifest, its config and
+    layers, each checked against its digest); the blobs' digests."""
+    r = await client.request(
+        f"/v2/{repo}/manifests/{tag}",
+        headers=[("accept", f"{MEDIA_DOCKER_LIST}, {MEDIA_DOCKER_MANIFEST}")],
+    )
+    assert r.status == 200
+    document = json.loads(r.body)
+    if document["mediaType"] == MEDIA_DOCKER_LIST:
+        child = document["manifests"][0]["digest"]
+        r = await client.request(f"/v2/{repo}/manifests/{child}", headers=ACCEPT)
+        assert r.status == 200
+        assert sha256_digest(r.body) == child
+        document = json.loads(r.body)
+    digests = [document["config"]["digest"]] + [layer["digest"] for layer in document["layers"]]
+    for digest in digests:
+        r = await client.request(f"/v2/{repo}/blobs/{digest}")
+        assert r.status == 200
+        assert sha256_digest(r.body) == digest
+    return digests
+
+
+async def test_a_cached_pull_asks_the_upstream_once(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A manifest the upstream confirmed for a client vouches, until that confirmation
+    expires, for what it names that the repository served before: a pull of a cached image
+    is one HEAD (its tag), not one more per manifest and layer."""
+    child = hub.add_image("library/alpine", None, [make_layer(1, 1000), make_layer(2, 2000)])
+    hub.add_index("library/alpine", "3.20", [(child, "amd64", "linux")])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_ttl=0.0)
+    client = RegistryClient(proxy.url, ca)
+    blobs = await pull_image(client, "library/alpine", "3.20")
+    await proxy.fills_ended()
+    await pullthrough(proxy).wait_probes()
+    pullthrough(proxy).confirmations = Confirmations()  # a minute on: every one expired
+    hits = pullthrough(proxy).stats.hits
+    seen = len(hub.requests)
+    assert await pull_image(client, "library/alpine", "3.20") == blobs
+    assert registry_asks(hub, seen) == [("HEAD", "/v2/library/alpine/manifests/3.20")]
+    assert pullthrough(proxy).stats.hits == hits + 2 + len(blobs)
+
+
+async def test_a_manifest_vouches_for_no_other_client_nor_repository(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    layer = make_layer(1, 1000)
+    digest = sha256_digest(layer)
+    hub.add_image("library/alpine", "1", [layer])
+    hub.add_image("acme/other", "1", [layer])  # the same layer, in another repository
+    hub.add_image("acme/secret", "1", [layer, make_layer(2, 500)])
+    hub.add_user("alice", "s3cret")
+    hub.make_private("acme/secret", "alice")
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    client = RegistryClient(proxy.url, ca)
+    await pull_image(client, "library/alpine", "1")
+    await proxy.fills_ended()
+    await pullthrough(proxy).wait_probes()
+    # acme/other's manifest is confirmed, but the mirror never saw acme/other serve the layer
+    r = await client.request("/v2/acme/other/manifests/1", headers=ACCEPT)
+    assert r.status == 200
+    seen = len(hub.requests)
+    r = await client.request(f"/v2/acme/other/blobs/{digest}")
+    assert r.body == layer
+    assert ("HEAD", f"/v2/acme/other/blobs/{digest}") in registry_asks(hub, seen)
+    # another client: alpine's manifest, confirmed for the first, vouches nothing for it
+    stranger = RegistryClient(proxy.url, ca)
+    seen = len(hub.requests)
+    r = await stranger.request(f"/v2/library/alpine/blobs/{digest}")
+    assert r.body == layer
+    assert ("HEAD", f"/v2/library/alpine/blobs/{digest}") in registry_asks(hub, seen)
+    # a private repository: what alice's confirmed manifest names stays hers
+    alice = RegistryClient(proxy.url, ca, credentials=("alice", "s3cret"))
+    secret = await pull_image(alice, "acme/secret", "1")
+    await proxy.fills_ended()
+    for blob in secret:
+        r = await stranger.request(f"/v2/acme/secret/blobs/{blob}")
+        assert r.status == 401
+        assert layer not in r.body
 
 
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")

@@ -49,6 +49,7 @@ from ..policy.cachepolicy import (
     FetchKey,
     Fill,
     Kind,
+    ManifestReferences,
     NegativeKey,
     Readability,
     ServeCache,
@@ -74,6 +75,7 @@ from ..policy.cachepolicy import (
     tag_ttl,
     upstream_unavailable,
     verdict,
+    vouched_paths,
 )
 from ..policy.errors import (
     CacheFillFailed,
@@ -179,6 +181,7 @@ class PullThrough:
         # blobs another process removed (hubproxy cache rm, another worker's admin API)
         manifests.on_blobs_removed = blobs.forget
         self.confirmations = Confirmations()
+        self.references = ManifestReferences()  # what served manifests name, parsed once
         # when each tag answer was revalidated: one entry per tag and Accept asked, so bounded
         # like the manifest store's own indexes (oldest revalidation dropped first)
         self.tag_checked: ShardedLRU[TagKey, float] = ShardedLRU()
@@ -290,6 +293,24 @@ class PullThrough:
     def _remember_access(self, request: ClientRequest, route: Route) -> None:
         key = self._confirmation_key(request, route)
         self.confirmations.remember(key, trio.current_time())
+
+    def _pass_on_access(
+        self, request: ClientRequest, route: Route, manifest: CachedManifest
+    ) -> None:
+        """A manifest served to this client on a confirmation: confirm, until the same expiry,
+        what it names that its repository was seen to hold (``vouched_paths``), so that the
+        rest of the pull asks the upstream nothing more."""
+        key = self._confirmation_key(request, route)
+        now = trio.current_time()
+        until = self.confirmations.expiry(key, now)
+        if until is None or route.repository is None:
+            return
+        repository = state_name(route)
+        references = self.references.of(manifest.digest, manifest.media_type, manifest.body)
+        linked = functools.partial(self.manifests.linked, repository)
+        for path in vouched_paths(route.repository, references, linked):
+            if not self.confirmations.carry(dataclasses.replace(key, path=path), until, now):
+                return
 
     async def _ask_upstream(
         self,
@@ -917,6 +938,7 @@ class PullThrough:
             else:
                 self.stats.hits += 1
                 self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
+                self._pass_on_access(request, route, cached)
             self._count_pull(request, route, hit=True)
             outgoing, cached = Outgoing.of(repository, cached), None  # pinned only while held
             await self._send_manifest(request, response, outgoing)
@@ -1184,8 +1206,9 @@ class PullThrough:
         outgoing = Outgoing.of(state_name(route), manifest)
         if fetch is not None:  # followers go on now, not once this client has read it all
             self.manifest_fetches.finish(fetch, manifest)
-        del manifest, data
         self._remember_access(request, route)
+        self._pass_on_access(request, route, manifest)
+        del manifest, data
         if not reference.startswith("sha256:"):
             key = TagKey(state_name(route), reference, accepted)
             self._note_tag_checked(key)

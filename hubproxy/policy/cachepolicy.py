@@ -18,7 +18,9 @@ blob or manifest request the driver (``pullthrough.py``) gathers plain facts int
 A yes is remembered per (credentials, registry, path) for :data:`ACCESS_CONFIRMATION_TTL`: per
 resource, not per repository (blobs and manifests are stored by digest for every repository, and
 a registry answers BLOB_UNKNOWN for a digest the repository does not link), and per registry (the
-same path names different things on two registries). A tag's cached answer is keyed by the set of
+same path names different things on two registries). A manifest served on a confirmation passes
+it on, until the same expiry, to the manifests and blobs it names that the upstream served in
+that repository before (:func:`vouched_paths`). A tag's cached answer is keyed by the set of
 manifest media types the client accepts, because a registry answers a tag differently by
 ``Accept`` (distribution gives a client that takes no manifest list the linux/amd64 manifest).
 
@@ -39,10 +41,12 @@ import enum
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .headers import Headers, get_header
+from .prefetch import BadManifest, parse_manifest
 
 ACCESS_CONFIRMATION_TTL = 60.0  # Docker Hub tokens live 300 s; a revoked grant is seen soon
 MAX_CONFIRMATIONS = 10_000
@@ -128,10 +132,99 @@ class Confirmations:
     def confirmed(self, key: ConfirmationKey, now: float) -> bool:
         return self._until.get(key, -1.0) > now
 
+    def expiry(self, key: ConfirmationKey, now: float) -> float | None:
+        """When the confirmation of ``key`` expires, None if there is none now."""
+        until = self._until.get(key)
+        return until if until is not None and until > now else None
+
     def remember(self, key: ConfirmationKey, now: float) -> None:
         if len(self._until) > MAX_CONFIRMATIONS:
-            self._until = {k: v for k, v in self._until.items() if v > now}
+            self._drop_expired(now)
         self._until[key] = now + self.ttl
+
+    def carry(self, key: ConfirmationKey, until: float, now: float) -> bool:
+        """Confirm ``key`` until ``until``, another confirmation's expiry (see
+        :func:`vouched_paths`): never later, and never shortening what ``key`` holds. False,
+        and nothing kept, while the table is full of live confirmations: carrying saves an
+        access check, so it never grows the table past its bound."""
+        if self._until.get(key, -1.0) >= until:
+            return True
+        if len(self._until) >= MAX_CONFIRMATIONS:
+            self._drop_expired(now)
+            if len(self._until) >= MAX_CONFIRMATIONS:
+                return False
+        self._until[key] = until
+        return True
+
+    def _drop_expired(self, now: float) -> None:
+        self._until = {k: v for k, v in self._until.items() if v > now}
+
+
+# -- what a confirmed manifest vouches for --------------------------------------------------------
+
+# references of recently served manifests kept parsed (one per descriptor: the digest and its
+# kind), at most this many in all: a manifest names dozens, an index a few dozen
+MAX_KEPT_REFERENCES = 16_384
+
+
+def manifest_references(body: bytes, media_type: str) -> tuple[tuple[str, str], ...]:
+    """What a manifest names inside its own repository, as ``(kind, digest)`` with kind
+    ``"manifests"`` (an index's children) or ``"blobs"`` (an image's config and layers); ()
+    for a body that is neither, or names more than ``MAX_DESCRIPTORS``."""
+    try:
+        parsed = parse_manifest(body, media_type)
+    except BadManifest:
+        return ()
+    if parsed.index:
+        return tuple(("manifests", child.digest) for child in parsed.children)
+    return tuple(("blobs", blob.digest) for blob in parsed.blobs)
+
+
+class ManifestReferences:
+    """:func:`manifest_references` of recently served manifests, parsed once per digest and
+    media type (plain state; at most :data:`MAX_KEPT_REFERENCES` references kept, the least
+    recently asked dropped first)."""
+
+    def __init__(self, limit: int = MAX_KEPT_REFERENCES) -> None:
+        self.limit = limit
+        self._known: OrderedDict[tuple[str, str], tuple[tuple[str, str], ...]] = OrderedDict()
+        self._count = 0
+
+    def of(self, digest: str, media_type: str, body: bytes) -> tuple[tuple[str, str], ...]:
+        key = (digest, media_type)
+        found = self._known.get(key)
+        if found is not None:
+            self._known.move_to_end(key)
+            return found
+        found = manifest_references(body, media_type)
+        self._known[key] = found
+        self._count += len(found) + 1
+        while self._count > self.limit and self._known:
+            _key, dropped = self._known.popitem(last=False)
+            self._count -= len(dropped) + 1
+        return found
+
+
+def vouched_paths(
+    name: str, references: Iterable[tuple[str, str]], linked: Callable[[str], bool]
+) -> Iterator[str]:
+    """The upstream paths in repository ``name`` that a manifest's confirmation vouches for:
+    each reference (:func:`manifest_references`) the upstream has served in that repository
+    (``linked``, given the digest).
+
+    The upstream serves a path to a client when the client may pull the repository and the
+    repository holds the digest. A confirmed manifest shows the first (the registry just
+    served the repository to these credentials). For the second, a registry accepts a manifest
+    only once the repository holds what it names (distribution answers MANIFEST_BLOB_UNKNOWN),
+    and keeps what a manifest it holds names; but that is a registry's habit, not the
+    protocol's rule (an index may be accepted without some platforms, a foreign layer lives
+    elsewhere), so only a digest the upstream was seen to serve in that very repository is
+    vouched for. A confirmation carried this way expires with the manifest's own
+    (``Confirmations.carry``): a pull of a cached image asks the upstream once, for its tag,
+    instead of once more for every manifest and layer."""
+    for kind, digest in references:
+        if linked(digest):
+            yield f"/v2/{name}/{kind}/{digest}"
 
 
 # -- tags ---------------------------------------------------------------------------------------
