@@ -153,6 +153,17 @@ def test_a_carried_confirmation_expires_with_the_one_it_came_from() -> None:
     assert confirmations.expiry(blob, 150.0) == 150.0 + ACCESS_CONFIRMATION_TTL
 
 
+def test_a_confirmation_is_passed_on_once_and_again_once_renewed() -> None:
+    confirmations = Confirmations()
+    manifest = confirmation_key(b"Bearer t", "", "/v2/a/b/manifests/x")
+    confirmations.remember(manifest, 100.0)
+    until = 100.0 + ACCESS_CONFIRMATION_TTL
+    assert confirmations.first_pass(manifest, until, 100.0)
+    assert not confirmations.first_pass(manifest, until, 110.0)  # served again on it
+    confirmations.remember(manifest, 170.0)  # expired and asked again
+    assert confirmations.first_pass(manifest, 170.0 + ACCESS_CONFIRMATION_TTL, 170.0)
+
+
 def test_carrying_never_grows_a_full_table(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("hubproxy.policy.cachepolicy.MAX_CONFIRMATIONS", 3)
     confirmations = Confirmations()

@@ -305,6 +305,8 @@ class PullThrough:
         until = self.confirmations.expiry(key, now)
         if until is None or route.repository is None:
             return
+        if not self.confirmations.first_pass(key, until, now):
+            return  # this very confirmation was passed on already
         repository = state_name(route)
         references = self.references.of(manifest.digest, manifest.media_type, manifest.body)
         linked = functools.partial(self.manifests.linked, repository)

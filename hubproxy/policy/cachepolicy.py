@@ -128,6 +128,8 @@ class Confirmations:
     def __init__(self, ttl: float = ACCESS_CONFIRMATION_TTL) -> None:
         self.ttl = ttl
         self._until: dict[ConfirmationKey, float] = {}
+        # the expiry each manifest's confirmation was last passed on with (``first_pass``)
+        self._passed: dict[ConfirmationKey, float] = {}
 
     def confirmed(self, key: ConfirmationKey, now: float) -> bool:
         return self._until.get(key, -1.0) > now
@@ -154,6 +156,17 @@ class Confirmations:
             if len(self._until) >= MAX_CONFIRMATIONS:
                 return False
         self._until[key] = until
+        return True
+
+    def first_pass(self, key: ConfirmationKey, until: float, now: float) -> bool:
+        """Whether the confirmation of ``key`` that expires at ``until`` is passed on now for
+        the first time (a manifest served again on it vouches for nothing new; a renewed one
+        is passed on again)."""
+        if self._passed.get(key) == until:
+            return False
+        if len(self._passed) >= MAX_CONFIRMATIONS:
+            self._passed = {k: v for k, v in self._passed.items() if v > now}
+        self._passed[key] = until
         return True
 
     def _drop_expired(self, now: float) -> None:
