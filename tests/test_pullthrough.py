@@ -259,6 +259,33 @@ async def test_a_manifest_vouches_for_no_other_client_nor_repository(
 
 
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
+async def test_skopeo_pulls_a_cached_image_with_one_upstream_request(
+    hub: FakeHub, start_proxy: StartProxy, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A real client (its own token each run): the second pull of a multi-platform image asks
+    the upstream only where its tag points now."""
+    layers = [make_layer(1, 300_000), make_layer(2, 5000)]
+    amd64 = hub.add_image("library/busybox", None, layers)
+    arm64 = hub.add_image("library/busybox", None, [make_layer(3, 4000)], arch="arm64")
+    hub.add_index(
+        "library/busybox", "latest", [(amd64, "amd64", "linux"), (arm64, "arm64", "linux")]
+    )
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), manifest_ttl=0.0)
+    skopeo = Skopeo(proxy, tls_files, tmp_path)
+    src = ["--src-cert-dir", skopeo.cert_dir, "--override-arch", "amd64", "--override-os", "linux"]
+    await skopeo.run("copy", *src, skopeo.ref("busybox:latest"), f"dir:{tmp_path / 'one'}")
+    await proxy.fills_ended()
+    await pullthrough(proxy).wait_probes()
+    seen = len(hub.requests)
+    await skopeo.run("copy", *src, skopeo.ref("busybox:latest"), f"dir:{tmp_path / 'two'}")
+    checked = check_dir_copy(tmp_path / "two")
+    for layer in layers:
+        assert hashlib.sha256(layer).hexdigest() in checked
+    asked = [(m, t) for m, t in registry_asks(hub, seen) if "/manifests/" in t or "/blobs/" in t]
+    assert asked == [("HEAD", "/v2/library/busybox/manifests/latest")]
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
 async def test_public_image_pulls_completely_while_the_upstream_is_down(
     nursery: trio.Nursery,
     start_proxy: StartProxy,
