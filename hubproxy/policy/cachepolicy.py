@@ -177,7 +177,7 @@ class Confirmations:
 
 # references of recently served manifests kept parsed (one per descriptor: the digest and its
 # kind), at most this many in all: a manifest names dozens, an index a few dozen
-MAX_KEPT_REFERENCES = 16_384
+MAX_KEPT_REFERENCES = 4096
 
 
 def manifest_references(body: bytes, media_type: str) -> tuple[tuple[str, str], ...]:
