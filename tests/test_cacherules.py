@@ -281,6 +281,31 @@ async def test_access_checks_never_ask_a_fallback(
     assert heads == []
 
 
+async def test_a_fallbacks_answer_confirms_nothing(
+    nursery: trio.Nursery, hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A manifest a fallback served while the primary rests is this client's to have, but it
+    confirms nothing for later requests: neither its own path nor what it names (a layer
+    cached for alice stays closed to a stranger the fallback itself refuses it to)."""
+    worker = FakeHub(ca)
+    await nursery.start(worker.serve)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"), fallbacks=(worker.registry_url,))
+    digest, body, layer = await pull_secret(hub, proxy, ca)
+    assert worker.add_image("acme/secret", "v1", [layer]) == digest  # public there
+    hub.force_status("manifest", 429, headers=[("retry-after", "600")])
+    await RegistryClient(proxy.url, ca).request("/v2/library/other/manifests/1", headers=ACCEPT)
+    assert proxy.proxy.forwarder.default.resting_until[0] > trio.current_time()  # the primary rests
+    worker.force_status("blob", 404, times=100)
+    stranger = RegistryClient(proxy.url, ca)
+    r = await stranger.request(f"/v2/acme/secret/manifests/{digest}", headers=ACCEPT)
+    assert r.status == 200 and r.body == body  # the fallback's answer
+    r = await stranger.request(f"/v2/acme/secret/blobs/{sha256_digest(layer)}")
+    assert r.status == 404 and layer[:1000] not in r.body  # the fallback's answer again
+    worker.force_status("manifest", 404, times=100)  # and now the fallback refuses it too
+    r = await stranger.request(f"/v2/acme/secret/manifests/{digest}", headers=ACCEPT)
+    assert r.status == 404 and body not in r.body
+
+
 def registry(name: str, *fakes: FakeHub) -> Registry:
     return Registry(name, tuple(base_url(fake.registry_url) for fake in fakes))
 

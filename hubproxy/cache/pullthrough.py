@@ -290,9 +290,20 @@ class PullThrough:
         key = self._confirmation_key(request, route)
         return self.confirmations.confirmed(key, trio.current_time())
 
-    def _remember_access(self, request: ClientRequest, route: Route) -> None:
+    def _remember_access(
+        self, request: ClientRequest, route: Route, response: ClientResponse | None = None
+    ) -> None:
+        """Remember that the upstream let this client read this path. ``response``: the one
+        whose upstream answer said so, when it was not an access check: a fallback's yes proves
+        nothing about this client (it may hold credentials of its own), so is not kept."""
+        if response is not None and self._from_fallback(response, route):
+            return
         key = self._confirmation_key(request, route)
         self.confirmations.remember(key, trio.current_time())
+
+    def _from_fallback(self, response: ClientResponse, route: Route) -> bool:
+        """Whether ``response`` carries the answer of one of the route's ``--fallback``s."""
+        return self.forwarder.upstreams_for(route).index_of(response.record.upstream) > 0
 
     def _pass_on_access(
         self, request: ClientRequest, route: Route, manifest: CachedManifest
@@ -690,7 +701,7 @@ class PullThrough:
                 # another client's fill (or a hit) beat this answer: this client may read the
                 # blob (its upstream said 200), so it follows the one fetch; its own is dropped
                 await stack.aclose()
-                self._remember_access(request, route)
+                self._remember_access(request, route, response)
                 await self._send_blob(plan, request, response, route, key)
                 return
             if key not in store.fills and store.can_fill(size):
@@ -702,7 +713,7 @@ class PullThrough:
                     ):  # lost to another worker: uncached
                         log.warning("cache: cannot create a file in %s: %s", store.tmp_dir, exc)
                 else:
-                    self._remember_access(request, route)
+                    self._remember_access(request, route, response)
                     self.manifests.link(state_name(route), route.blob_digest or "")
                     source = conn if body is None else body
                     background.start_soon(store.run_fill, fill, source, stack.pop_all())
@@ -1208,7 +1219,7 @@ class PullThrough:
         outgoing = Outgoing.of(state_name(route), manifest)
         if fetch is not None:  # followers go on now, not once this client has read it all
             self.manifest_fetches.finish(fetch, manifest)
-        self._remember_access(request, route)
+        self._remember_access(request, route, response)
         self._pass_on_access(request, route, manifest)
         del manifest, data
         if not reference.startswith("sha256:"):
