@@ -306,6 +306,40 @@ async def test_a_fallbacks_answer_confirms_nothing(
     assert r.status == 404 and body not in r.body
 
 
+async def test_a_tag_fetched_through_a_fallback_is_not_fresh_for_the_primary(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Where a tag points is revalidated with the primary; a fallback's answer (fetched while
+    the primary rested) is this client's, but does not count as that revalidation."""
+    # open registries: the client shows both the same (no) credentials
+    hub = FakeHub(ca, auth_layout="basic", basic_anonymous=True)
+    worker = FakeHub(ca, auth_layout="basic", basic_anonymous=True)
+    await nursery.start(hub.serve)
+    await nursery.start(worker.serve)
+    primary = hub.add_image("library/alpine", "v2", [make_layer(7, 1000)])
+    elsewhere = worker.add_image("library/alpine", "v2", [make_layer(8, 1000)])
+    proxy = await start_proxy(
+        upstream=hub.registry_url,
+        fallbacks=(worker.registry_url,),
+        cache_dir=str(tmp_path / "cache"),
+        manifest_ttl=3600.0,
+    )
+    client = RegistryClient(proxy.url, ca)
+    r = await client.request("/v2/library/alpine/manifests/v2", headers=ACCEPT)
+    assert r.headers["docker-content-digest"] == primary  # and this client is confirmed
+    await wait_probes(proxy)
+    hub.force_status("manifest", 429, headers=[("retry-after", "600")])
+    await client.request("/v2/library/other/manifests/1", headers=ACCEPT)
+    upstreams = proxy.proxy.forwarder.default
+    assert upstreams.resting_until[0] > trio.current_time()  # the primary rests
+    # another Accept is another cached answer of the tag: fetched, from the fallback
+    r = await client.request("/v2/library/alpine/manifests/v2", headers=ACCEPT_LISTS)
+    assert r.headers["docker-content-digest"] == elsewhere
+    upstreams.resting_until[0] = 0.0  # the primary is back
+    r = await client.request("/v2/library/alpine/manifests/v2", headers=ACCEPT_LISTS)
+    assert r.headers["docker-content-digest"] == primary
+
+
 def registry(name: str, *fakes: FakeHub) -> Registry:
     return Registry(name, tuple(base_url(fake.registry_url) for fake in fakes))
 

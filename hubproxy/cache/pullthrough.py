@@ -1222,7 +1222,8 @@ class PullThrough:
         self._remember_access(request, route, response)
         self._pass_on_access(request, route, manifest)
         del manifest, data
-        if not reference.startswith("sha256:"):
+        if not reference.startswith("sha256:") and not self._from_fallback(response, route):
+            # where the tag points, as the primary says: a fallback's answer is no revalidation
             key = TagKey(state_name(route), reference, accepted)
             self._note_tag_checked(key)
         self._maybe_probe(route, f"/v2/{route.repository}/manifests/{stored}")
