@@ -18,6 +18,7 @@ import trio
 
 from .cache.bucket import BucketBudget
 from .cache.claims import Claims
+from .cache.confirmshare import ConfirmationShare
 from .cache.manifests import DATABASE, ManifestStore
 from .cache.objects import StoreUnusable, open_object_store
 from .cache.peering import find_peers
@@ -343,8 +344,20 @@ async def _join_workers(role: WorkerRole, proxy: Proxy, nursery: trio.Nursery) -
     shared.refresh = proxy.operations.refresh_gauges
     proxy.operations.workers = shared
     await nursery.start(shared.serve)
+    if proxy.pullthrough is not None:  # a pull's confirmations, whichever worker it reaches
+        nursery.start_soon(_share_confirmations, role, proxy.pullthrough)
     nursery.start_soon(_stop_when_orphaned, role)
     await report_ready(role)
+
+
+async def _share_confirmations(role: WorkerRole, pullthrough: PullThrough) -> None:
+    share = ConfirmationShare(role.run_dir, role.index, role.count)
+    pullthrough.share_confirmations = share.send
+    try:
+        await share.receive(pullthrough.keep_shared)
+    finally:
+        pullthrough.share_confirmations = None
+        share.close()
 
 
 async def _stop_when_orphaned(role: WorkerRole) -> None:

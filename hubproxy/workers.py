@@ -27,7 +27,8 @@ fails before its first "ready" (the certificate, the cache directory) stops the 
 
 The run directory (a private temporary directory) holds each worker's metrics socket, the
 counters of workers that died, the board of each worker's count of client connections
-(``net.board``), and nothing else; the supervisor deletes it on exit.
+(``net.board``), each worker's socket for the access confirmations the others pass on
+(``cache.confirmshare``), and nothing else; the supervisor deletes it on exit.
 """
 
 from __future__ import annotations

@@ -195,6 +195,23 @@ def test_a_row_another_worker_evicted_is_a_quiet_miss(
     restarted.close()
 
 
+def test_a_link_another_worker_learned_is_found_in_the_database(tmp_path: Path) -> None:
+    """--workers: a link another process on the directory learned after this one loaded is not
+    in this one's memory; ``linked_shared`` finds it in the database, and keeps it."""
+    here = opened(tmp_path)
+    there = opened(tmp_path)
+    blob = "sha256:" + "b" * 64
+    there.link("library/a", blob)
+    assert there.flush()
+    assert not here.linked("library/a", blob)
+    assert here.linked_shared("library/a", blob)
+    assert here.linked("library/a", blob)  # kept in memory now
+    assert not here.linked_shared("library/a", "sha256:" + "c" * 64)
+    assert not here.linked_shared("library/other", blob)  # a link is per repository
+    here.close()
+    there.close()
+
+
 def test_a_damaged_row_is_never_served_after_a_restart(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

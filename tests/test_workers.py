@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +24,7 @@ import trio.testing
 import trustme
 
 from hubproxy.cache.claims import ClaimedElsewhere, Claims, owner_alive, process_start
+from hubproxy.cache.manifests import DATABASE
 from hubproxy.cache.store import BlobStore, FillState
 from hubproxy.ops.statuspage import format_count
 from hubproxy.ops.workermetrics import Snapshot, merge
@@ -365,3 +368,48 @@ def test_metrics_merge_sums_counters_and_takes_shared_gauges_once() -> None:
     ]
     assert merged["hubproxy_cache_bytes"]["samples"][0][2] == 100.0
     assert merged["hubproxy_start_time_seconds"]["samples"][0][2] == 10.0
+
+
+async def test_a_pulls_confirmations_reach_every_worker(
+    hub: FakeHub, ca: trustme.CA, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A manifest's confirmation passed on in one worker is kept in the others: the layers of a
+    cached image ask the upstream nothing, whichever worker each connection reaches."""
+    layers = [make_layer(41, 2000), make_layer(42, 3000)]
+    hub.add_image("library/alpine", "3.21", layers)
+    accept = [("accept", "application/vnd.docker.distribution.manifest.v2+json")]
+    async with two_workers(hub, tls_files, tmp_path / "cache") as running:
+        first = RegistryClient(running.url, ca)
+        r = await first.request("/v2/alpine/manifests/3.21", headers=accept)
+        document = json.loads(r.body)
+        digests = [document["config"]["digest"]] + [d["digest"] for d in document["layers"]]
+        for digest in digests:  # cached, each worker's access checks made
+            results = await pull_many(first, f"/v2/alpine/blobs/{digest}", CONNECTIONS)
+            assert [x.status for x in results] == [200] * CONNECTIONS
+        state = tmp_path / "cache" / DATABASE
+
+        async def linked() -> bool:  # the workers' links written where every worker reads them
+            with contextlib.closing(sqlite3.connect(state)) as db:
+                rows = db.execute(
+                    "SELECT digest FROM links WHERE repository = 'library/alpine'"
+                ).fetchall()
+            return set(digests) <= {digest for (digest,) in rows}
+
+        with trio.fail_after(30):
+            await eventually(linked)
+        second = RegistryClient(running.url, ca)  # a token of its own: nothing confirmed yet
+        assert (await second.request("/v2/alpine/manifests/3.21", headers=accept)).status == 200
+        seen = len(hub.requests)
+
+        async def received() -> bool:
+            metrics = (await second.request("/metrics")).body
+            return _value(metrics, "hubproxy_access_confirmations_received_total") >= len(digests)
+
+        with trio.fail_after(30):
+            await eventually(received)
+        for digest in digests:
+            results = await pull_many(second, f"/v2/alpine/blobs/{digest}", CONNECTIONS)
+            assert [x.status for x in results] == [200] * CONNECTIONS
+            assert all(hashlib.sha256(x.body).hexdigest() == digest[7:] for x in results)
+        asked = [s.target for s in hub.requests[seen:] if s.server == "registry"]
+        assert not [target for target in asked if "/blobs/" in target]

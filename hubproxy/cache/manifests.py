@@ -579,6 +579,33 @@ class ManifestStore:
         self.links.move_to_end(repository)
         return True
 
+    def linked_shared(self, repository: str, digest: str) -> bool:
+        """:meth:`linked`, or else as the database says: another process on the directory (a
+        worker of ``--workers``) may have learned the link since this one loaded it. A link
+        found there is kept in memory too. One indexed read, on the event loop's connection:
+        for the rare questions (a manifest's confirmation passed on), not for every request."""
+        if self.linked(repository, digest):
+            return True
+        if self._reader is None:
+            return False
+        try:
+            row = self._reader.execute(
+                "SELECT media_type FROM links WHERE repository = ? AND digest = ?",
+                (repository, digest),
+            ).fetchone()
+        except sqlite3.Error:
+            return False  # busy or damaged: not known now (the upstream is asked instead)
+        if row is None:
+            return False
+        with self._cond:
+            linked = self.links.setdefault(repository, {})
+            if digest not in linked:
+                self.link_count += 1
+            linked[digest] = sys.intern(str(row[0]))
+            self.links.move_to_end(repository)
+            self._evict()
+        return True
+
     def _in_memory(self, hexpart: str) -> bytes | None:
         body = self._verified.get(hexpart)
         if body is not None:

@@ -182,6 +182,10 @@ class PullThrough:
         manifests.on_blobs_removed = blobs.forget
         self.confirmations = Confirmations()
         self.references = ManifestReferences()  # what served manifests name, parsed once
+        # --workers N: confirmations passed on here, sent to the other workers (confirmshare)
+        self.share_confirmations: Callable[[list[tuple[ConfirmationKey, float]]], None] | None = (
+            None
+        )
         # when each tag answer was revalidated: one entry per tag and Accept asked, so bounded
         # like the manifest store's own indexes (oldest revalidation dropped first)
         self.tag_checked: ShardedLRU[TagKey, float] = ShardedLRU()
@@ -320,10 +324,22 @@ class PullThrough:
             return  # this very confirmation was passed on already
         repository = state_name(route)
         references = self.references.of(manifest.digest, manifest.media_type, manifest.body)
-        linked = functools.partial(self.manifests.linked, repository)
+        linked = functools.partial(self.manifests.linked_shared, repository)
+        carried: list[tuple[ConfirmationKey, float]] = []
         for path in vouched_paths(route.repository, references, linked):
-            if not self.confirmations.carry(dataclasses.replace(key, path=path), until, now):
-                return
+            vouched = dataclasses.replace(key, path=path)
+            if not self.confirmations.carry(vouched, until, now):
+                break
+            carried.append((vouched, until - now))
+        if carried and self.share_confirmations is not None:
+            self.share_confirmations(carried)
+            self.stats.confirmations_shared += len(carried)
+
+    def keep_shared(self, key: ConfirmationKey, seconds_left: float) -> None:
+        """A confirmation another worker passed on (``confirmshare``), kept as long as there."""
+        now = trio.current_time()
+        if self.confirmations.carry(key, now + seconds_left, now):
+            self.stats.confirmations_received += 1
 
     async def _ask_upstream(
         self,

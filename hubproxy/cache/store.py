@@ -173,6 +173,8 @@ class CacheStats:
     fills_completed: int = 0
     fills_failed: int = 0
     fill_memory_bytes: int = 0  # bytes readers took from a fill's memory (no file read)
+    confirmations_shared: int = 0  # access confirmations sent to the other workers
+    confirmations_received: int = 0  # and kept from them (cache.confirmshare)
 
 
 @dataclass(frozen=True)

@@ -459,6 +459,8 @@ class CacheFigures:
     evictions: int = 0
     verification_failures: int = 0
     hits_hashed: int = 0  # reads of a cached blob that hashed it (--reverify-after)
+    confirmations_shared: int = 0  # passed on here, sent to the other workers (--workers N)
+    confirmations_received: int = 0  # passed on by another worker, kept here
     pinned_bytes: int = 0
     filling_bytes: int = 0
     disk_free_bytes: int = 0  # free on the cache directory's disk
@@ -473,6 +475,8 @@ def cache_figures(store: BlobStore) -> CacheFigures:
         evictions=store.stats.evictions,
         verification_failures=store.stats.verification_failures,
         hits_hashed=store.stats.hits_hashed,
+        confirmations_shared=store.stats.confirmations_shared,
+        confirmations_received=store.stats.confirmations_received,
         pinned_bytes=store.pinned_bytes,
         filling_bytes=store.filling_bytes,
         disk_free_bytes=store.disk_free(),
@@ -899,6 +903,21 @@ class HubMetrics:
                 "in this process, changed on disk, or verified longer ago than "
                 "--reverify-after).",
                 lambda: self._cache().hits_hashed,
+            )
+        )
+        self.cache_confirmations_shared = registry.register(
+            CounterFunction(
+                "hubproxy_access_confirmations_shared",
+                "Access confirmations a manifest passed on in this worker, sent to the other "
+                "workers of --workers N.",
+                lambda: self._cache().confirmations_shared,
+            )
+        )
+        self.cache_confirmations_received = registry.register(
+            CounterFunction(
+                "hubproxy_access_confirmations_received",
+                "Access confirmations another worker of --workers N passed on, kept here.",
+                lambda: self._cache().confirmations_received,
             )
         )
         self.upstream_slots = registry.register(

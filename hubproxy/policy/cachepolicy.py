@@ -173,6 +173,42 @@ class Confirmations:
         self._until = {k: v for k, v in self._until.items() if v > now}
 
 
+# -- confirmations shared between the workers of --workers N -------------------------------------
+
+# a shared confirmation: "<seconds left> <credentials> <registry or -> <path>", one per line
+_SHARED = re.compile(
+    rb"(?P<left>[0-9]{1,6}\.[0-9]{3}) (?P<credentials>[0-9a-f]{64}) "
+    rb"(?P<registry>-|[a-z0-9][a-z0-9.:-]{0,252}) (?P<path>/v2/[!-~]{1,2048})"
+)
+
+
+def encode_shared(entries: Iterable[tuple[ConfirmationKey, float]]) -> bytes:
+    """Confirmations with their seconds left, as lines another worker reads with
+    :func:`decode_shared` (the credentials only as their hash, as kept here)."""
+    return b"".join(
+        b"%.3f %s %s %s\n"
+        % (left, key.credentials.encode(), (key.registry or "-").encode(), key.path.encode())
+        for key, left in entries
+    )
+
+
+def decode_shared(line: bytes) -> tuple[ConfirmationKey, float] | None:
+    """One line of :func:`encode_shared`: the key and its seconds left (at most
+    :data:`ACCESS_CONFIRMATION_TTL`); None for anything else, or for a confirmation no longer
+    alive."""
+    match = _SHARED.fullmatch(line)
+    if match is None:
+        return None
+    left = min(float(match["left"]), ACCESS_CONFIRMATION_TTL)
+    if left <= 0:
+        return None
+    registry = match["registry"].decode()
+    key = ConfirmationKey(
+        match["credentials"].decode(), "" if registry == "-" else registry, match["path"].decode()
+    )
+    return key, left
+
+
 # -- what a confirmed manifest vouches for --------------------------------------------------------
 
 # references of recently served manifests kept parsed (one per descriptor: the digest and its

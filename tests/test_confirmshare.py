@@ -1,0 +1,106 @@
+"""Access confirmations shared between the workers of ``--workers N`` (``cache/confirmshare.py``,
+``cachepolicy.encode_shared``/``decode_shared``): real Unix datagram sockets, in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from hubproxy.cache.confirmshare import ConfirmationShare
+from hubproxy.policy.cachepolicy import (
+    ACCESS_CONFIRMATION_TTL,
+    ConfirmationKey,
+    confirmation_key,
+    decode_shared,
+    encode_shared,
+)
+
+BLOB = "/v2/library/alpine/blobs/sha256:" + "1" * 64
+
+
+def test_a_shared_confirmation_reads_back_as_it_was_sent() -> None:
+    keys = [
+        confirmation_key(b"Bearer t", "", BLOB),
+        confirmation_key(None, "ghcr.io", "/v2/owner/app/manifests/sha256:" + "2" * 64),
+    ]
+    lines = encode_shared([(keys[0], 42.5), (keys[1], 0.25)]).split(b"\n")
+    assert lines[-1] == b"" and b"Bearer" not in b"".join(lines)  # the credentials hashed
+    assert [decode_shared(line) for line in lines[:-1]] == [(keys[0], 42.5), (keys[1], 0.25)]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"garbage",
+        b"0.000 " + b"a" * 64 + b" - " + BLOB.encode(),  # no time left
+        b"-1.000 " + b"a" * 64 + b" - " + BLOB.encode(),
+        b"10.000 " + b"A" * 64 + b" - " + BLOB.encode(),  # not a sha256 in hex
+        b"10.000 " + b"a" * 63 + b" - " + BLOB.encode(),
+        b"10.000 " + b"a" * 64 + b" - /token/1",  # not a registry path
+        b"10.000 " + b"a" * 64 + b" - " + BLOB.encode() + b" extra",
+        b"10.000 " + b"a" * 64 + b" Reg!stry " + BLOB.encode(),
+    ],
+)
+def test_anything_but_a_live_confirmation_is_dropped(line: bytes) -> None:
+    assert decode_shared(line) is None
+
+
+def test_a_shared_confirmation_lives_no_longer_than_one_made_here() -> None:
+    line = b"999999.000 " + b"a" * 64 + b" - " + BLOB.encode()
+    decoded = decode_shared(line)
+    assert decoded is not None and decoded[1] == ACCESS_CONFIRMATION_TTL
+
+
+async def test_confirmations_reach_the_other_workers_and_nothing_else_counts(
+    tmp_path: Path,
+) -> None:
+    shares = [ConfirmationShare(tmp_path, index, 3) for index in range(3)]
+    kept: dict[int, list[tuple[ConfirmationKey, float]]] = {1: [], 2: []}
+    key = confirmation_key(b"Bearer t", "", BLOB)
+    many = [(confirmation_key(b"Bearer t", "", f"{BLOB}{n}"), 30.0) for n in range(200)]
+    everything = trio.Event()
+
+    def keeper(index: int) -> Callable[[ConfirmationKey, float], None]:
+        def keep(key: ConfirmationKey, seconds_left: float) -> None:
+            kept[index].append((key, seconds_left))
+            if all(len(got) == 1 + len(many) for got in kept.values()):
+                everything.set()
+
+        return keep
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in (1, 2):
+                nursery.start_soon(shares[index].receive, keeper(index))
+            await trio.testing.wait_all_tasks_blocked()
+            # a stranger's datagram in the same directory: not a confirmation, dropped
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
+                stranger.sendto(b"hello\n", str(tmp_path / "confirm-1.sock"))
+            shares[0].send([(key, 20.0)])
+            shares[0].send(many)  # more than one datagram holds: split at lines
+            with trio.fail_after(5):
+                await everything.wait()
+            nursery.cancel_scope.cancel()
+        for index in (1, 2):
+            assert kept[index] == [(key, 20.0), *many]
+            assert shares[index].received == 1 + len(many)
+        assert shares[0].sent == 1 + len(many)
+    finally:
+        for share in shares:
+            share.close()
+    assert sorted(os.listdir(tmp_path)) == []  # each worker's socket removed
+
+
+def test_a_worker_that_is_down_misses_them_without_an_error(tmp_path: Path) -> None:
+    share = ConfirmationShare(tmp_path, 0, 2)  # worker 1 never bound its socket
+    try:
+        share.send([(confirmation_key(None, "", BLOB), 10.0)])
+    finally:
+        share.close()
