@@ -351,7 +351,16 @@ async def _join_workers(role: WorkerRole, proxy: Proxy, nursery: trio.Nursery) -
 
 
 async def _share_confirmations(role: WorkerRole, pullthrough: PullThrough) -> None:
-    share = ConfirmationShare(role.run_dir, role.index, role.count)
+    try:
+        share = ConfirmationShare(role.run_dir, role.index, role.count)
+    except OSError as exc:  # a mirror without it asks the upstream a little more; still serves
+        log.warning(
+            "worker %d cannot share access confirmations with the others (%s): each asks "
+            "the upstream for itself",
+            role.index,
+            exc,
+        )
+        return
     pullthrough.share_confirmations = share.send
     try:
         await share.receive(pullthrough.keep_shared)

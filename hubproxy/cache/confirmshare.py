@@ -46,7 +46,11 @@ class ConfirmationShare:
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()  # a dead predecessor's (a worker started again)
         self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._inbox.bind(str(self._path))
+        try:
+            self._inbox.bind(str(self._path))
+        except OSError:
+            self._inbox.close()
+            raise
         self._inbox.setblocking(False)
         self._outbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._outbox.setblocking(False)
