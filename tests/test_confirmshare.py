@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import trio
 import trio.testing
 
+from hubproxy.app import _share_confirmations
 from hubproxy.cache.confirmshare import ConfirmationShare
+from hubproxy.cache.pullthrough import PullThrough
 from hubproxy.policy.cachepolicy import (
     ACCESS_CONFIRMATION_TTL,
     ConfirmationKey,
@@ -20,6 +25,7 @@ from hubproxy.policy.cachepolicy import (
     decode_shared,
     encode_shared,
 )
+from hubproxy.workers import WorkerRole
 
 BLOB = "/v2/library/alpine/blobs/sha256:" + "1" * 64
 
@@ -104,3 +110,14 @@ def test_a_worker_that_is_down_misses_them_without_an_error(tmp_path: Path) -> N
         share.send([(confirmation_key(None, "", BLOB), 10.0)])
     finally:
         share.close()
+
+
+async def test_a_worker_without_its_socket_says_so_and_serves_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    role = WorkerRole(1, 2, 443, tmp_path / "gone", control_fd=-1)  # no run directory: no bind
+    pullthrough = cast(PullThrough, SimpleNamespace(share_confirmations=None))
+    with caplog.at_level(logging.WARNING, logger="hubproxy"):
+        await _share_confirmations(role, pullthrough)  # returns: nothing to receive
+    assert "worker 1 cannot share access confirmations" in caplog.text
+    assert pullthrough.share_confirmations is None
