@@ -345,12 +345,19 @@ async def _join_workers(role: WorkerRole, proxy: Proxy, nursery: trio.Nursery) -
     proxy.operations.workers = shared
     await nursery.start(shared.serve)
     if proxy.pullthrough is not None:  # a pull's confirmations, whichever worker it reaches
-        nursery.start_soon(_share_confirmations, role, proxy.pullthrough)
+        await nursery.start(_share_confirmations, role, proxy.pullthrough)
     nursery.start_soon(_stop_when_orphaned, role)
     await report_ready(role)
 
 
-async def _share_confirmations(role: WorkerRole, pullthrough: PullThrough) -> None:
+async def _share_confirmations(
+    role: WorkerRole,
+    pullthrough: PullThrough,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Send the access confirmations passed on here to the other workers, and keep theirs
+    (``cache.confirmshare``); started once this worker's socket is bound, before it serves."""
     try:
         share = ConfirmationShare(role.run_dir, role.index, role.count)
     except OSError as exc:  # a mirror without it asks the upstream a little more; still serves
@@ -360,8 +367,10 @@ async def _share_confirmations(role: WorkerRole, pullthrough: PullThrough) -> No
             role.index,
             exc,
         )
+        task_status.started()
         return
     pullthrough.share_confirmations = share.send
+    task_status.started()
     try:
         await share.receive(pullthrough.keep_shared)
     finally:
