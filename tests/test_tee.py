@@ -218,12 +218,9 @@ async def test_once_done_a_fill_keeps_only_what_its_foremost_reader_has_yet_to_t
     assert fill.view(len(data) - 1, len(data)) is None
 
 
-async def test_a_slow_fsync_does_not_hold_the_clients_last_byte(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The last byte waits for the verdict only: the file's fsync (seconds for a large blob on
-    a slow disk) and rename come after, and the blob is cached once they are done. Before,
-    the client waited for the disk at 100%."""
+def hold_fsync(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make ``os.fsync`` wait (in its disk thread) until the returned event is set: a slow
+    disk's sync of a large blob, held as long as the test needs (at most 10 s)."""
     synced = threading.Event()
     real_fsync = os.fsync
 
@@ -232,6 +229,16 @@ async def test_a_slow_fsync_does_not_hold_the_clients_last_byte(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
+    return synced
+
+
+async def test_a_slow_fsync_does_not_hold_the_clients_last_byte(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last byte waits for the verdict only: the file's fsync (seconds for a large blob on
+    a slow disk) and rename come after, and the blob is cached once they are done. Before,
+    the client waited for the disk at 100%."""
+    synced = hold_fsync(monkeypatch)
     data = os.urandom(5 * CHUNK)
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
@@ -711,14 +718,7 @@ async def test_a_request_while_a_verified_blob_is_synced_is_a_hit(
     """Between the verdict and the rename the blob is the cache's: the client that caused the
     fill completes while the disk still syncs, and a second client gets the blob from there
     as a hit (``X-Cache: HIT``), the upstream sending it once."""
-    synced = threading.Event()
-    real_fsync = os.fsync
-
-    def slow_fsync(fd: int) -> None:
-        synced.wait(10)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    synced = hold_fsync(monkeypatch)
     layer = make_layer(41, 300_000)
     hub.add_image("library/alpine", "3.20", [layer])
     digest = "sha256:" + hexdigest(layer)

@@ -309,13 +309,10 @@ class PullThrough:
         """Whether ``response`` carries the answer of one of the route's ``--fallback``s."""
         return self.forwarder.upstreams_for(route).index_of(response.record.upstream) > 0
 
-    def _pass_on_access(
-        self, request: ClientRequest, route: Route, manifest: CachedManifest
-    ) -> None:
-        """A manifest served to this client on a confirmation: confirm, until the same expiry,
-        what it names that its repository was seen to hold (``vouched_paths``), so that the
-        rest of the pull asks the upstream nothing more."""
-        key = self._confirmation_key(request, route)
+    def _pass_on_access(self, key: ConfirmationKey, route: Route, manifest: CachedManifest) -> None:
+        """A manifest served on confirmation ``key`` (this client's, for this route): confirm,
+        until the same expiry, what it names that its repository was seen to hold
+        (``vouched_paths``), so that the rest of the pull asks the upstream nothing more."""
         now = trio.current_time()
         until = self.confirmations.expiry(key, now)
         if until is None or route.repository is None:
@@ -925,17 +922,19 @@ class PullThrough:
         # the bytes are here, but the upstream never served them in this repository: the access
         # check's answer tells which media type it serves them with here
         learnable = cached is None and by_digest and self.manifests.has_body(reference)
+        access = self._confirmation_key(request, route)  # and what a hit passes on (below)
+        now = trio.current_time()
         facts = CacheRequest(
             kind=Kind.MANIFEST,
             method=request.method,
             has_range=False,
             cached=cached is not None or learnable,
-            confirmed=cached is not None and self._confirmed(request, route),
+            confirmed=cached is not None and self.confirmations.confirmed(access, now),
             by_digest=by_digest,
             tag_fresh=not by_digest
             and tag_fresh(
                 self.tag_checked.get(tag_key),
-                trio.current_time(),
+                now,
                 tag_ttl(reference, self.ttl_rules, self.manifest_ttl),
             ),
             stale_ok=cached is not None and self._stale_ok(route, cached.digest),
@@ -967,7 +966,7 @@ class PullThrough:
             else:
                 self.stats.hits += 1
                 self._maybe_probe(route, f"/v2/{route.repository}/manifests/{cached.digest}")
-                self._pass_on_access(request, route, cached)
+                self._pass_on_access(access, route, cached)
             self._count_pull(request, route, hit=True)
             outgoing, cached = Outgoing.of(repository, cached), None  # pinned only while held
             await self._send_manifest(request, response, outgoing)
@@ -1236,7 +1235,7 @@ class PullThrough:
         if fetch is not None:  # followers go on now, not once this client has read it all
             self.manifest_fetches.finish(fetch, manifest)
         self._remember_access(request, route, response)
-        self._pass_on_access(request, route, manifest)
+        self._pass_on_access(self._confirmation_key(request, route), route, manifest)
         del manifest, data
         if not reference.startswith("sha256:") and not self._from_fallback(response, route):
             # where the tag points, as the primary says: a fallback's answer is no revalidation
