@@ -153,6 +153,17 @@ def method_lines(tools: Tools, plan: Plan, cache_where: str, has_workers: bool) 
         "TLS session reuse. Reference rows: `nginx-recipe`, the recipe as pasted "
         "(`proxy_buffering off`, no upstream keep-alive); `direct`, the client at the origin "
         "itself, following the 307: the ceiling on this machine.",
+        "Floors: `floor-pass`, `floor-miss` and `floor-hit` run `python -m bench.floorproxy`, "
+        "a mirror with nothing of hubproxy in it but its stack (trio, h11 on both sides, "
+        "hubproxy's TLSStream on both sides, sha256, the file system) and doing only what the "
+        "hubproxy contestant of the same name does: follow the 307, stream 256 KiB chunks; a "
+        "miss also hashes every blob (checked before its last byte) and writes it to a new "
+        "file in the cache directory, deleted once sent; a hit reads the file (or the "
+        "manifest, from memory). No access checks, limits, fair share, timeouts, logging or "
+        "metrics. One process per CPU (`--processes auto`, as hubproxy's default `--workers "
+        "auto`), all cases but the pinned ones. What it costs is the least "
+        "any mirror on this stack pays on this machine: the summary gives it beside each "
+        "target (`floor ...`) and hubproxy's figures as ratios to it.",
         "Per core (`-cpu0` cases): the proxy alone pinned to CPU 0 (`sched_setaffinity` "
         "before exec, as `taskset -c 0`; its workers inherit it), hubproxy with "
         f"{workers_pinned}, nginx-tuned with `worker_processes 1`; the client and the origin "

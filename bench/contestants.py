@@ -8,7 +8,13 @@
 - ``nginx-tuned`` (the baseline of every ratio) / ``nginx-recipe``: one nginx instance each (own
   prefix, config and pid), see :mod:`bench.nginxconf`;
 - ``direct``: no proxy; the client talks to the origin itself and follows the 307 to the CDN:
-  the ceiling on this machine.
+  the ceiling on this machine;
+- ``floor-pass`` / ``floor-miss`` / ``floor-hit``: :mod:`bench.floorproxy`, a mirror with
+  nothing of hubproxy in it but its stack (trio, h11, net.tls, sha256, the file system), doing
+  what the hubproxy contestant of the same suffix does and nothing else: the least any mirror
+  on this stack pays on this machine, so each hubproxy figure has its floor beside it. One
+  process per CPU (``--processes auto``, as hubproxy's default ``--workers auto``); not in the
+  pinned cases. ``floor-miss`` is restarted before each run, as ``hubproxy-miss``.
 
 hubproxy is run as users run it (TLS listener unless plain HTTP, upstream the origin's TLS
 registry verified against the bench CA, ``--log-level warning``). In the small-request cases it
@@ -38,7 +44,15 @@ from bench.nginxconf import render_contestant
 from bench.origin import Origin, nginx_argv, prepare_prefix
 
 Name = Literal[
-    "hubproxy-pass", "hubproxy-miss", "hubproxy-hit", "nginx-tuned", "nginx-recipe", "direct"
+    "hubproxy-pass",
+    "hubproxy-miss",
+    "hubproxy-hit",
+    "nginx-tuned",
+    "nginx-recipe",
+    "direct",
+    "floor-pass",
+    "floor-miss",
+    "floor-hit",
 ]
 CONTESTANTS: tuple[Name, ...] = (
     "hubproxy-pass",
@@ -47,9 +61,13 @@ CONTESTANTS: tuple[Name, ...] = (
     "nginx-tuned",
     "nginx-recipe",
     "direct",
+    "floor-pass",
+    "floor-miss",
+    "floor-hit",
 )
 DEFAULT_CONTESTANTS = CONTESTANTS
 HUBPROXIES: tuple[Name, ...] = ("hubproxy-pass", "hubproxy-miss", "hubproxy-hit")
+FLOORS: tuple[Name, ...] = ("floor-pass", "floor-miss", "floor-hit")
 # Which instance serves a run: a fresh empty-cache hubproxy per run, a primed one, or a
 # long-lived one.
 Instance = Literal["cold", "hit", "steady"]
@@ -85,11 +103,18 @@ def parse_contestants(text: str) -> list[Name]:
 def spec_for(name: Name, case: Case, has_workers: bool) -> Spec | None:
     """The instance serving ``name`` in ``case``; None when the pairing is not measured: a miss
     of small requests (only the first would miss), and in a pinned case anything but the miss,
-    the hit and nginx-tuned. ``has_workers``: hubproxy's ``--help`` lists ``--workers``."""
+    the hit and nginx-tuned (the floors too). ``has_workers``: hubproxy's ``--help`` lists
+    ``--workers``."""
     if case.pinned and name not in ("hubproxy-miss", "hubproxy-hit", "nginx-tuned"):
         return None
-    if case.kind == "small" and name == "hubproxy-miss":
+    if case.kind == "small" and name in ("hubproxy-miss", "floor-miss"):
         return None
+    if name == "floor-hit":  # as many processes as hubproxy runs (its default: auto)
+        return Spec((name, case.name), "hit", cache=True, workers="auto")
+    if name == "floor-miss":  # restarted before each run, as hubproxy-miss: its pool cold
+        return Spec((name, case.name), "cold", cache=True, workers="auto")
+    if name == "floor-pass":
+        return Spec((name, case.transport, case.kind), "steady", workers="auto")
     workers: str | None = None
     if has_workers and case.pinned:
         workers = "1"
@@ -110,6 +135,30 @@ def instance_for(name: Name, case: Case) -> Instance | None:
     """Which kind of instance serves ``name`` in ``case`` (None: not measured)."""
     spec = spec_for(name, case, has_workers=False)
     return spec.instance if spec else None
+
+
+def floor_argv(
+    port: int,
+    transport: Transport,
+    upstream: str,
+    fixtures: Fixtures,
+    mode: str,
+    directory: Path | None,
+    python: str = sys.executable,
+    processes: str | None = None,
+) -> list[str]:
+    """The command line of :mod:`bench.floorproxy` in ``mode`` (pass, miss or hit), as
+    :func:`hubproxy_argv`'s: the same listener, certificate and origin (``processes``: its
+    ``--processes``, as hubproxy's ``--workers``)."""
+    argv = [python, "-m", "bench.floorproxy", "--listen", f"127.0.0.1:{port}"]
+    if transport == "tls":
+        argv += ["--cert", str(fixtures.tls.cert_pem), "--key", str(fixtures.tls.key_pem)]
+    argv += ["--upstream", upstream, "--upstream-ca", str(fixtures.tls.ca_pem), "--mode", mode]
+    if directory is not None:
+        argv += ["--dir", str(directory)]
+    if processes is not None:
+        argv += ["--processes", processes]
+    return argv
 
 
 def hubproxy_argv(
@@ -235,6 +284,20 @@ class Contestants:
                 port, transport, upstream, self.fixtures, cache_dir, workers=spec.workers
             )
             started = procs.start(label, argv, log, self.stack, cwd=REPO_ROOT, cpus=cpus)
+        elif name in FLOORS:
+            if spec.cache:
+                cache_dir = self.cache_base / f"cache-{label}"
+            argv = floor_argv(
+                port,
+                transport,
+                self.origin.registry_url("tls"),
+                self.fixtures,
+                name.removeprefix("floor-"),
+                cache_dir,
+                processes=spec.workers,
+            )
+            log = self.root / f"{label}.log"
+            started = procs.start(label, argv, log, self.stack, cwd=REPO_ROOT)
         else:
             prefix = self.root / label
             prepare_prefix(prefix)
@@ -257,7 +320,7 @@ class Contestants:
             started = procs.start(label, argv, prefix / "out.log", self.stack, cpus=cpus)
         procs.wait_listening(started, [port])
         url = f"{scheme}://127.0.0.1:{port}"
-        if name in HUBPROXIES:
+        if name in HUBPROXIES or name in FLOORS:
             # a miss run follows a restart: its first request and the start-up work still under
             # way (the check of the upstreams) belong to the start, not to the run
             _warm_up(url + "/healthz", self.fixtures.tls.ca_pem)
@@ -270,7 +333,7 @@ class Contestants:
         for endpoint in self.started.values():
             if endpoint.process is None:
                 continue
-            if endpoint.contestant in HUBPROXIES:
+            if endpoint.contestant in HUBPROXIES or endpoint.contestant in FLOORS:
                 out[endpoint.process.name] = endpoint.process.log
             else:
                 out[endpoint.process.name] = endpoint.process.log.parent / "error.log"

@@ -14,6 +14,12 @@ from bench.stats import Ratio, Spread, ratio, spread
 
 HUBPROXY = "hubproxy"
 NUMERATORS = ("hubproxy-pass", "hubproxy-miss", "hubproxy-hit")
+# the floor contestant doing what each hubproxy contestant does, on hubproxy's stack alone
+FLOOR_OF = {
+    "hubproxy-pass": "floor-pass",
+    "hubproxy-miss": "floor-miss",
+    "hubproxy-hit": "floor-hit",
+}
 BASELINE = "nginx-tuned"  # every target is a ratio to it (issue 14)
 BASELINES = ("nginx-tuned", "nginx-recipe", "direct")
 

@@ -23,7 +23,12 @@ their lines report figures. Every summary line is one of:
 - ``hubproxy-pass small-tls p99: 54.0 ms (target <= 30.0 ms: FAIL)``
 - ``hubproxy-miss 1GiB-tls-cpu0 MB/s per core: 250 (proxy pinned to CPU 0; ...)``
 - ``hubproxy-miss 100x1MiB-tls peak RSS per concurrent transfer: 1.6 MB (...)``
-- ``targets met: 3 of 14`` (last)
+- ``hubproxy-miss/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 2.58 (target <= 2.00: FAIL; floor-miss
+  2.28: FAIL)``: with the floor contestant's figure (:mod:`bench.floorproxy`) beside the target
+  when the run measured it, and whether the floor itself meets the target;
+- ``hubproxy-miss/floor-miss 1GiB-tls cpu-per-GiB ratio: 1.13 (lower is better; no target)``:
+  what hubproxy costs above its stack's floor;
+- ``targets met: 3 of 14; by the stack's floor: 5 of 14`` (last)
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from bench.cases import Case, GiB
-from bench.results import BASELINE, NUMERATORS, Summary
+from bench.results import BASELINE, FLOOR_OF, NUMERATORS, Summary
 from bench.stats import METRICS, Spread, ratio
 
 Op = Literal[">=", "<="]
@@ -91,6 +96,8 @@ class Check:
     value: float | None
     target: Target | None = None
     against: str | None = None
+    floor: str | None = None  # the floor contestant measured beside it, if any
+    floor_value: float | None = None  # its figure, measured the same way
 
     @property
     def met(self) -> bool | None:
@@ -98,6 +105,13 @@ class Check:
         if self.target is None or self.value is None:
             return None
         return self.target.met(self.value)
+
+    @property
+    def floor_met(self) -> bool | None:
+        """Whether the stack's floor meets the target; None without a target or a floor."""
+        if self.target is None or self.floor_value is None:
+            return None
+        return self.target.met(self.floor_value)
 
     def line(self) -> str:
         if self.against is not None:
@@ -112,7 +126,11 @@ class Check:
             return f"{head}{shown} ({better} is better; no target)"
         bound = f"{self.target.bound:,.{digits}f}{unit}"
         verdict = "not measured" if self.met is None else ("pass" if self.met else "FAIL")
-        return f"{head}{shown} (target {self.target.op} {bound}: {verdict})"
+        floor = ""
+        if self.floor is not None and self.floor_value is not None:
+            floor_verdict = "pass" if self.floor_met else "FAIL"
+            floor = f"; {self.floor} {self.floor_value:,.{digits}f}{unit}: {floor_verdict}"
+        return f"{head}{shown} (target {self.target.op} {bound}: {verdict}{floor})"
 
 
 def _median(s: Spread | None) -> float | None:
@@ -125,13 +143,32 @@ def _honest(a: Summary, b: Summary, x: float | None, y: float | None) -> float |
     return ratio(x, y) if a.all_verified and b.all_verified else None
 
 
-def _check(name: str, case: Case, metric: str, value: float | None, against: str | None) -> Check:
-    return Check(name, case.name, metric, value, target_for(name, case, metric), against)
+def _figures(
+    case: Case, mine: Summary, base: Summary | None, against: str
+) -> list[tuple[str, float | None, str | None]]:
+    """``(metric, value, against)`` of one contestant in one case, as the targets name them:
+    ratios to ``base`` (``against``: its name), and in the small cases p99 and CPU per request
+    as they are."""
+    out: list[tuple[str, float | None, str | None]] = []
+    if case.kind == "blobs":
+        if base is not None:
+            speed = _honest(mine, base, _median(mine.throughput), _median(base.throughput))
+            cpu = _honest(mine, base, mine.proxy_cpu_per_gib, base.proxy_cpu_per_gib)
+            out += [("throughput", speed, against), ("cpu-per-GiB", cpu, against)]
+        return out
+    if base is not None:
+        rps = _honest(mine, base, _median(mine.throughput), _median(base.throughput))
+        out.append(("rps", rps, against))
+    ok = mine.all_verified
+    out.append(("p99", _median(mine.p99_ms) if ok else None, None))
+    out.append(("cpu-per-request", mine.proxy_cpu_us_per_req if ok else None, None))
+    return out
 
 
 def checks(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> list[Check]:
     """Every hubproxy figure the targets table names, plus the same ratios for the sizes it
-    does not (the pass of small blobs), in case order; pinned cases have their own lines."""
+    does not (the pass of small blobs), in case order; pinned cases have their own lines.
+    Where the run measured the floor contestant of the same kind, its figure goes beside."""
     out: list[Check] = []
     for case in cases:
         if case.pinned:
@@ -141,21 +178,54 @@ def checks(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> 
             mine = summaries.get((case.name, name))
             if mine is None or mine.runs == 0:
                 continue
-            if case.kind == "blobs":
-                if base is not None:
-                    speed = _honest(mine, base, _median(mine.throughput), _median(base.throughput))
-                    cpu = _honest(mine, base, mine.proxy_cpu_per_gib, base.proxy_cpu_per_gib)
-                    out.append(_check(name, case, "throughput", speed, BASELINE))
-                    out.append(_check(name, case, "cpu-per-GiB", cpu, BASELINE))
-                continue
-            if base is not None:
-                rps = _honest(mine, base, _median(mine.throughput), _median(base.throughput))
-                out.append(_check(name, case, "rps", rps, BASELINE))
-            ok = mine.all_verified
-            out.append(_check(name, case, "p99", _median(mine.p99_ms) if ok else None, None))
-            per_request = mine.proxy_cpu_us_per_req if ok else None
-            out.append(_check(name, case, "cpu-per-request", per_request, None))
+            floor_name = FLOOR_OF[name]
+            floor = summaries.get((case.name, floor_name))
+            floor_values: dict[str, float | None] = {}
+            if floor is not None and floor.runs:
+                floor_values = {m: v for m, v, _ in _figures(case, floor, base, BASELINE)}
+            for metric, value, against in _figures(case, mine, base, BASELINE):
+                floor_value = floor_values.get(metric)
+                out.append(
+                    Check(
+                        name,
+                        case.name,
+                        metric,
+                        value,
+                        target_for(name, case, metric),
+                        against,
+                        floor_name if floor_value is not None else None,
+                        floor_value,
+                    )
+                )
     return out
+
+
+def floor_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> list[str]:
+    """hubproxy's figures as ratios to its stack's floor (the ``floor-*`` contestant of the
+    same kind), where the run measured both: what hubproxy's own work costs."""
+    lines: list[str] = []
+    for case in cases:
+        if case.pinned:
+            continue
+        for name in NUMERATORS:
+            mine = summaries.get((case.name, name))
+            floor_name = FLOOR_OF[name]
+            floor = summaries.get((case.name, floor_name))
+            if mine is None or floor is None or not mine.runs or not floor.runs:
+                continue
+            if case.kind == "blobs":
+                figures = [
+                    ("throughput", _median(mine.throughput), _median(floor.throughput)),
+                    ("cpu-per-GiB", mine.proxy_cpu_per_gib, floor.proxy_cpu_per_gib),
+                ]
+            else:
+                figures = [
+                    ("cpu-per-request", mine.proxy_cpu_us_per_req, floor.proxy_cpu_us_per_req)
+                ]
+            for metric, a, b in figures:
+                value = _honest(mine, floor, a, b)
+                lines.append(Check(name, case.name, metric, value, None, floor_name).line())
+    return lines
 
 
 def per_core_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> list[str]:
@@ -209,18 +279,25 @@ def rss_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) 
 
 
 def tally(found: Sequence[Check]) -> str:
-    """``targets met: 3 of 14`` (targets not measured count as not met)."""
+    """``targets met: 3 of 14`` (targets not measured count as not met), and ``; by the
+    stack's floor: 5 of 14`` when the run measured floors (a target whose floor was not
+    measured counts as not met by it)."""
     targeted = [c for c in found if c.target is not None]
     met = sum(1 for c in targeted if c.met)
-    return f"targets met: {met} of {len(targeted)}"
+    line = f"targets met: {met} of {len(targeted)}"
+    if any(c.floor_value is not None for c in targeted):
+        by_floor = sum(1 for c in targeted if c.floor_met)
+        line += f"; by the stack's floor: {by_floor} of {len(targeted)}"
+    return line
 
 
 def summary_lines(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> list[str]:
-    """What ``python -m bench`` prints last: the checks, per-core figures, RSS per transfer,
-    and the tally."""
+    """What ``python -m bench`` prints last: the checks, hubproxy over its floor, per-core
+    figures, RSS per transfer, and the tally."""
     found = checks(cases, summaries)
     return [
         *(c.line() for c in found),
+        *floor_lines(cases, summaries),
         *per_core_lines(cases, summaries),
         *rss_lines(cases, summaries),
         tally(found),

@@ -20,7 +20,9 @@ from bench.cli import build_parser, output_dir
 from bench.cli import main as bench_main
 from bench.contestants import (
     CONTESTANTS,
+    FLOORS,
     Spec,
+    floor_argv,
     hubproxy_argv,
     instance_for,
     lists_flag,
@@ -39,16 +41,18 @@ REPO = Path(__file__).resolve().parent.parent
 # Every line ``python -m bench`` prints last (bench/targets.py)
 _VERDICT = (
     r"\((target (>=|<=) [\d,.]+( ms| µs)?: (pass|FAIL|not measured)"
+    r"(; floor-(pass|miss|hit) [\d,.]+( ms| µs)?: (pass|FAIL))?"
     r"|(higher|lower) is better; no target)\)"
 )
 SUMMARY_LINE = re.compile(
-    r"^(?:hubproxy-(pass|miss|hit)/nginx-tuned \S+ (throughput|cpu-per-GiB|rps) ratio: "
+    r"^(?:hubproxy-(pass|miss|hit)/(nginx-tuned|floor-\1) \S+ "
+    r"(throughput|cpu-per-GiB|rps|cpu-per-request) ratio: "
     r"(n/a|\d+\.\d\d) " + _VERDICT + "|"
     r"hubproxy-(pass|hit) small-\S+ (p99|cpu-per-request): (n/a|[\d,.]+( ms| µs)) " + _VERDICT + "|"
     r"(hubproxy-(miss|hit)|nginx-tuned) \S+-cpu0 MB/s per core: "
     r"([\d,]+ \(proxy pinned to CPU 0.*\)|n/a.*)|"
     r"hubproxy-(pass|miss|hit) \S+ peak RSS per concurrent transfer: \d+\.\d\d MB \(.*\)|"
-    r"targets met: \d+ of \d+)$"
+    r"targets met: \d+ of \d+(; by the stack's floor: \d+ of \d+)?)$"
 )
 
 WRK_OUTPUT = """\
@@ -348,6 +352,14 @@ def test_which_instance_serves_a_case() -> None:
     )
     hit = spec_for("hubproxy-hit", big, has_workers=True)
     assert hit is not None and hit.workers is None and hit.cache
+    # the floors: as many processes as hubproxy's default, the miss restarted like hubproxy's,
+    # none on one core
+    assert instance_for("floor-miss", big) == "cold"
+    assert instance_for("floor-hit", big) == "hit"
+    assert instance_for("floor-pass", small) == "steady"
+    assert instance_for("floor-miss", small) is None
+    assert all(instance_for(name, pinned) is None for name in FLOORS)
+    assert all(getattr(spec_for(name, big, False), "workers", None) == "auto" for name in FLOORS)
     tuned = spec_for("nginx-tuned", pinned, has_workers=True)
     unpinned = spec_for("nginx-tuned", big, has_workers=True)
     assert tuned is not None and unpinned is not None
@@ -378,6 +390,11 @@ def test_hubproxy_command_line(tmp_path: Path) -> None:
     assert "--cert" not in plain and "--no-cache" in plain and "--workers" not in plain
     workers = hubproxy_argv(5000, "tls", "https://x", fixtures, None, "py", workers="auto")
     assert workers[workers.index("--workers") + 1] == "auto"
+    floor = floor_argv(5000, "tls", "https://x", fixtures, "miss", tmp_path / "f", "py", "auto")
+    assert floor[:5] == ["py", "-m", "bench.floorproxy", "--listen", "127.0.0.1:5000"]
+    assert floor[floor.index("--mode") + 1] == "miss" and "--cert" in floor
+    assert floor[floor.index("--processes") + 1] == "auto"
+    assert floor[floor.index("--dir") + 1] == str(tmp_path / "f")
 
 
 def test_recipe_and_tuned_configurations(tmp_path: Path) -> None:
@@ -471,6 +488,13 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     ]:
         [line] = [x for x in lines if x.startswith(f"{name} {metric}")]
         assert re.search(r": (pass|FAIL)\)$", line), line
+    # the floors ran, delivered verified bytes, and stand beside the targets
+    floors = [s for s in data["summaries"] if s["contestant"].startswith("floor-")]
+    assert {s["contestant"] for s in floors} == {"floor-pass", "floor-miss", "floor-hit"}
+    assert any(
+        line.startswith("hubproxy-miss/floor-miss 32x1MiB-tls cpu-per-GiB") for line in lines
+    )
+    assert re.search(r"; by the stack's floor: \d+ of \d+$", lines[-1]), lines[-1]
     assert any(" 64MiB-tls-cpu0 MB/s per core: " in line for line in lines)
     assert any(line.startswith("hubproxy-miss 32x1MiB-tls peak RSS per") for line in lines)
     assert lines[-1].startswith("targets met: ")
@@ -552,8 +576,8 @@ def test_chart_legend_covers_no_bar() -> None:
     from bench.report import figure
 
     cases = parse_cases("64MiB-tls,32x1MiB-tls,64MiB-tls-cpu0,small-tls")
-    contestants: list[str] = list(CONTESTANTS)
-    values = (500.0, 300.0, 900.0, 450.0, 400.0, 1000.0)
+    contestants: list[str] = list(CONTESTANTS)  # the floors are left out of the chart
+    values = (500.0, 300.0, 900.0, 450.0, 400.0, 1000.0, 600.0, 350.0, 950.0)
     summaries = {
         (case.name, name): _summary(case.name, name, value)
         for case in cases
@@ -562,6 +586,8 @@ def test_chart_legend_covers_no_bar() -> None:
     fig = figure(cases, contestants, summaries)
     fig.canvas.draw()
     legend = fig.legends[0].get_window_extent()
+    labels = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert labels and not any("floor" in label for label in labels), labels
     assert len(fig.axes) == 2
     for ax in fig.axes:
         assert ax.get_legend() is None
@@ -725,6 +751,52 @@ def test_summary_lines_from_a_run() -> None:
         in again
     )
     assert again[-1] == "targets met: 8 of 14"
+
+
+def test_summary_lines_put_the_stacks_floor_beside_each_target() -> None:
+    """With the floor contestants measured (bench.floorproxy), each target line says what the
+    floor of the same kind reached and whether that meets the target, hubproxy's figures come
+    again as ratios to their floor, and the tally counts the targets the floor meets."""
+    cases = parse_cases("1GiB-tls,small-tls")
+    summaries = {
+        (s.case, s.contestant): s
+        for s in [
+            _blob_summary("1GiB-tls", "nginx-tuned", 400.0, 1.5),
+            _blob_summary("1GiB-tls", "hubproxy-miss", 200.0, 4.5),
+            _blob_summary("1GiB-tls", "floor-miss", 300.0, 3.3),
+            _small_summary("nginx-tuned", 20_000.0, 5.0, 30.0),
+            _small_summary("hubproxy-hit", 6_000.0, 20.0, 150.0),
+            _small_summary("floor-hit", 8_000.0, 10.0, 90.0),
+        ]
+    }
+    lines = summary_lines(cases, summaries)
+    assert all(SUMMARY_LINE.match(line) for line in lines), lines
+    assert lines == [
+        "hubproxy-miss/nginx-tuned 1GiB-tls throughput ratio: 0.50 (target >= 1.00: FAIL; "
+        "floor-miss 0.75: FAIL)",
+        "hubproxy-miss/nginx-tuned 1GiB-tls cpu-per-GiB ratio: 3.00 (target <= 2.00: FAIL; "
+        "floor-miss 2.20: FAIL)",
+        "hubproxy-hit/nginx-tuned small-tls rps ratio: 0.30 (target >= 0.25: pass; floor-hit "
+        "0.40: pass)",
+        "hubproxy-hit small-tls p99: 20.0 ms (target <= 30.0 ms: pass; floor-hit 10.0 ms: pass)",
+        "hubproxy-hit small-tls cpu-per-request: 150 µs (target <= 120 µs: FAIL; floor-hit "
+        "90 µs: pass)",
+        "hubproxy-miss/floor-miss 1GiB-tls throughput ratio: 0.67 (higher is better; no target)",
+        "hubproxy-miss/floor-miss 1GiB-tls cpu-per-GiB ratio: 1.36 (lower is better; no target)",
+        "hubproxy-hit/floor-hit small-tls cpu-per-request ratio: 1.67 (lower is better; no target)",
+        "targets met: 2 of 5; by the stack's floor: 3 of 5",
+    ]
+    # a floor with an unverified run is no floor: no figure beside the target, no ratio
+    summaries[("1GiB-tls", "floor-miss")].verified = 2
+    again = summary_lines(cases, summaries)
+    assert again[0] == (
+        "hubproxy-miss/nginx-tuned 1GiB-tls throughput ratio: 0.50 (target >= 1.00: FAIL)"
+    )
+    assert (
+        "hubproxy-miss/floor-miss 1GiB-tls cpu-per-GiB ratio: n/a (lower is better; no target)"
+        in again
+    )
+    assert again[-1] == "targets met: 2 of 5; by the stack's floor: 3 of 5"
 
 
 def test_issue_table_puts_hubproxy_beside_nginx_tuned() -> None:
