@@ -16,8 +16,9 @@ Modes (``--mode``):
 - ``pass``: only that;
 - ``miss``: a blob's body is also hashed (sha256, checked against the digest it was asked by:
   a wrong body is cut, never completed) and written chunk by chunk to a new file in ``--dir``,
-  removed once sent: a verified cache fill, every time (what ``hubproxy-miss`` pays on an empty
-  cache);
+  kept under its digest once complete: a verified cache fill, every time (what
+  ``hubproxy-miss`` pays on an empty cache; the bench restarts it on an empty ``--dir``
+  before each run, as hubproxy-miss);
 - ``hit``: a blob held in ``--dir`` (a file named by its hex digest, as hubproxy's cache names
   them) is read from that file in 256 KiB chunks; one not held is fetched as a miss and kept.
   Anything else (the manifest) is kept in memory by its path after the first fetch.
@@ -160,10 +161,9 @@ class Floor:
         url = self.origin + target
         for _ in range(5):
             parts = urlsplit(url)
-            upstream = await self._take(parts.netloc)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+            upstream, response = await self._exchange(parts.netloc, method, path, headers)
             try:
-                path = parts.path + (f"?{parts.query}" if parts.query else "")
-                response = await upstream.request(method, path, headers)
                 length = int(_header(response, b"content-length") or b"0")
                 length = 0 if method == b"HEAD" else length
                 if response.status_code not in _REDIRECTS:
@@ -243,8 +243,7 @@ class Floor:
                     raise FloorError("the origin sent a blob that does not match its digest")
                 await client.send_all(_passthrough(conn, chunk))
             await client.send_all(conn.send(h11.EndOfMessage()) or b"")
-            if self.mode == "hit":
-                os.replace(temp, self.directory / digest)
+            os.replace(temp, self.directory / digest)  # kept, as a cache keeps it
         finally:
             os.close(fd)
             if temp.exists():
@@ -275,12 +274,28 @@ class Floor:
             os.close(fd)
         return True
 
-    async def _take(self, netloc: str) -> Upstream:
-        """An idle connection to ``netloc``, else a new one (given back once its exchange is
-        over: connections are shared by all clients, as a mirror's pool)."""
+    async def _exchange(
+        self, netloc: str, method: bytes, path: str, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[Upstream, h11.Response]:
+        """A request's response head, on an idle connection to ``netloc`` (shared by all
+        clients, as a mirror's pool; given back once its exchange is over), else a new one: also
+        when the idle one turns out closed by the origin before it answered (its keep-alive
+        timeout), as every client of a pool retries."""
         idle = self.idle.setdefault(netloc, [])
-        if idle:
-            return idle.pop()
+        while idle:
+            upstream = idle.pop()
+            try:
+                return upstream, await upstream.request(method, path, headers)
+            except (FloorError, trio.BrokenResourceError, OSError):
+                await trio.aclose_forcefully(upstream.stream)
+        upstream = await self._connect(netloc)
+        try:
+            return upstream, await upstream.request(method, path, headers)
+        except BaseException:
+            await trio.aclose_forcefully(upstream.stream)
+            raise
+
+    async def _connect(self, netloc: str) -> Upstream:
         host, _, port = netloc.rpartition(":")
         tcp = await trio.open_tcp_stream(host, int(port))
         stream = await TLSStream.wrap_client(tcp, self.upstream_tls, server_hostname=host)
