@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cases import Case, human_size
-from bench.results import BASELINE, HUBPROXY, RunRecord, Summary
+from bench.results import BASELINE, FLOOR_OF, HUBPROXY, RunRecord, Summary
 from bench.stats import METRICS, Ratio, Spread
 
 COLOURS = {
@@ -159,6 +159,39 @@ def issue_table(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+def floor_table(cases: Sequence[Case], summaries: dict[tuple[str, str], Summary]) -> str:
+    """The floors beside the issue's table: a row per case, each floor contestant's figures as
+    ratios to nginx-tuned (as :func:`issue_table` gives hubproxy's), then hubproxy's CPU as a
+    multiple of its floor's (per GiB, or per request). Empty when the run measured no floor."""
+    rows = [
+        "| case | " + " | ".join(f"`{FLOOR_OF[n]}`" for n, _ in _ISSUE_COLUMNS) + " |",
+        "|---|" + "---|" * len(_ISSUE_COLUMNS),
+    ]
+    for case in cases:
+        base = summaries.get((case.name, BASELINE))
+        if base is None or base.throughput is None:
+            continue
+        cells = []
+        for name, _ in _ISSUE_COLUMNS:
+            floor = summaries.get((case.name, FLOOR_OF[name]))
+            mine = summaries.get((case.name, name))
+            cell = _issue_cell(case, floor, base)
+            if floor is not None and mine is not None and floor.all_verified and mine.all_verified:
+                per = "per request" if case.kind == "small" else "per GiB"
+                a, b = (
+                    (mine.proxy_cpu_us_per_req, floor.proxy_cpu_us_per_req)
+                    if case.kind == "small"
+                    else (mine.proxy_cpu_per_gib, floor.proxy_cpu_per_gib)
+                )
+                if a is not None and b:
+                    cell += f"; hubproxy {a / b:.2f}x its CPU {per}"
+            cells.append(cell)
+        if all(cell == "—" for cell in cells):
+            continue
+        rows.append(f"| {case.name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def case_ratio_line(case: Case, ratios: Sequence[Ratio]) -> str:
     parts = []
     for r in ratios:
@@ -194,6 +227,10 @@ def render_markdown(
     table = issue_table(cases, summaries)
     if table:
         out += ["", "## hubproxy against nginx-tuned (medians of this run)", "", table]
+    floors = floor_table(cases, summaries)
+    if floors:
+        out += ["", "## The stack's floor against nginx-tuned, and hubproxy against it", ""]
+        out += [floors]
     if summary_lines:
         out += ["", "## Targets (issue 14) and per-core, per-transfer figures", "", "```"]
         out += list(summary_lines)

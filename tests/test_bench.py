@@ -32,7 +32,7 @@ from bench.contestants import (
 from bench.env import find_tool
 from bench.fixtures import Blob, Fixtures, TLSFiles, manifest_exactly
 from bench.nginxconf import OriginPorts, render_contestant, render_origin
-from bench.report import issue_table
+from bench.report import floor_table, issue_table
 from bench.results import RunRecord, Summary, ratios, summarize
 from bench.stats import Ratio, ratio, rotate, spread
 from bench.targets import Check, Target, summary_lines, target_for
@@ -817,6 +817,30 @@ def test_issue_table_puts_hubproxy_beside_nginx_tuned() -> None:
         "| small-tls | 21,100 req/s, 32 µs/req, p99 5 ms | 1,050 req/s (0.05x) at 826 µs, p99 54 "
         "ms | — | — |",
     ]
+
+
+def test_floor_table_puts_each_floor_beside_nginx_tuned_and_hubproxy_against_it() -> None:
+    cases = parse_cases("1GiB-tls,small-tls,64MiB-tls")
+    summaries = {
+        (s.case, s.contestant): s
+        for s in [
+            _blob_summary("1GiB-tls", "nginx-tuned", 400.0, 1.5),
+            _blob_summary("1GiB-tls", "hubproxy-miss", 200.0, 4.5),
+            _blob_summary("1GiB-tls", "floor-miss", 300.0, 3.0),
+            _small_summary("nginx-tuned", 20_000.0, 5.0, 30.0),
+            _small_summary("hubproxy-hit", 3_000.0, 25.0, 550.0),
+            _small_summary("floor-hit", 6_000.0, 12.0, 250.0),
+            _blob_summary("64MiB-tls", "nginx-tuned", 400.0, 1.5),  # no floor: no row
+        ]
+    }
+    assert floor_table(cases, summaries).splitlines() == [
+        "| case | `floor-pass` | `floor-miss` | `floor-hit` |",
+        "|---|---|---|---|",
+        "| 1GiB-tls | — | 0.75x speed, 2.00x CPU; hubproxy 1.50x its CPU per GiB | — |",
+        "| small-tls | — | — | 6,000 req/s (0.30x) at 250 µs, p99 12 ms; hubproxy 2.20x its "
+        "CPU per request |",
+    ]
+    assert floor_table(cases, {k: v for k, v in summaries.items() if "floor" not in k[1]}) == ""
 
 
 # --- processes: pinning, RSS, the small manifest -----------------------------------------------
