@@ -35,7 +35,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from bench import procs
 from bench.cases import PINNED_CPU, Case, Transport
@@ -54,17 +54,7 @@ Name = Literal[
     "floor-miss",
     "floor-hit",
 ]
-CONTESTANTS: tuple[Name, ...] = (
-    "hubproxy-pass",
-    "hubproxy-miss",
-    "hubproxy-hit",
-    "nginx-tuned",
-    "nginx-recipe",
-    "direct",
-    "floor-pass",
-    "floor-miss",
-    "floor-hit",
-)
+CONTESTANTS: tuple[Name, ...] = get_args(Name)  # in the order above
 DEFAULT_CONTESTANTS = CONTESTANTS
 HUBPROXIES: tuple[Name, ...] = ("hubproxy-pass", "hubproxy-miss", "hubproxy-hit")
 FLOORS: tuple[Name, ...] = ("floor-pass", "floor-miss", "floor-hit")

@@ -685,6 +685,11 @@ def _blob_summary(
     )
 
 
+def _keyed(summaries: list[Summary]) -> dict[tuple[str, str], Summary]:
+    """Summaries by (case, contestant), as a run's report holds them."""
+    return {(s.case, s.contestant): s for s in summaries}
+
+
 def _small_summary(name: str, rps: float, p99: float, us: float) -> Summary:
     return Summary(
         "small-tls",
@@ -702,9 +707,8 @@ def test_summary_lines_from_a_run() -> None:
     """What ``python -m bench`` prints last, from the medians of a (made-up) run: each target
     with its verdict, the per-core MB/s and the RSS per concurrent transfer, then the tally."""
     cases = parse_cases("1GiB-tls,100x1MiB-tls,small-tls,1GiB-tls-cpu0")
-    summaries = {
-        (s.case, s.contestant): s
-        for s in [
+    summaries = _keyed(
+        [
             _blob_summary("1GiB-tls", "nginx-tuned", 400.0, 1.5),
             _blob_summary("1GiB-tls", "hubproxy-pass", 500.0, 1.65),
             _blob_summary("1GiB-tls", "hubproxy-miss", 200.0, 4.5),
@@ -718,7 +722,7 @@ def test_summary_lines_from_a_run() -> None:
             _blob_summary("1GiB-tls-cpu0", "nginx-tuned", 300.0, 1.6),
             _blob_summary("1GiB-tls-cpu0", "hubproxy-miss", 150.0, 3.2),
         ]
-    }
+    )
     lines = summary_lines(cases, summaries)
     assert all(SUMMARY_LINE.match(line) for line in lines), lines
     assert lines == [
@@ -758,9 +762,8 @@ def test_summary_lines_put_the_stacks_floor_beside_each_target() -> None:
     floor of the same kind reached and whether that meets the target, hubproxy's figures come
     again as ratios to their floor, and the tally counts the targets the floor meets."""
     cases = parse_cases("1GiB-tls,small-tls")
-    summaries = {
-        (s.case, s.contestant): s
-        for s in [
+    summaries = _keyed(
+        [
             _blob_summary("1GiB-tls", "nginx-tuned", 400.0, 1.5),
             _blob_summary("1GiB-tls", "hubproxy-miss", 200.0, 4.5),
             _blob_summary("1GiB-tls", "floor-miss", 300.0, 3.3),
@@ -768,7 +771,7 @@ def test_summary_lines_put_the_stacks_floor_beside_each_target() -> None:
             _small_summary("hubproxy-hit", 6_000.0, 20.0, 150.0),
             _small_summary("floor-hit", 8_000.0, 10.0, 90.0),
         ]
-    }
+    )
     lines = summary_lines(cases, summaries)
     assert all(SUMMARY_LINE.match(line) for line in lines), lines
     assert lines == [
@@ -801,16 +804,15 @@ def test_summary_lines_put_the_stacks_floor_beside_each_target() -> None:
 
 def test_issue_table_puts_hubproxy_beside_nginx_tuned() -> None:
     cases = parse_cases("1GiB-tls,small-tls")
-    summaries = {
-        (s.case, s.contestant): s
-        for s in [
+    summaries = _keyed(
+        [
             _blob_summary("1GiB-tls", "nginx-tuned", 445.0, 1.49),
             _blob_summary("1GiB-tls", "hubproxy-pass", 507.3, 2.0),
             _blob_summary("1GiB-tls", "hubproxy-miss", 209.15, 5.07),
             _small_summary("nginx-tuned", 21_100.0, 5.0, 32.0),
             _small_summary("hubproxy-pass", 1_050.0, 54.0, 826.0),
         ]
-    }
+    )
     assert issue_table(cases, summaries).splitlines()[2:] == [
         "| 1GiB-tls | 445 MB/s, 1.49 CPU-s/GiB | 1.14x speed, 1.34x CPU | 0.47x speed, 3.40x CPU "
         "| — |",
@@ -821,9 +823,8 @@ def test_issue_table_puts_hubproxy_beside_nginx_tuned() -> None:
 
 def test_floor_table_puts_each_floor_beside_nginx_tuned_and_hubproxy_against_it() -> None:
     cases = parse_cases("1GiB-tls,small-tls,64MiB-tls")
-    summaries = {
-        (s.case, s.contestant): s
-        for s in [
+    summaries = _keyed(
+        [
             _blob_summary("1GiB-tls", "nginx-tuned", 400.0, 1.5),
             _blob_summary("1GiB-tls", "hubproxy-miss", 200.0, 4.5),
             _blob_summary("1GiB-tls", "floor-miss", 300.0, 3.0),
@@ -832,7 +833,7 @@ def test_floor_table_puts_each_floor_beside_nginx_tuned_and_hubproxy_against_it(
             _small_summary("floor-hit", 6_000.0, 12.0, 250.0),
             _blob_summary("64MiB-tls", "nginx-tuned", 400.0, 1.5),  # no floor: no row
         ]
-    }
+    )
     assert floor_table(cases, summaries).splitlines() == [
         "| case | `floor-pass` | `floor-miss` | `floor-hit` |",
         "|---|---|---|---|",
