@@ -127,6 +127,15 @@ def instance_for(name: Name, case: Case) -> Instance | None:
     return spec.instance if spec else None
 
 
+def _listener(port: int, transport: Transport, fixtures: Fixtures) -> list[str]:
+    """A contestant's listener flags, hubproxy's and the floor's alike: loopback, and the bench
+    certificate when the client side is TLS."""
+    flags = ["--listen", f"127.0.0.1:{port}"]
+    if transport == "tls":
+        flags += ["--cert", str(fixtures.tls.cert_pem), "--key", str(fixtures.tls.key_pem)]
+    return flags
+
+
 def floor_argv(
     port: int,
     transport: Transport,
@@ -140,9 +149,7 @@ def floor_argv(
     """The command line of :mod:`bench.floorproxy` in ``mode`` (pass, miss or hit), as
     :func:`hubproxy_argv`'s: the same listener, certificate and origin (``processes``: its
     ``--processes``, as hubproxy's ``--workers``)."""
-    argv = [python, "-m", "bench.floorproxy", "--listen", f"127.0.0.1:{port}"]
-    if transport == "tls":
-        argv += ["--cert", str(fixtures.tls.cert_pem), "--key", str(fixtures.tls.key_pem)]
+    argv = [python, "-m", "bench.floorproxy", *_listener(port, transport, fixtures)]
     argv += ["--upstream", upstream, "--upstream-ca", str(fixtures.tls.ca_pem), "--mode", mode]
     if directory is not None:
         argv += ["--dir", str(directory)]
@@ -162,9 +169,7 @@ def hubproxy_argv(
 ) -> list[str]:
     """The command line users run, pointed at our origin (``cache_dir`` None: ``--no-cache``;
     ``workers``: ``--workers`` with that value)."""
-    argv = [python, "-m", "hubproxy", "--listen", f"127.0.0.1:{port}"]
-    if transport == "tls":
-        argv += ["--cert", str(fixtures.tls.cert_pem), "--key", str(fixtures.tls.key_pem)]
+    argv = [python, "-m", "hubproxy", *_listener(port, transport, fixtures)]
     argv += [
         "--upstream",
         upstream,
