@@ -105,6 +105,9 @@ class Upstream:
 
 @dataclass
 class Floor:
+    """One process of the floor: its mode, the origin and TLS settings, the manifests a hit
+    keeps, and the idle upstream connections all its clients share."""
+
     mode: Mode
     origin: str  # https://host:port
     client_tls: ssl.SSLContext | None
