@@ -35,7 +35,6 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -67,6 +66,8 @@ class Upstream:
     stream: TLSStream[trio.SocketStream]
     host: bytes
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    _pending: bytes = b""  # body bytes h11 had buffered
+    _left: int = 0  # body bytes still to read from the stream
 
     async def request(
         self, method: bytes, target: str, headers: list[tuple[bytes, bytes]]
@@ -89,18 +90,23 @@ class Upstream:
             elif not isinstance(event, h11.InformationalResponse):
                 raise FloorError(f"the origin sent {event!r}")
 
-    async def body(self, length: int) -> AsyncIterator[bytes]:
-        """The response's ``length`` body bytes, past h11: what it buffered, then the stream."""
-        buffered = self.conn.trailing_data[0][:length]
-        if buffered:
-            yield buffered
-        left = length - len(buffered)
-        while left:
-            data = await self.stream.receive_some(min(CHUNK, left))
-            if not data:
-                raise FloorError("the origin closed the connection mid-body")
-            left -= len(data)
-            yield data
+    def begin_body(self, length: int) -> None:
+        """The response's body is ``length`` bytes, read past h11 (:meth:`next_chunk`)."""
+        self._pending = self.conn.trailing_data[0][:length]
+        self._left = length - len(self._pending)
+
+    async def next_chunk(self) -> bytes | None:
+        """The body's next bytes (what h11 buffered, then the stream's); None at its end."""
+        if self._pending:
+            chunk, self._pending = self._pending, b""
+            return chunk
+        if not self._left:
+            return None
+        data = await self.stream.receive_some(min(CHUNK, self._left))
+        if not data:
+            raise FloorError("the origin closed the connection mid-body")
+        self._left -= len(data)
+        return data
 
 
 @dataclass
@@ -115,6 +121,12 @@ class Floor:
     directory: Path | None
     manifests: dict[str, tuple[h11.Response, bytes]] = field(default_factory=dict)
     idle: dict[str, list[Upstream]] = field(default_factory=dict)  # kept alive, per host
+
+    async def aclose(self) -> None:
+        """Close the idle upstream connections."""
+        idle, self.idle = self.idle, {}
+        for upstream in (u for pooled in idle.values() for u in pooled):
+            await trio.aclose_forcefully(upstream.stream)
 
     async def serve(self, tcp: trio.SocketStream) -> None:
         stream: trio.abc.Stream = tcp
@@ -171,7 +183,8 @@ class Floor:
                 length = 0 if method == b"HEAD" else length
                 if response.status_code not in _REDIRECTS:
                     break
-                async for _chunk in upstream.body(length):  # a redirect's small body
+                upstream.begin_body(length)
+                while await upstream.next_chunk() is not None:  # a redirect's small body
                     pass
             except BaseException:
                 await trio.aclose_forcefully(upstream.stream)
@@ -210,13 +223,18 @@ class Floor:
         target: str,
     ) -> None:
         if length <= HEAD_READ:  # the manifest: head and body in one send
-            body = b"".join([chunk async for chunk in upstream.body(length)])
+            upstream.begin_body(length)
+            pieces = []
+            while (piece := await upstream.next_chunk()) is not None:
+                pieces.append(piece)
+            body = b"".join(pieces)
             if self.mode == "hit" and response.status_code == 200:
                 self.manifests[target] = (response, body)
             await client.send_all(self._frame(conn, response, body, b"GET"))
             return
         await client.send_all(conn.send(_head(response, length)) or b"")
-        async for chunk in upstream.body(length):
+        upstream.begin_body(length)
+        while (chunk := await upstream.next_chunk()) is not None:
             await client.send_all(_passthrough(conn, chunk))
         await client.send_all(conn.send(h11.EndOfMessage()) or b"")
 
@@ -236,7 +254,8 @@ class Floor:
             hasher = hashlib.sha256()
             await client.send_all(conn.send(_head(response, length)) or b"")
             sent = 0
-            async for chunk in upstream.body(length):
+            upstream.begin_body(length)
+            while (chunk := await upstream.next_chunk()) is not None:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -383,7 +402,10 @@ async def _serve(floor: Floor, host: str, port: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # the kernel spreads clients
     await sock.bind((host, port))
     sock.listen(256)
-    await trio.serve_listeners(floor.serve, [trio.SocketListener(sock)])
+    try:
+        await trio.serve_listeners(floor.serve, [trio.SocketListener(sock)])
+    finally:
+        await floor.aclose()
 
 
 if __name__ == "__main__":
