@@ -210,6 +210,30 @@ async def test_the_budget_admits_one_manifest_larger_than_itself_alone() -> None
     assert budget.used == 0
 
 
+async def test_free_room_is_taken_without_a_schedule_point_and_never_after_a_cancel() -> None:
+    """Holding room that is free lets no other task run first (a cached manifest's request goes
+    on to its send, the schedule point it has anyway), and is still a cancel point: a caller
+    cancelled before it takes nothing."""
+    fetches = MemoryBudget(10)
+    sends = SendBudget(SendLimits(total=8, per_client=4))
+    task = trio.lowlevel.current_task()
+    scheduled = task._schedule_points  # what trio.testing.assert_checkpoints reads
+    async with fetches.hold(4, patience=1.0), sends.hold("a", outgoing("x", 4), patience=1.0):
+        assert (fetches.used, sends.used) == (4, 4)
+        assert task._schedule_points == scheduled
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            async with fetches.hold(4, patience=1.0):
+                pytest.fail("room taken by a cancelled caller")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            async with sends.hold("a", outgoing("x", 4), patience=1.0):
+                pytest.fail("room taken by a cancelled caller")
+    assert (fetches.used, sends.used, fetches.waiting, sends.waiting) == (0, 0, 0, 0)
+
+
 async def test_a_fetch_that_does_not_fit_gets_503_after_its_patience(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -155,7 +155,10 @@ class MemoryBudget:
             self._release(client, size)
 
     async def _acquire(self, client: str, size: int, patience: float) -> None:
-        await trio.lowlevel.checkpoint()  # before taking: nothing may cancel between the two
+        # a cancel point before taking (nothing may cancel between the two), but no schedule
+        # point: the sending or fetching that follows has one, and a second is one more
+        # task step, through the whole request's stack, for every manifest
+        await trio.lowlevel.checkpoint_if_cancelled()
         asks = [*((w.client, w.size) for w in self._queue), (client, size)]
         if len(asks) - 1 in admit_fetches(self.limit, self.share, self.used, self.used_by, asks):
             self._take(client, size)
@@ -338,7 +341,10 @@ class SendBudget:
             self._release(ask)
 
     async def _acquire(self, ask: SendAsk, outgoing: Outgoing, patience: float) -> None:
-        await trio.lowlevel.checkpoint()  # before taking: nothing may cancel between the two
+        # a cancel point before taking (nothing may cancel between the two), but no schedule
+        # point: the sending or fetching that follows has one, and a second is one more
+        # task step, through the whole request's stack, for every manifest
+        await trio.lowlevel.checkpoint_if_cancelled()
         sender = _Sender(ask, trio.Event())
         self._queue.append(sender)
         self._grant()
