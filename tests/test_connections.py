@@ -363,6 +363,30 @@ async def test_upstream_proxy_carries_every_upstream_connection(
 # -- backpressure -------------------------------------------------------------------------------
 
 
+async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """A client that takes the head and the first bytes of a blob, then reads nothing more: once
+    no byte could leave for ``client_idle``, its connection is closed (it held a connection,
+    the chunk it stalled, and its upstream exchange)."""
+    layer = make_layer(5, 16 * 1024 * 1024)  # far more than the sockets' buffers hold
+    hub.add_image("library/alpine", "3.20", [layer])
+    proxy = await start_proxy(timeouts={"client_idle": 0.5})
+    token = await _token(proxy.url, ca)
+    client = await WireClient.connect(proxy.url, ca)
+    await client.send_request(
+        "GET",
+        f"/v2/library/alpine/blobs/{digest_of(layer)}",
+        [("authorization", f"Bearer {token}")],
+    )
+    with trio.fail_after(10):
+        assert (await client.receive_head()).status_code == 200
+        assert await client.receive_body(limit=1)
+        while proxy.server.connections:
+            await proxy.server.wait_connections_changed()
+    await client.aclose()
+
+
 async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nursery) -> None:
     """Lockstep streams buffer nothing, so whatever the origin got rid of and the client has
     not yet read is exactly what hubproxy holds for this transfer."""
