@@ -1,4 +1,5 @@
-"""net.watch: a request gets its watch for a departing client only once it has run a while."""
+"""net.watch: a request gets its watch for a departing client only once it has run a while;
+a send that outlives the client idle timeout cancels its connection."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import trio
 import trio.testing
 
-from hubproxy.net.watch import Watches
+from hubproxy.net.server import ClientConnection, Server
+from hubproxy.net.settings import ListenerSettings, Timeouts
+from hubproxy.net.watch import Stalls, Watches
+from hubproxy.policy.errors import ClientGone
 
 
 class Client:
@@ -106,3 +110,56 @@ async def test_ending_a_started_watch_waits_until_it_stopped() -> None:
         await watches.end(watch)
         assert stopped and not watch.departed
         nursery.cancel_scope.cancel()
+
+
+class Sender:
+    """A client connection as :class:`Stalls` sees it: told when its send stalled."""
+
+    def __init__(self) -> None:
+        self.stalled_at: list[float] = []
+
+    def stalled(self) -> None:
+        self.stalled_at.append(trio.current_time())
+
+
+async def test_a_send_that_outlives_the_limit_is_told_once_and_one_that_ends_never(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    stalls = Stalls(limit=10.0)
+    assert not stalls.running
+    nursery.start_soon(stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    assert stalls.running
+    quick, stuck, later = Sender(), Sender(), Sender()
+    start = trio.current_time()
+    stalls.begin(quick)
+    stalls.begin(stuck)
+    await trio.sleep(3.0)
+    stalls.end(quick)  # done well in time
+    stalls.begin(later)  # starts 3 s after the others: its own 10 s
+    await trio.sleep(30.0)
+    assert quick.stalled_at == []
+    assert stuck.stalled_at == [start + 10.0]
+    assert later.stalled_at == [start + 13.0]
+    assert len(stalls) == 0
+    # a send that ends after its sender was told is harmless, and the table stays empty
+    stalls.end(stuck)
+    stalls.begin(quick)
+    stalls.end(quick)
+    await trio.sleep(30.0)
+    assert quick.stalled_at == [] and len(stalls) == 0
+
+
+async def test_without_a_watch_on_sends_a_connection_keeps_its_own_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection served by a server that is not running (tests drive ``serve`` by hand) times
+    its sends itself: a stalled client is still let go."""
+    settings = ListenerSettings(timeouts=Timeouts(client_idle=5.0))
+    ours, _theirs = trio.testing.lockstep_stream_pair()  # a send waits for a read
+    client = ClientConnection(ours, settings=settings, client_ip="127.0.0.1", scheme="http")
+    assert not Server(settings).stalls.running
+    start = trio.current_time()
+    with pytest.raises(ClientGone):
+        await client.send_bytes(b"x" * (1 << 20))  # the other end reads nothing
+    assert trio.current_time() - start == pytest.approx(5.0)

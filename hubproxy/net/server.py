@@ -51,7 +51,7 @@ from .sockettls import SocketTLSStream
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
 from .turns import Turns
-from .watch import Watches
+from .watch import Stalls, Watches
 
 log = logging.getLogger("hubproxy")
 access_log = logging.getLogger("hubproxy.access")
@@ -392,6 +392,11 @@ class ClientConnection:
         self.shedding = False
         self.body_bypassed = False  # the last response body was sent around h11 (sendfile)
         self.linger = False  # an error answer went out: drain the client's input before closing
+        # what is done for this connection (served in ``serve``), cancelled once its client is
+        # gone: it closed the connection before its answer was complete (net.watch), or took no
+        # byte of it for the client idle timeout (``Stalls``)
+        self.scope = trio.CancelScope()
+        self._stalls: Stalls | None = None  # the server's watch on sends, while it runs
         # the socket under the stream, for the departure watch (None: a stream of another kind)
         self._socket: trio.socket.SocketType | ssl.SSLSocket | None = None
         if isinstance(stream, trio.SocketStream | SocketTLSStream):
@@ -403,27 +408,29 @@ class ClientConnection:
 
     async def serve(self, handler: Handler, server: Server) -> None:
         first = True
+        self._stalls = server.stalls if server.stalls.running else None
         try:
-            while not server.draining:
-                timeouts = self.settings.timeouts
-                wait = timeouts.request_head if first else timeouts.keepalive_idle
-                first = False
-                server.idle[self] = None  # may be closed to make room while it waits
-                try:
-                    request = await self._receive_request(wait)
-                finally:
-                    server.idle.pop(self, None)
-                if request is None:
-                    return
-                await self._handle(request, handler, server.turns, server.watches)
-                if self.must_close or self.shedding or not await self._discard_unread_body():
-                    return
-                if self.body_bypassed:
-                    self._fresh_h11()
-                elif self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-                    self.conn.start_next_cycle()
-                else:
-                    return
+            with self.scope:
+                while not server.draining:
+                    timeouts = self.settings.timeouts
+                    wait = timeouts.request_head if first else timeouts.keepalive_idle
+                    first = False
+                    server.idle[self] = None  # may be closed to make room while it waits
+                    try:
+                        request = await self._receive_request(wait)
+                    finally:
+                        server.idle.pop(self, None)
+                    if request is None:
+                        return
+                    await self._handle(request, handler, server.turns, server.watches)
+                    if self.must_close or self.shedding or not await self._discard_unread_body():
+                        return
+                    if self.body_bypassed:
+                        self._fresh_h11()
+                    elif self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                        self.conn.start_next_cycle()
+                    else:
+                        return
         finally:
             if self.linger:
                 await self._linger()
@@ -578,6 +585,11 @@ class ClientConnection:
         except ClientProtocolError as exc:
             await self._reject(exc, response)
         finally:
+            if self.scope.cancel_called and not response.finished:
+                # its client is gone (it left, or took nothing for the idle timeout): the
+                # connection's scope ends what was done for it, and the connection
+                record.aborted = record.status != 0
+                record.status = record.status or 499
             record.log()
 
     def _body_complete(self, body: RequestBody) -> bool:
@@ -596,21 +608,16 @@ class ClientConnection:
     ) -> None:
         """Run the handler while watching the connection, once the request has run a while
         (net.watch), as nginx and Go's net/http do: a client that closes or resets it before its
-        answer is complete cancels what is done for it (the upstream slot or manifest budget it
-        waits for, the exchange it started), rather than holding them for nobody. Bytes it sends
-        meanwhile (a pipelined request) go to h11 for the next cycle and end the watch. Work
-        shared with other clients (a cache fill) runs in tasks of its own and goes on."""
-        answered = False
-        scope = trio.CancelScope()
-        watch = watches.begin(functools.partial(self._look_for_departure, response), scope)
+        answer is complete cancels the connection's scope, and with it what is done for it (the
+        upstream slot or manifest budget it waits for, the exchange it started), rather than
+        holding them for nobody. Bytes it sends meanwhile (a pipelined request) go to h11 for the
+        next cycle and end the watch. Work shared with other clients (a cache fill) runs in
+        tasks of its own and goes on."""
+        watch = watches.begin(functools.partial(self._look_for_departure, response), self.scope)
         try:
-            with scope:
-                await handler(request, response)
-                answered = True
+            await handler(request, response)
         finally:
             await watches.end(watch)
-        if watch.departed and not answered and not response.finished:
-            raise ClientGone("the client closed the connection before its answer was complete")
 
     async def _look_for_departure(self, response: ClientResponse) -> bool:
         """Wait until the client sends something (kept for h11's next cycle: False) or closes
@@ -706,8 +713,22 @@ class ClientConnection:
         """Send framed bytes to the client, bounded by the client idle timeout."""
         if not data:
             return
-        # a bare cancel scope rather than trio.fail_after (two generator-based context
-        # managers): this runs for every response and every body chunk
+        stalls = self._stalls
+        if stalls is None:  # a connection served outside a running server (tests, mostly)
+            await self._send_with_deadline(data)
+            return
+        # watched by the server (Stalls), which cancels the connection should this send outlive
+        # the client idle timeout: a dict entry per response and body chunk, not a deadline scope
+        stalls.begin(self)
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.conn.send_failed()
+            raise ClientGone(f"client stopped receiving: {exc!r}") from exc
+        finally:
+            stalls.end(self)
+
+    async def _send_with_deadline(self, data: bytes | bytearray | memoryview) -> None:
         deadline = trio.current_time() + self.settings.timeouts.client_idle
         try:
             with trio.CancelScope(deadline=deadline) as scope:
@@ -718,6 +739,10 @@ class ClientConnection:
         if scope.cancelled_caught:
             self.conn.send_failed()
             raise ClientGone("client stopped receiving: TooSlowError()")
+
+    def stalled(self) -> None:
+        """A send took no byte for the client idle timeout (``Stalls``): the client is gone."""
+        self.scope.cancel()
 
 
 def push_pending(sock: trio.socket.SocketType | ssl.SSLSocket) -> None:
@@ -814,6 +839,7 @@ class Server:
         self._last_shed = -math.inf  # when a connection was last told to close for it
         self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
         self.watches = Watches()  # for clients that leave before their answer (net.watch)
+        self.stalls = Stalls(settings.timeouts.client_idle)  # ... and those that stop reading
         # --client-bandwidth, --total-bandwidth; None: no cap, and no cost in the send path
         self.pacer = Pacer(settings.bandwidth) if settings.bandwidth.on else None
         self._last_refusal_warning: dict[Connection, float] = {}
@@ -849,6 +875,7 @@ class Server:
             async with trio.open_nursery() as beside:
                 beside.start_soon(self.fairness.keep_batches_coming)
                 beside.start_soon(self.watches.run)
+                beside.start_soon(self.stalls.run)
                 if self.pacer is not None:
                     beside.start_soon(self.pacer.dispatch)
                 async with trio.open_nursery() as connections:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -125,3 +126,59 @@ class Watches:
                         break
                     del self._waiting[watch]
                     watch.start(nursery)
+
+
+class Stalled(Protocol):
+    """What :class:`Stalls` tells that its send has not ended in time."""
+
+    def stalled(self) -> None: ...
+
+
+class Stalls:
+    """The sends to clients under way, each with the time by which it must end (the client idle
+    timeout), and the task (``run``, beside the server) that tells the sender of one that did
+    not (:meth:`Stalled.stalled`: its connection is cancelled).
+
+    A deadline scope around every send registers a deadline in trio's sorted table and takes it
+    out again, a cancel status made and dropped, for every response and every body chunk; a
+    dict entry costs a fraction of that. Every send waits the same timeout, so the table is in
+    deadline order as it is in insertion order, and the task sleeps until the oldest entry's."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.running = False  # run() is watching: a sender not watched keeps its own deadline
+        self._sending: dict[Stalled, float] = {}  # sender -> when its send must have ended
+        self._wakeup = trio.Event()
+
+    def begin(self, sender: Stalled) -> None:
+        """A send of ``sender``'s starts now (one at a time per sender)."""
+        if not self._sending:
+            self._wakeup.set()
+        self._sending[sender] = trio.current_time() + self.limit
+
+    def end(self, sender: Stalled) -> None:
+        """The send ended (done, failed or cancelled)."""
+        self._sending.pop(sender, None)
+
+    def __len__(self) -> int:
+        return len(self._sending)
+
+    async def run(self) -> None:
+        """Tell each sender whose send outlived ``limit`` (runs until cancelled)."""
+        self.running = True
+        try:
+            while True:
+                if not self._sending:
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                await trio.sleep_until(next(iter(self._sending.values())))
+                now = trio.current_time()
+                while self._sending:
+                    sender, deadline = next(iter(self._sending.items()))
+                    if deadline > now:
+                        break
+                    del self._sending[sender]
+                    sender.stalled()
+        finally:
+            self.running = False
