@@ -49,6 +49,18 @@ async def _token(proxy_url: str, ca: trustme.CA, repo: str = "library/alpine") -
     return client.tokens[""]
 
 
+async def _ask_blob(proxy_url: str, ca: trustme.CA, layer: bytes) -> WireClient:
+    """A client on a new connection that sent its GET of ``layer`` (library/alpine's)."""
+    token = await _token(proxy_url, ca)
+    client = await WireClient.connect(proxy_url, ca)
+    await client.send_request(
+        "GET",
+        f"/v2/library/alpine/blobs/{digest_of(layer)}",
+        [("authorization", f"Bearer {token}")],
+    )
+    return client
+
+
 # -- listener -----------------------------------------------------------------------------------
 
 
@@ -219,13 +231,7 @@ async def test_a_client_that_leaves_before_its_answer_frees_the_upstream_at_once
     hub.add_image("library/alpine", "3.20", [layer])
     stall = hub.stall_blob(digest_of(layer))  # the CDN holds its answer until released
     proxy = await start_proxy()
-    token = await _token(proxy.url, ca)
-    client = await WireClient.connect(proxy.url, ca)
-    await client.send_request(
-        "GET",
-        f"/v2/library/alpine/blobs/{digest_of(layer)}",
-        [("authorization", f"Bearer {token}")],
-    )
+    client = await _ask_blob(proxy.url, ca, layer)
     cdn = parse_url(hub.cdn_url).origin
     with trio.fail_after(10):
         await stall.reached.wait()
@@ -372,13 +378,7 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
     layer = make_layer(5, 16 * 1024 * 1024)  # far more than the sockets' buffers hold
     hub.add_image("library/alpine", "3.20", [layer])
     proxy = await start_proxy(timeouts={"client_idle": 0.5})
-    token = await _token(proxy.url, ca)
-    client = await WireClient.connect(proxy.url, ca)
-    await client.send_request(
-        "GET",
-        f"/v2/library/alpine/blobs/{digest_of(layer)}",
-        [("authorization", f"Bearer {token}")],
-    )
+    client = await _ask_blob(proxy.url, ca, layer)
     with trio.fail_after(10):
         assert (await client.receive_head()).status_code == 200
         assert await client.receive_body(limit=1)
