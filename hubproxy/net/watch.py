@@ -39,11 +39,11 @@ Look = Callable[[], Awaitable[bool]]
 class Watch:
     """One request's watch: registered when the request begins, started if it runs long."""
 
-    __slots__ = ("_done", "_look", "_request_scope", "_scope", "_serving", "departed")
+    __slots__ = ("_cancel_on_leaving", "_done", "_look", "_scope", "_serving", "departed")
 
-    def __init__(self, look: Look, request_scope: trio.CancelScope) -> None:
+    def __init__(self, look: Look, cancel_on_leaving: trio.CancelScope) -> None:
         self._look = look
-        self._request_scope = request_scope  # cancelled when the client leaves
+        self._cancel_on_leaving = cancel_on_leaving  # cancelled when the client leaves
         # the client the watch reads for (net.fairness): the task that starts it serves none
         self._serving = serving.get()
         self._scope: trio.CancelScope | None = None  # set when started
@@ -67,7 +67,7 @@ class Watch:
             with self._scope:
                 if await self._look():
                     self.departed = True
-                    self._request_scope.cancel()
+                    self._cancel_on_leaving.cancel()
         except Exception:  # a bug must cost one watch, never the server
             log.exception("internal error watching a client connection")
         finally:
@@ -92,10 +92,10 @@ class Watches:
         self._waiting: dict[Watch, float] = {}  # unstarted watch: when its request began
         self._wakeup = trio.Event()
 
-    def begin(self, look: Look, request_scope: trio.CancelScope) -> Watch:
+    def begin(self, look: Look, cancel_on_leaving: trio.CancelScope) -> Watch:
         """Register the watch of a request that begins now (cancelled through
-        ``request_scope`` if its client leaves)."""
-        watch = Watch(look, request_scope)
+        ``cancel_on_leaving``, its connection's scope, if its client leaves)."""
+        watch = Watch(look, cancel_on_leaving)
         if not self._waiting:
             self._wakeup.set()
         self._waiting[watch] = trio.current_time()
