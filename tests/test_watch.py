@@ -3,6 +3,8 @@ a send that outlives the client idle timeout cancels its connection."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 import trio.testing
@@ -148,6 +150,24 @@ async def test_a_send_that_outlives_the_limit_is_told_once_and_one_that_ends_nev
     stalls.end(quick)
     await trio.sleep(30.0)
     assert quick.stalled_at == [] and len(stalls) == 0
+
+
+async def test_with_no_send_under_way_the_watch_holds_no_timer(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A timer left behind would let a clock that jumps when the loop idles (tests') jump to it,
+    far past where a deadline per send ever took it."""
+    stalls = Stalls(limit=120.0)
+    nursery.start_soon(stalls.run)
+    sender = Sender()
+    for _ in range(2):
+        stalls.begin(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == 120.0
+        stalls.end(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == math.inf
+    assert sender.stalled_at == []
 
 
 async def test_without_a_watch_on_sends_a_connection_keeps_its_own_deadline(

@@ -142,13 +142,16 @@ class Stalls:
     A deadline scope around every send registers a deadline in trio's sorted table and takes it
     out again, a cancel status made and dropped, for every response and every body chunk; a
     dict entry costs a fraction of that. Every send waits the same timeout, so the table is in
-    deadline order as it is in insertion order, and the task sleeps until the oldest entry's."""
+    deadline order as it is in insertion order, and the task sleeps until the oldest entry's.
+    Once no send is under way it holds no timer (a clock that jumps to the next timer when the
+    loop idles, as tests' do, jumps no further than it did with a deadline per send)."""
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.running = False  # run() is watching: a sender not watched keeps its own deadline
         self._sending: dict[Stalled, float] = {}  # sender -> when its send must have ended
         self._wakeup = trio.Event()
+        self._asleep: trio.CancelScope | None = None  # run()'s sleep until the oldest deadline
 
     def begin(self, sender: Stalled) -> None:
         """A send of ``sender``'s starts now (one at a time per sender)."""
@@ -159,6 +162,8 @@ class Stalls:
     def end(self, sender: Stalled) -> None:
         """The send ended (done, failed or cancelled)."""
         self._sending.pop(sender, None)
+        if not self._sending and self._asleep is not None:
+            self._asleep.cancel()
 
     def __len__(self) -> int:
         return len(self._sending)
@@ -172,7 +177,10 @@ class Stalls:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
                     continue
-                await trio.sleep_until(next(iter(self._sending.values())))
+                with trio.CancelScope(deadline=next(iter(self._sending.values()))) as asleep:
+                    self._asleep = asleep
+                    await trio.sleep_forever()
+                self._asleep = None
                 now = trio.current_time()
                 while self._sending:
                     sender, deadline = next(iter(self._sending.items()))
