@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import socket
 import ssl
 import struct
@@ -370,11 +371,13 @@ async def test_upstream_proxy_carries_every_upstream_connection(
 
 
 async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
-    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client that takes the head and the first bytes of a blob, then reads nothing more: once
     no byte could leave for ``client_idle``, its connection is closed (it held a connection,
-    the chunk it stalled, and its upstream exchange)."""
+    the chunk it stalled, and its upstream exchange), and its access line says the answer was
+    cut."""
+    caplog.set_level(logging.INFO, logger="hubproxy.access")
     layer = make_layer(5, 16 * 1024 * 1024)  # far more than the sockets' buffers hold
     hub.add_image("library/alpine", "3.20", [layer])
     proxy = await start_proxy(timeouts={"client_idle": 0.5})
@@ -385,6 +388,8 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(
         while proxy.server.connections:
             await proxy.server.wait_connections_changed()
     await client.aclose()
+    [line] = [r.getMessage() for r in caplog.records if "/blobs/" in r.getMessage()]
+    assert " 200/aborted " in line, line
 
 
 async def test_slow_client_holds_at_most_one_chunk_per_transfer(nursery: trio.Nursery) -> None:
