@@ -4,6 +4,7 @@ a send that outlives the client idle timeout cancels its connection."""
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -168,6 +169,52 @@ async def test_with_no_send_under_way_the_watch_holds_no_timer(
         await trio.testing.wait_all_tasks_blocked()
         assert trio.lowlevel.current_statistics().seconds_to_next_deadline == math.inf
     assert sender.stalled_at == []
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps of one task."""
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_sends_that_begin_and_end_in_time_never_wake_the_watch(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A lone fast client's sends empty the table after every chunk: the watching task's
+    sleep is moved, never woken, so a chunk costs it no step."""
+    stalls = Stalls(limit=10.0)
+    counter = StepCounter()
+    counter.task = await nursery.start(_run_reporting_task, stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        sender = Sender()
+        for _ in range(100):
+            stalls.begin(sender)
+            await trio.sleep(0.01)  # a chunk's send, done in time
+            stalls.end(sender)
+            await trio.testing.wait_all_tasks_blocked()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert counter.steps == 0
+    assert sender.stalled_at == []
+    stalls.begin(sender)  # and it still tells one that stalls, at its deadline
+    start = trio.current_time()
+    await trio.sleep(30.0)
+    assert sender.stalled_at == [start + 10.0]
+
+
+async def _run_reporting_task(
+    run: Callable[[], Awaitable[None]], *, task_status: trio.TaskStatus[trio.lowlevel.Task]
+) -> None:
+    task_status.started(trio.lowlevel.current_task())
+    await run()
 
 
 async def test_without_a_watch_on_sends_a_connection_keeps_its_own_deadline(
