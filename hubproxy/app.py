@@ -123,10 +123,12 @@ async def serve(
     # cyclic garbage collector: a full collection then walks only what requests made since
     gc.freeze()
     try:
-        # the pool's sweeper (and the check of the upstreams at start) runs as long as the
-        # server does (the inner nursery ends when a drain does, and must not wait for them)
+        # the pool's sweeper and its watch on upstream I/O (and the check of the upstreams at
+        # start) run as long as the server does (the inner nursery ends when a drain does, and
+        # must not wait for them)
         async with trio.open_nursery() as sweeping:
             await sweeping.start(proxy.pool.sweep)
+            sweeping.start_soon(proxy.pool.stalls.run)  # the upstream idle timeout
             await sweeping.start(give_back_memory)
             if proxy.pullthrough is not None and proxy.pullthrough.shared_state is not None:
                 sweeping.start_soon(proxy.pullthrough.shared_state.run)

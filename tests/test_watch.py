@@ -1,5 +1,6 @@
 """net.watch: a request gets its watch for a departing client only once it has run a while;
-a send that outlives the client idle timeout cancels its connection."""
+a send that outlives the client idle timeout cancels its connection, and an upstream send or
+receive that outlives the upstream idle timeout aborts its upstream connection."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import trio.testing
 
 from hubproxy.net.server import ClientConnection, Server
 from hubproxy.net.settings import ListenerSettings, Timeouts
+from hubproxy.net.upstream import UpstreamConnection
 from hubproxy.net.watch import Stalls, Watches
-from hubproxy.policy.errors import ClientGone
+from hubproxy.policy.errors import ClientGone, UpstreamTimeout
+from hubproxy.policy.urls import parse_url
 
 
 class Client:
@@ -230,3 +233,114 @@ async def test_without_a_watch_on_sends_a_connection_keeps_its_own_deadline(
     with pytest.raises(ClientGone):
         await client.send_bytes(b"x" * (1 << 20))  # the other end reads nothing
     assert trio.current_time() - start == pytest.approx(5.0)
+
+
+# -- the upstream idle timeout ------------------------------------------------------------------
+
+
+async def _upstream_pair(stalls: Stalls | None) -> tuple[UpstreamConnection, trio.SocketStream]:
+    """An upstream connection on a real socket (one the watch can abort), and its origin's end."""
+    a, b = trio.socket.socketpair()
+    conn = UpstreamConnection(
+        parse_url("http://origin.test").origin,
+        trio.SocketStream(a),
+        idle_timeout=5.0,
+        stalls=stalls,
+    )
+    return conn, trio.SocketStream(b)
+
+
+async def test_an_upstream_that_sends_nothing_is_aborted_by_the_pools_watch(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """The watch, not a deadline scope per receive, ends a receive after the idle timeout: the
+    connection is closed, never reused, and the caller gets UpstreamTimeout."""
+    stalls = Stalls(limit=5.0)
+    nursery.start_soon(stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    conn, origin = await _upstream_pair(stalls)
+    await conn.send_request("GET", "/v2/", [(b"host", b"origin.test")])
+    assert len(stalls) == 0  # the send ended: its entry is gone
+    start = trio.current_time()
+
+    async def watched() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(stalls) == 1  # the receive waits as an entry in the table
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == 5.0
+
+    nursery.start_soon(watched)
+    with pytest.raises(UpstreamTimeout, match="sent nothing for 5s"):
+        await conn.receive_head("GET")
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert not conn.reusable
+    assert conn.stream.socket.fileno() == -1  # type: ignore[attr-defined]  # aborted
+    assert len(stalls) == 0
+    await origin.aclose()
+
+
+async def test_an_upstream_that_takes_nothing_is_aborted_by_the_pools_watch(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    stalls = Stalls(limit=5.0)
+    nursery.start_soon(stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    conn, origin = await _upstream_pair(stalls)
+    start = trio.current_time()
+
+    class Endless:
+        async def read(self) -> bytes | None:
+            return b"x" * 65536  # more than the socket buffers hold: the origin reads nothing
+
+    with pytest.raises(UpstreamTimeout, match="accepted nothing for 5s"):
+        await conn.send_request(
+            "PUT",
+            "/blob",
+            [(b"host", b"origin.test"), (b"transfer-encoding", b"chunked")],
+            Endless(),
+        )
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert not conn.reusable
+    await origin.aclose()
+
+
+async def test_an_upstream_the_watch_cannot_abort_keeps_its_own_deadline(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A stream not on a socket (memory, here) cannot be aborted from the watch's task: each
+    of its receives still ends at the idle timeout, by a deadline scope of its own."""
+    stalls = Stalls(limit=5.0)
+    nursery.start_soon(stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    ours, _theirs = trio.testing.memory_stream_pair()
+    conn = UpstreamConnection(
+        parse_url("http://origin.test").origin, ours, idle_timeout=5.0, stalls=stalls
+    )
+    await conn.send_request("GET", "/v2/", [(b"host", b"origin.test")])
+    start = trio.current_time()
+    with pytest.raises(UpstreamTimeout, match="sent nothing for 5s"):
+        await conn.receive_head("GET")
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert len(stalls) == 0  # never in the table
+
+
+async def test_an_upstream_answer_in_time_leaves_the_watch_empty(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    stalls = Stalls(limit=5.0)
+    nursery.start_soon(stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    conn, origin = await _upstream_pair(stalls)
+    await conn.send_request("GET", "/v2/", [(b"host", b"origin.test")])
+    await origin.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    await trio.sleep(4.0)  # slow, but within the idle timeout
+    await origin.send_all(b"{}")
+    head = await conn.receive_head("GET")
+    assert head.status_code == 200
+    assert await conn.receive_body() == b"{}"
+    assert await conn.receive_body() is None
+    assert conn.reusable
+    assert len(stalls) == 0
+    await trio.sleep(30.0)  # nothing is told later either: the connection is still open
+    assert conn.stream.socket.fileno() != -1  # type: ignore[attr-defined]
+    await conn.stream.aclose()
+    await origin.aclose()

@@ -31,6 +31,7 @@ from ..policy.slots import Ask, Lane, SlotLimits, grant, slot_limits
 from ..policy.urls import Origin
 from .streams import ByteStream, close_forcefully
 from .upstream import UpstreamConnection
+from .watch import Stalls
 
 # (origin, profile): the profile names whose settings (CA, CONNECT proxy) a connection was made
 # with, so that two registries reaching one CDN through different proxies never share one
@@ -158,6 +159,9 @@ class Pool:
         self.waits: Counter[tuple[str, str]] = Counter()
         self.wait_timeouts: Counter[tuple[str, str]] = Counter()
         self.swept = 0  # idle connections closed by the sweeper (expired, or closed by the peer)
+        # every send and receive of the connections lent, each bound by the idle timeout
+        # (net.upstream); its task is run beside the sweeper
+        self.stalls = Stalls(idle_timeout)
 
     def idle_count(self, origin: Origin | None = None) -> int:
         return sum(
@@ -300,7 +304,9 @@ class Pool:
                 del state.dialing[client]
             self._note_dial_done(state)
         self.opened += 1
-        return UpstreamConnection(key[0], stream, idle_timeout=self._idle_timeout)
+        return UpstreamConnection(
+            key[0], stream, idle_timeout=self._idle_timeout, stalls=self.stalls
+        )
 
     @staticmethod
     def _note_dial_done(state: _Origin) -> None:

@@ -323,16 +323,31 @@ async def _close_quietly(stream: ByteStream | None) -> None:
         await close_forcefully(stream)
 
 
+def abortable(stream: ByteStream) -> bool:
+    """Whether :func:`abort` can close ``stream`` at once: a socket, bare or under TLS."""
+    if isinstance(stream, TLSStream):
+        return isinstance(stream.transport_stream, trio.SocketStream)
+    return isinstance(stream, SocketTLSStream | trio.SocketStream)
+
+
+def abort(stream: ByteStream) -> bool:
+    """Close ``stream``'s socket at once, sending nothing (no TLS ``close_notify``), from any
+    task and without awaiting: a task blocked in its receive or send gets
+    ClosedResourceError. False, and nothing done, for a stream not on a socket."""
+    if isinstance(stream, TLSStream | SocketTLSStream):
+        return stream.abort()
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()  # trio tells the tasks waiting on it
+        return True
+    return False
+
+
 async def close_forcefully(stream: ByteStream) -> None:
     """Close without waiting for the peer and without a TLS ``close_notify``, like trio's
     helper; never raises. A socket, bare or under TLS, is closed at once: a hundred
     connections torn down after resets cost a fraction of as many cancelled ``aclose`` calls
     (each built a ``close_notify`` it then could not send, and raised Cancelled twice)."""
-    if isinstance(stream, TLSStream | SocketTLSStream) and stream.abort():
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.close()
+    if abort(stream):
         await trio.lowlevel.cancel_shielded_checkpoint()
         return
     with trio.CancelScope() as scope:

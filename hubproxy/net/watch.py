@@ -130,19 +130,21 @@ class Watches:
 
 
 class Stalled(Protocol):
-    """What :class:`Stalls` tells that its send has not ended in time."""
+    """What :class:`Stalls` tells that its send (or receive) has not ended in time."""
 
     def stalled(self) -> None: ...
 
 
 class Stalls:
-    """The sends to clients under way, each with the time by which it must end (the client idle
-    timeout), and the task (``run``, beside the server) that tells the sender of one that did
-    not (:meth:`Stalled.stalled`: its connection is cancelled).
+    """The sends or receives under way that must each end within one ``limit``, each with the
+    time by which it must, and the task (``run``) that tells the owner of one that did not
+    (:meth:`Stalled.stalled`). The server keeps one for its sends to clients (the client idle
+    timeout: the connection is cancelled), the upstream pool one for every upstream send and
+    receive (the upstream idle timeout: the connection is aborted).
 
     A deadline scope around every send registers a deadline in trio's sorted table and takes it
     out again, a cancel status made and dropped, for every response and every body chunk; a
-    dict entry costs a fraction of that. Every send waits the same timeout, so the table is in
+    dict entry costs a fraction of that. Every entry waits the same limit, so the table is in
     deadline order as it is in insertion order, and the task sleeps until the oldest entry's.
     Once no send is under way it holds no timer (a clock that jumps to the next timer when the
     loop idles, as tests' do, jumps no further than it did with a deadline per send)."""
@@ -159,14 +161,14 @@ class Stalls:
         self._asleep: trio.CancelScope | None = None
 
     def begin(self, sender: Stalled) -> None:
-        """A send of ``sender``'s starts now (one at a time per sender)."""
+        """A send (or receive) of ``sender``'s starts now (one at a time per sender)."""
         deadline = trio.current_time() + self.limit
         if not self._sending and self._asleep is not None:
             self._asleep.deadline = deadline
         self._sending[sender] = deadline
 
     def end(self, sender: Stalled) -> None:
-        """The send ended (done, failed or cancelled)."""
+        """It ended (done, failed or cancelled)."""
         self._sending.pop(sender, None)
         if not self._sending and self._asleep is not None:
             self._asleep.deadline = math.inf
@@ -175,7 +177,7 @@ class Stalls:
         return len(self._sending)
 
     async def run(self) -> None:
-        """Tell each sender whose send outlived ``limit`` (runs until cancelled)."""
+        """Tell each sender whose send (or receive) outlived ``limit`` (runs until cancelled)."""
         self.running = True
         try:
             while True:
