@@ -222,6 +222,29 @@ async def test_stalled_handshake_and_idle_clients_are_dropped(
     await client.aclose()
 
 
+async def test_a_wait_for_a_request_head_is_an_entry_in_the_servers_table_of_its_timeout(
+    start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """The first head's wait and each next one's are watched by the server's tables (their
+    expiry closes the connection: the test above), not by a deadline scope per request."""
+    proxy = await start_proxy(timeouts={"request_head": 30.0, "keepalive_idle": 40.0})
+    server = proxy.server
+    client = await WireClient.connect(proxy.url, ca)
+    with trio.fail_after(10):
+        await trio.testing.wait_all_tasks_blocked()  # the server waits for the first head
+    assert (len(server.heads), len(server.keepalives)) == (1, 0)
+    head, _ = await client.request("GET", "/v2/")
+    assert head.status_code == 401
+    with trio.fail_after(10):
+        await trio.testing.wait_all_tasks_blocked()  # ... and now for a next one
+    assert (len(server.heads), len(server.keepalives)) == (0, 1)
+    await client.aclose()
+    with trio.fail_after(10):
+        while server.connections:
+            await server.wait_connections_changed()
+    assert len(server.heads) == len(server.keepalives) == 0
+
+
 async def test_a_client_that_leaves_before_its_answer_frees_the_upstream_at_once(
     hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA
 ) -> None:

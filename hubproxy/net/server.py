@@ -384,6 +384,8 @@ class ClientConnection:
             h11.SERVER, max_incomplete_event_size=self.settings.limits.max_head_size
         )
         self.method = "GET"
+        # waiting for a request head: the deadline scope of that wait, for a connection served
+        # outside a running server (whose tables watch the wait otherwise; see ``serve``)
         self.idle_scope: trio.CancelScope | None = None
         self.must_close = False  # the last exchange broke: the connection cannot go on
         # --workers: whether this worker holds more than its share of the connections, asked
@@ -408,16 +410,25 @@ class ClientConnection:
 
     async def serve(self, handler: Handler, server: Server) -> None:
         first = True
-        self._stalls = server.stalls if server.stalls.running else None
+        watched = server.stalls.running
+        self._stalls = server.stalls if watched else None
         try:
             with self.scope:
                 while not server.draining:
+                    # the wait for the first head and for each next one: an entry in the
+                    # server's table of that timeout, which cancels the connection's scope if
+                    # it outlives it (a deadline scope each costs 5% of a cached manifest's
+                    # instructions); a deadline scope of its own outside a running server
                     timeouts = self.settings.timeouts
                     wait = timeouts.request_head if first else timeouts.keepalive_idle
+                    heads = server.heads if first else server.keepalives
                     first = False
                     server.idle[self] = None  # may be closed to make room while it waits
                     try:
-                        request = await self._receive_request(wait)
+                        if watched:
+                            request = await self._receive_watched_request(heads)
+                        else:
+                            request = await self._receive_request(wait)
                     finally:
                         server.idle.pop(self, None)
                     if request is None:
@@ -452,6 +463,23 @@ class ClientConnection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
 
+    async def _receive_watched_request(self, heads: Stalls) -> h11.Request | None:
+        """Wait for the next request head, watched by ``heads``; None when the client left.
+        Idling out (or being closed to make room, or a shutdown) cancels ``self.scope``."""
+        heads.begin(self)
+        try:
+            event = await self._next_event(strict_head=True)
+        except ClientProtocolError as exc:
+            await self._reject(exc)
+            return None
+        except ClientGone:
+            return None
+        finally:
+            heads.end(self)
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed
+
     async def _receive_request(self, wait: float) -> h11.Request | None:
         """Wait for the next request head; None when the client left or idled out."""
         with trio.CancelScope() as scope:
@@ -478,9 +506,12 @@ class ClientConnection:
         return bool(self.conn.trailing_data[0])
 
     def close_idle(self) -> None:
-        """Close this connection while it waits for a request head (to make room)."""
+        """Close this connection while it waits for a request head (to make room, or at a
+        shutdown): it is in the server's ``idle`` table then."""
         if self.idle_scope is not None:
             self.idle_scope.cancel()
+        else:
+            self.scope.cancel()
 
     def _fresh_h11(self) -> None:
         """After a body sent around h11, continue with a new parser fed what the old one held
@@ -741,7 +772,8 @@ class ClientConnection:
             raise ClientGone("client stopped receiving: TooSlowError()")
 
     def stalled(self) -> None:
-        """A send took no byte for the client idle timeout (``Stalls``): the client is gone."""
+        """A send took no byte for the client idle timeout, or no request head came within
+        its timeout (``Stalls``): the client is gone."""
         self.scope.cancel()
 
 
@@ -840,6 +872,9 @@ class Server:
         self.fairness = Fairness()  # the CPU shared between addresses (net.fairness)
         self.watches = Watches()  # for clients that leave before their answer (net.watch)
         self.stalls = Stalls(settings.timeouts.client_idle)  # ... and those that stop reading
+        # connections waiting for their first request head, and for a next one
+        self.heads = Stalls(settings.timeouts.request_head)
+        self.keepalives = Stalls(settings.timeouts.keepalive_idle)
         # --client-bandwidth, --total-bandwidth; None: no cap, and no cost in the send path
         self.pacer = Pacer(settings.bandwidth) if settings.bandwidth.on else None
         self._last_refusal_warning: dict[Connection, float] = {}
@@ -876,6 +911,8 @@ class Server:
                 beside.start_soon(self.fairness.keep_batches_coming)
                 beside.start_soon(self.watches.run)
                 beside.start_soon(self.stalls.run)
+                beside.start_soon(self.heads.run)
+                beside.start_soon(self.keepalives.run)
                 if self.pacer is not None:
                     beside.start_soon(self.pacer.dispatch)
                 async with trio.open_nursery() as connections:
@@ -892,9 +929,8 @@ class Server:
             trio.lowlevel.remove_instrument(self.fairness)
 
     async def _drain(self, connections: trio.Nursery) -> None:
-        for client in list(self.connections):
-            if client.idle_scope is not None:
-                client.idle_scope.cancel()
+        for client in list(self.idle):  # those waiting for a request head close now
+            client.close_idle()
         connections.cancel_scope.deadline = (
             trio.current_time() + self.settings.timeouts.shutdown_grace
         )
