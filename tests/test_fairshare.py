@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from hubproxy.policy.fairshare import FairShare, FairShareRules, Standing
@@ -166,3 +169,32 @@ def test_sharing_while_two_addresses_worked_within_active_for() -> None:
     go(share, "a", 0.004, batch=2)
     assert share.sharing(0.005)
     assert not share.sharing(0.001 + RULES.active_for + 0.0001)  # b went quiet
+
+
+def _state(share: FairShare) -> tuple[object, ...]:
+    accounts = {
+        key: (a.served, a.at, a.last_unit, a.credit, a.credited)
+        for key, a in share._accounts.items()
+    }
+    return accounts, list(share._active)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_spend_answers_and_charges_as_may_go_then_charge(seed: int) -> None:
+    """``spend`` is the one call the gate makes per unit: the same verdict, and the same
+    accounts after, as asking ``may_go`` and then charging, over random units of several
+    addresses (alone, sharing, yielding, in debt, in short and long batches)."""
+    rng = random.Random(seed)
+    one, two = FairShare(RULES), FairShare(RULES)
+    now, batch = 0.0, 0
+    for _ in range(300):
+        now += rng.choice([0.0, 0.0001, 0.001, 0.01])
+        batch += rng.choice([0, 0, 1, 3])
+        key = rng.choice("aabc")
+        cost = rng.choice([10.0, 100.0, 400.0, 5000.0])
+        elapsed = rng.choice([0.0, 0.0005, 0.01, math.inf])
+        went = one.may_go(key, now, batch, elapsed)
+        if went:
+            one.charge(key, cost, now, batch)
+        assert two.spend(key, cost, now, batch, elapsed) is went
+        assert _state(two) == _state(one)

@@ -103,9 +103,8 @@ class Fairness(trio.abc.Instrument):
             if self.metering and not self.share.sharing(now):
                 self.stop_metering()
             for key, queue in list(self._parked.items()):
-                while queue and self.share.may_go(key, now, self.batch):
+                while queue and self.share.spend(key, queue[0].cost, now, self.batch):
                     unit = queue.popleft()
-                    self.share.charge(key, unit.cost, now, self.batch)
                     if self.metering:
                         self._released[unit.task] = self._released.get(unit.task, 0.0) + unit.cost
                     else:
@@ -180,8 +179,7 @@ class Fairness(trio.abc.Instrument):
             self._next_sweep = now + FORGET_EVERY
             self.share.forget_idle(now)
         elapsed = time.perf_counter() - self._batch_started
-        if key not in self._parked and self.share.may_go(key, now, self.batch, elapsed):
-            self.share.charge(key, cost, now, self.batch)
+        if key not in self._parked and self.share.spend(key, cost, now, self.batch, elapsed):
             if not self.metering:
                 if self.share.sharing(now):
                     self._start_metering()  # this step on: its unit's cost below is its own
