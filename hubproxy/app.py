@@ -358,8 +358,9 @@ async def _share_confirmations(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Send the access confirmations passed on here to the other workers, and keep theirs
-    (``cache.confirmshare``); started once this worker's socket is bound, before it serves."""
+    """Send the access confirmations passed on here, and the blob verifications made here, to
+    the other workers, and keep theirs (``cache.confirmshare``); started once this worker's
+    socket is bound, before it serves."""
     try:
         share = ConfirmationShare(role.run_dir, role.index, role.count)
     except OSError as exc:  # a mirror without it asks the upstream a little more; still serves
@@ -372,11 +373,13 @@ async def _share_confirmations(
         task_status.started()
         return
     pullthrough.share_confirmations = share.send
+    pullthrough.blobs.share_verification = share.send_verified
     task_status.started()
     try:
-        await share.receive(pullthrough.keep_shared)
+        await share.receive(pullthrough.keep_shared, pullthrough.blobs.keep_verified)
     finally:
         pullthrough.share_confirmations = None
+        pullthrough.blobs.share_verification = None
         share.close()
 
 

@@ -21,9 +21,12 @@ from hubproxy.cache.pullthrough import PullThrough
 from hubproxy.policy.cachepolicy import (
     ACCESS_CONFIRMATION_TTL,
     ConfirmationKey,
+    IdentityFields,
     confirmation_key,
     decode_shared,
+    decode_verified,
     encode_shared,
+    encode_verified,
 )
 from hubproxy.workers import WorkerRole
 
@@ -64,11 +67,44 @@ def test_a_shared_confirmation_lives_no_longer_than_one_made_here() -> None:
     assert decoded is not None and decoded[1] == ACCESS_CONFIRMATION_TTL
 
 
+def test_a_verification_goes_as_one_line_and_comes_back_whole() -> None:
+    line = encode_verified("0f" * 32, (123, 4096, 1_700_000_000_123_456_789, -1), 3.14159)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode_verified(line[:-1]) == (
+        "0f" * 32,
+        (123, 4096, 1_700_000_000_123_456_789, -1),
+        3.142,
+    )
+    assert decode_verified(encode_verified("0f" * 32, (1, 2, 3, 4), -5.0)[:-1]) == (
+        "0f" * 32,
+        (1, 2, 3, 4),
+        0.0,  # a clock that went back says "just now", never the future
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"V " + b"0f" * 32 + b" 1 2 3 4",  # no age
+        b"V " + b"0F" * 32 + b" 1 2 3 4 0.000",  # not lowercase hex
+        b"V " + b"0f" * 31 + b" 1 2 3 4 0.000",  # not a sha256
+        b"V " + b"0f" * 32 + b" 1 2 x 4 0.000",
+        b"V " + b"0f" * 32 + b" 1 2 3 4 -1.000",  # an age from the future
+        b"V " + b"0f" * 32 + b" 1 2 3 4 0.000 extra",
+        b"v " + b"0f" * 32 + b" 1 2 3 4 0.000",
+    ],
+)
+def test_anything_else_is_not_a_verification(line: bytes) -> None:
+    assert decode_verified(line) is None
+
+
 async def test_confirmations_reach_the_other_workers_and_nothing_else_counts(
     tmp_path: Path,
 ) -> None:
     shares = [ConfirmationShare(tmp_path, index, 3) for index in range(3)]
     kept: dict[int, list[tuple[ConfirmationKey, float]]] = {1: [], 2: []}
+    verified: dict[int, list[tuple[str, IdentityFields, float]]] = {1: [], 2: []}
     key = confirmation_key(b"Bearer t", "", BLOB)
     many = [(confirmation_key(b"Bearer t", "", f"{BLOB}{n}"), 30.0) for n in range(200)]
     everything = trio.Event()
@@ -81,14 +117,25 @@ async def test_confirmations_reach_the_other_workers_and_nothing_else_counts(
 
         return keep
 
+    def verifier(index: int) -> Callable[[str, IdentityFields, float], None]:
+        def keep_verified(hexdigest: str, identity: IdentityFields, age: float) -> None:
+            verified[index].append((hexdigest, identity, age))
+
+        return keep_verified
+
     try:
         async with trio.open_nursery() as nursery:
             for index in (1, 2):
-                nursery.start_soon(shares[index].receive, keeper(index))
+                nursery.start_soon(shares[index].receive, keeper(index), verifier(index))
             await trio.testing.wait_all_tasks_blocked()
-            # a stranger's datagram in the same directory: not a confirmation, dropped
+            # a stranger's datagrams in the same directory: neither a confirmation nor a
+            # verification, dropped
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as stranger:
                 stranger.sendto(b"hello\n", str(tmp_path / "confirm-1.sock"))
+                stranger.sendto(
+                    b"V " + b"g" * 64 + b" 1 2 3 4 0.000\n", str(tmp_path / "confirm-1.sock")
+                )
+            shares[0].send_verified("ab" * 32, (7, 1024, 10**18, -5), 1.25)
             shares[0].send([(key, 20.0)])
             shares[0].send(many)  # more than one datagram holds: split at lines
             with trio.fail_after(5):
@@ -97,6 +144,7 @@ async def test_confirmations_reach_the_other_workers_and_nothing_else_counts(
         for index in (1, 2):
             assert kept[index] == [(key, 20.0), *many]
             assert shares[index].received == 1 + len(many)
+            assert verified[index] == [("ab" * 32, (7, 1024, 10**18, -5), 1.25)]
         assert shares[0].sent == 1 + len(many)
     finally:
         for share in shares:

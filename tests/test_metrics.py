@@ -412,6 +412,7 @@ HUB_FAMILIES = {
     "hubproxy_cache_hits_hashed",
     "hubproxy_access_confirmations_shared",
     "hubproxy_access_confirmations_received",
+    "hubproxy_cache_verifications_received",
     "hubproxy_upstream_slots_in_use",
     "hubproxy_upstream_slot_waiting",
     "hubproxy_upstream_idle_connections",

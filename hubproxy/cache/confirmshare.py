@@ -12,8 +12,18 @@ per process).
 Sent before the manifest's answer goes to the client, a datagram is in the other workers' sockets
 before that client can ask for a layer; taken in as soon as their event loop looks. Best effort:
 a worker that is down or behind (its socket's buffer full) misses it, and asks the upstream as it
-would have. Nothing else goes this way, and what arrives is parsed strictly (``decode_shared``):
-a line that is not a live confirmation is dropped.
+would have.
+
+Blob verifications go the same way. Each worker hashes a cached blob on its first read of it,
+and again once the file's identity changed (``cache.store``); so without them a blob filled by
+one worker was hashed again by every other (0.6 CPU-seconds per GiB), and each move of a served
+blob's mtime by one worker (the shared recency, every minute at most: ``cache.claims``) had the
+others hash it again on their next read. A worker that hashed a file to its digest, or moved the
+mtime of one it had, sends the file's identity and the verification's age; the others keep it
+only for the very file they find at that path (``BlobStore.keep_verified``).
+
+Nothing else goes this way, and what arrives is parsed strictly (``decode_shared``,
+``decode_verified``): a line that is neither a live confirmation nor a verification is dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +35,14 @@ from pathlib import Path
 
 import trio
 
-from ..policy.cachepolicy import ConfirmationKey, decode_shared, encode_shared
+from ..policy.cachepolicy import (
+    ConfirmationKey,
+    IdentityFields,
+    decode_shared,
+    decode_verified,
+    encode_shared,
+    encode_verified,
+)
 
 # bytes per datagram: about 60 confirmations of about 200 bytes (an image's layers, an index's
 # manifests); more go in several. Far below a Unix datagram's limit (net.core.wmem_default).
@@ -72,13 +89,30 @@ class ConfirmationShare:
             data = data[cut:]
         self.sent += count
 
-    async def receive(self, keep: Callable[[ConfirmationKey, float], None]) -> None:
-        """Take in the other workers' confirmations (``keep(key, seconds_left)``), until
-        cancelled."""
+    def send_verified(self, hexdigest: str, identity: IdentityFields, age: float) -> None:
+        """Send a blob verification (see the module doc) to every other worker, without
+        waiting: one that cannot take it now goes without, and hashes the blob itself."""
+        data = encode_verified(hexdigest, identity, age)
+        for peer in self._peers:
+            with contextlib.suppress(OSError):  # ENOENT, ECONNREFUSED, EAGAIN
+                self._outbox.sendto(data, peer)
+
+    async def receive(
+        self,
+        keep: Callable[[ConfirmationKey, float], None],
+        keep_verified: Callable[[str, IdentityFields, float], None],
+    ) -> None:
+        """Take in the other workers' confirmations (``keep(key, seconds_left)``) and blob
+        verifications (``keep_verified(hexdigest, identity, age)``), until cancelled."""
         inbox = trio.socket.from_stdlib_socket(self._inbox)
         while True:
             data = await inbox.recv(DATAGRAM)
             for line in data.split(b"\n"):
+                if line.startswith(b"V "):
+                    verified = decode_verified(line)
+                    if verified is not None:
+                        keep_verified(*verified)
+                    continue
                 shared = decode_shared(line)
                 if shared is not None:
                     keep(*shared)

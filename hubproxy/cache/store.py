@@ -92,7 +92,7 @@ import trio
 
 from ..net.buffers import BODIES
 from ..net.fairness import serving
-from ..policy.cachepolicy import hit_needs_hashing, identity_settled
+from ..policy.cachepolicy import IdentityFields, hit_needs_hashing, identity_settled
 from ..policy.diskpace import DiskPace
 from ..policy.errors import CacheFillFailed, ProxyError, RangeNotSatisfiable
 from ..policy.sizes import describe_size, format_size
@@ -175,6 +175,7 @@ class CacheStats:
     fill_memory_bytes: int = 0  # bytes readers took from a fill's memory (no file read)
     confirmations_shared: int = 0  # access confirmations sent to the other workers
     confirmations_received: int = 0  # and kept from them (cache.confirmshare)
+    verifications_received: int = 0  # blob verifications kept from the other workers
 
 
 @dataclass(frozen=True)
@@ -648,6 +649,9 @@ class BlobStore:
         # blobs whose bytes were hashed and matched in this process, with the file's identity
         # then and when: one still identical is served without hashing (hit_needs_hashing)
         self.verified: dict[str, Verification] = {}
+        # --workers N: tells the other workers of each verification made or carried here
+        # (cache.confirmshare); they keep it for the very file they find (``keep_verified``)
+        self.share_verification: Callable[[str, IdentityFields, float], None] | None = None
         self.wall_clock: Callable[[], int] = time.time_ns  # what file timestamps are read against
         self.reverify_after = REVERIFY_AFTER  # --reverify-after
         self.stats = CacheStats()
@@ -981,7 +985,39 @@ class BlobStore:
             # tick has passed: a tenth of a second where timestamps have sub-second parts)
             self.verified.pop(key, None)
             return
-        self.verified[key] = Verification(FileIdentity.of(st), trio.current_time())
+        self._verified(key, Verification(FileIdentity.of(st), trio.current_time()))
+
+    def carry_verification(self, key: str, before: os.stat_result, after: os.stat_result) -> None:
+        """This process changed the file of ``key`` without writing into it (moved its mtime):
+        a verification of the file as it was ``before`` carries to its identity ``after``.
+        One of an older identity does not: the file changed since it was hashed."""
+        known = self.verified.get(key)
+        if known is not None and known.identity == FileIdentity.of(before):
+            self._verified(key, Verification(FileIdentity.of(after), known.at))
+
+    def _verified(self, key: str, verification: Verification) -> None:
+        self.verified[key] = verification
+        if self.share_verification is not None:
+            self.share_verification(
+                key, verification.identity.fields(), trio.current_time() - verification.at
+            )
+
+    def keep_verified(self, key: str, identity: IdentityFields, age: float) -> None:
+        """Another worker hashed (``age`` seconds ago) the file of ``key`` that had
+        ``identity`` to its digest: kept if that file is the one here now, and no later
+        verification of it is."""
+        try:
+            now_identity = FileIdentity.of(os.stat(self.path(key)))
+        except OSError:
+            return
+        if now_identity.fields() != identity:
+            return
+        at = trio.current_time() - age
+        known = self.verified.get(key)
+        if known is not None and known.identity == now_identity and known.at >= at:
+            return
+        self.verified[key] = Verification(now_identity, at)
+        self.stats.verifications_received += 1
 
     def discard_damaged(self, key: str, why: str, inode: int | None = None) -> None:
         """Forget a cached blob whose bytes on disk do not match its digest, and delete it (its
@@ -1114,6 +1150,9 @@ class FileIdentity:
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def fields(self) -> IdentityFields:
+        return (self.inode, self.size, self.mtime_ns, self.ctime_ns)
 
 
 @dataclass(frozen=True)

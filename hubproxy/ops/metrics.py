@@ -461,6 +461,7 @@ class CacheFigures:
     hits_hashed: int = 0  # reads of a cached blob that hashed it (--reverify-after)
     confirmations_shared: int = 0  # passed on here, sent to the other workers (--workers N)
     confirmations_received: int = 0  # passed on by another worker, kept here
+    verifications_received: int = 0  # blob verifications another worker made, kept here
     pinned_bytes: int = 0
     filling_bytes: int = 0
     disk_free_bytes: int = 0  # free on the cache directory's disk
@@ -477,6 +478,7 @@ def cache_figures(store: BlobStore) -> CacheFigures:
         hits_hashed=store.stats.hits_hashed,
         confirmations_shared=store.stats.confirmations_shared,
         confirmations_received=store.stats.confirmations_received,
+        verifications_received=store.stats.verifications_received,
         pinned_bytes=store.pinned_bytes,
         filling_bytes=store.filling_bytes,
         disk_free_bytes=store.disk_free(),
@@ -918,6 +920,15 @@ class HubMetrics:
                 "hubproxy_access_confirmations_received",
                 "Access confirmations another worker of --workers N passed on, kept here.",
                 lambda: self._cache().confirmations_received,
+            )
+        )
+        self.cache_verifications_received = registry.register(
+            CounterFunction(
+                "hubproxy_cache_verifications_received",
+                "Cached blobs another worker of --workers N hashed to their digest (or carried "
+                "a verification of across its own mtime move), kept here for the same file: "
+                "not hashed again on their next read.",
+                lambda: self._cache().verifications_received,
             )
         )
         self.upstream_slots = registry.register(

@@ -209,6 +209,34 @@ def decode_shared(line: bytes) -> tuple[ConfirmationKey, float] | None:
     return key, left
 
 
+# -- blob verifications shared between the workers of --workers N --------------------------------
+
+# "V <sha256 hex> <inode> <size> <mtime ns> <ctime ns> <seconds since verified>", one per line: a
+# cached blob's file whose bytes one worker hashed to its digest, as that file then was
+_VERIFIED = re.compile(
+    rb"V (?P<hex>[0-9a-f]{64}) (?P<inode>[0-9]{1,20}) (?P<size>[0-9]{1,20}) "
+    rb"(?P<mtime>-?[0-9]{1,20}) (?P<ctime>-?[0-9]{1,20}) (?P<age>[0-9]{1,9}\.[0-9]{3})"
+)
+
+# (inode, size, mtime ns, ctime ns): what a file's stat says of its identity (cache.store)
+IdentityFields = tuple[int, int, int, int]
+
+
+def encode_verified(hexdigest: str, identity: IdentityFields, age: float) -> bytes:
+    """A verification as a line another worker reads with :func:`decode_verified`."""
+    return b"V %s %d %d %d %d %.3f\n" % (hexdigest.encode(), *identity, max(age, 0.0))
+
+
+def decode_verified(line: bytes) -> tuple[str, IdentityFields, float] | None:
+    """One line of :func:`encode_verified`: the digest's hex, the file's identity and the
+    seconds since it was verified; None for anything else."""
+    match = _VERIFIED.fullmatch(line)
+    if match is None:
+        return None
+    identity = (int(match["inode"]), int(match["size"]), int(match["mtime"]), int(match["ctime"]))
+    return match["hex"].decode(), identity, float(match["age"])
+
+
 # -- what a confirmed manifest vouches for --------------------------------------------------------
 
 # references of recently served manifests kept parsed (one per descriptor: the digest and its
