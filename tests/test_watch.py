@@ -238,6 +238,14 @@ async def test_without_a_watch_on_sends_a_connection_keeps_its_own_deadline(
 # -- the upstream idle timeout ------------------------------------------------------------------
 
 
+async def _running_stalls(nursery: trio.Nursery) -> Stalls:
+    """The upstream pool's watch, with a 5 s idle timeout, running."""
+    stalls = Stalls(limit=5.0)
+    nursery.start_soon(stalls.run)
+    await trio.testing.wait_all_tasks_blocked()
+    return stalls
+
+
 async def _upstream_pair(stalls: Stalls | None) -> tuple[UpstreamConnection, trio.SocketStream]:
     """An upstream connection on a real socket (one the watch can abort), and its origin's end."""
     a, b = trio.socket.socketpair()
@@ -255,9 +263,7 @@ async def test_an_upstream_that_sends_nothing_is_aborted_by_the_pools_watch(
 ) -> None:
     """The watch, not a deadline scope per receive, ends a receive after the idle timeout: the
     connection is closed, never reused, and the caller gets UpstreamTimeout."""
-    stalls = Stalls(limit=5.0)
-    nursery.start_soon(stalls.run)
-    await trio.testing.wait_all_tasks_blocked()
+    stalls = await _running_stalls(nursery)
     conn, origin = await _upstream_pair(stalls)
     await conn.send_request("GET", "/v2/", [(b"host", b"origin.test")])
     assert len(stalls) == 0  # the send ended: its entry is gone
@@ -281,9 +287,7 @@ async def test_an_upstream_that_sends_nothing_is_aborted_by_the_pools_watch(
 async def test_an_upstream_that_takes_nothing_is_aborted_by_the_pools_watch(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    stalls = Stalls(limit=5.0)
-    nursery.start_soon(stalls.run)
-    await trio.testing.wait_all_tasks_blocked()
+    stalls = await _running_stalls(nursery)
     conn, origin = await _upstream_pair(stalls)
     start = trio.current_time()
 
@@ -308,9 +312,7 @@ async def test_an_upstream_the_watch_cannot_abort_keeps_its_own_deadline(
 ) -> None:
     """A stream not on a socket (memory, here) cannot be aborted from the watch's task: each
     of its receives still ends at the idle timeout, by a deadline scope of its own."""
-    stalls = Stalls(limit=5.0)
-    nursery.start_soon(stalls.run)
-    await trio.testing.wait_all_tasks_blocked()
+    stalls = await _running_stalls(nursery)
     ours, _theirs = trio.testing.memory_stream_pair()
     conn = UpstreamConnection(
         parse_url("http://origin.test").origin, ours, idle_timeout=5.0, stalls=stalls
@@ -326,9 +328,7 @@ async def test_an_upstream_the_watch_cannot_abort_keeps_its_own_deadline(
 async def test_an_upstream_answer_in_time_leaves_the_watch_empty(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
-    stalls = Stalls(limit=5.0)
-    nursery.start_soon(stalls.run)
-    await trio.testing.wait_all_tasks_blocked()
+    stalls = await _running_stalls(nursery)
     conn, origin = await _upstream_pair(stalls)
     await conn.send_request("GET", "/v2/", [(b"host", b"origin.test")])
     await origin.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")

@@ -468,37 +468,33 @@ class ClientConnection:
         Idling out (or being closed to make room, or a shutdown) cancels ``self.scope``."""
         heads.begin(self)
         try:
+            return await self._next_head()
+        finally:
+            heads.end(self)
+
+    async def _receive_request(self, wait: float) -> h11.Request | None:
+        """Wait for the next request head; None when the client left or idled out."""
+        request = None  # idle or stalled client, or shutdown: just close
+        with trio.CancelScope() as scope:
+            scope.deadline = trio.current_time() + wait
+            self.idle_scope = scope
+            try:
+                request = await self._next_head()
+            finally:
+                self.idle_scope = None
+        return request
+
+    async def _next_head(self) -> h11.Request | None:
+        """The next request head; None when the client left or sent a malformed one (which
+        is answered)."""
+        try:
             event = await self._next_event(strict_head=True)
         except ClientProtocolError as exc:
             await self._reject(exc)
             return None
         except ClientGone:
             return None
-        finally:
-            heads.end(self)
-        if isinstance(event, h11.Request):
-            return event
-        return None  # ConnectionClosed
-
-    async def _receive_request(self, wait: float) -> h11.Request | None:
-        """Wait for the next request head; None when the client left or idled out."""
-        with trio.CancelScope() as scope:
-            scope.deadline = trio.current_time() + wait
-            self.idle_scope = scope
-            try:
-                event = await self._next_event(strict_head=True)
-            except ClientProtocolError as exc:
-                await self._reject(exc)
-                return None
-            except ClientGone:
-                return None
-            finally:
-                self.idle_scope = None
-        if scope.cancelled_caught:
-            return None  # idle or stalled client, or shutdown: just close
-        if isinstance(event, h11.Request):
-            return event
-        return None  # ConnectionClosed
+        return event if isinstance(event, h11.Request) else None  # or ConnectionClosed
 
     @property
     def has_partial_request(self) -> bool:
