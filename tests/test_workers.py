@@ -34,6 +34,7 @@ from hubproxy.settings import parse_workers
 from tests.conftest import TLSFiles
 from tests.fakehub import FakeHub, FetchResult, make_layer
 from tests.registry_client import RegistryClient
+from tests.test_blob_bounds import read_whole
 from tests.test_process import HubproxyProcess, hubproxy_process
 from tests.test_statuspage import _rows
 
@@ -480,23 +481,12 @@ def _two_stores_with_one_blob(tmp_path: Path, size: int) -> tuple[bytes, str, li
     return blob, key, stores
 
 
-async def _read(store: BlobStore, key: str) -> bytes:
-    reader = store.reader(key)
-    try:
-        chunks = []
-        while (chunk := await reader.next_chunk()) is not None:
-            chunks.append(bytes(chunk))
-    finally:
-        reader.close()
-    return b"".join(chunks)
-
-
 async def test_a_blob_hashed_by_one_worker_is_not_hashed_again_by_another(tmp_path: Path) -> None:
     blob, key, (one, two) = _two_stores_with_one_blob(tmp_path, 300_000)
-    assert await _read(one, key) == blob
+    assert await read_whole(one, key) == blob
     assert one.stats.hits_hashed == 1  # its first read of it: hashed, and told
     assert two.stats.verifications_received == 1
-    assert await _read(two, key) == blob
+    assert await read_whole(two, key) == blob
     assert two.stats.hits_hashed == 0
 
 
@@ -509,12 +499,12 @@ async def test_a_touch_carries_a_verification_to_every_worker_but_never_over_a_c
     hashes it, and the damage is found."""
     monkeypatch.setattr("hubproxy.cache.claims.TOUCH_EVERY", -1.0)  # every look-up touches
     blob, key, (one, two) = _two_stores_with_one_blob(tmp_path, 300_000)
-    assert await _read(one, key) == blob
+    assert await read_whole(one, key) == blob
     assert isinstance(one.claims, Claims)
     one.claims.look_up(one, key)  # touched: a new ctime
     assert two.stats.verifications_received == 2
-    assert await _read(two, key) == blob
-    assert await _read(one, key) == blob
+    assert await read_whole(two, key) == blob
+    assert await read_whole(one, key) == blob
     assert one.stats.hits_hashed + two.stats.hits_hashed == 1
     damaged = os.open(one.path(key), os.O_WRONLY)  # written into, then touched by a worker
     try:
@@ -523,6 +513,6 @@ async def test_a_touch_carries_a_verification_to_every_worker_but_never_over_a_c
         os.close(damaged)
     one.claims.look_up(one, key)
     with pytest.raises(CacheFillFailed, match="damaged"):
-        await _read(one, key)
+        await read_whole(one, key)
     with pytest.raises(CacheFillFailed, match=r"damaged|removed"):  # (one deleted it)
-        await _read(two, key)
+        await read_whole(two, key)
