@@ -25,8 +25,10 @@ import trustme
 from hubproxy.net.turns import Turns
 from hubproxy.ops.usersfile import add_user, load_users
 from hubproxy.policy import passwords
+from hubproxy.policy.access import client_key
 from hubproxy.policy.credentials import Authenticator
 from hubproxy.policy.errors import MirrorBusy
+from hubproxy.policy.fairshare import Standing
 from hubproxy.proxy import OneEach
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakehub import FakeHub, make_layer
@@ -313,6 +315,35 @@ async def test_a_burst_from_one_address_is_worked_on_a_few_at_a_time(
     assert turns.wait_timeouts == 0
     for conn in (*mine, other):
         await conn.aclose()
+
+
+async def test_the_fair_share_is_told_which_addresses_are_connected(
+    start_proxy: StartProxy, ca: trustme.CA
+) -> None:
+    """An address with the only connections is sole (its units are never held, nobody waits
+    behind them); another's connection ends that from its accept, and for ``present_for``
+    after it closes."""
+    proxy = await start_proxy()
+    server = proxy.server
+    share = server.fairness.share
+    mine, theirs = client_key("127.0.0.1"), client_key(OTHER)
+    conn = await connect_from("127.0.0.1", proxy, ca)
+    assert share.standing(mine, trio.current_time()) is Standing.SOLE
+    other = await connect_from(OTHER, proxy, ca)
+    assert theirs in server.per_client
+    assert share.standing(mine, trio.current_time()) is not Standing.SOLE
+    await other.aclose()
+    with trio.fail_after(10):
+        while theirs in server.per_client:
+            await server.wait_connections_changed()
+    left = trio.current_time()
+    assert share.standing(mine, left) is not Standing.SOLE
+    assert share.standing(mine, left + share.rules.present_for + 0.01) is Standing.SOLE
+    await conn.aclose()
+    with trio.fail_after(10):
+        while mine in server.per_client:
+            await server.wait_connections_changed()
+    assert share.standing(mine, left + share.rules.present_for + 0.01) is not Standing.SOLE
 
 
 async def test_connections_waiting_to_be_accepted_are_taken_in_one_round(

@@ -141,9 +141,25 @@ async def test_a_long_batch_parks_a_client_in_debt() -> None:
 
 
 async def test_alone_a_burst_is_spread_over_batches(fairness: Fairness) -> None:
+    """Another address is connected, idle: a client of it arriving in the middle of the
+    burst waits for one batch's worth of it, not all of it."""
+    fairness.connected("alone")
+    fairness.connected("idle")
     log = BatchLog(fairness)
     await run_clients(fairness, log, {"alone": (40, 3)})
     assert max(units["alone"] for units in log.units.values()) <= ALONE // UNIT
+    assert sum(units["alone"] for units in log.units.values()) == 120
+    assert fairness.waits > 0
+
+
+async def test_the_only_address_connected_is_never_parked(fairness: Fairness) -> None:
+    """Nobody to wait behind it: the burst goes as the scheduler runs it, each unit without
+    the task step a parked one costs (two held per three cached manifests for wrk alone)."""
+    fairness.connected("alone")
+    log = BatchLog(fairness)
+    await run_clients(fairness, log, {"alone": (40, 3)})
+    assert fairness.waits == 0
+    assert max(units["alone"] for units in log.units.values()) == 40
     assert sum(units["alone"] for units in log.units.values()) == 120
 
 

@@ -27,6 +27,61 @@ def test_alone_an_address_spends_its_quantum_per_batch() -> None:
     assert go(share, "a", 0.0, batch=2)
 
 
+def test_the_only_address_connected_is_never_held_and_keeps_no_debt() -> None:
+    """Nobody can be waiting behind it: every unit goes, however much the batch has cost,
+    and it owes at most its last unit when someone arrives."""
+    share = FairShare(RULES)
+    share.connected("a")
+    share.connected("a")
+    assert share.standing("a", 0.0) is Standing.SOLE
+    assert all(go(share, "a", 0.0, batch=1, cost=RULES.alone) for _ in range(20))
+    share.charge("a", 50 * RULES.alone, 0.0, batch=1)  # a batch's excess (net.fairness)
+    assert go(share, "a", 0.0, batch=1)
+    share.connected("b")  # accepted: its first step has not run yet
+    assert share.standing("a", 0.0) is Standing.ALONE
+    # the rules of an address alone from the next unit on: its next batch's quantum, less
+    # the one unit it owes (three units' worth, less one)
+    assert [go(share, "a", 0.0, batch=2) for _ in range(3)] == [True, True, False]
+
+
+def test_an_address_never_said_connected_is_never_sole() -> None:
+    share = FairShare(RULES)
+    share.connected("b")
+    assert share.standing("a", 0.0) is Standing.ALONE  # (work told of no connection)
+    assert share.standing("b", 0.0) is Standing.SOLE
+
+
+def test_an_address_that_left_counts_as_present_for_a_while() -> None:
+    """A client that connects anew for each request keeps the other from being sole between
+    its connections; one gone for ``present_for`` no longer does."""
+    share = FairShare(RULES)
+    share.connected("a")
+    share.connected("b")
+    share.connected("b")
+    share.disconnected("b", 1.0)
+    assert share.standing("a", 1.0) is Standing.ALONE  # one of b's two is still open
+    share.disconnected("b", 2.0)
+    assert share.standing("a", 2.0) is Standing.ALONE
+    assert share.standing("a", 2.0 + RULES.present_for - 0.01) is Standing.ALONE
+    share.connected("b")  # back: present again, whatever its last departure
+    share.disconnected("b", 3.0)
+    assert share.standing("a", 2.5 + RULES.present_for) is Standing.ALONE
+    assert share.standing("a", 3.0 + RULES.present_for + 0.01) is Standing.SOLE
+    share.disconnected("a", 5.0)
+    assert share.standing("a", 5.0) is Standing.ALONE  # none connected: nobody is sole
+
+
+def test_departures_are_forgotten_after_present_for() -> None:
+    share = FairShare(RULES)
+    share.connected("a")
+    for n in range(100):
+        share.connected(f"visitor-{n}")
+        share.disconnected(f"visitor-{n}", float(n) / 100)
+    share.forget_idle(1.0 + RULES.present_for)
+    assert len(share._departed) == 0
+    assert share.standing("a", 1.0 + RULES.present_for) is Standing.SOLE
+
+
 def test_sharing_the_cpu_each_address_goes_about_one_unit_per_batch() -> None:
     share = FairShare(RULES)
     go(share, "b", 0.0, batch=1)  # b is busy too
@@ -176,21 +231,28 @@ def _state(share: FairShare) -> tuple[object, ...]:
         key: (a.served, a.at, a.last_unit, a.credit, a.credited)
         for key, a in share._accounts.items()
     }
-    return accounts, list(share._active)
+    return accounts, list(share._active), share._connections, share._departed
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_spend_answers_and_charges_as_may_go_then_charge(seed: int) -> None:
     """``spend`` is the one call the gate makes per unit: the same verdict, and the same
     accounts after, as asking ``may_go`` and then charging, over random units of several
-    addresses (alone, sharing, yielding, in debt, in short and long batches)."""
+    addresses (sole, alone, sharing, yielding, in debt, in short and long batches, connecting
+    and leaving)."""
     rng = random.Random(seed)
     one, two = FairShare(RULES), FairShare(RULES)
     now, batch = 0.0, 0
     for _ in range(300):
-        now += rng.choice([0.0, 0.0001, 0.001, 0.01])
+        now += rng.choice([0.0, 0.0001, 0.001, 0.01, 0.5])
         batch += rng.choice([0, 0, 1, 3])
         key = rng.choice("aabc")
+        if rng.random() < 0.1:
+            for share in (one, two):
+                share.connected(key)
+        elif rng.random() < 0.1 and key in one._connections:
+            for share in (one, two):
+                share.disconnected(key, now)
         cost = rng.choice([10.0, 100.0, 400.0, 5000.0])
         elapsed = rng.choice([0.0, 0.0005, 0.01, math.inf])
         went = one.may_go(key, now, batch, elapsed)

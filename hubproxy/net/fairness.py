@@ -94,6 +94,14 @@ class Fairness(trio.abc.Instrument):
         self.metering = False  # the step meter is installed (addresses share the CPU)
         self._alone: str | None = None  # while not metering: whose units went in this batch
 
+    def connected(self, key: str) -> None:
+        """A connection of ``key`` was accepted: it counts as present from now (before its
+        first step), so an address that was the only one connected is no longer."""
+        self.share.connected(key)
+
+    def disconnected(self, key: str) -> None:
+        self.share.disconnected(key, trio.current_time())
+
     def after_io_wait(self, timeout: float) -> None:
         """A new batch: let each address's parked units go, while it has credit (charged now,
         so that no unit arriving later in the batch overtakes them)."""

@@ -991,6 +991,7 @@ class Server:
         if self.board is not None:
             self.board.publish(self.open_sockets)
         self.per_client[key] = self.per_client.get(key, 0) + 1
+        self.fairness.connected(key)
         connections.start_soon(self._serve_client, stream, client_ip, key)
 
     def _admit(self, key: str) -> Connection:
@@ -1075,6 +1076,7 @@ class Server:
             log.exception("internal error on a client connection; it was closed")
             await close_forcefully(tcp)
         finally:
+            self.fairness.disconnected(key)
             self.open_sockets -= 1
             if self.board is not None:
                 self.board.publish(self.open_sockets)
