@@ -30,8 +30,8 @@ Everything here runs on the one trio thread: plain dicts and events, no locks.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -244,30 +244,49 @@ class SharedBodies:
         entry = self._bodies.get(digest)
         return entry[0] if entry is not None else None
 
-    @contextmanager
-    def share(self, manifest: CachedManifest) -> Iterator[bytes]:
+    def share(self, manifest: CachedManifest) -> _Sharing:
         """The one body of ``manifest.digest`` while the ``with`` sends it (the first sender's
         becomes everyone's)."""
+        return _Sharing(self, manifest)
+
+    def _add(self, manifest: CachedManifest) -> bytes:
         digest = manifest.digest
         body, senders = self._bodies.get(digest, (manifest.body, 0))
         if not senders:
             self.bytes += len(body)
         self._bodies[digest] = (body, senders + 1)
         self._note_change()
-        try:
-            yield body
-        finally:
-            body, senders = self._bodies[digest]
-            if senders == 1:
-                del self._bodies[digest]
-                self.bytes -= len(body)
-            else:
-                self._bodies[digest] = (body, senders - 1)
-            self._note_change()
+        return body
+
+    def _drop(self, digest: str) -> None:
+        body, senders = self._bodies[digest]
+        if senders == 1:
+            del self._bodies[digest]
+            self.bytes -= len(body)
+        else:
+            self._bodies[digest] = (body, senders - 1)
+        self._note_change()
 
     def _note_change(self) -> None:
         if self._on_change is not None:
             self._on_change(self.bytes)
+
+
+class _Sharing:
+    """``SharedBodies.share``'s ``with`` (a class: a generator-made context manager costs
+    three times the calls, on every manifest sent)."""
+
+    __slots__ = ("_bodies", "_manifest")
+
+    def __init__(self, bodies: SharedBodies, manifest: CachedManifest) -> None:
+        self._bodies = bodies
+        self._manifest = manifest
+
+    def __enter__(self) -> bytes:
+        return self._bodies._add(self._manifest)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bodies._drop(self._manifest.digest)
 
 
 @dataclass(eq=False)
@@ -289,6 +308,26 @@ class Outgoing:
         """The outgoing form of ``manifest`` served in ``repository``."""
         body = manifest.body
         return cls(repository, manifest.digest, manifest.media_type, len(body), body)
+
+
+class _Holding:
+    """``SendBudget.hold``'s ``async with`` (a class, as ``_Sharing``)."""
+
+    __slots__ = ("_ask", "_budget", "_outgoing", "_patience")
+
+    def __init__(
+        self, budget: SendBudget, ask: SendAsk, outgoing: Outgoing, patience: float
+    ) -> None:
+        self._budget = budget
+        self._ask = ask
+        self._outgoing = outgoing
+        self._patience = patience
+
+    async def __aenter__(self) -> None:
+        await self._budget._acquire(self._ask, self._outgoing, self._patience)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._budget._release(self._ask)
 
 
 @dataclass(eq=False)
@@ -329,16 +368,11 @@ class SendBudget:
         """Bytes held for sending to ``client``, each manifest counted once."""
         return sum(ask.size for ask in self._held if ask.client == client)
 
-    @asynccontextmanager
-    async def hold(self, client: str, outgoing: Outgoing, patience: float) -> AsyncIterator[None]:
-        """Hold room for ``outgoing``'s body for the ``with``; if there is none now, drop the
-        body (``outgoing.body = None``) and wait up to ``patience`` seconds, else MirrorBusy."""
-        ask = SendAsk(client, outgoing.digest, outgoing.size)
-        await self._acquire(ask, outgoing, patience)
-        try:
-            yield
-        finally:
-            self._release(ask)
+    def hold(self, client: str, outgoing: Outgoing, patience: float) -> _Holding:
+        """Hold room for ``outgoing``'s body for the ``async with``; if there is none now, drop
+        the body (``outgoing.body = None``) and wait up to ``patience`` seconds, else
+        MirrorBusy."""
+        return _Holding(self, SendAsk(client, outgoing.digest, outgoing.size), outgoing, patience)
 
     async def _acquire(self, ask: SendAsk, outgoing: Outgoing, patience: float) -> None:
         # a cancel point before taking (nothing may cancel between the two), but no schedule

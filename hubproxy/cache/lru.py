@@ -16,10 +16,11 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
-from typing import TypeVar
+from typing import TypeVar, overload
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 SHARDS = 64
 
@@ -44,10 +45,22 @@ class ShardedLRU(MutableMapping[K, V]):
         return self._len
 
     def __contains__(self, key: object) -> bool:
-        return key in self._seqs[self._index(key)]
+        seqs = self._seqs
+        return key in seqs[hash(key) % len(seqs)]
 
     def __getitem__(self, key: K) -> V:
-        return self._values[self._index(key)][key]
+        values = self._values
+        return values[hash(key) % len(values)][key]
+
+    @overload
+    def get(self, key: K, /) -> V | None: ...
+    @overload
+    def get(self, key: K, default: V | T, /) -> V | T: ...
+
+    def get(self, key: K, default: object = None, /) -> object:
+        # (Mapping's get goes through __getitem__ and a KeyError: several per request)
+        values = self._values
+        return values[hash(key) % len(values)].get(key, default)
 
     def __setitem__(self, key: K, value: V) -> None:
         """Set ``key`` and make it the most recently used."""
@@ -62,7 +75,7 @@ class ShardedLRU(MutableMapping[K, V]):
 
     def move_to_end(self, key: K) -> None:
         """Mark ``key`` as the most recently used (KeyError if absent)."""
-        index = self._index(key)
+        index = hash(key) % len(self._values)
         self._values[index].move_to_end(key)
         self._seqs[index][key] = next(self._count)
 

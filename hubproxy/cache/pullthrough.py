@@ -324,7 +324,7 @@ class PullThrough:
         linked = functools.partial(self.manifests.linked_shared, repository)
         carried: list[tuple[ConfirmationKey, float]] = []
         for path in vouched_paths(route.repository, references, linked):
-            vouched = dataclasses.replace(key, path=path)
+            vouched = key._replace(path=path)
             if not self.confirmations.carry(vouched, until, now):
                 break
             carried.append((vouched, until - now))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 import re
 import time
@@ -119,6 +120,7 @@ class Metric:
         self.name = name
         self.help = help
         self.labelnames: tuple[str, ...] = tuple(labelnames)
+        self._values_of = _values_getter(self.labelnames)
 
     @property
     def sample_names(self) -> frozenset[str]:
@@ -126,10 +128,10 @@ class Metric:
         return frozenset({self.name} | {self.name + suffix for suffix in self.suffixes})
 
     def _key(self, labels: Mapping[str, str]) -> LabelValues:
-        # on every request: the common case (the right names) costs one tuple
+        # on every request: the common case (the right names) costs one C call
         if len(labels) == len(self.labelnames):
             try:
-                return tuple(labels[name] for name in self.labelnames)
+                return self._values_of(labels)
             except KeyError:
                 pass
         if labels.keys() != set(self.labelnames):
@@ -153,6 +155,17 @@ class Metric:
         lines = [f"# HELP {family} {escape_help(self.help)}", f"# TYPE {family} {self.kind}"]
         lines += [format_sample(*sample) for sample in self.samples()]
         return "\n".join(lines) + "\n"
+
+
+def _values_getter(names: tuple[str, ...]) -> Callable[[Mapping[str, str]], LabelValues]:
+    """A function from labels to their values in ``names`` order (KeyError if one is
+    missing): ``itemgetter``, a tuple as it is for two names or more."""
+    if len(names) >= 2:
+        return operator.itemgetter(*names)
+    if names:
+        name = names[0]
+        return lambda labels: (labels[name],)
+    return lambda labels: ()
 
 
 class _Series(Metric):

@@ -44,6 +44,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .headers import Headers, get_header
 from .prefetch import BadManifest, parse_manifest
@@ -109,8 +110,10 @@ def access_check_headers(headers: Headers) -> Headers:
 # -- confirmations ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConfirmationKey:
+class ConfirmationKey(NamedTuple):
+    """What a confirmation is kept under. A tuple, not a dataclass: it is looked up three
+    times per cached manifest, and a tuple hashes and compares in C."""
+
     credentials: str  # sha256 of the client's Authorization (never kept in clear)
     registry: str  # "" for the default registry
     path: str  # the upstream path, e.g. /v2/library/alpine/blobs/sha256:...

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ class SendLimits:
     fetch_ahead: int = 1  # manifests one client address may be fetching at once (:func:`may_fetch`)
 
 
-@dataclass(frozen=True)
-class SendAsk:
-    """A sender: a client key (``access.client_key``), the manifest's digest and its size."""
+class SendAsk(NamedTuple):
+    """A sender: a client key (``access.client_key``), the manifest's digest and its size.
+    (A tuple: a key of the budget's table, hashed and compared in C for every manifest.)"""
 
     client: str
     digest: str
