@@ -464,7 +464,6 @@ class PullThrough:
             has_range=get_header(request.headers, b"range") is not None,
             cached=in_store or self._blob_cached(key, route),
             confirmed=self._confirmed(request, route),
-            stale_ok=self._stale_ok(route, digest),
         )
         decision: Decision = decide(facts)
         if isinstance(decision, AskUpstream):
@@ -474,7 +473,7 @@ class PullThrough:
             # evicted while we asked: a miss after all
             cached = in_store or self._blob_cached(key, route)
             facts = dataclasses.replace(facts, cached=cached)
-            if said is UpstreamVerdict.UNAVAILABLE and facts.cached and not facts.stale_ok:
+            if said is UpstreamVerdict.UNAVAILABLE and facts.cached:
                 facts = dataclasses.replace(
                     facts, stale_ok=await self._stale_ok_anywhere(route, digest)
                 )
@@ -911,14 +910,15 @@ class PullThrough:
             )
         tag_key = TagKey(repository, reference, accepted)
         digest = reference if by_digest else self.manifests.tag(repository, reference, accepted)
-        if digest is None or not self.manifests.linked(repository, digest):
+        cached = await self._cached_manifest(request, repository, digest)
+        if cached is None and (digest is None or not self.manifests.linked(repository, digest)):
             # not here: another instance's, if it published it (then a hit after this client's
             # access check, a HEAD, instead of a GET counted against the rate limit)
             if await self._adopt_manifest(repository, reference, accepted):
                 digest = (
                     reference if by_digest else self.manifests.tag(repository, reference, accepted)
                 )
-        cached = await self._cached_manifest(request, repository, digest)
+                cached = await self._cached_manifest(request, repository, digest)
         # the bytes are here, but the upstream never served them in this repository: the access
         # check's answer tells which media type it serves them with here
         learnable = cached is None and by_digest and self.manifests.has_body(reference)
@@ -937,7 +937,6 @@ class PullThrough:
                 now,
                 tag_ttl(reference, self.ttl_rules, self.manifest_ttl),
             ),
-            stale_ok=cached is not None and self._stale_ok(route, cached.digest),
         )
         decision: Decision = decide(facts)
         if isinstance(decision, AskUpstream):
@@ -955,7 +954,7 @@ class PullThrough:
                     if current:
                         self._note_tag_checked(tag_key)
             facts = dataclasses.replace(facts, cached=cached is not None, tag_current=current)
-            if said is UpstreamVerdict.UNAVAILABLE and cached is not None and not facts.stale_ok:
+            if said is UpstreamVerdict.UNAVAILABLE and cached is not None:
                 facts = dataclasses.replace(
                     facts, stale_ok=await self._stale_ok_anywhere(route, cached.digest)
                 )

@@ -205,7 +205,7 @@ class Counter(_Series):
     def inc(self, amount: float = 1.0, /, **labels: str) -> None:
         if amount < 0:
             raise ValueError(f"a counter only goes up, not by {amount}")
-        key = self._key(labels)
+        key = self._key(labels) if labels or self.labelnames else ()
         self._values[key] = self._values.get(key, 0.0) + amount
 
 
@@ -215,10 +215,11 @@ class Gauge(_Series):
     kind = "gauge"
 
     def set(self, value: float, /, **labels: str) -> None:
-        self._values[self._key(labels)] = float(value)
+        # (no labels, the common case on the request path: no key to build)
+        self._values[self._key(labels) if labels or self.labelnames else ()] = float(value)
 
     def inc(self, amount: float = 1.0, /, **labels: str) -> None:
-        key = self._key(labels)
+        key = self._key(labels) if labels or self.labelnames else ()
         self._values[key] = self._values.get(key, 0.0) + amount
 
     def dec(self, amount: float = 1.0, /, **labels: str) -> None:

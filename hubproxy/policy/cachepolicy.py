@@ -310,9 +310,9 @@ def vouched_paths(
 # -- tags ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TagKey:
-    """A tag's cached answer: per repository (with its registry) and per kind of client."""
+class TagKey(NamedTuple):
+    """A tag's cached answer: per repository (with its registry) and per kind of client. (A
+    tuple, as ``ConfirmationKey``: looked up for every manifest asked by tag.)"""
 
     repository: str
     tag: str
@@ -606,7 +606,9 @@ class CacheRequest:
     confirmed: bool  # this client's access was confirmed within the TTL
     by_digest: bool = True  # a manifest asked by digest (blobs always are)
     tag_fresh: bool = False  # a tag revalidated within --manifest-ttl
-    stale_ok: bool = False  # stale_allowed(...) for this repository and digest
+    # stale_allowed(...) for this repository and digest: found out only once the upstream could
+    # not answer (the first decision never needs it; it costs two look-ups per hit)
+    stale_ok: bool = False
     tag_current: bool = False  # after ALLOWED: the upstream's digest for the tag is the cached one
 
 
