@@ -223,6 +223,7 @@ def test_cached_blob_answer_headers() -> None:
         ("sha256:" + "a" * 63 + ".", None),
         ("sha256:" + "a" * 62 + "..", None),  # no path tricks in the file name
         ("sha256:" + "a" * 63 + " ", None),
+        ("sha256:" + "a" * 64 + "\n", None),  # a trailing newline, which $ would let pass
         ("sha256:" + "a" * 63 + "\u0661", None),  # a digit, but not ASCII hex
         ("sha512:" + "a" * 64, None),
         ("sha256" + "a" * 64, None),

@@ -77,6 +77,7 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import resource
 import secrets
 import threading
@@ -256,12 +257,13 @@ def disk_warning(root: Path, max_bytes: int, verdict: DiskVerdict) -> str | None
     return None
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # (not \Z-anchored: fullmatch; no "\n" slips past)
+
+
 def sha256_hex(digest: str) -> str | None:
     """The hex part of a ``sha256:`` digest we can cache, else None (other algorithms pass)."""
     algorithm, _, hexpart = digest.partition(":")
-    if algorithm != "sha256" or len(hexpart) != 64:
-        return None
-    if any(c not in "0123456789abcdef" for c in hexpart):
+    if algorithm != "sha256" or not _SHA256_HEX.fullmatch(hexpart):
         return None
     return hexpart
 
