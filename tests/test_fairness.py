@@ -161,6 +161,8 @@ async def test_the_only_address_connected_is_never_parked(fairness: Fairness) ->
     assert fairness.waits == 0
     assert max(units["alone"] for units in log.units.values()) == 40
     assert sum(units["alone"] for units in log.units.values()) == 120
+    # the gate's fast path: not even accounted (a newcomer finds it owing nothing)
+    assert fairness.share.served("alone", trio.current_time()) == 0
 
 
 async def test_parked_units_go_with_nothing_else_happening(

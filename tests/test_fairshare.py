@@ -71,15 +71,30 @@ def test_an_address_that_left_counts_as_present_for_a_while() -> None:
     assert share.standing("a", 5.0) is Standing.ALONE  # none connected: nobody is sole
 
 
-def test_departures_are_forgotten_after_present_for() -> None:
+def test_after_many_visitors_the_last_ones_departure_counts() -> None:
+    """A hundred addresses come and go: the one address that stays is sole ``present_for``
+    after the last of them left (two departures are all that is kept, however many)."""
     share = FairShare(RULES)
     share.connected("a")
     for n in range(100):
         share.connected(f"visitor-{n}")
-        share.disconnected(f"visitor-{n}", float(n) / 100)
-    share.forget_idle(1.0 + RULES.present_for)
-    assert len(share._departed) == 0
-    assert share.standing("a", 1.0 + RULES.present_for) is Standing.SOLE
+        share.disconnected(f"visitor-{n}", n / 100)
+    assert len(share._departures) == 2
+    assert share.sole_key is None
+    assert share.standing("a", 0.99 + RULES.present_for - 0.01) is not Standing.SOLE
+    assert share.standing("a", 0.99 + RULES.present_for) is Standing.SOLE
+    assert share.sole_key == "a"  # from now on the gate's fast path (no clock) knows it
+
+
+def test_an_address_that_left_and_came_back_is_sole_after_the_others_left() -> None:
+    """Its own departure does not hold it back: only another address's does."""
+    share = FairShare(RULES)
+    share.connected("b")
+    share.connected("a")
+    share.disconnected("b", 1.0)
+    share.disconnected("a", 5.0)
+    share.connected("a")
+    assert share.standing("a", 5.0) is Standing.SOLE  # b left 4 s ago; a's own leaving: none
 
 
 def test_sharing_the_cpu_each_address_goes_about_one_unit_per_batch() -> None:
@@ -231,7 +246,7 @@ def _state(share: FairShare) -> tuple[object, ...]:
         key: (a.served, a.at, a.last_unit, a.credit, a.credited)
         for key, a in share._accounts.items()
     }
-    return accounts, list(share._active), share._connections, share._departed
+    return accounts, list(share._active), share._connections, share._departures, share.sole_key
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -63,7 +63,9 @@ async def gate(cost: float) -> None:
     """Wait until a unit of work costing ``cost`` (bytes) may go for the client this task
     serves; at once (no schedule point) when it may go now or the task serves no client."""
     current = serving.get()
-    if current is not None:
+    if current is not None and current.key != current.fairness.share.sole_key:
+        # (the address with the only connections goes at once, unaccounted: nobody can be
+        # waiting behind it; every unit of a lone client's, a task step's worth each)
         await current.fairness.take(current.key, cost)
 
 

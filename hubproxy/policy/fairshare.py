@@ -15,17 +15,17 @@ scheduler's batches: each address earns a quantum of cost per batch, by its stan
 goes while its address is not in debt (a large unit goes, then its debt holds the next ones back):
 
 - **Sole** (no other address holds a connection, or held one in the last ``present_for``): no
-  limit and no debt. Nobody can be waiting behind it, and holding its units for later batches
-  cost a lone busy client a task step each (wrk's 10 connections on one cached manifest: two
-  units held per three requests, 7% of the instructions of each). A newcomer's connection ends
-  it at once (the server tells at accept, before its first step), so the newcomer waits behind
-  at most the one batch that was running: the lone client's connections' worth of steps.
+  limit, no debt, not even an account (``net.fairness.gate`` lets its units go at once).
+  Nobody can be waiting behind it, and holding its units for later batches cost a lone busy
+  client a task step each (wrk's 10 connections on one cached manifest: two units held per
+  three requests, 7% of the instructions of each). A newcomer's connection ends it at once
+  (the server tells at accept, before the newcomer's first step), so the newcomer waits behind
+  at most the batch that was running: the lone client's connections' worth of steps.
 - **Alone** (no other address did any work in the last ``active_for``, but another is
-  connected): ``alone`` bytes a batch.
-  A mirror with one busy client pays nothing but the bookkeeping, and a burst (a hundred
-  requests or resets at once, or a few 4 MiB manifests read back) is spread over batches, so
-  that a client arriving in the middle of it waits for one batch's worth, not all of it. The
-  loop goes from one batch to the next without idling (``pause``).
+  connected, or was a moment ago): ``alone`` bytes a batch. A burst (a hundred requests or
+  resets at once, or a few 4 MiB manifests read back) is spread over batches, so that a client
+  of the other address sending in the middle of it waits for one batch's worth, not all of it.
+  The loop goes from one batch to the next without idling (``pause``).
 - **Sharing** with others, none of them served less: ``sharing`` bytes a batch (one chunk), so no
   address puts more than about one chunk of work in front of another address's next step.
 - **Yielding**: an active address has been served less (by more than ``slice`` bytes):
@@ -107,14 +107,18 @@ class FairShare:
         # addresses that did work within ``active_for``, as far as known (expired lazily)
         self._active: dict[str, None] = {}
         self._connections: dict[str, int] = {}  # open connections by address (only those > 0)
-        # when each address with none open closed its last, within ``present_for`` (expired
-        # lazily): it still counts as present
-        self._departed: dict[str, float] = {}
+        # the two latest departures (an address closing its last connection) of two addresses,
+        # latest first: enough to know when the one address left connected is sole
+        self._departures: list[tuple[float, str]] = []
+        # the address that is sole now (read by the gate's fast path: no clock, no account),
+        # or the one that will be from a time (another left less than ``present_for`` ago)
+        self.sole_key: str | None = None
+        self._sole_from: tuple[str, float] | None = None
 
     def connected(self, key: str) -> None:
         """``key`` opened a connection (told at accept, before any of its work)."""
         self._connections[key] = self._connections.get(key, 0) + 1
-        self._departed.pop(key, None)
+        self._recount()
 
     def disconnected(self, key: str, now: float) -> None:
         """A connection of ``key`` (one :meth:`connected` was told of) closed at ``now``."""
@@ -123,21 +127,34 @@ class FairShare:
             self._connections[key] = left
             return
         self._connections.pop(key, None)
-        self._departed[key] = now
+        # ``now`` never goes back: this departure is the latest
+        previous = [d for d in self._departures[:2] if d[1] != key][:1]
+        self._departures = [(now, key), *previous]
+        self._recount()
+
+    def _recount(self) -> None:
+        self.sole_key = None
+        self._sole_from = None
+        if len(self._connections) != 1:
+            return
+        (key,) = self._connections
+        others = [at for at, departed in self._departures if departed != key]
+        if others:
+            self._sole_from = (key, others[0] + self.rules.present_for)
+        else:
+            self.sole_key = key
 
     def _sole(self, key: str, now: float) -> bool:
         """Whether ``key`` is the only address connected, none other within ``present_for``.
         (False for an address never said to be connected: the accounts of tests and of work
         told of no connection keep the rules that follow.)"""
-        connections = self._connections
-        if len(connections) != 1 or key not in connections:
+        if key == self.sole_key:
+            return True
+        pending = self._sole_from
+        if pending is None or pending[0] != key or now < pending[1]:
             return False
-        departed = self._departed
-        if departed:
-            since = now - self.rules.present_for
-            for other in [k for k, at in departed.items() if at < since]:
-                del departed[other]
-        return not departed
+        self.sole_key, self._sole_from = key, None
+        return True
 
     def served(self, key: str, now: float) -> float:
         """``key``'s decayed cost at ``now`` (0 for an address never or long not served)."""
@@ -283,9 +300,6 @@ class FairShare:
         for key in [k for k in self._accounts if self.served(k, now) < FORGET_BELOW]:
             del self._accounts[key]
             self._active.pop(key, None)
-        since = now - self.rules.present_for
-        for key in [k for k, at in self._departed.items() if at < since]:
-            del self._departed[key]
 
     def __len__(self) -> int:
         return len(self._accounts)
