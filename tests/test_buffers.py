@@ -60,6 +60,18 @@ def test_ending_a_transfer_gives_its_share_back_and_twice_is_harmless() -> None:
     assert budget.chunk() > small
 
 
+def test_setting_the_budget_resizes_the_chunk_at_once() -> None:
+    """The size is worked out when it changes, not when asked (``--workers``: each process's
+    budget is set after start-up)."""
+    budget = TransferBudget(24 * MiB)
+    transfers = [Transfer() for _ in range(100)]
+    for transfer in transfers:
+        budget.begin(transfer)
+    assert budget.chunk() == 48 * 1024
+    budget.budget = 48 * MiB
+    assert budget.chunk() == 96 * 1024
+
+
 def test_a_dropped_transfer_stops_counting() -> None:
     """A connection dropped mid-body never ends its transfer: it must not count for good."""
     budget = TransferBudget(24 * MiB)

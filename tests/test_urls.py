@@ -9,6 +9,7 @@ with "/" (RFC 9112 section 3.2.1) made of the characters a request-target may ho
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 import pytest
 from hypothesis import given
@@ -181,6 +182,54 @@ def test_resolve(location: str, expected: str) -> None:
 def test_resolve_rejects(location: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the contract is ValueError
         resolve(BLOB, location)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://cdn.example/registry-v2/data?verify=1-sig&x=%2F",
+        "HTTPS://CDN.example:443/a;p?q#frag",
+        "http://cdn.example:8080/a/../b/./c",
+        "https://cdn.example?q",
+        "https://cdn.example#f",
+        "https:///x",
+        "https:/x",
+        "https:x",
+        "http://[::1]:9/x",
+        "https://h/a b\tc",
+        "https://h\\x/y",
+        "https://h:0x1/",
+        "https://user@h/",
+    ],
+)
+def test_an_absolute_location_resolves_as_joined(location: str) -> None:
+    """The shortcut for absolute URLs (no join) gives what joining gives, or refuses alike."""
+    try:
+        joined: Url | None = parse_url(urllib.parse.urljoin(str(BLOB), location))
+    except ValueError:
+        joined = None
+    try:
+        resolved: Url | None = resolve(BLOB, location)
+    except ValueError:
+        resolved = None
+    assert resolved == joined
+
+
+@given(
+    st.sampled_from(["https://", "http://", "HTTP://", "https:", "https:/", "//", "/", ""]),
+    st.text(alphabet="ab:/?#@[]%;.\\ \t\r\n\x0b\u30001\u00e9", max_size=20),
+)
+def test_any_location_resolves_as_joined(prefix: str, rest: str) -> None:
+    location = prefix + rest
+    try:
+        joined: Url | None = parse_url(urllib.parse.urljoin(str(BLOB), location.strip()))
+    except ValueError:
+        joined = None
+    try:
+        resolved: Url | None = resolve(BLOB, location)
+    except ValueError:
+        resolved = None
+    assert resolved == joined
 
 
 def test_resolve_relative_keeps_an_ipv6_origin() -> None:

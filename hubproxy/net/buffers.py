@@ -10,7 +10,7 @@ gained nothing), but a hundred transfers at once then hold about 130 MiB, which 
 cannot spare. So the chunk size follows the number of transfers running: the full 256 KiB while
 their buffers fit the budget together, less as more run at once, never under 16 KiB (one TLS
 record's plaintext). A transfer is counted from its first body byte to its last; a connection
-that is dropped mid-body stops counting when it is garbage (a weak set), so a lost ``end`` can
+that is dropped mid-body stops counting when it is garbage (a weak reference), so a lost ``end`` can
 never shrink chunks for good.
 
 The budget (``--body-memory``) follows the machine: :func:`auto_budget` gives a sixty-fourth of
@@ -54,7 +54,11 @@ def worker_budget(total: int, workers: int) -> int:
 
 
 class TransferBudget:
-    """The chunk size for body transfers, from how many are running."""
+    """The chunk size for body transfers, from how many are running.
+
+    Asked several times per chunk (a fill's window, its readers): the size is worked out when
+    a transfer begins or ends (or is dropped without ending) and when the budget is set, and
+    read as it stands otherwise."""
 
     def __init__(
         self,
@@ -64,27 +68,51 @@ class TransferBudget:
         largest: int = LARGEST,
         smallest: int = SMALLEST,
     ) -> None:
-        self.budget = budget
+        self._budget = budget
         self.buffers = buffers
         self.largest = largest
         self.smallest = smallest
-        self._running: weakref.WeakSet[object] = weakref.WeakSet()
+        # id -> a weak reference whose callback drops the entry once the transfer is garbage
+        self._running: dict[int, weakref.ref[object]] = {}
+        self._chunk = 0
+        self._resize()
+
+    @property
+    def budget(self) -> int:
+        return self._budget
+
+    @budget.setter
+    def budget(self, budget: int) -> None:
+        self._budget = budget
+        self._resize()
 
     @property
     def running(self) -> int:
         return len(self._running)
 
     def begin(self, transfer: object) -> None:
-        self._running.add(transfer)
+        key = id(transfer)
+        if key not in self._running:
+            self._running[key] = weakref.ref(transfer, lambda _ref: self._drop(key))
+            self._resize()
 
     def end(self, transfer: object) -> None:
-        self._running.discard(transfer)
+        # (the reference goes with the entry, and its callback with it)
+        if self._running.pop(id(transfer), None) is not None:
+            self._resize()
+
+    def _drop(self, key: int) -> None:
+        if self._running.pop(key, None) is not None:
+            self._resize()
+
+    def _resize(self) -> None:
+        share = self._budget // (self.buffers * max(1, len(self._running)))
+        size = share - share % GRANULE
+        self._chunk = max(self.smallest, min(self.largest, size))
 
     def chunk(self) -> int:
         """The chunk size now: the budget shared by the running transfers' buffers."""
-        share = self.budget // (self.buffers * max(1, len(self._running)))
-        size = share - share % GRANULE
-        return max(self.smallest, min(self.largest, size))
+        return self._chunk
 
 
 # One per process: every body transfer shares the same memory.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Lane(enum.Enum):
@@ -51,10 +52,9 @@ class SlotLimits:
         return self.per_client - 1 if self.per_client > 1 else 1
 
 
-@dataclass(frozen=True)
-class Ask:
+class Ask(NamedTuple):
     """Who asks for a slot: a client key (``access.client_key``; "" for the mirror's own
-    requests) and a lane."""
+    requests) and a lane. (A tuple, as ``urls.Origin``: a key of the pool's tables.)"""
 
     client: str
     lane: Lane

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _TARGET_SAFE = "!$&'()*+,/:;=?@[]~%"  # RFC 3986 reserved + "%": existing escapes stay as sent
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Scheme, host and port: what a connection (and a keep-alive pool slot) is for."""
+class Origin(NamedTuple):
+    """Scheme, host and port: what a connection (and a keep-alive pool slot) is for. (A
+    tuple: the pool's key, hashed and compared in C several times per upstream exchange.)"""
 
     scheme: str
     host: str  # lowercase; an IPv6 literal without brackets
@@ -75,7 +77,19 @@ def base_url(text: str) -> Url:
 
 def resolve(base: Url, location: str) -> Url:
     """Resolve a ``Location`` (absolute, or relative per RFC 3986) against ``base``."""
-    return parse_url(urljoin(str(base), location.strip()))
+    location = location.strip()
+    if _ABSOLUTE_HTTP.fullmatch(location):
+        # the registry's redirect to its CDN, once per blob: joining it to the base would
+        # give it back as it is, after three parses more
+        return parse_url(location)
+    return parse_url(urljoin(str(base), location))
+
+
+# an http(s) URL with an authority: what urljoin returns as it is, whatever the base
+# (``https:///x`` and ``https:x`` have none: joined, they take the base's). Without white
+# space (urlsplit drops tabs and newlines, joining may leave a space at the end that is then
+# stripped) and without ";" (joining drops one no parameters follow): those take the long way.
+_ABSOLUTE_HTTP = re.compile(r"https?://[^/?#\\\s;][^\s;]*", re.IGNORECASE)
 
 
 def is_ip_literal(host: str) -> bool:
