@@ -75,7 +75,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import itertools
 import logging
+import operator
 import os
 import re
 import resource
@@ -257,6 +259,8 @@ def disk_warning(root: Path, max_bytes: int, verdict: DiskVerdict) -> str | None
     return None
 
 
+_SIZE = operator.attrgetter("size")
+_WRITTEN = operator.attrgetter("written")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # (not \Z-anchored: fullmatch; no "\n" slips past)
 
 
@@ -750,12 +754,13 @@ class BlobStore:
     @property
     def pinned_bytes(self) -> int:
         """Bytes of cached blobs open by readers (not evictable until their readers finish)."""
-        return sum(self.index.get(key, 0) for key in self.pins)
+        # (in C: with 32 fills at once, a generator over them cost 5% of a 1 MiB miss's Python)
+        return sum(map(self.index.get, self.pins, itertools.repeat(0)))
 
     @property
     def filling_bytes(self) -> int:
         """The full sizes of the fills under way (each will take all of it on disk)."""
-        return sum(fill.size for fill in self.fills.values())
+        return sum(map(_SIZE, self.fills.values()))
 
     def can_fill(self, size: int) -> bool:
         """Whether a blob of ``size`` bytes may be cached now (the limit, the disk).
@@ -774,7 +779,7 @@ class BlobStore:
             return False
         # fills under way will take the rest of their size too; what this fill evicts to fit
         # the limit (start_fill does it) gives its space back
-        reserved = sum(fill.size - fill.written for fill in self.fills.values())
+        reserved = self.filling_bytes - sum(map(_WRITTEN, self.fills.values()))
         evicting = max(0, self.total + self.filling_bytes + size - self.max_bytes)
         margin = free_space_margin(disk.size)
         if disk.free + evicting - reserved < size + margin:
