@@ -384,6 +384,7 @@ class ClientConnection:
             h11.SERVER, max_incomplete_event_size=self.settings.limits.max_head_size
         )
         self.method = "GET"
+        self.head_size = 0  # bytes of the last request head read (request line and headers)
         # waiting for a request head: the deadline scope of that wait, for a connection served
         # outside a running server (whose tables watch the wait otherwise; see ``serve``)
         self.idle_scope: trio.CancelScope | None = None
@@ -543,8 +544,9 @@ class ClientConnection:
         target = event.target.decode("ascii", "replace")
         self.method = method
         headers = list(event.headers)
-        # h11 bounds only an incomplete head; one that arrived whole is checked here
-        head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in headers)
+        # h11 bounds only an incomplete head; one that arrived whole is checked here (its size
+        # as read: every request head is read by _next_event's strict_head)
+        head_size = self.head_size
         limits = self.settings.limits
         too_long = len(event.target) > limits.max_target
         if too_long or head_size > limits.max_head_size or len(headers) > limits.max_headers:
@@ -708,6 +710,7 @@ class ClientConnection:
                 ) from exc
             if strict_head and isinstance(event, h11.Request):
                 head = before[: len(before) - len(self.conn.trailing_data[0])]
+                self.head_size = len(head)
                 problem = lax_framing(head)
                 if problem is not None:
                     raise ClientProtocolError(f"malformed request: {problem}")

@@ -130,11 +130,12 @@ def lax_framing(head: bytes) -> str | None:
     and 5.2 allow both). A proxy in front of other parsers is safer refusing them: another hop
     could read the same bytes differently (request smuggling).
     """
-    if b"\n" in head.replace(b"\r\n", b""):
+    unbroken = head.replace(b"\r\n", b"")
+    if b"\n" in unbroken:
         return "bare LF in the request head"
-    if b"\r" in head.replace(b"\r\n", b""):
+    if b"\r" in unbroken:
         return "bare CR in the request head"
-    for line in head.split(b"\r\n")[1:]:
-        if line[:1] in (b" ", b"\t"):
-            return "obsolete line folding in the request head"
+    # every line ends in CRLF now: one that starts with white space follows a CRLF
+    if b"\r\n " in head or b"\r\n\t" in head:
+        return "obsolete line folding in the request head"
     return None
