@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..net.changes import Changes
 from ..policy.cachepolicy import ConfirmationKey, FetchKey, admit_fetches
 from ..policy.errors import MirrorBusy
 from ..policy.sending import SendAsk, SendLimits, admit, may_fetch
@@ -60,7 +61,7 @@ class ManifestFetches:
 
     def __init__(self) -> None:
         self._fetches: dict[FetchKey, ManifestFetch] = {}
-        self._changed = trio.Event()
+        self._changed = Changes()
 
     def current(self, key: FetchKey) -> ManifestFetch | None:
         """The fetch of ``key`` running now, if any."""
@@ -109,8 +110,7 @@ class ManifestFetches:
         await self._changed.wait()
 
     def _note_change(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changed.note()
 
 
 @dataclass(eq=False)
@@ -137,7 +137,7 @@ class MemoryBudget:
         self.used_by: dict[str, int] = {}  # client -> bytes in flight (only those > 0)
         self._on_change = on_change
         self._queue: deque[_Waiter] = deque()
-        self._changed = trio.Event()
+        self._changed = Changes()
 
     @property
     def waiting(self) -> int:
@@ -225,10 +225,7 @@ class MemoryBudget:
     def _note_change(self) -> None:
         if self._on_change is not None:
             self._on_change(self.used)
-        # renewed only once someone waited on it: two per manifest sent would be for nobody
-        if self._changed.statistics().tasks_waiting:
-            self._changed.set()
-            self._changed = trio.Event()
+        self._changed.note()
 
 
 class SharedBodies:
@@ -310,6 +307,15 @@ class Outgoing:
         return cls(repository, manifest.digest, manifest.media_type, len(body), body)
 
 
+def _hand_over(outgoing: Outgoing) -> None:
+    """The fetch that brought ``outgoing`` is no longer one: its sender holds the body, or
+    waits for room (``SendBudget.fetching``)."""
+    fetched = outgoing.fetched
+    if fetched is not None:
+        outgoing.fetched = None
+        fetched()
+
+
 class _Holding:
     """``SendBudget.hold``'s ``async with`` (a class, as ``_Sharing``)."""
 
@@ -357,7 +363,7 @@ class SendBudget:
         self._on_fetch_wait = on_fetch_wait
         self._fetching: Counter[str] = Counter()  # client -> manifests it is fetching now
         self._queue: list[_Sender] = []
-        self._changed = trio.Event()
+        self._changed = Changes()
 
     @property
     def waiting(self) -> int:
@@ -379,13 +385,16 @@ class SendBudget:
         # point: the sending or fetching that follows has one, and a second is one more
         # task step, through the whole request's stack, for every manifest
         await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._queue and admit(self.limits, self._held.keys(), (ask,)):
+            # room now, nobody queued: held at once (no queue entry, no event to wait on)
+            self._hold(ask)
+            _hand_over(outgoing)
+            self._note_change()
+            return
         sender = _Sender(ask, trio.Event())
         self._queue.append(sender)
         self._grant()
-        fetched = outgoing.fetched
-        if fetched is not None:  # held or waiting now: no longer a fetch
-            outgoing.fetched = None
-            fetched()
+        _hand_over(outgoing)
         if sender.granted.is_set():
             self._note_change()
             return
@@ -482,12 +491,15 @@ class SendBudget:
         picked = set(chosen)
         for index in chosen:
             sender = self._queue[index]
-            held = self._held.get(sender.ask, 0)
-            if not held and not any(other.digest == sender.ask.digest for other in self._held):
-                self.used += sender.ask.size
-            self._held[sender.ask] = held + 1
+            self._hold(sender.ask)
             sender.granted.set()
         self._queue = [s for i, s in enumerate(self._queue) if i not in picked]
+
+    def _hold(self, ask: SendAsk) -> None:
+        held = self._held.get(ask, 0)
+        if not held and not any(other.digest == ask.digest for other in self._held):
+            self.used += ask.size
+        self._held[ask] = held + 1
 
     async def wait_changed(self) -> None:
         """Wait until room is taken or given back, or a sender starts or stops waiting, or a
@@ -497,7 +509,4 @@ class SendBudget:
     def _note_change(self) -> None:
         if self._on_change is not None:
             self._on_change(self.used)
-        # renewed only once someone waited on it: two per manifest sent would be for nobody
-        if self._changed.statistics().tasks_waiting:
-            self._changed.set()
-            self._changed = trio.Event()
+        self._changed.note()

@@ -29,6 +29,7 @@ import trio
 from ..policy.errors import MirrorBusy
 from ..policy.slots import Ask, Lane, SlotLimits, grant, slot_limits
 from ..policy.urls import Origin
+from .changes import Changes
 from .streams import ByteStream, close_forcefully
 from .upstream import UpstreamConnection
 from .watch import Stalls
@@ -153,7 +154,7 @@ class Pool:
         self._wait_timeout = wait_timeout
         self._origins: dict[PoolKey, _Origin] = {}
         self._idle_added = trio.Event()  # wakes the sweeper when it had nothing to watch
-        self._changed = trio.Event()  # set (and renewed) when slots are taken, given or waited for
+        self._changed = Changes()  # noted when slots are taken, given or waited for
         self.opened = 0  # connections ever opened (tests and metrics read it)
         # per (origin, lane): requests that had to wait for a slot, and waits that timed out
         self.waits: Counter[tuple[str, str]] = Counter()
@@ -199,11 +200,7 @@ class Pool:
         await self._changed.wait()
 
     def _note_change(self) -> None:
-        # renewed only once someone waited on it: two per exchange would otherwise be made
-        # for nobody (only tests and the status page's watchers wait)
-        if self._changed.statistics().tasks_waiting:
-            self._changed.set()
-            self._changed = trio.Event()
+        self._changed.note()
 
     def connection(
         self,

@@ -16,6 +16,7 @@ from collections import Counter, deque
 import trio
 
 from ..policy.errors import MirrorBusy
+from .changes import Changes
 
 
 class _Waiter:
@@ -36,17 +37,14 @@ class Turns:
         self._queues: dict[str, deque[_Waiter]] = {}
         self.waits = 0  # requests that had to wait for a turn
         self.wait_timeouts = 0  # ... and gave up (503)
-        self._changed = trio.Event()  # set (and renewed) when a request starts or stops waiting
+        self._changed = Changes()  # noted when a request starts or stops waiting
 
     async def wait_changed(self) -> None:
         """Wait until a request starts or stops waiting for a turn (tests)."""
         await self._changed.wait()
 
     def _note_change(self) -> None:
-        # renewed only once someone waited on it (tests do): not an Event per queued request
-        if self._changed.statistics().tasks_waiting:
-            self._changed.set()
-            self._changed = trio.Event()
+        self._changed.note()
 
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
