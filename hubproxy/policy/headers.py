@@ -9,9 +9,13 @@ client are never trusted: they are stripped and set from what we saw ourselves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Sequence
 
 Headers = list[tuple[bytes, bytes]]
+
+_NAME = operator.itemgetter(0)
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 HOP_BY_HOP = frozenset(
     {
@@ -51,8 +55,10 @@ def get_all(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [value for key, value in headers if key == name]
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Return the lowercase header names listed in any ``Connection`` header."""
+    if b"connection" not in map(_NAME, headers):  # (in C: most messages have none)
+        return _NO_TOKENS
     tokens: set[bytes] = set()
     for key, value in headers:
         if key == b"connection":
