@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LabelValues = tuple[str, ...]
+_HEADER_NAME = operator.itemgetter(0)
 LabelPairs = tuple[tuple[str, str], ...]
 Sample = tuple[str, LabelPairs, float]  # full sample name, labels, value
 SeriesFunction = Callable[[], "float | Mapping[LabelValues, float]"]
@@ -426,9 +427,11 @@ class RateLimit:
     seen: float = 0.0  # Unix seconds
 
 
-def read_ratelimit(headers: Iterable[tuple[bytes, bytes]], *, wall: float) -> RateLimit | None:
+def read_ratelimit(headers: Sequence[tuple[bytes, bytes]], *, wall: float) -> RateLimit | None:
     """The rate-limit figures of a response's headers, or None without a usable
     ``ratelimit-remaining``; ``wall`` is when they arrived (Unix seconds)."""
+    if b"ratelimit-remaining" not in map(_HEADER_NAME, headers):
+        return None  # (searched in C: twice per registry answer, and most say nothing of it)
     found: dict[bytes, bytes] = {}
     for key, value in headers:
         if key in (b"ratelimit-remaining", b"ratelimit-limit", b"ratelimit-reset"):
@@ -1345,7 +1348,7 @@ class HubMetrics:
             self.ratelimit_remaining.set(remaining, upstream=upstream)
 
     def note_ratelimit_headers(
-        self, upstream: str, headers: Iterable[tuple[bytes, bytes]], wall: float
+        self, upstream: str, headers: Sequence[tuple[bytes, bytes]], wall: float
     ) -> None:
         """Record what a response head of ``upstream`` said of its rate limit, if anything:
         the remaining count for ``/metrics``, with the limit, window and reset for the page."""

@@ -98,6 +98,12 @@ class State:
     carried: tuple[tuple[bytes, bytes], ...] = ()
 
 
+def _in_phase(state: State, phase: Phase) -> State:
+    """``state`` moved to ``phase`` (``dataclasses.replace``, without its field-by-field walk:
+    every response head takes one of these)."""
+    return State(phase, state.attempt, state.tried, state.carried)
+
+
 # Events (inputs)
 @dataclass(frozen=True)
 class HeadReceived:
@@ -189,7 +195,7 @@ def transition(
             nxt = _next_upstream(plan, state, resting, now)
             if nxt is not None:
                 return nxt[0], nxt[1], rest
-            return replace(state, phase=Phase.DONE), Fail(event.error), rest
+            return _in_phase(state, Phase.DONE), Fail(event.error), rest
     raise RuntimeError(f"event {type(event).__name__} is not valid in phase {state.phase.name}")
 
 
@@ -212,10 +218,10 @@ def _on_head(
         nxt = _next_upstream(plan, state, _with_rest(resting_until, rest), now)
         if nxt is not None:
             return nxt[0], nxt[1], rest
-        return replace(state, phase=Phase.RESPONDING), Respond(), rest
+        return _in_phase(state, Phase.RESPONDING), Respond(), rest
     location = get_header(event.headers, b"location")
     if not plan.follow_redirects:
-        return replace(state, phase=Phase.RESPONDING), Respond(), None
+        return _in_phase(state, Phase.RESPONDING), Respond(), None
     try:
         target = redirects.redirect_target(
             plan.method,
@@ -224,14 +230,14 @@ def _on_head(
             attempt.url,
         )
     except ValueError as exc:
-        return replace(state, phase=Phase.DONE), Fail(UpstreamUnavailable(str(exc))), None
+        return _in_phase(state, Phase.DONE), Fail(UpstreamUnavailable(str(exc))), None
     if target is None:
-        return replace(state, phase=Phase.RESPONDING), Respond(), None
+        return _in_phase(state, Phase.RESPONDING), Respond(), None
     if attempt.hops >= plan.max_hops:
         error = TooManyRedirects(
             f"upstream redirected more than {plan.max_hops} times (last to {target.origin})"
         )
-        return replace(state, phase=Phase.DONE), Fail(error), None
+        return _in_phase(state, Phase.DONE), Fail(error), None
     addressed = plan.upstreams[attempt.upstream].origin
     follow = Attempt(
         attempt.upstream,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -27,13 +28,19 @@ class Origin(NamedTuple):
     @property
     def authority(self) -> str:
         """``host[:port]`` as written in a URL or a ``Host`` header (default port omitted)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if DEFAULT_PORTS[self.scheme] == self.port:
-            return host
-        return f"{host}:{self.port}"
+        return _authority(self.scheme, self.host, self.port)
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.authority}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _authority(scheme: str, host: str, port: int) -> str:
+    # (remembered: asked several times per upstream exchange, of a handful of origins)
+    host = f"[{host}]" if ":" in host else host
+    if DEFAULT_PORTS[scheme] == port:
+        return host
+    return f"{host}:{port}"
 
 
 @dataclass(frozen=True)
