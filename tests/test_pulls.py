@@ -116,6 +116,24 @@ def test_a_client_that_had_some_layers_is_reported_after_the_quiet_time() -> Non
     )
 
 
+def test_of_many_open_pulls_the_quiet_ones_end_and_the_busy_ones_stay() -> None:
+    """Clients active at different times, some of them again later: the ones quiet for
+    ``quiet`` end, in the order they went quiet, whatever order they began in."""
+    tracker = PullTracker(quiet=10.0)
+    for n in range(20):
+        get_manifest(tracker, float(n), client=f"10.0.0.{n}")
+    for when, n in enumerate((3, 0, 7)):
+        get_blob(tracker, LAYERS[0], 20.0 + when, client=f"10.0.0.{n}")  # busy again later
+    assert tracker.next_deadline() == 1.0 + 10.0  # 10.0.0.1, now the least recently active
+    ended = tracker.expire(29.5)
+    assert [pull.client for pull in ended] == [
+        f"10.0.0.{n}" for n in range(20) if n not in (3, 0, 7)
+    ]
+    assert tracker.next_deadline() == 20.0 + 10.0  # 10.0.0.3
+    assert [pull.client for pull in tracker.expire(30.0)] == ["10.0.0.3"]
+    assert len(tracker) == 2
+
+
 def test_an_index_then_the_platform_manifest_by_digest_is_one_pull() -> None:
     tracker = PullTracker()
     get_manifest(tracker, 0.0, layers=None)  # the index names manifests, not layers

@@ -239,8 +239,14 @@ class PullTracker:
 
     def expire(self, now: float) -> list[PullSummary]:
         """End the pulls quiet for ``quiet`` seconds; the ones with a manifest GET are returned."""
+        # the open pulls are in the order of their last activity (each moves to the end when
+        # active): the quiet ones are at the front, and the first busy one ends the search
+        # (this runs for every manifest and blob answered, whatever the number of pulls open)
         ended: list[PullSummary] = []
-        for key in [key for key, pull in self._open.items() if now - pull.last >= self.quiet]:
+        while self._open:
+            key, pull = next(iter(self._open.items()))
+            if now - pull.last < self.quiet:
+                break
             ended += self._end(key)
         return ended
 
@@ -248,7 +254,7 @@ class PullTracker:
         """When ``expire`` ends the next pull, if nothing happens before; None: none open."""
         if not self._open:
             return None
-        return min(pull.last for pull in self._open.values()) + self.quiet
+        return next(iter(self._open.values())).last + self.quiet  # the least recently active
 
     def recent(self) -> tuple[PullSummary, ...]:
         """The latest pulls, newest first, those still under way included (``done`` False)."""
