@@ -21,7 +21,7 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.net.tls import CLOSE_NOTIFY_TIMEOUT, RECEIVE_SIZE, TLSStream
+from hubproxy.net.tls import CLOSE_NOTIFY_TIMEOUT, RECEIVE_SIZE, TLSStream, _SendLock
 
 Version = Literal["1.2", "1.3"]
 Kind = Literal["ours-client", "ours-server", "ours-both"]
@@ -606,3 +606,31 @@ async def test_transport_can_be_any_stream(ca: trustme.CA, cert: trustme.LeafCer
     await client.aclose()
     assert await server.receive_some() == b""
     await server.aclose()
+
+
+async def test_the_send_lock_excludes_hands_over_in_order_and_forgets_a_cancelled_waiter() -> None:
+    lock = _SendLock()
+    lock.acquire_nowait()
+    with pytest.raises(trio.WouldBlock):
+        lock.acquire_nowait()
+    order: list[str] = []
+
+    async def taker(name: str) -> None:
+        await lock.acquire()
+        order.append(name)
+        await trio.lowlevel.checkpoint()  # still held across a schedule point
+        lock.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(taker, "cancelled")
+            await trio.testing.wait_all_tasks_blocked()
+            inner.cancel_scope.cancel()  # it leaves the queue while parked
+        nursery.start_soon(taker, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []  # both wait for the holder
+        lock.release()  # handed to "first", then on in arrival order
+    assert order == ["first", "second"]
+    assert not lock.locked()

@@ -137,6 +137,41 @@ def receive_limit(max_bytes: int | None) -> int:
     return max_bytes
 
 
+class _SendLock:
+    """``_send_lock`` (see the module doc): ``trio.Lock``'s exclusion and its hand-over to the
+    first waiter, without its record of the owning task (every acquire and release here is
+    this module's own, paired in ``try``/``finally``). The lock is taken for every send, and
+    trio.Lock asks for the current task on both sides of it."""
+
+    __slots__ = ("_held", "_lot")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def acquire_nowait(self) -> None:
+        if self._held:
+            raise trio.WouldBlock
+        self._held = True
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._held:
+            await self._lot.park()  # woken holding it: release hands it over
+            return
+        self._held = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def release(self) -> None:
+        if self._lot:
+            self._lot.unpark()  # the first waiter now holds it
+        else:
+            self._held = False
+
+
 class TLSStreamState:
     """What both of hubproxy's TLS streams keep and do alike: whether the stream was closed by
     this side (``ClosedResourceError``), broken, with the error that broke it if one did
@@ -231,7 +266,7 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
         self._ssl = ssl_object
         self._incoming = incoming
         self._outgoing = outgoing
-        self._send_lock = trio.Lock()
+        self._send_lock = _SendLock()
         self._recv_guard = ConflictDetector("another task is already receiving on this TLSStream")
         self._send_guard = ConflictDetector("another task is already sending on this TLSStream")
         self._delayed = b""  # held-back TLS 1.3 session tickets, see module doc
