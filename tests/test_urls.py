@@ -204,14 +204,7 @@ def test_resolve_rejects(location: str) -> None:
 )
 def test_an_absolute_location_resolves_as_joined(location: str) -> None:
     """The shortcut for absolute URLs (no join) gives what joining gives, or refuses alike."""
-    try:
-        joined: Url | None = parse_url(urllib.parse.urljoin(str(BLOB), location))
-    except ValueError:
-        joined = None
-    try:
-        resolved: Url | None = resolve(BLOB, location)
-    except ValueError:
-        resolved = None
+    resolved, joined = _resolved_and_joined(location)
     assert resolved == joined
 
 
@@ -220,7 +213,12 @@ def test_an_absolute_location_resolves_as_joined(location: str) -> None:
     st.text(alphabet="ab:/?#@[]%;.\\ \t\r\n\x0b\u30001\u00e9", max_size=20),
 )
 def test_any_location_resolves_as_joined(prefix: str, rest: str) -> None:
-    location = prefix + rest
+    resolved, joined = _resolved_and_joined(prefix + rest)
+    assert resolved == joined
+
+
+def _resolved_and_joined(location: str) -> tuple[Url | None, Url | None]:
+    """``resolve(BLOB, location)``, and the URL joining it to BLOB gives (None: refused)."""
     try:
         joined: Url | None = parse_url(urllib.parse.urljoin(str(BLOB), location.strip()))
     except ValueError:
@@ -229,7 +227,7 @@ def test_any_location_resolves_as_joined(prefix: str, rest: str) -> None:
         resolved: Url | None = resolve(BLOB, location)
     except ValueError:
         resolved = None
-    assert resolved == joined
+    return resolved, joined
 
 
 def test_resolve_relative_keeps_an_ipv6_origin() -> None:
