@@ -88,19 +88,30 @@ async def test_an_upstream_body_counts_as_a_transfer_until_its_end() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     conn = UpstreamConnection(parse_url("http://origin.test").origin, ours, idle_timeout=10)
     before = BODIES.running
+    size = SMALLEST + 10
     await conn.send_request("GET", "/blob", [(b"host", b"origin.test")])
-    await theirs.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+    await theirs.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + b"x" * SMALLEST)
     await conn.receive_head("GET")
     assert BODIES.running == before + 1
-    assert await conn.receive_body() == b"12345"
-    await theirs.send_all(b"67890")
-    assert await conn.receive_body() == b"67890"
+    assert await conn.receive_body() == b"x" * SMALLEST
+    await theirs.send_all(b"y" * 10)
+    assert await conn.receive_body() == b"y" * 10
     assert await conn.receive_body() is None
     assert BODIES.running == before
     # a HEAD's answer has no body: nothing to count
     await conn.send_request("HEAD", "/blob", [(b"host", b"origin.test")])
     await theirs.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
     await conn.receive_head("HEAD")
+    assert BODIES.running == before
+    # nor does a body no larger than the smallest chunk (a manifest, a token): it never holds
+    # a chunk of the budget, so it does not shrink the others'
+    await conn.send_request("GET", "/manifest", [(b"host", b"origin.test")])
+    await theirs.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % SMALLEST)
+    await conn.receive_head("GET")
+    assert BODIES.running == before
+    await theirs.send_all(b"z" * SMALLEST)
+    assert await conn.receive_body() == b"z" * SMALLEST
+    assert await conn.receive_body() is None
     assert BODIES.running == before
 
 

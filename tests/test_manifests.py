@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from hubproxy.cache import manifests as manifests_module
-from hubproxy.cache.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts
+from hubproxy.cache.manifests import MANIFEST_TYPES, ManifestStore, accepted_types, accepts, takes
 from hubproxy.policy.cachepolicy import Readability
 
 
@@ -66,6 +66,9 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 )
 def test_accepts(accept: list[bytes], media_type: str, taken: bool) -> None:
     assert accepts(accept, media_type) is taken
+    # the request path's look-up answers the same, for a registry's types and any other
+    for other in (media_type, *MANIFEST_TYPES, "application/json", DOCKER.upper()):
+        assert takes(accept, other) is accepts(accept, other)
 
 
 @pytest.mark.parametrize(

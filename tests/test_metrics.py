@@ -116,6 +116,17 @@ def test_counter_with_labels_appears_once_used() -> None:
     assert counter.series() == {("blob", "200"): 2, ("manifest", "404"): 5}
 
 
+def test_counter_inc_at_counts_the_series_inc_does() -> None:
+    by_name = Counter("hits", "Hits.", ("route", "status"))
+    by_key = Counter("hits", "Hits.", ("route", "status"))
+    by_name.inc(1, route="blob", status="200")
+    by_name.inc(2.5, status="404", route="manifest")
+    by_key.inc_at(("blob", "200"))
+    by_key.inc_at(("manifest", "404"), 2.5)
+    assert by_key.series() == by_name.series()
+    assert render(by_key) == render(by_name)
+
+
 def test_counter_label_named_amount() -> None:
     counter = Counter("c", "C.", ("amount",))  # the amount argument is positional-only
     counter.inc(3, amount="x")

@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from hubproxy.policy.errors import ClientProtocolError, ProxyError, RouteNotFound
 from hubproxy.policy.routing import (
     MAX_NAME_LENGTH,
+    ROUTES_REMEMBERED,
     Route,
     RouteKind,
+    _route_target,
     route_request,
 )
 
@@ -527,3 +529,18 @@ def test_property_valid_manifest_requests_route(
     assert route.kind is RouteKind.REGISTRY
     assert route.repository == expected
     assert route.target == f"/v2/{expected}/manifests/{ref}{query}"
+
+
+def test_routes_are_remembered_within_a_bound_and_refusals_raised_each_time() -> None:
+    target = "/v2/library/alpine/manifests/3.20"
+    first = route_request("GET", target, library_prefix=True)
+    assert route_request("HEAD", target, library_prefix=True) is first  # (the method plays no part)
+    assert route_request("GET", target, library_prefix=False) == Route(
+        RouteKind.REGISTRY, target, repository="library/alpine", manifest_reference="3.20"
+    )
+    for n in range(2 * ROUTES_REMEMBERED):
+        route_request("GET", f"/v2/x/manifests/t{n}", library_prefix=True)
+    assert _route_target.cache_info().currsize <= ROUTES_REMEMBERED
+    for _ in range(2):
+        with pytest.raises(RouteNotFound):
+            route_request("GET", "/v2/UPPER/manifests/x", library_prefix=True)

@@ -166,6 +166,18 @@ MANIFEST_TYPES = (
 )
 
 
+_MANIFEST_TYPE_SET = frozenset(MANIFEST_TYPES)
+
+
+def takes(accept_values: Sequence[bytes], media_type: str) -> bool:
+    """:func:`accepts`, for the request path: a media type a registry chooses between by
+    Accept is looked up in the remembered :func:`accepted_types` (the Accept headers of a docker
+    or containerd client name five to seven types, parsed on every manifest request otherwise)."""
+    if media_type in _MANIFEST_TYPE_SET:
+        return media_type in accepted_types(accept_values)
+    return accepts(accept_values, media_type)
+
+
 def accepted_types(accept_values: Sequence[bytes]) -> frozenset[str]:
     """The manifest media types a client sending these ``Accept`` headers takes (q > 0)."""
     values = tuple(accept_values)
@@ -327,8 +339,10 @@ class ManifestStore:
         self._unwritten: dict[str, bytes] = {}  # hex -> body handed to the writer
         self._unwritten_bytes = 0
         self._seq = 0  # recency: larger is more recent
-        # shared with the writer thread, under _cond
-        self._cond = threading.Condition()
+        # shared with the writer thread, under _cond; ``_lock`` is its lock, taken alone where
+        # nobody is told (a Condition's own ``with`` is a Python call, twice per cached manifest)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._batch = _Batch()
         self._writing = False
         self._urgent = False  # a flush waits: write now, recency too
@@ -527,18 +541,25 @@ class ManifestStore:
         hexpart, media_type = self._served(repository, digest)
         if not hexpart:
             return None
-        if self.sizes.get(hexpart, 0) <= READ_ON_LOOP or self._in_memory(hexpart) is not None:
-            return self.get(repository, digest)
-        body, trouble = await trio.to_thread.run_sync(
-            self._read_verified, hexpart, limiter=self._bulk_limiter
-        )
-        # back on the loop: the store may have changed meanwhile (dropped, evicted, rewritten)
-        if hexpart not in self.sizes:
+        size = self.sizes.get(hexpart)
+        if size is None:
             return None
-        if body is None:
-            self._forget_unreadable(hexpart, trouble)
-            return None
-        self._remember_verified(hexpart, body)
+        body = self._in_memory(hexpart)
+        if body is None and size <= READ_ON_LOOP:
+            body = self._read_on_loop(hexpart)
+            if body is None:
+                return None
+        elif body is None:
+            body, trouble = await trio.to_thread.run_sync(
+                self._read_verified, hexpart, limiter=self._bulk_limiter
+            )
+            # back on the loop: the store may have changed meanwhile (dropped, evicted, rewritten)
+            if hexpart not in self.sizes:
+                return None
+            if body is None:
+                self._forget_unreadable(hexpart, trouble)
+                return None
+            self._remember_verified(hexpart, body)
         self._touch(hexpart)
         return CachedManifest(digest, media_type, body)
 
@@ -566,7 +587,7 @@ class ManifestStore:
         if hexpart is None:
             return None
         self.tags.move_to_end(name)
-        with self._cond:
+        with self._lock:
             self._batch.tag_used[name] = self._next()
         return f"sha256:{hexpart}"
 
@@ -619,6 +640,11 @@ class ManifestStore:
         body = self._in_memory(hexpart)
         if body is not None:
             return body
+        return self._read_on_loop(hexpart)
+
+    def _read_on_loop(self, hexpart: str) -> bytes | None:
+        """A body not in memory, read and verified on the calling thread (None if unreadable:
+        then forgotten)."""
         assert self._reader is not None, "ManifestStore.open() was not called"
         body, trouble = _read_body(self._reader, hexpart)
         if body is None:
@@ -763,7 +789,7 @@ class ManifestStore:
 
     def _touch(self, hexpart: str) -> None:
         self.sizes.move_to_end(hexpart)
-        with self._cond:
+        with self._lock:
             self._batch.used[hexpart] = self._next()
 
     def _set_tag(self, name: str, key: str, hexpart: str) -> None:

@@ -111,7 +111,7 @@ from .manifests import (
     ManifestStore,
     accept_key,
     accepted_types,
-    accepts,
+    takes,
 )
 from .negative import NegativeCache
 from .peering import PeerBody, Peers
@@ -880,9 +880,7 @@ class PullThrough:
     ) -> CachedManifest | None:
         """The cached manifest as served in ``repository``, if this client takes its type."""
         cached = await self.manifests.load(repository, digest) if digest else None
-        if cached is not None and not accepts(
-            get_all(request.headers, b"accept"), cached.media_type
-        ):
+        if cached is not None and not takes(get_all(request.headers, b"accept"), cached.media_type):
             return None  # cached for another media type than this client takes
         return cached
 
@@ -1042,7 +1040,7 @@ class PullThrough:
         answer = await self.manifest_fetches.follow(fetch)
         shared = may_share_fetch(fetch.credentials, credentials, stored=answer is not None)
         if shared and answer is not None:
-            if accepts(get_all(request.headers, b"accept"), answer.media_type):
+            if takes(get_all(request.headers, b"accept"), answer.media_type):
                 self.forwarder.metrics.manifest_fetches_shared.inc()
                 self._count_pull(request, route, hit=True)  # no upstream GET of its own
                 outgoing, answer = Outgoing.of(state_name(route), answer), None

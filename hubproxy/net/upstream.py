@@ -29,7 +29,7 @@ import trio
 from ..policy.errors import UpstreamTimeout, UpstreamUnavailable
 from ..policy.headers import Headers, connection_tokens, get_header
 from ..policy.urls import Origin
-from .buffers import BODIES
+from .buffers import BODIES, SMALLEST
 from .streams import HEAD_READ, ByteStream, abort, abortable
 from .watch import Stalls
 
@@ -129,7 +129,6 @@ class UpstreamConnection:
         if method == "HEAD" or response.status_code in NO_BODY_STATUSES:
             self._mode = BodyMode.H11
             return
-        BODIES.begin(self)  # until the body's end (or this connection is dropped)
         if length is not None and get_header(headers, b"transfer-encoding") is None:
             self._mode = BodyMode.LENGTH
             self._remaining = int(length)  # h11 already validated it
@@ -137,8 +136,11 @@ class UpstreamConnection:
             self._pending = buffered[: self._remaining]
             if len(buffered) > self._remaining:
                 self._reusable = False  # bytes beyond the body: never reuse this connection
+            if self._remaining <= SMALLEST:
+                return  # (a small body, a manifest or a token, never holds a chunk of the budget)
         else:
             self._mode = BodyMode.H11
+        BODIES.begin(self)  # until the body's end (or this connection is dropped)
 
     async def receive_body(self) -> bytes | bytearray | None:
         """Return the next body chunk, or None at the end of the body.

@@ -122,15 +122,19 @@ class WindowCounts:
 
     def add(self, key: str, now: float, count: int = 1) -> None:
         """Count ``count`` for ``key`` at time ``now`` (times never go back)."""
-        self._forget(now)
-        index = self._index(now)
-        if not self._slots or self._slots[-1].index < index:
-            self._slots.append(_Slot(index))
-        slot = self._slots[-1]
-        if key in slot.counts:
-            slot.counts[key] += count
-        elif len(slot.counts) < self.max_keys:
-            slot.counts[key] = count
+        index = math.floor(now / self.slot_length)
+        slots = self._slots
+        if not slots or slots[-1].index < index:
+            # a new slot: what left the window goes now (within one slot nothing leaves, so
+            # the other counts of a slot, two per manifest answered, skip this)
+            self._forget(now)
+            slots.append(_Slot(index))
+        slot = slots[-1]
+        counts = slot.counts
+        if key in counts:
+            counts[key] += count
+        elif len(counts) < self.max_keys:
+            counts[key] = count
         else:
             slot.other += count
 

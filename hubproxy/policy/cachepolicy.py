@@ -121,8 +121,11 @@ class ConfirmationKey(NamedTuple):
 
 def confirmation_key(authorization: bytes | None, registry: str, path: str) -> ConfirmationKey:
     """The key a confirmed access is remembered under."""
-    credentials = hashlib.sha256(authorization or b"").hexdigest()
+    credentials = hashlib.sha256(authorization).hexdigest() if authorization else _NO_CREDENTIALS
     return ConfirmationKey(credentials, registry, path)
+
+
+_NO_CREDENTIALS = hashlib.sha256(b"").hexdigest()  # (an anonymous pull's, worked out once)
 
 
 class Confirmations:

@@ -11,6 +11,7 @@ Docker Hub upstream a one-component name gets ``library/`` in the path (and in t
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ _TOKEN = re.compile(
     r"/token/(?:(?P<registry>[a-z0-9][a-z0-9.:-]{0,252})/)?(?P<key>[a-z0-9][a-z0-9.-]{0,63})"
 )
 MAX_NAME_LENGTH = 255  # distribution's NameTotalLengthMax
+# Routes remembered by target: the same manifests and layers are asked for again and again
+# (every client of an image, every pull), and matching the grammar above costs a few
+# microseconds of backtracking per request. Bounded: 256 targets of at most --max-target bytes.
+ROUTES_REMEMBERED = 256
 
 
 class RouteKind(enum.Enum):
@@ -57,6 +62,12 @@ class Route:
 
 def route_request(method: str, target: str, *, library_prefix: bool) -> Route:
     """Map a request to a :class:`Route`; raise RouteNotFound or ClientProtocolError."""
+    return _route_target(target, library_prefix)
+
+
+@functools.lru_cache(maxsize=ROUTES_REMEMBERED)
+def _route_target(target: str, library_prefix: bool) -> Route:
+    # (a refusal is raised afresh each time: lru_cache keeps only what returned)
     if not target.startswith("/"):
         # absolute-form and authority-form targets are for forward proxies; we are not one
         raise ClientProtocolError("request target must be a path (this is not a forward proxy)")
