@@ -21,7 +21,14 @@ import trio
 import trio.testing
 import trustme
 
-from hubproxy.net.tls import CLOSE_NOTIFY_TIMEOUT, RECEIVE_SIZE, TLSStream, _SendLock
+from hubproxy.net.tls import (
+    CLOSE_NOTIFY_TIMEOUT,
+    RECEIVE_SIZE,
+    TLSStream,
+    _SendLock,
+    receive_from_socket,
+    send_to_socket,
+)
 
 Version = Literal["1.2", "1.3"]
 Kind = Literal["ours-client", "ours-server", "ours-both"]
@@ -634,3 +641,50 @@ async def test_the_send_lock_excludes_hands_over_in_order_and_forgets_a_cancelle
         lock.release()  # handed to "first", then on in arrival order
     assert order == ["first", "second"]
     assert not lock.locked()
+
+
+async def test_the_socket_is_used_directly_with_socket_streams_checkpoints() -> None:
+    """A TLSStream writes and reads a SocketStream's socket itself: the same bytes, a full
+    socket waited for, and every call a checkpoint (cancellation and schedule point) as
+    ``SocketStream``'s own, whether or not it had to wait."""
+    client, server = await tcp_pair()
+    with trio.testing.assert_checkpoints():
+        await send_to_socket(client.socket, b"ping")  # room in the socket: no wait
+    with trio.testing.assert_checkpoints():
+        assert await receive_from_socket(server.socket, 100) == b"ping"  # there: no wait
+    # more than the socket buffers hold: the send waits until the peer reads
+    payload = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    received = bytearray()
+
+    async def read_all() -> None:
+        while len(received) < len(payload):
+            received.extend(await receive_from_socket(server.socket, RECEIVE_SIZE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await send_to_socket(client.socket, payload)
+    assert received == payload
+    # a receive with nothing there waits; cancelled, it took nothing
+    with trio.move_on_after(0.05) as scope:
+        await receive_from_socket(server.socket, 100)
+    assert scope.cancelled_caught
+    # the end, and a closed socket
+    await client.aclose()
+    assert await receive_from_socket(server.socket, 100) == b""
+    await server.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await receive_from_socket(server.socket, 100)
+    with pytest.raises(trio.ClosedResourceError):
+        await send_to_socket(server.socket, b"x")
+
+
+async def test_a_tls_stream_over_a_socket_stream_reads_and_writes_its_socket(
+    ca: trustme.CA, cert: trustme.LeafCert
+) -> None:
+    client, server = await connect("ours-both", ca, cert)
+    assert isinstance(client, TLSStream) and isinstance(server, TLSStream)
+    assert client._socket is client.transport_stream.socket
+    await client.send_all(b"hello")
+    assert await server.receive_some(100) == b"hello"
+    await client.aclose()
+    await server.aclose()

@@ -18,6 +18,12 @@ scheduler round trip per 16 KiB.  :class:`TLSStream` drives an
   record.
 * **send**: encrypt up to 256 KiB of plaintext at a time and hand the whole
   ciphertext to the transport in one ``send_all``.
+* Over a ``trio.SocketStream`` (every real connection) the socket itself is
+  written and read (``os.write``/``os.read`` on its non-blocking descriptor)
+  with the checkpoints ``SocketStream`` makes: a cancellation point before, a
+  schedule point after a call that did not have to wait. Its layers of context
+  managers and wrappers cost about 5% of the instructions of a small request
+  (measured with callgrind on a cached 1 KiB manifest).
 
 Full duplex
 -----------
@@ -58,6 +64,7 @@ nobody we talk to renegotiates.
 from __future__ import annotations
 
 import operator
+import os
 import ssl
 from collections.abc import Callable
 from types import TracebackType
@@ -263,6 +270,10 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
         # wrap_* classmethods do.
         super().__init__()
         self.transport_stream = transport_stream
+        # written and read directly (see the module doc); None: through the stream's methods
+        self._socket = (
+            transport_stream.socket if isinstance(transport_stream, trio.SocketStream) else None
+        )
         self._ssl = ssl_object
         self._incoming = incoming
         self._outgoing = outgoing
@@ -413,8 +424,12 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
         much ciphertext as the ``want`` bytes of plaintext asked for (a record's framing more),
         so a caller taking small chunks (many transfers at once) keeps small buffers too."""
         size = min(RECEIVE_SIZE, max(want, _RECORD_SIZE) + _RECORD_OVERHEAD)
+        data: bytes | bytearray
         try:
-            data = await self.transport_stream.receive_some(size)
+            if self._socket is not None:
+                data = await receive_from_socket(self._socket, size)
+            else:
+                data = await self.transport_stream.receive_some(size)
         except trio.ClosedResourceError as exc:
             raise self._closed_error(exc) from exc
         except trio.BrokenResourceError:
@@ -485,7 +500,10 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
 
     async def _transport_send(self, data: bytes) -> None:
         try:
-            await self.transport_stream.send_all(data)
+            if self._socket is not None:
+                await send_to_socket(self._socket, data)
+            else:
+                await self.transport_stream.send_all(data)
         except trio.ClosedResourceError as exc:
             raise self._closed_error(exc) from exc
         except trio.BrokenResourceError:
@@ -573,3 +591,49 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
                 await self.transport_stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # peer already gone; closing anyway
+
+
+# -- the socket under a trio.SocketStream, without its layers ------------------------------------
+
+
+async def send_to_socket(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+    """``trio.SocketStream.send_all`` on its socket: a cancellation point first, waits while
+    the socket is full, a schedule point after a send that did not wait. Closed:
+    ``trio.ClosedResourceError``; a failed write raises its ``OSError``."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    view = memoryview(data)
+    waited = False
+    while view:
+        try:
+            sent = os.write(_descriptor(sock), view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            waited = True
+            continue
+        view = view[sent:]
+    if not waited:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def receive_from_socket(sock: trio.socket.SocketType, size: int) -> bytes:
+    """``trio.SocketStream.receive_some`` on its socket: up to ``size`` bytes (``b""`` at the
+    end), with the same checkpoints as :func:`send_to_socket`."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        data = os.read(_descriptor(sock), size)
+    except BlockingIOError:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(_descriptor(sock), size)
+            except BlockingIOError:
+                pass
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    return data
+
+
+def _descriptor(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket was already closed")
+    return fd
