@@ -688,3 +688,31 @@ async def test_a_tls_stream_over_a_socket_stream_reads_and_writes_its_socket(
     assert await server.receive_some(100) == b"hello"
     await client.aclose()
     await server.aclose()
+
+
+async def test_a_head_goes_first_in_a_record_of_its_own(
+    ca: trustme.CA, cert: trustme.LeafCert
+) -> None:
+    """``send_all(data, head=...)``: the head, then the data (more than one send chunk here),
+    in order and whole, a peer's TLS stack reading them as one byte stream; a head alone too."""
+    client, server = await connect("ours-client", ca, cert)
+    assert isinstance(client, TLSStream)
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 300000\r\n\r\n"
+    payload = random.Random(7).randbytes(300_000)
+    received = bytearray()
+
+    async def read(count: int) -> None:
+        while len(received) < count:
+            received.extend(await server.receive_some(RECEIVE_SIZE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, len(head) + len(payload))
+        await client.send_all(payload, head=head)
+    assert bytes(received) == head + payload
+    received.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, 4)
+        await client.send_all(b"", head=b"only")
+    assert received == b"only"
+    await client.aclose()
+    await server.aclose()

@@ -86,6 +86,9 @@ TRUST_ALERTS = {
 }
 # a host name or an address as a Host header may carry it, to name in the 400 to plain HTTP
 _HOST = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
+# a response head goes before a first body chunk this large as a TLS record of its own, not
+# copied in front of it (256 KiB copied per blob answered); before a smaller one, joined
+HEAD_APART = 16 * 1024
 TAP_LIMIT = 256 * 1024  # the most of a response body ``ClientResponse.tap`` copies (a
 # manifest naming 512 layers is about 100 KiB)
 
@@ -228,7 +231,10 @@ class ClientResponse:
         client = self._client
         data = client.frame_body(chunk)
         if client.pacer is None:
-            await client.send_bytes(head + data if head else data)
+            if head and len(data) >= HEAD_APART:
+                await client.send_bytes(data, head=head)
+            else:
+                await client.send_bytes(head + data if head else data)
         else:
             await self._send_paced(client.pacer, head, data)
         self.record.bytes_sent += len(chunk)
@@ -739,30 +745,40 @@ class ClientConnection:
     async def send_event(self, event: h11.Event) -> None:
         await self.send_bytes(self.frame(event))
 
-    async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        """Send framed bytes to the client, bounded by the client idle timeout."""
+    async def send_bytes(self, data: bytes | bytearray | memoryview, *, head: bytes = b"") -> None:
+        """Send framed bytes to the client (``head`` first, if given: a response head before
+        a large first chunk), bounded by the client idle timeout."""
         if not data:
             return
         stalls = self._stalls
         if stalls is None:  # a connection served outside a running server (tests, mostly)
-            await self._send_with_deadline(data)
+            await self._send_with_deadline(data, head)
             return
         # watched by the server (Stalls), which cancels the connection should this send outlive
         # the client idle timeout: a dict entry per response and body chunk, not a deadline scope
         stalls.begin(self)
         try:
-            await self.stream.send_all(data)
+            await self._write(data, head)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
         finally:
             stalls.end(self)
 
-    async def _send_with_deadline(self, data: bytes | bytearray | memoryview) -> None:
+    async def _write(self, data: bytes | bytearray | memoryview, head: bytes) -> None:
+        stream = self.stream
+        if not head:
+            await stream.send_all(data)
+        elif isinstance(stream, TLSStream):
+            await stream.send_all(data, head=head)  # no copy of ``data`` to put ``head`` before
+        else:
+            await stream.send_all(head + data)
+
+    async def _send_with_deadline(self, data: bytes | bytearray | memoryview, head: bytes) -> None:
         deadline = trio.current_time() + self.settings.timeouts.client_idle
         try:
             with trio.CancelScope(deadline=deadline) as scope:
-                await self.stream.send_all(data)
+                await self._write(data, head)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc

@@ -446,8 +446,10 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
 
     # ----------------------------------------------------------------- send
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send all of ``data``.
+    async def send_all(self, data: bytes | bytearray | memoryview, *, head: bytes = b"") -> None:
+        """Encrypt and send all of ``data``, after ``head`` if given: a response head in a
+        record of its own, in the same transport write as the first chunk, instead of a copy
+        of a large first chunk to put the head in front of it.
 
         Cancelling it mid-way breaks the stream (an unknown amount went out),
         like every trio stream.
@@ -456,8 +458,12 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
             self._check_usable()
             view = memoryview(data).cast("B")  # byte-wise length and slicing
             if not view:
-                await trio.lowlevel.checkpoint()
-                return
+                if head:
+                    view = memoryview(head)
+                    head = b""
+                else:
+                    await trio.lowlevel.checkpoint()
+                    return
             await trio.lowlevel.checkpoint_if_cancelled()
             # Only the receiving task's (short) protocol-byte drain can hold
             # the lock; skip trio.Lock.acquire's extra scheduler yield when free.
@@ -468,7 +474,10 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
             try:
                 self._check_usable()  # may have changed while we waited
                 for start in range(0, len(view), SEND_CHUNK):
-                    await gate(min(SEND_CHUNK, len(view) - start) + RECORD_COST)
+                    await gate(min(SEND_CHUNK, len(view) - start) + len(head) + RECORD_COST)
+                    if head:
+                        self._encrypt(memoryview(head))
+                        head = b""
                     self._encrypt(view[start : start + SEND_CHUNK])
                     await self._drain_locked()
             finally:
