@@ -643,15 +643,22 @@ async def test_the_send_lock_excludes_hands_over_in_order_and_forgets_a_cancelle
     assert not lock.locked()
 
 
-async def test_the_socket_is_used_directly_with_socket_streams_checkpoints() -> None:
+async def test_the_socket_is_used_directly_with_socket_streams_checkpoints(
+    ca: trustme.CA, cert: trustme.LeafCert
+) -> None:
     """A TLSStream writes and reads a SocketStream's socket itself: the same bytes, a full
-    socket waited for, and every call a checkpoint (cancellation and schedule point) as
-    ``SocketStream``'s own, whether or not it had to wait."""
+    socket waited for, and a TLSStream's calls checkpoints (cancellation and schedule point) as
+    ``SocketStream``'s own, whether or not they had to wait."""
     client, server = await tcp_pair()
+    await send_to_socket(client.socket, b"ping")  # room in the socket: no wait
+    assert await receive_from_socket(server.socket, 100) == b"ping"
+    tls_client, tls_server = await connect("ours-both", ca, cert)
     with trio.testing.assert_checkpoints():
-        await send_to_socket(client.socket, b"ping")  # room in the socket: no wait
+        await tls_client.send_all(b"pong")
     with trio.testing.assert_checkpoints():
-        assert await receive_from_socket(server.socket, 100) == b"ping"  # there: no wait
+        assert await tls_server.receive_some(100) == b"pong"
+    await tls_client.aclose()
+    await tls_server.aclose()
     # more than the socket buffers hold: the send waits until the peer reads
     payload = bytes(range(256)) * (64 * 1024)  # 16 MiB
     received = bytearray()

@@ -181,7 +181,7 @@ def takes(accept_values: Sequence[bytes], media_type: str) -> bool:
 def accepted_types(accept_values: Sequence[bytes]) -> frozenset[str]:
     """The manifest media types a client sending these ``Accept`` headers takes (q > 0)."""
     values = tuple(accept_values)
-    if sum(len(value) for value in values) > ACCEPT_MEMO_SIZE:
+    if sum(map(len, values)) > ACCEPT_MEMO_SIZE:
         return _types_taken(values)
     return _remembered_types(values)
 

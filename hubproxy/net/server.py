@@ -275,7 +275,9 @@ class ClientResponse:
     async def finish(self) -> None:
         if not self._client.body_bypassed:  # (sendfile: the connection re-syncs h11 itself)
             head = self._take_head()
-            await self._client.send_bytes(head + self._client.frame(h11.EndOfMessage()))
+            # (with a Content-Length the end is no bytes at all: nothing to send, most answers)
+            if ending := head + self._client.frame(h11.EndOfMessage()):
+                await self._client.send_bytes(ending)
         self.finished = True
 
     @property
@@ -758,7 +760,10 @@ class ClientConnection:
         # the client idle timeout: a dict entry per response and body chunk, not a deadline scope
         stalls.begin(self)
         try:
-            await self._write(data, head)
+            if not head:
+                await self.stream.send_all(data)
+            else:
+                await self._write(data, head)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc

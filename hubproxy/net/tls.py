@@ -606,10 +606,10 @@ class TLSStream(TLSStreamState, trio.abc.Stream, Generic[T_Stream]):
 
 
 async def send_to_socket(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
-    """``trio.SocketStream.send_all`` on its socket: a cancellation point first, waits while
-    the socket is full, a schedule point after a send that did not wait. Closed:
-    ``trio.ClosedResourceError``; a failed write raises its ``OSError``."""
-    await trio.lowlevel.checkpoint_if_cancelled()
+    """``trio.SocketStream.send_all`` on its socket: waits while the socket is full, a schedule
+    point after a send that did not wait (the cancellation point before it is the caller's:
+    ``TLSStream.send_all`` makes one). Closed: ``trio.ClosedResourceError``; a failed write
+    raises its ``OSError``."""
     view = memoryview(data)
     waited = False
     while view:
@@ -626,8 +626,8 @@ async def send_to_socket(sock: trio.socket.SocketType, data: bytes | memoryview)
 
 async def receive_from_socket(sock: trio.socket.SocketType, size: int) -> bytes:
     """``trio.SocketStream.receive_some`` on its socket: up to ``size`` bytes (``b""`` at the
-    end), with the same checkpoints as :func:`send_to_socket`."""
-    await trio.lowlevel.checkpoint_if_cancelled()
+    end), with the same checkpoints as :func:`send_to_socket` (the cancellation point is
+    ``TLSStream.receive_some``'s)."""
     try:
         data = os.read(_descriptor(sock), size)
     except BlockingIOError:
