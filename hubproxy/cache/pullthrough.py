@@ -1397,6 +1397,11 @@ class PullThrough:
 async def send_sliced(response: ClientResponse, body: bytes) -> None:
     """Send ``body`` in :data:`MANIFEST_SLICE` views of it, each sent before the next is framed
     (``send`` waits until the client took it): a client that reads nothing holds one slice."""
+    if len(body) <= MANIFEST_SLICE:
+        # (most manifests: the body itself, no view, which the pull tracker's tap keeps by
+        # reference rather than copying)
+        await response.send(body)
+        return
     view = memoryview(body)
     for start in range(0, len(view), MANIFEST_SLICE):
         await response.send(view[start : start + MANIFEST_SLICE])
