@@ -760,21 +760,19 @@ class ClientConnection:
         # the client idle timeout: a dict entry per response and body chunk, not a deadline scope
         stalls.begin(self)
         try:
-            if not head:
-                await self.stream.send_all(data)
+            if head:
+                await self._send_after(head, data)
             else:
-                await self._write(data, head)
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
         finally:
             stalls.end(self)
 
-    async def _write(self, data: bytes | bytearray | memoryview, head: bytes) -> None:
+    async def _send_after(self, head: bytes, data: bytes | bytearray | memoryview) -> None:
         stream = self.stream
-        if not head:
-            await stream.send_all(data)
-        elif isinstance(stream, TLSStream):
+        if isinstance(stream, TLSStream):
             await stream.send_all(data, head=head)  # no copy of ``data`` to put ``head`` before
         else:
             await stream.send_all(head + data)
@@ -783,7 +781,10 @@ class ClientConnection:
         deadline = trio.current_time() + self.settings.timeouts.client_idle
         try:
             with trio.CancelScope(deadline=deadline) as scope:
-                await self._write(data, head)
+                if head:
+                    await self._send_after(head, data)
+                else:
+                    await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.conn.send_failed()
             raise ClientGone(f"client stopped receiving: {exc!r}") from exc
