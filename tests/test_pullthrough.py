@@ -13,6 +13,7 @@ import trio
 import trustme
 
 from hubproxy.cache.pullthrough import PullThrough
+from hubproxy.net.server import COMPOSED_HEADS, _composed_head
 from hubproxy.policy.cachepolicy import Confirmations, anonymously_readable
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import (
@@ -330,3 +331,23 @@ async def test_public_image_pulls_completely_while_the_upstream_is_down(
     r = await later.request(f"/v2/library/busybox/blobs/{secret}")
     assert r.status == 502
     assert secret_layer not in r.body
+
+
+async def test_the_answers_of_a_cached_manifest_share_one_head_event(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """h11's event for a cached manifest's head is made (and its headers validated) once, and
+    every client still gets the whole answer, each on its own connection."""
+    hub.add_image("library/alpine", "3.20", [make_layer(1, 1000)])
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    path = "/v2/library/alpine/manifests/3.20"
+    first = await RegistryClient(proxy.url, ca).request(path, headers=ACCEPT)
+    assert first.status == 200
+    made = _composed_head.cache_info().misses
+    answers = [await RegistryClient(proxy.url, ca).request(path, headers=ACCEPT) for _ in range(3)]
+    assert all(a.status == 200 and a.body == first.body for a in answers)
+    assert {a.headers["docker-content-digest"] for a in answers} == {
+        "sha256:" + hashlib.sha256(first.body).hexdigest()
+    }
+    assert _composed_head.cache_info().misses <= made + 1  # (the first hit's, if any)
+    assert _composed_head.cache_info().maxsize == COMPOSED_HEADS  # bounded
