@@ -24,7 +24,7 @@ from hubproxy.cache.inflight import (
 )
 from hubproxy.cache.manifests import CachedManifest, accepted_types
 from hubproxy.cache.pullthrough import MANIFEST_SLICE, send_sliced
-from hubproxy.net.server import AccessRecord, ClientConnection, ClientResponse
+from hubproxy.net.server import AccessRecord, ClientConnection, ClientResponse, _response_head
 from hubproxy.net.settings import ListenerSettings
 from hubproxy.policy.cachepolicy import FetchKey, confirmation_key
 from hubproxy.policy.errors import MirrorBusy
@@ -616,3 +616,34 @@ async def test_one_address_at_its_fetch_share_never_holds_up_another() -> None:
         assert budget.waiting == 2  # a's two others still wait: b0 went past them
         release.set()
     assert budget.used == 0 and budget.used_by == {}
+
+
+@pytest.mark.parametrize("private", [b"location", b"set-cookie"])
+async def test_a_response_head_is_remembered_unless_it_carries_a_location_or_a_cookie(
+    private: bytes,
+) -> None:
+    """Answers with the same head share h11's event for it (made and validated once); one with
+    a Location (a signed CDN address) or a cookie is made afresh and kept nowhere."""
+
+    async def answer(headers: list[tuple[bytes, bytes]]) -> bytes:
+        ours, theirs = trio.testing.memory_stream_pair()
+        connection = ClientConnection(
+            ours, settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
+        )
+        connection.conn.receive_data(b"GET /v2/a/b/manifests/c HTTP/1.1\r\nhost: m\r\n\r\n")
+        assert isinstance(connection.conn.next_event(), h11.Request)
+        response = ClientResponse(connection, AccessRecord("127.0.0.1", "GET", "/"))
+        await response.start(200, headers)
+        await response.send(b"{}")
+        await response.finish()
+        return bytes(await theirs.receive_some())
+
+    _response_head.cache_clear()
+    plain = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    first, second = await answer(plain), await answer(plain)
+    assert first == second and first.endswith(b"\r\n\r\n{}")
+    assert _response_head.cache_info()[:2] == (1, 1)  # (hits, misses)
+    secret = (private, b"https://cdn.example/blob?signature=s3cret")
+    for _ in range(2):
+        assert b"s3cret" in await answer([*plain, secret])
+    assert _response_head.cache_info().currsize == 1

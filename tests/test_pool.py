@@ -20,7 +20,7 @@ import trustme
 from hubproxy.cli import UsageError, load_settings
 from hubproxy.net.pool import DIALS_PER_CLIENT, PEER_CHECK_INTERVAL, Pool
 from hubproxy.net.streams import ByteStream
-from hubproxy.net.upstream import UpstreamConnection
+from hubproxy.net.upstream import REQUEST_HEADS, UpstreamConnection, _request_head
 from hubproxy.ops.metrics import HubMetrics, pool_figures
 from hubproxy.policy.auth import parse_challenges
 from hubproxy.policy.errors import MirrorBusy
@@ -517,3 +517,23 @@ async def test_blob_transfers_leave_slots_for_small_requests_and_waits_end_in_50
     assert headers[b"retry-after"] == b"5"
     assert pool.wait_timeouts[registry, "bulk"] == 1
     stalled.release.set()
+
+
+async def test_request_heads_without_credentials_are_remembered_and_with_them_never() -> None:
+    """h11's event for an upstream request head is made once for the same head; a head that
+    carries a credential is made afresh each time and kept nowhere, and still goes upstream."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    conn = UpstreamConnection(parse_url("http://origin.test").origin, ours, idle_timeout=10)
+    _request_head.cache_clear()
+    plain = [(b"host", b"origin.test"), (b"accept", b"*/*")]
+    for _ in range(3):
+        await conn.send_request("GET", "/v2/x/manifests/1", plain)
+        assert b"GET /v2/x/manifests/1 HTTP/1.1\r\nhost: origin.test\r\n" in (
+            await theirs.receive_some()
+        )
+    assert _request_head.cache_info()[:2] == (2, 1)  # (hits, misses)
+    for name in (b"authorization", b"cookie"):
+        await conn.send_request("GET", "/v2/x/manifests/1", [*plain, (name, b"Bearer s3cret")])
+        assert b": Bearer s3cret\r\n" in await theirs.receive_some()
+    assert _request_head.cache_info().currsize == 1
+    assert _request_head.cache_info().maxsize == REQUEST_HEADS

@@ -13,7 +13,7 @@ import trio
 import trustme
 
 from hubproxy.cache.pullthrough import PullThrough
-from hubproxy.net.server import COMPOSED_HEADS, _composed_head
+from hubproxy.net.server import RESPONSE_HEADS, _response_head
 from hubproxy.policy.cachepolicy import Confirmations, anonymously_readable
 from tests.conftest import RunningProxy, StartProxy, TLSFiles
 from tests.fakehub import (
@@ -343,11 +343,11 @@ async def test_the_answers_of_a_cached_manifest_share_one_head_event(
     path = "/v2/library/alpine/manifests/3.20"
     first = await RegistryClient(proxy.url, ca).request(path, headers=ACCEPT)
     assert first.status == 200
-    made = _composed_head.cache_info().misses
+    made = _response_head.cache_info().misses
     answers = [await RegistryClient(proxy.url, ca).request(path, headers=ACCEPT) for _ in range(3)]
     assert all(a.status == 200 and a.body == first.body for a in answers)
     assert {a.headers["docker-content-digest"] for a in answers} == {
         "sha256:" + hashlib.sha256(first.body).hexdigest()
     }
-    assert _composed_head.cache_info().misses <= made + 1  # (the first hit's, if any)
-    assert _composed_head.cache_info().maxsize == COMPOSED_HEADS  # bounded
+    assert _response_head.cache_info().misses <= made + 1  # (the first hit's, if any)
+    assert _response_head.cache_info().maxsize == RESPONSE_HEADS  # bounded

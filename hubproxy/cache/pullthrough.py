@@ -1253,7 +1253,7 @@ class PullThrough:
             (b"etag", b'"%s"' % outgoing.digest.encode("ascii")),
             (b"docker-distribution-api-version", b"registry/2.0"),
         ]
-        await self._send_held(request, response, outgoing, 200, headers, ours=True)
+        await self._send_held(request, response, outgoing, 200, headers)
 
     async def _send_held(
         self,
@@ -1263,8 +1263,6 @@ class PullThrough:
         status: int,
         headers: Headers,
         reason: bytes = b"",
-        *,
-        ours: bool = False,
     ) -> None:
         """Send a manifest's head and body, the body held only with room in the send budget
         (per client address and in all): taken before the head, so that a sender that waited
@@ -1272,7 +1270,7 @@ class PullThrough:
         whoever sends it now, else from the store; gone from both, 503 (a retry fetches it)."""
         if request.method != "GET":
             outgoing.body = None
-            await response.start(status, headers, reason, ours=ours)
+            await response.start(status, headers, reason)
             await response.finish()
             return
         patience = self.forwarder.config.timeouts.upstream_idle
@@ -1296,7 +1294,7 @@ class PullThrough:
                 )
             manifest = CachedManifest(outgoing.digest, outgoing.media_type, body)
             del body
-            await response.start(status, headers, reason, ours=ours)
+            await response.start(status, headers, reason)
             with self.manifest_bodies.share(manifest) as shared:
                 del manifest
                 await send_sliced(response, shared)

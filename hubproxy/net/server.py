@@ -18,6 +18,7 @@ import functools
 import http
 import logging
 import math
+import operator
 import os
 import re
 import socket
@@ -89,9 +90,11 @@ _HOST = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\])(?::\d{1,5}
 # a response head goes before a first body chunk this large as a TLS record of its own, not
 # copied in front of it (256 KiB copied per blob answered); before a smaller one, joined
 HEAD_APART = 16 * 1024
-# heads of the mirror's own composing (cached manifests' answers) remembered as h11 events:
-# a few hundred bytes each, one per manifest recently served
-COMPOSED_HEADS = 256
+# response heads remembered as h11 events: 256 at most, each no larger than an upstream's head
+# may be; never one that carries a cookie or a location (a signed CDN address is a credential)
+RESPONSE_HEADS = 256
+_NEVER_REMEMBERED = frozenset({b"set-cookie", b"location"})
+_HEADER_NAME = operator.itemgetter(0)
 TAP_LIMIT = 256 * 1024  # the most of a response body ``ClientResponse.tap`` copies (a
 # manifest naming 512 layers is about 100 KiB)
 
@@ -179,12 +182,13 @@ def _small_immutable(chunk: bytes | bytearray | memoryview) -> TypeGuard[bytes |
     return False
 
 
-@functools.lru_cache(maxsize=COMPOSED_HEADS)
-def _composed_head(
+@functools.lru_cache(maxsize=RESPONSE_HEADS)
+def _response_head(
     status: int, headers: tuple[tuple[bytes, bytes], ...], reason: bytes
 ) -> h11.Response:
     # h11 validates every header of an event it is given (two regular expressions each, 8 µs
-    # for a cached manifest's five); the event is only read when sent, so one serves them all
+    # for a cached manifest's five); the event is only read when sent, so the answers of one
+    # manifest, cached or passed on in the same second (its Date), share one
     return h11.Response(status_code=status, headers=list(headers), reason=reason)
 
 
@@ -215,12 +219,8 @@ class ClientResponse:
         """Whether the response head has been framed for sending (no error answer possible)."""
         return self.started and self._pending_head is None
 
-    async def start(
-        self, status: int, headers: Headers, reason: bytes = b"", *, ours: bool = False
-    ) -> None:
-        """Decide the response head (sent with the first body bytes, or at ``finish``).
-        ``ours``: headers the mirror composed itself, the same for every client of one cached
-        manifest, so h11's event for them (validated once) is remembered."""
+    async def start(self, status: int, headers: Headers, reason: bytes = b"") -> None:
+        """Decide the response head (sent with the first body bytes, or at ``finish``)."""
         self.started = True
         started, self.on_start = self.on_start, None
         if started is not None:
@@ -237,8 +237,8 @@ class ClientResponse:
         self.record.length = int(length) if length is not None and length.isdigit() else None
         if not reason:
             reason = _REASONS.get(status, b"")
-        if ours:
-            self._pending_head = _composed_head(status, tuple(headers), reason)
+        if _NEVER_REMEMBERED.isdisjoint(map(_HEADER_NAME, headers)):
+            self._pending_head = _response_head(status, tuple(headers), reason)
         else:
             self._pending_head = h11.Response(status_code=status, headers=headers, reason=reason)
 
