@@ -521,7 +521,8 @@ async def test_blob_transfers_leave_slots_for_small_requests_and_waits_end_in_50
 
 async def test_request_heads_without_credentials_are_remembered_and_with_them_never() -> None:
     """h11's event for an upstream request head is made once for the same head; a head that
-    carries a credential is made afresh each time and kept nowhere, and still goes upstream."""
+    carries a credential or a query (a signed CDN address) is made afresh each time and kept
+    nowhere, and still goes upstream."""
     ours, theirs = trio.testing.memory_stream_pair()
     conn = UpstreamConnection(parse_url("http://origin.test").origin, ours, idle_timeout=10)
     _request_head.cache_clear()
@@ -535,5 +536,7 @@ async def test_request_heads_without_credentials_are_remembered_and_with_them_ne
     for name in (b"authorization", b"cookie"):
         await conn.send_request("GET", "/v2/x/manifests/1", [*plain, (name, b"Bearer s3cret")])
         assert b": Bearer s3cret\r\n" in await theirs.receive_some()
+    await conn.send_request("GET", "/blobs/1?signature=s3cret", plain)  # a signed CDN address
+    assert b"GET /blobs/1?signature=s3cret " in await theirs.receive_some()
     assert _request_head.cache_info().currsize == 1
     assert _request_head.cache_info().maxsize == REQUEST_HEADS

@@ -36,8 +36,8 @@ from .streams import HEAD_READ, ByteStream, abort, abortable
 from .watch import Stalls
 
 NO_BODY_STATUSES = frozenset({204, 304})
-# upstream request heads without credentials, remembered as h11 events: 256 at most, each no
-# larger than a client's request head may be
+# upstream request heads without credentials or a query (a CDN's signed address is one),
+# remembered as h11 events: 256 at most, each no larger than a client's request head may be
 REQUEST_HEADS = 256
 _CREDENTIALS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 _NAME = operator.itemgetter(0)
@@ -115,9 +115,9 @@ class UpstreamConnection:
         self._finished = False
         self.received_any = False
         try:
-            if _CREDENTIALS.isdisjoint(map(_NAME, headers)):
+            if "?" not in target and _CREDENTIALS.isdisjoint(map(_NAME, headers)):
                 request = _request_head(method, target, tuple(headers))
-            else:  # (a credential is never kept beyond its request)
+            else:  # (a credential, or a signed CDN address, is never kept beyond its request)
                 request = h11.Request(method=method, target=target, headers=list(headers))
         except h11.LocalProtocolError as exc:
             raise UpstreamUnavailable(f"cannot build the upstream request: {exc}") from exc
