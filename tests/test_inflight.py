@@ -322,16 +322,21 @@ async def test_fetches_release_followers_once_and_forget_the_fetch() -> None:
 # -- sending --------------------------------------------------------------------------------------
 
 
+def response_to_a_get(stream: trio.abc.Stream) -> ClientResponse:
+    """The response to a manifest GET that a client connection over ``stream`` just read."""
+    connection = ClientConnection(
+        stream, settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
+    )
+    connection.conn.receive_data(b"GET /v2/a/b/manifests/c HTTP/1.1\r\nhost: mirror\r\n\r\n")
+    assert isinstance(connection.conn.next_event(), h11.Request)
+    return ClientResponse(connection, AccessRecord("127.0.0.1", "GET", "/"))
+
+
 async def test_a_manifest_body_goes_out_in_bounded_slices() -> None:
     """Over a stream with no buffering at all, each write the client can see is one slice (the
     first carries the head): a client that stops reading holds one slice, not the manifest."""
     ours, theirs = trio.testing.lockstep_stream_pair()
-    connection = ClientConnection(
-        ours, settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
-    )
-    connection.conn.receive_data(b"GET /v2/a/b/manifests/c HTTP/1.1\r\nhost: mirror\r\n\r\n")
-    assert isinstance(connection.conn.next_event(), h11.Request)
-    response = ClientResponse(connection, AccessRecord("127.0.0.1", "GET", "/"))
+    response = response_to_a_get(ours)
     body = bytes(range(256)) * (4 * 4096 - 7)  # just under 4 MiB, not a multiple of a slice
     writes: list[int] = []
     reader = h11.Connection(h11.CLIENT)
@@ -627,12 +632,7 @@ async def test_a_response_head_is_remembered_unless_it_carries_a_location_or_a_c
 
     async def answer(headers: list[tuple[bytes, bytes]]) -> bytes:
         ours, theirs = trio.testing.memory_stream_pair()
-        connection = ClientConnection(
-            ours, settings=ListenerSettings(), client_ip="127.0.0.1", scheme="http"
-        )
-        connection.conn.receive_data(b"GET /v2/a/b/manifests/c HTTP/1.1\r\nhost: m\r\n\r\n")
-        assert isinstance(connection.conn.next_event(), h11.Request)
-        response = ClientResponse(connection, AccessRecord("127.0.0.1", "GET", "/"))
+        response = response_to_a_get(ours)
         await response.start(200, headers)
         await response.send(b"{}")
         await response.finish()
