@@ -8,6 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import h11
 import pytest
@@ -646,4 +647,8 @@ async def test_a_response_head_is_remembered_unless_it_carries_a_location_or_a_c
     secret = (private, b"https://cdn.example/blob?signature=s3cret")
     for _ in range(2):
         assert b"s3cret" in await answer([*plain, secret])
+    assert _response_head.cache_info().currsize == 1
+    # a head that cannot be a key (a bytearray value) is answered all the same, made afresh
+    unkeyed = await answer([*plain, (b"x-value", cast(bytes, bytearray(b"mutable")))])
+    assert b"x-value: mutable\r\n" in unkeyed
     assert _response_head.cache_info().currsize == 1

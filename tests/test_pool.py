@@ -11,6 +11,7 @@ import functools
 import json
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import trio
@@ -538,5 +539,9 @@ async def test_request_heads_without_credentials_are_remembered_and_with_them_ne
         assert b": Bearer s3cret\r\n" in await theirs.receive_some()
     await conn.send_request("GET", "/blobs/1?signature=s3cret", plain)  # a signed CDN address
     assert b"GET /blobs/1?signature=s3cret " in await theirs.receive_some()
+    await conn.send_request(
+        "GET", "/v2/x/manifests/1", [*plain, (b"x-v", cast(bytes, bytearray(b"m")))]
+    )
+    assert b"x-v: m\r\n" in await theirs.receive_some()  # not a key: made afresh
     assert _request_head.cache_info().currsize == 1
     assert _request_head.cache_info().maxsize == REQUEST_HEADS

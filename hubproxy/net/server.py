@@ -237,10 +237,15 @@ class ClientResponse:
         self.record.length = int(length) if length is not None and length.isdigit() else None
         if not reason:
             reason = _REASONS.get(status, b"")
+        head: h11.Response | None = None
         if _NEVER_REMEMBERED.isdisjoint(map(_HEADER_NAME, headers)):
-            self._pending_head = _response_head(status, tuple(headers), reason)
-        else:
-            self._pending_head = h11.Response(status_code=status, headers=headers, reason=reason)
+            try:
+                head = _response_head(status, tuple(headers), reason)
+            except TypeError:  # not a key (a pair as a list, a bytearray value): made afresh
+                pass
+        if head is None:
+            head = h11.Response(status_code=status, headers=headers, reason=reason)
+        self._pending_head = head
 
     def _take_head(self) -> bytes:
         head, self._pending_head = self._pending_head, None

@@ -115,9 +115,14 @@ class UpstreamConnection:
         self._finished = False
         self.received_any = False
         try:
+            request: h11.Request | None = None
             if "?" not in target and _CREDENTIALS.isdisjoint(map(_NAME, headers)):
-                request = _request_head(method, target, tuple(headers))
-            else:  # (a credential, or a signed CDN address, is never kept beyond its request)
+                try:
+                    request = _request_head(method, target, tuple(headers))
+                except TypeError:  # not a key (a pair as a list, a bytearray value)
+                    pass
+            # (a credential, or a signed CDN address, is never kept beyond its request)
+            if request is None:
                 request = h11.Request(method=method, target=target, headers=list(headers))
         except h11.LocalProtocolError as exc:
             raise UpstreamUnavailable(f"cannot build the upstream request: {exc}") from exc
