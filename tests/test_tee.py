@@ -594,6 +594,32 @@ async def test_a_lone_client_that_leaves_mid_fill_does_not_stop_the_fill(
     assert _cdn_gets(hub, digest) == 1
 
 
+async def test_an_answer_from_the_cache_starts_no_watch_for_its_client(
+    hub: FakeHub, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A blob sent from the cache (its file, or a fill that goes on without the client) holds
+    nothing for its client alone: a client reading it for longer than ``WATCH_AFTER`` gets no
+    watch (a task, a cancel scope and the socket's registration with epoll per blob), and a
+    departure is seen at the next send, as before the watch."""
+    layer = make_layer(23, 3_000_000)
+    hub.add_image("library/alpine", "3.20", [layer])
+    digest = "sha256:" + hexdigest(layer)
+    proxy = await start_proxy(cache_dir=str(tmp_path / "cache"))
+    watches = proxy.server.watches
+    auth = await _auth(proxy.url, ca)
+    with trio.fail_after(30):
+        for state in ("fill", "cached"):
+            client = await WireClient.connect(proxy.url, ca)
+            await client.send_request("GET", f"/v2/library/alpine/blobs/{digest}", auth)
+            assert (await client.receive_head()).status_code == 200, state
+            started = watches.started  # (a watch started before the head, on a slow machine)
+            await trio.sleep(3 * watches.after)  # a slow client: the answer outlives the delay
+            assert await client.receive_body() == layer, state
+            assert watches.started == started, state
+            await client.aclose()
+    assert _cdn_gets(hub, digest) == 1
+
+
 class _Transfer:
     """Stands for a running body transfer in ``BODIES`` (which holds weak references)."""
 

@@ -92,6 +92,26 @@ async def test_each_watch_starts_its_own_delay_after_its_request_began(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_forgotten_watch_never_starts_and_a_started_one_goes_on(
+    autojump_clock: trio.testing.MockClock, watches: Watches
+) -> None:
+    """The answer goes on without its client (a cached blob): its watch is forgotten before it
+    started, and a watch already started is not stopped by that."""
+    client, other = Client(), Client()
+    forgotten = watches.begin(client.look, trio.CancelScope())
+    watches.forget(forgotten)
+    await trio.sleep(1)
+    assert not forgotten.started and client.looked == 0 and watches.started == 0
+    await watches.end(forgotten)  # nothing to stop
+    running = watches.begin(other.look, trio.CancelScope())
+    await trio.sleep(0.011)
+    assert running.started and watches.started == 1
+    watches.forget(running)
+    await trio.sleep(0.01)
+    assert other.looked == 1
+    await watches.end(running)
+
+
 async def test_ending_a_started_watch_waits_until_it_stopped() -> None:
     """The watch may be reading the connection: the request's end waits for it, so the next
     read of the connection never meets it."""

@@ -793,6 +793,7 @@ class PullThrough:
         reader = store.reader(key, answer.start, answer.end)
         try:
             await response.start(answer.status, headers)
+            response.unwatch()  # the file, or a fill that goes on without this client
             if response.can_sendfile:
                 while (span := await reader.next_span(SENDFILE_SIZE)) is not None:
                     await response.sendfile(*span)

@@ -52,7 +52,7 @@ from .sockettls import SocketTLSStream
 from .streams import HEAD_READ, ByteStream, close_forcefully, server_ssl_context
 from .tls import TLSStream
 from .turns import Turns
-from .watch import Stalls, Watches
+from .watch import Stalls, Watch, Watches
 
 log = logging.getLogger("hubproxy")
 access_log = logging.getLogger("hubproxy.access")
@@ -213,6 +213,19 @@ class ClientResponse:
         # reads its layers); dropped (None) once it would pass ``TAP_LIMIT``
         self.tap: list[bytes | memoryview] | None = None
         self.tapped = 0  # body bytes sent while ``tap`` was set
+        # the request's watch for a departed client, while it may yet start (net.watch)
+        self.watch: tuple[Watches, Watch] | None = None
+
+    def unwatch(self) -> None:
+        """The rest of this answer comes from work that goes on whether its client stays or
+        not (the cache's file, or a fill shared with other clients): no watch is started for
+        it. A client that leaves is seen at the next send, and a send it takes nothing of ends
+        at the idle timeout; the watch's task, cancel scope and registration of the socket with
+        epoll were a cost of every blob that took longer than ``WATCH_AFTER`` to send."""
+        if self.watch is not None:
+            watches, watch = self.watch
+            watches.forget(watch)
+            self.watch = None
 
     @property
     def committed(self) -> bool:
@@ -676,6 +689,7 @@ class ClientConnection:
         next cycle and end the watch. Work shared with other clients (a cache fill) runs in
         tasks of its own and goes on."""
         watch = watches.begin(functools.partial(self._look_for_departure, response), self.scope)
+        response.watch = (watches, watch)
         try:
             await handler(request, response)
         finally:

@@ -16,6 +16,12 @@ ms with 50 connections asking at once), still end unwatched, and short next to w
 saves (an upstream slot held until the upstream's 60 s idle timeout). A client that leaves is
 seen at most ``WATCH_AFTER`` later than it used to be; the socket says it left whenever the
 watch starts, so no close is missed.
+
+A request answered from the cache (the blob's file, or a fill that goes on whatever its client
+does) forgets its watch as its answer begins (``Watches.forget``): nothing is then held for that
+client alone, a client that leaves is seen at the next send, and one that takes nothing at the
+client idle timeout. That spares every blob sent for longer than ``WATCH_AFTER`` the watch's
+cost (1% of the instructions of a 1 MiB miss, 32 at a time).
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class Watches:
         self.after = after
         self._waiting: dict[Watch, float] = {}  # unstarted watch: when its request began
         self._wakeup = trio.Event()
+        self.started = 0  # watches started so far (tests)
 
     def begin(self, look: Look, cancel_on_leaving: trio.CancelScope) -> Watch:
         """Register the watch of a request that begins now (cancelled through
@@ -101,6 +108,11 @@ class Watches:
             self._wakeup.set()
         self._waiting[watch] = trio.current_time()
         return watch
+
+    def forget(self, watch: Watch) -> None:
+        """The rest of the request's answer needs nothing held for its client alone: its watch
+        is not started (one already started goes on until the request ends)."""
+        self._waiting.pop(watch, None)
 
     async def end(self, watch: Watch) -> None:
         """The request is done: forget its watch, or stop it if started."""
@@ -127,6 +139,7 @@ class Watches:
                         break
                     del self._waiting[watch]
                     watch.start(nursery)
+                    self.started += 1
 
 
 class Stalled(Protocol):
