@@ -693,6 +693,9 @@ class ClientConnection:
         try:
             await handler(request, response)
         finally:
+            # (the watch refers to the response through its look: no cycle left for the
+            # garbage collector to find, per request)
+            response.watch = None
             await watches.end(watch)
 
     async def _look_for_departure(self, response: ClientResponse) -> bool:
