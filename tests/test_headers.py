@@ -349,3 +349,23 @@ def test_replace_header() -> None:
 )
 def test_lax_framing(head: bytes, problem: str | None) -> None:
     assert lax_framing(head) == problem
+
+
+def _lax_framing_by_copy(head: bytes) -> str | None:
+    """The rule as first written: the head without its CRLFs, searched."""
+    unbroken = head.replace(b"\r\n", b"")
+    if b"\n" in unbroken:
+        return "bare LF in the request head"
+    if b"\r" in unbroken:
+        return "bare CR in the request head"
+    if b"\r\n " in head or b"\r\n\t" in head:
+        return "obsolete line folding in the request head"
+    return None
+
+
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b" ", b"\t", b":"]), max_size=40))
+def test_lax_framing_counts_as_the_copy_searched(pieces: list[bytes]) -> None:
+    """Counting line ends (no copy, no ``in``) finds what searching a copy without the CRLFs
+    found, for every mix of CR, LF, white space and text."""
+    head = b"".join(pieces)
+    assert lax_framing(head) == _lax_framing_by_copy(head)
