@@ -77,6 +77,7 @@ import trio
 
 from ..policy.cachepolicy import Readability, manifest_verified
 from ..policy.inventory import Removal
+from ..policy.values import immutable
 from .lru import ShardedLRU
 
 log = logging.getLogger("hubproxy.cache")
@@ -211,7 +212,7 @@ def accept_key(accepted: frozenset[str]) -> str:
     return _accept_key(accepted)
 
 
-@dataclass(frozen=True)
+@immutable
 class CachedManifest:
     digest: str  # "sha256:<hex>"
     media_type: str  # as the upstream served it in the repository it was asked for

@@ -43,6 +43,7 @@ from ..policy.errors import (
     error_body,
 )
 from ..policy.headers import Headers, get_header, lax_framing
+from ..policy.values import immutable
 from .board import ConnectionBoard
 from .fairness import Fairness, Serving, serving
 from .ktls import ktls_offered
@@ -154,7 +155,7 @@ class RequestBody:
         return await self._client.receive_body_chunk()
 
 
-@dataclass(frozen=True)
+@immutable
 class ClientRequest:
     """A request as the client sent it. Never changed: what goes upstream is built beside it
     (``flow.Plan``, ``headers.upstream_request_headers``), so every part can see the original."""

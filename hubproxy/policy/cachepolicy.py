@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 from .headers import Headers, get_header
 from .prefetch import BadManifest, parse_manifest
+from .values import immutable
 
 ACCESS_CONFIRMATION_TTL = 60.0  # Docker Hub tokens live 300 s; a revoked grant is seen soon
 MAX_CONFIRMATIONS = 10_000
@@ -467,7 +468,7 @@ def share_negative(readability: Readability | None, anonymous_status: int, wall_
 # -- manifests in flight -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@immutable
 class FetchKey:
     """One upstream manifest fetch as the upstream sees it, whoever's credentials go with it."""
 
@@ -598,7 +599,7 @@ class ServeStale:
 Decision = ServeCache | AskUpstream | Fill | Forward | ServeStale
 
 
-@dataclass(frozen=True)
+@immutable
 class CacheRequest:
     """The facts about one blob or manifest request, as the driver found them."""
 

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 
 from . import failover, redirects
 from .errors import ProxyError, TooManyRedirects, UpstreamUnavailable
 from .headers import get_header
 from .urls import Url
+from .values import immutable
 
 # Registry headers of a redirecting response that the client must still see when we follow the
 # redirect: the CDN's final response does not carry them.
@@ -52,7 +53,7 @@ class Phase(enum.Enum):
     DONE = "done"  # an error answers the client
 
 
-@dataclass(frozen=True)
+@immutable
 class Plan:
     """What the client asked for and the policy knobs: fixed for the whole request."""
 
@@ -79,7 +80,7 @@ class Plan:
     client_host: bool = False
 
 
-@dataclass(frozen=True)
+@immutable
 class Attempt:
     """One request to send upstream."""
 
@@ -89,7 +90,7 @@ class Attempt:
     authorization: bytes | None = field(default=None, repr=False)  # what it sends, if anything
 
 
-@dataclass(frozen=True)
+@immutable
 class State:
     phase: Phase
     attempt: Attempt
@@ -105,13 +106,13 @@ def _in_phase(state: State, phase: Phase) -> State:
 
 
 # Events (inputs)
-@dataclass(frozen=True)
+@immutable
 class HeadReceived:
     status: int
     headers: Sequence[tuple[bytes, bytes]]
 
 
-@dataclass(frozen=True)
+@immutable
 class AttemptFailed:
     error: ProxyError
 
@@ -120,19 +121,19 @@ Event = HeadReceived | AttemptFailed
 
 
 # Actions (outputs)
-@dataclass(frozen=True)
+@immutable
 class Send:
     """Discard the current response (if any) and send ``attempt``."""
 
     attempt: Attempt
 
 
-@dataclass(frozen=True)
+@immutable
 class Respond:
     """The current response is the client's answer: hand it over (with ``State.carried``)."""
 
 
-@dataclass(frozen=True)
+@immutable
 class Fail:
     """Answer the client with this error (no response was started)."""
 
@@ -142,7 +143,7 @@ class Fail:
 Action = Send | Respond | Fail
 
 
-@dataclass(frozen=True)
+@immutable
 class Rest:
     """Side effect: upstream ``upstream`` should not be used before ``until``."""
 

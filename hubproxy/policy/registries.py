@@ -49,6 +49,7 @@ from urllib.parse import quote, unquote
 from .errors import ClientProtocolError, RegistryNotServed
 from .proxies import UpstreamProxy
 from .urls import Url
+from .values import immutable
 
 # --- facts -----------------------------------------------------------------------------------
 
@@ -314,7 +315,7 @@ def _scope_host(scope: Scope) -> tuple[str, str] | None:
 # --- addressing ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@immutable
 class Addressed:
     registry: Registry
     target: str  # the request target as that registry sees it

@@ -35,6 +35,7 @@ from .registries import Registry, Scope, query_scopes, replace_query_scopes
 from .routing import without_query_param
 from .sealing import Grant, TokenSealer, is_sealed
 from .upstreams import Learned
+from .values import immutable
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 PULL = "pull"
@@ -163,7 +164,7 @@ def encode_document(document: dict[str, object]) -> bytes:
 # --- registry requests ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@immutable
 class Credential:
     """What a registry request may carry upstream, from what the client presented."""
 
@@ -225,7 +226,7 @@ def check_method(credential: Credential, *, method: str, registry: Registry) -> 
         )
 
 
-@dataclass(frozen=True)
+@immutable
 class Outbound:
     """What a registry request's plan carries (``flow`` sends each only where it may go)."""
 
